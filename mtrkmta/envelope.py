@@ -1,0 +1,93 @@
+"""Plain data for one message's envelope: sender, recipients and their ESMTP parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+NOTIFY_NEVER = "NEVER"
+NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+@dataclass(frozen=True, slots=True)
+class Mtrk:
+    """The MTRK= parameter of MAIL (RFC 3885 §3.1), decoded.
+
+    ``certifier`` is B = SHA1(A) as raw octets (16 or 20 of them, CHECKLIST 1.3.2);
+    ``timeout`` is the requested retention in seconds, or None when absent.
+    """
+
+    certifier: bytes
+    timeout: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalRecipient:
+    """The ORCPT= parameter of RCPT (RFC 3461 §4.2): address type and decoded address."""
+
+    addr_type: str
+    address: str
+
+    def __str__(self) -> str:
+        return f"{self.addr_type};{self.address}"
+
+
+@dataclass(frozen=True, slots=True)
+class MailParams:
+    """The ESMTP parameters of one MAIL command, validated and decoded."""
+
+    size: int | None = None
+    body: str | None = None  # "7BIT" or "8BITMIME"
+    envid: str | None = None  # xtext-decoded ENVID, case kept
+    ret: str | None = None  # "FULL" or "HDRS"
+    mtrk: Mtrk | None = None
+    smtputf8: bool = False
+    auth: str | None = None  # xtext-decoded AUTH= value (RFC 4954 §5)
+
+
+@dataclass(frozen=True, slots=True)
+class RcptParams:
+    """The ESMTP parameters of one RCPT command, validated and decoded.
+
+    ``notify`` is None when NOTIFY was absent, ``frozenset({"NEVER"})`` for NEVER,
+    otherwise a non-empty subset of SUCCESS/FAILURE/DELAY.
+    """
+
+    notify: frozenset[str] | None = None
+    orcpt: OriginalRecipient | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One accepted recipient: the RCPT address as received and its parameters."""
+
+    address: str
+    params: RcptParams = field(default_factory=RcptParams)
+
+    @property
+    def original(self) -> OriginalRecipient:
+        """ORCPT when given, else the RCPT address as received (CHECKLIST 5.3)."""
+        return self.params.orcpt or OriginalRecipient("rfc822", self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who handed us the message: for Received: headers, DSNs and policy."""
+
+    address: str  # peer IP address, "" for a local source
+    port: int = 0
+    helo: str = ""
+    protocol: str = "ESMTP"  # ESMTP, ESMTPS, ESMTPA, ESMTPSA, LMTP, ...
+    authenticated_as: str | None = None
+    listener: str = "smtp"  # smtp, submission or lmtp
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Everything about an accepted message except its content."""
+
+    queue_id: str
+    sender: str  # "" for the null reverse-path <>
+    recipients: tuple[Recipient, ...]
+    params: MailParams = field(default_factory=MailParams)
+    arrival: float = 0.0  # POSIX time of acceptance at this MTA
+    client: ClientInfo = field(default_factory=lambda: ClientInfo(address=""))
