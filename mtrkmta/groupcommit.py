@@ -83,7 +83,7 @@ class GroupCommit(Generic[T, R]):
             for _, d in batch:
                 d.errback(error)
         else:
-            for (_, d), outcome in zip(batch, result):
+            for (_, d), outcome in zip(batch, result, strict=True):
                 if isinstance(outcome, Exception):
                     d.errback(Failure(outcome))
                 else:
