@@ -1,0 +1,1 @@
+"""Durable storage of accepted messages: one file per message, fsync'd before any 250."""

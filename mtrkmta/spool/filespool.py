@@ -1,0 +1,463 @@
+"""ISpool on a local directory: write to incoming/, fsync, rename into queue/, fsync the directory.
+
+Layout under ``root`` (directories mode 0700, files mode 0600)::
+
+    incoming/<queue_id>              being written; never read, removed by recover()
+    queue/<bucket>/<queue_id>        committed; bucket = 2 hex digits of blake2s(queue_id)
+
+Each message is one file: a fixed 22-byte header, the encoded envelope, the content::
+
+    offset  size  field
+         0     4  magic b"MTQF"
+         4     2  format version, big-endian (1)
+         6     4  envelope length E, big-endian
+        10     8  content length C, big-endian
+        18     4  CRC-32 of bytes 0..17, then the envelope, then the content
+        22     E  envelope (mtrkmta.spool.codec, JSON)
+      22+E     C  content, exactly as received
+
+A file is only ever renamed into queue/ after it has been written completely and
+fsync'd, so a crash can leave a partial file only in incoming/, and the file size,
+lengths and CRC make any damage to a queue file a SpoolCorruption on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import struct
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mtrkmta.envelope import Envelope
+from mtrkmta.groupcommit import GroupCommit
+from mtrkmta.spool.codec import CodecError, decode_envelope, encode_envelope
+from mtrkmta.spool.interfaces import (
+    DuplicateQueueId,
+    ISpool,
+    MessageNotFound,
+    SpoolCorruption,
+    SpoolError,
+)
+
+MAGIC = b"MTQF"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct(">4sHIQ")  # magic, version, envelope length, content length
+_CRC = struct.Struct(">I")
+HEADER_SIZE = _PREFIX.size + _CRC.size
+_QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+
+R = TypeVar("R")
+
+
+def bucket_of(queue_id: str) -> str:
+    """The queue/ subdirectory of ``queue_id``: two hex digits, spread evenly over 256."""
+    return hashlib.blake2s(queue_id.encode("ascii"), digest_size=1).hexdigest()
+
+
+def check_queue_id(queue_id: str) -> str:
+    """Return ``queue_id`` if it is safe as a file name here, else raise ValueError."""
+    if not isinstance(queue_id, str) or _QUEUE_ID.fullmatch(queue_id) is None:
+        raise ValueError(f"invalid queue id: {queue_id!r}")
+    return queue_id
+
+
+def encode_message(envelope: Envelope, content: bytes) -> tuple[bytes, bytes]:
+    """The header and encoded envelope that precede ``content`` in a message file."""
+    envelope_data = encode_envelope(envelope)
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(envelope_data), len(content))
+    crc = zlib.crc32(content, zlib.crc32(envelope_data, zlib.crc32(prefix)))
+    return prefix + _CRC.pack(crc), envelope_data
+
+
+def read_message(f: BinaryIO, size: int, queue_id: str) -> tuple[Envelope, bytes]:
+    """Parse a whole message file of ``size`` bytes; raise SpoolCorruption on any defect."""
+    header = f.read(HEADER_SIZE)
+    if len(header) != HEADER_SIZE:
+        raise SpoolCorruption(f"{queue_id}: truncated header ({len(header)} bytes)")
+    magic, version, envelope_len, content_len = _PREFIX.unpack_from(header)
+    (crc,) = _CRC.unpack_from(header, _PREFIX.size)
+    if magic != MAGIC:
+        raise SpoolCorruption(f"{queue_id}: bad magic {magic!r}")
+    if version != FORMAT_VERSION:
+        raise SpoolCorruption(f"{queue_id}: unsupported format version {version}")
+    expected = HEADER_SIZE + envelope_len + content_len
+    if size != expected:
+        raise SpoolCorruption(f"{queue_id}: file has {size} bytes, header says {expected}")
+    envelope_data = f.read(envelope_len)
+    content = f.read(content_len)
+    if len(envelope_data) != envelope_len or len(content) != content_len or f.read(1):
+        raise SpoolCorruption(f"{queue_id}: file changed size while being read")
+    actual = zlib.crc32(content, zlib.crc32(envelope_data, zlib.crc32(header[: _PREFIX.size])))
+    if actual != crc:
+        raise SpoolCorruption(f"{queue_id}: checksum mismatch")
+    try:
+        envelope = decode_envelope(envelope_data)
+    except CodecError as e:
+        raise SpoolCorruption(f"{queue_id}: bad envelope: {e}") from e
+    if envelope.queue_id != queue_id:
+        raise SpoolCorruption(f"{queue_id}: file holds queue id {envelope.queue_id!r}")
+    return envelope, content
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """One message on its way into the queue."""
+
+    queue_id: str
+    header: bytes
+    envelope_data: bytes
+    content: bytes
+
+
+@implementer(ISpool)
+class FileSpool:
+    """The durable spool in one directory, every filesystem call in ``threadpool``.
+
+    Stores are group-committed: all messages submitted while a batch runs form the
+    next batch (at most ``max_batch``), which writes and fsyncs each file, renames
+    each into queue/, then fsyncs each queue directory it touched once. Removals
+    are batched the same way. ``fsync=False`` skips every fsync and is for tests
+    only: it gives up all crash safety.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        threadpool: ThreadPool,
+        root: Path,
+        *,
+        fsync: bool = True,
+        max_batch: int = 256,
+    ) -> None:
+        """Remember where the spool lives; touches no file until first used."""
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._root = Path(root)
+        self._incoming = self._root / "incoming"
+        self._queue = self._root / "queue"
+        self._fsync = fsync
+        self._stores: GroupCommit[_Pending, None] = GroupCommit(
+            reactor, threadpool, self._store_batch, max_batch
+        )
+        self._removals: GroupCommit[tuple[str, ...], None] = GroupCommit(
+            reactor, threadpool, self._remove_batch, max_batch
+        )
+        self._closed = False
+        self._running = 0
+        self._idle_waiters: list[Deferred[None]] = []
+
+    @property
+    def root(self) -> Path:
+        """The spool directory."""
+        return self._root
+
+    def queue_path(self, queue_id: str) -> Path:
+        """Where the committed message ``queue_id`` lives (no filesystem access)."""
+        return self._queue / bucket_of(check_queue_id(queue_id)) / queue_id
+
+    # ISpool
+
+    def store(self, envelope: Envelope, content: bytes) -> Deferred[None]:
+        """Durably store one message; fires only after file and directory are fsync'd."""
+        if self._closed:
+            return fail(SpoolError("spool is closed"))
+        try:
+            check_queue_id(envelope.queue_id)
+            if not isinstance(content, bytes):
+                raise TypeError(f"content must be bytes, not {type(content).__name__}")
+            header, envelope_data = encode_message(envelope, content)
+        except (ValueError, TypeError) as e:
+            return fail(e)
+        return self._stores.submit(_Pending(envelope.queue_id, header, envelope_data, content))
+
+    def load(self, queue_id: str) -> Deferred[tuple[Envelope, bytes]]:
+        """Read a committed message; MessageNotFound or SpoolCorruption on failure."""
+        try:
+            path = self.queue_path(queue_id)
+        except ValueError as e:
+            return fail(e)
+        return self._run(self._load, path, queue_id)
+
+    def remove(self, queue_ids: Iterable[str]) -> Deferred[None]:
+        """Unlink committed messages, then fsync each touched directory once per batch."""
+        if self._closed:
+            return fail(SpoolError("spool is closed"))
+        try:
+            ids = tuple(check_queue_id(q) for q in queue_ids)
+        except ValueError as e:
+            return fail(e)
+        if not ids:
+            return succeed(None)
+        return self._removals.submit(ids)
+
+    def queue_ids(self) -> Deferred[list[str]]:
+        """Every committed queue id, sorted (so, for generated ids, oldest first)."""
+        return self._run(self._list_queue)
+
+    def recover(self) -> Deferred[int]:
+        """Create the directories if needed and empty incoming/; return how many were removed.
+
+        Call it once at start-up, before the first store: it deletes whatever is in
+        incoming/, which would include messages being stored at that moment.
+        """
+        return self._run(self._recover)
+
+    def free_space(self) -> Deferred[int]:
+        """Bytes available to unprivileged users on the spool's filesystem."""
+        return self._run(self._free_space)
+
+    def close(self) -> Deferred[None]:
+        """Refuse new work; fire once all batches and reads in flight have finished."""
+        self._closed = True
+        waits: list[Deferred[None]] = [self._stores.idle(), self._removals.idle()]
+        if self._running:
+            d: Deferred[None] = Deferred()
+            self._idle_waiters.append(d)
+            waits.append(d)
+        return gatherResults(waits).addCallback(lambda _: None)
+
+    # Reactor-side helpers
+
+    def _run(self, f: Callable[..., R], *args: object) -> Deferred[R]:
+        """Run ``f(*args)`` in the thread pool, counted so that close() can wait for it."""
+        if self._closed:
+            return fail(SpoolError("spool is closed"))
+        self._running += 1
+        d = deferToThreadPool(self._reactor, self._threadpool, f, *args)
+        d.addBoth(self._finished)
+        return d
+
+    def _finished(self, result: R | Failure) -> R | Failure:
+        self._running -= 1
+        if not self._running:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for w in waiters:
+                w.callback(None)
+        return result
+
+    # Everything below runs in the thread pool.
+
+    def _sync(self, fd: int) -> None:
+        if self._fsync:
+            os.fsync(fd)
+
+    def _sync_dir(self, path: Path) -> None:
+        """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
+        if not self._fsync:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _make_dir(self, path: Path) -> bool:
+        """Create directory ``path`` (mode 0700) durably; return whether it was created."""
+        try:
+            os.mkdir(path, _DIR_MODE)
+        except FileExistsError:
+            return False
+        self._sync_dir(path.parent)
+        return True
+
+    def _ensure_dirs(self) -> None:
+        if not self._root.is_dir():
+            self._root.parent.mkdir(parents=True, exist_ok=True)
+            self._make_dir(self._root)
+        self._make_dir(self._incoming)
+        self._make_dir(self._queue)
+
+    def _store_batch(self, batch: list[_Pending]) -> list[Exception | None]:
+        """Commit a batch of messages; one result per message, None meaning committed."""
+        self._ensure_dirs()
+        results: list[Exception | None] = [None] * len(batch)
+
+        # 1. Write every message completely into incoming/ (O_EXCL: never clobber).
+        fds: dict[int, int] = {}
+        for i, item in enumerate(batch):
+            try:
+                fds[i] = self._write_incoming(item)
+            except (OSError, SpoolError) as e:
+                results[i] = e
+
+        # 2. fsync each file, so its data is on disk before its name enters queue/.
+        for i, fd in fds.items():
+            try:
+                try:
+                    self._sync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                results[i] = e
+                self._discard(self._incoming / batch[i].queue_id)
+
+        # 3. Rename each file into its bucket: the atomic commit point of a message.
+        by_dir: dict[Path, list[int]] = {}
+        created_buckets = False
+        for i, item in enumerate(batch):
+            if results[i] is not None:
+                continue
+            source = self._incoming / item.queue_id
+            target = self.queue_path(item.queue_id)
+            try:
+                if target.parent not in by_dir:
+                    created_buckets |= self._make_bucket(target.parent)
+                    by_dir[target.parent] = []
+                if os.path.lexists(target):
+                    raise DuplicateQueueId(f"{item.queue_id}: already in the queue")
+                os.rename(source, target)
+            except (OSError, SpoolError) as e:
+                results[i] = e
+                self._discard(source)
+                continue
+            by_dir[target.parent].append(i)
+
+        # 4. fsync each touched directory once: the renames become durable. The old
+        # names in incoming/ need no fsync: if one reappears after a crash, recover()
+        # unlinks that name only, and the queue/ name keeps the data.
+        if created_buckets:
+            try:
+                self._sync_dir(self._queue)
+            except OSError as e:
+                self._fail_renamed(batch, results, [i for ids in by_dir.values() for i in ids], e)
+        for directory, indices in by_dir.items():
+            pending = [i for i in indices if results[i] is None]
+            if not pending:
+                continue
+            try:
+                self._sync_dir(directory)
+            except OSError as e:
+                self._fail_renamed(batch, results, pending, e)
+        return results
+
+    def _write_incoming(self, item: _Pending) -> int:
+        """Create incoming/<queue_id> with the whole message; return its open descriptor."""
+        path = self._incoming / item.queue_id
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, _FILE_MODE)
+        except FileExistsError:
+            raise DuplicateQueueId(f"{item.queue_id}: already being stored") from None
+        try:
+            for part in (item.header, item.envelope_data, item.content):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            self._discard(path)
+            raise
+        return fd
+
+    def _make_bucket(self, bucket: Path) -> bool:
+        """Create a queue/ bucket if missing; its entry in queue/ is fsync'd by the caller."""
+        try:
+            os.mkdir(bucket, _DIR_MODE)
+        except FileExistsError:
+            return False
+        return True
+
+    def _fail_renamed(
+        self,
+        batch: list[_Pending],
+        results: list[Exception | None],
+        indices: list[int],
+        error: Exception,
+    ) -> None:
+        """A directory fsync failed: these messages are not committed; try to take them back."""
+        for i in indices:
+            if results[i] is None:
+                results[i] = error
+                self._discard(self.queue_path(batch[i].queue_id))
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        """Best-effort unlink of a file that must not survive (its store has failed)."""
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def _remove_batch(self, batch: list[tuple[str, ...]]) -> list[Exception | None]:
+        """Unlink every listed message, then fsync each touched bucket once."""
+        results: list[Exception | None] = [None] * len(batch)
+        by_dir: dict[Path, list[int]] = {}
+        for i, ids in enumerate(batch):
+            for queue_id in ids:
+                path = self.queue_path(queue_id)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    results[i] = results[i] or e
+                    continue
+                by_dir.setdefault(path.parent, []).append(i)
+        for directory, indices in by_dir.items():
+            try:
+                self._sync_dir(directory)
+            except OSError as e:
+                for i in indices:
+                    results[i] = results[i] or e
+        return results
+
+    def _load(self, path: Path, queue_id: str) -> tuple[Envelope, bytes]:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise MessageNotFound(queue_id) from None
+        with f:
+            return read_message(f, os.fstat(f.fileno()).st_size, queue_id)
+
+    def _list_queue(self) -> list[str]:
+        ids: list[str] = []
+        try:
+            with os.scandir(self._queue) as it:
+                buckets = list(it)
+        except FileNotFoundError:
+            return ids
+        for bucket in buckets:
+            if not bucket.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(bucket.path) as entries:
+                ids.extend(
+                    e.name
+                    for e in entries
+                    if _QUEUE_ID.fullmatch(e.name) and bucket_of(e.name) == bucket.name
+                )
+        ids.sort()
+        return ids
+
+    def _recover(self) -> int:
+        self._ensure_dirs()
+        removed = 0
+        with os.scandir(self._incoming) as entries:
+            leftovers = list(entries)
+        for entry in leftovers:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        if removed:
+            self._sync_dir(self._incoming)
+        return removed
+
+    def _free_space(self) -> int:
+        st = os.statvfs(self._root)
+        return st.f_bavail * st.f_frsize

@@ -1,0 +1,154 @@
+"""The tracking store interface and the records it hands out."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from mtrkmta.envelope import ClientInfo, Envelope, OriginalRecipient
+
+
+class RecipientState(str, enum.Enum):
+    """Where one recipient stands in this MTA's queue (CHECKLIST 3.2)."""
+
+    QUEUED = "queued"  # waiting for its first attempt
+    INFLIGHT = "inflight"  # an attempt is running
+    DEFERRED = "deferred"  # an attempt failed temporarily; will retry
+    DELIVERED = "delivered"
+    TRANSFERRED = "transferred"
+    RELAYED = "relayed"
+    EXPANDED = "expanded"
+    FAILED = "failed"
+
+    @property
+    def in_queue(self) -> bool:
+        """True while the recipient still sits in our queue (CHECKLIST 3.4)."""
+        return self in _IN_QUEUE
+
+
+_IN_QUEUE = frozenset({RecipientState.QUEUED, RecipientState.INFLIGHT, RecipientState.DEFERRED})
+
+QUEUED_STATES: frozenset[str] = frozenset(state.value for state in _IN_QUEUE)
+"""The state values of recipients that are still in our queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecipient:
+    """One recipient of a stored message, with its delivery state.
+
+    Times are whole POSIX seconds (UTC); ``None`` when not known yet.
+    """
+
+    index: int  # position in RCPT order, from 0
+    address: str  # RCPT address as received
+    orcpt: OriginalRecipient | None
+    notify: frozenset[str] | None  # as in RcptParams.notify
+    final_recipient: str
+    state: RecipientState
+    action: str | None = None
+    status: str | None = None
+    remote_mta: str | None = None
+    diagnostic: str | None = None
+    last_attempt: int | None = None
+    will_retry_until: int | None = None
+    next_attempt: int | None = None
+    attempts: int = 0
+    certifier_forwarded: bool = False
+
+    @property
+    def original(self) -> OriginalRecipient:
+        """ORCPT when given, else the RCPT address as received (CHECKLIST 5.3)."""
+        return self.orcpt or OriginalRecipient("rfc822", self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One accepted message as the tracking store knows it (CHECKLIST 3.1).
+
+    Times are whole POSIX seconds (UTC). ``certifier`` is B, the decoded MTRK
+    certifier (16 or 20 octets), or None for an untracked message.
+    """
+
+    queue_id: str
+    node_id: str
+    envid: str | None
+    certifier: bytes | None
+    sender: str
+    arrival: int
+    requested_timeout: int | None
+    expires_at: int
+    reporting_mta: str
+    size: int
+    ret: str | None
+    body: str | None
+    smtputf8: bool
+    auth: str | None
+    client: ClientInfo
+    recipients: tuple[StoredRecipient, ...]
+
+    @property
+    def tracked(self) -> bool:
+        """True when the message came with MTRK and may be answered over MTQP."""
+        return self.certifier is not None
+
+    @property
+    def in_queue(self) -> bool:
+        """True while any recipient is still in our queue; then it never expires."""
+        return any(r.state.in_queue for r in self.recipients)
+
+
+class ITrackingStore(Interface):
+    """Durable record of accepted messages and of each recipient's fate.
+
+    Every method is asynchronous and returns a Deferred; none blocks the reactor.
+    The store is the authority for which messages exist: a spool file whose
+    queue id the store does not know was never acknowledged.
+    """
+
+    def record_arrival(
+        envelope: Envelope, *, reporting_mta: str, node_id: str, size: int
+    ) -> Deferred[None]:
+        """Durably record a message that finished DATA; fires once committed.
+
+        Reply 250 only after this fires. Arrivals submitted together share one
+        transaction (group commit). Fails for a queue id already recorded. An
+        ``envelope.arrival`` of 0 (unset) counts as now.
+        """
+
+    def known(queue_ids: Iterable[str]) -> Deferred[frozenset[str]]:
+        """The subset of ``queue_ids`` that have a record (spool reconciliation)."""
+
+    def queued_messages(node_id: str) -> Deferred[list[str]]:
+        """Queue ids of ``node_id``'s messages with a recipient still in the queue.
+
+        Ordered by arrival, then queue id.
+        """
+
+    def message(queue_id: str) -> Deferred[StoredMessage | None]:
+        """The message with its recipients, or None when unknown."""
+
+    def lookup(envid: str, certifier_candidate: bytes) -> Deferred[StoredMessage | None]:
+        """The tracked message with exactly this ENVID whose certifier B matches.
+
+        ``certifier_candidate`` is SHA1(A) computed by the caller. A stored
+        16-octet B is compared with the first 16 octets (CHECKLIST 4.4.1), in
+        constant time. Untracked messages, an unknown ENVID and a wrong secret
+        all give None (CHECKLIST 3.3, 4.4.4).
+        """
+
+    def forget(queue_ids: Iterable[str]) -> Deferred[None]:
+        """Drop the records of these messages; unknown ids are ignored."""
+
+    def expire(now: float | None = None) -> Deferred[int]:
+        """Purge messages past their expiry that are no longer queued; fires with the count.
+
+        ``now`` defaults to the store's clock. A message with a recipient still
+        in the queue is never purged (CHECKLIST 3.4).
+        """
+
+    def close() -> Deferred[None]:
+        """Finish pending work and release the database; later calls fail."""

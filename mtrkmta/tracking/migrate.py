@@ -1,0 +1,66 @@
+"""Bring a tracking database's schema to a given Alembic revision (blocking; run in a thread)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
+
+from mtrkmta.tracking.store import create_tracking_engine, mark_write, take_migration_lock
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+
+
+def alembic_config(url: str, connection: Connection | None = None) -> Config:
+    """An Alembic Config for the packaged migrations; no alembic.ini involved.
+
+    With ``connection``, env.py migrates through it inside the caller's transaction.
+    """
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS_DIR)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str | None:
+    """The newest revision the packaged migrations know."""
+    return ScriptDirectory.from_config(alembic_config("")).get_current_head()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate the database at ``url`` up to ``revision``, in one locked transaction."""
+    _run(url, lambda config: command.upgrade(config, revision))
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Migrate the database at ``url`` down to ``revision`` ("base" drops everything)."""
+    _run(url, lambda config: command.downgrade(config, revision))
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the database at ``url`` is at, or None before any migration."""
+    engine = create_tracking_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def _run(url: str, step: Callable[[Config], None]) -> None:
+    engine = create_tracking_engine(url)
+    try:
+        with engine.connect() as conn:
+            mark_write(conn)
+            with conn.begin():
+                take_migration_lock(conn)
+                step(alembic_config(url, conn))
+    finally:
+        engine.dispose()

@@ -1,0 +1,114 @@
+"""SQLAlchemy Core tables of the tracking store: one row per message, one per recipient.
+
+Timestamps are stored as BIGINT whole POSIX seconds, which are UTC by definition.
+That is portable: SQLite has no date type (SQLAlchemy would store naive ISO text
+there) while PostgreSQL would need ``timestamptz``; integers compare and index the
+same on both, and RFC 3464/3886 dates carry no finer resolution anyway.
+
+The migration in ``migrations/versions`` must build exactly these tables; a test
+compares them with Alembic's autogenerate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+from mtrkmta.tracking.interfaces import RecipientState
+
+NAMING_CONVENTION = MappingProxyType(
+    {
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# The SQL text of the check on recipients.state, shared with the migration's test.
+STATE_CHECK = "state IN ({})".format(", ".join(f"'{s.value}'" for s in RecipientState))
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingSchema:
+    """The tracking tables, bound to their own MetaData."""
+
+    metadata: MetaData
+    messages: Table
+    recipients: Table
+
+
+def build_schema() -> TrackingSchema:
+    """Build a fresh MetaData holding the tracking tables (no shared module state)."""
+    metadata = MetaData(naming_convention=dict(NAMING_CONVENTION))
+    messages = Table(
+        "messages",
+        metadata,
+        Column("queue_id", String(64), primary_key=True),
+        Column("node_id", String(64), nullable=False),
+        Column("envid", String(255), nullable=True),  # xtext-decoded, case kept
+        Column("certifier", LargeBinary(20), nullable=True),  # B, 16 or 20 octets; never A
+        Column("sender", Text, nullable=False),  # "" for <>
+        Column("arrival", BigInteger, nullable=False),
+        Column("requested_timeout", BigInteger, nullable=True),  # MTRK timeout, seconds
+        Column("expires_at", BigInteger, nullable=False),  # purge not before, unless queued
+        Column("reporting_mta", String(255), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("ret", String(8), nullable=True),
+        Column("body", String(16), nullable=True),
+        Column("smtputf8", Boolean, nullable=False),
+        Column("auth", Text, nullable=True),
+        Column("client_address", String(64), nullable=False),
+        Column("client_port", Integer, nullable=False),
+        Column("client_helo", Text, nullable=False),
+        Column("client_protocol", String(16), nullable=False),
+        Column("client_authenticated_as", Text, nullable=True),
+        Column("client_listener", String(16), nullable=False),
+        Index(None, "envid"),
+        Index(None, "expires_at"),
+    )
+    recipients = Table(
+        "recipients",
+        metadata,
+        Column(
+            "queue_id",
+            String(64),
+            ForeignKey("messages.queue_id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        Column("rcpt_index", Integer, primary_key=True),  # RCPT order, from 0
+        Column("address", Text, nullable=False),  # as received
+        Column("orcpt_type", String(32), nullable=True),
+        Column("orcpt_address", Text, nullable=True),  # xtext-decoded
+        Column("notify", String(32), nullable=True),  # "NEVER" or e.g. "SUCCESS,DELAY"
+        Column("final_recipient", Text, nullable=False),
+        Column("state", String(16), nullable=False),
+        Column("action", String(16), nullable=True),
+        Column("status", String(32), nullable=True),
+        Column("remote_mta", Text, nullable=True),
+        Column("diagnostic", Text, nullable=True),
+        Column("last_attempt", BigInteger, nullable=True),
+        Column("will_retry_until", BigInteger, nullable=True),
+        Column("next_attempt", BigInteger, nullable=True),
+        Column("attempts", Integer, nullable=False),
+        Column("certifier_forwarded", Boolean, nullable=False),
+        CheckConstraint(STATE_CHECK, name="state"),
+        Index(None, "state", "queue_id"),
+    )
+    return TrackingSchema(metadata=metadata, messages=messages, recipients=recipients)

@@ -1,0 +1,530 @@
+"""SQLTrackingStore: the tracking store on SQLAlchemy Core, with all database work off the reactor.
+
+Writes go through one GroupCommit, so concurrent writes share a transaction and
+at most one write transaction runs at a time per store; reads run in the same
+thread pool with deferToThreadPool. Everything dialect-specific (SQLite pragmas
+and BEGIN handling, the PostgreSQL migration lock) lives in the engine section
+at the end of this module; the SQL itself is portable Core.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import Connection, Engine, Row, create_engine, delete, event, exists, select, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.expression import Exists
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mtrkmta.envelope import ClientInfo, Envelope, OriginalRecipient
+from mtrkmta.groupcommit import GroupCommit
+from mtrkmta.tracking.interfaces import (
+    QUEUED_STATES,
+    ITrackingStore,
+    RecipientState,
+    StoredMessage,
+    StoredRecipient,
+)
+from mtrkmta.tracking.schema import TrackingSchema, build_schema
+
+R = TypeVar("R")
+
+DAY = 86400
+DEFAULT_RETENTION = 9 * DAY  # CHECKLIST 3.4 [P]: default when no MTRK timeout is given
+MAX_RETENTION = 30 * DAY  # CHECKLIST 3.4 [P]: silent cap on a requested timeout
+CHUNK = 500  # bound parameters per IN (...) list; old SQLite allows 999
+NOTIFY_ORDER = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+
+
+class StoreClosedError(RuntimeError):
+    """The tracking store was used after close()."""
+
+
+def check_retention(default_retention: float, max_retention: float) -> None:
+    """Reject a retention policy that RFC 3885 §3.1 forbids (CHECKLIST 3.4).
+
+    Both the default and the cap must be at least one day.
+    """
+    if default_retention < DAY:
+        raise ValueError(f"default retention must be at least one day, not {default_retention}s")
+    if max_retention < DAY:
+        raise ValueError(f"maximum retention must be at least one day, not {max_retention}s")
+
+
+def whole_seconds(posix_time: float) -> int:
+    """The whole POSIX second containing ``posix_time``, as stored in the database."""
+    return math.floor(posix_time)
+
+
+def effective_expiry(
+    arrival: float,
+    requested_timeout: int | None,
+    *,
+    default_retention: float,
+    max_retention: float,
+) -> int:
+    """When a message's tracking data may go, unless it is still queued (CHECKLIST 3.4).
+
+    arrival + min(requested timeout or the default, the cap), in whole seconds.
+    The timeout counts from receipt at this server (RFC 3885 §3.1); the store
+    additionally never purges a message that is still in the queue.
+    """
+    retention = default_retention if requested_timeout is None else requested_timeout
+    return whole_seconds(arrival) + max(0, math.floor(min(retention, max_retention)))
+
+
+def certifier_matches(stored: bytes, candidate: bytes) -> bool:
+    """Whether SHA1(A) ``candidate`` authenticates stored B, in constant time (CHECKLIST 4.4.1).
+
+    A 16-octet stored B is compared with the first 16 octets of the candidate.
+    """
+    if len(stored) == 16:
+        candidate = candidate[:16]
+    elif len(stored) != 20:
+        return False
+    return hmac.compare_digest(stored, candidate)
+
+
+def encode_notify(notify: frozenset[str] | None) -> str | None:
+    """NOTIFY as stored: None when absent, else the keywords comma-joined in a fixed order."""
+    if notify is None:
+        return None
+    known = [k for k in NOTIFY_ORDER if k in notify]
+    return ",".join(known + sorted(notify.difference(NOTIFY_ORDER)))
+
+
+def decode_notify(value: str | None) -> frozenset[str] | None:
+    """Inverse of encode_notify."""
+    if value is None:
+        return None
+    return frozenset(k for k in value.split(",") if k)
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), CHUNK):
+        yield items[start : start + CHUNK]
+
+
+@implementer(ITrackingStore)
+class SQLTrackingStore:
+    """ITrackingStore on SQLAlchemy Core (SQLite or PostgreSQL).
+
+    Pass an engine made by create_tracking_engine (or a URL, and the store makes
+    and later disposes of its own). The schema must already be migrated
+    (mtrkmta.tracking.migrate.upgrade). The thread pool belongs to the caller,
+    who starts it before use and stops it after close().
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        threadpool: ThreadPool,
+        engine_or_url: Engine | URL | str,
+        *,
+        default_retention: float,
+        max_retention: float,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        check_retention(default_retention, max_retention)
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._clock: IReactorTime = clock if clock is not None else IReactorTime(reactor)
+        self._default_retention = default_retention
+        self._max_retention = max_retention
+        if isinstance(engine_or_url, Engine):
+            self._engine = engine_or_url
+            self._owns_engine = False
+        else:
+            self._engine = create_tracking_engine(engine_or_url)
+            self._owns_engine = True
+        self._schema: TrackingSchema = build_schema()
+        self._writes: GroupCommit[Callable[[Connection], object], object] = GroupCommit(
+            reactor, threadpool, self._commit
+        )
+        self._reads_running = 0
+        self._reads_idle: list[Deferred[None]] = []
+        self._closing: list[Deferred[None]] | None = None  # not None once close() was called
+        self._close_finished = False
+
+    # -- ITrackingStore ---------------------------------------------------------
+
+    def record_arrival(
+        self, envelope: Envelope, *, reporting_mta: str, node_id: str, size: int
+    ) -> Deferred[None]:
+        """Record a message that finished DATA; fires once its transaction committed.
+
+        An ``envelope.arrival`` of 0 (unset) counts as now.
+        """
+        message_row, recipient_rows = self._arrival_rows(
+            envelope, reporting_mta=reporting_mta, node_id=node_id, size=size
+        )
+        messages, recipients = self._schema.messages, self._schema.recipients
+
+        def insert(conn: Connection) -> None:
+            conn.execute(messages.insert(), [message_row])
+            if recipient_rows:
+                conn.execute(recipients.insert(), recipient_rows)
+
+        return self._write(insert)
+
+    def known(self, queue_ids: Iterable[str]) -> Deferred[frozenset[str]]:
+        """The subset of ``queue_ids`` that have a record."""
+        wanted = list(dict.fromkeys(queue_ids))
+        column = self._schema.messages.c.queue_id
+
+        def query(conn: Connection) -> frozenset[str]:
+            found: set[str] = set()
+            for chunk in _chunks(wanted):
+                found.update(conn.scalars(select(column).where(column.in_(chunk))))
+            return frozenset(found)
+
+        return self._read(query)
+
+    def queued_messages(self, node_id: str) -> Deferred[list[str]]:
+        """Queue ids of ``node_id``'s messages still in the queue, by arrival."""
+        m = self._schema.messages
+        statement = (
+            select(m.c.queue_id)
+            .where(m.c.node_id == node_id, self._in_queue_clause())
+            .order_by(m.c.arrival, m.c.queue_id)
+        )
+
+        def query(conn: Connection) -> list[str]:
+            return list(conn.scalars(statement))
+
+        return self._read(query)
+
+    def message(self, queue_id: str) -> Deferred[StoredMessage | None]:
+        """The message with its recipients, or None."""
+        m = self._schema.messages
+
+        def query(conn: Connection) -> StoredMessage | None:
+            row = conn.execute(select(m).where(m.c.queue_id == queue_id)).one_or_none()
+            return None if row is None else self._load(conn, row)
+
+        return self._read(query)
+
+    def lookup(self, envid: str, certifier_candidate: bytes) -> Deferred[StoredMessage | None]:
+        """The tracked message with this exact ENVID whose certifier matches (CHECKLIST 3.3).
+
+        Should several match (the same originator's message arrived twice), the
+        earliest arrival is returned.
+        """
+        m = self._schema.messages
+        statement = (
+            select(m)
+            .where(m.c.envid == envid, m.c.certifier.is_not(None))
+            .order_by(m.c.arrival, m.c.queue_id)
+        )
+        candidate = bytes(certifier_candidate)
+
+        def query(conn: Connection) -> StoredMessage | None:
+            match: Row[Any] | None = None
+            # Compare every row, so that the time taken does not tell which one matched.
+            for row in conn.execute(statement):
+                if certifier_matches(bytes(row.certifier), candidate) and match is None:
+                    match = row
+            return None if match is None else self._load(conn, match)
+
+        return self._read(query)
+
+    def forget(self, queue_ids: Iterable[str]) -> Deferred[None]:
+        """Drop the records of these messages."""
+        doomed = list(dict.fromkeys(queue_ids))
+
+        def remove(conn: Connection) -> None:
+            self._delete(conn, doomed)
+
+        return self._write(remove)
+
+    def expire(self, now: float | None = None) -> Deferred[int]:
+        """Purge expired messages no longer queued (CHECKLIST 3.4); fires with how many."""
+        cutoff = whole_seconds(self._clock.seconds() if now is None else now)
+        m = self._schema.messages
+        statement = select(m.c.queue_id).where(m.c.expires_at <= cutoff, ~self._in_queue_clause())
+
+        def purge(conn: Connection) -> int:
+            doomed = list(conn.scalars(statement))
+            self._delete(conn, doomed)
+            return len(doomed)
+
+        return self._write(purge)
+
+    def close(self) -> Deferred[None]:
+        """Finish pending reads and writes, then release the engine if the store made it."""
+        if self._close_finished:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        if self._closing is not None:
+            self._closing.append(done)
+            return done
+        self._closing = [done]
+        d = self._writes.idle()
+        d.addCallback(lambda _: self._wait_reads())
+        if self._owns_engine:
+            d.addCallback(
+                lambda _: deferToThreadPool(self._reactor, self._threadpool, self._engine.dispose)
+            )
+        d.addBoth(self._closed)
+        return done
+
+    # -- internals --------------------------------------------------------------
+
+    def _closed(self, result: object) -> None:
+        waiters = self._closing or []
+        self._closing = []
+        self._close_finished = True
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+    def _in_queue_clause(self) -> Exists:
+        m, r = self._schema.messages, self._schema.recipients
+        return exists().where(r.c.queue_id == m.c.queue_id, r.c.state.in_(sorted(QUEUED_STATES)))
+
+    def _write(self, op: Callable[[Connection], R]) -> Deferred[R]:
+        if self._closing is not None:
+            return fail(StoreClosedError("tracking store is closed"))
+        return cast("Deferred[R]", self._writes.submit(op))
+
+    def _commit(self, ops: list[Callable[[Connection], object]]) -> list[object]:
+        """Run a batch of writes in one transaction (in a pool thread).
+
+        If that transaction fails, run each write in a transaction of its own,
+        so that one bad write (say, a duplicate queue id) fails alone.
+        """
+        try:
+            return self._transaction(ops)
+        except Exception as error:
+            if len(ops) == 1:
+                return [error]
+        results: list[object] = []
+        for op in ops:
+            try:
+                results.extend(self._transaction([op]))
+            except Exception as error:
+                results.append(error)
+        return results
+
+    def _transaction(self, ops: list[Callable[[Connection], object]]) -> list[object]:
+        with self._engine.connect() as conn:
+            mark_write(conn)
+            with conn.begin():
+                return [op(conn) for op in ops]
+
+    def _read(self, query: Callable[[Connection], R]) -> Deferred[R]:
+        if self._closing is not None:
+            return fail(StoreClosedError("tracking store is closed"))
+        self._reads_running += 1
+        d = deferToThreadPool(self._reactor, self._threadpool, self._run_read, query)
+        d.addBoth(self._read_finished)
+        return d
+
+    def _run_read(self, query: Callable[[Connection], R]) -> R:
+        with self._engine.connect() as conn, conn.begin():
+            return query(conn)
+
+    def _read_finished(self, result: R) -> R:
+        self._reads_running -= 1
+        if self._reads_running == 0:
+            waiters, self._reads_idle = self._reads_idle, []
+            for waiter in waiters:
+                waiter.callback(None)
+        return result
+
+    def _wait_reads(self) -> Deferred[None]:
+        if self._reads_running == 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._reads_idle.append(d)
+        return d
+
+    def _delete(self, conn: Connection, queue_ids: Sequence[str]) -> None:
+        m, r = self._schema.messages, self._schema.recipients
+        for chunk in _chunks(queue_ids):
+            conn.execute(delete(r).where(r.c.queue_id.in_(chunk)))
+            conn.execute(delete(m).where(m.c.queue_id.in_(chunk)))
+
+    def _arrival_rows(
+        self, envelope: Envelope, *, reporting_mta: str, node_id: str, size: int
+    ) -> tuple[dict[str, object], list[dict[str, object]]]:
+        params = envelope.params
+        arrival = envelope.arrival if envelope.arrival > 0 else self._clock.seconds()
+        requested = params.mtrk.timeout if params.mtrk is not None else None
+        client = envelope.client
+        message_row: dict[str, object] = {
+            "queue_id": envelope.queue_id,
+            "node_id": node_id,
+            "envid": params.envid,
+            "certifier": params.mtrk.certifier if params.mtrk is not None else None,
+            "sender": envelope.sender,
+            "arrival": whole_seconds(arrival),
+            "requested_timeout": requested,
+            "expires_at": effective_expiry(
+                arrival,
+                requested,
+                default_retention=self._default_retention,
+                max_retention=self._max_retention,
+            ),
+            "reporting_mta": reporting_mta,
+            "size": size,
+            "ret": params.ret,
+            "body": params.body,
+            "smtputf8": params.smtputf8,
+            "auth": params.auth,
+            "client_address": client.address,
+            "client_port": client.port,
+            "client_helo": client.helo,
+            "client_protocol": client.protocol,
+            "client_authenticated_as": client.authenticated_as,
+            "client_listener": client.listener,
+        }
+        recipient_rows: list[dict[str, object]] = [
+            {
+                "queue_id": envelope.queue_id,
+                "rcpt_index": index,
+                "address": rcpt.address,
+                "orcpt_type": rcpt.params.orcpt.addr_type if rcpt.params.orcpt else None,
+                "orcpt_address": rcpt.params.orcpt.address if rcpt.params.orcpt else None,
+                "notify": encode_notify(rcpt.params.notify),
+                "final_recipient": rcpt.address,
+                "state": RecipientState.QUEUED.value,
+                "action": None,
+                "status": None,
+                "remote_mta": None,
+                "diagnostic": None,
+                "last_attempt": None,
+                "will_retry_until": None,
+                "next_attempt": None,
+                "attempts": 0,
+                "certifier_forwarded": False,
+            }
+            for index, rcpt in enumerate(envelope.recipients)
+        ]
+        return message_row, recipient_rows
+
+    def _load(self, conn: Connection, row: Row[Any]) -> StoredMessage:
+        r = self._schema.recipients
+        recipient_rows = conn.execute(
+            select(r).where(r.c.queue_id == row.queue_id).order_by(r.c.rcpt_index)
+        )
+        recipients = tuple(
+            StoredRecipient(
+                index=rr.rcpt_index,
+                address=rr.address,
+                orcpt=(
+                    OriginalRecipient(rr.orcpt_type, rr.orcpt_address)
+                    if rr.orcpt_type is not None and rr.orcpt_address is not None
+                    else None
+                ),
+                notify=decode_notify(rr.notify),
+                final_recipient=rr.final_recipient,
+                state=RecipientState(rr.state),
+                action=rr.action,
+                status=rr.status,
+                remote_mta=rr.remote_mta,
+                diagnostic=rr.diagnostic,
+                last_attempt=rr.last_attempt,
+                will_retry_until=rr.will_retry_until,
+                next_attempt=rr.next_attempt,
+                attempts=rr.attempts,
+                certifier_forwarded=bool(rr.certifier_forwarded),
+            )
+            for rr in recipient_rows
+        )
+        return StoredMessage(
+            queue_id=row.queue_id,
+            node_id=row.node_id,
+            envid=row.envid,
+            certifier=None if row.certifier is None else bytes(row.certifier),
+            sender=row.sender,
+            arrival=row.arrival,
+            requested_timeout=row.requested_timeout,
+            expires_at=row.expires_at,
+            reporting_mta=row.reporting_mta,
+            size=row.size,
+            ret=row.ret,
+            body=row.body,
+            smtputf8=bool(row.smtputf8),
+            auth=row.auth,
+            client=ClientInfo(
+                address=row.client_address,
+                port=row.client_port,
+                helo=row.client_helo,
+                protocol=row.client_protocol,
+                authenticated_as=row.client_authenticated_as,
+                listener=row.client_listener,
+            ),
+            recipients=recipients,
+        )
+
+
+# -- engine: every dialect-specific detail is below ---------------------------------
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+WRITE_OPTION = "mtrkmta_write"  # execution option: this connection's transaction will write
+# PostgreSQL advisory lock id, kept within a signed 32-bit integer.
+_MIGRATION_LOCK_KEY = zlib.crc32(b"mtrkmta.tracking.migrate") & 0x7FFFFFFF
+
+
+def create_tracking_engine(url: URL | str) -> Engine:
+    """Make an engine for the tracking store.
+
+    SQLite: WAL journal, synchronous=FULL, foreign keys on and a busy timeout on
+    every connection, and SQLAlchemy (not the driver) emits BEGIN so that reads
+    get one snapshot and DDL is transactional; write transactions use BEGIN
+    IMMEDIATE. PostgreSQL (or anything else): as given, with pre-ping.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+    engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def mark_write(conn: Connection) -> None:
+    """Declare that ``conn``'s next transaction writes (SQLite then takes the lock at BEGIN)."""
+    conn.execution_options(**{WRITE_OPTION: True})
+
+
+def take_migration_lock(conn: Connection) -> None:
+    """Serialise concurrent schema upgrades (several nodes starting at once).
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: the BEGIN IMMEDIATE
+    of a write transaction already excludes other writers.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+
+
+def _sqlite_connect(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+    # Stop the sqlite3 module from issuing BEGIN itself; _sqlite_begin does it.
+    dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    write = conn.get_execution_options().get(WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -1,0 +1,436 @@
+"""FileSpool on a real directory and thread pool: durability, batching, recovery, corruption."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.threadpool import ThreadPool
+from zope.interface.verify import verifyObject
+
+from mtrkmta.envelope import ClientInfo, Envelope, MailParams, Mtrk, Recipient
+from mtrkmta.spool.filespool import HEADER_SIZE, FileSpool, bucket_of
+from mtrkmta.spool.interfaces import (
+    DuplicateQueueId,
+    ISpool,
+    MessageNotFound,
+    SpoolCorruption,
+    SpoolError,
+)
+from mtrkmta.spool.queueid import QueueIdGenerator
+
+CONTENT = b"Received: from x by y; Mon, 1 Jan 2024 00:00:00 +0000\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+class CountingThreadPool(ThreadPool):
+    """A ThreadPool that counts the jobs it is given (one per spool batch or read)."""
+
+    def __init__(self) -> None:
+        super().__init__(minthreads=1, maxthreads=4, name="spool-test")
+        self.jobs = 0
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kw):
+        self.jobs += 1
+        super().callInThreadWithCallback(onResult, func, *args, **kw)
+
+
+class FsyncRecorder:
+    """Stands in for os.fsync: records what each descriptor was, then really syncs."""
+
+    def __init__(self) -> None:
+        self.real = os.fsync
+        self.dirs: list[tuple[int, int]] = []  # (st_dev, st_ino) of directories
+        self.files = 0
+
+    def __call__(self, fd: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            self.dirs.append((st.st_dev, st.st_ino))
+        else:
+            self.files += 1
+        self.real(fd)
+
+    def dir_syncs(self, path: Path) -> int:
+        st = os.stat(path)
+        return self.dirs.count((st.st_dev, st.st_ino))
+
+
+@pytest.fixture
+def pool() -> Iterator[CountingThreadPool]:
+    tp = CountingThreadPool()
+    tp.start()
+    yield tp
+    tp.stop()
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> FsyncRecorder:
+    recorder = FsyncRecorder()
+    monkeypatch.setattr(os, "fsync", recorder)
+    return recorder
+
+
+@pytest.fixture
+def reactor() -> object:
+    """The global reactor, which pytest-twisted runs."""
+    from twisted.internet import reactor as global_reactor
+
+    return global_reactor
+
+
+@pytest.fixture
+def spool(tmp_path: Path, pool: CountingThreadPool, reactor) -> FileSpool:
+    return FileSpool(reactor, pool, tmp_path / "spool")
+
+
+def ids() -> str:
+    """A fresh queue id."""
+    return QueueIdGenerator()()
+
+
+def envelope(queue_id: str | None = None) -> Envelope:
+    return Envelope(
+        queue_id=ids() if queue_id is None else queue_id,
+        sender="alice@example.org",
+        recipients=(Recipient("bob@example.net"), Recipient("carol@example.net")),
+        params=MailParams(size=len(CONTENT), mtrk=Mtrk(b"\x01" * 20, 86400)),
+        arrival=1_700_000_000.5,
+        client=ClientInfo("192.0.2.7", 40000, "client.example", "ESMTPS"),
+    )
+
+
+def ids_in_bucket(n: int, bucket: str) -> list[str]:
+    """``n`` fresh queue ids that all hash to ``bucket``."""
+    out: list[str] = []
+    while len(out) < n:
+        qid = ids()
+        if bucket_of(qid) == bucket:
+            out.append(qid)
+    return out
+
+
+def test_provides_ispool(spool: FileSpool) -> None:
+    assert verifyObject(ISpool, spool)
+
+
+def test_constructor_touches_nothing(tmp_path: Path, pool: CountingThreadPool, reactor) -> None:
+    FileSpool(reactor, pool, tmp_path / "spool")
+    assert not (tmp_path / "spool").exists()
+    assert pool.jobs == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_recover_creates_private_directories(spool: FileSpool):
+    removed = yield spool.recover()
+    assert removed == 0
+    for d in (spool.root, spool.root / "incoming", spool.root / "queue"):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_store_then_load_round_trip(spool: FileSpool, fsyncs: FsyncRecorder):
+    yield spool.recover()
+    env = envelope()
+    yield spool.store(env, CONTENT)
+    path = spool.queue_path(env.queue_id)
+    assert path.parent.name == bucket_of(env.queue_id)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert os.listdir(spool.root / "incoming") == []
+    loaded_env, loaded_content = yield spool.load(env.queue_id)
+    assert loaded_env == env
+    assert loaded_content == CONTENT
+    assert (yield spool.queue_ids()) == [env.queue_id]
+    # The file was fsync'd, and so were the new bucket's entry in queue/ and the bucket.
+    assert fsyncs.files == 1
+    assert fsyncs.dir_syncs(path.parent) == 1
+    assert fsyncs.dir_syncs(spool.root / "queue") == 1
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_and_large_content(spool: FileSpool):
+    yield spool.recover()
+    big = os.urandom(3 * 1024 * 1024)
+    envs = [envelope(), envelope()]
+    yield gatherResults([spool.store(envs[0], b""), spool.store(envs[1], big)])
+    assert (yield spool.load(envs[0].queue_id))[1] == b""
+    assert (yield spool.load(envs[1].queue_id))[1] == big
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_stores_are_group_committed(
+    spool: FileSpool, pool: CountingThreadPool, fsyncs: FsyncRecorder
+):
+    yield spool.recover()
+    envs = [envelope(q) for q in ids_in_bucket(40, "a5")]
+    jobs_before = pool.jobs
+    yield gatherResults([spool.store(e, CONTENT) for e in envs])
+    batches = pool.jobs - jobs_before
+    # The first store starts a batch at once; the 39 submitted meanwhile share the next.
+    assert batches == 2
+    assert fsyncs.files == 40
+    assert fsyncs.dir_syncs(spool.root / "queue" / "a5") == batches
+    assert (yield spool.queue_ids()) == sorted(e.queue_id for e in envs)
+    for e in envs:
+        assert (yield spool.load(e.queue_id)) == (e, CONTENT)
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_max_batch_bounds_a_batch(tmp_path: Path, pool: CountingThreadPool, reactor):
+    spool = FileSpool(reactor, pool, tmp_path / "spool", max_batch=4)
+    yield spool.recover()
+    envs = [envelope() for _ in range(10)]
+    jobs_before = pool.jobs
+    yield gatherResults([spool.store(e, CONTENT) for e in envs])
+    assert pool.jobs - jobs_before == 4  # 1, then 4, 4, 1
+    assert len((yield spool.queue_ids())) == 10
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_fsync_false_never_syncs(tmp_path: Path, pool: CountingThreadPool, reactor, fsyncs):
+    spool = FileSpool(reactor, pool, tmp_path / "spool", fsync=False)
+    yield spool.recover()
+    env = envelope()
+    yield spool.store(env, CONTENT)
+    yield spool.remove([env.queue_id])
+    assert fsyncs.files == 0 and fsyncs.dirs == []
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_recover_removes_crash_leftovers(spool: FileSpool):
+    yield spool.recover()
+    committed = envelope()
+    yield spool.store(committed, CONTENT)
+    incoming = spool.root / "incoming"
+    # A crash mid-write leaves partial files; one between fsync and rename leaves a
+    # complete one. Neither was acknowledged, so neither may ever be delivered.
+    partial = ids()
+    (incoming / partial).write_bytes(b"MTQF\x00\x01\x00\x00")
+    whole = envelope()
+    yield spool.store(whole, CONTENT)
+    os.rename(spool.queue_path(whole.queue_id), incoming / whole.queue_id)
+    (incoming / "junkdir").mkdir()
+    (incoming / "junkdir" / "x").write_bytes(b"x")
+    assert (yield spool.queue_ids()) == [committed.queue_id]
+
+    removed = yield spool.recover()
+    assert removed == 3
+    assert os.listdir(incoming) == []
+    assert (yield spool.queue_ids()) == [committed.queue_id]
+    assert (yield spool.recover()) == 0
+    with pytest.raises(MessageNotFound):
+        yield spool.load(whole.queue_id)
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_recover_syncs_incoming_after_removing(spool: FileSpool, fsyncs: FsyncRecorder):
+    yield spool.recover()
+    (spool.root / "incoming" / ids()).write_bytes(b"partial")
+    assert (yield spool.recover()) == 1
+    assert fsyncs.dir_syncs(spool.root / "incoming") == 1
+    yield spool.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["empty", "half_header", "header_only", "half_envelope", "one_short", "flipped", "extra"],
+)
+@pytest_twisted.inlineCallbacks
+def test_damaged_queue_file_raises_spool_corruption(spool: FileSpool, damage: str):
+    yield spool.recover()
+    env = envelope()
+    yield spool.store(env, CONTENT)
+    path = spool.queue_path(env.queue_id)
+    data = path.read_bytes()
+    damaged = {
+        "empty": b"",
+        "half_header": data[: HEADER_SIZE // 2],
+        "header_only": data[:HEADER_SIZE],
+        "half_envelope": data[: HEADER_SIZE + 10],
+        "one_short": data[:-1],
+        "flipped": data[:-3] + bytes([data[-3] ^ 0x20]) + data[-2:],
+        "extra": data + b"\r\n",
+    }[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(SpoolCorruption):
+        yield spool.load(env.queue_id)
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_file_under_another_id_is_corruption(spool: FileSpool):
+    yield spool.recover()
+    a, b = envelope(), envelope()
+    yield spool.store(a, CONTENT)
+    target = spool.queue_path(b.queue_id)
+    target.parent.mkdir(exist_ok=True)
+    os.rename(spool.queue_path(a.queue_id), target)
+    with pytest.raises(SpoolCorruption):
+        yield spool.load(b.queue_id)
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_remove_removes_and_syncs_each_bucket_once(spool: FileSpool, fsyncs: FsyncRecorder):
+    yield spool.recover()
+    envs = [envelope(q) for q in ids_in_bucket(6, "3c")]
+    keep = envelope()
+    yield gatherResults([spool.store(e, CONTENT) for e in [*envs, keep]])
+    before = fsyncs.dir_syncs(spool.root / "queue" / "3c")
+    yield spool.remove([e.queue_id for e in envs] + [ids()])  # an unknown id is ignored
+    assert fsyncs.dir_syncs(spool.root / "queue" / "3c") == before + 1
+    assert (yield spool.queue_ids()) == [keep.queue_id]
+    for e in envs:
+        assert not spool.queue_path(e.queue_id).exists()
+        with pytest.raises(MessageNotFound):
+            yield spool.load(e.queue_id)
+    yield spool.remove([e.queue_id for e in envs])  # idempotent
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_duplicate_queue_id_is_refused(spool: FileSpool):
+    yield spool.recover()
+    env = envelope()
+    yield spool.store(env, CONTENT)
+    with pytest.raises(DuplicateQueueId):
+        yield spool.store(env, b"other")
+    first, second = spool.store(envelope("dup1"), CONTENT), spool.store(envelope("dup1"), b"x")
+    yield first
+    with pytest.raises(DuplicateQueueId):
+        yield second
+    assert (yield spool.load(env.queue_id))[1] == CONTENT
+    assert (yield spool.load("dup1"))[1] == CONTENT
+    assert os.listdir(spool.root / "incoming") == []
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_failed_directory_fsync_fails_the_store(spool: FileSpool, monkeypatch: pytest.MonkeyPatch):
+    yield spool.recover()
+    real = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    env = envelope()
+    with pytest.raises(OSError):
+        yield spool.store(env, CONTENT)
+    monkeypatch.setattr(os, "fsync", real)
+    assert (yield spool.queue_ids()) == []
+    assert os.listdir(spool.root / "incoming") == []
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_failed_write_fails_only_that_message(spool: FileSpool, monkeypatch: pytest.MonkeyPatch):
+    yield spool.recover()
+    real = os.write
+    bad = b"\r\nPOISON\r\n"
+
+    def write(fd: int, data: memoryview) -> int:
+        if bytes(data) == bad:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    good, poisoned = envelope(), envelope()
+    d_good, d_bad = spool.store(good, CONTENT), spool.store(poisoned, bad)
+    yield d_good
+    with pytest.raises(OSError):
+        yield d_bad
+    assert (yield spool.queue_ids()) == [good.queue_id]
+    assert os.listdir(spool.root / "incoming") == []
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_invalid_arguments_fail_without_touching_disk(spool: FileSpool, pool):
+    for bad_id in ["", "../x", "a/b", ".hidden", "x" * 65, "é"]:
+        with pytest.raises(ValueError):
+            yield spool.store(envelope(bad_id), CONTENT)
+        with pytest.raises(ValueError):
+            yield spool.load(bad_id)
+        with pytest.raises(ValueError):
+            yield spool.remove([bad_id])
+    with pytest.raises(TypeError):
+        yield spool.store(envelope(), "text")  # type: ignore[arg-type]
+    assert pool.jobs == 0
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_queue_ids_ignores_foreign_files(spool: FileSpool):
+    yield spool.recover()
+    env = envelope()
+    yield spool.store(env, CONTENT)
+    (spool.root / "queue" / "README").write_text("x")
+    (spool.queue_path(env.queue_id).parent / ".tmp").write_text("x")
+    misplaced = ids()
+    wrong_bucket = "00" if bucket_of(misplaced) != "00" else "01"
+    (spool.root / "queue" / wrong_bucket).mkdir(exist_ok=True)
+    (spool.root / "queue" / wrong_bucket / misplaced).write_text("x")
+    assert (yield spool.queue_ids()) == [env.queue_id]
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_free_space(spool: FileSpool):
+    yield spool.recover()
+    st = os.statvfs(spool.root)
+    free = yield spool.free_space()
+    assert isinstance(free, int)
+    assert abs(free - st.f_bavail * st.f_frsize) < 64 * 1024 * 1024
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_waits_for_batches_then_refuses_work(spool: FileSpool):
+    yield spool.recover()
+    envs = [envelope() for _ in range(5)]
+    stores = [spool.store(e, CONTENT) for e in envs]
+    closing = spool.close()
+    stored: list[bool] = []
+    gatherResults(stores).addCallback(lambda _: stored.append(True))
+    yield closing
+    assert stored == [True]
+    assert all(spool.queue_path(e.queue_id).exists() for e in envs)
+    for call in (
+        lambda: spool.store(envelope(), CONTENT),
+        lambda: spool.load(envs[0].queue_id),
+        lambda: spool.remove([envs[0].queue_id]),
+        spool.queue_ids,
+        spool.recover,
+        spool.free_space,
+    ):
+        d: Deferred[object] = call()
+        with pytest.raises(SpoolError):
+            yield d
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_waits_for_reads_in_flight(spool: FileSpool):
+    yield spool.recover()
+    env = envelope()
+    yield spool.store(env, CONTENT)
+    loading = spool.load(env.queue_id)
+    closing = spool.close()
+    assert not closing.called  # the read is still running in the thread pool
+    yield closing
+    assert loading.called
+    assert (yield loading) == (env, CONTENT)

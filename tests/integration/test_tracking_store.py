@@ -1,0 +1,528 @@
+"""SQLTrackingStore on a real SQLite file and thread pool: records, lookup, group commit, expiry."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from sqlalchemy import Engine, event, select, update
+from sqlalchemy.exc import IntegrityError
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import Clock
+from twisted.python.threadpool import ThreadPool
+from zope.interface.verify import verifyObject
+
+from mtrkmta.envelope import (
+    ClientInfo,
+    Envelope,
+    MailParams,
+    Mtrk,
+    OriginalRecipient,
+    RcptParams,
+    Recipient,
+)
+from mtrkmta.tracking import migrate
+from mtrkmta.tracking.interfaces import ITrackingStore, RecipientState
+from mtrkmta.tracking.schema import build_schema
+from mtrkmta.tracking.store import (
+    CHUNK,
+    DAY,
+    DEFAULT_RETENTION,
+    MAX_RETENTION,
+    SQLTrackingStore,
+    StoreClosedError,
+    create_tracking_engine,
+)
+
+ARRIVAL = 1_700_000_000.25
+SECRET = b"\x01" * 32  # A: never stored, only its SHA-1 is
+CERTIFIER = hashlib.sha1(SECRET).digest()  # B
+
+
+def envelope(
+    queue_id: str,
+    *,
+    envid: str | None = "env-1@example.org",
+    secret: bytes | None = SECRET,
+    timeout: int | None = None,
+    arrival: float = ARRIVAL,
+    certifier_length: int = 20,
+) -> Envelope:
+    mtrk = None
+    if secret is not None:
+        mtrk = Mtrk(certifier=hashlib.sha1(secret).digest()[:certifier_length], timeout=timeout)
+    return Envelope(
+        queue_id=queue_id,
+        sender="Alice@Example.org",
+        recipients=(
+            Recipient(
+                "Bob@example.net",
+                RcptParams(
+                    notify=frozenset({"DELAY", "FAILURE"}),
+                    orcpt=OriginalRecipient("rfc822", "bob+orig@example.net"),
+                ),
+            ),
+            Recipient("carol@example.net"),
+            Recipient("dave@example.net", RcptParams(notify=frozenset({"NEVER"}))),
+        ),
+        params=MailParams(body="8BITMIME", envid=envid, ret="HDRS", mtrk=mtrk, auth="alice"),
+        arrival=arrival,
+        client=ClientInfo(
+            address="192.0.2.7",
+            port=40000,
+            helo="client.example.org",
+            protocol="ESMTPSA",
+            authenticated_as="alice",
+            listener="submission",
+        ),
+    )
+
+
+@pytest.fixture
+def threadpool() -> Iterator[ThreadPool]:
+    pool = ThreadPool(minthreads=1, maxthreads=4, name="tracking-test")
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'tracking.sqlite'}"
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_tracking_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(ARRIVAL + 5)
+    return clock
+
+
+@pytest.fixture
+def store(engine: Engine, threadpool: ThreadPool, clock: Clock) -> Iterator[SQLTrackingStore]:
+    from twisted.internet import reactor
+
+    store = SQLTrackingStore(
+        reactor,
+        threadpool,
+        engine,
+        default_retention=DEFAULT_RETENTION,
+        max_retention=MAX_RETENTION,
+        clock=clock,
+    )
+    yield store
+    pytest_twisted.blockon(store.close())
+
+
+def set_state(engine: Engine, queue_id: str, state: RecipientState) -> None:
+    """Move every recipient of a message to ``state`` (the queue's job, not yet written)."""
+    r = build_schema().recipients
+    with engine.begin() as conn:
+        conn.execute(update(r).where(r.c.queue_id == queue_id).values(state=state.value))
+
+
+def recipient_rows(engine: Engine, queue_id: str) -> int:
+    r = build_schema().recipients
+    with engine.connect() as conn:
+        return len(conn.execute(select(r.c.rcpt_index).where(r.c.queue_id == queue_id)).all())
+
+
+class CommitCounter:
+    """Counts the transactions committed on an engine while in a ``with`` block."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.count = 0
+
+    def _on_commit(self, conn: object) -> None:
+        self.count += 1
+
+    def __enter__(self) -> CommitCounter:
+        event.listen(self.engine, "commit", self._on_commit)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "commit", self._on_commit)
+
+
+def record(store: SQLTrackingStore, env: Envelope, node_id: str = "node-a"):
+    return store.record_arrival(env, reporting_mta="mx.example.com", node_id=node_id, size=1234)
+
+
+def test_provides_interface(store):
+    assert verifyObject(ITrackingStore, store)
+
+
+def test_sqlite_connections_are_durable(engine):
+    # WAL + synchronous=FULL + foreign keys on every pooled connection.
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+
+
+@pytest_twisted.inlineCallbacks
+def test_sqlite_writes_take_the_lock_at_begin(store, engine):
+    # Writes use BEGIN IMMEDIATE (no SQLITE_BUSY on upgrade); reads a plain BEGIN.
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        yield record(store, envelope("W1"))
+        writes, statements[:] = list(statements), []
+        yield store.message("W1")
+        reads = list(statements)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert writes[0] == "BEGIN IMMEDIATE"
+    assert any(s.startswith("INSERT INTO messages") for s in writes)
+    assert reads[0] == "BEGIN"
+    assert all(s.startswith(("BEGIN", "SELECT")) for s in reads)
+
+
+@pytest_twisted.inlineCallbacks
+def test_arrival_round_trip(store):
+    # CHECKLIST 3.1, 3.2: per-message and per-recipient data as received.
+    yield record(store, envelope("Q1", timeout=3600))
+    msg = yield store.message("Q1")
+    assert msg.queue_id == "Q1"
+    assert msg.node_id == "node-a"
+    assert msg.envid == "env-1@example.org"
+    assert msg.certifier == CERTIFIER  # B, not A (CHECKLIST 3.1)
+    assert msg.certifier != SECRET
+    assert msg.sender == "Alice@Example.org"
+    assert msg.arrival == 1_700_000_000
+    assert msg.requested_timeout == 3600
+    assert msg.expires_at == 1_700_000_000 + 3600
+    assert msg.reporting_mta == "mx.example.com"
+    assert msg.size == 1234
+    assert (msg.ret, msg.body, msg.smtputf8, msg.auth) == ("HDRS", "8BITMIME", False, "alice")
+    assert msg.client == ClientInfo(
+        address="192.0.2.7",
+        port=40000,
+        helo="client.example.org",
+        protocol="ESMTPSA",
+        authenticated_as="alice",
+        listener="submission",
+    )
+    assert msg.tracked and msg.in_queue
+    bob, carol, dave = msg.recipients
+    assert [r.index for r in msg.recipients] == [0, 1, 2]
+    assert bob.address == "Bob@example.net"
+    assert bob.final_recipient == "Bob@example.net"
+    assert bob.original == OriginalRecipient("rfc822", "bob+orig@example.net")
+    assert bob.notify == frozenset({"DELAY", "FAILURE"})
+    # CHECKLIST 5.3: no ORCPT -> the RCPT address as received.
+    assert carol.orcpt is None
+    assert carol.original == OriginalRecipient("rfc822", "carol@example.net")
+    assert carol.notify is None
+    assert dave.notify == frozenset({"NEVER"})
+    for r in msg.recipients:
+        assert r.state is RecipientState.QUEUED
+        assert (r.action, r.status, r.remote_mta, r.diagnostic) == (None, None, None, None)
+        assert (r.last_attempt, r.will_retry_until, r.next_attempt) == (None, None, None)
+        assert r.attempts == 0
+        assert r.certifier_forwarded is False
+
+
+@pytest_twisted.inlineCallbacks
+def test_untracked_message_round_trip(store):
+    env = envelope("Q2", envid=None, secret=None)
+    yield record(store, env)
+    msg = yield store.message("Q2")
+    assert msg.envid is None and msg.certifier is None and not msg.tracked
+    assert msg.requested_timeout is None
+    assert msg.expires_at == 1_700_000_000 + DEFAULT_RETENTION
+
+
+@pytest_twisted.inlineCallbacks
+def test_requested_timeout_is_capped(store):
+    # CHECKLIST 3.4 [O]: silent cap on the requested timeout.
+    yield record(store, envelope("Q3", timeout=999_999_999))
+    msg = yield store.message("Q3")
+    assert msg.requested_timeout == 999_999_999
+    assert msg.expires_at == 1_700_000_000 + MAX_RETENTION
+
+
+@pytest_twisted.inlineCallbacks
+def test_unset_arrival_counts_as_now(store, clock):
+    yield record(store, envelope("Q4", arrival=0.0))
+    msg = yield store.message("Q4")
+    assert msg.arrival == int(clock.seconds())
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_message_is_none(store):
+    assert (yield store.message("nope")) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_duplicate_queue_id_fails_and_keeps_the_first(store):
+    yield record(store, envelope("Q5", envid="first@example.org"))
+    with pytest.raises(IntegrityError):
+        yield record(store, envelope("Q5", envid="second@example.org"))
+    msg = yield store.message("Q5")
+    assert msg.envid == "first@example.org"
+    assert len(msg.recipients) == 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookup_needs_the_right_secret(store):
+    # CHECKLIST 4.4.1: SHA1(A) must equal the stored B.
+    yield record(store, envelope("Q6"))
+    found = yield store.lookup("env-1@example.org", CERTIFIER)
+    assert found is not None and found.queue_id == "Q6"
+    assert len(found.recipients) == 3
+    wrong = hashlib.sha1(b"\x02" * 32).digest()
+    assert (yield store.lookup("env-1@example.org", wrong)) is None
+    # CHECKLIST 4.4.4: an unknown ENVID looks the same as a wrong secret.
+    assert (yield store.lookup("other@example.org", CERTIFIER)) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookup_matches_envid_exactly(store):
+    # CHECKLIST 4.4.2: ENVID matched exactly, case-sensitive.
+    yield record(store, envelope("Q7", envid="Env-7@Example.org"))
+    assert (yield store.lookup("env-7@example.org", CERTIFIER)) is None
+    assert (yield store.lookup("Env-7@Example.org ", CERTIFIER)) is None
+    found = yield store.lookup("Env-7@Example.org", CERTIFIER)
+    assert found.queue_id == "Q7"
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookup_with_16_octet_stored_certifier(store):
+    # CHECKLIST 4.4.1 [P], 1.3.2: a 16-octet B is compared with SHA1(A)'s first 16 octets.
+    yield record(store, envelope("Q8", envid="short@example.org", certifier_length=16))
+    msg = yield store.message("Q8")
+    assert msg.certifier == CERTIFIER[:16]
+    found = yield store.lookup("short@example.org", CERTIFIER)
+    assert found.queue_id == "Q8"
+    other_tail = CERTIFIER[:16] + bytes(b ^ 0xFF for b in CERTIFIER[16:])
+    assert (yield store.lookup("short@example.org", other_tail)).queue_id == "Q8"
+    other_head = bytes([CERTIFIER[0] ^ 1]) + CERTIFIER[1:]
+    assert (yield store.lookup("short@example.org", other_head)) is None
+    # A 20-octet stored B needs all 20 octets.
+    yield record(store, envelope("Q9", envid="long@example.org"))
+    assert (yield store.lookup("long@example.org", other_tail)) is None
+    assert (yield store.lookup("long@example.org", CERTIFIER)).queue_id == "Q9"
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookup_never_returns_untracked_messages(store):
+    # Messages without MTRK are not answered over MTQP, whatever the secret.
+    yield record(store, envelope("Q10", envid="plain@example.org", secret=None))
+    assert (yield store.lookup("plain@example.org", CERTIFIER)) is None
+    assert (yield store.lookup("plain@example.org", b"")) is None
+    assert (yield store.lookup("plain@example.org", b"\x00" * 20)) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_envid_reuse_with_another_certifier_neither_overwrites_nor_reveals(store):
+    # CHECKLIST 3.3: records are keyed by (ENVID, B); a hijacker reusing the
+    # ENVID with its own secret only ever finds its own message.
+    victim_secret, hijacker_secret = b"\x11" * 32, b"\x22" * 32
+    yield record(store, envelope("V1", envid="same@example.org", secret=victim_secret))
+    yield record(store, envelope("H1", envid="same@example.org", secret=hijacker_secret))
+    victim = yield store.lookup("same@example.org", hashlib.sha1(victim_secret).digest())
+    hijacker = yield store.lookup("same@example.org", hashlib.sha1(hijacker_secret).digest())
+    assert victim.queue_id == "V1"
+    assert victim.certifier == hashlib.sha1(victim_secret).digest()
+    assert hijacker.queue_id == "H1"
+    assert (yield store.lookup("same@example.org", CERTIFIER)) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_same_envid_and_certifier_twice_gives_the_earliest(store):
+    yield record(store, envelope("D2", envid="dup@example.org", arrival=ARRIVAL + 10))
+    yield record(store, envelope("D1", envid="dup@example.org", arrival=ARRIVAL))
+    assert (yield store.lookup("dup@example.org", CERTIFIER)).queue_id == "D1"
+
+
+@pytest_twisted.inlineCallbacks
+def test_group_commit_batches_concurrent_arrivals(store, engine):
+    calls = 40
+    with CommitCounter(engine) as commits:
+        yield gatherResults(
+            [record(store, envelope(f"G{i:03d}", envid=f"g{i}@example.org")) for i in range(calls)]
+        )
+    # The first arrival commits alone; the 39 submitted meanwhile share one transaction.
+    assert commits.count < calls
+    assert commits.count == 2
+    ids = [f"G{i:03d}" for i in range(calls)]
+    assert (yield store.known(ids)) == frozenset(ids)
+    for queue_id in ids:
+        assert recipient_rows(engine, queue_id) == 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_bad_arrival_in_a_batch_fails_alone(store, engine):
+    yield record(store, envelope("B000"))
+    with CommitCounter(engine) as commits:
+        good_ids = [f"B{i:03d}" for i in range(1, 10)]
+        first = record(store, envelope("B100"))  # commits alone; the rest queue behind it
+        rest = [record(store, envelope(q)) for q in good_ids[:5]]
+        duplicate = record(store, envelope("B000", envid="intruder@example.org"))
+        rest += [record(store, envelope(q)) for q in good_ids[5:]]
+        with pytest.raises(IntegrityError):
+            yield duplicate
+        yield gatherResults([first, *rest])
+    assert (yield store.known(["B100", *good_ids])) == frozenset(["B100", *good_ids])
+    assert (yield store.message("B000")).envid == "env-1@example.org"
+    # One alone, one failed batch, then each of its ten in its own transaction.
+    assert commits.count == 1 + 9
+
+
+@pytest_twisted.inlineCallbacks
+def test_known_reports_the_recorded_subset(store):
+    yield gatherResults([record(store, envelope(f"K{i}")) for i in range(3)])
+    many = [f"missing-{i}" for i in range(2 * CHUNK + 7)] + ["K0", "K2", "K0"]
+    assert (yield store.known(many)) == frozenset({"K0", "K2"})
+    assert (yield store.known([])) == frozenset()
+
+
+@pytest_twisted.inlineCallbacks
+def test_queued_messages_per_node_by_arrival(store, engine):
+    yield record(store, envelope("N3", arrival=ARRIVAL + 30))
+    yield record(store, envelope("N1", arrival=ARRIVAL + 10))
+    yield record(store, envelope("N2", arrival=ARRIVAL + 20))
+    yield record(store, envelope("M1", arrival=ARRIVAL), node_id="node-b")
+    assert (yield store.queued_messages("node-a")) == ["N1", "N2", "N3"]
+    assert (yield store.queued_messages("node-b")) == ["M1"]
+    # A message leaves the queue once no recipient is queued/inflight/deferred.
+    set_state(engine, "N2", RecipientState.DELIVERED)
+    set_state(engine, "N1", RecipientState.DEFERRED)
+    set_state(engine, "N3", RecipientState.INFLIGHT)
+    assert (yield store.queued_messages("node-a")) == ["N1", "N3"]
+    assert (yield store.queued_messages("node-c")) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_forget_drops_message_and_recipients(store, engine):
+    yield record(store, envelope("F1"))
+    yield record(store, envelope("F2"))
+    yield store.forget(["F1", "unknown"])
+    assert (yield store.message("F1")) is None
+    assert recipient_rows(engine, "F1") == 0
+    assert (yield store.message("F2")) is not None
+    yield store.forget([])
+    assert (yield store.known(["F2"])) == frozenset({"F2"})
+
+
+@pytest_twisted.inlineCallbacks
+def test_forget_many(store):
+    ids = [f"FM{i:04d}" for i in range(CHUNK + 20)]
+    yield gatherResults([record(store, envelope(q)) for q in ids])
+    yield store.forget(ids)
+    assert (yield store.known(ids)) == frozenset()
+
+
+@pytest_twisted.inlineCallbacks
+def test_expire_never_purges_a_queued_message(store, engine):
+    # CHECKLIST 3.4 [M], 11.6: no expiry while the message is still in our queue.
+    yield record(store, envelope("E1", timeout=100))
+    arrival = 1_700_000_000
+    assert (yield store.expire(arrival + 99)) == 0
+    assert (yield store.expire(arrival + 10 * MAX_RETENTION)) == 0
+    assert (yield store.lookup("env-1@example.org", CERTIFIER)).queue_id == "E1"
+    set_state(engine, "E1", RecipientState.DEFERRED)
+    assert (yield store.expire(arrival + 10 * MAX_RETENTION)) == 0
+    # Once every recipient is final the expiry applies.
+    set_state(engine, "E1", RecipientState.DELIVERED)
+    assert (yield store.expire(arrival + 99)) == 0
+    assert (yield store.expire(arrival + 100)) == 1
+    assert (yield store.message("E1")) is None
+    assert recipient_rows(engine, "E1") == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_expire_only_what_is_due(store, engine):
+    yield record(store, envelope("X1", timeout=DAY))
+    yield record(store, envelope("X2"))  # default 9 days
+    yield record(store, envelope("X3", secret=None, envid=None))  # untracked: default too
+    yield record(store, envelope("X4", timeout=DAY))  # still queued
+    for queue_id in ("X1", "X2", "X3"):
+        set_state(engine, queue_id, RecipientState.FAILED)
+    arrival = 1_700_000_000
+    assert (yield store.expire(arrival + 2 * DAY)) == 1
+    assert (yield store.known(["X1", "X2", "X3", "X4"])) == frozenset({"X2", "X3", "X4"})
+    assert (yield store.expire(arrival + DEFAULT_RETENTION)) == 2
+    assert (yield store.known(["X1", "X2", "X3", "X4"])) == frozenset({"X4"})
+
+
+@pytest_twisted.inlineCallbacks
+def test_expire_defaults_to_the_clock(store, engine, clock):
+    yield record(store, envelope("C1", timeout=3600))
+    set_state(engine, "C1", RecipientState.RELAYED)
+    assert (yield store.expire()) == 0
+    clock.advance(3600)
+    assert (yield store.expire()) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_finishes_pending_writes_then_refuses_work(store, db_url):
+    pending = [record(store, envelope(f"Z{i}")) for i in range(5)]
+    reading = store.known(["Z0"])
+    closing = store.close()
+    again = store.close()
+    yield gatherResults(pending)
+    assert (yield reading) in (frozenset(), frozenset({"Z0"}))
+    yield closing
+    yield again
+    yield store.close()
+    with pytest.raises(StoreClosedError):
+        yield record(store, envelope("Z9"))
+    with pytest.raises(StoreClosedError):
+        yield store.message("Z0")
+    check = create_tracking_engine(db_url)
+    try:
+        m = build_schema().messages
+        with check.connect() as conn:
+            assert sorted(conn.scalars(select(m.c.queue_id))) == [f"Z{i}" for i in range(5)]
+    finally:
+        check.dispose()
+
+
+@pytest_twisted.inlineCallbacks
+def test_store_made_from_url_owns_its_engine(db_url, threadpool):
+    from twisted.internet import reactor
+
+    store = SQLTrackingStore(
+        reactor,
+        threadpool,
+        db_url,
+        default_retention=DEFAULT_RETENTION,
+        max_retention=MAX_RETENTION,
+    )
+    yield record(store, envelope("U1"))
+    assert (yield store.known(["U1"])) == frozenset({"U1"})
+    yield store.close()
+
+
+def test_retention_policy_is_checked(engine, threadpool):
+    # CHECKLIST 3.4 [M]: default and cap at least one day.
+    from twisted.internet import reactor
+
+    with pytest.raises(ValueError, match="at least one day"):
+        SQLTrackingStore(
+            reactor, threadpool, engine, default_retention=3600, max_retention=MAX_RETENTION
+        )
+    with pytest.raises(ValueError, match="at least one day"):
+        SQLTrackingStore(
+            reactor, threadpool, engine, default_retention=DEFAULT_RETENTION, max_retention=60
+        )
