@@ -1,0 +1,1 @@
+"""Command-line entry points: ``mtrkmta`` subcommands and the options shared with twistd."""

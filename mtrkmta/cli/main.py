@@ -1,0 +1,83 @@
+"""The `mtrkmta` command: serve, check-config and db."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from twisted.python import usage
+
+from mtrkmta.cli.options import ServeOptions
+from mtrkmta.config import EXIT_CONFIG_ERROR, ConfigError, check_config_file
+
+USAGE = """\
+usage: mtrkmta COMMAND [options]
+
+commands:
+  serve [options]          run the MTA in the foreground (same options as `twistd -n mtrkmta`)
+  check-config FILE        validate a configuration file: exit 0 when valid, 2 when not
+  db upgrade [options]     create or migrate the tracking database to the current schema
+                           (options: --config FILE, --database URL, --data-dir DIR)
+"""
+
+
+def serve(args: Sequence[str]) -> int:
+    """Run the same service as the twistd plugin, in the foreground."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["mtrkmta serve", "--nodaemon", "--pidfile=", "mtrkmta", *args]
+    run()
+    return 0
+
+
+def check_config(args: Sequence[str]) -> int:
+    if len(args) != 1:
+        print("usage: mtrkmta check-config FILE", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    error = check_config_file(Path(args[0]))
+    if error is not None:
+        print(f"mtrkmta: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"{args[0]}: configuration is valid")
+    return 0
+
+
+def db(args: Sequence[str]) -> int:
+    if not args or args[0] != "upgrade":
+        print("usage: mtrkmta db upgrade [--config FILE] [--database URL]", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    options = ServeOptions()
+    try:
+        options.parseOptions(list(args[1:]))
+        config = options.load_config()
+    except (usage.UsageError, ConfigError) as error:
+        print(f"mtrkmta: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    from mtrkmta.service import prepare_data_dir
+    from mtrkmta.tracking.migrate import current_revision, upgrade
+
+    if config.database.startswith("sqlite:"):
+        prepare_data_dir(config.data_dir)
+    upgrade(config.database)
+    print(f"tracking database at revision {current_revision(config.database)}")
+    return 0
+
+
+COMMANDS = {"serve": serve, "check-config": check_config, "db": db}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if args else EXIT_CONFIG_ERROR
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"mtrkmta: unknown command {args[0]!r}\n{USAGE}", file=sys.stderr, end="")
+        return EXIT_CONFIG_ERROR
+    return command(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

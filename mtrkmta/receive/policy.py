@@ -1,0 +1,79 @@
+"""Relay policy: which recipients a client may give us (no open relay, ever)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mtrkmta.smtp.reply import Reply
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+RELAY_DENIED = Reply(554, "5.7.1", ("Relay access denied",))
+
+
+def recipient_domain(address: str) -> str:
+    """The lower-cased domain of an address; ``""`` for a bare local part (``postmaster``)."""
+    at = address.rfind("@")
+    return address[at + 1 :].lower().rstrip(".") if at >= 0 else ""
+
+
+def domain_matches(domain: str, pattern: str) -> bool:
+    """``example.org`` matches itself; ``.example.org`` matches its subdomains only."""
+    if pattern.startswith("."):
+        return domain.endswith(pattern)
+    return domain == pattern
+
+
+@dataclass(frozen=True)
+class RelayPolicy:
+    """Decides whether a recipient is acceptable from a given client.
+
+    Mail for our local domains and for domains with an explicit route is accepted
+    from anyone. Anything else is relaying, allowed only for authenticated clients
+    and clients in ``trusted_networks`` — empty by default, not even loopback.
+    """
+
+    local_domains: frozenset[str]
+    routed_domains: frozenset[str]
+    trusted_networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        local_domains: Iterable[str],
+        routed_domains: Iterable[str],
+        trusted_networks: Iterable[IPNetwork] = (),
+    ) -> RelayPolicy:
+        return cls(
+            frozenset(d.lower() for d in local_domains),
+            frozenset(d.lower() for d in routed_domains if d != "*"),
+            tuple(trusted_networks),
+        )
+
+    def is_local(self, domain: str) -> bool:
+        return domain == "" or domain in self.local_domains
+
+    def accepts_domain(self, domain: str) -> bool:
+        """True when mail for ``domain`` is ours to take from anyone."""
+        return self.is_local(domain) or any(
+            domain_matches(domain, pattern) for pattern in self.routed_domains
+        )
+
+    def is_trusted(self, client_address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(client_address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trusted_networks)
+
+    def check(self, address: str, *, client_address: str, authenticated: bool) -> Reply | None:
+        """None when the recipient may be accepted, else the refusal to send."""
+        if self.accepts_domain(recipient_domain(address)):
+            return None
+        if authenticated or self.is_trusted(client_address):
+            return None
+        return RELAY_DENIED

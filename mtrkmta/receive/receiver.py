@@ -1,0 +1,135 @@
+"""The Receiver: relay policy, the free-space floor, and durable acceptance (spool + tracking)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mtrkmta.envelope import Envelope, MailParams, RcptParams
+from mtrkmta.receive.policy import RelayPolicy
+from mtrkmta.smtp.reply import Reply
+from mtrkmta.smtp.server import IReceiver, Session
+from mtrkmta.spool.interfaces import ISpool
+from mtrkmta.tracking.interfaces import ITrackingStore
+
+log = Logger()
+
+DISK_FULL = Reply(452, "4.3.1", ("Insufficient system storage; try again later",))
+
+
+@implementer(IReceiver)
+class Receiver:
+    """Policy and acceptance shared by every listener of one node.
+
+    ``accept`` stores the message in the spool (fsync'd file and directory), then
+    commits its tracking record; the tracking store is the authority, so a crash
+    between the two leaves an orphan spool file that start-up removes, never an
+    acknowledged message without its record. Both steps are group-committed.
+    """
+
+    def __init__(
+        self,
+        *,
+        spool: ISpool,
+        tracking: ITrackingStore,
+        policy: RelayPolicy,
+        new_queue_id: Callable[[], str],
+        reporting_mta: str,
+        node_id: str,
+        min_free_space: int,
+        clock: IReactorTime,
+        on_accepted: Callable[[Envelope], object] | None = None,
+        free_space_interval: float = 5.0,
+    ) -> None:
+        self.spool = spool
+        self.tracking = tracking
+        self.policy = policy
+        self._new_queue_id = new_queue_id
+        self.reporting_mta = reporting_mta
+        self.node_id = node_id
+        self.min_free_space = min_free_space
+        self.on_accepted = on_accepted
+        self._free_space: int | None = None
+        self._monitor = LoopingCall(self._measure_free_space)
+        self._monitor.clock = clock
+        self._interval = free_space_interval
+
+    # -- free-space floor ------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Start watching free space; fires after the first measurement."""
+        self._monitor.start(self._interval, now=False)
+        return self._measure_free_space()
+
+    def stop(self) -> None:
+        if self._monitor.running:
+            self._monitor.stop()
+
+    def _measure_free_space(self) -> Deferred[None]:
+        def measured(free: int) -> None:
+            was_full = self.disk_full
+            self._free_space = free
+            if self.disk_full and not was_full:
+                log.warn(
+                    "spool free space {free} below floor {floor}: refusing mail",
+                    free=free,
+                    floor=self.min_free_space,
+                )
+            elif was_full and not self.disk_full:
+                log.info("spool free space back to {free}: accepting mail", free=free)
+
+        def failed(failure: object) -> None:
+            log.error("cannot measure spool free space: {f}", f=failure)
+
+        return self.spool.free_space().addCallbacks(measured, failed)
+
+    @property
+    def disk_full(self) -> bool:
+        return self._free_space is not None and self._free_space < self.min_free_space
+
+    # -- IReceiver ---------------------------------------------------------------
+
+    def check_sender(self, session: Session, sender: str, params: MailParams) -> Reply | None:
+        if self.disk_full:
+            return DISK_FULL
+        if params.size is not None and self._free_space is not None:
+            if self._free_space - params.size < self.min_free_space:
+                return DISK_FULL
+        return None
+
+    def check_recipient(self, session: Session, address: str, params: RcptParams) -> Reply | None:
+        return self.policy.check(
+            address,
+            client_address=session.address,
+            authenticated=session.authenticated_as is not None,
+        )
+
+    def new_queue_id(self) -> str:
+        return self._new_queue_id()
+
+    def accept(self, envelope: Envelope, content: bytes) -> Deferred[None]:
+        d = self.spool.store(envelope, content)
+        d.addCallback(
+            lambda _: self.tracking.record_arrival(
+                envelope, reporting_mta=self.reporting_mta, node_id=self.node_id, size=len(content)
+            )
+        )
+        d.addCallback(self._accepted, envelope)
+        return d
+
+    def _accepted(self, _: object, envelope: Envelope) -> None:
+        log.info(
+            "{queue_id}: accepted from=<{sender}> nrcpt={n} via {listener} client=[{client}]",
+            queue_id=envelope.queue_id,
+            sender=envelope.sender,
+            n=len(envelope.recipients),
+            listener=envelope.client.listener,
+            client=envelope.client.address,
+        )
+        if self.on_accepted is not None:
+            self.on_accepted(envelope)

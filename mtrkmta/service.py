@@ -1,0 +1,204 @@
+"""Builds and runs one mtrkmta node from its configuration: stores, receiver and listeners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mtrkmta.auth import PasswordFileChecker
+from mtrkmta.config import Config
+from mtrkmta.lmtp.server import LMTPServerFactory
+from mtrkmta.receive.policy import RelayPolicy
+from mtrkmta.receive.receiver import Receiver
+from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
+from mtrkmta.spool.filespool import FileSpool
+from mtrkmta.spool.queueid import QueueIdGenerator
+from mtrkmta.tls import server_context
+from mtrkmta.tracking.migrate import upgrade
+from mtrkmta.tracking.store import SQLTrackingStore
+
+log = Logger()
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data directory (mode 0700) if it does not exist yet. Blocking."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+class MTAService(Service):
+    """One mtrkmta node: the spool, the tracking store and every listener.
+
+    Start-up is asynchronous: the data directory and database schema are
+    prepared, the spool is recovered and reconciled with the tracking store
+    (spool files without a tracking record were never acknowledged and are
+    removed), and only then do the listeners open. ``ready`` fires at that
+    point; ``port(name)`` then tells where each listener is bound.
+    """
+
+    name = "mtrkmta"
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="mtrkmta-io")
+        self.ready: Deferred[MTAService] = Deferred()
+        self.spool: FileSpool | None = None
+        self.tracking: SQLTrackingStore | None = None
+        self.receiver: Receiver | None = None
+        self.factories: dict[str, SMTPServerFactory] = {}
+        self.ports: dict[str, IListeningPort] = {}
+        self._starting: Deferred[None] | None = None
+
+    # -- start ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._starting = ensureDeferred(self._start())
+        self._starting.addCallbacks(lambda _: self.ready.callback(self), self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> None:
+        log.failure("mtrkmta could not start", failure)
+        self.ready.errback(failure)
+
+    def _blocking(self, fn: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.threadpool, fn, *args)
+
+    async def _start(self) -> None:
+        config = self.config
+        self.threadpool.start()
+        await self._blocking(prepare_data_dir, config.data_dir)
+        await self._blocking(upgrade, config.database)
+        self.tracking = SQLTrackingStore(
+            self.reactor,
+            self.threadpool,
+            config.database,
+            default_retention=config.tracking.default_retention,
+            max_retention=config.tracking.max_retention,
+        )
+        self.spool = FileSpool(
+            self.reactor,
+            self.threadpool,
+            config.data_dir / "spool",
+            fsync=config.durability.fsync,
+        )
+        leftovers = await self.spool.recover()
+        if leftovers:
+            log.info("spool recovery removed {n} incomplete message(s)", n=leftovers)
+        await self._reconcile()
+        self.receiver = Receiver(
+            spool=self.spool,
+            tracking=self.tracking,
+            policy=RelayPolicy.build(
+                config.local_domains,
+                (route.domain for route in config.routes),
+                config.relay.trusted_networks,
+            ),
+            new_queue_id=QueueIdGenerator(),
+            reporting_mta=config.hostname,
+            node_id=config.node_id,
+            min_free_space=config.limits.min_free_space,
+            clock=self.reactor,
+        )
+        await self.receiver.start()
+        await self._listen()
+
+    async def _reconcile(self) -> None:
+        """Remove spool files that have no tracking record (never acknowledged)."""
+        assert self.spool is not None and self.tracking is not None
+        on_disk = await self.spool.queue_ids()
+        known = await self.tracking.known(on_disk)
+        orphans = [queue_id for queue_id in on_disk if queue_id not in known]
+        if orphans:
+            log.info(
+                "spool recovery removed {n} unacknowledged message(s): {ids}",
+                n=len(orphans),
+                ids=" ".join(orphans),
+            )
+            await self.spool.remove(orphans)
+
+    def settings(self, listener: str) -> ServerSettings:
+        """The server settings of one listener, from the configuration."""
+        config = self.config
+        limits = config.limits
+        tls = None
+        if config.tls.certificate is not None and config.tls.private_key is not None:
+            tls = server_context(config.tls.certificate, config.tls.private_key)
+        checker = None
+        if config.auth.users_file is not None and listener != "lmtp":
+            checker = PasswordFileChecker(config.auth.users_file, self.reactor, self.threadpool)
+        return ServerSettings(
+            hostname=config.hostname,
+            listener=listener,
+            message_size=limits.message_size,
+            max_recipients=limits.recipients,
+            command_line=limits.command_line,
+            idle_timeout=limits.idle_timeout,
+            max_connections=limits.max_connections,
+            max_connections_per_ip=limits.max_connections_per_ip,
+            max_received_headers=limits.max_received_headers,
+            lenient_xtext=config.tracking.lenient_xtext,
+            require_auth=listener == "submission",
+            tls=tls,
+            checker=checker,
+        )
+
+    async def _listen(self) -> None:
+        listeners = self.config.listeners
+        for name, description in (
+            ("smtp", listeners.smtp),
+            ("submission", listeners.submission),
+            ("lmtp", listeners.lmtp),
+        ):
+            if description is None:
+                continue
+            factory_class = LMTPServerFactory if name == "lmtp" else SMTPServerFactory
+            factory = factory_class(self.settings(name), self.receiver, self.reactor)
+            endpoint = serverFromString(self.reactor, description)
+            self.ports[name] = await endpoint.listen(factory)
+            self.factories[name] = factory
+            log.info("{name} listening on {address}", name=name, address=self.ports[name].getHost())
+
+    def port(self, name: str) -> int:
+        """The TCP port a listener is bound to (useful with port 0 in tests)."""
+        return int(self.ports[name].getHost().port)
+
+    # -- stop ------------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            await self._starting
+        ports, self.ports = self.ports, {}
+        await DeferredList(
+            [d for d in (port.stopListening() for port in ports.values()) if d is not None]
+        )
+        factories, self.factories = self.factories, {}
+        await DeferredList([factory.shutdown() for factory in factories.values()])
+        if self.receiver is not None:
+            self.receiver.stop()
+        if self.spool is not None:
+            await self.spool.close()
+        if self.tracking is not None:
+            await self.tracking.close()
+        self.threadpool.stop()
+
+
+def make_service(config: Config, reactor: Any = None) -> MTAService:
+    """The service twistd and ``mtrkmta serve`` run."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return MTAService(config, reactor)

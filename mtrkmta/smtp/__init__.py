@@ -1,0 +1,1 @@
+"""Sans-IO SMTP/LMTP protocol toolkit: replies, command parsing, ESMTP parameters."""

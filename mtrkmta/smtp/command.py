@@ -1,0 +1,243 @@
+"""SMTP command lines: split into verb and argument, parse MAIL/RCPT paths and parameters."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from mtrkmta.smtp.reply import Reply, SMTPError
+
+MAX_COMMAND_LINE = 2048
+"""Longest accepted command line in octets, CRLF included (CHECKLIST 1.2.4)."""
+
+LINE_TOO_LONG = Reply(500, "5.5.2", ("Line too long",))
+
+_VERB = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_WSP = re.compile(r"[ \t]+")
+_FROM = re.compile(r"[Ff][Rr][Oo][Mm]:[ \t]*")
+_TO = re.compile(r"[Tt][Oo]:[ \t]*")
+
+# RFC 5321 §4.1.2 with RFC 6531 §3.3 (SMTPUTF8): non-ASCII characters join atext,
+# qtextSMTP and sub-domains. The server decides whether non-ASCII is allowed.
+_NONASCII = "\u0080-\U0010ffff"
+_ATEXT = rf"[A-Za-z0-9!#$%&'*+\-/=?^_`{{|}}~{_NONASCII}]"
+_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_QUOTED_STRING = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_NONASCII}]|\\[\x20-\x7e])*"')
+_LET_DIG = rf"[A-Za-z0-9{_NONASCII}]"
+_SUB_DOMAIN = rf"{_LET_DIG}(?:[A-Za-z0-9\-{_NONASCII}]*{_LET_DIG})?"
+_DOMAIN = re.compile(rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*")
+_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_IPV6 = re.compile(r"[Ii][Pp][Vv]6:([0-9A-Fa-f:.]+)")
+_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One received command line: upper-cased verb and the argument text after it."""
+
+    verb: str
+    argument: str
+
+
+def _syntax(text: str) -> SMTPError:
+    return SMTPError(500, "5.5.2", text)
+
+
+def parse_command(line: bytes) -> Command:
+    """Split a command line (trailing CRLF optional) into verb and argument.
+
+    The line is decoded as UTF-8 (SMTPUTF8). Raises SMTPError ``500 5.5.2`` when
+    the line exceeds MAX_COMMAND_LINE, is not UTF-8, contains CR/LF/NUL, or does
+    not start with a well-formed verb. Trailing blanks of the argument are dropped.
+    """
+    if line.endswith(b"\r\n"):
+        line = line[:-2]
+    elif line.endswith(b"\n"):
+        line = line[:-1]
+    if len(line) + 2 > MAX_COMMAND_LINE:
+        raise SMTPError.from_reply(LINE_TOO_LONG)
+    if b"\r" in line or b"\n" in line or b"\x00" in line:
+        raise _syntax("Syntax error: control character in command")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _syntax("Syntax error: command is not valid UTF-8") from None
+    verb, _, argument = text.partition(" ")
+    if _VERB.fullmatch(verb) is None:
+        raise _syntax("Syntax error: bad command")
+    return Command(verb=verb.upper(), argument=argument.strip(" \t"))
+
+
+def parse_mail(argument: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """Parse ``FROM:<reverse-path> [params]``; the null path ``<>`` gives ``""``.
+
+    Source routes are stripped; angle brackets may be missing and blanks may follow
+    the colon (as Postfix tolerates). Errors: ``501 5.5.2`` without ``FROM:``,
+    ``501 5.1.7`` for a bad address, ``501 5.5.4`` for bad parameter syntax.
+    """
+    match = _FROM.match(argument)
+    if match is None:
+        raise SMTPError(501, "5.5.2", "Syntax: MAIL FROM:<address>")
+    bad = SMTPError(501, "5.1.7", "Bad sender address syntax")
+    path, rest = _split_path(argument[match.end() :], bad)
+    if path is None:
+        raise SMTPError(501, "5.5.2", "Syntax: MAIL FROM:<address>")
+    if path == "":
+        return "", parse_params(rest)
+    return _mailbox(path, bad, allow_postmaster=False), parse_params(rest)
+
+
+def parse_rcpt(argument: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """Parse ``TO:<forward-path> [params]``; ``<postmaster>`` needs no domain.
+
+    Errors: ``501 5.5.2`` without ``TO:``, ``501 5.1.3`` for a bad or null address,
+    ``501 5.5.4`` for bad parameter syntax.
+    """
+    match = _TO.match(argument)
+    if match is None:
+        raise SMTPError(501, "5.5.2", "Syntax: RCPT TO:<address>")
+    bad = SMTPError(501, "5.1.3", "Bad recipient address syntax")
+    path, rest = _split_path(argument[match.end() :], bad)
+    if path is None:
+        raise SMTPError(501, "5.5.2", "Syntax: RCPT TO:<address>")
+    if path == "":
+        raise SMTPError(501, "5.1.3", "Null recipient address not allowed")
+    return _mailbox(path, bad, allow_postmaster=True), parse_params(rest)
+
+
+def parse_params(text: str) -> list[tuple[str, str | None]]:
+    """Split ``KEY=value KEY ...``: keywords upper-cased, values verbatim, None if no ``=``.
+
+    ``KEY=`` gives an empty value (rejected later by the parameter parsers). Raises
+    ``501 5.5.4`` for a malformed keyword or a control character in a value.
+    """
+    params: list[tuple[str, str | None]] = []
+    for item in _WSP.split(text):
+        if not item:
+            continue
+        keyword, equals, value = item.partition("=")
+        if _KEYWORD.fullmatch(keyword) is None:
+            raise SMTPError(501, "5.5.4", "Invalid parameter syntax")
+        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+            raise SMTPError(501, "5.5.4", f"Invalid {keyword.upper()} parameter")
+        params.append((keyword.upper(), value if equals else None))
+    return params
+
+
+def parse_helo(argument: str, *, verb: str = "EHLO") -> str:
+    """The client's HELO/EHLO/LHLO name: exactly one token, else ``501 5.5.4``."""
+    if not argument or _WSP.search(argument):
+        raise SMTPError(501, "5.5.4", f"Syntax: {verb} hostname")
+    return argument
+
+
+def parse_vrfy(argument: str, *, verb: str = "VRFY") -> str:
+    """The VRFY/EXPN argument: non-empty, angle brackets removed, else ``501 5.5.4``."""
+    if argument.startswith("<") and argument.endswith(">"):
+        argument = argument[1:-1]
+    if not argument:
+        raise SMTPError(501, "5.5.4", f"Syntax: {verb} address")
+    return argument
+
+
+def require_no_argument(command: Command) -> None:
+    """Raise ``501 5.5.4 Syntax: VERB`` when a command that takes no argument got one."""
+    if command.argument:
+        raise SMTPError(501, "5.5.4", f"Syntax: {command.verb}")
+
+
+def _split_path(text: str, bad: SMTPError) -> tuple[str | None, str]:
+    """Return (path without angle brackets, rest); None when there is no path at all."""
+    if not text.startswith("<"):
+        match = _WSP.search(text)
+        end = match.start() if match else len(text)
+        if end == 0:
+            return None, text
+        return text[:end], text[end:]
+    quoted = literal = False
+    index = 1
+    while index < len(text):
+        char = text[index]
+        if quoted:
+            if char == "\\":
+                index += 1
+            elif char == '"':
+                quoted = False
+        elif literal:
+            if char == "]":
+                literal = False
+        elif char == '"':
+            quoted = True
+        elif char == "[":
+            literal = True
+        elif char == ">":
+            rest = text[index + 1 :]
+            if rest and rest[0] not in " \t":
+                raise bad
+            return text[1:index], rest
+        index += 1
+    raise bad
+
+
+def _mailbox(path: str, bad: SMTPError, *, allow_postmaster: bool) -> str:
+    """Validate a path's content, strip a source route and return the mailbox."""
+    if path.startswith("@"):
+        route, colon, path = _partition_outside_literals(path, ":")
+        if not colon or not all(
+            hop.startswith("@") and _valid_domain(hop[1:]) for hop in route.split(",")
+        ):
+            raise bad
+    if allow_postmaster and path.isascii() and path.lower() == "postmaster":
+        return path
+    if path.startswith('"'):
+        match = _QUOTED_STRING.match(path)
+        if match is None:
+            raise bad
+        local, domain = path[: match.end()], path[match.end() :]
+        if not domain.startswith("@"):
+            raise bad
+        domain = domain[1:]
+    else:
+        local, at, domain = path.partition("@")
+        if not at or _DOT_STRING.fullmatch(local) is None:
+            raise bad
+    if not _valid_domain(domain):
+        raise bad
+    return f"{local}@{domain}"
+
+
+def _partition_outside_literals(text: str, separator: str) -> tuple[str, str, str]:
+    depth = 0
+    for index, char in enumerate(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == separator and depth == 0:
+            return text[:index], separator, text[index + 1 :]
+    return text, "", ""
+
+
+def _valid_domain(domain: str) -> bool:
+    """Domain or address-literal (RFC 5321 §4.1.2, §4.1.3; U-labels allowed)."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return _DOMAIN.fullmatch(domain) is not None
+    literal = domain[1:-1]
+    if _IPV4.fullmatch(literal):
+        return _valid_ip(literal, ipaddress.IPv4Address)
+    ipv6 = _IPV6.fullmatch(literal)
+    if ipv6:
+        return _valid_ip(ipv6.group(1), ipaddress.IPv6Address)
+    return _GENERAL_LITERAL.fullmatch(literal) is not None and not literal.lower().startswith(
+        "ipv6:"
+    )
+
+
+def _valid_ip(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,639 @@
+"""The line-based ESMTP server core; LMTP is a thin variant of it (mtrkmta.lmtp.server)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
+
+from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
+from mtrkmta.smtp.command import LINE_TOO_LONG, parse_command, parse_mail, parse_rcpt
+from mtrkmta.smtp.extensions import advertised_keywords, render_ehlo
+from mtrkmta.smtp.framing import OVERLONG, DataReader, DataResult, LineFramer
+from mtrkmta.smtp.params import parse_mail_params, parse_rcpt_params
+from mtrkmta.smtp.reply import Reply, SMTPError
+
+log = Logger()
+
+ReplyOrDeferred = Reply | Deferred[Reply]
+# The end of DATA in LMTP answers once per recipient: a tuple of replies.
+Answer = Reply | tuple[Reply, ...] | Deferred[Reply] | Deferred[tuple[Reply, ...]]
+
+
+class IReceiver(Interface):
+    """Policy and acceptance behind an SMTP/LMTP listener (the server core only parses).
+
+    Every check returns None to allow, or the Reply to send instead; it may
+    return a Deferred of either.
+    """
+
+    def check_sender(session: Session, sender: str, params: MailParams) -> Any:
+        """Decide on MAIL FROM (free-space floor, rate limits, ...)."""
+
+    def check_recipient(session: Session, address: str, params: RcptParams) -> Any:
+        """Decide on RCPT TO (relay policy, unknown local users, ...)."""
+
+    def new_queue_id() -> str:
+        """A fresh queue id for a message about to be accepted."""
+
+    def accept(envelope: Envelope, content: bytes) -> Deferred[None]:
+        """Make the message durable; fires once it is fsync'd and its tracking record
+        committed. Only then may the server say 250."""
+
+
+class ICredentialsCheck(Interface):
+    """What AUTH needs: a twisted.cred checker for UsernamePassword."""
+
+    credentialInterfaces = Attribute("interfaces of credentials this checker accepts")
+
+    def requestAvatarId(credentials: UsernamePassword) -> Deferred[bytes]:
+        """Fire with the avatar id, or fail with UnauthorizedLogin."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """What one listener needs to know; built from the configuration."""
+
+    hostname: str
+    listener: str = "smtp"  # smtp, submission or lmtp
+    message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 1000
+    command_line: int = 2048
+    idle_timeout: float = 300.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    max_received_headers: int = 50
+    lenient_xtext: bool = False
+    require_auth: bool = False  # the submission listener
+    tls: Any = None  # an IOpenSSLServerConnectionCreator, or None
+    checker: Any = None  # an ICredentialsCheck, or None: no AUTH offered
+
+
+@dataclass(slots=True)
+class Session:
+    """What the server knows about the client on this connection."""
+
+    address: str
+    port: int
+    listener: str
+    helo: str = ""
+    esmtp: bool = False
+    tls: bool = False
+    authenticated_as: str | None = None
+
+    @property
+    def protocol_name(self) -> str:
+        """The `with` keyword of the Received: header (RFC 3848)."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.authenticated_as else "")
+
+    def client_info(self, protocol: str | None = None) -> ClientInfo:
+        return ClientInfo(
+            address=self.address,
+            port=self.port,
+            helo=self.helo,
+            protocol=protocol or self.protocol_name,
+            authenticated_as=self.authenticated_as,
+            listener=self.listener,
+        )
+
+
+@dataclass(slots=True)
+class Transaction:
+    """The mail transaction between MAIL and the end of DATA."""
+
+    sender: str
+    params: MailParams
+    recipients: list[Recipient] = field(default_factory=list)
+
+
+def _peer(address: IAddress) -> tuple[str, int]:
+    host = getattr(address, "host", "")
+    port = getattr(address, "port", 0)
+    return str(host), int(port)
+
+
+R_OK = Reply(250, "2.0.0", ("Ok",))
+R_BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
+
+
+class SMTPServer(Protocol):
+    """One ESMTP session.
+
+    Input is framed by the sans-IO framers, commands are parsed and replies
+    rendered by the sans-IO toolkit, and policy is asked of the IReceiver.
+    Commands are answered strictly in order: while a command waits for an
+    asynchronous check, reading pauses and later pipelined commands wait.
+    """
+
+    hello_verbs: tuple[str, ...] = ("EHLO", "HELO")
+    service_name = "ESMTP"
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self.factory = factory
+        self.settings: ServerSettings = factory.settings
+        self.receiver = factory.receiver
+        self.framer = LineFramer(self.settings.command_line - 2)  # limit counts the CRLF
+        self._lines: deque[bytes | object] = deque()
+        self._data: DataReader | None = None
+        self._waiting = False
+        self._closing = False
+        self._line_handler: Callable[[bytes], ReplyOrDeferred | None] | None = None
+        self._timeout_call: Any = None
+        self.session: Session
+        self.transaction: Transaction | None = None
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        address, port = _peer(self.transport.getPeer())
+        self.session = Session(address=address, port=port, listener=self.settings.listener)
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            self._send(refusal)
+            self._close()
+            return
+        self._send(Reply(220, None, (f"{self.settings.hostname} {self.service_name} mtrkmta",)))
+        self._reset_timeout()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closing = True
+        self._cancel_timeout()
+        self.factory.release(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._reset_timeout()
+        if self._data is not None and not self._lines:
+            self._feed_data(data)
+        else:
+            self._lines.extend(self.framer.feed(data))
+        self._process()
+
+    def shutdown(self) -> None:
+        """Tell the client we are going away and close (service stop)."""
+        if not self._closing:
+            self._send(Reply(421, "4.3.2", (f"{self.settings.hostname} Service shutting down",)))
+            self._close()
+
+    # -- the command loop ---------------------------------------------------
+
+    def _process(self) -> None:
+        while self._lines and not self._waiting and not self._closing:
+            if self._data is not None:
+                # Lines framed before DATA started belong to the content (a client
+                # that did not wait for 354): hand their bytes back to the reader.
+                raw = b"".join(
+                    (line if isinstance(line, bytes) else b"") + b"\r\n" for line in self._lines
+                )
+                self._lines.clear()
+                self._feed_data(raw + self.framer.take_buffer())
+                continue
+            line = self._lines.popleft()
+            if line is OVERLONG:
+                self._send(LINE_TOO_LONG)
+                continue
+            assert isinstance(line, bytes)
+            handler = self._line_handler
+            if handler is not None:
+                self._line_handler = None
+                self._answer(handler(line))
+            else:
+                self._answer(self._dispatch(line))
+
+    def _answer(self, result: Answer | None) -> None:
+        if result is None:
+            return
+        if not isinstance(result, Deferred):
+            self._send(result)
+            return
+        self._waiting = True
+        self.transport.pauseProducing()
+        result.addErrback(self._internal_error)
+        result.addCallback(self._answered)
+
+    def _answered(self, reply: Reply | tuple[Reply, ...] | None) -> None:
+        self._waiting = False
+        if self._closing:
+            return
+        if reply is not None:
+            self._send(reply)
+        self.transport.resumeProducing()
+        self._process()
+
+    def _internal_error(self, failure: Failure) -> Reply:
+        log.failure("internal error in {listener} session", failure, listener=self.session.listener)
+        return Reply(451, "4.3.0", ("Internal error; try again later",))
+
+    def _dispatch(self, line: bytes) -> ReplyOrDeferred | None:
+        try:
+            command = parse_command(line)
+            method = getattr(self, "smtp_" + command.verb, None)
+            if method is None or not command.verb.isalpha():
+                return Reply(500, "5.5.1", ("Command unrecognized",))
+            return method(command.argument)
+        except SMTPError as error:
+            return error.reply
+
+    def _send(self, reply: Reply | tuple[Reply, ...]) -> None:
+        if isinstance(reply, Reply):
+            self.transport.write(reply.render())
+        else:
+            self.transport.write(b"".join(r.render() for r in reply))
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timeout()
+        self.transport.loseConnection()
+
+    # -- timeouts -------------------------------------------------------------
+
+    def _reset_timeout(self) -> None:
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.reset(self.settings.idle_timeout)
+        elif not self._closing:
+            self._timeout_call = self.factory.clock.callLater(
+                self.settings.idle_timeout, self._timed_out
+            )
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
+
+    def _timed_out(self) -> None:
+        self._timeout_call = None
+        self._send(Reply(421, "4.4.2", (f"{self.settings.hostname} Idle timeout, closing",)))
+        self._close()
+
+    # -- greeting and session commands -----------------------------------------
+
+    def keywords(self) -> list[str]:
+        """The EHLO/LHLO keywords in force for this session, in advertising order."""
+        words = [
+            "PIPELINING",
+            f"SIZE {self.settings.message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+            "MTRK",
+            "SMTPUTF8",
+        ]
+        if self.settings.tls is not None and not self.session.tls:
+            words.append("STARTTLS")
+        if self._auth_offered():
+            words.append("AUTH PLAIN LOGIN")
+        return words
+
+    def advertised(self) -> frozenset[str]:
+        """Keywords whose MAIL/RCPT parameters this session accepts."""
+        if not self.session.esmtp:
+            return frozenset()
+        return advertised_keywords(self.keywords())
+
+    def _auth_offered(self) -> bool:
+        return self.settings.checker is not None and self.session.tls
+
+    def _hello(self, argument: str, esmtp: bool) -> Reply:
+        name = argument.strip()
+        if not name or " " in name:
+            return Reply(501, "5.5.4", ("Syntax: EHLO hostname",))
+        self.transaction = None
+        self.session.helo = name
+        self.session.esmtp = esmtp
+        if not esmtp:
+            return Reply(250, None, (self.settings.hostname,))
+        return render_ehlo(self.settings.hostname, self.keywords())
+
+    def smtp_EHLO(self, argument: str) -> Reply:
+        return self._hello(argument, esmtp=True)
+
+    def smtp_HELO(self, argument: str) -> Reply:
+        return self._hello(argument, esmtp=False)
+
+    def smtp_NOOP(self, argument: str) -> Reply:
+        return R_OK
+
+    def smtp_RSET(self, argument: str) -> Reply:
+        if argument.strip():
+            return Reply(501, "5.5.4", ("Syntax: RSET",))
+        self.transaction = None
+        return R_OK
+
+    def smtp_QUIT(self, argument: str) -> None:
+        self._send(Reply(221, "2.0.0", (f"{self.settings.hostname} Bye",)))
+        self._close()
+
+    def smtp_VRFY(self, argument: str) -> Reply:
+        if not argument.strip():
+            return Reply(501, "5.5.4", ("Syntax: VRFY address",))
+        return Reply(
+            252, "2.5.0", ("Cannot VRFY user, but will accept message and attempt delivery",)
+        )
+
+    def smtp_HELP(self, argument: str) -> Reply:
+        verbs = " ".join(
+            sorted(
+                name[5:] for name in dir(self) if name.startswith("smtp_") and name[5:].isupper()
+            )
+        )
+        return Reply(214, "2.0.0", (f"Commands: {verbs}", "See RFC 5321"))
+
+    # -- STARTTLS (RFC 3207) ---------------------------------------------------
+
+    def smtp_STARTTLS(self, argument: str) -> Reply | None:
+        if self.settings.tls is None:
+            return Reply(502, "5.5.1", ("STARTTLS not available",))
+        if self.session.tls:
+            return Reply(503, "5.5.1", ("TLS already active",))
+        if argument.strip():
+            return Reply(501, "5.5.4", ("Syntax: STARTTLS",))
+        self._send(Reply(220, "2.0.0", ("Ready to start TLS",)))
+        # Nothing the client sent in clear after STARTTLS may run under TLS.
+        self._lines.clear()
+        self.framer.reset()
+        self.transport.startTLS(self.settings.tls)
+        self.session = Session(
+            address=self.session.address,
+            port=self.session.port,
+            listener=self.session.listener,
+            tls=True,
+        )
+        self.transaction = None
+        return None
+
+    # -- AUTH (RFC 4954) -------------------------------------------------------
+
+    def smtp_AUTH(self, argument: str) -> ReplyOrDeferred | None:
+        if self.settings.checker is None:
+            return Reply(502, "5.5.1", ("AUTH not available",))
+        if not self.session.tls:
+            return Reply(
+                538, "5.7.11", ("Encryption required for requested authentication mechanism",)
+            )
+        if not self.session.esmtp:
+            return R_BAD_SEQUENCE
+        if self.session.authenticated_as is not None:
+            return Reply(503, "5.5.1", ("Already authenticated",))
+        if self.transaction is not None:
+            return Reply(503, "5.5.1", ("AUTH not permitted during a mail transaction",))
+        words = argument.split()
+        if not words or len(words) > 2:
+            return Reply(501, "5.5.4", ("Syntax: AUTH mechanism [initial-response]",))
+        mechanism = words[0].upper()
+        initial = words[1] if len(words) == 2 else None
+        if mechanism == "PLAIN":
+            if initial is None:
+                return self._challenge(b"", self._auth_plain)
+            return self._auth_plain(initial.encode("ascii"))
+        if mechanism == "LOGIN":
+            if initial is None:
+                return self._challenge(b"Username:", self._auth_login_user)
+            return self._auth_login_user(initial.encode("ascii"))
+        return Reply(504, "5.5.4", ("Unrecognized authentication type",))
+
+    def _challenge(self, prompt: bytes, handler: Callable[[bytes], ReplyOrDeferred | None]) -> None:
+        self._send(Reply(334, None, (base64.b64encode(prompt).decode("ascii"),)))
+        self._line_handler = handler
+
+    @staticmethod
+    def _decode_response(line: bytes) -> bytes | Reply:
+        if line.strip() == b"*":
+            return Reply(501, "5.0.0", ("Authentication cancelled",))
+        if line.strip() == b"=":
+            return b""
+        try:
+            return base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return Reply(501, "5.5.2", ("Cannot decode response",))
+
+    def _auth_plain(self, line: bytes) -> ReplyOrDeferred:
+        decoded = self._decode_response(line)
+        if isinstance(decoded, Reply):
+            return decoded
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            return Reply(501, "5.5.2", ("Malformed PLAIN response",))
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            return Reply(535, "5.7.8", ("Authentication credentials invalid",))
+        return self._check_credentials(user, password)
+
+    def _auth_login_user(self, line: bytes) -> ReplyOrDeferred | None:
+        decoded = self._decode_response(line)
+        if isinstance(decoded, Reply):
+            return decoded
+
+        def password(response: bytes) -> ReplyOrDeferred:
+            secret = self._decode_response(response)
+            if isinstance(secret, Reply):
+                return secret
+            return self._check_credentials(decoded, secret)
+
+        return self._challenge(b"Password:", password)
+
+    def _check_credentials(self, user: bytes, password: bytes) -> Deferred[Reply]:
+        d = maybeDeferred(self.settings.checker.requestAvatarId, UsernamePassword(user, password))
+
+        def ok(avatar_id: bytes) -> Reply:
+            name = avatar_id.decode("utf-8") if isinstance(avatar_id, bytes) else str(avatar_id)
+            self.session.authenticated_as = name
+            return Reply(235, "2.7.0", ("Authentication successful",))
+
+        def denied(failure: Failure) -> Reply:
+            failure.trap(UnauthorizedLogin)
+            return Reply(535, "5.7.8", ("Authentication credentials invalid",))
+
+        return d.addCallbacks(ok, denied)
+
+    # -- the mail transaction --------------------------------------------------
+
+    def smtp_MAIL(self, argument: str) -> ReplyOrDeferred:
+        if not self.session.helo:
+            return Reply(503, "5.5.1", (f"Send {self.hello_verbs[0]} first",))
+        if self.transaction is not None:
+            return Reply(503, "5.5.1", ("Nested MAIL command",))
+        if self.settings.require_auth and self.session.authenticated_as is None:
+            return Reply(530, "5.7.0", ("Authentication required",))
+        sender, raw_params = parse_mail(argument)
+        params = parse_mail_params(
+            raw_params, advertised=self.advertised(), lenient_xtext=self.settings.lenient_xtext
+        )
+        if params.size is not None and params.size > self.settings.message_size:
+            return Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
+
+        def decided(refusal: Reply | None) -> Reply:
+            if refusal is not None:
+                return refusal
+            self.transaction = Transaction(sender=sender, params=params)
+            return Reply(250, "2.1.0", ("Ok",))
+
+        return self._ask(self.receiver.check_sender(self.session, sender, params), decided)
+
+    def smtp_RCPT(self, argument: str) -> ReplyOrDeferred:
+        transaction = self.transaction
+        if transaction is None:
+            return Reply(503, "5.5.1", ("Need MAIL before RCPT",))
+        address, raw_params = parse_rcpt(argument)
+        params = parse_rcpt_params(
+            raw_params, advertised=self.advertised(), lenient_xtext=self.settings.lenient_xtext
+        )
+        if len(transaction.recipients) >= self.settings.max_recipients:
+            return Reply(452, "4.5.3", ("Too many recipients",))
+
+        def decided(refusal: Reply | None) -> Reply:
+            if refusal is not None:
+                return refusal
+            if self.transaction is transaction:
+                transaction.recipients.append(Recipient(address=address, params=params))
+            return Reply(250, "2.1.5", ("Ok",))
+
+        return self._ask(self.receiver.check_recipient(self.session, address, params), decided)
+
+    @staticmethod
+    def _ask(check: Any, decided: Callable[[Reply | None], Reply]) -> ReplyOrDeferred:
+        if isinstance(check, Deferred):
+            return check.addCallback(decided)
+        return decided(check)
+
+    def smtp_DATA(self, argument: str) -> Reply:
+        if argument.strip():
+            return Reply(501, "5.5.4", ("Syntax: DATA",))
+        if self.transaction is None:
+            return Reply(503, "5.5.1", ("Need MAIL command",))
+        if not self.transaction.recipients:
+            return Reply(503, "5.5.1", ("No valid recipients",))
+        self._data = DataReader(self.settings.message_size)
+        return Reply(354, None, ("End data with <CR><LF>.<CR><LF>",))
+
+    def _feed_data(self, data: bytes) -> None:
+        assert self._data is not None
+        result = self._data.feed(data)
+        if result is None:
+            return
+        self._data = None
+        self._lines.extend(self.framer.feed(result.leftover))
+        transaction, self.transaction = self.transaction, None
+        assert transaction is not None
+        self._answer(self._answer_data(self._end_of_data(transaction, result), transaction))
+
+    def _answer_data(self, result: Deferred[Reply] | Reply, transaction: Transaction) -> Answer:
+        """The answer to the end of DATA: one reply (LMTP overrides: one per recipient)."""
+        return result
+
+    def _refuse_content(self, result: DataResult) -> Reply | None:
+        if result.line_too_long:
+            return Reply(500, "5.5.2", ("Line too long (RFC 5321 limits lines to 998 octets)",))
+        if result.size_exceeded:
+            return Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
+        if result.received_headers > self.settings.max_received_headers:
+            return Reply(554, "5.4.6", ("Too many Received: headers: mail loop detected",))
+        return None
+
+    def _end_of_data(self, transaction: Transaction, result: DataResult) -> Deferred[Reply] | Reply:
+        refusal = self._refuse_content(result)
+        if refusal is not None:
+            return refusal
+        queue_id = self.receiver.new_queue_id()
+        now = self.factory.clock.seconds()
+        envelope = Envelope(
+            queue_id=queue_id,
+            sender=transaction.sender,
+            recipients=tuple(transaction.recipients),
+            params=transaction.params,
+            arrival=now,
+            client=self.session.client_info(self._with_protocol()),
+        )
+        content = self._received_header(envelope, now) + result.content
+        d = self.receiver.accept(envelope, content)
+        d.addCallback(lambda _: Reply(250, "2.0.0", (f"Ok: queued as {queue_id}",)))
+        d.addErrback(self._not_accepted, queue_id)
+        return d
+
+    def _not_accepted(self, failure: Failure, queue_id: str) -> Reply:
+        log.failure("could not accept message {queue_id}", failure, queue_id=queue_id)
+        return Reply(451, "4.3.0", ("Could not queue the message; try again later",))
+
+    def _with_protocol(self) -> str:
+        return self.session.protocol_name
+
+    def _received_header(self, envelope: Envelope, now: float) -> bytes:
+        session = self.session
+        recipient = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
+        lines = [
+            f"Received: from {session.helo} ([{session.address}])",
+            f"\tby {self.settings.hostname} (mtrkmta) with {envelope.client.protocol}"
+            f" id {envelope.queue_id}",
+        ]
+        if recipient is not None:
+            lines.append(f"\tfor <{recipient}>")
+        lines[-1] += ";"
+        lines.append("\t" + formatdate(now, localtime=False))
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n"
+
+
+class SMTPServerFactory(Factory):
+    """Builds sessions for one listener and enforces the connection limits."""
+
+    protocol = SMTPServer
+
+    def __init__(self, settings: ServerSettings, receiver: Any, clock: IReactorTime) -> None:
+        self.settings = settings
+        self.receiver = receiver
+        self.clock = clock
+        self.sessions: set[SMTPServer] = set()
+        self._per_ip: dict[str, int] = {}
+        self._drained: list[Deferred[None]] = []
+
+    def buildProtocol(self, addr: IAddress) -> SMTPServer:
+        return self.protocol(self)
+
+    def admit(self, session: SMTPServer) -> Reply | None:
+        """Register a new session; return a 421 when a connection limit is reached."""
+        address = session.session.address
+        if len(self.sessions) >= self.settings.max_connections:
+            return Reply(421, "4.7.0", (f"{self.settings.hostname} Too many connections",))
+        if self._per_ip.get(address, 0) >= self.settings.max_connections_per_ip:
+            return Reply(421, "4.7.0", (f"{self.settings.hostname} Too many connections from you",))
+        self.sessions.add(session)
+        self._per_ip[address] = self._per_ip.get(address, 0) + 1
+        return None
+
+    def release(self, session: SMTPServer) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            address = session.session.address
+            left = self._per_ip.get(address, 1) - 1
+            if left:
+                self._per_ip[address] = left
+            else:
+                self._per_ip.pop(address, None)
+        if not self.sessions:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def shutdown(self) -> Deferred[None]:
+        """Close every session; fires once all their connections are gone."""
+        if not self.sessions:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        for session in list(self.sessions):
+            session.shutdown()
+        return d

@@ -1,0 +1,292 @@
+"""The ESMTP server core driven through StringTransport: bytes in, bytes out."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import implementer
+
+from mtrkmta.smtp.reply import Reply
+from mtrkmta.smtp.server import IReceiver, ServerSettings, SMTPServerFactory
+
+
+@implementer(IReceiver)
+class RecordingReceiver:
+    """A receiver double that records what the server core hands it."""
+
+    def __init__(self):
+        self.accepted = []
+        self.sender_checks: list[Deferred] | None = None
+        self.refuse_rcpt: dict[str, Reply] = {}
+        self.fail_accept = False
+
+    def check_sender(self, session, sender, params):
+        if self.sender_checks is not None:
+            d = Deferred()
+            self.sender_checks.append(d)
+            return d
+        return None
+
+    def check_recipient(self, session, address, params):
+        return self.refuse_rcpt.get(address)
+
+    def new_queue_id(self):
+        return f"Q{len(self.accepted) + 1}"
+
+    def accept(self, envelope, content):
+        if self.fail_accept:
+            from twisted.internet.defer import fail
+
+            return fail(OSError("disk on fire"))
+        self.accepted.append((envelope, content))
+        return succeed(None)
+
+
+class Client:
+    def __init__(self, factory, peer=("192.0.2.7", 40000)):
+        from twisted.internet.address import IPv4Address
+
+        self.proto = factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", *peer))
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> list[bytes]:
+        self.transport.clear()
+        self.proto.dataReceived(data)
+        return self.lines()
+
+    def lines(self) -> list[bytes]:
+        return self.transport.value().split(b"\r\n")[:-1]
+
+    def close(self):
+        self.proto.connectionLost(None)
+
+
+@pytest.fixture
+def receiver():
+    return RecordingReceiver()
+
+
+@pytest.fixture
+def clock():
+    return MemoryReactorClock()
+
+
+def make_factory(receiver, clock, **settings):
+    return SMTPServerFactory(
+        ServerSettings(hostname="mx.example.test", **settings), receiver, clock
+    )
+
+
+@pytest.fixture
+def client(receiver, clock):
+    c = Client(make_factory(receiver, clock))
+    yield c
+    c.close()
+
+
+def test_greeting_names_the_host(client):
+    assert client.lines() == [b"220 mx.example.test ESMTP mtrkmta"]
+
+
+def test_ehlo_keywords(client):
+    # CHECKLIST 1.1.1-1.1.4: MTRK with DSN, ENHANCEDSTATUSCODES, PIPELINING advertised.
+    lines = client.send(b"EHLO client.example\r\n")
+    assert lines == [
+        b"250-mx.example.test",
+        b"250-PIPELINING",
+        b"250-SIZE 36700160",
+        b"250-8BITMIME",
+        b"250-ENHANCEDSTATUSCODES",
+        b"250-DSN",
+        b"250-MTRK",
+        b"250 SMTPUTF8",
+    ]
+
+
+def test_helo_session_refuses_esmtp_parameters(client):
+    client.send(b"HELO client.example\r\n")
+    assert client.send(b"MAIL FROM:<a@b.example> SIZE=10\r\n")[0].startswith(b"555 5.5.4")
+
+
+def test_full_transaction_is_handed_to_receiver(client, receiver):
+    mtrk = "VheLhqV/rCKJmplkGFwsyW59pYk=:3600"
+    replies = client.send(
+        b"EHLO c.example\r\n"
+        + f"MAIL FROM:<s@c.example> MTRK={mtrk} ENVID=abc@c.example RET=HDRS\r\n".encode()
+        + b"RCPT TO:<u@mx.example.test> NOTIFY=SUCCESS ORCPT=rfc822;u+40x@mx.example.test\r\n"
+        + b"DATA\r\n"
+    )
+    assert replies[-3:] == [
+        b"250 2.1.0 Ok",
+        b"250 2.1.5 Ok",
+        b"354 End data with <CR><LF>.<CR><LF>",
+    ]
+    replies = client.send(b"Subject: hi\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+    assert replies == [b"250 2.0.0 Ok: queued as Q1", b"221 2.0.0 mx.example.test Bye"]
+    envelope, content = receiver.accepted[0]
+    assert envelope.sender == "s@c.example"
+    assert envelope.params.envid == "abc@c.example"
+    assert envelope.params.mtrk.timeout == 3600
+    assert envelope.recipients[0].params.orcpt.address == "u@x@mx.example.test"
+    assert envelope.client.helo == "c.example"
+    assert content.startswith(b"Received: from c.example ([192.0.2.7])\r\n")
+    assert b"id Q1" in content
+    assert content.endswith(b"Subject: hi\r\n\r\n.dot\r\n")
+
+
+def test_pipelined_commands_wait_for_a_slow_check(client, receiver):
+    # Strict PIPELINING: RCPT is not answered before the slow MAIL check has finished.
+    receiver.sender_checks = []
+    replies = client.send(
+        b"EHLO c.example\r\nMAIL FROM:<s@c.example>\r\nRCPT TO:<u@x.example>\r\nNOOP\r\n"
+    )
+    assert replies[-1] == b"250 SMTPUTF8"
+    assert client.transport.producerState == "paused"
+    client.transport.clear()
+    receiver.sender_checks[0].callback(None)
+    assert client.lines() == [b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"250 2.0.0 Ok"]
+    assert client.transport.producerState == "producing"
+
+
+def test_unknown_and_out_of_order_commands(client):
+    assert client.send(b"FOO\r\n") == [b"500 5.5.1 Command unrecognized"]
+    assert client.send(b"RCPT TO:<a@b.example>\r\n")[0].startswith(b"503 5.5.1")
+    assert client.send(b"MAIL FROM:<a@b.example>\r\n")[0].startswith(b"503 5.5.1")
+    client.send(b"EHLO c\r\n")
+    assert client.send(b"DATA\r\n")[0].startswith(b"503 5.5.1")
+
+
+def test_overlong_command_line(client):
+    # CHECKLIST 1.2.4 / 1.7: past 2048 octets -> 500 5.5.2, the session goes on.
+    replies = client.send(b"EHLO c\r\nNOOP " + b"x" * 3000 + b"\r\nNOOP\r\n")
+    assert replies[-2:] == [b"500 5.5.2 Line too long", b"250 2.0.0 Ok"]
+
+
+def test_long_legal_mail_line_is_accepted(client):
+    # CHECKLIST 1.2.2-1.2.4: MTRK + 100-char ENVID + RET + SIZE fit in one command line.
+    envid = "e" * 80 + "@" + "h" * 19
+    line = (
+        f"MAIL FROM:<{'s' * 64}@{'d' * 180}.example> SIZE=1000 BODY=8BITMIME RET=FULL "
+        f"ENVID={envid} MTRK=VheLhqV/rCKJmplkGFwsyW59pYk=:999999999\r\n"
+    ).encode()
+    client.send(b"EHLO c\r\n")
+    assert client.send(line) == [b"250 2.1.0 Ok"]
+
+
+def test_size_declared_over_limit(receiver, clock):
+    c = Client(make_factory(receiver, clock, message_size=1000))
+    c.send(b"EHLO c\r\n")
+    assert c.send(b"MAIL FROM:<a@b.example> SIZE=1001\r\n") == [
+        b"552 5.3.4 Message size exceeds fixed maximum message size"
+    ]
+    c.close()
+
+
+def test_size_exceeded_in_data(receiver, clock):
+    c = Client(make_factory(receiver, clock, message_size=100))
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
+    assert c.send(b"x" * 90 + b"\r\n" + b"y" * 90 + b"\r\n.\r\n") == [
+        b"552 5.3.4 Message size exceeds fixed maximum message size"
+    ]
+    assert receiver.accepted == []
+    c.close()
+
+
+def test_overlong_data_line_rejected_without_smuggling(client, receiver):
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
+    smuggled = b"A" * 1500 + b"\r\nMAIL FROM:<evil@x.example>\r\n.\r\nNOOP\r\n"
+    assert client.send(smuggled) == [
+        b"500 5.5.2 Line too long (RFC 5321 limits lines to 998 octets)",
+        b"250 2.0.0 Ok",
+    ]
+    assert receiver.accepted == []
+
+
+def test_too_many_recipients(receiver, clock):
+    c = Client(make_factory(receiver, clock, max_recipients=2))
+    replies = c.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n"
+        + b"".join(f"RCPT TO:<u{i}@x.example>\r\n".encode() for i in range(3))
+    )
+    assert replies[-1] == b"452 4.5.3 Too many recipients"
+    c.close()
+
+
+def test_mail_loop_detected(client):
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
+    assert client.send(b"Received: x\r\n" * 51 + b"\r\nbody\r\n.\r\n") == [
+        b"554 5.4.6 Too many Received: headers: mail loop detected"
+    ]
+
+
+def test_refused_recipient_and_data_without_recipients(client, receiver):
+    receiver.refuse_rcpt["u@far.example"] = Reply(554, "5.7.1", ("Relay access denied",))
+    replies = client.send(
+        b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@far.example>\r\nDATA\r\n"
+    )
+    assert replies[-2:] == [b"554 5.7.1 Relay access denied", b"503 5.5.1 No valid recipients"]
+
+
+def test_acceptance_failure_is_a_temporary_error(client, receiver):
+    receiver.fail_accept = True
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
+    assert client.send(b"hello\r\n.\r\n") == [
+        b"451 4.3.0 Could not queue the message; try again later"
+    ]
+
+
+def test_rset_clears_transaction(client):
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n")
+    assert client.send(b"RSET\r\nRCPT TO:<u@x.example>\r\n") == [
+        b"250 2.0.0 Ok",
+        b"503 5.5.1 Need MAIL before RCPT",
+    ]
+
+
+def test_idle_timeout(receiver, clock):
+    c = Client(make_factory(receiver, clock, idle_timeout=60))
+    clock.advance(59)
+    assert not c.transport.disconnecting
+    c.send(b"NOOP\r\n")
+    clock.advance(59)
+    assert not c.transport.disconnecting
+    clock.advance(2)
+    assert c.lines()[-1] == b"421 4.4.2 mx.example.test Idle timeout, closing"
+    assert c.transport.disconnecting
+    c.close()
+
+
+def test_connection_limits(receiver, clock):
+    factory = make_factory(receiver, clock, max_connections=3, max_connections_per_ip=2)
+    a = Client(factory, ("192.0.2.1", 1))
+    b = Client(factory, ("192.0.2.1", 2))
+    c = Client(factory, ("192.0.2.1", 3))
+    assert c.lines() == [b"421 4.7.0 mx.example.test Too many connections from you"]
+    d = Client(factory, ("192.0.2.2", 4))
+    e = Client(factory, ("192.0.2.3", 5))
+    assert e.lines() == [b"421 4.7.0 mx.example.test Too many connections"]
+    for x in (a, b, c, d, e):
+        x.close()
+    assert factory.sessions == set()
+
+
+def test_starttls_not_offered_without_certificate(client):
+    assert client.send(b"STARTTLS\r\n") == [b"502 5.5.1 STARTTLS not available"]
+
+
+def test_auth_not_offered_without_tls(receiver, clock):
+    c = Client(make_factory(receiver, clock, checker=object()))
+    assert b"AUTH" not in b"".join(c.send(b"EHLO c\r\n"))
+    assert c.send(b"AUTH PLAIN AGEAYg==\r\n") == [
+        b"538 5.7.11 Encryption required for requested authentication mechanism"
+    ]
+    c.close()
+
+
+def test_submission_requires_auth(receiver, clock):
+    c = Client(make_factory(receiver, clock, require_auth=True, listener="submission"))
+    c.send(b"EHLO c\r\n")
+    assert c.send(b"MAIL FROM:<a@b.example>\r\n") == [b"530 5.7.0 Authentication required"]
+    c.close()
