@@ -754,6 +754,9 @@ def _fill_defaults(
     )
 
 
+_EPHEMERAL_PORT = re.compile(r"(tcp6?|ssl):(port=)?0(:|$)")
+
+
 def _cross_check(values: Mapping[str, _Value]) -> None:
     def fail(key: str, problem: str) -> ConfigError:
         return values[key].error(key, problem)
@@ -764,6 +767,8 @@ def _cross_check(values: Mapping[str, _Value]) -> None:
         if endpoint is None:
             continue
         key = f"listeners.{name}"
+        if _EPHEMERAL_PORT.match(endpoint):
+            continue  # port 0: the system picks a distinct free port for each listener
         if endpoint in seen:
             other = seen[endpoint]
             if values[key].where is None:  # blame the one that was set, not a default
