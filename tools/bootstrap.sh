@@ -57,10 +57,13 @@ case "$cmd" in
   test)
     ensure_system_packages
     venv_at .tox-bootstrap 'tox>=4.11'
-    # pyenv machines keep several interpreters behind shims: make them all visible to tox.
-    if command -v pyenv >/dev/null 2>&1 && [ -z "${PYENV_VERSION:-}" ]; then
-      PYENV_VERSION=$(pyenv versions --bare | grep -E '^3\.(1[0-9])(\.|$)' | sort -V -r | tr '\n' ':' | sed 's/:$//')
-      export PYENV_VERSION
+    # pyenv machines keep several interpreters behind shims that answer for one version
+    # only: put every installed CPython 3.10+ on PATH (after everything else) for tox.
+    if command -v pyenv >/dev/null 2>&1; then
+      for version in $(pyenv versions --bare | grep -E '^3\.1[0-9](\.[0-9]+)?$'); do
+        PATH="$PATH:$(pyenv root)/versions/$version/bin"
+      done
+      export PATH
     fi
     exec .tox-bootstrap/bin/tox "$@"
     ;;
