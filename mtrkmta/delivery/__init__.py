@@ -1,0 +1,1 @@
+"""Delivery transports (SMTP relay, LMTP, Maildir): each turns an attempt into outcomes."""

@@ -1,0 +1,114 @@
+"""The seam between the queue and the transports: next hops, attempts and outcomes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from mtrkmta.envelope import Envelope, Recipient
+from mtrkmta.tracking.interfaces import RecipientState
+
+TransportKind = Literal["smtp", "lmtp", "maildir"]
+TLSPolicy = Literal["none", "may", "encrypt"]
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """One candidate server of a next hop.
+
+    ``name`` is what tracking and DSNs report as Remote-MTA (``dns; <name>``): the
+    MX host name, or the host of a fixed route. ``endpoint`` is the Twisted client
+    endpoint description to connect to (``tcp:host=192.0.2.1:port=25``,
+    ``unix:path=/run/dovecot/lmtp``).
+    """
+
+    name: str
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    """Where a group of recipients goes, as the router decided.
+
+    ``destination`` names the hop for grouping and concurrency limits (e.g.
+    ``mx:example.org`` or ``route:lmtp:unix:path=/run/dovecot/lmtp``). ``servers``
+    are tried in order: on connection failure or a 4xx greeting the next one is
+    tried (MX fallback).
+    """
+
+    transport: TransportKind
+    destination: str
+    servers: tuple[Server, ...] = ()
+    tls: TLSPolicy = "may"
+    max_recipients: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt of some recipients of one message over one next hop.
+
+    ``recipients`` are indices into ``envelope.recipients``; ``now`` is when the
+    attempt starts (POSIX seconds), used to decrement the MTRK timeout.
+    """
+
+    envelope: Envelope
+    content: bytes
+    recipients: tuple[int, ...]
+    next_hop: NextHop
+    now: float
+
+    def recipient(self, index: int) -> Recipient:
+        return self.envelope.recipients[index]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    """What happened to one recipient in one attempt.
+
+    ``state`` is final (DELIVERED, TRANSFERRED, RELAYED, EXPANDED, FAILED) or
+    DEFERRED for a temporary failure. ``status`` is the RFC 3463 code;
+    ``diagnostic`` the remote reply as ``smtp; 550 5.1.1 ...`` (None when the
+    failure was local); ``remote_mta`` the server that answered (``dns; host``).
+    ``unknown`` marks an attempt whose result is not known (connection lost after
+    the final dot): the recipient is retried, at the risk of a duplicate.
+    """
+
+    index: int
+    state: RecipientState
+    status: str
+    diagnostic: str | None = None
+    remote_mta: str | None = None
+    certifier_forwarded: bool = False
+    unknown: bool = False
+
+
+class ITransport(Interface):
+    """Delivers attempts of one kind (smtp, lmtp or maildir)."""
+
+    def deliver(attempt: Attempt) -> Deferred[list[RecipientOutcome]]:
+        """Try to deliver; fires with one outcome per recipient of the attempt, in order.
+
+        Never fails: connection problems become DEFERRED outcomes.
+        """
+
+    def close() -> Deferred[None]:
+        """Close cached connections and wait for attempts in flight."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteFailure:
+    """The router could not find a next hop: fail (e.g. null MX, 5.1.10) or retry later."""
+
+    state: RecipientState  # FAILED or DEFERRED
+    status: str  # e.g. "5.1.10", "5.1.2", "4.4.3"
+    reason: str  # human-readable, for logs, tracking and DSNs
+
+
+class IRouter(Interface):
+    """Decides where mail for a domain goes."""
+
+    def route(domain: str) -> Deferred[NextHop | RouteFailure]:
+        """The next hop for ``domain`` (lower-cased, no trailing dot), or why there is none."""
