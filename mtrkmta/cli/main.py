@@ -19,6 +19,9 @@ commands:
   check-config FILE        validate a configuration file: exit 0 when valid, 2 when not
   db upgrade [options]     create or migrate the tracking database to the current schema
                            (options: --config FILE, --database URL, --data-dir DIR)
+  queue [--config FILE | --data-dir DIR] [--json] [--yes] COMMAND
+                           list | show ID | flush [ID] | hold ID | release ID |
+                           delete ID | bounce ID  (talks to the running server)
 """
 
 
@@ -64,7 +67,13 @@ def db(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve, "check-config": check_config, "db": db}
+def queue(args: Sequence[str]) -> int:
+    from mtrkmta.cli.queue import main as queue_main
+
+    return queue_main(args)
+
+
+COMMANDS = {"serve": serve, "check-config": check_config, "db": db, "queue": queue}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

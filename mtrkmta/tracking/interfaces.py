@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -89,6 +89,7 @@ class StoredMessage:
     auth: str | None
     client: ClientInfo
     recipients: tuple[StoredRecipient, ...]
+    held: bool = False
 
     @property
     def tracked(self) -> bool:
@@ -99,6 +100,27 @@ class StoredMessage:
     def in_queue(self) -> bool:
         """True while any recipient is still in our queue; then it never expires."""
         return any(r.state.in_queue for r in self.recipients)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    """The new delivery state of one recipient after an attempt (or an admin action).
+
+    Times are POSIX seconds. ``count_attempt`` adds one to the recipient's attempt
+    counter (False for admin actions such as bounce).
+    """
+
+    index: int
+    state: RecipientState
+    status: str | None = None
+    action: str | None = None
+    remote_mta: str | None = None
+    diagnostic: str | None = None
+    last_attempt: float | None = None
+    will_retry_until: float | None = None
+    next_attempt: float | None = None
+    certifier_forwarded: bool = False
+    count_attempt: bool = True
 
 
 class ITrackingStore(Interface):
@@ -139,6 +161,15 @@ class ITrackingStore(Interface):
         constant time. Untracked messages, an unknown ENVID and a wrong secret
         all give None (CHECKLIST 3.3, 4.4.4).
         """
+
+    def record_outcomes(queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
+        """Durably record what happened to some recipients (group-committed)."""
+
+    def set_held(queue_id: str, held: bool) -> Deferred[bool]:
+        """Hold or release a message; fires with False when the message is unknown."""
+
+    def queue_listing(node_id: str) -> Deferred[list[StoredMessage]]:
+        """``node_id``'s messages with a recipient still in the queue, by arrival."""
 
     def forget(queue_ids: Iterable[str]) -> Deferred[None]:
         """Drop the records of these messages; unknown ids are ignored."""

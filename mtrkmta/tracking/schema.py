@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 from mtrkmta.tracking.interfaces import RecipientState
@@ -80,6 +81,7 @@ def build_schema() -> TrackingSchema:
         Column("client_protocol", String(16), nullable=False),
         Column("client_authenticated_as", Text, nullable=True),
         Column("client_listener", String(16), nullable=False),
+        Column("held", Boolean, server_default=false(), nullable=False),  # queue hold by admin
         Index(None, "envid"),
         Index(None, "expires_at"),
     )

@@ -33,6 +33,7 @@ from mtrkmta.tracking.interfaces import (
     QUEUED_STATES,
     ITrackingStore,
     RecipientState,
+    RecipientUpdate,
     StoredMessage,
     StoredRecipient,
 )
@@ -236,6 +237,63 @@ class SQLTrackingStore:
                 if certifier_matches(bytes(row.certifier), candidate) and match is None:
                     match = row
             return None if match is None else self._load(conn, match)
+
+        return self._read(query)
+
+    def record_outcomes(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
+        """Durably record what happened to some recipients; one group-committed write."""
+        r = self._schema.recipients
+        rows = [self._update_values(update) for update in updates]
+
+        def apply(conn: Connection) -> None:
+            for update, values in zip(updates, rows, strict=True):
+                statement = r.update().where(
+                    r.c.queue_id == queue_id, r.c.rcpt_index == update.index
+                )
+                if update.count_attempt:
+                    statement = statement.values(attempts=r.c.attempts + 1)
+                conn.execute(statement.values(**values))
+
+        return self._write(apply)
+
+    @staticmethod
+    def _update_values(update: RecipientUpdate) -> dict[str, object]:
+        def seconds(value: float | None) -> int | None:
+            return None if value is None else whole_seconds(value)
+
+        return {
+            "state": update.state.value,
+            "action": update.action,
+            "status": update.status,
+            "remote_mta": update.remote_mta,
+            "diagnostic": update.diagnostic,
+            "last_attempt": seconds(update.last_attempt),
+            "will_retry_until": seconds(update.will_retry_until),
+            "next_attempt": seconds(update.next_attempt),
+            "certifier_forwarded": update.certifier_forwarded,
+        }
+
+    def set_held(self, queue_id: str, held: bool) -> Deferred[bool]:
+        """Hold or release a message; False when it is unknown."""
+        m = self._schema.messages
+
+        def apply(conn: Connection) -> bool:
+            result = conn.execute(m.update().where(m.c.queue_id == queue_id).values(held=held))
+            return bool(result.rowcount)
+
+        return self._write(apply)
+
+    def queue_listing(self, node_id: str) -> Deferred[list[StoredMessage]]:
+        """This node's queued messages with their recipients, by arrival."""
+        m = self._schema.messages
+        statement = (
+            select(m)
+            .where(m.c.node_id == node_id, self._in_queue_clause())
+            .order_by(m.c.arrival, m.c.queue_id)
+        )
+
+        def query(conn: Connection) -> list[StoredMessage]:
+            return [self._load(conn, row) for row in conn.execute(statement).all()]
 
         return self._read(query)
 
@@ -469,6 +527,7 @@ class SQLTrackingStore:
                 listener=row.client_listener,
             ),
             recipients=recipients,
+            held=bool(row.held),
         )
 
 

@@ -53,6 +53,7 @@ def upgrade() -> None:
         sa.Column("client_protocol", sa.String(16), nullable=False),
         sa.Column("client_authenticated_as", sa.Text(), nullable=True),
         sa.Column("client_listener", sa.String(16), nullable=False),
+        sa.Column("held", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.PrimaryKeyConstraint("queue_id", name=op.f("pk_messages")),
     )
     op.create_index(op.f("ix_messages_envid"), "messages", ["envid"])

@@ -1,0 +1,159 @@
+"""`mtrkmta queue`: list, show, flush, hold, release, delete, bounce over the control socket."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from twisted.python import usage
+
+from mtrkmta.cli.options import ServeOptions
+from mtrkmta.config import EXIT_CONFIG_ERROR, ConfigError
+from mtrkmta.queue.control import COMMANDS, COMMANDS_WITH_ID, SOCKET_NAME, ControlError, request
+
+USAGE = (
+    "usage: mtrkmta queue [--config FILE | --data-dir DIR] [--json] [--yes] "
+    "list | show QUEUEID | flush [QUEUEID] | hold QUEUEID | release QUEUEID | "
+    "delete QUEUEID | bounce QUEUEID"
+)
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return time.strftime("%a %b %d %H:%M:%S", time.localtime(seconds))
+
+
+def render_list(messages: Sequence[dict[str, Any]], out: TextIO) -> None:
+    """A mailq-like listing: one block per message, ``!`` marks held messages."""
+    if not messages:
+        print("Mail queue is empty", file=out)
+        return
+    print(
+        f"{'-Queue ID-':<22}{'--Size--':>9} {'----Arrival Time----':<20}  -Sender/Recipient-",
+        file=out,
+    )
+    for message in messages:
+        mark = "!" if message["held"] else " "
+        sender = message["sender"] or "MAILER-DAEMON"
+        print(
+            f"{message['queue_id'] + mark:<22}{message['size']:>9} "
+            f"{_when(message['arrival']):<20}  {sender}",
+            file=out,
+        )
+        for rcpt in message["recipients"]:
+            if rcpt["state"] not in ("queued", "inflight", "deferred"):
+                continue
+            if rcpt["diagnostic"]:
+                print(f"{'':<54}({rcpt['diagnostic']})", file=out)
+            print(
+                f"{'':<54}{rcpt['address']}  [{rcpt['state']}"
+                f"{', next ' + _when(rcpt['next_attempt']) if rcpt['next_attempt'] else ''}]",
+                file=out,
+            )
+        print(file=out)
+    print(f"-- {len(messages)} message(s) in the queue", file=out)
+
+
+def render_show(message: dict[str, Any], out: TextIO) -> None:
+    fields = [
+        ("Queue-Id", message["queue_id"]),
+        ("Held", "yes" if message["held"] else "no"),
+        ("Sender", f"<{message['sender']}>"),
+        ("Size", message["size"]),
+        ("Arrival", _when(message["arrival"])),
+        ("Envelope-Id", message["envid"] or "-"),
+        ("Tracked", "yes (MTRK)" if message["certifier"] else "no"),
+        (
+            "Client",
+            f"{message['client']['helo']} [{message['client']['address']}] "
+            f"via {message['client']['listener']}",
+        ),
+    ]
+    for name, value in fields:
+        print(f"{name + ':':<14}{value}", file=out)
+    for rcpt in message["recipients"]:
+        print(file=out)
+        print(f"  Recipient:   <{rcpt['address']}>", file=out)
+        for key in ("state", "status", "remote_mta", "diagnostic", "attempts"):
+            if rcpt[key] not in (None, ""):
+                print(f"  {key.replace('_', '-').capitalize() + ':':<13}{rcpt[key]}", file=out)
+        for key in ("last_attempt", "next_attempt", "will_retry_until"):
+            if rcpt[key]:
+                label = key.replace("_", "-").capitalize() + ":"
+                print(f"  {label:<13}{_when(rcpt[key])}", file=out)
+
+
+class QueueOptions(usage.Options):
+    optFlags = (
+        ("json", None, "Print the raw JSON answer."),
+        ("yes", "y", "Do not ask before deleting or bouncing."),
+    )
+    optParameters = (
+        ("config", None, None, "The server's configuration file (to find its data dir)."),
+        ("data-dir", None, None, "The server's data directory [default: ./mtrkmta-data]."),
+    )
+
+    def parseArgs(self, command: str, queue_id: str | None = None) -> None:
+        if command not in COMMANDS:
+            raise usage.UsageError(f"unknown queue command {command!r}")
+        if command in COMMANDS_WITH_ID and queue_id is None:
+            raise usage.UsageError(f"{command} needs a QUEUEID")
+        if command == "list" and queue_id is not None:
+            raise usage.UsageError("list takes no QUEUEID")
+        self["command"] = command
+        self["queue_id"] = queue_id
+
+    def socket_path(self) -> Path:
+        serve = ServeOptions()
+        args = []
+        if self["config"]:
+            args += ["--config", self["config"]]
+        if self["data-dir"]:
+            args += ["--data-dir", self["data-dir"]]
+        serve.parseOptions(args)
+        return serve.load_config().data_dir / SOCKET_NAME
+
+
+def main(
+    args: Sequence[str],
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    ask: Callable[[str], str] = input,
+) -> int:
+    options = QueueOptions()
+    try:
+        options.parseOptions(list(args))
+        path = options.socket_path()
+    except (usage.UsageError, ConfigError) as error:
+        print(f"mtrkmta: {error}\n{USAGE}", file=err)
+        return EXIT_CONFIG_ERROR
+    command, queue_id = options["command"], options["queue_id"]
+    if command in ("delete", "bounce") and not options["yes"]:
+        try:
+            answer = ask(f"{command} message {queue_id}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing done", file=err)
+            return 1
+    try:
+        result = request(path, command, queue_id)
+    except ControlError as error:
+        print(f"mtrkmta: {error}", file=err)
+        return 1
+    if options["json"]:
+        print(json.dumps(result, indent=2), file=out)
+    elif command == "list":
+        render_list(result, out)
+    elif command == "show":
+        render_show(result, out)
+    elif command == "flush":
+        print(f"flushed {result} message(s)", file=out)
+    else:
+        print(f"{queue_id}: {command} done", file=out)
+    return 0

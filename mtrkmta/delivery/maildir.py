@@ -1,0 +1,138 @@
+"""Final delivery into Maildir mailboxes: write in tmp/, fsync, rename into new/, fsync."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mtrkmta.delivery.interfaces import Attempt, ITransport, RecipientOutcome
+from mtrkmta.tracking.interfaces import RecipientState
+
+log = Logger()
+
+_SAFE = re.compile(r"[A-Za-z0-9._=-]")
+
+
+def mailbox_name(address: str, delimiter: str = "+") -> str:
+    """The mailbox of an address: its lower-cased local part without ``+detail``.
+
+    Characters that are unsafe in a file name are %-encoded, and a leading dot is
+    encoded too, so an address can never name a path outside the Maildir root.
+    """
+    local = address.rpartition("@")[0] if "@" in address else address
+    if delimiter and delimiter in local:
+        local = local.split(delimiter, 1)[0]
+    local = local.lower() or "postmaster"
+    encoded = "".join(c if _SAFE.fullmatch(c) else f"%{ord(c):02X}" for c in local)
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
+@implementer(ITransport)
+class MaildirTransport:
+    """Delivers each recipient's copy into ``root/<mailbox>/new/`` (Maildir).
+
+    Each copy gets ``Return-Path:`` and ``Delivered-To:`` headers and LF line
+    ends (the Maildir convention). The file is written in ``tmp/`` with a unique
+    name, fsync'd, renamed into ``new/``, and ``new/`` is fsync'd before the
+    outcome is reported, so ``delivered`` means on disk. Work runs in the thread
+    pool.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        threadpool: ThreadPool,
+        root: Path,
+        *,
+        hostname: str | None = None,
+        fsync: bool = True,
+        delimiter: str = "+",
+    ) -> None:
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self.root = root
+        self._host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
+        self._fsync = fsync
+        self._delimiter = delimiter
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    def deliver(self, attempt: Attempt) -> Deferred[list[RecipientOutcome]]:
+        return deferToThreadPool(self._reactor, self._threadpool, self._deliver, attempt)
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)  # nothing cached: every attempt finishes in its own call
+
+    def _deliver(self, attempt: Attempt) -> list[RecipientOutcome]:
+        body = attempt.content.replace(b"\r\n", b"\n")
+        sender = attempt.envelope.sender
+        outcomes = []
+        touched: set[Path] = set()
+        for index in attempt.recipients:
+            address = attempt.recipient(index).address
+            headers = f"Return-Path: <{sender}>\nDelivered-To: <{address}>\n"
+            try:
+                new_dir = self._write(
+                    mailbox_name(address, self._delimiter), headers.encode(), body
+                )
+                touched.add(new_dir)
+                outcomes.append(RecipientOutcome(index, RecipientState.DELIVERED, "2.1.5"))
+            except OSError as error:
+                log.error(
+                    "maildir delivery to {address} failed: {error}", address=address, error=error
+                )
+                outcomes.append(RecipientOutcome(index, RecipientState.DEFERRED, "4.3.0"))
+        try:
+            for new_dir in touched:
+                self._sync_dir(new_dir)
+        except OSError as error:
+            log.error("maildir fsync failed: {error}", error=error)
+            return [RecipientOutcome(o.index, RecipientState.DEFERRED, "4.3.0") for o in outcomes]
+        return outcomes
+
+    def _unique(self, size: int) -> str:
+        with self._lock:
+            sequence = next(self._counter)
+        now = time.time()
+        seconds = int(now)
+        micros = int((now - seconds) * 1_000_000)
+        return f"{seconds}.M{micros}P{os.getpid()}Q{sequence}.{self._host},S={size}"
+
+    def _write(self, mailbox: str, headers: bytes, body: bytes) -> Path:
+        maildir = self.root / mailbox
+        for sub in ("tmp", "new", "cur"):
+            (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = self._unique(len(headers) + len(body))
+        tmp_path = maildir / "tmp" / name
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as handle:
+                handle.write(headers)
+                handle.write(body)
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp_path, maildir / "new" / name)
+        return maildir / "new"
+
+    def _sync_dir(self, directory: Path) -> None:
+        if not self._fsync:
+            return
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

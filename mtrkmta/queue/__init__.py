@@ -1,0 +1,1 @@
+"""The queue: scheduling, retries, expiry, crash recovery and the admin control channel."""

@@ -1,0 +1,142 @@
+"""The admin control channel: JSON lines over a UNIX socket (mode 0600) in the data dir."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from mtrkmta.queue.service import QueueService
+from mtrkmta.tracking.interfaces import StoredMessage
+
+log = Logger()
+
+SOCKET_NAME = "control.sock"
+COMMANDS_WITH_ID = ("show", "hold", "release", "delete", "bounce")
+COMMANDS = ("list", "flush", *COMMANDS_WITH_ID)
+MAX_REQUEST = 4096
+
+
+class ControlError(Exception):
+    """A control request failed; the message is meant for the administrator."""
+
+
+def message_record(message: StoredMessage) -> dict[str, Any]:
+    """A JSON-ready view of a queued message."""
+    record = asdict(message)
+    record["certifier"] = None if message.certifier is None else "(set)"
+    for recipient in record["recipients"]:
+        recipient["state"] = recipient["state"].value
+        notify = recipient["notify"]
+        recipient["notify"] = None if notify is None else sorted(notify)
+        orcpt = recipient["orcpt"]
+        recipient["orcpt"] = None if orcpt is None else f"{orcpt['addr_type']};{orcpt['address']}"
+    return record
+
+
+class ControlProtocol(LineOnlyReceiver):
+    """One admin connection: one JSON request per line, one JSON answer per line."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_REQUEST
+
+    def __init__(self, queue: QueueService) -> None:
+        self.queue = queue
+        self._chain: Deferred[None] = succeed(None)  # answers go out in request order
+
+    def lineReceived(self, line: bytes) -> None:
+        self._chain.addCallback(lambda _: self._answer(line))
+
+    def _answer(self, line: bytes) -> Deferred[None]:
+        d = ensureDeferred(self._handle(line))
+        d.addCallback(lambda result: {"ok": True, "result": result})
+        d.addErrback(self._error)
+        return d.addCallback(self._reply)
+
+    def _error(self, failure: Any) -> dict[str, Any]:
+        if failure.check(ControlError):
+            return {"ok": False, "error": str(failure.value)}
+        log.failure("control request failed", failure)
+        return {"ok": False, "error": f"internal error: {failure.getErrorMessage()}"}
+
+    def _reply(self, answer: dict[str, Any]) -> None:
+        if self.transport is None or self.transport.disconnecting:
+            return
+        self.sendLine(json.dumps(answer, separators=(",", ":")).encode())
+
+    async def _handle(self, line: bytes) -> Any:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            raise ControlError("request is not JSON") from None
+        if not isinstance(request, dict) or request.get("command") not in COMMANDS:
+            raise ControlError(f"unknown command; expected one of {', '.join(COMMANDS)}")
+        command = request["command"]
+        queue_id = request.get("queue_id")
+        if command in COMMANDS_WITH_ID and not isinstance(queue_id, str):
+            raise ControlError(f"{command} needs a queue id")
+        queue = self.queue
+        if command == "list":
+            listing = await queue.tracking.queue_listing(queue.node_id)
+            return [message_record(m) for m in listing]
+        if command == "flush":
+            return await queue.flush(queue_id if isinstance(queue_id, str) else None)
+        if command == "show":
+            message = await queue.tracking.message(queue_id)
+            if message is None or message.node_id != queue.node_id:
+                raise ControlError(f"no message {queue_id} in this node's queue")
+            return message_record(message)
+        action = {
+            "hold": queue.hold,
+            "release": queue.release,
+            "delete": queue.delete,
+            "bounce": queue.bounce,
+        }[command]
+        if not await action(queue_id):
+            raise ControlError(f"no message {queue_id} in this node's queue")
+        return queue_id
+
+
+class ControlFactory(Factory):
+    def __init__(self, queue: QueueService) -> None:
+        self.queue = queue
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
+        return ControlProtocol(self.queue)
+
+
+def request(
+    socket_path: Path, command: str, queue_id: str | None = None, timeout: float = 60.0
+) -> Any:
+    """Blocking client for the CLI: send one request, return the result or raise ControlError."""
+    payload: dict[str, Any] = {"command": command}
+    if queue_id is not None:
+        payload["queue_id"] = queue_id
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(timeout)
+            client.connect(str(socket_path))
+            client.sendall(json.dumps(payload).encode() + b"\n")
+            buffer = b""
+            while not buffer.endswith(b"\n"):
+                chunk = client.recv(65536)
+                if not chunk:
+                    raise ControlError("the server closed the control connection")
+                buffer += chunk
+    except FileNotFoundError:
+        raise ControlError(f"no control socket at {socket_path}: is mtrkmta running?") from None
+    except ConnectionRefusedError:
+        raise ControlError(f"nothing listens on {socket_path}: is mtrkmta running?") from None
+    except OSError as error:
+        raise ControlError(f"control socket {socket_path}: {error}") from None
+    answer = json.loads(buffer)
+    if not answer.get("ok"):
+        raise ControlError(answer.get("error", "request failed"))
+    return answer["result"]

@@ -1,0 +1,414 @@
+"""QueueService: schedules accepted messages, routes and delivers them, records every attempt."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mtrkmta.delivery.interfaces import (
+    Attempt,
+    IRouter,
+    ITransport,
+    NextHop,
+    RecipientOutcome,
+    RouteFailure,
+)
+from mtrkmta.envelope import Envelope
+from mtrkmta.queue.policy import RetryPolicy, update_for
+from mtrkmta.receive.policy import recipient_domain
+from mtrkmta.spool.interfaces import ISpool
+from mtrkmta.tracking.interfaces import (
+    ITrackingStore,
+    RecipientState,
+    RecipientUpdate,
+    StoredMessage,
+)
+
+log = Logger()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEvent:
+    """Something happened to some recipients of a message (for DSNs and observers).
+
+    ``updates`` are the recipients' new states; ``message`` is the message as it
+    was before the attempt.
+    """
+
+    message: StoredMessage
+    updates: tuple[RecipientUpdate, ...]
+
+
+class ContentCache:
+    """Recently accepted message contents, so the first attempt needs no spool read."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
+        self._size = 0
+
+    def put(self, envelope: Envelope, content: bytes) -> None:
+        if len(content) > self.max_bytes:
+            return
+        self.drop(envelope.queue_id)
+        self._items[envelope.queue_id] = (envelope, content)
+        self._size += len(content)
+        while self._size > self.max_bytes:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self._size -= len(dropped)
+
+    def get(self, queue_id: str) -> tuple[Envelope, bytes] | None:
+        return self._items.get(queue_id)
+
+    def drop(self, queue_id: str) -> None:
+        item = self._items.pop(queue_id, None)
+        if item is not None:
+            self._size -= len(item[1])
+
+
+class QueueService:
+    """The queue manager of one node.
+
+    Per recipient the state walks queued -> (attempt) -> delivered / transferred /
+    relayed / expanded / failed, or deferred with a next-attempt time. Every
+    attempt's outcome is committed to the tracking store before anything else
+    happens; a message leaves the spool only when every recipient is final.
+    Attempts in flight are not persisted: after a crash their recipients are
+    simply still queued or deferred and are tried again (at-least-once).
+    """
+
+    def __init__(
+        self,
+        *,
+        spool: ISpool,
+        tracking: ITrackingStore,
+        router: IRouter,
+        transports: Mapping[str, ITransport],
+        clock: IReactorTime,
+        node_id: str,
+        retry: RetryPolicy,
+        destination_concurrency: int = 20,
+        max_active_messages: int = 200,
+        content_cache_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.spool = spool
+        self.tracking = tracking
+        self.router = router
+        self.transports = transports
+        self.clock = clock
+        self.node_id = node_id
+        self.retry = retry
+        self.destination_concurrency = destination_concurrency
+        self.max_active_messages = max_active_messages
+        self.observers: list[Callable[[QueueEvent], object]] = []
+        self._cache = ContentCache(content_cache_bytes)
+        self._heap: list[tuple[float, int, str]] = []
+        self._due: dict[str, float] = {}
+        self._sequence = itertools.count()
+        self._timer: IDelayedCall | None = None
+        self._active: dict[str, Deferred[None]] = {}
+        self._forced: set[str] = set()
+        self._again: set[str] = set()
+        self._semaphores: dict[str, DeferredSemaphore] = {}
+        self._running = False
+
+    # -- life cycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Rebuild the schedule from the tracking store (crash recovery) and run."""
+        self._running = True
+        queued = await self.tracking.queued_messages(self.node_id)
+        now = self.clock.seconds()
+        for queue_id in queued:
+            self.schedule(queue_id, now)
+        if queued:
+            log.info("queue: {n} message(s) to resume", n=len(queued))
+
+    async def stop(self) -> None:
+        """Stop scheduling and wait for the attempts in flight to be recorded."""
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        await DeferredList(list(self._active.values()))
+
+    # -- entry points -------------------------------------------------------------
+
+    def enqueue(self, envelope: Envelope, content: bytes | None = None) -> None:
+        """A message was accepted: attempt it now."""
+        if content is not None:
+            self._cache.put(envelope, content)
+        self.schedule(envelope.queue_id, self.clock.seconds())
+
+    def schedule(self, queue_id: str, when: float, *, force: bool = False) -> None:
+        """Attempt ``queue_id`` at ``when`` (or earlier if it is already due earlier)."""
+        if force:
+            self._forced.add(queue_id)
+        if queue_id in self._active:
+            self._again.add(queue_id)
+            return
+        current = self._due.get(queue_id)
+        if current is not None and current <= when:
+            return
+        self._due[queue_id] = when
+        heapq.heappush(self._heap, (when, next(self._sequence), queue_id))
+        self._arm()
+
+    async def flush(self, queue_id: str | None = None) -> int:
+        """Attempt one message, or every queued message, now, ignoring retry times."""
+        ids = (
+            [queue_id]
+            if queue_id is not None
+            else await self.tracking.queued_messages(self.node_id)
+        )
+        now = self.clock.seconds()
+        for each in ids:
+            self.schedule(each, now, force=True)
+        return len(ids)
+
+    async def hold(self, queue_id: str) -> bool:
+        return bool(await self.tracking.set_held(queue_id, True))
+
+    async def release(self, queue_id: str) -> bool:
+        released = bool(await self.tracking.set_held(queue_id, False))
+        if released:
+            self.schedule(queue_id, self.clock.seconds())
+        return released
+
+    async def delete(self, queue_id: str) -> bool:
+        """Remove a message without notifying anyone."""
+        await self._wait_idle(queue_id)
+        message = await self.tracking.message(queue_id)
+        if message is None or message.node_id != self.node_id:
+            return False
+        await self.spool.remove([queue_id])
+        await self.tracking.forget([queue_id])
+        self._cache.drop(queue_id)
+        self._due.pop(queue_id, None)
+        log.info("{queue_id}: deleted by the administrator", queue_id=queue_id)
+        return True
+
+    async def bounce(self, queue_id: str) -> bool:
+        """Fail every recipient still queued (5.0.0, administrative); DSNs follow."""
+        await self._wait_idle(queue_id)
+        message = await self.tracking.message(queue_id)
+        if message is None or message.node_id != self.node_id:
+            return False
+        now = self.clock.seconds()
+        updates = tuple(
+            RecipientUpdate(
+                index=r.index,
+                state=RecipientState.FAILED,
+                status="5.0.0",
+                action="failed",
+                remote_mta=r.remote_mta,
+                diagnostic=r.diagnostic,
+                last_attempt=r.last_attempt,
+                count_attempt=False,
+            )
+            for r in message.recipients
+            if r.state.in_queue
+        )
+        await self._record(message, updates, now)
+        log.info("{queue_id}: bounced by the administrator", queue_id=queue_id)
+        return True
+
+    async def _wait_idle(self, queue_id: str) -> None:
+        active = self._active.get(queue_id)
+        if active is not None:
+            await DeferredList([active])
+
+    # -- scheduling -----------------------------------------------------------------
+
+    def _arm(self) -> None:
+        if not self._running:
+            return
+        while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:
+            heapq.heappop(self._heap)  # stale entry: rescheduled or already taken
+        if not self._heap:
+            return
+        delay = max(0.0, self._heap[0][0] - self.clock.seconds())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.clock.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self._heap and len(self._active) < self.max_active_messages:
+            when, _, queue_id = self._heap[0]
+            if self._due.get(queue_id) != when:
+                heapq.heappop(self._heap)
+                continue
+            if when > now:
+                break
+            heapq.heappop(self._heap)
+            del self._due[queue_id]
+            self._start(queue_id)
+        self._arm()
+
+    def _start(self, queue_id: str) -> None:
+        force = queue_id in self._forced
+        self._forced.discard(queue_id)
+        d = ensureDeferred(self._attempt(queue_id, force))
+        self._active[queue_id] = d
+        d.addErrback(self._attempt_failed, queue_id)
+        d.addBoth(self._finished, queue_id)
+
+    def _attempt_failed(self, failure: Failure, queue_id: str) -> None:
+        log.failure("{queue_id}: queue run failed", failure, queue_id=queue_id)
+        if self._running:
+            self.schedule(queue_id, self.clock.seconds() + self.retry.first_retry)
+
+    def _finished(self, _: object, queue_id: str) -> None:
+        del self._active[queue_id]
+        if queue_id in self._again and self._running:
+            self._again.discard(queue_id)
+            self.schedule(queue_id, self.clock.seconds())
+        self._arm()
+        if self._heap and self._timer is None:
+            self._wake()
+
+    # -- one queue run of one message ---------------------------------------------------
+
+    async def _attempt(self, queue_id: str, force: bool) -> None:
+        message = await self.tracking.message(queue_id)
+        if message is None or message.node_id != self.node_id:
+            self._cache.drop(queue_id)
+            return
+        if message.held:
+            return
+        now = self.clock.seconds()
+        waiting = [r for r in message.recipients if r.state.in_queue]
+        due = [r for r in waiting if force or r.next_attempt is None or r.next_attempt <= now]
+        if not waiting:
+            await self._finish_message(queue_id)
+            return
+        if not due:
+            self.schedule(queue_id, min(r.next_attempt or now for r in waiting))
+            return
+        cached = self._cache.get(queue_id)
+        envelope, content = cached if cached is not None else await self.spool.load(queue_id)
+        outcomes = await self._deliver(envelope, content, [r.index for r in due], now)
+        attempts = {r.index: r.attempts for r in message.recipients}
+        finished_at = self.clock.seconds()
+        updates = tuple(
+            update_for(
+                outcome,
+                attempts_before=attempts[outcome.index],
+                arrival=message.arrival,
+                now=finished_at,
+                policy=self.retry,
+            )
+            for outcome in outcomes
+        )
+        await self._record(message, updates, finished_at)
+
+    async def _record(
+        self, message: StoredMessage, updates: Sequence[RecipientUpdate], now: float
+    ) -> None:
+        await self.tracking.record_outcomes(message.queue_id, updates)
+        for update in updates:
+            recipient = message.recipients[update.index]
+            log.info(
+                "{queue_id}: to=<{to}> action={action} status={status} {diagnostic}",
+                queue_id=message.queue_id,
+                to=recipient.address,
+                action=update.action,
+                status=update.status,
+                diagnostic=update.diagnostic or "",
+            )
+        event = QueueEvent(message=message, updates=tuple(updates))
+        for observer in list(self.observers):
+            try:
+                observer(event)
+            except Exception:
+                log.failure("queue observer failed")
+        states = {r.index: (r.state, r.next_attempt) for r in message.recipients}
+        states.update((u.index, (u.state, u.next_attempt)) for u in updates)
+        waiting = [next_attempt for state, next_attempt in states.values() if state.in_queue]
+        if not waiting:
+            await self._finish_message(message.queue_id)
+            return
+        retry_at = min(
+            (when for when in waiting if when is not None), default=now + self.retry.first_retry
+        )
+        self.schedule(message.queue_id, retry_at)
+
+    async def _finish_message(self, queue_id: str) -> None:
+        await self.spool.remove([queue_id])
+        self._cache.drop(queue_id)
+        log.info("{queue_id}: removed (every recipient final)", queue_id=queue_id)
+
+    async def _deliver(
+        self, envelope: Envelope, content: bytes, indices: list[int], now: float
+    ) -> list[RecipientOutcome]:
+        """Route every due recipient, then deliver per next hop, all hops concurrently."""
+        routes: dict[str, NextHop | RouteFailure] = {}
+        for index in indices:
+            domain = recipient_domain(envelope.recipients[index].address)
+            if domain not in routes:
+                routes[domain] = await self._route(domain)
+        outcomes: list[RecipientOutcome] = []
+        groups: dict[str, tuple[NextHop, list[int]]] = {}
+        for index in indices:
+            route = routes[recipient_domain(envelope.recipients[index].address)]
+            if isinstance(route, RouteFailure):
+                outcomes.append(RecipientOutcome(index, route.state, route.status, diagnostic=None))
+                continue
+            groups.setdefault(route.destination, (route, []))[1].append(index)
+        attempts = [
+            Attempt(envelope, content, tuple(members), hop, now) for hop, members in groups.values()
+        ]
+        results = await DeferredList(
+            [self._limited(attempt) for attempt in attempts], consumeErrors=True
+        )
+        for attempt, (ok, result) in zip(attempts, results, strict=True):
+            if ok:
+                outcomes.extend(result)
+            else:
+                log.failure(
+                    "transport failed for {dest}", result, dest=attempt.next_hop.destination
+                )
+                outcomes.extend(
+                    RecipientOutcome(i, RecipientState.DEFERRED, "4.3.0")
+                    for i in attempt.recipients
+                )
+        return sorted(outcomes, key=lambda o: o.index)
+
+    async def _route(self, domain: str) -> NextHop | RouteFailure:
+        try:
+            return await self.router.route(domain)
+        except Exception as error:
+            log.error("routing {domain} failed: {error}", domain=domain, error=error)
+            return RouteFailure(RecipientState.DEFERRED, "4.4.3", f"routing failed: {error}")
+
+    def _limited(self, attempt: Attempt) -> Deferred[list[RecipientOutcome]]:
+        destination = attempt.next_hop.destination
+        semaphore = self._semaphores.get(destination)
+        if semaphore is None:
+            semaphore = self._semaphores[destination] = DeferredSemaphore(
+                self.destination_concurrency
+            )
+        transport = self.transports[attempt.next_hop.transport]
+        d = semaphore.run(transport.deliver, attempt)
+        d.addBoth(self._release_semaphore, destination, semaphore)
+        return d
+
+    def _release_semaphore(
+        self, result: Any, destination: str, semaphore: DeferredSemaphore
+    ) -> Any:
+        if semaphore.tokens == semaphore.limit and not semaphore.waiting:
+            self._semaphores.pop(destination, None)
+        return result

@@ -1,0 +1,386 @@
+"""QueueService over a real spool and tracking store, with a controlled clock.
+
+The router and transport are small doubles of our own interfaces: what is under
+test is scheduling, retries, expiry, recovery and the admin actions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mtrkmta.delivery.interfaces import (
+    IRouter,
+    ITransport,
+    NextHop,
+    RecipientOutcome,
+    RouteFailure,
+    Server,
+)
+from mtrkmta.envelope import Envelope, Recipient
+from mtrkmta.queue.policy import RetryPolicy
+from mtrkmta.queue.service import QueueService
+from mtrkmta.spool.filespool import FileSpool
+from mtrkmta.tracking.interfaces import RecipientState
+from mtrkmta.tracking.migrate import upgrade
+from mtrkmta.tracking.store import SQLTrackingStore
+
+START = 1_800_000_000.0
+POLICY = RetryPolicy(first_retry=300, max_interval=3600, max_lifetime=5 * 86400)
+
+
+@implementer(IRouter)
+class TableRouter:
+    def __init__(self):
+        self.failures: dict[str, RouteFailure] = {}
+
+    def route(self, domain):
+        if domain in self.failures:
+            return succeed(self.failures[domain])
+        return succeed(
+            NextHop(
+                transport="smtp",
+                destination=f"mx:{domain}",
+                servers=(Server(f"mx.{domain}", "tcp:host=127.0.0.1:port=9"),),
+            )
+        )
+
+
+@implementer(ITransport)
+class ScriptedTransport:
+    """Answers each recipient by its address: a queue of states per address, then delivered."""
+
+    def __init__(self):
+        self.script: dict[str, list[RecipientState]] = {}
+        self.attempts: list[tuple[str, tuple[str, ...]]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.gate: Deferred | None = None
+
+    def deliver(self, attempt):
+        addresses = tuple(attempt.recipient(i).address for i in attempt.recipients)
+        self.attempts.append((attempt.envelope.queue_id, addresses))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+        def answer(_=None):
+            self.in_flight -= 1
+            outcomes = []
+            for index, address in zip(attempt.recipients, addresses, strict=True):
+                states = self.script.get(address) or [RecipientState.RELAYED]
+                state = states.pop(0) if len(states) > 1 else states[0]
+                status = {"deferred": "4.4.1", "failed": "5.1.1"}.get(state.value, "2.1.9")
+                outcomes.append(
+                    RecipientOutcome(
+                        index,
+                        state,
+                        status,
+                        diagnostic=f"smtp; {status}",
+                        remote_mta=f"dns; mx.{address.split('@')[1]}",
+                    )
+                )
+            return outcomes
+
+        if self.gate is not None:
+            return self.gate.addCallback(answer)
+        return succeed(answer())
+
+    def close(self):
+        return succeed(None)
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPool]:
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-queue")
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+class Node:
+    """Spool, store and a queue service sharing one data dir; restartable."""
+
+    def __init__(self, root: Path, pool: ThreadPool):
+        self.root = root
+        self.pool = pool
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.router = TableRouter()
+        self.transport = ScriptedTransport()
+        self.url = f"sqlite:///{root / 'tracking.sqlite'}"
+        upgrade(self.url)
+        self.open()
+
+    def open(self):
+        self.spool = FileSpool(global_reactor, self.pool, self.root / "spool", fsync=False)
+        self.tracking = SQLTrackingStore(
+            global_reactor,
+            self.pool,
+            self.url,
+            default_retention=9 * 86400,
+            max_retention=30 * 86400,
+            clock=self.clock,
+        )
+        self.queue = QueueService(
+            spool=self.spool,
+            tracking=self.tracking,
+            router=self.router,
+            transports={"smtp": self.transport},
+            clock=self.clock,
+            node_id="node1",
+            retry=POLICY,
+            destination_concurrency=2,
+        )
+
+    async def start(self):
+        await self.spool.recover()
+        await self.queue.start()
+
+    async def close(self):
+        await self.queue.stop()
+        await self.spool.close()
+        await self.tracking.close()
+
+    async def accept(self, queue_id: str, *addresses: str, enqueue: bool = True) -> Envelope:
+        envelope = Envelope(
+            queue_id=queue_id,
+            sender="sender@origin.example",
+            recipients=tuple(Recipient(a) for a in addresses),
+            arrival=self.clock.seconds(),
+        )
+        await self.spool.store(envelope, b"Subject: test\r\n\r\nbody\r\n")
+        await self.tracking.record_arrival(envelope, reporting_mta="mx", node_id="node1", size=24)
+        if enqueue:
+            self.queue.enqueue(envelope)
+        return envelope
+
+    async def settle(self):
+        """Let queue runs started by the clock finish (they use the real thread pool)."""
+        for _ in range(50):
+            if not self.queue._active:
+                return
+            await _sleep(0.01)
+        raise AssertionError("queue runs did not finish")
+
+    async def advance(self, seconds: float):
+        self.clock.advance(seconds)
+        await self.settle()
+
+    async def states(self, queue_id: str) -> list[tuple[str, str | None]]:
+        message = await self.tracking.message(queue_id)
+        return [(r.state.value, r.status) for r in message.recipients]
+
+
+def _sleep(seconds: float) -> Deferred:
+    d: Deferred = Deferred()
+    global_reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+@pytest.fixture
+def node(tmp_path, pool):
+    return Node(tmp_path, pool)
+
+
+async def started(node: Node) -> Node:
+    await node.start()
+    return node
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivered_message_leaves_the_spool(node):
+    await started(node)
+    try:
+        await node.accept("q0001", "a@one.example", "b@two.example")
+        await node.advance(0)
+        assert await node.states("q0001") == [("relayed", "2.1.9"), ("relayed", "2.1.9")]
+        assert await node.spool.queue_ids() == []
+        assert sorted(a[1] for a in node.transport.attempts) == [
+            ("a@one.example",),
+            ("b@two.example",),
+        ]
+        message = await node.tracking.message("q0001")
+        assert message.recipients[0].remote_mta == "dns; mx.one.example"
+        assert message.recipients[0].action == "relayed"
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_destination_shares_one_attempt(node):
+    await started(node)
+    try:
+        await node.accept("q0002", "a@one.example", "b@one.example")
+        await node.advance(0)
+        assert node.transport.attempts == [("q0002", ("a@one.example", "b@one.example"))]
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_temporary_failure_backs_off_exponentially(node):
+    await started(node)
+    d = RecipientState.DEFERRED
+    node.transport.script["a@one.example"] = [d, d, d, RecipientState.RELAYED]
+    try:
+        await node.accept("q0003", "a@one.example")
+        await node.advance(0)
+        message = await node.tracking.message("q0003")
+        first = message.recipients[0]
+        assert (first.state, first.status, first.action) == (d, "4.4.1", "delayed")
+        assert first.next_attempt == START + 300
+        assert first.will_retry_until == START + POLICY.max_lifetime
+        await node.advance(299)
+        assert len(node.transport.attempts) == 1  # not yet
+        await node.advance(1)
+        assert len(node.transport.attempts) == 2
+        message = await node.tracking.message("q0003")
+        assert message.recipients[0].next_attempt == START + 300 + 600  # doubled
+        await node.advance(600)
+        assert len(node.transport.attempts) == 3
+        await node.advance(1200)
+        assert await node.states("q0003") == [("relayed", "2.1.9")]
+        assert await node.spool.queue_ids() == []
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_permanent_failure_is_final(node):
+    await started(node)
+    node.transport.script["x@one.example"] = [RecipientState.FAILED]
+    try:
+        await node.accept("q0004", "x@one.example")
+        await node.advance(0)
+        message = await node.tracking.message("q0004")
+        r = message.recipients[0]
+        assert (r.state, r.status, r.diagnostic) == (RecipientState.FAILED, "5.1.1", "smtp; 5.1.1")
+        assert await node.spool.queue_ids() == []
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_lifetime_expiry_fails_with_4_4_7(node):
+    await started(node)
+    node.transport.script["slow@one.example"] = [RecipientState.DEFERRED]
+    try:
+        await node.accept("q0005", "slow@one.example")
+        await node.advance(0)
+        for _ in range(200):
+            message = await node.tracking.message("q0005")
+            if not message.recipients[0].state.in_queue:
+                break
+            await node.advance(3600)
+        r = message.recipients[0]
+        assert (r.state, r.status, r.action) == (RecipientState.FAILED, "4.4.7", "failed")
+        assert r.last_attempt >= START + POLICY.max_lifetime
+        assert await node.spool.queue_ids() == []
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_route_failure(node):
+    await started(node)
+    node.router.failures["nullmx.example"] = RouteFailure(
+        RecipientState.FAILED, "5.1.10", "null MX"
+    )
+    try:
+        await node.accept("q0006", "a@nullmx.example")
+        await node.advance(0)
+        message = await node.tracking.message("q0006")
+        assert (message.recipients[0].state, message.recipients[0].status) == (
+            RecipientState.FAILED,
+            "5.1.10",
+        )
+        assert node.transport.attempts == []
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_redelivers_only_recipients_not_final(node):
+    await started(node)
+    node.transport.script["later@two.example"] = [RecipientState.DEFERRED]
+    await node.accept("q0007", "now@one.example", "later@two.example")
+    await node.advance(0)
+    # A message accepted but never scheduled (crash right after the 250).
+    await node.accept("q0008", "x@three.example", enqueue=False)
+    await node.close()
+    node.transport.attempts.clear()
+    node.transport.script.clear()
+    node.open()
+    await node.start()
+    try:
+        await node.advance(0)
+        attempted = {a for a in node.transport.attempts}
+        assert ("q0008", ("x@three.example",)) in attempted
+        assert all("now@one.example" not in a[1] for a in attempted)  # final: never again
+        assert ("q0007", ("later@two.example",)) not in attempted  # retry time not reached
+        await node.advance(300)
+        assert ("q0007", ("later@two.example",)) in node.transport.attempts
+        assert await node.spool.queue_ids() == []
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_destination_concurrency_limit(node):
+    await started(node)
+    node.transport.gate = Deferred()
+    try:
+        for n in range(5):
+            await node.accept(f"q01{n:02d}", f"r{n}@busy.example")
+        node.clock.advance(0)
+        await _sleep(0.2)
+        assert node.transport.max_in_flight == 2
+        gate, node.transport.gate = node.transport.gate, None
+        gate.callback(None)
+        await node.settle()
+        await _sleep(0.2)
+        await node.settle()
+        assert await node.spool.queue_ids() == []
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hold_release_flush_delete_bounce(node):
+    await started(node)
+    node.transport.script["d@one.example"] = [RecipientState.DEFERRED]
+    try:
+        await node.accept("q0201", "d@one.example")
+        await node.advance(0)
+        assert len(node.transport.attempts) == 1
+        assert await node.queue.hold("q0201")
+        await node.advance(300)
+        assert len(node.transport.attempts) == 1  # held: not attempted
+        listing = await node.tracking.queue_listing("node1")
+        assert [(m.queue_id, m.held) for m in listing] == [("q0201", True)]
+        assert await node.queue.release("q0201")
+        await node.advance(0)
+        assert len(node.transport.attempts) == 2
+        assert await node.queue.flush("q0201") == 1
+        await node.advance(0)
+        assert len(node.transport.attempts) == 3  # flush ignores the retry time
+        assert await node.queue.bounce("q0201")
+        assert await node.states("q0201") == [("failed", "5.0.0")]
+        assert await node.spool.queue_ids() == []
+
+        await node.accept("q0202", "d@one.example")
+        await node.advance(0)
+        assert await node.queue.delete("q0202")
+        assert await node.tracking.message("q0202") is None
+        assert await node.spool.queue_ids() == []
+        assert not await node.queue.delete("nosuch")
+    finally:
+        await node.close()
