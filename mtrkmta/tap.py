@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, ConfigError
 from mtrkmta.service import MTAService, make_service
+
+log = Logger()
+
+EXIT_START_FAILED = 1
 
 
 class Options(ServeOptions):
@@ -22,5 +31,30 @@ class Options(ServeOptions):
             raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 
+def exit_when_start_fails(service: MTAService, reactor: Any) -> None:
+    """If start-up fails (port in use, database unreachable), stop the process with status 1.
+
+    twistd itself would exit 0 after the reactor stops, so the exit status is
+    forced once the shutdown (services stopped, logs flushed) has run.
+    """
+
+    def failed(failure: Failure) -> None:
+        print(f"mtrkmta: could not start: {failure.getErrorMessage()}", file=sys.stderr)
+        reactor.addSystemEventTrigger("after", "shutdown", _exit, EXIT_START_FAILED)
+        reactor.stop()
+
+    service.ready.addErrback(failed)
+
+
+def _exit(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def makeService(options: Options) -> MTAService:
-    return make_service(options.config)
+    from twisted.internet import reactor
+
+    service = make_service(options.config, reactor)
+    exit_when_start_fails(service, reactor)
+    return service

@@ -51,7 +51,8 @@ cmd=${1:-}; shift || true
 case "$cmd" in
   run)
     ensure_system_packages
-    venv_at .venv -e .
+    # compat mode puts the clone on sys.path, where twistd looks for twisted/plugins.
+    venv_at .venv --config-settings editable_mode=compat -e .
     exec .venv/bin/twistd -n mtrkmta "$@"
     ;;
   test)

@@ -57,12 +57,18 @@ def db(args: Sequence[str]) -> int:
     except (usage.UsageError, ConfigError) as error:
         print(f"mtrkmta: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    from mtrkmta.service import prepare_data_dir
+    from sqlalchemy.engine import make_url
+
     from mtrkmta.tracking.migrate import current_revision, upgrade
 
-    if config.database.startswith("sqlite:"):
-        prepare_data_dir(config.data_dir)
-    upgrade(config.database)
+    url = make_url(config.database)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(url.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        upgrade(config.database)
+    except Exception as error:  # the database is unreachable or refuses: say so plainly
+        print(f"mtrkmta: cannot upgrade {url!r}: {error}", file=sys.stderr)
+        return 1
     print(f"tracking database at revision {current_revision(config.database)}")
     return 0
 

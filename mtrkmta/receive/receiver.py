@@ -43,7 +43,7 @@ class Receiver:
         node_id: str,
         min_free_space: int,
         clock: IReactorTime,
-        on_accepted: Callable[[Envelope], object] | None = None,
+        on_accepted: Callable[[Envelope, bytes], object] | None = None,
         free_space_interval: float = 5.0,
     ) -> None:
         self.spool = spool
@@ -119,10 +119,10 @@ class Receiver:
                 envelope, reporting_mta=self.reporting_mta, node_id=self.node_id, size=len(content)
             )
         )
-        d.addCallback(self._accepted, envelope)
+        d.addCallback(self._accepted, envelope, content)
         return d
 
-    def _accepted(self, _: object, envelope: Envelope) -> None:
+    def _accepted(self, _: object, envelope: Envelope, content: bytes) -> None:
         log.info(
             "{queue_id}: accepted from=<{sender}> nrcpt={n} via {listener} client=[{client}]",
             queue_id=envelope.queue_id,
@@ -132,4 +132,4 @@ class Receiver:
             client=envelope.client.address,
         )
         if self.on_accepted is not None:
-            self.on_accepted(envelope)
+            self.on_accepted(envelope, content)

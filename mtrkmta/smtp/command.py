@@ -45,18 +45,18 @@ def _syntax(text: str) -> SMTPError:
     return SMTPError(500, "5.5.2", text)
 
 
-def parse_command(line: bytes) -> Command:
+def parse_command(line: bytes, max_line: int = MAX_COMMAND_LINE) -> Command:
     """Split a command line (trailing CRLF optional) into verb and argument.
 
     The line is decoded as UTF-8 (SMTPUTF8). Raises SMTPError ``500 5.5.2`` when
-    the line exceeds MAX_COMMAND_LINE, is not UTF-8, contains CR/LF/NUL, or does
+    the line (CRLF counted) exceeds ``max_line``, is not UTF-8, contains CR/LF/NUL, or does
     not start with a well-formed verb. Trailing blanks of the argument are dropped.
     """
     if line.endswith(b"\r\n"):
         line = line[:-2]
     elif line.endswith(b"\n"):
         line = line[:-1]
-    if len(line) + 2 > MAX_COMMAND_LINE:
+    if len(line) + 2 > max_line:
         raise SMTPError.from_reply(LINE_TOO_LONG)
     if b"\r" in line or b"\n" in line or b"\x00" in line:
         raise _syntax("Syntax error: control character in command")

@@ -149,6 +149,10 @@ class SMTPServer(Protocol):
         self.receiver = factory.receiver
         self.framer = LineFramer(self.settings.command_line - 2)  # limit counts the CRLF
         self._lines: deque[bytes | object] = deque()
+        # The bytes behind self._lines and the framer's partial line, exactly as received:
+        # content pipelined after DATA must reach the DataReader unchanged, so that a bare
+        # LF (which ends a command line) can never become a CRLF (no SMTP smuggling).
+        self._raw = bytearray()
         self._data: DataReader | None = None
         self._waiting = False
         self._closing = False
@@ -179,11 +183,20 @@ class SMTPServer(Protocol):
         if self._closing:
             return
         self._reset_timeout()
-        if self._data is not None and not self._lines:
+        if self._data is not None and not self._raw:
             self._feed_data(data)
         else:
-            self._lines.extend(self.framer.feed(data))
+            self._frame(data)
         self._process()
+
+    def _frame(self, data: bytes) -> None:
+        """Frame command lines, keeping the raw bytes (one framer event per LF received)."""
+        self._raw += data
+        tail = len(self._raw) - self._raw.rfind(b"\n") - 1
+        keep = self.settings.command_line + 1000  # still over-long for the DataReader
+        if tail > keep:
+            del self._raw[len(self._raw) - tail : len(self._raw) - keep]
+        self._lines.extend(self.framer.feed(data))
 
     def shutdown(self) -> None:
         """Tell the client we are going away and close (service stop)."""
@@ -194,17 +207,22 @@ class SMTPServer(Protocol):
     # -- the command loop ---------------------------------------------------
 
     def _process(self) -> None:
-        while self._lines and not self._waiting and not self._closing:
+        while not self._waiting and not self._closing:
             if self._data is not None:
-                # Lines framed before DATA started belong to the content (a client
-                # that did not wait for 354): hand their bytes back to the reader.
-                raw = b"".join(
-                    (line if isinstance(line, bytes) else b"") + b"\r\n" for line in self._lines
-                )
+                if not self._raw:
+                    return
+                # Bytes received before DATA started belong to the content (a client
+                # that did not wait for 354): hand them to the reader exactly as sent.
+                raw = bytes(self._raw)
+                self._raw.clear()
                 self._lines.clear()
-                self._feed_data(raw + self.framer.take_buffer())
+                self.framer.reset()
+                self._feed_data(raw)
                 continue
+            if not self._lines:
+                return
             line = self._lines.popleft()
+            del self._raw[: self._raw.find(b"\n") + 1]
             if line is OVERLONG:
                 self._send(LINE_TOO_LONG)
                 continue
@@ -242,7 +260,7 @@ class SMTPServer(Protocol):
 
     def _dispatch(self, line: bytes) -> ReplyOrDeferred | None:
         try:
-            command = parse_command(line)
+            command = parse_command(line, self.settings.command_line)
             method = getattr(self, "smtp_" + command.verb, None)
             if method is None or not command.verb.isalpha():
                 return Reply(500, "5.5.1", ("Command unrecognized",))
@@ -366,6 +384,7 @@ class SMTPServer(Protocol):
         self._send(Reply(220, "2.0.0", ("Ready to start TLS",)))
         # Nothing the client sent in clear after STARTTLS may run under TLS.
         self._lines.clear()
+        self._raw.clear()
         self.framer.reset()
         self.transport.startTLS(self.settings.tls)
         self.session = Session(
@@ -527,7 +546,7 @@ class SMTPServer(Protocol):
         if result is None:
             return
         self._data = None
-        self._lines.extend(self.framer.feed(result.leftover))
+        self._frame(result.leftover)
         transaction, self.transaction = self.transaction, None
         assert transaction is not None
         self._answer(self._answer_data(self._end_of_data(transaction, result), transaction))

@@ -1,0 +1,227 @@
+"""The router: picks the next hop for a recipient domain from the configured routes and DNS."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime, IResolver
+from zope.interface import implementer
+
+from mtrkmta.config import DEFAULT_ROUTE, Config, Route
+from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server
+from mtrkmta.routing.mx import MXResolver, Resolution
+from mtrkmta.tracking.interfaces import RecipientState
+
+MAILDIR_HOP = NextHop(transport="maildir", destination="maildir", servers=())
+"""Where mail for local domains (and ``maildir`` routes) goes."""
+
+
+def select_route(routes: Sequence[Route], local_domains: Collection[str], domain: str) -> Route:
+    """The route for ``domain``, chosen as :meth:`mtrkmta.config.Config.route_for` does.
+
+    In order: its own route; maildir if it is local; the route of the nearest
+    ``.parent`` pattern it falls under; the ``*`` route (``mx`` when there is none).
+    """
+    name = domain.lower().removesuffix(".")
+    by_domain = {route.domain: route for route in routes}
+    if name in by_domain:
+        return by_domain[name]
+    if name in local_domains:
+        return Route(name, "maildir")
+    labels = name.split(".")
+    for start in range(1, len(labels)):
+        parent = "." + ".".join(labels[start:])
+        if parent in by_domain:
+            return by_domain[parent]
+    return by_domain.get("*", DEFAULT_ROUTE)
+
+
+def split_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """Split a Twisted endpoint description into positional and keyword arguments.
+
+    Arguments are separated by unescaped colons; a backslash escapes the next
+    character. The first positional argument is the endpoint type.
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for part in parts:
+        key, equals, value = part.partition("=")
+        if equals and args:
+            kwargs[key] = value
+        else:
+            args.append(part)
+    return args, kwargs
+
+
+def endpoint_host(description: str, local_name: str) -> str:
+    """The host a client endpoint description connects to; ``local_name`` for a Unix socket."""
+    args, kwargs = split_description(description)
+    if "host" in kwargs:
+        return kwargs["host"]
+    if args and args[0].lower() != "unix" and len(args) > 1 and args[1]:
+        return args[1]
+    return local_name
+
+
+class _ResultCache:
+    """Recent MX results by domain, each kept no longer than its DNS TTL; least recent go first."""
+
+    def __init__(self, clock: IReactorTime, size: int, max_ttl: float) -> None:
+        self._clock = clock
+        self._size = size
+        self._max_ttl = max_ttl
+        self._entries: OrderedDict[str, tuple[float, NextHop | RouteFailure]] = OrderedDict()
+
+    def get(self, domain: str) -> NextHop | RouteFailure | None:
+        entry = self._entries.get(domain)
+        if entry is None:
+            return None
+        expires, result = entry
+        if self._clock.seconds() >= expires:
+            del self._entries[domain]
+            return None
+        self._entries.move_to_end(domain)
+        return result
+
+    def put(self, domain: str, resolution: Resolution) -> None:
+        if resolution.ttl <= 0 or self._size <= 0:
+            return
+        lifetime = min(float(resolution.ttl), self._max_ttl)
+        self._entries[domain] = (self._clock.seconds() + lifetime, resolution.result)
+        self._entries.move_to_end(domain)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@implementer(IRouter)
+class Router:
+    """Decides where mail for a domain goes (IRouter).
+
+    Local domains and ``maildir`` routes go to the Maildir transport; ``lmtp:`` and
+    ``smtp:`` routes to their fixed endpoint; ``mx`` routes through MX resolution
+    (see :class:`mtrkmta.routing.mx.MXResolver`). ``hostname`` is ours: it names
+    Unix-socket servers and lets MX resolution refuse to send mail to ourselves.
+
+    With a ``clock``, MX results (not temporary failures) are cached for their DNS
+    TTL, at most ``max_cache_ttl`` seconds, for up to ``cache_size`` domains.
+    """
+
+    def __init__(
+        self,
+        routes: Sequence[Route],
+        local_domains: Collection[str],
+        resolver: IResolver,
+        *,
+        hostname: str | None = None,
+        smtp_port: int = 25,
+        smtp_max_recipients: int = 50,
+        lmtp_max_recipients: int = 50,
+        rng: random.Random | None = None,
+        prefer_ipv6: bool = False,
+        max_mx_servers: int = 10,
+        clock: IReactorTime | None = None,
+        cache_size: int = 1000,
+        max_cache_ttl: float = 3600.0,
+    ) -> None:
+        for route in routes:
+            if route.transport in ("lmtp", "smtp") and not route.endpoint:
+                raise ValueError(f"route for {route.domain!r} ({route.transport}) has no endpoint")
+        self._routes = tuple(routes)
+        self._local_domains = frozenset(d.lower().removesuffix(".") for d in local_domains)
+        self._hostname = hostname
+        self._smtp_max_recipients = smtp_max_recipients
+        self._lmtp_max_recipients = lmtp_max_recipients
+        self._mx = MXResolver(
+            resolver,
+            smtp_port=smtp_port,
+            hostname=hostname,
+            rng=rng,
+            prefer_ipv6=prefer_ipv6,
+            max_servers=max_mx_servers,
+            max_recipients=smtp_max_recipients,
+        )
+        self._cache = None if clock is None else _ResultCache(clock, cache_size, max_cache_ttl)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        resolver: IResolver,
+        *,
+        clock: IReactorTime | None = None,
+        rng: random.Random | None = None,
+        smtp_port: int = 25,
+    ) -> Router:
+        """A router for ``config``'s routes and local domains, naming itself ``config.hostname``."""
+        return cls(
+            config.routes,
+            config.local_domains,
+            resolver,
+            hostname=config.hostname,
+            smtp_port=smtp_port,
+            rng=rng,
+            clock=clock,
+        )
+
+    def route(self, domain: str) -> Deferred[NextHop | RouteFailure]:
+        """The next hop for ``domain``, or why there is none (IRouter)."""
+        name = domain.lower().removesuffix(".")
+        if not name:
+            return succeed(RouteFailure(RecipientState.FAILED, "5.1.3", "no domain to route"))
+        route = select_route(self._routes, self._local_domains, name)
+        if route.transport == "maildir":
+            return succeed(MAILDIR_HOP)
+        if route.transport == "mx" or route.endpoint is None:
+            return self._route_mx(name)
+        return succeed(self._fixed_hop(route.transport, route.endpoint))
+
+    def _fixed_hop(self, transport: str, endpoint: str) -> NextHop:
+        server = Server(endpoint_host(endpoint, self._hostname or "localhost"), endpoint)
+        if transport == "lmtp":
+            return NextHop(
+                transport="lmtp",
+                destination=f"route:lmtp:{endpoint}",
+                servers=(server,),
+                max_recipients=self._lmtp_max_recipients,
+            )
+        return NextHop(
+            transport="smtp",
+            destination=f"route:smtp:{endpoint}",
+            servers=(server,),
+            max_recipients=self._smtp_max_recipients,
+        )
+
+    def _route_mx(self, domain: str) -> Deferred[NextHop | RouteFailure]:
+        cache = self._cache
+        if cache is not None:
+            cached = cache.get(domain)
+            if cached is not None:
+                return succeed(cached)
+
+        def done(resolution: Resolution) -> NextHop | RouteFailure:
+            if cache is not None:
+                cache.put(domain, resolution)
+            return resolution.result
+
+        return self._mx.resolve(domain).addCallback(done)
