@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, cast
@@ -449,6 +449,26 @@ def _toml_key(name: str) -> str:
 # entry in doc/configuration.rst and doc/examples/mtrkmta.toml.
 
 
+def select_route(routes: Sequence[Route], local_domains: Collection[str], domain: str) -> Route:
+    """The route for ``domain``.
+
+    In order: its own route; maildir if it is local; the route of the nearest
+    ``.parent`` pattern it falls under; the ``*`` route (``mx`` when there is none).
+    """
+    name = domain.lower().removesuffix(".")
+    by_domain = {route.domain: route for route in routes}
+    if name in by_domain:
+        return by_domain[name]
+    if name in local_domains:
+        return Route(name, "maildir")
+    labels = name.split(".")
+    for start in range(1, len(labels)):
+        parent = "." + ".".join(labels[start:])
+        if parent in by_domain:
+            return by_domain[parent]
+    return by_domain.get("*", DEFAULT_ROUTE)
+
+
 @dataclass(frozen=True, slots=True)
 class Listeners:
     """Server endpoint descriptions of the listeners; None disables one."""
@@ -552,23 +572,8 @@ class Config:
         return domain.lower().removesuffix(".") in self.local_domains
 
     def route_for(self, domain: str) -> Route:
-        """The route for ``domain``.
-
-        In order: its own route; maildir if it is local; the route of the nearest
-        ``.parent`` pattern it falls under; the ``*`` route.
-        """
-        name = domain.lower().removesuffix(".")
-        by_domain = {route.domain: route for route in self.routes}
-        if name in by_domain:
-            return by_domain[name]
-        if name in self.local_domains:
-            return Route(name, "maildir")
-        labels = name.split(".")
-        for start in range(1, len(labels)):
-            parent = "." + ".".join(labels[start:])
-            if parent in by_domain:
-                return by_domain[parent]
-        return by_domain["*"]
+        """The route for ``domain`` (see :func:`select_route`)."""
+        return select_route(self.routes, self.local_domains, domain)
 
 
 # ---------------------------------------------------------------------------

@@ -10,33 +10,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
 from zope.interface import implementer
 
-from mtrkmta.config import DEFAULT_ROUTE, Config, Route
+from mtrkmta.config import Config, Route, select_route
 from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server
 from mtrkmta.routing.mx import MXResolver, Resolution
 from mtrkmta.tracking.interfaces import RecipientState
 
 MAILDIR_HOP = NextHop(transport="maildir", destination="maildir", servers=())
 """Where mail for local domains (and ``maildir`` routes) goes."""
-
-
-def select_route(routes: Sequence[Route], local_domains: Collection[str], domain: str) -> Route:
-    """The route for ``domain``, chosen as :meth:`mtrkmta.config.Config.route_for` does.
-
-    In order: its own route; maildir if it is local; the route of the nearest
-    ``.parent`` pattern it falls under; the ``*`` route (``mx`` when there is none).
-    """
-    name = domain.lower().removesuffix(".")
-    by_domain = {route.domain: route for route in routes}
-    if name in by_domain:
-        return by_domain[name]
-    if name in local_domains:
-        return Route(name, "maildir")
-    labels = name.split(".")
-    for start in range(1, len(labels)):
-        parent = "." + ".".join(labels[start:])
-        if parent in by_domain:
-            return by_domain[parent]
-    return by_domain.get("*", DEFAULT_ROUTE)
 
 
 def split_description(description: str) -> tuple[list[str], dict[str, str]]:

@@ -17,13 +17,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mtrkmta.config import DEFAULT_ROUTE, Config, Route
+from mtrkmta.config import DEFAULT_ROUTE, Config, Route, select_route
 from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server
 from mtrkmta.routing.router import (
     MAILDIR_HOP,
     Router,
     endpoint_host,
-    select_route,
     split_description,
 )
 from mtrkmta.tracking.interfaces import RecipientState
@@ -264,18 +263,21 @@ _pattern = st.one_of(_domain, _domain.map(lambda d: "." + d))
     local=st.lists(_domain, max_size=4, unique=True),
     domain=_domain,
 )
-def test_select_route_agrees_with_config_route_for(patterns, local, domain):
-    routes = (*(Route(p, "smtp", f"tcp:host={i}.invalid:port=25") for i, p in enumerate(patterns)),)
-    config = Config(
-        hostname="mx.example.com",
-        data_dir=Path("/nonexistent"),
-        database="sqlite://",
-        node_id="n1",
-        local_domains=tuple(local),
-        routes=(*routes, DEFAULT_ROUTE),
+def test_select_route_picks_the_most_specific_rule(patterns, local, domain):
+    routes = tuple(
+        Route(p, "smtp", f"tcp:host={i}.invalid:port=25") for i, p in enumerate(patterns)
     )
-    assert select_route(config.routes, config.local_domains, domain) == config.route_for(domain)
-    assert select_route(routes, local, domain) == config.route_for(domain)
+    chosen = select_route((*routes, DEFAULT_ROUTE), local, domain)
+    if domain in patterns:
+        assert chosen.domain == domain  # an exact route wins over everything
+    elif domain in local:
+        assert chosen == Route(domain, "maildir")
+    else:
+        parents = [p for p in patterns if p.startswith(".") and domain.endswith(p)]
+        if parents:
+            assert chosen.domain == max(parents, key=len)  # the nearest parent
+        else:
+            assert chosen == DEFAULT_ROUTE
 
 
 # -- MX decisions ----------------------------------------------------------------
