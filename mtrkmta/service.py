@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,24 @@ log = Logger()
 
 
 def prepare_data_dir(data_dir: Path) -> None:
-    """Create the data directory (mode 0700) if it does not exist yet. Blocking."""
+    """Create the data directory (mode 0700) if it does not exist yet, durably. Blocking.
+
+    The parent of each directory created is fsync'd, so that the spool and the
+    tracking database, which fsync only inside the data directory, cannot vanish
+    with it after a power loss on a fresh installation.
+    """
+    missing: list[Path] = []
+    path = data_dir
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for created in reversed(missing):
+        fd = os.open(created.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class MTAService(Service):
@@ -112,18 +129,20 @@ class MTAService(Service):
         await self._listen()
 
     async def _reconcile(self) -> None:
-        """Remove spool files that have no tracking record (never acknowledged)."""
+        """Move spool files that have no tracking record (never acknowledged) aside."""
         assert self.spool is not None and self.tracking is not None
         on_disk = await self.spool.queue_ids()
         known = await self.tracking.known(on_disk)
         orphans = [queue_id for queue_id in on_disk if queue_id not in known]
         if orphans:
-            log.info(
-                "spool recovery removed {n} unacknowledged message(s): {ids}",
+            where = await self.spool.quarantine(orphans)
+            log.warn(
+                "spool recovery: {n} message file(s) without a tracking record were never "
+                "acknowledged (crash before the commit) and were moved to {where}: {ids}",
                 n=len(orphans),
+                where=where,
                 ids=" ".join(orphans),
             )
-            await self.spool.remove(orphans)
 
     def settings(self, listener: str) -> ServerSettings:
         """The server settings of one listener, from the configuration."""

@@ -14,9 +14,9 @@ def server_context(certificate: Path, private_key: Path) -> ssl.CertificateOptio
     leaf = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
     chain = [ssl.Certificate.loadPEM(block) for block in _pem_blocks(cert_pem)[1:]]
     return ssl.CertificateOptions(
-        privateKey=leaf.privateKey.original,
-        certificate=leaf.original,
-        extraCertChain=[c.original for c in chain],
+        privateKey=leaf.privateKey.original.to_cryptography_key(),
+        certificate=leaf.original.to_cryptography(),
+        extraCertChain=[c.original.to_cryptography() for c in chain],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
 

@@ -18,7 +18,7 @@ class LMTPServer(SMTPServer):
     service_name = "LMTP"
 
     def smtp_LHLO(self, argument: str) -> Reply:
-        return self._hello(argument, esmtp=True)
+        return self._hello(argument, esmtp=True, verb="LHLO")
 
     def smtp_EHLO(self, argument: str) -> Reply:
         # CHECKLIST 7.1: HELO/EHLO never get 2xx on LMTP.

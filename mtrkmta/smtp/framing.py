@@ -20,53 +20,74 @@ OVERLONG = LineTooLong()
 
 
 class LineFramer:
-    """Split a byte stream into CRLF-terminated command lines.
+    """Split a byte stream into CRLF-terminated command lines, one line at a time.
 
+    ``push`` appends received bytes; ``next_line`` frames the next complete line
+    only when asked, so the bytes after a line that switches modes (DATA) are
+    still exactly as received and ``take_buffer`` hands them over unchanged: a
+    bare LF that would end a command line can never turn into a content CRLF.
     The partial-line buffer is bounded: a line longer than ``max_length`` octets
-    (CRLF excluded) is discarded up to its CRLF and reported once as
-    ``OVERLONG``, and the lines pipelined after it are kept. A bare LF also
-    ends a command line, as most servers accept.
+    (CRLF excluded) is discarded up to its LF and reported once as ``OVERLONG``;
+    the lines after it are kept. A bare LF also ends a command line, as most
+    servers accept.
     """
 
     def __init__(self, max_length: int) -> None:
         self.max_length = max_length
-        self._partial = b""
+        self._buffer = bytearray()
+        self._start = 0  # bytes before this offset were already framed
         self._discarding = False
+
+    def push(self, data: bytes) -> None:
+        """Append received bytes."""
+        self._buffer += data
+
+    def next_line(self) -> bytes | LineTooLong | None:
+        """The next complete line (without its line end), ``OVERLONG``, or None for now."""
+        buffer = self._buffer
+        end = buffer.find(b"\n", self._start)
+        if end < 0:
+            if len(buffer) - self._start > self.max_length + 1:
+                # This line can no longer be legal: keep only a possible trailing CR.
+                self._discarding = True
+                del buffer[: len(buffer) - 1]
+                self._start = 0
+            self._compact()
+            return None
+        line = bytes(buffer[self._start : end])
+        self._start = end + 1
+        if self._start > 65536:
+            self._compact()
+        if self._discarding:
+            self._discarding = False
+            return OVERLONG
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        return OVERLONG if len(line) > self.max_length else line
 
     def feed(self, data: bytes) -> list[bytes | LineTooLong]:
-        """Consume ``data``; return the complete lines (without line end) in order."""
-        buffer = self._partial + data if self._partial else data
-        pieces = buffer.split(b"\n")
-        tail = pieces.pop()
-        events: list[bytes | LineTooLong] = []
-        for piece in pieces:
-            if piece.endswith(b"\r"):
-                piece = piece[:-1]
-            if self._discarding:
-                self._discarding = False
-                events.append(OVERLONG)
-            elif len(piece) > self.max_length:
-                events.append(OVERLONG)
-            else:
-                events.append(piece)
-        if len(tail) > self.max_length + 1:
-            self._discarding = True
-            tail = tail[-1:]
-        elif self._discarding:
-            tail = tail[-1:]
-        self._partial = tail
-        return events
+        """``push`` then every complete line, in order (for a peer that never switches mode)."""
+        self.push(data)
+        lines: list[bytes | LineTooLong] = []
+        while (line := self.next_line()) is not None:
+            lines.append(line)
+        return lines
 
     def take_buffer(self) -> bytes:
-        """Remove and return the unconsumed partial line (used when DATA starts)."""
-        tail, self._partial = self._partial, b""
-        self._discarding = False
-        return tail
+        """Remove and return every byte not framed yet, exactly as received (DATA starts)."""
+        rest = bytes(self._buffer[self._start :])
+        self.reset()
+        return rest
 
     def reset(self) -> None:
         """Forget everything buffered (STARTTLS: nothing sent in clear may run encrypted)."""
-        self._partial = b""
+        self._buffer = bytearray()
+        self._start = 0
         self._discarding = False
+
+    def _compact(self) -> None:
+        del self._buffer[: self._start]
+        self._start = 0
 
 
 @dataclass(slots=True)

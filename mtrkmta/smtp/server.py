@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -148,14 +147,10 @@ class SMTPServer(Protocol):
         self.settings: ServerSettings = factory.settings
         self.receiver = factory.receiver
         self.framer = LineFramer(self.settings.command_line - 2)  # limit counts the CRLF
-        self._lines: deque[bytes | object] = deque()
-        # The bytes behind self._lines and the framer's partial line, exactly as received:
-        # content pipelined after DATA must reach the DataReader unchanged, so that a bare
-        # LF (which ends a command line) can never become a CRLF (no SMTP smuggling).
-        self._raw = bytearray()
         self._data: DataReader | None = None
         self._waiting = False
         self._closing = False
+        self._shutting_down = False
         self._line_handler: Callable[[bytes], ReplyOrDeferred | None] | None = None
         self._timeout_call: Any = None
         self.session: Session
@@ -183,24 +178,20 @@ class SMTPServer(Protocol):
         if self._closing:
             return
         self._reset_timeout()
-        if self._data is not None and not self._raw:
+        if self._data is not None:
             self._feed_data(data)
         else:
-            self._frame(data)
+            self.framer.push(data)
         self._process()
 
-    def _frame(self, data: bytes) -> None:
-        """Frame command lines, keeping the raw bytes (one framer event per LF received)."""
-        self._raw += data
-        tail = len(self._raw) - self._raw.rfind(b"\n") - 1
-        keep = self.settings.command_line + 1000  # still over-long for the DataReader
-        if tail > keep:
-            del self._raw[len(self._raw) - tail : len(self._raw) - keep]
-        self._lines.extend(self.framer.feed(data))
-
     def shutdown(self) -> None:
-        """Tell the client we are going away and close (service stop)."""
-        if not self._closing:
+        """Tell the client we are going away and close (service stop).
+
+        A command still being answered (a message being made durable) gets its
+        real reply first: a client must never hear 421 for a message we keep.
+        """
+        self._shutting_down = True
+        if not self._closing and not self._waiting:
             self._send(Reply(421, "4.3.2", (f"{self.settings.hostname} Service shutting down",)))
             self._close()
 
@@ -209,20 +200,16 @@ class SMTPServer(Protocol):
     def _process(self) -> None:
         while not self._waiting and not self._closing:
             if self._data is not None:
-                if not self._raw:
+                # Bytes received after the DATA line belong to the content (a client that
+                # did not wait for 354): the framer hands them over exactly as received.
+                rest = self.framer.take_buffer()
+                if not rest:
                     return
-                # Bytes received before DATA started belong to the content (a client
-                # that did not wait for 354): hand them to the reader exactly as sent.
-                raw = bytes(self._raw)
-                self._raw.clear()
-                self._lines.clear()
-                self.framer.reset()
-                self._feed_data(raw)
+                self._feed_data(rest)
                 continue
-            if not self._lines:
+            line = self.framer.next_line()
+            if line is None:
                 return
-            line = self._lines.popleft()
-            del self._raw[: self._raw.find(b"\n") + 1]
             if line is OVERLONG:
                 self._send(LINE_TOO_LONG)
                 continue
@@ -251,6 +238,9 @@ class SMTPServer(Protocol):
             return
         if reply is not None:
             self._send(reply)
+        if self._shutting_down:
+            self.shutdown()
+            return
         self.transport.resumeProducing()
         self._process()
 
@@ -327,10 +317,10 @@ class SMTPServer(Protocol):
     def _auth_offered(self) -> bool:
         return self.settings.checker is not None and self.session.tls
 
-    def _hello(self, argument: str, esmtp: bool) -> Reply:
+    def _hello(self, argument: str, esmtp: bool, verb: str) -> Reply:
         name = argument.strip()
         if not name or " " in name:
-            return Reply(501, "5.5.4", ("Syntax: EHLO hostname",))
+            return Reply(501, "5.5.4", (f"Syntax: {verb} hostname",))
         self.transaction = None
         self.session.helo = name
         self.session.esmtp = esmtp
@@ -339,10 +329,10 @@ class SMTPServer(Protocol):
         return render_ehlo(self.settings.hostname, self.keywords())
 
     def smtp_EHLO(self, argument: str) -> Reply:
-        return self._hello(argument, esmtp=True)
+        return self._hello(argument, esmtp=True, verb="EHLO")
 
     def smtp_HELO(self, argument: str) -> Reply:
-        return self._hello(argument, esmtp=False)
+        return self._hello(argument, esmtp=False, verb="HELO")
 
     def smtp_NOOP(self, argument: str) -> Reply:
         return R_OK
@@ -383,8 +373,6 @@ class SMTPServer(Protocol):
             return Reply(501, "5.5.4", ("Syntax: STARTTLS",))
         self._send(Reply(220, "2.0.0", ("Ready to start TLS",)))
         # Nothing the client sent in clear after STARTTLS may run under TLS.
-        self._lines.clear()
-        self._raw.clear()
         self.framer.reset()
         self.transport.startTLS(self.settings.tls)
         self.session = Session(
@@ -427,7 +415,8 @@ class SMTPServer(Protocol):
         return Reply(504, "5.5.4", ("Unrecognized authentication type",))
 
     def _challenge(self, prompt: bytes, handler: Callable[[bytes], ReplyOrDeferred | None]) -> None:
-        self._send(Reply(334, None, (base64.b64encode(prompt).decode("ascii"),)))
+        # RFC 4954 §4: continue-req = "334" SP [base64] CRLF, the space even when empty.
+        self.transport.write(b"334 " + base64.b64encode(prompt) + b"\r\n")
         self._line_handler = handler
 
     @staticmethod
@@ -546,7 +535,7 @@ class SMTPServer(Protocol):
         if result is None:
             return
         self._data = None
-        self._frame(result.leftover)
+        self.framer.push(result.leftover)
         transaction, self.transaction = self.transaction, None
         assert transaction is not None
         self._answer(self._answer_data(self._end_of_data(transaction, result), transaction))

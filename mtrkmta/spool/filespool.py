@@ -205,6 +205,21 @@ class FileSpool:
             return succeed(None)
         return self._removals.submit(ids)
 
+    def quarantine(self, queue_ids: Iterable[str]) -> Deferred[Path]:
+        """Move committed messages out of the queue into ``quarantine/``; fire with that dir.
+
+        For files the tracking store does not know: normally never acknowledged
+        (a crash between the spool commit and the tracking commit), but kept for
+        the administrator rather than deleted, in case the database is the wrong one.
+        """
+        if self._closed:
+            return fail(SpoolError("spool is closed"))
+        try:
+            ids = tuple(check_queue_id(q) for q in queue_ids)
+        except ValueError as e:
+            return fail(e)
+        return self._run(self._quarantine, ids)
+
     def queue_ids(self) -> Deferred[list[str]]:
         """Every committed queue id, sorted (so, for generated ids, oldest first)."""
         return self._run(self._list_queue)
@@ -415,6 +430,22 @@ class FileSpool:
                 for i in indices:
                     results[i] = results[i] or e
         return results
+
+    def _quarantine(self, ids: tuple[str, ...]) -> Path:
+        target = self._root / "quarantine"
+        self._make_dir(target)
+        sources: set[Path] = set()
+        for queue_id in ids:
+            path = self.queue_path(queue_id)
+            try:
+                os.rename(path, target / queue_id)
+            except FileNotFoundError:
+                continue
+            sources.add(path.parent)
+        self._sync_dir(target)
+        for directory in sources:
+            self._sync_dir(directory)
+        return target
 
     def _load(self, path: Path, queue_id: str) -> tuple[Envelope, bytes]:
         try:

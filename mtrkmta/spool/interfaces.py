@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
@@ -42,6 +43,9 @@ class ISpool(Interface):
 
     def remove(queue_ids: Iterable[str]) -> Deferred[None]:
         """Durably delete messages; ids that are already gone are ignored."""
+
+    def quarantine(queue_ids: Iterable[str]) -> Deferred[Path]:
+        """Move committed messages aside (out of the queue), keeping them; fire with where."""
 
     def queue_ids() -> Deferred[list[str]]:
         """Every committed queue id, sorted."""

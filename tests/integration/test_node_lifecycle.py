@@ -38,8 +38,9 @@ async def test_node_greets_accepts_and_stops(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_restart_removes_unacknowledged_spool_files(tmp_path):
-    # A spool file without a tracking record was never acknowledged: start-up removes it.
+async def test_restart_quarantines_unacknowledged_spool_files(tmp_path):
+    # A spool file without a tracking record was never acknowledged: start-up moves it
+    # out of the queue, into spool/quarantine/ for the administrator.
     config = node_config(tmp_path / "data")
     node = await start_node(config)
     try:
@@ -55,6 +56,7 @@ async def test_restart_removes_unacknowledged_spool_files(tmp_path):
     node = await start_node(config)
     try:
         assert await node.spool.queue_ids() == []
+        assert (config.data_dir / "spool" / "quarantine" / "orphan0000000000001").is_file()
     finally:
         await stop_node(node)
 

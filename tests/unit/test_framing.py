@@ -118,3 +118,20 @@ def test_stuffed_content_round_trips_whatever_the_chunking(lines, cuts):
     assert result is not None
     assert result.content == b"".join(line + b"\r\n" for line in lines)
     assert result.leftover == b"NEXT\r\n"
+
+
+def test_take_buffer_returns_the_bytes_after_a_line_exactly():
+    # DATA pipelined with content: a bare LF framed as a command line end must not
+    # turn into a CRLF when the bytes move to the DataReader (no SMTP smuggling).
+    framer = LineFramer(100)
+    framer.push(b"DATA\r\nA\n.\nMAIL FROM:<x@y>\r\n")
+    assert framer.next_line() == b"DATA"
+    assert framer.take_buffer() == b"A\n.\nMAIL FROM:<x@y>\r\n"
+    assert framer.next_line() is None
+
+
+def test_partial_line_buffer_is_bounded():
+    framer = LineFramer(10)
+    framer.push(b"x" * 100_000)
+    assert framer.next_line() is None
+    assert len(framer.take_buffer()) <= 1

@@ -267,8 +267,6 @@ def test_select_route_picks_the_most_specific_rule(patterns, local, domain):
     routes = tuple(
         Route(p, "smtp", f"tcp:host={i}.invalid:port=25") for i, p in enumerate(patterns)
     )
-        Route(p, "smtp", f"tcp:host={i}.invalid:port=25") for i, p in enumerate(patterns)
-    )
     chosen = select_route((*routes, DEFAULT_ROUTE), local, domain)
     if domain in patterns:
         assert chosen.domain == domain  # an exact route wins over everything

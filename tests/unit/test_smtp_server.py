@@ -20,6 +20,7 @@ class RecordingReceiver:
         self.sender_checks: list[Deferred] | None = None
         self.refuse_rcpt: dict[str, Reply] = {}
         self.fail_accept = False
+        self.pending_accepts: list[Deferred] | None = None
 
     def check_sender(self, session, sender, params):
         if self.sender_checks is not None:
@@ -40,6 +41,10 @@ class RecordingReceiver:
 
             return fail(OSError("disk on fire"))
         self.accepted.append((envelope, content))
+        if self.pending_accepts is not None:
+            d = Deferred()
+            self.pending_accepts.append(d)
+            return d
         return succeed(None)
 
 
@@ -290,3 +295,19 @@ def test_submission_requires_auth(receiver, clock):
     c.send(b"EHLO c\r\n")
     assert c.send(b"MAIL FROM:<a@b.example>\r\n") == [b"530 5.7.0 Authentication required"]
     c.close()
+
+
+def test_shutdown_while_a_message_is_being_made_durable(client, receiver):
+    # The message the server keeps gets its 250 before the 421, never a 421 alone.
+    receiver.pending_accepts = []
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
+    assert client.send(b"hello\r\n.\r\n") == []
+    client.proto.shutdown()
+    assert client.lines() == []
+    assert not client.transport.disconnecting
+    receiver.pending_accepts[0].callback(None)
+    assert client.lines() == [
+        b"250 2.0.0 Ok: queued as Q1",
+        b"421 4.3.2 mx.example.test Service shutting down",
+    ]
+    assert client.transport.disconnecting

@@ -1,0 +1,660 @@
+"""The outbound SMTP client core on Twisted: one connection, several mail transactions."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, fail, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPullProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mtrkmta.delivery.interfaces import TLSPolicy
+from mtrkmta.smtp.extensions import parse_ehlo
+from mtrkmta.smtp.framing import CRLF, OVERLONG, LineFramer
+from mtrkmta.smtp.outbound import END_OF_DATA, DotStuffer
+from mtrkmta.smtp.reply import MalformedReply, Reply, ReplyReader
+
+log = Logger()
+
+MAX_REPLY_LINE = 4096
+"""Longest reply line accepted (RFC 5321 §4.5.3.1.5 says 512; real servers exceed it)."""
+
+
+def opportunistic_tls(server_name: str) -> ssl.CertificateOptions:
+    """A client TLS context for opportunistic STARTTLS (RFC 7435): TLS 1.2 or later.
+
+    It does NOT verify the server certificate: with policy ``may`` or ``encrypt``
+    unauthenticated encryption beats plain text, and most MX hosts would fail
+    verification. ``server_name`` is accepted so a verifying factory (e.g. one
+    built on ``optionsForClientTLS``) can be passed in the settings instead.
+    """
+    return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """Seconds to wait at each step; defaults from RFC 5321 §4.5.3.2.
+
+    ``data_block`` bounds each chunk of content written (the peer must keep
+    reading); ``data_end`` is the wait for the reply(ies) after the final dot.
+    """
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    hello: float = 300.0
+    starttls: float = 120.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+    rset: float = 120.0
+    quit: float = 60.0
+
+    def scaled(self, factor: float) -> ClientTimeouts:
+        """Every timeout multiplied by ``factor`` (tests use small values)."""
+        return ClientTimeouts(**{f.name: getattr(self, f.name) * factor for f in fields(self)})
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """What a client session needs: our EHLO name, timeouts, TLS context factory."""
+
+    hostname: str
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+    tls_context: Callable[[str], Any] = opportunistic_tls
+    data_chunk: int = 16 * 1024  # content octets per write while sending DATA
+
+
+class SessionError(Exception):
+    """A failure of the session as a whole, or a refusal before any transaction.
+
+    ``status`` is the RFC 3463 code to defer with (always 4.x.x); ``reply`` the
+    server's reply when one caused it (a 4xx/5xx greeting, EHLO or STARTTLS refusal).
+    """
+
+    def __init__(self, message: str, *, status: str = "4.4.2", reply: Reply | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.reply = reply
+
+
+def temporary_status(reply: Reply) -> str:
+    """The reply's enhanced code as a 4.x.x (for deferring on a 5xx greeting), else 4.0.0."""
+    if reply.enhanced is None:
+        return "4.0.0"
+    return "4" + reply.enhanced[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One message to send on a session: envelope, ready-made parameters and content.
+
+    ``rcpt_parameters`` has one tuple per recipient, or is empty for none at all.
+    ``content`` is the message as stored (CRLF lines, not dot-stuffed).
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes
+    mail_parameters: tuple[str, ...] = ()
+    rcpt_parameters: tuple[tuple[str, ...], ...] = ()
+
+    def rcpt_line(self, index: int) -> str:
+        params = self.rcpt_parameters[index] if self.rcpt_parameters else ()
+        return _with_params(f"RCPT TO:<{self.recipients[index]}>", params)
+
+    def mail_line(self) -> str:
+        return _with_params(f"MAIL FROM:<{self.sender}>", self.mail_parameters)
+
+
+def _with_params(command: str, params: tuple[str, ...]) -> str:
+    return " ".join((command, *params))
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientReply:
+    """What decided one recipient: the reply, or None with ``unknown`` when none came.
+
+    ``unknown`` is True when the final dot went out and no reply came back (the
+    message may have been delivered); otherwise a None reply means the session
+    failed before this recipient's fate was decided (see ``TransactionResult.error``).
+    """
+
+    reply: Reply | None
+    unknown: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionResult:
+    """The replies of one transaction, per step; ``error`` when the session failed.
+
+    ``final`` has one entry per recipient: the reply after the dot for accepted ones
+    (the same reply for every recipient in SMTP, its own in LMTP), None otherwise.
+    """
+
+    mail: Reply | None
+    rcpt: tuple[Reply | None, ...]
+    data: Reply | None
+    final: tuple[Reply | None, ...]
+    dot_sent: bool
+    error: SessionError | None
+
+    def per_recipient(self) -> tuple[RecipientReply, ...]:
+        """The deciding reply of each recipient, in order.
+
+        A refused MAIL decides for all; then a refused RCPT; then a refused DATA
+        for the accepted ones; then the reply after the final dot.
+        """
+        out: list[RecipientReply] = []
+        for index, rcpt in enumerate(self.rcpt):
+            if self.mail is not None and not self.mail.is_positive:
+                out.append(RecipientReply(self.mail))
+            elif rcpt is not None and not rcpt.is_positive:
+                out.append(RecipientReply(rcpt))
+            elif rcpt is None or self.mail is None:
+                out.append(RecipientReply(None))
+            elif self.data is not None and not self.data.is_intermediate:
+                out.append(RecipientReply(self.data))
+            elif self.final[index] is not None:
+                out.append(RecipientReply(self.final[index]))
+            else:
+                out.append(RecipientReply(None, unknown=self.dot_sent))
+        return tuple(out)
+
+
+@dataclass(slots=True)
+class _Progress:
+    mail: Reply | None = None
+    rcpt: list[Reply | None] = field(default_factory=list)
+    data: Reply | None = None
+    final: list[Reply | None] = field(default_factory=list)
+    dot_sent: bool = False
+    error: SessionError | None = None
+
+    def accepted(self) -> list[int]:
+        if self.mail is None or not self.mail.is_positive:
+            return []
+        return [i for i, reply in enumerate(self.rcpt) if reply is not None and reply.is_positive]
+
+    def result(self) -> TransactionResult:
+        return TransactionResult(
+            mail=self.mail,
+            rcpt=tuple(self.rcpt),
+            data=self.data,
+            final=tuple(self.final),
+            dot_sent=self.dot_sent,
+            error=self.error,
+        )
+
+
+@dataclass(slots=True)
+class _Waiter:
+    what: str
+    timeout: float
+    deferred: Deferred[Reply | SessionError]
+
+
+@implementer(IPullProducer)
+class _ContentProducer:
+    """Writes the dot-stuffed content a chunk at a time as the transport drains."""
+
+    def __init__(self, client: SMTPClient, content: bytes, chunk: int) -> None:
+        self._client = client
+        self._content = content
+        self._chunk = max(1, chunk)
+        self._offset = 0
+        self._stuffer = DotStuffer()
+        self.done = False
+        self.finished: Deferred[SessionError | None] = Deferred()
+
+    def resumeProducing(self) -> None:
+        if self.done:
+            return
+        end = self._offset + self._chunk
+        piece = self._stuffer.feed(self._content[self._offset : end])
+        self._offset = end
+        last = self._offset >= len(self._content)
+        if last:
+            piece += self._stuffer.finish()
+            self.done = True
+        self._client._content_written(self, piece, last)
+
+    def stopProducing(self) -> None:
+        self.done = True  # the connection went away; connectionLost reports it
+
+
+@implementer(IHandshakeListener)
+class SMTPClient(Protocol):
+    """One outbound SMTP session: greeting, EHLO/HELO, STARTTLS, then transactions.
+
+    Built for one server (``server_name`` is what Remote-MTA reports) under one TLS
+    policy. :meth:`when_ready` fires once the session can carry mail, or fails
+    with :class:`SessionError`. :meth:`send` runs transactions one after the other
+    (RSET before every one but the first) and never fails: a broken session is
+    reported in the result. :meth:`close` says QUIT and waits for the connection
+    to go. Every wait for the server is bounded by the settings' timeouts,
+    measured on the injected clock.
+
+    TLS policy: ``none`` never starts TLS; ``may`` starts it when offered and stays
+    in plain text when STARTTLS is not offered or is refused with a 4xx/5xx (the
+    connection is still in step, as Postfix does); ``encrypt`` fails the session
+    with 4.7.4 in both cases. A failed handshake is a connection failure (4.7.5).
+    """
+
+    hello_verb = "EHLO"
+    fallback_verb: str | None = "HELO"
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        clock: IReactorTime,
+        *,
+        server_name: str,
+        tls: TLSPolicy = "may",
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.server_name = server_name
+        self.tls_policy: TLSPolicy = tls
+        self.greeting: Reply | None = None
+        self.keywords: dict[str, str] = {}
+        self.esmtp = False
+        self.tls_active = False
+        self._framer = LineFramer(MAX_REPLY_LINE)
+        self._reader = ReplyReader()
+        self._waiters: deque[_Waiter] = deque()
+        self._timer: IDelayedCall | None = None
+        self._producer: _ContentProducer | None = None
+        self._error: SessionError | None = None
+        self._epoch = 0
+        self._connected = False
+        self._lost = False
+        self._ready_ok = False
+        self._setup_error: SessionError | None = None
+        self._ready_waiters: list[Deferred[None]] = []
+        self._refused = False
+        self._tls_pending = False
+        self._closing = False
+        self._used = False
+        self._lock = DeferredLock()
+        self._lost_waiters: list[Deferred[None]] = []
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        """True while the session is set up, connected, in step and not closing."""
+        return (
+            self._ready_ok
+            and self._connected
+            and self._error is None
+            and not self._refused
+            and not self._closing
+        )
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once greeting, EHLO/HELO and STARTTLS are done; fails with SessionError."""
+        if self._setup_error is not None:
+            return fail(self._setup_error)
+        if self._ready_ok:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def when_lost(self) -> Deferred[None]:
+        """Fires once the connection is gone (at once if it never came or already went)."""
+        if self._lost or self.transport is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lost_waiters.append(d)
+        return d
+
+    # -- bytes in and out ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        ensureDeferred(self._handshake()).addCallbacks(self._handshake_ok, self._handshake_failed)
+
+    def dataReceived(self, data: bytes) -> None:
+        epoch = self._epoch
+        for line in self._framer.feed(data):
+            if self._epoch != epoch or self._error is not None:
+                return  # after STARTTLS, nothing received in clear may count
+            if line is OVERLONG:
+                self._die(
+                    SessionError(f"{self.server_name} sent an over-long reply line", status="4.5.0")
+                )
+                return
+            assert isinstance(line, bytes)
+            try:
+                reply = self._reader.feed(line)
+            except MalformedReply as exc:
+                self._die(SessionError(f"{self.server_name}: {exc}", status="4.5.0"))
+                return
+            if reply is not None:
+                self._take_reply(reply)
+
+    def handshakeCompleted(self) -> None:
+        self._tls_pending = False
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._connected = False
+        self._lost = True
+        if self._tls_pending:
+            message = f"TLS handshake with {self.server_name} failed: {reason.getErrorMessage()}"
+            self._die(SessionError(message, status="4.7.5"))
+        else:
+            self._die(SessionError(f"connection to {self.server_name} lost", status="4.4.2"))
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _take_reply(self, reply: Reply) -> None:
+        if not self._waiters:
+            status = temporary_status(reply) if not reply.is_positive else "4.5.0"
+            self._die(
+                SessionError(
+                    f"unexpected reply from {self.server_name}", status=status, reply=reply
+                )
+            )
+            return
+        waiter = self._waiters.popleft()
+        self._arm()
+        waiter.deferred.callback(reply)
+
+    def _write(self, line: str) -> None:
+        if self._error is None:
+            self.transport.write(line.encode("utf-8", "surrogateescape") + CRLF)
+
+    def _expect(self, what: str, timeout: float) -> Deferred[Reply | SessionError]:
+        if self._error is not None:
+            return succeed(self._error)
+        d: Deferred[Reply | SessionError] = Deferred()
+        self._waiters.append(_Waiter(what, timeout, d))
+        if len(self._waiters) == 1 and self._producer is None:
+            self._arm()
+        return d
+
+    def _command(self, line: str, what: str, timeout: float) -> Deferred[Reply | SessionError]:
+        self._write(line)
+        return self._expect(what, timeout)
+
+    @staticmethod
+    async def _reply(waiting: Deferred[Reply | SessionError]) -> Reply:
+        result = await waiting
+        if isinstance(result, SessionError):
+            raise result
+        return result
+
+    # -- timeouts and failure --------------------------------------------------
+
+    def _arm(self) -> None:
+        """(Re)start the one timer: for sending content, else for the oldest awaited reply."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._error is not None or not self._connected:
+            return
+        if self._producer is not None:
+            timeout, what = self.settings.timeouts.data_block, "the server to take the message"
+        elif self._waiters:
+            timeout, what = self._waiters[0].timeout, f"the reply to {self._waiters[0].what}"
+        else:
+            return
+        self._timer = self.clock.callLater(timeout, self._timed_out, what)
+
+    def _timed_out(self, what: str) -> None:
+        self._timer = None
+        self._die(SessionError(f"timed out waiting for {what} from {self.server_name}"))
+
+    def _die(self, error: SessionError) -> None:
+        """The session is broken: drop the connection and fail everything waiting."""
+        if self._error is not None:
+            return
+        self._error = error
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        producer, self._producer = self._producer, None
+        if self._connected:
+            if producer is not None:
+                self.transport.unregisterProducer()
+            self.transport.abortConnection()
+        waiters, self._waiters = self._waiters, deque()
+        if producer is not None:
+            producer.done = True
+            producer.finished.callback(error)
+        for waiter in waiters:
+            waiter.deferred.callback(error)
+
+    # -- session set-up --------------------------------------------------------
+
+    async def _handshake(self) -> None:
+        timeouts = self.settings.timeouts
+        self.greeting = await self._reply(self._expect("the greeting", timeouts.greeting))
+        if not self.greeting.is_positive:
+            raise SessionError(
+                f"{self.server_name} refused the connection",
+                status=temporary_status(self.greeting),
+                reply=self.greeting,
+            )
+        await self._hello()
+        if self.tls_policy == "none":
+            return
+        if "STARTTLS" not in self.keywords:
+            if self.tls_policy == "encrypt":
+                raise SessionError(
+                    f"TLS is required, but was not offered by {self.server_name}", status="4.7.4"
+                )
+            return
+        reply = await self._reply(self._command("STARTTLS", "STARTTLS", timeouts.starttls))
+        if reply.code != 220:
+            if self.tls_policy == "encrypt":
+                raise SessionError(
+                    f"TLS is required, but {self.server_name} refused STARTTLS",
+                    status="4.7.4",
+                    reply=reply,
+                )
+            return
+        self._start_tls()
+        await self._hello()
+
+    def _start_tls(self) -> None:
+        # Forget everything read in clear: pipelined replies after 220 are injections.
+        self._epoch += 1
+        self._framer.reset()
+        self._reader.reset()
+        self.keywords = {}
+        self.esmtp = False
+        self._tls_pending = True
+        self.transport.startTLS(self.settings.tls_context(self.server_name))
+        self.tls_active = True
+
+    async def _hello(self) -> None:
+        timeouts = self.settings.timeouts
+        hostname = self.settings.hostname
+        verb = self.hello_verb
+        reply = await self._reply(self._command(f"{verb} {hostname}", verb, timeouts.hello))
+        if reply.is_positive:
+            self.keywords = parse_ehlo(reply)
+            self.esmtp = True
+            return
+        if reply.is_permanent and self.fallback_verb is not None:
+            verb = self.fallback_verb
+            reply = await self._reply(self._command(f"{verb} {hostname}", verb, timeouts.hello))
+            if reply.is_positive:
+                self.keywords = {}
+                self.esmtp = False
+                return
+        raise SessionError(
+            f"{self.server_name} refused {verb}", status=temporary_status(reply), reply=reply
+        )
+
+    def _handshake_ok(self, _: None) -> None:
+        self._ready_ok = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _handshake_failed(self, failure: Failure) -> None:
+        if failure.check(SessionError):
+            error = failure.value
+            assert isinstance(error, SessionError)
+            if error is not self._error:
+                self._refused = True  # a refusal by reply: still in step, QUIT is possible
+        else:
+            log.failure("SMTP client set-up failed", failure)
+            error = SessionError(f"internal error talking to {self.server_name}", status="4.3.0")
+            self._die(error)
+        self._setup_error = error
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.errback(error)
+
+    # -- transactions ------------------------------------------------------------
+
+    def send(self, transaction: Transaction) -> Deferred[TransactionResult]:
+        """Run one mail transaction; fires with its result, never fails."""
+        return self._lock.run(lambda: ensureDeferred(self._transaction(transaction)))
+
+    async def _transaction(self, transaction: Transaction) -> TransactionResult:
+        count = len(transaction.recipients)
+        progress = _Progress(rcpt=[None] * count, final=[None] * count)
+        try:
+            await self._run(transaction, progress)
+        except SessionError as error:
+            progress.error = error
+            self._die(error)
+        return progress.result()
+
+    def _final_count(self, accepted: int) -> int:
+        """How many replies follow the final dot: one in SMTP."""
+        return 1
+
+    async def _run(self, transaction: Transaction, progress: _Progress) -> None:
+        timeouts = self.settings.timeouts
+        if not self._ready_ok and self._setup_error is None and self._error is None:
+            await self.when_ready()
+        if not self.usable:
+            raise self._error or SessionError(f"session with {self.server_name} is not usable")
+        if self._used:
+            reply = await self._reply(self._command("RSET", "RSET", timeouts.rset))
+            if not reply.is_positive:
+                raise SessionError(
+                    f"{self.server_name} refused RSET", status=temporary_status(reply), reply=reply
+                )
+        self._used = True
+        count = len(transaction.recipients)
+        if "PIPELINING" in self.keywords:
+            # RFC 2920: MAIL, every RCPT and DATA in one write; replies are read in order.
+            lines = [transaction.mail_line(), *map(transaction.rcpt_line, range(count)), "DATA"]
+            self.transport.write(
+                b"".join(line.encode("utf-8", "surrogateescape") + CRLF for line in lines)
+            )
+            mail = self._expect("MAIL", timeouts.mail)
+            rcpts = [self._expect("RCPT", timeouts.rcpt) for _ in range(count)]
+            data = self._expect("DATA", timeouts.data_init)
+            progress.mail = await self._reply(mail)
+            for index, waiting in enumerate(rcpts):
+                progress.rcpt[index] = await self._reply(waiting)
+            data_reply = await self._reply(data)
+        else:
+            progress.mail = await self._reply(
+                self._command(transaction.mail_line(), "MAIL", timeouts.mail)
+            )
+            if not progress.mail.is_positive:
+                return
+            for index in range(count):
+                line = transaction.rcpt_line(index)
+                progress.rcpt[index] = await self._reply(self._command(line, "RCPT", timeouts.rcpt))
+            if not progress.accepted():
+                return
+            data_reply = await self._reply(self._command("DATA", "DATA", timeouts.data_init))
+        if data_reply.is_positive:
+            raise SessionError(
+                f"{self.server_name} answered DATA with {data_reply.code}", status="4.5.0"
+            )
+        progress.data = data_reply
+        if not data_reply.is_intermediate:
+            return
+        accepted = progress.accepted()
+        if not accepted:
+            # Pipelined DATA accepted although nothing else was (RFC 2920 §3.1): just end it.
+            self.transport.write(END_OF_DATA)
+            for _ in range(self._final_count(0)):
+                await self._reply(self._expect("the end of data", timeouts.data_end))
+            return
+        await self._send_content(transaction.content, accepted, progress)
+
+    async def _send_content(self, content: bytes, accepted: list[int], progress: _Progress) -> None:
+        timeouts = self.settings.timeouts
+        producer = _ContentProducer(self, content, self.settings.data_chunk)
+        self._producer = producer
+        # Registered first, so that a reply arriving while we still send is not unexpected.
+        finals = [
+            self._expect("the end of data", timeouts.data_end)
+            for _ in range(self._final_count(len(accepted)))
+        ]
+        self._arm()
+        self.transport.registerProducer(producer, False)
+        failed = await producer.finished
+        if failed is not None:
+            raise failed
+        progress.dot_sent = True
+        if len(finals) == 1:  # SMTP: one reply for every accepted recipient
+            reply = await self._reply(finals[0])
+            for index in accepted:
+                progress.final[index] = reply
+            return
+        for index, waiting in zip(accepted, finals, strict=True):
+            progress.final[index] = await self._reply(waiting)
+
+    def _content_written(self, producer: _ContentProducer, piece: bytes, last: bool) -> None:
+        if piece:
+            self.transport.write(piece)
+        if not last:
+            self._arm()
+            return
+        self._producer = None
+        self.transport.unregisterProducer()
+        self._arm()
+        producer.finished.callback(None)
+
+    # -- the end ---------------------------------------------------------------------
+
+    def close(self) -> Deferred[None]:
+        """Say QUIT when still in step, close, and fire once the connection is gone."""
+        lost = self.when_lost()
+        if not self._closing:
+            self._closing = True
+            self._lock.run(lambda: ensureDeferred(self._quit()))
+        return lost
+
+    async def _quit(self) -> None:
+        if not self._ready_ok and self._setup_error is None and self._error is None:
+            try:
+                await self.when_ready()  # never QUIT in the middle of the handshake
+            except SessionError:
+                pass
+        if self._connected and self._error is None:
+            try:
+                await self._reply(self._command("QUIT", "QUIT", self.settings.timeouts.quit))
+            except SessionError:
+                return  # _die already dropped the connection
+        if self._connected:
+            self.transport.loseConnection()

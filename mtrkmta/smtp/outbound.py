@@ -1,0 +1,181 @@
+"""Pure rules for what an outbound SMTP/LMTP client puts on the wire: parameters, dot-stuffing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mtrkmta.envelope import NOTIFY_NEVER, Envelope, Recipient
+from mtrkmta.smtp import xtext
+from mtrkmta.smtp.mtrk import MAX_TIMEOUT, format_mtrk
+
+CRLF = b"\r\n"
+END_OF_DATA = b".\r\n"
+_NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")
+
+
+def remaining_timeout(envelope: Envelope, now: float, default_retention: float) -> int | None:
+    """The MTRK timeout to send on, or None when MTRK must be omitted (CHECKLIST 2.1).
+
+    remaining = requested timeout - whole seconds the message spent here; the local
+    ``default_retention`` is the base when no timeout arrived ([P]). None when the
+    message carries no MTRK or the result is <= 0 ([M] omit the whole parameter).
+    A clock that went backwards counts as no time spent.
+    """
+    mtrk = envelope.params.mtrk
+    if mtrk is None:
+        return None
+    base = mtrk.timeout if mtrk.timeout is not None else int(default_retention)
+    spent = max(0, int(now - envelope.arrival))
+    remaining = base - spent
+    if remaining <= 0:
+        return None
+    return min(remaining, MAX_TIMEOUT)
+
+
+def _carries_envid_orcpt(keywords: Mapping[str, str]) -> bool:
+    # RFC 3885 §2 item 4: MTRK support includes ENVID and ORCPT, so an MTRK hop takes
+    # them even if it (wrongly) omits DSN; NOTIFY and RET stay tied to DSN.
+    return "DSN" in keywords or "MTRK" in keywords
+
+
+def mail_parameters(
+    envelope: Envelope,
+    keywords: Mapping[str, str],
+    now: float,
+    *,
+    size: int,
+    default_retention: float,
+) -> tuple[list[str], bool]:
+    """The MAIL parameters for a next hop that advertised ``keywords``, and whether MTRK went.
+
+    ``keywords`` is :func:`mtrkmta.smtp.extensions.parse_ehlo` output (upper-case keys);
+    ``size`` the content length in octets, before dot-stuffing (RFC 1870).
+
+    * ``SIZE=<size>`` when SIZE is advertised.
+    * ``BODY=`` as received when 8BITMIME is advertised. A hop without 8BITMIME gets
+      8-bit content anyway, without ``BODY=`` and without conversion, as most MTAs
+      do (RFC 6152 would ask for a downgrade to 7 bit or a bounce).
+    * ``SMTPUTF8`` when the message was received with it and the hop offers it
+      (the caller decides what to do when a message needs it and the hop lacks it).
+    * ``ENVID`` (xtext) and ``RET`` as received for a DSN hop; none of them for a
+      hop without DSN; never invented (CHECKLIST 2.3). ENVID also goes with MTRK.
+    * ``MTRK=<B>:<remaining>`` only to a hop advertising MTRK, with the decremented
+      timeout, and omitted when it is <= 0 or when no ENVID came with it
+      (CHECKLIST 2.1-2.3, 7.7).
+    """
+    params = envelope.params
+    out: list[str] = []
+    if "SIZE" in keywords:
+        out.append(f"SIZE={size}")
+    if params.body is not None and "8BITMIME" in keywords:
+        out.append(f"BODY={params.body}")
+    if params.smtputf8 and "SMTPUTF8" in keywords:
+        out.append("SMTPUTF8")
+    if params.envid is not None and _carries_envid_orcpt(keywords):
+        out.append(f"ENVID={xtext.encode(params.envid)}")
+    if params.ret is not None and "DSN" in keywords:
+        out.append(f"RET={params.ret}")
+    forwarded = False
+    if params.mtrk is not None and params.envid is not None and "MTRK" in keywords:
+        remaining = remaining_timeout(envelope, now, default_retention)
+        if remaining is not None:
+            out.append(f"MTRK={format_mtrk(params.mtrk.certifier, remaining)}")
+            forwarded = True
+    return out, forwarded
+
+
+def rcpt_parameters(recipient: Recipient, keywords: Mapping[str, str]) -> list[str]:
+    """The RCPT parameters for ``recipient`` to a hop that advertised ``keywords``.
+
+    For a DSN (or MTRK) hop: ``NOTIFY`` as received (never invented) and ``ORCPT``
+    as received, xtext-encoded; when none arrived, ``ORCPT=rfc822;<RCPT address>``
+    is added as RFC 3461 §5.2.1 allows (and Postfix does), for ASCII addresses.
+    Nothing DSN-related for a hop without DSN (CHECKLIST 2.3, 7.8).
+    """
+    if not _carries_envid_orcpt(keywords):
+        return []
+    out: list[str] = []
+    notify = recipient.params.notify
+    if notify is not None and "DSN" in keywords:
+        if NOTIFY_NEVER in notify:
+            out.append(f"NOTIFY={NOTIFY_NEVER}")
+        else:
+            out.append("NOTIFY=" + ",".join(k for k in _NOTIFY_ORDER if k in notify))
+    orcpt = recipient.params.orcpt
+    if orcpt is not None:
+        out.append(f"ORCPT={orcpt.addr_type};{xtext.encode(orcpt.address)}")
+    elif recipient.address.isascii() and recipient.address.isprintable():
+        out.append(f"ORCPT=rfc822;{xtext.encode(recipient.address)}")
+    return out
+
+
+def smtputf8_status(envelope: Envelope, recipients: tuple[int, ...], content: bytes) -> str | None:
+    """Why the message cannot go to a hop without SMTPUTF8, or None when it can.
+
+    Only a message received with SMTPUTF8 can need it; it does when the sender or
+    one of ``recipients`` has a non-ASCII address (``5.6.7``, RFC 6531 §3.2) or the
+    header section has a non-ASCII octet (``5.6.9``). An all-ASCII message goes as is.
+    """
+    if not envelope.params.smtputf8:
+        return None
+    addresses = [envelope.sender, *(envelope.recipients[i].address for i in recipients)]
+    if not all(address.isascii() for address in addresses):
+        return "5.6.7"
+    end = content.find(b"\r\n\r\n")
+    header = content if end < 0 else content[:end]
+    if not header.isascii():
+        return "5.6.9"
+    return None
+
+
+class DotStuffer:
+    """Incremental SMTP dot-stuffer (RFC 5321 §4.5.2): feed content chunks, then finish.
+
+    Output does not depend on where the content is split. A line starting with
+    ``.`` gets another ``.``; bare LF becomes CRLF (what the receiving
+    :class:`~mtrkmta.smtp.framing.DataReader` would make of it anyway, and no
+    ``<LF>.<CRLF>`` can reach a lenient server); content not ending in CRLF gets
+    one; :meth:`finish` adds the ``.<CRLF>`` terminator.
+    """
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._held_cr = False  # a trailing CR whose LF may come in the next chunk
+        self._finished = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Stuff one chunk; returns the bytes to send (possibly fewer, never later lost)."""
+        if self._finished:
+            raise ValueError("DotStuffer already finished")
+        if not chunk:
+            return b""
+        data = b"\r" + chunk if self._held_cr else chunk
+        self._held_cr = data.endswith(b"\r")
+        if self._held_cr:
+            data = data[:-1]
+        if not data:
+            return b""
+        if b"\n" in data:
+            data = data.replace(CRLF, b"\n").replace(b"\n", CRLF)
+        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        if self._line_start and stuffed[:1] == b".":
+            stuffed = b"." + stuffed
+        self._line_start = stuffed.endswith(CRLF)
+        return stuffed
+
+    def finish(self) -> bytes:
+        """The bytes that end the content: a missing CRLF, then ``.<CRLF>``."""
+        if self._finished:
+            raise ValueError("DotStuffer already finished")
+        self._finished = True
+        if self._held_cr:
+            return b"\r" + CRLF + END_OF_DATA  # a lone CR at the very end stays content
+        if not self._line_start:
+            return CRLF + END_OF_DATA
+        return END_OF_DATA
+
+
+def dot_stuff(content: bytes) -> bytes:
+    """The whole DATA payload for ``content``: stuffed, CRLF-terminated, ending in ``.<CRLF>``."""
+    stuffer = DotStuffer()
+    return stuffer.feed(content) + stuffer.finish()

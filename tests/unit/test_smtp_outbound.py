@@ -1,0 +1,364 @@
+"""The pure outbound rules: MAIL/RCPT parameters per next hop (CHECKLIST 2, 7.7-7.8), stuffing."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mtrkmta.envelope import Envelope, MailParams, Mtrk, OriginalRecipient, RcptParams, Recipient
+from mtrkmta.smtp import xtext
+from mtrkmta.smtp.framing import DataReader
+from mtrkmta.smtp.outbound import (
+    DotStuffer,
+    dot_stuff,
+    mail_parameters,
+    rcpt_parameters,
+    remaining_timeout,
+    smtputf8_status,
+)
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CERTIFIER = bytes(range(20))
+CERTIFIER_B64 = base64.b64encode(CERTIFIER).decode("ascii")
+DAY = 86400.0
+ARRIVAL = 1_700_000_000.0
+
+MTRK_HOP = {"MTRK": "", "DSN": "", "SIZE": "10240000", "8BITMIME": "", "PIPELINING": ""}
+DSN_HOP = {"DSN": "", "SIZE": "10240000", "8BITMIME": "", "PIPELINING": ""}  # Postfix-like
+BARE_HOP = {"8BITMIME": "", "PIPELINING": "", "ENHANCEDSTATUSCODES": ""}  # Dovecot-like
+
+
+def envelope(
+    *,
+    timeout: int | None = 3600,
+    mtrk: bool = True,
+    envid: str | None = "abc+1=x@client.example",
+    ret: str | None = "HDRS",
+    body: str | None = None,
+    smtputf8: bool = False,
+    sender: str = "alice@client.example",
+    recipients: tuple[Recipient, ...] = (Recipient("bob@example.test"),),
+) -> Envelope:
+    return Envelope(
+        queue_id="Q1",
+        sender=sender,
+        recipients=recipients,
+        params=MailParams(
+            envid=envid,
+            ret=ret,
+            body=body,
+            smtputf8=smtputf8,
+            mtrk=Mtrk(CERTIFIER, timeout) if mtrk else None,
+        ),
+        arrival=ARRIVAL,
+    )
+
+
+def params(env: Envelope, hop: dict[str, str], now: float = ARRIVAL + 100.5) -> list[str]:
+    return mail_parameters(env, hop, now, size=1234, default_retention=9 * DAY)[0]
+
+
+def mtrk_of(words: list[str]) -> str | None:
+    found = [w for w in words if w.startswith("MTRK=")]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+# -- CHECKLIST 2.1: timeout decrement -------------------------------------------------
+
+
+def test_timeout_is_decremented_by_whole_seconds_spent_here():
+    # 2.1: 100.5 s after arrival, 100 whole seconds have passed.
+    words, forwarded = mail_parameters(
+        envelope(timeout=3600), MTRK_HOP, ARRIVAL + 100.5, size=10, default_retention=9 * DAY
+    )
+    assert mtrk_of(words) == f"MTRK={CERTIFIER_B64}:3500"
+    assert forwarded is True
+
+
+def test_no_requested_timeout_uses_local_default_retention():
+    # 2.1 [P]: the local default retention is the base when no timeout arrived.
+    words, forwarded = mail_parameters(
+        envelope(timeout=None), MTRK_HOP, ARRIVAL + 60, size=10, default_retention=2 * DAY
+    )
+    assert mtrk_of(words) == f"MTRK={CERTIFIER_B64}:{int(2 * DAY) - 60}"
+    assert forwarded
+
+
+@pytest.mark.parametrize("spent", [3600, 3600.9, 5000])
+def test_mtrk_omitted_when_remaining_is_zero_or_less(spent):
+    # 2.1 [M]: remaining <= 0 -> omit the whole MTRK= parameter; ENVID stays.
+    words, forwarded = mail_parameters(
+        envelope(timeout=3600), MTRK_HOP, ARRIVAL + spent, size=10, default_retention=DAY
+    )
+    assert mtrk_of(words) is None and forwarded is False
+    assert "ENVID=abc+2B1+3Dx@client.example" in words
+
+
+def test_one_second_left_is_still_sent():
+    assert remaining_timeout(envelope(timeout=3600), ARRIVAL + 3599.99, DAY) == 1
+
+
+def test_clock_before_arrival_counts_as_no_time_spent():
+    assert remaining_timeout(envelope(timeout=3600), ARRIVAL - 50, DAY) == 3600
+
+
+def test_untracked_message_has_no_remaining_timeout():
+    assert remaining_timeout(envelope(mtrk=False), ARRIVAL, DAY) is None
+
+
+# -- CHECKLIST 2.2 / 2.3: MTRK only to MTRK hops, DSN parameters only to DSN hops ------
+
+
+def test_mtrk_hop_gets_mtrk_envid_ret_size():
+    # 2.2: forward unexpired certifiers to an MTRK-capable next hop, with ENVID (xtext).
+    words = params(envelope(), MTRK_HOP)
+    assert words == [
+        "SIZE=1234",
+        "ENVID=abc+2B1+3Dx@client.example",
+        "RET=HDRS",
+        f"MTRK={CERTIFIER_B64}:3500",
+    ]
+
+
+def test_dsn_hop_without_mtrk_keeps_envid_and_ret_but_drops_mtrk():
+    # 2.3 [M]: next hop lacks MTRK -> drop MTRK=; it has DSN -> keep ENVID (and RET).
+    words, forwarded = mail_parameters(
+        envelope(), DSN_HOP, ARRIVAL + 1, size=5, default_retention=DAY
+    )
+    assert mtrk_of(words) is None and forwarded is False
+    assert words == ["SIZE=5", "ENVID=abc+2B1+3Dx@client.example", "RET=HDRS"]
+
+
+def test_hop_without_dsn_gets_nothing_dsn_related():
+    # 2.3 [M], 3461 §5.2.2(a): no ENVID/RET (nor MTRK) to a hop without DSN.
+    words, forwarded = mail_parameters(
+        envelope(), BARE_HOP, ARRIVAL + 1, size=5, default_retention=DAY
+    )
+    assert words == [] and forwarded is False
+
+
+def test_envid_ret_never_invented():
+    # 2.3: never invent ENVID/RET that did not arrive.
+    words = params(envelope(mtrk=False, envid=None, ret=None), MTRK_HOP)
+    assert words == ["SIZE=1234"]
+
+
+def test_mtrk_without_envid_is_not_sent():
+    # 3885 §3.2: MTRK needs ENVID; a stray certifier without one stays here.
+    assert mtrk_of(params(envelope(envid=None), MTRK_HOP)) is None
+
+
+def test_mtrk_keyword_with_parameters_is_recognised():
+    # 1.1.1: recognise MTRK even if a future server appends parameters to it.
+    hop = {**MTRK_HOP, "MTRK": "FUTURE=1"}
+    assert mtrk_of(params(envelope(), hop)) == f"MTRK={CERTIFIER_B64}:3500"
+
+
+def test_lmtp_lda_with_mtrk_gets_the_same_as_an_mtrk_mta():
+    # 7.7: an MTRK-aware LDA gets MTRK=/ENVID= exactly as a compliant MTA.
+    lda = {"MTRK": "", "DSN": "", "8BITMIME": "", "PIPELINING": "", "ENHANCEDSTATUSCODES": ""}
+    assert params(envelope(), lda) == [
+        "ENVID=abc+2B1+3Dx@client.example",
+        "RET=HDRS",
+        f"MTRK={CERTIFIER_B64}:3500",
+    ]
+
+
+def test_lmtp_lda_without_dsn_gets_no_dsn_parameters():
+    # 7.8: an LDA without DSN (Dovecot answers 555 to them) gets none.
+    dovecot = {"8BITMIME": "", "CHUNKING": "", "ENHANCEDSTATUSCODES": "", "PIPELINING": ""}
+    env = envelope(
+        recipients=(Recipient("u@example.test", RcptParams(frozenset({"SUCCESS"}))),),
+        body="8BITMIME",
+    )
+    assert params(env, dovecot) == ["BODY=8BITMIME"]
+    assert rcpt_parameters(env.recipients[0], dovecot) == []
+
+
+# -- SIZE, BODY, SMTPUTF8 --------------------------------------------------------------------
+
+
+def test_size_only_when_advertised():
+    assert "SIZE=1234" not in params(envelope(), BARE_HOP)
+    assert "SIZE=1234" in params(envelope(), DSN_HOP)
+
+
+def test_body_8bitmime_passed_only_to_8bitmime_hops():
+    env = envelope(body="8BITMIME", mtrk=False, envid=None, ret=None)
+    assert params(env, DSN_HOP) == ["SIZE=1234", "BODY=8BITMIME"]
+    # A hop without 8BITMIME gets the content anyway, without BODY= (documented choice).
+    assert params(env, {"SIZE": ""}) == ["SIZE=1234"]
+
+
+def test_smtputf8_only_when_received_with_it_and_offered():
+    env = envelope(smtputf8=True, mtrk=False, envid=None, ret=None)
+    assert params(env, {"SMTPUTF8": ""}) == ["SMTPUTF8"]
+    assert params(env, {}) == []
+    assert params(envelope(mtrk=False, envid=None, ret=None), {"SMTPUTF8": ""}) == []
+
+
+def test_smtputf8_status_needs_non_ascii_somewhere():
+    ascii_only = envelope(smtputf8=True)
+    assert smtputf8_status(ascii_only, (0,), b"Subject: hi\r\n\r\nbody\r\n") is None
+    assert smtputf8_status(ascii_only, (0,), "Subject: h\u00e9\r\n\r\n".encode()) == "5.6.9"
+    assert smtputf8_status(ascii_only, (0,), "Subject: x\r\n\r\nb\u00e9dy\r\n".encode()) is None
+    utf8_rcpt = envelope(smtputf8=True, recipients=(Recipient("j\u00fcrgen@example.test"),))
+    assert smtputf8_status(utf8_rcpt, (0,), b"\r\n") == "5.6.7"
+    not_flagged = envelope(recipients=(Recipient("j\u00fcrgen@example.test"),))
+    assert smtputf8_status(not_flagged, (0,), b"\r\n") is None
+
+
+# -- RCPT parameters ----------------------------------------------------------------------
+
+
+def test_rcpt_keeps_notify_and_orcpt_for_dsn_hop():
+    # 2.3: pass NOTIFY and ORCPT unchanged (ORCPT byte-exact, xtext-encoded again).
+    recipient = Recipient(
+        "bob@example.test",
+        RcptParams(
+            notify=frozenset({"DELAY", "SUCCESS"}),
+            orcpt=OriginalRecipient("rfc822", "Orig+user=x@Example.test"),
+        ),
+    )
+    assert rcpt_parameters(recipient, DSN_HOP) == [
+        "NOTIFY=SUCCESS,DELAY",
+        "ORCPT=rfc822;Orig+2Buser+3Dx@Example.test",
+    ]
+    assert rcpt_parameters(recipient, MTRK_HOP) == rcpt_parameters(recipient, DSN_HOP)
+
+
+def test_rcpt_notify_never_and_no_invented_notify():
+    never = Recipient("b@example.test", RcptParams(notify=frozenset({"NEVER"})))
+    assert rcpt_parameters(never, DSN_HOP)[0] == "NOTIFY=NEVER"
+    plain = Recipient("b@example.test")
+    # NOTIFY never invented; ORCPT MAY be added equal to the RCPT address (3461 §5.2.1).
+    assert rcpt_parameters(plain, DSN_HOP) == ["ORCPT=rfc822;b@example.test"]
+
+
+def test_rcpt_orcpt_not_added_for_non_ascii_address():
+    assert rcpt_parameters(Recipient("j\u00fcrgen@example.test"), DSN_HOP) == []
+
+
+def test_rcpt_nothing_dsn_related_to_non_dsn_hop():
+    recipient = Recipient(
+        "bob@example.test",
+        RcptParams(notify=frozenset({"FAILURE"}), orcpt=OriginalRecipient("rfc822", "o@x")),
+    )
+    assert rcpt_parameters(recipient, BARE_HOP) == []
+
+
+@SETTINGS
+@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=1))
+def test_envid_round_trips_through_xtext(value):
+    words = params(envelope(envid=value, mtrk=False, ret=None), DSN_HOP)
+    (envid,) = [w for w in words if w.startswith("ENVID=")]
+    assert re.fullmatch(r"ENVID=[!-~]+", envid) and "=" not in envid[6:]
+    assert xtext.decode(envid[6:]) == value
+
+
+# -- dot-stuffing ------------------------------------------------------------------------------
+
+
+def test_stuffing_a_first_line_dot():
+    assert dot_stuff(b".\r\nx\r\n") == b"..\r\nx\r\n.\r\n"
+
+
+def test_stuffing_a_body_of_only_dots():
+    assert dot_stuff(b".\r\n..\r\n.") == b"..\r\n...\r\n..\r\n.\r\n"
+
+
+def test_stuffing_adds_missing_crlf_and_handles_empty():
+    assert dot_stuff(b"abc") == b"abc\r\n.\r\n"
+    assert dot_stuff(b"") == b".\r\n"
+    assert dot_stuff(b"a\r\n") == b"a\r\n.\r\n"
+
+
+def test_stuffing_turns_bare_lf_into_crlf_so_no_lf_dot_reaches_the_server():
+    assert dot_stuff(b"a\n.\nb") == b"a\r\n..\r\nb\r\n.\r\n"
+
+
+def test_stuffing_dot_line_split_at_16k_chunk_boundary():
+    line = b"x" * (16384 - 2) + b"\r\n"
+    content = line + b".\r\n" + line[:-2] + b"\r\n.hidden\r\n"
+    stuffer = DotStuffer()
+    out = b"".join(stuffer.feed(content[i : i + 16384]) for i in range(0, len(content), 16384))
+    out += stuffer.finish()
+    assert out == dot_stuff(content)
+    assert out[16384 : 16384 + 4] == b"..\r\n"
+    assert b"\r\n..hidden\r\n" in out
+
+
+def test_stuffing_cr_and_lf_in_different_chunks():
+    stuffer = DotStuffer()
+    out = stuffer.feed(b"a\r") + stuffer.feed(b"\n.b\r") + stuffer.feed(b"\n") + stuffer.finish()
+    assert out == b"a\r\n..b\r\n.\r\n"
+
+
+def test_stuffer_refuses_use_after_finish():
+    stuffer = DotStuffer()
+    stuffer.finish()
+    with pytest.raises(ValueError):
+        stuffer.feed(b"x")
+    with pytest.raises(ValueError):
+        stuffer.finish()
+
+
+def expected_content(content: bytes) -> bytes:
+    """What the receiver must get back: bare LF as CRLF, a final CRLF when missing."""
+    normalised = re.sub(rb"(?<!\r)\n", b"\r\n", content)
+    if normalised and not normalised.endswith(b"\r\n"):
+        normalised += b"\r\n"
+    return normalised
+
+
+content_bytes = st.lists(
+    st.one_of(
+        st.sampled_from([b".", b"..", b"\r\n", b"\r", b"\n", b".\r\n", b"\r\n.\r\n", b"x"]),
+        st.binary(max_size=20),
+    ),
+    max_size=40,
+).map(b"".join)
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    pieces, start = [], 0
+    for point in points:
+        pieces.append(data[start:point])
+        start = point
+    pieces.append(data[start:])
+    return pieces
+
+
+@SETTINGS
+@given(content_bytes, st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+def test_incremental_stuffing_is_independent_of_chunking(content, cuts):
+    stuffer = DotStuffer()
+    out = b"".join(stuffer.feed(piece) for piece in chunked(content, cuts)) + stuffer.finish()
+    assert out == dot_stuff(content)
+
+
+@SETTINGS
+@given(
+    content_bytes,
+    st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+def test_stuffing_then_server_data_reader_gives_back_the_content(content, cuts, read_cuts):
+    stuffer = DotStuffer()
+    wire = b"".join(stuffer.feed(piece) for piece in chunked(content, cuts)) + stuffer.finish()
+    reader = DataReader(max_size=1 << 20, max_line=1 << 20)
+    pieces = chunked(wire, read_cuts)
+    results = [reader.feed(piece) for piece in pieces]
+    # The terminator is found exactly once, in the last piece that has bytes.
+    finished_at = [i for i, result in enumerate(results) if result is not None]
+    assert finished_at == [max(i for i, piece in enumerate(pieces) if piece)]
+    result = results[finished_at[0]]
+    assert result is not None
+    assert result.content == expected_content(content)
+    assert result.leftover == b""
