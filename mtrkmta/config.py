@@ -165,6 +165,19 @@ def _integer(minimum: int) -> Converter:
     return convert
 
 
+def _choice(*options: str) -> Converter:
+    """One of ``options`` (a string, matched without regard to case)."""
+
+    def convert(value: object, ctx: _Context) -> str:
+        if not isinstance(value, str) or value.lower() not in options:
+            raise _Invalid(f"expected one of {', '.join(options)}, got {_got(value)}")
+        return value.lower()
+
+    return convert
+
+
+TLS_POLICIES = ("none", "may", "encrypt")
+
 _SIZE_RE = re.compile(r"(\d+)([KMGT]?)(?:I?B)?")
 
 
@@ -359,12 +372,15 @@ class Route:
     """Where mail for ``domain`` goes: a domain, ``.domain`` for its subdomains, or ``*``.
 
     ``endpoint`` is a Twisted client endpoint description for ``lmtp`` and ``smtp``
-    (a fixed next hop), and None for ``maildir`` and ``mx`` (MX lookup).
+    (a fixed next hop), and None for ``maildir`` and ``mx`` (MX lookup). ``tls`` is
+    the STARTTLS policy toward the next hop (none, may, encrypt); None means
+    ``delivery.tls``.
     """
 
     domain: str
     transport: Transport
     endpoint: str | None = None
+    tls: str | None = None
 
 
 DEFAULT_ROUTE = Route("*", "mx")
@@ -373,7 +389,34 @@ _ROUTE_TARGETS = "maildir, mx, lmtp:ENDPOINT or smtp:ENDPOINT"
 
 
 def _route(domain: object, target: object) -> Route:
-    """Check one ``DOMAIN = TARGET`` pair."""
+    """Check one ``DOMAIN = TARGET`` pair; TARGET may be ``{ target = ..., tls = ... }``.
+
+    As a string, TARGET may end in ``;tls=POLICY``.
+    """
+    tls: str | None = None
+    if isinstance(target, Mapping):
+        if "target" not in target:
+            raise _Invalid(
+                f"expected {_ROUTE_TARGETS} or {{ target = ..., tls = ... }}, got a table "
+                f"without 'target'; quote domain names that contain dots, "
+                f'as in "example.org" = "mx"'
+            )
+        unknown = sorted(set(target) - {"target", "tls"})
+        if unknown:
+            raise _Invalid(
+                f"a route table takes 'target' and 'tls', not {', '.join(map(repr, unknown))}"
+            )
+        if "tls" in target:
+            tls = _choice(*TLS_POLICIES)(target["tls"], _Context(Path(".")))
+        target = target["target"]
+    elif isinstance(target, str) and ";tls=" in target:
+        target, _, policy = target.rpartition(";tls=")
+        tls = _choice(*TLS_POLICIES)(policy, _Context(Path(".")))
+    route = _route_target(domain, target)
+    return dataclasses.replace(route, tls=tls) if tls is not None else route
+
+
+def _route_target(domain: object, target: object) -> Route:
     if domain == "*":
         name = "*"
     elif isinstance(domain, str) and domain.startswith("."):
@@ -540,6 +583,16 @@ class Queue:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """How mail leaves: the SMTP port of MX hosts, TLS policy, concurrency, batching."""
+
+    smtp_port: int = field(default=25, metadata=_key(_integer(1)))
+    tls: str = field(default="may", metadata=_key(_choice(*TLS_POLICIES)))
+    destination_concurrency: int = field(default=20, metadata=_key(_integer(1)))
+    max_recipients: int = field(default=50, metadata=_key(_integer(1)))
+
+
+@dataclass(frozen=True, slots=True)
 class Durability:
     """Crash safety; turning fsync off is for tests only."""
 
@@ -565,6 +618,7 @@ class Config:
     auth: Auth = field(default_factory=Auth, metadata=_section("auth"))
     tracking: Tracking = field(default_factory=Tracking, metadata=_section("tracking"))
     queue: Queue = field(default_factory=Queue, metadata=_section("queue"))
+    delivery: Delivery = field(default_factory=Delivery, metadata=_section("delivery"))
     durability: Durability = field(default_factory=Durability, metadata=_section("durability"))
 
     def is_local(self, domain: str) -> bool:

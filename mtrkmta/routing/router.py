@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
+from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
 from zope.interface import implementer
 
 from mtrkmta.config import Config, Route, select_route
-from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server
+from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server, TLSPolicy
 from mtrkmta.routing.mx import MXResolver, Resolution
 from mtrkmta.tracking.interfaces import RecipientState
 
@@ -59,6 +61,10 @@ def endpoint_host(description: str, local_name: str) -> str:
     if args and args[0].lower() != "unix" and len(args) > 1 and args[1]:
         return args[1]
     return local_name
+
+
+def _with_tls(result: NextHop | RouteFailure, tls: TLSPolicy) -> NextHop | RouteFailure:
+    return dataclasses.replace(result, tls=tls) if isinstance(result, NextHop) else result
 
 
 class _ResultCache:
@@ -117,6 +123,7 @@ class Router:
         smtp_port: int = 25,
         smtp_max_recipients: int = 50,
         lmtp_max_recipients: int = 50,
+        tls: TLSPolicy = "may",
         rng: random.Random | None = None,
         prefer_ipv6: bool = False,
         max_mx_servers: int = 10,
@@ -132,6 +139,7 @@ class Router:
         self._hostname = hostname
         self._smtp_max_recipients = smtp_max_recipients
         self._lmtp_max_recipients = lmtp_max_recipients
+        self._tls = tls
         self._mx = MXResolver(
             resolver,
             smtp_port=smtp_port,
@@ -151,15 +159,22 @@ class Router:
         *,
         clock: IReactorTime | None = None,
         rng: random.Random | None = None,
-        smtp_port: int = 25,
     ) -> Router:
-        """A router for ``config``'s routes and local domains, naming itself ``config.hostname``."""
+        """A router for ``config``'s routes and local domains, naming itself ``config.hostname``.
+
+        ``config.delivery`` gives the MX port, the default TLS policy and the
+        recipients per transaction.
+        """
+        delivery = config.delivery
         return cls(
             config.routes,
             config.local_domains,
             resolver,
             hostname=config.hostname,
-            smtp_port=smtp_port,
+            smtp_port=delivery.smtp_port,
+            smtp_max_recipients=delivery.max_recipients,
+            lmtp_max_recipients=delivery.max_recipients,
+            tls=cast(TLSPolicy, delivery.tls),
             rng=rng,
             clock=clock,
         )
@@ -172,24 +187,20 @@ class Router:
         route = select_route(self._routes, self._local_domains, name)
         if route.transport == "maildir":
             return succeed(MAILDIR_HOP)
+        tls = cast(TLSPolicy, route.tls or self._tls)
         if route.transport == "mx" or route.endpoint is None:
-            return self._route_mx(name)
-        return succeed(self._fixed_hop(route.transport, route.endpoint))
+            return self._route_mx(name).addCallback(_with_tls, tls)
+        return succeed(self._fixed_hop(route.transport, route.endpoint, tls))
 
-    def _fixed_hop(self, transport: str, endpoint: str) -> NextHop:
+    def _fixed_hop(self, transport: str, endpoint: str, tls: TLSPolicy) -> NextHop:
         server = Server(endpoint_host(endpoint, self._hostname or "localhost"), endpoint)
-        if transport == "lmtp":
-            return NextHop(
-                transport="lmtp",
-                destination=f"route:lmtp:{endpoint}",
-                servers=(server,),
-                max_recipients=self._lmtp_max_recipients,
-            )
+        lmtp = transport == "lmtp"
         return NextHop(
-            transport="smtp",
-            destination=f"route:smtp:{endpoint}",
+            transport="lmtp" if lmtp else "smtp",
+            destination=f"route:{transport}:{endpoint}",
             servers=(server,),
-            max_recipients=self._smtp_max_recipients,
+            tls=tls,
+            max_recipients=self._lmtp_max_recipients if lmtp else self._smtp_max_recipients,
         )
 
     def _route_mx(self, domain: str) -> Deferred[NextHop | RouteFailure]:

@@ -161,9 +161,10 @@ def test_setting_names_cover_every_section():
         "auth",
         "tracking",
         "queue",
+        "delivery",
         "durability",
     }
-    assert len(names) == len(set(names)) == 30
+    assert len(names) == len(set(names)) == 34
 
 
 # ---------------------------------------------------------------------------
@@ -674,9 +675,39 @@ def test_unquoted_dotted_route_domain(tmp_path):
     path = write(tmp_path, '[routes]\nexample.org = "mx"\n')
     assert error_for(path) == (
         f"config error: {path}: routes.example: expected maildir, mx, lmtp:ENDPOINT or "
-        "smtp:ENDPOINT, got a table; quote domain names that contain dots, "
-        'as in "example.org" = "mx"'
+        "smtp:ENDPOINT or { target = ..., tls = ... }, got a table without 'target'; "
+        'quote domain names that contain dots, as in "example.org" = "mx"'
     )
+
+
+def test_route_table_with_tls_policy(tmp_path):
+    path = write(
+        tmp_path,
+        '[routes]\n"a.example" = { target = "smtp:tcp:host=192.0.2.1:port=25", tls = "encrypt" }\n',
+    )
+    route = load_config(path, fqdn=lambda: "mx.example.org").route_for("a.example")
+    assert (route.transport, route.endpoint, route.tls) == (
+        "smtp",
+        "tcp:host=192.0.2.1:port=25",
+        "encrypt",
+    )
+
+
+def test_route_tls_policy_must_be_known(tmp_path):
+    path = write(tmp_path, '[routes]\n"a.example" = { target = "mx", tls = "always" }\n')
+    assert error_for(path) == (
+        f'config error: {path}: routes."a.example": expected one of none, may, encrypt, '
+        "got 'always'"
+    )
+
+
+def test_route_option_with_tls_suffix():
+    config = load_config(
+        None,
+        (Override("--route", "routes", "b.example=smtp:tcp:host=192.0.2.2:port=25;tls=none"),),
+        fqdn=lambda: "mx.example.org",
+    )
+    assert config.route_for("b.example").tls == "none"
 
 
 def test_route_option_without_equals_sign():

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mtrkmta.config import DEFAULT_ROUTE, Config, Route, select_route
+from mtrkmta.config import DEFAULT_ROUTE, Config, Delivery, Route, select_route
 from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server
 from mtrkmta.routing.router import (
     MAILDIR_HOP,
@@ -597,3 +597,39 @@ def test_cache_is_bounded_and_drops_the_least_recently_used():
     assert resolver.calls == []
     route(router, "d1.test")
     assert {name for name, _ in resolver.calls} == {"d1.test"}
+
+
+def test_tls_policy_from_route_or_delivery_default():
+    # Issue 4: STARTTLS policy per route (none | may | encrypt), else delivery.tls.
+    records = {
+        "plain.example": [dns.Record_MX(10, "mx.plain.example")],
+        "mx.plain.example": [dns.Record_A("192.0.2.10")],
+        "strict.example": [dns.Record_MX(10, "mx.strict.example")],
+        "mx.strict.example": [dns.Record_A("192.0.2.11")],
+    }
+    routes = (
+        Route("fixed.example", "smtp", "tcp:host=192.0.2.1:port=25", tls="none"),
+        Route("strict.example", "mx", None, tls="encrypt"),
+        DEFAULT_ROUTE,
+    )
+    router = Router(routes, (), FakeResolver(records), tls="may")
+    assert route(router, "fixed.example").tls == "none"
+    assert route(router, "strict.example").tls == "encrypt"
+    assert route(router, "plain.example").tls == "may"
+
+
+def test_from_config_takes_delivery_settings():
+    config = Config(
+        hostname="mx.example.com",
+        data_dir=Path("/nonexistent"),
+        database="sqlite://",
+        node_id="n1",
+        routes=(Route("lmtp.example", "lmtp", "tcp:host=127.0.0.1:port=24"), DEFAULT_ROUTE),
+        delivery=Delivery(smtp_port=2525, tls="encrypt", max_recipients=7),
+    )
+    records = {"far.example": [dns.Record_A("192.0.2.20")]}
+    router = Router.from_config(config, FakeResolver(records))
+    hop = route(router, "far.example")
+    assert hop.servers[0].endpoint == "tcp:host=192.0.2.20:port=2525"
+    assert (hop.tls, hop.max_recipients) == ("encrypt", 7)
+    assert route(router, "lmtp.example").max_recipients == 7
