@@ -9,17 +9,26 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IResolver
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.names import client
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mtrkmta.auth import PasswordFileChecker
 from mtrkmta.config import Config
+from mtrkmta.delivery.interfaces import ITransport
+from mtrkmta.delivery.maildir import MaildirTransport
+from mtrkmta.delivery.smtp import LMTPTransport, SMTPTransport, SMTPTransportSettings
 from mtrkmta.lmtp.server import LMTPServerFactory
+from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
+from mtrkmta.queue.control import ControlFactory
+from mtrkmta.queue.policy import RetryPolicy
+from mtrkmta.queue.service import QueueService
 from mtrkmta.receive.policy import RelayPolicy
 from mtrkmta.receive.receiver import Receiver
+from mtrkmta.routing.router import Router
 from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
 from mtrkmta.spool.filespool import FileSpool
 from mtrkmta.spool.queueid import QueueIdGenerator
@@ -63,9 +72,25 @@ class MTAService(Service):
 
     name = "mtrkmta"
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        resolver: IResolver | None = None,
+        deliver: bool = True,
+    ) -> None:
+        """``resolver`` answers MX lookups (default: the system's, from /etc/resolv.conf);
+        ``deliver=False`` runs the receive path only (accepted mail stays queued), for
+        tests of the receive path."""
         self.config = config
         self.reactor = reactor
+        self.deliver = deliver
+        self._resolver = resolver
+        self._system_resolver: client.Resolver | None = None
+        self.queue: QueueService | None = None
+        self.transports: dict[str, ITransport] = {}
+        self._control: IListeningPort | None = None
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="mtrkmta-io")
         self.ready: Deferred[MTAService] = Deferred()
         self.spool: FileSpool | None = None
@@ -126,7 +151,54 @@ class MTAService(Service):
             clock=self.reactor,
         )
         await self.receiver.start()
+        self.queue = self._build_queue()
+        if self.deliver:
+            self.receiver.on_accepted = self.queue.enqueue
+            await self.queue.start()
+        self._control = self.reactor.listenUNIX(
+            str(config.data_dir / CONTROL_SOCKET),
+            ControlFactory(self.queue),
+            mode=0o600,
+            wantPID=True,
+        )
         await self._listen()
+
+    def _build_queue(self) -> QueueService:
+        config = self.config
+        assert self.spool is not None and self.tracking is not None
+        resolver = self._resolver
+        if resolver is None:
+            resolver = self._system_resolver = client.Resolver(
+                resolv="/etc/resolv.conf", reactor=self.reactor
+            )
+        settings = SMTPTransportSettings(
+            hostname=config.hostname, default_retention=config.tracking.default_retention
+        )
+        self.transports = {
+            "smtp": SMTPTransport(self.reactor, settings),
+            "lmtp": LMTPTransport(self.reactor, settings),
+            "maildir": MaildirTransport(
+                self.reactor,
+                self.threadpool,
+                config.data_dir / "mail",
+                hostname=config.hostname,
+                fsync=config.durability.fsync,
+            ),
+        }
+        return QueueService(
+            spool=self.spool,
+            tracking=self.tracking,
+            router=Router.from_config(config, resolver, clock=self.reactor),
+            transports=self.transports,
+            clock=self.reactor,
+            node_id=config.node_id,
+            retry=RetryPolicy(
+                first_retry=config.queue.first_retry,
+                max_interval=config.queue.max_retry_interval,
+                max_lifetime=config.queue.max_lifetime,
+            ),
+            destination_concurrency=config.delivery.destination_concurrency,
+        )
 
     async def _reconcile(self) -> None:
         """Move spool files that have no tracking record (never acknowledged) aside."""
@@ -205,6 +277,18 @@ class MTAService(Service):
         )
         factories, self.factories = self.factories, {}
         await DeferredList([factory.shutdown() for factory in factories.values()])
+        if self._control is not None:
+            await self._control.stopListening()
+            self._control = None
+        if self.queue is not None:
+            await self.queue.stop()
+        transports, self.transports = self.transports, {}
+        await DeferredList([transport.close() for transport in transports.values()])
+        if self._system_resolver is not None:
+            parse_call = getattr(self._system_resolver, "_parseCall", None)
+            if parse_call is not None and parse_call.active():
+                parse_call.cancel()  # its re-reading of resolv.conf
+            self._system_resolver = None
         if self.receiver is not None:
             self.receiver.stop()
         if self.spool is not None:

@@ -41,13 +41,19 @@ def node_config(
     return dataclasses.replace(config, **sections) if sections else config
 
 
-async def start_node(config: Config, reactor: Any = None) -> MTAService:
-    """Start a node and wait until its listeners are open."""
+async def start_node(
+    config: Config, reactor: Any = None, *, resolver: Any = None, deliver: bool = True
+) -> MTAService:
+    """Start a node and wait until its listeners are open.
+
+    ``resolver`` answers the node's MX lookups (tests pass one pointed at a DNS
+    server on loopback); ``deliver=False`` leaves accepted mail in the queue.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    service = MTAService(config, reactor)
+    service = MTAService(config, reactor, resolver=resolver, deliver=deliver)
     service.startService()
     await service.ready
     return service

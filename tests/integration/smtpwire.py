@@ -274,8 +274,11 @@ async def nothing_queued(node: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def running_node(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Any]:
-    """A node from ``node_config(tmp_path / "data", **kwargs)``, always stopped afterwards."""
-    node = await start_node(node_config(tmp_path / "data", **kwargs))
+    """A node from ``node_config(tmp_path / "data", **kwargs)``, always stopped afterwards.
+
+    Its queue does not deliver: these tests look at what the receive path stored.
+    """
+    node = await start_node(node_config(tmp_path / "data", **kwargs), deliver=False)
     try:
         yield node
     finally:

@@ -36,7 +36,10 @@ from mtrkmta.testing import node_config, start_node, stop_node
 
 HOSTNAME = "mx.example.test"
 SENDER = "crash@client.example"
-RECIPIENT = "alice@localhost"
+# Mail for this domain is routed to a next hop where nothing listens: every accepted
+# message stays in the queue (deferred), so the audit sees all of them.
+RECIPIENT = "alice@hold.example"
+DEAD_ROUTE = "hold.example=smtp:tcp:host=127.0.0.1:port=9"
 TOKEN = re.compile(rb"^X-Crash-Token: (m\d{3}-a\d{3})\r$", re.MULTILINE)
 QUEUED_AS = re.compile(r"^250 2\.0\.0 Ok: queued as ([A-Za-z0-9_-]+)$")
 # The server process runs the mtrkmta this test imports (the same code the audit uses).
@@ -100,6 +103,8 @@ class ServerProcess:
             "none",
             "--hostname",
             HOSTNAME,
+            "--route",
+            DEAD_ROUTE,
         ]
         with open(self._log, "wb") as log:
             self.proc = subprocess.Popen(
@@ -311,7 +316,10 @@ class Audit:
 
 async def audit(data_dir: Path) -> Audit:
     """Start a node on ``data_dir`` (recovery runs), read everything back, stop it."""
-    node = await start_node(node_config(data_dir, hostname=HOSTNAME, listeners=()))
+    node = await start_node(
+        node_config(data_dir, hostname=HOSTNAME, listeners=(), options=(("routes", DEAD_ROUTE),)),
+        deliver=False,
+    )
     try:
         assert node.spool is not None and node.tracking is not None
         on_disk = await node.spool.queue_ids()

@@ -6,33 +6,42 @@ import smtplib
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 
 from mtrkmta.testing import node_config, start_node, stop_node
 
 
 @pytest_twisted.ensureDeferred
-async def test_node_greets_accepts_and_stops(tmp_path):
+async def test_node_accepts_delivers_and_stops(tmp_path):
     node = await start_node(node_config(tmp_path / "data", hostname="mx.example.test"))
     try:
         port = node.port("smtp")
 
-        def talk() -> tuple[int, bytes]:
+        def talk() -> tuple[int, bytes, bytes]:
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
                 code, text = smtp.ehlo("client.example")
-                errors = smtp.sendmail(
-                    "a@b.example", ["alice@localhost"], b"Subject: x\r\n\r\nhi\r\n"
-                )
-                assert errors == {}
-                return code, text
+                assert smtp.mail("a@b.example")[0] == 250
+                assert smtp.rcpt("alice@localhost")[0] == 250
+                _, reply = smtp.data(b"Subject: x\r\n\r\nhi\r\n")
+                return code, text, reply
 
-        code, text = await threads.deferToThread(talk)
+        code, text, reply = await threads.deferToThread(talk)
         assert code == 250 and text.startswith(b"mx.example.test\n")
-        on_disk = await node.spool.queue_ids()
-        assert len(on_disk) == 1
-        stored = await node.tracking.message(on_disk[0])
+        queue_id = reply.split()[-1].decode()
+        # The queue delivers it into alice's Maildir, then drops it from the spool.
+        for _ in range(250):
+            if not await node.spool.queue_ids():
+                break
+            await deferLater(reactor, 0.02)
+        assert await node.spool.queue_ids() == []
+        stored = await node.tracking.message(queue_id)
         assert stored.sender == "a@b.example"
-        assert [r.address for r in stored.recipients] == ["alice@localhost"]
+        assert [(r.address, r.state.value, r.status, r.action) for r in stored.recipients] == [
+            ("alice@localhost", "delivered", "2.1.5", "delivered")
+        ]
+        (delivered,) = list((tmp_path / "data" / "mail" / "alice" / "new").iterdir())
+        assert delivered.read_bytes().endswith(b"\nSubject: x\n\nhi\n")
     finally:
         await stop_node(node)
 

@@ -104,7 +104,12 @@ def test_twistd_serves_smtp_and_stops_cleanly_on_sigterm(tmp_path, workdir):
             match = re.fullmatch(rb"2\.0\.0 Ok: queued as (\S+)", reply)
             assert match is not None, reply
             queue_id = match.group(1).decode("ascii")
-        assert (data_dir / "spool" / "queue" / bucket_of(queue_id) / queue_id).is_file()
+        # The queue delivers it to the local Maildir, then removes it from the spool.
+        maildir = data_dir / "mail" / "alice" / "new"
+        deadline = time.monotonic() + 20
+        while not (maildir.is_dir() and any(maildir.iterdir())):
+            assert time.monotonic() < deadline, log.read_text("utf-8", "replace")
+            time.sleep(0.05)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -121,8 +126,13 @@ def test_twistd_serves_smtp_and_stops_cleanly_on_sigterm(tmp_path, workdir):
     assert "Server Shut Down." in text
     assert "Traceback" not in text and "Unhandled" not in text, text
     assert f"{queue_id}: accepted from=<sender@example.org> nrcpt=1 via smtp" in text
-    # What was acknowledged is still there after the stop: spool file and tracking record.
-    assert (data_dir / "spool" / "queue" / bucket_of(queue_id) / queue_id).is_file()
+    # Delivered: in the Maildir with Return-Path/Delivered-To, out of the spool, and the
+    # tracking record says so.
+    (delivered,) = list((data_dir / "mail" / "alice" / "new").iterdir())
+    assert delivered.read_bytes().startswith(
+        b"Return-Path: <sender@example.org>\nDelivered-To: <alice@localhost>\nReceived: "
+    )
+    assert not (data_dir / "spool" / "queue" / bucket_of(queue_id) / queue_id).exists()
     assert list((data_dir / "spool" / "incoming").iterdir()) == []
     conn = sqlite3.connect(data_dir / "tracking.sqlite")
     try:
@@ -130,12 +140,12 @@ def test_twistd_serves_smtp_and_stops_cleanly_on_sigterm(tmp_path, workdir):
             "SELECT sender, node_id, reporting_mta FROM messages WHERE queue_id = ?", (queue_id,)
         ).fetchall()
         recipients = conn.execute(
-            "SELECT address, state FROM recipients WHERE queue_id = ?", (queue_id,)
+            "SELECT address, state, status FROM recipients WHERE queue_id = ?", (queue_id,)
         ).fetchall()
     finally:
         conn.close()
     assert message == [("sender@example.org", HOSTNAME, HOSTNAME)]
-    assert recipients == [("alice@localhost", "queued")]
+    assert recipients == [("alice@localhost", "delivered", "2.1.5")]
     assert not (workdir / "twistd.pid").exists()
 
 
