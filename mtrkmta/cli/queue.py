@@ -75,17 +75,17 @@ def render_show(message: dict[str, Any], out: TextIO) -> None:
         ),
     ]
     for name, value in fields:
-        print(f"{name + ':':<14}{value}", file=out)
+        print(f"{name + ':':<20}{value}", file=out)
     for rcpt in message["recipients"]:
         print(file=out)
-        print(f"  Recipient:   <{rcpt['address']}>", file=out)
+        print(f"  {'Recipient:':<18}<{rcpt['address']}>", file=out)
         for key in ("state", "status", "remote_mta", "diagnostic", "attempts"):
             if rcpt[key] not in (None, ""):
-                print(f"  {key.replace('_', '-').capitalize() + ':':<13}{rcpt[key]}", file=out)
+                print(f"  {key.replace('_', '-').capitalize() + ':':<18}{rcpt[key]}", file=out)
         for key in ("last_attempt", "next_attempt", "will_retry_until"):
             if rcpt[key]:
                 label = key.replace("_", "-").capitalize() + ":"
-                print(f"  {label:<13}{_when(rcpt[key])}", file=out)
+                print(f"  {label:<18}{_when(rcpt[key])}", file=out)
 
 
 class QueueOptions(usage.Options):
