@@ -201,11 +201,34 @@ class MTAService(Service):
         )
 
     async def _reconcile(self) -> None:
-        """Move spool files that have no tracking record (never acknowledged) aside."""
+        """Move spool files that have no tracking record (never acknowledged) aside, and
+        remove those whose message is finished (a crash came before their removal)."""
         assert self.spool is not None and self.tracking is not None
         on_disk = await self.spool.queue_ids()
         known = await self.tracking.known(on_disk)
         orphans = [queue_id for queue_id in on_disk if queue_id not in known]
+        unfinished = set(await self.tracking.queued_messages(self.config.node_id))
+        finished = []
+        for queue_id in on_disk:
+            if queue_id not in known or queue_id in unfinished:
+                continue
+            record = await self.tracking.message(queue_id)
+            if record is None or record.unfinished:
+                continue
+            if record.node_id != self.config.node_id:
+                # Never touch mail queued under another node id (server.node_id changed?).
+                log.warn(
+                    "spool file {queue_id} belongs to node {owner}, not {me}: left alone",
+                    queue_id=queue_id,
+                    owner=record.node_id,
+                    me=self.config.node_id,
+                )
+                continue
+            finished.append(queue_id)
+        if finished:
+            # Every recipient final and every DSN queued: a crash came before the removal.
+            await self.spool.remove(finished)
+            log.info("spool recovery removed {n} finished message(s)", n=len(finished))
         if orphans:
             where = await self.spool.quarantine(orphans)
             log.warn(

@@ -74,6 +74,8 @@ class RecipientOutcome:
     failure was local); ``remote_mta`` the server that answered (``dns; host``).
     ``unknown`` marks an attempt whose result is not known (connection lost after
     the final dot): the recipient is retried, at the risk of a duplicate.
+    ``dsn_passed`` is True when a next hop that advertised DSN accepted the
+    recipient: DSN duties went with the message (no ``relayed`` DSN from us).
     """
 
     index: int
@@ -83,6 +85,7 @@ class RecipientOutcome:
     remote_mta: str | None = None
     certifier_forwarded: bool = False
     unknown: bool = False
+    dsn_passed: bool = False
 
 
 class ITransport(Interface):

@@ -286,8 +286,9 @@ class SMTPTransport:
             await session.when_lost()
             if reused and result.mail is None and not result.dot_sent:
                 return [], True
+        dsn_passed = "DSN" in keywords
         outcomes = [
-            self._outcome(index, decided, forwarded, session.server_name, result.error)
+            self._outcome(index, decided, forwarded, dsn_passed, session.server_name, result.error)
             for index, decided in zip(batch, result.per_recipient(), strict=True)
         ]
         return outcomes, False
@@ -297,6 +298,7 @@ class SMTPTransport:
         index: int,
         decided: RecipientReply,
         forwarded: bool,
+        dsn_passed: bool,
         server: str,
         error: SessionError | None,
     ) -> RecipientOutcome:
@@ -312,7 +314,13 @@ class SMTPTransport:
             else:
                 state, status = self.accepted_state, self.accepted_status
             return RecipientOutcome(
-                index, state, status, text, remote, certifier_forwarded=forwarded
+                index,
+                state,
+                status,
+                text,
+                remote,
+                certifier_forwarded=forwarded,
+                dsn_passed=dsn_passed,
             )
         if reply.is_permanent:
             return RecipientOutcome(

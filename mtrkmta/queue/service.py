@@ -6,13 +6,14 @@ import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Interface
 
 from mtrkmta.delivery.interfaces import (
     Attempt,
@@ -31,6 +32,7 @@ from mtrkmta.tracking.interfaces import (
     RecipientState,
     RecipientUpdate,
     StoredMessage,
+    StoredRecipient,
 )
 
 log = Logger()
@@ -46,6 +48,47 @@ class QueueEvent:
 
     message: StoredMessage
     updates: tuple[RecipientUpdate, ...]
+
+
+class INotifier(Interface):
+    """Delivery status notifications, as the queue needs them (mtrkmta.dsn)."""
+
+    def owed(message: StoredMessage, recipient: StoredRecipient, now: float) -> str | None:
+        """The DSN Action owed for the recipient's new state, or None (pure decision)."""
+
+    def send(message: StoredMessage, owed: Sequence[tuple[StoredRecipient, str]]) -> Deferred[None]:
+        """Queue the DSN(s) for these recipients; fires once they are durably accepted."""
+
+
+def dsn_action(state: RecipientState) -> str | None:
+    """The DSN Action reporting a recipient in ``state`` (never transferred: CHECKLIST 5.4.3)."""
+    if state.in_queue:
+        return "delayed"
+    return None if state is RecipientState.TRANSFERRED else state.value
+
+
+def after(recipient: StoredRecipient, update: RecipientUpdate) -> StoredRecipient:
+    """The recipient as the tracking store holds it once ``update`` is committed."""
+    return replace(
+        recipient,
+        state=update.state,
+        status=update.status,
+        action=update.action,
+        remote_mta=update.remote_mta,
+        diagnostic=update.diagnostic,
+        last_attempt=None if update.last_attempt is None else int(update.last_attempt),
+        will_retry_until=(
+            None if update.will_retry_until is None else int(update.will_retry_until)
+        ),
+        next_attempt=None if update.next_attempt is None else int(update.next_attempt),
+        attempts=recipient.attempts + (1 if update.count_attempt else 0),
+        certifier_forwarded=update.certifier_forwarded,
+        dsn_pending=update.dsn_pending,
+        dsn_passed=update.dsn_passed,
+        delay_warned=(
+            recipient.delay_warned if update.delay_warned is None else update.delay_warned
+        ),
+    )
 
 
 class ContentCache:
@@ -99,6 +142,7 @@ class QueueService:
         destination_concurrency: int = 20,
         max_active_messages: int = 200,
         content_cache_bytes: int = 32 * 1024 * 1024,
+        notifier: INotifier | None = None,
     ) -> None:
         self.spool = spool
         self.tracking = tracking
@@ -110,6 +154,7 @@ class QueueService:
         self.destination_concurrency = destination_concurrency
         self.max_active_messages = max_active_messages
         self.observers: list[Callable[[QueueEvent], object]] = []
+        self.notifier = notifier
         self._cache = ContentCache(content_cache_bytes)
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
@@ -290,10 +335,21 @@ class QueueService:
         if message.held:
             return
         now = self.clock.seconds()
+        owed = [r for r in message.recipients if r.dsn_pending]
+        if owed:
+            # A DSN was owed when the last outcome was recorded, but not yet queued
+            # (a crash, or the DSN could not be accepted): send it now.
+            await self._notify(message, owed)
+            message = await self.tracking.message(queue_id)
+            if message is None:
+                return
         waiting = [r for r in message.recipients if r.state.in_queue]
         due = [r for r in waiting if force or r.next_attempt is None or r.next_attempt <= now]
-        if not waiting:
+        if not message.unfinished:
             await self._finish_message(queue_id)
+            return
+        if not waiting:
+            self.schedule(queue_id, now + self.retry.first_retry)  # the DSN is still owed
             return
         if not due:
             self.schedule(queue_id, min(r.next_attempt or now for r in waiting))
@@ -318,6 +374,20 @@ class QueueService:
     async def _record(
         self, message: StoredMessage, updates: Sequence[RecipientUpdate], now: float
     ) -> None:
+        """Commit the updates (marking the DSNs they owe in the same write), tell the
+        observers, queue the DSNs, then finish or reschedule the message."""
+        updates = list(updates)
+        owed: list[StoredRecipient] = []
+        if self.notifier is not None:
+            for position, update in enumerate(updates):
+                recipient = after(message.recipients[update.index], update)
+                action = self.notifier.owed(message, recipient, now)
+                if action is not None:
+                    flags: dict[str, Any] = {"dsn_pending": True}
+                    if action == "delayed":
+                        flags["delay_warned"] = True
+                    updates[position] = replace(update, **flags)
+                    owed.append(after(message.recipients[update.index], updates[position]))
         await self.tracking.record_outcomes(message.queue_id, updates)
         for update in updates:
             recipient = message.recipients[update.index]
@@ -335,16 +405,39 @@ class QueueService:
                 observer(event)
             except Exception:
                 log.failure("queue observer failed")
-        states = {r.index: (r.state, r.next_attempt) for r in message.recipients}
-        states.update((u.index, (u.state, u.next_attempt)) for u in updates)
-        waiting = [next_attempt for state, next_attempt in states.values() if state.in_queue]
-        if not waiting:
+        changed = {u.index: u for u in updates}
+        current = replace(
+            message,
+            recipients=tuple(
+                after(r, changed[r.index]) if r.index in changed else r for r in message.recipients
+            ),
+        )
+        if owed:
+            await self._notify(current, owed)
+            current = replace(
+                current,
+                recipients=tuple(replace(r, dsn_pending=False) for r in current.recipients),
+            )
+        if not current.unfinished:
             await self._finish_message(message.queue_id)
             return
+        waiting = [r.next_attempt for r in current.recipients if r.state.in_queue]
         retry_at = min(
             (when for when in waiting if when is not None), default=now + self.retry.first_retry
         )
         self.schedule(message.queue_id, retry_at)
+
+    async def _notify(self, message: StoredMessage, recipients: Sequence[StoredRecipient]) -> None:
+        """Queue the DSNs owed for ``recipients``, then clear their pending marks.
+
+        If the DSN cannot be queued, the marks stay: the message is not finished and
+        the next run tries again.
+        """
+        assert self.notifier is not None
+        owed = [(r, action) for r in recipients if (action := dsn_action(r.state)) is not None]
+        if owed:
+            await self.notifier.send(message, owed)
+        await self.tracking.clear_dsn_pending(message.queue_id, [r.index for r in recipients])
 
     async def _finish_message(self, queue_id: str) -> None:
         await self.spool.remove([queue_id])

@@ -58,6 +58,9 @@ class StoredRecipient:
     next_attempt: int | None = None
     attempts: int = 0
     certifier_forwarded: bool = False
+    dsn_pending: bool = False
+    dsn_passed: bool = False
+    delay_warned: bool = False
 
     @property
     def original(self) -> OriginalRecipient:
@@ -101,13 +104,20 @@ class StoredMessage:
         """True while any recipient is still in our queue; then it never expires."""
         return any(r.state.in_queue for r in self.recipients)
 
+    @property
+    def unfinished(self) -> bool:
+        """True while the queue still owes work: a recipient queued or a DSN not sent."""
+        return any(r.state.in_queue or r.dsn_pending for r in self.recipients)
+
 
 @dataclass(frozen=True, slots=True)
 class RecipientUpdate:
     """The new delivery state of one recipient after an attempt (or an admin action).
 
     Times are POSIX seconds. ``count_attempt`` adds one to the recipient's attempt
-    counter (False for admin actions such as bounce).
+    counter (False for admin actions such as bounce). ``dsn_pending`` records, in
+    the same transaction as the outcome, that a DSN is owed for it; ``delay_warned``
+    None leaves that flag as it was.
     """
 
     index: int
@@ -121,6 +131,9 @@ class RecipientUpdate:
     next_attempt: float | None = None
     certifier_forwarded: bool = False
     count_attempt: bool = True
+    dsn_pending: bool = False
+    dsn_passed: bool = False
+    delay_warned: bool | None = None
 
 
 class ITrackingStore(Interface):
@@ -145,9 +158,8 @@ class ITrackingStore(Interface):
         """The subset of ``queue_ids`` that have a record (spool reconciliation)."""
 
     def queued_messages(node_id: str) -> Deferred[list[str]]:
-        """Queue ids of ``node_id``'s messages with a recipient still in the queue.
-
-        Ordered by arrival, then queue id.
+        """Queue ids of ``node_id``'s unfinished messages: a recipient still in the
+        queue, or a DSN still owed. Ordered by arrival, then queue id.
         """
 
     def message(queue_id: str) -> Deferred[StoredMessage | None]:
@@ -164,6 +176,9 @@ class ITrackingStore(Interface):
 
     def record_outcomes(queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
         """Durably record what happened to some recipients (group-committed)."""
+
+    def clear_dsn_pending(queue_id: str, indices: Sequence[int]) -> Deferred[None]:
+        """The DSNs owed for these recipients are now queued themselves."""
 
     def set_held(queue_id: str, held: bool) -> Deferred[bool]:
         """Hold or release a message; fires with False when the message is unknown."""

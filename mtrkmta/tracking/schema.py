@@ -110,6 +110,12 @@ def build_schema() -> TrackingSchema:
         Column("next_attempt", BigInteger, nullable=True),
         Column("attempts", Integer, nullable=False),
         Column("certifier_forwarded", Boolean, nullable=False),
+        # A DSN is owed for this recipient's last outcome and not yet queued (0002).
+        Column("dsn_pending", Boolean, server_default=false(), nullable=False),
+        # The next hop advertised DSN and took the DSN duty with the message (0002).
+        Column("dsn_passed", Boolean, server_default=false(), nullable=False),
+        # The one "delayed" warning was sent (0002).
+        Column("delay_warned", Boolean, server_default=false(), nullable=False),
         CheckConstraint(STATE_CHECK, name="state"),
         Index(None, "state", "queue_id"),
     )

@@ -193,11 +193,11 @@ class SQLTrackingStore:
         return self._read(query)
 
     def queued_messages(self, node_id: str) -> Deferred[list[str]]:
-        """Queue ids of ``node_id``'s messages still in the queue, by arrival."""
+        """Queue ids of ``node_id``'s unfinished messages (queued recipients or DSNs owed)."""
         m = self._schema.messages
         statement = (
             select(m.c.queue_id)
-            .where(m.c.node_id == node_id, self._in_queue_clause())
+            .where(m.c.node_id == node_id, self._unfinished_clause())
             .order_by(m.c.arrival, m.c.queue_id)
         )
 
@@ -271,7 +271,24 @@ class SQLTrackingStore:
             "will_retry_until": seconds(update.will_retry_until),
             "next_attempt": seconds(update.next_attempt),
             "certifier_forwarded": update.certifier_forwarded,
+            "dsn_pending": update.dsn_pending,
+            "dsn_passed": update.dsn_passed,
+            **({} if update.delay_warned is None else {"delay_warned": update.delay_warned}),
         }
+
+    def clear_dsn_pending(self, queue_id: str, indices: Sequence[int]) -> Deferred[None]:
+        """The DSNs owed for these recipients are queued themselves now."""
+        r = self._schema.recipients
+        wanted = list(indices)
+
+        def apply(conn: Connection) -> None:
+            conn.execute(
+                r.update()
+                .where(r.c.queue_id == queue_id, r.c.rcpt_index.in_(wanted))
+                .values(dsn_pending=False)
+            )
+
+        return self._write(apply)
 
     def set_held(self, queue_id: str, held: bool) -> Deferred[bool]:
         """Hold or release a message; False when it is unknown."""
@@ -288,7 +305,7 @@ class SQLTrackingStore:
         m = self._schema.messages
         statement = (
             select(m)
-            .where(m.c.node_id == node_id, self._in_queue_clause())
+            .where(m.c.node_id == node_id, self._unfinished_clause())
             .order_by(m.c.arrival, m.c.queue_id)
         )
 
@@ -310,7 +327,7 @@ class SQLTrackingStore:
         """Purge expired messages no longer queued (CHECKLIST 3.4); fires with how many."""
         cutoff = whole_seconds(self._clock.seconds() if now is None else now)
         m = self._schema.messages
-        statement = select(m.c.queue_id).where(m.c.expires_at <= cutoff, ~self._in_queue_clause())
+        statement = select(m.c.queue_id).where(m.c.expires_at <= cutoff, ~self._unfinished_clause())
 
         def purge(conn: Connection) -> int:
             doomed = list(conn.scalars(statement))
@@ -349,9 +366,12 @@ class SQLTrackingStore:
             else:
                 waiter.callback(None)
 
-    def _in_queue_clause(self) -> Exists:
+    def _unfinished_clause(self) -> Exists:
         m, r = self._schema.messages, self._schema.recipients
-        return exists().where(r.c.queue_id == m.c.queue_id, r.c.state.in_(sorted(QUEUED_STATES)))
+        return exists().where(
+            r.c.queue_id == m.c.queue_id,
+            r.c.state.in_(sorted(QUEUED_STATES)) | r.c.dsn_pending,
+        )
 
     def _write(self, op: Callable[[Connection], R]) -> Deferred[R]:
         if self._closing is not None:
@@ -500,6 +520,9 @@ class SQLTrackingStore:
                 next_attempt=rr.next_attempt,
                 attempts=rr.attempts,
                 certifier_forwarded=bool(rr.certifier_forwarded),
+                dsn_pending=bool(rr.dsn_pending),
+                dsn_passed=bool(rr.dsn_passed),
+                delay_warned=bool(rr.delay_warned),
             )
             for rr in recipient_rows
         )

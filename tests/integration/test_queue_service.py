@@ -384,3 +384,63 @@ async def test_hold_release_flush_delete_bounce(node):
         assert not await node.queue.delete("nosuch")
     finally:
         await node.close()
+
+
+class RecordingNotifier:
+    """Owes a DSN for every failed recipient; can be told to fail the next sends."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, list[tuple[str, str]]]] = []
+        self.failures = 0
+
+    def owed(self, message, recipient, now):
+        return "failed" if recipient.state is RecipientState.FAILED else None
+
+    def send(self, message, owed):
+        if self.failures:
+            self.failures -= 1
+            from twisted.internet.defer import fail
+
+            return fail(OSError("cannot queue the DSN"))
+        self.sent.append((message.queue_id, [(r.address, action) for r, action in owed]))
+        return succeed(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_owed_dsn_is_recorded_then_sent_then_cleared(node):
+    notifier = node.queue.notifier = RecordingNotifier()
+    await started(node)
+    node.transport.script["bad@one.example"] = [RecipientState.FAILED]
+    try:
+        await node.accept("q0301", "bad@one.example", "good@one.example")
+        await node.advance(0)
+        assert notifier.sent == [("q0301", [("bad@one.example", "failed")])]
+        message = await node.tracking.message("q0301")
+        assert [r.dsn_pending for r in message.recipients] == [False, False]
+        assert await node.spool.queue_ids() == []
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dsn_that_cannot_be_queued_is_retried_and_keeps_the_message(node):
+    # The outcome and the debt are committed together; the message stays (with its
+    # content, for RET=FULL) until the DSN is queued.
+    notifier = node.queue.notifier = RecordingNotifier()
+    notifier.failures = 1
+    await started(node)
+    node.transport.script["bad@one.example"] = [RecipientState.FAILED]
+    try:
+        await node.accept("q0302", "bad@one.example")
+        await node.advance(0)
+        assert notifier.sent == []
+        message = await node.tracking.message("q0302")
+        assert message.recipients[0].dsn_pending
+        assert await node.spool.queue_ids() == ["q0302"]
+        assert await node.tracking.queued_messages("node1") == ["q0302"]
+        await node.advance(POLICY.first_retry)
+        assert notifier.sent == [("q0302", [("bad@one.example", "failed")])]
+        assert await node.spool.queue_ids() == []
+        assert len(node.transport.attempts) == 1  # the recipient itself was final
+    finally:
+        await node.close()
