@@ -70,6 +70,7 @@ def update_for(
             diagnostic=outcome.diagnostic,
             last_attempt=now,
             certifier_forwarded=outcome.certifier_forwarded,
+            dsn_passed=outcome.dsn_passed,
         )
     if now >= give_up:
         return RecipientUpdate(
