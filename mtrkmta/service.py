@@ -21,6 +21,7 @@ from mtrkmta.config import Config
 from mtrkmta.delivery.interfaces import ITransport
 from mtrkmta.delivery.maildir import MaildirTransport
 from mtrkmta.delivery.smtp import LMTPTransport, SMTPTransport, SMTPTransportSettings
+from mtrkmta.dsn.notifier import DsnNotifier
 from mtrkmta.lmtp.server import LMTPServerFactory
 from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
 from mtrkmta.queue.control import ControlFactory
@@ -185,7 +186,17 @@ class MTAService(Service):
                 fsync=config.durability.fsync,
             ),
         }
+        assert self.receiver is not None
+        notifier = DsnNotifier(
+            spool=self.spool,
+            receiver=self.receiver,
+            new_queue_id=self.receiver.new_queue_id,
+            reporting_mta=config.hostname,
+            delay_warning=config.queue.delay_warning,
+            clock=self.reactor,
+        )
         return QueueService(
+            notifier=notifier,
             spool=self.spool,
             tracking=self.tracking,
             router=Router.from_config(config, resolver, clock=self.reactor),

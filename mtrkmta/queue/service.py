@@ -56,15 +56,9 @@ class INotifier(Interface):
     def owed(message: StoredMessage, recipient: StoredRecipient, now: float) -> str | None:
         """The DSN Action owed for the recipient's new state, or None (pure decision)."""
 
-    def send(message: StoredMessage, owed: Sequence[tuple[StoredRecipient, str]]) -> Deferred[None]:
-        """Queue the DSN(s) for these recipients; fires once they are durably accepted."""
-
-
-def dsn_action(state: RecipientState) -> str | None:
-    """The DSN Action reporting a recipient in ``state`` (never transferred: CHECKLIST 5.4.3)."""
-    if state.in_queue:
-        return "delayed"
-    return None if state is RecipientState.TRANSFERRED else state.value
+    def send(message: StoredMessage, recipients: Sequence[StoredRecipient]) -> Deferred[None]:
+        """Queue the DSN(s) owed for these recipients (their current state says which);
+        fires once they are durably accepted."""
 
 
 def after(recipient: StoredRecipient, update: RecipientUpdate) -> StoredRecipient:
@@ -162,7 +156,7 @@ class QueueService:
         self._timer: IDelayedCall | None = None
         self._active: dict[str, Deferred[None]] = {}
         self._forced: set[str] = set()
-        self._again: set[str] = set()
+        self._again: dict[str, float] = {}  # asked for while an attempt ran: when
         self._semaphores: dict[str, DeferredSemaphore] = {}
         self._running = False
 
@@ -199,7 +193,10 @@ class QueueService:
         if force:
             self._forced.add(queue_id)
         if queue_id in self._active:
-            self._again.add(queue_id)
+            # Remember when it was asked for: a retry time set by the running attempt
+            # itself must not turn into an immediate new run (that would spin until the
+            # retry is due).
+            self._again[queue_id] = min(when, self._again.get(queue_id, when))
             return
         current = self._due.get(queue_id)
         if current is not None and current <= when:
@@ -318,9 +315,9 @@ class QueueService:
 
     def _finished(self, _: object, queue_id: str) -> None:
         del self._active[queue_id]
-        if queue_id in self._again and self._running:
-            self._again.discard(queue_id)
-            self.schedule(queue_id, self.clock.seconds())
+        again = self._again.pop(queue_id, None)
+        if again is not None and self._running:
+            self.schedule(queue_id, again)
         self._arm()
         if self._heap and self._timer is None:
             self._wake()
@@ -434,9 +431,7 @@ class QueueService:
         the next run tries again.
         """
         assert self.notifier is not None
-        owed = [(r, action) for r in recipients if (action := dsn_action(r.state)) is not None]
-        if owed:
-            await self.notifier.send(message, owed)
+        await self.notifier.send(message, recipients)
         await self.tracking.clear_dsn_pending(message.queue_id, [r.index for r in recipients])
 
     async def _finish_message(self, queue_id: str) -> None:

@@ -396,13 +396,13 @@ class RecordingNotifier:
     def owed(self, message, recipient, now):
         return "failed" if recipient.state is RecipientState.FAILED else None
 
-    def send(self, message, owed):
+    def send(self, message, recipients):
         if self.failures:
             self.failures -= 1
             from twisted.internet.defer import fail
 
             return fail(OSError("cannot queue the DSN"))
-        self.sent.append((message.queue_id, [(r.address, action) for r, action in owed]))
+        self.sent.append((message.queue_id, [(r.address, r.state.value) for r in recipients]))
         return succeed(None)
 
 

@@ -1,0 +1,124 @@
+"""DsnNotifier: the queue's INotifier — decides which DSNs are owed and queues them as mail."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mtrkmta.dsn.policy import (
+    delay_warning_due,
+    event_for_state,
+    group,
+    is_null_sender,
+    notification_for,
+)
+from mtrkmta.dsn.render import RecipientReport, render_dsn
+from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
+from mtrkmta.queue.service import INotifier
+from mtrkmta.receive.receiver import Receiver
+from mtrkmta.spool.interfaces import ISpool
+from mtrkmta.tracking.interfaces import RecipientState, StoredMessage, StoredRecipient
+
+log = Logger()
+
+# The Action of a DSN owed for a recipient in each state (decided by ``owed`` when
+# the outcome was recorded; a transfer that owes one is reported as relayed).
+PENDING_ACTIONS = {
+    RecipientState.FAILED: "failed",
+    RecipientState.DEFERRED: "delayed",
+    RecipientState.QUEUED: "delayed",
+    RecipientState.DELIVERED: "delivered",
+    RecipientState.RELAYED: "relayed",
+    RecipientState.TRANSFERRED: "relayed",
+    RecipientState.EXPANDED: "expanded",
+}
+
+# The whole original message goes back in a failure DSN up to this size; larger
+# messages are returned as headers only (RFC 3461 §6.2 allows the truncation).
+RETURN_LIMIT = 1024 * 1024
+
+
+@implementer(INotifier)
+class DsnNotifier:
+    """Decides per recipient whether a DSN is owed (CHECKLIST 6.1) and sends it.
+
+    A DSN is an ordinary message: ``MAIL FROM:<>``, one recipient (the original
+    envelope sender) with ``NOTIFY=NEVER``, no RET, no ENVID, no MTRK (CHECKLIST
+    6.2); it enters the queue through the same durable acceptance as any mail and
+    is tracked without MTRK. One DSN is sent per Action, covering every recipient
+    of the message that owes that Action (CHECKLIST 6.1.3).
+    """
+
+    def __init__(
+        self,
+        *,
+        spool: ISpool,
+        receiver: Receiver,
+        new_queue_id: Callable[[], str],
+        reporting_mta: str,
+        delay_warning: float,
+        clock: IReactorTime,
+        return_limit: int = RETURN_LIMIT,
+    ) -> None:
+        self.spool = spool
+        self.receiver = receiver
+        self.new_queue_id = new_queue_id
+        self.reporting_mta = reporting_mta
+        self.delay_warning = delay_warning
+        self.clock = clock
+        self.return_limit = return_limit
+
+    def owed(self, message: StoredMessage, recipient: StoredRecipient, now: float) -> str | None:
+        """The DSN Action owed for the recipient's new state, or None."""
+        if is_null_sender(message.sender):
+            return None  # CHECKLIST 6.1.1: never a DSN about a DSN
+        if recipient.state is RecipientState.DEFERRED and not delay_warning_due(
+            message.arrival, now, recipient.delay_warned, self.delay_warning
+        ):
+            return None
+        event = event_for_state(recipient.state)
+        if event is None:
+            return None
+        return notification_for(
+            event, recipient.notify, sender=message.sender, dsn_passed=recipient.dsn_passed
+        )
+
+    def send(self, message: StoredMessage, recipients: Sequence[StoredRecipient]) -> Deferred[None]:
+        return ensureDeferred(self._send(message, recipients))
+
+    async def _send(self, message: StoredMessage, recipients: Sequence[StoredRecipient]) -> None:
+        _, content = await self.spool.load(message.queue_id)
+        now = self.clock.seconds()
+        for batch in group((r, PENDING_ACTIONS.get(r.state)) for r in recipients):
+            dsn = render_dsn(
+                message=message,
+                recipients=[RecipientReport.from_stored(r, batch.action) for r in batch.recipients],
+                reporting_mta=self.reporting_mta,
+                original_content=content,
+                ret=message.ret,
+                max_full_size=self.return_limit,
+                now=now,
+            )
+            envelope = Envelope(
+                queue_id=self.new_queue_id(),
+                sender="",
+                recipients=(Recipient(message.sender, RcptParams(notify=frozenset({"NEVER"}))),),
+                params=MailParams(),
+                arrival=now,
+                client=ClientInfo(
+                    address="", helo=self.reporting_mta, protocol="local", listener="dsn"
+                ),
+            )
+            await self.receiver.accept(envelope, dsn)
+            log.info(
+                "{queue_id}: {action} DSN {dsn_id} to <{sender}> for {recipients}",
+                queue_id=message.queue_id,
+                action=batch.action,
+                dsn_id=envelope.queue_id,
+                sender=message.sender,
+                recipients=" ".join(f"<{r.address}>" for r in batch.recipients),
+            )

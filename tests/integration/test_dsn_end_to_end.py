@@ -1,0 +1,204 @@
+"""Delivery status notifications end to end: a node fails, delivers or delays mail and the
+DSN it owes lands in the sender's local Maildir (CHECKLIST 6)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from fakemta import FakeMTA
+from smtpwire import Wire, in_thread, queue_id_of
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from mtrkmta.service import MTAService
+from mtrkmta.testing import node_config, start_node, stop_node
+
+SENDER = "sender@localhost"  # DSNs to it are delivered into data/mail/sender/new/
+CONTENT = (
+    b"From: sender@localhost\r\nSubject: original\r\nMessage-ID: <m1@localhost>\r\n\r\nHi.\r\n"
+)
+
+
+@asynccontextmanager
+async def node_with_fake(
+    tmp_path: Path, options: Sequence[tuple[str, object]] = ()
+) -> AsyncIterator[tuple[MTAService, FakeMTA]]:
+    fake = await FakeMTA(reactor).start()
+    node = await start_node(
+        node_config(
+            tmp_path / "data",
+            listeners=("smtp",),
+            options=(
+                ("routes", f"relay.example=smtp:{fake.endpoint};tls=none"),
+                ("durability.fsync", False),
+                *options,
+            ),
+        )
+    )
+    try:
+        yield node, fake
+    finally:
+        try:
+            await stop_node(node)
+        finally:
+            await fake.stop()
+
+
+def send(
+    port: int, sender: str, recipients: Sequence[tuple[str, str]], mail_params: str = ""
+) -> str:
+    with Wire(port) as wire:
+        assert wire.ehlo().code == 250
+        assert wire.command(f"MAIL FROM:<{sender}> {mail_params}".rstrip()).code == 250
+        for address, params in recipients:
+            assert wire.command(f"RCPT TO:<{address}> {params}".rstrip()).code == 250
+        queue_id = queue_id_of(wire.data(CONTENT))
+        wire.command("QUIT")
+    return queue_id
+
+
+async def settled(node: MTAService, timeout: float = 10.0) -> None:
+    """Wait until the spool is empty (every message and every DSN delivered)."""
+    deadline = time.monotonic() + timeout
+    while await node.spool.queue_ids():
+        assert time.monotonic() < deadline, "the queue did not empty"
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+def dsns(tmp_path: Path, mailbox: str = "sender") -> list[email.message.EmailMessage]:
+    folder = tmp_path / "data" / "mail" / mailbox / "new"
+    if not folder.is_dir():
+        return []
+    return [
+        email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        for path in sorted(folder.iterdir())
+    ]
+
+
+def delivery_status(message: Any) -> list[dict[str, str]]:
+    """The blocks of the message/delivery-status part, as dicts of field -> value."""
+    (part,) = [p for p in message.walk() if p.get_content_type() == "message/delivery-status"]
+    blocks = []
+    for block in part.get_payload():
+        blocks.append({k.lower(): str(v) for k, v in block.items()})
+    return blocks
+
+
+@pytest_twisted.ensureDeferred
+async def test_remote_5xx_produces_one_failed_dsn_with_the_remote_reply(tmp_path):
+    # CHECKLIST 6.1 (failed here, NOTIFY absent -> failed), 6.4.5-6.4.6.
+    async with node_with_fake(tmp_path) as (node, fake):
+        fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 <bad@relay.example> User unknown"
+        queue_id = await in_thread(
+            send,
+            node.port("smtp"),
+            SENDER,
+            [("bad@relay.example", "ORCPT=rfc822;bad@relay.example"), ("ok@relay.example", "")],
+            "ENVID=env-1 RET=HDRS",
+        )
+        await settled(node)
+        (dsn,) = dsns(tmp_path)
+        assert dsn.get_content_type() == "multipart/report"
+        assert dsn.get_param("report-type") == "delivery-status"
+        assert dsn["To"] == SENDER
+        per_message, *per_recipient = delivery_status(dsn)
+        assert per_message["original-envelope-id"] == "env-1"
+        assert per_message["reporting-mta"] == "dns; mx.example.test"
+        (failed,) = per_recipient
+        assert failed["final-recipient"] == "rfc822; bad@relay.example"
+        assert failed["original-recipient"] == "rfc822;bad@relay.example"
+        assert failed["action"] == "failed"
+        assert failed["status"] == "5.1.1"
+        assert failed["diagnostic-code"] == "smtp; 550 5.1.1 <bad@relay.example> User unknown"
+        assert failed["remote-mta"] == f"dns; {fake.endpoint.split('host=')[1].split(':')[0]}"
+        assert "will-retry-until" not in failed
+        parts = [p.get_content_type() for p in dsn.iter_parts()]
+        assert parts == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+        # The DSN itself was sent with MAIL FROM:<> and tracked without MTRK.
+        stored = await node.tracking.message(queue_id)
+        assert [r.dsn_pending for r in stored.recipients] == [False, False]
+
+
+@pytest_twisted.ensureDeferred
+async def test_null_sender_failure_produces_no_dsn(tmp_path):
+    # CHECKLIST 6.1.1: never a DSN about a message from <>.
+    async with node_with_fake(tmp_path) as (node, fake):
+        fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 no"
+        await in_thread(send, node.port("smtp"), "", [("bad@relay.example", "")])
+        await settled(node)
+        assert dsns(tmp_path) == []
+        assert not (tmp_path / "data" / "mail").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_notify_never_produces_no_dsn(tmp_path):
+    # CHECKLIST 6.1 (failed here, NOTIFY=NEVER -> none).
+    async with node_with_fake(tmp_path) as (node, fake):
+        fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 no"
+        await in_thread(send, node.port("smtp"), SENDER, [("bad@relay.example", "NOTIFY=NEVER")])
+        await settled(node)
+        assert dsns(tmp_path) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_notify_success_to_a_maildir_produces_delivered(tmp_path):
+    # CHECKLIST 6.1 (delivered to mailbox, NOTIFY has SUCCESS -> delivered).
+    async with node_with_fake(tmp_path) as (node, _):
+        await in_thread(
+            send, node.port("smtp"), SENDER, [("alice@localhost", "NOTIFY=SUCCESS")], "RET=FULL"
+        )
+        await settled(node)
+        (dsn,) = dsns(tmp_path)
+        (_, delivered) = delivery_status(dsn)
+        assert (delivered["action"], delivered["status"]) == ("delivered", "2.1.5")
+        assert "original-envelope-id" not in delivery_status(dsn)[0]  # no ENVID was given
+        # A success DSN returns the headers only (CHECKLIST 6.3.5).
+        assert [p.get_content_type() for p in dsn.iter_parts()][-1] == "text/rfc822-headers"
+        assert len(list((tmp_path / "data" / "mail" / "alice" / "new").iterdir())) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_to_a_dsn_hop_sends_no_relayed_dsn(tmp_path):
+    # CHECKLIST 6.1: relayed to a DSN-capable hop, the hop takes the DSN duty.
+    async with node_with_fake(tmp_path) as (node, fake):
+        await in_thread(send, node.port("smtp"), SENDER, [("ok@relay.example", "NOTIFY=SUCCESS")])
+        await settled(node)
+        assert len([t for t in fake.transactions if t.content is not None]) == 1
+        assert dsns(tmp_path) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_delay_past_the_warning_time_produces_exactly_one_delayed(tmp_path):
+    # CHECKLIST 6.1 (delayed, NOTIFY absent -> delayed [O]; we send it once).
+    options = (
+        ("queue.first_retry", "1s"),
+        ("queue.max_retry_interval", "1s"),
+        ("queue.delay_warning", "1s"),
+    )
+    async with node_with_fake(tmp_path, options) as (node, fake):
+        fake.rcpt_replies["slow@relay.example"] = "451 4.3.0 try later"
+        queue_id = await in_thread(send, node.port("smtp"), SENDER, [("slow@relay.example", "")])
+        deadline = time.monotonic() + 15
+        while not dsns(tmp_path):
+            assert time.monotonic() < deadline, "no delayed DSN"
+            await deferLater(reactor, 0.05, lambda: None)
+        # Let several more attempts fail: still exactly one warning.
+        attempts = len(fake.transactions)
+        while len(fake.transactions) < attempts + 2:
+            assert time.monotonic() < deadline + 10, "no further attempts"
+            await deferLater(reactor, 0.05, lambda: None)
+        (dsn,) = dsns(tmp_path)
+        (_, delayed) = delivery_status(dsn)
+        assert delayed["action"] == "delayed"
+        assert delayed["status"] == "4.3.0"
+        assert "will-retry-until" in delayed
+        stored = await node.tracking.message(queue_id)
+        assert stored.recipients[0].delay_warned
+        assert stored.recipients[0].state.value == "deferred"
