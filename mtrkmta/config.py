@@ -563,6 +563,44 @@ class Auth:
     users_file: Path | None = field(default=None, metadata=_key(_optional_file))
 
 
+def _delimiter(value: object, ctx: _Context) -> str:
+    """One character that separates a local part from its ``+detail``, or ``""`` for none."""
+    if not isinstance(value, str) or len(value) > 1 or (value in '@"\\ ' and value):
+        raise _Invalid(
+            f"expected one character such as + or -, or an empty string, got {_got(value)}"
+        )
+    return value
+
+
+def _mailbox_template(value: object, ctx: _Context) -> str:
+    """A mailbox path under the mail directory, with {local} and optionally {domain}."""
+    text = _string(value, "a template such as {local} or {domain}/{local}")
+    try:
+        text.format(local="l", domain="d")
+    except (KeyError, IndexError, ValueError):
+        raise _Invalid(f"only {{local}} and {{domain}} may be used, got {text!r}") from None
+    if "{local}" not in text or text.startswith("/") or ".." in text.split("/"):
+        raise _Invalid(f"expected a relative path containing {{local}}, got {text!r}")
+    return text
+
+
+def _local_parts(value: object, ctx: _Context) -> tuple[str, ...]:
+    """A list of local parts (user names), compared without regard to case."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise _Invalid(f"expected a list of user names, got {_got(value)}")
+    return tuple(v.lower() for v in value)
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """Local delivery: mailboxes, users, aliases and lists."""
+
+    aliases: Path | None = field(default=None, metadata=_key(_optional_file))
+    recipient_delimiter: str = field(default="+", metadata=_key(_delimiter))
+    mailbox: str = field(default="{local}", metadata=_key(_mailbox_template))
+    users: tuple[str, ...] = field(default=(), metadata=_key(_local_parts))
+
+
 @dataclass(frozen=True, slots=True)
 class Tracking:
     """Message tracking (RFC 3885-3888): how long tracking records are kept."""
@@ -619,6 +657,7 @@ class Config:
     tracking: Tracking = field(default_factory=Tracking, metadata=_section("tracking"))
     queue: Queue = field(default_factory=Queue, metadata=_section("queue"))
     delivery: Delivery = field(default_factory=Delivery, metadata=_section("delivery"))
+    local: Local = field(default_factory=Local, metadata=_section("local"))
     durability: Durability = field(default_factory=Durability, metadata=_section("durability"))
 
     def is_local(self, domain: str) -> bool:

@@ -10,6 +10,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IResolver
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.names import client
@@ -29,7 +30,9 @@ from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.queue.service import QueueService
 from mtrkmta.receive.policy import RelayPolicy
 from mtrkmta.receive.receiver import Receiver
+from mtrkmta.routing.aliases import AliasBook, AliasSource, Deliver, Resolution
 from mtrkmta.routing.router import Router
+from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
 from mtrkmta.spool.filespool import FileSpool
 from mtrkmta.spool.queueid import QueueIdGenerator
@@ -38,6 +41,9 @@ from mtrkmta.tracking.migrate import upgrade
 from mtrkmta.tracking.store import SQLTrackingStore
 
 log = Logger()
+
+ALIAS_CHECK_INTERVAL = 5.0  # seconds between checks whether the aliases file changed
+EMPTY_ALIASES = AliasBook({}, {})
 
 
 def prepare_data_dir(data_dir: Path) -> None:
@@ -92,6 +98,8 @@ class MTAService(Service):
         self.queue: QueueService | None = None
         self.transports: dict[str, ITransport] = {}
         self._control: IListeningPort | None = None
+        self.aliases: AliasSource | None = None
+        self._alias_watch: LoopingCall | None = None
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="mtrkmta-io")
         self.ready: Deferred[MTAService] = Deferred()
         self.spool: FileSpool | None = None
@@ -150,7 +158,14 @@ class MTAService(Service):
             node_id=config.node_id,
             min_free_space=config.limits.min_free_space,
             clock=self.reactor,
+            check_local=self._check_local if config.local.users else None,
         )
+        if config.local.aliases is not None:
+            self.aliases = AliasSource(config.local.aliases, self.reactor, self.threadpool)
+            await self._blocking(self.aliases.load)
+            self._alias_watch = LoopingCall(self.aliases.refresh)
+            self._alias_watch.clock = self.reactor
+            self._alias_watch.start(ALIAS_CHECK_INTERVAL, now=False)
         await self.receiver.start()
         self.queue = self._build_queue()
         if self.deliver:
@@ -163,6 +178,35 @@ class MTAService(Service):
             wantPID=True,
         )
         await self._listen()
+
+    def reload_aliases(self) -> None:
+        """Re-read the aliases file now (SIGHUP)."""
+        if self.aliases is not None:
+            self.aliases.refresh(force=True)
+
+    def _book(self) -> AliasBook:
+        return self.aliases.book if self.aliases is not None else EMPTY_ALIASES
+
+    def _resolve(self, address: str) -> Resolution:
+        local = self.config.local
+        return self._book().resolve(
+            address, local_domains=self.config.local_domains, delimiter=local.recipient_delimiter
+        )
+
+    def _check_local(self, address: str) -> Reply | None:
+        """550 5.1.1 for a local address that is no user, alias or list (local.users)."""
+        local_part, domain = address, ""
+        if "@" in address:
+            local_part, _, domain = address.rpartition("@")
+        if domain and domain.lower() not in self.config.local_domains:
+            return None
+        if not isinstance(self._resolve(address), Deliver):
+            return None  # an alias or a list
+        delimiter = self.config.local.recipient_delimiter
+        base = local_part.split(delimiter, 1)[0] if delimiter else local_part
+        if base.lower() in self.config.local.users or base.lower() == "postmaster":
+            return None
+        return Reply(550, "5.1.1", (f"<{address}>: Recipient address rejected: User unknown",))
 
     def _build_queue(self) -> QueueService:
         config = self.config
@@ -184,6 +228,8 @@ class MTAService(Service):
                 config.data_dir / "mail",
                 hostname=config.hostname,
                 fsync=config.durability.fsync,
+                delimiter=config.local.recipient_delimiter,
+                template=config.local.mailbox,
             ),
         }
         assert self.receiver is not None
@@ -197,6 +243,11 @@ class MTAService(Service):
         )
         return QueueService(
             notifier=notifier,
+            expander=self._resolve,
+            inject=self.receiver.accept,
+            new_queue_id=self.receiver.new_queue_id,
+            hostname=config.hostname,
+            default_retention=config.tracking.default_retention,
             spool=self.spool,
             tracking=self.tracking,
             router=Router.from_config(config, resolver, clock=self.reactor),
@@ -323,6 +374,8 @@ class MTAService(Service):
             if parse_call is not None and parse_call.active():
                 parse_call.cancel()  # its re-reading of resolv.conf
             self._system_resolver = None
+        if self._alias_watch is not None and self._alias_watch.running:
+            self._alias_watch.stop()
         if self.receiver is not None:
             self.receiver.stop()
         if self.spool is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -57,4 +58,6 @@ def makeService(options: Options) -> MTAService:
 
     service = make_service(options.config, reactor)
     exit_when_start_fails(service, reactor)
+    # SIGHUP re-reads the aliases file (twistd itself uses SIGUSR1, for its log).
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_aliases))
     return service

@@ -59,13 +59,17 @@ class MaildirTransport:
         hostname: str | None = None,
         fsync: bool = True,
         delimiter: str = "+",
+        template: str = "{local}",
     ) -> None:
+        """``template`` places a mailbox under ``root``: ``{local}`` is the mailbox name
+        (see mailbox_name), ``{domain}`` the lower-cased recipient domain."""
         self._reactor = reactor
         self._threadpool = threadpool
         self.root = root
         self._host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
         self._fsync = fsync
         self._delimiter = delimiter
+        self._template = template
         self._counter = itertools.count()
         self._lock = threading.Lock()
 
@@ -101,6 +105,14 @@ class MaildirTransport:
             log.error("maildir fsync failed: {error}", error=error)
             return [RecipientOutcome(o.index, RecipientState.DEFERRED, "4.3.0") for o in outcomes]
         return outcomes
+
+    def mailbox_path(self, address: str) -> str:
+        """The mailbox directory of ``address``, relative to the Maildir root."""
+        domain = address.rpartition("@")[2].lower() if "@" in address else "localhost"
+        safe_domain = mailbox_name(domain, "") if domain else "localhost"
+        return self._template.format(
+            local=mailbox_name(address, self._delimiter), domain=safe_domain
+        )
 
     def _unique(self, size: int) -> str:
         with self._lock:

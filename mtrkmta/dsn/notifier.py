@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mtrkmta.dsn.policy import (
+    DsnEvent,
     delay_warning_due,
     event_for_state,
     group,
@@ -18,6 +19,7 @@ from mtrkmta.dsn.policy import (
 )
 from mtrkmta.dsn.render import RecipientReport, render_dsn
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
+from mtrkmta.queue.expansion import LIST_DIAGNOSTIC
 from mtrkmta.queue.service import INotifier
 from mtrkmta.receive.receiver import Receiver
 from mtrkmta.spool.interfaces import ISpool
@@ -36,6 +38,14 @@ PENDING_ACTIONS = {
     RecipientState.TRANSFERRED: "relayed",
     RecipientState.EXPANDED: "expanded",
 }
+
+
+def pending_action(recipient: StoredRecipient) -> str | None:
+    """The Action of the DSN owed for ``recipient`` in its current state."""
+    if recipient.state is RecipientState.EXPANDED and recipient.diagnostic == LIST_DIAGNOSTIC:
+        return "delivered"
+    return PENDING_ACTIONS.get(recipient.state)
+
 
 # The whole original message goes back in a failure DSN up to this size; larger
 # messages are returned as headers only (RFC 3461 §6.2 allows the truncation).
@@ -81,6 +91,8 @@ class DsnNotifier:
         ):
             return None
         event = event_for_state(recipient.state)
+        if recipient.state is RecipientState.EXPANDED and recipient.diagnostic == LIST_DIAGNOSTIC:
+            event = DsnEvent.LIST_ACCEPTED  # a list: "delivered" in a DSN (3461 §5.2.7.1)
         if event is None:
             return None
         return notification_for(
@@ -93,7 +105,7 @@ class DsnNotifier:
     async def _send(self, message: StoredMessage, recipients: Sequence[StoredRecipient]) -> None:
         _, content = await self.spool.load(message.queue_id)
         now = self.clock.seconds()
-        for batch in group((r, PENDING_ACTIONS.get(r.state)) for r in recipients):
+        for batch in group((r, pending_action(r)) for r in recipients):
             dsn = render_dsn(
                 message=message,
                 recipients=[RecipientReport.from_stored(r, batch.action) for r in batch.recipients],

@@ -23,9 +23,11 @@ from mtrkmta.delivery.interfaces import (
     RecipientOutcome,
     RouteFailure,
 )
-from mtrkmta.envelope import Envelope
+from mtrkmta.envelope import Envelope, Recipient
+from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
 from mtrkmta.receive.policy import recipient_domain
+from mtrkmta.routing.aliases import Deliver, Loop, Resolution
 from mtrkmta.spool.interfaces import ISpool
 from mtrkmta.tracking.interfaces import (
     ITrackingStore,
@@ -61,10 +63,20 @@ class INotifier(Interface):
         fires once they are durably accepted."""
 
 
+def _readdressed(recipient: Recipient, address: str) -> Recipient:
+    """``recipient`` sent on to ``address``; the original address stays as ORCPT (3461 §5.2.7.2)."""
+    if address == recipient.address:
+        return recipient
+    return replace(
+        recipient, address=address, params=replace(recipient.params, orcpt=recipient.original)
+    )
+
+
 def after(recipient: StoredRecipient, update: RecipientUpdate) -> StoredRecipient:
     """The recipient as the tracking store holds it once ``update`` is committed."""
     return replace(
         recipient,
+        final_recipient=update.final_recipient or recipient.final_recipient,
         state=update.state,
         status=update.status,
         action=update.action,
@@ -137,7 +149,15 @@ class QueueService:
         max_active_messages: int = 200,
         content_cache_bytes: int = 32 * 1024 * 1024,
         notifier: INotifier | None = None,
+        expander: Callable[[str], Resolution] | None = None,
+        inject: Callable[[Envelope, bytes], Deferred[None]] | None = None,
+        new_queue_id: Callable[[], str] | None = None,
+        hostname: str = "localhost",
+        default_retention: float = 9 * 86400.0,
     ) -> None:
+        """``expander`` resolves aliases and lists of local recipients; the messages
+        that carry expanded mail on are durably accepted with ``inject`` under ids
+        from ``new_queue_id`` (both required with an expander)."""
         self.spool = spool
         self.tracking = tracking
         self.router = router
@@ -149,6 +169,11 @@ class QueueService:
         self.max_active_messages = max_active_messages
         self.observers: list[Callable[[QueueEvent], object]] = []
         self.notifier = notifier
+        self.expander = expander
+        self.inject = inject
+        self.new_queue_id = new_queue_id
+        self.hostname = hostname
+        self.default_retention = default_retention
         self._cache = ContentCache(content_cache_bytes)
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
@@ -353,20 +378,76 @@ class QueueService:
             return
         cached = self._cache.get(queue_id)
         envelope, content = cached if cached is not None else await self.spool.load(queue_id)
-        outcomes = await self._deliver(envelope, content, [r.index for r in due], now)
+        # Recipients are routed by their final address (a single-target alias may
+        # have rewritten it); the envelope of the attempt carries those addresses.
+        final = {r.index: r.final_recipient for r in message.recipients}
+        outcomes, rewritten = await self._expand(envelope, content, due, now)
+        final.update(rewritten)
+        current = replace(
+            envelope,
+            recipients=tuple(
+                _readdressed(rcpt, final.get(i, rcpt.address))
+                for i, rcpt in enumerate(envelope.recipients)
+            ),
+        )
+        expanded = {o.index for o in outcomes}
+        routed = [r.index for r in due if r.index not in expanded]
+        if routed:
+            outcomes += await self._deliver(current, content, routed, now)
         attempts = {r.index: r.attempts for r in message.recipients}
         finished_at = self.clock.seconds()
         updates = tuple(
-            update_for(
-                outcome,
-                attempts_before=attempts[outcome.index],
-                arrival=message.arrival,
-                now=finished_at,
-                policy=self.retry,
+            replace(
+                update_for(
+                    outcome,
+                    attempts_before=attempts[outcome.index],
+                    arrival=message.arrival,
+                    now=finished_at,
+                    policy=self.retry,
+                ),
+                final_recipient=rewritten.get(outcome.index),
             )
-            for outcome in outcomes
+            for outcome in sorted(outcomes, key=lambda o: o.index)
         )
         await self._record(message, updates, finished_at)
+
+    async def _expand(
+        self,
+        envelope: Envelope,
+        content: bytes,
+        due: Sequence[StoredRecipient],
+        now: float,
+    ) -> tuple[list[RecipientOutcome], dict[int, str]]:
+        """Resolve aliases and lists; queue the messages that carry expanded mail on.
+
+        Returns the outcomes of the recipients that expansion settled and the new
+        final address of those a single-target alias rewrote.
+        """
+        outcomes: list[RecipientOutcome] = []
+        rewritten: dict[int, str] = {}
+        if self.expander is None:
+            return outcomes, rewritten
+        for recipient in due:
+            resolution = self.expander(recipient.final_recipient)
+            if isinstance(resolution, Deliver):
+                if resolution.address != recipient.final_recipient:
+                    rewritten[recipient.index] = resolution.address
+                continue
+            if not isinstance(resolution, Loop):
+                assert self.inject is not None and self.new_queue_id is not None
+                for copy in new_envelopes(
+                    envelope,
+                    recipient.index,
+                    resolution,
+                    now=now,
+                    new_queue_id=self.new_queue_id,
+                    hostname=self.hostname,
+                    default_retention=self.default_retention,
+                ):
+                    trace = f"Delivered-To: <{recipient.final_recipient}>\r\n".encode()
+                    await self.inject(copy, trace + content)
+            outcomes.append(outcome_for(recipient.index, resolution))
+        return outcomes, rewritten
 
     async def _record(
         self, message: StoredMessage, updates: Sequence[RecipientUpdate], now: float
@@ -453,7 +534,9 @@ class QueueService:
         for index in indices:
             route = routes[recipient_domain(envelope.recipients[index].address)]
             if isinstance(route, RouteFailure):
-                outcomes.append(RecipientOutcome(index, route.state, route.status, diagnostic=None))
+                outcomes.append(
+                    RecipientOutcome(index, route.state, route.status, f"x-local; {route.reason}")
+                )
                 continue
             groups.setdefault(route.destination, (route, []))[1].append(index)
         attempts = [

@@ -45,7 +45,9 @@ class Receiver:
         clock: IReactorTime,
         on_accepted: Callable[[Envelope, bytes], object] | None = None,
         free_space_interval: float = 5.0,
+        check_local: Callable[[str], Reply | None] | None = None,
     ) -> None:
+        """``check_local`` refuses unknown local users at RCPT (None: everyone exists)."""
         self.spool = spool
         self.tracking = tracking
         self.policy = policy
@@ -54,6 +56,7 @@ class Receiver:
         self.node_id = node_id
         self.min_free_space = min_free_space
         self.on_accepted = on_accepted
+        self.check_local = check_local
         self._free_space: int | None = None
         self._monitor = LoopingCall(self._measure_free_space)
         self._monitor.clock = clock
@@ -103,11 +106,14 @@ class Receiver:
         return None
 
     def check_recipient(self, session: Session, address: str, params: RcptParams) -> Reply | None:
-        return self.policy.check(
+        refusal = self.policy.check(
             address,
             client_address=session.address,
             authenticated=session.authenticated_as is not None,
         )
+        if refusal is None and self.check_local is not None:
+            refusal = self.check_local(address)
+        return refusal
 
     def new_queue_id(self) -> str:
         return self._new_queue_id()

@@ -134,6 +134,7 @@ class RecipientUpdate:
     dsn_pending: bool = False
     dsn_passed: bool = False
     delay_warned: bool | None = None
+    final_recipient: str | None = None  # a new final address (alias rewrite); None: keep
 
 
 class ITrackingStore(Interface):

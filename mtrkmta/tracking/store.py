@@ -274,6 +274,11 @@ class SQLTrackingStore:
             "dsn_pending": update.dsn_pending,
             "dsn_passed": update.dsn_passed,
             **({} if update.delay_warned is None else {"delay_warned": update.delay_warned}),
+            **(
+                {}
+                if update.final_recipient is None
+                else {"final_recipient": update.final_recipient}
+            ),
         }
 
     def clear_dsn_pending(self, queue_id: str, indices: Sequence[int]) -> Deferred[None]:

@@ -162,9 +162,10 @@ def test_setting_names_cover_every_section():
         "tracking",
         "queue",
         "delivery",
+        "local",
         "durability",
     }
-    assert len(names) == len(set(names)) == 34
+    assert len(names) == len(set(names)) == 38
 
 
 # ---------------------------------------------------------------------------
@@ -934,3 +935,34 @@ def test_example_file_shows_every_section_and_key():
 def test_documentation_describes_exactly_the_settings():
     documented = re.findall(r"^\.\. describe:: ([a-z_]+(?:\.[a-z_]+)?)", DOC.read_text(), re.M)
     assert sorted(documented) == sorted(setting_names())
+
+
+def test_local_section(tmp_path):
+    aliases = tmp_path / "aliases.toml"
+    aliases.write_text("")
+    path = write(
+        tmp_path,
+        f'[local]\naliases = "{aliases}"\nrecipient_delimiter = "-"\n'
+        'mailbox = "{domain}/{local}"\nusers = ["Alice", "bob"]\n',
+    )
+    local = load_config(path, fqdn=lambda: "mx.example.org").local
+    assert (local.aliases, local.recipient_delimiter, local.mailbox, local.users) == (
+        aliases,
+        "-",
+        "{domain}/{local}",
+        ("alice", "bob"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('mailbox = "/var/{local}"', "expected a relative path containing {local}"),
+        ('mailbox = "{user}"', "only {local} and {domain} may be used"),
+        ('recipient_delimiter = "++"', "expected one character"),
+        ("users = [1]", "expected a list of user names"),
+    ],
+)
+def test_local_section_mistakes(tmp_path, line, problem):
+    path = write(tmp_path, f"[local]\n{line}\n")
+    assert problem in error_for(path)

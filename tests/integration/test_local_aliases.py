@@ -1,0 +1,205 @@
+"""Aliases, lists and forwarding in a whole node: what went downstream and what tracking says
+(CHECKLIST 2.4-2.9, 8.1-8.3)."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest_twisted
+from fakemta import FakeMTA
+from smtpwire import Wire, in_thread, queue_id_of
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from mtrkmta.service import MTAService
+from mtrkmta.testing import node_config, start_node, stop_node
+
+ALIASES = """
+[alias.info]
+to = ["alice", "bob@relay.example"]
+primary = "alice"
+
+[alias.sales]
+to = "carol@relay.example"
+
+[alias.secret]
+to = "hidden@relay.example"
+confidential = true
+
+[alias.self]
+to = ["self", "x@relay.example"]
+
+[list.team]
+members = ["alice", "dave@relay.example"]
+owner = "team-owner@localhost"
+"""
+CERTIFIER = base64.b64encode(bytes(range(20))).decode()
+MTRK = f"MTRK={CERTIFIER}:3600 ENVID=e1@origin.example"
+CONTENT = b"Subject: aliases\r\n\r\nHello.\r\n"
+
+
+@asynccontextmanager
+async def aliased_node(tmp_path: Path, users: tuple[str, ...] = ()) -> AsyncIterator[tuple]:
+    aliases = tmp_path / "aliases.toml"
+    aliases.write_text(ALIASES)
+    fake = await FakeMTA(reactor).start()
+    options: list[tuple[str, object]] = [
+        ("routes", f"relay.example=smtp:{fake.endpoint};tls=none"),
+        ("local.aliases", str(aliases)),
+        ("durability.fsync", False),
+    ]
+    if users:
+        options.append(("local.users", users))
+    node = await start_node(
+        node_config(tmp_path / "data", listeners=("smtp",), options=tuple(options))
+    )
+    try:
+        yield node, fake
+    finally:
+        try:
+            await stop_node(node)
+        finally:
+            await fake.stop()
+
+
+def send(port: int, rcpt: str, mail_params: str = MTRK, rcpt_params: str = "") -> str:
+    with Wire(port) as wire:
+        assert wire.ehlo().code == 250
+        assert wire.command(f"MAIL FROM:<s@localhost> {mail_params}").code == 250
+        reply = wire.command(f"RCPT TO:<{rcpt}> {rcpt_params}".rstrip())
+        assert reply.code == 250, str(reply)
+        queue_id = queue_id_of(wire.data(CONTENT))
+        wire.command("QUIT")
+    return queue_id
+
+
+async def settled(node: MTAService) -> None:
+    deadline = time.monotonic() + 10
+    while await node.spool.queue_ids():
+        assert time.monotonic() < deadline, "the queue did not empty"
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+def received(fake: FakeMTA) -> dict[str, object]:
+    """Recipient -> the transaction that carried it to the fake."""
+    return {r: t for t in fake.transactions if t.content is not None for r in t.recipients}
+
+
+def params(transaction: object) -> set[str]:
+    return {p.split("=", 1)[0].upper() for p in transaction.mail_params}
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_target_alias_is_an_ordinary_hop(tmp_path):
+    # CHECKLIST 2.4: MTRK/ENVID/ORCPT kept, timeout decremented, the address rewritten.
+    async with aliased_node(tmp_path) as (node, fake):
+        queue_id = await in_thread(send, node.port("smtp"), "sales@localhost")
+        await settled(node)
+        carol = received(fake)["carol@relay.example"]
+        assert {"MTRK", "ENVID"} <= params(carol)
+        assert any(p.startswith("ORCPT=rfc822;sales@localhost") for p in carol.rcpt_params[0])
+        (r,) = (await node.tracking.message(queue_id)).recipients
+        assert (r.address, r.final_recipient, r.state.value) == (
+            "sales@localhost",
+            "carol@relay.example",
+            "transferred",
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_multi_target_alias_gives_the_certifier_to_the_primary_only(tmp_path):
+    # CHECKLIST 2.5: expanded; the non-primary target gets no MTRK.
+    async with aliased_node(tmp_path) as (node, fake):
+        queue_id = await in_thread(send, node.port("smtp"), "info@localhost")
+        await settled(node)
+        bob = received(fake)["bob@relay.example"]
+        assert "MTRK" not in params(bob)
+        assert "ENVID" in params(bob)  # option (c): ENVID/RET/ORCPT go on
+        (r,) = (await node.tracking.message(queue_id)).recipients
+        assert (r.state.value, r.status) == ("expanded", "2.1.5")
+        assert len(list((tmp_path / "data" / "mail" / "alice" / "new").iterdir())) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_expansion_sends_nothing_of_the_original(tmp_path):
+    # CHECKLIST 2.6, 8.2: owner as sender, no MTRK/ENVID/NOTIFY/RET/ORCPT; members
+    # never appear in the tracking record.
+    async with aliased_node(tmp_path) as (node, fake):
+        queue_id = await in_thread(
+            send, node.port("smtp"), "team@localhost", MTRK + " RET=FULL", "NOTIFY=SUCCESS"
+        )
+        await settled(node)
+        dave = received(fake)["dave@relay.example"]
+        assert dave.sender == "team-owner@localhost"
+        assert params(dave) & {"MTRK", "ENVID", "RET"} == set()
+        # No NOTIFY, and no ORCPT from the original (one naming the member itself is fine).
+        (dave_params,) = [
+            ps for r, ps in zip(dave.recipients, dave.rcpt_params, strict=True) if "dave" in r
+        ]
+        assert all(not p.startswith("NOTIFY") for p in dave_params)
+        assert all("team" not in p for p in dave_params)
+        message = await node.tracking.message(queue_id)
+        (r,) = message.recipients
+        assert r.state.value == "expanded"
+        assert "alice" not in repr(message) and "dave" not in repr(message)
+        # The sender asked for SUCCESS: a list exploder reports "delivered" (6.1).
+        (dsn_file,) = list((tmp_path / "data" / "mail" / "s" / "new").iterdir())
+        assert b"Action: delivered" in dsn_file.read_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_confidential_forwarding_stops_tracking_and_hides_the_target(tmp_path):
+    # CHECKLIST 2.8 option (b), 8.1.
+    async with aliased_node(tmp_path) as (node, fake):
+        queue_id = await in_thread(send, node.port("smtp"), "secret@localhost")
+        await settled(node)
+        hidden = received(fake)["hidden@relay.example"]
+        assert "MTRK" not in params(hidden) and "ENVID" not in params(hidden)
+        message = await node.tracking.message(queue_id)
+        (r,) = message.recipients
+        assert (r.state.value, r.final_recipient) == ("delivered", "secret@localhost")
+        assert "hidden" not in repr(message)
+
+
+@pytest_twisted.ensureDeferred
+async def test_alias_loop_fails_with_5_4_6(tmp_path):
+    async with aliased_node(tmp_path) as (node, fake):
+        queue_id = await in_thread(send, node.port("smtp"), "self@localhost", "")
+        await settled(node)
+        (r,) = (await node.tracking.message(queue_id)).recipients
+        assert (r.state.value, r.status) == ("failed", "5.4.6")
+        assert received(fake) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_local_users_are_refused_at_rcpt_when_users_are_listed(tmp_path):
+    async with aliased_node(tmp_path, users=("alice",)) as (node, _):
+
+        def talk() -> list[str]:
+            with Wire(node.port("smtp")) as wire:
+                wire.ehlo()
+                wire.command("MAIL FROM:<s@localhost>")
+                replies = [
+                    str(wire.command(f"RCPT TO:<{rcpt}>"))
+                    for rcpt in ("nobody@localhost", "alice+x@localhost", "info@localhost")
+                ]
+                wire.command("QUIT")
+                return replies
+
+        nobody, alice, info = await in_thread(talk)
+        assert nobody.startswith("550 5.1.1")
+        assert alice.startswith("250") and info.startswith("250")
+
+
+@pytest_twisted.ensureDeferred
+async def test_aliases_file_is_reloaded_when_it_changes(tmp_path):
+    async with aliased_node(tmp_path) as (node, fake):
+        (tmp_path / "aliases.toml").write_text('[alias.sales]\nto = "erin@relay.example"\n')
+        await node.aliases.refresh()
+        await in_thread(send, node.port("smtp"), "sales@localhost", "")
+        await settled(node)
+        assert "erin@relay.example" in received(fake)
