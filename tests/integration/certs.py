@@ -13,7 +13,8 @@ from cryptography.x509.oid import NameOID
 
 
 @functools.lru_cache(maxsize=4)
-def _pem_pair(hostname: str) -> tuple[bytes, bytes]:
+def pem_pair(hostname: str) -> tuple[bytes, bytes]:
+    """A self-signed EC P-256 certificate for ``hostname`` and its key, PEM (cached)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -39,7 +40,7 @@ def _pem_pair(hostname: str) -> tuple[bytes, bytes]:
 
 def write_certificate(directory: Path, hostname: str = "mx.example.test") -> tuple[Path, Path]:
     """Write a self-signed EC P-256 certificate for ``hostname`` and its key; their paths."""
-    cert_pem, key_pem = _pem_pair(hostname)
+    cert_pem, key_pem = pem_pair(hostname)
     directory.mkdir(parents=True, exist_ok=True)
     certificate = directory / "cert.pem"
     private_key = directory / "key.pem"

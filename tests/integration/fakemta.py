@@ -16,17 +16,15 @@ changed between (or during) connections.
 
 from __future__ import annotations
 
-import datetime
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from certs import pem_pair
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, clientFromString, connectProtocol
@@ -119,20 +117,9 @@ class ServerTLS:
     """Server TLS context (TLS 1.2+) with a fresh self-signed EC P-256 certificate."""
 
     def __init__(self, hostname: str) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-            .sign(key, hashes.SHA256())
-        )
+        cert_pem, key_pem = pem_pair(hostname)
+        self.certificate = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
         self._context = SSL.Context(SSL.TLS_METHOD)
         self._context.set_min_proto_version(SSL.TLS1_2_VERSION)
         self._context.use_certificate(self.certificate)

@@ -150,6 +150,7 @@ async def test_mtrk_hop_gets_the_decremented_timeout_and_outcome_transferred(wor
         "smtp; 250 2.0.0 Ok: queued as FAKE",
         "dns; mx1.example.test",
         certifier_forwarded=True,
+        dsn_passed=True,  # the hop advertised DSN: it reports from now on
     )
 
 
@@ -179,6 +180,7 @@ async def test_dsn_hop_without_mtrk_keeps_envid_and_orcpt_drops_mtrk(world):
         "2.1.9",
         False,
     )
+    assert outcome.dsn_passed  # CHECKLIST 6.1: the DSN hop reports success from now on
 
 
 @pytest_twisted.ensureDeferred
@@ -192,6 +194,7 @@ async def test_non_dsn_hop_gets_nothing_dsn_related(world):
     assert transaction.mail == "MAIL FROM:<alice@client.example>"
     assert transaction.rcpts == ["RCPT TO:<bob@example.test>"]
     assert states([outcome]) == [(S.RELAYED, "2.1.9")]
+    assert not outcome.dsn_passed  # CHECKLIST 6.1: we owe a `relayed` DSN for SUCCESS
 
 
 @pytest_twisted.ensureDeferred
