@@ -28,9 +28,12 @@ CONTENT = (
 
 @asynccontextmanager
 async def node_with_fake(
-    tmp_path: Path, options: Sequence[tuple[str, object]] = ()
+    tmp_path: Path,
+    options: Sequence[tuple[str, object]] = (),
+    extensions: Sequence[str] | None = None,
 ) -> AsyncIterator[tuple[MTAService, FakeMTA]]:
-    fake = await FakeMTA(reactor).start()
+    fake = FakeMTA(reactor) if extensions is None else FakeMTA(reactor, extensions=extensions)
+    await fake.start()
     node = await start_node(
         node_config(
             tmp_path / "data",
@@ -172,6 +175,20 @@ async def test_relay_to_a_dsn_hop_sends_no_relayed_dsn(tmp_path):
         await settled(node)
         assert len([t for t in fake.transactions if t.content is not None]) == 1
         assert dsns(tmp_path) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_to_a_hop_without_dsn_sends_relayed_when_success_was_asked(tmp_path):
+    # CHECKLIST 6.1 (relayed to non-DSN SMTP, RCPT got 2xx, NOTIFY has SUCCESS -> relayed).
+    bare = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES")
+    async with node_with_fake(tmp_path, extensions=bare) as (node, fake):
+        await in_thread(send, node.port("smtp"), SENDER, [("ok@relay.example", "NOTIFY=SUCCESS")])
+        await settled(node)
+        (transaction,) = [t for t in fake.transactions if t.content is not None]
+        assert transaction.rcpt_params == [[]]  # nothing DSN-related went to that hop
+        (dsn,) = dsns(tmp_path)
+        (_, relayed) = delivery_status(dsn)
+        assert (relayed["action"], relayed["status"]) == ("relayed", "2.1.9")
 
 
 @pytest_twisted.ensureDeferred
