@@ -1,0 +1,426 @@
+"""`mtrkmta queue ...` against a running node, over its control socket.
+
+A whole node runs in-process and relays ``relay.example`` to a FakeMTA that answers
+451 to the recipient, so the message stays deferred (next attempt in an hour) with
+a last error. The CLI's ``main()`` talks to the node's ``data_dir/control.sock``
+with a blocking socket, so it runs in a thread while the reactor serves it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from fakemta import FakeMTA
+from smtpwire import Wire, in_thread, queue_id_of
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from mtrkmta.cli.queue import main
+from mtrkmta.queue.control import SOCKET_NAME
+from mtrkmta.queue.service import QueueEvent
+from mtrkmta.service import MTAService
+from mtrkmta.testing import node_config, start_node, stop_node
+from mtrkmta.tracking.interfaces import RecipientState, StoredMessage
+
+RELAY_DOMAIN = "relay.example"
+SENDER = "sender@localhost"  # any DSN goes to a local Maildir, not out by MX
+RCPT = f"bob@{RELAY_DOMAIN}"
+BUSY = f"451 4.2.1 <{RCPT}>: mailbox busy"
+CERTIFIER_B64 = "ZGVmZ2hpamtsbW5vcHFyc3R1dnc="  # 20 octets
+CONTENT = b"From: sender@localhost\r\nSubject: queued\r\n\r\nHello.\r\n"
+DEADLINE = 10.0
+UNKNOWN_ID = "nosuchqueueid000000"
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
+    """Poll ``predicate`` (sync or async) until it is truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+@dataclass
+class Run:
+    """What one ``mtrkmta queue`` run did."""
+
+    code: int
+    out: str
+    err: str
+    prompts: list[str] = field(default_factory=list)
+
+
+def run_cli(data_dir: Path, args: Sequence[str], answer: str | None = None) -> Run:
+    """Blocking: ``mtrkmta queue --data-dir DATA_DIR ARGS``; ``answer`` replies to a prompt."""
+    out, err = io.StringIO(), io.StringIO()
+    prompts: list[str] = []
+
+    def ask(prompt: str) -> str:
+        prompts.append(prompt)
+        if answer is None:
+            raise AssertionError(f"unexpected prompt {prompt!r}")
+        return answer
+
+    code = main(["--data-dir", str(data_dir), *args], out, err, ask)
+    return Run(code, out.getvalue(), err.getvalue(), prompts)
+
+
+class Rig:
+    """A node relaying ``relay.example`` to a FakeMTA that defers the recipient."""
+
+    def __init__(self, tmp_path: Path, fake: FakeMTA, options: Sequence[tuple[str, object]]):
+        self.fake = fake
+        self.data_dir = tmp_path / "data"
+        self.config = node_config(
+            self.data_dir,
+            listeners=("smtp",),
+            options=(
+                ("routes", f"{RELAY_DOMAIN}=smtp:{fake.endpoint};tls=none"),
+                ("durability.fsync", False),
+                *options,
+            ),
+        )
+        self.node: MTAService | None = None
+        self.events: list[QueueEvent] = []
+
+    async def cli(self, *args: str, answer: str | None = None) -> Run:
+        result: Run = await in_thread(run_cli, self.data_dir, args, answer)
+        return result
+
+    async def deferred_message(self, mail_params: str = "") -> str:
+        """Send one message to RCPT and wait until its first attempt was deferred."""
+        assert self.node is not None
+        queue_id = await in_thread(send, self.node.port("smtp"), mail_params)
+        await until(lambda: self.attempts(queue_id), "the first attempt")
+        (rcpt,) = (await self.stored(queue_id)).recipients
+        assert rcpt.state is RecipientState.DEFERRED
+        return queue_id
+
+    def attempts(self, queue_id: str) -> int:
+        """How many attempts of ``queue_id`` the queue recorded so far."""
+        return sum(1 for e in self.events if e.message.queue_id == queue_id)
+
+    def rcpt_commands(self) -> int:
+        """How many RCPT commands reached the fake: one per delivery attempt here."""
+        return sum(len(t.rcpts) for t in self.fake.transactions)
+
+    async def stored(self, queue_id: str) -> StoredMessage:
+        assert self.node is not None and self.node.tracking is not None
+        message = await self.node.tracking.message(queue_id)
+        assert message is not None
+        return message
+
+    async def spooled(self) -> list[str]:
+        assert self.node is not None and self.node.spool is not None
+        return list(await self.node.spool.queue_ids())
+
+
+def send(port: int, mail_params: str) -> str:
+    """Blocking: one message from SENDER to RCPT; its queue id."""
+    with Wire(port) as wire:
+        assert wire.ehlo().code == 250
+        reply = wire.command(f"MAIL FROM:<{SENDER}> {mail_params}".rstrip())
+        assert reply.code == 250, str(reply)
+        assert wire.command(f"RCPT TO:<{RCPT}>").code == 250
+        queue_id = queue_id_of(wire.data(CONTENT))
+        assert wire.command("QUIT").code == 221
+    return queue_id
+
+
+@asynccontextmanager
+async def queue_node(
+    tmp_path: Path, options: Sequence[tuple[str, object]] = (("queue.first_retry", "1h"),)
+) -> AsyncIterator[Rig]:
+    """A FakeMTA deferring RCPT and a running node relaying to it; both stopped afterwards."""
+    fake = await FakeMTA(reactor).start()
+    fake.rcpt_replies[RCPT] = BUSY
+    rig = Rig(tmp_path, fake, options)
+    try:
+        rig.node = await start_node(rig.config)
+        assert rig.node.queue is not None
+        rig.node.queue.observers.append(rig.events.append)
+        yield rig
+    finally:
+        try:
+            if rig.node is not None:
+                await stop_node(rig.node)
+        finally:
+            await fake.stop()
+
+
+def block_of(listing: str, queue_id: str) -> list[str]:
+    """The lines of ``queue_id``'s block in a ``list`` output (up to the blank line)."""
+    lines = listing.splitlines()
+    (start,) = [
+        i for i, line in enumerate(lines) if line.split()[:1] in ([queue_id], [queue_id + "!"])
+    ]
+    block = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        block.append(line)
+    return block
+
+
+def show_fields(output: str) -> dict[str, str]:
+    """``Name: value`` lines of a ``show`` output (the first of each name)."""
+    fields: dict[str, str] = {}
+    for line in output.splitlines():
+        name, _, value = line.strip().partition(":")
+        fields.setdefault(name, value.strip())
+    return fields
+
+
+# -- the control socket ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_control_socket_is_a_private_unix_socket(tmp_path):
+    # Only the node's own user may drive the queue: the socket is mode 0600.
+    async with queue_node(tmp_path) as rig:
+        mode = os.stat(rig.data_dir / SOCKET_NAME).st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600
+
+
+# -- list and show ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_is_mailq_like_with_the_last_error(tmp_path):
+    # The queue as the tracking store has it (CHECKLIST 3.2: queue state, last reply).
+    async with queue_node(tmp_path) as rig:
+        empty = await rig.cli("list")
+        assert (empty.code, empty.out.strip(), empty.err) == (0, "Mail queue is empty", "")
+
+        queue_id = await rig.deferred_message()
+        stored = await rig.stored(queue_id)
+        listed = await rig.cli("list")
+        assert (listed.code, listed.err) == (0, "")
+        head, *rest = block_of(listed.out, queue_id)
+        assert head.split()[0] == queue_id  # no "!": not held
+        assert head.split()[1] == str(stored.size)
+        assert head.endswith(f"  {SENDER}")
+        assert any(line.strip() == f"(smtp; {BUSY})" for line in rest)
+        assert any(line.strip().startswith(f"{RCPT}  [deferred, next ") for line in rest)
+        assert listed.out.rstrip().endswith("-- 1 message(s) in the queue")
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_list_gives_the_records_without_the_certifier(tmp_path):
+    # CHECKLIST 3.1 stores B; the admin listing says the message is tracked, no more.
+    async with queue_node(tmp_path) as rig:
+        queue_id = await rig.deferred_message(f"ENVID=q@cli.test MTRK={CERTIFIER_B64}:3600")
+        listed = await rig.cli("--json", "list")
+        assert listed.code == 0
+        (record,) = json.loads(listed.out)
+        assert record["queue_id"] == queue_id
+        assert (record["sender"], record["envid"], record["held"]) == (SENDER, "q@cli.test", False)
+        assert record["certifier"] == "(set)"  # tracked, but the certifier is not shown
+        assert CERTIFIER_B64 not in listed.out
+        (rcpt,) = record["recipients"]
+        assert (rcpt["address"], rcpt["state"], rcpt["status"]) == (RCPT, "deferred", "4.2.1")
+        assert rcpt["diagnostic"] == f"smtp; {BUSY}"
+        assert rcpt["next_attempt"] > time.time() + 3000  # queue.first_retry = 1h
+
+
+@pytest_twisted.ensureDeferred
+async def test_show_gives_the_message_and_its_recipients(tmp_path):
+    # CHECKLIST 3.2: per recipient, state, Status, Remote-MTA, diagnostic, attempt times.
+    async with queue_node(tmp_path) as rig:
+        queue_id = await rig.deferred_message()
+        shown = await rig.cli("show", queue_id)
+        assert (shown.code, shown.err) == (0, "")
+        fields = show_fields(shown.out)
+        assert fields["Queue-Id"] == queue_id
+        assert fields["Held"] == "no"
+        assert fields["Sender"] == f"<{SENDER}>"
+        assert fields["Recipient"] == f"<{RCPT}>"
+        assert fields["State"] == "deferred"
+        assert fields["Status"] == "4.2.1"
+        assert fields["Diagnostic"] == f"smtp; {BUSY}"
+        assert fields["Remote-mta"] == "dns; 127.0.0.1"
+        assert fields["Attempts"] == "1"
+        assert "Next-attempt" in fields
+
+
+# -- hold, release, flush ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_hold_marks_the_message_and_stops_its_retries(tmp_path):
+    # A held message stays queued (CHECKLIST 3.4: still `delayed`, still tracked) but
+    # is not tried, neither at its retry time nor on flush.
+    # The retry is due 3 s after the first attempt (2 s at least, stored times being
+    # whole seconds): the hold below comes well before it.
+    options = (("queue.first_retry", "3s"), ("queue.max_retry_interval", "3s"))
+    async with queue_node(tmp_path, options) as rig:
+        queue_id = await rig.deferred_message()
+        held = await rig.cli("hold", queue_id)
+        assert (held.code, held.out.strip()) == (0, f"{queue_id}: hold done")
+        (rcpt,) = (await rig.stored(queue_id)).recipients
+        assert rcpt.next_attempt is not None
+
+        listed = await rig.cli("list")
+        assert block_of(listed.out, queue_id)[0].split()[0] == f"{queue_id}!"
+        shown = await rig.cli("show", queue_id)
+        assert show_fields(shown.out)["Held"] == "yes"
+        # Neither its retry time nor a flush gets it tried while it is held.
+        flushed = await rig.cli("flush", queue_id)
+        assert flushed.code == 0
+        tried = rig.rcpt_commands()
+        await until(lambda: time.time() > rcpt.next_attempt + 1.2, "the retry time to pass")
+        assert rig.rcpt_commands() == tried == 1
+        assert rig.attempts(queue_id) == 1
+        assert queue_id in await rig.spooled()
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_lets_a_held_message_be_tried_again(tmp_path):
+    async with queue_node(tmp_path) as rig:
+        queue_id = await rig.deferred_message()
+        assert (await rig.cli("hold", queue_id)).code == 0
+        released = await rig.cli("release", queue_id)
+        assert (released.code, released.out.strip()) == (0, f"{queue_id}: release done")
+        assert (await rig.stored(queue_id)).held is False
+        listed = await rig.cli("list")
+        assert block_of(listed.out, queue_id)[0].split()[0] == queue_id
+        assert (await rig.cli("flush", queue_id)).code == 0
+        await until(lambda: rig.attempts(queue_id) == 2, "the attempt after release")
+        assert rig.rcpt_commands() == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_attempts_at_once_ignoring_the_retry_time(tmp_path):
+    # Each flushed attempt is recorded like any other (CHECKLIST 3.2, 2.3 `relayed`).
+    async with queue_node(tmp_path) as rig:
+        queue_id = await rig.deferred_message()
+        (rcpt,) = (await rig.stored(queue_id)).recipients
+        assert rcpt.next_attempt > time.time() + 3000  # not due for an hour
+        flushed = await rig.cli("flush")
+        assert (flushed.code, flushed.out.strip()) == (0, "flushed 1 message(s)")
+        await until(lambda: rig.attempts(queue_id) == 2, "the flushed attempt")
+        assert rig.rcpt_commands() == 2
+        (rcpt,) = (await rig.stored(queue_id)).recipients
+        assert (rcpt.state, rcpt.attempts) == (RecipientState.DEFERRED, 2)
+
+        rig.fake.rcpt_replies.clear()
+        one = await rig.cli("flush", queue_id)
+        assert (one.code, one.out.strip()) == (0, "flushed 1 message(s)")
+        await until(lambda: rig.attempts(queue_id) == 3, "the second flushed attempt")
+        (rcpt,) = (await rig.stored(queue_id)).recipients
+        assert (rcpt.state, rcpt.status) == (RecipientState.RELAYED, "2.1.9")
+
+
+# -- delete and bounce ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_asks_for_confirmation(tmp_path):
+    # Deleting drops the message and its tracking record without any DSN: destructive,
+    # so it is confirmed first. Until then CHECKLIST 3.4 holds: queued means tracked.
+    async with queue_node(tmp_path) as rig:
+        queue_id = await rig.deferred_message()
+        declined = await rig.cli("delete", queue_id, answer="n")
+        assert (declined.code, declined.out, declined.err.strip()) == (1, "", "nothing done")
+        assert len(declined.prompts) == 1 and queue_id in declined.prompts[0]
+        assert queue_id in await rig.spooled()
+        assert (await rig.stored(queue_id)).recipients[0].state is RecipientState.DEFERRED
+
+        deleted = await rig.cli("--yes", "delete", queue_id)  # asks nothing
+        assert (deleted.code, deleted.out.strip()) == (0, f"{queue_id}: delete done")
+        assert queue_id not in await rig.spooled()
+        assert rig.node is not None and rig.node.tracking is not None
+        assert await rig.node.tracking.message(queue_id) is None
+        assert queue_id not in (await rig.cli("list")).out
+
+
+@pytest_twisted.ensureDeferred
+async def test_bounce_fails_every_queued_recipient(tmp_path):
+    # CHECKLIST 5.4/6.1: the administrator gives up on the message: its recipients fail 5.0.0
+    # (RFC 3463 "other undefined status"), keeping the last remote reply, and the
+    # message leaves the spool.
+    async with queue_node(tmp_path) as rig:
+        queue_id = await rig.deferred_message()
+        bounced = await rig.cli("--yes", "bounce", queue_id)
+        assert (bounced.code, bounced.out.strip()) == (0, f"{queue_id}: bounce done")
+        assert queue_id not in await rig.spooled()
+        (rcpt,) = (await rig.stored(queue_id)).recipients
+        assert (rcpt.state, rcpt.action, rcpt.status) == (RecipientState.FAILED, "failed", "5.0.0")
+        assert rcpt.diagnostic == f"smtp; {BUSY}"
+        # (The failure DSN to the sender may be in the queue for a moment.)
+        assert queue_id not in (await rig.cli("list")).out
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_queue_id_is_an_error(tmp_path):
+    # An unknown id is an error for every command that takes one (exit status 1).
+    async with queue_node(tmp_path) as rig:
+        for args in (
+            ("show", UNKNOWN_ID),
+            ("hold", UNKNOWN_ID),
+            ("release", UNKNOWN_ID),
+            ("--yes", "delete", UNKNOWN_ID),
+            ("--yes", "bounce", UNKNOWN_ID),
+        ):
+            run = await rig.cli(*args)
+            assert run.code == 1, args
+            assert run.out == ""
+            assert run.err.strip() == f"mtrkmta: no message {UNKNOWN_ID} in this node's queue"
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_server_running(tmp_path):
+    never = await in_thread(run_cli, tmp_path / "never-started", ["list"])
+    assert (never.code, never.out) == (1, "")
+    assert never.err.startswith("mtrkmta: ")
+    assert never.err.rstrip().endswith("is mtrkmta running?")
+
+    async with queue_node(tmp_path):
+        pass
+    stopped = await in_thread(run_cli, tmp_path / "data", ["list"])
+    assert (stopped.code, stopped.out) == (1, "")
+    assert stopped.err.rstrip().endswith("is mtrkmta running?")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([], id="no-command"),
+        pytest.param(["frobnicate"], id="unknown-command"),
+        pytest.param(["show"], id="show-without-id"),
+        pytest.param(["hold"], id="hold-without-id"),
+        pytest.param(["list", "QID"], id="list-with-id"),
+        pytest.param(["--bogus", "list"], id="unknown-option"),
+        pytest.param(["show", "a", "b"], id="too-many-arguments"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, args):
+    run = run_cli(tmp_path / "data", args)
+    assert (run.code, run.out, run.prompts) == (2, "", [])
+    assert run.err.startswith("mtrkmta: ")
+    assert "usage: mtrkmta queue" in run.err
