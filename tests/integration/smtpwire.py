@@ -9,6 +9,7 @@ read is bounded by a socket timeout. The blocking conversation runs in a thread
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import socket
 import ssl
@@ -283,3 +284,29 @@ async def running_node(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Any]:
         yield node
     finally:
         await stop_node(node)
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll ``predicate`` (sync or async) until it is truthy; fail after ``timeout`` s."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+async def queue_emptied(node: Any, timeout: float = 10.0) -> None:
+    """Wait until the node's spool is empty (every message and every DSN delivered)."""
+
+    async def empty() -> bool:
+        return not await node.spool.queue_ids()
+
+    await until(empty, "the queue to empty", timeout)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest_twisted
 from fakemta import FakeMTA
-from smtpwire import Wire, in_thread, queue_id_of
+from smtpwire import Wire, in_thread, queue_emptied, queue_id_of
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
@@ -67,14 +67,6 @@ def send(
     return queue_id
 
 
-async def settled(node: MTAService, timeout: float = 10.0) -> None:
-    """Wait until the spool is empty (every message and every DSN delivered)."""
-    deadline = time.monotonic() + timeout
-    while await node.spool.queue_ids():
-        assert time.monotonic() < deadline, "the queue did not empty"
-        await deferLater(reactor, 0.02, lambda: None)
-
-
 def dsns(tmp_path: Path, mailbox: str = "sender") -> list[email.message.EmailMessage]:
     folder = tmp_path / "data" / "mail" / mailbox / "new"
     if not folder.is_dir():
@@ -106,7 +98,7 @@ async def test_remote_5xx_produces_one_failed_dsn_with_the_remote_reply(tmp_path
             [("bad@relay.example", "ORCPT=rfc822;bad@relay.example"), ("ok@relay.example", "")],
             "ENVID=env-1 RET=HDRS",
         )
-        await settled(node)
+        await queue_emptied(node)
         (dsn,) = dsns(tmp_path)
         assert dsn.get_content_type() == "multipart/report"
         assert dsn.get_param("report-type") == "delivery-status"
@@ -135,7 +127,7 @@ async def test_null_sender_failure_produces_no_dsn(tmp_path):
     async with node_with_fake(tmp_path) as (node, fake):
         fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 no"
         await in_thread(send, node.port("smtp"), "", [("bad@relay.example", "")])
-        await settled(node)
+        await queue_emptied(node)
         assert dsns(tmp_path) == []
         assert not (tmp_path / "data" / "mail").exists()
 
@@ -146,7 +138,7 @@ async def test_notify_never_produces_no_dsn(tmp_path):
     async with node_with_fake(tmp_path) as (node, fake):
         fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 no"
         await in_thread(send, node.port("smtp"), SENDER, [("bad@relay.example", "NOTIFY=NEVER")])
-        await settled(node)
+        await queue_emptied(node)
         assert dsns(tmp_path) == []
 
 
@@ -157,7 +149,7 @@ async def test_notify_success_to_a_maildir_produces_delivered(tmp_path):
         await in_thread(
             send, node.port("smtp"), SENDER, [("alice@localhost", "NOTIFY=SUCCESS")], "RET=FULL"
         )
-        await settled(node)
+        await queue_emptied(node)
         (dsn,) = dsns(tmp_path)
         (_, delivered) = delivery_status(dsn)
         assert (delivered["action"], delivered["status"]) == ("delivered", "2.1.5")
@@ -172,7 +164,7 @@ async def test_relay_to_a_dsn_hop_sends_no_relayed_dsn(tmp_path):
     # CHECKLIST 6.1: relayed to a DSN-capable hop, the hop takes the DSN duty.
     async with node_with_fake(tmp_path) as (node, fake):
         await in_thread(send, node.port("smtp"), SENDER, [("ok@relay.example", "NOTIFY=SUCCESS")])
-        await settled(node)
+        await queue_emptied(node)
         assert len([t for t in fake.transactions if t.content is not None]) == 1
         assert dsns(tmp_path) == []
 
@@ -183,7 +175,7 @@ async def test_relay_to_a_hop_without_dsn_sends_relayed_when_success_was_asked(t
     bare = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES")
     async with node_with_fake(tmp_path, extensions=bare) as (node, fake):
         await in_thread(send, node.port("smtp"), SENDER, [("ok@relay.example", "NOTIFY=SUCCESS")])
-        await settled(node)
+        await queue_emptied(node)
         (transaction,) = [t for t in fake.transactions if t.content is not None]
         assert transaction.rcpt_params == [[]]  # nothing DSN-related went to that hop
         (dsn,) = dsns(tmp_path)

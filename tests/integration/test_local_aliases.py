@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest_twisted
 from fakemta import FakeMTA
-from smtpwire import Wire, in_thread, queue_id_of
+from smtpwire import Wire, in_thread, queue_emptied, queue_id_of
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
-from mtrkmta.service import MTAService
 from mtrkmta.testing import node_config, start_node, stop_node
 
 ALIASES = """
@@ -77,13 +74,6 @@ def send(port: int, rcpt: str, mail_params: str = MTRK, rcpt_params: str = "") -
     return queue_id
 
 
-async def settled(node: MTAService) -> None:
-    deadline = time.monotonic() + 10
-    while await node.spool.queue_ids():
-        assert time.monotonic() < deadline, "the queue did not empty"
-        await deferLater(reactor, 0.02, lambda: None)
-
-
 def received(fake: FakeMTA) -> dict[str, object]:
     """Recipient -> the transaction that carried it to the fake."""
     return {r: t for t in fake.transactions if t.content is not None for r in t.recipients}
@@ -98,7 +88,7 @@ async def test_single_target_alias_is_an_ordinary_hop(tmp_path):
     # CHECKLIST 2.4: MTRK/ENVID/ORCPT kept, timeout decremented, the address rewritten.
     async with aliased_node(tmp_path) as (node, fake):
         queue_id = await in_thread(send, node.port("smtp"), "sales@localhost")
-        await settled(node)
+        await queue_emptied(node)
         carol = received(fake)["carol@relay.example"]
         assert {"MTRK", "ENVID"} <= params(carol)
         assert any(p.startswith("ORCPT=rfc822;sales@localhost") for p in carol.rcpt_params[0])
@@ -115,7 +105,7 @@ async def test_multi_target_alias_gives_the_certifier_to_the_primary_only(tmp_pa
     # CHECKLIST 2.5: expanded; the non-primary target gets no MTRK.
     async with aliased_node(tmp_path) as (node, fake):
         queue_id = await in_thread(send, node.port("smtp"), "info@localhost")
-        await settled(node)
+        await queue_emptied(node)
         bob = received(fake)["bob@relay.example"]
         assert "MTRK" not in params(bob)
         assert "ENVID" in params(bob)  # option (c): ENVID/RET/ORCPT go on
@@ -132,7 +122,7 @@ async def test_list_expansion_sends_nothing_of_the_original(tmp_path):
         queue_id = await in_thread(
             send, node.port("smtp"), "team@localhost", MTRK + " RET=FULL", "NOTIFY=SUCCESS"
         )
-        await settled(node)
+        await queue_emptied(node)
         dave = received(fake)["dave@relay.example"]
         assert dave.sender == "team-owner@localhost"
         assert params(dave) & {"MTRK", "ENVID", "RET"} == set()
@@ -156,7 +146,7 @@ async def test_confidential_forwarding_stops_tracking_and_hides_the_target(tmp_p
     # CHECKLIST 2.8 option (b), 8.1.
     async with aliased_node(tmp_path) as (node, fake):
         queue_id = await in_thread(send, node.port("smtp"), "secret@localhost")
-        await settled(node)
+        await queue_emptied(node)
         hidden = received(fake)["hidden@relay.example"]
         assert "MTRK" not in params(hidden) and "ENVID" not in params(hidden)
         message = await node.tracking.message(queue_id)
@@ -169,7 +159,7 @@ async def test_confidential_forwarding_stops_tracking_and_hides_the_target(tmp_p
 async def test_alias_loop_fails_with_5_4_6(tmp_path):
     async with aliased_node(tmp_path) as (node, fake):
         queue_id = await in_thread(send, node.port("smtp"), "self@localhost", "")
-        await settled(node)
+        await queue_emptied(node)
         (r,) = (await node.tracking.message(queue_id)).recipients
         assert (r.state.value, r.status) == ("failed", "5.4.6")
         assert received(fake) == {}
@@ -201,5 +191,5 @@ async def test_aliases_file_is_reloaded_when_it_changes(tmp_path):
         (tmp_path / "aliases.toml").write_text('[alias.sales]\nto = "erin@relay.example"\n')
         await node.aliases.refresh()
         await in_thread(send, node.port("smtp"), "sales@localhost", "")
-        await settled(node)
+        await queue_emptied(node)
         assert "erin@relay.example" in received(fake)

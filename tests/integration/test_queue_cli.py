@@ -8,24 +8,21 @@ with a blocking socket, so it runs in a thread while the reactor serves it.
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
 from fakemta import FakeMTA
-from smtpwire import Wire, in_thread, queue_id_of
+from smtpwire import Wire, in_thread, queue_id_of, until
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from mtrkmta.cli.queue import main
 from mtrkmta.queue.control import SOCKET_NAME
@@ -40,25 +37,10 @@ RCPT = f"bob@{RELAY_DOMAIN}"
 BUSY = f"451 4.2.1 <{RCPT}>: mailbox busy"
 CERTIFIER_B64 = "ZGVmZ2hpamtsbW5vcHFyc3R1dnc="  # 20 octets
 CONTENT = b"From: sender@localhost\r\nSubject: queued\r\n\r\nHello.\r\n"
-DEADLINE = 10.0
 UNKNOWN_ID = "nosuchqueueid000000"
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Poll ``predicate`` (sync or async) until it is truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 @dataclass

@@ -11,7 +11,6 @@ that need a retry use a one- or two-second ``queue.first_retry``.
 from __future__ import annotations
 
 import base64
-import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -21,7 +20,7 @@ from typing import Any
 import pytest_twisted
 from dnsserver import Zone, a, mx, null_mx, serve_dns
 from fakemta import ALL_EXTENSIONS, DOT, FakeMTA, FakeTransaction
-from smtpwire import Wire, in_thread, queue_id_of
+from smtpwire import Wire, in_thread, queue_id_of, until
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.names import dns
@@ -47,24 +46,9 @@ CONTENT = b"From: sender@localhost\r\nSubject: relay\r\n\r\nHello.\r\n"
 NO_MTRK = tuple(e for e in ALL_EXTENSIONS if e != "MTRK")  # DSN, no MTRK (Postfix-like)
 BARE = ("PIPELINING", "SIZE 10240000", "8BITMIME", "ENHANCEDSTATUSCODES")  # neither
 FAST_RETRY = (("queue.first_retry", "1s"), ("queue.max_retry_interval", "2s"))
-DEADLINE = 10.0
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Poll ``predicate`` (sync or async) until it is truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 def send(
