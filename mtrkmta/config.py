@@ -228,6 +228,14 @@ def _parse_duration(value: object) -> float:
     raise _Invalid(f"expected a duration such as 90s, 5m, 1h30m or 9d, got {_got(value)}")
 
 
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as ``2d`` or ``1h30m`` (for commands); ValueError if bad."""
+    try:
+        return _parse_duration(text)
+    except _Invalid as error:
+        raise ValueError(error.problem) from None
+
+
 def _duration(minimum: float = 0.0) -> Converter:
     """A duration in seconds, greater than zero and not below ``minimum``."""
 
@@ -608,6 +616,22 @@ class Tracking:
     default_retention: float = field(default=9 * DAY, metadata=_key(_duration(DAY)))
     max_retention: float = field(default=30 * DAY, metadata=_key(_duration(DAY)))
     lenient_xtext: bool = field(default=False, metadata=_key(_boolean))
+    purge_interval: float = field(default=HOUR, metadata=_key(_duration(MINUTE)))
+    max_tracked_per_hour: int = field(default=1000, metadata=_key(_integer(0)))
+
+
+# --- [mtqp] section: the MTQP tracking server (RFC 3887), mtrkmta.mtqp.server ---------
+@dataclass(frozen=True, slots=True)
+class Mtqp:
+    """The MTQP server on ``listeners.mtqp``: TLS policy, idle timeout, per-address limits."""
+
+    tls_required: bool = field(default=False, metadata=_key(_boolean))
+    idle_timeout: float = field(default=10 * MINUTE, metadata=_key(_duration(10 * MINUTE)))
+    track_rate: int = field(default=60, metadata=_key(_integer(0)))
+    failure_rate: int = field(default=10, metadata=_key(_integer(0)))
+
+
+# --- end of the [mtqp] section ---------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -655,6 +679,7 @@ class Config:
     tls: TLS = field(default_factory=TLS, metadata=_section("tls"))
     auth: Auth = field(default_factory=Auth, metadata=_section("auth"))
     tracking: Tracking = field(default_factory=Tracking, metadata=_section("tracking"))
+    mtqp: Mtqp = field(default_factory=Mtqp, metadata=_section("mtqp"))  # [mtqp] section
     queue: Queue = field(default_factory=Queue, metadata=_section("queue"))
     delivery: Delivery = field(default_factory=Delivery, metadata=_section("delivery"))
     local: Local = field(default_factory=Local, metadata=_section("local"))
@@ -888,6 +913,12 @@ def _cross_check(values: Mapping[str, _Value]) -> None:
         raise certificate.error("tls.private_key", "required when tls.certificate is set")
     if private_key.value is not None and certificate.value is None:
         raise private_key.error("tls.certificate", "required when tls.private_key is set")
+
+    # [mtqp] section: requiring TLS needs a certificate to offer it with.
+    if values["mtqp.tls_required"].value and certificate.value is None:
+        raise values["mtqp.tls_required"].error(
+            "mtqp.tls_required", "needs tls.certificate and tls.private_key"
+        )
 
     default = values["tracking.default_retention"].value
     longest = values["tracking.max_retention"].value

@@ -24,6 +24,7 @@ from mtrkmta.delivery.maildir import MaildirTransport
 from mtrkmta.delivery.smtp import LMTPTransport, SMTPTransport, SMTPTransportSettings
 from mtrkmta.dsn.notifier import DsnNotifier
 from mtrkmta.lmtp.server import LMTPServerFactory
+from mtrkmta.mtqp.server import MTQPServerFactory, settings_from_config  # MTQP listener
 from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
 from mtrkmta.queue.control import ControlFactory
 from mtrkmta.queue.policy import RetryPolicy
@@ -100,6 +101,7 @@ class MTAService(Service):
         self._control: IListeningPort | None = None
         self.aliases: AliasSource | None = None
         self._alias_watch: LoopingCall | None = None
+        self._purge: LoopingCall | None = None
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="mtrkmta-io")
         self.ready: Deferred[MTAService] = Deferred()
         self.spool: FileSpool | None = None
@@ -108,6 +110,7 @@ class MTAService(Service):
         self.factories: dict[str, SMTPServerFactory] = {}
         self.ports: dict[str, IListeningPort] = {}
         self._starting: Deferred[None] | None = None
+        self.mtqp: MTQPServerFactory | None = None  # the MTQP listener's sessions (RFC 3887)
 
     # -- start ---------------------------------------------------------------------
 
@@ -159,6 +162,7 @@ class MTAService(Service):
             min_free_space=config.limits.min_free_space,
             clock=self.reactor,
             check_local=self._check_local if config.local.users else None,
+            max_tracked_per_hour=config.tracking.max_tracked_per_hour,
         )
         if config.local.aliases is not None:
             self.aliases = AliasSource(config.local.aliases, self.reactor, self.threadpool)
@@ -167,6 +171,9 @@ class MTAService(Service):
             self._alias_watch.clock = self.reactor
             self._alias_watch.start(ALIAS_CHECK_INTERVAL, now=False)
         await self.receiver.start()
+        self._purge = LoopingCall(self._purge_tracking)
+        self._purge.clock = self.reactor
+        self._purge.start(config.tracking.purge_interval, now=False)
         self.queue = self._build_queue()
         if self.deliver:
             self.receiver.on_accepted = self.queue.enqueue
@@ -178,6 +185,19 @@ class MTAService(Service):
             wantPID=True,
         )
         await self._listen()
+
+    def _purge_tracking(self) -> Deferred[None]:
+        """Drop expired tracking records (never those of queued messages, CHECKLIST 3.4)."""
+        assert self.tracking is not None
+
+        def purged(count: int) -> None:
+            if count:
+                log.info("tracking: purged {n} expired record(s)", n=count)
+
+        def failed(failure: Failure) -> None:
+            log.failure("tracking purge failed", failure)
+
+        return self.tracking.expire().addCallbacks(purged, failed)
 
     def reload_aliases(self) -> None:
         """Re-read the aliases file now (SIGHUP)."""
@@ -342,6 +362,25 @@ class MTAService(Service):
             self.ports[name] = await endpoint.listen(factory)
             self.factories[name] = factory
             log.info("{name} listening on {address}", name=name, address=self.ports[name].getHost())
+        await self._listen_mtqp()
+
+    # -- MTQP listener (message tracking, RFC 3887): opens after the mail listeners --------
+
+    async def _listen_mtqp(self) -> None:
+        description = self.config.listeners.mtqp
+        if description is None:
+            return
+        tls = None
+        if self.config.tls.certificate is not None and self.config.tls.private_key is not None:
+            tls = server_context(self.config.tls.certificate, self.config.tls.private_key)
+        factory = MTQPServerFactory(
+            settings_from_config(self.config, tls), self.tracking, self.reactor
+        )
+        self.ports["mtqp"] = await serverFromString(self.reactor, description).listen(factory)
+        self.mtqp = factory
+        log.info("mtqp listening on {address}", address=self.ports["mtqp"].getHost())
+
+    # -- end of the MTQP listener -------------------------------------------------------------
 
     def port(self, name: str) -> int:
         """The TCP port a listener is bound to (useful with port 0 in tests)."""
@@ -362,6 +401,9 @@ class MTAService(Service):
         )
         factories, self.factories = self.factories, {}
         await DeferredList([factory.shutdown() for factory in factories.values()])
+        if self.mtqp is not None:  # MTQP sessions close with the mail listeners' ones
+            mtqp, self.mtqp = self.mtqp, None
+            await mtqp.shutdown()
         if self._control is not None:
             await self._control.stopListening()
             self._control = None
@@ -374,8 +416,9 @@ class MTAService(Service):
             if parse_call is not None and parse_call.active():
                 parse_call.cancel()  # its re-reading of resolv.conf
             self._system_resolver = None
-        if self._alias_watch is not None and self._alias_watch.running:
-            self._alias_watch.stop()
+        for timer in (self._alias_watch, self._purge):
+            if timer is not None and timer.running:
+                timer.stop()
         if self.receiver is not None:
             self.receiver.stop()
         if self.spool is not None:

@@ -22,6 +22,12 @@ commands:
   queue [--config FILE | --data-dir DIR] [--json] [--yes] COMMAND
                            list | show ID | flush [ID] | hold ID | release ID |
                            delete ID | bounce ID  (talks to the running server)
+  send --server HOST[:PORT] --from ADDR --to ADDR [options] [FILE]
+                           submit a message with tracking (MTRK); print its mtqp:// URI
+  track mtqp://HOST[:PORT]/track/ENVID/SECRET | --server HOST ENVID SECRET | --last
+                           ask where a message is, hop by hop (MTQP, RFC 3887)
+  tracking [--config FILE | --data-dir DIR] set-max-retention DURATION
+                           lower the tracking retention cap, for existing records too
 """
 
 
@@ -79,7 +85,33 @@ def queue(args: Sequence[str]) -> int:
     return queue_main(args)
 
 
-COMMANDS = {"serve": serve, "check-config": check_config, "db": db, "queue": queue}
+def tracking(args: Sequence[str]) -> int:
+    from mtrkmta.cli.tracking import main as tracking_main
+
+    return tracking_main(args)
+
+
+def send(args: Sequence[str]) -> int:  # `mtrkmta send` (message tracking)
+    from mtrkmta.cli.send import main as send_main
+
+    return send_main(args)
+
+
+def track(args: Sequence[str]) -> int:  # `mtrkmta track` (message tracking)
+    from mtrkmta.cli.track import main as track_main
+
+    return track_main(args)
+
+
+COMMANDS = {
+    "serve": serve,
+    "check-config": check_config,
+    "db": db,
+    "queue": queue,
+    "tracking": tracking,
+    "send": send,
+    "track": track,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,8 @@ log = Logger()
 
 SOCKET_NAME = "control.sock"
 COMMANDS_WITH_ID = ("show", "hold", "release", "delete", "bounce")
-COMMANDS = ("list", "flush", *COMMANDS_WITH_ID)
+COMMANDS = ("list", "flush", "set-max-retention", *COMMANDS_WITH_ID)
+MIN_RETENTION = 86400.0  # RFC 3885 §3.1: never less than one day
 MAX_REQUEST = 4096
 
 
@@ -88,6 +89,19 @@ class ControlProtocol(LineOnlyReceiver):
             return [message_record(m) for m in listing]
         if command == "flush":
             return await queue.flush(queue_id if isinstance(queue_id, str) else None)
+        if command == "set-max-retention":
+            seconds = request.get("seconds")
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+                raise ControlError("set-max-retention needs seconds")
+            if seconds < MIN_RETENTION:
+                raise ControlError("the retention cap must be at least one day (RFC 3885)")
+            changed = await queue.tracking.lower_retention(float(seconds))
+            log.info(
+                "tracking retention capped at {s}s; {n} record(s) expire earlier",
+                s=seconds,
+                n=changed,
+            )
+            return changed
         if command == "show":
             message = await queue.tracking.message(queue_id)
             if message is None or message.node_id != queue.node_id:
@@ -113,10 +127,14 @@ class ControlFactory(Factory):
 
 
 def request(
-    socket_path: Path, command: str, queue_id: str | None = None, timeout: float = 60.0
+    socket_path: Path,
+    command: str,
+    queue_id: str | None = None,
+    timeout: float = 60.0,
+    **fields: Any,
 ) -> Any:
     """Blocking client for the CLI: send one request, return the result or raise ControlError."""
-    payload: dict[str, Any] = {"command": command}
+    payload: dict[str, Any] = {"command": command, **fields}
     if queue_id is not None:
         payload["queue_id"] = queue_id
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -10,7 +12,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mtrkmta.envelope import Envelope, MailParams, RcptParams
+from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams
 from mtrkmta.receive.policy import RelayPolicy
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import IReceiver, Session
@@ -20,6 +22,34 @@ from mtrkmta.tracking.interfaces import ITrackingStore
 log = Logger()
 
 DISK_FULL = Reply(452, "4.3.1", ("Insufficient system storage; try again later",))
+
+
+class TrackedRate:
+    """At most ``limit`` tracked messages per client in any hour (0: no limit)."""
+
+    def __init__(self, limit: int, clock: IReactorTime) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._seen: dict[str, deque[float]] = {}
+
+    @staticmethod
+    def key(client: ClientInfo) -> str:
+        """The authenticated user, else the client address."""
+        return client.authenticated_as or client.address or "local"
+
+    def allow(self, client: ClientInfo) -> bool:
+        if self.limit <= 0:
+            return True
+        now = self.clock.seconds()
+        times = self._seen.setdefault(self.key(client), deque())
+        while times and times[0] <= now - 3600:
+            times.popleft()
+        if len(times) >= self.limit:
+            return False
+        times.append(now)
+        if len(self._seen) > 100_000:  # bound the memory: forget clients quiet for an hour
+            self._seen = {k: v for k, v in self._seen.items() if v and v[-1] > now - 3600}
+        return True
 
 
 @implementer(IReceiver)
@@ -46,8 +76,10 @@ class Receiver:
         on_accepted: Callable[[Envelope, bytes], object] | None = None,
         free_space_interval: float = 5.0,
         check_local: Callable[[str], Reply | None] | None = None,
+        max_tracked_per_hour: int = 0,
     ) -> None:
-        """``check_local`` refuses unknown local users at RCPT (None: everyone exists)."""
+        """``check_local`` refuses unknown local users at RCPT (None: everyone exists);
+        ``max_tracked_per_hour`` caps the tracked messages kept per client (0: no cap)."""
         self.spool = spool
         self.tracking = tracking
         self.policy = policy
@@ -57,6 +89,7 @@ class Receiver:
         self.min_free_space = min_free_space
         self.on_accepted = on_accepted
         self.check_local = check_local
+        self._tracked = TrackedRate(max_tracked_per_hour, clock)
         self._free_space: int | None = None
         self._monitor = LoopingCall(self._measure_free_space)
         self._monitor.clock = clock
@@ -119,6 +152,15 @@ class Receiver:
         return self._new_queue_id()
 
     def accept(self, envelope: Envelope, content: bytes) -> Deferred[None]:
+        if envelope.params.mtrk is not None and not self._tracked.allow(envelope.client):
+            # CHECKLIST 3.6, 8.4: over the client's quota the mail is accepted, but no
+            # tracking data is kept for it (and no certifier goes on).
+            log.warn(
+                "{queue_id}: tracked-message quota of {client} exceeded: MTRK not retained",
+                queue_id=envelope.queue_id,
+                client=TrackedRate.key(envelope.client),
+            )
+            envelope = replace(envelope, params=replace(envelope.params, mtrk=None))
         d = self.spool.store(envelope, content)
         d.addCallback(
             lambda _: self.tracking.record_arrival(

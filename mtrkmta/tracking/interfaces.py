@@ -197,5 +197,9 @@ class ITrackingStore(Interface):
         in the queue is never purged (CHECKLIST 3.4).
         """
 
+    def lower_retention(max_retention: float) -> Deferred[int]:
+        """Lower the retention cap, for new and existing records (CHECKLIST 3.4, 8.4);
+        fires with how many records got an earlier expiry."""
+
     def close() -> Deferred[None]:
         """Finish pending work and release the database; later calls fail."""

@@ -341,6 +341,28 @@ class SQLTrackingStore:
 
         return self._write(purge)
 
+    def lower_retention(self, max_retention: float) -> Deferred[int]:
+        """Cap retention at ``max_retention`` from now on and for every existing record.
+
+        Under flooding the cap may be lowered retroactively (RFC 3885 §4.1); it never
+        goes below one day (§3.1), and messages still queued are kept anyway.
+        """
+        check_retention(min(self._default_retention, max_retention), max_retention)
+        self._max_retention = min(self._max_retention, max_retention)
+        self._default_retention = min(self._default_retention, self._max_retention)
+        cap = math.floor(self._max_retention)
+        m = self._schema.messages
+
+        def apply(conn: Connection) -> int:
+            result = conn.execute(
+                m.update()
+                .where(m.c.expires_at > m.c.arrival + cap)
+                .values(expires_at=m.c.arrival + cap)
+            )
+            return int(result.rowcount)
+
+        return self._write(apply)
+
     def close(self) -> Deferred[None]:
         """Finish pending reads and writes, then release the engine if the store made it."""
         if self._close_finished:

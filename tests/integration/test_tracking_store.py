@@ -526,3 +526,22 @@ def test_retention_policy_is_checked(engine, threadpool):
         SQLTrackingStore(
             reactor, threadpool, engine, default_retention=DEFAULT_RETENTION, max_retention=60
         )
+
+
+@pytest_twisted.ensureDeferred
+async def test_lower_retention_applies_to_existing_records(store):
+    # CHECKLIST 3.4 [O] / 8.4: the cap may be lowered retroactively, never below a day.
+    await store.record_arrival(
+        envelope("ret1", timeout=20 * DAY), reporting_mta="mx", node_id="n", size=1
+    )
+    await store.record_arrival(
+        envelope("ret2", timeout=DAY), reporting_mta="mx", node_id="n", size=1
+    )
+    changed = await store.lower_retention(2 * DAY)
+    assert changed == 1
+    first = await store.message("ret1")
+    assert first.expires_at == first.arrival + 2 * DAY
+    second = await store.message("ret2")
+    assert second.expires_at == second.arrival + DAY  # already shorter: untouched
+    with pytest.raises(ValueError):
+        await store.lower_retention(DAY - 1)

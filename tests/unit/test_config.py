@@ -160,12 +160,13 @@ def test_setting_names_cover_every_section():
         "tls",
         "auth",
         "tracking",
+        "mtqp",
         "queue",
         "delivery",
         "local",
         "durability",
     }
-    assert len(names) == len(set(names)) == 38
+    assert len(names) == len(set(names)) == 44
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,383 @@
+"""`mtrkmta track`: ask MTQP servers where a message is, following referrals hop by hop."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IResolver
+from twisted.python import usage
+
+from mtrkmta.cli.send import host_and_port, options_first, split_host_port
+from mtrkmta.mtqp.client import (
+    DEFAULT_MAX_HOPS,
+    TLS_MODES,
+    Hop,
+    RecipientPath,
+    Trace,
+    TrackingClient,
+    default_tls_context,
+    host_key,
+    remote_host,
+    trust_root_from_pem,
+    verifying_tls_context,
+)
+from mtrkmta.mtqp.protocol import (
+    DEFAULT_PORT,
+    CommandError,
+    SecretError,
+    decode_envid,
+    decode_secret,
+)
+from mtrkmta.mtqp.uri import UriError, parse_uri
+from mtrkmta.originator import SecretsFileError, default_secrets_path, last_record
+from mtrkmta.tracking.status import RecipientStatus, TrackingReport
+
+EXIT_COMPLETE = 0
+EXIT_INCOMPLETE = 1
+EXIT_USAGE = 2
+VALUE_COLUMN = 19  # where values start in the timeline
+
+USAGE = (
+    "usage: mtrkmta track [--tls require|may|none] [--json | --raw] [options] "
+    "mtqp://HOST[:PORT]/track/ENVID/SECRET | --server HOST[:PORT] ENVID SECRET | --last"
+)
+
+
+class TrackOptions(usage.Options):
+    synopsis = "[options] mtqp://HOST[:PORT]/track/ENVID/SECRET | --server HOST E S | --last"
+    longdesc = (
+        "Ask the tracking (MTQP) server where a message is, then the server of every next hop "
+        "it was transferred to. Exit status: 0 when every recipient reached a final state "
+        "(delivered, expanded, relayed, failed), 1 when not, 2 for a usage error."
+    )
+    optFlags = (
+        ("last", None, "Track the message last sent with `mtrkmta send` (secrets file)."),
+        ("json", None, "Print the whole trace as JSON."),
+        ("raw", None, "Print each server's answer (the message/tracking-status entity)."),
+    )
+    optParameters = (
+        ("server", None, None, "Tracking server HOST[:PORT], with ENVID and SECRET."),
+        ("tls", None, "may", "STARTTLS: require (verified), may (when offered), none."),
+        ("ca-file", None, None, "PEM file of CAs that --tls require trusts [the system's]."),
+        ("secrets", None, None, "Secrets file for --last [~/.local/share/mtrkmta/sent.jsonl]."),
+        ("max-hops", None, str(DEFAULT_MAX_HOPS), "Ask at most this many servers."),
+        ("nameserver", None, None, "Resolve with this DNS server, ADDRESS[:PORT] [system]."),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["connect-to"] = {}
+
+    def opt_connect_to(self, value: str) -> None:
+        """HOST=ADDRESS:PORT: ask HOST's tracking server at ADDRESS:PORT; repeatable."""
+        host, equals, where = value.partition("=")
+        if not equals or not host.strip():
+            raise usage.UsageError(f"--connect-to wants HOST=ADDRESS:PORT, not {value!r}")
+        try:
+            address, port = split_host_port(where, DEFAULT_PORT)
+        except ValueError as error:
+            raise usage.UsageError(f"--connect-to {value!r}: {error}") from None
+        self["connect-to"][host_key(host)] = (address, port)
+
+    def parseArgs(self, *args: str) -> None:
+        self["args"] = args
+
+    def postOptions(self) -> None:
+        if self["tls"] not in TLS_MODES:
+            raise usage.UsageError(f"--tls is one of {', '.join(TLS_MODES)}, not {self['tls']!r}")
+        if self["json"] and self["raw"]:
+            raise usage.UsageError("--json and --raw exclude each other")
+        if not self["max-hops"].isdigit() or int(self["max-hops"]) < 1:
+            raise usage.UsageError(f"--max-hops is a number above 0, not {self['max-hops']!r}")
+        self["max-hops"] = int(self["max-hops"])
+        args = self["args"]
+        if self["last"]:
+            if args or self["server"]:
+                raise usage.UsageError("--last takes no URI, --server, ENVID or SECRET")
+            path = Path(self["secrets"]) if self["secrets"] else default_secrets_path()
+            try:
+                args = (last_record(path).mtqp,)
+            except SecretsFileError as error:
+                raise usage.UsageError(str(error)) from None
+        if self["server"]:
+            if len(args) != 2:
+                raise usage.UsageError("--server needs ENVID and SECRET")
+            try:
+                self["host"], port = host_and_port(self["server"])
+                self["envid"] = decode_envid(args[0])
+                decode_secret(args[1])
+            except (ValueError, CommandError, SecretError) as error:
+                raise usage.UsageError(str(error)) from None
+            self["secret"] = args[1]
+            self["port"] = port  # None: find the server by SRV, else port 1038
+            return
+        if len(args) != 1:
+            raise usage.UsageError("give an mtqp:// URI, --server HOST ENVID SECRET, or --last")
+        try:
+            uri = parse_uri(args[0])
+        except UriError as error:
+            raise usage.UsageError(f"{args[0][:60]!r}... is not an mtqp URI: {error}") from None
+        self["host"] = uri.host
+        self["port"] = uri.port if uri.port != DEFAULT_PORT else None
+        self["envid"] = uri.track().envid
+        self["secret"] = uri.secret
+
+
+async def run(
+    options: TrackOptions, reactor: Any, resolver: IResolver, out: TextIO, **client: Any
+) -> int:
+    """Track as ``options`` say (parsed) and print the result; the exit status.
+
+    ``client`` adds TrackingClient arguments (tests shorten ``reply_timeout``).
+    """
+    tls_context = default_tls_context
+    if options["ca-file"]:
+        trust_root = trust_root_from_pem(Path(options["ca-file"]).read_bytes())
+        tls_context = verifying_tls_context(trust_root)
+    connect_to = dict(options["connect-to"])
+    tracker = TrackingClient(
+        reactor,
+        resolver,
+        tls=options["tls"],
+        tls_context=tls_context,
+        connect_to=connect_to.get,
+        max_hops=options["max-hops"],
+        **client,
+    )
+    trace = await tracker.follow(
+        options["host"], options["envid"], options["secret"], port=options["port"]
+    )
+    if options["json"]:
+        print(json.dumps(trace_json(trace), indent=2), file=out)
+    elif options["raw"]:
+        render_raw(trace, out)
+    else:
+        render_timeline(trace, out)
+    return EXIT_COMPLETE if trace.complete else EXIT_INCOMPLETE
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S %z")
+
+
+def _where(hop: Hop) -> str:
+    if hop.server is None:
+        return hop.host
+    tls = ", TLS" if hop.tls else ""
+    return f"{hop.host} ({hop.server.address} port {hop.server.port}{tls})"
+
+
+def _diagnostic(status: RecipientStatus) -> str | None:
+    found = (value for name, value in status.extensions if name.lower() == "diagnostic-code")
+    return next(found, None)
+
+
+def _line(indent: int, label: str, value: str) -> str:
+    """One ``label value`` line; values line up at column 19 whatever the indent."""
+    return " " * indent + f"{label:<{VALUE_COLUMN - indent}}{value}"
+
+
+def _recipient_lines(report: TrackingReport, status: RecipientStatus) -> list[str]:
+    action = status.action.lower()
+    lines = [f"  {status.original_recipient.value}"]
+    if status.final_recipient.value.lower() != status.original_recipient.value.lower():
+        lines.append(_line(4, "Final recipient", status.final_recipient.value))
+    lines.append(_line(4, "Action", f"{action} ({status.status})"))
+    if action == "delayed":
+        until = _when(status.will_retry_until) if status.will_retry_until else "unknown"
+        where = report.reporting_mta.value
+        lines.append(_line(4, "Still queued", f"at {where}, will retry until {until}"))
+    if status.remote_mta is not None:
+        lines.append(_line(4, "Remote MTA", status.remote_mta.value))
+    if status.last_attempt_date is not None:
+        lines.append(_line(4, "Last attempt", _when(status.last_attempt_date)))
+    diagnostic = _diagnostic(status)
+    if diagnostic:
+        lines.append(_line(4, "Diagnostic", diagnostic))
+    if action == "transferred":
+        lines.append(_line(4, "Next hop", remote_host(status) or "not named"))
+    elif action == "relayed":
+        lines.append(_line(4, "Next hop", "does not track; tracking ends here"))
+    return lines
+
+
+def _outcome(trace: Trace, path: RecipientPath) -> str:
+    last = path.last
+    if last is None:
+        return path.outcome
+    status = last.status
+    where = last.reporting_mta
+    if path.outcome == "delayed":
+        until = _when(status.will_retry_until) if status.will_retry_until else "unknown"
+        return f"still queued at {where} ({status.status}), will retry until {until}"
+    if path.outcome in ("delivered", "expanded", "failed"):
+        return f"{path.outcome} ({status.status}) at {where}"
+    if path.outcome == "relayed":
+        remote = f" to {status.remote_mta.value}" if status.remote_mta is not None else ""
+        return f"relayed ({status.status}) by {where}{remote}, which does not track"
+    if path.outcome == "opaque":
+        return f"{where} has nothing to say (opaque)"
+    return f"{path.outcome} after {where}: {path.reason or 'no more information'}"
+
+
+def render_timeline(trace: Trace, out: TextIO) -> None:
+    """One block per hop (server, per recipient: action, status, times, next hop), then one
+    line per recipient with where it ended."""
+    print(f"Envelope id {trace.envid}", file=out)
+    for number, hop in enumerate(trace.hops, start=1):
+        print(file=out)
+        referred = f", referred by {hop.referred_by}" if hop.referred_by else ""
+        print(f"Hop {number}: {_where(hop)}{referred}", file=out)
+        if not hop.reports:
+            print(f"  no answer: {hop.error or 'nothing said'}", file=out)
+            continue
+        for report in hop.reports:
+            print(_line(2, "Reporting MTA", report.reporting_mta.value), file=out)
+            print(_line(2, "Arrived", _when(report.arrival_date)), file=out)
+            for status in report.recipients:
+                for line in _recipient_lines(report, status):
+                    print(line, file=out)
+    print(file=out)
+    if not trace.recipients:
+        print("Result: nothing known about this message", file=out)
+        return
+    verdict = "every recipient reached a final state" if trace.complete else "not finished"
+    print(f"Result: {verdict}", file=out)
+    for path in trace.recipients:
+        print(f"  {path.original_recipient}: {_outcome(trace, path)}", file=out)
+
+
+def render_raw(trace: Trace, out: TextIO) -> None:
+    """Each server's answer as received: its multipart/related of message/tracking-status."""
+    for number, hop in enumerate(trace.hops, start=1):
+        print(f"# hop {number}: {_where(hop)}", file=out)
+        if hop.response is not None:
+            print(f"# {hop.response.status_line().decode('ascii', 'replace')}", file=out)
+        if hop.reports:
+            out.write(hop.entity.decode("utf-8", "replace").replace("\r\n", "\n"))
+        else:
+            print(f"# no answer: {hop.error or 'nothing said'}", file=out)
+
+
+def _date_json(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _status_json(status: RecipientStatus) -> dict[str, Any]:
+    return {
+        "original_recipient": str(status.original_recipient),
+        "final_recipient": str(status.final_recipient),
+        "action": status.action.lower(),
+        "status": status.status,
+        "remote_mta": None if status.remote_mta is None else str(status.remote_mta),
+        "last_attempt_date": _date_json(status.last_attempt_date),
+        "will_retry_until": _date_json(status.will_retry_until),
+        "extensions": [list(extension) for extension in status.extensions],
+    }
+
+
+def _hop_json(hop: Hop) -> dict[str, Any]:
+    outcome = "answered" if hop.reports else ("refused" if hop.refused else "error")
+    return {
+        "host": hop.host,
+        "referred_by": hop.referred_by,
+        "server": None
+        if hop.server is None
+        else {"address": hop.server.address, "port": hop.server.port, "name": hop.server.name},
+        "tls": hop.tls,
+        "outcome": outcome,
+        "reply": None if hop.response is None else hop.response.status_line().decode("ascii"),
+        "error": hop.error,
+        "reports": [
+            {
+                "original_envelope_id": report.original_envelope_id,
+                "reporting_mta": str(report.reporting_mta),
+                "arrival_date": _date_json(report.arrival_date),
+                "recipients": [_status_json(status) for status in report.recipients],
+            }
+            for report in hop.reports
+        ],
+    }
+
+
+def trace_json(trace: Trace) -> dict[str, Any]:
+    """The trace as JSON-able data: hops with their reports, and each recipient's path."""
+    return {
+        "envid": trace.envid,
+        "complete": trace.complete,
+        "hops": [_hop_json(hop) for hop in trace.hops],
+        "recipients": [
+            {
+                "original_recipient": path.original_recipient,
+                "outcome": path.outcome,
+                "final": path.final,
+                "reason": path.reason,
+                "path": [
+                    {
+                        "hop": step.hop + 1,
+                        "reporting_mta": step.reporting_mta,
+                        "action": step.status.action.lower(),
+                        "status": step.status.status,
+                    }
+                    for step in path.steps
+                ],
+            }
+            for path in trace.recipients
+        ],
+    }
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def system_resolver(reactor: Any, nameserver: str | None) -> IResolver:
+    """The resolver of the command: /etc/hosts and resolv.conf, or one given DNS server."""
+    from twisted.names import client
+
+    if nameserver:
+        address, port = split_host_port(nameserver, 53)
+        return client.Resolver(servers=[(address, port)], reactor=reactor)
+    return client.createResolver()  # on the global reactor, which the command runs
+
+
+def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run `mtrkmta track` on the global reactor; the exit status (0, 1 or 2)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    options = TrackOptions()
+    try:
+        options.parseOptions(options_first(options, args))
+        if options["nameserver"]:
+            split_host_port(options["nameserver"], 53)
+        if options["ca-file"]:
+            trust_root_from_pem(Path(options["ca-file"]).read_bytes())
+    except (usage.UsageError, OSError, ValueError) as error:
+        print(f"mtrkmta: {error}\n{USAGE}", file=err)
+        return EXIT_USAGE
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+    result: list[int] = []
+
+    async def track() -> None:
+        try:
+            resolver = system_resolver(reactor, options["nameserver"])
+            result.append(await run(options, reactor, resolver, out))
+        except Exception as error:  # report, never leave the reactor running
+            print(f"mtrkmta: {error}", file=err)
+            result.append(EXIT_INCOMPLETE)
+        finally:
+            reactor.stop()
+
+    reactor.callWhenRunning(lambda: ensureDeferred(track()))
+    reactor.run()
+    return result[0] if result else EXIT_INCOMPLETE

@@ -1,0 +1,51 @@
+"""`mtrkmta tracking set-max-retention DURATION`: lower the tracking retention cap at runtime."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from twisted.python import usage
+
+from mtrkmta.cli.queue import QueueOptions
+from mtrkmta.config import EXIT_CONFIG_ERROR, ConfigError, parse_duration
+from mtrkmta.queue.control import ControlError, request
+
+USAGE = "usage: mtrkmta tracking [--config FILE | --data-dir DIR] set-max-retention DURATION"
+
+
+class TrackingOptions(QueueOptions):
+    """The same server-locating options as ``mtrkmta queue``."""
+
+    optFlags = ()
+
+    def parseArgs(self, command: str, value: str | None = None) -> None:
+        if command != "set-max-retention" or value is None:
+            raise usage.UsageError("expected: set-max-retention DURATION (e.g. 2d)")
+        try:
+            self["seconds"] = parse_duration(value)
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+        self["command"] = command
+
+
+def main(args: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    options = TrackingOptions()
+    try:
+        options.parseOptions(list(args))
+        path = options.socket_path()
+    except (usage.UsageError, ConfigError) as error:
+        print(f"mtrkmta: {error}\n{USAGE}", file=err)
+        return EXIT_CONFIG_ERROR
+    try:
+        changed = request(path, "set-max-retention", seconds=options["seconds"])
+    except ControlError as error:
+        print(f"mtrkmta: {error}", file=err)
+        return 1
+    print(
+        f"tracking retention capped at {options['seconds']:g}s; "
+        f"{changed} record(s) now expire earlier",
+        file=out,
+    )
+    return 0

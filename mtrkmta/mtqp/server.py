@@ -1,0 +1,487 @@
+"""The MTQP server (RFC 3887): a thin Twisted protocol answering TRACK from the tracking store."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mtrkmta.mtqp.protocol import (
+    MAX_LINE,
+    CommandError,
+    Comment,
+    Option,
+    Quit,
+    Response,
+    SecretError,
+    StartTLS,
+    Track,
+    greeting,
+    parse_command,
+    starttls_option,
+)
+from mtrkmta.queue.policy import RetryPolicy
+from mtrkmta.smtp.framing import OVERLONG, LineFramer
+from mtrkmta.tracking.interfaces import StoredMessage
+from mtrkmta.tracking.status import TrackingStatusError, render_related, report_from_store
+
+if TYPE_CHECKING:
+    from mtrkmta.config import Config
+
+log = Logger()
+
+MIN_IDLE_TIMEOUT = 600.0  # an autologout timer must be at least 10 minutes (3887 §2.5)
+RATE_WINDOW = 60.0  # the rate limits count per minute
+
+R_NOINFO = Response("-ERR", ("noinfo",), "No tracking information")
+R_TLS_REQUIRED = Response("-ERR", ("tls-required",), "TLS required; use STARTTLS first")
+R_UNAVAILABLE = Response("-TEMP", ("unavailable",), "Tracking information unavailable; try later")
+R_RATE_LIMITED = Response("-TEMP", ("rate-limit",), "Too many TRACK commands; try again later")
+R_LINE_TOO_LONG = Response("-BAD", (), f"Command line longer than {MAX_LINE} octets")
+R_TLS_IN_PROGRESS = Response("-BAD", ("tls-in-progress",), "TLS is already active")
+R_TLS_UNSUPPORTED = Response("-BAD", ("unsupported",), "STARTTLS is not available")
+R_BAD_FQDN = Response("-BAD", ("bad-fqdn",), "No certificate for that name")
+R_BEGIN_TLS = Response("+OK", (), "Begin TLS negotiation")
+R_COMMENT = Response("+OK", (), "Ok")
+R_BYE = Response("+OK", (), "Bye")
+R_TOO_MANY = Response("-TEMP", ("MTQP", "unavailable"), "Too many connections; try again later")
+R_TOO_MANY_FROM_YOU = Response(
+    "-TEMP", ("MTQP", "unavailable"), "Too many connections from you; try again later"
+)
+
+Answer = Response | Deferred[Response] | None
+
+
+@dataclass(frozen=True, slots=True)
+class MTQPSettings:
+    """What the MTQP listener needs; built from the configuration by :func:`settings_from_config`.
+
+    ``tls`` is a server TLS context (None: no STARTTLS) and ``tls_names`` the
+    subjectAltName dNSNames of its certificate, lower case, that STARTTLS accepts
+    (CHECKLIST 4.6.3). ``track_rate`` and ``failure_rate`` limit, per client
+    address and minute, TRACK commands and TRACKs answered ``noinfo``; 0 turns a
+    limit off. ``retry`` gives Will-Retry-Until for recipients not tried yet.
+    """
+
+    hostname: str
+    tls: Any = None
+    tls_names: frozenset[str] = frozenset()
+    tls_required: bool = False
+    idle_timeout: float = MIN_IDLE_TIMEOUT
+    track_rate: int = 60
+    failure_rate: int = 10
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout < MIN_IDLE_TIMEOUT:
+            raise ValueError(f"idle_timeout must be at least {MIN_IDLE_TIMEOUT:g} s (3887 §2.5)")
+        if self.tls_required and self.tls is None:
+            raise ValueError("tls_required needs a TLS context")
+        if self.track_rate < 0 or self.failure_rate < 0:
+            raise ValueError("rate limits must not be negative")
+
+
+def certificate_names(pem: bytes) -> frozenset[str]:
+    """The subjectAltName dNSNames of the first certificate in ``pem``, lower case."""
+    certificate = x509.load_pem_x509_certificate(pem)
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return frozenset()
+    names = extension.value.get_values_for_type(x509.DNSName)
+    return frozenset(name.lower().removesuffix(".") for name in names)
+
+
+def fqdn_matches(fqdn: str, names: frozenset[str]) -> bool:
+    """Whether the STARTTLS FQDN is one of the certificate's dNSNames (3887 §6).
+
+    Case-insensitive; a ``*.example.org`` name covers exactly one more label
+    (RFC 6125 §6.4.3), never ``example.org`` itself.
+    """
+    wanted = fqdn.lower().removesuffix(".")
+    if wanted in names:
+        return True
+    head, dot, rest = wanted.partition(".")
+    return bool(head and dot and f"*.{rest}" in names)
+
+
+def settings_from_config(config: Config, tls: Any) -> MTQPSettings:
+    """The MTQP listener's settings; ``tls`` is the server context the mail listeners use.
+
+    Reads the certificate file for its names (blocking, at start-up, as
+    :func:`mtrkmta.tls.server_context` does).
+    """
+    names: frozenset[str] = frozenset()
+    if tls is not None and config.tls.certificate is not None:
+        names = certificate_names(config.tls.certificate.read_bytes())
+    mtqp = config.mtqp
+    return MTQPSettings(
+        hostname=config.hostname,
+        tls=tls,
+        tls_names=names,
+        tls_required=mtqp.tls_required,
+        idle_timeout=mtqp.idle_timeout,
+        track_rate=mtqp.track_rate,
+        failure_rate=mtqp.failure_rate,
+        max_connections=config.limits.max_connections,
+        max_connections_per_ip=config.limits.max_connections_per_ip,
+        retry=RetryPolicy(
+            first_retry=config.queue.first_retry,
+            max_interval=config.queue.max_retry_interval,
+            max_lifetime=config.queue.max_lifetime,
+        ),
+    )
+
+
+class RateLimiter:
+    """At most ``limit`` events per ``window`` seconds for each key (sliding window).
+
+    ``limit`` 0 means no limit. Memory stays bounded: a key keeps at most
+    ``limit`` timestamps, and keys idle for a whole window are swept out.
+    """
+
+    def __init__(self, limit: int, clock: IReactorTime, window: float = RATE_WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._events: dict[str, deque[float]] = {}
+        self._swept = clock.seconds()
+
+    def allowed(self, key: str) -> bool:
+        """True when one more event for ``key`` stays within the limit."""
+        if not self.limit:
+            return True
+        events = self._events.get(key)
+        if events is None:
+            return True
+        self._prune(events, self._clock.seconds())
+        return len(events) < self.limit
+
+    def record(self, key: str) -> None:
+        """Count one event for ``key`` now."""
+        if not self.limit:
+            return
+        now = self._clock.seconds()
+        if now - self._swept >= self.window:
+            self._sweep(now)
+        events = self._events.setdefault(key, deque(maxlen=self.limit))
+        self._prune(events, now)
+        events.append(now)
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def _prune(self, events: deque[float], now: float) -> None:
+        while events and events[0] <= now - self.window:
+            events.popleft()
+
+    def _sweep(self, now: float) -> None:
+        self._swept = now
+        for key in list(self._events):
+            events = self._events[key]
+            self._prune(events, now)
+            if not events:
+                del self._events[key]
+
+
+def _peer(address: IAddress) -> tuple[str, int]:
+    return str(getattr(address, "host", "")), int(getattr(address, "port", 0))
+
+
+@implementer(IHandshakeListener)
+class MTQPServer(Protocol):
+    """One MTQP session (CHECKLIST 4).
+
+    Lines are framed by the SMTP LineFramer (998 octets at most), parsed by the
+    sans-IO grammar and answered strictly in order: while a TRACK waits for the
+    tracking store, reading pauses and pipelined commands wait (3887 §8). After
+    STARTTLS, input buffered in clear is dropped and, once the handshake is done,
+    a fresh greeting without STARTTLS goes out (3887 §6.2). TRACK arguments are
+    never logged (CHECKLIST 8.5).
+    """
+
+    def __init__(self, factory: MTQPServerFactory) -> None:
+        self.factory = factory
+        self.settings = factory.settings
+        self.framer = LineFramer(MAX_LINE)
+        self.address = ""
+        self.port = 0
+        self.tls_active = False
+        self._handshaking = False
+        self._waiting = False
+        self._closing = False
+        self._shutting_down = False
+        self._timeout_call: Any = None
+
+    # -- connection -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.address, self.port = _peer(self.transport.getPeer())
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            self._send(refusal)
+            self._close()
+            return
+        self._send(self.greeting())
+        self._reset_timeout()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closing = True
+        self._cancel_timeout()
+        self.factory.release(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._reset_timeout()
+        self.framer.push(data)
+        self._process()
+
+    def handshakeCompleted(self) -> None:
+        if not self._handshaking or self._closing:
+            return
+        self._handshaking = False
+        self._send(self.greeting())
+        self._reset_timeout()
+        self._process()
+
+    def shutdown(self) -> None:
+        """Close the session (service stop); a TRACK being answered gets its answer first."""
+        self._shutting_down = True
+        if not self._closing and not self._waiting:
+            self._close()
+
+    def greeting(self) -> Response:
+        """``+OK/MTQP``, or ``+OK+/MTQP`` listing STARTTLS while it is on offer (CHECKLIST 4.3)."""
+        options: list[Option] = []
+        if self.settings.tls is not None and not self.tls_active:
+            options.append(starttls_option(required=self.settings.tls_required))
+        return greeting(f"{self.settings.hostname} MTQP server ready", options=options)
+
+    # -- the command loop -----------------------------------------------------------
+
+    def _process(self) -> None:
+        while not (self._waiting or self._closing or self._handshaking):
+            line = self.framer.next_line()
+            if line is None:
+                return
+            if line is OVERLONG:
+                self._send(R_LINE_TOO_LONG)
+                continue
+            assert isinstance(line, bytes)
+            self._answer(self._dispatch(line))
+
+    def _dispatch(self, line: bytes) -> Answer:
+        try:
+            command = parse_command(line)
+        except CommandError as error:
+            return error.response
+        if isinstance(command, Track):
+            return self._track(command)
+        if isinstance(command, StartTLS):
+            return self._starttls(command)
+        if isinstance(command, Quit):
+            self._send(R_BYE)
+            self._close()
+            return None
+        assert isinstance(command, Comment)
+        return R_COMMENT
+
+    def _answer(self, answer: Answer) -> None:
+        if answer is None:
+            return
+        if isinstance(answer, Response):
+            self._send(answer)
+            return
+        self._waiting = True
+        self._cancel_timeout()  # the client is waiting for us, not idle
+        self.transport.pauseProducing()
+        answer.addCallback(self._answered)
+
+    def _answered(self, response: Response) -> None:
+        self._waiting = False
+        if self._closing:
+            return
+        self._send(response)
+        if self._shutting_down:
+            self._close()
+            return
+        self._reset_timeout()
+        self.transport.resumeProducing()
+        self._process()
+
+    def _send(self, response: Response) -> None:
+        self.transport.write(response.render())
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timeout()
+        self.transport.loseConnection()
+
+    # -- TRACK (3887 §4) --------------------------------------------------------------
+
+    def _track(self, command: Track) -> Answer:
+        if self.settings.tls_required and not self.tls_active:
+            return R_TLS_REQUIRED
+        factory = self.factory
+        if not factory.failures.allowed(self.address) or not factory.tracks.allowed(self.address):
+            log.info("MTQP TRACK from {address} refused: rate limit", address=self.address)
+            return R_RATE_LIMITED
+        factory.tracks.record(self.address)
+        try:
+            candidate = command.certifier()
+        except SecretError:  # parse_command already checked it; never answered differently
+            return CommandError("mtrk-secret is not base64").response
+        # The store compares in constant time and does the same work for an unknown
+        # ENVID and a wrong secret: both end in None, answered alike (CHECKLIST 4.4.4).
+        d: Deferred[StoredMessage | None] = maybeDeferred(
+            factory.tracking.lookup, command.envid, candidate
+        )
+        d.addCallbacks(self._found, self._store_failed)
+        return d.addErrback(self._internal_error)
+
+    def _found(self, message: StoredMessage | None) -> Response:
+        if message is None:
+            self.factory.failures.record(self.address)
+            log.info("MTQP TRACK from {address}: no information", address=self.address)
+            return R_NOINFO
+        now = self.factory.clock.seconds()
+        try:
+            report = report_from_store(
+                message, now=now, retry_until=self.settings.retry.give_up_at(message.arrival)
+            )
+            response = Response.multiline(
+                render_related([report]), text="Tracking information follows"
+            )
+        except (TrackingStatusError, ValueError) as error:
+            log.error(
+                "MTQP: cannot report on message {queue_id}: {error}",
+                queue_id=message.queue_id,
+                error=str(error),
+            )
+            return R_UNAVAILABLE
+        log.info(
+            "MTQP TRACK from {address}: answered for message {queue_id}",
+            address=self.address,
+            queue_id=message.queue_id,
+        )
+        return response
+
+    def _store_failed(self, failure: Failure) -> Response:
+        # Only the exception's type: a database error may quote the query's parameters.
+        log.error(
+            "MTQP TRACK from {address}: tracking store unavailable ({error})",
+            address=self.address,
+            error=failure.type.__name__ if failure.type is not None else "unknown error",
+        )
+        return R_UNAVAILABLE
+
+    def _internal_error(self, failure: Failure) -> Response:
+        log.error(
+            "MTQP TRACK from {address}: internal error ({error})",
+            address=self.address,
+            error=failure.type.__name__ if failure.type is not None else "unknown error",
+        )
+        return R_UNAVAILABLE
+
+    # -- STARTTLS (3887 §6) -------------------------------------------------------------
+
+    def _starttls(self, command: StartTLS) -> Answer:
+        if self.tls_active:
+            return R_TLS_IN_PROGRESS
+        if self.settings.tls is None:
+            return R_TLS_UNSUPPORTED
+        if not fqdn_matches(command.fqdn, self.settings.tls_names):
+            return R_BAD_FQDN
+        self._send(R_BEGIN_TLS)
+        # Nothing the client sent in clear after STARTTLS may count under TLS (3887 §6.2).
+        self.framer.reset()
+        self._handshaking = True
+        self.tls_active = True
+        self.transport.startTLS(self.settings.tls)
+        return None
+
+    # -- idle timeout (3887 §2.5) --------------------------------------------------------
+
+    def _reset_timeout(self) -> None:
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.reset(self.settings.idle_timeout)
+        elif not self._closing:
+            self._timeout_call = self.factory.clock.callLater(
+                self.settings.idle_timeout, self._timed_out
+            )
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
+
+    def _timed_out(self) -> None:
+        # As in POP3 (RFC 1939 §3), on which MTQP is modelled: the autologout just closes.
+        self._timeout_call = None
+        log.info("MTQP session from {address} idle, closing", address=self.address)
+        self._close()
+
+
+class MTQPServerFactory(Factory):
+    """Builds MTQP sessions; holds the connection counts and the per-address rate limits."""
+
+    protocol = MTQPServer
+
+    def __init__(self, settings: MTQPSettings, tracking: Any, clock: IReactorTime) -> None:
+        """``tracking`` provides ``ITrackingStore.lookup``; ``clock`` times everything."""
+        self.settings = settings
+        self.tracking = tracking
+        self.clock = clock
+        self.tracks = RateLimiter(settings.track_rate, clock)
+        self.failures = RateLimiter(settings.failure_rate, clock)
+        self.sessions: set[MTQPServer] = set()
+        self._per_ip: dict[str, int] = {}
+        self._drained: list[Deferred[None]] = []
+
+    def buildProtocol(self, addr: IAddress) -> MTQPServer:
+        return self.protocol(self)
+
+    def admit(self, session: MTQPServer) -> Response | None:
+        """Register a new session; a negative greeting when a connection limit is reached."""
+        address = session.address
+        if len(self.sessions) >= self.settings.max_connections:
+            return R_TOO_MANY
+        if self._per_ip.get(address, 0) >= self.settings.max_connections_per_ip:
+            return R_TOO_MANY_FROM_YOU
+        self.sessions.add(session)
+        self._per_ip[address] = self._per_ip.get(address, 0) + 1
+        return None
+
+    def release(self, session: MTQPServer) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            left = self._per_ip.get(session.address, 1) - 1
+            if left:
+                self._per_ip[session.address] = left
+            else:
+                self._per_ip.pop(session.address, None)
+        if not self.sessions:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def shutdown(self) -> Deferred[None]:
+        """Close every session; fires once all their connections are gone."""
+        if not self.sessions:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        for session in list(self.sessions):
+            session.shutdown()
+        return d
