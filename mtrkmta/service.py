@@ -74,8 +74,9 @@ class MTAService(Service):
     Start-up is asynchronous: the data directory and database schema are
     prepared, the spool is recovered and reconciled with the tracking store
     (spool files without a tracking record were never acknowledged and are
-    removed), and only then do the listeners open. ``ready`` fires at that
-    point; ``port(name)`` then tells where each listener is bound.
+    quarantined), the queue resumes, and only then do the listeners open.
+    ``ready`` fires at that point; ``port(name)`` then tells where each listener
+    is bound.
     """
 
     name = "mtrkmta"
