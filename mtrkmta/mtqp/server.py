@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mtrkmta.idle import IdleTimeout
 from mtrkmta.mtqp.protocol import (
     MAX_LINE,
     CommandError,
@@ -199,7 +200,7 @@ def _peer(address: IAddress) -> tuple[str, int]:
 
 
 @implementer(IHandshakeListener)
-class MTQPServer(Protocol):
+class MTQPServer(Protocol, IdleTimeout):
     """One MTQP session (CHECKLIST 4).
 
     Lines are framed by the SMTP LineFramer (998 octets at most), parsed by the
@@ -221,7 +222,6 @@ class MTQPServer(Protocol):
         self._waiting = False
         self._closing = False
         self._shutting_down = False
-        self._timeout_call: Any = None
 
     # -- connection -----------------------------------------------------------------
 
@@ -413,22 +413,8 @@ class MTQPServer(Protocol):
 
     # -- idle timeout (3887 §2.5) --------------------------------------------------------
 
-    def _reset_timeout(self) -> None:
-        if self._timeout_call is not None and self._timeout_call.active():
-            self._timeout_call.reset(self.settings.idle_timeout)
-        elif not self._closing:
-            self._timeout_call = self.factory.clock.callLater(
-                self.settings.idle_timeout, self._timed_out
-            )
-
-    def _cancel_timeout(self) -> None:
-        if self._timeout_call is not None and self._timeout_call.active():
-            self._timeout_call.cancel()
-        self._timeout_call = None
-
-    def _timed_out(self) -> None:
+    def timeoutConnection(self) -> None:
         # As in POP3 (RFC 1939 §3), on which MTQP is modelled: the autologout just closes.
-        self._timeout_call = None
         log.info("MTQP session from {address} idle, closing", address=self.address)
         self._close()
 

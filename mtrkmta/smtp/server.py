@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
+from mtrkmta.idle import IdleTimeout
 from mtrkmta.smtp.command import LINE_TOO_LONG, parse_command, parse_mail, parse_rcpt
 from mtrkmta.smtp.extensions import advertised_keywords, render_ehlo
 from mtrkmta.smtp.framing import OVERLONG, DataReader, DataResult, LineFramer
@@ -130,7 +131,7 @@ R_OK = Reply(250, "2.0.0", ("Ok",))
 R_BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
 
 
-class SMTPServer(Protocol):
+class SMTPServer(Protocol, IdleTimeout):
     """One ESMTP session.
 
     Input is framed by the sans-IO framers, commands are parsed and replies
@@ -152,7 +153,6 @@ class SMTPServer(Protocol):
         self._closing = False
         self._shutting_down = False
         self._line_handler: Callable[[bytes], ReplyOrDeferred | None] | None = None
-        self._timeout_call: Any = None
         self.session: Session
         self.transaction: Transaction | None = None
 
@@ -271,21 +271,7 @@ class SMTPServer(Protocol):
 
     # -- timeouts -------------------------------------------------------------
 
-    def _reset_timeout(self) -> None:
-        if self._timeout_call is not None and self._timeout_call.active():
-            self._timeout_call.reset(self.settings.idle_timeout)
-        elif not self._closing:
-            self._timeout_call = self.factory.clock.callLater(
-                self.settings.idle_timeout, self._timed_out
-            )
-
-    def _cancel_timeout(self) -> None:
-        if self._timeout_call is not None and self._timeout_call.active():
-            self._timeout_call.cancel()
-        self._timeout_call = None
-
-    def _timed_out(self) -> None:
-        self._timeout_call = None
+    def timeoutConnection(self) -> None:
         self._send(Reply(421, "4.4.2", (f"{self.settings.hostname} Idle timeout, closing",)))
         self._close()
 
