@@ -119,6 +119,19 @@ class QueueOptions(usage.Options):
         return serve.load_config().data_dir / SOCKET_NAME
 
 
+def control_socket(
+    options: QueueOptions, args: Sequence[str], usage_text: str, err: TextIO
+) -> Path | None:
+    """Parse ``args`` into ``options`` and find the server's control socket; on a
+    mistake, print it with ``usage_text`` and return None (exit status 2)."""
+    try:
+        options.parseOptions(list(args))
+        return options.socket_path()
+    except (usage.UsageError, ConfigError) as error:
+        print(f"mtrkmta: {error}\n{usage_text}", file=err)
+        return None
+
+
 def main(
     args: Sequence[str],
     out: TextIO = sys.stdout,
@@ -126,11 +139,8 @@ def main(
     ask: Callable[[str], str] = input,
 ) -> int:
     options = QueueOptions()
-    try:
-        options.parseOptions(list(args))
-        path = options.socket_path()
-    except (usage.UsageError, ConfigError) as error:
-        print(f"mtrkmta: {error}\n{USAGE}", file=err)
+    path = control_socket(options, args, USAGE, err)
+    if path is None:
         return EXIT_CONFIG_ERROR
     command, queue_id = options["command"], options["queue_id"]
     if command in ("delete", "bounce") and not options["yes"]:

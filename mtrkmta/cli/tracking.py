@@ -8,8 +8,8 @@ from typing import TextIO
 
 from twisted.python import usage
 
-from mtrkmta.cli.queue import QueueOptions
-from mtrkmta.config import EXIT_CONFIG_ERROR, ConfigError, parse_duration
+from mtrkmta.cli.queue import QueueOptions, control_socket
+from mtrkmta.config import EXIT_CONFIG_ERROR, parse_duration
 from mtrkmta.queue.control import ControlError, request
 
 USAGE = "usage: mtrkmta tracking [--config FILE | --data-dir DIR] set-max-retention DURATION"
@@ -32,11 +32,8 @@ class TrackingOptions(QueueOptions):
 
 def main(args: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     options = TrackingOptions()
-    try:
-        options.parseOptions(list(args))
-        path = options.socket_path()
-    except (usage.UsageError, ConfigError) as error:
-        print(f"mtrkmta: {error}\n{USAGE}", file=err)
+    path = control_socket(options, args, USAGE, err)
+    if path is None:
         return EXIT_CONFIG_ERROR
     try:
         changed = request(path, "set-max-retention", seconds=options["seconds"])
