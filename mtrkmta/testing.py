@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,45 @@ from mtrkmta.config import Config, Override, load_config
 from mtrkmta.service import MTAService
 
 LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
+
+DATABASE_SERVER_ENV = "MTRKMTA_TEST_DATABASE_SERVER"
+"""Environment variable naming a PostgreSQL server for test nodes' tracking stores.
+
+Its value is an SQLAlchemy URL of a maintenance database on that server, whose user
+may create databases (``postgresql+psycopg://user:secret@127.0.0.1:5433/postgres``).
+The ``--postgres`` pytest option of this project's test suite starts a throw-away
+server and sets it; unset, test nodes keep SQLite in their data directory.
+"""
+
+
+def database_url(data_dir: Path) -> str:
+    """The tracking database of a test node whose data directory is ``data_dir``. Blocking.
+
+    SQLite in ``data_dir`` by default. With :data:`DATABASE_SERVER_ENV` set, a
+    PostgreSQL database of that server named after ``data_dir``, created empty on
+    first use: the same directory (a restarted node) gets the same database back,
+    another directory a fresh one. The schema is left to the node (start-up migrates).
+    """
+    server = os.environ.get(DATABASE_SERVER_ENV)
+    if not server:
+        return f"sqlite:///{Path(os.path.abspath(data_dir)) / 'tracking.sqlite'}"
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    digest = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:24]
+    name = f"mtrkmta_test_{digest}"
+    admin = make_url(server)
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            found = conn.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            )
+            if found is None:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return admin.set(database=name).render_as_string(hide_password=False)
 
 
 def node_config(
@@ -27,12 +68,15 @@ def node_config(
     Every listener named in ``listeners`` binds 127.0.0.1 on a free port; the
     others are disabled. ``options`` are further ``(setting, value)`` overrides
     as on the command line (``("domains.local", ("a.test",))``); keyword
-    arguments replace whole sections (``limits=Limits(...)``).
+    arguments replace whole sections (``limits=Limits(...)``). The tracking
+    database is :func:`database_url` unless ``options`` set ``server.database``.
     """
     overrides = [
         Override("test", "server.data_dir", str(data_dir)),
         Override("test", "server.hostname", hostname),
     ]
+    if os.environ.get(DATABASE_SERVER_ENV) and all(k != "server.database" for k, _ in options):
+        overrides.append(Override("test", "server.database", database_url(data_dir)))
     for name in ("smtp", "submission", "lmtp", "mtqp"):
         value = LOOPBACK_ANY_PORT if name in listeners else "none"
         overrides.append(Override("test", f"listeners.{name}", value))

@@ -5,9 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The Debian packages the whole test suite needs; later issues add Dovecot, Postfix, swaks
-# and PostgreSQL here.
-SYSTEM_PACKAGES=(python3 python3-venv)
+# The Debian packages `run` needs, and those the whole test suite needs on top: the
+# interop tests drive real Dovecot LMTP, Postfix (with its smtp-sink/smtp-source) and
+# swaks; the `postgres` tox env runs the tracking store on a real PostgreSQL server.
+RUN_PACKAGES=(python3 python3-venv)
+TEST_PACKAGES=(python3 python3-venv dovecot-core dovecot-lmtpd postfix swaks postgresql)
+# "No configuration": no /etc/postfix/main.cf, nothing listening; the tests run their own.
+POSTFIX_PRESEED="postfix postfix/main_mailer_type select No configuration"
 
 die() { echo "bootstrap: $*" >&2; exit 1; }
 
@@ -21,21 +25,52 @@ pick_python() {
   return 1
 }
 
-ensure_system_packages() {
-  local missing=()
-  for pkg in "${SYSTEM_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+missing_packages() {   # missing_packages PKG... : print those not installed (Debian only)
+  command -v dpkg-query >/dev/null 2>&1 || return 0   # not Debian: nothing to check here
+  local pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
+      echo "$pkg"
   done
-  if ! command -v dpkg-query >/dev/null 2>&1; then
-    missing=()   # not Debian: rely on what pick_python finds
+}
+
+install_line() {   # the command a non-root user must run to install PKG...
+  echo "echo '$POSTFIX_PRESEED' | sudo debconf-set-selections &&" \
+       "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $*"
+}
+
+OWN_POLICY_RC=   # a policy-rc.d this script wrote, removed again on exit
+remove_own_policy_rc() { if [ -n "$OWN_POLICY_RC" ]; then rm -f "$OWN_POLICY_RC"; fi; OWN_POLICY_RC=; }
+
+apt_install() {   # as root: install PKG... non-interactively, starting no service
+  echo "$POSTFIX_PRESEED" | debconf-set-selections
+  if [ ! -e /usr/sbin/policy-rc.d ]; then   # exit 101: maintainer scripts start no service
+    OWN_POLICY_RC=/usr/sbin/policy-rc.d
+    trap remove_own_policy_rc EXIT
+    trap 'remove_own_policy_rc; exit 130' INT TERM
+    printf '#!/bin/sh\n# written by mtrkmta tools/bootstrap.sh while it runs apt-get\nexit 101\n' \
+      > "$OWN_POLICY_RC"
+    chmod 755 "$OWN_POLICY_RC"
   fi
-  if [ "${#missing[@]}" -gt 0 ] && ! pick_python >/dev/null; then
-    if [ "$(id -u)" = 0 ]; then
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-    else
-      die "missing system packages; run: sudo apt-get install -y --no-install-recommends ${missing[*]}"
-    fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+  remove_own_policy_rc
+  trap - EXIT INT TERM
+}
+
+ensure_system_packages() {   # ensure_system_packages PKG... (python3* only if no usable Python)
+  local missing=() pkg
+  for pkg in $(missing_packages "$@"); do
+    case "$pkg" in
+      python3|python3-venv) pick_python >/dev/null || missing+=("$pkg") ;;
+      *) missing+=("$pkg") ;;
+    esac
+  done
+  [ "${#missing[@]}" -gt 0 ] || return 0
+  if [ "$(id -u)" = 0 ]; then
+    apt_install "${missing[@]}"
+  else
+    die "missing system packages; run: $(install_line "${missing[@]}")"
   fi
 }
 
@@ -50,13 +85,13 @@ venv_at() {   # venv_at DIR PACKAGES... : create DIR if needed and install PACKA
 cmd=${1:-}; shift || true
 case "$cmd" in
   run)
-    ensure_system_packages
+    ensure_system_packages "${RUN_PACKAGES[@]}"
     # compat mode puts the clone on sys.path, where twistd looks for twisted/plugins.
     venv_at .venv --config-settings editable_mode=compat -e .
     exec .venv/bin/twistd -n mtrkmta "$@"
     ;;
   test)
-    ensure_system_packages
+    ensure_system_packages "${TEST_PACKAGES[@]}"
     venv_at .tox-bootstrap 'tox>=4.11'
     # pyenv machines keep several interpreters behind shims that answer for one version
     # only: put every installed CPython 3.10+ on PATH (after everything else) for tox.

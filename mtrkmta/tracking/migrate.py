@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 from alembic import command
@@ -54,7 +55,19 @@ def current_revision(url: str) -> str | None:
         engine.dispose()
 
 
+# Alembic keeps per-process global state while it runs a migration (its `op` and
+# `context` proxies), so two migrations in one process at once corrupt each other even
+# on different databases. This lock guards that process-wide resource; the database
+# lock in take_migration_lock guards the schema across processes and nodes.
+_ALEMBIC = threading.Lock()
+
+
 def _run(url: str, step: Callable[[Config], None]) -> None:
+    with _ALEMBIC:
+        _run_locked(url, step)
+
+
+def _run_locked(url: str, step: Callable[[Config], None]) -> None:
     engine = create_tracking_engine(url)
     try:
         with engine.connect() as conn:
