@@ -617,7 +617,7 @@ class Tracking:
     max_retention: float = field(default=30 * DAY, metadata=_key(_duration(DAY)))
     lenient_xtext: bool = field(default=False, metadata=_key(_boolean))
     purge_interval: float = field(default=HOUR, metadata=_key(_duration(MINUTE)))
-    max_tracked_per_hour: int = field(default=1000, metadata=_key(_integer(0)))
+    max_tracked_per_hour: int = field(default=10000, metadata=_key(_integer(0)))
 
 
 # --- [mtqp] section: the MTQP tracking server (RFC 3887), mtrkmta.mtqp.server ---------

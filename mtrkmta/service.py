@@ -88,6 +88,7 @@ class MTAService(Service):
         *,
         resolver: IResolver | None = None,
         deliver: bool = True,
+        shutdown_grace: float = 5.0,
     ) -> None:
         """``resolver`` answers MX lookups (default: the system's, from /etc/resolv.conf);
         ``deliver=False`` runs the receive path only (accepted mail stays queued), for
@@ -95,6 +96,7 @@ class MTAService(Service):
         self.config = config
         self.reactor = reactor
         self.deliver = deliver
+        self.shutdown_grace = shutdown_grace  # seconds deliveries in flight get at stop
         self._resolver = resolver
         self._system_resolver: client.Resolver | None = None
         self.queue: QueueService | None = None
@@ -409,7 +411,7 @@ class MTAService(Service):
             await self._control.stopListening()
             self._control = None
         if self.queue is not None:
-            await self.queue.stop()
+            await self.queue.stop(grace=self.shutdown_grace)
         transports, self.transports = self.transports, {}
         await DeferredList([transport.close() for transport in transports.values()])
         if self._system_resolver is not None:

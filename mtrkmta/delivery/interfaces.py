@@ -97,6 +97,9 @@ class ITransport(Interface):
         Never fails: connection problems become DEFERRED outcomes.
         """
 
+    def abort() -> None:
+        """Drop every connection at once (shutdown); attempts in flight end as deferrals."""
+
     def close() -> Deferred[None]:
         """Close cached connections and wait for attempts in flight."""
 

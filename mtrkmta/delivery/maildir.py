@@ -76,6 +76,9 @@ class MaildirTransport:
     def deliver(self, attempt: Attempt) -> Deferred[list[RecipientOutcome]]:
         return deferToThreadPool(self._reactor, self._threadpool, self._deliver, attempt)
 
+    def abort(self) -> None:
+        """Nothing to drop: a Maildir write finishes in its own short thread call."""
+
     def close(self) -> Deferred[None]:
         return succeed(None)  # nothing cached: every attempt finishes in its own call
 

@@ -195,6 +195,12 @@ class SMTPTransport:
         if closing:
             await DeferredList(closing, consumeErrors=True)
 
+    def abort(self) -> None:
+        """Drop every connection now (shutdown): the attempts in flight end as deferrals."""
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.abortConnection()
+
     @property
     def idle_sessions(self) -> int:
         """How many idle connections are kept for reuse."""

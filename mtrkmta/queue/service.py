@@ -197,13 +197,36 @@ class QueueService:
         if queued:
             log.info("queue: {n} message(s) to resume", n=len(queued))
 
-    async def stop(self) -> None:
-        """Stop scheduling and wait for the attempts in flight to be recorded."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop scheduling and wait for the attempts in flight to be recorded.
+
+        With ``grace``, attempts still running after that many seconds (a next hop
+        that does not answer) are cut short: every transport drops its connections,
+        the recipients are recorded as deferred, and they are tried again after the
+        restart.
+        """
         self._running = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        await DeferredList(list(self._active.values()))
+        if not self._active:
+            return
+        abort = None
+        if grace is not None:
+            abort = self.clock.callLater(grace, self._abort_transports)
+        try:
+            await DeferredList(list(self._active.values()))
+        finally:
+            if abort is not None and abort.active():
+                abort.cancel()
+
+    def _abort_transports(self) -> None:
+        log.info(
+            "queue: {n} delivery attempt(s) still running at shutdown: cut short",
+            n=len(self._active),
+        )
+        for transport in self.transports.values():
+            transport.abort()
 
     # -- entry points -------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
 
+from mtrkmta.service import MTAService
 from mtrkmta.testing import node_config, start_node, stop_node
 
 
@@ -79,3 +80,45 @@ async def test_listeners_bind_ephemeral_ports(tmp_path, listener):
         assert list(node.ports) == [listener]
     finally:
         await stop_node(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_does_not_wait_for_a_next_hop_that_never_answers(tmp_path):
+    # A delivery hanging on a silent next hop is cut short after the grace period; the
+    # recipient is recorded as deferred and tried again after the restart.
+    import time
+
+    from fakemta import FakeMTA
+    from smtpwire import Wire, in_thread, queue_id_of, until
+
+    fake = await FakeMTA(reactor, hostname="silent.example.test").start()
+    fake.hang_at = "GREETING"
+    config = node_config(
+        tmp_path / "data",
+        listeners=("smtp",),
+        options=(("routes", f"silent.example=smtp:{fake.endpoint};tls=none"),),
+    )
+    node = MTAService(config, reactor, shutdown_grace=0.5)
+    node.startService()
+    try:
+        await node.ready
+
+        def send() -> str:
+            with Wire(node.port("smtp")) as wire:
+                wire.ehlo()
+                wire.command("MAIL FROM:<s@localhost>")
+                wire.command("RCPT TO:<r@silent.example>")
+                return queue_id_of(wire.data(b"Subject: x\r\n\r\ny\r\n"))
+
+        queue_id = await in_thread(send)
+        await until(lambda: fake.open_connections, "the delivery attempt to connect")
+        started = time.monotonic()
+        await stop_node(node)
+        assert time.monotonic() - started < 5
+        node = await start_node(config, deliver=False)
+        (r,) = (await node.tracking.message(queue_id)).recipients
+        assert r.state.value == "deferred"
+        assert await node.spool.queue_ids() == [queue_id]
+    finally:
+        await stop_node(node)
+        await fake.stop()

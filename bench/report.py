@@ -1,0 +1,363 @@
+"""Benchmark report: Markdown table, JSON data, matplotlib chart, and the py-spy profile summary."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from run import Run
+
+PROFILE_MODES = {
+    "gil": "samples of the thread holding the GIL: where the Python CPU time goes",
+    "wall": "samples of every thread not idle, GIL or not: CPU plus fsync and SQLite waits",
+}
+
+THROUGHPUT_ROWS = (
+    # key, scenario, use ingest rate, label
+    ("a", "a", False, "(a) SMTP in -> queue -> SMTP relay to smtp-sink, end to end"),
+    ("a-ingest", "a", True, "(a) its accept rate while relaying"),
+    ("b", "b", True, "(b) ingest only (next hop never answers)"),
+    ("c", "c", False, "(c) SMTP in -> LMTP into Dovecot, end to end"),
+    ("e", "e", False, "(e) as (a) with `smtp-source -d` (connection reuse), end to end"),
+)
+
+
+def run_to_dict(run: Run) -> dict[str, object]:
+    data = dataclasses.asdict(run)
+    data["rate"] = run.rate
+    data["ingest_rate"] = run.ingest_rate
+    return data
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def rates(runs: list[Run], scenario: str, system: str, ingest: bool) -> list[float]:
+    return [
+        run.ingest_rate if ingest else run.rate
+        for run in runs
+        if run.scenario == scenario and run.system == system
+    ]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def throughput_table(runs: list[Run]) -> tuple[list[str], list[tuple[str, float, float]]]:
+    lines = [
+        "| scenario | Postfix msg/s | mtrkmta msg/s | mtrkmta/Postfix | Postfix runs | "
+        "mtrkmta runs |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    chart: list[tuple[str, float, float]] = []
+    for key, scenario, ingest, label in THROUGHPUT_ROWS:
+        postfix = rates(runs, scenario, "postfix", ingest)
+        mtrkmta = rates(runs, scenario, "mtrkmta", ingest)
+        if not postfix and not mtrkmta:
+            continue
+        p, m = median(postfix), median(mtrkmta)
+        lines.append(
+            f"| {label} | **{fmt(p)}** | **{fmt(m)}** | **{fmt(ratio(m, p), 3)}** | "
+            f"{', '.join(fmt(x) for x in postfix)} | {', '.join(fmt(x) for x in mtrkmta)} |"
+        )
+        if p is not None and m is not None and key != "a-ingest":
+            chart.append((key, p, m))
+    return lines, chart
+
+
+def tracking_table(runs: list[Run]) -> list[str]:
+    plain = rates(runs, "d", "mtrkmta", False)
+    tracked = rates(runs, "d", "mtrkmta+MTRK", False)
+    if not plain and not tracked:
+        return []
+    p, t = median(plain), median(tracked)
+    pi = median(rates(runs, "d", "mtrkmta", True))
+    ti = median(rates(runs, "d", "mtrkmta+MTRK", True))
+    return [
+        "| (d) mtrkmta, own load generator (EHLO, 1 message per session) | without MTRK | "
+        "with ENVID+MTRK | with/without |",
+        "|---|---:|---:|---:|",
+        f"| end to end msg/s (median) | **{fmt(p)}** | **{fmt(t)}** | **{fmt(ratio(t, p), 3)}** |",
+        f"| accept rate msg/s (median) | {fmt(pi)} | {fmt(ti)} | {fmt(ratio(ti, pi), 3)} |",
+        f"| all runs, end to end | {', '.join(fmt(x) for x in plain)} | "
+        f"{', '.join(fmt(x) for x in tracked)} | |",
+    ]
+
+
+def latency_table(runs: list[Run], rate: float) -> list[str]:
+    rows = []
+    for key, label in (
+        ("accept_p50", "accept latency p50 (end of DATA -> 250), ms"),
+        ("accept_p99", "accept latency p99, ms"),
+        ("total_p50", "whole session p50 (connect -> 250), ms"),
+        ("total_p99", "whole session p99, ms"),
+    ):
+        values: dict[str, float | None] = {}
+        for system in ("postfix", "mtrkmta"):
+            found = [
+                1000 * float(run.extra[key])  # type: ignore[arg-type]
+                for run in runs
+                if run.scenario == "lat" and run.system == system and run.extra.get(key)
+            ]
+            values[system] = median(found)
+        if values["postfix"] is None and values["mtrkmta"] is None:
+            continue
+        rows.append(
+            f"| {label} | {fmt(values['postfix'], 2)} | {fmt(values['mtrkmta'], 2)} | "
+            f"{fmt(ratio(values['mtrkmta'], values['postfix']), 2)} |"
+        )
+    if not rows:
+        return []
+    return [
+        f"Offered load {rate:g} msg/s (one new session every {1000 / rate:.0f} ms, "
+        "own load generator, relay to smtp-sink); median over rounds of each round's percentile.",
+        "",
+        "| latency | Postfix | mtrkmta | mtrkmta/Postfix |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
+
+
+def memory_table(memory: dict[str, object]) -> list[str]:
+    def mib(key: str) -> str:
+        value = memory.get(key)
+        return "-" if value is None else f"{float(value) / 1024:.1f} MiB"  # type: ignore[arg-type]
+
+    per = memory.get("per_connection_kib")
+    return [
+        "| mtrkmta resident memory (VmRSS) | value |",
+        "|---|---:|",
+        f"| idle, no connection | {mib('rss_idle_kib')} |",
+        f"| with {memory.get('opened')} of {memory.get('connections')} idle SMTP connections "
+        f"open (each got its 220) | {mib('rss_with_connections_kib')} |",
+        f"| per connection | {'-' if per is None else f'{float(per):.1f} KiB'} |",  # type: ignore[arg-type]
+        f"| peak (VmHWM) | {mib('hwm_kib')} |",
+    ]
+
+
+# ---------------------------------------------------------------- profile
+
+
+def summarize_profile(raw: Path, top: int = 20) -> list[str]:
+    """Top functions by own and inclusive samples from py-spy's raw (collapsed) output.
+
+    Also the own-time top of the reactor thread and of the thread pool separately, and the
+    mtrkmta functions by inclusive time (Twisted's and the runner's frames left out).
+    """
+    own: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    by_group: dict[str, Counter[str]] = {"reactor": Counter(), "pool": Counter()}
+    ours: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f]
+        thread = next((f for f in frames if f.startswith("thread ")), "thread ?")
+        thread = thread.split(": ", 1)[-1].rstrip(")")
+        frames = [f for f in frames if not f.startswith(("thread ", "process "))]
+        if not frames:
+            continue
+        total += count
+        threads[thread] += count
+        own[frames[-1]] += count
+        by_group["reactor" if thread == "MainThread" else "pool"][frames[-1]] += count
+        for frame in set(frames):
+            if "(mtrkmta/" in frame and not frame.startswith(("main ", "serve ", "<module> ")):
+                ours[frame] += count
+    if not total:
+        return ["(no samples)"]
+
+    def share(n: int) -> str:
+        return f"{100 * n / total:5.1f}%"
+
+    out = [f"{total} samples", "", "by thread:"]
+    out += [f"  {share(n)}  {name}" for name, n in threads.most_common(8)]
+    out += ["", f"top {top} by own time (the function itself was running):"]
+    out += [f"  {share(n)}  {name}" for name, n in own.most_common(top)]
+    for group, label in (("reactor", "reactor thread (MainThread)"), ("pool", "thread pool")):
+        if by_group[group]:
+            out += ["", f"top 10 by own time in the {label}:"]
+            out += [f"  {share(n)}  {name}" for name, n in by_group[group].most_common(10)]
+    out += ["", f"top {top} mtrkmta functions by inclusive time (the function or its callees):"]
+    out += [f"  {share(n)}  {name}" for name, n in ours.most_common(top)]
+    return out
+
+
+# ---------------------------------------------------------------- chart
+
+
+def write_chart(path: Path, chart: list[tuple[str, float, float]], runs: list[Run]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [key for key, _, _ in chart]
+    postfix = [p for _, p, _ in chart]
+    mtrkmta = [m for _, _, m in chart]
+    d_plain = median(rates(runs, "d", "mtrkmta", False))
+    d_mtrk = median(rates(runs, "d", "mtrkmta+MTRK", False))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    xs = list(range(len(labels)))
+    width = 0.38
+    bars_p = ax.bar([x - width / 2 for x in xs], postfix, width, label="Postfix", color="#4c72b0")
+    bars_m = ax.bar([x + width / 2 for x in xs], mtrkmta, width, label="mtrkmta", color="#dd8452")
+    for bar_p, bar_m, p, m in zip(bars_p, bars_m, postfix, mtrkmta, strict=True):
+        ax.annotate(f"{p:.0f}", (bar_p.get_x() + width / 2, p), ha="center", va="bottom")
+        ax.annotate(f"{m:.0f}\n({m / p:.2f}x)", (bar_m.get_x() + width / 2, m), ha="center",
+                    va="bottom")  # fmt: skip
+    if d_plain is not None and d_mtrk is not None:
+        x = len(xs)
+        b1 = ax.bar(x - width / 2, d_plain, width, color="#dd8452", hatch="//", label="mtrkmta (d)")
+        b2 = ax.bar(x + width / 2, d_mtrk, width, color="#c44e52", label="mtrkmta (d) + MTRK")
+        ax.annotate(f"{d_plain:.0f}", (b1[0].get_x() + width / 2, d_plain), ha="center",
+                    va="bottom")  # fmt: skip
+        ax.annotate(f"{d_mtrk:.0f}\n({d_mtrk / d_plain:.2f}x)", (b2[0].get_x() + width / 2, d_mtrk),
+                    ha="center", va="bottom")  # fmt: skip
+        labels.append("d: no MTRK / MTRK")
+        xs.append(x)
+    names = {
+        "a": "a: relay to sink\n(end to end)",
+        "b": "b: ingest only",
+        "c": "c: LMTP to Dovecot\n(end to end)",
+        "e": "e: smtp-source -d\n(end to end)",
+    }
+    ax.set_xticks(xs, [names.get(label, label) for label in labels])
+    ax.set_ylabel("messages per second (median)")
+    ax.set_title("mtrkmta vs Postfix on loopback (fsync on)")
+    ax.legend()
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_report(
+    results: Path,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    runs: list[Run],
+    memory: dict[str, object] | None,
+    profiles: list[tuple[str, Run, Path]],
+    elapsed: float,
+    titles: dict[str, str],
+) -> list[Path]:
+    results.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    lines = [
+        "# mtrkmta vs Postfix benchmark",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {elapsed / 60:.1f} minutes; "
+        f"`bench/run` with {args.messages} messages per run, {args.sessions} sessions, "
+        f"{args.length}-octet payload (~1 KB messages), {args.rounds} round(s) alternating "
+        "Postfix / mtrkmta; medians, msg/s. Everything on 127.0.0.1.",
+        "",
+        f"Machine: {env['cpus']} CPUs ({env['cpu_model']}), Linux {env['kernel']}. "
+        f"Versions: Python {env['python']}, Twisted {env['twisted']}, SQLAlchemy "
+        f"{env['sqlalchemy']}, Postfix {env['postfix']}, Dovecot {env['dovecot']}, mtrkmta "
+        f"{env['mtrkmta_commit']}. fsync: {env['fsync']}.",
+        "",
+    ]
+    table, chart = throughput_table(runs)
+    if chart or len(table) > 2:
+        lines += ["## Throughput", "", *table, ""]
+    tracking = tracking_table(runs)
+    if tracking:
+        lines += ["## Tracking overhead (d)", "", *tracking, ""]
+    latency = latency_table(runs, args.latency_rate)
+    if latency:
+        lines += ["## Accept latency", "", *latency, ""]
+    lines += [
+        "## MTQP TRACK latency",
+        "",
+        "Not measured: the MTQP server is not built yet (1,000,000 tracked messages in SQLite "
+        "and PostgreSQL, pre-filled by a loader, are planned for when it is).",
+        "",
+    ]
+    if memory is not None:
+        lines += ["## Memory", "", *memory_table(memory), ""]
+    problems = [run for run in runs if run.problems]
+    lines += ["## Correctness", ""]
+    if runs and not problems:
+        lines.append(
+            f"All {len(runs)} runs passed: the next hop received every message exactly once "
+            "(smtp-sink count, or Dovecot Maildir files, equal to the number sent, and unchanged "
+            "1 s later), every queue was empty at the end (`postqueue -p`, `mtrkmta queue --json "
+            "list`), Postfix logged exactly N `status=sent`, mtrkmta's tracking store had N "
+            "messages with every recipient final; in (b) both queues held exactly N messages."
+        )
+    for run in problems:
+        lines.append(f"- {run.scenario} {run.system} round {run.round}: {'; '.join(run.problems)}")
+    stops = [run for run in runs if run.extra.get("stop_seconds") is not None]
+    if stops:
+        killed = [run for run in stops if run.extra.get("killed")]
+        clean = [float(run.extra["stop_seconds"]) for run in stops if not run.extra.get("killed")]  # type: ignore[arg-type]
+        lines += ["", "## Observations", ""]
+        if clean:
+            lines.append(
+                f"- mtrkmta stopped within {max(clean):.1f} s of SIGTERM in {len(clean)} runs "
+                f"(median {median(clean):.1f} s)."
+            )
+        if killed:
+            where = sorted({run.scenario for run in killed})
+            lines.append(
+                f"- mtrkmta did not stop within {killed[0].extra['stop_seconds']:.0f} s of SIGTERM "
+                f"in {len(killed)} run(s) (scenario {', '.join(where)}) and was killed: its "
+                "shutdown waits for delivery attempts in flight, and those to the silent next hop "
+                "of (b) only end at the client's greeting timeout (300 s)."
+            )
+    lines += ["", "## Scenarios", ""]
+    lines += [f"- {key}: {title}" for key, title in titles.items()]
+    texts = []
+    for mode, profile, raw in profiles:
+        if not raw.exists():
+            continue
+        what = PROFILE_MODES.get(mode, mode)
+        head = (
+            f"py-spy ({what}) of mtrkmta during scenario (a): {profile.messages} messages, "
+            f"{profile.rate:.1f} msg/s end to end (slower than unprofiled)"
+        )
+        summary = summarize_profile(raw)
+        texts += [head, "", *summary, "", ""]
+        lines += ["", f"## Profile: {what}", "", head, "", "```", *summary[:48], "```"]
+    if texts:
+        profile_txt = results / "profile-a.txt"
+        profile_txt.write_text("\n".join(texts))
+        written.append(profile_txt)
+    md = results / "results.md"
+    md.write_text("\n".join(lines) + "\n")
+    written.append(md)
+    data = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "env": env,
+        "runs": [run_to_dict(run) for run in runs],
+        "memory": memory,
+        "profiles": [run_to_dict(run) for _, run, _ in profiles],
+    }
+    js = results / "results.json"
+    js.write_text(json.dumps(data, indent=1) + "\n")
+    written.append(js)
+    if chart or tracking:
+        png = results / "results.png"
+        write_chart(png, chart, runs)
+        written.append(png)
+    return written

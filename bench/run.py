@@ -1,0 +1,637 @@
+"""mtrkmta vs Postfix benchmark on loopback: run with ``bench/run`` (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from lab import (  # noqa: E402
+    LOOPBACK,
+    Blackhole,
+    Dovecot,
+    LabError,
+    Mtrkmta,
+    Postfix,
+    Sink,
+    cpu_busy,
+    cpu_times,
+    free_port,
+    process_cpu_seconds,
+    rss_kib,
+    stop_process,
+)
+
+SENDER = "bench@other.test"
+HELO = "client.example.test"
+FINAL_STATES = frozenset({"relayed", "delivered", "transferred"})
+ROUND_SCENARIOS = ("a", "b", "c", "d", "e", "lat")
+ALL_SCENARIOS = (*ROUND_SCENARIOS, "mem", "profile")
+DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e", "lat", "mem")
+
+TITLES = {
+    "a": "(a) SMTP in -> queue -> SMTP relay to smtp-sink, end to end",
+    "b": "(b) ingest only (accept rate; next hop never answers)",
+    "c": "(c) SMTP in -> queue -> LMTP into Dovecot, end to end",
+    "d": "(d) as (a), own load generator: without / with ENVID+MTRK (mtrkmta only)",
+    "e": "(e) as (a) with smtp-source -d (connection reuse)",
+    "lat": "accept latency at a fixed offered load below saturation",
+    "mem": "resident memory of mtrkmta with idle SMTP connections",
+    "profile": "py-spy profile of mtrkmta during (a)",
+}
+
+
+@dataclass
+class Run:
+    """One measurement of one system in one scenario and round."""
+
+    scenario: str
+    system: str
+    round: int
+    messages: int
+    seconds: float
+    ingest_seconds: float
+    cpu_busy: float
+    mta_cores: float | None = None
+    problems: list[str] = field(default_factory=list)
+    extra: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ingest_rate(self) -> float:
+        return self.messages / self.ingest_seconds if self.ingest_seconds > 0 else 0.0
+
+
+@dataclass
+class Context:
+    """Settings and shared processes of one harness run."""
+
+    args: argparse.Namespace
+    work: Path
+    python: str
+    started: float = field(default_factory=time.monotonic)
+    dovecot: Dovecot | None = None
+    counter: int = 0
+    profile_target: tuple[Path, bool] | None = None  # raw output, --gil
+    tracking: dict[str, int] = field(default_factory=dict)  # [tracking] settings for mtrkmta
+    extra: dict[str, dict[str, str]] = field(default_factory=dict)  # --set, for experiments
+
+    def log(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[{int(elapsed // 60):3d}:{int(elapsed % 60):02d}] {text}", flush=True)
+
+    def next_dir(self, label: str) -> Path:
+        self.counter += 1
+        path = self.work / f"{self.counter:03d}-{label}"
+        path.mkdir(parents=True)
+        path.chmod(0o755)
+        return path
+
+
+# ---------------------------------------------------------------- one measurement
+
+
+def systems_for(scenario: str) -> tuple[str, ...]:
+    return ("mtrkmta", "mtrkmta+MTRK") if scenario == "d" else ("postfix", "mtrkmta")
+
+
+def load_command(ctx: Context, scenario: str, system: str, port: int, rcpt: str) -> list[str]:
+    args = ctx.args
+    if scenario in ("a", "b", "c", "e", "profile"):
+        command = ["smtp-source", "-s", str(args.sessions), "-m", str(args.messages)]
+        command += ["-l", str(args.length), "-f", SENDER, "-t", rcpt, "-M", HELO]
+        if scenario == "e":
+            command.append("-d")
+        return [*command, f"{LOOPBACK}:{port}"]
+    loadgen = [ctx.python, str(HERE / "loadgen.py")]
+    common = ["--port", str(port), "--length", str(args.length), "--rcpt", rcpt]
+    if scenario == "d":
+        command = [*loadgen, "closed", *common, "--messages", str(args.messages)]
+        command += ["--sessions", str(args.sessions)]
+        return [*command, "--mtrk"] if system.endswith("+MTRK") else command
+    messages = max(1, round(args.latency_rate * args.latency_seconds))
+    return [
+        *loadgen,
+        "rate",
+        *common,
+        "--rate",
+        str(args.latency_rate),
+        "--messages",
+        str(messages),
+    ]
+
+
+def wait_for(
+    ctx: Context, what: str, count: Callable[[], int], target: int, stall: float = 60
+) -> bool:
+    """Poll ``count()`` until it reaches ``target``; give up after ``stall`` s without progress."""
+    last, last_change, last_report = -1, time.monotonic(), time.monotonic()
+    while True:
+        now_count = count()
+        now = time.monotonic()
+        if now_count >= target:
+            return True
+        if now_count != last:
+            last, last_change = now_count, now
+        elif now - last_change > stall:
+            return False
+        if now - last_report >= 15:
+            ctx.log(f"      ... {what}: {now_count}/{target}")
+            last_report = now
+        time.sleep(0.02)
+
+
+def poll(check: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+@contextmanager
+def profiler(ctx: Context, pid: int, output: Path, gil: bool) -> Iterator[None]:
+    """py-spy record (raw; the GIL holder, or every thread not idle) on ``pid`` during the block."""
+    spy = shutil.which("py-spy") or str(Path(ctx.python).parent / "py-spy")
+    command = [spy, "record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
+    command += ["--nolineno", "--threads", "--nonblocking", "--output", str(output)]
+    if gil:
+        command.append("--gil")
+    with open(output.with_suffix(".log"), "wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    time.sleep(1.0)
+    try:
+        yield
+    finally:
+        stop_process(proc, signal.SIGINT, grace=30)
+
+
+def measure(ctx: Context, scenario: str, system: str, round_no: int) -> Run:
+    """Start the next hop and the MTA, drive the load, wait until done, check, stop."""
+    args = ctx.args
+    run_dir = ctx.next_dir(f"{scenario}-{system.replace('+', '-')}-r{round_no}")
+    rcpt = f"rcpt-{ctx.counter}@example.test"
+    hop = {"b": "blackhole", "c": "lmtp"}.get(scenario, "sink")
+    problems: list[str] = []
+    with ExitStack() as stack:
+        sink: Sink | None = None
+        hop_port = free_port()
+        if hop == "sink":
+            sink = Sink(run_dir, hop_port)
+            sink.start()
+            stack.callback(sink.stop)
+        elif hop == "blackhole":
+            stack.callback(Blackhole(hop_port).close)
+        else:
+            assert ctx.dovecot is not None
+            hop_port = ctx.dovecot.port
+        port = free_port()
+        postfix: Postfix | None = None
+        mta: Mtrkmta | None = None
+        if system == "postfix":
+            transport = f"lmtp:inet:{LOOPBACK}:{hop_port}" if hop == "lmtp" else "smtp"
+            postfix = Postfix(run_dir, port, hop_port, transport)
+            stack.callback(postfix.stop)
+            postfix.start()
+        else:
+            kind = "lmtp" if hop == "lmtp" else "smtp"
+            route = f"{kind}:tcp:host={LOOPBACK}:port={hop_port};tls=none"
+            routes = {"example.test": route}
+            mta = Mtrkmta(ctx.python, run_dir, port, routes, None, ctx.tracking, ctx.extra)
+            if hop == "blackhole":  # its shutdown waits for the stalled deliveries: don't wait
+                mta.stop_grace = 3.0
+            stack.callback(mta.stop)
+            mta.start()
+        time.sleep(args.pause)
+        command = load_command(ctx, scenario, system, port, rcpt)
+
+        def progress() -> str:
+            if sink is not None:
+                return f"smtp-sink has {sink.count()} messages"
+            if hop == "lmtp" and ctx.dovecot is not None:
+                return f"Dovecot has {ctx.dovecot.delivered(rcpt)} messages"
+            return "load running"
+
+        with ExitStack() as spying:
+            if scenario == "profile":
+                assert mta is not None
+                assert ctx.profile_target is not None
+                raw, gil = ctx.profile_target
+                spying.enter_context(profiler(ctx, mta.pid, raw, gil))
+            cpu0 = cpu_times()
+            mta_cpu0 = process_cpu_seconds(mta.pid) if mta else 0.0
+            t0 = time.perf_counter()
+            with open(run_dir / "load.out", "wb") as out:
+                load = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+                last_report = time.monotonic()
+                while load.poll() is None:
+                    time.sleep(0.02)
+                    if time.monotonic() - last_report >= 15:
+                        last_report = time.monotonic()
+                        ctx.log(f"      ... {time.perf_counter() - t0:.0f} s: {progress()}")
+            t1 = time.perf_counter()
+            output = (run_dir / "load.out").read_text(errors="replace")
+            expected = args.messages
+            extra: dict[str, float | None] = {}
+            if command[0] != "smtp-source":
+                stats = json.loads(output.strip().splitlines()[-1])
+                expected = int(stats["sent"])
+                if stats["failed"]:
+                    problems.append(f"load generator: {stats['failed']} failed {stats['errors']}")
+                if scenario == "lat":
+                    extra = {
+                        key: stats[key]
+                        for key in ("accept_p50", "accept_p99", "total_p50", "total_p99")
+                    }
+                    extra["offered_rate"] = args.latency_rate
+            elif load.returncode != 0:
+                problems.append(f"smtp-source exit {load.returncode}: {output.strip()[-200:]}")
+            if hop == "sink":
+                assert sink is not None
+                done = wait_for(ctx, "sink", sink.count, expected)
+            elif hop == "lmtp":
+                assert ctx.dovecot is not None
+                dovecot = ctx.dovecot
+                done = wait_for(ctx, "Dovecot", lambda: dovecot.delivered(rcpt), expected)
+            else:
+                done = True
+            t2 = time.perf_counter()
+            cpu1 = cpu_times()
+            mta_cpu1 = process_cpu_seconds(mta.pid) if mta else 0.0
+        if not done:
+            problems.append(f"next hop stalled before receiving {expected} messages")
+        problems += check(ctx, hop, expected, rcpt, sink, postfix, mta)
+    if mta is not None:
+        extra["stop_seconds"] = mta.stop_seconds
+        extra["killed"] = float(mta.killed)
+        if not problems:
+            problems += check_tracking(mta, hop, expected, tracked=system.endswith("MTRK"))
+    run = Run(
+        scenario=scenario,
+        system=system,
+        round=round_no,
+        messages=expected,
+        seconds=t2 - t0,
+        ingest_seconds=t1 - t0,
+        cpu_busy=cpu_busy(cpu0, cpu1),
+        mta_cores=(mta_cpu1 - mta_cpu0) / (t2 - t0) if mta else None,
+        problems=problems,
+        extra=extra,
+    )
+    if not args.keep and not problems:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return run
+
+
+def check(
+    ctx: Context,
+    hop: str,
+    expected: int,
+    rcpt: str,
+    sink: Sink | None,
+    postfix: Postfix | None,
+    mta: Mtrkmta | None,
+) -> list[str]:
+    """Exactly once at the next hop, and the queue empty (or holding every message, for b)."""
+    problems = []
+    time.sleep(1.0)  # late duplicates would show up now
+    if sink is not None and sink.count() != expected:
+        problems.append(f"smtp-sink counted {sink.count()} messages, expected {expected}")
+    if hop == "lmtp":
+        assert ctx.dovecot is not None
+        got = ctx.dovecot.delivered(rcpt)
+        if got != expected:
+            problems.append(f"Dovecot Maildir has {got} messages, expected {expected}")
+    if postfix is not None:
+        if hop == "blackhole":
+            if not poll(lambda: postfix.queue_files() == expected, 15):
+                problems.append(f"Postfix queue holds {postfix.queue_files()}, expected {expected}")
+        else:
+            if (
+                not poll(lambda: postfix.queue_files() == 0, 30)
+                or not postfix.queue_listing_empty()
+            ):
+                problems.append(f"Postfix queue not empty: {postfix.queue_files()} files")
+            poll(lambda: postfix.statuses()["sent"] >= expected, 10)
+            statuses = postfix.statuses()
+            if statuses != {"sent": expected}:
+                problems.append(f"Postfix log statuses {dict(statuses)}, expected sent={expected}")
+    if mta is not None:
+        want = expected if hop == "blackhole" else 0
+        listing: list[dict[str, object]] = []
+
+        def queue_ok() -> bool:
+            listing[:] = mta.queue_list()
+            return len(listing) == want
+
+        if not poll(queue_ok, 30, interval=0.5):
+            problems.append(f"mtrkmta queue holds {len(listing)} messages, expected {want}")
+    return problems
+
+
+def check_tracking(mta: Mtrkmta, hop: str, expected: int, tracked: bool) -> list[str]:
+    """After the stop: one tracking record per message, every recipient final (or queued, b)."""
+    summary = mta.tracking_summary()
+    problems = []
+    if summary["messages"] != expected:
+        problems.append(f"tracking store has {summary['messages']} messages, expected {expected}")
+    states = summary["states"]
+    assert isinstance(states, dict)
+    if hop != "blackhole" and (set(states) - FINAL_STATES or sum(states.values()) != expected):
+        problems.append(f"tracking recipient states {states}")
+    if tracked and summary["tracked"] != expected:
+        problems.append(f"only {summary['tracked']} of {expected} messages carry ENVID+MTRK")
+    return problems
+
+
+# ---------------------------------------------------------------- memory
+
+
+def measure_memory(ctx: Context) -> dict[str, object]:
+    """RSS of mtrkmta idle, then with N idle SMTP sessions (each got its 220 greeting)."""
+    n = ctx.args.idle_connections
+    run_dir = ctx.next_dir("mem")
+    port = free_port()
+    limits = {"max_connections": n + 100, "max_connections_per_ip": n + 100}
+    route = f"smtp:tcp:host={LOOPBACK}:port={free_port()};tls=none"
+    mta = Mtrkmta(ctx.python, run_dir, port, {"example.test": route}, limits, None, ctx.extra)
+    result: dict[str, object] = {"connections": n}
+    try:
+        mta.start()
+        time.sleep(2)
+        before = rss_kib(mta.pid)
+        command = [ctx.python, str(HERE / "loadgen.py"), "idle", "--port", str(port)]
+        holder = subprocess.Popen(
+            [*command, "--connections", str(n)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            opened = json.loads(holder.stdout.readline() or "{}")
+            time.sleep(2)
+            after = rss_kib(mta.pid)
+            holder.stdin.close()
+            holder.wait(60)
+        finally:
+            stop_process(holder)
+        result.update(
+            opened=opened.get("open", 0),
+            failed=opened.get("failed", {}),
+            rss_idle_kib=before["VmRSS"],
+            rss_with_connections_kib=after["VmRSS"],
+            hwm_kib=after["VmHWM"],
+        )
+        opened_count = int(opened.get("open", 0))
+        if opened_count:
+            result["per_connection_kib"] = (after["VmRSS"] - before["VmRSS"]) / opened_count
+        result["ok"] = opened_count == n
+    finally:
+        mta.stop()
+    if not ctx.args.keep and result.get("ok"):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+# ---------------------------------------------------------------- environment
+
+
+def versions(python: str) -> dict[str, str]:
+    def out(command: list[str]) -> str:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+        except OSError:
+            return "?"
+        return done.stdout.strip() or done.stderr.strip() or "?"
+
+    probe = (
+        "import sys, twisted, sqlalchemy; "
+        "print(sys.version.split()[0], twisted.__version__, sqlalchemy.__version__)"
+    )
+    py, tw, sa = [*out([python, "-c", probe]).split(), "?", "?", "?"][:3]
+    cpu_model = "?"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    repo = HERE.parent
+    commit = out(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    changed = out(["git", "-C", str(repo), "status", "--porcelain", "--", "mtrkmta"])
+    if changed not in ("", "?"):
+        commit += " + uncommitted changes in mtrkmta/"
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu_model": cpu_model,
+        "kernel": os.uname().release,
+        "python": py,
+        "twisted": tw,
+        "sqlalchemy": sa,
+        "postfix": out(["postconf", "-d", "-h", "mail_version"]),
+        "dovecot": out(["dovecot", "--version"]),
+        "mtrkmta_commit": commit,
+        "fsync": "on (mtrkmta [durability] fsync = true; SQLite synchronous=FULL)",
+    }
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run",
+        description="Benchmark mtrkmta against Postfix on loopback (A/B alternating rounds).",
+    )
+    parser.add_argument("-m", "--messages", type=int, default=5000, help="messages per run")
+    parser.add_argument("-s", "--sessions", type=int, default=20, help="parallel SMTP sessions")
+    parser.add_argument("-l", "--length", type=int, default=900, help="payload octets (~1 KB)")
+    parser.add_argument("-r", "--rounds", type=int, default=3, help="A/B rounds")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated, from {','.join(ALL_SCENARIOS)} (default: %(default)s)",
+    )
+    parser.add_argument("--profile", action="store_true", help="also run the 'profile' scenario")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 1000 messages, 1 round, scenarios a,b"
+    )
+    parser.add_argument("--latency-rate", type=float, default=40.0, help="offered msg/s (lat)")
+    parser.add_argument("--latency-seconds", type=float, default=10.0, help="duration of lat")
+    parser.add_argument("--idle-connections", type=int, default=5000, help="for mem")
+    parser.add_argument("--pause", type=float, default=1.0, help="idle seconds before each run")
+    parser.add_argument("--python", default=sys.executable, help="Python with mtrkmta installed")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="output directory")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=TOML",
+        help="experiments only: a setting for mtrkmta's config, e.g. durability.fsync=false",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.messages, args.rounds, args.scenarios = 1000, 1, "a,b"
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if args.profile and "profile" not in scenarios:
+        scenarios.append("profile")
+    unknown = set(scenarios) - set(ALL_SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    args.scenario_list = scenarios
+    args.extra = {}
+    for item in args.set:
+        name, equals, value = item.partition("=")
+        section, dot, key = name.partition(".")
+        if not (equals and dot and section and key and value):
+            parser.error(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        args.extra.setdefault(section, {})[key] = value
+    return args
+
+
+def raise_nofile(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < need:
+        hard = need  # root may raise the hard limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, max(need, soft))), hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/run: must run as root (Postfix's master daemon needs it)", file=sys.stderr)
+        return 2
+    from report import write_report  # matplotlib is imported only here
+
+    raise_nofile(args.idle_connections + 2000)
+    work = Path(tempfile.mkdtemp(prefix="mtrkmta-bench-"))
+    work.chmod(0o755)  # Postfix and Dovecot users must reach their directories below
+    ctx = Context(args=args, work=work, python=args.python, extra=args.extra)
+    args.results.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, interrupted)
+    env = versions(args.python)
+    if args.set:
+        env["fsync"] = (
+            "OFF" if args.extra.get("durability", {}).get("fsync") == "false" else env["fsync"]
+        ) + f" (experiment: {' '.join('--set ' + item for item in args.set)})"
+    scenarios = args.scenario_list
+    ctx.log(
+        f"mtrkmta vs Postfix: {args.messages} messages x {args.sessions} sessions, "
+        f"{args.length}-octet payload, {args.rounds} round(s), scenarios {','.join(scenarios)}"
+    )
+    ctx.log(
+        f"{env['cpus']} CPUs ({env['cpu_model']}); Python {env['python']}, Twisted "
+        f"{env['twisted']}, Postfix {env['postfix']}, Dovecot {env['dovecot']}; "
+        f"fsync {env['fsync']}"
+    )
+    ctx.log(f"work directory {work}")
+    ctx.log("MTQP TRACK latency: not measured (the MTQP server is not built yet)")
+    runs: list[Run] = []
+    memory: dict[str, object] | None = None
+    profiles: list[tuple[str, Run, Path]] = []
+    try:
+        ctx.tracking = tracking_settings(ctx)
+        if "c" in scenarios:
+            ctx.dovecot = Dovecot(work, free_port())
+            ctx.dovecot.start()
+        for round_no in range(1, args.rounds + 1):
+            for scenario in (s for s in ROUND_SCENARIOS if s in scenarios):
+                for system in systems_for(scenario):
+                    run = measure(ctx, scenario, system, round_no)
+                    runs.append(run)
+                    ctx.log(describe(run, args.rounds))
+        if "mem" in scenarios:
+            ctx.log(f"mem: mtrkmta with {args.idle_connections} idle SMTP connections")
+            memory = measure_memory(ctx)
+            ctx.log(f"mem: {memory}")
+        if "profile" in scenarios:
+            for mode in ("gil", "wall"):
+                raw = args.results / f"profile-a-{mode}.raw"
+                ctx.profile_target = (raw, mode == "gil")
+                ctx.log(f"profile: mtrkmta in scenario (a) under py-spy ({mode})")
+                profile = measure(ctx, "profile", "mtrkmta", 0)
+                profiles.append((mode, profile, raw))
+                ctx.log(describe(profile, 0))
+    except KeyboardInterrupt:
+        ctx.log("interrupted: writing what was measured so far")
+    except LabError as error:
+        ctx.log(f"lab error: {error}")
+        return 1
+    finally:
+        if ctx.dovecot is not None:
+            ctx.dovecot.stop()
+        if not args.keep and not any(run.problems for run in runs):
+            shutil.rmtree(work, ignore_errors=True)
+        elif not args.keep:
+            ctx.log(f"kept {work} for the runs with problems (logs, spools, databases)")
+    elapsed = time.monotonic() - ctx.started
+    paths = write_report(args.results, args, env, runs, memory, profiles, elapsed, TITLES)
+    for path in paths:
+        ctx.log(f"wrote {path}")
+    failed = [run for run in [*runs, *(p[1] for p in profiles)] if run.problems]
+    if memory is not None and not memory.get("ok"):
+        ctx.log("PROBLEM: not every idle connection could be opened")
+    for run in failed:
+        ctx.log(f"PROBLEM {run.scenario} {run.system} round {run.round}: {'; '.join(run.problems)}")
+    return 1 if failed else 0
+
+
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def tracking_settings(ctx: Context) -> dict[str, int]:
+    """Lift the per-client tracked-message cap (a flood guard) where this mtrkmta has one.
+
+    Every message of (d) carries MTRK from one client address; with the cap, most of
+    them would be accepted untracked and the overhead ratio would mean nothing.
+    """
+    probe = Mtrkmta(ctx.python, ctx.next_dir("config-probe"), free_port(), {}, None, {}, ctx.extra)
+    probe.tracking = {"max_tracked_per_hour": 0}
+    error = probe.check_config()
+    if error is None:
+        ctx.log("mtrkmta: [tracking] max_tracked_per_hour = 0 (no cap on tracked messages)")
+        return probe.tracking
+    if "max_tracked_per_hour" in error:
+        return {}
+    raise LabError(f"mtrkmta check-config: {error}")
+
+
+def describe(run: Run, rounds: int) -> str:
+    status = "ok" if not run.problems else "PROBLEM: " + "; ".join(run.problems)
+    label = f"round {run.round}/{rounds}" if run.round else "profile"
+    text = f"{label} ({run.scenario}) {run.system:<13} {run.messages} msgs in {run.seconds:6.2f} s"
+    text += f" = {run.rate:7.1f} msg/s (ingest {run.ingest_rate:7.1f} msg/s)"
+    if run.extra.get("accept_p50") is not None:
+        text += (
+            f" accept p50 {1000 * run.extra['accept_p50']:.1f} ms"  # type: ignore[operator]
+            f" p99 {1000 * run.extra['accept_p99']:.1f} ms"  # type: ignore[operator]
+        )
+    text += f", cpu {run.cpu_busy:.0f}%"
+    if run.mta_cores is not None:
+        text += f", mtrkmta {run.mta_cores:.2f} cores"
+    if run.extra.get("killed"):
+        text += f", not stopped {run.extra['stop_seconds']:.0f} s after SIGTERM: killed"
+    return f"{text}; {status}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
