@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -30,6 +30,7 @@ from mtrkmta.mtqp.protocol import (
     starttls_option,
 )
 from mtrkmta.queue.policy import RetryPolicy
+from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.framing import OVERLONG, LineFramer
 from mtrkmta.tracking.interfaces import StoredMessage
 from mtrkmta.tracking.status import TrackingStatusError, render_related, report_from_store
@@ -431,43 +432,27 @@ class MTQPServerFactory(Factory):
         self.clock = clock
         self.tracks = RateLimiter(settings.track_rate, clock)
         self.failures = RateLimiter(settings.failure_rate, clock)
-        self.sessions: set[MTQPServer] = set()
-        self._per_ip: dict[str, int] = {}
-        self._drained: list[Deferred[None]] = []
+        self.table = SessionTable(settings.max_connections, settings.max_connections_per_ip)
 
     def buildProtocol(self, addr: IAddress) -> MTQPServer:
         return self.protocol(self)
 
+    @property
+    def sessions(self) -> set[MTQPServer]:
+        return self.table.sessions
+
     def admit(self, session: MTQPServer) -> Response | None:
         """Register a new session; a negative greeting when a connection limit is reached."""
-        address = session.address
-        if len(self.sessions) >= self.settings.max_connections:
+        refusal = self.table.admit(session, session.address)
+        if refusal == "total":
             return R_TOO_MANY
-        if self._per_ip.get(address, 0) >= self.settings.max_connections_per_ip:
+        if refusal == "address":
             return R_TOO_MANY_FROM_YOU
-        self.sessions.add(session)
-        self._per_ip[address] = self._per_ip.get(address, 0) + 1
         return None
 
     def release(self, session: MTQPServer) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            left = self._per_ip.get(session.address, 1) - 1
-            if left:
-                self._per_ip[session.address] = left
-            else:
-                self._per_ip.pop(session.address, None)
-        if not self.sessions:
-            drained, self._drained = self._drained, []
-            for d in drained:
-                d.callback(None)
+        self.table.release(session, session.address)
 
     def shutdown(self) -> Deferred[None]:
         """Close every session; fires once all their connections are gone."""
-        if not self.sessions:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._drained.append(d)
-        for session in list(self.sessions):
-            session.shutdown()
-        return d
+        return self.table.drain()

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -20,6 +20,7 @@ from zope.interface import Attribute, Interface
 
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.idle import IdleTimeout
+from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.command import LINE_TOO_LONG, parse_command, parse_mail, parse_rcpt
 from mtrkmta.smtp.extensions import advertised_keywords, render_ehlo
 from mtrkmta.smtp.framing import OVERLONG, DataReader, DataResult, LineFramer
@@ -590,44 +591,27 @@ class SMTPServerFactory(Factory):
         self.settings = settings
         self.receiver = receiver
         self.clock = clock
-        self.sessions: set[SMTPServer] = set()
-        self._per_ip: dict[str, int] = {}
-        self._drained: list[Deferred[None]] = []
+        self.table = SessionTable(settings.max_connections, settings.max_connections_per_ip)
 
     def buildProtocol(self, addr: IAddress) -> SMTPServer:
         return self.protocol(self)
 
+    @property
+    def sessions(self) -> set[SMTPServer]:
+        return self.table.sessions
+
     def admit(self, session: SMTPServer) -> Reply | None:
         """Register a new session; return a 421 when a connection limit is reached."""
-        address = session.session.address
-        if len(self.sessions) >= self.settings.max_connections:
+        refusal = self.table.admit(session, session.session.address)
+        if refusal == "total":
             return Reply(421, "4.7.0", (f"{self.settings.hostname} Too many connections",))
-        if self._per_ip.get(address, 0) >= self.settings.max_connections_per_ip:
+        if refusal == "address":
             return Reply(421, "4.7.0", (f"{self.settings.hostname} Too many connections from you",))
-        self.sessions.add(session)
-        self._per_ip[address] = self._per_ip.get(address, 0) + 1
         return None
 
     def release(self, session: SMTPServer) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            address = session.session.address
-            left = self._per_ip.get(address, 1) - 1
-            if left:
-                self._per_ip[address] = left
-            else:
-                self._per_ip.pop(address, None)
-        if not self.sessions:
-            drained, self._drained = self._drained, []
-            for d in drained:
-                d.callback(None)
+        self.table.release(session, session.session.address)
 
     def shutdown(self) -> Deferred[None]:
         """Close every session; fires once all their connections are gone."""
-        if not self.sessions:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._drained.append(d)
-        for session in list(self.sessions):
-            session.shutdown()
-        return d
+        return self.table.drain()

@@ -15,6 +15,7 @@ thread while an mtrkmta node is serving: tests call them through ``in_thread``.
 
 from __future__ import annotations
 
+import abc
 import os
 import re
 import shutil
@@ -195,7 +196,7 @@ class Lab:
         return "\n".join(text.splitlines()[-lines:])
 
 
-class Daemon:
+class Daemon(abc.ABC):
     """One long-running program, started in the foreground as a subprocess."""
 
     name = "daemon"
@@ -241,8 +242,9 @@ class Daemon:
             self._reap()
         raise AssertionError(f"{self.name} did not start:\n{self.lab.log_tail(self.name, 40)}")
 
+    @abc.abstractmethod
     def _start_once(self) -> None:
-        raise NotImplementedError
+        """Spawn the program once (each daemon knows its own command line)."""
 
     def _reap(self) -> None:
         if self.proc is not None:
