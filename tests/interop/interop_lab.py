@@ -661,3 +661,16 @@ async def final_record(node: MTAService, queue_id: str, timeout: float = 30.0) -
         return None if any(r.state in busy for r in record.recipients) else record
 
     return await eventually(settled, f"{queue_id} to leave the queue", timeout)
+
+
+def outcome(record: StoredMessage, address: str) -> Any:
+    """The stored recipient ``address`` of ``record``."""
+    (recipient,) = [r for r in record.recipients if r.address == address]
+    return recipient
+
+
+async def start_dovecot(lab: Lab, **settings: bool) -> Dovecot:
+    """A Dovecot LMTP server in ``lab`` (settings as Dovecot takes them), started."""
+    dovecot = Dovecot(lab, **settings)
+    await in_thread(dovecot.start)
+    return dovecot

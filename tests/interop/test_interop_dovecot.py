@@ -13,15 +13,16 @@ import base64
 import pytest_twisted
 from interop_lab import (
     Dovecot,
-    Lab,
     eventually,
     final_record,
     in_thread,
+    outcome,
     program,
     queue_id,
     run,
     running_mtrkmta,
     send_mail,
+    start_dovecot,
 )
 
 from mtrkmta.tracking.interfaces import RecipientState
@@ -30,17 +31,6 @@ SENDER = "sender@localhost"  # a local mailbox of the node: any DSN stays on thi
 CERTIFIER = bytes(range(1, 21))  # B = SHA1(A), as an MTRK originator sends it
 MTRK = f"MTRK={base64.b64encode(CERTIFIER).decode()}:86400"
 ENVID = "trk+1@client.example.test"  # decoded; '+' travels as +2B in xtext
-
-
-def outcome(record, address):
-    (recipient,) = [r for r in record.recipients if r.address == address]
-    return recipient
-
-
-async def start_dovecot(lab: Lab, **settings: bool) -> Dovecot:
-    dovecot = Dovecot(lab, **settings)
-    await in_thread(dovecot.start)
-    return dovecot
 
 
 def assert_no_unsupported_parameters(dovecot: Dovecot) -> None:

@@ -23,9 +23,11 @@ from interop_lab import (
     eventually,
     final_record,
     in_thread,
+    outcome,
     queue_id,
     running_mtrkmta,
     send_mail,
+    start_dovecot,
 )
 
 from mtrkmta.tracking.interfaces import RecipientState
@@ -48,17 +50,6 @@ def sender_mail(lab: Lab) -> list[EmailMessage]:
 def delivery_status(message: EmailMessage) -> list[dict[str, str]]:
     (part,) = [p for p in message.walk() if p.get_content_type() == "message/delivery-status"]
     return [{k.lower(): str(v) for k, v in block.items()} for block in part.get_payload()]
-
-
-def outcome(record, address):
-    (recipient,) = [r for r in record.recipients if r.address == address]
-    return recipient
-
-
-async def start_dovecot(lab: Lab, **settings: bool) -> Dovecot:
-    dovecot = Dovecot(lab, **settings)
-    await in_thread(dovecot.start)
-    return dovecot
 
 
 @pytest_twisted.ensureDeferred
