@@ -7,8 +7,10 @@ the final dot (the client cannot know; that is the documented duplicate risk).
 
 The server runs as a real process (``python -m mtrkmta.cli.main serve``, the same
 service as ``twistd -n mtrkmta``). After the kills, recovery runs once more in an
-in-process node on the same data directory, and the audit reads the spool and
-the tracking store through it (plus the SQLite file directly). Note that SIGKILL
+in-process node on the same data directory and tracking database, and the audit
+reads the spool and the tracking store through it. The tracking database is
+SQLite in the data directory, or a PostgreSQL database when the suite runs with
+``--postgres`` (:func:`mtrkmta.testing.database_url`). Note that SIGKILL
 tests ordering and recovery (250 only after the commit; leftovers cleaned up),
 not fsync itself: the kernel keeps the page cache of a killed process.
 """
@@ -20,7 +22,6 @@ import random
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest_twisted
+from sqlalchemy import create_engine, text
 from twisted.internet import threads
 
 import mtrkmta
-from mtrkmta.testing import node_config, start_node, stop_node
+from mtrkmta.testing import database_url, node_config, start_node, stop_node
 
 HOSTNAME = "mx.example.test"
 SENDER = "crash@client.example"
@@ -68,6 +70,7 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, log_dir: Path) -> None:
         self.data_dir = data_dir
+        self.database = database_url(data_dir)  # the one the audit node opens too
         self.log_dir = log_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -95,6 +98,8 @@ class ServerProcess:
             "serve",
             "--data-dir",
             str(self.data_dir),
+            "--database",
+            self.database,
             "--smtp",
             f"tcp:{self.port}:interface=127.0.0.1",
             "--lmtp",
@@ -344,9 +349,17 @@ async def audit(data_dir: Path) -> Audit:
         incoming = sorted(os.listdir(node.spool.root / "incoming"))
     finally:
         await stop_node(node)
-    with sqlite3.connect(f"file:{data_dir / 'tracking.sqlite'}?mode=ro", uri=True) as db:
-        tracked = {row[0] for row in db.execute("SELECT queue_id FROM messages")}
-    return Audit(spool, tracked, incoming)
+    return Audit(spool, await threads.deferToThread(every_record, database_url(data_dir)), incoming)
+
+
+def every_record(database: str) -> set[str]:
+    """The queue id of every row of the messages table, whatever its state (blocking)."""
+    engine = create_engine(database)
+    try:
+        with engine.connect() as conn:
+            return set(conn.scalars(text("SELECT queue_id FROM messages")))
+    finally:
+        engine.dispose()
 
 
 def check(attempts: list[Attempt], found: Audit, messages: int, context: str) -> None:

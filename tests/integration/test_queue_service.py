@@ -29,6 +29,7 @@ from mtrkmta.envelope import Envelope, Recipient
 from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.queue.service import QueueService
 from mtrkmta.spool.filespool import FileSpool
+from mtrkmta.testing import database_url
 from mtrkmta.tracking.interfaces import RecipientState
 from mtrkmta.tracking.migrate import upgrade
 from mtrkmta.tracking.store import SQLTrackingStore
@@ -115,7 +116,7 @@ class Node:
         self.clock.advance(START)
         self.router = TableRouter()
         self.transport = ScriptedTransport()
-        self.url = f"sqlite:///{root / 'tracking.sqlite'}"
+        self.url = database_url(root)
         upgrade(self.url)
         self.open()
 

@@ -11,6 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import insert, inspect, select
 from sqlalchemy.exc import IntegrityError
 
+from mtrkmta.testing import database_url
 from mtrkmta.tracking import migrate
 from mtrkmta.tracking.schema import build_schema
 from mtrkmta.tracking.store import create_tracking_engine
@@ -53,7 +54,7 @@ def recipient(state: str = "queued") -> dict[str, object]:
 
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'tracking.sqlite'}"
+    return database_url(tmp_path)
 
 
 def diffs(url: str) -> list[object]:

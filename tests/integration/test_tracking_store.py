@@ -24,6 +24,7 @@ from mtrkmta.envelope import (
     RcptParams,
     Recipient,
 )
+from mtrkmta.testing import database_url
 from mtrkmta.tracking import migrate
 from mtrkmta.tracking.interfaces import ITrackingStore, RecipientState
 from mtrkmta.tracking.schema import build_schema
@@ -90,8 +91,12 @@ def threadpool() -> Iterator[ThreadPool]:
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'tracking.sqlite'}"
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The test's migrated database: PostgreSQL in ``--postgres`` runs unless marked sqlite."""
+    if request.node.get_closest_marker("sqlite") is not None:
+        url = f"sqlite:///{tmp_path / 'tracking.sqlite'}"
+    else:
+        url = database_url(tmp_path)
     migrate.upgrade(url)
     return url
 
@@ -165,6 +170,7 @@ def test_provides_interface(store):
     assert verifyObject(ITrackingStore, store)
 
 
+@pytest.mark.sqlite
 def test_sqlite_connections_are_durable(engine):
     # WAL + synchronous=FULL + foreign keys on every pooled connection.
     with engine.connect() as conn:
@@ -174,6 +180,7 @@ def test_sqlite_connections_are_durable(engine):
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
 
 
+@pytest.mark.sqlite
 @pytest_twisted.inlineCallbacks
 def test_sqlite_writes_take_the_lock_at_begin(store, engine):
     # Writes use BEGIN IMMEDIATE (no SQLITE_BUSY on upgrade); reads a plain BEGIN.
