@@ -98,27 +98,45 @@ def after(recipient: StoredRecipient, update: RecipientUpdate) -> StoredRecipien
 
 
 class ContentCache:
-    """Recently accepted message contents, so the first attempt needs no spool read."""
+    """Recently accepted messages, so that their first attempt needs no spool read and
+    no tracking-store read.
+
+    Each entry holds the envelope and content, and until it is taken the tracking
+    record as committed at acceptance (still current: nothing but the first attempt
+    or an administrator changes it, and the administrator's commands drop it).
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
+        self._records: dict[str, StoredMessage] = {}
         self._size = 0
 
-    def put(self, envelope: Envelope, content: bytes) -> None:
+    def put(self, envelope: Envelope, content: bytes, record: StoredMessage | None) -> None:
         if len(content) > self.max_bytes:
             return
         self.drop(envelope.queue_id)
         self._items[envelope.queue_id] = (envelope, content)
+        if record is not None:
+            self._records[envelope.queue_id] = record
         self._size += len(content)
         while self._size > self.max_bytes:
-            _, (_, dropped) = self._items.popitem(last=False)
+            queue_id, (_, dropped) = self._items.popitem(last=False)
+            self._records.pop(queue_id, None)
             self._size -= len(dropped)
 
     def get(self, queue_id: str) -> tuple[Envelope, bytes] | None:
         return self._items.get(queue_id)
 
+    def take_record(self, queue_id: str) -> StoredMessage | None:
+        """The record committed at acceptance, once (later runs read the store)."""
+        return self._records.pop(queue_id, None)
+
+    def forget_record(self, queue_id: str) -> None:
+        self._records.pop(queue_id, None)
+
     def drop(self, queue_id: str) -> None:
+        self._records.pop(queue_id, None)
         item = self._items.pop(queue_id, None)
         if item is not None:
             self._size -= len(item[1])
@@ -230,10 +248,16 @@ class QueueService:
 
     # -- entry points -------------------------------------------------------------
 
-    def enqueue(self, envelope: Envelope, content: bytes | None = None) -> None:
-        """A message was accepted: attempt it now."""
+    def enqueue(
+        self,
+        envelope: Envelope,
+        content: bytes | None = None,
+        record: StoredMessage | None = None,
+    ) -> None:
+        """A message was accepted (``record``: its tracking record as committed then):
+        attempt it now."""
         if content is not None:
-            self._cache.put(envelope, content)
+            self._cache.put(envelope, content, record)
         self.schedule(envelope.queue_id, self.clock.seconds())
 
     def schedule(self, queue_id: str, when: float, *, force: bool = False) -> None:
@@ -266,6 +290,7 @@ class QueueService:
         return len(ids)
 
     async def hold(self, queue_id: str) -> bool:
+        self._cache.forget_record(queue_id)
         return bool(await self.tracking.set_held(queue_id, True))
 
     async def release(self, queue_id: str) -> bool:
@@ -373,7 +398,7 @@ class QueueService:
     # -- one queue run of one message ---------------------------------------------------
 
     async def _attempt(self, queue_id: str, force: bool) -> None:
-        message = await self.tracking.message(queue_id)
+        message = self._cache.take_record(queue_id) or await self.tracking.message(queue_id)
         if message is None or message.node_id != self.node_id:
             self._cache.drop(queue_id)
             return

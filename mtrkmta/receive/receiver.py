@@ -17,7 +17,7 @@ from mtrkmta.receive.policy import RelayPolicy
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import IReceiver, Session
 from mtrkmta.spool.interfaces import ISpool
-from mtrkmta.tracking.interfaces import ITrackingStore
+from mtrkmta.tracking.interfaces import ITrackingStore, StoredMessage
 
 log = Logger()
 
@@ -73,7 +73,7 @@ class Receiver:
         node_id: str,
         min_free_space: int,
         clock: IReactorTime,
-        on_accepted: Callable[[Envelope, bytes], object] | None = None,
+        on_accepted: Callable[[Envelope, bytes, StoredMessage], object] | None = None,
         free_space_interval: float = 5.0,
         check_local: Callable[[str], Reply | None] | None = None,
         max_tracked_per_hour: int = 0,
@@ -170,7 +170,7 @@ class Receiver:
         d.addCallback(self._accepted, envelope, content)
         return d
 
-    def _accepted(self, _: object, envelope: Envelope, content: bytes) -> None:
+    def _accepted(self, record: StoredMessage, envelope: Envelope, content: bytes) -> None:
         log.info(
             "{queue_id}: accepted from=<{sender}> nrcpt={n} via {listener} client=[{client}]",
             queue_id=envelope.queue_id,
@@ -180,4 +180,4 @@ class Receiver:
             client=envelope.client.address,
         )
         if self.on_accepted is not None:
-            self.on_accepted(envelope, content)
+            self.on_accepted(envelope, content, record)

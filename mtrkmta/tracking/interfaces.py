@@ -147,8 +147,9 @@ class ITrackingStore(Interface):
 
     def record_arrival(
         envelope: Envelope, *, reporting_mta: str, node_id: str, size: int
-    ) -> Deferred[None]:
-        """Durably record a message that finished DATA; fires once committed.
+    ) -> Deferred[StoredMessage]:
+        """Durably record a message that finished DATA; fires once committed, with
+        the record as stored (what ``message`` would read back).
 
         Reply 250 only after this fires. Arrivals submitted together share one
         transaction (group commit). Fails for a queue id already recorded. An

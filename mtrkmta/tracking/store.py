@@ -12,10 +12,25 @@ from __future__ import annotations
 import hmac
 import math
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Row, create_engine, delete, event, exists, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    Row,
+    Update,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -117,6 +132,120 @@ def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
         yield items[start : start + CHUNK]
 
 
+@dataclass(frozen=True, slots=True)
+class RowWrite:
+    """A write that is only parameter rows for prepared statements, run in order.
+
+    Unlike a callable write, the rows of the RowWrites that share a transaction
+    are executed together, one executemany per statement.
+    """
+
+    steps: tuple[tuple[Executable, list[dict[str, object]]], ...]
+
+
+WriteOp = Callable[[Connection], object] | RowWrite
+
+
+def _execute_rows(conn: Connection, rows: dict[Executable, list[dict[str, object]]]) -> None:
+    """Execute and clear the collected rows, statement by statement in first-seen order."""
+    for statement, statement_rows in rows.items():
+        conn.execute(statement, statement_rows)
+    rows.clear()
+
+
+def recipient_update(schema: TrackingSchema) -> Update:
+    """One recipient's outcome as a prepared UPDATE (parameters: SQLTrackingStore._update_values).
+
+    ``attempts`` grows by ``p_attempts_added``; a NULL ``p_delay_warned`` or
+    ``p_final_recipient`` leaves that column as it is.
+    """
+    r = schema.recipients
+    plain = (
+        "state", "action", "status", "remote_mta", "diagnostic", "last_attempt",
+        "will_retry_until", "next_attempt", "certifier_forwarded", "dsn_pending", "dsn_passed",
+    )  # fmt: skip
+    return (
+        r.update()
+        .where(r.c.queue_id == bindparam("p_queue_id"))
+        .where(r.c.rcpt_index == bindparam("p_rcpt_index"))
+        .values({name: bindparam(f"p_{name}") for name in plain})
+        .values(
+            attempts=r.c.attempts + bindparam("p_attempts_added"),
+            delay_warned=func.coalesce(
+                bindparam("p_delay_warned", type_=r.c.delay_warned.type), r.c.delay_warned
+            ),
+            final_recipient=func.coalesce(
+                bindparam("p_final_recipient", type_=r.c.final_recipient.type),
+                r.c.final_recipient,
+            ),
+        )
+    )
+
+
+def stored_message(
+    row: Mapping[str, Any], recipient_rows: Iterable[Mapping[str, Any]]
+) -> StoredMessage:
+    """A StoredMessage from a messages row and its recipients rows, in index order.
+
+    Columns absent from a row (an insert that left them to their defaults) read
+    as their defaults: false flags and not held.
+    """
+    recipients = tuple(
+        StoredRecipient(
+            index=rr["rcpt_index"],
+            address=rr["address"],
+            orcpt=(
+                OriginalRecipient(rr["orcpt_type"], rr["orcpt_address"])
+                if rr["orcpt_type"] is not None and rr["orcpt_address"] is not None
+                else None
+            ),
+            notify=decode_notify(rr["notify"]),
+            final_recipient=rr["final_recipient"],
+            state=RecipientState(rr["state"]),
+            action=rr["action"],
+            status=rr["status"],
+            remote_mta=rr["remote_mta"],
+            diagnostic=rr["diagnostic"],
+            last_attempt=rr["last_attempt"],
+            will_retry_until=rr["will_retry_until"],
+            next_attempt=rr["next_attempt"],
+            attempts=rr["attempts"],
+            certifier_forwarded=bool(rr["certifier_forwarded"]),
+            dsn_pending=bool(rr.get("dsn_pending", False)),
+            dsn_passed=bool(rr.get("dsn_passed", False)),
+            delay_warned=bool(rr.get("delay_warned", False)),
+        )
+        for rr in recipient_rows
+    )
+    certifier = row["certifier"]
+    return StoredMessage(
+        queue_id=row["queue_id"],
+        node_id=row["node_id"],
+        envid=row["envid"],
+        certifier=None if certifier is None else bytes(certifier),
+        sender=row["sender"],
+        arrival=row["arrival"],
+        requested_timeout=row["requested_timeout"],
+        expires_at=row["expires_at"],
+        reporting_mta=row["reporting_mta"],
+        size=row["size"],
+        ret=row["ret"],
+        body=row["body"],
+        smtputf8=bool(row["smtputf8"]),
+        auth=row["auth"],
+        client=ClientInfo(
+            address=row["client_address"],
+            port=row["client_port"],
+            helo=row["client_helo"],
+            protocol=row["client_protocol"],
+            authenticated_as=row["client_authenticated_as"],
+            listener=row["client_listener"],
+        ),
+        recipients=recipients,
+        held=bool(row.get("held", False)),
+    )
+
+
 @implementer(ITrackingStore)
 class SQLTrackingStore:
     """ITrackingStore on SQLAlchemy Core (SQLite or PostgreSQL).
@@ -150,9 +279,12 @@ class SQLTrackingStore:
             self._engine = create_tracking_engine(engine_or_url)
             self._owns_engine = True
         self._schema: TrackingSchema = build_schema()
-        self._writes: GroupCommit[Callable[[Connection], object], object] = GroupCommit(
-            reactor, threadpool, self._commit
-        )
+        # The hot writes as prepared statements, so that a batch runs each as one
+        # executemany (and SQLAlchemy compiles each once).
+        self._insert_message = self._schema.messages.insert()
+        self._insert_recipients = self._schema.recipients.insert()
+        self._update_recipient = recipient_update(self._schema)
+        self._writes: GroupCommit[WriteOp, object] = GroupCommit(reactor, threadpool, self._commit)
         self._reads_running = 0
         self._reads_idle: list[Deferred[None]] = []
         self._closing: list[Deferred[None]] | None = None  # not None once close() was called
@@ -162,22 +294,22 @@ class SQLTrackingStore:
 
     def record_arrival(
         self, envelope: Envelope, *, reporting_mta: str, node_id: str, size: int
-    ) -> Deferred[None]:
-        """Record a message that finished DATA; fires once its transaction committed.
+    ) -> Deferred[StoredMessage]:
+        """Record a message that finished DATA; fires once its transaction committed,
+        with the record as stored.
 
         An ``envelope.arrival`` of 0 (unset) counts as now.
         """
         message_row, recipient_rows = self._arrival_rows(
             envelope, reporting_mta=reporting_mta, node_id=node_id, size=size
         )
-        messages, recipients = self._schema.messages, self._schema.recipients
-
-        def insert(conn: Connection) -> None:
-            conn.execute(messages.insert(), [message_row])
-            if recipient_rows:
-                conn.execute(recipients.insert(), recipient_rows)
-
-        return self._write(insert)
+        steps = [(self._insert_message, [message_row])]
+        if recipient_rows:
+            steps.append((self._insert_recipients, recipient_rows))
+        stored = stored_message(message_row, recipient_rows)
+        d = self._write(RowWrite(tuple(steps)))
+        d.addCallback(lambda _: stored)
+        return d
 
     def known(self, queue_ids: Iterable[str]) -> Deferred[frozenset[str]]:
         """The subset of ``queue_ids`` that have a record."""
@@ -242,43 +374,33 @@ class SQLTrackingStore:
 
     def record_outcomes(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
         """Durably record what happened to some recipients; one group-committed write."""
-        r = self._schema.recipients
-        rows = [self._update_values(update) for update in updates]
-
-        def apply(conn: Connection) -> None:
-            for update, values in zip(updates, rows, strict=True):
-                statement = r.update().where(
-                    r.c.queue_id == queue_id, r.c.rcpt_index == update.index
-                )
-                if update.count_attempt:
-                    statement = statement.values(attempts=r.c.attempts + 1)
-                conn.execute(statement.values(**values))
-
-        return self._write(apply)
+        rows = [self._update_values(queue_id, update) for update in updates]
+        return self._write(RowWrite(((self._update_recipient, rows),)))
 
     @staticmethod
-    def _update_values(update: RecipientUpdate) -> dict[str, object]:
+    def _update_values(queue_id: str, update: RecipientUpdate) -> dict[str, object]:
+        """The parameters of ``_update_recipient`` for one update (see build there)."""
+
         def seconds(value: float | None) -> int | None:
             return None if value is None else whole_seconds(value)
 
         return {
-            "state": update.state.value,
-            "action": update.action,
-            "status": update.status,
-            "remote_mta": update.remote_mta,
-            "diagnostic": update.diagnostic,
-            "last_attempt": seconds(update.last_attempt),
-            "will_retry_until": seconds(update.will_retry_until),
-            "next_attempt": seconds(update.next_attempt),
-            "certifier_forwarded": update.certifier_forwarded,
-            "dsn_pending": update.dsn_pending,
-            "dsn_passed": update.dsn_passed,
-            **({} if update.delay_warned is None else {"delay_warned": update.delay_warned}),
-            **(
-                {}
-                if update.final_recipient is None
-                else {"final_recipient": update.final_recipient}
-            ),
+            "p_queue_id": queue_id,
+            "p_rcpt_index": update.index,
+            "p_state": update.state.value,
+            "p_action": update.action,
+            "p_status": update.status,
+            "p_remote_mta": update.remote_mta,
+            "p_diagnostic": update.diagnostic,
+            "p_last_attempt": seconds(update.last_attempt),
+            "p_will_retry_until": seconds(update.will_retry_until),
+            "p_next_attempt": seconds(update.next_attempt),
+            "p_certifier_forwarded": update.certifier_forwarded,
+            "p_dsn_pending": update.dsn_pending,
+            "p_dsn_passed": update.dsn_passed,
+            "p_attempts_added": 1 if update.count_attempt else 0,
+            "p_delay_warned": update.delay_warned,  # None: unchanged
+            "p_final_recipient": update.final_recipient,  # None: unchanged
         }
 
     def clear_dsn_pending(self, queue_id: str, indices: Sequence[int]) -> Deferred[None]:
@@ -400,12 +522,12 @@ class SQLTrackingStore:
             r.c.state.in_(sorted(QUEUED_STATES)) | r.c.dsn_pending,
         )
 
-    def _write(self, op: Callable[[Connection], R]) -> Deferred[R]:
+    def _write(self, op: Callable[[Connection], R] | RowWrite) -> Deferred[R]:
         if self._closing is not None:
             return fail(StoreClosedError("tracking store is closed"))
         return cast("Deferred[R]", self._writes.submit(op))
 
-    def _commit(self, ops: list[Callable[[Connection], object]]) -> list[object]:
+    def _commit(self, ops: list[WriteOp]) -> list[object]:
         """Run a batch of writes in one transaction (in a pool thread).
 
         If that transaction fails, run each write in a transaction of its own,
@@ -424,11 +546,24 @@ class SQLTrackingStore:
                 results.append(error)
         return results
 
-    def _transaction(self, ops: list[Callable[[Connection], object]]) -> list[object]:
+    def _transaction(self, ops: list[WriteOp]) -> list[object]:
+        """Run ``ops`` in order in one write transaction; the rows of consecutive
+        RowWrites go in one executemany per statement (results: None for those)."""
         with self._engine.connect() as conn:
             mark_write(conn)
             with conn.begin():
-                return [op(conn) for op in ops]
+                results: list[object] = []
+                rows: dict[Executable, list[dict[str, object]]] = {}
+                for op in ops:
+                    if isinstance(op, RowWrite):
+                        for statement, statement_rows in op.steps:
+                            rows.setdefault(statement, []).extend(statement_rows)
+                        results.append(None)
+                    else:
+                        _execute_rows(conn, rows)
+                        results.append(op(conn))
+                _execute_rows(conn, rows)
+                return results
 
     def _read(self, query: Callable[[Connection], R]) -> Deferred[R]:
         if self._closing is not None:
@@ -526,59 +661,7 @@ class SQLTrackingStore:
         recipient_rows = conn.execute(
             select(r).where(r.c.queue_id == row.queue_id).order_by(r.c.rcpt_index)
         )
-        recipients = tuple(
-            StoredRecipient(
-                index=rr.rcpt_index,
-                address=rr.address,
-                orcpt=(
-                    OriginalRecipient(rr.orcpt_type, rr.orcpt_address)
-                    if rr.orcpt_type is not None and rr.orcpt_address is not None
-                    else None
-                ),
-                notify=decode_notify(rr.notify),
-                final_recipient=rr.final_recipient,
-                state=RecipientState(rr.state),
-                action=rr.action,
-                status=rr.status,
-                remote_mta=rr.remote_mta,
-                diagnostic=rr.diagnostic,
-                last_attempt=rr.last_attempt,
-                will_retry_until=rr.will_retry_until,
-                next_attempt=rr.next_attempt,
-                attempts=rr.attempts,
-                certifier_forwarded=bool(rr.certifier_forwarded),
-                dsn_pending=bool(rr.dsn_pending),
-                dsn_passed=bool(rr.dsn_passed),
-                delay_warned=bool(rr.delay_warned),
-            )
-            for rr in recipient_rows
-        )
-        return StoredMessage(
-            queue_id=row.queue_id,
-            node_id=row.node_id,
-            envid=row.envid,
-            certifier=None if row.certifier is None else bytes(row.certifier),
-            sender=row.sender,
-            arrival=row.arrival,
-            requested_timeout=row.requested_timeout,
-            expires_at=row.expires_at,
-            reporting_mta=row.reporting_mta,
-            size=row.size,
-            ret=row.ret,
-            body=row.body,
-            smtputf8=bool(row.smtputf8),
-            auth=row.auth,
-            client=ClientInfo(
-                address=row.client_address,
-                port=row.client_port,
-                helo=row.client_helo,
-                protocol=row.client_protocol,
-                authenticated_as=row.client_authenticated_as,
-                listener=row.client_listener,
-            ),
-            recipients=recipients,
-            held=bool(row.held),
-        )
+        return stored_message(row._mapping, [rr._mapping for rr in recipient_rows])
 
 
 # -- engine: every dialect-specific detail is below ---------------------------------

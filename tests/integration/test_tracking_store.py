@@ -26,7 +26,7 @@ from mtrkmta.envelope import (
 )
 from mtrkmta.testing import database_url
 from mtrkmta.tracking import migrate
-from mtrkmta.tracking.interfaces import ITrackingStore, RecipientState
+from mtrkmta.tracking.interfaces import ITrackingStore, RecipientState, RecipientUpdate
 from mtrkmta.tracking.schema import build_schema
 from mtrkmta.tracking.store import (
     CHUNK,
@@ -204,6 +204,15 @@ def test_sqlite_writes_take_the_lock_at_begin(store, engine):
 
 
 @pytest_twisted.inlineCallbacks
+def test_arrival_fires_with_the_record_as_stored(store):
+    # The queue's first attempt uses this record instead of reading it back.
+    untracked = envelope("Q0", secret=None, envid=None)
+    for env in (envelope("Q1", timeout=3600), envelope("Q2", certifier_length=16), untracked):
+        recorded = yield record(store, env)
+        assert recorded == (yield store.message(env.queue_id))
+
+
+@pytest_twisted.inlineCallbacks
 def test_arrival_round_trip(store):
     # CHECKLIST 3.1, 3.2: per-message and per-recipient data as received.
     yield record(store, envelope("Q1", timeout=3600))
@@ -375,6 +384,57 @@ def test_group_commit_batches_concurrent_arrivals(store, engine):
     assert (yield store.known(ids)) == frozenset(ids)
     for queue_id in ids:
         assert recipient_rows(engine, queue_id) == 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_outcomes_share_one_statement_and_keep_what_they_leave_out(store, engine):
+    ids = [f"U{i:02d}" for i in range(10)]
+    yield gatherResults([record(store, envelope(q)) for q in ids])
+    yield store.record_outcomes(
+        "U00",
+        [
+            RecipientUpdate(
+                0, RecipientState.DEFERRED, "4.4.1", delay_warned=True, final_recipient="b@x.test"
+            )
+        ],
+    )
+    updates: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("UPDATE recipients"):
+            updates.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        first = store.record_outcomes("U09", [RecipientUpdate(2, RecipientState.DELIVERED)])
+        rest = [
+            store.record_outcomes(
+                q,
+                [
+                    RecipientUpdate(0, RecipientState.DEFERRED, "4.4.1", count_attempt=False),
+                    RecipientUpdate(1, RecipientState.FAILED, "5.1.1", action="failed"),
+                ],
+            )
+            for q in ids
+        ]
+        yield gatherResults([first, *rest])
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    # One UPDATE for the first write, one executemany for the 20 rows batched behind it.
+    assert len(updates) == 2
+    for queue_id in ids:
+        bob, carol, _ = (yield store.message(queue_id)).recipients
+        assert (bob.state, bob.status, carol.state, carol.status, carol.action) == (
+            RecipientState.DEFERRED, "4.4.1", RecipientState.FAILED, "5.1.1", "failed"
+        )  # fmt: skip
+        assert carol.attempts == 1
+        if queue_id == "U00":  # None leaves delay_warned and the final address as they were
+            assert (bob.attempts, bob.delay_warned, bob.final_recipient) == (1, True, "b@x.test")
+        else:
+            assert (bob.attempts, bob.delay_warned, bob.final_recipient) == (
+                0, False, "Bob@example.net"
+            )  # fmt: skip
+    assert (yield store.message("U09")).recipients[2].state is RecipientState.DELIVERED
 
 
 @pytest_twisted.inlineCallbacks
