@@ -35,7 +35,14 @@ def serve(args: Sequence[str]) -> int:
     """Run the same service as the twistd plugin, in the foreground."""
     from twisted.scripts.twistd import run
 
-    sys.argv = ["mtrkmta serve", "--nodaemon", "--pidfile=", "mtrkmta", *args]
+    sys.argv = [
+        "mtrkmta serve",
+        "--nodaemon",
+        "--pidfile=",
+        "--logger=mtrkmta.logfile.observer",
+        "mtrkmta",
+        *args,
+    ]
     run()
     return 0
 

@@ -278,6 +278,7 @@ class SMTPClient(Protocol):
         self._reader = ReplyReader()
         self._waiters: deque[_Waiter] = deque()
         self._timer: IDelayedCall | None = None
+        self._awaiting: _Waiter | None = None  # what the timer waits for; None: content
         self._producer: _ContentProducer | None = None
         self._error: SessionError | None = None
         self._epoch = 0
@@ -404,22 +405,36 @@ class SMTPClient(Protocol):
     # -- timeouts and failure --------------------------------------------------
 
     def _arm(self) -> None:
-        """(Re)start the one timer: for sending content, else for the oldest awaited reply."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._error is not None or not self._connected:
-            return
-        if self._producer is not None:
-            timeout, what = self.settings.timeouts.data_block, "the server to take the message"
-        elif self._waiters:
-            timeout, what = self._waiters[0].timeout, f"the reply to {self._waiters[0].what}"
-        else:
-            return
-        self._timer = self.clock.callLater(timeout, self._timed_out, what)
+        """(Re)start the one timer: for sending content, else for the oldest awaited reply.
 
-    def _timed_out(self, what: str) -> None:
+        A running timer is moved rather than replaced: a reply per command would
+        otherwise leave a cancelled call per reply in the reactor's heap.
+        """
+        if self._error is not None or not self._connected:
+            timeout = None
+        elif self._producer is not None:
+            timeout, self._awaiting = self.settings.timeouts.data_block, None
+        elif self._waiters:
+            timeout, self._awaiting = self._waiters[0].timeout, self._waiters[0]
+        else:
+            timeout = None
+        if timeout is None:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        elif self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.clock.callLater(timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
         self._timer = None
+        awaiting = self._awaiting
+        what = (
+            "the server to take the message"
+            if awaiting is None
+            else f"the reply to {awaiting.what}"
+        )
         self._die(SessionError(f"timed out waiting for {what} from {self.server_name}"))
 
     def _die(self, error: SessionError) -> None:

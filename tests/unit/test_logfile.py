@@ -1,0 +1,46 @@
+"""The log observer of `mtrkmta serve`: twistd's text format, time stamps cached per second."""
+
+from __future__ import annotations
+
+import io
+
+from twisted.logger import Logger, LogLevel, LogPublisher, formatTime, textFileLogObserver
+from twisted.python.failure import Failure
+
+from mtrkmta.logfile import SecondStamps, text_observer
+
+
+def test_lines_are_those_of_twistds_default_observer():
+    default, ours = io.StringIO(), io.StringIO()
+    publish = LogPublisher(textFileLogObserver(default), text_observer(ours))
+    times = (1_700_000_000.1, 1_700_000_000.9, 1_700_000_001.0, 1_699_999_999.5)
+    for when in times:
+        publish(
+            {
+                "log_format": "{queue_id}: to=<{to}>",
+                "log_level": LogLevel.info,
+                "log_namespace": "mtrkmta.queue.service",
+                "log_time": when,
+                "queue_id": "q1",
+                "to": "a@b",
+            }
+        )
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        Logger("mtrkmta.queue", observer=publish).failure("{q}: run failed", Failure(), q="q2")
+    assert ours.getvalue() == default.getvalue()
+    lines = ours.getvalue().splitlines()
+    # Each line's stamp is the second of its own event, whatever came before.
+    assert [line.split(" ")[0] for line in lines[:4]] == [formatTime(int(t)) for t in times]
+    assert len(set(formatTime(int(t)) for t in times)) == 3
+    assert lines[0].endswith("[mtrkmta.queue.service#info] q1: to=<a@b>")
+    assert "q2: run failed" in lines[4] and "ZeroDivisionError" in ours.getvalue()
+
+
+def test_stamps_are_formatted_once_per_second():
+    stamps = SecondStamps()
+    first = stamps(1_700_000_000.2)
+    assert stamps(1_700_000_000.7) is first
+    assert stamps(1_700_000_001.0) != first
+    assert stamps(None) == "-"
