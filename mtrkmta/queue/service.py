@@ -345,7 +345,9 @@ class QueueService:
     # -- scheduling -----------------------------------------------------------------
 
     def _arm(self) -> None:
-        if not self._running:
+        if not self._running or len(self._active) >= self.max_active_messages:
+            # Full: a finishing attempt re-arms (_finished). A timer now would find
+            # nothing to start and re-arm itself at once, spinning the reactor.
             return
         while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:
             heapq.heappop(self._heap)  # stale entry: rescheduled or already taken

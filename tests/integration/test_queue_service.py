@@ -157,10 +157,13 @@ class Node:
             recipients=tuple(Recipient(a) for a in addresses),
             arrival=self.clock.seconds(),
         )
-        await self.spool.store(envelope, b"Subject: test\r\n\r\nbody\r\n")
-        await self.tracking.record_arrival(envelope, reporting_mta="mx", node_id="node1", size=24)
-        if enqueue:
-            self.queue.enqueue(envelope)
+        content = b"Subject: test\r\n\r\nbody\r\n"
+        await self.spool.store(envelope, content)
+        record = await self.tracking.record_arrival(
+            envelope, reporting_mta="mx", node_id="node1", size=len(content)
+        )
+        if enqueue:  # as the receiver does: the first run reads neither spool nor store
+            self.queue.enqueue(envelope, content, record)
         return envelope
 
     async def settle(self):
@@ -351,6 +354,47 @@ async def test_destination_concurrency_limit(node):
         await node.settle()
         assert await node.spool.queue_ids() == []
     finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_queue_waits_for_a_finished_attempt_without_spinning(node):
+    node.queue.max_active_messages = 2
+    await started(node)
+    node.transport.gate = Deferred()
+    wakes = 0
+    wake = node.queue._wake
+
+    def counted_wake() -> None:
+        nonlocal wakes
+        wakes += 1
+        if wakes > 100:  # Clock.advance(0) would otherwise loop here forever
+            raise AssertionError("the queue timer re-arms itself at once: spinning")
+        wake()
+
+    node.queue._wake = counted_wake
+    try:
+        for n in range(5):
+            await node.accept(f"q03{n:02d}", f"r{n}@d{n}.example")
+        node.clock.advance(0)
+        await _sleep(0.2)
+        assert len(node.queue._active) == 2
+        # Three messages are due, but nothing may start: no timer is armed for them
+        # (one would fire at once, find the queue full and re-arm itself, forever).
+        assert [
+            c for c in node.clock.getDelayedCalls() if c.getTime() <= node.clock.seconds()
+        ] == []
+        gate, node.transport.gate = node.transport.gate, None
+        gate.callback(None)
+        for _ in range(3):
+            node.clock.advance(0)
+            await _sleep(0.1)
+            await node.settle()
+        assert sorted(q for q, _ in node.transport.attempts) == [f"q03{n:02d}" for n in range(5)]
+        assert await node.spool.queue_ids() == []
+    finally:
+        if node.transport.gate is not None:  # a failed check: let the stuck attempts end
+            node.transport.gate.callback(None)
         await node.close()
 
 
