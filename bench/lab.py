@@ -1,10 +1,11 @@
-"""Processes the benchmark drives on loopback: Postfix, Dovecot LMTP, smtp-sink, mtrkmta."""
+"""Processes the benchmark drives on loopback: Postfix, Dovecot, smtp-sink, PostgreSQL, mtrkmta."""
 
 from __future__ import annotations
 
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 CONF = HERE / "conf"
 LOOPBACK = "127.0.0.1"
 SINK_HOSTNAME = "sink.example.test"
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 class LabError(RuntimeError):
@@ -33,12 +35,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def greet(port: int, timeout: float = 2.0) -> bool:
-    """True when an SMTP/LMTP server on ``port`` answers with a 220 greeting."""
+def greet(port: int, timeout: float = 2.0, greeting: bytes = b"220") -> bool:
+    """True when a server on ``port`` answers with ``greeting`` (SMTP/LMTP 220, MTQP +OK)."""
     try:
         with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
             data = sock.recv(512)
-            ok = data.startswith(b"220")
+            ok = data.startswith(greeting)
             if ok:
                 sock.sendall(b"QUIT\r\n")
                 sock.recv(512)
@@ -47,16 +49,23 @@ def greet(port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def wait_ready(port: int, proc: subprocess.Popen[bytes] | None, what: str, log: Path) -> None:
-    """Wait up to 30 s for a greeting on ``port``; fail early when ``proc`` dies."""
-    deadline = time.monotonic() + 30
+def wait_ready(
+    port: int,
+    proc: subprocess.Popen[bytes] | None,
+    what: str,
+    log: Path,
+    timeout: float = 30,
+    greeting: bytes = b"220",
+) -> None:
+    """Wait up to ``timeout`` s for a greeting on ``port``; fail early when ``proc`` dies."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise LabError(f"{what} exited with {proc.returncode}; see {log}")
-        if greet(port):
+        if greet(port, greeting=greeting):
             return
         time.sleep(0.1)
-    raise LabError(f"{what} did not answer on port {port} within 30 s; see {log}")
+    raise LabError(f"{what} did not answer on port {port} within {timeout:g} s; see {log}")
 
 
 def stop_process(
@@ -321,8 +330,93 @@ class Dovecot:
             self.proc = None
 
 
+class Postgres:
+    """A throw-away PostgreSQL 15 cluster below ``root``, owned and run by ``postgres``.
+
+    The server refuses to run as root, so initdb and pg_ctl run through ``runuser``.
+    Settings are the defaults (fsync on), but for loopback-only access, a socket in
+    ``root`` and a larger ``max_wal_size`` so that the bulk load is not one checkpoint
+    after another.
+    """
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root = root / "postgres"
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.port = port
+        self.user = "mtrkmta"
+        self.password = secrets.token_hex(16)
+        self.started = False
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        command = ["runuser", "-u", "postgres", "--", *args]
+        env = {**os.environ, "PGPASSWORD": self.password}
+        done = subprocess.run(
+            command, capture_output=True, text=True, check=False, timeout=timeout, env=env
+        )
+        if done.returncode != 0:
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise LabError(f"{' '.join(args[:2])} exited {done.returncode}: {done.stderr}{tail}")
+
+    def version(self) -> str:
+        done = subprocess.run(
+            [str(POSTGRES_BIN / "postgres"), "--version"], capture_output=True, text=True,
+            check=False,
+        )  # fmt: skip
+        words = done.stdout.split()  # postgres (PostgreSQL) 15.18 (Debian ...)
+        return words[2] if len(words) > 2 else "?"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True)
+        shutil.chown(self.root, "postgres", "postgres")
+        self.root.chmod(0o700)
+        pwfile = self.root / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        shutil.chown(pwfile, "postgres", "postgres")
+        pwfile.chmod(0o600)
+        self._run(
+            str(POSTGRES_BIN / "initdb"), "--pgdata", str(self.data), "--username", self.user,
+            "--pwfile", str(pwfile), "--auth", "scram-sha-256", "--encoding", "UTF8",
+            "--locale", "C",
+        )  # fmt: skip
+        pwfile.unlink()
+        options = " ".join(
+            f"-c {setting}"
+            for setting in (
+                "listen_addresses=127.0.0.1",
+                f"port={self.port}",
+                f"unix_socket_directories={self.root}",
+                "max_wal_size=4GB",
+            )
+        )
+        self._run(
+            str(POSTGRES_BIN / "pg_ctl"), "--pgdata", str(self.data), "--log", str(self.log),
+            "--options", options, "--wait", "--timeout", "60", "start",
+        )  # fmt: skip
+        self.started = True
+
+    def url(self, database: str = "postgres") -> str:
+        """SQLAlchemy URL of ``database``, as the cluster's superuser, over TCP."""
+        return f"postgresql+psycopg://{self.user}:{self.password}@{LOOPBACK}:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name``; its URL."""
+        self._run(
+            str(POSTGRES_BIN / "createdb"), "--host", str(self.root), "--port", str(self.port),
+            "--username", self.user, name,
+        )  # fmt: skip
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self.started:
+            self._run(str(POSTGRES_BIN / "pg_ctl"), "--pgdata", str(self.data), "--mode",
+                      "fast", "--wait", "stop")  # fmt: skip
+            self.started = False
+
+
 class Mtrkmta:
-    """``mtrkmta serve`` with a fresh data directory, fsync on, SMTP on ``port``."""
+    """``mtrkmta serve`` with a fresh data directory, fsync on, SMTP on ``port`` (MTQP on
+    ``mtqp_port`` and the tracking store at ``database``, when given)."""
 
     def __init__(
         self,
@@ -333,6 +427,8 @@ class Mtrkmta:
         limits: dict[str, int] | None = None,
         tracking: dict[str, int] | None = None,
         extra: dict[str, dict[str, str]] | None = None,
+        mtqp_port: int | None = None,
+        database: str | None = None,
     ) -> None:
         self.python = python
         self.root = root
@@ -341,6 +437,9 @@ class Mtrkmta:
         self.limits = limits or {}
         self.tracking = tracking or {}
         self.extra = extra or {}  # section -> key -> TOML value, over everything else
+        self.mtqp_port = mtqp_port  # None: no MTQP listener
+        self.database = database  # SQLAlchemy URL; None: tracking.sqlite in the data directory
+        self.ready_timeout = 30.0  # seconds from start to the greetings
         self.data = root / "data"
         self.config = root / "mtrkmta.toml"
         self.log = root / "mtrkmta.log"
@@ -350,12 +449,16 @@ class Mtrkmta:
         self.killed = False
 
     def write_config(self) -> None:
+        mtqp = f'"tcp:{self.mtqp_port}:interface={LOOPBACK}"' if self.mtqp_port else '"none"'
+        server = {"hostname": '"mta.bench.test"', "data_dir": f'"{self.data}"'}
+        if self.database is not None:
+            server["database"] = json.dumps(self.database)  # a TOML basic string
         sections: dict[str, dict[str, str]] = {
-            "server": {"hostname": '"mta.bench.test"', "data_dir": f'"{self.data}"'},
+            "server": server,
             "listeners": {
                 "smtp": f'"tcp:{self.port}:interface={LOOPBACK}"',
                 "lmtp": '"none"',
-                "mtqp": '"none"',
+                "mtqp": mtqp,
             },
             "durability": {"fsync": "true"},
             "limits": {key: str(value) for key, value in self.limits.items()},
@@ -394,7 +497,9 @@ class Mtrkmta:
                 self.command(), stdout=stdout or log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, cwd=self.root,
             )  # fmt: skip
-        wait_ready(self.port, self.proc, "mtrkmta", self.log)
+        wait_ready(self.port, self.proc, "mtrkmta", self.log, self.ready_timeout)
+        if self.mtqp_port:
+            wait_ready(self.mtqp_port, self.proc, "mtrkmta MTQP", self.log, 30, b"+OK")
 
     @property
     def pid(self) -> int:

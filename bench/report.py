@@ -9,7 +9,7 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from run import Run
@@ -148,6 +148,92 @@ def memory_table(memory: dict[str, object]) -> list[str]:
     ]
 
 
+STORE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+def mtqp_table(mtqp: list[dict[str, Any]]) -> list[str]:
+    """The mtqp scenario: how it was loaded and asked, then one row per store."""
+    loaded = next((r["load"] for r in mtqp if "load" in r), None)
+    asked = next((r["track"] for r in mtqp if "track" in r), None)
+
+    def ms(track: dict[str, Any], key: str) -> str:
+        low, high = track.get(f"{key}_p50"), track.get(f"{key}_p99")
+        if low is None or high is None:
+            return "-"
+        return f"{1000 * low:.2f} / {1000 * high:.2f} ms"
+
+    lines = []
+    if loaded is not None:
+        lines += [
+            f"{loaded['expected_messages']:,} tracked messages (ENVID and MTRK certifier, ~10% "
+            "of them the 16-octet form; 1-2 recipients each, "
+            + ", ".join(f"{state} {n:,}" for state, n in loaded["states"].items())
+            + ") written into a fresh store by `bench/trackload.py`: the store's schema "
+            "through its own migrations, then SQLAlchemy Core executemany in batches of "
+            "10,000 rows, a commit every 100,000 messages. Loader-only settings: SQLite "
+            "`synchronous=OFF` and a 256 MiB page cache on the loader's own connection (the "
+            "server's connections keep `synchronous=FULL`); PostgreSQL "
+            "`synchronous_commit=off` for the loader's session, the cluster itself at its "
+            "defaults (fsync on) but `max_wal_size=4GB`. After the load: SQLite "
+            "`wal_checkpoint(TRUNCATE)`, no ANALYZE (mtrkmta never runs one); PostgreSQL "
+            "`VACUUM ANALYZE` of both tables (what autovacuum would do next) and a `CHECKPOINT`. "
+            "The loaded "
+            "messages belong to another node id, so this node does not try to deliver the "
+            "queued ones.",
+            "",
+        ]
+    if asked is not None:
+        lines += [
+            f"Then `mtrkmta serve` on that store, with the MTQP rate limits off for this run "
+            f"(`[mtqp] track_rate = 0`, `failure_rate = 0`; the defaults, 60 TRACKs and 10 "
+            f"failures a minute per client address, would refuse most of it), answers "
+            f"{asked['queries']:,} TRACKs sent one at a time, each over a new connection "
+            f"(connect, greeting, TRACK, QUIT) as `mtrkmta track` does, after "
+            f"{asked['warmup']} warm-up TRACKs not counted: "
+            f"{asked['kinds'].get('found', 0):,} for random loaded messages, "
+            f"{asked['kinds'].get('unknown', 0):,} for an ENVID never loaded and "
+            f"{asked['kinds'].get('wrong-secret', 0):,} for a loaded ENVID with a wrong "
+            "secret (both of those must get `-ERR/noinfo`). Latency is TRACK sent -> whole "
+            "response read; every answer is checked (the report's Original-Envelope-Id and "
+            "every recipient's Action).",
+            "",
+        ]
+    lines += [
+        "| store | messages (recipients) loaded | load time | database size "
+        "| TRACK p50 / p99, found | p50 / p99, not found | connect -> answer p50 / p99, all "
+        "| server start-up | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for result in mtqp:
+        load = result.get("load") or {}
+        track = result.get("track") or {}
+        name = STORE_NAMES.get(result["backend"], result["backend"])
+        if load.get("server_version"):
+            name += f" {load['server_version']}"
+        if load:
+            count = f"{load['messages']:,} ({load['recipients']:,})"
+            took = f"{load['load_seconds']:.0f} s ({load['load_rate']:,.0f} msg/s)"
+            size = f"{load['db_bytes'] / 2**20:,.0f} MiB"
+        else:
+            count = took = size = "-"
+        session = "-"
+        if track.get("all_session_p50") is not None:
+            session = (
+                f"{1000 * track['all_session_p50']:.2f} / {1000 * track['all_session_p99']:.2f} ms"
+            )
+        startup = result.get("startup_seconds")
+        if result["problems"]:
+            verdict = "**FAILED**: " + "; ".join(result["problems"])
+        else:
+            verdict = f"all {track.get('checked', 0):,} answers right"
+        lines.append(
+            f"| {name} | {count} | {took} | {size} | **{ms(track, 'found')}** "
+            f"| {ms(track, 'notfound')} | {session} "
+            f"| {'-' if startup is None else f'{startup:.1f} s'} | {verdict} |"
+        )
+    return lines
+
+
 # ---------------------------------------------------------------- profile
 
 
@@ -260,16 +346,23 @@ def write_report(
     profiles: list[tuple[str, Run, Path]],
     elapsed: float,
     titles: dict[str, str],
+    mtqp: list[dict[str, Any]] | None = None,
 ) -> list[Path]:
     results.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    when = f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {elapsed / 60:.1f} minutes"
+    if runs or memory is not None or profiles:
+        what = (
+            f"`bench/run` with {args.messages} messages per run, {args.sessions} sessions, "
+            f"{args.length}-octet payload (~1 KB messages), {args.rounds} round(s) alternating "
+            "Postfix / mtrkmta; medians, msg/s."
+        )
+    else:
+        what = f"`bench/run --scenarios {','.join(args.scenario_list)}`."
     lines = [
         "# mtrkmta vs Postfix benchmark",
         "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {elapsed / 60:.1f} minutes; "
-        f"`bench/run` with {args.messages} messages per run, {args.sessions} sessions, "
-        f"{args.length}-octet payload (~1 KB messages), {args.rounds} round(s) alternating "
-        "Postfix / mtrkmta; medians, msg/s. Everything on 127.0.0.1.",
+        f"{when}; {what} Everything on 127.0.0.1.",
         "",
         f"Machine: {env['cpus']} CPUs ({env['cpu_model']}), Linux {env['kernel']}. "
         f"Versions: Python {env['python']}, Twisted {env['twisted']}, SQLAlchemy "
@@ -286,13 +379,8 @@ def write_report(
     latency = latency_table(runs, args.latency_rate)
     if latency:
         lines += ["## Accept latency", "", *latency, ""]
-    lines += [
-        "## MTQP TRACK latency",
-        "",
-        "Not measured: the MTQP server is not built yet (1,000,000 tracked messages in SQLite "
-        "and PostgreSQL, pre-filled by a loader, are planned for when it is).",
-        "",
-    ]
+    if mtqp:
+        lines += ["## MTQP TRACK latency", "", *mtqp_table(mtqp), ""]
     if memory is not None:
         lines += ["## Memory", "", *memory_table(memory), ""]
     problems = [run for run in runs if run.problems]
@@ -307,6 +395,15 @@ def write_report(
         )
     for run in problems:
         lines.append(f"- {run.scenario} {run.system} round {run.round}: {'; '.join(run.problems)}")
+    for result in mtqp or ():
+        name = STORE_NAMES.get(result["backend"], result["backend"])
+        if result["problems"]:
+            lines.append(f"- mtqp {name}: {'; '.join(result['problems'])}")
+        elif "track" in result:
+            lines.append(
+                f"- mtqp {name}: the store held every loaded message and recipient, and all "
+                f"{result['track']['checked']:,} TRACK answers were right."
+            )
     stops = [run for run in runs if run.extra.get("stop_seconds") is not None]
     if stops:
         killed = [run for run in stops if run.extra.get("killed")]
@@ -352,6 +449,7 @@ def write_report(
         "runs": [run_to_dict(run) for run in runs],
         "memory": memory,
         "profiles": [run_to_dict(run) for _, run, _ in profiles],
+        "mtqp": mtqp or [],
     }
     js = results / "results.json"
     js.write_text(json.dumps(data, indent=1) + "\n")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -27,6 +28,7 @@ from lab import (  # noqa: E402
     LabError,
     Mtrkmta,
     Postfix,
+    Postgres,
     Sink,
     cpu_busy,
     cpu_times,
@@ -40,8 +42,10 @@ SENDER = "bench@other.test"
 HELO = "client.example.test"
 FINAL_STATES = frozenset({"relayed", "delivered", "transferred"})
 ROUND_SCENARIOS = ("a", "b", "c", "d", "e", "lat")
-ALL_SCENARIOS = (*ROUND_SCENARIOS, "mem", "profile")
-DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e", "lat", "mem")
+ALL_SCENARIOS = (*ROUND_SCENARIOS, "mem", "mtqp", "profile")
+DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e", "lat", "mem", "mtqp")
+TRACK_SEED = 3887  # everything trackload.py loads follows from it
+TRACK_BACKENDS = ("sqlite", "postgresql")
 
 TITLES = {
     "a": "(a) SMTP in -> queue -> SMTP relay to smtp-sink, end to end",
@@ -51,6 +55,7 @@ TITLES = {
     "e": "(e) as (a) with smtp-source -d (connection reuse)",
     "lat": "accept latency at a fixed offered load below saturation",
     "mem": "resident memory of mtrkmta with idle SMTP connections",
+    "mtqp": "MTQP TRACK latency with a pre-filled tracking store, SQLite and PostgreSQL",
     "profile": "py-spy profile of mtrkmta during (a)",
 }
 
@@ -411,6 +416,136 @@ def measure_memory(ctx: Context) -> dict[str, object]:
     return result
 
 
+# ---------------------------------------------------------------- MTQP TRACK latency
+
+
+def run_tool(ctx: Context, command: list[str], output: Path) -> dict[str, Any] | None:
+    """Run a bench tool that ends with one JSON line; log its other lines as progress."""
+    result: dict[str, Any] | None = None
+    with open(output, "w") as out:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                if line.startswith("{"):
+                    result = json.loads(line)
+                elif line.strip():
+                    ctx.log(f"      ... {line.strip()[:160]}")
+            proc.wait()
+        except BaseException:  # interrupted: do not leave the tool running
+            stop_process(proc)
+            raise
+    return result if proc.returncode == 0 else None
+
+
+def measure_mtqp(ctx: Context, results: list[dict[str, Any]]) -> None:
+    """Fill a SQLite, then a PostgreSQL, tracking store and time TRACKs against each."""
+    for backend in TRACK_BACKENDS:
+        result: dict[str, Any] = {"backend": backend, "problems": []}
+        results.append(result)
+        try:
+            measure_track(ctx, backend, result)
+        except LabError as error:
+            result["problems"].append(f"lab error: {error}")
+        ctx.log(describe_mtqp(result))
+
+
+def measure_track(ctx: Context, backend: str, result: dict[str, Any]) -> None:
+    """Load ``--track-messages`` tracked messages with trackload.py, start mtrkmta on that
+    store with an MTQP listener, and send ``--track-queries`` TRACKs one at a time."""
+    args = ctx.args
+    messages = args.track_messages
+    run_dir = ctx.next_dir(f"mtqp-{backend}")
+    problems: list[str] = result["problems"]
+    tool = [ctx.python, str(HERE / "trackload.py")]
+    seed = ["--messages", str(messages), "--seed", str(TRACK_SEED)]
+    with ExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite:///{run_dir / 'tracking.sqlite'}"
+        else:
+            postgres = Postgres(run_dir, free_port())
+            stack.callback(postgres.stop)
+            ctx.log("mtqp: starting a throw-away PostgreSQL cluster")
+            postgres.start()
+            url = postgres.create_database("tracking")
+        ctx.log(f"mtqp ({backend}): loading {messages:,} tracked messages with trackload.py")
+        load = run_tool(ctx, [*tool, "load", url, *seed], run_dir / "load.out")
+        if load is None:
+            problems.append(f"trackload.py load failed; see {run_dir / 'load.out'}")
+            return
+        result["load"] = load
+        if load["messages"] != messages or load["recipients"] != load["expected_recipients"]:
+            problems.append(
+                f"store holds {load['messages']} messages / {load['recipients']} recipients, "
+                f"expected {messages} / {load['expected_recipients']}"
+            )
+        ctx.log(
+            f"mtqp ({backend}): loaded in {load['load_seconds']:.1f} s "
+            f"({load['load_rate']:,.0f} msg/s), then {load['finish_seconds']:.1f} s to finish "
+            f"(checkpoint; VACUUM ANALYZE on PostgreSQL); {load['db_bytes'] / 2**20:,.0f} MiB"
+        )
+        # The rate limits (per client address and minute) would refuse most of the run.
+        extra: dict[str, dict[str, str]] = {"mtqp": {"track_rate": "0", "failure_rate": "0"}}
+        for section, values in ctx.extra.items():
+            extra.setdefault(section, {}).update(values)
+        mta = Mtrkmta(
+            ctx.python, run_dir, free_port(), {}, None, None, extra,
+            mtqp_port=free_port(), database=url,
+        )  # fmt: skip
+        mta.ready_timeout = 600.0
+        stack.callback(mta.stop)
+        started = time.perf_counter()
+        mta.start()
+        result["startup_seconds"] = time.perf_counter() - started
+        ctx.log(f"mtqp ({backend}): mtrkmta ready in {result['startup_seconds']:.1f} s")
+        time.sleep(args.pause)
+        assert mta.mtqp_port is not None
+        command = [*tool, "track", "--port", str(mta.mtqp_port), *seed]
+        command += ["--queries", str(args.track_queries)]
+        track = run_tool(ctx, command, run_dir / "track.out")
+        mta.stop()
+        result["stop_seconds"] = mta.stop_seconds
+        if mta.killed:
+            problems.append("mtrkmta did not stop on SIGTERM")
+        if track is None:
+            problems.append(f"trackload.py track failed; see {run_dir / 'track.out'}")
+            return
+        result["track"] = track
+        if track["failed"]:
+            problems.append(f"{track['failed']} wrong answers: {'; '.join(track['problems'])}")
+        errors = [
+            line
+            for line in mta.log.read_text(errors="replace").splitlines()
+            if any(sign in line for sign in ("Traceback", "internal error", "store unavailable"))
+        ]
+        if errors:
+            problems.append(f"mtrkmta logged {len(errors)} error(s): {errors[0][:200]}")
+    if not args.keep and not problems:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def describe_mtqp(result: dict[str, Any]) -> str:
+    problems: list[str] = result["problems"]
+    status = "ok" if not problems else "PROBLEM: " + "; ".join(problems)
+    track = result.get("track")
+    if not isinstance(track, dict):
+        return f"mtqp ({result['backend']}): {status}"
+
+    def ms(key: str) -> str:
+        value = track.get(key)
+        return "-" if value is None else f"{1000 * float(value):.2f} ms"
+
+    return (
+        f"mtqp ({result['backend']}): {track['queries']} TRACKs, found p50 {ms('found_p50')} "
+        f"p99 {ms('found_p99')}, not found p50 {ms('notfound_p50')} p99 {ms('notfound_p99')}; "
+        f"{status}"
+    )
+
+
 # ---------------------------------------------------------------- environment
 
 
@@ -471,11 +606,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", action="store_true", help="also run the 'profile' scenario")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke test: 1000 messages, 1 round, scenarios a,b"
+        "--quick",
+        action="store_true",
+        help="smoke test: 1000 messages, 1 round, scenarios a,b,mtqp (20000 tracked messages)",
     )
     parser.add_argument("--latency-rate", type=float, default=40.0, help="offered msg/s (lat)")
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="duration of lat")
     parser.add_argument("--idle-connections", type=int, default=5000, help="for mem")
+    parser.add_argument(
+        "--track-messages",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tracked messages pre-loaded for mtqp (default 1000000; --quick: 20000)",
+    )
+    parser.add_argument("--track-queries", type=int, default=2000, help="TRACKs timed (mtqp)")
     parser.add_argument("--pause", type=float, default=1.0, help="idle seconds before each run")
     parser.add_argument("--python", default=sys.executable, help="Python with mtrkmta installed")
     parser.add_argument("--results", type=Path, default=HERE / "results", help="output directory")
@@ -489,7 +634,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.messages, args.rounds, args.scenarios = 1000, 1, "a,b"
+        args.messages, args.rounds, args.scenarios = 1000, 1, "a,b,mtqp"
+    if args.track_messages is None:
+        args.track_messages = 20_000 if args.quick else 1_000_000
+    if args.track_messages < 1 or args.track_queries < 1:
+        parser.error("--track-messages and --track-queries must be at least 1")
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if args.profile and "profile" not in scenarios:
         scenarios.append("profile")
@@ -543,9 +692,9 @@ def main(argv: list[str] | None = None) -> int:
         f"fsync {env['fsync']}"
     )
     ctx.log(f"work directory {work}")
-    ctx.log("MTQP TRACK latency: not measured (the MTQP server is not built yet)")
     runs: list[Run] = []
     memory: dict[str, object] | None = None
+    mtqp: list[dict[str, Any]] = []
     profiles: list[tuple[str, Run, Path]] = []
     try:
         ctx.tracking = tracking_settings(ctx)
@@ -562,6 +711,12 @@ def main(argv: list[str] | None = None) -> int:
             ctx.log(f"mem: mtrkmta with {args.idle_connections} idle SMTP connections")
             memory = measure_memory(ctx)
             ctx.log(f"mem: {memory}")
+        if "mtqp" in scenarios:
+            ctx.log(
+                f"mtqp: TRACK latency with {args.track_messages:,} tracked messages in "
+                f"{' and '.join(TRACK_BACKENDS)}, {args.track_queries} TRACKs each"
+            )
+            measure_mtqp(ctx, mtqp)
         if "profile" in scenarios:
             for mode in ("gil", "wall"):
                 raw = args.results / f"profile-a-{mode}.raw"
@@ -578,12 +733,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ctx.dovecot is not None:
             ctx.dovecot.stop()
-        if not args.keep and not any(run.problems for run in runs):
+        troubled = any(run.problems for run in runs) or any(r["problems"] for r in mtqp)
+        if not args.keep and not troubled:
             shutil.rmtree(work, ignore_errors=True)
         elif not args.keep:
             ctx.log(f"kept {work} for the runs with problems (logs, spools, databases)")
     elapsed = time.monotonic() - ctx.started
-    paths = write_report(args.results, args, env, runs, memory, profiles, elapsed, TITLES)
+    paths = write_report(args.results, args, env, runs, memory, profiles, elapsed, TITLES, mtqp)
     for path in paths:
         ctx.log(f"wrote {path}")
     failed = [run for run in [*runs, *(p[1] for p in profiles)] if run.problems]
@@ -591,7 +747,10 @@ def main(argv: list[str] | None = None) -> int:
         ctx.log("PROBLEM: not every idle connection could be opened")
     for run in failed:
         ctx.log(f"PROBLEM {run.scenario} {run.system} round {run.round}: {'; '.join(run.problems)}")
-    return 1 if failed else 0
+    failed_mtqp = [result for result in mtqp if result["problems"]]
+    for result in failed_mtqp:
+        ctx.log(f"PROBLEM mtqp {result['backend']}: {'; '.join(result['problems'])}")
+    return 1 if failed or failed_mtqp else 0
 
 
 def interrupted(signum: int, frame: object) -> None:
