@@ -58,8 +58,8 @@ class Receiver:
 
     ``accept`` stores the message in the spool (fsync'd file and directory), then
     commits its tracking record; the tracking store is the authority, so a crash
-    between the two leaves an orphan spool file that start-up removes, never an
-    acknowledged message without its record. Both steps are group-committed.
+    between the two leaves an orphan spool file that start-up moves to quarantine/,
+    never an acknowledged message without its record. Both steps are group-committed.
     """
 
     def __init__(
