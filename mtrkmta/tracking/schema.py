@@ -28,7 +28,9 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    true,
 )
+from sqlalchemy.sql.elements import ColumnElement
 
 from mtrkmta.tracking.interfaces import RecipientState
 
@@ -44,6 +46,16 @@ NAMING_CONVENTION = MappingProxyType(
 
 # The SQL text of the check on recipients.state, shared with the migration's test.
 STATE_CHECK = "state IN ({})".format(", ".join(f"'{s.value}'" for s in RecipientState))
+
+
+def dsn_owed(recipients: Table) -> ColumnElement[bool]:
+    """The recipients that still owe a DSN, exactly as ``ix_recipients_dsn_pending`` states it.
+
+    SQLite uses a partial index only for a query whose WHERE contains the index's
+    own condition term for term, so queries must use this very expression:
+    ``dsn_pending = 1`` on SQLite and ``dsn_pending = true`` on PostgreSQL.
+    """
+    return recipients.c.dsn_pending == true()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +129,14 @@ def build_schema() -> TrackingSchema:
         # The one "delayed" warning was sent (0002).
         Column("delay_warned", Boolean, server_default=false(), nullable=False),
         CheckConstraint(STATE_CHECK, name="state"),
+        # Finds the recipients still in the queue (and, by queue_id, their messages).
         Index(None, "state", "queue_id"),
+    )
+    # The few recipients that owe a DSN, among the many kept for retention (0003).
+    Index(
+        "ix_recipients_dsn_pending",
+        recipients.c.queue_id,
+        sqlite_where=dsn_owed(recipients),
+        postgresql_where=dsn_owed(recipients),
     )
     return TrackingSchema(metadata=metadata, messages=messages, recipients=recipients)

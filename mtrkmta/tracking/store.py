@@ -28,13 +28,15 @@ from sqlalchemy import (
     event,
     exists,
     func,
+    or_,
     select,
     text,
+    union,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlalchemy.sql.expression import Exists
+from sqlalchemy.sql.expression import ColumnElement
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -52,7 +54,7 @@ from mtrkmta.tracking.interfaces import (
     StoredMessage,
     StoredRecipient,
 )
-from mtrkmta.tracking.schema import TrackingSchema, build_schema
+from mtrkmta.tracking.schema import TrackingSchema, build_schema, dsn_owed
 
 R = TypeVar("R")
 
@@ -454,7 +456,7 @@ class SQLTrackingStore:
         """Purge expired messages no longer queued (CHECKLIST 3.4); fires with how many."""
         cutoff = whole_seconds(self._clock.seconds() if now is None else now)
         m = self._schema.messages
-        statement = select(m.c.queue_id).where(m.c.expires_at <= cutoff, ~self._unfinished_clause())
+        statement = select(m.c.queue_id).where(m.c.expires_at <= cutoff, self._finished_clause())
 
         def purge(conn: Connection) -> int:
             doomed = list(conn.scalars(statement))
@@ -515,12 +517,36 @@ class SQLTrackingStore:
             else:
                 waiter.callback(None)
 
-    def _unfinished_clause(self) -> Exists:
+    def _unfinished_recipients(self) -> tuple[ColumnElement[bool], ...]:
+        """What makes a recipient, and so its message, unfinished: either condition.
+
+        A recipient still in the queue (``ix_recipients_state``), or a DSN still
+        owed for it (the partial ``ix_recipients_dsn_pending``).
+        """
+        r = self._schema.recipients
+        return r.c.state.in_(sorted(QUEUED_STATES)), dsn_owed(r)
+
+    def _unfinished_clause(self) -> ColumnElement[bool]:
+        """The message has an unfinished recipient.
+
+        Found from recipients, one indexed SELECT per condition: a handful of
+        unfinished messages among millions kept for retention costs a handful
+        of look-ups, where a correlated EXISTS would test every message.
+        """
         m, r = self._schema.messages, self._schema.recipients
-        return exists().where(
-            r.c.queue_id == m.c.queue_id,
-            r.c.state.in_(sorted(QUEUED_STATES)) | r.c.dsn_pending,
+        return m.c.queue_id.in_(
+            union(*(select(r.c.queue_id).where(c) for c in self._unfinished_recipients()))
         )
+
+    def _finished_clause(self) -> ColumnElement[bool]:
+        """The message has no unfinished recipient (for expire, whose candidates
+        come from ``ix_messages_expires_at``).
+
+        NOT EXISTS rather than NOT IN: an anti-join on PostgreSQL however large the
+        queue, and one primary-key look-up per candidate on SQLite.
+        """
+        m, r = self._schema.messages, self._schema.recipients
+        return ~exists().where(r.c.queue_id == m.c.queue_id, or_(*self._unfinished_recipients()))
 
     def _write(self, op: Callable[[Connection], R] | RowWrite) -> Deferred[R]:
         if self._closing is not None:

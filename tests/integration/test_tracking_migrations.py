@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from mtrkmta.testing import database_url
 from mtrkmta.tracking import migrate
-from mtrkmta.tracking.schema import build_schema
+from mtrkmta.tracking.schema import build_schema, dsn_owed
 from mtrkmta.tracking.store import create_tracking_engine
 
 MESSAGE = {
@@ -81,8 +81,8 @@ def test_upgrade_is_idempotent_and_reaches_head(db_url):
     assert migrate.current_revision(db_url) is None
     migrate.upgrade(db_url)
     migrate.upgrade(db_url)
-    assert migrate.head_revision() == "0002"
-    assert migrate.current_revision(db_url) == "0002"
+    assert migrate.head_revision() == "0003"
+    assert migrate.current_revision(db_url) == "0003"
 
 
 def test_downgrade_to_base_and_back(db_url):
@@ -114,6 +114,10 @@ def test_constraints_follow_the_naming_convention_and_hold(db_url):
             "ix_messages_envid",
             "ix_messages_expires_at",
         }
+        assert {ix["name"] for ix in inspector.get_indexes("recipients")} == {
+            "ix_recipients_state",
+            "ix_recipients_dsn_pending",
+        }
         with engine.begin() as conn:
             conn.execute(insert(schema.messages), [MESSAGE])
         # CHECKLIST 3.2: the queue state is one of the known values.
@@ -130,9 +134,47 @@ def test_constraints_follow_the_naming_convention_and_hold(db_url):
         engine.dispose()
 
 
+def test_dsn_pending_index_is_partial_as_in_the_schema_module(db_url):
+    # Autogenerate compares an index's name and columns, not its WHERE: check that here.
+    # It must be the very condition the store's queries use, or SQLite ignores the index.
+    migrate.upgrade(db_url)
+    engine = create_tracking_engine(db_url)
+    try:
+        dialect = engine.dialect.name
+        (index,) = [
+            ix
+            for ix in inspect(engine).get_indexes("recipients")
+            if ix["name"] == "ix_recipients_dsn_pending"
+        ]
+        reflected = str(index["dialect_options"][f"{dialect}_where"])
+        wanted = dsn_owed(build_schema().recipients).compile(
+            dialect=engine.dialect, compile_kwargs={"include_table": False}
+        )
+    finally:
+        engine.dispose()
+    assert index["column_names"] == ["queue_id"]
+    assert reflected.strip("()") == str(wanted)
+
+
+def test_downgrade_to_0002_drops_only_the_dsn_pending_index(db_url):
+    migrate.upgrade(db_url)
+    migrate.downgrade(db_url, "0002")
+    engine = create_tracking_engine(db_url)
+    try:
+        assert {ix["name"] for ix in inspect(engine).get_indexes("recipients")} == {
+            "ix_recipients_state"
+        }
+    finally:
+        engine.dispose()
+    migrate.upgrade(db_url)
+    assert diffs(db_url) == []
+
+
 def test_offline_mode_emits_the_ddl(db_url, capsys):
     command.upgrade(migrate.alembic_config(db_url), "head", sql=True)
     out = capsys.readouterr().out
     assert "CREATE TABLE messages" in out
     assert "CREATE TABLE recipients" in out
     assert "CREATE INDEX ix_messages_envid ON messages (envid)" in out
+    partial = "CREATE INDEX ix_recipients_dsn_pending ON recipients (queue_id) WHERE dsn_pending = "
+    assert partial in out

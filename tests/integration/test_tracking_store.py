@@ -138,6 +138,15 @@ def set_state(engine: Engine, queue_id: str, state: RecipientState) -> None:
         conn.execute(update(r).where(r.c.queue_id == queue_id).values(state=state.value))
 
 
+def set_recipient(engine: Engine, queue_id: str, index: int, **values: object) -> None:
+    """Set columns of one recipient directly (what the queue would have recorded)."""
+    r = build_schema().recipients
+    with engine.begin() as conn:
+        conn.execute(
+            update(r).where(r.c.queue_id == queue_id, r.c.rcpt_index == index).values(**values)
+        )
+
+
 def recipient_rows(engine: Engine, queue_id: str) -> int:
     r = build_schema().recipients
     with engine.connect() as conn:
@@ -477,6 +486,91 @@ def test_queued_messages_per_node_by_arrival(store, engine):
     set_state(engine, "N3", RecipientState.INFLIGHT)
     assert (yield store.queued_messages("node-a")) == ["N1", "N3"]
     assert (yield store.queued_messages("node-c")) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_unfinished_means_a_recipient_in_the_queue_or_a_dsn_owed(store, engine):
+    # The set queued_messages and queue_listing return, and expire spares: messages
+    # with at least one recipient queued/inflight/deferred or with a DSN still owed.
+    yield record(store, envelope("U1", arrival=ARRIVAL + 10))  # one recipient queued
+    yield record(store, envelope("U2", arrival=ARRIVAL + 20))  # all final, one DSN owed
+    yield record(store, envelope("U3", arrival=ARRIVAL + 5))  # finished
+    yield record(store, envelope("U4", arrival=ARRIVAL), node_id="node-b")  # both reasons
+    yield record(store, envelope("U5", arrival=ARRIVAL), node_id="node-b")  # finished
+    for queue_id in ("U1", "U3", "U5"):
+        set_state(engine, queue_id, RecipientState.DELIVERED)
+    set_recipient(engine, "U1", 1, state=RecipientState.QUEUED.value)
+    set_state(engine, "U2", RecipientState.FAILED)
+    set_recipient(engine, "U2", 2, dsn_pending=True)
+    set_recipient(engine, "U4", 0, state=RecipientState.DEFERRED.value)
+    set_recipient(engine, "U4", 1, state=RecipientState.FAILED.value, dsn_pending=True)
+    set_recipient(engine, "U4", 2, state=RecipientState.INFLIGHT.value, dsn_pending=True)
+    set_recipient(engine, "U5", 0, dsn_passed=True)  # the next hop owes that DSN, not us
+    assert (yield store.queued_messages("node-a")) == ["U1", "U2"]
+    assert (yield store.queued_messages("node-b")) == ["U4"]  # once, for all its reasons
+    listing = yield store.queue_listing("node-a")
+    assert [m.queue_id for m in listing] == ["U1", "U2"]
+    assert [len(m.recipients) for m in listing] == [3, 3]
+    assert [m.queue_id for m in (yield store.queue_listing("node-b"))] == ["U4"]
+    assert (yield store.queue_listing("node-c")) == []
+    # Expiry purges exactly the finished ones, whichever node they belong to.
+    far = ARRIVAL + 10 * MAX_RETENTION
+    assert (yield store.expire(far)) == 2
+    assert (yield store.known(["U1", "U2", "U3", "U4", "U5"])) == frozenset({"U1", "U2", "U4"})
+    # Once its DSN is queued, U2 is finished: out of the queue, and expirable.
+    yield store.clear_dsn_pending("U2", [2])
+    assert (yield store.queued_messages("node-a")) == ["U1"]
+    assert (yield store.expire(far)) == 1
+    assert (yield store.known(["U1", "U2", "U4"])) == frozenset({"U1", "U4"})
+
+
+def query_plan(engine: Engine, statement: str, parameters: object) -> list[str]:
+    """SQLite's EXPLAIN QUERY PLAN of a statement, one detail string per step."""
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+        return [row[3] for row in rows]
+
+
+@pytest.mark.sqlite
+@pytest_twisted.inlineCallbacks
+def test_sqlite_unfinished_queries_search_indexes(store, engine):
+    # Millions of finished messages are kept for retention: finding this node's few
+    # unfinished ones (at every start-up, queue list and flush) or the expired ones
+    # must go through indexes, never a scan of messages (without ANALYZE statistics,
+    # as mtrkmta never runs it, SQLite plans the same on an empty or a full table).
+    yield record(store, envelope("P1"))
+    set_recipient(engine, "P1", 0, state=RecipientState.FAILED.value, dsn_pending=True)
+    selects: list[tuple[str, object]] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("SELECT messages."):
+            selects.append((statement, parameters))
+
+    plans: dict[str, list[str]] = {}
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        for name, call in (
+            ("queued_messages", lambda: store.queued_messages("node-a")),
+            ("queue_listing", lambda: store.queue_listing("node-a")),
+            ("expire", lambda: store.expire(ARRIVAL)),
+        ):
+            selects.clear()
+            yield call()
+            (statement, parameters), *_ = selects
+            plans[name] = query_plan(engine, statement, parameters)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    for name, plan in plans.items():
+        assert "SCAN messages" not in plan, (name, plan)
+        assert "SCAN recipients" not in plan, (name, plan)
+    for name in ("queued_messages", "queue_listing"):
+        plan = plans[name]
+        assert any(d.startswith("SEARCH messages USING INDEX") for d in plan), plan
+        assert any("ix_recipients_state (state=?)" in d for d in plan), plan
+        assert any("ix_recipients_dsn_pending" in d for d in plan), plan
+    assert any(
+        d.startswith("SEARCH messages USING INDEX ix_messages_expires_at") for d in plans["expire"]
+    ), plans["expire"]
 
 
 @pytest_twisted.inlineCallbacks
