@@ -367,7 +367,8 @@ def write_report(
         f"Machine: {env['cpus']} CPUs ({env['cpu_model']}), Linux {env['kernel']}. "
         f"Versions: Python {env['python']}, Twisted {env['twisted']}, SQLAlchemy "
         f"{env['sqlalchemy']}, Postfix {env['postfix']}, Dovecot {env['dovecot']}, mtrkmta "
-        f"{env['mtrkmta_commit']}. fsync: {env['fsync']}.",
+        f"{env['mtrkmta_commit']}. fsync: {env['fsync']}. mtrkmta `server.workers`: "
+        f"{env.get('workers', '1')} (memory and MTQP: 1).",
         "",
     ]
     table, chart = throughput_table(runs)

@@ -378,7 +378,9 @@ def measure_memory(ctx: Context) -> dict[str, object]:
     port = free_port()
     limits = {"max_connections": n + 100, "max_connections_per_ip": n + 100}
     route = f"smtp:tcp:host={LOOPBACK}:port={free_port()};tls=none"
-    mta = Mtrkmta(ctx.python, run_dir, port, {"example.test": route}, limits, None, ctx.extra)
+    mta = Mtrkmta(
+        ctx.python, run_dir, port, {"example.test": route}, limits, None, one_process(ctx.extra)
+    )
     result: dict[str, object] = {"connections": n}
     try:
         mta.start()
@@ -490,7 +492,7 @@ def measure_track(ctx: Context, backend: str, result: dict[str, Any]) -> None:
         )
         # The rate limits (per client address and minute) would refuse most of the run.
         extra: dict[str, dict[str, str]] = {"mtqp": {"track_rate": "0", "failure_rate": "0"}}
-        for section, values in ctx.extra.items():
+        for section, values in one_process(ctx.extra).items():
             extra.setdefault(section, {}).update(values)
         mta = Mtrkmta(
             ctx.python, run_dir, free_port(), {}, None, None, extra,
@@ -626,6 +628,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=HERE / "results", help="output directory")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="mtrkmta's server.workers in the throughput and latency runs (default: CPU count)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -653,7 +661,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not (equals and dot and section and key and value):
             parser.error(f"--set expects SECTION.KEY=VALUE, got {item!r}")
         args.extra.setdefault(section, {})[key] = value
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    args.extra.setdefault("server", {}).setdefault("workers", str(args.workers))
     return args
+
+
+def one_process(extra: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """``extra`` with ``server.workers = 1``: memory and MTQP are measured per process."""
+    return {**extra, "server": {**extra.get("server", {}), "workers": "1"}}
 
 
 def raise_nofile(need: int) -> None:
@@ -677,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, interrupted)
     env = versions(args.python)
+    env["workers"] = args.extra["server"]["workers"]
     if args.set:
         env["fsync"] = (
             "OFF" if args.extra.get("durability", {}).get("fsync") == "false" else env["fsync"]
@@ -689,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx.log(
         f"{env['cpus']} CPUs ({env['cpu_model']}); Python {env['python']}, Twisted "
         f"{env['twisted']}, Postfix {env['postfix']}, Dovecot {env['dovecot']}; "
-        f"fsync {env['fsync']}"
+        f"fsync {env['fsync']}; mtrkmta workers {env['workers']}"
     )
     ctx.log(f"work directory {work}")
     runs: list[Run] = []

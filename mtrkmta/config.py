@@ -669,6 +669,7 @@ class Config:
     data_dir: Path = field(metadata=_key(_path, "server.data_dir"))
     database: str = field(metadata=_key(_database, "server.database"))
     node_id: str = field(metadata=_key(_node_id, "server.node_id"))
+    workers: int = field(default=1, metadata=_key(_integer(1), "server.workers"))
     listeners: Listeners = field(default_factory=Listeners, metadata=_section("listeners"))
     local_domains: tuple[str, ...] = field(
         default=("localhost",), metadata=_key(_domain_list, "domains.local")

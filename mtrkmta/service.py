@@ -40,6 +40,13 @@ from mtrkmta.spool.queueid import QueueIdGenerator
 from mtrkmta.tls import server_context
 from mtrkmta.tracking.migrate import upgrade
 from mtrkmta.tracking.store import SQLTrackingStore
+from mtrkmta.workers import (
+    ConfigOrigin,
+    WorkerRole,
+    WorkerSupervisor,
+    draining_workers,
+    shared_sockets,
+)
 
 log = Logger()
 
@@ -89,10 +96,20 @@ class MTAService(Service):
         resolver: IResolver | None = None,
         deliver: bool = True,
         shutdown_grace: float = 5.0,
+        origin: ConfigOrigin | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         """``resolver`` answers MX lookups (default: the system's, from /etc/resolv.conf);
         ``deliver=False`` runs the receive path only (accepted mail stays queued), for
-        tests of the receive path."""
+        tests of the receive path. ``origin`` (where ``config`` came from) lets the
+        node start ``config.workers - 1`` worker processes; ``worker`` makes this node
+        one of them (see :mod:`mtrkmta.workers`)."""
+        self.mail_root = config.data_dir / "mail"  # a worker delivers to its master's
+        self.origin = origin
+        self.worker = worker
+        self.supervisor: WorkerSupervisor | None = None
+        if worker is not None:
+            config = worker.node_config(config)
         self.config = config
         self.reactor = reactor
         self.deliver = deliver
@@ -187,7 +204,10 @@ class MTAService(Service):
             mode=0o600,
             wantPID=True,
         )
-        await self._listen()
+        if self.worker is not None:
+            self._listen_as_worker(self.worker)
+        else:
+            await self._listen()
 
     def _purge_tracking(self) -> Deferred[None]:
         """Drop expired tracking records (never those of queued messages, CHECKLIST 3.4)."""
@@ -248,7 +268,7 @@ class MTAService(Service):
             "maildir": MaildirTransport(
                 self.reactor,
                 self.threadpool,
-                config.data_dir / "mail",
+                self.mail_root,
                 hostname=config.hostname,
                 fsync=config.durability.fsync,
                 delimiter=config.local.recipient_delimiter,
@@ -366,6 +386,38 @@ class MTAService(Service):
             self.factories[name] = factory
             log.info("{name} listening on {address}", name=name, address=self.ports[name].getHost())
         await self._listen_mtqp()
+        await self._start_workers()
+
+    # -- worker processes (mtrkmta.workers) ------------------------------------------------
+
+    def _listen_as_worker(self, worker: WorkerRole) -> None:
+        """Accept on the master's sockets, inherited as file descriptors."""
+        for name, (fd, family) in sorted(worker.listen_fds.items()):
+            factory = SMTPServerFactory(self.settings(name), self.receiver, self.reactor)
+            self.ports[name] = self.reactor.adoptStreamPort(fd, family, factory)
+            os.close(fd)  # adoptStreamPort took a duplicate
+            self.factories[name] = factory
+            log.info(
+                "worker {index}: {name} accepting on {address}",
+                index=worker.index,
+                name=name,
+                address=self.ports[name].getHost(),
+            )
+
+    async def _start_workers(self) -> None:
+        if self.origin is None:
+            return
+        draining = await self._blocking(draining_workers, self.config.data_dir, self.config.workers)
+        if self.config.workers < 2 and not draining:
+            return
+        self.supervisor = WorkerSupervisor(
+            self.reactor,
+            self.origin,
+            shared_sockets(self.ports),
+            count=self.config.workers,
+            draining=draining,
+        )
+        self.supervisor.start()
 
     # -- MTQP listener (message tracking, RFC 3887): opens after the mail listeners --------
 
@@ -398,6 +450,9 @@ class MTAService(Service):
     async def _stop(self) -> None:
         if self._starting is not None and not self._starting.called:
             await self._starting
+        if self.supervisor is not None:
+            supervisor, self.supervisor = self.supervisor, None
+            await supervisor.stop(self.shutdown_grace + 5.0)
         ports, self.ports = self.ports, {}
         await DeferredList(
             [d for d in (port.stopListening() for port in ports.values()) if d is not None]
@@ -431,10 +486,12 @@ class MTAService(Service):
         self.threadpool.stop()
 
 
-def make_service(config: Config, reactor: Any = None) -> MTAService:
-    """The service twistd and ``mtrkmta serve`` run."""
+def make_service(
+    config: Config, reactor: Any = None, origin: ConfigOrigin | None = None
+) -> MTAService:
+    """The service twistd and ``mtrkmta serve`` run (``origin``: see MTAService)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return MTAService(config, reactor)
+    return MTAService(config, reactor, origin=origin)

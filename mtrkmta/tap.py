@@ -56,7 +56,7 @@ def _exit(status: int) -> None:
 def makeService(options: Options) -> MTAService:
     from twisted.internet import reactor
 
-    service = make_service(options.config, reactor)
+    service = make_service(options.config, reactor, options.origin())
     exit_when_start_fails(service, reactor)
     # SIGHUP re-reads the aliases file (twistd itself uses SIGUSR1, for its log).
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_aliases))

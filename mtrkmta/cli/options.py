@@ -9,6 +9,7 @@ from pathlib import Path
 from twisted.python import usage
 
 from mtrkmta.config import Config, Override, load_config
+from mtrkmta.workers import ConfigOrigin
 
 # Options that override one setting each: (option, setting, help).
 _SIMPLE_OVERRIDES = (
@@ -76,6 +77,12 @@ class ServeOptions(usage.Options):
         super().__init__()
         self["local-domain"] = []
         self["route"] = []
+        self["workers"] = None
+
+    def opt_workers(self, count: str) -> None:
+        """Processes that accept and deliver mail, sharing the SMTP and submission ports
+        [default: 1]."""
+        self["workers"] = int(count) if count.strip().isdigit() else count
 
     def opt_local_domain(self, domain: str) -> None:
         """Domain this node is the final destination for; repeatable, replaces [domains] local."""
@@ -95,7 +102,14 @@ class ServeOptions(usage.Options):
         if self["local-domain"]:
             result.append(Override("--local-domain", "domains.local", tuple(self["local-domain"])))
         result.extend(Override("--route", "routes", route) for route in self["route"])
+        if self["workers"] is not None:
+            result.append(Override("--workers", "server.workers", self["workers"]))
         return tuple(result)
+
+    def origin(self) -> ConfigOrigin:
+        """Where the configuration comes from: what a worker process loads again."""
+        path = None if self["config"] is None else Path(self["config"]).absolute()
+        return ConfigOrigin(path, self.overrides())
 
     def load_config(self, *, fqdn: Callable[[], str] = socket.getfqdn) -> Config:
         """The final configuration: defaults, then --config, then the other options.

@@ -14,6 +14,7 @@ from twisted.python import usage
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, ConfigError
 from mtrkmta.queue.control import COMMANDS, COMMANDS_WITH_ID, SOCKET_NAME, ControlError, request
+from mtrkmta.workers import WORKERS_DIR
 
 USAGE = (
     "usage: mtrkmta queue [--config FILE | --data-dir DIR] [--json] [--yes] "
@@ -119,6 +120,41 @@ class QueueOptions(usage.Options):
         return serve.load_config().data_dir / SOCKET_NAME
 
 
+def node_sockets(path: Path) -> list[Path]:
+    """The control socket at ``path``, then those of its worker processes, by number."""
+    found = [
+        p for p in (path.parent / WORKERS_DIR).glob(f"*/{SOCKET_NAME}") if p.parent.name.isdigit()
+    ]
+    return [path, *sorted(found, key=lambda p: int(p.parent.name))]
+
+
+def request_every_node(path: Path, command: str, queue_id: str | None = None, **extra: Any) -> Any:
+    """One request to a server with worker processes (``server.workers``): each process
+    is a node with a queue of its own.
+
+    ``list`` merges every queue by arrival; ``flush`` without an id and
+    ``set-max-retention`` go to every process and add up; a command for one
+    message goes to the process whose queue holds it.
+    """
+    sockets = node_sockets(path)
+    if len(sockets) == 1:
+        return request(path, command, queue_id, **extra)
+    if command == "list":
+        listing = [m for each in sockets for m in request(each, command)]
+        return sorted(listing, key=lambda m: (m["arrival"], m["queue_id"]))
+    if queue_id is None:
+        return sum(request(each, command, **extra) for each in sockets)
+    for each in sockets:
+        try:
+            request(each, "show", queue_id)
+        except ControlError as error:
+            if not str(error).startswith("no message"):
+                raise  # that process did not answer: say so rather than guess
+            continue
+        return request(each, command, queue_id, **extra)
+    raise ControlError(f"no message {queue_id} in the queue of any process")
+
+
 def control_socket(
     options: QueueOptions, args: Sequence[str], usage_text: str, err: TextIO
 ) -> Path | None:
@@ -152,7 +188,7 @@ def main(
             print("nothing done", file=err)
             return 1
     try:
-        result = request(path, command, queue_id)
+        result = request_every_node(path, command, queue_id)
     except ControlError as error:
         print(f"mtrkmta: {error}", file=err)
         return 1

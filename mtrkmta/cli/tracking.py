@@ -8,9 +8,9 @@ from typing import TextIO
 
 from twisted.python import usage
 
-from mtrkmta.cli.queue import QueueOptions, control_socket
+from mtrkmta.cli.queue import QueueOptions, control_socket, request_every_node
 from mtrkmta.config import EXIT_CONFIG_ERROR, parse_duration
-from mtrkmta.queue.control import ControlError, request
+from mtrkmta.queue.control import ControlError
 
 USAGE = "usage: mtrkmta tracking [--config FILE | --data-dir DIR] set-max-retention DURATION"
 
@@ -36,7 +36,7 @@ def main(args: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr
     if path is None:
         return EXIT_CONFIG_ERROR
     try:
-        changed = request(path, "set-max-retention", seconds=options["seconds"])
+        changed = request_every_node(path, "set-max-retention", seconds=options["seconds"])
     except ControlError as error:
         print(f"mtrkmta: {error}", file=err)
         return 1

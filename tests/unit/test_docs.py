@@ -70,6 +70,7 @@ def test_serve_options_are_known():
         "route",
         "smtp",
         "submission",
+        "workers",
     ]
 
 

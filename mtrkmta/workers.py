@@ -1,0 +1,303 @@
+"""Worker processes: more nodes on one machine, sharing the master's SMTP ports and database.
+
+With ``server.workers = N`` the process twistd runs (the master, worker 0) starts
+N - 1 worker processes once its own listeners are open. Each worker is a whole
+node (receiver, spool, queue, transports) with its own directory
+``<data_dir>/workers/<k>`` (spool, control socket) and its own node id
+``<node_id>.w<k>``, on the master's tracking database, so each queue delivers
+only what its own process accepted and every crash-safety rule of one node
+holds per worker. Workers accept on the master's SMTP and submission sockets,
+inherited as file descriptors: the kernel hands each new connection to one of
+the processes waiting on it. LMTP, MTQP and the aliases' SIGHUP stay with the
+master. Local mail goes to the master's Maildirs.
+
+A worker that exits is started again (after 1 s, doubling to at most 60 s while
+it keeps failing). A worker notices the master's end by the end of its standard
+input (a pipe the master keeps open) and stops. A worker directory beyond the
+configured count whose spool still holds mail gets a worker without listeners,
+so that mail is delivered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import abstract, protocol
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mtrkmta.config import Config, Override, load_config
+
+log = Logger()
+
+WORKERS_DIR = "workers"
+SHARED_LISTENERS = ("smtp", "submission")
+FIRST_FD = 3  # the inherited listening sockets start here in a worker
+MAX_RESTART_DELAY = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes a node a worker: its number and its inherited listening sockets."""
+
+    index: int
+    listen_fds: Mapping[str, tuple[int, int]]  # listener -> (fd, address family)
+
+    def node_config(self, config: Config) -> Config:
+        """The worker's own view of the master's configuration."""
+        return replace(
+            config,
+            data_dir=worker_dir(config.data_dir, self.index),
+            node_id=f"{config.node_id}.w{self.index}",
+        )
+
+
+@dataclass(frozen=True)
+class ConfigOrigin:
+    """Where the master's configuration came from, so a worker can load the same one."""
+
+    path: Path | None
+    overrides: tuple[Override, ...]
+
+    def encode(self, index: int, listen_fds: Mapping[str, tuple[int, int]]) -> bytes:
+        document = {
+            "path": None if self.path is None else str(self.path),
+            "overrides": [[o.source, o.key, _plain(o.value)] for o in self.overrides],
+            "index": index,
+            "listen_fds": {name: list(fd) for name, fd in listen_fds.items()},
+        }
+        return json.dumps(document).encode() + b"\n"
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def decode(line: bytes) -> tuple[Config, WorkerRole]:
+    """The configuration and role a master sent (blocking: loads the config file)."""
+    document = json.loads(line)
+    overrides = tuple(
+        Override(source, key, tuple(value) if isinstance(value, list) else value)
+        for source, key, value in document["overrides"]
+    )
+    path = None if document["path"] is None else Path(document["path"])
+    config = load_config(path, overrides)
+    fds = {name: (int(fd), int(family)) for name, (fd, family) in document["listen_fds"].items()}
+    return config, WorkerRole(int(document["index"]), fds)
+
+
+def worker_dir(data_dir: Path, index: int) -> Path:
+    return data_dir / WORKERS_DIR / str(index)
+
+
+def has_queued_mail(directory: Path) -> bool:
+    """Whether a worker directory's spool still holds a message file (blocking)."""
+    queue = directory / "spool" / "queue"
+    try:
+        return any(any(bucket.iterdir()) for bucket in queue.iterdir() if bucket.is_dir())
+    except FileNotFoundError:
+        return False
+
+
+def draining_workers(data_dir: Path, count: int) -> list[int]:
+    """Worker numbers from ``count`` up whose directory still holds mail (blocking)."""
+    try:
+        names = [p.name for p in (data_dir / WORKERS_DIR).iterdir()]
+    except FileNotFoundError:
+        return []
+    numbers = sorted(int(n) for n in names if n.isdigit() and int(n) >= count)
+    return [n for n in numbers if has_queued_mail(worker_dir(data_dir, n))]
+
+
+def shared_sockets(ports: Mapping[str, IListeningPort]) -> dict[str, tuple[int, int]]:
+    """The master's listening TCP sockets that workers share: listener -> (fd, family)."""
+    shared = {}
+    for name in SHARED_LISTENERS:
+        port = ports.get(name)
+        sock = getattr(port, "socket", None)
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            shared[name] = (sock.fileno(), int(sock.family))
+    return shared
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    def __init__(self, supervisor: WorkerSupervisor, index: int, payload: bytes) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.payload = payload
+        self.ended: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        # The worker's stdin stays open: its end tells the worker the master is gone.
+        self.transport.write(self.payload)  # type: ignore[union-attr]
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.supervisor._ended(self.index, reason)
+
+
+class WorkerSupervisor:
+    """Starts, restarts and stops the worker processes of one master."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        origin: ConfigOrigin,
+        shared: Mapping[str, tuple[int, int]],
+        *,
+        count: int,
+        draining: Sequence[int] = (),
+        executable: str = sys.executable,
+        environ: Callable[[], dict[str, str]] = lambda: dict(os.environ),
+    ) -> None:
+        self.reactor = reactor
+        self.origin = origin
+        self.shared = dict(shared)
+        self.numbers = [*range(1, count), *draining]
+        self.draining = set(draining)
+        self.executable = executable
+        self.environ = environ
+        self._running: dict[int, _WorkerProtocol] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._delay: dict[int, float] = {}
+        self._stopping = False
+
+    def start(self) -> None:
+        for index in self.numbers:
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        shared = {} if index in self.draining else self.shared
+        child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        listen_fds = {}
+        for offset, (name, (fd, family)) in enumerate(sorted(shared.items())):
+            child_fds[FIRST_FD + offset] = fd
+            listen_fds[name] = (FIRST_FD + offset, family)
+        process = _WorkerProtocol(self, index, self.origin.encode(index, listen_fds))
+        self.reactor.spawnProcess(
+            process,
+            self.executable,
+            [self.executable, "-m", "mtrkmta.workers"],
+            env=self.environ(),
+            childFDs=child_fds,
+        )
+        self._running[index] = process
+        log.info(
+            "worker {index} started (pid {pid}){role}",
+            index=index,
+            pid=process.transport.pid,  # type: ignore[union-attr]
+            role=" without listeners, to deliver its queue" if not shared else "",
+        )
+
+    def _ended(self, index: int, reason: Failure) -> None:
+        self._running.pop(index, None)
+        if self._stopping:
+            return
+        delay = self._delay.get(index, 0.5) * 2
+        self._delay[index] = min(delay, MAX_RESTART_DELAY)
+        log.error(
+            "worker {index} ended ({reason}): starting it again in {delay:g} s",
+            index=index,
+            reason=reason.getErrorMessage(),
+            delay=self._delay[index],
+        )
+        self._restarts[index] = self.reactor.callLater(self._delay[index], self._spawn, index)
+
+    def stop(self, grace: float) -> Deferred[Any]:
+        """SIGTERM every worker; SIGKILL those still running after ``grace`` seconds."""
+        self._stopping = True
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        running = list(self._running.values())
+        for process in running:
+            process.transport.signalProcess("TERM")  # type: ignore[union-attr]
+        kill = self.reactor.callLater(grace, self._kill)
+        done = DeferredList([p.ended for p in running])
+
+        def finished(result: object) -> object:
+            if kill.active():
+                kill.cancel()
+            return result
+
+        return done.addBoth(finished)
+
+    def _kill(self) -> None:
+        for index, process in list(self._running.items()):
+            log.warn("worker {index} ignored SIGTERM: killed", index=index)
+            process.transport.signalProcess("KILL")  # type: ignore[union-attr]
+
+
+class _MasterWatch(abstract.FileDescriptor):
+    """Standard input of a worker: its end (the master is gone) stops the worker."""
+
+    def __init__(self, reactor: Any, gone: Callable[[], object]) -> None:
+        super().__init__(reactor)
+        self._gone = gone
+
+    def fileno(self) -> int:
+        return 0
+
+    def doRead(self) -> Any:
+        if not os.read(0, 4096):
+            from twisted.internet.main import CONNECTION_DONE
+
+            return CONNECTION_DONE
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._gone()
+
+
+def main() -> int:
+    """A worker process: ``python -m mtrkmta.workers``, started by a master only."""
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from mtrkmta.logfile import observer
+    from mtrkmta.service import MTAService
+
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 65536)
+        if not chunk:
+            print("mtrkmta worker: no configuration on standard input", file=sys.stderr)
+            return 2
+        line += chunk
+    config, role = decode(line)
+    globalLogBeginner.beginLoggingTo([observer()], redirectStandardIO=False)
+    service = MTAService(config, reactor, worker=role)
+    status = []
+
+    def failed(failure: Failure) -> None:
+        log.failure("mtrkmta worker {index} could not start", failure, index=role.index)
+        status.append(1)
+        reactor.stop()
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    service.ready.addErrback(failed)
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    watch = _MasterWatch(reactor, stop)
+    reactor.callWhenRunning(watch.startReading)
+    reactor.run()
+    return status[0] if status else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""`server.workers`: worker processes accept on the master's port, deliver their own mail,
+answer `mtrkmta queue` through the master's data directory, and come back when killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import smtplib
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import mtrkmta
+
+HOSTNAME = "mx.example.test"
+IMPORT_ROOT = str(Path(mtrkmta.__file__).resolve().parent.parent)
+TIMEOUT = 30.0
+LISTENING = re.compile(
+    r"smtp listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)"
+)
+STARTED = re.compile(r"worker 1 started \(pid (\d+)\)")
+ACCEPTING = "worker 1: smtp accepting on"
+
+
+def child_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (IMPORT_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def wait_for(check: Callable[[], object], what: str, log: Path) -> object:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text('utf-8', 'replace')}")
+
+
+def mtrkmta_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mtrkmta.cli.main", *args]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    command = mtrkmta_command(
+        "serve", "--data-dir", str(data), "--smtp", "tcp:0:interface=127.0.0.1",
+        "--lmtp", "none", "--mtqp", "none", "--hostname", HOSTNAME,
+        "--local-domain", "example.test", "--workers", "2",
+    )  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=tmp_path, env=child_env(),
+        )  # fmt: skip
+    try:
+        yield proc, data, log
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            try:
+                proc.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pid in (int(p) for p in STARTED.findall(log.read_text("utf-8", "replace"))):
+            try:
+                os.kill(pid, signal.SIGKILL)  # a worker left behind is a bug: fail below
+                pytest.fail(f"worker process {pid} outlived its master")
+            except ProcessLookupError:
+                pass
+
+
+def send(port: int, count: int) -> list[str]:
+    """``count`` messages, a connection each; their queue ids."""
+    ids = []
+    for n in range(count):
+        with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as smtp:
+            smtp.ehlo("client.example")
+            smtp.mail("sender@client.example")
+            smtp.rcpt("alice@example.test")
+            code, reply = smtp.data(f"Subject: worker test {n}\r\n\r\nbody {n}\r\n".encode())
+            assert code == 250, reply
+            ids.append(reply.decode().rsplit(" ", 1)[1])
+    return ids
+
+
+def test_a_worker_accepts_on_the_masters_port_and_delivers_its_own_mail(server):
+    proc, data, log = server
+    text = lambda: log.read_text("utf-8", "replace")  # noqa: E731
+    port = int(wait_for(lambda: LISTENING.search(text()), "the smtp listener", log).group(1))
+    worker_pid = int(wait_for(lambda: STARTED.search(text()), "worker 1", log).group(1))
+    wait_for(lambda: ACCEPTING in text(), "worker 1 to accept", log)
+    # With the master stopped, only the worker can take the connections.
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        ids = send(port, 5)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    maildir = data / "mail" / "alice" / "new"  # the master's Maildirs
+    wait_for(lambda: maildir.is_dir() and len(list(maildir.iterdir())) == 5, "delivery", log)
+    with sqlite3.connect(data / "tracking.sqlite") as db:
+        rows = db.execute(
+            "SELECT m.queue_id, m.node_id, r.state FROM messages m JOIN recipients r "
+            "ON r.queue_id = m.queue_id ORDER BY m.queue_id"
+        ).fetchall()
+    assert rows == [(queue_id, f"{HOSTNAME}.w1", "delivered") for queue_id in sorted(ids)]
+    assert (data / "workers" / "1" / "spool").is_dir()
+    assert not any((data / "spool" / "queue").glob("*/*"))
+    # `mtrkmta queue` asks every process.
+    held = send(port, 1)[0]  # taken by either process; found through the fan-out
+    listing = subprocess.run(
+        mtrkmta_command("queue", "--data-dir", str(data), "--json", "list"),
+        capture_output=True, text=True, env=child_env(), timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    assert isinstance(json.loads(listing.stdout), list)
+    shown = subprocess.run(
+        mtrkmta_command("queue", "--data-dir", str(data), "--json", "show", held),
+        capture_output=True, text=True, env=child_env(), timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    # Delivered already (gone from every queue) or still there: never "not running".
+    assert shown.returncode == 0 or "in the queue of any process" in shown.stderr, shown.stderr
+    # A killed worker is started again, on the same port.
+    os.kill(worker_pid, signal.SIGKILL)
+    wait_for(lambda: "worker 1 ended" in text(), "the master to notice", log)
+    wait_for(lambda: len(STARTED.findall(text())) == 2, "worker 1 again", log)
+    wait_for(lambda: text().count(ACCEPTING) == 2, "worker 1 to accept again", log)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        send(port, 2)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    wait_for(lambda: len(list(maildir.iterdir())) == 8, "delivery by the new worker", log)
+    # SIGTERM stops the master and its worker.
+    proc.terminate()
+    assert proc.wait(timeout=TIMEOUT) == -signal.SIGTERM or proc.returncode == 0, text()
+    assert "Traceback" not in text(), text()
