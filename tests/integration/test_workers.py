@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import smtplib
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,8 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 import mtrkmta
+from mtrkmta.testing import database_url
 
 HOSTNAME = "mx.example.test"
 IMPORT_ROOT = str(Path(mtrkmta.__file__).resolve().parent.parent)
@@ -53,7 +54,8 @@ def mtrkmta_command(*args: str) -> list[str]:
 def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
     data, log = tmp_path / "data", tmp_path / "server.log"
     command = mtrkmta_command(
-        "serve", "--data-dir", str(data), "--smtp", "tcp:0:interface=127.0.0.1",
+        "serve", "--data-dir", str(data), "--database", database_url(data),
+        "--smtp", "tcp:0:interface=127.0.0.1",
         "--lmtp", "none", "--mtqp", "none", "--hostname", HOSTNAME,
         "--local-domain", "example.test", "--workers", "2",
     )  # fmt: skip
@@ -97,10 +99,10 @@ def send(port: int, count: int) -> list[str]:
 
 def test_a_worker_accepts_on_the_masters_port_and_delivers_its_own_mail(server):
     proc, data, log = server
-    text = lambda: log.read_text("utf-8", "replace")  # noqa: E731
-    port = int(wait_for(lambda: LISTENING.search(text()), "the smtp listener", log).group(1))
-    worker_pid = int(wait_for(lambda: STARTED.search(text()), "worker 1", log).group(1))
-    wait_for(lambda: ACCEPTING in text(), "worker 1 to accept", log)
+    logged = lambda: log.read_text("utf-8", "replace")  # noqa: E731
+    port = int(wait_for(lambda: LISTENING.search(logged()), "the smtp listener", log).group(1))
+    worker_pid = int(wait_for(lambda: STARTED.search(logged()), "worker 1", log).group(1))
+    wait_for(lambda: ACCEPTING in logged(), "worker 1 to accept", log)
     # With the master stopped, only the worker can take the connections.
     os.kill(proc.pid, signal.SIGSTOP)
     try:
@@ -109,12 +111,19 @@ def test_a_worker_accepts_on_the_masters_port_and_delivers_its_own_mail(server):
         os.kill(proc.pid, signal.SIGCONT)
     maildir = data / "mail" / "alice" / "new"  # the master's Maildirs
     wait_for(lambda: maildir.is_dir() and len(list(maildir.iterdir())) == 5, "delivery", log)
-    with sqlite3.connect(data / "tracking.sqlite") as db:
-        rows = db.execute(
-            "SELECT m.queue_id, m.node_id, r.state FROM messages m JOIN recipients r "
-            "ON r.queue_id = m.queue_id ORDER BY m.queue_id"
-        ).fetchall()
-    assert rows == [(queue_id, f"{HOSTNAME}.w1", "delivered") for queue_id in sorted(ids)]
+    engine = create_engine(database_url(data))  # SQLite, or PostgreSQL with --postgres
+    try:
+        with engine.connect() as db:
+            rows = db.execute(
+                text(
+                    "SELECT m.queue_id, m.node_id, r.state FROM messages m JOIN recipients r "
+                    "ON r.queue_id = m.queue_id ORDER BY m.queue_id"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    expected = [(queue_id, f"{HOSTNAME}.w1", "delivered") for queue_id in sorted(ids)]
+    assert [tuple(row) for row in rows] == expected
     assert (data / "workers" / "1" / "spool").is_dir()
     assert not any((data / "spool" / "queue").glob("*/*"))
     # `mtrkmta queue` asks every process.
@@ -132,9 +141,9 @@ def test_a_worker_accepts_on_the_masters_port_and_delivers_its_own_mail(server):
     assert shown.returncode == 0 or "in the queue of any process" in shown.stderr, shown.stderr
     # A killed worker is started again, on the same port.
     os.kill(worker_pid, signal.SIGKILL)
-    wait_for(lambda: "worker 1 ended" in text(), "the master to notice", log)
-    wait_for(lambda: len(STARTED.findall(text())) == 2, "worker 1 again", log)
-    wait_for(lambda: text().count(ACCEPTING) == 2, "worker 1 to accept again", log)
+    wait_for(lambda: "worker 1 ended" in logged(), "the master to notice", log)
+    wait_for(lambda: len(STARTED.findall(logged())) == 2, "worker 1 again", log)
+    wait_for(lambda: logged().count(ACCEPTING) == 2, "worker 1 to accept again", log)
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         send(port, 2)
@@ -143,5 +152,5 @@ def test_a_worker_accepts_on_the_masters_port_and_delivers_its_own_mail(server):
     wait_for(lambda: len(list(maildir.iterdir())) == 8, "delivery by the new worker", log)
     # SIGTERM stops the master and its worker.
     proc.terminate()
-    assert proc.wait(timeout=TIMEOUT) == -signal.SIGTERM or proc.returncode == 0, text()
-    assert "Traceback" not in text(), text()
+    assert proc.wait(timeout=TIMEOUT) == -signal.SIGTERM or proc.returncode == 0, logged()
+    assert "Traceback" not in logged(), logged()
