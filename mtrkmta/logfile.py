@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from twisted.logger import FileLogObserver, formatEventAsClassicLogText, formatTime
+from twisted.logger import FileLogObserver, LogEvent, formatEventAsClassicLogText, formatTime
 
 
 class SecondStamps:
@@ -29,12 +29,25 @@ class SecondStamps:
         return cached[1]
 
 
-def text_observer(out: TextIO) -> FileLogObserver:
-    """Lines as twistd writes them by default (time stamp, [system], text), to ``out``."""
+def text_observer(out: TextIO, process: str | None = None) -> FileLogObserver:
+    """Lines as twistd writes them by default (time stamp, [system], text), to ``out``.
+
+    ``process`` (a worker's name) goes first in the [system] part of every line.
+    """
     stamps = SecondStamps()
-    return FileLogObserver(out, lambda event: formatEventAsClassicLogText(event, stamps))
+    if process is None:
+        return FileLogObserver(out, lambda event: formatEventAsClassicLogText(event, stamps))
+
+    def format_event(event: LogEvent) -> str | None:
+        if "log_system" not in event:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
+            event = {**event, "log_system": f"{process} {system}"}
+        return formatEventAsClassicLogText(event, stamps)
+
+    return FileLogObserver(out, format_event)
 
 
-def observer() -> FileLogObserver:
+def observer(process: str | None = None) -> FileLogObserver:
     """``twistd --logger=mtrkmta.logfile.observer``: the text log on standard output."""
-    return text_observer(sys.stdout)
+    return text_observer(sys.stdout, process)

@@ -134,6 +134,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.supervisor = supervisor
         self.index = index
         self.payload = payload
+        self.started = supervisor.reactor.seconds()
         self.ended: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
@@ -142,7 +143,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
-        self.supervisor._ended(self.index, reason)
+        self.supervisor._ended(self, reason)
 
 
 class WorkerSupervisor:
@@ -199,10 +200,13 @@ class WorkerSupervisor:
             role=" without listeners, to deliver its queue" if not shared else "",
         )
 
-    def _ended(self, index: int, reason: Failure) -> None:
+    def _ended(self, process: _WorkerProtocol, reason: Failure) -> None:
+        index = process.index
         self._running.pop(index, None)
         if self._stopping:
             return
+        if self.reactor.seconds() - process.started > MAX_RESTART_DELAY:
+            self._delay.pop(index, None)  # it ran well for a while: start again soon
         delay = self._delay.get(index, 0.5) * 2
         self._delay[index] = min(delay, MAX_RESTART_DELAY)
         log.error(
@@ -277,7 +281,7 @@ def main() -> int:
             return 2
         line += chunk
     config, role = decode(line)
-    globalLogBeginner.beginLoggingTo([observer()], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([observer(f"worker {role.index}")], redirectStandardIO=False)
     service = MTAService(config, reactor, worker=role)
     status = []
 

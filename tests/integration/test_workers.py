@@ -103,6 +103,7 @@ def test_a_worker_accepts_on_the_masters_port_and_delivers_its_own_mail(server):
     port = int(wait_for(lambda: LISTENING.search(logged()), "the smtp listener", log).group(1))
     worker_pid = int(wait_for(lambda: STARTED.search(logged()), "worker 1", log).group(1))
     wait_for(lambda: ACCEPTING in logged(), "worker 1 to accept", log)
+    assert "[worker 1 mtrkmta.service#info] worker 1: smtp accepting on" in logged()
     # With the master stopped, only the worker can take the connections.
     os.kill(proc.pid, signal.SIGSTOP)
     try:

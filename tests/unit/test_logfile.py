@@ -44,3 +44,21 @@ def test_stamps_are_formatted_once_per_second():
     assert stamps(1_700_000_000.7) is first
     assert stamps(1_700_000_001.0) != first
     assert stamps(None) == "-"
+
+
+def test_a_worker_names_itself_in_every_line():
+    out = io.StringIO()
+    publish = text_observer(out, "worker 2")
+    publish(
+        {
+            "log_format": "{q}: accepted",
+            "log_level": LogLevel.info,
+            "log_namespace": "mtrkmta.receive.receiver",
+            "log_time": 1_700_000_000.0,
+            "q": "q1",
+        }
+    )
+    publish({"log_format": "legacy", "log_system": "-", "log_time": 1_700_000_000.0})
+    first, second = out.getvalue().splitlines()
+    assert first.endswith(" [worker 2 mtrkmta.receive.receiver#info] q1: accepted")
+    assert second.endswith(" [-] legacy")
