@@ -33,6 +33,7 @@ from twisted.internet import abstract, protocol
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mtrkmta.config import Config, Override, load_config
@@ -119,11 +120,17 @@ def draining_workers(data_dir: Path, count: int) -> list[int]:
 
 
 def shared_sockets(ports: Mapping[str, IListeningPort]) -> dict[str, tuple[int, int]]:
-    """The master's listening TCP sockets that workers share: listener -> (fd, family)."""
+    """The master's listening TCP sockets that workers share: listener -> (fd, family).
+
+    A listener with TLS from the first byte (an ``ssl:`` endpoint) stays with the
+    master: a worker adopts plain TCP sockets only.
+    """
     shared = {}
     for name in SHARED_LISTENERS:
         port = ports.get(name)
         sock = getattr(port, "socket", None)
+        if isinstance(getattr(port, "factory", None), TLSMemoryBIOFactory):
+            continue
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             shared[name] = (sock.fileno(), int(sock.family))
     return shared
