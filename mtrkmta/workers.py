@@ -164,16 +164,12 @@ class WorkerSupervisor:
         *,
         count: int,
         draining: Sequence[int] = (),
-        executable: str = sys.executable,
-        environ: Callable[[], dict[str, str]] = lambda: dict(os.environ),
     ) -> None:
         self.reactor = reactor
         self.origin = origin
         self.shared = dict(shared)
         self.numbers = [*range(1, count), *draining]
         self.draining = set(draining)
-        self.executable = executable
-        self.environ = environ
         self._running: dict[int, _WorkerProtocol] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._delay: dict[int, float] = {}
@@ -194,9 +190,9 @@ class WorkerSupervisor:
         process = _WorkerProtocol(self, index, self.origin.encode(index, listen_fds))
         self.reactor.spawnProcess(
             process,
-            self.executable,
-            [self.executable, "-m", "mtrkmta.workers"],
-            env=self.environ(),
+            sys.executable,
+            [sys.executable, "-m", "mtrkmta.workers"],
+            env=dict(os.environ),
             childFDs=child_fds,
         )
         self._running[index] = process
