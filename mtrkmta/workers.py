@@ -32,6 +32,7 @@ from typing import Any
 from twisted.internet import abstract, protocol
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -258,8 +259,6 @@ class _MasterWatch(abstract.FileDescriptor):
 
     def doRead(self) -> Any:
         if not os.read(0, 4096):
-            from twisted.internet.main import CONNECTION_DONE
-
             return CONNECTION_DONE
         return None
 

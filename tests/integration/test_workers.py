@@ -76,11 +76,9 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path
                 proc.kill()
                 proc.wait()
         for pid in (int(p) for p in STARTED.findall(log.read_text("utf-8", "replace"))):
-            try:
-                os.kill(pid, signal.SIGKILL)  # a worker left behind is a bug: fail below
+            if not ended(pid):  # a worker left behind is a bug
+                os.kill(pid, signal.SIGKILL)
                 pytest.fail(f"worker process {pid} outlived its master")
-            except ProcessLookupError:
-                pass
 
 
 def send(port: int, count: int) -> list[str]:
@@ -155,3 +153,23 @@ def test_a_worker_accepts_on_the_masters_port_and_delivers_its_own_mail(server):
     proc.terminate()
     assert proc.wait(timeout=TIMEOUT) == -signal.SIGTERM or proc.returncode == 0, logged()
     assert "Traceback" not in logged(), logged()
+
+
+def ended(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (its new parent has not reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_worker_stops_when_its_master_is_killed(server):
+    # Its standard input (a pipe from the master) ends: it must not keep the port.
+    proc, _, log = server
+    logged = lambda: log.read_text("utf-8", "replace")  # noqa: E731
+    worker_pid = int(wait_for(lambda: STARTED.search(logged()), "worker 1", log).group(1))
+    wait_for(lambda: ACCEPTING in logged(), "worker 1 to accept", log)
+    proc.kill()
+    proc.wait(timeout=TIMEOUT)
+    wait_for(lambda: ended(worker_pid), "worker 1 to stop after its master", log)
