@@ -110,19 +110,24 @@ def test_a_worker_accepts_on_the_masters_port_and_delivers_its_own_mail(server):
         os.kill(proc.pid, signal.SIGCONT)
     maildir = data / "mail" / "alice" / "new"  # the master's Maildirs
     wait_for(lambda: maildir.is_dir() and len(list(maildir.iterdir())) == 5, "delivery", log)
+    # The outcome is committed just after the Maildir file is in place: wait for it too.
+    expected = [(queue_id, f"{HOSTNAME}.w1", "delivered") for queue_id in sorted(ids)]
     engine = create_engine(database_url(data))  # SQLite, or PostgreSQL with --postgres
     try:
-        with engine.connect() as db:
-            rows = db.execute(
-                text(
-                    "SELECT m.queue_id, m.node_id, r.state FROM messages m JOIN recipients r "
-                    "ON r.queue_id = m.queue_id ORDER BY m.queue_id"
-                )
-            ).all()
+
+        def tracked() -> list[tuple[object, ...]]:
+            with engine.connect() as db:
+                rows = db.execute(
+                    text(
+                        "SELECT m.queue_id, m.node_id, r.state FROM messages m JOIN recipients r "
+                        "ON r.queue_id = m.queue_id ORDER BY m.queue_id"
+                    )
+                ).all()
+            return [tuple(row) for row in rows]
+
+        wait_for(lambda: tracked() == expected, "the outcomes to be recorded", log)
     finally:
         engine.dispose()
-    expected = [(queue_id, f"{HOSTNAME}.w1", "delivered") for queue_id in sorted(ids)]
-    assert [tuple(row) for row in rows] == expected
     assert (data / "workers" / "1" / "spool").is_dir()
     assert not any((data / "spool" / "queue").glob("*/*"))
     # `mtrkmta queue` asks every process.
