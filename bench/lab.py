@@ -104,10 +104,10 @@ def cpu_busy(before: list[int], after: list[int]) -> float:
     return 100.0 * (total - delta[3] - delta[4]) / total
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of process ``pid`` (all its threads) and of its
+def process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` (all its threads) and of its
     running children (mtrkmta's worker processes)."""
-    total = 0
+    user = system = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -117,8 +117,10 @@ def process_cpu_seconds(pid: int) -> float:
         except OSError:
             continue  # ended meanwhile
         if int(entry) == pid or int(fields[1]) == pid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+            user += int(fields[11])
+            system += int(fields[12])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
 
 
 def rss_kib(pid: int) -> dict[str, int]:

@@ -243,7 +243,7 @@ def measure(ctx: Context, scenario: str, system: str, round_no: int) -> Run:
                 raw, gil = ctx.profile_target
                 spying.enter_context(profiler(ctx, mta.pid, raw, gil))
             cpu0 = cpu_times()
-            mta_cpu0 = process_cpu_seconds(mta.pid) if mta else 0.0
+            mta_cpu0 = process_cpu_seconds(mta.pid) if mta else (0.0, 0.0)
             t0 = time.perf_counter()
             with open(run_dir / "load.out", "wb") as out:
                 load = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -281,11 +281,14 @@ def measure(ctx: Context, scenario: str, system: str, round_no: int) -> Run:
                 done = True
             t2 = time.perf_counter()
             cpu1 = cpu_times()
-            mta_cpu1 = process_cpu_seconds(mta.pid) if mta else 0.0
+            mta_cpu1 = process_cpu_seconds(mta.pid) if mta else (0.0, 0.0)
         if not done:
             problems.append(f"next hop stalled before receiving {expected} messages")
         problems += check(ctx, hop, expected, rcpt, sink, postfix, mta)
     if mta is not None:
+        # CPU per message (ms) in Python and the rest of user space, and in the kernel.
+        extra["user_ms"] = 1000 * (mta_cpu1[0] - mta_cpu0[0]) / expected
+        extra["system_ms"] = 1000 * (mta_cpu1[1] - mta_cpu0[1]) / expected
         extra["stop_seconds"] = mta.stop_seconds
         extra["killed"] = float(mta.killed)
         if not problems:
@@ -298,7 +301,7 @@ def measure(ctx: Context, scenario: str, system: str, round_no: int) -> Run:
         seconds=t2 - t0,
         ingest_seconds=t1 - t0,
         cpu_busy=cpu_busy(cpu0, cpu1),
-        mta_cores=(mta_cpu1 - mta_cpu0) / (t2 - t0) if mta else None,
+        mta_cores=(sum(mta_cpu1) - sum(mta_cpu0)) / (t2 - t0) if mta else None,
         problems=problems,
         extra=extra,
     )
@@ -804,6 +807,8 @@ def describe(run: Run, rounds: int) -> str:
     text += f", cpu {run.cpu_busy:.0f}%"
     if run.mta_cores is not None:
         text += f", mtrkmta {run.mta_cores:.2f} cores"
+        user, system = run.extra["user_ms"], run.extra["system_ms"]
+        text += f" ({user:.2f} ms user + {system:.2f} ms system per msg)"
     if run.extra.get("killed"):
         text += f", not stopped {run.extra['stop_seconds']:.0f} s after SIGTERM: killed"
     return f"{text}; {status}"

@@ -72,6 +72,13 @@ def _readdressed(recipient: Recipient, address: str) -> Recipient:
     )
 
 
+def _rewritten(update: RecipientUpdate, final_recipient: str | None) -> RecipientUpdate:
+    """``update`` with the recipient's new final address, if an alias rewrote it."""
+    if final_recipient is None:
+        return update
+    return replace(update, final_recipient=final_recipient)
+
+
 def after(recipient: StoredRecipient, update: RecipientUpdate) -> StoredRecipient:
     """The recipient as the tracking store holds it once ``update`` is committed."""
     return replace(
@@ -433,12 +440,14 @@ class QueueService:
         final = {r.index: r.final_recipient for r in message.recipients}
         outcomes, rewritten = await self._expand(envelope, content, due, now)
         final.update(rewritten)
-        current = replace(
-            envelope,
-            recipients=tuple(
-                _readdressed(rcpt, final.get(i, rcpt.address))
-                for i, rcpt in enumerate(envelope.recipients)
-            ),
+        readdressed = tuple(
+            _readdressed(rcpt, final.get(i, rcpt.address))
+            for i, rcpt in enumerate(envelope.recipients)
+        )
+        current = (
+            envelope
+            if readdressed == envelope.recipients
+            else replace(envelope, recipients=readdressed)
         )
         expanded = {o.index for o in outcomes}
         routed = [r.index for r in due if r.index not in expanded]
@@ -447,7 +456,7 @@ class QueueService:
         attempts = {r.index: r.attempts for r in message.recipients}
         finished_at = self.clock.seconds()
         updates = tuple(
-            replace(
+            _rewritten(
                 update_for(
                     outcome,
                     attempts_before=attempts[outcome.index],
@@ -455,7 +464,7 @@ class QueueService:
                     now=finished_at,
                     policy=self.retry,
                 ),
-                final_recipient=rewritten.get(outcome.index),
+                rewritten.get(outcome.index),
             )
             for outcome in sorted(outcomes, key=lambda o: o.index)
         )

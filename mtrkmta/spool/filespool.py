@@ -143,19 +143,24 @@ class FileSpool:
         *,
         fsync: bool = True,
         max_batch: int = 256,
+        commit_pool: ThreadPool | None = None,
     ) -> None:
-        """Remember where the spool lives; touches no file until first used."""
+        """Remember where the spool lives; touches no file until first used.
+
+        Batches of stores and removals run in ``commit_pool`` (default: ``threadpool``).
+        """
         self._reactor = reactor
         self._threadpool = threadpool
         self._root = Path(root)
         self._incoming = self._root / "incoming"
         self._queue = self._root / "queue"
         self._fsync = fsync
+        commits = threadpool if commit_pool is None else commit_pool
         self._stores: GroupCommit[_Pending, None] = GroupCommit(
-            reactor, threadpool, self._store_batch, max_batch
+            reactor, commits, self._store_batch, max_batch
         )
         self._removals: GroupCommit[tuple[str, ...], None] = GroupCommit(
-            reactor, threadpool, self._remove_batch, max_batch
+            reactor, commits, self._remove_batch, max_batch
         )
         self._closed = False
         self._running = 0

@@ -267,7 +267,10 @@ class SQLTrackingStore:
         default_retention: float,
         max_retention: float,
         clock: IReactorTime | None = None,
+        commit_pool: ThreadPool | None = None,
     ) -> None:
+        """Writes are group-committed in ``commit_pool`` (default: ``threadpool``);
+        reads run in ``threadpool``."""
         check_retention(default_retention, max_retention)
         self._reactor = reactor
         self._threadpool = threadpool
@@ -286,7 +289,9 @@ class SQLTrackingStore:
         self._insert_message = self._schema.messages.insert()
         self._insert_recipients = self._schema.recipients.insert()
         self._update_recipient = recipient_update(self._schema)
-        self._writes: GroupCommit[WriteOp, object] = GroupCommit(reactor, threadpool, self._commit)
+        self._writes: GroupCommit[WriteOp, object] = GroupCommit(
+            reactor, threadpool if commit_pool is None else commit_pool, self._commit
+        )
         self._reads_running = 0
         self._reads_idle: list[Deferred[None]] = []
         self._closing: list[Deferred[None]] | None = None  # not None once close() was called

@@ -125,6 +125,28 @@ def test_constructor_touches_nothing(tmp_path: Path, pool: CountingThreadPool, r
 
 
 @pytest_twisted.inlineCallbacks
+def test_batches_run_in_the_commit_pool_and_the_rest_in_the_other(
+    tmp_path: Path, pool: CountingThreadPool, reactor
+):
+    # The node runs every group commit in one thread of its own (MTAService.commit_pool).
+    commits = CountingThreadPool()
+    commits.start()
+    try:
+        spool = FileSpool(reactor, pool, tmp_path / "spool", commit_pool=commits)
+        yield spool.recover()
+        reads_before = pool.jobs
+        env = envelope()
+        yield spool.store(env, CONTENT)
+        yield spool.remove([env.queue_id])
+        assert (commits.jobs, pool.jobs) == (2, reads_before)
+        assert (yield spool.queue_ids()) == []
+        assert (commits.jobs, pool.jobs) == (2, reads_before + 1)
+        yield spool.close()
+    finally:
+        commits.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_recover_creates_private_directories(spool: FileSpool):
     removed = yield spool.recover()
     assert removed == 0

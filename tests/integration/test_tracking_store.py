@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,6 +211,41 @@ def test_sqlite_writes_take_the_lock_at_begin(store, engine):
     assert any(s.startswith("INSERT INTO messages") for s in writes)
     assert reads[0] == "BEGIN"
     assert all(s.startswith(("BEGIN", "SELECT")) for s in reads)
+
+
+@pytest_twisted.inlineCallbacks
+def test_writes_run_in_the_commit_pool_and_reads_in_the_other(engine, threadpool, clock):
+    # The node runs every group commit in one thread of its own (MTAService.commit_pool).
+    from twisted.internet import reactor
+
+    commits = ThreadPool(minthreads=1, maxthreads=1, name="tracking-test-commit")
+    commits.start()
+    threads: list[str] = []
+
+    def seen(*args: object) -> None:
+        threads.append(threading.current_thread().name)
+
+    store = SQLTrackingStore(
+        reactor,
+        threadpool,
+        engine,
+        default_retention=DEFAULT_RETENTION,
+        max_retention=MAX_RETENTION,
+        clock=clock,
+        commit_pool=commits,
+    )
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        yield record(store, envelope("C1"))
+        writes, threads[:] = list(threads), []
+        yield store.message("C1")
+        reads = list(threads)
+        yield store.close()
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+        commits.stop()
+    assert writes and all("tracking-test-commit" in name for name in writes)
+    assert reads and not any("tracking-test-commit" in name for name in reads)
 
 
 @pytest_twisted.inlineCallbacks

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import io
 
-from twisted.logger import Logger, LogLevel, LogPublisher, formatTime, textFileLogObserver
+import pytest
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    LogPublisher,
+    formatEventAsClassicLogText,
+    formatTime,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
 
-from mtrkmta.logfile import SecondStamps, text_observer
+from mtrkmta.logfile import SecondStamps, classic_line, text_observer
 
 
 def test_lines_are_those_of_twistds_default_observer():
@@ -62,3 +70,50 @@ def test_a_worker_names_itself_in_every_line():
     first, second = out.getvalue().splitlines()
     assert first.endswith(" [worker 2 mtrkmta.receive.receiver#info] q1: accepted")
     assert second.endswith(" [-] legacy")
+
+
+class Shouting:
+    def __format__(self, spec: str) -> str:
+        raise RuntimeError("cannot format")
+
+    def __repr__(self) -> str:
+        return "<Shouting>"
+
+    def upper(self) -> str:
+        return "LOUD"
+
+
+WHEN = 1_700_000_000.0
+EVENTS = [
+    {"log_format": "{queue_id}: to=<{to}>", "queue_id": "q1", "to": "a@b"},
+    {"log_format": "{n:>5} {r!r} {s!s} {a!a}", "n": 42, "r": "x", "s": b"y", "a": "é"},
+    {"log_format": "{obj.real} {items[1]}", "obj": 3, "items": ["a", "b"]},
+    {"log_format": "two\nlines", "log_system": "-"},
+    {"log_format": "missing {nothing}"},
+    {"log_format": "positional {}"},
+    {"log_format": "called {obj.upper()}", "obj": Shouting()},
+    {"log_format": "unformattable {v}", "v": Shouting()},
+    {"log_format": "", "x": 1},
+    {"log_format": None},
+    {"log_text": "no format"},
+    {"log_format": "system {x}", "x": 1, "log_system": 7},
+    {"log_format": "no level", "log_level": None, "log_namespace": "ns"},
+    {"log_format": "braces {{literal}} {x}", "x": "v"},
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=range(len(EVENTS)))
+def test_each_line_is_twisteds_own(event):
+    event = {"log_time": WHEN, "log_level": LogLevel.warn, "log_namespace": "mtrkmta.t", **event}
+    stamps = SecondStamps()
+    expected = formatEventAsClassicLogText(event, stamps)
+    assert classic_line(event, stamps) == expected
+
+
+def test_a_plain_event_does_not_need_twisteds_formatter(monkeypatch):
+    def unused(*args: object) -> str:
+        raise AssertionError("fell back to Twisted's formatter")
+
+    monkeypatch.setattr("mtrkmta.logfile.formatEventAsClassicLogText", unused)
+    event = {**EVENTS[0], "log_time": WHEN, "log_level": LogLevel.info, "log_namespace": "n"}
+    assert classic_line(event, SecondStamps()) == f"{formatTime(WHEN)} [n#info] q1: to=<a@b>\n"
