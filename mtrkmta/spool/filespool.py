@@ -163,6 +163,10 @@ class FileSpool:
             reactor, commits, self._remove_batch, max_batch
         )
         self._closed = False
+        # What the store batches know exists, so that they need not ask each time;
+        # forgotten after any failed store, so that a removed directory comes back.
+        self._dirs_ready = False
+        self._buckets: set[Path] = set()
         self._running = 0
         self._idle_waiters: list[Deferred[None]] = []
 
@@ -304,7 +308,16 @@ class FileSpool:
 
     def _store_batch(self, batch: list[_Pending]) -> list[Exception | None]:
         """Commit a batch of messages; one result per message, None meaning committed."""
-        self._ensure_dirs()
+        if not self._dirs_ready:
+            self._ensure_dirs()
+            self._dirs_ready = True
+        results = self._commit_stores(batch)
+        if any(result is not None for result in results):
+            self._dirs_ready = False
+            self._buckets.clear()
+        return results
+
+    def _commit_stores(self, batch: list[_Pending]) -> list[Exception | None]:
         results: list[Exception | None] = [None] * len(batch)
 
         # 1. Write every message completely into incoming/ (O_EXCL: never clobber).
@@ -374,10 +387,14 @@ class FileSpool:
         except FileExistsError:
             raise DuplicateQueueId(f"{item.queue_id}: already being stored") from None
         try:
-            for part in (item.header, item.envelope_data, item.content):
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
+            parts = [memoryview(item.header), memoryview(item.envelope_data)]
+            parts.append(memoryview(item.content))
+            while parts:  # one writev, unless the kernel takes less than everything
+                written = os.writev(fd, parts)
+                while parts and written >= len(parts[0]):
+                    written -= len(parts.pop(0))
+                if parts:
+                    parts[0] = parts[0][written:]
         except BaseException:
             os.close(fd)
             self._discard(path)
@@ -386,11 +403,16 @@ class FileSpool:
 
     def _make_bucket(self, bucket: Path) -> bool:
         """Create a queue/ bucket if missing; its entry in queue/ is fsync'd by the caller."""
+        if bucket in self._buckets:
+            return False
         try:
             os.mkdir(bucket, _DIR_MODE)
         except FileExistsError:
-            return False
-        return True
+            created = False
+        else:
+            created = True
+        self._buckets.add(bucket)
+        return created
 
     def _fail_renamed(
         self,

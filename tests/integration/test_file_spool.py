@@ -176,6 +176,53 @@ def test_store_then_load_round_trip(spool: FileSpool, fsyncs: FsyncRecorder):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_short_write_is_continued(spool: FileSpool, monkeypatch: pytest.MonkeyPatch):
+    # The three parts go out in one writev; whatever the kernel does not take is
+    # written by the next call.
+    real = os.writev
+    calls: list[int] = []
+
+    def at_most_seven_bytes(fd: int, buffers: list[memoryview]) -> int:
+        data = b"".join(bytes(b) for b in buffers)[:7]
+        calls.append(len(buffers))
+        return real(fd, [data])
+
+    yield spool.recover()
+    env = envelope()
+    monkeypatch.setattr(os, "writev", at_most_seven_bytes)
+    yield spool.store(env, CONTENT)
+    monkeypatch.undo()
+    assert calls[0] == 3 and len(calls) > 3
+    assert (yield spool.load(env.queue_id)) == (env, CONTENT)
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_directories_removed_while_running_come_back(spool: FileSpool, fsyncs: FsyncRecorder):
+    # The spool remembers which directories exist; a failed store makes it look again.
+    yield spool.recover()
+    first = envelope()
+    yield spool.store(first, CONTENT)
+    bucket = spool.queue_path(first.queue_id).parent
+    yield spool.remove([first.queue_id])
+    os.rmdir(bucket)
+    second = envelope(ids_in_bucket(1, bucket.name)[0])
+    with pytest.raises(FileNotFoundError):
+        yield spool.store(second, CONTENT)
+    assert not (spool.root / "incoming" / second.queue_id).exists()
+    yield spool.store(second, CONTENT)
+    assert (yield spool.load(second.queue_id)) == (second, CONTENT)
+    assert fsyncs.dir_syncs(spool.root / "queue") == 2  # the new entry, both times
+    os.rename(spool.root / "incoming", spool.root / "incoming.gone")
+    third = envelope()
+    with pytest.raises(FileNotFoundError):
+        yield spool.store(third, CONTENT)
+    yield spool.store(third, CONTENT)
+    assert (yield spool.queue_ids()) == sorted([second.queue_id, third.queue_id])
+    yield spool.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_empty_and_large_content(spool: FileSpool):
     yield spool.recover()
     big = os.urandom(3 * 1024 * 1024)
@@ -361,15 +408,15 @@ def test_failed_directory_fsync_fails_the_store(spool: FileSpool, monkeypatch: p
 @pytest_twisted.inlineCallbacks
 def test_failed_write_fails_only_that_message(spool: FileSpool, monkeypatch: pytest.MonkeyPatch):
     yield spool.recover()
-    real = os.write
+    real = os.writev
     bad = b"\r\nPOISON\r\n"
 
-    def write(fd: int, data: memoryview) -> int:
-        if bytes(data) == bad:
+    def writev(fd: int, buffers: list[memoryview]) -> int:
+        if bytes(buffers[-1]) == bad:
             raise OSError(28, "No space left on device")
-        return real(fd, data)
+        return real(fd, buffers)
 
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", writev)
     good, poisoned = envelope(), envelope()
     d_good, d_bad = spool.store(good, CONTENT), spool.store(poisoned, bad)
     yield d_good
