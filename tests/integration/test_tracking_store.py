@@ -116,18 +116,25 @@ def clock() -> Clock:
     return clock
 
 
-@pytest.fixture
-def store(engine: Engine, threadpool: ThreadPool, clock: Clock) -> Iterator[SQLTrackingStore]:
+def new_store(
+    engine: Engine, threadpool: ThreadPool, clock: Clock, commit_pool: ThreadPool | None = None
+) -> SQLTrackingStore:
     from twisted.internet import reactor
 
-    store = SQLTrackingStore(
+    return SQLTrackingStore(
         reactor,
         threadpool,
         engine,
         default_retention=DEFAULT_RETENTION,
         max_retention=MAX_RETENTION,
         clock=clock,
+        commit_pool=commit_pool,
     )
+
+
+@pytest.fixture
+def store(engine: Engine, threadpool: ThreadPool, clock: Clock) -> Iterator[SQLTrackingStore]:
+    store = new_store(engine, threadpool, clock)
     yield store
     pytest_twisted.blockon(store.close())
 
@@ -216,8 +223,6 @@ def test_sqlite_writes_take_the_lock_at_begin(store, engine):
 @pytest_twisted.inlineCallbacks
 def test_writes_run_in_the_commit_pool_and_reads_in_the_other(engine, threadpool, clock):
     # The node runs every group commit in one thread of its own (MTAService.commit_pool).
-    from twisted.internet import reactor
-
     commits = ThreadPool(minthreads=1, maxthreads=1, name="tracking-test-commit")
     commits.start()
     threads: list[str] = []
@@ -225,15 +230,7 @@ def test_writes_run_in_the_commit_pool_and_reads_in_the_other(engine, threadpool
     def seen(*args: object) -> None:
         threads.append(threading.current_thread().name)
 
-    store = SQLTrackingStore(
-        reactor,
-        threadpool,
-        engine,
-        default_retention=DEFAULT_RETENTION,
-        max_retention=MAX_RETENTION,
-        clock=clock,
-        commit_pool=commits,
-    )
+    store = new_store(engine, threadpool, clock, commit_pool=commits)
     event.listen(engine, "before_cursor_execute", seen)
     try:
         yield record(store, envelope("C1"))
