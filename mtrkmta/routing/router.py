@@ -150,6 +150,8 @@ class Router:
             max_recipients=smtp_max_recipients,
         )
         self._cache = None if clock is None else _ResultCache(clock, cache_size, max_cache_ttl)
+        # Fixed routes' next hops, built once each: a configured route never changes.
+        self._fixed: dict[tuple[str, str, TLSPolicy], NextHop] = {}
 
     @classmethod
     def from_config(
@@ -193,15 +195,19 @@ class Router:
         return succeed(self._fixed_hop(route.transport, route.endpoint, tls))
 
     def _fixed_hop(self, transport: str, endpoint: str, tls: TLSPolicy) -> NextHop:
-        server = Server(endpoint_host(endpoint, self._hostname or "localhost"), endpoint)
-        lmtp = transport == "lmtp"
-        return NextHop(
-            transport="lmtp" if lmtp else "smtp",
-            destination=f"route:{transport}:{endpoint}",
-            servers=(server,),
-            tls=tls,
-            max_recipients=self._lmtp_max_recipients if lmtp else self._smtp_max_recipients,
-        )
+        key = (transport, endpoint, tls)
+        hop = self._fixed.get(key)
+        if hop is None:
+            server = Server(endpoint_host(endpoint, self._hostname or "localhost"), endpoint)
+            lmtp = transport == "lmtp"
+            hop = self._fixed[key] = NextHop(
+                transport="lmtp" if lmtp else "smtp",
+                destination=f"route:{transport}:{endpoint}",
+                servers=(server,),
+                tls=tls,
+                max_recipients=self._lmtp_max_recipients if lmtp else self._smtp_max_recipients,
+            )
+        return hop
 
     def _route_mx(self, domain: str) -> Deferred[NextHop | RouteFailure]:
         cache = self._cache

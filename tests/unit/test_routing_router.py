@@ -198,6 +198,15 @@ def test_default_route_relays_and_unescapes_an_ipv6_host():
     assert resolver.calls == []
 
 
+def test_a_fixed_routes_next_hop_is_built_once():
+    # Every delivery asks the router; a configured route's hop is the same each time.
+    router, _ = fixed_router()
+    first = route(router, "one.example.net")
+    assert route(router, "two.example.net") is first
+    assert route(router, "special.example.org") is route(router, "special.example.org")
+    assert route(router, "special.example.org") != first
+
+
 def test_without_a_star_route_the_default_is_mx():
     resolver = FakeResolver({"example.net": [dns.Record_A("192.0.2.7")]})
     router = Router((), (), resolver)
