@@ -125,7 +125,7 @@ class MTAService(Service):
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="mtrkmta-io")
         # Every group commit (spool stores and removals, tracking writes) runs in one
         # thread of its own: each runs one batch at a time anyway, and one thread instead
-        # of three competing with the reactor thread for the GIL costs a third less CPU
+        # of three competing with the reactor thread for the GIL costs a quarter less CPU
         # per message (doc/architecture.rst, "Threading").
         self.commit_pool = ThreadPool(minthreads=1, maxthreads=1, name="mtrkmta-commit")
         self.ready: Deferred[MTAService] = Deferred()
