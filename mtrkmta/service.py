@@ -46,6 +46,7 @@ from mtrkmta.workers import (
     WorkerSupervisor,
     draining_workers,
     shared_sockets,
+    take_turns,
 )
 
 log = Logger()
@@ -404,6 +405,7 @@ class MTAService(Service):
             factory = SMTPServerFactory(self.settings(name), self.receiver, self.reactor)
             self.ports[name] = self.reactor.adoptStreamPort(fd, family, factory)
             os.close(fd)  # adoptStreamPort took a duplicate
+            take_turns(self.ports[name])
             self.factories[name] = factory
             log.info(
                 "worker {index}: {name} accepting on {address}",
@@ -418,10 +420,13 @@ class MTAService(Service):
         draining = await self._blocking(draining_workers, self.config.data_dir, self.config.workers)
         if self.config.workers < 2 and not draining:
             return
+        shared = shared_sockets(self.ports)
+        for name in shared if self.config.workers >= 2 else ():  # not with draining ones only
+            take_turns(self.ports[name])
         self.supervisor = WorkerSupervisor(
             self.reactor,
             self.origin,
-            shared_sockets(self.ports),
+            shared,
             count=self.config.workers,
             draining=draining,
         )

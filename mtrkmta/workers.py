@@ -137,6 +137,26 @@ def shared_sockets(ports: Mapping[str, IListeningPort]) -> dict[str, tuple[int, 
     return shared
 
 
+def take_turns(port: IListeningPort) -> None:
+    """Make a listening port that processes share accept one connection per wake-up.
+
+    Twisted's TCP port accepts up to ``numberAccepts`` connections each time its
+    socket is readable: 100 at first, then about as many as it found waiting. On a
+    socket shared by several processes the first one woken would take a whole
+    burst (the 20 sessions a client opens together all land in one process, which
+    then does all their work while the others idle). Taking one at a time lets the
+    kernel's wake-ups spread them: a busy process comes back to the socket later,
+    so an idle one takes the next connection.
+    """
+    read = port.doRead  # type: ignore[attr-defined]
+
+    def read_one() -> object:
+        port.numberAccepts = 1  # type: ignore[attr-defined]
+        return read()
+
+    port.doRead = read_one  # type: ignore[attr-defined]
+
+
 class _WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, supervisor: WorkerSupervisor, index: int, payload: bytes) -> None:
         self.supervisor = supervisor

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -15,10 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from sqlalchemy import create_engine, text
+from twisted.internet import reactor
+from twisted.internet.protocol import ServerFactory
 
 import mtrkmta
 from mtrkmta.testing import database_url
+from mtrkmta.workers import take_turns
 
 HOSTNAME = "mx.example.test"
 IMPORT_ROOT = str(Path(mtrkmta.__file__).resolve().parent.parent)
@@ -178,3 +183,24 @@ def test_a_worker_stops_when_its_master_is_killed(server):
     proc.kill()
     proc.wait(timeout=TIMEOUT)
     wait_for(lambda: ended(worker_pid), "worker 1 to stop after its master", log)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_port_takes_one_waiting_connection_per_wake_up():
+    built: list[object] = []
+
+    class Refuse(ServerFactory):
+        def buildProtocol(self, addr: object) -> None:
+            built.append(addr)  # and the port closes the connection
+
+    port = reactor.listenTCP(0, Refuse(), interface="127.0.0.1")
+    clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(4)]
+    try:
+        take_turns(port)
+        for waited in range(1, 4):
+            port.doRead()  # as the reactor does when the socket is readable
+            assert len(built) == waited  # Twisted's own port would take all four at once
+    finally:
+        for client in clients:
+            client.close()
+        await port.stopListening()
