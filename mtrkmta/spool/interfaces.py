@@ -42,7 +42,11 @@ class ISpool(Interface):
         """Read a committed message back; fails with MessageNotFound or SpoolCorruption."""
 
     def remove(queue_ids: Iterable[str]) -> Deferred[None]:
-        """Durably delete messages; ids that are already gone are ignored."""
+        """Delete messages; ids that are already gone are ignored.
+
+        The deletion need not survive a crash: a removed message may come back, and
+        whoever removes must cope with that (the node does, at start-up).
+        """
 
     def quarantine(queue_ids: Iterable[str]) -> Deferred[Path]:
         """Move committed messages aside (out of the queue), keeping them; fire with where."""

@@ -71,6 +71,52 @@ async def test_restart_quarantines_unacknowledged_spool_files(tmp_path):
         await stop_node(node)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_removal_lost_in_a_crash_brings_back_a_finished_message_that_start_up_removes(
+    tmp_path,
+):
+    # The spool does not fsync a directory after an unlink: a crash may undo the removal
+    # of a delivered message. Its tracking record says it is finished, so start-up
+    # removes it again and delivers nothing twice.
+    config = node_config(tmp_path / "data", hostname="mx.example.test")
+    node = await start_node(config, deliver=False)
+    try:
+
+        def send() -> str:
+            with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as smtp:
+                smtp.ehlo("client.example")
+                smtp.mail("a@b.example")
+                smtp.rcpt("alice@localhost")
+                return smtp.data(b"Subject: once\r\n\r\nhi\r\n")[1].split()[-1].decode()
+
+        queue_id = await threads.deferToThread(send)
+        spool_file = node.spool.queue_path(queue_id)
+        saved = spool_file.read_bytes()
+    finally:
+        await stop_node(node)
+    maildir = tmp_path / "data" / "mail" / "alice" / "new"
+    node = await start_node(config)  # delivers it and removes the spool file
+    try:
+        for _ in range(250):
+            if not spool_file.exists():
+                break
+            await deferLater(reactor, 0.02)
+        assert not spool_file.exists() and len(list(maildir.iterdir())) == 1
+    finally:
+        await stop_node(node)
+    spool_file.write_bytes(saved)  # the unlink did not survive the "crash"
+    node = await start_node(config)
+    try:
+        assert await node.spool.queue_ids() == []
+        assert not (config.data_dir / "spool" / "quarantine").exists()
+        await deferLater(reactor, 0.2)
+        assert len(list(maildir.iterdir())) == 1  # delivered once
+        (r,) = (await node.tracking.message(queue_id)).recipients
+        assert r.state.value == "delivered"
+    finally:
+        await stop_node(node)
+
+
 @pytest.mark.parametrize("listener", ["smtp", "lmtp"])
 @pytest_twisted.ensureDeferred
 async def test_listeners_bind_ephemeral_ports(tmp_path, listener):
