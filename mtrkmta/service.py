@@ -422,8 +422,9 @@ class MTAService(Service):
         if self.config.workers < 2 and not draining:
             return
         shared = shared_sockets(self.ports)
-        for name in shared if self.config.workers >= 2 else ():  # not with draining ones only
-            take_turns(self.ports[name])
+        if self.config.workers >= 2:  # with draining workers only, the master alone accepts
+            for name in shared:
+                take_turns(self.ports[name])
         self.supervisor = WorkerSupervisor(
             self.reactor,
             self.origin,
