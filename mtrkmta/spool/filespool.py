@@ -209,7 +209,7 @@ class FileSpool:
         such files by their tracking records (``MTAService._reconcile``): a finished
         message is removed again and one without a record is quarantined. Nothing is
         delivered twice, so the directory fsync, which costs a journal commit per
-        batch, buys nothing here. (Postfix does not fsync after an unlink either.)
+        batch, buys nothing here. (Postfix fsyncs its queue files and never a directory.)
         """
         if self._closed:
             return fail(SpoolError("spool is closed"))
