@@ -545,6 +545,11 @@ class Limits:
     recipients: int = field(default=1000, metadata=_key(_integer(1)))
     command_line: int = field(default=2048, metadata=_key(_integer(512)))
     idle_timeout: float = field(default=300.0, metadata=_key(_duration()))
+    data_timeout: float = field(default=180.0, metadata=_key(_duration()))
+    data_min_rate: int = field(default=500, metadata=_key(_integer(0)))
+    session_time: float = field(default=HOUR, metadata=_key(_duration()))
+    bare_line_ends: str = field(default="normalize", metadata=_key(_choice("normalize", "reject")))
+    data_buffer: int = field(default=256 * KiB, metadata=_key(_size(4 * KiB)))
     max_connections: int = field(default=1000, metadata=_key(_integer(1)))
     max_connections_per_ip: int = field(default=50, metadata=_key(_integer(1)))
     min_free_space: int = field(default=100 * MiB, metadata=_key(_size(0)))
@@ -627,6 +632,7 @@ class Mtqp:
 
     tls_required: bool = field(default=False, metadata=_key(_boolean))
     idle_timeout: float = field(default=10 * MINUTE, metadata=_key(_duration(10 * MINUTE)))
+    session_time: float = field(default=HOUR, metadata=_key(_duration()))
     track_rate: int = field(default=60, metadata=_key(_integer(0)))
     failure_rate: int = field(default=10, metadata=_key(_integer(0)))
 

@@ -172,6 +172,7 @@ class MTAService(Service):
             config.data_dir / "spool",
             fsync=config.durability.fsync,
             commit_pool=self.commit_pool,
+            memory_limit=config.limits.data_buffer,
         )
         leftovers = await self.spool.recover()
         if leftovers:
@@ -296,7 +297,7 @@ class MTAService(Service):
         return QueueService(
             notifier=notifier,
             expander=self._resolve,
-            inject=self.receiver.accept,
+            inject=self.receiver.accept_content,
             new_queue_id=self.receiver.new_queue_id,
             hostname=config.hostname,
             default_retention=config.tracking.default_retention,
@@ -371,6 +372,10 @@ class MTAService(Service):
             max_recipients=limits.recipients,
             command_line=limits.command_line,
             idle_timeout=limits.idle_timeout,
+            data_timeout=limits.data_timeout,
+            data_min_rate=limits.data_min_rate,
+            session_time=limits.session_time,
+            bare_line_ends=limits.bare_line_ends,
             max_connections=limits.max_connections,
             max_connections_per_ip=limits.max_connections_per_ip,
             max_received_headers=limits.max_received_headers,

@@ -125,7 +125,7 @@ class DsnNotifier:
                     address="", helo=self.reporting_mta, protocol="local", listener="dsn"
                 ),
             )
-            await self.receiver.accept(envelope, dsn)
+            await self.receiver.accept_content(envelope, dsn)
             log.info(
                 "{queue_id}: {action} DSN {dsn_id} to <{sender}> for {recipients}",
                 queue_id=message.queue_id,

@@ -14,7 +14,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtrkmta.idle import IdleTimeout
 from mtrkmta.mtqp.protocol import (
     MAX_LINE,
     CommandError,
@@ -30,6 +29,7 @@ from mtrkmta.mtqp.protocol import (
     starttls_option,
 )
 from mtrkmta.queue.policy import RetryPolicy
+from mtrkmta.sessionguard import SessionGuard
 from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.framing import OVERLONG, LineFramer
 from mtrkmta.tracking.interfaces import StoredMessage
@@ -78,6 +78,7 @@ class MTQPSettings:
     tls_names: frozenset[str] = frozenset()
     tls_required: bool = False
     idle_timeout: float = MIN_IDLE_TIMEOUT
+    session_time: float = 3600.0  # the whole session, whatever it does (0: no limit)
     track_rate: int = 60
     failure_rate: int = 10
     max_connections: int = 1000
@@ -133,6 +134,7 @@ def settings_from_config(config: Config, tls: Any) -> MTQPSettings:
         tls_names=names,
         tls_required=mtqp.tls_required,
         idle_timeout=mtqp.idle_timeout,
+        session_time=mtqp.session_time,
         track_rate=mtqp.track_rate,
         failure_rate=mtqp.failure_rate,
         max_connections=config.limits.max_connections,
@@ -201,7 +203,7 @@ def _peer(address: IAddress) -> tuple[str, int]:
 
 
 @implementer(IHandshakeListener)
-class MTQPServer(Protocol, IdleTimeout):
+class MTQPServer(Protocol, SessionGuard):
     """One MTQP session (CHECKLIST 4).
 
     Lines are framed by the SMTP LineFramer (998 octets at most), parsed by the
@@ -233,18 +235,18 @@ class MTQPServer(Protocol, IdleTimeout):
             self._send(refusal)
             self._close()
             return
+        self._guard_start(self.settings.session_time)
         self._send(self.greeting())
-        self._reset_timeout()
+        self._expect_line(self.settings.idle_timeout)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closing = True
-        self._cancel_timeout()
+        self._guard_lost()
         self.factory.release(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._reset_timeout()
         self.framer.push(data)
         self._process()
 
@@ -253,7 +255,7 @@ class MTQPServer(Protocol, IdleTimeout):
             return
         self._handshaking = False
         self._send(self.greeting())
-        self._reset_timeout()
+        self._expect_line(self.settings.idle_timeout)
         self._process()
 
     def shutdown(self) -> None:
@@ -272,7 +274,7 @@ class MTQPServer(Protocol, IdleTimeout):
     # -- the command loop -----------------------------------------------------------
 
     def _process(self) -> None:
-        while not (self._waiting or self._closing or self._handshaking):
+        while not (self._waiting or self._closing or self._handshaking or self.output_blocked):
             line = self.framer.next_line()
             if line is None:
                 return
@@ -281,6 +283,11 @@ class MTQPServer(Protocol, IdleTimeout):
                 continue
             assert isinstance(line, bytes)
             self._answer(self._dispatch(line))
+            if not (self._waiting or self._closing):
+                self._expect_line(self.settings.idle_timeout)
+
+    def _output_drained(self) -> None:
+        self._process()
 
     def _dispatch(self, line: bytes) -> Answer:
         try:
@@ -305,8 +312,8 @@ class MTQPServer(Protocol, IdleTimeout):
             self._send(answer)
             return
         self._waiting = True
-        self._cancel_timeout()  # the client is waiting for us, not idle
-        self.transport.pauseProducing()
+        self._stop_phase()  # the client is waiting for us, not idle
+        self._pause_reading("answer")
         answer.addCallback(self._answered)
 
     def _answered(self, response: Response) -> None:
@@ -317,17 +324,15 @@ class MTQPServer(Protocol, IdleTimeout):
         if self._shutting_down:
             self._close()
             return
-        self._reset_timeout()
-        self.transport.resumeProducing()
+        self._expect_line(self.settings.idle_timeout)
+        self._resume_reading("answer")
         self._process()
 
     def _send(self, response: Response) -> None:
         self.transport.write(response.render())
 
     def _close(self) -> None:
-        self._closing = True
-        self._cancel_timeout()
-        self.transport.loseConnection()
+        self._guard_close()
 
     # -- TRACK (3887 §4) --------------------------------------------------------------
 
@@ -414,10 +419,19 @@ class MTQPServer(Protocol, IdleTimeout):
 
     # -- idle timeout (3887 §2.5) --------------------------------------------------------
 
-    def timeoutConnection(self) -> None:
+    def _deadline_passed(self, phase: str) -> None:
         # As in POP3 (RFC 1939 §3), on which MTQP is modelled: the autologout just closes.
-        log.info("MTQP session from {address} idle, closing", address=self.address)
-        self._close()
+        if self._closing:
+            return
+        log.info(
+            "MTQP session from {address}: {phase} time limit, closing",
+            address=self.address,
+            phase=phase,
+        )
+        if self._waiting:
+            self._shutting_down = True  # the TRACK being answered gets its answer first
+        else:
+            self._close()
 
 
 class MTQPServerFactory(Factory):

@@ -16,7 +16,7 @@ from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams
 from mtrkmta.receive.policy import RelayPolicy
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import IReceiver, Session
-from mtrkmta.spool.interfaces import ISpool
+from mtrkmta.spool.interfaces import IIncoming, ISpool
 from mtrkmta.tracking.interfaces import ITrackingStore, StoredMessage
 
 log = Logger()
@@ -73,7 +73,7 @@ class Receiver:
         node_id: str,
         min_free_space: int,
         clock: IReactorTime,
-        on_accepted: Callable[[Envelope, bytes, StoredMessage], object] | None = None,
+        on_accepted: Callable[[Envelope, bytes | None, StoredMessage], object] | None = None,
         free_space_interval: float = 5.0,
         check_local: Callable[[str], Reply | None] | None = None,
         max_tracked_per_hour: int = 0,
@@ -151,7 +151,19 @@ class Receiver:
     def new_queue_id(self) -> str:
         return self._new_queue_id()
 
-    def accept(self, envelope: Envelope, content: bytes) -> Deferred[None]:
+    def incoming(self, queue_id: str) -> IIncoming:
+        """The spool's stream for the content of ``queue_id`` (bounded memory)."""
+        return self.spool.incoming(queue_id)
+
+    def accept_content(self, envelope: Envelope, content: bytes) -> Deferred[None]:
+        """``accept`` for a message made here whole (a DSN): content already in memory."""
+        incoming = self.spool.incoming(envelope.queue_id)
+        wait = incoming.write(content)
+        if wait is None:
+            return self.accept(envelope, incoming)
+        return wait.addCallback(lambda _: self.accept(envelope, incoming))
+
+    def accept(self, envelope: Envelope, content: IIncoming) -> Deferred[None]:
         if envelope.params.mtrk is not None and not self._tracked.allow(envelope.client):
             # CHECKLIST 3.6, 8.4: over the client's quota the mail is accepted, but no
             # tracking data is kept for it (and no certifier goes on).
@@ -161,16 +173,17 @@ class Receiver:
                 client=TrackedRate.key(envelope.client),
             )
             envelope = replace(envelope, params=replace(envelope.params, mtrk=None))
-        d = self.spool.store(envelope, content)
-        d.addCallback(
-            lambda _: self.tracking.record_arrival(
-                envelope, reporting_mta=self.reporting_mta, node_id=self.node_id, size=len(content)
-            )
-        )
-        d.addCallback(self._accepted, envelope, content)
-        return d
+        size = content.size
 
-    def _accepted(self, record: StoredMessage, envelope: Envelope, content: bytes) -> None:
+        def committed(held: bytes | None) -> Deferred[None]:
+            d = self.tracking.record_arrival(
+                envelope, reporting_mta=self.reporting_mta, node_id=self.node_id, size=size
+            )
+            return d.addCallback(self._accepted, envelope, held)
+
+        return content.commit(envelope).addCallback(committed)
+
+    def _accepted(self, record: StoredMessage, envelope: Envelope, content: bytes | None) -> None:
         log.info(
             "{queue_id}: accepted from=<{sender}> nrcpt={n} via {listener} client=[{client}]",
             queue_id=envelope.queue_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 CRLF = b"\r\n"
@@ -94,80 +95,146 @@ class LineFramer:
 class DataResult:
     """The outcome of one DATA phase, available once the final ``.`` arrived."""
 
-    content: bytes  # dot-unstuffed, CRLF line ends; empty when size_exceeded
-    size: int  # octets of content as received after unstuffing
+    content: bytes  # what ``take`` had not handed out yet; empty when refused
+    size: int  # octets of content kept so far (dot-unstuffed, line ends normalised)
     line_too_long: bool
     size_exceeded: bool
+    bare_line_ends: bool  # a CR or LF not part of a CRLF was seen (RFC 5321 §2.3.8)
     received_headers: int
     leftover: bytes  # bytes after the final ".\r\n": pipelined commands
 
 
+_RECEIVED = re.compile(rb"(?:^|\n)received:", re.IGNORECASE)
+
+
 class DataReader:
-    """Read DATA content up to the ``<CRLF>.<CRLF>`` terminator.
+    """Stream DATA content up to the ``<CRLF>.<CRLF>`` terminator, in bounded memory.
 
     Only a line consisting of exactly ``.`` followed by CRLF ends DATA: a bare LF
-    never does (no SMTP smuggling), and an over-long line never makes us leave
-    DATA early — it is read to the end and reported in ``DataResult``. Content
-    beyond ``max_size`` is counted but not kept, so memory stays bounded.
-    Bare LFs inside a line are normalised to CRLF.
+    or CR never does (no SMTP smuggling), and an over-long line never makes us
+    leave DATA early — it is read to the end and reported in ``DataResult``.
+
+    ``feed`` decodes what it can (dot-unstuffing, and every bare CR and bare LF
+    turned into CRLF, RFC 5321 §2.3.8) and keeps it until ``take`` hands it out:
+    a caller that takes after every feed holds no more than one chunk. Nothing is
+    kept per line; whole runs of lines are decoded at once. Once the content can
+    no longer be accepted (``refused``: over ``max_size``, a line over
+    ``max_line``, or a bare line end when ``reject_bare_line_ends``) it is read
+    and thrown away up to the terminator.
     """
 
-    def __init__(self, max_size: int, max_line: int = 998) -> None:
+    def __init__(
+        self, max_size: int, max_line: int = 998, *, reject_bare_line_ends: bool = False
+    ) -> None:
         self.max_size = max_size
         self.max_line = max_line
-        self._partial = b""
-        self._lines: list[bytes] = []
+        self.reject_bare_line_ends = reject_bare_line_ends
+        self._long_line = re.compile(rb"[^\r\n]{%d}" % (max_line + 1))
+        self._tail = b""  # the last, incomplete line (no LF in it)
+        self._line_start = True  # the next byte starts a line (DATA start, or after CRLF)
+        self._out: list[bytes] = []
         self._size = 0
         self._line_too_long = False
         self._size_exceeded = False
+        self._bare = False
         self._in_headers = True
         self._received = 0
 
+    @property
+    def refused(self) -> bool:
+        """True once the content will be refused whatever follows: nothing more is kept."""
+        return (
+            self._line_too_long
+            or self._size_exceeded
+            or (self._bare and self.reject_bare_line_ends)
+        )
+
+    @property
+    def size_exceeded(self) -> bool:
+        """True once more than ``max_size`` octets of content arrived."""
+        return self._size_exceeded
+
     def feed(self, data: bytes) -> DataResult | None:
         """Consume ``data``; return the result once the terminator is seen, else None."""
-        buffer = self._partial + data if self._partial else data
-        lines = buffer.split(CRLF)
-        self._partial = lines.pop()
-        for index, line in enumerate(lines):
-            if line == b".":
-                leftover = CRLF.join([*lines[index + 1 :], self._partial])
-                return self._finish(leftover)
-            self._take(line)
-        if len(self._partial) > self.max_line + 1:
-            # Keep only a possible trailing CR of the over-long line; the rest is lost anyway.
+        buffer = self._tail + data if self._tail else data
+        if self._line_start and buffer[:3] == b".\r\n":
+            self._tail = b""
+            return self._finish(buffer[3:])
+        end = buffer.find(b"\r\n.\r\n")
+        if end >= 0:
+            self._tail = b""
+            self._decode(buffer[: end + 2])
+            return self._finish(buffer[end + 5 :])
+        last = buffer.rfind(b"\n")
+        if last >= 0:
+            self._tail = buffer[last + 1 :]
+            self._decode(buffer[: last + 1])
+        else:
+            self._tail = buffer
+        if len(self._tail) > self.max_line + 1:
+            # Keep only a possible CR of a CRLF: this line is lost anyway.
             self._line_too_long = True
-            self._partial = self._partial[-1:]
+            self._out.clear()
+            self._tail = self._tail[-1:]
+            self._line_start = False
         return None
 
-    def _take(self, line: bytes) -> None:
-        if len(line) > self.max_line:
-            self._line_too_long = True
-        if line[:1] == b".":
-            line = line[1:]
-        if b"\n" in line:
-            line = line.replace(b"\r\n", b"\n").replace(b"\n", CRLF)
-        if self._in_headers:
-            if not line:
-                self._in_headers = False
-            elif line[:9].lower() == b"received:":
-                self._received += 1
-        self._size += len(line) + 2
-        if self._size_exceeded:
+    def take(self) -> bytes:
+        """The content decoded since the last call (CRLF line ends, dot-unstuffed)."""
+        out, self._out = self._out, []
+        return b"".join(out)
+
+    def _decode(self, lines: bytes) -> None:
+        """Decode a run of whole lines: it starts where a line starts and ends with LF."""
+        line_start, self._line_start = self._line_start, lines.endswith(CRLF)
+        if self.refused:
             return
+        if len(lines) > self.max_line + 2 and self._long_line.search(lines) is not None:
+            self._line_too_long = True
+            self._out.clear()
+            return
+        if line_start and lines[:1] == b".":
+            lines = lines[1:]
+        if b"\r\n." in lines:
+            lines = lines.replace(b"\r\n.", CRLF)
+        crlf = lines.count(CRLF)
+        if lines.count(b"\r") != crlf or lines.count(b"\n") != crlf:
+            self._bare = True
+            if self.reject_bare_line_ends:
+                self._out.clear()
+                return
+            lines = normalize_line_ends(lines)
+        if self._in_headers:
+            end = 0 if lines[:2] == CRLF else lines.find(b"\r\n\r\n")
+            header = lines if end < 0 else lines[: end + 2 if end else 0]
+            self._received += len(_RECEIVED.findall(header))
+            self._in_headers = end < 0
+        self._size += len(lines)
         if self._size > self.max_size:
             self._size_exceeded = True
-            self._lines = []
+            self._out.clear()
             return
-        self._lines.append(line)
+        self._out.append(lines)
 
     def _finish(self, leftover: bytes) -> DataResult:
-        lines, self._lines = self._lines, []
-        content = CRLF.join(lines) + CRLF if lines else b""
+        content = b"" if self.refused else self.take()
         return DataResult(
             content=content,
             size=self._size,
             line_too_long=self._line_too_long,
             size_exceeded=self._size_exceeded,
+            bare_line_ends=self._bare,
             received_headers=self._received,
             leftover=leftover,
         )
+
+
+def normalize_line_ends(data: bytes) -> bytes:
+    """``data`` with every bare CR and every bare LF turned into CRLF (RFC 5321 §2.3.8).
+
+    A CRLF stays as it is; a CR at the very end counts as bare (a caller that
+    streams holds a trailing CR back until it knows what follows).
+    """
+    if b"\r" not in data:
+        return data.replace(b"\n", CRLF)
+    return data.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -19,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
-from mtrkmta.idle import IdleTimeout
+from mtrkmta.sessionguard import COMMAND, DATA, SessionGuard
 from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.command import LINE_TOO_LONG, parse_command, parse_mail, parse_rcpt
 from mtrkmta.smtp.extensions import advertised_keywords, render_ehlo
@@ -32,6 +33,16 @@ log = Logger()
 ReplyOrDeferred = Reply | Deferred[Reply]
 # The end of DATA in LMTP answers once per recipient: a tuple of replies.
 Answer = Reply | tuple[Reply, ...] | Deferred[Reply] | Deferred[tuple[Reply, ...]]
+
+
+class ContentSink(typing.Protocol):
+    """Where a message's content goes while it arrives (the spool's IIncoming)."""
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        """Append content; a Deferred asks the server to read nothing until it fires."""
+
+    def discard(self) -> None:
+        """The message will not be accepted: forget what was written."""
 
 
 class IReceiver(Interface):
@@ -48,11 +59,14 @@ class IReceiver(Interface):
         """Decide on RCPT TO (relay policy, unknown local users, ...)."""
 
     def new_queue_id() -> str:
-        """A fresh queue id for a message about to be accepted."""
+        """A fresh queue id for a message about to be received."""
 
-    def accept(envelope: Envelope, content: bytes) -> Deferred[None]:
-        """Make the message durable; fires once it is fsync'd and its tracking record
-        committed. Only then may the server say 250."""
+    def incoming(queue_id: str) -> ContentSink:
+        """Where the content of message ``queue_id`` goes as it arrives (DATA)."""
+
+    def accept(envelope: Envelope, content: ContentSink) -> Deferred[None]:
+        """Make the message whose content went to ``content`` durable; fires once it is
+        fsync'd and its tracking record committed. Only then may the server say 250."""
 
 
 class ICredentialsCheck(Interface):
@@ -73,7 +87,11 @@ class ServerSettings:
     message_size: int = 35 * 1024 * 1024
     max_recipients: int = 1000
     command_line: int = 2048
-    idle_timeout: float = 300.0
+    idle_timeout: float = 300.0  # to send one whole command line after the last reply
+    data_timeout: float = 180.0  # longest pause within message content
+    data_min_rate: float = 500.0  # octets per second, on average, after data_timeout
+    session_time: float = 3600.0  # the whole session, whatever it does (0: no limit)
+    bare_line_ends: str = "normalize"  # or "reject" (RFC 5321 §2.3.8)
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     max_received_headers: int = 50
@@ -120,6 +138,8 @@ class Transaction:
     sender: str
     params: MailParams
     recipients: list[Recipient] = field(default_factory=list)
+    queue_id: str = ""  # given at DATA
+    started: float = 0.0  # when DATA began
 
 
 def _peer(address: IAddress) -> tuple[str, int]:
@@ -130,15 +150,19 @@ def _peer(address: IAddress) -> tuple[str, int]:
 
 R_OK = Reply(250, "2.0.0", ("Ok",))
 R_BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
+R_TOO_BIG = Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
 
 
-class SMTPServer(Protocol, IdleTimeout):
+class SMTPServer(Protocol, SessionGuard):
     """One ESMTP session.
 
     Input is framed by the sans-IO framers, commands are parsed and replies
     rendered by the sans-IO toolkit, and policy is asked of the IReceiver.
     Commands are answered strictly in order: while a command waits for an
     asynchronous check, reading pauses and later pipelined commands wait.
+    Message content streams into the receiver's sink as it arrives, so a
+    session holds a bounded amount of memory whatever the client sends; time
+    limits and unread replies are handled by ``SessionGuard``.
     """
 
     hello_verbs: tuple[str, ...] = ("EHLO", "HELO")
@@ -150,9 +174,12 @@ class SMTPServer(Protocol, IdleTimeout):
         self.receiver = factory.receiver
         self.framer = LineFramer(self.settings.command_line - 2)  # limit counts the CRLF
         self._data: DataReader | None = None
+        self._sink: ContentSink | None = None
+        self._data_answered = False  # the 552 went out while content still came
         self._waiting = False
         self._closing = False
         self._shutting_down = False
+        self._farewell: Reply | None = None
         self._line_handler: Callable[[bytes], ReplyOrDeferred | None] | None = None
         self.session: Session
         self.transaction: Transaction | None = None
@@ -167,39 +194,44 @@ class SMTPServer(Protocol, IdleTimeout):
             self._send(refusal)
             self._close()
             return
+        self._guard_start(self.settings.session_time)
         self._send(Reply(220, None, (f"{self.settings.hostname} {self.service_name} mtrkmta",)))
-        self._reset_timeout()
+        self._expect_line(self.settings.idle_timeout)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closing = True
-        self._cancel_timeout()
+        self._guard_lost()
+        self._drop_content()
         self.factory.release(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._reset_timeout()
         if self._data is not None:
             self._feed_data(data)
         else:
             self.framer.push(data)
         self._process()
 
-    def shutdown(self) -> None:
-        """Tell the client we are going away and close (service stop).
+    def shutdown(self, farewell: Reply | None = None) -> None:
+        """Tell the client we are going away and close (service stop, session time).
 
         A command still being answered (a message being made durable) gets its
         real reply first: a client must never hear 421 for a message we keep.
         """
+        if farewell is None:
+            farewell = Reply(421, "4.3.2", (f"{self.settings.hostname} Service shutting down",))
+        self._farewell = farewell
         self._shutting_down = True
         if not self._closing and not self._waiting:
-            self._send(Reply(421, "4.3.2", (f"{self.settings.hostname} Service shutting down",)))
+            self._drop_content()
+            self._send(farewell)
             self._close()
 
     # -- the command loop ---------------------------------------------------
 
     def _process(self) -> None:
-        while not self._waiting and not self._closing:
+        while not self._waiting and not self._closing and not self.output_blocked:
             if self._data is not None:
                 # Bytes received after the DATA line belong to the content (a client that
                 # did not wait for 354): the framer hands them over exactly as received.
@@ -221,6 +253,8 @@ class SMTPServer(Protocol, IdleTimeout):
                 self._answer(handler(line))
             else:
                 self._answer(self._dispatch(line))
+            if self._data is None and not self._waiting and not self._closing:
+                self._expect_line(self.settings.idle_timeout)
 
     def _answer(self, result: Answer | None) -> None:
         if result is None:
@@ -229,7 +263,8 @@ class SMTPServer(Protocol, IdleTimeout):
             self._send(result)
             return
         self._waiting = True
-        self.transport.pauseProducing()
+        self._stop_phase()  # the client waits for us now, not we for it
+        self._pause_reading("answer")
         result.addErrback(self._internal_error)
         result.addCallback(self._answered)
 
@@ -240,9 +275,13 @@ class SMTPServer(Protocol, IdleTimeout):
         if reply is not None:
             self._send(reply)
         if self._shutting_down:
-            self.shutdown()
+            self.shutdown(self._farewell)
             return
-        self.transport.resumeProducing()
+        self._expect_line(self.settings.idle_timeout)
+        self._resume_reading("answer")
+        self._process()
+
+    def _output_drained(self) -> None:
         self._process()
 
     def _internal_error(self, failure: Failure) -> Reply:
@@ -266,15 +305,27 @@ class SMTPServer(Protocol, IdleTimeout):
             self.transport.write(b"".join(r.render() for r in reply))
 
     def _close(self) -> None:
-        self._closing = True
-        self._cancel_timeout()
-        self.transport.loseConnection()
+        self._guard_close()
 
-    # -- timeouts -------------------------------------------------------------
+    # -- time limits (SessionGuard) ----------------------------------------------
 
-    def timeoutConnection(self) -> None:
-        self._send(Reply(421, "4.4.2", (f"{self.settings.hostname} Idle timeout, closing",)))
-        self._close()
+    def _deadline_passed(self, phase: str) -> None:
+        host = self.settings.hostname
+        if phase == COMMAND:
+            text = f"{host} Idle timeout, closing"
+        elif phase == DATA:
+            text = f"{host} Timeout: message content too slow, closing"
+        else:
+            text = f"{host} Session time limit reached, closing"
+        if self._closing:
+            return
+        log.info(
+            "{listener} session from [{address}] ended: {phase} time limit",
+            listener=self.session.listener,
+            address=self.session.address,
+            phase=phase,
+        )
+        self.shutdown(Reply(421, "4.4.2", (text,)))
 
     # -- greeting and session commands -----------------------------------------
 
@@ -470,7 +521,7 @@ class SMTPServer(Protocol, IdleTimeout):
             raw_params, advertised=self.advertised(), lenient_xtext=self.settings.lenient_xtext
         )
         if params.size is not None and params.size > self.settings.message_size:
-            return Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
+            return R_TOO_BIG
 
         def decided(refusal: Reply | None) -> Reply:
             if refusal is not None:
@@ -509,23 +560,81 @@ class SMTPServer(Protocol, IdleTimeout):
     def smtp_DATA(self, argument: str) -> Reply:
         if argument.strip():
             return Reply(501, "5.5.4", ("Syntax: DATA",))
-        if self.transaction is None:
+        transaction = self.transaction
+        if transaction is None:
             return Reply(503, "5.5.1", ("Need MAIL command",))
-        if not self.transaction.recipients:
+        if not transaction.recipients:
             return Reply(503, "5.5.1", ("No valid recipients",))
-        self._data = DataReader(self.settings.message_size)
+        try:
+            queue_id = self.receiver.new_queue_id()
+            sink = self.receiver.incoming(queue_id)
+        except Exception:
+            log.failure("cannot receive a message now")
+            return Reply(451, "4.3.0", ("Could not queue the message; try again later",))
+        transaction.queue_id = queue_id
+        transaction.started = self.factory.clock.seconds()
+        self._sink = sink
+        self._data_answered = False
+        self._data = DataReader(
+            self.settings.message_size,
+            reject_bare_line_ends=self.settings.bare_line_ends == "reject",
+        )
+        self._write_content(self._received_header(transaction, transaction.started))
+        self._expect_data(self.settings.data_timeout, self.settings.data_min_rate)
         return Reply(354, None, ("End data with <CR><LF>.<CR><LF>",))
 
     def _feed_data(self, data: bytes) -> None:
-        assert self._data is not None
-        result = self._data.feed(data)
+        reader = self._data
+        assert reader is not None
+        self._data_arrived(len(data))
+        result = reader.feed(data)
+        if reader.refused:
+            self._drop_content()
+            if reader.size_exceeded and not self._data_answered:
+                # RFC 1870 §6.2 lets a server stop keeping an over-size message at once;
+                # the client hears 552 now, and the rest is read and thrown away.
+                self._data_answered = True
+                assert self.transaction is not None
+                self._send_answer(self._answer_data(R_TOO_BIG, self.transaction))
+        else:
+            self._write_content(reader.take() if result is None else result.content)
         if result is None:
             return
         self._data = None
         self.framer.push(result.leftover)
         transaction, self.transaction = self.transaction, None
         assert transaction is not None
-        self._answer(self._answer_data(self._end_of_data(transaction, result), transaction))
+        if self._data_answered:
+            self._drop_content()
+            self._expect_line(self.settings.idle_timeout)
+            return
+        sink, self._sink = self._sink, None
+        self._answer(self._answer_data(self._end_of_data(transaction, result, sink), transaction))
+        self._resume_reading("spool")
+        if not self._waiting and not self._closing:
+            self._expect_line(self.settings.idle_timeout)
+
+    def _send_answer(self, answer: Answer) -> None:
+        assert not isinstance(answer, Deferred)
+        self._send(answer)
+
+    def _write_content(self, data: bytes) -> None:
+        if not data or self._sink is None:
+            return
+        wait = self._sink.write(data)
+        if wait is not None:
+            self._pause_reading("spool")
+            wait.addBoth(self._spool_caught_up)
+
+    def _spool_caught_up(self, _: object) -> None:
+        self._resume_reading("spool")
+
+    def _drop_content(self) -> None:
+        """Forget the content of the message being received (refused, or connection gone)."""
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.discard()
+        self._resume_reading("spool")
 
     def _answer_data(self, result: Deferred[Reply] | Reply, transaction: Transaction) -> Answer:
         """The answer to the end of DATA: one reply (LMTP overrides: one per recipient)."""
@@ -535,27 +644,31 @@ class SMTPServer(Protocol, IdleTimeout):
         if result.line_too_long:
             return Reply(500, "5.5.2", ("Line too long (RFC 5321 limits lines to 998 octets)",))
         if result.size_exceeded:
-            return Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
+            return R_TOO_BIG
+        if result.bare_line_ends and self.settings.bare_line_ends == "reject":
+            return Reply(550, "5.6.0", ("Bare CR or LF in message content (RFC 5321 §2.3.8)",))
         if result.received_headers > self.settings.max_received_headers:
             return Reply(554, "5.4.6", ("Too many Received: headers: mail loop detected",))
         return None
 
-    def _end_of_data(self, transaction: Transaction, result: DataResult) -> Deferred[Reply] | Reply:
+    def _end_of_data(
+        self, transaction: Transaction, result: DataResult, sink: ContentSink | None
+    ) -> Deferred[Reply] | Reply:
         refusal = self._refuse_content(result)
-        if refusal is not None:
-            return refusal
-        queue_id = self.receiver.new_queue_id()
-        now = self.factory.clock.seconds()
+        if refusal is not None or sink is None:
+            if sink is not None:
+                sink.discard()
+            return refusal or Reply(451, "4.3.0", ("Could not queue the message; try again later",))
+        queue_id = transaction.queue_id
         envelope = Envelope(
             queue_id=queue_id,
             sender=transaction.sender,
             recipients=tuple(transaction.recipients),
             params=transaction.params,
-            arrival=now,
+            arrival=self.factory.clock.seconds(),
             client=self.session.client_info(self._with_protocol()),
         )
-        content = self._received_header(envelope, now) + result.content
-        d = self.receiver.accept(envelope, content)
+        d = self.receiver.accept(envelope, sink)
         d.addCallback(lambda _: Reply(250, "2.0.0", (f"Ok: queued as {queue_id}",)))
         d.addErrback(self._not_accepted, queue_id)
         return d
@@ -567,13 +680,14 @@ class SMTPServer(Protocol, IdleTimeout):
     def _with_protocol(self) -> str:
         return self.session.protocol_name
 
-    def _received_header(self, envelope: Envelope, now: float) -> bytes:
+    def _received_header(self, transaction: Transaction, now: float) -> bytes:
         session = self.session
-        recipient = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
+        recipients = transaction.recipients
+        recipient = recipients[0].address if len(recipients) == 1 else None
         lines = [
             f"Received: from {session.helo} ([{session.address}])",
-            f"\tby {self.settings.hostname} (mtrkmta) with {envelope.client.protocol}"
-            f" id {envelope.queue_id}",
+            f"\tby {self.settings.hostname} (mtrkmta) with {self._with_protocol()}"
+            f" id {transaction.queue_id}",
         ]
         if recipient is not None:
             lines.append(f"\tfor <{recipient}>")

@@ -5,16 +5,21 @@ Layout under ``root`` (directories mode 0700, files mode 0600)::
     incoming/<queue_id>              being written; never read, removed by recover()
     queue/<bucket>/<queue_id>        committed; bucket = 2 hex digits of blake2s(queue_id)
 
-Each message is one file: a fixed 22-byte header, the encoded envelope, the content::
+Each message is one file: a fixed 22-byte header, the content, the encoded envelope::
 
     offset  size  field
          0     4  magic b"MTQF"
-         4     2  format version, big-endian (1)
+         4     2  format version, big-endian (2)
          6     4  envelope length E, big-endian
         10     8  content length C, big-endian
-        18     4  CRC-32 of bytes 0..17, then the envelope, then the content
-        22     E  envelope (mtrkmta.spool.codec, JSON)
-      22+E     C  content, exactly as received
+        18     4  CRC-32 of the content, then the envelope, then bytes 0..17
+        22     C  content, exactly as received
+      22+C     E  envelope (mtrkmta.spool.codec, JSON)
+
+The content comes first so that a large message streams into incoming/ as it
+arrives (IIncoming): the envelope is appended and the header written last, when
+the message ends. Version 1 files (envelope before content, CRC over bytes 0..17,
+the envelope, the content) are still read.
 
 A file is only ever renamed into queue/ after it has been written completely and
 fsync'd, so a crash can leave a partial file only in incoming/, and the file size,
@@ -46,6 +51,7 @@ from mtrkmta.groupcommit import GroupCommit
 from mtrkmta.spool.codec import CodecError, decode_envelope, encode_envelope
 from mtrkmta.spool.interfaces import (
     DuplicateQueueId,
+    IIncoming,
     ISpool,
     MessageNotFound,
     SpoolCorruption,
@@ -53,13 +59,15 @@ from mtrkmta.spool.interfaces import (
 )
 
 MAGIC = b"MTQF"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_ENVELOPE_FIRST = 1  # the version-1 layout, still read
 _PREFIX = struct.Struct(">4sHIQ")  # magic, version, envelope length, content length
 _CRC = struct.Struct(">I")
 HEADER_SIZE = _PREFIX.size + _CRC.size
 _QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
+DEFAULT_MEMORY_LIMIT = 256 * 1024
 
 R = TypeVar("R")
 
@@ -76,12 +84,17 @@ def check_queue_id(queue_id: str) -> str:
     return queue_id
 
 
+def message_header(envelope_data: bytes, content_length: int, content_crc: int) -> bytes:
+    """The 22-byte header of a message file, given the CRC-32 of its content."""
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(envelope_data), content_length)
+    crc = zlib.crc32(prefix, zlib.crc32(envelope_data, content_crc))
+    return prefix + _CRC.pack(crc)
+
+
 def encode_message(envelope: Envelope, content: bytes) -> tuple[bytes, bytes]:
-    """The header and encoded envelope that precede ``content`` in a message file."""
+    """The header and encoded envelope of a message file: header, content, envelope."""
     envelope_data = encode_envelope(envelope)
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(envelope_data), len(content))
-    crc = zlib.crc32(content, zlib.crc32(envelope_data, zlib.crc32(prefix)))
-    return prefix + _CRC.pack(crc), envelope_data
+    return message_header(envelope_data, len(content), zlib.crc32(content)), envelope_data
 
 
 def read_message(f: BinaryIO, size: int, queue_id: str) -> tuple[Envelope, bytes]:
@@ -93,16 +106,22 @@ def read_message(f: BinaryIO, size: int, queue_id: str) -> tuple[Envelope, bytes
     (crc,) = _CRC.unpack_from(header, _PREFIX.size)
     if magic != MAGIC:
         raise SpoolCorruption(f"{queue_id}: bad magic {magic!r}")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, _ENVELOPE_FIRST):
         raise SpoolCorruption(f"{queue_id}: unsupported format version {version}")
     expected = HEADER_SIZE + envelope_len + content_len
     if size != expected:
         raise SpoolCorruption(f"{queue_id}: file has {size} bytes, header says {expected}")
-    envelope_data = f.read(envelope_len)
-    content = f.read(content_len)
+    if version == _ENVELOPE_FIRST:
+        envelope_data = f.read(envelope_len)
+        content = f.read(content_len)
+        prefix = header[: _PREFIX.size]
+        actual = zlib.crc32(content, zlib.crc32(envelope_data, zlib.crc32(prefix)))
+    else:
+        content = f.read(content_len)
+        envelope_data = f.read(envelope_len)
+        actual = zlib.crc32(header[: _PREFIX.size], zlib.crc32(envelope_data, zlib.crc32(content)))
     if len(envelope_data) != envelope_len or len(content) != content_len or f.read(1):
         raise SpoolCorruption(f"{queue_id}: file changed size while being read")
-    actual = zlib.crc32(content, zlib.crc32(envelope_data, zlib.crc32(header[: _PREFIX.size])))
     if actual != crc:
         raise SpoolCorruption(f"{queue_id}: checksum mismatch")
     try:
@@ -116,12 +135,146 @@ def read_message(f: BinaryIO, size: int, queue_id: str) -> tuple[Envelope, bytes
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
-    """One message on its way into the queue."""
+    """One message on its way into the queue: its whole content in memory, or already
+    streamed into incoming/ (``content`` None, ``fd`` open on that file)."""
 
     queue_id: str
     header: bytes
     envelope_data: bytes
-    content: bytes
+    content: bytes | None
+    fd: int = -1
+    content_length: int = 0
+
+
+@implementer(IIncoming)
+class _Incoming:
+    """IIncoming of FileSpool: content is held in memory up to ``memory_limit`` octets;
+    past that it goes to incoming/<queue_id> (after a header placeholder), one write
+    at a time in the io thread pool, and the writer is asked to wait while more than
+    ``memory_limit`` octets are held. Commit appends the envelope and writes the real
+    header in the commit batch, which fsyncs and renames as for ``store``."""
+
+    def __init__(self, spool: FileSpool, queue_id: str, memory_limit: int) -> None:
+        self.queue_id = queue_id
+        self.size = 0
+        self._spool = spool
+        self._limit = memory_limit
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._fd: int | None = None  # the incoming/ file, once content went to disk
+        self._crc = 0  # CRC-32 of the content written to the file so far
+        self._writing: Deferred[None] | None = None  # the write in flight
+        self._waiter: Deferred[None] | None = None  # handed to a writer asked to wait
+        self._error: Failure | None = None
+        self._closed = False  # committed or discarded
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        if self._closed:
+            raise SpoolError(f"{self.queue_id}: content written after commit or discard")
+        if self._error is not None or not data:
+            return None
+        self._held.append(data)
+        self._held_size += len(data)
+        self.size += len(data)
+        if self._fd is None and self._writing is None and self.size <= self._limit:
+            return None
+        self._pump()
+        if self._held_size <= self._limit:
+            return None
+        if self._waiter is None:
+            self._waiter = Deferred()
+        return self._waiter
+
+    def commit(self, envelope: Envelope) -> Deferred[bytes | None]:
+        if self._closed:
+            return fail(SpoolError(f"{self.queue_id}: already committed or discarded"))
+        if envelope.queue_id != self.queue_id:
+            return fail(ValueError(f"envelope of {envelope.queue_id} for {self.queue_id}"))
+        self._closed = True
+        return self._drained().addCallback(lambda _: self._submit(envelope))
+
+    def discard(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._held, self._held_size = [], 0
+        self._drained().addBoth(lambda _: self._remove_file())
+
+    # -- internals --------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start writing what is held, unless a write is already in flight."""
+        if self._writing is not None or not self._held or self._error is not None:
+            return
+        chunk = b"".join(self._held)
+        self._held, self._held_size = [], 0
+        self._writing = self._spool._append(self.queue_id, self._fd, chunk, self._crc)
+        self._writing.addCallbacks(self._written, self._write_failed)
+
+    def _written(self, result: tuple[int, int]) -> None:
+        self._fd, self._crc = result
+        self._writing = None
+        self._pump()
+        self._wake()
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._writing = None
+        self._error = failure
+        self._held, self._held_size = [], 0
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and (self._held_size <= self._limit or self._error):
+            waiter, self._waiter = self._waiter, None
+            waiter.callback(None)
+
+    def _drained(self) -> Deferred[None]:
+        """Fires once nothing is in flight (and, unless discarding, everything written)."""
+        if self._writing is None and (not self._held or self._fd is None or self._error):
+            return succeed(None)
+        if self._writing is None:
+            self._pump()
+        assert self._writing is not None
+        d: Deferred[None] = Deferred()
+        self._writing.addBoth(lambda _: self._drained().chainDeferred(d))
+        return d
+
+    def _submit(self, envelope: Envelope) -> Deferred[bytes | None]:
+        if self._error is not None:
+            self._remove_file()
+            return fail(self._error)
+        try:
+            envelope_data = encode_envelope(envelope)
+        except (ValueError, TypeError) as e:
+            self._remove_file()
+            return fail(e)
+        if self._fd is None:
+            content = b"".join(self._held)
+            self._held = []
+            d = self._spool._commit(
+                _Pending(
+                    self.queue_id,
+                    message_header(envelope_data, len(content), zlib.crc32(content)),
+                    envelope_data,
+                    content,
+                )
+            )
+            return d.addCallback(lambda _: content)
+        fd, self._fd = self._fd, None
+        pending = _Pending(
+            self.queue_id,
+            message_header(envelope_data, self.size, self._crc),
+            envelope_data,
+            None,
+            fd,
+            self.size,
+        )
+        return self._spool._commit(pending).addCallback(lambda _: None)
+
+    def _remove_file(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            self._spool._drop_incoming(self.queue_id, fd)
 
 
 @implementer(ISpool)
@@ -144,11 +297,14 @@ class FileSpool:
         fsync: bool = True,
         max_batch: int = 256,
         commit_pool: ThreadPool | None = None,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
     ) -> None:
         """Remember where the spool lives; touches no file until first used.
 
         Batches of stores and removals run in ``commit_pool`` (default: ``threadpool``).
+        An incoming message keeps at most ``memory_limit`` octets of content in memory.
         """
+        self._memory_limit = memory_limit
         self._reactor = reactor
         self._threadpool = threadpool
         self._root = Path(root)
@@ -192,7 +348,13 @@ class FileSpool:
             header, envelope_data = encode_message(envelope, content)
         except (ValueError, TypeError) as e:
             return fail(e)
-        return self._stores.submit(_Pending(envelope.queue_id, header, envelope_data, content))
+        return self._commit(_Pending(envelope.queue_id, header, envelope_data, content))
+
+    def incoming(self, queue_id: str) -> _Incoming:
+        """Receive a message's content as a stream; see IIncoming and ``memory_limit``."""
+        if self._closed:
+            raise SpoolError("spool is closed")
+        return _Incoming(self, check_queue_id(queue_id), self._memory_limit)
 
     def load(self, queue_id: str) -> Deferred[tuple[Envelope, bytes]]:
         """Read a committed message; MessageNotFound or SpoolCorruption on failure."""
@@ -264,6 +426,32 @@ class FileSpool:
 
     # Reactor-side helpers
 
+    def _commit(self, item: _Pending) -> Deferred[None]:
+        if self._closed:
+            if item.fd >= 0:
+                self._drop_incoming(item.queue_id, item.fd)
+            return fail(SpoolError("spool is closed"))
+        return self._stores.submit(item)
+
+    def _append(
+        self, queue_id: str, fd: int | None, chunk: bytes, crc: int
+    ) -> Deferred[tuple[int, int]]:
+        """Append ``chunk`` to incoming/<queue_id> (created on first use); fire with the
+        descriptor and the CRC-32 of all content written so far."""
+        return self._run(self._append_incoming, queue_id, fd, chunk, crc)
+
+    def _drop_incoming(self, queue_id: str, fd: int) -> None:
+        """Close and unlink a streamed message's incoming/ file (in the thread pool)."""
+        path = self._incoming / queue_id
+
+        def drop() -> None:
+            os.close(fd)
+            self._discard(path)
+
+        # Not counted by close(): unlike stores, a dropped leftover harms nobody,
+        # and recover() empties incoming/ at the next start anyway.
+        deferToThreadPool(self._reactor, self._threadpool, drop).addErrback(lambda _: None)
+
     def _run(self, f: Callable[..., R], *args: object) -> Deferred[R]:
         """Run ``f(*args)`` in the thread pool, counted so that close() can wait for it."""
         if self._closed:
@@ -331,7 +519,10 @@ class FileSpool:
         fds: dict[int, int] = {}
         for i, item in enumerate(batch):
             try:
-                fds[i] = self._write_incoming(item)
+                if item.content is None:
+                    fds[i] = self._finish_incoming(item)
+                else:
+                    fds[i] = self._write_incoming(item)
             except (OSError, SpoolError) as e:
                 results[i] = e
 
@@ -385,23 +576,67 @@ class FileSpool:
                 self._fail_renamed(batch, results, pending, e)
         return results
 
+    def _append_incoming(
+        self, queue_id: str, fd: int | None, chunk: bytes, crc: int
+    ) -> tuple[int, int]:
+        """Append content to a streamed message's file; create it (header placeholder
+        first) on the first call."""
+        if fd is None:
+            if not self._dirs_ready:
+                self._ensure_dirs()
+            path = self._incoming / queue_id
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                fd = os.open(path, flags, _FILE_MODE)
+            except FileExistsError:
+                raise DuplicateQueueId(f"{queue_id}: already being stored") from None
+            try:
+                self._write_all(fd, [memoryview(bytes(HEADER_SIZE)), memoryview(chunk)])
+            except BaseException:
+                os.close(fd)
+                self._discard(path)
+                raise
+        else:
+            self._write_all(fd, [memoryview(chunk)])
+        return fd, zlib.crc32(chunk, crc)
+
+    @staticmethod
+    def _write_all(fd: int, parts: list[memoryview]) -> None:
+        """Write every part, in one writev unless the kernel takes less than everything."""
+        while parts:
+            written = os.writev(fd, parts)
+            while parts and written >= len(parts[0]):
+                written -= len(parts.pop(0))
+            if parts:
+                parts[0] = parts[0][written:]
+
+    def _finish_incoming(self, item: _Pending) -> int:
+        """Complete a streamed message's file: envelope after the content, then the header."""
+        try:
+            self._write_all(item.fd, [memoryview(item.envelope_data)])
+            os.pwrite(item.fd, item.header, 0)
+        except BaseException:
+            os.close(item.fd)
+            self._discard(self._incoming / item.queue_id)
+            raise
+        return item.fd
+
     def _write_incoming(self, item: _Pending) -> int:
-        """Create incoming/<queue_id> with the whole message; return its open descriptor."""
+        """Create incoming/<queue_id> with the whole message; return its open descriptor.
+
+        The layout is the one ``_append_incoming`` and ``_finish_incoming`` build in
+        pieces: header, content, envelope.
+        """
         path = self._incoming / item.queue_id
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             fd = os.open(path, flags, _FILE_MODE)
         except FileExistsError:
             raise DuplicateQueueId(f"{item.queue_id}: already being stored") from None
+        assert item.content is not None
         try:
-            parts = [memoryview(item.header), memoryview(item.envelope_data)]
-            parts.append(memoryview(item.content))
-            while parts:  # one writev, unless the kernel takes less than everything
-                written = os.writev(fd, parts)
-                while parts and written >= len(parts[0]):
-                    written -= len(parts.pop(0))
-                if parts:
-                    parts[0] = parts[0][written:]
+            parts = [item.header, item.content, item.envelope_data]
+            self._write_all(fd, [memoryview(part) for part in parts])
         except BaseException:
             os.close(fd)
             self._discard(path)

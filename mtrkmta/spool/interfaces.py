@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from mtrkmta.envelope import Envelope
 
@@ -27,6 +27,32 @@ class DuplicateQueueId(SpoolError):
     """A message with this queue id is already stored or being stored."""
 
 
+class IIncoming(Interface):
+    """A message being received: its content arrives in pieces, then it is committed
+    (exactly like ``ISpool.store``) or discarded.
+
+    Memory stays bounded whatever the size of the message: content beyond a small
+    buffer goes to disk as it arrives, and ``write`` says when the writer must wait.
+    """
+
+    queue_id = Attribute("the queue id the message will be committed under")
+    size = Attribute("octets of content written so far")
+
+    def write(data: bytes) -> Deferred[None] | None:
+        """Append content. None: go on; a Deferred: send nothing more until it fires.
+
+        A failure to write is not raised here: later data is dropped and ``commit``
+        fails, so the client hears a 4xx at the end of its message.
+        """
+
+    def commit(envelope: Envelope) -> Deferred[bytes | None]:
+        """Durably store the message under ``envelope.queue_id`` (see ``ISpool.store``);
+        fire with the content when it was small enough to be held in memory, else None."""
+
+    def discard() -> None:
+        """Forget the message (refused, or the client went away); its partial file goes."""
+
+
 class ISpool(Interface):
     """Where accepted messages live between the 250 reply and their final removal.
 
@@ -37,6 +63,9 @@ class ISpool(Interface):
 
     def store(envelope: Envelope, content: bytes) -> Deferred[None]:
         """Durably store one message under ``envelope.queue_id`` (content with CRLF ends)."""
+
+    def incoming(queue_id: str) -> IIncoming:
+        """Start receiving a message's content as a stream (``IIncoming``)."""
 
     def load(queue_id: str) -> Deferred[tuple[Envelope, bytes]]:
         """Read a committed message back; fails with MessageNotFound or SpoolCorruption."""

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater as _defer_later
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, Mtrk, Recipient
+from mtrkmta.spool.codec import encode_envelope
 from mtrkmta.spool.filespool import HEADER_SIZE, FileSpool, bucket_of
 from mtrkmta.spool.interfaces import (
     DuplicateQueueId,
+    IIncoming,
     ISpool,
     MessageNotFound,
     SpoolCorruption,
@@ -86,6 +91,12 @@ def reactor() -> object:
 @pytest.fixture
 def spool(tmp_path: Path, pool: CountingThreadPool, reactor) -> FileSpool:
     return FileSpool(reactor, pool, tmp_path / "spool")
+
+
+def deferLater(seconds: float) -> Deferred[None]:
+    from twisted.internet import reactor
+
+    return _defer_later(reactor, seconds)
 
 
 def ids() -> str:
@@ -414,7 +425,7 @@ def test_failed_write_fails_only_that_message(spool: FileSpool, monkeypatch: pyt
     bad = b"\r\nPOISON\r\n"
 
     def writev(fd: int, buffers: list[memoryview]) -> int:
-        if bytes(buffers[-1]) == bad:
+        if any(bytes(buffer) == bad for buffer in buffers):
             raise OSError(28, "No space left on device")
         return real(fd, buffers)
 
@@ -505,3 +516,115 @@ def test_close_waits_for_reads_in_flight(spool: FileSpool):
     yield closing
     assert loading.called
     assert (yield loading) == (env, CONTENT)
+
+
+# -- streaming a message in (IIncoming) ---------------------------------------------------
+
+
+@pytest.fixture
+def small_spool(tmp_path: Path, pool: CountingThreadPool, reactor) -> FileSpool:
+    """A spool that keeps at most 4 KiB of an incoming message in memory."""
+    return FileSpool(reactor, pool, tmp_path / "spool", memory_limit=4096)
+
+
+def test_incoming_provides_iincoming(small_spool: FileSpool) -> None:
+    assert verifyObject(IIncoming, small_spool.incoming(ids()))
+
+
+@pytest_twisted.inlineCallbacks
+def test_small_message_stays_in_memory_and_commits_in_one_write(small_spool: FileSpool):
+    yield small_spool.recover()
+    env = envelope()
+    incoming = small_spool.incoming(env.queue_id)
+    assert incoming.write(CONTENT[:10]) is None
+    assert incoming.write(CONTENT[10:]) is None
+    assert os.listdir(small_spool.root / "incoming") == []  # nothing on disk yet
+    held = yield incoming.commit(env)
+    assert held == CONTENT  # the queue's first run need not read the file back
+    assert (yield small_spool.load(env.queue_id)) == (env, CONTENT)
+    yield small_spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_large_message_streams_to_disk_with_bounded_memory(small_spool: FileSpool):
+    # A 2 MB message arrives in 1,000 pieces: past 4 KiB it goes to incoming/ as it
+    # comes, and the writer is asked to wait whenever more than 4 KiB are held.
+    yield small_spool.recover()
+    env = envelope()
+    incoming = small_spool.incoming(env.queue_id)
+    piece = b"x" * 2046 + b"\r\n"
+    waits = 0
+    for _ in range(1000):
+        wait = incoming.write(piece)
+        assert incoming._held_size <= 4096 + len(piece)
+        if wait is not None:
+            waits += 1
+            yield wait
+    assert waits > 0
+    assert os.listdir(small_spool.root / "incoming") == [env.queue_id]
+    held = yield incoming.commit(env)
+    assert held is None
+    assert os.listdir(small_spool.root / "incoming") == []
+    loaded = yield small_spool.load(env.queue_id)
+    assert loaded == (env, piece * 1000)
+    yield small_spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_discarded_stream_leaves_nothing(small_spool: FileSpool):
+    yield small_spool.recover()
+    queue_id = ids()
+    incoming = small_spool.incoming(queue_id)
+    for _ in range(10):
+        wait = incoming.write(b"y" * 1000)
+        if wait is not None:
+            yield wait
+    incoming.discard()
+    yield small_spool.close()
+    # the unlink runs in the pool, after close() returned: give it a moment
+    for _ in range(100):
+        if not os.listdir(small_spool.root / "incoming"):
+            break
+        yield deferLater(0.01)
+    assert os.listdir(small_spool.root / "incoming") == []
+    assert (
+        yield FileSpool(small_spool._reactor, small_spool._threadpool, small_spool.root).queue_ids()
+    ) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_failed_stream_write_fails_the_commit(small_spool: FileSpool, monkeypatch):
+    yield small_spool.recover()
+    env = envelope()
+    incoming = small_spool.incoming(env.queue_id)
+    real = os.writev
+
+    def writev(fd: int, buffers: list[memoryview]) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", writev)
+    for _ in range(10):
+        wait = incoming.write(b"z" * 1000)
+        if wait is not None:
+            yield wait
+    monkeypatch.setattr(os, "writev", real)
+    with pytest.raises(OSError):
+        yield incoming.commit(env)
+    assert (yield small_spool.queue_ids()) == []
+    assert os.listdir(small_spool.root / "incoming") == []
+    yield small_spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_version_1_files_are_still_read(spool: FileSpool):
+    # Files written before content came first (envelope, then content) still load.
+    yield spool.recover()
+    env = envelope()
+    envelope_data = encode_envelope(env)
+    prefix = struct.pack(">4sHIQ", b"MTQF", 1, len(envelope_data), len(CONTENT))
+    crc = zlib.crc32(CONTENT, zlib.crc32(envelope_data, zlib.crc32(prefix)))
+    path = spool.queue_path(env.queue_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(prefix + struct.pack(">I", crc) + envelope_data + CONTENT)
+    assert (yield spool.load(env.queue_id)) == (env, CONTENT)
+    yield spool.close()

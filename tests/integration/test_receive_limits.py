@@ -203,8 +203,9 @@ async def test_idle_timeout(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_idle_timeout_in_the_middle_of_data(tmp_path):
-    async with running_node(tmp_path, options=(("limits.idle_timeout", "1s"),)) as node:
+async def test_data_timeout_in_the_middle_of_data(tmp_path):
+    # RFC 5321 §4.5.3.2.6: content that stops coming ends the session.
+    async with running_node(tmp_path, options=(("limits.data_timeout", "1s"),)) as node:
 
         def talk():
             with Wire(node.port("smtp")) as wire:
@@ -214,7 +215,9 @@ async def test_idle_timeout_in_the_middle_of_data(tmp_path):
                 return wire.reply(), wire.expect_closed()
 
         timeout, rest = await in_thread(talk)
-        assert timeout.line == "421 4.4.2 mx.example.test Idle timeout, closing"
+        assert timeout.line == (
+            "421 4.4.2 mx.example.test Timeout: message content too slow, closing"
+        )
         assert rest == b""
         await nothing_queued(node)
 

@@ -166,7 +166,7 @@ def test_setting_names_cover_every_section():
         "local",
         "durability",
     }
-    assert len(names) == len(set(names)) == 45
+    assert len(names) == len(set(names)) == 51
 
 
 # ---------------------------------------------------------------------------

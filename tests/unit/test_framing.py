@@ -135,3 +135,83 @@ def test_partial_line_buffer_is_bounded():
     framer.push(b"x" * 100_000)
     assert framer.next_line() is None
     assert len(framer.take_buffer()) <= 1
+
+
+# -- streaming (bounded memory) and line ends (RFC 5321 §2.3.8) ---------------------------
+
+
+def stream(chunks, **options):
+    """Feed chunks, taking the decoded content after each: (content, result)."""
+    reader = DataReader(10**9, **options)
+    out = []
+    for chunk in chunks:
+        result = reader.feed(chunk)
+        out.append(reader.take() if result is None else result.content)
+        if result is not None:
+            return b"".join(out), result
+    return b"".join(out), None
+
+
+def test_reader_holds_no_more_than_one_line_between_takes():
+    # 34 MB of "ab\r\n" used to become one Python object per line; now each feed is
+    # decoded as a whole and only the unfinished last line stays behind.
+    reader = DataReader(10**9)
+    chunk = b"ab\r\n" * 16384 + b"a"
+    for _ in range(20):
+        assert reader.feed(chunk) is None
+        assert len(reader.take()) > 0
+        assert reader._out == [] and len(reader._tail) <= 999
+    result = reader.feed(b"b\r\n.\r\n")
+    assert result is not None and result.content == b"ab\r\n"
+
+
+def test_over_size_content_is_not_kept():
+    reader = DataReader(1000)
+    reader.feed(b"x" * 900 + b"\r\n" + b"y" * 900 + b"\r\n")
+    assert reader.refused and reader.size_exceeded
+    assert reader.take() == b""
+    for _ in range(100):
+        assert reader.feed(b"z" * 500 + b"\r\n") is None
+        assert reader.take() == b"" and reader._out == []
+    result = reader.feed(b".\r\n")
+    assert result.size_exceeded and result.content == b""
+
+
+def test_bare_cr_and_lf_become_crlf():
+    content, result = stream([b"Subject: x\r\n\r\nhello\r.\r\nMAIL FROM:<a@x.test>\nNEXT\r\n.\r\n"])
+    assert content == b"Subject: x\r\n\r\nhello\r\n.\r\nMAIL FROM:<a@x.test>\r\nNEXT\r\n"
+    assert result.bare_line_ends and not result.size_exceeded
+
+
+def test_bare_line_ends_can_be_refused():
+    content, result = stream([b"hello\r.\r\n", b".\r\n"], reject_bare_line_ends=True)
+    assert result.bare_line_ends and content == b""
+
+
+def test_smuggled_ends_of_data_do_not_end_data():
+    # Only <CRLF>.<CRLF> ends DATA; the variants a lenient server might take do not.
+    for fake in [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r.\n", b"\r\n.\n", b"\r\n.\r"]:
+        reader = DataReader(10**6)
+        assert reader.feed(b"a" + fake + b"MAIL FROM:<x@y>\r\n") is None, fake
+        assert reader.feed(b".\r\n") is not None
+
+
+@settings(max_examples=300)
+@given(
+    content=st.binary(max_size=300).map(
+        lambda b: b.replace(b"\x00", b"\r").replace(b"\x01", b"\n")
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+def test_decoded_content_has_only_crlf_line_ends_whatever_the_chunking(content, cuts):
+    wire = content.replace(b"\r\n.", b"\r\n..")
+    if wire.startswith(b"."):
+        wire = b"." + wire
+    wire += b"\r\n.\r\n"
+    points = sorted({min(c, len(wire)) for c in cuts})
+    chunks = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
+    decoded, result = stream(chunks)
+    if result is None or result.leftover:
+        return  # the content itself held the terminator: a different message
+    assert decoded.count(b"\r") == decoded.count(b"\n") == decoded.count(b"\r\n")
+    assert decoded == stream([wire])[0]

@@ -466,6 +466,7 @@ def test_idle_session_is_closed_and_commands_reset_the_timer(clock):
     assert not session.transport.disconnecting
     clock.advance(1)
     assert session.transport.disconnecting
+    session.proto.connectionLost(None)
     assert not clock.getDelayedCalls()
 
 

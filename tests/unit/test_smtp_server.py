@@ -11,12 +11,34 @@ from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import IReceiver, ServerSettings, SMTPServerFactory
 
 
+class MemorySink:
+    """The content sink of one message: what the server core wrote, kept in a list."""
+
+    def __init__(self, queue_id):
+        self.queue_id = queue_id
+        self.chunks: list[bytes] = []
+        self.discarded = False
+        self.wait: Deferred | None = None  # handed back by write: the spool is behind
+
+    @property
+    def content(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def write(self, data):
+        self.chunks.append(data)
+        return self.wait
+
+    def discard(self):
+        self.discarded = True
+
+
 @implementer(IReceiver)
 class RecordingReceiver:
     """A receiver double that records what the server core hands it."""
 
     def __init__(self):
         self.accepted = []
+        self.sinks: list[MemorySink] = []
         self.sender_checks: list[Deferred] | None = None
         self.refuse_rcpt: dict[str, Reply] = {}
         self.fail_accept = False
@@ -33,14 +55,20 @@ class RecordingReceiver:
         return self.refuse_rcpt.get(address)
 
     def new_queue_id(self):
-        return f"Q{len(self.accepted) + 1}"
+        return f"Q{len(self.sinks) + 1}"
 
-    def accept(self, envelope, content):
+    def incoming(self, queue_id):
+        sink = MemorySink(queue_id)
+        self.sinks.append(sink)
+        return sink
+
+    def accept(self, envelope, sink):
+        assert sink.queue_id == envelope.queue_id and not sink.discarded
         if self.fail_accept:
             from twisted.internet.defer import fail
 
             return fail(OSError("disk on fire"))
-        self.accepted.append((envelope, content))
+        self.accepted.append((envelope, sink.content))
         if self.pending_accepts is not None:
             d = Deferred()
             self.pending_accepts.append(d)

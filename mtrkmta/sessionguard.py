@@ -1,0 +1,203 @@
+"""Time limits and flow control of server sessions (SMTP, LMTP, MTQP) that bytes cannot reset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from zope.interface import implementer
+
+CLOSE_GRACE = 10.0
+"""Seconds a closing connection may take to send its last replies before it is cut."""
+
+COMMAND = "command"
+DATA = "data"
+SESSION = "session"
+
+
+@implementer(IPushProducer)
+class SessionGuard:
+    """A mixin for a server Protocol: deadlines, pauses of reading, and closing for good.
+
+    Deadlines (RFC 5321 §4.5.3.2 style) are kept on the factory's injected clock and
+    are never moved by partial input:
+
+    - a command line must be complete within ``timeout`` of the previous one being
+      answered (``_expect_line``): the bytes of an unfinished line extend nothing;
+    - message content must keep coming (``_expect_data``): no gap longer than
+      ``block_timeout``, and after the first ``block_timeout`` seconds an average of
+      at least ``min_rate`` octets per second, so trickling cannot hold a session;
+    - the whole session ends after ``session_time`` seconds whatever happens.
+
+    One timer serves the current phase; it is re-armed only when it fires early, so
+    input costs no timer work. When a deadline passes, ``_deadline_passed(phase)``
+    is called with ``COMMAND``, ``DATA`` or ``SESSION``.
+
+    Reading pauses for named reasons (an answer being computed, the spool catching
+    up, unread output) and resumes when none is left. The session registers itself
+    as the transport's push producer: when the client does not read its replies and
+    the transport's buffer passes its high-water mark (64 KiB, Twisted's), reading
+    stops until the buffer drains, so replies cannot pile up without bound.
+    ``_guard_close`` closes the connection and cuts it after ``CLOSE_GRACE`` seconds
+    if the client never reads what is left.
+
+    The protocol provides ``factory.clock``, ``transport`` and ``_closing``, and
+    implements ``_deadline_passed`` and ``_output_drained``.
+    """
+
+    factory: Any
+    transport: Any
+    _closing: bool
+
+    _phase: str | None = None
+    _deadline = 0.0
+    _timer: IDelayedCall | None = None
+    _session_timer: IDelayedCall | None = None
+    _abort_timer: IDelayedCall | None = None
+    _pauses: frozenset[str] = frozenset()
+    # The data phase: (start, last arrival, octets received, block timeout, minimum rate).
+    _data_clock: list[float] | None = None
+    _paused_at: float | None = None
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def _deadline_passed(self, phase: str) -> None:
+        raise NotImplementedError
+
+    def _output_drained(self) -> None:
+        """The client read its replies: go on with input already received."""
+
+    # -- start and stop ------------------------------------------------------------------
+
+    def _guard_start(self, session_time: float) -> None:
+        """Call from connectionMade: become the transport's producer, start the session clock."""
+        self.transport.registerProducer(self, True)
+        if session_time > 0:
+            self._session_timer = self.factory.clock.callLater(
+                session_time, self._deadline_passed, SESSION
+            )
+
+    def _guard_close(self) -> None:
+        """Close after what was written is sent; cut the connection if that takes too long."""
+        self._closing = True
+        self._stop_phase()
+        self.transport.loseConnection()
+        if self._abort_timer is None:
+            self._abort_timer = self.factory.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _guard_lost(self) -> None:
+        """Call from connectionLost: no timer outlives the connection."""
+        self._stop_phase()
+        for name in ("_session_timer", "_abort_timer"):
+            timer = getattr(self, name)
+            if timer is not None and timer.active():
+                timer.cancel()
+            setattr(self, name, None)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        self.transport.abortConnection()
+
+    # -- deadlines ---------------------------------------------------------------------
+
+    def _expect_line(self, timeout: float) -> None:
+        """The next command line must be complete within ``timeout`` seconds from now."""
+        self._data_clock = None
+        self._phase = COMMAND
+        self._arm(self.factory.clock.seconds() + timeout)
+
+    def _expect_data(self, block_timeout: float, min_rate: float) -> None:
+        """Message content starts now; see the class docstring for its two limits."""
+        now = self.factory.clock.seconds()
+        self._data_clock = [now, now, 0.0, block_timeout, min_rate]
+        self._phase = DATA
+        self._arm(now + block_timeout)
+
+    def _data_arrived(self, octets: int) -> None:
+        """Count content octets (no timer work: the timer checks when it fires)."""
+        data = self._data_clock
+        if data is not None:
+            data[1] = self.factory.clock.seconds()
+            data[2] += octets
+
+    def _stop_phase(self) -> None:
+        """No deadline for the client while the server itself is busy answering."""
+        self._phase = None
+        self._data_clock = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _current_deadline(self) -> float:
+        data = self._data_clock
+        if data is None:
+            return self._deadline
+        start, last, received, block, rate = data
+        deadline = last + block
+        if rate > 0:
+            deadline = min(deadline, start + block + received / rate)
+        return deadline
+
+    def _arm(self, deadline: float) -> None:
+        self._deadline = deadline
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= deadline:
+                return  # fires early and re-arms itself then
+            timer.cancel()
+        clock = self.factory.clock
+        self._timer = clock.callLater(max(0.0, deadline - clock.seconds()), self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        phase = self._phase
+        if phase is None or self._closing:
+            return
+        deadline = self._current_deadline()
+        if self.factory.clock.seconds() < deadline:
+            self._arm(deadline)
+            return
+        self._stop_phase()
+        self._deadline_passed(phase)
+
+    # -- pausing reading ---------------------------------------------------------------
+
+    def _pause_reading(self, reason: str) -> None:
+        if not self._pauses and not self._closing:
+            self.transport.pauseProducing()
+        if reason == "spool" and self._paused_at is None:
+            self._paused_at = self.factory.clock.seconds()
+        self._pauses = self._pauses | {reason}
+
+    def _resume_reading(self, reason: str) -> None:
+        if reason not in self._pauses:
+            return
+        self._pauses = self._pauses - {reason}
+        if reason == "spool" and self._paused_at is not None:
+            # Time the server made the client wait does not count against its rate.
+            waited = self.factory.clock.seconds() - self._paused_at
+            self._paused_at = None
+            if self._data_clock is not None:
+                self._data_clock[0] += waited
+                self._data_clock[1] += waited
+        if not self._pauses and not self._closing:
+            self.transport.resumeProducing()
+
+    @property
+    def output_blocked(self) -> bool:
+        """True while the client leaves more than the transport's buffer of replies unread."""
+        return "output" in self._pauses
+
+    # -- IPushProducer (the transport's view of this session) --------------------------
+
+    def pauseProducing(self) -> None:
+        self._pause_reading("output")
+
+    def resumeProducing(self) -> None:
+        if "output" in self._pauses:
+            self._resume_reading("output")
+            if not self._closing:
+                self._output_drained()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost does the cleaning up."""
