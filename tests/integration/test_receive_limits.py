@@ -3,6 +3,7 @@ connections, idle timeout, command-line length, the free-space floor and mail lo
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest_twisted
@@ -16,6 +17,7 @@ from smtpwire import (
     queue_id_of,
     queued_everywhere,
     running_node,
+    until,
 )
 
 SENDER = "MAIL FROM:<sender@client.example>"
@@ -347,3 +349,73 @@ async def test_50_received_headers_are_accepted(tmp_path):
         await queued_everywhere(node, queue_id)
         _, content = await node.spool.load(queue_id)
         assert content.count(b"\r\nReceived: ") + content.startswith(b"Received: ") == 51
+
+
+# -- hostile input: streaming content and unread replies -------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_message_streams_to_the_spool_and_is_stored_whole(tmp_path):
+    # Past limits.data_buffer the content goes to spool/incoming/ while it arrives.
+    content = _content_of_size(3 * 1024 * 1024)
+    options = (("limits.data_buffer", "64K"),)
+    async with running_node(tmp_path, options=options) as node:
+        incoming = node.spool.root / "incoming"
+
+        def talk():
+            with Wire(node.port("smtp")) as wire:
+                _start(wire)
+                assert wire.command("DATA").code == 354
+                block = data_block(content)
+                wire.send(block[: len(block) // 2])
+                deadline = time.monotonic() + 10
+                while not any(incoming.iterdir()) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                streamed = [p.stat().st_size for p in incoming.iterdir()]
+                wire.send(block[len(block) // 2 :])
+                return streamed, wire.reply()
+
+        streamed, reply = await in_thread(talk)
+        assert streamed and streamed[0] > 64 * 1024  # on disk before the end of DATA
+        assert reply.code == 250
+        queue_id = queue_id_of(reply)
+        await queued_everywhere(node, queue_id)
+        _, stored = await node.spool.load(queue_id)
+        assert stored.endswith(content) and stored.startswith(b"Received: ")
+        assert list(incoming.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_does_not_read_its_replies_stops_being_read(tmp_path):
+    # 13 MB of HELP without reading a reply grew the server by 225 MB: the session is
+    # its transport's producer now, so once 64 KiB of replies wait, it stops reading.
+    async with running_node(tmp_path) as node:
+        factory = node.factories["smtp"]
+        stalled, checked = threading.Event(), threading.Event()
+
+        def flood():
+            with Wire(node.port("smtp")) as wire:
+                wire.sock.settimeout(1.0)
+                chunk = b"HELP\r\n" * 10_000
+                sent = 0
+                try:
+                    while sent < 13 * 1024 * 1024:
+                        wire.sock.sendall(chunk)
+                        sent += len(chunk)
+                except TimeoutError:
+                    pass  # the server stopped reading: the kernel's buffers are full
+                stalled.set()
+                checked.wait(10)
+                return sent
+
+        sending = in_thread(flood)
+        await until(stalled.is_set, "the flood to stall")
+        (session,) = factory.sessions
+        transport = session.transport
+        waiting = len(transport.dataBuffer) + transport._tempDataLen
+        blocked = session.output_blocked
+        checked.set()
+        sent = await sending
+    assert sent < 13 * 1024 * 1024
+    assert blocked
+    assert waiting <= 64 * 1024 + 16 * 1024
