@@ -139,7 +139,6 @@ class Transaction:
     params: MailParams
     recipients: list[Recipient] = field(default_factory=list)
     queue_id: str = ""  # given at DATA
-    started: float = 0.0  # when DATA began
 
 
 def _peer(address: IAddress) -> tuple[str, int]:
@@ -310,6 +309,8 @@ class SMTPServer(Protocol, SessionGuard):
     # -- time limits (SessionGuard) ----------------------------------------------
 
     def _deadline_passed(self, phase: str) -> None:
+        if self._closing:
+            return
         host = self.settings.hostname
         if phase == COMMAND:
             text = f"{host} Idle timeout, closing"
@@ -317,8 +318,6 @@ class SMTPServer(Protocol, SessionGuard):
             text = f"{host} Timeout: message content too slow, closing"
         else:
             text = f"{host} Session time limit reached, closing"
-        if self._closing:
-            return
         log.info(
             "{listener} session from [{address}] ended: {phase} time limit",
             listener=self.session.listener,
@@ -572,14 +571,13 @@ class SMTPServer(Protocol, SessionGuard):
             log.failure("cannot receive a message now")
             return Reply(451, "4.3.0", ("Could not queue the message; try again later",))
         transaction.queue_id = queue_id
-        transaction.started = self.factory.clock.seconds()
         self._sink = sink
         self._data_answered = False
         self._data = DataReader(
             self.settings.message_size,
             reject_bare_line_ends=self.settings.bare_line_ends == "reject",
         )
-        self._write_content(self._received_header(transaction, transaction.started))
+        self._write_content(self._received_header(transaction, self.factory.clock.seconds()))
         self._expect_data(self.settings.data_timeout, self.settings.data_min_rate)
         return Reply(354, None, ("End data with <CR><LF>.<CR><LF>",))
 
@@ -595,7 +593,9 @@ class SMTPServer(Protocol, SessionGuard):
                 # the client hears 552 now, and the rest is read and thrown away.
                 self._data_answered = True
                 assert self.transaction is not None
-                self._send_answer(self._answer_data(R_TOO_BIG, self.transaction))
+                answer = self._answer_data(R_TOO_BIG, self.transaction)
+                assert not isinstance(answer, Deferred)
+                self._send(answer)
         else:
             self._write_content(reader.take() if result is None else result.content)
         if result is None:
@@ -613,10 +613,6 @@ class SMTPServer(Protocol, SessionGuard):
         self._resume_reading("spool")
         if not self._waiting and not self._closing:
             self._expect_line(self.settings.idle_timeout)
-
-    def _send_answer(self, answer: Answer) -> None:
-        assert not isinstance(answer, Deferred)
-        self._send(answer)
 
     def _write_content(self, data: bytes) -> None:
         if not data or self._sink is None:
