@@ -33,6 +33,7 @@ from mtrkmta.receive.policy import RelayPolicy
 from mtrkmta.receive.receiver import Receiver
 from mtrkmta.routing.aliases import AliasBook, AliasSource, Deliver, Resolution
 from mtrkmta.routing.router import Router
+from mtrkmta.smtp.command import AddressLimits
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
 from mtrkmta.spool.filespool import FileSpool
@@ -374,6 +375,12 @@ class MTAService(Service):
             max_connections=limits.max_connections,
             max_connections_per_ip=limits.max_connections_per_ip,
             max_received_headers=limits.max_received_headers,
+            address_limits=AddressLimits(
+                local_part=limits.local_part_length,
+                domain=limits.domain_length,
+                path=limits.path_length,
+                helo=limits.helo_length,
+            ),
             lenient_xtext=config.tracking.lenient_xtext,
             require_auth=listener == "submission",
             tls=tls,
