@@ -19,7 +19,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mtrkmta.auth import PasswordFileChecker
 from mtrkmta.config import Config
-from mtrkmta.delivery.interfaces import ITransport
+from mtrkmta.delivery.interfaces import ITransport, NextHop
 from mtrkmta.delivery.maildir import MaildirTransport
 from mtrkmta.delivery.smtp import LMTPTransport, SMTPTransport, SMTPTransportSettings
 from mtrkmta.dsn.notifier import DsnNotifier
@@ -29,10 +29,12 @@ from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
 from mtrkmta.queue.control import ControlFactory
 from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.queue.service import QueueService
-from mtrkmta.receive.policy import RelayPolicy
+from mtrkmta.receive.policy import RelayPolicy, recipient_domain, route_refusal
 from mtrkmta.receive.receiver import Receiver
-from mtrkmta.routing.aliases import AliasBook, AliasSource, Deliver, Resolution
+from mtrkmta.routing.address import base_local_part, split_address
+from mtrkmta.routing.aliases import AliasBook, AliasSource, Deliver, Loop, Resolution
 from mtrkmta.routing.router import Router
+from mtrkmta.smtp.command import AddressLimits
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
 from mtrkmta.spool.filespool import FileSpool
@@ -118,6 +120,7 @@ class MTAService(Service):
         self._resolver = resolver
         self._system_resolver: client.Resolver | None = None
         self.queue: QueueService | None = None
+        self.router: Router | None = None
         self.transports: dict[str, ITransport] = {}
         self._control: IListeningPort | None = None
         self.aliases: AliasSource | None = None
@@ -178,6 +181,13 @@ class MTAService(Service):
         if leftovers:
             log.info("spool recovery removed {n} incomplete message(s)", n=leftovers)
         await self._reconcile()
+        resolver = self._resolver
+        if resolver is None:
+            resolver = self._system_resolver = client.Resolver(
+                resolv="/etc/resolv.conf", reactor=self.reactor
+            )
+        # One router for the queue and for RCPT (what it already knows fails is refused).
+        self.router = Router.from_config(config, resolver, clock=self.reactor)
         self.receiver = Receiver(
             spool=self.spool,
             tracking=self.tracking,
@@ -193,6 +203,7 @@ class MTAService(Service):
             clock=self.reactor,
             check_local=self._check_local if config.local.users else None,
             max_tracked_per_hour=config.tracking.max_tracked_per_hour,
+            check_route=self._check_route,
         )
         if config.local.aliases is not None:
             self.aliases = AliasSource(config.local.aliases, self.reactor, self.threadpool)
@@ -241,34 +252,58 @@ class MTAService(Service):
         return self.aliases.book if self.aliases is not None else EMPTY_ALIASES
 
     def _resolve(self, address: str) -> Resolution:
-        local = self.config.local
+        """Aliases and lists applied to ``address``; ``<postmaster>`` (no domain) is the
+        postmaster of the primary local domain, the first of ``domains.local``
+        (RFC 5321 §4.5.1)."""
+        config = self.config
         return self._book().resolve(
-            address, local_domains=self.config.local_domains, delimiter=local.recipient_delimiter
+            address,
+            local_domains=config.local_domains,
+            delimiter=config.local.recipient_delimiter,
+            default_domain=config.local_domains[0] if config.local_domains else "",
         )
 
     def _check_local(self, address: str) -> Reply | None:
         """550 5.1.1 for a local address that is no user, alias or list (local.users)."""
-        local_part, domain = address, ""
-        if "@" in address:
-            local_part, _, domain = address.rpartition("@")
+        local_part, domain = split_address(address)
         if domain and domain.lower() not in self.config.local_domains:
             return None
         if not isinstance(self._resolve(address), Deliver):
             return None  # an alias or a list
-        delimiter = self.config.local.recipient_delimiter
-        base = local_part.split(delimiter, 1)[0] if delimiter else local_part
-        if base.lower() in self.config.local.users or base.lower() == "postmaster":
+        base = base_local_part(local_part, self.config.local.recipient_delimiter).lower()
+        if base in self.config.local.users or base == "postmaster":
             return None
         return Reply(550, "5.1.1", (f"<{address}>: Recipient address rejected: User unknown",))
 
+    def _check_route(self, address: str) -> Reply | None:
+        """Refuse at RCPT a recipient the queue would fail for a reason known now: an
+        alias loop (5.4.6), what the router already knows (``Router.known``: no domain,
+        a bad address literal, a cached null MX or NXDOMAIN), a local part that can
+        have no mailbox. Accepting it would mean a bounce to a sender who may be forged.
+        """
+        resolution = self._resolve(address)
+        if isinstance(resolution, Loop):
+            text = (
+                f"<{address}>: Recipient address rejected: mail loop: the alias expands into itself"
+            )
+            return Reply(550, "5.4.6", (text,))
+        if not isinstance(resolution, Deliver):
+            return None  # an alias or a list: its targets are the administrator's
+        final = resolution.address
+        assert self.router is not None
+        route = self.router.known(recipient_domain(final))
+        refusal = route_refusal(address, route)
+        if refusal is None and isinstance(route, NextHop) and route.transport == "maildir":
+            maildir = self.transports.get("maildir")
+            problem = maildir.unusable(final) if isinstance(maildir, MaildirTransport) else None
+            if problem is not None:
+                text = f"<{address}>: Recipient address rejected: {problem}"
+                refusal = Reply(553, "5.1.3", (text,))
+        return refusal
+
     def _build_queue(self) -> QueueService:
         config = self.config
-        assert self.spool is not None and self.tracking is not None
-        resolver = self._resolver
-        if resolver is None:
-            resolver = self._system_resolver = client.Resolver(
-                resolv="/etc/resolv.conf", reactor=self.reactor
-            )
+        assert self.spool is not None and self.tracking is not None and self.router is not None
         settings = SMTPTransportSettings(
             hostname=config.hostname, default_retention=config.tracking.default_retention
         )
@@ -303,7 +338,7 @@ class MTAService(Service):
             default_retention=config.tracking.default_retention,
             spool=self.spool,
             tracking=self.tracking,
-            router=Router.from_config(config, resolver, clock=self.reactor),
+            router=self.router,
             transports=self.transports,
             clock=self.reactor,
             node_id=config.node_id,
@@ -379,6 +414,12 @@ class MTAService(Service):
             max_connections=limits.max_connections,
             max_connections_per_ip=limits.max_connections_per_ip,
             max_received_headers=limits.max_received_headers,
+            address_limits=AddressLimits(
+                local_part=limits.local_part_length,
+                domain=limits.domain_length,
+                path=limits.path_length,
+                helo=limits.helo_length,
+            ),
             lenient_xtext=config.tracking.lenient_xtext,
             require_auth=listener == "submission",
             tls=tls,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import socket
 import threading
 import time
@@ -18,25 +17,37 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mtrkmta.delivery.interfaces import Attempt, ITransport, RecipientOutcome
+from mtrkmta.routing.address import base_local_part, split_address
 from mtrkmta.tracking.interfaces import RecipientState
 
 log = Logger()
 
-_SAFE = re.compile(r"[A-Za-z0-9._=-]")
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._=-")
+NAME_MAX = 255
+"""The longest file name, in octets, that the usual file systems take (ext4, XFS, tmpfs)."""
 
 
 def mailbox_name(address: str, delimiter: str = "+") -> str:
     """The mailbox of an address: its lower-cased local part without ``+detail``.
 
-    Characters that are unsafe in a file name are %-encoded, and a leading dot is
-    encoded too, so an address can never name a path outside the Maildir root.
+    One-to-one: every character outside ``A-Z a-z 0-9 . _ = -`` (``%`` included) is
+    replaced by the %XX escapes of its UTF-8 octets, and so is a leading dot, so an
+    address can never name a path outside the Maildir root and two local parts never
+    share a mailbox. A local part made of letters, digits and those marks keeps its
+    (lower-cased) name. Raises ValueError for an empty local part: it has no mailbox
+    (RCPT refuses it; nothing falls back to postmaster).
     """
-    local = address.rpartition("@")[0] if "@" in address else address
-    if delimiter and delimiter in local:
-        local = local.split(delimiter, 1)[0]
-    local = local.lower() or "postmaster"
-    encoded = "".join(c if _SAFE.fullmatch(c) else f"%{ord(c):02X}" for c in local)
-    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+    local, _ = split_address(address)
+    local = base_local_part(local, delimiter).lower()
+    if not local:
+        raise ValueError(f"<{address}> has an empty local part: no mailbox")
+    encoded = "".join(
+        char
+        if char in _SAFE and not (index == 0 and char == ".")
+        else "".join(f"%{octet:02X}" for octet in char.encode("utf-8", "surrogatepass"))
+        for index, char in enumerate(local)
+    )
+    return encoded
 
 
 @implementer(ITransport)
@@ -90,10 +101,20 @@ class MaildirTransport:
         for index in attempt.recipients:
             address = attempt.recipient(index).address
             headers = f"Return-Path: <{sender}>\nDelivered-To: <{address}>\n"
-            try:
-                new_dir = self._write(
-                    mailbox_name(address, self._delimiter), headers.encode(), body
+            problem = self.unusable(address)
+            if problem is not None:
+                # RCPT refuses such addresses; one that comes from an alias target fails.
+                log.error(
+                    "maildir delivery to {address} failed: {problem}",
+                    address=address,
+                    problem=problem,
                 )
+                outcomes.append(
+                    RecipientOutcome(index, RecipientState.FAILED, "5.1.3", f"x-local; {problem}")
+                )
+                continue
+            try:
+                new_dir = self._write(self.mailbox_path(address), headers.encode(), body)
                 touched.add(new_dir)
                 outcomes.append(RecipientOutcome(index, RecipientState.DELIVERED, "2.1.5"))
             except OSError as error:
@@ -110,12 +131,23 @@ class MaildirTransport:
         return outcomes
 
     def mailbox_path(self, address: str) -> str:
-        """The mailbox directory of ``address``, relative to the Maildir root."""
-        domain = address.rpartition("@")[2].lower() if "@" in address else "localhost"
+        """The mailbox directory of ``address`` (``local.mailbox``), relative to the root."""
+        domain = split_address(address)[1].lower()
         safe_domain = mailbox_name(domain, "") if domain else "localhost"
         return self._template.format(
             local=mailbox_name(address, self._delimiter), domain=safe_domain
         )
+
+    def unusable(self, address: str) -> str | None:
+        """Why ``address`` can have no mailbox here (None when it can): an empty local
+        part, or a name longer than a file name may be (``NAME_MAX`` octets)."""
+        try:
+            path = self.mailbox_path(address)
+        except ValueError:
+            return "empty local part: no mailbox"
+        if any(len(part.encode("utf-8")) > NAME_MAX for part in path.split("/")):
+            return "local part too long for a mailbox name"
+        return None
 
     def _unique(self, size: int) -> str:
         with self._lock:

@@ -6,11 +6,16 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mtrkmta.delivery.interfaces import NextHop, RouteFailure
 from mtrkmta.smtp.reply import Reply
+from mtrkmta.tracking.interfaces import RecipientState
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 RELAY_DENIED = Reply(554, "5.7.1", ("Relay access denied",))
+NO_DOMAIN = Reply(
+    553, "5.1.3", ("Recipient address needs a domain (only <postmaster> may lack one)",)
+)
 
 
 def recipient_domain(address: str) -> str:
@@ -77,3 +82,19 @@ class RelayPolicy:
         if authenticated or self.is_trusted(client_address):
             return None
         return RELAY_DENIED
+
+
+def route_refusal(address: str, route: NextHop | RouteFailure | None) -> Reply | None:
+    """The RCPT refusal for a recipient the router already knows will fail, else None.
+
+    A recipient accepted and then failed would cost a bounce to a sender who may be
+    forged (the message itself relayed to a third party with ``RET=FULL``), so what
+    is known to fail is refused at RCPT instead. Only permanent failures: a temporary
+    one (DNS trouble) is accepted and retried by the queue. The reply code: 553 for
+    an address that cannot be routed (5.1.3), 556 for a domain that takes no mail
+    (5.1.10, RFC 7504 §3), 550 otherwise.
+    """
+    if not isinstance(route, RouteFailure) or route.state is not RecipientState.FAILED:
+        return None
+    code = {"5.1.3": 553, "5.1.10": 556}.get(route.status, 550)
+    return Reply(code, route.status, (f"<{address}>: Recipient address rejected: {route.reason}",))

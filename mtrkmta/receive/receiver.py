@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams
-from mtrkmta.receive.policy import RelayPolicy
+from mtrkmta.receive.policy import NO_DOMAIN, RelayPolicy, recipient_domain
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import IReceiver, Session
 from mtrkmta.spool.interfaces import IIncoming, ISpool
@@ -77,9 +77,12 @@ class Receiver:
         free_space_interval: float = 5.0,
         check_local: Callable[[str], Reply | None] | None = None,
         max_tracked_per_hour: int = 0,
+        check_route: Callable[[str], Reply | None] | None = None,
     ) -> None:
         """``check_local`` refuses unknown local users at RCPT (None: everyone exists);
-        ``max_tracked_per_hour`` caps the tracked messages kept per client (0: no cap)."""
+        ``max_tracked_per_hour`` caps the tracked messages kept per client (0: no cap);
+        ``check_route`` refuses at RCPT a recipient whose delivery is already known to
+        fail (the router's decision, see ``route_refusal``; None: no such check)."""
         self.spool = spool
         self.tracking = tracking
         self.policy = policy
@@ -89,6 +92,7 @@ class Receiver:
         self.min_free_space = min_free_space
         self.on_accepted = on_accepted
         self.check_local = check_local
+        self.check_route = check_route
         self._tracked = TrackedRate(max_tracked_per_hour, clock)
         self._free_space: int | None = None
         self._monitor = LoopingCall(self._measure_free_space)
@@ -139,6 +143,8 @@ class Receiver:
         return None
 
     def check_recipient(self, session: Session, address: str, params: RcptParams) -> Reply | None:
+        if not recipient_domain(address) and address.lower() != "postmaster":
+            return NO_DOMAIN  # RFC 5321 §4.1.1.3: only <postmaster> goes without a domain
         refusal = self.policy.check(
             address,
             client_address=session.address,
@@ -146,6 +152,8 @@ class Receiver:
         )
         if refusal is None and self.check_local is not None:
             refusal = self.check_local(address)
+        if refusal is None and self.check_route is not None:
+            refusal = self.check_route(address)
         return refusal
 
     def new_queue_id(self) -> str:

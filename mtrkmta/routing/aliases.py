@@ -15,6 +15,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mtrkmta.routing.address import base_local_part, split_address
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -185,16 +187,25 @@ class AliasBook:
         return cls(aliases, lists)
 
     def resolve(
-        self, address: str, *, local_domains: Collection[str], delimiter: str = "+"
+        self,
+        address: str,
+        *,
+        local_domains: Collection[str],
+        delimiter: str = "+",
+        default_domain: str = "",
     ) -> Resolution:
         """What happens to mail for ``address`` (CHECKLIST 2.4-2.9).
 
         Single-target aliases are followed (each rewrites the address); the first
         multi-target alias, list, confidential or role alias ends the walk. An
-        alias that leads back to itself is a Loop.
+        alias that leads back to itself is a Loop. An address without a domain
+        (``<postmaster>``, RFC 5321 §4.5.1) is taken to be in ``default_domain``
+        (the primary local domain), and so are the bare targets of its aliases.
         """
         seen: set[str] = set()
         current = address
+        if default_domain and not split_address(address)[1]:
+            current = f"{address}@{default_domain}"
         while True:
             entry, domain = self._entry(current, local_domains, delimiter)
             if entry is None:
@@ -215,15 +226,11 @@ class AliasBook:
     def _entry(
         self, address: str, local_domains: Collection[str], delimiter: str
     ) -> tuple[Alias | MailingList | None, str]:
-        local, at, domain = address.rpartition("@")
-        if not at:
-            local, domain = address, ""
+        local, domain = split_address(address)
         domain = domain.lower()
         if domain and domain not in local_domains:
             return None, domain
-        if delimiter and delimiter in local:
-            local = local.split(delimiter, 1)[0]
-        name = local.lower()
+        name = base_local_part(local, delimiter).lower()
         return self.aliases.get(name) or self.lists.get(name), domain
 
     @staticmethod

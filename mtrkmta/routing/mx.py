@@ -153,7 +153,7 @@ class MXResolver:
 
     async def _resolve(self, domain: str) -> Resolution:
         if domain.startswith("["):
-            return self._literal(domain)
+            return self.literal(domain)
         try:
             mx = await self._records(dns.MX, domain)
         except _LookupProblem as problem:
@@ -208,8 +208,8 @@ class MXResolver:
             return self._failed("5.1.2", f"{domain}: no such domain (NXDOMAIN)", ttl)
         return self._failed("5.4.4", f"{domain} has no MX, A or AAAA records", ttl)
 
-    def _literal(self, domain: str) -> Resolution:
-        """An address literal (RFC 5321 §4.1.3): connect to that address."""
+    def literal(self, domain: str) -> Resolution:
+        """An address literal (RFC 5321 §4.1.3): connect to that address. No DNS involved."""
         inner = domain[1:-1] if domain.endswith("]") else ""
         address: ipaddress.IPv4Address | ipaddress.IPv6Address
         try:

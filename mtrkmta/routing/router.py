@@ -183,16 +183,36 @@ class Router:
 
     def route(self, domain: str) -> Deferred[NextHop | RouteFailure]:
         """The next hop for ``domain``, or why there is none (IRouter)."""
+        known = self.known(domain)
+        if known is not None:
+            return succeed(known)
+        name = domain.lower().removesuffix(".")
+        route = select_route(self._routes, self._local_domains, name)
+        tls = cast(TLSPolicy, route.tls or self._tls)
+        return self._route_mx(name).addCallback(_with_tls, tls)
+
+    def known(self, domain: str) -> NextHop | RouteFailure | None:
+        """What :meth:`route` decides for ``domain`` when that needs no DNS lookup, else None.
+
+        Known are: no domain at all (fails 5.1.3), local domains and fixed routes,
+        an address literal (fails 5.1.3 when it is not an IPv4 or IPv6 one), and an MX
+        result still in the cache (e.g. a null MX, 5.1.10, or NXDOMAIN, 5.1.2). The
+        receiver refuses at RCPT what is known to fail, so that the queue never
+        bounces (to a sender who may be forged) what could have been refused.
+        """
         name = domain.lower().removesuffix(".")
         if not name:
-            return succeed(RouteFailure(RecipientState.FAILED, "5.1.3", "no domain to route"))
+            return RouteFailure(RecipientState.FAILED, "5.1.3", "no domain to route")
         route = select_route(self._routes, self._local_domains, name)
         if route.transport == "maildir":
-            return succeed(MAILDIR_HOP)
+            return MAILDIR_HOP
         tls = cast(TLSPolicy, route.tls or self._tls)
-        if route.transport == "mx" or route.endpoint is None:
-            return self._route_mx(name).addCallback(_with_tls, tls)
-        return succeed(self._fixed_hop(route.transport, route.endpoint, tls))
+        if route.transport != "mx" and route.endpoint is not None:
+            return self._fixed_hop(route.transport, route.endpoint, tls)
+        if name.startswith("["):
+            return _with_tls(self._mx.literal(name).result, tls)
+        cached = self._cache.get(name) if self._cache is not None else None
+        return None if cached is None else _with_tls(cached, tls)
 
     def _fixed_hop(self, transport: str, endpoint: str, tls: TLSPolicy) -> NextHop:
         key = (transport, endpoint, tls)
@@ -211,10 +231,6 @@ class Router:
 
     def _route_mx(self, domain: str) -> Deferred[NextHop | RouteFailure]:
         cache = self._cache
-        if cache is not None:
-            cached = cache.get(domain)
-            if cached is not None:
-                return succeed(cached)
 
         def done(resolution: Resolution) -> NextHop | RouteFailure:
             if cache is not None:

@@ -20,8 +20,11 @@ _FROM = re.compile(r"[Ff][Rr][Oo][Mm]:[ \t]*")
 _TO = re.compile(r"[Tt][Oo]:[ \t]*")
 
 # RFC 5321 §4.1.2 with RFC 6531 §3.3 (SMTPUTF8): non-ASCII characters join atext,
-# qtextSMTP and sub-domains. The server decides whether non-ASCII is allowed.
-_NONASCII = "\u0080-\U0010ffff"
+# qtextSMTP and sub-domains (UTF8-non-ascii; the C1 controls U+0080-U+009F are no
+# part of it). The server decides whether non-ASCII is allowed (require_smtputf8).
+_NONASCII = "\u00a0-\U0010ffff"
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_HELO_TEXT = re.compile("[\x21-\x7e]+")
 _ATEXT = rf"[A-Za-z0-9!#$%&'*+\-/=?^_`{{|}}~{_NONASCII}]"
 _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 _QUOTED_STRING = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_NONASCII}]|\\[\x20-\x7e])*"')
@@ -31,6 +34,20 @@ _DOMAIN = re.compile(rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*")
 _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 _IPV6 = re.compile(r"[Ii][Pp][Vv]6:([0-9A-Fa-f:.]+)")
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
+
+
+@dataclass(frozen=True, slots=True)
+class AddressLimits:
+    """The longest parts of what a client names, in octets (RFC 5321 §4.5.3.1; the
+    defaults are the RFC's sizes, configured as ``limits.*_length``)."""
+
+    local_part: int = 64  # §4.5.3.1.1
+    domain: int = 255  # §4.5.3.1.2
+    path: int = 256  # §4.5.3.1.3, "<" and ">" included
+    helo: int = 255  # the HELO/EHLO/LHLO argument: a domain (§4.5.3.1.2) or address literal
+
+
+DEFAULT_LIMITS = AddressLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,41 +87,61 @@ def parse_command(line: bytes, max_line: int = MAX_COMMAND_LINE) -> Command:
     return Command(verb=verb.upper(), argument=argument.strip(" \t"))
 
 
-def parse_mail(argument: str) -> tuple[str, list[tuple[str, str | None]]]:
+def parse_mail(
+    argument: str, limits: AddressLimits = DEFAULT_LIMITS
+) -> tuple[str, list[tuple[str, str | None]]]:
     """Parse ``FROM:<reverse-path> [params]``; the null path ``<>`` gives ``""``.
 
     Source routes are stripped; angle brackets may be missing and blanks may follow
     the colon (as Postfix tolerates). Errors: ``501 5.5.2`` without ``FROM:``,
-    ``501 5.1.7`` for a bad address, ``501 5.5.4`` for bad parameter syntax.
+    ``501 5.1.7`` for a bad address, ``553 5.1.7`` for a control character or a part
+    over ``limits`` (RFC 5321 §4.5.3.1), ``501 5.5.4`` for bad parameter syntax.
     """
     match = _FROM.match(argument)
     if match is None:
         raise SMTPError(501, "5.5.2", "Syntax: MAIL FROM:<address>")
     bad = SMTPError(501, "5.1.7", "Bad sender address syntax")
-    path, rest = _split_path(argument[match.end() :], bad)
+    path, rest = _path(argument[match.end() :], bad, "5.1.7", "sender")
     if path is None:
         raise SMTPError(501, "5.5.2", "Syntax: MAIL FROM:<address>")
     if path == "":
         return "", parse_params(rest)
-    return _mailbox(path, bad, allow_postmaster=False), parse_params(rest)
+    mailbox = _checked(path, bad, limits, "5.1.7", "sender", allow_postmaster=False)
+    return mailbox, parse_params(rest)
 
 
-def parse_rcpt(argument: str) -> tuple[str, list[tuple[str, str | None]]]:
+def parse_rcpt(
+    argument: str, limits: AddressLimits = DEFAULT_LIMITS
+) -> tuple[str, list[tuple[str, str | None]]]:
     """Parse ``TO:<forward-path> [params]``; ``<postmaster>`` needs no domain.
 
     Errors: ``501 5.5.2`` without ``TO:``, ``501 5.1.3`` for a bad or null address,
+    ``553 5.1.3`` for a control character, an empty local part (``""@domain``: no
+    mailbox has that name) or a part over ``limits`` (RFC 5321 §4.5.3.1),
     ``501 5.5.4`` for bad parameter syntax.
     """
     match = _TO.match(argument)
     if match is None:
         raise SMTPError(501, "5.5.2", "Syntax: RCPT TO:<address>")
     bad = SMTPError(501, "5.1.3", "Bad recipient address syntax")
-    path, rest = _split_path(argument[match.end() :], bad)
+    path, rest = _path(argument[match.end() :], bad, "5.1.3", "recipient")
     if path is None:
         raise SMTPError(501, "5.5.2", "Syntax: RCPT TO:<address>")
     if path == "":
         raise SMTPError(501, "5.1.3", "Null recipient address not allowed")
-    return _mailbox(path, bad, allow_postmaster=True), parse_params(rest)
+    mailbox = _checked(path, bad, limits, "5.1.3", "recipient", allow_postmaster=True)
+    if mailbox.startswith('""@'):
+        raise SMTPError(553, "5.1.3", "Empty local part: no such mailbox")
+    return mailbox, parse_params(rest)
+
+
+def require_smtputf8(address: str, smtputf8: bool, *, what: str) -> None:
+    """RFC 6531 §3.5: a non-ASCII address without the SMTPUTF8 parameter on MAIL is
+    refused, ``553 5.6.7`` (``what``: sender or recipient)."""
+    if not smtputf8 and not address.isascii():
+        raise SMTPError(
+            553, "5.6.7", f"Non-ASCII {what} address not permitted without SMTPUTF8 (RFC 6531)"
+        )
 
 
 def parse_params(text: str) -> list[tuple[str, str | None]]:
@@ -126,10 +163,22 @@ def parse_params(text: str) -> list[tuple[str, str | None]]:
     return params
 
 
-def parse_helo(argument: str, *, verb: str = "EHLO") -> str:
-    """The client's HELO/EHLO/LHLO name: exactly one token, else ``501 5.5.4``."""
+def parse_helo(argument: str, *, verb: str = "EHLO", max_length: int = DEFAULT_LIMITS.helo) -> str:
+    """The client's HELO/EHLO/LHLO name: exactly one token, else ``501 5.5.4``.
+
+    The name (a domain or an address literal) goes into our ``Received:`` field, so it
+    must be printable ASCII and at most ``max_length`` octets (RFC 5321 §4.1.4,
+    §4.5.3.1.2): ``501 5.5.2`` otherwise, before it can put a control character, a
+    forged header line or an over-long line into a message.
+    """
     if not argument or _WSP.search(argument):
         raise SMTPError(501, "5.5.4", f"Syntax: {verb} hostname")
+    if _HELO_TEXT.fullmatch(argument) is None:
+        raise SMTPError(
+            501, "5.5.2", f"{verb} argument must be a domain or address literal in printable ASCII"
+        )
+    if len(argument) > max_length:
+        raise SMTPError(501, "5.5.2", f"{verb} argument too long (RFC 5321 §4.5.3.1.2)")
     return argument
 
 
@@ -146,6 +195,21 @@ def require_no_argument(command: Command) -> None:
     """Raise ``501 5.5.4 Syntax: VERB`` when a command that takes no argument got one."""
     if command.argument:
         raise SMTPError(501, "5.5.4", f"Syntax: {command.verb}")
+
+
+def _path(text: str, bad: SMTPError, enhanced: str, what: str) -> tuple[str | None, str]:
+    """:func:`_split_path`, refusing (``553 enhanced``) a path with a C0 or C1 control
+    or DEL in it, even one too broken to be split off the parameters."""
+    control = SMTPError(553, enhanced, f"Control character in {what} address")
+    try:
+        path, rest = _split_path(text, bad)
+    except SMTPError:
+        if _CONTROL.search(text):
+            raise control from None
+        raise
+    if path is not None and _CONTROL.search(path):
+        raise control
+    return path, rest
 
 
 def _split_path(text: str, bad: SMTPError) -> tuple[str | None, str]:
@@ -181,8 +245,30 @@ def _split_path(text: str, bad: SMTPError) -> tuple[str | None, str]:
     raise bad
 
 
-def _mailbox(path: str, bad: SMTPError, *, allow_postmaster: bool) -> str:
-    """Validate a path's content, strip a source route and return the mailbox."""
+def _checked(
+    path: str,
+    bad: SMTPError,
+    limits: AddressLimits,
+    enhanced: str,
+    what: str,
+    *,
+    allow_postmaster: bool,
+) -> str:
+    """The mailbox of ``path``, refused (``553 enhanced``) when a part is longer than
+    RFC 5321 §4.5.3.1 (as configured in ``limits``) allows."""
+    local, domain = _mailbox(path, bad, allow_postmaster=allow_postmaster)
+    if len(local.encode("utf-8")) > limits.local_part:
+        raise SMTPError(553, enhanced, "Local part too long (RFC 5321 §4.5.3.1.1)")
+    if len(domain.encode("utf-8")) > limits.domain:
+        raise SMTPError(553, enhanced, "Domain too long (RFC 5321 §4.5.3.1.2)")
+    if len(path.encode("utf-8")) + 2 > limits.path:  # the angle brackets count
+        raise SMTPError(553, enhanced, "Path too long (RFC 5321 §4.5.3.1.3)")
+    return f"{local}@{domain}" if domain else local
+
+
+def _mailbox(path: str, bad: SMTPError, *, allow_postmaster: bool) -> tuple[str, str]:
+    """Validate a path's content, strip a source route; the mailbox's local part and
+    domain (``""`` for ``<postmaster>``)."""
     if path.startswith("@"):
         route, colon, path = _partition_outside_literals(path, ":")
         if not colon or not all(
@@ -190,7 +276,7 @@ def _mailbox(path: str, bad: SMTPError, *, allow_postmaster: bool) -> str:
         ):
             raise bad
     if allow_postmaster and path.isascii() and path.lower() == "postmaster":
-        return path
+        return path, ""
     if path.startswith('"'):
         match = _QUOTED_STRING.match(path)
         if match is None:
@@ -205,7 +291,7 @@ def _mailbox(path: str, bad: SMTPError, *, allow_postmaster: bool) -> str:
             raise bad
     if not _valid_domain(domain):
         raise bad
-    return f"{local}@{domain}"
+    return local, domain
 
 
 def _partition_outside_literals(text: str, separator: str) -> tuple[str, str, str]:

@@ -22,7 +22,16 @@ from zope.interface import Attribute, Interface
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.sessionguard import COMMAND, DATA, SessionGuard
 from mtrkmta.sessions import SessionTable
-from mtrkmta.smtp.command import LINE_TOO_LONG, parse_command, parse_mail, parse_rcpt
+from mtrkmta.smtp.command import (
+    DEFAULT_LIMITS,
+    LINE_TOO_LONG,
+    AddressLimits,
+    parse_command,
+    parse_helo,
+    parse_mail,
+    parse_rcpt,
+    require_smtputf8,
+)
 from mtrkmta.smtp.extensions import advertised_keywords, render_ehlo
 from mtrkmta.smtp.framing import OVERLONG, DataReader, DataResult, LineFramer
 from mtrkmta.smtp.params import parse_mail_params, parse_rcpt_params
@@ -95,6 +104,7 @@ class ServerSettings:
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     max_received_headers: int = 50
+    address_limits: AddressLimits = DEFAULT_LIMITS  # RFC 5321 §4.5.3.1 (limits.*_length)
     lenient_xtext: bool = False
     require_auth: bool = False  # the submission listener
     tls: Any = None  # an IOpenSSLServerConnectionCreator, or None
@@ -355,9 +365,7 @@ class SMTPServer(Protocol, SessionGuard):
         return self.settings.checker is not None and self.session.tls
 
     def _hello(self, argument: str, esmtp: bool, verb: str) -> Reply:
-        name = argument.strip()
-        if not name or " " in name:
-            return Reply(501, "5.5.4", (f"Syntax: {verb} hostname",))
+        name = parse_helo(argument, verb=verb, max_length=self.settings.address_limits.helo)
         self.transaction = None
         self.session.helo = name
         self.session.esmtp = esmtp
@@ -515,10 +523,11 @@ class SMTPServer(Protocol, SessionGuard):
             return Reply(503, "5.5.1", ("Nested MAIL command",))
         if self.settings.require_auth and self.session.authenticated_as is None:
             return Reply(530, "5.7.0", ("Authentication required",))
-        sender, raw_params = parse_mail(argument)
+        sender, raw_params = parse_mail(argument, self.settings.address_limits)
         params = parse_mail_params(
             raw_params, advertised=self.advertised(), lenient_xtext=self.settings.lenient_xtext
         )
+        require_smtputf8(sender, params.smtputf8, what="sender")
         if params.size is not None and params.size > self.settings.message_size:
             return R_TOO_BIG
 
@@ -534,10 +543,12 @@ class SMTPServer(Protocol, SessionGuard):
         transaction = self.transaction
         if transaction is None:
             return Reply(503, "5.5.1", ("Need MAIL before RCPT",))
-        address, raw_params = parse_rcpt(argument)
+        address, raw_params = parse_rcpt(argument, self.settings.address_limits)
         params = parse_rcpt_params(
             raw_params, advertised=self.advertised(), lenient_xtext=self.settings.lenient_xtext
         )
+        # RFC 6531 §3.5: judged by the SMTPUTF8 parameter of this transaction's MAIL.
+        require_smtputf8(address, transaction.params.smtputf8, what="recipient")
         if len(transaction.recipients) >= self.settings.max_recipients:
             return Reply(452, "4.5.3", ("Too many recipients",))
 

@@ -91,6 +91,17 @@ def test_list_confidential_and_role_aliases():
     assert isinstance(resolve("postmaster@example.org"), Divert)
 
 
+def test_bare_postmaster_is_the_primary_local_domains():
+    # RFC 5321 §4.5.1: <postmaster> (no domain) is delivered locally: to the postmaster
+    # alias of the primary local domain, whose bare targets resolve in that domain.
+    primary = dict(local_domains=LOCAL, delimiter="+", default_domain="example.org")
+    divert = BOOK.resolve("postmaster", **primary)
+    assert isinstance(divert, Divert) and divert.targets == ("root@example.org",)
+    bare = AliasBook.parse('[alias.postmaster]\nto = "root"\n')
+    assert bare.resolve("PostMaster", **primary) == Deliver("root@example.org")
+    assert AliasBook({}, {}).resolve("postmaster", **primary) == Deliver("postmaster@example.org")
+
+
 def test_loops_are_detected():
     # An alias that expands into itself, directly or through another: 5.4.6.
     assert resolve("self@example.org") == Loop("self@example.org")

@@ -87,6 +87,13 @@ def test_defaults(tmp_path, monkeypatch):
     assert config.limits.max_connections_per_ip == 50
     assert config.limits.min_free_space == 100 * MiB
     assert config.limits.max_received_headers == 50
+    # RFC 5321 §4.5.3.1: local part, domain, path; the HELO name is a domain.
+    assert (
+        config.limits.local_part_length,
+        config.limits.domain_length,
+        config.limits.path_length,
+        config.limits.helo_length,
+    ) == (64, 255, 256, 255)
     assert config.tls.certificate is None and config.tls.private_key is None
     assert not config.tls.enabled
     assert config.auth.users_file is None
@@ -166,7 +173,7 @@ def test_setting_names_cover_every_section():
         "local",
         "durability",
     }
-    assert len(names) == len(set(names)) == 51
+    assert len(names) == len(set(names)) == 55
 
 
 # ---------------------------------------------------------------------------
@@ -631,6 +638,13 @@ def test_bad_size(tmp_path):
             "limits.max_connections: must be greater than zero, got -3",
         ),
         ("[limits]\ncommand_line = 100", "limits.command_line: must be at least 512, got 100"),
+        (
+            "[limits]\nlocal_part_length = 63",
+            "limits.local_part_length: must be at least 64, got 63",
+        ),
+        ("[limits]\ndomain_length = 254", "limits.domain_length: must be at least 255, got 254"),
+        ("[limits]\npath_length = 255", "limits.path_length: must be at least 256, got 255"),
+        ("[limits]\nhelo_length = 64", "limits.helo_length: must be at least 255, got 64"),
         ('[limits]\nidle_timeout = "0s"', "limits.idle_timeout: must be greater than zero, got 0s"),
         ("[queue]\nfirst_retry = -5", "queue.first_retry: must be greater than zero, got -5s"),
     ],

@@ -69,3 +69,14 @@ def test_data_without_recipients(client):
     # CHECKLIST 7.2
     client.send(b"LHLO c\r\nMAIL FROM:<s@c.example>\r\n")
     assert client.send(b"DATA\r\n") == [b"503 5.5.1 No valid recipients"]
+
+
+def test_lhlo_name_must_be_a_printable_ascii_domain_of_at_most_255_octets(client):
+    # RFC 5321 §4.5.3.1.2 (RFC 2033 §4.1: LHLO is EHLO's twin).
+    assert client.send(b"LHLO " + b"h" * 256 + b"\r\n") == [
+        b"501 5.5.2 LHLO argument too long (RFC 5321 \xc2\xa74.5.3.1.2)"
+    ]
+    assert client.send(b"LHLO evil\x0bX-Injected:yes\r\n") == [
+        b"501 5.5.2 LHLO argument must be a domain or address literal in printable ASCII"
+    ]
+    assert client.send(b"MAIL FROM:<s@c.example>\r\n")[0].startswith(b"503 5.5.1")

@@ -117,3 +117,56 @@ def test_a_plain_event_does_not_need_twisteds_formatter(monkeypatch):
     monkeypatch.setattr("mtrkmta.logfile.formatEventAsClassicLogText", unused)
     event = {**EVENTS[0], "log_time": WHEN, "log_level": LogLevel.info, "log_namespace": "n"}
     assert classic_line(event, SecondStamps()) == f"{formatTime(WHEN)} [n#info] q1: to=<a@b>\n"
+
+
+# -- a logged value never ends the line or forges another -----------------------------------
+
+FORGED = "a\u2028" + "2024-01-01T00:00:00+0000 [mtrkmta.queue.service#info] Q1: delivered"
+BREAKERS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines() splits at
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"log_format": "{q}: accepted from=<{sender}>", "q": "Q1", "sender": f'"{FORGED}"@x.test'},
+        {"log_format": "{v!r} {v!s:>3} {v}", "v": "x" + BREAKERS},
+        {"log_format": "{obj.args[0]}", "obj": OSError(f"no {BREAKERS} such")},
+        {"log_format": "{items[0]}", "items": [BREAKERS]},
+        # Twisted's formatter: the {f()} syntax, a flattened event, a non-text system.
+        {"log_format": "called {f()}", "f": lambda: f"v{BREAKERS}"},
+        {"log_format": "flat {v}", "log_flattened": {"v!s:": f"v{BREAKERS}", "v!:": "v"}},
+        {"log_format": "system {v}", "v": BREAKERS, "log_system": 7},
+        {"log_format": "{v}", "v": "x", "log_system": f"sys{BREAKERS}"},
+    ],
+    ids=range(8),
+)
+def test_a_value_never_makes_a_second_line(event):
+    event = {"log_time": WHEN, "log_level": LogLevel.info, "log_namespace": "mtrkmta.t", **event}
+    line = classic_line(event, SecondStamps())
+    assert line is not None and line.endswith("\n")
+    assert len(line.splitlines()) == 1, line
+    assert not any(char in line[:-1] for char in BREAKERS + "\x00\x1b\x7f\x9b")
+
+
+def test_escapes_name_the_characters():
+    event = {"log_time": WHEN, "log_format": "<{v}>", "v": "a\u2028b\x0bc\x85d\x1b[2Je\tf"}
+    line = classic_line(event, SecondStamps())
+    assert line.endswith(" <a\\u2028b\\x0bc\\x85d\\x1b[2Je\\x09f>\n")
+
+
+def test_the_format_and_a_traceback_keep_their_own_lines():
+    # The line's own structure stays: the format's line break and a traceback's lines,
+    # each continued with a tab. What a value brings in is escaped, in the traceback too.
+    out = io.StringIO()
+    log = Logger("mtrkmta.t", observer=text_observer(out))
+    log.info("first\nsecond {v}", v="x\u2028y")
+    try:
+        raise ValueError("bad \u2028 name\x0b")
+    except ValueError:
+        log.failure("{q}: failed for {who}", Failure(), q="Q1", who="a\nb")
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("] first")
+    assert lines[1] == "\tsecond x\\u2028y"
+    assert lines[2].endswith("] Q1: failed for a\\x0ab")
+    assert all(line.startswith("\t") for line in lines[3:])
+    assert "\tbuiltins.ValueError: bad \\u2028 name\\x0b" in lines

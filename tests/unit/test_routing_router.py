@@ -642,3 +642,36 @@ def test_from_config_takes_delivery_settings():
     assert hop.servers[0].endpoint == "tcp:host=192.0.2.20:port=2525"
     assert (hop.tls, hop.max_recipients) == ("encrypt", 7)
     assert route(router, "lmtp.example").max_recipients == 7
+
+
+# -- what is known without DNS: the receiver refuses at RCPT what will fail ------------------
+
+
+def test_known_decisions_need_no_dns():
+    clock = Clock()
+    resolver = FakeResolver({"null.test": [dns.Record_MX(0, "")]})
+    router = Router(ROUTES, LOCAL, resolver, clock=clock)
+    assert_failure(router.known(""), RecipientState.FAILED, "5.1.3")
+    assert router.known("Example.COM.") == MAILDIR_HOP
+    assert router.known("a.example.org").destination == "route:lmtp:unix:path=/run/dovecot/lmtp"
+    other = Router((Route("*", "mx"),), (), resolver, clock=clock)
+    assert other.known("[192.0.2.1]").servers == (
+        Server("[192.0.2.1]", "tcp:host=192.0.2.1:port=25"),
+    )
+    assert_failure(other.known("[x-tag:foo]"), RecipientState.FAILED, "5.1.3")
+    # An MX decision is known once looked up, for as long as it is cached.
+    assert other.known("null.test") is None and other.known("nowhere.test") is None
+    assert resolver.calls == []
+    route(other, "null.test")
+    route(other, "nowhere.test")
+    assert_failure(other.known("null.test"), RecipientState.FAILED, "5.1.10")
+    assert_failure(other.known("nowhere.test"), RecipientState.FAILED, "5.1.2")
+    clock.advance(SOA_MINIMUM)
+    assert other.known("nowhere.test") is None
+
+
+def test_route_is_what_known_says_when_it_knows():
+    router, resolver = mx_router({}, clock=Clock())
+    for domain in ("", "[192.0.2.1]", "[tag:x]"):
+        assert route(router, domain) == router.known(domain)
+    assert resolver.calls == []

@@ -7,6 +7,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
+from mtrkmta.smtp.command import AddressLimits
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import IReceiver, ServerSettings, SMTPServerFactory
 
@@ -339,3 +340,106 @@ def test_shutdown_while_a_message_is_being_made_durable(client, receiver):
         b"421 4.3.2 mx.example.test Service shutting down",
     ]
     assert client.transport.disconnecting
+
+
+# -- what a client names: sizes (RFC 5321 §4.5.3.1), characters, SMTPUTF8 (RFC 6531) --------
+
+
+@pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
+def test_overlong_hello_name_is_refused_before_it_reaches_received(client, receiver, verb):
+    # RFC 5321 §4.5.3.1.2: a 1,500-character EHLO argument, accepted, made our own
+    # Received: line longer than 998 octets (the next hop refused the message and the
+    # sender got a bounce). It is refused at the command and the session has no name.
+    assert client.send(verb + b" " + b"h" * 1500 + b"\r\n") == [
+        b"501 5.5.2 " + verb + b" argument too long (RFC 5321 \xc2\xa74.5.3.1.2)"
+    ]
+    assert client.send(b"MAIL FROM:<s@c.example>\r\n")[0].startswith(b"503 5.5.1")
+    assert receiver.accepted == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [b"evil\x0bX-Injected:yes", b"evil\x1b[2J", b"evil\x7f", b"evil\xc2\x85", b"b\xc3\xbccher"],
+)
+def test_hello_name_with_a_control_character_is_refused(client, name):
+    # A VT or an escape sequence was copied raw into the Received: header; C1 controls
+    # and non-ASCII are no part of a domain or address literal either.
+    assert client.send(b"EHLO " + name + b"\r\n") == [
+        b"501 5.5.2 EHLO argument must be a domain or address literal in printable ASCII"
+    ]
+    assert client.send(b"MAIL FROM:<s@c.example>\r\n")[0].startswith(b"503 5.5.1")
+
+
+def test_every_received_line_fits_in_998_octets(receiver, clock):
+    # RFC 5322 §2.1.1: whatever EHLO name and recipient path a client gives, the
+    # Received: field we add has no line over 998 octets (the names are refused first).
+    rcpt = "r" * 64 + "@" + "d" * 181 + ".example"  # the longest path: 256 with brackets
+    for length in (255, 256, 1500):
+        c = Client(make_factory(receiver, clock))
+        c.send(f"EHLO {'h' * length}\r\nMAIL FROM:<s@c.example>\r\nRCPT TO:<{rcpt}>\r\n".encode())
+        c.send(b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+        c.close()
+    assert len(receiver.accepted) == 1  # only the 255-octet name was taken
+    for _, content in receiver.accepted:
+        received = content.split(b"\r\nSubject:")[0]
+        assert rcpt.encode() in received
+        assert max(len(line) for line in received.split(b"\r\n")) <= 998
+
+
+def test_overlong_local_part_is_refused_at_rcpt(client, receiver):
+    # RFC 5321 §4.5.3.1.1: a 300-character local part was accepted, then deferred five
+    # days on ENAMETOOLONG. 64 octets is the limit, the sender's too.
+    client.send(b"EHLO c\r\nMAIL FROM:<s@c.example>\r\n")
+    assert client.send(b"RCPT TO:<" + b"a" * 300 + b"@x.test>\r\n") == [
+        b"553 5.1.3 Local part too long (RFC 5321 \xc2\xa74.5.3.1.1)"
+    ]
+    assert client.send(b"RCPT TO:<" + b"a" * 64 + b"@x.test>\r\n") == [b"250 2.1.5 Ok"]
+    client.send(b"RSET\r\n")
+    assert client.send(b"MAIL FROM:<" + b"a" * 65 + b"@c.example>\r\n") == [
+        b"553 5.1.7 Local part too long (RFC 5321 \xc2\xa74.5.3.1.1)"
+    ]
+
+
+def test_address_limits_come_from_the_settings(receiver, clock):
+    limits = AddressLimits(local_part=100, helo=300, path=300)
+    c = Client(make_factory(receiver, clock, address_limits=limits))
+    assert c.send(b"EHLO " + b"h" * 300 + b"\r\n")[0] == b"250-mx.example.test"
+    c.send(b"MAIL FROM:<s@c.example>\r\n")
+    assert c.send(b"RCPT TO:<" + b"a" * 100 + b"@x.test>\r\n") == [b"250 2.1.5 Ok"]
+    assert c.send(b"RCPT TO:<" + b"a" * 101 + b"@x.test>\r\n")[0].startswith(b"553 5.1.3")
+    c.close()
+
+
+def test_control_characters_in_addresses_are_refused(client):
+    client.send(b"EHLO c\r\n")
+    assert client.send(b"MAIL FROM:<a\x0bb@c.example> SMTPUTF8\r\n") == [
+        b"553 5.1.7 Control character in sender address"
+    ]
+    client.send(b"MAIL FROM:<s@c.example> SMTPUTF8\r\n")
+    assert client.send(b'RCPT TO:<"a\xc2\x9bb"@x.test>\r\n') == [
+        b"553 5.1.3 Control character in recipient address"
+    ]
+
+
+def test_non_ascii_addresses_need_smtputf8(client, receiver):
+    # RFC 6531 §3.5: without SMTPUTF8 on MAIL, a non-ASCII sender or recipient is
+    # refused with 553 5.6.7; RCPT is judged by the transaction's MAIL.
+    client.send(b"EHLO c\r\n")
+    assert client.send("MAIL FROM:<j\u00f6rg@c.example>\r\n".encode()) == [
+        b"553 5.6.7 Non-ASCII sender address not permitted without SMTPUTF8 (RFC 6531)"
+    ]
+    client.send(b"MAIL FROM:<s@c.example>\r\n")
+    assert client.send("RCPT TO:<j\u00f6rg@x.test>\r\n".encode()) == [
+        b"553 5.6.7 Non-ASCII recipient address not permitted without SMTPUTF8 (RFC 6531)"
+    ]
+    assert client.send("RCPT TO:<u@b\u00fccher.example>\r\n".encode())[0].startswith(b"553 5.6.7")
+    client.send(b"RSET\r\n")
+    assert client.send("MAIL FROM:<j\u00f6rg@c.example> SMTPUTF8\r\n".encode()) == [b"250 2.1.0 Ok"]
+    assert client.send("RCPT TO:<j\u00f6rg@x.test>\r\n".encode()) == [b"250 2.1.5 Ok"]
+
+
+def test_empty_local_part_is_refused_at_rcpt(client):
+    client.send(b"EHLO c\r\nMAIL FROM:<s@c.example>\r\n")
+    assert client.send(b'RCPT TO:<""@x.test>\r\n') == [
+        b"553 5.1.3 Empty local part: no such mailbox"
+    ]

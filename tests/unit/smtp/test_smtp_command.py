@@ -7,6 +7,7 @@ import pytest
 from mtrkmta.smtp.command import (
     LINE_TOO_LONG,
     MAX_COMMAND_LINE,
+    AddressLimits,
     Command,
     parse_command,
     parse_helo,
@@ -15,13 +16,14 @@ from mtrkmta.smtp.command import (
     parse_rcpt,
     parse_vrfy,
     require_no_argument,
+    require_smtputf8,
 )
 from mtrkmta.smtp.reply import Reply, SMTPError
 
 
-def reply_of(func, *args) -> Reply:
+def reply_of(func, *args, **kwargs) -> Reply:
     with pytest.raises(SMTPError) as info:
-        func(*args)
+        func(*args, **kwargs)
     return info.value.reply
 
 
@@ -239,6 +241,35 @@ class TestHelpers:
     def test_helo_bad(self, argument):
         assert reply_of(parse_helo, argument) == Reply(501, "5.5.4", ("Syntax: EHLO hostname",))
 
+    def test_helo_longer_than_a_domain_may_be(self):
+        # RFC 5321 §4.5.3.1.2: a domain (the HELO argument) has at most 255 octets;
+        # a 1,500-character name would make our Received: line longer than 998 octets.
+        assert parse_helo("h" * 255) == "h" * 255
+        for name in ("h" * 256, "h" * 1500):
+            assert reply_of(parse_helo, name) == Reply(
+                501, "5.5.2", ("EHLO argument too long (RFC 5321 §4.5.3.1.2)",)
+            )
+        assert parse_helo("h" * 300, max_length=300) == "h" * 300  # limits.helo_length
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "evil\x0bX-Injected:yes",
+            "evil\x1b[2J",
+            "evil\x0c",
+            "evil\x7f",
+            "evil\x85",  # C1: NEL
+            "evil\x9b2J",  # C1: CSI
+            "b\u00fccher.example",  # printable ASCII only: a domain or address literal
+            "evil\u2028x",
+        ],
+    )
+    def test_helo_must_be_printable_ascii(self, name):
+        reply = reply_of(parse_helo, name, verb="LHLO")
+        assert reply == Reply(
+            501, "5.5.2", ("LHLO argument must be a domain or address literal in printable ASCII",)
+        )
+
     def test_vrfy(self):
         assert parse_vrfy("<user@example>") == "user@example"
         assert parse_vrfy("user") == "user"
@@ -249,3 +280,98 @@ class TestHelpers:
         assert reply_of(require_no_argument, Command("DATA", "x")) == Reply(
             501, "5.5.4", ("Syntax: DATA",)
         )
+
+
+class TestAddressLimits:
+    """RFC 5321 §4.5.3.1: local part 64, domain 255, path 256 octets (the brackets count)."""
+
+    def test_local_part_of_64_octets_is_accepted(self):
+        address = "a" * 64 + "@x.test"
+        assert parse_rcpt(f"TO:<{address}>")[0] == address
+        assert parse_mail(f"FROM:<{address}>")[0] == address
+
+    @pytest.mark.parametrize("local", ["a" * 65, "a" * 300, '"' + "a" * 63 + '"', "\u00e9" * 33])
+    def test_longer_local_part_is_refused(self, local):
+        # Octets, not characters: 33 "é" are 66 octets. The quotes of a quoted local
+        # part are part of it.
+        assert reply_of(parse_rcpt, f"TO:<{local}@x.test>") == Reply(
+            553, "5.1.3", ("Local part too long (RFC 5321 §4.5.3.1.1)",)
+        )
+        assert reply_of(parse_mail, f"FROM:<{local}@x.test>") == Reply(
+            553, "5.1.7", ("Local part too long (RFC 5321 §4.5.3.1.1)",)
+        )
+
+    def test_domain_longer_than_255_octets_is_refused(self):
+        domain = ".".join(["d" * 63] * 4)  # 255 octets
+        wide = AddressLimits(path=1000)
+        assert parse_rcpt(f"TO:<a@{domain}>", wide)[0] == f"a@{domain}"
+        assert reply_of(parse_rcpt, f"TO:<a@{domain}x>", wide) == Reply(
+            553, "5.1.3", ("Domain too long (RFC 5321 §4.5.3.1.2)",)
+        )
+        assert reply_of(parse_mail, f"FROM:<a@{domain}x>", wide).enhanced == "5.1.7"
+
+    def test_path_longer_than_256_octets_with_its_brackets_is_refused(self):
+        domain = "d" * 63 + "." + "d" * 63 + "." + "d" * 61  # 189 octets
+        fits = "a" * 64 + "@" + domain  # 254 octets, 256 with "<" and ">"
+        assert parse_rcpt(f"TO:<{fits}>")[0] == fits
+        too_long = Reply(553, "5.1.3", ("Path too long (RFC 5321 §4.5.3.1.3)",))
+        assert reply_of(parse_rcpt, f"TO:<{fits}d>") == too_long
+        assert reply_of(parse_rcpt, f"TO:{fits}d") == too_long  # brackets missing: still counted
+        # A source route is part of the path.
+        assert reply_of(parse_rcpt, f"TO:<@r.example:{fits}>") == too_long
+        assert reply_of(parse_mail, f"FROM:<{fits}d>") == Reply(
+            553, "5.1.7", ("Path too long (RFC 5321 §4.5.3.1.3)",)
+        )
+
+    def test_limits_may_be_raised(self):
+        limits = AddressLimits(local_part=100, path=300)
+        address = "a" * 100 + "@x.test"
+        assert parse_rcpt(f"TO:<{address}>", limits)[0] == address
+        assert parse_mail(f"FROM:<{address}>", limits)[0] == address
+
+
+class TestAddressCharacters:
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "a\x0bb@x.test",
+            "a\x1b[2J@x.test",
+            "a\x7f@x.test",
+            "a\x85b@x.test",  # C1 controls are not UTF8-non-ascii (RFC 6531 §3.3)
+            "a\x9fb@x.test",
+            '"a\x0bb"@x.test',
+            '"a\\\x0bb"@x.test',  # not even as a quoted pair
+            "a@x\x85.test",
+            "@r\x0b.example:a@x.test",
+        ],
+    )
+    def test_control_characters_are_refused(self, path):
+        assert reply_of(parse_rcpt, f"TO:<{path}>") == Reply(
+            553, "5.1.3", ("Control character in recipient address",)
+        )
+        assert reply_of(parse_mail, f"FROM:<{path}>") == Reply(
+            553, "5.1.7", ("Control character in sender address",)
+        )
+
+    def test_other_non_ascii_characters_stay_allowed(self):
+        # U+00A0 onwards (SMTPUTF8 decides whether they may be used: require_smtputf8).
+        for address in ("\u00a0x@x.test", '"a\u2028b"@x.test', "\u0123\u1234@x.test"):
+            assert parse_rcpt(f"TO:<{address}>")[0] == address
+
+    def test_empty_local_part_is_no_mailbox(self):
+        # ""@x.test names no mailbox: refused at RCPT rather than delivered anywhere.
+        assert reply_of(parse_rcpt, 'TO:<""@x.test>') == Reply(
+            553, "5.1.3", ("Empty local part: no such mailbox",)
+        )
+        assert parse_mail('FROM:<""@x.test>')[0] == '""@x.test'
+
+    def test_non_ascii_needs_smtputf8(self):
+        # RFC 6531 §3.5: 553 5.6.7 without the SMTPUTF8 parameter on MAIL.
+        require_smtputf8("a@x.test", False, what="sender")
+        require_smtputf8("j\u00f6rg@x.test", True, what="recipient")
+        for what in ("sender", "recipient"):
+            assert reply_of(require_smtputf8, "j\u00f6rg@x.test", False, what=what) == Reply(
+                553,
+                "5.6.7",
+                (f"Non-ASCII {what} address not permitted without SMTPUTF8 (RFC 6531)",),
+            )

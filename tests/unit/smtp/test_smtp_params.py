@@ -498,13 +498,14 @@ class TestRealisticMaximumLines:
         assert params.envid == " " * 72 + "@" + "=" * 27
 
     def test_maximal_rcpt_line(self):
-        # CHECKLIST 1.2.2, 1.2.3: 500-char ORCPT value + 28-char NOTIFY after a 264-octet path
+        # CHECKLIST 1.2.2, 1.2.3: 500-char ORCPT value + 28-char NOTIFY after a 256-octet
+        # path, the longest RFC 5321 §4.5.3.1.3 allows (brackets included).
         orcpt = "rfc822;" + "+41" * 161 + "@b.example"
         assert len(orcpt) == 500
-        line = (
-            f"RCPT TO:<{'r' * 64}@{'d' * 200}.example> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT={orcpt}"
-        ).encode()
-        assert len(line) > 512 + 300
+        path = f"<{'r' * 64}@{'d' * 181}.example>"
+        assert len(path) == 256
+        line = f"RCPT TO:{path} NOTIFY=SUCCESS,FAILURE,DELAY ORCPT={orcpt}".encode()
+        assert len(line) == 800  # far over the 512-octet base line
         command = parse_command(line)
         recipient, raw = parse_rcpt(command.argument)
         params = parse_rcpt_params(raw, advertised=ALL)

@@ -1,0 +1,66 @@
+"""RCPT decisions of the receiver: relay policy, domainless recipients, known route failures."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from mtrkmta.delivery.interfaces import NextHop, RouteFailure
+from mtrkmta.envelope import RcptParams
+from mtrkmta.receive.policy import RelayPolicy, route_refusal
+from mtrkmta.receive.receiver import Receiver
+from mtrkmta.smtp.reply import Reply
+from mtrkmta.smtp.server import Session
+from mtrkmta.tracking.interfaces import RecipientState
+
+SESSION = Session(address="192.0.2.7", port=40000, listener="smtp")
+
+
+def receiver(check_route=None) -> Receiver:
+    return Receiver(
+        spool=None,  # type: ignore[arg-type]  # RCPT checks touch neither store
+        tracking=None,  # type: ignore[arg-type]
+        policy=RelayPolicy.build(["x.test"], ["other.test"]),
+        new_queue_id=lambda: "Q1",
+        reporting_mta="mx.example.test",
+        node_id="n1",
+        min_free_space=0,
+        clock=Clock(),
+        check_route=check_route,
+    )
+
+
+def test_route_failures_known_at_rcpt_become_refusals():
+    def failure(status: str, reason: str) -> RouteFailure:
+        return RouteFailure(RecipientState.FAILED, status, reason)
+
+    assert route_refusal("a@b", failure("5.1.3", "no domain to route")) == Reply(
+        553, "5.1.3", ("<a@b>: Recipient address rejected: no domain to route",)
+    )
+    assert route_refusal("a@b", failure("5.1.10", "b takes none")).code == 556  # RFC 7504 §3
+    assert route_refusal("a@b", failure("5.1.2", "NXDOMAIN")).code == 550
+    assert route_refusal("a@b", failure("5.4.6", "loops")).code == 550
+    # Temporary trouble, a next hop, or nothing known yet: accepted.
+    assert route_refusal("a@b", RouteFailure(RecipientState.DEFERRED, "4.4.3", "x")) is None
+    assert route_refusal("a@b", NextHop("maildir", "maildir")) is None
+    assert route_refusal("a@b", None) is None
+
+
+def test_only_postmaster_goes_without_a_domain():
+    # RFC 5321 §4.1.1.3; the check is the receiver's, whatever parsed the address.
+    refused = receiver().check_recipient(SESSION, "alice", RcptParams())
+    assert refused is not None and (refused.code, refused.enhanced) == (553, "5.1.3")
+    assert receiver().check_recipient(SESSION, "PostMaster", RcptParams()) is None
+
+
+def test_the_route_check_comes_after_the_relay_policy():
+    asked: list[str] = []
+
+    def check_route(address: str) -> Reply | None:
+        asked.append(address)
+        return Reply(550, "5.4.6", ("loop",)) if address.startswith("self") else None
+
+    checks = receiver(check_route)
+    assert checks.check_recipient(SESSION, "a@elsewhere.example", RcptParams()).code == 554
+    assert checks.check_recipient(SESSION, "self@x.test", RcptParams()).code == 550
+    assert checks.check_recipient(SESSION, "bob@other.test", RcptParams()) is None
+    assert asked == ["self@x.test", "bob@other.test"]  # never for what is not ours to take
