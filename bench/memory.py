@@ -326,6 +326,7 @@ def run_one(args: argparse.Namespace, work: Path, attack: str, attackers: int) -
             thread.start()
         for thread in drains:
             thread.join(15)
+        sampler.stop()  # then VmHWM covers every sample
         result.hwm_mib = rss_kib(node.pid)["VmHWM"] / 1024
         peak = max(sampler.between(started), default=0)
         result.peak_mib = peak / 1024
