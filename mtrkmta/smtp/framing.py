@@ -230,11 +230,14 @@ class DataReader:
 
 
 def normalize_line_ends(data: bytes) -> bytes:
-    """``data`` with every bare CR and every bare LF turned into CRLF (RFC 5321 §2.3.8).
+    """``data`` with every bare CR and every bare LF turned into CRLF; CRLF stays as is.
 
-    A CRLF stays as it is; a CR at the very end counts as bare (a caller that
-    streams holds a trailing CR back until it knows what follows).
+    RFC 5321 §2.3.8: CR and LF must only occur together as CRLF, and a bare CR
+    or LF is the raw material of SMTP smuggling (a lenient receiver may end a
+    line, or DATA, there). Pure and stateless: a CR at the very end of ``data``
+    counts as bare, so a caller that works in chunks holds a trailing CR back
+    until it knows the next byte.
     """
-    if b"\r" not in data:
-        return data.replace(b"\n", CRLF)
+    if data.count(b"\r") == data.count(b"\n") == data.count(CRLF):
+        return data  # the usual case: already only CRLF
     return data.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from mtrkmta.envelope import NOTIFY_NEVER, Envelope, Recipient
 from mtrkmta.smtp import xtext
+from mtrkmta.smtp.framing import normalize_line_ends
 from mtrkmta.smtp.mtrk import MAX_TIMEOUT, format_mtrk
 
 CRLF = b"\r\n"
@@ -131,11 +132,13 @@ def smtputf8_status(envelope: Envelope, recipients: tuple[int, ...], content: by
 class DotStuffer:
     """Incremental SMTP dot-stuffer (RFC 5321 §4.5.2): feed content chunks, then finish.
 
-    Output does not depend on where the content is split. A line starting with
-    ``.`` gets another ``.``; bare LF becomes CRLF (what the receiving
-    :class:`~mtrkmta.smtp.framing.DataReader` would make of it anyway, and no
-    ``<LF>.<CRLF>`` can reach a lenient server); content not ending in CRLF gets
-    one; :meth:`finish` adds the ``.<CRLF>`` terminator.
+    Output does not depend on where the content is split. Every bare CR and
+    every bare LF becomes CRLF (:func:`~mtrkmta.smtp.framing.normalize_line_ends`;
+    RFC 5321 §2.3.8: a client MUST NOT send them otherwise), so that no
+    ``<CR>.<CR>``, ``<LF>.<LF>`` or other lenient end of data can reach a next hop
+    (SMTP smuggling, CVE-2023-51764); then a line starting with ``.`` gets
+    another ``.`` (RFC 5321 §4.5.2); content not ending in CRLF gets one;
+    :meth:`finish` adds the ``.<CRLF>`` terminator.
     """
 
     def __init__(self) -> None:
@@ -155,8 +158,7 @@ class DotStuffer:
             data = data[:-1]
         if not data:
             return b""
-        if b"\n" in data:
-            data = data.replace(CRLF, b"\n").replace(b"\n", CRLF)
+        data = normalize_line_ends(data)  # every CR now has its next byte in data
         stuffed = data.replace(b"\r\n.", b"\r\n..")
         if self._line_start and stuffed[:1] == b".":
             stuffed = b"." + stuffed
@@ -169,7 +171,7 @@ class DotStuffer:
             raise ValueError("DotStuffer already finished")
         self._finished = True
         if self._held_cr:
-            return b"\r" + CRLF + END_OF_DATA  # a lone CR at the very end stays content
+            return CRLF + END_OF_DATA  # a bare CR at the very end: one more CRLF
         if not self._line_start:
             return CRLF + END_OF_DATA
         return END_OF_DATA

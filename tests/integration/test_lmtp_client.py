@@ -61,6 +61,20 @@ async def test_lhlo_and_one_reply_per_accepted_recipient(net):
 
 
 @pytest_twisted.ensureDeferred
+async def test_bare_cr_goes_out_as_crlf_so_no_smuggled_end_of_data(net):
+    # RFC 5321 §2.3.8 (RFC 2033 §4.2 keeps SMTP's DATA): CR only in CRLF, so that
+    # "\r.\r\n" cannot end DATA early at a lenient LMTP server (CVE-2023-51764).
+    fake, client = await lmtp(net)
+    await client.when_ready()
+    smuggled = b"hello\r.\r\nMAIL FROM:<admin@x.test>\r\nRCPT TO:<root@localhost>\r\nDATA\r\n"
+    result = await client.send(Transaction("alice@client.example", ("a@example.test",), smuggled))
+    assert [r.reply.code for r in result.per_recipient()] == [250]
+    raw = fake.transactions[0].raw_data
+    assert raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n")
+    assert raw.startswith(b"hello\r\n..\r\nMAIL FROM:<admin@x.test>\r\n")
+
+
+@pytest_twisted.ensureDeferred
 async def test_duplicate_recipients_each_get_their_reply(net):
     # CHECKLIST 7.3: one reply per accepted RCPT, duplicates included.
     fake, client = await lmtp(net)

@@ -295,6 +295,41 @@ async def test_hop_without_dsn_or_mtrk_gets_no_dsn_parameters(tmp_path):
         assert rcpt.certifier_forwarded is False
 
 
+def send_raw_data(port: int, raw: bytes) -> str:
+    """Blocking: one message whose DATA block is ``raw`` exactly (terminator included)."""
+    with Wire(port) as wire:
+        assert wire.ehlo().code == 250
+        assert wire.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert wire.command(f"RCPT TO:<{RCPT}>").code == 250
+        assert wire.command("DATA").code == 354
+        wire.send(raw)
+        queue_id = queue_id_of(wire.reply())
+        assert wire.command("QUIT").code == 221
+    return queue_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayed_content_carries_no_bare_cr_so_no_smuggling_at_the_next_hop(tmp_path):
+    # SMTP smuggling, outbound half (CVE-2023-51764 family). "hello\r.\r\n" is content
+    # here (only <CRLF>.<CRLF> ends DATA), but a next hop that takes a bare CR for a line
+    # end would see the DATA end there and run the rest as a second transaction.
+    # RFC 5321 §2.3.8: a client MUST NOT send CR or LF except as CRLF.
+    smuggled = (
+        b"Subject: smuggling\r\n\r\nhello\r.\r\nMAIL FROM:<admin@x.test>\r\n"
+        b"RCPT TO:<victim@y.test>\r\nDATA\r\nForged\r\n"
+    )
+    async with relaying(tmp_path) as rig:
+        queue_id = await in_thread(send_raw_data, rig.node.port("smtp"), smuggled + b".\r\n")
+        await rig.gone(queue_id)
+
+        (session,) = rig.fake.sessions
+        received = b"".join(session.reads)
+        assert b"hello" in received
+        assert received.count(b"\r") == received.count(b"\n") == received.count(b"\r\n")
+        (relayed,) = copies(rig.fake)
+        assert relayed.content.endswith(b"\r\n\r\nhello\r\n.\r\n" + smuggled.split(b".\r\n", 1)[1])
+
+
 # -- 4: MX routing through a real DNS server ------------------------------------------------
 
 

@@ -316,6 +316,21 @@ async def test_dot_stuffing_at_16k_write_boundaries(net):
     assert transaction.content == bytes(content) + b"\r\n"
 
 
+SMUGGLED = b"hello\r.\r\nMAIL FROM:<admin@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_cr_goes_out_as_crlf_so_no_smuggled_end_of_data(net):
+    # RFC 5321 §2.3.8: CR only in CRLF. "\r.\r\n" would end DATA at a receiver that
+    # takes a bare CR for a line end (SMTP smuggling, CVE-2023-51764); the bare CR at
+    # the end of the first 16 KiB write meets its "." in the next one.
+    content = b"x" * (16 * 1024 - 1) + b"\r.\rnext\n" + SMUGGLED
+    raw = await send_content(net, content)
+    assert raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n")
+    assert raw.find(b"\r\n.\r\n") == len(raw) - 5  # only the real end of data
+    assert raw.endswith(b"\r\n..\r\nnext\r\nhello\r\n..\r\n" + SMUGGLED[9:] + b".\r\n")
+
+
 @pytest_twisted.ensureDeferred
 async def test_content_without_final_newline_and_empty_content(net):
     assert await send_content(net, b"abc") == b"abc\r\n.\r\n"

@@ -282,6 +282,29 @@ def test_stuffing_turns_bare_lf_into_crlf_so_no_lf_dot_reaches_the_server():
     assert dot_stuff(b"a\n.\nb") == b"a\r\n..\r\nb\r\n.\r\n"
 
 
+def test_stuffing_turns_bare_cr_into_crlf_so_no_smuggled_end_of_data_goes_out():
+    # CVE-2023-51764 family, outbound half; RFC 5321 §2.3.8: a client MUST NOT send CR
+    # or LF except as CRLF. Sent as is, "\r.\r\n" ends DATA at a receiver that takes a
+    # bare CR for a line end, and the rest runs as a second, smuggled transaction.
+    smuggled = b"hello\r.\r\nMAIL FROM:<admin@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\n"
+    assert dot_stuff(smuggled) == (
+        b"hello\r\n..\r\nMAIL FROM:<admin@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\n.\r\n"
+    )
+
+
+def test_stuffing_a_lone_cr_at_the_end_becomes_the_final_crlf():
+    assert dot_stuff(b"a\r") == b"a\r\n.\r\n"
+    assert dot_stuff(b"\r") == b"\r\n.\r\n"
+    stuffer = DotStuffer()
+    assert stuffer.feed(b"a\r") + stuffer.feed(b"\r") + stuffer.finish() == b"a\r\n\r\n.\r\n"
+
+
+def test_stuffing_cr_cr_lf_split_between_chunks():
+    stuffer = DotStuffer()
+    out = stuffer.feed(b"a\r") + stuffer.feed(b"\r") + stuffer.feed(b"\n.") + stuffer.finish()
+    assert out == b"a\r\n\r\n..\r\n.\r\n"
+
+
 def test_stuffing_dot_line_split_at_16k_chunk_boundary():
     line = b"x" * (16384 - 2) + b"\r\n"
     content = line + b".\r\n" + line[:-2] + b"\r\n.hidden\r\n"
@@ -309,8 +332,8 @@ def test_stuffer_refuses_use_after_finish():
 
 
 def expected_content(content: bytes) -> bytes:
-    """What the receiver must get back: bare LF as CRLF, a final CRLF when missing."""
-    normalised = re.sub(rb"(?<!\r)\n", b"\r\n", content)
+    """What the receiver must get back: bare CR and bare LF as CRLF, a final CRLF if missing."""
+    normalised = re.sub(rb"\r\n|\r|\n", b"\r\n", content)
     if normalised and not normalised.endswith(b"\r\n"):
         normalised += b"\r\n"
     return normalised
@@ -362,3 +385,46 @@ def test_stuffing_then_server_data_reader_gives_back_the_content(content, cuts, 
     assert result is not None
     assert result.content == expected_content(content)
     assert result.leftover == b""
+
+
+# The ends of DATA a lenient receiver may accept besides <CRLF>.<CRLF> (SMTP smuggling).
+LENIENT_ENDS = (
+    b"\n.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r.\n",
+    b"\r\n.\n",
+    b"\n.\r",
+    b"\r\n.\r",
+)
+smuggling_content = st.lists(
+    st.one_of(
+        st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"a", *LENIENT_ENDS, b"\r\n.\r\n"]),
+        st.binary(max_size=12),
+    ),
+    max_size=60,
+).map(b"".join)
+
+
+def unstuff(stuffed: bytes) -> bytes:
+    """The receiver's view (RFC 5321 §4.5.2): CRLF lines up to ``.``, leading dot removed."""
+    lines = stuffed.split(b"\r\n")
+    assert lines[-2:] == [b".", b""]
+    body = [line[1:] if line.startswith(b".") else line for line in lines[:-2]]
+    return b"".join(line + b"\r\n" for line in body)
+
+
+@SETTINGS
+@given(smuggling_content, st.lists(st.integers(min_value=0, max_value=600), max_size=12))
+def test_stuffed_bytes_carry_no_bare_cr_or_lf_and_no_early_end_of_data(content, cuts):
+    # RFC 5321 §2.3.8 (CR and LF only as CRLF) and §4.5.2; CVE-2023-51764 family.
+    stuffer = DotStuffer()
+    stuffed = b"".join(stuffer.feed(piece) for piece in chunked(content, cuts)) + stuffer.finish()
+    assert stuffed.count(b"\r") == stuffed.count(b"\n") == stuffed.count(b"\r\n")
+    wire = b"DATA\r\n" + stuffed  # what precedes the content on the wire
+    end = len(wire) - len(b"\r\n.\r\n")
+    assert wire.find(b"\r\n.\r\n") == end
+    for variant in LENIENT_ENDS:
+        found = wire.find(variant)
+        assert found == -1 or found >= end, (variant, found)
+    assert unstuff(stuffed) == expected_content(content)
