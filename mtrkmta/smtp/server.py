@@ -400,10 +400,13 @@ class SMTPServer(Protocol, SessionGuard):
         )
 
     def smtp_HELP(self, argument: str) -> Reply:
+        return self.factory.help
+
+    @classmethod
+    def help_reply(cls) -> Reply:
+        """The answer to HELP: the verbs this kind of session knows."""
         verbs = " ".join(
-            sorted(
-                name[5:] for name in dir(self) if name.startswith("smtp_") and name[5:].isupper()
-            )
+            sorted(name[5:] for name in dir(cls) if name.startswith("smtp_") and name[5:].isupper())
         )
         return Reply(214, "2.0.0", (f"Commands: {verbs}", "See RFC 5321"))
 
@@ -713,6 +716,7 @@ class SMTPServerFactory(Factory):
         self.receiver = receiver
         self.clock = clock
         self.table = SessionTable(settings.max_connections, settings.max_connections_per_ip)
+        self.help = self.protocol.help_reply()
 
     def buildProtocol(self, addr: IAddress) -> SMTPServer:
         return self.protocol(self)
