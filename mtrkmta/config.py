@@ -576,9 +576,16 @@ class TLS:
 
 @dataclass(frozen=True, slots=True)
 class Auth:
-    """SMTP AUTH on the submission listener."""
+    """SMTP AUTH: the users file, and the limits that make guessing passwords slow."""
 
     users_file: Path | None = field(default=None, metadata=_key(_optional_file))
+    max_failures: int = field(default=3, metadata=_key(_integer(1)))
+    max_address_failures: int = field(default=10, metadata=_key(_integer(1)))
+    failure_window: float = field(default=15 * MINUTE, metadata=_key(_duration(1.0)))
+    failure_delay: float = field(default=1.0, metadata=_key(_duration()))
+    max_failure_delay: float = field(default=30.0, metadata=_key(_duration()))
+    threads: int = field(default=2, metadata=_key(_integer(1)))
+    max_pending: int = field(default=16, metadata=_key(_integer(1)))
 
 
 def _delimiter(value: object, ctx: _Context) -> str:

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mtrkmta.auth import PasswordFileChecker
+from mtrkmta.authlimits import AuthGuard, AuthLimits
 from mtrkmta.config import Config
 from mtrkmta.delivery.interfaces import ITransport, NextHop
 from mtrkmta.delivery.maildir import MaildirTransport
@@ -40,6 +41,7 @@ from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
 from mtrkmta.spool.filespool import FileSpool
 from mtrkmta.spool.queueid import QueueIdGenerator
 from mtrkmta.tls import server_context
+from mtrkmta.tracking.authfailures import SQLAuthFailures
 from mtrkmta.tracking.migrate import upgrade
 from mtrkmta.tracking.store import SQLTrackingStore
 from mtrkmta.workers import (
@@ -132,6 +134,13 @@ class MTAService(Service):
         # of three competing with the reactor thread for the GIL costs a quarter less CPU
         # per message (doc/architecture.rst, "Threading").
         self.commit_pool = ThreadPool(minthreads=1, maxthreads=1, name="mtrkmta-commit")
+        # Password checks (deliberately slow hashing that any client can ask for) and the
+        # AUTH failure counts get threads of their own: they never hold up delivery.
+        self.auth_pool = ThreadPool(
+            minthreads=0, maxthreads=config.auth.threads, name="mtrkmta-auth"
+        )
+        self.auth: AuthGuard | None = None
+        self.auth_failures: SQLAuthFailures | None = None
         self.ready: Deferred[MTAService] = Deferred()
         self.spool: FileSpool | None = None
         self.tracking: SQLTrackingStore | None = None
@@ -159,8 +168,10 @@ class MTAService(Service):
         config = self.config
         self.threadpool.start()
         self.commit_pool.start()
+        self.auth_pool.start()
         await self._blocking(prepare_data_dir, config.data_dir)
         await self._blocking(upgrade, config.database)
+        self.auth = self._build_auth()
         self.tracking = SQLTrackingStore(
             self.reactor,
             self.threadpool,
@@ -229,6 +240,29 @@ class MTAService(Service):
             self._listen_as_worker(self.worker)
         else:
             await self._listen()
+
+    def _build_auth(self) -> AuthGuard | None:
+        """The password checker with its limits, on the auth pool; None without a users file.
+
+        Failures per client address are counted in the tracking database, so that
+        every worker process and every node on that database sees them.
+        """
+        auth = self.config.auth
+        if auth.users_file is None:
+            return None
+        self.auth_failures = SQLAuthFailures(
+            self.config.database, self.reactor, self.auth_pool, window=auth.failure_window
+        )
+        checker = PasswordFileChecker(
+            auth.users_file, self.reactor, self.auth_pool, max_pending=auth.max_pending
+        )
+        limits = AuthLimits(
+            max_failures=auth.max_failures,
+            max_address_failures=auth.max_address_failures,
+            failure_delay=auth.failure_delay,
+            max_failure_delay=auth.max_failure_delay,
+        )
+        return AuthGuard(checker, limits, self.auth_failures)
 
     def _purge_tracking(self) -> Deferred[None]:
         """Drop expired tracking records (never those of queued messages, CHECKLIST 3.4)."""
@@ -397,9 +431,7 @@ class MTAService(Service):
         tls = None
         if config.tls.certificate is not None and config.tls.private_key is not None:
             tls = server_context(config.tls.certificate, config.tls.private_key)
-        checker = None
-        if config.auth.users_file is not None and listener != "lmtp":
-            checker = PasswordFileChecker(config.auth.users_file, self.reactor, self.threadpool)
+        checker = self.auth if listener != "lmtp" else None
         return ServerSettings(
             hostname=config.hostname,
             listener=listener,
@@ -518,8 +550,13 @@ class MTAService(Service):
         await DeferredList(
             [d for d in (port.stopListening() for port in ports.values()) if d is not None]
         )
+        if self.auth is not None:
+            self.auth.stop()  # replies held after AUTH failures go now: sessions can close
         factories, self.factories = self.factories, {}
         await DeferredList([factory.shutdown() for factory in factories.values()])
+        if self.auth_failures is not None:
+            failures, self.auth_failures = self.auth_failures, None
+            await failures.close()
         if self.mtqp is not None:  # MTQP sessions close with the mail listeners' ones
             mtqp, self.mtqp = self.mtqp, None
             await mtqp.shutdown()
@@ -545,6 +582,7 @@ class MTAService(Service):
         if self.tracking is not None:
             await self.tracking.close()
         self.commit_pool.stop()
+        self.auth_pool.stop()
         self.threadpool.stop()
 
 

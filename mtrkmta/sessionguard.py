@@ -55,6 +55,7 @@ class SessionGuard:
     _session_timer: IDelayedCall | None = None
     _abort_timer: IDelayedCall | None = None
     _pauses: frozenset[str] = frozenset()
+    _producing = False  # registered as the transport's producer
     # The data phase: (start, last arrival, octets received, block timeout, minimum rate).
     _data_clock: list[float] | None = None
     _paused_at: float | None = None
@@ -72,6 +73,7 @@ class SessionGuard:
     def _guard_start(self, session_time: float) -> None:
         """Call from connectionMade: become the transport's producer, start the session clock."""
         self.transport.registerProducer(self, True)
+        self._producing = True
         if session_time > 0:
             self._session_timer = self.factory.clock.callLater(
                 session_time, self._deadline_passed, SESSION
@@ -81,6 +83,15 @@ class SessionGuard:
         """Close after what was written is sent; cut the connection if that takes too long."""
         self._closing = True
         self._stop_phase()
+        # No longer a producer: a transport closes only once its producer is gone (TLS
+        # sends its close_notify only then, TCP would resume a paused producer instead
+        # of closing). Read again, input is ignored from now on: under TLS the
+        # connection ends only once the client's close_notify or end of stream is read.
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+        self._pauses = frozenset()
+        self.transport.resumeProducing()
         self.transport.loseConnection()
         if self._abort_timer is None:
             self._abort_timer = self.factory.clock.callLater(CLOSE_GRACE, self._abort)

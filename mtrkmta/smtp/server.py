@@ -19,6 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+from mtrkmta.auth import ChecksBusy
+from mtrkmta.authlimits import guard_of
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.sessionguard import COMMAND, DATA, SessionGuard
 from mtrkmta.sessions import SessionTable
@@ -253,7 +255,11 @@ class SMTPServer(Protocol, SessionGuard):
             if line is None:
                 return
             if line is OVERLONG:
-                self._send(LINE_TOO_LONG)
+                if self._line_handler is not None:  # RFC 4954 §4: the SASL exchange ends
+                    self._line_handler = None
+                    self._send(Reply(500, "5.5.6", ("Authentication Exchange line is too long",)))
+                else:
+                    self._send(LINE_TOO_LONG)
                 continue
             assert isinstance(line, bytes)
             handler = self._line_handler
@@ -434,6 +440,8 @@ class SMTPServer(Protocol, SessionGuard):
 
     # -- AUTH (RFC 4954) -------------------------------------------------------
 
+    _auth_failures = 0  # failed AUTH attempts on this connection (STARTTLS keeps them)
+
     def smtp_AUTH(self, argument: str) -> ReplyOrDeferred | None:
         if self.settings.checker is None:
             return Reply(502, "5.5.1", ("AUTH not available",))
@@ -451,16 +459,54 @@ class SMTPServer(Protocol, SessionGuard):
         if not words or len(words) > 2:
             return Reply(501, "5.5.4", ("Syntax: AUTH mechanism [initial-response]",))
         mechanism = words[0].upper()
-        initial = words[1] if len(words) == 2 else None
+        if mechanism not in ("PLAIN", "LOGIN"):
+            return Reply(504, "5.5.4", ("Unrecognized authentication type",))
+        initial: bytes | None = None
+        if len(words) == 2:
+            try:
+                # RFC 4954 §4: the initial response is base64, hence ASCII.
+                initial = words[1].encode("ascii")
+            except UnicodeEncodeError:
+                return Reply(501, "5.5.2", ("Cannot decode response",))
+        # An address with too many recent failures is refused before any password check.
+        d = guard_of(self.settings.checker).refused(
+            self.session.address, self.factory.clock.seconds()
+        )
+        return self._auth_settled(d.addCallback(self._auth_admitted, mechanism, initial))
+
+    def _auth_settled(self, d: Deferred[Any]) -> Any:
+        """``d``'s result if it has one already (a store or checker that answers at once),
+        else ``d``: a session closed on the spot must not be paused afterwards."""
+        settled: list[Any] = []
+
+        def keep(result: Any) -> Any:
+            settled.append(result)
+            return result
+
+        d.addCallback(keep)
+        return settled[0] if settled else d
+
+    def _auth_admitted(
+        self, refused: bool, mechanism: str, initial: bytes | None
+    ) -> ReplyOrDeferred | None:
+        if self._closing:  # gone while its address was looked up
+            return None
+        if refused:
+            return self._auth_goodbye("Too many authentication failures from your address")
         if mechanism == "PLAIN":
             if initial is None:
                 return self._challenge(b"", self._auth_plain)
-            return self._auth_plain(initial.encode("ascii"))
-        if mechanism == "LOGIN":
-            if initial is None:
-                return self._challenge(b"Username:", self._auth_login_user)
-            return self._auth_login_user(initial.encode("ascii"))
-        return Reply(504, "5.5.4", ("Unrecognized authentication type",))
+            return self._auth_plain(initial)
+        if initial is None:
+            return self._challenge(b"Username:", self._auth_login_user)
+        return self._auth_login_user(initial)
+
+    def _auth_goodbye(self, text: str, *before: Reply) -> None:
+        """Send ``before``, then 421 and close: this client may not try again now."""
+        if not self._closing:
+            bye = Reply(421, "4.7.0", (f"{self.settings.hostname} {text}",))
+            self._send((*before, bye))
+            self._close()
 
     def _challenge(self, prompt: bytes, handler: Callable[[bytes], ReplyOrDeferred | None]) -> None:
         # RFC 4954 §4: continue-req = "334" SP [base64] CRLF, the space even when empty.
@@ -487,7 +533,7 @@ class SMTPServer(Protocol, SessionGuard):
             return Reply(501, "5.5.2", ("Malformed PLAIN response",))
         authzid, user, password = parts
         if authzid and authzid != user:
-            return Reply(535, "5.7.8", ("Authentication credentials invalid",))
+            return self._auth_failed()
         return self._check_credentials(user, password)
 
     def _auth_login_user(self, line: bytes) -> ReplyOrDeferred | None:
@@ -503,19 +549,41 @@ class SMTPServer(Protocol, SessionGuard):
 
         return self._challenge(b"Password:", password)
 
-    def _check_credentials(self, user: bytes, password: bytes) -> Deferred[Reply]:
-        d = maybeDeferred(self.settings.checker.requestAvatarId, UsernamePassword(user, password))
+    def _check_credentials(self, user: bytes, password: bytes) -> ReplyOrDeferred | None:
+        guard = guard_of(self.settings.checker)
+        d = maybeDeferred(guard.requestAvatarId, UsernamePassword(user, password))
 
         def ok(avatar_id: bytes) -> Reply:
             name = avatar_id.decode("utf-8") if isinstance(avatar_id, bytes) else str(avatar_id)
             self.session.authenticated_as = name
             return Reply(235, "2.7.0", ("Authentication successful",))
 
-        def denied(failure: Failure) -> Reply:
+        def denied(failure: Failure) -> ReplyOrDeferred | None:
+            if failure.check(ChecksBusy):
+                # Too many checks waiting for the checker's threads: not the client's fault.
+                return Reply(454, "4.7.0", ("Temporary authentication failure",))
             failure.trap(UnauthorizedLogin)
-            return Reply(535, "5.7.8", ("Authentication credentials invalid",))
+            return self._auth_failed()
 
-        return d.addCallbacks(ok, denied)
+        return self._auth_settled(d.addCallbacks(ok, denied))
+
+    def _auth_failed(self) -> ReplyOrDeferred | None:
+        """535, held for the delay of this failure; 421 and close after the last one allowed."""
+        guard = guard_of(self.settings.checker)
+        self._auth_failures += 1
+        failures = self._auth_failures
+        clock = self.factory.clock
+        d = guard.failed(self.session.address, clock.seconds(), failures)
+        d.addCallback(lambda delay: guard.pause(clock, delay))
+
+        def reply(_: None) -> Reply | None:
+            denied = Reply(535, "5.7.8", ("Authentication credentials invalid",))
+            if failures < guard.limits.max_failures:
+                return denied
+            self._auth_goodbye("Too many authentication failures", denied)
+            return None
+
+        return self._auth_settled(d.addCallback(reply))
 
     # -- the mail transaction --------------------------------------------------
 

@@ -65,6 +65,7 @@ class TrackingSchema:
     metadata: MetaData
     messages: Table
     recipients: Table
+    auth_failures: Table
 
 
 def build_schema() -> TrackingSchema:
@@ -139,4 +140,16 @@ def build_schema() -> TrackingSchema:
         sqlite_where=dsn_owed(recipients),
         postgresql_where=dsn_owed(recipients),
     )
-    return TrackingSchema(metadata=metadata, messages=messages, recipients=recipients)
+    # Recent SMTP AUTH failures per client address, shared by every process on this
+    # database (0004; mtrkmta.tracking.authfailures). Rows older than auth.failure_window go.
+    auth_failures = Table(
+        "auth_failures",
+        metadata,
+        Column("address", String(64), nullable=False),
+        Column("failed_at", BigInteger, nullable=False),
+        Index(None, "address", "failed_at"),
+        Index(None, "failed_at"),
+    )
+    return TrackingSchema(
+        metadata=metadata, messages=messages, recipients=recipients, auth_failures=auth_failures
+    )

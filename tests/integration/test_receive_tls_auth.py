@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+import threading
 
 import pytest
 import pytest_twisted
@@ -20,9 +21,11 @@ from smtpwire import (
     queue_id_of,
     queued_everywhere,
     running_node,
+    until,
 )
 
 from mtrkmta.auth import hash_password
+from mtrkmta.testing import database_url, node_config, start_node, stop_node
 
 USER = "alice"
 PASSWORD = "secret"
@@ -31,6 +34,8 @@ KEYWORDS = ["PIPELINING", "SIZE 36700160", "8BITMIME", "ENHANCEDSTATUSCODES", "D
 AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_BAD = "535 5.7.8 Authentication credentials invalid"
 AUTH_CANCELLED = "501 5.0.0 Authentication cancelled"
+TOO_MANY = "421 4.7.0 mx.example.test Too many authentication failures"
+LOCKED_OUT = "421 4.7.0 mx.example.test Too many authentication failures from your address"
 
 
 def b64(text: str) -> str:
@@ -48,10 +53,13 @@ def tls_only(tmp_path):
 
 @pytest.fixture
 def tls_and_auth(tmp_path, tls_only):
-    """node_config options: STARTTLS plus a users file with alice:secret."""
+    """node_config options: STARTTLS plus a users file with alice:secret.
+
+    Replies to failures are held 10 ms, 20 ms, ... instead of 1 s, 2 s, ...
+    """
     users = tmp_path / "users"
     users.write_text(f"# test users\n{USER}:{hash_password(PASSWORD, iterations=1000)}\n")
-    return (*tls_only, ("auth.users_file", str(users)))
+    return (*tls_only, ("auth.users_file", str(users)), ("auth.failure_delay", "0.01s"))
 
 
 def secure(wire: Wire) -> None:
@@ -305,7 +313,8 @@ async def test_auth_login_with_initial_username(tmp_path, tls_and_auth):
 
 @pytest_twisted.ensureDeferred
 async def test_wrong_credentials_are_refused_and_session_continues(tmp_path, tls_and_auth):
-    async with running_node(tmp_path, options=tls_and_auth) as node:
+    options = (*tls_and_auth, ("auth.max_failures", 5))
+    async with running_node(tmp_path, options=options) as node:
 
         def talk():
             with Wire(node.port("smtp")) as wire:
@@ -386,6 +395,242 @@ async def test_auth_not_allowed_inside_a_transaction(tmp_path, tls_and_auth):
         assert (
             await in_thread(talk)
         ).line == "503 5.5.1 AUTH not permitted during a mail transaction"
+
+
+# -- limits on password guessing ------------------------------------------------------------
+
+
+def wrong(n: int = 0) -> str:
+    return f"AUTH PLAIN {b64(f'{chr(0)}{USER}{chr(0)}wrong{n}')}"
+
+
+def guess_until_closed(wire: Wire, attempts: int) -> list[str]:
+    """Up to ``attempts`` wrong passwords, then the right one; every reply line until closed."""
+    lines: list[str] = []
+    try:
+        for n in range(attempts):
+            wire.send(wrong(n).encode() + b"\r\n")
+            lines.append(wire.reply().line)
+        wire.send(f"AUTH PLAIN {PLAIN}\r\n".encode())
+        while True:
+            lines.append(wire.reply().line)
+    except (WireError, OSError):
+        return lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_thirty_wrong_passwords_then_the_right_one_do_not_get_in(tmp_path, tls_and_auth):
+    # Reproduction: 30 wrong passwords on one connection, then the right one, got 235.
+    async with running_node(tmp_path, options=tls_and_auth) as node:
+
+        def talk():
+            with Wire(node.port("smtp")) as wire:
+                secure(wire)
+                guessed = guess_until_closed(wire, 30)
+            with Wire(node.port("smtp")) as wire:  # the owner, on a new connection, may
+                secure(wire)
+                return guessed, wire.command(f"AUTH PLAIN {PLAIN}")
+
+        guessed, owner = await in_thread(talk)
+    assert guessed == [AUTH_BAD, AUTH_BAD, AUTH_BAD, TOO_MANY]
+    assert owner.line == AUTH_OK
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_address_with_too_many_failures_is_refused_even_the_right_password(
+    tmp_path, tls_and_auth
+):
+    options = (*tls_and_auth, ("auth.max_failures", 2), ("auth.max_address_failures", 3))
+    async with running_node(tmp_path, options=options) as node:
+
+        def talk():
+            guessed = []
+            for _ in range(2):
+                with Wire(node.port("smtp")) as wire:
+                    secure(wire)
+                    guessed.append(guess_until_closed(wire, 30))
+            with Wire(node.port("smtp")) as wire:
+                secure(wire)
+                return guessed, wire.command(f"AUTH PLAIN {PLAIN}"), wire.expect_closed()
+
+        guessed, refused, rest = await in_thread(talk)
+    assert guessed == [[AUTH_BAD, AUTH_BAD, TOO_MANY]] * 2
+    assert refused.line == LOCKED_OUT
+    assert rest == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_failures_on_one_node_count_on_another_sharing_its_database(tmp_path, tls_and_auth):
+    # Worker processes and nodes on one database share the count per client address.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    url = await in_thread(database_url, shared)
+    options = (
+        *tls_and_auth,
+        ("server.database", url),
+        ("auth.max_failures", 2),
+        ("auth.max_address_failures", 3),
+    )
+    node_a = await start_node(
+        node_config(tmp_path / "a", options=(*options, ("server.node_id", "a"))), deliver=False
+    )
+    try:
+        node_b = await start_node(
+            node_config(tmp_path / "b", options=(*options, ("server.node_id", "b"))),
+            deliver=False,
+        )
+        try:
+
+            def talk():
+                guessed = []
+                for _ in range(2):
+                    with Wire(node_a.port("smtp")) as wire:
+                        secure(wire)
+                        guessed.append(guess_until_closed(wire, 30))
+                with Wire(node_b.port("smtp")) as wire:
+                    secure(wire)
+                    return guessed, wire.command(f"AUTH PLAIN {PLAIN}")
+
+            guessed, at_b = await in_thread(talk)
+        finally:
+            await stop_node(node_b)
+    finally:
+        await stop_node(node_a)
+    assert guessed == [[AUTH_BAD, AUTH_BAD, TOO_MANY]] * 2
+    assert at_b.line == LOCKED_OUT
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_checks_do_not_wait_for_the_io_threads(tmp_path, tls_and_auth):
+    # Reproduction: the checks ran in the pool Maildir delivery uses; 40 connections failing
+    # AUTH slowed a delivery from 0.02 s to 2 s. Here every io thread is busy, and AUTH works.
+    async with running_node(tmp_path, options=tls_and_auth) as node:
+        busy, release = threading.Semaphore(0), threading.Event()
+
+        def occupy():
+            busy.release()
+            release.wait(30)
+
+        for _ in range(node.threadpool.max):
+            node.threadpool.callInThread(occupy)
+        try:
+            for _ in range(node.threadpool.max):
+                await until(lambda: busy.acquire(blocking=False), "an io thread to be taken")
+
+            def talk():
+                with Wire(node.port("smtp")) as wire:
+                    secure(wire)
+                    return wire.command(wrong()), wire.command(f"AUTH PLAIN {PLAIN}")
+
+            failed, auth = await in_thread(talk)
+        finally:
+            release.set()
+        assert (failed.line, auth.line) == (AUTH_BAD, AUTH_OK)
+        assert node.auth.checker.threadpool is node.auth_pool is not node.threadpool
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_failure_reply_does_not_hold_up_the_stop(tmp_path, tls_and_auth):
+    options = (*tls_and_auth, ("auth.failure_delay", "1m"), ("auth.max_failure_delay", "1m"))
+    node = await start_node(node_config(tmp_path / "data", options=options), deliver=False)
+    wire = None
+    try:
+        wire = await in_thread(Wire, node.port("smtp"))
+        await in_thread(secure, wire)
+        await in_thread(wire.send, wrong().encode() + b"\r\n")
+        await in_thread(wire.expect_silence)  # the 535 is held for a minute
+        stopped = stop_node(node)
+
+        def goodbye():
+            with wire:
+                return [wire.reply().line, wire.reply().line], wire.expect_closed()
+
+        replies, rest = await in_thread(goodbye)  # within the 5 s timeout of each read
+        await stopped
+    finally:
+        if wire is not None:
+            wire.close()
+        await stop_node(node)
+    assert replies == [AUTH_BAD, "421 4.3.2 mx.example.test Service shutting down"]
+    assert rest == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_during_a_password_check_answers_it_then_closes(tmp_path, tls_and_auth):
+    # The 235 comes first, then 421; the connection (under TLS) and the stop both end.
+    options = (*tls_and_auth, ("auth.threads", 1))
+    node = await start_node(node_config(tmp_path / "data", options=options), deliver=False)
+    wire = None
+    busy, release = threading.Semaphore(0), threading.Event()
+    try:
+        wire = await in_thread(Wire, node.port("smtp"))
+        await in_thread(secure, wire)
+
+        def occupy():
+            busy.release()
+            release.wait(30)
+
+        node.auth_pool.callInThread(occupy)
+        await until(lambda: busy.acquire(blocking=False), "the auth thread to be taken")
+        await in_thread(wire.send, f"AUTH PLAIN {PLAIN}\r\n".encode())
+        await in_thread(wire.expect_silence)
+        stopped = stop_node(node)
+        release.set()
+
+        def goodbye():
+            with wire:
+                return [wire.reply().line, wire.reply().line], wire.expect_closed()
+
+        replies, rest = await in_thread(goodbye)
+        await stopped
+    finally:
+        release.set()
+        if wire is not None:
+            wire.close()
+        await stop_node(node)
+    assert replies == [AUTH_OK, "421 4.3.2 mx.example.test Service shutting down"]
+    assert rest == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_ascii_sasl_responses_get_501(tmp_path, tls_and_auth):
+    # Reproduction: a non-ASCII initial response dropped the connection without a reply.
+    async with running_node(tmp_path, options=tls_and_auth) as node:
+
+        def talk():
+            with Wire(node.port("smtp")) as wire:
+                secure(wire)
+                replies = [wire.command("AUTH PLAIN AGFsaWNlAHPDqWNyZXQ=é")]
+                replies.append(wire.command(f"AUTH LOGIN {b64(USER)}é"))
+                replies += [wire.command("AUTH LOGIN"), wire.command("é")]
+                replies.append(wire.command(f"AUTH PLAIN {PLAIN}"))
+                return replies
+
+        replies = await in_thread(talk)
+    assert [r.line for r in replies] == [
+        "501 5.5.2 Cannot decode response",
+        "501 5.5.2 Cannot decode response",
+        "334 " + b64("Username:"),
+        "501 5.5.2 Cannot decode response",
+        AUTH_OK,
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_overlong_sasl_line_ends_the_exchange(tmp_path, tls_and_auth):
+    # Reproduction: after a 3,000-character response the next command was taken as SASL data.
+    async with running_node(tmp_path, options=tls_and_auth) as node:
+
+        def talk():
+            with Wire(node.port("smtp")) as wire:
+                secure(wire)
+                challenge = wire.command("AUTH PLAIN")
+                return challenge, wire.command("A" * 3000), wire.command("MAIL FROM:<a@b.test>")
+
+        challenge, overlong, mail = await in_thread(talk)
+    assert challenge.code == 334
+    assert overlong.line == "500 5.5.6 Authentication Exchange line is too long"
+    assert mail.line == "250 2.1.0 Ok"
 
 
 # -- the submission listener and authenticated relaying ----------------------------------

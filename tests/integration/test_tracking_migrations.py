@@ -74,15 +74,15 @@ def test_migrated_schema_equals_schema_module(db_url):
 def test_comparison_sees_a_missing_schema(db_url):
     # Guards the test above: on an empty database the comparison reports both tables.
     added = {d[1].name for d in diffs(db_url) if d[0] == "add_table"}
-    assert added == {"messages", "recipients"}
+    assert added == {"messages", "recipients", "auth_failures"}
 
 
 def test_upgrade_is_idempotent_and_reaches_head(db_url):
     assert migrate.current_revision(db_url) is None
     migrate.upgrade(db_url)
     migrate.upgrade(db_url)
-    assert migrate.head_revision() == "0003"
-    assert migrate.current_revision(db_url) == "0003"
+    assert migrate.head_revision() == "0004"
+    assert migrate.current_revision(db_url) == "0004"
 
 
 def test_downgrade_to_base_and_back(db_url):
@@ -170,11 +170,32 @@ def test_downgrade_to_0002_drops_only_the_dsn_pending_index(db_url):
     assert diffs(db_url) == []
 
 
+def test_downgrade_to_0003_drops_only_the_auth_failures_table(db_url):
+    migrate.upgrade(db_url)
+    engine = create_tracking_engine(db_url)
+    try:
+        assert {ix["name"] for ix in inspect(engine).get_indexes("auth_failures")} == {
+            "ix_auth_failures_address",
+            "ix_auth_failures_failed_at",
+        }
+        migrate.downgrade(db_url, "0003")
+        assert set(inspect(engine).get_table_names()) == {
+            "alembic_version",
+            "messages",
+            "recipients",
+        }
+    finally:
+        engine.dispose()
+    migrate.upgrade(db_url)
+    assert diffs(db_url) == []
+
+
 def test_offline_mode_emits_the_ddl(db_url, capsys):
     command.upgrade(migrate.alembic_config(db_url), "head", sql=True)
     out = capsys.readouterr().out
     assert "CREATE TABLE messages" in out
     assert "CREATE TABLE recipients" in out
+    assert "CREATE TABLE auth_failures" in out
     assert "CREATE INDEX ix_messages_envid ON messages (envid)" in out
     partial = "CREATE INDEX ix_recipients_dsn_pending ON recipients (queue_id) WHERE dsn_pending = "
     assert partial in out

@@ -97,6 +97,13 @@ def test_defaults(tmp_path, monkeypatch):
     assert config.tls.certificate is None and config.tls.private_key is None
     assert not config.tls.enabled
     assert config.auth.users_file is None
+    assert config.auth.max_failures == 3
+    assert config.auth.max_address_failures == 10
+    assert config.auth.failure_window == 15 * MINUTE
+    assert config.auth.failure_delay == 1.0
+    assert config.auth.max_failure_delay == 30.0
+    assert config.auth.threads == 2
+    assert config.auth.max_pending == 16
     assert config.tracking.default_retention == 9 * DAY
     assert config.tracking.max_retention == 30 * DAY
     assert config.tracking.lenient_xtext is False
@@ -173,7 +180,7 @@ def test_setting_names_cover_every_section():
         "local",
         "durability",
     }
-    assert len(names) == len(set(names)) == 55
+    assert len(names) == len(set(names)) == 62
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +234,13 @@ private_key = "tls/key.pem"
 
 [auth]
 users_file = "users"
+max_failures = 5
+max_address_failures = 20
+failure_window = "1h"
+failure_delay = "0.5s"
+max_failure_delay = "1m"
+threads = 4
+max_pending = 64
 
 [tracking]
 default_retention = "1d"
@@ -275,6 +289,13 @@ fsync = false
     assert config.tls.private_key == tmp_path / "tls" / "key.pem"
     assert config.tls.enabled
     assert config.auth.users_file == tmp_path / "users"
+    assert config.auth.max_failures == 5
+    assert config.auth.max_address_failures == 20
+    assert config.auth.failure_window == HOUR
+    assert config.auth.failure_delay == 0.5
+    assert config.auth.max_failure_delay == MINUTE
+    assert config.auth.threads == 4
+    assert config.auth.max_pending == 64
     assert config.tracking.default_retention == DAY
     assert config.tracking.max_retention == 2 * WEEK
     assert config.tracking.lenient_xtext is True
