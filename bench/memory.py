@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -20,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from lab import LOOPBACK, LabError, Mtrkmta, free_port, rss_kib  # noqa: E402
+from lab import LOOPBACK, LabError, Mtrkmta, free_port, rss_kib, versions  # noqa: E402
 
 MiB = 1 << 20
 TARGET_MIB = 64.0  # growth allowed with 10 attackers sending --data-mb each at once
@@ -353,28 +351,7 @@ def run_one(args: argparse.Namespace, work: Path, attack: str, attackers: int) -
 
 
 def environment(python: str) -> dict[str, str]:
-    def out(command: list[str]) -> str:
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-        except OSError:
-            return "?"
-        return done.stdout.strip() or "?"
-
-    probe = "import sys, twisted; print(sys.version.split()[0], twisted.__version__)"
-    py, tw = [*out([python, "-c", probe]).split(), "?", "?"][:2]
-    repo = HERE.parent
-    commit = out(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
-    changed = out(["git", "-C", str(repo), "status", "--porcelain", "--", "mtrkmta"])
-    if changed not in ("", "?"):
-        commit += " + uncommitted changes in mtrkmta/"
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "cpus": str(os.cpu_count()),
-        "kernel": os.uname().release,
-        "python": py,
-        "twisted": tw,
-        "mtrkmta_commit": commit,
-    }
+    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), **versions(python)}
 
 
 def verdict(result: Result) -> str:

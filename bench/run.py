@@ -36,6 +36,7 @@ from lab import (  # noqa: E402
     process_cpu_seconds,
     rss_kib,
     stop_process,
+    versions,
 )
 
 SENDER = "bench@other.test"
@@ -552,44 +553,6 @@ def describe_mtqp(result: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- environment
-
-
-def versions(python: str) -> dict[str, str]:
-    def out(command: list[str]) -> str:
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-        except OSError:
-            return "?"
-        return done.stdout.strip() or done.stderr.strip() or "?"
-
-    probe = (
-        "import sys, twisted, sqlalchemy; "
-        "print(sys.version.split()[0], twisted.__version__, sqlalchemy.__version__)"
-    )
-    py, tw, sa = [*out([python, "-c", probe]).split(), "?", "?", "?"][:3]
-    cpu_model = "?"
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    repo = HERE.parent
-    commit = out(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
-    changed = out(["git", "-C", str(repo), "status", "--porcelain", "--", "mtrkmta"])
-    if changed not in ("", "?"):
-        commit += " + uncommitted changes in mtrkmta/"
-    return {
-        "cpus": str(os.cpu_count()),
-        "cpu_model": cpu_model,
-        "kernel": os.uname().release,
-        "python": py,
-        "twisted": tw,
-        "sqlalchemy": sa,
-        "postfix": out(["postconf", "-d", "-h", "mail_version"]),
-        "dovecot": out(["dovecot", "--version"]),
-        "mtrkmta_commit": commit,
-        "fsync": "on (mtrkmta [durability] fsync = true; SQLite synchronous=FULL)",
-    }
 
 
 # ---------------------------------------------------------------- main
