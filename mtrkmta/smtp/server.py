@@ -671,8 +671,8 @@ class SMTPServer(Protocol, SessionGuard):
         if reader.refused:
             self._drop_content()
             if reader.size_exceeded and not self._data_answered:
-                # RFC 1870 §6.2 lets a server stop keeping an over-size message at once;
-                # the client hears 552 now, and the rest is read and thrown away.
+                # Nothing more of an over-size message is kept: the client hears 552 now
+                # (its one reply to the content) and the rest is read and thrown away.
                 self._data_answered = True
                 assert self.transaction is not None
                 answer = self._answer_data(R_TOO_BIG, self.transaction)

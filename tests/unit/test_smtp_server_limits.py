@@ -99,7 +99,7 @@ def test_over_size_is_refused_at_once_and_the_rest_thrown_away(clock):
     replies = client.send(b"x" * 998 + b"\r\n")
     assert replies == []
     replies = client.send((b"y" * 998 + b"\r\n") * 200)
-    # RFC 1870 §6.2: 552 as soon as the limit is crossed; the sink is dropped.
+    # 552 as soon as the limit is crossed (the one reply to the content); the sink goes.
     assert replies == [b"552 5.3.4 Message size exceeds fixed maximum message size"]
     assert receiver.sinks[0].discarded
     kept = receiver.sinks[0].octets
