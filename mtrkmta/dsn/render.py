@@ -12,6 +12,15 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from types import MappingProxyType
 
+from mtrkmta.dsn.fields import (
+    safe_address,
+    safe_diagnostic,
+    safe_human,
+    safe_mta_name,
+    safe_original_recipient,
+    safe_text,
+    safe_typed_mta,
+)
 from mtrkmta.dsn.policy import BATCH_ORDER, DSN_ACTIONS, is_null_sender
 from mtrkmta.tracking.interfaces import RecipientUpdate, StoredMessage, StoredRecipient
 
@@ -42,10 +51,10 @@ _STATUS_CLASSES: Mapping[str, str] = MappingProxyType(
     {"failed": "45", "delayed": "4", "delivered": "2", "expanded": "2", "relayed": "2"}
 )
 _STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})")
-_TYPED = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+ *;")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")  # RFC 2046
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _BOUNDARY_TRIES = 8
 
 # RFC 3463 wording (and RFC 3886 §3.3.4, RFC 7505 §4.2) for the human-readable part.
@@ -113,7 +122,9 @@ _OUTCOMES: Mapping[str, str] = MappingProxyType(
 
 
 class DsnFieldError(ValueError):
-    """A value would break the DSN's header or report fields: CR, LF or another control."""
+    """A programming error: a value reached a DSN header or report field unescaped (CR, LF
+    or another control). Stored values never cause it: they go through
+    :mod:`mtrkmta.dsn.fields` first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +170,12 @@ def smtp_diagnostic(reply_lines: Sequence[str]) -> str:
     """``smtp; <reply>`` from the lines of an SMTP reply as received (RFC 3461 §9.2).
 
     ``reply_lines`` are the full lines (``550-5.1.1 first``, ``550 5.1.1 last``); they are
-    joined with a single space, so the result holds no CR or LF.
+    joined with a single space (so are pieces of a line split by an embedded CR or LF),
+    and the text is made safe by :func:`~mtrkmta.dsn.fields.safe_text`: the result holds
+    no CR, LF or other control character, whatever the next hop sent.
     """
-    lines = [line.rstrip("\r\n") for line in reply_lines]
-    for line in lines:
-        _check(line, "Diagnostic-Code")
-    return "smtp; " + " ".join(line for line in lines if line)
+    lines = [piece for line in reply_lines for piece in _LINE_BREAK.split(line)]
+    return "smtp; " + safe_text(" ".join(line for line in lines if line))
 
 
 def random_boundary() -> str:
@@ -206,9 +217,12 @@ def render_dsn(
     is left out. Without ``eight_bit_ok`` the result is pure 7-bit, except for a
     non-ASCII sender address in To (SMTPUTF8, RFC 6532).
 
-    Raises :class:`DsnFieldError` for CR/LF/control characters in any value, and
-    ValueError for a null sender (3461 §5.2), no recipients, an Action a DSN cannot
-    carry (transferred, opaque) or a Status that does not fit its Action.
+    Every stored value (HELO name, addresses, ENVID, remote MTA, diagnostic) is made safe
+    for its field by :mod:`mtrkmta.dsn.fields`, so no value from the wire can make
+    rendering fail; a malformed Status, or one that does not fit its Action, gives way to
+    the Action's default code. Raises ValueError for a null sender (3461 §5.2), no
+    recipients, or an Action a DSN cannot carry (transferred, opaque);
+    :class:`DsnFieldError` only for a ``new_message_id`` that returns a control character.
     """
     if is_null_sender(message.sender):
         raise ValueError("no DSN may be sent for a null reverse-path (RFC 3461 §5.2)")
@@ -216,8 +230,7 @@ def render_dsn(
         raise ValueError("a DSN reports on at least one recipient")
     actions = [_check_action(report.action) for report in recipients]
     failure = "failed" in actions
-    _check(message.sender, "To")
-    _check(reporting_mta, "Reporting-MTA")
+    reporting_mta = safe_mta_name(reporting_mta) or "localhost"
     if ret is not None and ret.upper() not in ("FULL", "HDRS"):
         raise ValueError(f"RET must be FULL or HDRS, not {ret!r}")
     returned = _returned_part(
@@ -235,7 +248,7 @@ def render_dsn(
     eight_bit = any(part.cte == "8bit" for part in parts)
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
-        f"To: <{message.sender}>",
+        _fold("To", f"<{safe_human(message.sender)}>"),
         f"Subject: {_subject(actions)}",
         f"Date: {format_date(now)}",
         f"Message-ID: {message_id}",
@@ -308,7 +321,7 @@ def _status_part(
     """The message/delivery-status part (RFC 3464 §2.2-2.3, RFC 3461 §6.3)."""
     fields: list[str] = []
     if message.envid is not None:
-        fields.append(_field("Original-Envelope-Id", message.envid))
+        fields.append(_field("Original-Envelope-Id", safe_text(message.envid)))
     mta_type = "dns" if "." in reporting_mta else "x-local-hostname"
     fields.append(_field("Reporting-MTA", f"{mta_type}; {reporting_mta}"))
     received_from = _received_from(message)
@@ -324,9 +337,8 @@ def _status_part(
 
 
 def _received_from(message: StoredMessage) -> str | None:
-    helo, address = message.client.helo, message.client.address
-    _check(helo, "Received-From-MTA")
-    _check(address, "Received-From-MTA")
+    helo = safe_mta_name(message.client.helo)
+    address = safe_mta_name(message.client.address)
     if helo and address:
         return f"dns; {helo} ([{address}])"
     if helo:
@@ -340,20 +352,18 @@ def _recipient_fields(report: RecipientReport) -> str:
     """One per-recipient block, fields in RFC 3464 order, each ending with CRLF."""
     fields: list[str] = []
     if report.original_recipient is not None:
-        fields.append(_field("Original-Recipient", report.original_recipient))
+        fields.append(
+            _field("Original-Recipient", safe_original_recipient(report.original_recipient))
+        )
     if not report.final_recipient:
         raise ValueError("Final-Recipient must not be empty")
-    fields.append(_field("Final-Recipient", _address_field(report.final_recipient)))
+    fields.append(_field("Final-Recipient", safe_address(report.final_recipient)))
     fields.append(_field("Action", report.action))
     fields.append(_field("Status", _status(report)))
     if report.remote_mta:
-        remote = report.remote_mta if ";" in report.remote_mta else f"dns; {report.remote_mta}"
-        fields.append(_field("Remote-MTA", remote))
+        fields.append(_field("Remote-MTA", safe_typed_mta(report.remote_mta)))
     if report.diagnostic:
-        _check(report.diagnostic, "Diagnostic-Code")
-        if not _TYPED.match(report.diagnostic):
-            raise ValueError(f"Diagnostic-Code needs a diagnostic-type: {report.diagnostic!r}")
-        fields.append(_field("Diagnostic-Code", report.diagnostic))
+        fields.append(_field("Diagnostic-Code", safe_diagnostic(report.diagnostic)))
     if report.last_attempt is not None:
         fields.append(_field("Last-Attempt-Date", format_date(report.last_attempt)))
     if report.action == "delayed" and report.will_retry_until is not None:
@@ -388,8 +398,8 @@ def _text_part(
         f"    Queue ID:     {message.queue_id}",
     ]
     if message.envid is not None:
-        details.append(f"    Envelope ID:  {message.envid}")
-    details.append(f"    Sender:       <{message.sender}>")
+        details.append(f"    Envelope ID:  {safe_human(message.envid)}")
+    details.append(f"    Sender:       <{safe_human(message.sender)}>")
     if message.arrival:
         details.append(f"    Arrived:      {format_date(message.arrival)}")
     paragraphs.append("\n".join(details))
@@ -405,15 +415,15 @@ def _text_part(
 def _describe(report: RecipientReport) -> str:
     """One recipient's paragraph of the human-readable part."""
     status = _status(report)
-    lines = [f"<{report.final_recipient}>: {_OUTCOMES[report.action]}"]
+    lines = [f"<{safe_human(report.final_recipient)}>: {_OUTCOMES[report.action]}"]
     if report.original_recipient is not None:
-        lines.append(f"    You sent it to: {report.original_recipient}")
+        lines.append(f"    You sent it to: {safe_human(report.original_recipient)}")
     lines.append(f"    Status: {status} ({_status_meaning(status)})")
     if report.remote_mta:
-        remote = report.remote_mta.split(";", 1)[-1].strip()
+        remote = safe_mta_name(report.remote_mta.split(";", 1)[-1])
         lines.append(f"    Mail server: {remote}")
     if report.diagnostic:
-        kind, _, said = report.diagnostic.partition(";")
+        kind, _, said = safe_diagnostic(report.diagnostic).partition(";")
         label = "    The server said: " if kind.strip().lower() == "smtp" else "    Reason: "
         lines.append(
             textwrap.fill(
@@ -436,7 +446,8 @@ def _describe(report: RecipientReport) -> str:
 
 
 def _check(value: str, what: str) -> str:
-    """Refuse CR, LF and other control characters (HTAB aside) in a field value."""
+    """Refuse CR, LF and other control characters (HTAB aside) in a field value: a value
+    that got here unescaped is a programming error (see :mod:`mtrkmta.dsn.fields`)."""
     if _CONTROL.search(value):
         raise DsnFieldError(f"{what}: control character in {value!r}")
     return value
@@ -451,14 +462,11 @@ def _check_action(action: str) -> str:
 
 
 def _status(report: RecipientReport) -> str:
-    """The Status code, without leading zeros, checked against the Action's class."""
-    if report.status is None:
+    """The Status code, without leading zeros; the Action's default when the stored code is
+    missing, malformed or of a class that does not fit the Action (RFC 3464 §2.3.4)."""
+    match = _STATUS.fullmatch(report.status.strip()) if report.status is not None else None
+    if match is None or match.group(1) not in _STATUS_CLASSES[report.action]:
         return _FALLBACK_STATUS[report.action]
-    match = _STATUS.fullmatch(report.status.strip())
-    if match is None:
-        raise ValueError(f"malformed Status {report.status!r}")
-    if match.group(1) not in _STATUS_CLASSES[report.action]:
-        raise ValueError(f"Status {report.status} does not fit Action {report.action}")
     return ".".join(str(int(group)) for group in match.groups())
 
 
@@ -472,18 +480,6 @@ def _status_meaning(status: str) -> str:
 def _subject(actions: Sequence[str]) -> str:
     first = min(actions, key=BATCH_ORDER.index)
     return SUBJECTS[first]
-
-
-def _address_field(address: str) -> str:
-    """``rfc822; addr``, or ``utf-8; addr`` with non-ASCII escaped (RFC 6533 §3)."""
-    _check(address, "Final-Recipient")
-    if address.isascii():
-        return f"rfc822; {address}"
-    escaped = "".join(
-        char if "!" <= char <= "~" and char not in "+=\\" else f"\\x{{{ord(char):X}}}"
-        for char in address
-    )
-    return f"utf-8; {escaped}"
 
 
 def _ascii_text(value: str) -> str:

@@ -1,0 +1,105 @@
+"""Pure functions that make any stored value safe for one kind of DSN field (RFC 3464, 6533)."""
+
+from __future__ import annotations
+
+import re
+
+MAX_RUN = 900
+"""An unbroken run of non-blank characters longer than this gets a space inserted, so a
+folded field line stays within RFC 5322 §2.1.1's 998 octets."""
+
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
+_REPLY_CODE = re.compile(r"[2-5][0-9][0-9](?:[ -]|$)")
+_LONG_RUN = re.compile(r"[^ \t]{" + str(MAX_RUN + 1) + ",}")
+
+
+def escape(char: str) -> str:
+    """``\\x{HH}``: one character as RFC 6533 §3's EmbeddedUnicodeChar (at least two digits)."""
+    return f"\\x{{{ord(char):02X}}}"
+
+
+def _break_runs(value: str) -> str:
+    """A space after every :data:`MAX_RUN` characters of an unbroken run (RFC 5322 §2.1.1)."""
+
+    def split(match: re.Match[str]) -> str:
+        run = match.group(0)
+        return " ".join(run[i : i + MAX_RUN] for i in range(0, len(run), MAX_RUN))
+
+    return _LONG_RUN.sub(split, value)
+
+
+def safe_text(value: str) -> str:
+    """A ``*text`` value (RFC 3464 §2.1.2: Diagnostic-Code, Original-Envelope-Id) as 7-bit
+    single-line text: printable US-ASCII, SP and HTAB stay; every other character (CR,
+    LF, NUL, other controls, DEL, non-ASCII) becomes ``\\x{HH}`` (RFC 6533 §3 notation);
+    runs longer than :data:`MAX_RUN` get a space so that folding can keep lines short."""
+    escaped = "".join(
+        char if char == "\t" or " " <= char <= "~" else escape(char) for char in value
+    )
+    return _break_runs(escaped)
+
+
+def safe_human(value: str) -> str:
+    """A value for the human-readable part and unstructured headers: like :func:`safe_text`,
+    but non-ASCII letters stay (that part is UTF-8 quoted-printable when needed)."""
+    escaped = "".join(
+        char
+        if char == "\t" or " " <= char <= "~" or (char >= "\xa0" and char.isprintable())
+        else escape(char)
+        for char in value
+    )
+    return _break_runs(escaped)
+
+
+def safe_mta_name(value: str) -> str:
+    """An MTA name (RFC 3464 §2.2.2 Reporting-MTA, §2.3.5 Remote-MTA, the name in
+    Received-From-MTA): a host name, so every character outside VCHAR, and the ``(``,
+    ``)``, ``\\`` and ``;`` that a reader would take for comments, escapes or a type
+    separator, becomes ``\\x{HH}``. Empty stays empty."""
+    escaped = "".join(
+        char if "!" <= char <= "~" and char not in "()\\;" else escape(char)
+        for char in value.strip(" \t")
+    )
+    return _break_runs(escaped)
+
+
+def safe_typed_mta(value: str) -> str:
+    """``type; name`` for a stored MTA name that may already carry its type (``dns;``
+    when it does not, or when the type is not an atom)."""
+    kind, semicolon, name = value.partition(";")
+    if semicolon and _ATOM.fullmatch(kind.strip()):
+        return f"{kind.strip()}; {safe_mta_name(name)}"
+    return f"dns; {safe_mta_name(value)}"
+
+
+def safe_address(address: str) -> str:
+    """``rfc822; addr`` for a 7-bit printable address (RFC 3464 §2.3.2), otherwise
+    ``utf-8; addr`` in RFC 6533 §3's utf-8-addr-xtext form: every character outside
+    VCHAR, and ``+``, ``=`` and ``\\``, as ``\\x{HH}`` (a space or control included)."""
+    if address and all(" " <= char <= "~" for char in address):
+        return f"rfc822; {_break_runs(address)}"
+    escaped = "".join(
+        char if "!" <= char <= "~" and char not in "+=\\" else escape(char) for char in address
+    )
+    return f"utf-8; {_break_runs(escaped)}"
+
+
+def safe_original_recipient(value: str) -> str:
+    """An Original-Recipient value as received (``type;addr``, RFC 3464 §2.3.1): kept when
+    it is already 7-bit printable text with an atom type, else re-encoded by
+    :func:`safe_address` from the part after the type."""
+    kind, semicolon, address = value.partition(";")
+    if semicolon and _ATOM.fullmatch(kind.strip()) and all(" " <= c <= "~" for c in value):
+        return _break_runs(value)
+    return safe_address(address if semicolon else value)
+
+
+def safe_diagnostic(value: str) -> str:
+    """A Diagnostic-Code value (RFC 3464 §2.3.6): ``type; text``. A value without an atom
+    type gets ``smtp;`` when it starts with a reply code, else ``x-local;``; the text is
+    made safe by :func:`safe_text`; a safe typed value comes back unchanged."""
+    kind, semicolon, text = value.partition(";")
+    if semicolon and _ATOM.fullmatch(kind.strip(" ")):
+        return f"{kind};{safe_text(text)}"
+    kind = "smtp" if _REPLY_CODE.match(value) else "x-local"
+    return f"{kind}; {safe_text(value)}"
