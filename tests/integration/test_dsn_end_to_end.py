@@ -122,6 +122,27 @@ async def test_remote_5xx_produces_one_failed_dsn_with_the_remote_reply(tmp_path
 
 
 @pytest_twisted.ensureDeferred
+async def test_control_character_in_the_remote_reply_still_gives_a_failed_dsn(tmp_path):
+    # RFC 3464 §2.3.6: the reply text is escaped for Diagnostic-Code (RFC 6533 §3 \x{HH});
+    # it used to raise DsnFieldError at every queue run and keep the message forever.
+    async with node_with_fake(tmp_path) as (node, fake):
+        fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 bad\x01user"
+        queue_id = await in_thread(send, node.port("smtp"), SENDER, [("bad@relay.example", "")])
+        await queue_emptied(node)
+        assert queue_id not in await node.spool.queue_ids()
+        (dsn,) = dsns(tmp_path)
+        raw = next((tmp_path / "data" / "mail" / "sender" / "new").iterdir()).read_bytes()
+        header = raw.split(b"\n\n", 1)[0]  # the Maildir holds LF line ends
+        assert all(len(line) <= 998 for line in raw.split(b"\n"))
+        assert b"\x01" not in raw and b"\r" not in raw and b"\nBcc" not in header
+        (_, failed) = delivery_status(dsn)
+        assert (failed["action"], failed["status"]) == ("failed", "5.1.1")
+        assert failed["diagnostic-code"] == "smtp; 550 5.1.1 bad\\x{01}user"
+        stored = await node.tracking.message(queue_id)
+        assert [r.dsn_pending for r in stored.recipients] == [False]
+
+
+@pytest_twisted.ensureDeferred
 async def test_null_sender_failure_produces_no_dsn(tmp_path):
     # CHECKLIST 6.1.1: never a DSN about a message from <>.
     async with node_with_fake(tmp_path) as (node, fake):
