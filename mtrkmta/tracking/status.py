@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from types import MappingProxyType
 
+from mtrkmta.dsn.fields import safe_mta_name
 from mtrkmta.tracking.interfaces import StoredMessage, StoredRecipient
 
 MEDIA_TYPE = "message/tracking-status"
@@ -76,6 +77,10 @@ _FIELD_NAME = re.compile(r"[!-9;-~]+")  # ftext: printable US-ASCII except ":"
 _TEXT = re.compile(r"[\t -~]*")  # 7bit text: printable US-ASCII, SP and HTAB
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")  # RFC 2046
 _CRLF = re.compile(r"\r\n|\n")
+# A stored value is cut to _MAX_VALUE characters and a type longer than _MAX_KIND is
+# dropped, so the longest field line (name, ": ", type, "; ", value) fits MAX_LINE.
+_MAX_VALUE = 900
+_MAX_KIND = 40
 
 
 class TrackingStatusError(ValueError):
@@ -276,13 +281,28 @@ def _final(recipient: StoredRecipient, *, hidden: bool) -> TypedValue:
 
 
 def _address(kind: str, address: str) -> TypedValue:
-    if _clean_text(address):
+    """``kind; address`` when both fit their fields, else ``utf-8`` with ``\\x{HEX}``
+    escapes (RFC 6533 §3); a stored address type that is not a short atom is dropped."""
+    kind_ok = _ATOM.fullmatch(kind) is not None and len(kind) <= _MAX_KIND
+    if kind_ok and _clean_text(address) and len(address) <= _MAX_VALUE:
         return TypedValue(kind, address)
-    return TypedValue("utf-8", _escape_unicode(address))
+    return TypedValue("utf-8", _bounded(_escape_unicode(address)))
 
 
 def _seven_bit(value: str) -> str:
-    return value if _clean_text(value) else _escape_unicode(value)
+    return _bounded(value if _clean_text(value) else _escape_unicode(value))
+
+
+def _bounded(value: str) -> str:
+    """At most :data:`_MAX_VALUE` characters, cut before an escape it would split, so that
+    every field line stays within :data:`MAX_LINE` (RFC 5322 §2.1.1) whatever was stored."""
+    if len(value) <= _MAX_VALUE:
+        return value
+    cut = value[:_MAX_VALUE]
+    start = cut.rfind("\\x{")
+    if start >= 0 and "}" not in cut[start:]:
+        cut = cut[:start]
+    return cut.rstrip(" \t")
 
 
 def _clean_text(value: str) -> bool:
@@ -297,11 +317,13 @@ def _escape_unicode(value: str) -> str:
 
 
 def _mta_name(value: str) -> TypedValue:
-    """``dns; host`` from a stored name that may already carry its type."""
+    """``dns; host`` from a stored name that may already carry its type; the name made
+    safe by :func:`~mtrkmta.dsn.fields.safe_mta_name` (no comment parentheses, spaces or
+    controls: they become ``\\x{HEX}``, RFC 6533 §3 notation)."""
     kind, semicolon, name = value.partition(";")
-    if semicolon and _ATOM.fullmatch(kind.strip()):
-        return TypedValue(kind.strip(), _seven_bit(name.strip()))
-    return TypedValue("dns", _seven_bit(value.strip()))
+    if semicolon and _ATOM.fullmatch(kind.strip()) and len(kind.strip()) <= _MAX_KIND:
+        return TypedValue(kind.strip(), _bounded(safe_mta_name(name)))
+    return TypedValue("dns", _bounded(safe_mta_name(value)))
 
 
 def _diagnostic(text: str) -> str:

@@ -1044,3 +1044,63 @@ def test_any_order_and_folding_read_the_same(report, rnd):
 def test_related_round_trip(reports):
     # CHECKLIST 4.4.3, 5.1.1: one part per report, in order
     assert parse_related(render_related(reports)) == reports
+
+
+# -- any stored value gives a report that renders and parses (RFC 3886 §3, RFC 6533 §3) ----
+
+_ANY_TEXT = st.text(st.characters(codec=None), max_size=200) | st.text(
+    st.sampled_from('a \t\r\n\x00\x01\x7f()\\;=+"é€😀'), max_size=2500
+)
+
+
+def test_remote_mta_with_a_comment_or_control_renders_and_reads_back():
+    # It used to raise "MTA name would read back differently" and stop the report.
+    stored = message(
+        recipient(
+            state=RecipientState.FAILED,
+            remote_mta="dns; evil (x)\x01host",
+            last_attempt=ARRIVAL + 60,
+            diagnostic="smtp; 550 5.1.1 bad\x01user",
+        ),
+        reporting_mta="mx (me)",
+    )
+    body = render_status(report_from_store(stored, now=NOW))
+    parsed = parse_status(body)
+    assert str(parsed.reporting_mta) == "dns; mx\\x{20}\\x{28}me\\x{29}"
+    (block,) = parsed.recipients
+    assert str(block.remote_mta) == "dns; evil\\x{20}\\x{28}x\\x{29}\\x{01}host"
+    assert dict(block.extensions)["Diagnostic-Code"] == "smtp; 550 5.1.1 bad user"
+
+
+@settings(max_examples=150)
+@given(
+    envid=_ANY_TEXT,
+    reporting=_ANY_TEXT,
+    address=_ANY_TEXT,
+    final=_ANY_TEXT,
+    orcpt_type=_ANY_TEXT,
+    orcpt=_ANY_TEXT,
+    remote=_ANY_TEXT,
+    diagnostic=_ANY_TEXT,
+    state=st.sampled_from(list(RecipientState)),
+)
+def test_any_stored_values_give_a_report_that_parses(
+    envid, reporting, address, final, orcpt_type, orcpt, remote, diagnostic, state
+):
+    stored = message(
+        recipient(
+            address=address,
+            final_recipient=final,
+            orcpt=OriginalRecipient(orcpt_type, orcpt),
+            state=state,
+            remote_mta=remote,
+            last_attempt=ARRIVAL + 60,
+            diagnostic=diagnostic,
+        ),
+        envid=envid,
+        reporting_mta=reporting,
+    )
+    body = render_status(report_from_store(stored, now=NOW))
+    assert all(len(line) <= 998 for line in body.split(b"\r\n"))
+    assert re.fullmatch(rb"[\t\r\n -~]*", body)
+    assert len(parse_status(body).recipients) == 1
