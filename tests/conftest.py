@@ -24,6 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Speed is measured by bench/, never asserted by tests: no per-example deadline, which
+# on a loaded two-CPU machine fails property tests at random.
+hypothesis_settings.register_profile("mtrkmta", deadline=None)
+hypothesis_settings.load_profile("mtrkmta")
 
 POSTGRES_ENV = "MTRKMTA_TEST_POSTGRES"
 POSTGRES_INSTALL = (
