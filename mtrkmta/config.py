@@ -9,6 +9,7 @@ import math
 import os
 import re
 import socket
+import string
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ MINUTE = 60.0
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
 WEEK = 7 * DAY
+
+#: The largest integer or size any key takes: TOML's own range (64-bit signed integers).
+MAX_INTEGER = 2**63 - 1
+#: The longest duration any key takes (100 years), so that adding it to a date never overflows.
+MAX_DURATION = 36500 * DAY
+_SHOWN = 40  # characters of a value shown in a message before it is cut short
 
 #: Exit status for a configuration error, for ``twistd``, ``mtrkmta serve`` and ``check-config``.
 EXIT_CONFIG_ERROR = 2
@@ -117,6 +124,19 @@ def _got(value: object) -> str:
     return f"{value} (a date/time)"
 
 
+def _brief(value: object) -> str:
+    """Like :func:`_got`, but a long string or number is cut short after ``_SHOWN`` characters."""
+    if isinstance(value, str) and len(value) > _SHOWN:
+        return repr(value[:_SHOWN] + "...")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{_clip(str(value))} (an integer)"
+    return _got(value)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
 def _format_duration(seconds: float) -> str:
     """Render seconds the way durations are written in the file, e.g. ``1h30m`` or ``9d``."""
     if seconds <= 0 or seconds != int(seconds):
@@ -151,15 +171,17 @@ def _check_minimum(value: float, minimum: float, shown: str, render: Callable[[A
 # Converters: raw TOML value (or command-line string) -> typed value
 
 
-def _integer(minimum: int) -> Converter:
-    """A whole number not below ``minimum``."""
+def _integer(minimum: int, maximum: int = MAX_INTEGER) -> Converter:
+    """A whole number from ``minimum`` to ``maximum``."""
 
     def convert(value: object, ctx: _Context) -> int:
         if isinstance(value, str):
-            raise _Invalid(f"expected an integer (written without quotes), got {value!r}")
+            raise _Invalid(f"expected an integer (written without quotes), got {_brief(value)}")
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Invalid(f"expected an integer, got {_got(value)}")
-        _check_minimum(value, minimum, str(value), str)
+        if value > maximum:
+            raise _Invalid(f"must be at most {maximum}, got {_clip(str(value))}")
+        _check_minimum(value, minimum, _clip(str(value)), str)
         return value
 
     return convert
@@ -187,7 +209,7 @@ def _parse_size(value: object) -> int:
         return value
     match = _SIZE_RE.fullmatch(value.strip().upper()) if isinstance(value, str) else None
     if match is None:
-        raise _Invalid(f"expected a size such as 10M, got {_got(value)}")
+        raise _Invalid(f"expected a size such as 10M, got {_brief(value)}")
     unit = match.group(2)
     return int(match.group(1)) * (KiB ** (" KMGT".index(unit) if unit else 0))
 
@@ -197,7 +219,11 @@ def _size(minimum: int) -> Converter:
 
     def convert(value: object, ctx: _Context) -> int:
         size = _parse_size(value)
-        _check_minimum(size, minimum, _format_size(size) if size >= 0 else str(size), _format_size)
+        if size > MAX_INTEGER:
+            shown = _brief(value) if isinstance(value, str) else _clip(str(value))
+            raise _Invalid(f"must be at most {MAX_INTEGER}, got {shown}")
+        shown = _format_size(size) if size >= 0 else _clip(str(size))
+        _check_minimum(size, minimum, shown, _format_size)
         return size
 
     return convert
@@ -209,11 +235,20 @@ _DURATION_UNITS = (WEEK, DAY, HOUR, MINUTE, 1.0)
 
 
 def _parse_duration(value: object) -> float:
-    """``90s``, ``5m``, ``1h``, ``9d``, ``1h30m``, ``2w`` or a bare number of seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    """``90s``, ``5m``, ``1h``, ``9d``, ``1h30m``, ``2w`` or a bare number of seconds.
+
+    A number too large for a float reads as an infinity of its sign; ``inf`` and
+    ``nan`` written as TOML floats are mistakes.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
         if not math.isfinite(value):
             raise _Invalid(f"expected a finite duration, got {_got(value)}")
-        return float(value)
+        return value
     if isinstance(value, str):
         text = "".join(value.split()).lower()
         if re.fullmatch(_NUMBER, text):
@@ -225,7 +260,7 @@ def _parse_duration(value: object) -> float:
                 for count, unit in zip(match.groups(), _DURATION_UNITS, strict=True)
                 if count is not None
             )
-    raise _Invalid(f"expected a duration such as 90s, 5m, 1h30m or 9d, got {_got(value)}")
+    raise _Invalid(f"expected a duration such as 90s, 5m, 1h30m or 9d, got {_brief(value)}")
 
 
 def parse_duration(text: str) -> float:
@@ -237,12 +272,15 @@ def parse_duration(text: str) -> float:
 
 
 def _duration(minimum: float = 0.0) -> Converter:
-    """A duration in seconds, greater than zero and not below ``minimum``."""
+    """A duration in seconds, greater than zero, not below ``minimum``, at most MAX_DURATION."""
 
     def convert(value: object, ctx: _Context) -> float:
         seconds = _parse_duration(value)
+        if seconds > MAX_DURATION:
+            raise _Invalid(f"must be at most {_format_duration(MAX_DURATION)}, got {_brief(value)}")
         if seconds <= 0:
-            raise _Invalid(f"must be greater than zero, got {_format_duration(seconds)}")
+            shown = _format_duration(seconds) if math.isfinite(seconds) else _brief(value)
+            raise _Invalid(f"must be greater than zero, got {shown}")
         _check_minimum(seconds, minimum, _format_duration(seconds), _format_duration)
         return seconds
 
@@ -266,7 +304,10 @@ def _string(value: object, what: str) -> str:
 def _path(value: object, ctx: _Context) -> Path:
     """A path; relative ones start from the config file's directory (or the cwd for options)."""
     text = _string(value, "a path")
-    return Path(os.path.abspath(ctx.base / Path(text).expanduser()))
+    try:
+        return Path(os.path.abspath(ctx.base / Path(text).expanduser()))
+    except (RuntimeError, ValueError):  # ~user of an unknown user; a NUL character
+        raise _Invalid(f"expected a path, got {_brief(text)}") from None
 
 
 def _optional_file(value: object, ctx: _Context) -> Path | None:
@@ -274,7 +315,11 @@ def _optional_file(value: object, ctx: _Context) -> Path | None:
     if value is False or value == "":
         return None
     path = _path(value, ctx)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long, say
+        raise _Invalid(f"cannot use {path}: {exc.strerror or exc}") from None
+    if not found:
         raise _Invalid(f"no such file: {path}")
     return path
 
@@ -600,10 +645,16 @@ def _delimiter(value: object, ctx: _Context) -> str:
 def _mailbox_template(value: object, ctx: _Context) -> str:
     """A mailbox path under the mail directory, with {local} and optionally {domain}."""
     text = _string(value, "a template such as {local} or {domain}/{local}")
+    problem = f"only {{local}} and {{domain}} may be used, got {_brief(text)}"
+    # Only the bare names: "{local.foo}" or "{local[0]}" would reach into the string
+    # object, and a conversion or format spec could fail on some local part.
     try:
-        text.format(local="l", domain="d")
-    except (KeyError, IndexError, ValueError):
-        raise _Invalid(f"only {{local}} and {{domain}} may be used, got {text!r}") from None
+        fields = list(string.Formatter().parse(text))
+    except ValueError:
+        raise _Invalid(problem) from None
+    for _, name, spec, conversion in fields:
+        if name is not None and (name not in ("local", "domain") or spec or conversion):
+            raise _Invalid(problem)
     if "{local}" not in text or text.startswith("/") or ".." in text.split("/"):
         raise _Invalid(f"expected a relative path containing {{local}}, got {text!r}")
     return text
@@ -666,7 +717,7 @@ class Queue:
 class Delivery:
     """How mail leaves: the SMTP port of MX hosts, TLS policy, concurrency, batching."""
 
-    smtp_port: int = field(default=25, metadata=_key(_integer(1)))
+    smtp_port: int = field(default=25, metadata=_key(_integer(1, 65535)))
     tls: str = field(default="may", metadata=_key(_choice(*TLS_POLICIES)))
     destination_concurrency: int = field(default=20, metadata=_key(_integer(1)))
     max_recipients: int = field(default=50, metadata=_key(_integer(1)))

@@ -171,16 +171,29 @@ class RateLimiter:
         self._prune(events, self._clock.seconds())
         return len(events) < self.limit
 
-    def record(self, key: str) -> None:
-        """Count one event for ``key`` now."""
-        if not self.limit:
-            return
+    def record(self, key: str) -> float:
+        """Count one event for ``key`` now; returns its time, for :meth:`forget`."""
         now = self._clock.seconds()
+        if not self.limit:
+            return now
         if now - self._swept >= self.window:
             self._sweep(now)
         events = self._events.setdefault(key, deque(maxlen=self.limit))
         self._prune(events, now)
         events.append(now)
+        return now
+
+    def forget(self, key: str, when: float) -> None:
+        """Take back one event of ``key`` counted at ``when`` (gone already: nothing to do)."""
+        events = self._events.get(key)
+        if events is None:
+            return
+        try:
+            events.remove(when)
+        except ValueError:
+            return
+        if not events:
+            del self._events[key]
 
     def __len__(self) -> int:
         return len(self._events)
@@ -344,9 +357,14 @@ class MTQPServer(Protocol, SessionGuard):
             log.info("MTQP TRACK from {address} refused: rate limit", address=self.address)
             return R_RATE_LIMITED
         factory.tracks.record(self.address)
+        # The attempt counts as a failure before the lookup, and is taken back only once
+        # it succeeded: counted after the lookup instead, any number of concurrent TRACKs
+        # would pass the check before the first of them failed (CHECKLIST 8.4).
+        reserved = factory.failures.record(self.address)
         try:
             candidate = command.certifier()
         except SecretError:  # parse_command already checked it; never answered differently
+            factory.failures.forget(self.address, reserved)
             return CommandError("mtrk-secret is not base64").response
         # The store compares in constant time and does the same work for an unknown
         # ENVID and a wrong secret: both end in None, answered alike (CHECKLIST 4.4.4).
@@ -354,11 +372,18 @@ class MTQPServer(Protocol, SessionGuard):
             factory.tracking.lookup, command.envid, candidate
         )
         d.addCallbacks(self._found, self._store_failed)
-        return d.addErrback(self._internal_error)
+        d.addErrback(self._internal_error)
+        d.addCallback(self._settle_failure, reserved)
+        return d
+
+    def _settle_failure(self, response: Response, reserved: float) -> Response:
+        """Keep the failure counted for ``-ERR/noinfo``; anything else takes it back."""
+        if response is not R_NOINFO:
+            self.factory.failures.forget(self.address, reserved)
+        return response
 
     def _found(self, message: StoredMessage | None) -> Response:
         if message is None:
-            self.factory.failures.record(self.address)
             log.info("MTQP TRACK from {address}: no information", address=self.address)
             return R_NOINFO
         now = self.factory.clock.seconds()

@@ -22,12 +22,14 @@ from sqlalchemy import (
     Executable,
     Row,
     Update,
+    and_,
     bindparam,
     create_engine,
     delete,
     event,
     exists,
     func,
+    literal,
     or_,
     select,
     text,
@@ -63,6 +65,7 @@ DEFAULT_RETENTION = 9 * DAY  # CHECKLIST 3.4 [P]: default when no MTRK timeout i
 MAX_RETENTION = 30 * DAY  # CHECKLIST 3.4 [P]: silent cap on a requested timeout
 CHUNK = 500  # bound parameters per IN (...) list; old SQLite allows 999
 NOTIFY_ORDER = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+NO_CERTIFIER = bytes(20)  # compared against when no message has the ENVID; never a match
 
 
 class StoreClosedError(RuntimeError):
@@ -360,11 +363,18 @@ class SQLTrackingStore:
 
         Should several match (the same originator's message arrived twice), the
         earliest arrival is returned.
+
+        An unknown ENVID and a known one with a wrong secret do the same work, so
+        that the time taken does not tell whether a message exists (RFC 3887 §6.1,
+        CHECKLIST 4.4.4): the one query is an outer join from a one-row table, which
+        gives one row either way (all NULL when no message has this ENVID), and every
+        row, that one included, is compared with the candidate in constant time.
         """
         m = self._schema.messages
+        one = select(literal(1).label("one")).subquery("one")
         statement = (
             select(m)
-            .where(m.c.envid == envid, m.c.certifier.is_not(None))
+            .select_from(one.outerjoin(m, and_(m.c.envid == envid, m.c.certifier.is_not(None))))
             .order_by(m.c.arrival, m.c.queue_id)
         )
         candidate = bytes(certifier_candidate)
@@ -373,7 +383,9 @@ class SQLTrackingStore:
             match: Row[Any] | None = None
             # Compare every row, so that the time taken does not tell which one matched.
             for row in conn.execute(statement):
-                if certifier_matches(bytes(row.certifier), candidate) and match is None:
+                known = row.certifier is not None
+                stored = bytes(row.certifier) if known else NO_CERTIFIER
+                if certifier_matches(stored, candidate) and known and match is None:
                     match = row
             return None if match is None else self._load(conn, match)
 

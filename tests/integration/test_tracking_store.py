@@ -27,6 +27,7 @@ from mtrkmta.envelope import (
 )
 from mtrkmta.testing import database_url
 from mtrkmta.tracking import migrate
+from mtrkmta.tracking import store as store_module
 from mtrkmta.tracking.interfaces import ITrackingStore, RecipientState, RecipientUpdate
 from mtrkmta.tracking.schema import build_schema
 from mtrkmta.tracking.store import (
@@ -36,6 +37,7 @@ from mtrkmta.tracking.store import (
     MAX_RETENTION,
     SQLTrackingStore,
     StoreClosedError,
+    certifier_matches,
     create_tracking_engine,
 )
 
@@ -403,6 +405,40 @@ def test_envid_reuse_with_another_certifier_neither_overwrites_nor_reveals(store
     assert victim.certifier == hashlib.sha1(victim_secret).digest()
     assert hijacker.queue_id == "H1"
     assert (yield store.lookup("same@example.org", CERTIFIER)) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_envid_and_wrong_secret_do_the_same_work(store, engine, monkeypatch):
+    # RFC 3887 §6.1, CHECKLIST 4.4.4: without the right secret, the work done must not
+    # tell whether a message exists: the same statements, rows and comparisons.
+    yield record(store, envelope("W1", envid="known@example.org"))
+    compared: list[tuple[bytes, bytes]] = []
+
+    def counting(stored: bytes, candidate: bytes) -> bool:
+        compared.append((stored, candidate))
+        return certifier_matches(stored, candidate)  # the real comparison, counted
+
+    monkeypatch.setattr(store_module, "certifier_matches", counting)
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    wrong = hashlib.sha1(b"\x02" * 32).digest()
+    work = []
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        for envid in ("known@example.org", "unknown@example.org"):
+            statements.clear()
+            compared.clear()
+            assert (yield store.lookup(envid, wrong)) is None
+            work.append((list(statements), [len(s) for s, _ in compared]))
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    (known_statements, known_compared), (unknown_statements, unknown_compared) = work
+    assert known_statements == unknown_statements
+    assert len([s for s in known_statements if "messages" in s]) == 1
+    assert known_compared == unknown_compared == [20]
 
 
 @pytest_twisted.inlineCallbacks

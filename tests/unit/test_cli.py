@@ -42,6 +42,24 @@ def test_check_config_reports_a_bad_value(tmp_path, capsys):
     assert "'9x'" in err
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[local]\nmailbox = "{local.foo}{local}"\n', "local.mailbox"),
+        (f"[queue]\nmax_lifetime = {'9' * 400}\n", "queue.max_lifetime"),
+    ],
+)
+def test_check_config_never_crashes_on_a_bad_value(tmp_path, capsys, text, key):
+    # Once an AttributeError and an OverflowError with a traceback: one line, status 2.
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text, encoding="utf-8")
+    assert main(["check-config", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"mtrkmta: config error: {bad}: {key}: ")
+    assert err.count("\n") == 1
+
+
 def test_check_config_of_a_missing_file(tmp_path, capsys):
     missing = tmp_path / "nope.toml"
     assert main(["check-config", str(missing)]) == 2

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
+import json
+import math
 import os
 import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtrkmta.config import (
@@ -641,6 +644,59 @@ def test_infinite_duration(tmp_path):
     )
 
 
+def test_overflowing_durations(tmp_path):
+    # 400 nines: an integer too large for a float, and a string that reads as infinity.
+    nines = "9" * 400
+    path = write(tmp_path, f"[queue]\nmax_lifetime = {nines}\n")
+    assert error_for(path) == (
+        f"config error: {path}: queue.max_lifetime: must be at most 36500d, got {nines[:40]}..."
+        " (an integer)"
+    )
+    path = write(tmp_path, f'[queue]\nmax_lifetime = "{nines}w"\n')
+    assert error_for(path) == (
+        f"config error: {path}: queue.max_lifetime: must be at most 36500d, got '{nines[:40]}...'"
+    )
+
+
+def test_too_long_duration(tmp_path):
+    path = write(tmp_path, "[limits]\nidle_timeout = 1e300\n")
+    assert error_for(path) == (
+        f"config error: {path}: limits.idle_timeout: must be at most 36500d, got 1e+300 (a float)"
+    )
+    assert load_config(write(tmp_path, '[queue]\nmax_lifetime = "36500d"\n'), fqdn=fqdn)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            f"[limits]\nrecipients = {10**30}",
+            f"limits.recipients: must be at most {2**63 - 1}, got {10**30}",
+        ),
+        (
+            f'[limits]\nmessage_size = "{10**30}T"',
+            f"limits.message_size: must be at most {2**63 - 1}, got '{10**30}T'",
+        ),
+        (
+            f"[limits]\nmin_free_space = {-(10**30)}",
+            f"limits.min_free_space: must not be negative, got {-(10**30)}",
+        ),
+        ("[delivery]\nsmtp_port = 65536", "delivery.smtp_port: must be at most 65535, got 65536"),
+        (
+            "[limits]\nmessage_size = nan",
+            "limits.message_size: expected a size such as 10M, got nan (a float)",
+        ),
+        (
+            "[queue]\nfirst_retry = nan",
+            "queue.first_retry: expected a finite duration, got nan (a float)",
+        ),
+    ],
+)
+def test_huge_and_not_a_number_values(tmp_path, line, message):
+    path = write(tmp_path, line + "\n")
+    assert error_for(path) == f"config error: {path}: {message}"
+
+
 def test_bad_size(tmp_path):
     path = write(tmp_path, '[limits]\nmin_free_space = "1.5G"\n')
     assert error_for(path) == (
@@ -995,6 +1051,11 @@ def test_local_section(tmp_path):
     [
         ('mailbox = "/var/{local}"', "expected a relative path containing {local}"),
         ('mailbox = "{user}"', "only {local} and {domain} may be used"),
+        ('mailbox = "{local.foo}{local}"', "only {local} and {domain} may be used"),
+        ('mailbox = "{local[0]}/{local}"', "only {local} and {domain} may be used"),
+        ('mailbox = "{domain.__class__}/{local}"', "only {local} and {domain} may be used"),
+        ('mailbox = "{local:d}"', "only {local} and {domain} may be used"),
+        ('mailbox = "{}{local}"', "only {local} and {domain} may be used"),
         ('recipient_delimiter = "++"', "expected one character"),
         ("users = [1]", "expected a list of user names"),
     ],
@@ -1002,3 +1063,106 @@ def test_local_section(tmp_path):
 def test_local_section_mistakes(tmp_path, line, problem):
     path = write(tmp_path, f"[local]\n{line}\n")
     assert problem in error_for(path)
+
+
+def test_unusable_paths_are_one_line_errors(tmp_path):
+    path = write(tmp_path, '[server]\ndata_dir = "~no-such-user-here/data"\n')
+    assert error_for(path) == (
+        f"config error: {path}: server.data_dir: expected a path, got '~no-such-user-here/data'"
+    )
+    path = write(tmp_path, f'[tls]\ncertificate = "{"0" * 300}"\n')
+    assert error_for(path) == (
+        f"config error: {path}: tls.certificate: "
+        f"cannot use {tmp_path / ('0' * 300)}: File name too long"
+    )
+
+
+def test_mailbox_attribute_access_is_one_line_error(tmp_path):
+    path = write(tmp_path, '[local]\nmailbox = "{local.foo}{local}"\n')
+    assert error_for(path) == (
+        f"config error: {path}: local.mailbox: only {{local}} and {{domain}} may be used, "
+        "got '{local.foo}{local}'"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Any value in any key: a ConfigError or a configuration, never another exception
+
+
+def _toml_value(value: object) -> str:
+    """``value`` written as TOML (the strategies below only make what TOML can hold)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    assert isinstance(value, datetime.date | datetime.time)
+    return value.isoformat()
+
+
+_SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(),
+    st.text(),
+    st.sampled_from(
+        [
+            "9" * 400,
+            "9" * 400 + "d",
+            "{local.foo}{local}",
+            "{local[0]}",
+            "{domain!r}/{local}",
+            "1e999",
+            "none",
+            "~nobody-here/x",
+            "\x00",
+            "tcp:99999",
+            "99999999999T",
+            "mx",
+            "lmtp:",
+            "0" * 300,
+            "~no-such-user-here/file",
+        ]
+    ),
+    st.dates(),
+    st.datetimes(),
+    st.times(),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@given(key=st.sampled_from(setting_names()), value=_VALUES)
+@settings(max_examples=400, deadline=None)
+def test_any_value_in_any_key_is_a_config_error_at_worst(tmp_path_factory, key, value):
+    section, _, name = key.partition(".")
+    document = f"[{section}]\n{json.dumps(name)} = {_toml_value(value)}\n" if name else ""
+    if not name:  # a whole-table key such as routes
+        if isinstance(value, dict):
+            document = f"{section} = {_toml_value(value)}\n"
+        else:
+            document = f'[{section}]\n"*" = {_toml_value(value)}\n'
+    path = tmp_path_factory.mktemp("any") / "mtrkmta.toml"
+    path.write_text(document, encoding="utf-8")
+    try:
+        load_config(path, fqdn=fqdn)
+    except ConfigError as error:
+        assert "\n" not in str(error)

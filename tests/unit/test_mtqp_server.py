@@ -514,6 +514,65 @@ def test_failed_attempts_limit_stops_guessing(clock):
     assert session.send(track_line()).startswith(b"+OK+ ")
 
 
+def test_failure_limit_holds_for_concurrent_lookups(clock):
+    # 8.4: 45 connections from one address, each with one TRACK and a wrong secret, all
+    # waiting on the store at once: only failure_rate (10) of them may reach the store,
+    # the others are refused before any lookup (the attempt counts before the lookup).
+    store = FakeStore(stored())
+    store.pending = []
+    factory = make(clock, store)
+    sessions = [Session(factory, (PEER[0], 40000 + n)) for n in range(45)]
+    replies = []
+    for session in sessions:
+        session.output()
+        replies.append(session.send(track_line(secret=OTHER_SECRET_B64)))
+    assert store.lookups == 10
+    assert replies[:10] == [b""] * 10  # waiting for the store
+    limited = b"-TEMP/rate-limit Too many TRACK commands; try again later\r\n"
+    assert replies[10:] == [limited] * 35
+    while store.pending:
+        store.release_one()
+    assert [s.output() for s in sessions[:10]] == [b"-ERR/noinfo No tracking information\r\n"] * 10
+    assert sessions[0].send(track_line()) == limited
+
+
+def test_successful_tracks_do_not_count_as_failures(clock):
+    # 8.4: the failure counted before the lookup is taken back when the TRACK is answered.
+    store = FakeStore(stored())
+    session = Session(make(clock, store, failure_rate=2))
+    session.output()
+    for _ in range(5):
+        assert session.send(track_line()).startswith(b"+OK+ ")
+    assert session.send(track_line(secret=OTHER_SECRET_B64)).startswith(b"-ERR/noinfo")
+    assert session.send(track_line()).startswith(b"+OK+ ")
+    assert session.send(track_line(secret=OTHER_SECRET_B64)).startswith(b"-ERR/noinfo")
+    assert session.send(track_line()).startswith(b"-TEMP/rate-limit ")
+
+
+def test_store_errors_do_not_count_as_failures(clock):
+    store = FakeStore(stored())
+    store.broken = True
+    session = Session(make(clock, store, failure_rate=1))
+    session.output()
+    for _ in range(3):
+        assert session.send(track_line()).startswith(b"-TEMP/unavailable ")
+    store.broken = False
+    assert session.send(track_line()).startswith(b"+OK+ ")
+
+
+def test_rate_limiter_forget_takes_back_one_event(clock):
+    limiter = RateLimiter(2, clock)
+    first = limiter.record("a")
+    limiter.record("a")
+    assert not limiter.allowed("a")
+    limiter.forget("a", first)
+    assert limiter.allowed("a")
+    limiter.forget("a", first)
+    limiter.forget("a", first)  # nothing left to take back
+    limiter.forget("b", first)
+    assert len(limiter) == 0
+
+
 def test_rate_limiter_forgets_idle_addresses(clock):
     limiter = RateLimiter(2, clock)
     for address in ("a", "b", "c"):
