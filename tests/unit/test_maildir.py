@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.threadpool import ThreadPool
 
 from mtrkmta.delivery.interfaces import Attempt, NextHop
-from mtrkmta.delivery.maildir import MaildirTransport, mailbox_name
+from mtrkmta.delivery.maildir import MaildirTransport, delivery_key, mailbox_name
 from mtrkmta.envelope import Envelope, Recipient
 from mtrkmta.tracking.interfaces import RecipientState
 
@@ -155,3 +155,10 @@ def test_each_recipient_and_each_message_gets_its_own_copy(tmp_path):
     maildir._deliver(attempt(("alice@x.test", "alice+lists@x.test")))
     maildir._deliver(attempt(queue_id="Q0000000002abcdefghi"))
     assert len(files(tmp_path / "alice")) == 3
+
+
+def test_delivery_keys_hold_no_maildir_separators():
+    # "." separates the fields of a Maildir name, ":" starts the flags, "/" a path.
+    assert delivery_key("0abcDEF_-9", 12) == "Q0abcDEF_-9R12"
+    assert delivery_key("a.b:c/d%", 0) == "Qa%2Eb%3Ac%2Fd%25R0"
+    assert delivery_key("aR1", 2) != delivery_key("a", 12)
