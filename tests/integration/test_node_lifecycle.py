@@ -6,6 +6,7 @@ import smtplib
 
 import pytest
 import pytest_twisted
+from sqlalchemy import create_engine, text
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
 
@@ -113,6 +114,78 @@ async def test_a_removal_lost_in_a_crash_brings_back_a_finished_message_that_sta
         assert len(list(maildir.iterdir())) == 1  # delivered once
         (r,) = (await node.tracking.message(queue_id)).recipients
         assert r.state.value == "delivered"
+    finally:
+        await stop_node(node)
+
+
+@pytest.mark.parametrize("moved_to_cur", [False, True], ids=["in-new", "read-into-cur"])
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_outcome_lost_in_a_crash_does_not_deliver_a_second_copy(
+    tmp_path, moved_to_cur
+):
+    # A crash after the rename into new/ and before the outcome commit: on restart the
+    # tracking row still says queued and the spool file is still there, so the queue
+    # delivers again. The Maildir name carries the queue id and recipient index: the
+    # retry finds the copy (in new/, or in cur/ with the reader's ":2,S" flags) and
+    # records "delivered" without writing a second one.
+    config = node_config(tmp_path / "data", hostname="mx.example.test")
+    node = await start_node(config, deliver=False)
+    try:
+
+        def send() -> str:
+            with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as smtp:
+                smtp.ehlo("client.example")
+                smtp.mail("a@b.example")
+                smtp.rcpt("alice@localhost")
+                return smtp.data(b"Subject: once\r\n\r\nhi\r\n")[1].split()[-1].decode()
+
+        queue_id = await threads.deferToThread(send)
+        spool_file = node.spool.queue_path(queue_id)
+        saved_spool = spool_file.read_bytes()
+    finally:
+        await stop_node(node)
+    engine = create_engine(config.database)
+    try:
+        with engine.connect() as db:
+            select = text("SELECT * FROM recipients WHERE queue_id = :q")
+            (queued,) = db.execute(select, {"q": queue_id}).mappings().all()
+        assert queued["state"] == "queued"
+        node = await start_node(config)  # delivers it and removes the spool file
+        try:
+            for _ in range(250):
+                if not spool_file.exists():
+                    break
+                await deferLater(reactor, 0.02)
+            assert not spool_file.exists()
+        finally:
+            await stop_node(node)
+        mailbox = tmp_path / "data" / "mail" / "alice"
+        (copy,) = list((mailbox / "new").iterdir())
+        if moved_to_cur:
+            copy = copy.rename(mailbox / "cur" / f"{copy.name}:2,S")
+        # The "crash": neither the outcome nor the spool removal reached the disk.
+        spool_file.write_bytes(saved_spool)
+        with engine.begin() as db:
+            columns = [c for c in queued if c not in ("queue_id", "rcpt_index")]
+            db.execute(
+                text(
+                    f"UPDATE recipients SET {', '.join(f'{c} = :{c}' for c in columns)} "
+                    "WHERE queue_id = :queue_id AND rcpt_index = :rcpt_index"
+                ),
+                dict(queued),
+            )
+    finally:
+        engine.dispose()
+    node = await start_node(config)
+    try:
+        for _ in range(250):
+            if not spool_file.exists():
+                break
+            await deferLater(reactor, 0.02)
+        assert not spool_file.exists()
+        (r,) = (await node.tracking.message(queue_id)).recipients
+        assert (r.state.value, r.status) == ("delivered", "2.1.5")
+        assert sorted(mailbox.glob("*/*")) == [copy]  # one copy, where the reader left it
     finally:
         await stop_node(node)
 

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.threadpool import ThreadPool
 
-from mtrkmta.delivery.maildir import MaildirTransport, mailbox_name
+from mtrkmta.delivery.interfaces import Attempt, NextHop
+from mtrkmta.delivery.maildir import MaildirTransport, delivery_key, mailbox_name
+from mtrkmta.envelope import Envelope, Recipient
+from mtrkmta.tracking.interfaces import RecipientState
 
 
 def transport(template: str = "{local}") -> MaildirTransport:
@@ -80,3 +83,82 @@ def test_unusable_addresses():
     # 29 three-octet characters: 261 octets once escaped, past NAME_MAX (255).
     assert maildir.unusable("\u1234" * 29 + "@x.test") == "local part too long for a mailbox name"
     assert maildir.unusable("\u1234" * 28 + "@x.test") is None
+
+
+def attempt(
+    recipients: tuple[str, ...] = ("alice@x.test",), queue_id: str = "Q0000000001abcdefghi"
+):
+    envelope = Envelope(
+        queue_id=queue_id, sender="s@y.test", recipients=tuple(Recipient(r) for r in recipients)
+    )
+    return Attempt(
+        envelope=envelope,
+        content=b"Subject: once\r\n\r\nhi\r\n",
+        recipients=tuple(range(len(recipients))),
+        next_hop=NextHop("maildir", "maildir"),
+        now=0.0,
+    )
+
+
+def files(maildir: Path) -> list[Path]:
+    return sorted(p for sub in ("new", "cur") for p in (maildir / sub).iterdir())
+
+
+def test_the_same_attempt_again_finds_the_copy_in_new(tmp_path):
+    # A crash between the rename into new/ and the commit of the outcome: the queue tries
+    # the same recipient of the same message again. It finds the copy, reports it
+    # delivered, and writes no second one.
+    maildir = MaildirTransport(MemoryReactorClock(), ThreadPool(), tmp_path)
+    first = maildir._deliver(attempt())
+    (copy,) = files(tmp_path / "alice")
+    # An earlier crash before the rename left its tmp/ file: it blocks nothing.
+    (tmp_path / "alice" / "tmp" / copy.name).write_bytes(b"partial")
+    again = maildir._deliver(attempt())
+    assert [(o.state, o.status) for o in first + again] == [
+        (RecipientState.DELIVERED, "2.1.5"),
+        (RecipientState.DELIVERED, "2.1.5"),
+    ]
+    assert files(tmp_path / "alice") == [copy]
+    assert copy.parent.name == "new"
+    assert copy.read_bytes() == b"Return-Path: <s@y.test>\nDelivered-To: <alice@x.test>\n" + (
+        b"Subject: once\n\nhi\n"
+    )
+
+
+def test_the_same_attempt_again_finds_the_copy_a_reader_moved_to_cur(tmp_path):
+    # The MUA moved the copy to cur/ and appended its flags after ':' (Maildir: "2,S",
+    # seen): the unique part before ':' still names the attempt.
+    maildir = MaildirTransport(MemoryReactorClock(), ThreadPool(), tmp_path)
+    maildir._deliver(attempt())
+    (copy,) = files(tmp_path / "alice")
+    copy.rename(tmp_path / "alice" / "cur" / f"{copy.name}:2,S")
+    (outcome,) = maildir._deliver(attempt())
+    assert outcome.state == RecipientState.DELIVERED
+    assert [p.name for p in files(tmp_path / "alice")] == [f"{copy.name}:2,S"]
+
+
+def test_another_hostname_or_a_new_process_still_finds_the_copy(tmp_path):
+    # The node restarted (new pid, fresh counter), maybe under another host name.
+    MaildirTransport(MemoryReactorClock(), ThreadPool(), tmp_path, hostname="a.test")._deliver(
+        attempt()
+    )
+    later = MaildirTransport(MemoryReactorClock(), ThreadPool(), tmp_path, hostname="b.test")
+    later._deliver(attempt())
+    assert len(files(tmp_path / "alice")) == 1
+
+
+def test_each_recipient_and_each_message_gets_its_own_copy(tmp_path):
+    # Two recipients with one mailbox (alice and alice+lists) are two copies; so is
+    # another message to alice. Only the same message and recipient index is one copy.
+    maildir = MaildirTransport(MemoryReactorClock(), ThreadPool(), tmp_path)
+    maildir._deliver(attempt(("alice@x.test", "alice+lists@x.test")))
+    maildir._deliver(attempt(("alice@x.test", "alice+lists@x.test")))
+    maildir._deliver(attempt(queue_id="Q0000000002abcdefghi"))
+    assert len(files(tmp_path / "alice")) == 3
+
+
+def test_delivery_keys_hold_no_maildir_separators():
+    # "." separates the fields of a Maildir name, ":" starts the flags, "/" a path.
+    assert delivery_key("0abcDEF_-9", 12) == "Q0abcDEF_-9R12"
+    assert delivery_key("a.b:c/d%", 0) == "Qa%2Eb%3Ac%2Fd%25R0"
+    assert delivery_key("aR1", 2) != delivery_key("a", 12)
