@@ -52,6 +52,10 @@ class Attempt:
 
     ``recipients`` are indices into ``envelope.recipients``; ``now`` is when the
     attempt starts (POSIX seconds), used to decrement the MTRK timeout.
+    ``first`` is True only when no earlier attempt can have delivered any of these
+    recipients: the message was accepted by this process and this is its first
+    queue run. Otherwise an earlier attempt may have delivered and died before its
+    outcome was committed, and a transport that can tell (Maildir) looks first.
     """
 
     envelope: Envelope
@@ -59,6 +63,7 @@ class Attempt:
     recipients: tuple[int, ...]
     next_hop: NextHop
     now: float
+    first: bool = False
 
     def recipient(self, index: int) -> Recipient:
         return self.envelope.recipients[index]

@@ -166,7 +166,9 @@ class MaildirTransport:
                 continue
             try:
                 key = delivery_key(attempt.envelope.queue_id, index)
-                new_dir = self._write(self.mailbox_path(address), key, headers.encode(), body)
+                new_dir = self._write(
+                    self.mailbox_path(address), key, headers.encode(), body, look=not attempt.first
+                )
                 touched.add(new_dir)
                 outcomes.append(RecipientOutcome(index, RecipientState.DELIVERED, "2.1.5"))
             except OSError as error:
@@ -209,13 +211,17 @@ class MaildirTransport:
         micros = int((now - seconds) * 1_000_000)
         return f"{seconds}.M{micros}P{os.getpid()}Q{sequence}.{self._host},S={size}"
 
-    def _write(self, mailbox: str, key: str, headers: bytes, body: bytes) -> Path:
-        """Write one copy (unless ``new/`` or ``cur/`` holds the one named by ``key``);
-        return the directory to fsync."""
+    def _write(
+        self, mailbox: str, key: str, headers: bytes, body: bytes, *, look: bool = True
+    ) -> Path:
+        """Write one copy (unless ``look`` finds the one named by ``key`` in ``new/`` or
+        ``cur/``); return the directory to fsync. The first attempt of a message this
+        process accepted need not look (``Attempt.first``): listing a large mailbox
+        costs milliseconds."""
         maildir = self.root / mailbox
         for sub in ("tmp", "new", "cur"):
             (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        for sub in ("new", "cur"):
+        for sub in ("new", "cur") if look else ():
             if _holds(maildir / sub, key):
                 # An earlier attempt got this far; fsync its directory again, since
                 # that attempt may have died before doing so.

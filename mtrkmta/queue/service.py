@@ -407,7 +407,11 @@ class QueueService:
     # -- one queue run of one message ---------------------------------------------------
 
     async def _attempt(self, queue_id: str, force: bool) -> None:
-        message = self._cache.take_record(queue_id) or await self.tracking.message(queue_id)
+        accepted = self._cache.take_record(queue_id)
+        # The record cached at acceptance exists only until the first run of a message
+        # this process accepted: then no earlier attempt can have delivered anything.
+        first = accepted is not None
+        message = accepted or await self.tracking.message(queue_id)
         if message is None or message.node_id != self.node_id:
             self._cache.drop(queue_id)
             return
@@ -452,7 +456,7 @@ class QueueService:
         expanded = {o.index for o in outcomes}
         routed = [r.index for r in due if r.index not in expanded]
         if routed:
-            outcomes += await self._deliver(current, content, routed, now)
+            outcomes += await self._deliver(current, content, routed, now, first=first)
         attempts = {r.index: r.attempts for r in message.recipients}
         finished_at = self.clock.seconds()
         updates = tuple(
@@ -580,7 +584,13 @@ class QueueService:
         log.info("{queue_id}: removed (every recipient final)", queue_id=queue_id)
 
     async def _deliver(
-        self, envelope: Envelope, content: bytes, indices: list[int], now: float
+        self,
+        envelope: Envelope,
+        content: bytes,
+        indices: list[int],
+        now: float,
+        *,
+        first: bool = False,
     ) -> list[RecipientOutcome]:
         """Route every due recipient, then deliver per next hop, all hops concurrently."""
         routes: dict[str, NextHop | RouteFailure] = {}
@@ -599,7 +609,8 @@ class QueueService:
                 continue
             groups.setdefault(route.destination, (route, []))[1].append(index)
         attempts = [
-            Attempt(envelope, content, tuple(members), hop, now) for hop, members in groups.values()
+            Attempt(envelope, content, tuple(members), hop, now, first)
+            for hop, members in groups.values()
         ]
         results = await DeferredList(
             [self._limited(attempt) for attempt in attempts], consumeErrors=True

@@ -62,6 +62,7 @@ class ScriptedTransport:
     def __init__(self):
         self.script: dict[str, list[RecipientState]] = {}
         self.attempts: list[tuple[str, tuple[str, ...]]] = []
+        self.firsts: list[bool] = []  # Attempt.first of each attempt
         self.in_flight = 0
         self.max_in_flight = 0
         self.gate: Deferred | None = None
@@ -69,6 +70,7 @@ class ScriptedTransport:
     def deliver(self, attempt):
         addresses = tuple(attempt.recipient(i).address for i in attempt.recipients)
         self.attempts.append((attempt.envelope.queue_id, addresses))
+        self.firsts.append(attempt.first)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
@@ -214,6 +216,26 @@ async def test_delivered_message_leaves_the_spool(node):
         message = await node.tracking.message("q0001")
         assert message.recipients[0].remote_mta == "dns; mx.one.example"
         assert message.recipients[0].action == "relayed"
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_first_run_of_a_message_accepted_here_is_a_first_attempt(node):
+    # Attempt.first tells a transport that no earlier attempt can have delivered
+    # (Maildir then need not look for a copy): only the first run of a message this
+    # process accepted. Retries, and messages found at start-up, are not first.
+    await started(node)
+    node.transport.script["a@one.example"] = [RecipientState.DEFERRED, RecipientState.RELAYED]
+    try:
+        await node.accept("q0901", "a@one.example")
+        await node.advance(0)
+        await node.advance(24 * 3600)
+        await node.accept("q0902", "b@one.example", enqueue=False)  # as after a restart
+        node.queue.schedule("q0902", node.clock.seconds())
+        await node.advance(0)
+        assert [a[0] for a in node.transport.attempts] == ["q0901", "q0901", "q0902"]
+        assert node.transport.firsts == [True, False, False]
     finally:
         await node.close()
 

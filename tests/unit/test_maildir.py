@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -162,3 +163,25 @@ def test_delivery_keys_hold_no_maildir_separators():
     assert delivery_key("0abcDEF_-9", 12) == "Q0abcDEF_-9R12"
     assert delivery_key("a.b:c/d%", 0) == "Qa%2Eb%3Ac%2Fd%25R0"
     assert delivery_key("aR1", 2) != delivery_key("a", 12)
+
+
+def test_the_first_attempt_of_a_message_accepted_here_lists_no_mailbox(tmp_path, monkeypatch):
+    # Attempt.first: the message was accepted by this process and this is its first run,
+    # so no earlier attempt can have delivered it; listing a large mailbox costs
+    # milliseconds, so only retries (and runs after a restart) look for a copy.
+    from mtrkmta.delivery import maildir as module
+
+    looked: list[Path] = []
+    real = module._holds
+
+    def holds(directory: Path, key: str) -> bool:
+        looked.append(directory)
+        return real(directory, key)
+
+    monkeypatch.setattr(module, "_holds", holds)
+    maildir = MaildirTransport(MemoryReactorClock(), ThreadPool(), tmp_path)
+    (outcome,) = maildir._deliver(replace(attempt(), first=True))
+    assert outcome.state == RecipientState.DELIVERED and looked == []
+    maildir._deliver(attempt())
+    assert looked == [tmp_path / "alice" / "new"]  # a retry looks, and finds the copy
+    assert len(files(tmp_path / "alice")) == 1
