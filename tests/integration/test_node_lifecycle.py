@@ -72,6 +72,15 @@ async def test_restart_quarantines_unacknowledged_spool_files(tmp_path):
         await stop_node(node)
 
 
+def send_once(port: int) -> str:
+    """Send one message to alice@localhost; its queue id (blocking: run it in a thread)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.ehlo("client.example")
+        smtp.mail("a@b.example")
+        smtp.rcpt("alice@localhost")
+        return smtp.data(b"Subject: once\r\n\r\nhi\r\n")[1].split()[-1].decode()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_removal_lost_in_a_crash_brings_back_a_finished_message_that_start_up_removes(
     tmp_path,
@@ -82,15 +91,7 @@ async def test_a_removal_lost_in_a_crash_brings_back_a_finished_message_that_sta
     config = node_config(tmp_path / "data", hostname="mx.example.test")
     node = await start_node(config, deliver=False)
     try:
-
-        def send() -> str:
-            with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as smtp:
-                smtp.ehlo("client.example")
-                smtp.mail("a@b.example")
-                smtp.rcpt("alice@localhost")
-                return smtp.data(b"Subject: once\r\n\r\nhi\r\n")[1].split()[-1].decode()
-
-        queue_id = await threads.deferToThread(send)
+        queue_id = await threads.deferToThread(send_once, node.port("smtp"))
         spool_file = node.spool.queue_path(queue_id)
         saved = spool_file.read_bytes()
     finally:
@@ -131,15 +132,7 @@ async def test_a_delivery_outcome_lost_in_a_crash_does_not_deliver_a_second_copy
     config = node_config(tmp_path / "data", hostname="mx.example.test")
     node = await start_node(config, deliver=False)
     try:
-
-        def send() -> str:
-            with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as smtp:
-                smtp.ehlo("client.example")
-                smtp.mail("a@b.example")
-                smtp.rcpt("alice@localhost")
-                return smtp.data(b"Subject: once\r\n\r\nhi\r\n")[1].split()[-1].decode()
-
-        queue_id = await threads.deferToThread(send)
+        queue_id = await threads.deferToThread(send_once, node.port("smtp"))
         spool_file = node.spool.queue_path(queue_id)
         saved_spool = spool_file.read_bytes()
     finally:
