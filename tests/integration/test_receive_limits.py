@@ -369,9 +369,12 @@ async def test_a_large_message_streams_to_the_spool_and_is_stored_whole(tmp_path
                 block = data_block(content)
                 wire.send(block[: len(block) // 2])
                 deadline = time.monotonic() + 10
-                while not any(incoming.iterdir()) and time.monotonic() < deadline:
+                streamed: list[int] = []
+                while time.monotonic() < deadline:
+                    streamed = [p.stat().st_size for p in incoming.iterdir()]
+                    if streamed and streamed[0] > 64 * 1024:
+                        break  # (the file is created first, then written)
                     time.sleep(0.01)
-                streamed = [p.stat().st_size for p in incoming.iterdir()]
                 wire.send(block[len(block) // 2 :])
                 return streamed, wire.reply()
 
