@@ -359,7 +359,8 @@ class MTQPServer(Protocol, SessionGuard):
         factory.tracks.record(self.address)
         # The attempt counts as a failure before the lookup, and is taken back only once
         # it succeeded: counted after the lookup instead, any number of concurrent TRACKs
-        # would pass the check before the first of them failed (CHECKLIST 8.4).
+        # would pass the check before the first of them failed (RFC 3887 §11: the
+        # secret's strength is all that protects a message, so guessing is rate-limited).
         reserved = factory.failures.record(self.address)
         try:
             candidate = command.certifier()
@@ -367,7 +368,7 @@ class MTQPServer(Protocol, SessionGuard):
             factory.failures.forget(self.address, reserved)
             return CommandError("mtrk-secret is not base64").response
         # The store compares in constant time and does the same work for an unknown
-        # ENVID and a wrong secret: both end in None, answered alike (CHECKLIST 4.4.4).
+        # ENVID and a wrong secret: both end in None, answered alike (RFC 3887 §4: noinfo).
         d: Deferred[StoredMessage | None] = maybeDeferred(
             factory.tracking.lookup, command.envid, candidate
         )

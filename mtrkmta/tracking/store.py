@@ -365,8 +365,8 @@ class SQLTrackingStore:
         earliest arrival is returned.
 
         An unknown ENVID and a known one with a wrong secret do the same work, so
-        that the time taken does not tell whether a message exists (RFC 3887 §6.1,
-        CHECKLIST 4.4.4): the one query is an outer join from a one-row table, which
+        that the time taken does not tell whether a message exists (RFC 3887 §4 and
+        §11: ``noinfo`` for both): the one query is an outer join from a one-row table, which
         gives one row either way (all NULL when no message has this ENVID), and every
         row, that one included, is compared with the candidate in constant time.
         """

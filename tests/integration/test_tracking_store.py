@@ -409,7 +409,7 @@ def test_envid_reuse_with_another_certifier_neither_overwrites_nor_reveals(store
 
 @pytest_twisted.inlineCallbacks
 def test_unknown_envid_and_wrong_secret_do_the_same_work(store, engine, monkeypatch):
-    # RFC 3887 §6.1, CHECKLIST 4.4.4: without the right secret, the work done must not
+    # RFC 3887 §4 and §11: without the right secret, the work done must not
     # tell whether a message exists: the same statements, rows and comparisons.
     yield record(store, envelope("W1", envid="known@example.org"))
     compared: list[tuple[bytes, bytes]] = []

@@ -471,7 +471,7 @@ def test_status_without_leading_zeros_and_fallbacks():
     [("failed", "2.0.0"), ("delayed", "5.1.1"), ("delivered", "4.4.1"), ("failed", "5.1")],
 )
 def test_status_that_does_not_fit_the_action_gives_way_to_the_default(action, status):
-    # RFC 3464 §2.3.4 / CHECKLIST 6.4.5: a stored code that cannot go with the Action
+    # RFC 3464 §2.3.4: a stored code that cannot go with the Action
     # never stops the DSN; the Action's default code is reported instead.
     block = delivery_status(render([failed_report(action=action, status=status)]))[1]
     assert block["Status"] == {"failed": "5.0.0", "delayed": "4.0.0", "delivered": "2.1.5"}[action]
@@ -722,7 +722,8 @@ def assert_safe_dsn(dsn: bytes) -> EmailMessage:
     ],
 )
 def test_control_characters_in_values_are_escaped(where, bad):
-    # CHECKLIST 8.6, 11.8: no header injection into the DSN, and no value stops it.
+    # RFC 3464 §2.1 (fields are header lines): no header injection into the DSN, and no
+    # value stops it.
     value = f"x{bad}Bcc: victim@example.com"
     report = failed_report()
     message = stored_message()

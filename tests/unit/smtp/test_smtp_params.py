@@ -498,7 +498,7 @@ class TestRealisticMaximumLines:
         assert params.envid == " " * 72 + "@" + "=" * 27
 
     def test_maximal_rcpt_line(self):
-        # CHECKLIST 1.2.2, 1.2.3: 500-char ORCPT value + 28-char NOTIFY after a 256-octet
+        # RFC 3461 §4.2 and §4.1: 500-char ORCPT value + 28-char NOTIFY after a 256-octet
         # path, the longest RFC 5321 §4.5.3.1.3 allows (brackets included).
         orcpt = "rfc822;" + "+41" * 161 + "@b.example"
         assert len(orcpt) == 500
