@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -48,6 +49,10 @@ class SessionGuard:
     factory: Any
     transport: Any
     _closing: bool
+    # The protocol's own: say goodbye when a deadline passed (COMMAND, DATA or SESSION),
+    # and go on with input already received once the client read its replies.
+    _deadline_passed: Callable[[str], None]
+    _output_drained: Callable[[], None]
 
     _phase: str | None = None
     _deadline = 0.0
@@ -59,14 +64,6 @@ class SessionGuard:
     # The data phase: (start, last arrival, octets received, block timeout, minimum rate).
     _data_clock: list[float] | None = None
     _paused_at: float | None = None
-
-    # -- hooks ------------------------------------------------------------------------
-
-    def _deadline_passed(self, phase: str) -> None:
-        raise NotImplementedError
-
-    def _output_drained(self) -> None:
-        """The client read its replies: go on with input already received."""
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -144,6 +141,9 @@ class SessionGuard:
         if data is None:
             return self._deadline
         start, last, received, block, rate = data
+        if self._paused_at is not None:  # waiting for the spool: the clock stands still
+            waited = self.factory.clock.seconds() - self._paused_at
+            start, last = start + waited, last + waited
         deadline = last + block
         if rate > 0:
             deadline = min(deadline, start + block + received / rate)

@@ -287,3 +287,22 @@ def test_session_time_never_interrupts_a_message_being_made_durable(clock):
         b"421 4.4.2 mx.example.test Session time limit reached, closing",
     ]
     client.close()
+
+
+def test_time_spent_waiting_for_the_spool_does_not_count_against_the_client(clock):
+    # The server stopped reading while its disk caught up: that wait is not the
+    # client's slowness, so neither data_timeout nor data_min_rate counts it.
+    receiver = RecordingReceiver()
+    client = connect(receiver, clock, data_timeout=180, data_min_rate=500)
+    client.send(START)
+    sink = receiver.sinks[0]
+    sink.wait = Deferred()
+    client.send(b"Subject: slow disk\r\n\r\n")
+    clock.advance(1000)  # the disk takes its time
+    assert not client.transport.disconnecting
+    wait, sink.wait = sink.wait, None
+    wait.callback(None)
+    clock.advance(100)
+    assert not client.transport.disconnecting
+    assert client.send(b"body\r\n.\r\n") == [b"250 2.0.0 Ok: queued as Q1"]
+    client.close()
