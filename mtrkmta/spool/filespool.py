@@ -198,7 +198,8 @@ class _Incoming:
             return
         self._closed = True
         self._held, self._held_size = [], 0
-        self._drained().addBoth(lambda _: self._remove_file())
+        # Counted as work in flight, so that the spool's close() waits for the unlink.
+        self._spool._counted(self._drained().addBoth(lambda _: self._remove_file()))
 
     # -- internals --------------------------------------------------------------
 
@@ -271,10 +272,9 @@ class _Incoming:
         )
         return self._spool._commit(pending).addCallback(lambda _: None)
 
-    def _remove_file(self) -> None:
+    def _remove_file(self) -> Deferred[None] | None:
         fd, self._fd = self._fd, None
-        if fd is not None:
-            self._spool._drop_incoming(self.queue_id, fd)
+        return None if fd is None else self._spool._drop_incoming(self.queue_id, fd)
 
 
 @implementer(ISpool)
@@ -440,26 +440,31 @@ class FileSpool:
         descriptor and the CRC-32 of all content written so far."""
         return self._run(self._append_incoming, queue_id, fd, chunk, crc)
 
-    def _drop_incoming(self, queue_id: str, fd: int) -> None:
-        """Close and unlink a streamed message's incoming/ file (in the thread pool)."""
+    def _drop_incoming(self, queue_id: str, fd: int) -> Deferred[None]:
+        """Close and unlink a streamed message's incoming/ file (in the thread pool).
+
+        Best effort, even after close(): a leftover harms nobody, and recover()
+        empties incoming/ at the next start anyway.
+        """
         path = self._incoming / queue_id
 
         def drop() -> None:
             os.close(fd)
             self._discard(path)
 
-        # Not counted by close(): unlike stores, a dropped leftover harms nobody,
-        # and recover() empties incoming/ at the next start anyway.
-        deferToThreadPool(self._reactor, self._threadpool, drop).addErrback(lambda _: None)
+        d = deferToThreadPool(self._reactor, self._threadpool, drop)
+        return d.addErrback(lambda _: None)
+
+    def _counted(self, d: Deferred[R]) -> Deferred[R]:
+        """Count ``d`` as work in flight until it fires, as ``_run`` does."""
+        self._running += 1
+        return d.addBoth(self._finished)
 
     def _run(self, f: Callable[..., R], *args: object) -> Deferred[R]:
         """Run ``f(*args)`` in the thread pool, counted so that close() can wait for it."""
         if self._closed:
             return fail(SpoolError("spool is closed"))
-        self._running += 1
-        d = deferToThreadPool(self._reactor, self._threadpool, f, *args)
-        d.addBoth(self._finished)
-        return d
+        return self._counted(deferToThreadPool(self._reactor, self._threadpool, f, *args))
 
     def _finished(self, result: R | Failure) -> R | Failure:
         self._running -= 1

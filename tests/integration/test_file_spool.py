@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater as _defer_later
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
@@ -91,12 +90,6 @@ def reactor() -> object:
 @pytest.fixture
 def spool(tmp_path: Path, pool: CountingThreadPool, reactor) -> FileSpool:
     return FileSpool(reactor, pool, tmp_path / "spool")
-
-
-def deferLater(seconds: float) -> Deferred[None]:
-    from twisted.internet import reactor
-
-    return _defer_later(reactor, seconds)
 
 
 def ids() -> str:
@@ -580,12 +573,7 @@ def test_discarded_stream_leaves_nothing(small_spool: FileSpool):
         if wait is not None:
             yield wait
     incoming.discard()
-    yield small_spool.close()
-    # the unlink runs in the pool, after close() returned: give it a moment
-    for _ in range(100):
-        if not os.listdir(small_spool.root / "incoming"):
-            break
-        yield deferLater(0.01)
+    yield small_spool.close()  # waits for the unlink too
     assert os.listdir(small_spool.root / "incoming") == []
     assert (
         yield FileSpool(small_spool._reactor, small_spool._threadpool, small_spool.root).queue_ids()

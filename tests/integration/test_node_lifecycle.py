@@ -6,6 +6,7 @@ import smtplib
 
 import pytest
 import pytest_twisted
+from smtpwire import queue_emptied
 from sqlalchemy import create_engine, text
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
@@ -145,10 +146,7 @@ async def test_a_delivery_outcome_lost_in_a_crash_does_not_deliver_a_second_copy
         assert queued["state"] == "queued"
         node = await start_node(config)  # delivers it and removes the spool file
         try:
-            for _ in range(250):
-                if not spool_file.exists():
-                    break
-                await deferLater(reactor, 0.02)
+            await queue_emptied(node)  # real threads deliver: no clock drives them
             assert not spool_file.exists()
         finally:
             await stop_node(node)
@@ -171,10 +169,7 @@ async def test_a_delivery_outcome_lost_in_a_crash_does_not_deliver_a_second_copy
         engine.dispose()
     node = await start_node(config)
     try:
-        for _ in range(250):
-            if not spool_file.exists():
-                break
-            await deferLater(reactor, 0.02)
+        await queue_emptied(node)
         assert not spool_file.exists()
         (r,) = (await node.tracking.message(queue_id)).recipients
         assert (r.state.value, r.status) == ("delivered", "2.1.5")
