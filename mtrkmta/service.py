@@ -39,11 +39,12 @@ from mtrkmta.smtp.command import AddressLimits
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
 from mtrkmta.spool.filespool import FileSpool
+from mtrkmta.spool.interfaces import SpoolError
 from mtrkmta.spool.queueid import QueueIdGenerator
 from mtrkmta.tls import server_context
 from mtrkmta.tracking.authfailures import SQLAuthFailures
 from mtrkmta.tracking.migrate import upgrade
-from mtrkmta.tracking.store import SQLTrackingStore
+from mtrkmta.tracking.store import TRANSIENT_ERRORS, SQLTrackingStore
 from mtrkmta.workers import (
     ConfigOrigin,
     WorkerRole,
@@ -382,6 +383,7 @@ class MTAService(Service):
                 max_lifetime=config.queue.max_lifetime,
             ),
             destination_concurrency=config.delivery.destination_concurrency,
+            transient_errors=(OSError, SpoolError, *TRANSIENT_ERRORS),
         )
 
     async def _reconcile(self) -> None:

@@ -29,11 +29,32 @@ def _when(seconds: float | None) -> str:
     return time.strftime("%a %b %d %H:%M:%S", time.localtime(seconds))
 
 
-def render_list(messages: Sequence[dict[str, Any]], out: TextIO) -> None:
-    """A mailq-like listing: one block per message, ``!`` marks held messages."""
-    if not messages:
+def render_list(listing: Sequence[dict[str, Any]], out: TextIO) -> None:
+    """A mailq-like listing: one block per message, ``!`` marks held messages (with the
+    reason); then the quarantined messages, one line each, with the reason."""
+    messages = [m for m in listing if not m.get("quarantined")]
+    quarantined = [m for m in listing if m.get("quarantined")]
+    if messages:
+        render_queue(messages, out)
+    else:
         print("Mail queue is empty", file=out)
-        return
+    if quarantined:
+        print(file=out)
+        print(f"{'-Quarantined-':<22}{'--Size--':>9} -Reason-", file=out)
+        for message in quarantined:
+            print(
+                f"{message['queue_id']:<22}{message['size']:>9} {message['quarantine_reason']}",
+                file=out,
+            )
+        print(
+            f"-- {len(quarantined)} message(s) in quarantine "
+            "(mtrkmta queue show|release|delete QUEUEID)",
+            file=out,
+        )
+
+
+def render_queue(messages: Sequence[dict[str, Any]], out: TextIO) -> None:
+    """The queued messages, as mailq lists them."""
     print(
         f"{'-Queue ID-':<22}{'--Size--':>9} {'----Arrival Time----':<20}  -Sender/Recipient-",
         file=out,
@@ -46,6 +67,8 @@ def render_list(messages: Sequence[dict[str, Any]], out: TextIO) -> None:
             f"{_when(message['arrival']):<20}  {sender}",
             file=out,
         )
+        if message["held"]:
+            print(f"{'':<54}(held: {message['hold_reason'] or 'no reason given'})", file=out)
         for rcpt in message["recipients"]:
             if rcpt["state"] not in ("queued", "inflight", "deferred"):
                 continue
@@ -61,6 +84,12 @@ def render_list(messages: Sequence[dict[str, Any]], out: TextIO) -> None:
 
 
 def render_show(message: dict[str, Any], out: TextIO) -> None:
+    if message["quarantined"]:
+        print(f"{'Quarantined:':<20}{message['quarantine_reason']}", file=out)
+        if message["sender"] is None:  # a file without a tracking record
+            print(f"{'Queue-Id:':<20}{message['queue_id']}", file=out)
+            print(f"{'Size:':<20}{message['size']}", file=out)
+            return
     fields = [
         ("Queue-Id", message["queue_id"]),
         ("Held", "yes" if message["held"] else "no"),
@@ -75,6 +104,8 @@ def render_show(message: dict[str, Any], out: TextIO) -> None:
             f"via {message['client']['listener']}",
         ),
     ]
+    if message["held"]:
+        fields.insert(2, ("Hold-Reason", message["hold_reason"] or "-"))
     for name, value in fields:
         print(f"{name + ':':<20}{value}", file=out)
     for rcpt in message["recipients"]:

@@ -22,7 +22,7 @@ from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recip
 from mtrkmta.queue.expansion import LIST_DIAGNOSTIC
 from mtrkmta.queue.service import INotifier
 from mtrkmta.receive.receiver import Receiver
-from mtrkmta.spool.interfaces import ISpool
+from mtrkmta.spool.interfaces import ISpool, MessageNotFound, SpoolCorruption
 from mtrkmta.tracking.interfaces import RecipientState, StoredMessage, StoredRecipient
 
 log = Logger()
@@ -103,7 +103,10 @@ class DsnNotifier:
         return ensureDeferred(self._send(message, recipients))
 
     async def _send(self, message: StoredMessage, recipients: Sequence[StoredRecipient]) -> None:
-        _, content = await self.spool.load(message.queue_id)
+        try:
+            _, content = await self.spool.load(message.queue_id)
+        except (MessageNotFound, SpoolCorruption):
+            content = None  # quarantined: the DSN goes out from the tracking record alone
         now = self.clock.seconds()
         for batch in group((r, pending_action(r)) for r in recipients):
             dsn = render_dsn(

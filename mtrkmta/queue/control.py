@@ -13,7 +13,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-from mtrkmta.queue.service import QueueService
+from mtrkmta.queue.service import QueueActionRefused, QueueService
+from mtrkmta.spool.interfaces import QuarantinedFile
 from mtrkmta.tracking.interfaces import StoredMessage
 
 log = Logger()
@@ -29,9 +30,16 @@ class ControlError(Exception):
     """A control request failed; the message is meant for the administrator."""
 
 
-def message_record(message: StoredMessage) -> dict[str, Any]:
-    """A JSON-ready view of a queued message."""
+ORPHAN_REASON = (
+    "no tracking record: never acknowledged (a crash before the commit), or deleted "
+    "with `mtrkmta queue delete` and brought back by a crash"
+)
+
+
+def message_record(message: StoredMessage, *, quarantined: bool = False) -> dict[str, Any]:
+    """A JSON-ready view of a message of the queue (or of quarantine)."""
     record = asdict(message)
+    record["quarantined"] = quarantined
     record["certifier"] = None if message.certifier is None else "(set)"
     for recipient in record["recipients"]:
         recipient["state"] = recipient["state"].value
@@ -40,6 +48,26 @@ def message_record(message: StoredMessage) -> dict[str, Any]:
         orcpt = recipient["orcpt"]
         recipient["orcpt"] = None if orcpt is None else f"{orcpt['addr_type']};{orcpt['address']}"
     return record
+
+
+def quarantine_record(entry: QuarantinedFile, message: StoredMessage | None) -> dict[str, Any]:
+    """A JSON-ready view of a quarantined file: its message's record, or what the file
+    itself tells when there is no record."""
+    if message is not None:
+        record = message_record(message, quarantined=True)
+        record["quarantine_reason"] = message.quarantine_reason or ORPHAN_REASON
+        return record
+    return {
+        "queue_id": entry.queue_id,
+        "quarantined": True,
+        "quarantine_reason": ORPHAN_REASON,
+        "held": False,
+        "hold_reason": None,
+        "size": entry.size,
+        "arrival": int(entry.changed),
+        "sender": None,
+        "recipients": [],
+    }
 
 
 class ControlProtocol(LineOnlyReceiver):
@@ -62,7 +90,7 @@ class ControlProtocol(LineOnlyReceiver):
         return d.addCallback(self._reply)
 
     def _error(self, failure: Any) -> dict[str, Any]:
-        if failure.check(ControlError):
+        if failure.check(ControlError, QueueActionRefused):
             return {"ok": False, "error": str(failure.value)}
         log.failure("control request failed", failure)
         return {"ok": False, "error": f"internal error: {failure.getErrorMessage()}"}
@@ -86,7 +114,10 @@ class ControlProtocol(LineOnlyReceiver):
         queue = self.queue
         if command == "list":
             listing = await queue.tracking.queue_listing(queue.node_id)
-            return [message_record(m) for m in listing]
+            quarantined = await queue.quarantined()
+            return [message_record(m) for m in listing] + [
+                quarantine_record(entry, m) for entry, m in quarantined
+            ]
         if command == "flush":
             return await queue.flush(queue_id if isinstance(queue_id, str) else None)
         if command == "set-max-retention":
@@ -103,6 +134,9 @@ class ControlProtocol(LineOnlyReceiver):
             )
             return changed
         if command == "show":
+            for entry, record in await queue.quarantined():
+                if entry.queue_id == queue_id:
+                    return quarantine_record(entry, record)
             message = await queue.tracking.message(queue_id)
             if message is None or message.node_id != queue.node_id:
                 raise ControlError(f"no message {queue_id} in this node's queue")

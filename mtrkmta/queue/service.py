@@ -28,7 +28,13 @@ from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
 from mtrkmta.receive.policy import recipient_domain
 from mtrkmta.routing.aliases import Deliver, Loop, Resolution
-from mtrkmta.spool.interfaces import ISpool
+from mtrkmta.spool.interfaces import (
+    ISpool,
+    MessageNotFound,
+    QuarantinedFile,
+    SpoolCorruption,
+    SpoolError,
+)
 from mtrkmta.tracking.interfaces import (
     ITrackingStore,
     RecipientState,
@@ -38,6 +44,16 @@ from mtrkmta.tracking.interfaces import (
 )
 
 log = Logger()
+
+ADMIN_HOLD = "held by the administrator"
+# A queue file that cannot be read fails its recipients: RFC 3463 §3.4, X.3.0 "other or
+# undefined mail system status" (the mail system, not the message or the address).
+QUARANTINE_STATUS = "5.3.0"
+QUARANTINE_DIAGNOSTIC = "x-local; the queue file was damaged"
+
+
+class QueueActionRefused(Exception):
+    """An administrator's action cannot be done; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +195,17 @@ class QueueService:
         new_queue_id: Callable[[], str] | None = None,
         hostname: str = "localhost",
         default_retention: float = 9 * 86400.0,
+        transient_errors: tuple[type[BaseException], ...] = (OSError, SpoolError),
     ) -> None:
         """``expander`` resolves aliases and lists of local recipients; the messages
         that carry expanded mail on are durably accepted with ``inject`` under ids
-        from ``new_queue_id`` (both required with an expander)."""
+        from ``new_queue_id`` (both required with an expander).
+
+        A queue run that fails with one of ``transient_errors`` (a full disk, a
+        database that is away) is tried again after ``retry.first_retry``; any other
+        error is a fault in this program, and the message is held with the error as
+        its reason, so that one message cannot stop or spin the queue.
+        """
         self.spool = spool
         self.tracking = tracking
         self.router = router
@@ -199,6 +222,7 @@ class QueueService:
         self.new_queue_id = new_queue_id
         self.hostname = hostname
         self.default_retention = default_retention
+        self.transient_errors = transient_errors
         self._cache = ContentCache(content_cache_bytes)
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
@@ -296,19 +320,73 @@ class QueueService:
             self.schedule(each, now, force=True)
         return len(ids)
 
-    async def hold(self, queue_id: str) -> bool:
+    async def hold(self, queue_id: str, reason: str = ADMIN_HOLD) -> bool:
+        """Leave the message out of queue runs until it is released."""
         self._cache.forget_record(queue_id)
-        return bool(await self.tracking.set_held(queue_id, True))
+        return bool(await self.tracking.set_held(queue_id, True, reason))
 
     async def release(self, queue_id: str) -> bool:
+        """Release a held message, or put a quarantined one back into the queue."""
+        if await self._is_quarantined(queue_id):
+            return await self._release_quarantined(queue_id)
         released = bool(await self.tracking.set_held(queue_id, False))
         if released:
             self.schedule(queue_id, self.clock.seconds())
         return released
 
+    async def quarantined(self) -> list[tuple[QuarantinedFile, StoredMessage | None]]:
+        """The quarantined messages, each with its tracking record if there is one."""
+        found = []
+        for entry in await self.spool.quarantined():
+            record = await self.tracking.message(entry.queue_id)
+            if record is None or record.node_id == self.node_id:
+                found.append((entry, record))
+        return found
+
+    async def _is_quarantined(self, queue_id: str) -> bool:
+        return any(entry.queue_id == queue_id for entry in await self.spool.quarantined())
+
+    async def _release_quarantined(self, queue_id: str) -> bool:
+        """Put a quarantined file back into the queue once it reads whole again.
+
+        Recipients that the quarantine failed are queued again (their sender was told
+        they failed: releasing is the administrator's choice). A file without a
+        tracking record is recorded now, as if it had just arrived.
+        """
+        message = await self.tracking.message(queue_id)
+        if message is not None and message.node_id != self.node_id:
+            return False
+        try:
+            envelope, content = await self.spool.unquarantine(queue_id)
+        except SpoolCorruption as error:
+            raise QueueActionRefused(
+                f"{queue_id} is still damaged ({error}): repair the file in quarantine or delete it"
+            ) from None
+        if message is None:
+            await self.tracking.record_arrival(
+                envelope, reporting_mta=self.hostname, node_id=self.node_id, size=len(content)
+            )
+        else:
+            again = [
+                RecipientUpdate(index=r.index, state=RecipientState.QUEUED, count_attempt=False)
+                for r in message.recipients
+                if r.state is RecipientState.FAILED
+                and (r.diagnostic or "").startswith(QUARANTINE_DIAGNOSTIC)
+            ]
+            await self.tracking.record_outcomes(queue_id, again)
+            await self.tracking.set_quarantined(queue_id, None)
+        log.info("{queue_id}: released from quarantine by the administrator", queue_id=queue_id)
+        self.schedule(queue_id, self.clock.seconds())
+        return True
+
     async def delete(self, queue_id: str) -> bool:
-        """Remove a message without notifying anyone."""
+        """Remove a message without notifying anyone (from the queue or quarantine)."""
         await self._wait_idle(queue_id)
+        if await self.spool.drop_quarantined(queue_id):
+            # Its tracking record (finished, the sender notified) stays until it expires.
+            await self.tracking.set_quarantined(queue_id, None)
+            log.info("{queue_id}: deleted from quarantine by the administrator", queue_id=queue_id)
+            return True
         message = await self.tracking.message(queue_id)
         if message is None or message.node_id != self.node_id:
             return False
@@ -390,8 +468,48 @@ class QueueService:
         d.addErrback(self._attempt_failed, queue_id)
         d.addBoth(self._finished, queue_id)
 
-    def _attempt_failed(self, failure: Failure, queue_id: str) -> None:
-        log.failure("{queue_id}: queue run failed", failure, queue_id=queue_id)
+    def _attempt_failed(self, failure: Failure, queue_id: str) -> Deferred[None] | None:
+        """A queue run of ``queue_id`` raised: try again later, or hold the message.
+
+        A transient error is one log line and a retry after ``retry.first_retry``.
+        Anything else is logged once, with its traceback, and the message is held
+        with the error as its reason (``mtrkmta queue list`` shows it; over MTQP its
+        recipients are ``delayed``) until the administrator releases it.
+        """
+        if not self._running:
+            log.failure("{queue_id}: queue run failed", failure, queue_id=queue_id)
+            return None
+        if failure.check(*self.transient_errors):
+            log.error(
+                "{queue_id}: queue run failed: {error}; tried again in {delay:.0f}s",
+                queue_id=queue_id,
+                error=failure.getErrorMessage(),
+                delay=self.retry.first_retry,
+            )
+            self._retry_later(queue_id)
+            return None
+        reason = f"internal error: {failure.type.__name__}: {failure.getErrorMessage()}"
+        log.failure(
+            "{queue_id}: queue run failed; the message is held ({reason})",
+            failure,
+            queue_id=queue_id,
+            reason=reason,
+        )
+        self._cache.forget_record(queue_id)
+        d = self.tracking.set_held(queue_id, True, reason)
+        d.addCallbacks(lambda _: None, self._hold_failed, errbackArgs=(queue_id,))
+        return d
+
+    def _hold_failed(self, failure: Failure, queue_id: str) -> None:
+        log.error(
+            "{queue_id}: could not be held ({error}); tried again in {delay:.0f}s",
+            queue_id=queue_id,
+            error=failure.getErrorMessage(),
+            delay=self.retry.first_retry,
+        )
+        self._retry_later(queue_id)
+
+    def _retry_later(self, queue_id: str) -> None:
         if self._running:
             self.schedule(queue_id, self.clock.seconds() + self.retry.first_retry)
 
@@ -438,7 +556,13 @@ class QueueService:
             self.schedule(queue_id, min(r.next_attempt or now for r in waiting))
             return
         cached = self._cache.get(queue_id)
-        envelope, content = cached if cached is not None else await self.spool.load(queue_id)
+        if cached is None:
+            try:
+                cached = await self.spool.load(queue_id)
+            except (SpoolCorruption, MessageNotFound) as error:
+                await self._quarantine(message, error)
+                return
+        envelope, content = cached
         # Recipients are routed by their final address (a single-target alias may
         # have rewritten it); the envelope of the attempt carries those addresses.
         final = {r.index: r.final_recipient for r in message.recipients}
@@ -473,6 +597,36 @@ class QueueService:
             for outcome in sorted(outcomes, key=lambda o: o.index)
         )
         await self._record(message, updates, finished_at)
+
+    async def _quarantine(self, message: StoredMessage, error: Exception) -> None:
+        """The queue file cannot be read: move it to quarantine, fail the recipients
+        still queued, and notify the sender from the tracking record (the content is
+        lost, so the DSN returns none)."""
+        problem = "the queue file is missing" if isinstance(error, MessageNotFound) else str(error)
+        where = await self.spool.quarantine([message.queue_id])
+        await self.tracking.set_quarantined(message.queue_id, problem)
+        log.warn(
+            "{queue_id}: queue file damaged ({problem}): moved to {where}; its queued "
+            "recipients fail (5.3.0) and the sender is notified",
+            queue_id=message.queue_id,
+            problem=problem,
+            where=where,
+        )
+        now = self.clock.seconds()
+        updates = tuple(
+            RecipientUpdate(
+                index=r.index,
+                state=RecipientState.FAILED,
+                status=QUARANTINE_STATUS,
+                action="failed",
+                diagnostic=f"{QUARANTINE_DIAGNOSTIC} ({problem})",
+                last_attempt=now,
+                count_attempt=False,
+            )
+            for r in message.recipients
+            if r.state.in_queue
+        )
+        await self._record(message, updates, now)
 
     async def _expand(
         self,

@@ -4,6 +4,7 @@ Layout under ``root`` (directories mode 0700, files mode 0600)::
 
     incoming/<queue_id>              being written; never read, removed by recover()
     queue/<bucket>/<queue_id>        committed; bucket = 2 hex digits of blake2s(queue_id)
+    quarantine/<queue_id>            moved out of the queue: damaged, or without a record
 
 Each message is one file: a fixed 22-byte header, the content, the encoded envelope::
 
@@ -32,6 +33,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterable
@@ -54,6 +56,7 @@ from mtrkmta.spool.interfaces import (
     IIncoming,
     ISpool,
     MessageNotFound,
+    QuarantinedFile,
     SpoolCorruption,
     SpoolError,
 )
@@ -398,6 +401,31 @@ class FileSpool:
             return fail(e)
         return self._run(self._quarantine, ids)
 
+    def quarantined(self) -> Deferred[list[QuarantinedFile]]:
+        """What is in ``quarantine/``, sorted by queue id."""
+        return self._run(self._list_quarantine)
+
+    def unquarantine(self, queue_id: str) -> Deferred[tuple[Envelope, bytes]]:
+        """Move a quarantined message back into the queue, if it reads whole now; fire
+        with it. SpoolCorruption (it stays in quarantine) or MessageNotFound otherwise."""
+        if self._closed:
+            return fail(SpoolError("spool is closed"))
+        try:
+            path = self.queue_path(queue_id)
+        except ValueError as e:
+            return fail(e)
+        return self._run(self._unquarantine, path, queue_id)
+
+    def drop_quarantined(self, queue_id: str) -> Deferred[bool]:
+        """Delete a quarantined file (or directory); fire with False when there is none."""
+        if self._closed:
+            return fail(SpoolError("spool is closed"))
+        try:
+            check_queue_id(queue_id)
+        except ValueError as e:
+            return fail(e)
+        return self._run(self._drop_quarantined, queue_id)
+
     def queue_ids(self) -> Deferred[list[str]]:
         """Every committed queue id, sorted (so, for generated ids, oldest first)."""
         return self._run(self._list_queue)
@@ -716,8 +744,53 @@ class FileSpool:
             f = open(path, "rb")
         except FileNotFoundError:
             raise MessageNotFound(queue_id) from None
+        except IsADirectoryError:
+            raise SpoolCorruption(f"{queue_id}: a directory, not a queue file") from None
         with f:
-            return read_message(f, os.fstat(f.fileno()).st_size, queue_id)
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SpoolCorruption(f"{queue_id}: not a regular file")
+            return read_message(f, st.st_size, queue_id)
+
+    def _list_quarantine(self) -> list[QuarantinedFile]:
+        found: list[QuarantinedFile] = []
+        try:
+            with os.scandir(self._root / "quarantine") as entries:
+                for entry in entries:
+                    if not _QUEUE_ID.fullmatch(entry.name):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    found.append(QuarantinedFile(entry.name, st.st_size, st.st_mtime))
+        except FileNotFoundError:
+            return found
+        found.sort(key=lambda q: q.queue_id)
+        return found
+
+    def _unquarantine(self, path: Path, queue_id: str) -> tuple[Envelope, bytes]:
+        source = self._root / "quarantine" / queue_id
+        if not os.path.lexists(source):
+            raise MessageNotFound(queue_id)
+        message = self._load(source, queue_id)  # SpoolCorruption: it stays where it is
+        if self._make_bucket(path.parent):
+            self._sync_dir(self._queue)
+        if os.path.lexists(path):
+            raise DuplicateQueueId(queue_id)
+        os.rename(source, path)
+        self._sync_dir(path.parent)
+        self._sync_dir(source.parent)
+        return message
+
+    def _drop_quarantined(self, queue_id: str) -> bool:
+        path = self._root / "quarantine" / queue_id
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            return False
+        self._sync_dir(path.parent)
+        return True
 
     def _list_queue(self) -> list[str]:
         ids: list[str] = []

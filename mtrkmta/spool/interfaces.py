@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
@@ -25,6 +26,16 @@ class MessageNotFound(SpoolError, LookupError):
 
 class DuplicateQueueId(SpoolError):
     """A message with this queue id is already stored or being stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedFile:
+    """One message moved out of the queue into quarantine: its queue id, its size in
+    octets and when it was last changed (POSIX time)."""
+
+    queue_id: str
+    size: int
+    changed: float
 
 
 class IIncoming(Interface):
@@ -79,6 +90,16 @@ class ISpool(Interface):
 
     def quarantine(queue_ids: Iterable[str]) -> Deferred[Path]:
         """Move committed messages aside (out of the queue), keeping them; fire with where."""
+
+    def quarantined() -> Deferred[list[QuarantinedFile]]:
+        """What was moved to quarantine, by queue id."""
+
+    def unquarantine(queue_id: str) -> Deferred[tuple[Envelope, bytes]]:
+        """Move a quarantined message back into the queue if it now reads whole; fire
+        with it. SpoolCorruption (it stays in quarantine) or MessageNotFound otherwise."""
+
+    def drop_quarantined(queue_id: str) -> Deferred[bool]:
+        """Delete a quarantined message; fire with False when there is none."""
 
     def queue_ids() -> Deferred[list[str]]:
         """Every committed queue id, sorted."""

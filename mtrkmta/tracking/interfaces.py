@@ -92,7 +92,9 @@ class StoredMessage:
     auth: str | None
     client: ClientInfo
     recipients: tuple[StoredRecipient, ...]
-    held: bool = False
+    held: bool = False  # left out of queue runs until released
+    hold_reason: str | None = None  # why: the administrator, or an error while processing it
+    quarantine_reason: str | None = None  # why its spool file is in spool/quarantine/
 
     @property
     def tracked(self) -> bool:
@@ -182,8 +184,13 @@ class ITrackingStore(Interface):
     def clear_dsn_pending(queue_id: str, indices: Sequence[int]) -> Deferred[None]:
         """The DSNs owed for these recipients are now queued themselves."""
 
-    def set_held(queue_id: str, held: bool) -> Deferred[bool]:
-        """Hold or release a message; fires with False when the message is unknown."""
+    def set_held(queue_id: str, held: bool, reason: str | None = None) -> Deferred[bool]:
+        """Hold (recording ``reason``) or release a message; fires with False when the
+        message is unknown."""
+
+    def set_quarantined(queue_id: str, reason: str | None) -> Deferred[bool]:
+        """Record why the message's spool file was moved to quarantine (None: it was
+        released or deleted); fires with False when the message is unknown."""
 
     def queue_listing(node_id: str) -> Deferred[list[StoredMessage]]:
         """``node_id``'s messages with a recipient still in the queue, by arrival."""

@@ -94,7 +94,10 @@ def build_schema() -> TrackingSchema:
         Column("client_protocol", String(16), nullable=False),
         Column("client_authenticated_as", Text, nullable=True),
         Column("client_listener", String(16), nullable=False),
-        Column("held", Boolean, server_default=false(), nullable=False),  # queue hold by admin
+        Column("held", Boolean, server_default=false(), nullable=False),  # out of the queue runs
+        Column("hold_reason", Text, nullable=True),  # why held: the administrator, an error (0005)
+        # Why the spool file was moved to spool/quarantine/ (damaged); NULL otherwise (0005).
+        Column("quarantine_reason", Text, nullable=True),
         Index(None, "envid"),
         Index(None, "expires_at"),
     )

@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exc,
     exists,
     func,
     literal,
@@ -70,6 +71,14 @@ NO_CERTIFIER = bytes(20)  # compared against when no message has the ENVID; neve
 
 class StoreClosedError(RuntimeError):
     """The tracking store was used after close()."""
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    exc.OperationalError,  # locked, disconnected, out of space: the database, not the data
+    exc.InterfaceError,
+    StoreClosedError,
+)
+"""Errors of this store that pass: the same call may succeed later."""
 
 
 def check_retention(default_retention: float, max_retention: float) -> None:
@@ -248,6 +257,8 @@ def stored_message(
         ),
         recipients=recipients,
         held=bool(row.get("held", False)),
+        hold_reason=row.get("hold_reason"),
+        quarantine_reason=row.get("quarantine_reason"),
     )
 
 
@@ -436,12 +447,25 @@ class SQLTrackingStore:
 
         return self._write(apply)
 
-    def set_held(self, queue_id: str, held: bool) -> Deferred[bool]:
-        """Hold or release a message; False when it is unknown."""
+    def set_held(self, queue_id: str, held: bool, reason: str | None = None) -> Deferred[bool]:
+        """Hold (with the reason) or release a message; False when it is unknown."""
+        m = self._schema.messages
+        values = {"held": held, "hold_reason": reason if held else None}
+
+        def apply(conn: Connection) -> bool:
+            result = conn.execute(m.update().where(m.c.queue_id == queue_id).values(**values))
+            return bool(result.rowcount)
+
+        return self._write(apply)
+
+    def set_quarantined(self, queue_id: str, reason: str | None) -> Deferred[bool]:
+        """Record why the message's spool file was quarantined (None: it is back or gone)."""
         m = self._schema.messages
 
         def apply(conn: Connection) -> bool:
-            result = conn.execute(m.update().where(m.c.queue_id == queue_id).values(held=held))
+            result = conn.execute(
+                m.update().where(m.c.queue_id == queue_id).values(quarantine_reason=reason)
+            )
             return bool(result.rowcount)
 
         return self._write(apply)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from fakemta import FakeMTA
-from smtpwire import Wire, in_thread, queue_id_of, until
+from smtpwire import Wire, in_thread, queue_emptied, queue_id_of, until
 from twisted.internet import reactor
 
 from mtrkmta.cli.queue import main
@@ -353,6 +353,91 @@ async def test_bounce_fails_every_queued_recipient(tmp_path):
         assert rcpt.diagnostic == f"smtp; {BUSY}"
         # (The failure DSN to the sender may be in the queue for a moment.)
         assert queue_id not in (await rig.cli("list")).out
+
+
+# -- damaged queue files ----------------------------------------------------------------------
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:30])
+    elif how == "bit-flipped":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0x10]) + data[middle + 1 :])
+    elif how == "zeroed":
+        path.write_bytes(bytes(len(data)))
+    else:  # a directory where the file was
+        path.unlink()
+        path.mkdir()
+
+
+@pytest_twisted.ensureDeferred
+async def test_damaged_queue_files_are_quarantined_listed_released_and_deleted(tmp_path):
+    # The node is stopped, four queue files are damaged four ways, and it starts again:
+    # each is moved to quarantine at its first read, its recipient fails (5.3.0), the
+    # sender gets a DSN built from the tracking record, and `queue list` shows them.
+    ways = ("truncated", "bit-flipped", "zeroed", "a-directory")
+    async with queue_node(tmp_path) as rig:
+        ids = [await rig.deferred_message() for _ in ways]
+        assert rig.node is not None and rig.node.spool is not None
+        paths = [rig.node.spool.queue_path(queue_id) for queue_id in ids]
+        originals = [path.read_bytes() for path in paths]
+        await stop_node(rig.node)
+        for path, how in zip(paths, ways, strict=True):
+            damage(path, how)
+        rig.node = await start_node(rig.config)
+        node = rig.node
+        # Their retries are an hour away: the flush makes this their first read.
+        assert (await rig.cli("flush")).out.strip() == "flushed 4 message(s)"
+        quarantine = rig.data_dir / "spool" / "quarantine"
+        await until(
+            lambda: (
+                quarantine.is_dir() and sorted(p.name for p in quarantine.iterdir()) == sorted(ids)
+            ),
+            "quarantine",
+        )
+        await queue_emptied(node)  # the four DSNs delivered into the sender's Maildir
+        for queue_id in ids:
+            (rcpt,) = (await rig.stored(queue_id)).recipients
+            assert (rcpt.state, rcpt.status) == (RecipientState.FAILED, "5.3.0")
+        dsns = [
+            p.read_bytes()
+            for p in (rig.data_dir / "mail").rglob("*")
+            if p.is_file() and p.parent.name == "new"
+        ]
+        assert sum(b"Status: 5.3.0" in dsn for dsn in dsns) == 4
+
+        listed = await rig.cli("list")
+        assert listed.code == 0
+        assert listed.out.startswith("Mail queue is empty")
+        lines = {line.split()[0]: line for line in listed.out.splitlines() if line.strip()}
+        assert all(queue_id in lines for queue_id in ids)
+        assert "checksum mismatch" in lines[ids[1]]
+        assert "a directory" in lines[ids[3]]
+        assert "-- 4 message(s) in quarantine" in listed.out
+        shown = await rig.cli("show", ids[0])
+        assert show_fields(shown.out)["Quarantined"].startswith(f"{ids[0]}: ")
+        assert show_fields(shown.out)["State"] == "failed"
+
+        refused = await rig.cli("release", ids[2])
+        assert refused.code == 1
+        assert "still damaged" in refused.err
+        (quarantine / ids[2]).write_bytes(originals[2])  # repaired
+        released = await rig.cli("release", ids[2])
+        assert (released.code, released.out.strip()) == (0, f"{ids[2]}: release done")
+        assert (await rig.stored(ids[2])).quarantine_reason is None
+
+        async def deferred_again() -> bool:
+            (rcpt,) = (await rig.stored(ids[2])).recipients
+            return rcpt.state is RecipientState.DEFERRED  # the next hop still defers
+
+        await until(deferred_again, "the attempt after release")
+        assert rig.rcpt_commands() == len(ways) + 1
+
+        deleted = await rig.cli("--yes", "delete", ids[0])
+        assert deleted.code == 0
+        assert sorted(p.name for p in quarantine.iterdir()) == sorted([ids[1], ids[3]])
 
 
 # -- errors -----------------------------------------------------------------------------------

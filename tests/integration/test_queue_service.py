@@ -511,3 +511,184 @@ async def test_dsn_that_cannot_be_queued_is_retried_and_keeps_the_message(node):
         assert len(node.transport.attempts) == 1  # the recipient itself was final
     finally:
         await node.close()
+
+
+# -- faults: an error in a queue run, a damaged queue file ----------------------------------
+
+
+class BrokenNotifier(RecordingNotifier):
+    """Owes a DSN for every failed recipient; sending it hits a fault in this program
+    (as rendering a DSN from a field it could not carry once did)."""
+
+    def send(self, message, recipients):
+        raise ValueError("cannot render that field")
+
+
+@pytest.fixture
+def logged() -> Iterator[list[dict]]:
+    """The log events emitted during the test."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def failures_logged(events: list[dict], queue_id: str) -> list[dict]:
+    return [
+        e
+        for e in events
+        if e.get("queue_id") == queue_id and "queue run failed" in e.get("log_format", "")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_in_a_queue_run_holds_that_message_once_and_the_queue_goes_on(node, logged):
+    # One message whose run raises must neither stop the others nor be retried in a
+    # loop: it is logged once, with its traceback, and held with the error as reason.
+    node.queue.notifier = BrokenNotifier()
+    await started(node)
+    node.transport.script["bad@one.example"] = [RecipientState.FAILED]
+    try:
+        await node.accept("q0401", "bad@one.example")
+        await node.accept("q0402", "good@two.example")
+        await node.advance(0)
+        held = await node.tracking.message("q0401")
+        assert held.held
+        assert held.hold_reason == "internal error: ValueError: cannot render that field"
+        assert await node.states("q0402") == [("relayed", "2.1.9")]
+        (failure,) = failures_logged(logged, "q0401")
+        assert failure["log_failure"].check(ValueError)
+        # Hours later: not tried again, not logged again, still in the queue.
+        for _ in range(5):
+            await node.advance(POLICY.max_interval)
+        assert failures_logged(logged, "q0401") == [failure]
+        assert [a for a, _ in node.transport.attempts].count("q0401") == 1
+        assert await node.spool.queue_ids() == ["q0401"]
+        listing = await node.tracking.queue_listing("node1")
+        assert [(m.queue_id, m.hold_reason) for m in listing] == [("q0401", held.hold_reason)]
+        # Fixed (here: a notifier that works), the administrator releases it.
+        node.queue.notifier = RecordingNotifier()
+        assert await node.queue.release("q0401")
+        await node.advance(0)
+        assert (await node.tracking.message("q0401")).hold_reason is None
+        assert node.queue.notifier.sent == [("q0401", [("bad@one.example", "failed")])]
+        assert await node.spool.queue_ids() == []
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transient_error_is_retried_later_not_held(node, logged):
+    # A full disk or an absent database passes: one line, and a retry after first_retry.
+    notifier = node.queue.notifier = RecordingNotifier()
+    notifier.failures = 1  # OSError
+    await started(node)
+    node.transport.script["bad@one.example"] = [RecipientState.FAILED]
+    try:
+        await node.accept("q0403", "bad@one.example")
+        await node.advance(0)
+        assert not (await node.tracking.message("q0403")).held
+        (line,) = failures_logged(logged, "q0403")
+        assert "log_failure" not in line
+        await node.advance(POLICY.first_retry)
+        assert notifier.sent == [("q0403", [("bad@one.example", "failed")])]
+    finally:
+        await node.close()
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage a queue file as a broken disk or a careless hand would."""
+    import shutil
+
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:30])
+    elif how == "bit-flipped":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0x04]) + data[middle + 1 :])
+    elif how == "zeroed":
+        path.write_bytes(bytes(len(data)))
+    elif how == "a-directory":
+        path.unlink()
+        path.mkdir()
+        (path / "stray").write_bytes(data)
+    else:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped", "zeroed", "a-directory", "missing"])
+@pytest_twisted.ensureDeferred
+async def test_a_damaged_queue_file_is_quarantined_and_its_recipients_fail(node, logged, how):
+    # Found at the first read: moved aside with one line, the outcome recorded, the
+    # sender told from the tracking record (RFC 3464: the DSN needs no content).
+    notifier = node.queue.notifier = RecordingNotifier()
+    await node.accept("q0501", "a@one.example", "b@two.example", enqueue=False)
+    path = node.spool.queue_path("q0501")
+    original = path.read_bytes()
+    damage(path, how)
+    await started(node)
+    try:
+        await node.advance(0)
+        assert node.transport.attempts == []
+        message = await node.tracking.message("q0501")
+        assert [(r.state.value, r.status) for r in message.recipients] == [("failed", "5.3.0")] * 2
+        assert message.recipients[0].diagnostic.startswith("x-local; the queue file was damaged")
+        assert message.quarantine_reason
+        assert notifier.sent == [
+            ("q0501", [("a@one.example", "failed"), ("b@two.example", "failed")])
+        ]
+        assert await node.spool.queue_ids() == []
+        assert await node.tracking.queued_messages("node1") == []
+        quarantined = [(e.queue_id, m.queue_id) for e, m in await node.queue.quarantined()]
+        assert quarantined == ([] if how == "missing" else [("q0501", "q0501")])
+        warnings = [e for e in logged if "queue file damaged" in e.get("log_format", "")]
+        assert len(warnings) == 1
+        for _ in range(3):
+            await node.advance(POLICY.max_interval)
+        assert failures_logged(logged, "q0501") == []
+        assert len(notifier.sent) == 1
+    finally:
+        await node.close()
+    if how == "missing":
+        return
+    # Still damaged, it cannot be released; repaired, it can, and is delivered.
+    node.open()
+    await started(node)
+    try:
+        from mtrkmta.queue.service import QueueActionRefused
+
+        with pytest.raises(QueueActionRefused, match="still damaged"):
+            await node.queue.release("q0501")
+        quarantined_path = node.spool.root / "quarantine" / "q0501"
+        if quarantined_path.is_dir():
+            quarantined_path.rename(node.spool.root / "q0501.broken")
+        quarantined_path.write_bytes(original)
+        assert await node.queue.release("q0501")
+        await node.advance(0)
+        assert await node.states("q0501") == [("relayed", "2.1.9")] * 2
+        assert (await node.tracking.message("q0501")).quarantine_reason is None
+        assert await node.queue.quarantined() == []
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quarantined_file_can_be_deleted(node):
+    node.queue.notifier = RecordingNotifier()
+    await node.accept("q0502", "a@one.example", enqueue=False)
+    damage(node.spool.queue_path("q0502"), "zeroed")
+    await started(node)
+    try:
+        await node.advance(0)
+        assert [e.queue_id for e, _ in await node.queue.quarantined()] == ["q0502"]
+        assert await node.queue.delete("q0502")
+        assert await node.queue.quarantined() == []
+        assert not (node.spool.root / "quarantine" / "q0502").exists()
+        # The finished record (failed, sender notified) stays for tracking until it expires.
+        message = await node.tracking.message("q0502")
+        assert message.recipients[0].state is RecipientState.FAILED
+        assert message.quarantine_reason is None
+    finally:
+        await node.close()

@@ -529,6 +529,15 @@ class TestPerRecipientFromStore:
         )
         assert status.extensions == (("Diagnostic-Code", "smtp; 421 4.4.1 busy"),)
 
+    def test_a_held_message_is_delayed(self):
+        # RFC 3886 §3.3.3: "waiting in the MTA queue", whatever the hold's reason; the
+        # reason (a fault of this MTA) is the administrator's, not the tracker's.
+        r = recipient(state=RecipientState.DEFERRED, status="4.4.1", diagnostic="smtp; 451 busy")
+        held = message(r, held=True, hold_reason="internal error: ValueError: boom")
+        status = only(report_from_store(held, now=NOW))
+        assert (status.action, status.status) == ("delayed", "4.4.1")
+        assert b"boom" not in render_status(report_from_store(held, now=NOW))
+
     def test_inflight_is_delayed(self):
         r = recipient(state=RecipientState.INFLIGHT)
         assert only(report_from_store(message(r), now=NOW)).action == "delayed"
