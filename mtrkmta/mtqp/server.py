@@ -33,7 +33,7 @@ from mtrkmta.sessionguard import SessionGuard
 from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.framing import OVERLONG, LineFramer
 from mtrkmta.tracking.interfaces import StoredMessage
-from mtrkmta.tracking.status import TrackingStatusError, render_related, report_from_store
+from mtrkmta.tracking.status import TrackingStatusError, render_related, report_from_transactions
 
 if TYPE_CHECKING:
     from mtrkmta.config import Config
@@ -368,9 +368,10 @@ class MTQPServer(Protocol, SessionGuard):
             factory.failures.forget(self.address, reserved)
             return CommandError("mtrk-secret is not base64").response
         # The store compares in constant time and does the same work for an unknown
-        # ENVID and a wrong secret: both end in None, answered alike (RFC 3887 §4: noinfo).
-        d: Deferred[StoredMessage | None] = maybeDeferred(
-            factory.tracking.lookup, command.envid, candidate
+        # ENVID and a wrong secret: both find nothing, answered alike (RFC 3887 §4:
+        # noinfo). It finds every transaction of the message (RFC 3885 §3.1).
+        d: Deferred[list[StoredMessage]] = maybeDeferred(
+            factory.tracking.lookup_transactions, command.envid, candidate
         )
         d.addCallbacks(self._found, self._store_failed)
         d.addErrback(self._internal_error)
@@ -383,14 +384,16 @@ class MTQPServer(Protocol, SessionGuard):
             self.factory.failures.forget(self.address, reserved)
         return response
 
-    def _found(self, message: StoredMessage | None) -> Response:
-        if message is None:
+    def _found(self, transactions: list[StoredMessage]) -> Response:
+        if not transactions:
             log.info("MTQP TRACK from {address}: no information", address=self.address)
             return R_NOINFO
         now = self.factory.clock.seconds()
+        message = transactions[0]
+        retry = self.settings.retry
         try:
-            report = report_from_store(
-                message, now=now, retry_until=self.settings.retry.give_up_at(message.arrival)
+            report = report_from_transactions(
+                transactions, now=now, retry_until=lambda m: retry.give_up_at(m.arrival)
             )
             response = Response.multiline(
                 render_related([report]), text="Tracking information follows"
@@ -403,9 +406,9 @@ class MTQPServer(Protocol, SessionGuard):
             )
             return R_UNAVAILABLE
         log.info(
-            "MTQP TRACK from {address}: answered for message {queue_id}",
+            "MTQP TRACK from {address}: answered for message {queue_ids}",
             address=self.address,
-            queue_id=message.queue_id,
+            queue_ids=" ".join(m.queue_id for m in transactions),
         )
         return response
 

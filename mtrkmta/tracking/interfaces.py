@@ -178,6 +178,14 @@ class ITrackingStore(Interface):
         all give None (CHECKLIST 3.3, 4.4.4).
         """
 
+    def lookup_transactions(
+        envid: str, certifier_candidate: bytes
+    ) -> Deferred[list[StoredMessage]]:
+        """Every transaction of the tracked message with exactly this ENVID whose
+        certifier B matches, by arrival (RFC 3885 §3.1: one message may arrive as
+        several transactions). Empty for an unknown ENVID or a wrong secret, with
+        the same work done."""
+
     def record_outcomes(queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
         """Durably record what happened to some recipients (group-committed)."""
 

@@ -144,19 +144,35 @@ def report_from_store(
     hide: Callable[[StoredRecipient], bool] | None = None,
     retry_until: float | None = None,
 ) -> TrackingReport:
-    """The MTSN this MTA gives for ``message`` at time ``now`` (CHECKLIST 5.2-5.4, 8).
+    """The MTSN this MTA gives for one stored transaction (see ``report_from_transactions``)."""
+    return report_from_transactions(
+        [message], now=now, hide=hide, retry_until=lambda _: retry_until
+    )
+
+
+def report_from_transactions(
+    messages: Sequence[StoredMessage],
+    *,
+    now: float,
+    hide: Callable[[StoredRecipient], bool] | None = None,
+    retry_until: Callable[[StoredMessage], float | None] | None = None,
+) -> TrackingReport:
+    """The MTSN this MTA gives at time ``now`` for a message that reached it as the
+    transactions ``messages`` (same ENVID and certifier, by arrival; RFC 3885 §3.1):
+    one recipient block per recipient of every transaction, each with its own state,
+    and the earliest Arrival-Date.
 
     Action follows the recipient's queue state (in queue -> ``delayed``); a stored
     Action ``opaque`` is kept. The stored Status is used when it fits the Action,
-    otherwise the default of CHECKLIST 5.4; 2.1.9 only ever goes with ``relayed``.
-    Remote-MTA and Last-Attempt-Date appear only after an attempt (and never for
-    ``opaque``); Will-Retry-Until only for recipients still in our queue, from the
-    store or else ``retry_until``, and only while it lies after ``now``. A
-    Diagnostic-Code extension carries the last diagnostic of failed and delayed
-    recipients.
+    otherwise the default for the Action (``DEFAULT_STATUS``); 2.1.9 only ever goes
+    with ``relayed`` (RFC 3886 §3.3.4). Remote-MTA and Last-Attempt-Date appear only after
+    an attempt (and never for ``opaque``); Will-Retry-Until only for recipients still
+    in our queue, from the store or else ``retry_until`` of their transaction, and
+    only while it lies after ``now``. A Diagnostic-Code extension carries the last
+    diagnostic of failed and delayed recipients.
 
-    ``hide`` marks recipients whose final address must never show (CHECKLIST 8: a
-    confidential forwarding target, a role-alias target, list members). Such a
+    ``hide`` marks recipients whose final address must never show (a confidential
+    forwarding target, a role-alias target, list members: RFC 3885 §4.2). Such a
     recipient is reported under its RCPT address, without Remote-MTA or
     diagnostic, and ``transferred`` becomes ``relayed`` 2.1.9 (3886 §4.2 (a)).
     Several hidden recipients with the same original recipient and RCPT address
@@ -164,36 +180,46 @@ def report_from_store(
 
     Values that 7bit text cannot carry (non-ASCII addresses under SMTPUTF8) are
     written as ``utf-8`` addresses with ``\\x{HEX}`` escapes (RFC 6533 §3).
-    Raises :class:`TrackingStatusError` for a message without an ENVID.
+    Raises :class:`TrackingStatusError` for no transaction or one without an ENVID.
     """
-    if message.envid is None:
+    if not messages:
+        raise TrackingStatusError("no transaction to report on")
+    first = messages[0]
+    if first.envid is None:
         raise TrackingStatusError("a message without ENVID cannot be tracked")
     is_hidden = hide or _hide_nothing
-    blocks: list[RecipientStatus] = []
-    groups: dict[tuple[str, str, str], list[StoredRecipient]] = {}
-    order: list[StoredRecipient | tuple[str, str, str]] = []
-    for recipient in message.recipients:
+    entries = [
+        (recipient, None if retry_until is None else retry_until(message))
+        for message in messages
+        for recipient in message.recipients
+    ]
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    order: list[int | tuple[str, str, str]] = []  # an entry, or a group of hidden ones
+    for position, (recipient, _) in enumerate(entries):
         if is_hidden(recipient):
             key = (recipient.original.addr_type, recipient.original.address, recipient.address)
             if key not in groups:
                 groups[key] = []
                 order.append(key)
-            groups[key].append(recipient)
+            groups[key].append(position)
         else:
-            order.append(recipient)
+            order.append(position)
+    blocks: list[RecipientStatus] = []
     for item in order:
-        if isinstance(item, tuple):
-            members = groups[item]
-            if len(members) == 1:
-                blocks.append(_recipient_block(members[0], now, retry_until, hidden=True))
-            else:
-                blocks.append(_expanded_block(members))
+        if isinstance(item, int):
+            recipient, until = entries[item]
+            blocks.append(_recipient_block(recipient, now, until, hidden=False))
+            continue
+        members = groups[item]
+        if len(members) == 1:
+            recipient, until = entries[members[0]]
+            blocks.append(_recipient_block(recipient, now, until, hidden=True))
         else:
-            blocks.append(_recipient_block(item, now, retry_until, hidden=False))
+            blocks.append(_expanded_block([entries[i][0] for i in members]))
     return TrackingReport(
-        original_envelope_id=_seven_bit(message.envid),
-        reporting_mta=_mta_name(message.reporting_mta),
-        arrival_date=_timestamp(message.arrival),
+        original_envelope_id=_seven_bit(first.envid),
+        reporting_mta=_mta_name(first.reporting_mta),
+        arrival_date=_timestamp(min(m.arrival for m in messages)),
         recipients=tuple(blocks),
     )
 

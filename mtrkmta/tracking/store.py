@@ -39,7 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.sql.expression import ColumnElement, FromClause
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -370,16 +370,24 @@ class SQLTrackingStore:
         return self._read(query)
 
     def lookup(self, envid: str, certifier_candidate: bytes) -> Deferred[StoredMessage | None]:
-        """The tracked message with this exact ENVID whose certifier matches (CHECKLIST 3.3).
+        """The earliest transaction of ``lookup_transactions``, or None."""
+        d = self.lookup_transactions(envid, certifier_candidate)
+        return d.addCallback(lambda found: found[0] if found else None)
 
-        Should several match (the same originator's message arrived twice), the
-        earliest arrival is returned.
+    def lookup_transactions(
+        self, envid: str, certifier_candidate: bytes
+    ) -> Deferred[list[StoredMessage]]:
+        """Every tracked transaction with this exact ENVID whose certifier matches, by
+        arrival: one message may reach this MTA as several (RFC 3885 §3.1: a previous
+        hop split its recipients, or the sender sent one transaction per recipient).
 
         An unknown ENVID and a known one with a wrong secret do the same work, so
         that the time taken does not tell whether a message exists (RFC 3887 §4 and
         §11: ``noinfo`` for both): the one query is an outer join from a one-row table, which
         gives one row either way (all NULL when no message has this ENVID), and every
         row, that one included, is compared with the candidate in constant time.
+        Transactions with this ENVID and another certifier are other messages: they
+        are compared too, and never returned.
         """
         m = self._schema.messages
         one = select(literal(1).label("one")).subquery("one")
@@ -390,15 +398,15 @@ class SQLTrackingStore:
         )
         candidate = bytes(certifier_candidate)
 
-        def query(conn: Connection) -> StoredMessage | None:
-            match: Row[Any] | None = None
-            # Compare every row, so that the time taken does not tell which one matched.
+        def query(conn: Connection) -> list[StoredMessage]:
+            matches: list[Row[Any]] = []
+            # Compare every row, so that the time taken does not tell which ones matched.
             for row in conn.execute(statement):
                 known = row.certifier is not None
                 stored = bytes(row.certifier) if known else NO_CERTIFIER
-                if certifier_matches(stored, candidate) and known and match is None:
-                    match = row
-            return None if match is None else self._load(conn, match)
+                if certifier_matches(stored, candidate) and known:
+                    matches.append(row)
+            return [self._load(conn, row) for row in matches]
 
         return self._read(query)
 
@@ -494,10 +502,24 @@ class SQLTrackingStore:
         return self._write(remove)
 
     def expire(self, now: float | None = None) -> Deferred[int]:
-        """Purge expired messages no longer queued (CHECKLIST 3.4); fires with how many."""
+        """Purge expired messages no longer queued; fires with how many.
+
+        A transaction is kept while another transaction of the same tracked message
+        (the same ENVID and certifier) is unfinished: RFC 3885 §3.1 forbids denying
+        knowledge of a message still in the queue, and the answer covers them all.
+        """
         cutoff = whole_seconds(self._clock.seconds() if now is None else now)
         m = self._schema.messages
-        statement = select(m.c.queue_id).where(m.c.expires_at <= cutoff, self._finished_clause())
+        sibling = m.alias("sibling")
+        unfinished_sibling = exists().where(
+            sibling.c.envid == m.c.envid,
+            sibling.c.certifier == m.c.certifier,
+            sibling.c.queue_id != m.c.queue_id,
+            self._unfinished_clause(sibling),
+        )
+        statement = select(m.c.queue_id).where(
+            m.c.expires_at <= cutoff, self._finished_clause(), ~unfinished_sibling
+        )
 
         def purge(conn: Connection) -> int:
             doomed = list(conn.scalars(statement))
@@ -567,14 +589,15 @@ class SQLTrackingStore:
         r = self._schema.recipients
         return r.c.state.in_(sorted(QUEUED_STATES)), dsn_owed(r)
 
-    def _unfinished_clause(self) -> ColumnElement[bool]:
-        """The message has an unfinished recipient.
+    def _unfinished_clause(self, messages: FromClause | None = None) -> ColumnElement[bool]:
+        """The message (of ``messages``, default the table) has an unfinished recipient.
 
         Found from recipients, one indexed SELECT per condition: a handful of
         unfinished messages among millions kept for retention costs a handful
         of look-ups, where a correlated EXISTS would test every message.
         """
-        m, r = self._schema.messages, self._schema.recipients
+        m = self._schema.messages if messages is None else messages
+        r = self._schema.recipients
         return m.c.queue_id.in_(
             union(*(select(r.c.queue_id).where(c) for c in self._unfinished_recipients()))
         )

@@ -561,11 +561,19 @@ def test_queued_messages_per_node_by_arrival(store, engine):
 def test_unfinished_means_a_recipient_in_the_queue_or_a_dsn_owed(store, engine):
     # The set queued_messages and queue_listing return, and expire spares: messages
     # with at least one recipient queued/inflight/deferred or with a DSN still owed.
-    yield record(store, envelope("U1", arrival=ARRIVAL + 10))  # one recipient queued
-    yield record(store, envelope("U2", arrival=ARRIVAL + 20))  # all final, one DSN owed
-    yield record(store, envelope("U3", arrival=ARRIVAL + 5))  # finished
-    yield record(store, envelope("U4", arrival=ARRIVAL), node_id="node-b")  # both reasons
-    yield record(store, envelope("U5", arrival=ARRIVAL), node_id="node-b")  # finished
+    yield record(
+        store, envelope("U1", envid="env-u1@example.org", arrival=ARRIVAL + 10)
+    )  # one recipient queued
+    yield record(
+        store, envelope("U2", envid="env-u2@example.org", arrival=ARRIVAL + 20)
+    )  # all final, one DSN owed
+    yield record(store, envelope("U3", envid="env-u3@example.org", arrival=ARRIVAL + 5))  # finished
+    yield record(
+        store, envelope("U4", envid="env-u4@example.org", arrival=ARRIVAL), node_id="node-b"
+    )  # both reasons
+    yield record(
+        store, envelope("U5", envid="env-u5@example.org", arrival=ARRIVAL), node_id="node-b"
+    )  # finished
     for queue_id in ("U1", "U3", "U5"):
         set_state(engine, queue_id, RecipientState.DELIVERED)
     set_recipient(engine, "U1", 1, state=RecipientState.QUEUED.value)
@@ -685,7 +693,7 @@ def test_expire_only_what_is_due(store, engine):
     yield record(store, envelope("X1", timeout=DAY))
     yield record(store, envelope("X2"))  # default 9 days
     yield record(store, envelope("X3", secret=None, envid=None))  # untracked: default too
-    yield record(store, envelope("X4", timeout=DAY))  # still queued
+    yield record(store, envelope("X4", envid="env-4@example.org", timeout=DAY))  # queued
     for queue_id in ("X1", "X2", "X3"):
         set_state(engine, queue_id, RecipientState.FAILED)
     arrival = 1_700_000_000
@@ -693,6 +701,32 @@ def test_expire_only_what_is_due(store, engine):
     assert (yield store.known(["X1", "X2", "X3", "X4"])) == frozenset({"X2", "X3", "X4"})
     assert (yield store.expire(arrival + DEFAULT_RETENTION)) == 2
     assert (yield store.known(["X1", "X2", "X3", "X4"])) == frozenset({"X4"})
+
+
+@pytest_twisted.inlineCallbacks
+def test_transactions_of_one_message_are_found_and_kept_together(store, engine):
+    # RFC 3885 §3.1: one message may arrive as several transactions (the previous hop
+    # split its recipients); an answer covers all of them, and none is purged while
+    # another is still queued. The same ENVID with another certifier is another message.
+    yield record(store, envelope("T1", timeout=DAY))
+    yield record(store, envelope("T2", timeout=DAY, arrival=ARRIVAL + 1))
+    yield record(store, envelope("T3", secret=b"another secret", timeout=DAY))
+    found = yield store.lookup_transactions("env-1@example.org", CERTIFIER)
+    assert [m.queue_id for m in found] == ["T1", "T2"]
+    other = yield store.lookup_transactions(
+        "env-1@example.org", hashlib.sha1(b"another secret").digest()
+    )
+    assert [m.queue_id for m in other] == ["T3"]
+    assert (yield store.lookup_transactions("env-1@example.org", bytes(20))) == []
+    assert (yield store.lookup_transactions("unknown@example.org", CERTIFIER)) == []
+    set_state(engine, "T1", RecipientState.DELIVERED)
+    set_state(engine, "T3", RecipientState.DELIVERED)  # T2 still queued
+    arrival = 1_700_000_000
+    assert (yield store.expire(arrival + 2 * DAY)) == 1  # T3 only: T1 waits for T2
+    assert (yield store.known(["T1", "T2", "T3"])) == frozenset({"T1", "T2"})
+    set_state(engine, "T2", RecipientState.FAILED)
+    assert (yield store.expire(arrival + 2 * DAY)) == 2
+    assert (yield store.known(["T1", "T2"])) == frozenset()
 
 
 @pytest_twisted.inlineCallbacks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -84,20 +85,22 @@ def stored(
 
 
 class FakeStore:
-    """lookup() as ITrackingStore promises: None unless ENVID and SHA1(A) both match."""
+    """lookup_transactions() as ITrackingStore promises: every transaction whose ENVID
+    and SHA1(A) both match, by arrival; none otherwise."""
 
     def __init__(self, *messages: StoredMessage) -> None:
         self.messages = list(messages)
         self.lookups = 0
-        self.pending: list[tuple[Deferred, StoredMessage | None]] | None = None
+        self.pending: list[tuple[Deferred, list[StoredMessage]]] | None = None
         self.broken = False
 
-    def lookup(self, envid: str, candidate: bytes) -> Deferred:
+    def lookup_transactions(self, envid: str, candidate: bytes) -> Deferred:
         self.lookups += 1
         if self.broken:
             return fail(RuntimeError(f"database is down (query params {envid!r}, {candidate!r})"))
-        found = next(
-            (m for m in self.messages if m.envid == envid and m.certifier == candidate), None
+        found = sorted(
+            (m for m in self.messages if m.envid == envid and m.certifier == candidate),
+            key=lambda m: (m.arrival, m.queue_id),
         )
         if self.pending is not None:
             d: Deferred = Deferred()
@@ -216,6 +219,29 @@ def test_track_answers_multipart_related_of_tracking_status(clock):
     assert str(rcpt.original_recipient) == "rfc822; Bob@Dest.example"
     assert (rcpt.action, rcpt.status) == ("delivered", "2.1.5")
     assert store.lookups == 1
+
+
+def test_track_answers_for_every_transaction_of_the_message(clock):
+    # RFC 3885 §3.1: the message reached this MTA as two transactions (the previous hop
+    # split its recipients): one answer covers both, each recipient with its own state,
+    # and a part still queued is never denied. Another certifier is another message.
+    delivered = stored(queue_id="Q1")
+    waiting = stored(queue_id="Q2", state=RecipientState.QUEUED)
+    carol = replace(
+        waiting.recipients[0], address="carol@dest.example", final_recipient="carol@dest.example"
+    )
+    queued = replace(waiting, arrival=ARRIVAL + 1, recipients=(carol,))
+    stranger = stored(queue_id="Q3", certifier=hashlib.sha1(b"someone else").digest())
+    store = FakeStore(queued, stranger, delivered)
+    session = Session(make(clock, store))
+    session.output()
+    (response,) = responses(session.send(track_line()))
+    (report,) = parse_related(response.body)
+    assert report.arrival_date == datetime.fromtimestamp(ARRIVAL, timezone.utc)
+    assert [(str(r.final_recipient), r.action) for r in report.recipients] == [
+        ("rfc822; bob@dest.example", "delivered"),
+        ("rfc822; carol@dest.example", "delayed"),
+    ]
 
 
 def test_track_strips_angle_brackets_and_accepts_unpadded_secret(clock):
