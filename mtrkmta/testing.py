@@ -12,6 +12,19 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from mtrkmta.config import Config, Override, load_config
 from mtrkmta.service import MTAService
+from mtrkmta.spool.memory import MemorySpool
+from mtrkmta.tracking.memory import MemoryTrackingStore
+
+__all__ = [
+    "DATABASE_SERVER_ENV",
+    "LOOPBACK_ANY_PORT",
+    "MemorySpool",
+    "MemoryTrackingStore",
+    "database_url",
+    "node_config",
+    "start_node",
+    "stop_node",
+]
 
 LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
 

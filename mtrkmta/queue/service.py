@@ -95,31 +95,6 @@ def _rewritten(update: RecipientUpdate, final_recipient: str | None) -> Recipien
     return replace(update, final_recipient=final_recipient)
 
 
-def after(recipient: StoredRecipient, update: RecipientUpdate) -> StoredRecipient:
-    """The recipient as the tracking store holds it once ``update`` is committed."""
-    return replace(
-        recipient,
-        final_recipient=update.final_recipient or recipient.final_recipient,
-        state=update.state,
-        status=update.status,
-        action=update.action,
-        remote_mta=update.remote_mta,
-        diagnostic=update.diagnostic,
-        last_attempt=None if update.last_attempt is None else int(update.last_attempt),
-        will_retry_until=(
-            None if update.will_retry_until is None else int(update.will_retry_until)
-        ),
-        next_attempt=None if update.next_attempt is None else int(update.next_attempt),
-        attempts=recipient.attempts + (1 if update.count_attempt else 0),
-        certifier_forwarded=update.certifier_forwarded,
-        dsn_pending=update.dsn_pending,
-        dsn_passed=update.dsn_passed,
-        delay_warned=(
-            recipient.delay_warned if update.delay_warned is None else update.delay_warned
-        ),
-    )
-
-
 class ContentCache:
     """Recently accepted messages, so that their first attempt needs no spool read and
     no tracking-store read.
@@ -675,14 +650,14 @@ class QueueService:
         owed: list[StoredRecipient] = []
         if self.notifier is not None:
             for position, update in enumerate(updates):
-                recipient = after(message.recipients[update.index], update)
+                recipient = message.recipients[update.index].updated(update)
                 action = self.notifier.owed(message, recipient, now)
                 if action is not None:
                     flags: dict[str, Any] = {"dsn_pending": True}
                     if action == "delayed":
                         flags["delay_warned"] = True
                     updates[position] = replace(update, **flags)
-                    owed.append(after(message.recipients[update.index], updates[position]))
+                    owed.append(message.recipients[update.index].updated(updates[position]))
         await self.tracking.record_outcomes(message.queue_id, updates)
         for update in updates:
             recipient = message.recipients[update.index]
@@ -704,7 +679,7 @@ class QueueService:
         current = replace(
             message,
             recipients=tuple(
-                after(r, changed[r.index]) if r.index in changed else r for r in message.recipients
+                r.updated(changed[r.index]) if r.index in changed else r for r in message.recipients
             ),
         )
         if owed:

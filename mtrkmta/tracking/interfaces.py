@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
@@ -66,6 +67,33 @@ class StoredRecipient:
     def original(self) -> OriginalRecipient:
         """ORCPT when given, else the RCPT address as received (CHECKLIST 5.3)."""
         return self.orcpt or OriginalRecipient("rfc822", self.address)
+
+    def updated(self, update: RecipientUpdate) -> StoredRecipient:
+        """The recipient as a store holds it once ``update`` is committed: the one rule
+        of ``ITrackingStore.record_outcomes`` (times in whole seconds, the attempt
+        counted if asked, ``delay_warned`` and ``final_recipient`` kept when None)."""
+        return replace(
+            self,
+            final_recipient=update.final_recipient or self.final_recipient,
+            state=update.state,
+            status=update.status,
+            action=update.action,
+            remote_mta=update.remote_mta,
+            diagnostic=update.diagnostic,
+            last_attempt=_whole(update.last_attempt),
+            will_retry_until=_whole(update.will_retry_until),
+            next_attempt=_whole(update.next_attempt),
+            attempts=self.attempts + (1 if update.count_attempt else 0),
+            certifier_forwarded=update.certifier_forwarded,
+            dsn_pending=update.dsn_pending,
+            dsn_passed=update.dsn_passed,
+            delay_warned=self.delay_warned if update.delay_warned is None else update.delay_warned,
+        )
+
+
+def _whole(posix_time: float | None) -> int | None:
+    """A time as stores keep it: the whole POSIX second containing it."""
+    return None if posix_time is None else math.floor(posix_time)
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,6 +262,74 @@ def stored_message(
     )
 
 
+def arrival_rows(
+    envelope: Envelope,
+    *,
+    reporting_mta: str,
+    node_id: str,
+    size: int,
+    now: float,
+    default_retention: float,
+    max_retention: float,
+) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """The messages row and the recipients rows that record a message's arrival
+    (``ITrackingStore.record_arrival``); an ``envelope.arrival`` of 0 counts as ``now``."""
+    params = envelope.params
+    arrival = envelope.arrival if envelope.arrival > 0 else now
+    requested = params.mtrk.timeout if params.mtrk is not None else None
+    client = envelope.client
+    message_row: dict[str, object] = {
+        "queue_id": envelope.queue_id,
+        "node_id": node_id,
+        "envid": params.envid,
+        "certifier": params.mtrk.certifier if params.mtrk is not None else None,
+        "sender": envelope.sender,
+        "arrival": whole_seconds(arrival),
+        "requested_timeout": requested,
+        "expires_at": effective_expiry(
+            arrival,
+            requested,
+            default_retention=default_retention,
+            max_retention=max_retention,
+        ),
+        "reporting_mta": reporting_mta,
+        "size": size,
+        "ret": params.ret,
+        "body": params.body,
+        "smtputf8": params.smtputf8,
+        "auth": params.auth,
+        "client_address": client.address,
+        "client_port": client.port,
+        "client_helo": client.helo,
+        "client_protocol": client.protocol,
+        "client_authenticated_as": client.authenticated_as,
+        "client_listener": client.listener,
+    }
+    recipient_rows: list[dict[str, object]] = [
+        {
+            "queue_id": envelope.queue_id,
+            "rcpt_index": index,
+            "address": rcpt.address,
+            "orcpt_type": rcpt.params.orcpt.addr_type if rcpt.params.orcpt else None,
+            "orcpt_address": rcpt.params.orcpt.address if rcpt.params.orcpt else None,
+            "notify": encode_notify(rcpt.params.notify),
+            "final_recipient": rcpt.address,
+            "state": RecipientState.QUEUED.value,
+            "action": None,
+            "status": None,
+            "remote_mta": None,
+            "diagnostic": None,
+            "last_attempt": None,
+            "will_retry_until": None,
+            "next_attempt": None,
+            "attempts": 0,
+            "certifier_forwarded": False,
+        }
+        for index, rcpt in enumerate(envelope.recipients)
+    ]
+    return message_row, recipient_rows
+
+
 @implementer(ITrackingStore)
 class SQLTrackingStore:
     """ITrackingStore on SQLAlchemy Core (SQLite or PostgreSQL).
@@ -321,8 +389,14 @@ class SQLTrackingStore:
 
         An ``envelope.arrival`` of 0 (unset) counts as now.
         """
-        message_row, recipient_rows = self._arrival_rows(
-            envelope, reporting_mta=reporting_mta, node_id=node_id, size=size
+        message_row, recipient_rows = arrival_rows(
+            envelope,
+            reporting_mta=reporting_mta,
+            node_id=node_id,
+            size=size,
+            now=self._clock.seconds(),
+            default_retention=self._default_retention,
+            max_retention=self._max_retention,
         )
         steps = [(self._insert_message, [message_row])]
         if recipient_rows:
@@ -687,64 +761,6 @@ class SQLTrackingStore:
         for chunk in _chunks(queue_ids):
             conn.execute(delete(r).where(r.c.queue_id.in_(chunk)))
             conn.execute(delete(m).where(m.c.queue_id.in_(chunk)))
-
-    def _arrival_rows(
-        self, envelope: Envelope, *, reporting_mta: str, node_id: str, size: int
-    ) -> tuple[dict[str, object], list[dict[str, object]]]:
-        params = envelope.params
-        arrival = envelope.arrival if envelope.arrival > 0 else self._clock.seconds()
-        requested = params.mtrk.timeout if params.mtrk is not None else None
-        client = envelope.client
-        message_row: dict[str, object] = {
-            "queue_id": envelope.queue_id,
-            "node_id": node_id,
-            "envid": params.envid,
-            "certifier": params.mtrk.certifier if params.mtrk is not None else None,
-            "sender": envelope.sender,
-            "arrival": whole_seconds(arrival),
-            "requested_timeout": requested,
-            "expires_at": effective_expiry(
-                arrival,
-                requested,
-                default_retention=self._default_retention,
-                max_retention=self._max_retention,
-            ),
-            "reporting_mta": reporting_mta,
-            "size": size,
-            "ret": params.ret,
-            "body": params.body,
-            "smtputf8": params.smtputf8,
-            "auth": params.auth,
-            "client_address": client.address,
-            "client_port": client.port,
-            "client_helo": client.helo,
-            "client_protocol": client.protocol,
-            "client_authenticated_as": client.authenticated_as,
-            "client_listener": client.listener,
-        }
-        recipient_rows: list[dict[str, object]] = [
-            {
-                "queue_id": envelope.queue_id,
-                "rcpt_index": index,
-                "address": rcpt.address,
-                "orcpt_type": rcpt.params.orcpt.addr_type if rcpt.params.orcpt else None,
-                "orcpt_address": rcpt.params.orcpt.address if rcpt.params.orcpt else None,
-                "notify": encode_notify(rcpt.params.notify),
-                "final_recipient": rcpt.address,
-                "state": RecipientState.QUEUED.value,
-                "action": None,
-                "status": None,
-                "remote_mta": None,
-                "diagnostic": None,
-                "last_attempt": None,
-                "will_retry_until": None,
-                "next_attempt": None,
-                "attempts": 0,
-                "certifier_forwarded": False,
-            }
-            for index, rcpt in enumerate(envelope.recipients)
-        ]
-        return message_row, recipient_rows
 
     def _load(self, conn: Connection, row: Row[Any]) -> StoredMessage:
         r = self._schema.recipients

@@ -317,7 +317,17 @@ def test_recover_syncs_incoming_after_removing(spool: FileSpool, fsyncs: FsyncRe
 
 @pytest.mark.parametrize(
     "damage",
-    ["empty", "half_header", "header_only", "half_envelope", "one_short", "flipped", "extra"],
+    [
+        "empty",
+        "half_header",
+        "header_only",
+        "half_envelope",
+        "one_short",
+        "flipped",
+        "extra",
+        "zeroed",
+        "directory",
+    ],
 )
 @pytest_twisted.inlineCallbacks
 def test_damaged_queue_file_raises_spool_corruption(spool: FileSpool, damage: str):
@@ -334,8 +344,14 @@ def test_damaged_queue_file_raises_spool_corruption(spool: FileSpool, damage: st
         "one_short": data[:-1],
         "flipped": data[:-3] + bytes([data[-3] ^ 0x20]) + data[-2:],
         "extra": data + b"\r\n",
+        "zeroed": bytes(len(data)),
+        "directory": None,  # a directory where the file was
     }[damage]
-    path.write_bytes(damaged)
+    if damaged is None:
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(damaged)
     with pytest.raises(SpoolCorruption):
         yield spool.load(env.queue_id)
     yield spool.close()

@@ -1,0 +1,181 @@
+"""MemorySpool: the spool in a dict, for tests driven by a clock alone.
+
+It answers as ``FileSpool`` does (the contract tests in
+``tests/integration/test_spool_contract.py`` run against both), keeps nothing
+across a restart of the process, and fires every Deferred before returning.
+``damage`` makes a stored message unreadable, as a broken disk makes a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import PurePath
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from mtrkmta.envelope import Envelope
+from mtrkmta.spool.filespool import check_queue_id
+from mtrkmta.spool.interfaces import (
+    DuplicateQueueId,
+    IIncoming,
+    ISpool,
+    MessageNotFound,
+    QuarantinedFile,
+    SpoolCorruption,
+    SpoolError,
+)
+
+QUARANTINE = PurePath("memory:", "quarantine")
+
+
+@implementer(IIncoming)
+class _MemoryIncoming:
+    """A message arriving into a MemorySpool: content gathered, then stored."""
+
+    def __init__(self, spool: MemorySpool, queue_id: str) -> None:
+        self.queue_id = queue_id
+        self.size = 0
+        self._spool = spool
+        self._parts: list[bytes] = []
+        self._closed = False
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        if self._closed:
+            raise SpoolError(f"{self.queue_id}: content written after commit or discard")
+        self._parts.append(bytes(data))
+        self.size += len(data)
+        return None
+
+    def commit(self, envelope: Envelope) -> Deferred[bytes | None]:
+        if self._closed:
+            return fail(SpoolError(f"{self.queue_id}: already committed or discarded"))
+        if envelope.queue_id != self.queue_id:
+            return fail(ValueError(f"envelope of {envelope.queue_id} for {self.queue_id}"))
+        self._closed = True
+        self._spool._arriving.discard(self.queue_id)
+        content = b"".join(self._parts)
+        return self._spool.store(envelope, content).addCallback(lambda _: content)
+
+    def discard(self) -> None:
+        self._closed = True
+        self._spool._arriving.discard(self.queue_id)
+
+
+@implementer(ISpool)
+class MemorySpool:
+    """``ISpool`` in memory; ``free`` is what ``free_space`` reports."""
+
+    def __init__(self, *, free: int = 1 << 40) -> None:
+        self.free = free
+        self._queue: dict[str, tuple[Envelope, bytes]] = {}
+        self._quarantine: dict[str, tuple[Envelope, bytes]] = {}
+        self._damaged: dict[str, str] = {}
+        self._arriving: set[str] = set()
+        self._closed = False
+
+    def damage(self, queue_id: str, problem: str = "checksum mismatch") -> None:
+        """Make the stored message unreadable (SpoolCorruption) until ``repair``."""
+        self._damaged[queue_id] = problem
+
+    def repair(self, queue_id: str) -> None:
+        self._damaged.pop(queue_id, None)
+
+    # -- ISpool ------------------------------------------------------------------
+
+    def store(self, envelope: Envelope, content: bytes) -> Deferred[None]:
+        try:
+            queue_id = self._usable(envelope.queue_id)
+        except (SpoolError, ValueError) as error:
+            return fail(error)
+        if queue_id in self._queue:
+            return fail(DuplicateQueueId(f"{queue_id}: already stored"))
+        self._queue[queue_id] = (envelope, bytes(content))
+        return succeed(None)
+
+    def incoming(self, queue_id: str) -> IIncoming:
+        check_queue_id(queue_id)
+        if queue_id in self._arriving:
+            raise DuplicateQueueId(f"{queue_id}: already being stored")
+        self._arriving.add(queue_id)
+        return _MemoryIncoming(self, queue_id)
+
+    def load(self, queue_id: str) -> Deferred[tuple[Envelope, bytes]]:
+        try:
+            self._usable(queue_id)
+        except (SpoolError, ValueError) as error:
+            return fail(error)
+        if queue_id not in self._queue:
+            return fail(MessageNotFound(queue_id))
+        if queue_id in self._damaged:
+            return fail(SpoolCorruption(f"{queue_id}: {self._damaged[queue_id]}"))
+        return succeed(self._queue[queue_id])
+
+    def remove(self, queue_ids: Iterable[str]) -> Deferred[None]:
+        try:
+            ids = [self._usable(q) for q in queue_ids]
+        except (SpoolError, ValueError) as error:
+            return fail(error)
+        for queue_id in ids:
+            self._queue.pop(queue_id, None)
+        return succeed(None)
+
+    def quarantine(self, queue_ids: Iterable[str]) -> Deferred[Any]:
+        try:
+            ids = [self._usable(q) for q in queue_ids]
+        except (SpoolError, ValueError) as error:
+            return fail(error)
+        for queue_id in ids:
+            if queue_id in self._queue:
+                self._quarantine[queue_id] = self._queue.pop(queue_id)
+        return succeed(QUARANTINE)
+
+    def quarantined(self) -> Deferred[list[QuarantinedFile]]:
+        return succeed(
+            [
+                QuarantinedFile(queue_id, len(content), 0.0)
+                for queue_id, (_, content) in sorted(self._quarantine.items())
+            ]
+        )
+
+    def unquarantine(self, queue_id: str) -> Deferred[tuple[Envelope, bytes]]:
+        try:
+            self._usable(queue_id)
+        except (SpoolError, ValueError) as error:
+            return fail(error)
+        if queue_id not in self._quarantine:
+            return fail(MessageNotFound(queue_id))
+        if queue_id in self._damaged:
+            return fail(SpoolCorruption(f"{queue_id}: {self._damaged[queue_id]}"))
+        if queue_id in self._queue:
+            return fail(DuplicateQueueId(queue_id))
+        self._queue[queue_id] = message = self._quarantine.pop(queue_id)
+        return succeed(message)
+
+    def drop_quarantined(self, queue_id: str) -> Deferred[bool]:
+        try:
+            self._usable(queue_id)
+        except (SpoolError, ValueError) as error:
+            return fail(error)
+        return succeed(self._quarantine.pop(queue_id, None) is not None)
+
+    def queue_ids(self) -> Deferred[list[str]]:
+        return succeed(sorted(self._queue))
+
+    def recover(self) -> Deferred[int]:
+        leftovers = len(self._arriving)
+        self._arriving.clear()
+        return succeed(leftovers)
+
+    def free_space(self) -> Deferred[int]:
+        return succeed(self.free)
+
+    def close(self) -> Deferred[None]:
+        self._closed = True
+        return succeed(None)
+
+    def _usable(self, queue_id: str) -> str:
+        if self._closed:
+            raise SpoolError("spool is closed")
+        return check_queue_id(queue_id)

@@ -1,0 +1,226 @@
+"""MemoryTrackingStore: the tracking store in a dict, for tests driven by a clock alone.
+
+It keeps exactly what ``SQLTrackingStore`` keeps and answers exactly as it does (the
+same rows make the records, the same rule applies an outcome); the contract tests in
+``tests/integration/test_tracking_contract.py`` run against both. Every call fires
+before it returns: no thread, no database.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from mtrkmta.envelope import Envelope
+from mtrkmta.tracking.interfaces import (
+    ITrackingStore,
+    RecipientUpdate,
+    StoredMessage,
+)
+from mtrkmta.tracking.store import (
+    DEFAULT_RETENTION,
+    MAX_RETENTION,
+    StoreClosedError,
+    arrival_rows,
+    certifier_matches,
+    check_retention,
+    stored_message,
+    whole_seconds,
+)
+
+R = TypeVar("R")
+
+
+class DuplicateRecord(ValueError):
+    """A message with this queue id is already recorded."""
+
+
+@implementer(ITrackingStore)
+class MemoryTrackingStore:
+    """``ITrackingStore`` in memory; ``clock`` gives "now" for arrivals and expiry."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        default_retention: float = DEFAULT_RETENTION,
+        max_retention: float = MAX_RETENTION,
+    ) -> None:
+        check_retention(default_retention, max_retention)
+        self._clock = clock
+        self._default_retention = default_retention
+        self._max_retention = max_retention
+        self._messages: dict[str, StoredMessage] = {}
+        self._closed = False
+
+    # -- ITrackingStore ---------------------------------------------------------
+
+    def record_arrival(
+        self, envelope: Envelope, *, reporting_mta: str, node_id: str, size: int
+    ) -> Deferred[StoredMessage]:
+        if self._closed:
+            return fail(StoreClosedError("tracking store is closed"))
+        if envelope.queue_id in self._messages:
+            return fail(DuplicateRecord(f"{envelope.queue_id} is already recorded"))
+        message_row, recipient_rows = arrival_rows(
+            envelope,
+            reporting_mta=reporting_mta,
+            node_id=node_id,
+            size=size,
+            now=self._clock.seconds(),
+            default_retention=self._default_retention,
+            max_retention=self._max_retention,
+        )
+        stored = stored_message(message_row, recipient_rows)
+        self._messages[stored.queue_id] = stored
+        return succeed(stored)
+
+    def known(self, queue_ids: Iterable[str]) -> Deferred[frozenset[str]]:
+        return self._answer(lambda: frozenset(q for q in queue_ids if q in self._messages))
+
+    def queued_messages(self, node_id: str) -> Deferred[list[str]]:
+        return self._answer(lambda: [m.queue_id for m in self._unfinished(node_id)])
+
+    def message(self, queue_id: str) -> Deferred[StoredMessage | None]:
+        return self._answer(lambda: self._messages.get(queue_id))
+
+    def lookup(self, envid: str, certifier_candidate: bytes) -> Deferred[StoredMessage | None]:
+        d = self.lookup_transactions(envid, certifier_candidate)
+        return d.addCallback(lambda found: found[0] if found else None)
+
+    def lookup_transactions(
+        self, envid: str, certifier_candidate: bytes
+    ) -> Deferred[list[StoredMessage]]:
+        candidate = bytes(certifier_candidate)
+        return self._answer(
+            lambda: _by_arrival(
+                m
+                for m in self._messages.values()
+                if m.envid == envid
+                and m.certifier is not None
+                and certifier_matches(m.certifier, candidate)
+            )
+        )
+
+    def record_outcomes(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
+        def apply() -> None:
+            message = self._messages.get(queue_id)
+            if message is None:
+                return
+            changed = {u.index: u for u in updates}
+            recipients = tuple(
+                r.updated(changed[r.index]) if r.index in changed else r for r in message.recipients
+            )
+            self._messages[queue_id] = replace(message, recipients=recipients)
+
+        return self._answer(apply)
+
+    def clear_dsn_pending(self, queue_id: str, indices: Sequence[int]) -> Deferred[None]:
+        def apply() -> None:
+            message = self._messages.get(queue_id)
+            if message is None:
+                return
+            wanted = set(indices)
+            recipients = tuple(
+                replace(r, dsn_pending=False) if r.index in wanted else r
+                for r in message.recipients
+            )
+            self._messages[queue_id] = replace(message, recipients=recipients)
+
+        return self._answer(apply)
+
+    def set_held(self, queue_id: str, held: bool, reason: str | None = None) -> Deferred[bool]:
+        return self._answer(
+            lambda: self._change(queue_id, held=held, hold_reason=reason if held else None)
+        )
+
+    def set_quarantined(self, queue_id: str, reason: str | None) -> Deferred[bool]:
+        return self._answer(lambda: self._change(queue_id, quarantine_reason=reason))
+
+    def queue_listing(self, node_id: str) -> Deferred[list[StoredMessage]]:
+        return self._answer(lambda: self._unfinished(node_id))
+
+    def forget(self, queue_ids: Iterable[str]) -> Deferred[None]:
+        def apply() -> None:
+            for queue_id in queue_ids:
+                self._messages.pop(queue_id, None)
+
+        return self._answer(apply)
+
+    def expire(self, now: float | None = None) -> Deferred[int]:
+        """Purge what ``SQLTrackingStore.expire`` purges: past its expiry, finished,
+        and no other transaction of the same tracked message unfinished."""
+        cutoff = whole_seconds(self._clock.seconds() if now is None else now)
+
+        def purge() -> int:
+            live = [m for m in self._messages.values() if m.unfinished]
+            doomed = [
+                m.queue_id
+                for m in self._messages.values()
+                if m.expires_at <= cutoff
+                and not m.unfinished
+                and not any(_same_tracked_message(m, other) for other in live)
+            ]
+            for queue_id in doomed:
+                del self._messages[queue_id]
+            return len(doomed)
+
+        return self._answer(purge)
+
+    def lower_retention(self, max_retention: float) -> Deferred[int]:
+        check_retention(min(self._default_retention, max_retention), max_retention)
+        self._max_retention = min(self._max_retention, max_retention)
+        self._default_retention = min(self._default_retention, self._max_retention)
+        cap = math.floor(self._max_retention)
+
+        def apply() -> int:
+            lowered = [m for m in self._messages.values() if m.expires_at > m.arrival + cap]
+            for m in lowered:
+                self._messages[m.queue_id] = replace(m, expires_at=m.arrival + cap)
+            return len(lowered)
+
+        return self._answer(apply)
+
+    def close(self) -> Deferred[None]:
+        self._closed = True
+        return succeed(None)
+
+    # -- internals --------------------------------------------------------------
+
+    def _answer(self, work: Callable[[], R]) -> Deferred[R]:
+        if self._closed:
+            return fail(StoreClosedError("tracking store is closed"))
+        return succeed(work())
+
+    def _change(self, queue_id: str, **values: object) -> bool:
+        message = self._messages.get(queue_id)
+        if message is None:
+            return False
+        self._messages[queue_id] = replace(message, **values)  # type: ignore[arg-type]
+        return True
+
+    def _unfinished(self, node_id: str) -> list[StoredMessage]:
+        return _by_arrival(
+            m for m in self._messages.values() if m.node_id == node_id and m.unfinished
+        )
+
+
+def _by_arrival(messages: Iterable[StoredMessage]) -> list[StoredMessage]:
+    return sorted(messages, key=lambda m: (m.arrival, m.queue_id))
+
+
+def _same_tracked_message(one: StoredMessage, other: StoredMessage) -> bool:
+    """Two transactions of one tracked message: the same ENVID and certifier."""
+    return (
+        one.queue_id != other.queue_id
+        and one.envid is not None
+        and one.certifier is not None
+        and one.envid == other.envid
+        and one.certifier == other.certifier
+    )

@@ -1,0 +1,201 @@
+"""The ITrackingStore contract, run against SQLTrackingStore (a real database and thread
+pool: SQLite, or PostgreSQL with ``--postgres``) and MemoryTrackingStore (the one the
+clock-driven queue tests use): both must answer alike.
+
+test_tracking_outcome_rule.py checks both against ``StoredRecipient.updated``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.python.threadpool import ThreadPool
+from zope.interface.verify import verifyObject
+
+from mtrkmta.envelope import Envelope, MailParams, Mtrk, RcptParams, Recipient
+from mtrkmta.testing import database_url
+from mtrkmta.tracking import migrate
+from mtrkmta.tracking.interfaces import ITrackingStore, RecipientState, RecipientUpdate
+from mtrkmta.tracking.memory import MemoryTrackingStore
+from mtrkmta.tracking.store import DAY, SQLTrackingStore, StoreClosedError
+
+ARRIVAL = 1_700_000_000
+SECRET = b"contract secret"
+CERTIFIER = hashlib.sha1(SECRET).digest()
+RETENTION = {"default_retention": 9 * DAY, "max_retention": 30 * DAY}
+T = TypeVar("T")
+
+
+class Subject:
+    def __init__(self, store: ITrackingStore, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+
+
+@pytest_twisted.async_yield_fixture(params=["sql", "memory"])
+async def subject(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Subject]:
+    clock = Clock()
+    clock.advance(ARRIVAL + 60)
+    if request.param == "memory":
+        memory = MemoryTrackingStore(clock, **RETENTION)
+        yield Subject(memory, clock)
+        await memory.close()
+        return
+    url = database_url(tmp_path)
+    migrate.upgrade(url)
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="tracking-contract")
+    pool.start()
+    store = SQLTrackingStore(reactor, pool, url, clock=clock, **RETENTION)
+    try:
+        yield Subject(store, clock)
+        await store.close()
+    finally:
+        pool.stop()
+
+
+def envelope(
+    queue_id: str,
+    *,
+    envid: str | None = "contract@origin.example",
+    secret: bytes | None = SECRET,
+    arrival: float = ARRIVAL,
+    timeout: int | None = None,
+    recipients: int = 2,
+) -> Envelope:
+    mtrk = None if secret is None else Mtrk(hashlib.sha1(secret).digest(), timeout)
+    return Envelope(
+        queue_id=queue_id,
+        sender="s@origin.example",
+        recipients=tuple(
+            Recipient(f"r{i}@dest.example", RcptParams(notify=frozenset({"FAILURE"})))
+            for i in range(recipients)
+        ),
+        params=MailParams(envid=envid, mtrk=mtrk),
+        arrival=arrival,
+    )
+
+
+async def record(store: ITrackingStore, env: Envelope, node_id: str = "n1"):
+    return await store.record_arrival(env, reporting_mta="mx.example", node_id=node_id, size=9)
+
+
+async def finish(store: ITrackingStore, queue_id: str, state=RecipientState.DELIVERED) -> None:
+    message = await store.message(queue_id)
+    updates = [RecipientUpdate(r.index, state, "2.1.5", "delivered") for r in message.recipients]
+    await store.record_outcomes(queue_id, updates)
+
+
+@pytest_twisted.ensureDeferred
+async def test_provides_itrackingstore(subject):
+    assert verifyObject(ITrackingStore, subject.store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_arrival_is_recorded_as_it_is_read_back(subject):
+    store = subject.store
+    stored = await record(store, envelope("k1", timeout=3 * DAY))
+    assert await store.message("k1") == stored
+    assert stored.expires_at == ARRIVAL + 3 * DAY
+    assert [r.state for r in stored.recipients] == [RecipientState.QUEUED] * 2
+    assert await store.known(["k1", "k2"]) == frozenset({"k1"})
+    assert await store.message("k2") is None
+    with pytest.raises(Exception):  # noqa: B017 (each store has its own error type)
+        await record(store, envelope("k1"))
+    unset = await record(store, envelope("k3", arrival=0))
+    assert unset.arrival == ARRIVAL + 60  # 0 counts as now
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_queue_is_the_unfinished_messages_of_a_node_by_arrival(subject):
+    store = subject.store
+    await record(store, envelope("q2", arrival=ARRIVAL + 2))
+    await record(store, envelope("q1", arrival=ARRIVAL + 1))
+    await record(store, envelope("q3"), node_id="n2")
+    await record(store, envelope("q4"))
+    await finish(store, "q4")
+    assert await store.queued_messages("n1") == ["q1", "q2"]
+    assert [m.queue_id for m in await store.queue_listing("n1")] == ["q1", "q2"]
+    assert await store.queued_messages("n2") == ["q3"]
+    await store.record_outcomes("q1", [RecipientUpdate(0, RecipientState.FAILED, dsn_pending=True)])
+    await finish(store, "q1", RecipientState.FAILED)
+    await store.record_outcomes("q1", [RecipientUpdate(0, RecipientState.FAILED, dsn_pending=True)])
+    assert await store.queued_messages("n1") == ["q1", "q2"]  # a DSN still owed
+    await store.clear_dsn_pending("q1", [0])
+    assert await store.queued_messages("n1") == ["q2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookup_finds_every_transaction_and_only_with_the_certifier(subject):
+    store = subject.store
+    await record(store, envelope("t2", arrival=ARRIVAL + 5))
+    await record(store, envelope("t1"))
+    await record(store, envelope("t3", secret=b"another"))
+    await record(store, envelope("t4", secret=None))
+    found = await store.lookup_transactions("contract@origin.example", CERTIFIER)
+    assert [m.queue_id for m in found] == ["t1", "t2"]
+    assert (await store.lookup("contract@origin.example", CERTIFIER)).queue_id == "t1"
+    assert await store.lookup_transactions("contract@origin.example", bytes(20)) == []
+    assert await store.lookup_transactions("Contract@origin.example", CERTIFIER) == []
+    assert await store.lookup("nobody@origin.example", CERTIFIER) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_hold_and_quarantine_reasons(subject):
+    store = subject.store
+    await record(store, envelope("h1"))
+    assert await store.set_held("h1", True, "held by the administrator") is True
+    held = await store.message("h1")
+    assert (held.held, held.hold_reason) == (True, "held by the administrator")
+    assert await store.set_held("h1", False) is True
+    released = await store.message("h1")
+    assert (released.held, released.hold_reason) == (False, None)
+    assert await store.set_quarantined("h1", "checksum mismatch") is True
+    assert (await store.message("h1")).quarantine_reason == "checksum mismatch"
+    assert await store.set_held("h404", True) is False
+    assert await store.set_quarantined("h404", None) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_expiry_spares_the_queued_and_their_other_transactions(subject):
+    store = subject.store
+    await record(store, envelope("e1", timeout=DAY))
+    await record(store, envelope("e2", timeout=DAY))  # the same message, still queued
+    await record(store, envelope("e3", envid="other@origin.example", timeout=DAY))
+    await record(store, envelope("e4", secret=None, envid=None))
+    for queue_id in ("e1", "e3", "e4"):
+        await finish(store, queue_id)
+    assert await store.expire(ARRIVAL + 2 * DAY) == 1  # e3
+    assert await store.known(["e1", "e2", "e3", "e4"]) == frozenset({"e1", "e2", "e4"})
+    await finish(store, "e2")
+    subject.clock.advance(20 * DAY)
+    assert await store.expire() == 3  # now from the store's clock
+    assert await store.known(["e1", "e2", "e4"]) == frozenset()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lowering_retention_applies_to_existing_records(subject):
+    store = subject.store
+    await record(store, envelope("l1", timeout=20 * DAY))
+    await record(store, envelope("l2", timeout=DAY))
+    assert await store.lower_retention(2 * DAY) == 1
+    assert (await store.message("l1")).expires_at == ARRIVAL + 2 * DAY
+    with pytest.raises(ValueError):
+        await store.lower_retention(DAY / 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forget_and_close(subject):
+    store = subject.store
+    await record(store, envelope("f1"))
+    await store.forget(["f1", "f404"])
+    assert await store.message("f1") is None
+    await store.close()
+    with pytest.raises(StoreClosedError):
+        await store.message("f1")
