@@ -65,8 +65,17 @@ def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = No
     except RecoverError as error:
         print(f"mtrkmta: {error}", file=err)
         return 1
+    except Exception as error:  # a file or the database refuses: one line, not a traceback
+        print(f"mtrkmta: db recover failed: {first_line(error)}", file=err)
+        return 1
     report.write(out)
     return 0
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s text (SQLAlchemy appends the statement on more lines)."""
+    lines = str(error).splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def upgrade(config: Config, recover_command: str, out: TextIO, err: TextIO) -> int:
@@ -235,7 +244,7 @@ def _build(config: Config, url: str, report: RecoverReport) -> str | None:
         error = outcome[0]
         if isinstance(error, RecoverError):
             raise error
-        raise RecoverError(f"db recover failed: {error}") from error
+        raise RecoverError(f"db recover failed: {first_line(error)}") from error
     return current_revision(url)
 
 

@@ -222,3 +222,18 @@ def test_serve_stops_on_a_bad_option_before_touching_disk(tmp_path, monkeypatch,
     assert err.startswith("mtrkmta: config error: --smtp: expected a server endpoint description")
     assert "'bogus:endpoint'" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_db_recover_failure_is_one_line(tmp_path, capsys):
+    database = tmp_path / "no such directory" / "tracking.sqlite"
+    assert (
+        main(["db", "recover", "--data-dir", str(tmp_path), "--database", f"sqlite:///{database}"])
+        == 1
+    )
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        err
+        == "mtrkmta: db recover failed: (sqlite3.OperationalError) unable to open database file\n"
+    )
+    assert list(tmp_path.iterdir()) == []
