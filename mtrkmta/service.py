@@ -195,7 +195,8 @@ class MTAService(Service):
         self.commit_pool.start()
         self.auth_pool.start()
         await self._blocking(prepare_data_dir, config.data_dir)
-        await self._blocking(check_database, config.database)  # PRAGMA quick_check
+        if self.worker is None:  # PRAGMA quick_check, once: the master's start-up did it
+            await self._blocking(check_database, config.database)
         await self._blocking(upgrade, config.database)
         self.auth = self._build_auth()
         self.tracking = SQLTrackingStore(
