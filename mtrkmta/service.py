@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from mtrkmta.spool.interfaces import SpoolError
 from mtrkmta.spool.queueid import QueueIdGenerator
 from mtrkmta.tls import server_context
 from mtrkmta.tracking.authfailures import SQLAuthFailures
+from mtrkmta.tracking.damage import as_damage, check_database
 from mtrkmta.tracking.migrate import upgrade
 from mtrkmta.tracking.store import TRANSIENT_ERRORS, SQLTrackingStore
 from mtrkmta.workers import (
@@ -79,6 +81,24 @@ def prepare_data_dir(data_dir: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# The options of `mtrkmta serve` that `mtrkmta db recover` needs too (where the data is,
+# and the host name, the default node id).
+_RECOVER_OPTIONS = ("--data-dir", "--database", "--hostname")
+
+
+def recover_command(origin: ConfigOrigin | None) -> str:
+    """The `mtrkmta db recover` command line for the configuration a node started with."""
+    words = ["mtrkmta", "db", "recover"]
+    if origin is None:
+        return " ".join([*words, "--config", "FILE"])
+    if origin.path is not None:
+        words += ["--config", str(origin.path)]
+    for override in origin.overrides:
+        if override.source in _RECOVER_OPTIONS:
+            words += [override.source, str(override.value)]
+    return shlex.join(words)
 
 
 class MTAService(Service):
@@ -159,6 +179,11 @@ class MTAService(Service):
         self._starting.addCallbacks(lambda _: self.ready.callback(self), self._start_failed)
 
     def _start_failed(self, failure: Failure) -> None:
+        damage = as_damage(failure.value, self.config.database)
+        if damage is not None:  # one line that says what to do, no traceback
+            log.critical("{advice}", advice=damage.advice(recover_command(self.origin)))
+            self.ready.errback(damage)
+            return
         log.failure("mtrkmta could not start", failure)
         self.ready.errback(failure)
 
@@ -171,6 +196,8 @@ class MTAService(Service):
         self.commit_pool.start()
         self.auth_pool.start()
         await self._blocking(prepare_data_dir, config.data_dir)
+        if self.worker is None:  # PRAGMA quick_check, once: the master's start-up did it
+            await self._blocking(check_database, config.database)
         await self._blocking(upgrade, config.database)
         self.auth = self._build_auth()
         self.tracking = SQLTrackingStore(

@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, ConfigError
 from mtrkmta.service import MTAService, make_service
+from mtrkmta.tracking.damage import DatabaseDamage
 
 log = Logger()
 
@@ -33,14 +34,16 @@ class Options(ServeOptions):
 
 
 def exit_when_start_fails(service: MTAService, reactor: Any) -> None:
-    """If start-up fails (port in use, database unreachable), stop the process with status 1.
+    """If start-up fails (port in use, database unreachable or damaged), stop the process
+    with status 1.
 
     twistd itself would exit 0 after the reactor stops, so the exit status is
     forced once the shutdown (services stopped, logs flushed) has run.
     """
 
     def failed(failure: Failure) -> None:
-        print(f"mtrkmta: could not start: {failure.getErrorMessage()}", file=sys.stderr)
+        if not failure.check(DatabaseDamage):  # that one was logged as one line already
+            print(f"mtrkmta: could not start: {failure.getErrorMessage()}", file=sys.stderr)
         reactor.addSystemEventTrigger("after", "shutdown", _exit, EXIT_START_FAILED)
         reactor.stop()
 

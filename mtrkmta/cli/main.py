@@ -6,10 +6,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from twisted.python import usage
-
-from mtrkmta.cli.options import ServeOptions
-from mtrkmta.config import EXIT_CONFIG_ERROR, ConfigError, check_config_file
+from mtrkmta.config import EXIT_CONFIG_ERROR, check_config_file
 
 USAGE = """\
 usage: mtrkmta COMMAND [options]
@@ -19,6 +16,9 @@ commands:
   check-config FILE        validate a configuration file: exit 0 when valid, 2 when not
   db upgrade [options]     create or migrate the tracking database to the current schema
                            (options: --config FILE, --database URL, --data-dir DIR)
+  db recover [options] [--force]
+                           move a damaged SQLite tracking database aside and rebuild it
+                           from the spool (same options; the server must be stopped)
   queue [--config FILE | --data-dir DIR] [--json] [--yes] COMMAND
                            list | show ID | flush [ID] | hold ID | release ID |
                            delete ID | bounce ID  (talks to the running server)
@@ -60,30 +60,9 @@ def check_config(args: Sequence[str]) -> int:
 
 
 def db(args: Sequence[str]) -> int:
-    if not args or args[0] != "upgrade":
-        print("usage: mtrkmta db upgrade [--config FILE] [--database URL]", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    options = ServeOptions()
-    try:
-        options.parseOptions(list(args[1:]))
-        config = options.load_config()
-    except (usage.UsageError, ConfigError) as error:
-        print(f"mtrkmta: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    from sqlalchemy.engine import make_url
+    from mtrkmta.cli.db import main as db_main
 
-    from mtrkmta.tracking.migrate import current_revision, upgrade
-
-    url = make_url(config.database)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        Path(url.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        upgrade(config.database)
-    except Exception as error:  # the database is unreachable or refuses: say so plainly
-        print(f"mtrkmta: cannot upgrade {url!r}: {error}", file=sys.stderr)
-        return 1
-    print(f"tracking database at revision {current_revision(config.database)}")
-    return 0
+    return db_main(args)
 
 
 def queue(args: Sequence[str]) -> int:

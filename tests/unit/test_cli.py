@@ -1,4 +1,5 @@
-"""The `mtrkmta` command, run in-process: check-config, db upgrade, serve, unknown commands."""
+"""The `mtrkmta` command, run in-process: check-config, db upgrade and recover, serve, unknown
+commands."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def test_no_command_prints_usage_and_exits_two(capsys):
 def test_help_exits_zero(flag, capsys):
     assert main([flag]) == 0
     out = capsys.readouterr().out
-    for command in ("serve", "check-config FILE", "db upgrade"):
+    for command in ("serve", "check-config FILE", "db upgrade", "db recover"):
         assert command in out
 
 
@@ -151,7 +152,63 @@ def test_db_upgrade_rejects_a_bad_database_url(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("args", [[], ["downgrade"]])
 def test_db_without_upgrade_prints_usage(args, capsys):
     assert main(["db", *args]) == 2
-    assert capsys.readouterr().err.startswith("usage: mtrkmta db upgrade")
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mtrkmta db upgrade")
+    assert "mtrkmta db recover [--config FILE] [--database URL] [--data-dir DIR] [--force]" in err
+
+
+def test_db_recover_rejects_an_unknown_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["db", "recover", "--frobnicate"]) == 2
+    assert capsys.readouterr().err == "mtrkmta: option --frobnicate not recognized\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_db_recover_rejects_a_bad_database_url(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["db", "recover", "--database", "not a url"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtrkmta: config error: --database: expected an SQLAlchemy database URL")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_db_recover_takes_no_arguments(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["db", "recover", "now"]) == 2
+    assert capsys.readouterr().err == "mtrkmta: Wrong number of arguments.\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_db_recover_refuses_an_undamaged_database(tmp_path, capsys):
+    database = tmp_path / "tracking.sqlite"
+    assert main(["db", "upgrade", "--database", f"sqlite:///{database}"]) == 0
+    before = database.read_bytes()
+    capsys.readouterr()
+    assert main(["db", "recover", "--data-dir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"mtrkmta: tracking database {database} is not damaged (PRAGMA quick_check: ok); "
+        "db recover would throw its history away: nothing done (--force rebuilds it)\n"
+    )
+    assert database.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tracking.sqlite"]
+
+
+def test_db_upgrade_of_a_damaged_database_names_it_and_the_way_out(tmp_path, capsys):
+    database = tmp_path / "tracking.sqlite"
+    url = f"sqlite:///{database}"
+    assert main(["db", "upgrade", "--database", url]) == 0
+    capsys.readouterr()
+    with open(database, "r+b") as f:
+        f.write(bytes(100))  # the header: "SQLite format 3" and the page size are gone
+    assert main(["db", "upgrade", "--database", url]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"mtrkmta: tracking database {database} is damaged (file is not a database); "
+        f"stop mtrkmta and run: mtrkmta db recover --database {url}\n"
+    )
 
 
 def test_serve_stops_on_a_bad_option_before_touching_disk(tmp_path, monkeypatch, capsys):
@@ -164,4 +221,19 @@ def test_serve_stops_on_a_bad_option_before_touching_disk(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err.startswith("mtrkmta: config error: --smtp: expected a server endpoint description")
     assert "'bogus:endpoint'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_db_recover_failure_is_one_line(tmp_path, capsys):
+    database = tmp_path / "no such directory" / "tracking.sqlite"
+    assert (
+        main(["db", "recover", "--data-dir", str(tmp_path), "--database", f"sqlite:///{database}"])
+        == 1
+    )
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        err
+        == "mtrkmta: db recover failed: (sqlite3.OperationalError) unable to open database file\n"
+    )
     assert list(tmp_path.iterdir()) == []
