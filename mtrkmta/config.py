@@ -35,6 +35,12 @@ HOUR = 60 * MINUTE
 DAY = 24 * HOUR
 WEEK = 7 * DAY
 
+#: Tracking retention (RFC 3885 §3.1): never less than a day; the default when MTRK
+#: names no timeout, and the cap on the timeout it names (project choices).
+MIN_RETENTION = DAY
+DEFAULT_RETENTION = 9 * DAY
+MAX_RETENTION = 30 * DAY
+
 #: The largest integer or size any key takes: TOML's own range (64-bit signed integers).
 MAX_INTEGER = 2**63 - 1
 #: The longest duration any key takes (100 years), so that adding it to a date never overflows.
@@ -681,8 +687,10 @@ class Local:
 class Tracking:
     """Message tracking (RFC 3885-3888): how long tracking records are kept."""
 
-    default_retention: float = field(default=9 * DAY, metadata=_key(_duration(DAY)))
-    max_retention: float = field(default=30 * DAY, metadata=_key(_duration(DAY)))
+    default_retention: float = field(
+        default=DEFAULT_RETENTION, metadata=_key(_duration(MIN_RETENTION))
+    )
+    max_retention: float = field(default=MAX_RETENTION, metadata=_key(_duration(MIN_RETENTION)))
     lenient_xtext: bool = field(default=False, metadata=_key(_boolean))
     purge_interval: float = field(default=HOUR, metadata=_key(_duration(MINUTE)))
     max_tracked_per_hour: int = field(default=10000, metadata=_key(_integer(0)))

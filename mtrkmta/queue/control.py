@@ -13,6 +13,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from mtrkmta.config import MIN_RETENTION
 from mtrkmta.queue.service import QueueActionRefused, QueueService
 from mtrkmta.spool.interfaces import QuarantinedFile
 from mtrkmta.tracking.interfaces import StoredMessage
@@ -22,7 +23,6 @@ log = Logger()
 SOCKET_NAME = "control.sock"
 COMMANDS_WITH_ID = ("show", "hold", "release", "delete", "bounce")
 COMMANDS = ("list", "flush", "set-max-retention", *COMMANDS_WITH_ID)
-MIN_RETENTION = 86400.0  # RFC 3885 §3.1: never less than one day
 MAX_REQUEST = 4096
 
 

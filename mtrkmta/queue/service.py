@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
+from mtrkmta.config import DEFAULT_RETENTION
 from mtrkmta.delivery.interfaces import (
     Attempt,
     IRouter,
@@ -169,7 +170,7 @@ class QueueService:
         inject: Callable[[Envelope, bytes], Deferred[None]] | None = None,
         new_queue_id: Callable[[], str] | None = None,
         hostname: str = "localhost",
-        default_retention: float = 9 * 86400.0,
+        default_retention: float = DEFAULT_RETENTION,
         transient_errors: tuple[type[BaseException], ...] = (OSError, SpoolError),
     ) -> None:
         """``expander`` resolves aliases and lists of local recipients; the messages

@@ -17,7 +17,9 @@ class RecipientState(str, enum.Enum):
     """Where one recipient stands in this MTA's queue (CHECKLIST 3.2)."""
 
     QUEUED = "queued"  # waiting for its first attempt
-    INFLIGHT = "inflight"  # an attempt is running
+    # Allowed by the schema and read as in the queue, but never written: attempts in
+    # flight are not persisted (after a crash their recipients are simply tried again).
+    INFLIGHT = "inflight"
     DEFERRED = "deferred"  # an attempt failed temporarily; will retry
     DELIVERED = "delivered"
     TRANSFERRED = "transferred"

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from mtrkmta.config import DEFAULT_RETENTION, MAX_RETENTION
 from mtrkmta.envelope import Envelope
 from mtrkmta.tracking.interfaces import (
     ITrackingStore,
@@ -24,8 +25,6 @@ from mtrkmta.tracking.interfaces import (
     StoredMessage,
 )
 from mtrkmta.tracking.store import (
-    DEFAULT_RETENTION,
-    MAX_RETENTION,
     StoreClosedError,
     arrival_rows,
     certifier_matches,

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mtrkmta.config import MIN_RETENTION
 from mtrkmta.envelope import ClientInfo, Envelope, OriginalRecipient
 from mtrkmta.groupcommit import GroupCommit
 from mtrkmta.tracking.interfaces import (
@@ -61,9 +62,6 @@ from mtrkmta.tracking.schema import TrackingSchema, build_schema, dsn_owed
 
 R = TypeVar("R")
 
-DAY = 86400
-DEFAULT_RETENTION = 9 * DAY  # CHECKLIST 3.4 [P]: default when no MTRK timeout is given
-MAX_RETENTION = 30 * DAY  # CHECKLIST 3.4 [P]: silent cap on a requested timeout
 CHUNK = 500  # bound parameters per IN (...) list; old SQLite allows 999
 NOTIFY_ORDER = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
 NO_CERTIFIER = bytes(20)  # compared against when no message has the ENVID; never a match
@@ -86,9 +84,9 @@ def check_retention(default_retention: float, max_retention: float) -> None:
 
     Both the default and the cap must be at least one day.
     """
-    if default_retention < DAY:
+    if default_retention < MIN_RETENTION:
         raise ValueError(f"default retention must be at least one day, not {default_retention}s")
-    if max_retention < DAY:
+    if max_retention < MIN_RETENTION:
         raise ValueError(f"maximum retention must be at least one day, not {max_retention}s")
 
 

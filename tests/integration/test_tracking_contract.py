@@ -19,12 +19,13 @@ from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
+from mtrkmta.config import DAY
 from mtrkmta.envelope import Envelope, MailParams, Mtrk, RcptParams, Recipient
 from mtrkmta.testing import database_url
 from mtrkmta.tracking import migrate
 from mtrkmta.tracking.interfaces import ITrackingStore, RecipientState, RecipientUpdate
 from mtrkmta.tracking.memory import MemoryTrackingStore
-from mtrkmta.tracking.store import DAY, SQLTrackingStore, StoreClosedError
+from mtrkmta.tracking.store import SQLTrackingStore, StoreClosedError
 
 ARRIVAL = 1_700_000_000
 SECRET = b"contract secret"

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
+from mtrkmta.config import DAY, DEFAULT_RETENTION, MAX_RETENTION
 from mtrkmta.envelope import (
     ClientInfo,
     Envelope,
@@ -32,9 +33,6 @@ from mtrkmta.tracking.interfaces import ITrackingStore, RecipientState, Recipien
 from mtrkmta.tracking.schema import build_schema
 from mtrkmta.tracking.store import (
     CHUNK,
-    DAY,
-    DEFAULT_RETENTION,
-    MAX_RETENTION,
     SQLTrackingStore,
     StoreClosedError,
     certifier_matches,

@@ -6,14 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mtrkmta.tracking.store import (
-    DAY,
-    DEFAULT_RETENTION,
-    MAX_RETENTION,
-    check_retention,
-    effective_expiry,
-    whole_seconds,
-)
+from mtrkmta.config import DAY, DEFAULT_RETENTION, MAX_RETENTION
+from mtrkmta.tracking.store import check_retention, effective_expiry, whole_seconds
 
 ARRIVAL = 1_700_000_000
 
