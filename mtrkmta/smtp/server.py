@@ -7,7 +7,8 @@ import binascii
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import formatdate
+from datetime import datetime, timezone
+from email.utils import format_datetime
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
@@ -105,7 +106,7 @@ class ServerSettings:
     bare_line_ends: str = "normalize"  # or "reject" (RFC 5321 §2.3.8)
     max_connections: int = 1000
     max_connections_per_ip: int = 50
-    max_received_headers: int = 50
+    max_received_headers: int = 100  # RFC 5321 §6.3: normally at least 100
     address_limits: AddressLimits = DEFAULT_LIMITS  # RFC 5321 §4.5.3.1 (limits.*_length)
     lenient_xtext: bool = False
     require_auth: bool = False  # the submission listener
@@ -770,7 +771,8 @@ class SMTPServer(Protocol, SessionGuard):
         if recipient is not None:
             lines.append(f"\tfor <{recipient}>")
         lines[-1] += ";"
-        lines.append("\t" + formatdate(now, localtime=False))
+        # UTC as +0000: -0000 would say the local zone is unknown (RFC 5322 §3.3).
+        lines.append("\t" + format_datetime(datetime.fromtimestamp(int(now), timezone.utc)))
         return "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n"
 
 

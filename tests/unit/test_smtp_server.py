@@ -170,6 +170,22 @@ def test_full_transaction_is_handed_to_receiver(client, receiver):
     assert content.endswith(b"Subject: hi\r\n\r\n.dot\r\n")
 
 
+def test_received_field_date_is_utc_with_a_numeric_zone(receiver, clock):
+    # RFC 5322 §3.3: "-0000" would mean the local zone is unknown; UTC is "+0000".
+    clock.advance(1772366400)  # before the session starts, so that no timer runs out
+    client = Client(make_factory(receiver, clock))
+    client.send(b"EHLO c.example\r\nMAIL FROM:<s@c.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
+    client.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+    _, content = receiver.accepted[0]
+    assert content.startswith(
+        b"Received: from c.example ([192.0.2.7])\r\n"
+        b"\tby mx.example.test (mtrkmta) with ESMTP id Q1\r\n"
+        b"\tfor <u@x.example>;\r\n"
+        b"\tSun, 01 Mar 2026 12:00:00 +0000\r\n"
+        b"Subject: hi\r\n"
+    )
+
+
 def test_pipelined_commands_wait_for_a_slow_check(client, receiver):
     # Strict PIPELINING: RCPT is not answered before the slow MAIL check has finished.
     receiver.sender_checks = []
@@ -249,10 +265,20 @@ def test_too_many_recipients(receiver, clock):
 
 
 def test_mail_loop_detected(client):
+    # RFC 5321 §6.3: the loop threshold is "normally at least 100" Received: fields.
     client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
-    assert client.send(b"Received: x\r\n" * 51 + b"\r\nbody\r\n.\r\n") == [
+    assert client.send(b"Received: x\r\n" * 101 + b"\r\nbody\r\n.\r\n") == [
         b"554 5.4.6 Too many Received: headers: mail loop detected"
     ]
+
+
+def test_sixty_received_fields_are_no_loop(client, receiver):
+    # RFC 5321 §6.3: a message that crossed 60 hops is not refused as a loop.
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
+    assert client.send(b"Received: x\r\n" * 60 + b"\r\nbody\r\n.\r\n") == [
+        b"250 2.0.0 Ok: queued as Q1"
+    ]
+    assert receiver.accepted[0][1].count(b"Received: ") == 61
 
 
 def test_refused_recipient_and_data_without_recipients(client, receiver):
