@@ -28,6 +28,7 @@ from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.command import (
     DEFAULT_LIMITS,
     LINE_TOO_LONG,
+    NOT_IMPLEMENTED,
     AddressLimits,
     parse_command,
     parse_helo,
@@ -309,6 +310,8 @@ class SMTPServer(Protocol, SessionGuard):
             command = parse_command(line, self.settings.command_line)
             method = getattr(self, "smtp_" + command.verb, None)
             if method is None or not command.verb.isalpha():
+                if command.verb in NOT_IMPLEMENTED:
+                    return Reply(502, "5.5.1", (f"{command.verb} not implemented",))
                 return Reply(500, "5.5.1", ("Command unrecognized",))
             return method(command.argument)
         except SMTPError as error:
@@ -395,9 +398,12 @@ class SMTPServer(Protocol, SessionGuard):
         self.transaction = None
         return R_OK
 
-    def smtp_QUIT(self, argument: str) -> None:
+    def smtp_QUIT(self, argument: str) -> Reply | None:
+        if argument.strip():  # RFC 5321 §4.1.1.10: QUIT takes no argument (§4.3.2: 501)
+            return Reply(501, "5.5.4", ("Syntax: QUIT",))
         self._send(Reply(221, "2.0.0", (f"{self.settings.hostname} Bye",)))
         self._close()
+        return None
 
     def smtp_VRFY(self, argument: str) -> Reply:
         if not argument.strip():

@@ -208,6 +208,33 @@ def test_unknown_and_out_of_order_commands(client):
     assert client.send(b"DATA\r\n")[0].startswith(b"503 5.5.1")
 
 
+def test_commands_without_argument_refuse_one(client):
+    # RFC 5321 §4.3.2: DATA, RSET and QUIT take no argument; one gets 501 and the
+    # session goes on. NOOP and HELP may have one (§4.1.1.9, §4.1.1.8).
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\n")
+    assert client.send(b"QUIT oops\r\nRSET x\r\nDATA x\r\nNOOP x\r\n") == [
+        b"501 5.5.4 Syntax: QUIT",
+        b"501 5.5.4 Syntax: RSET",
+        b"501 5.5.4 Syntax: DATA",
+        b"250 2.0.0 Ok",
+    ]
+    assert client.send(b"HELP DATA\r\n")[0].startswith(b"214-2.0.0 Commands: ")
+    assert client.send(b"QUIT\r\n") == [b"221 2.0.0 mx.example.test Bye"]
+    assert client.transport.disconnecting
+
+
+def test_expn_is_recognised_but_not_implemented_and_vrfy_gets_252(client):
+    # RFC 5321 §3.5.2 / §7.3: a disabled EXPN answers 502, not "500 unrecognized";
+    # §3.5.3: 252 for a VRFY the server will not verify but will accept mail for.
+    client.send(b"EHLO c\r\n")
+    assert client.send(b"EXPN staff\r\nEXPN\r\nVRFY bob\r\nVRFY\r\n") == [
+        b"502 5.5.1 EXPN not implemented",
+        b"502 5.5.1 EXPN not implemented",
+        b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+        b"501 5.5.4 Syntax: VRFY address",
+    ]
+
+
 def test_overlong_command_line(client):
     # CHECKLIST 1.2.4 / 1.7: past 2048 octets -> 500 5.5.2, the session goes on.
     replies = client.send(b"EHLO c\r\nNOOP " + b"x" * 3000 + b"\r\nNOOP\r\n")
