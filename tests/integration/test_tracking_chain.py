@@ -8,7 +8,7 @@ Remote-MTA names B (``dns; mx-b.example.test``) as it would on the Internet. B r
 ``chain.example`` to C's LMTP listener (``lmtp:tcp:host=127.0.0.1:port=...``); C has
 it as a local domain and delivers into its Maildir. The tracking client finds A and B
 through ``_mtqp._tcp.<host>`` SRV records on that DNS server (RFC 3887 §2). B's
-Remote-MTA for C is the fixed route's address ``127.0.0.1``: no SRV lookup applies to
+Remote-MTA for C is the fixed route's address ``[127.0.0.1]``: no SRV lookup applies to
 an address, so the one explicit override, ``--connect-to 127.0.0.1=127.0.0.1:<C's
 MTQP port>``, says where that host's tracking server listens.
 """
@@ -240,11 +240,11 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert rcpt_b["original_recipient"] == f"rfc822; {RCPT}"
         assert rcpt_b["final_recipient"] == f"rfc822; {RCPT}"
         assert (rcpt_b["action"], rcpt_b["status"]) == ("transferred", "2.4.0")
-        assert rcpt_b["remote_mta"] == "dns; 127.0.0.1"
+        assert rcpt_b["remote_mta"] == "dns; [127.0.0.1]"
         assert rcpt_b["last_attempt_date"] is not None and rcpt_b["will_retry_until"] is None
 
         # Hop 3: C, reached through --connect-to, delivered into its Maildir.
-        assert (third["host"], third["referred_by"]) == ("127.0.0.1", B_NAME)
+        assert (third["host"], third["referred_by"]) == ("[127.0.0.1]", B_NAME)
         assert third["server"]["port"] == rig.node("c").port("mtqp")
         (report_c,) = third["reports"]
         assert report_c["original_envelope_id"] == record.envid
@@ -278,7 +278,7 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert f"Hop 2: {B_NAME} (127.0.0.1 port {rig.node('b').port('mtqp')})" in timeline
         assert f"referred by {A_NAME}" in timeline and f"referred by {B_NAME}" in timeline
         assert f"    Next hop       {B_NAME}\n" in timeline
-        assert "    Next hop       127.0.0.1\n" in timeline
+        assert "    Next hop       [127.0.0.1]\n" in timeline
         assert f"{RCPT}: delivered (2.1.5) at {C_NAME}" in timeline
 
         # --raw: each server's message/tracking-status answer as received.
@@ -309,7 +309,7 @@ async def test_next_hop_down_shows_delayed_at_b(tmp_path):
         assert hop_recipient(trace["hops"][0])["action"] == "transferred"
         rcpt_b = hop_recipient(trace["hops"][1])
         assert rcpt_b["action"] == "delayed" and rcpt_b["status"].startswith("4.")
-        assert rcpt_b["remote_mta"] == "dns; 127.0.0.1"
+        assert rcpt_b["remote_mta"] == "dns; [127.0.0.1]"
         assert rcpt_b["last_attempt_date"] is not None
         assert rcpt_b["will_retry_until"] is not None  # CHECKLIST 5.3 [S]: still in B's queue
         assert at(rcpt_b["will_retry_until"]) > at(rcpt_b["last_attempt_date"])
@@ -345,7 +345,7 @@ async def test_next_hop_without_mtrk_shows_relayed_and_stops(tmp_path):
             assert [hop["host"] for hop in trace["hops"]] == [A_NAME, B_NAME]
             rcpt_b = hop_recipient(trace["hops"][1])
             assert (rcpt_b["action"], rcpt_b["status"]) == ("relayed", "2.1.9")
-            assert rcpt_b["remote_mta"] == "dns; 127.0.0.1"
+            assert rcpt_b["remote_mta"] == "dns; [127.0.0.1]"
             assert rcpt_b["last_attempt_date"] is not None
             (path,) = trace["recipients"]
             assert (path["outcome"], path["final"]) == ("relayed", True)
