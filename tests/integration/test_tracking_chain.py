@@ -29,6 +29,7 @@ from typing import Any
 import pytest_twisted
 from dnsserver import DNSServer, Zone, a, mx, serve_dns
 from fakemta import ALL_EXTENSIONS, FakeMTA
+from smtpwire import queue_emptied
 from srvdns import mtqp_name, publish, srv
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
@@ -100,7 +101,7 @@ class Chain:
             publish(self.dns, mtqp_name(hostname), srv(0, 0, port, hostname))
         return self.nodes[name]
 
-    async def send(self) -> str:
+    async def send(self, mtqp_server: str = A_NAME) -> str:
         """`mtrkmta send` through A; the URI it printed."""
         out, err = io.StringIO(), io.StringIO()
         args = [
@@ -113,7 +114,7 @@ class Chain:
             "--secrets",
             str(self.secrets),
             "--mtqp-server",
-            A_NAME,
+            mtqp_server,
             "--hostname",
             "client.example.test",
             "--timeout",
@@ -351,3 +352,37 @@ async def test_next_hop_without_mtrk_shows_relayed_and_stops(tmp_path):
             assert (path["outcome"], path["final"]) == ("relayed", True)
     finally:
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_on_one_address_at_two_mtqp_ports(tmp_path):
+    # A relays to B by a fixed route to 127.0.0.1, so A's Remote-MTA is "dns; [127.0.0.1]"
+    # (RFC 3461 §9.3): the address A's own tracking server has, on another port. The
+    # client asks A at the URI's port, then B where --connect-to says 127.0.0.1 is
+    # (a Remote-MTA names no port): two servers, not a loop.
+    async with chain(tmp_path) as rig:
+        b = await rig.start("b", B_NAME, ("domains.local", (DOMAIN,)))
+        route = f"{DOMAIN}=smtp:tcp:host=127.0.0.1:port={b.port('smtp')};tls=none"
+        a = await rig.start("a", A_NAME, ("routes", route))
+        uri = await rig.send(mtqp_server=f"127.0.0.1:{a.port('mtqp')}")
+        assert uri.startswith(f"mtqp://127.0.0.1:{a.port('mtqp')}/track/")
+        await queue_emptied(a)  # relayed: B said 250
+        await queue_emptied(b)  # delivered into B's Maildir
+        options = track.TrackOptions()
+        options.parseOptions(
+            ["--json", "--connect-to", f"127.0.0.1=127.0.0.1:{b.port('mtqp')}", uri]
+        )
+        out = io.StringIO()
+        status = await track.run(
+            options, reactor, rig.dns.resolver(), out, reply_timeout=REPLY_TIMEOUT
+        )
+        trace = json.loads(out.getvalue())
+        assert status == 0, trace
+        first, second = trace["hops"]
+        assert (first["host"], first["server"]["port"]) == ("127.0.0.1", a.port("mtqp"))
+        assert hop_recipient(first)["remote_mta"] == "dns; [127.0.0.1]"
+        assert (second["host"], second["referred_by"]) == ("[127.0.0.1]", A_NAME)
+        assert second["server"]["port"] == b.port("mtqp")
+        assert second["reports"][0]["reporting_mta"] == f"dns; {B_NAME}"
+        (path,) = trace["recipients"]
+        assert (path["outcome"], path["final"]) == ("delivered", True)
