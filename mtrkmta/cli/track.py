@@ -75,15 +75,18 @@ class TrackOptions(usage.Options):
         self["connect-to"] = {}
 
     def opt_connect_to(self, value: str) -> None:
-        """HOST=ADDRESS:PORT: ask HOST's tracking server at ADDRESS:PORT; repeatable."""
+        """HOST[:PORT]=ADDRESS:PORT: ask HOST's tracking server (asked without a port, or
+        at PORT) at ADDRESS:PORT; repeatable."""
         host, equals, where = value.partition("=")
         if not equals or not host.strip():
-            raise usage.UsageError(f"--connect-to wants HOST=ADDRESS:PORT, not {value!r}")
+            raise usage.UsageError(f"--connect-to wants HOST[:PORT]=ADDRESS:PORT, not {value!r}")
         try:
+            name, asked_port = host_and_port(host)
+            name = name[5:] if name[:5].lower() == "ipv6:" else name  # [IPv6:...] as written
             address, port = split_host_port(where, DEFAULT_PORT)
         except ValueError as error:
             raise usage.UsageError(f"--connect-to {value!r}: {error}") from None
-        self["connect-to"][host_key(host)] = (address, port)
+        self["connect-to"][(host_key(name), asked_port)] = (address, port)
 
     def parseArgs(self, *args: str) -> None:
         self["args"] = args
@@ -140,13 +143,13 @@ async def run(
     if options["ca-file"]:
         trust_root = trust_root_from_pem(Path(options["ca-file"]).read_bytes())
         tls_context = verifying_tls_context(trust_root)
-    connect_to = dict(options["connect-to"])
+    overrides: dict[tuple[str, int | None], tuple[str, int]] = dict(options["connect-to"])
     tracker = TrackingClient(
         reactor,
         resolver,
         tls=options["tls"],
         tls_context=tls_context,
-        connect_to=connect_to.get,
+        connect_to=lambda host, port: overrides.get((host, port)),
         max_hops=options["max-hops"],
         **client,
     )

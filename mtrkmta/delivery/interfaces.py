@@ -19,10 +19,10 @@ TLSPolicy = Literal["none", "may", "encrypt"]
 class Server:
     """One candidate server of a next hop.
 
-    ``name`` is what tracking and DSNs report as Remote-MTA (``dns; <name>``): the
-    MX host name, or the host of a fixed route. ``endpoint`` is the Twisted client
-    endpoint description to connect to (``tcp:host=192.0.2.1:port=25``,
-    ``unix:path=/run/dovecot/lmtp``).
+    ``name`` is what tracking and DSNs report as Remote-MTA (``dns; <name>``, an
+    address as ``[192.0.2.1]``): the MX host name, or the host of a fixed route.
+    ``endpoint`` is the Twisted client endpoint description to connect to
+    (``tcp:host=192.0.2.1:port=25``, ``unix:path=/run/dovecot/lmtp``).
     """
 
     name: str
@@ -76,7 +76,8 @@ class RecipientOutcome:
     ``state`` is final (DELIVERED, TRANSFERRED, RELAYED, EXPANDED, FAILED) or
     DEFERRED for a temporary failure. ``status`` is the RFC 3463 code;
     ``diagnostic`` the remote reply as ``smtp; 550 5.1.1 ...`` (None when the
-    failure was local); ``remote_mta`` the server that answered (``dns; host``).
+    failure was local); ``remote_mta`` the server that answered (``dns; host``,
+    ``dns; [192.0.2.1]``).
     ``unknown`` marks an attempt whose result is not known (connection lost after
     the final dot): the recipient is retried, at the risk of a duplicate.
     ``dsn_passed`` is True when a next hop that advertised DSN accepted the

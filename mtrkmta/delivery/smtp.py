@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mtrkmta.delivery.interfaces import Attempt, ITransport, NextHop, RecipientOutcome
+from mtrkmta.dsn.fields import dns_mta
 from mtrkmta.lmtp.client import LMTPClient
 from mtrkmta.smtp.client import (
     ClientSettings,
@@ -110,7 +111,7 @@ def _error_outcome(
         state=RecipientState.DEFERRED,
         status=status,
         diagnostic=text,
-        remote_mta=f"dns; {server}" if server else None,
+        remote_mta=dns_mta(server) if server else None,
         unknown=unknown,
     )
 
@@ -138,7 +139,8 @@ class SMTPTransport:
       without it -> FAILED 5.6.7 / 5.6.9 (RFC 6531 §3.2).
 
     Diagnostics are ``smtp; <reply>``, or ``x-mtrkmta; <what happened>`` when no
-    reply explains the failure; Remote-MTA is ``dns; <server name>``.
+    reply explains the failure; Remote-MTA is ``dns; <server name>``, an address as a
+    domain-literal, ``dns; [192.0.2.1]`` (RFC 3461 §9.3).
 
     An idle connection is kept ``idle_keep`` seconds per destination and reused by
     the next attempt (RSET first); one that turns out dead before MAIL was
@@ -263,7 +265,7 @@ class SMTPTransport:
     ) -> tuple[list[RecipientOutcome], bool]:
         """Outcomes of one transaction, and whether a reused session proved stale."""
         envelope = attempt.envelope
-        remote = f"dns; {session.server_name}"
+        remote = dns_mta(session.server_name)
         keywords = session.keywords
         if "SMTPUTF8" not in keywords:
             refusal = smtputf8_status(envelope, batch, attempt.content)
@@ -312,7 +314,7 @@ class SMTPTransport:
         if reply is None:
             failure = error or SessionError("no reply", status="4.4.2")
             return _error_outcome(index, failure, server, unknown=decided.unknown)
-        remote = f"dns; {server}"
+        remote = dns_mta(server)
         text = diagnostic(reply)
         if reply.is_positive:
             if forwarded:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 MAX_RUN = 900
@@ -63,13 +64,41 @@ def safe_mta_name(value: str) -> str:
     return _break_runs(escaped)
 
 
-def safe_typed_mta(value: str) -> str:
-    """``type; name`` for a stored MTA name that may already carry its type (``dns;``
-    when it does not, or when the type is not an atom)."""
+def mta_host(host: str) -> str:
+    """A host as the name of a ``dns`` MTA: a domain name stays, an IP address becomes a
+    domain-literal, ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 3461 §9.3 wants "a
+    domain name or a domain-literal"; RFC 5321 §4.1.3 spells them). Blanks around it go."""
+    name = host.strip(" \t")
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    if address.version == 6:
+        return f"[IPv6:{address}]"
+    return f"[{address}]"
+
+
+def dns_mta(host: str) -> str:
+    """``dns; <host>`` for a Remote-MTA (RFC 3464 §2.3.5), the host as :func:`mta_host` has it."""
+    return f"dns; {mta_host(host)}"
+
+
+def typed_mta(value: str) -> tuple[str, str]:
+    """(type, name) of a stored MTA name that may already carry its type: ``dns`` when it
+    does not, or when the type is not an atom; a ``dns`` name as :func:`mta_host` has it,
+    so that records stored as ``dns; 127.0.0.1`` read as ``dns; [127.0.0.1]``."""
     kind, semicolon, name = value.partition(";")
-    if semicolon and _ATOM.fullmatch(kind.strip()):
-        return f"{kind.strip()}; {safe_mta_name(name)}"
-    return f"dns; {safe_mta_name(value)}"
+    if not (semicolon and _ATOM.fullmatch(kind.strip())):
+        kind, name = "dns", value
+    kind = kind.strip()
+    return kind, mta_host(name) if kind.lower() == "dns" else name.strip(" \t")
+
+
+def safe_typed_mta(value: str) -> str:
+    """``type; name`` for a stored MTA name that may already carry its type (see
+    :func:`typed_mta`), the name made safe by :func:`safe_mta_name`."""
+    kind, name = typed_mta(value)
+    return f"{kind}; {safe_mta_name(name)}"
 
 
 def safe_address(address: str) -> str:

@@ -20,6 +20,7 @@ from mtrkmta.dsn.fields import (
     safe_original_recipient,
     safe_text,
     safe_typed_mta,
+    typed_mta,
 )
 from mtrkmta.dsn.policy import BATCH_ORDER, DSN_ACTIONS, is_null_sender
 from mtrkmta.tracking.interfaces import RecipientUpdate, StoredMessage, StoredRecipient
@@ -132,7 +133,8 @@ class RecipientReport:
     """What one DSN says about one recipient (RFC 3464 §2.3).
 
     ``original_recipient`` is the ORCPT value as received (``rfc822;addr``), None when
-    no ORCPT came; ``remote_mta`` is ``dns; host`` (a bare host gets ``dns;``);
+    no ORCPT came; ``remote_mta`` is ``dns; host`` (a bare host gets ``dns;``, an
+    IP address is shown as a domain-literal, ``dns; [192.0.2.1]``);
     ``diagnostic`` is typed, e.g. ``smtp; 550 5.1.1 <u@x> User unknown`` with the lines
     of a multi-line reply joined by a space (see :func:`smtp_diagnostic`). Times are
     POSIX seconds. ``status`` None falls back to the Action's default code.
@@ -420,7 +422,7 @@ def _describe(report: RecipientReport) -> str:
         lines.append(f"    You sent it to: {safe_human(report.original_recipient)}")
     lines.append(f"    Status: {status} ({_status_meaning(status)})")
     if report.remote_mta:
-        remote = safe_mta_name(report.remote_mta.split(";", 1)[-1])
+        remote = safe_mta_name(typed_mta(report.remote_mta)[1])
         lines.append(f"    Mail server: {remote}")
     if report.diagnostic:
         kind, _, said = safe_diagnostic(report.diagnostic).partition(";")

@@ -52,8 +52,9 @@ SRV_PREFIX = "_mtqp._tcp."
 FINAL_ACTIONS = frozenset({"delivered", "expanded", "relayed", "failed"})
 """Actions after which nothing more will happen to a recipient (CHECKLIST 4.7.6)."""
 
-HostMap = Callable[[str], tuple[str, int] | None]
-"""Where the MTQP server of a host name really listens (an explicit override), or None."""
+HostMap = Callable[[str, int | None], tuple[str, int] | None]
+"""Where the MTQP server of a host name, asked at a port (None: no port given), really
+listens (an explicit override), or None."""
 
 TLSContextFactory = Callable[[str, TLSMode], Any]
 """Client TLS context for (server FQDN, mode); see :func:`default_tls_context`."""
@@ -160,8 +161,9 @@ class Locator:
     port 1038 (RFC 3887 §2). An explicit port skips SRV; an address literal is used as is.
 
     ``connect_to`` overrides all of that for the hosts it knows (for servers behind
-    tunnels, and tests): it maps a host name to the address and port to connect to,
-    and the host name stays the FQDN given to STARTTLS.
+    tunnels, and tests): it maps a host name and the port asked for (None when none
+    was) to the address and port to connect to, and the host name stays the FQDN
+    given to STARTTLS.
     """
 
     def __init__(
@@ -184,7 +186,7 @@ class Locator:
         if not name:
             raise LocateError("empty host name")
         if self._connect_to is not None:
-            override = self._connect_to(name)
+            override = self._connect_to(name, port)
             if override is not None:
                 return [Target(override[0], override[1], name)]
         literal = _literal(name)
@@ -504,9 +506,9 @@ def recipient_paths(hops: Sequence[Hop]) -> tuple[RecipientPath, ...]:
     """
     if not hops or not hops[0].reports:
         return ()
-    by_host: dict[str, int] = {}
+    by_host: dict[tuple[str, int | None], int] = {}  # a referral is asked without a port
     for index, hop in enumerate(hops):
-        by_host.setdefault(host_key(hop.host), index)
+        by_host.setdefault((host_key(hop.host), hop.port), index)
     paths: list[RecipientPath] = []
 
     def walk(
@@ -534,7 +536,7 @@ def recipient_paths(hops: Sequence[Hop]) -> tuple[RecipientPath, ...]:
                 following = (hop, later)
                 break
         if following is None:
-            asked = by_host.get(key)
+            asked = by_host.get((key, None))
             if asked is None:
                 paths.append(RecipientPath(original, steps, "unknown", f"{remote} was not asked"))
                 return
@@ -713,18 +715,20 @@ class TrackingClient:
         self, host: str, envid: str, secret: str, *, port: int | None = None
     ) -> Deferred[Trace]:
         """Ask ``host``, then the server of every Remote-MTA a ``transferred`` recipient names,
-        with the same ENVID and secret (CHECKLIST 4.7.6); never the same host twice, and no
-        more than ``max_hops`` servers. Never fails.
+        with the same ENVID and secret (CHECKLIST 4.7.6); never the same host and port twice
+        (a Remote-MTA names no port: its server is asked at the port SRV, ``connect_to`` or
+        1038 gives, so nodes on one address with different MTQP ports can follow one
+        another), and no more than ``max_hops`` servers. Never fails.
         """
         return ensureDeferred(self._follow(host, envid, secret, port))
 
     async def _follow(self, host: str, envid: str, secret: str, port: int | None) -> Trace:
         hops: list[Hop] = []
-        asked: set[str] = set()
+        asked: set[tuple[str, int | None]] = set()
         pending: deque[tuple[str, int | None, str | None]] = deque([(host, port, None)])
         while pending:
             name, name_port, referred_by = pending.popleft()
-            key = host_key(name)
+            key = (host_key(name), name_port)
             if key in asked:
                 continue
             asked.add(key)

@@ -49,6 +49,10 @@ class AddressLimits:
 
 DEFAULT_LIMITS = AddressLimits()
 
+NOT_IMPLEMENTED: frozenset[str] = frozenset({"EXPN"})
+"""Verbs of RFC 5321 that a server recognises but does not carry out: they get ``502``,
+not ``500 Command unrecognized`` (RFC 5321 §3.5.2, §7.3: a site may disable EXPN)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Command:

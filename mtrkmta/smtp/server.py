@@ -7,7 +7,8 @@ import binascii
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import formatdate
+from datetime import datetime, timezone
+from email.utils import format_datetime
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
@@ -27,6 +28,7 @@ from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.command import (
     DEFAULT_LIMITS,
     LINE_TOO_LONG,
+    NOT_IMPLEMENTED,
     AddressLimits,
     parse_command,
     parse_helo,
@@ -105,7 +107,7 @@ class ServerSettings:
     bare_line_ends: str = "normalize"  # or "reject" (RFC 5321 §2.3.8)
     max_connections: int = 1000
     max_connections_per_ip: int = 50
-    max_received_headers: int = 50
+    max_received_headers: int = 100  # RFC 5321 §6.3: normally at least 100
     address_limits: AddressLimits = DEFAULT_LIMITS  # RFC 5321 §4.5.3.1 (limits.*_length)
     lenient_xtext: bool = False
     require_auth: bool = False  # the submission listener
@@ -308,6 +310,8 @@ class SMTPServer(Protocol, SessionGuard):
             command = parse_command(line, self.settings.command_line)
             method = getattr(self, "smtp_" + command.verb, None)
             if method is None or not command.verb.isalpha():
+                if command.verb in NOT_IMPLEMENTED:
+                    return Reply(502, "5.5.1", (f"{command.verb} not implemented",))
                 return Reply(500, "5.5.1", ("Command unrecognized",))
             return method(command.argument)
         except SMTPError as error:
@@ -394,9 +398,12 @@ class SMTPServer(Protocol, SessionGuard):
         self.transaction = None
         return R_OK
 
-    def smtp_QUIT(self, argument: str) -> None:
+    def smtp_QUIT(self, argument: str) -> Reply | None:
+        if argument.strip():  # RFC 5321 §4.1.1.10: QUIT takes no argument (§4.3.2: 501)
+            return Reply(501, "5.5.4", ("Syntax: QUIT",))
         self._send(Reply(221, "2.0.0", (f"{self.settings.hostname} Bye",)))
         self._close()
+        return None
 
     def smtp_VRFY(self, argument: str) -> Reply:
         if not argument.strip():
@@ -770,7 +777,8 @@ class SMTPServer(Protocol, SessionGuard):
         if recipient is not None:
             lines.append(f"\tfor <{recipient}>")
         lines[-1] += ";"
-        lines.append("\t" + formatdate(now, localtime=False))
+        # UTC as +0000: -0000 would say the local zone is unknown (RFC 5322 §3.3).
+        lines.append("\t" + format_datetime(datetime.fromtimestamp(int(now), timezone.utc)))
         return "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n"
 
 

@@ -112,7 +112,8 @@ async def test_remote_5xx_produces_one_failed_dsn_with_the_remote_reply(tmp_path
         assert failed["action"] == "failed"
         assert failed["status"] == "5.1.1"
         assert failed["diagnostic-code"] == "smtp; 550 5.1.1 <bad@relay.example> User unknown"
-        assert failed["remote-mta"] == f"dns; {fake.endpoint.split('host=')[1].split(':')[0]}"
+        assert fake.endpoint.startswith("tcp:host=127.0.0.1:")
+        assert failed["remote-mta"] == "dns; [127.0.0.1]"  # a domain-literal, RFC 3461 §9.3
         assert "will-retry-until" not in failed
         parts = [p.get_content_type() for p in dsn.iter_parts()]
         assert parts == ["text/plain", "message/delivery-status", "text/rfc822-headers"]

@@ -24,7 +24,12 @@ from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
 
 from mtrkmta.cli.main import main as mtrkmta_main
-from mtrkmta.mtqp.client import TrackingClient, trust_root_from_pem, verifying_tls_context
+from mtrkmta.mtqp.client import (
+    HostMap,
+    TrackingClient,
+    trust_root_from_pem,
+    verifying_tls_context,
+)
 from mtrkmta.mtqp.protocol import Response, ResponseReader
 from mtrkmta.originator import SentRecord, last_record
 from mtrkmta.service import MTAService
@@ -135,6 +140,15 @@ async def delivered(node: MTAService) -> None:
             return
         await deferLater(reactor, 0.02, lambda: None)
     raise AssertionError("the message was not delivered")
+
+
+def node_at(port: int) -> HostMap:
+    """The client's override: HOSTNAME, asked without a port, is at 127.0.0.1:``port``."""
+
+    def where(host: str, asked: int | None) -> tuple[str, int] | None:
+        return ("127.0.0.1", port) if (host, asked) == (HOSTNAME, None) else None
+
+    return where
 
 
 def client_context(cafile: Path | None = None) -> ssl.SSLContext:
@@ -260,7 +274,7 @@ async def test_starttls_then_a_fresh_greeting_without_starttls(tmp_path, capsys)
 
         # mtrkmta's client: --tls require verifies the certificate (here against the test
         # CA file) for the name it gives STARTTLS; a server it cannot verify gets no TRACK.
-        here = {HOSTNAME: ("127.0.0.1", node.port("mtqp"))}.get
+        here = node_at(node.port("mtqp"))
         trust = verifying_tls_context(trust_root_from_pem(cafile.read_bytes()))
         client = TrackingClient(
             reactor, None, tls="require", tls_context=trust, connect_to=here, reply_timeout=5
@@ -272,7 +286,7 @@ async def test_starttls_then_a_fresh_greeting_without_starttls(tmp_path, capsys)
         hop = await untrusted.query(HOSTNAME, record.envid, record.secret)
         assert hop.error == f"TLS handshake with {HOSTNAME} failed" and hop.response is None
         # A name the certificate lacks: STARTTLS is refused, and under "require" no TRACK.
-        hop = await client.query("127.0.0.1", record.envid, record.secret, port=here(HOSTNAME)[1])
+        hop = await client.query("127.0.0.1", record.envid, record.secret, port=node.port("mtqp"))
         assert hop.error is not None and hop.error.startswith("TLS required, but STARTTLS")
         assert hop.response is None
 
@@ -284,7 +298,7 @@ async def test_tls_required_refuses_track_in_clear(tmp_path, capsys):
     options = (*tls_options(certificate_dir, HOSTNAME), ("mtqp.tls_required", True))
     async with mtqp_node(tmp_path, *options) as node:
         record = await send_tracked(node, tmp_path, capsys)
-        here = {HOSTNAME: ("127.0.0.1", node.port("mtqp"))}.get
+        here = node_at(node.port("mtqp"))
         plain = TrackingClient(reactor, None, tls="none", connect_to=here, reply_timeout=5)
         hop = await plain.query(HOSTNAME, record.envid, record.secret)
         assert hop.greetings[0].starttls_required

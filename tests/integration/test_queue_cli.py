@@ -242,7 +242,7 @@ async def test_show_gives_the_message_and_its_recipients(tmp_path):
         assert fields["State"] == "deferred"
         assert fields["Status"] == "4.2.1"
         assert fields["Diagnostic"] == f"smtp; {BUSY}"
-        assert fields["Remote-mta"] == "dns; 127.0.0.1"
+        assert fields["Remote-mta"] == "dns; [127.0.0.1]"
         assert fields["Attempts"] == "1"
         assert "Next-attempt" in fields
 

@@ -321,13 +321,13 @@ def _looping_message(hops: int) -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_more_than_50_received_headers_is_a_mail_loop(tmp_path):
+async def test_more_than_100_received_headers_is_a_mail_loop(tmp_path):
     async with running_node(tmp_path) as node:
 
         def talk():
             with Wire(node.port("smtp")) as wire:
                 _start(wire)
-                looping = wire.data(_looping_message(51))
+                looping = wire.data(_looping_message(101))
                 return looping, wire.command("NOOP")
 
         looping, noop = await in_thread(talk)
@@ -337,18 +337,19 @@ async def test_more_than_50_received_headers_is_a_mail_loop(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_50_received_headers_are_accepted(tmp_path):
+async def test_100_received_headers_are_accepted(tmp_path):
+    # RFC 5321 §6.3: the loop threshold is normally at least 100.
     async with running_node(tmp_path) as node:
 
         def talk():
             with Wire(node.port("smtp")) as wire:
                 _start(wire)
-                return wire.data(_looping_message(50))
+                return wire.data(_looping_message(100))
 
         queue_id = queue_id_of(await in_thread(talk))
         await queued_everywhere(node, queue_id)
         _, content = await node.spool.load(queue_id)
-        assert content.count(b"\r\nReceived: ") + content.startswith(b"Received: ") == 51
+        assert content.count(b"\r\nReceived: ") + content.startswith(b"Received: ") == 101
 
 
 # -- hostile input: streaming content and unread replies -------------------------------------

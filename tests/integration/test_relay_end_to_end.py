@@ -234,7 +234,7 @@ async def test_mtrk_hop_gets_decremented_timeout_and_records_transferred(tmp_pat
         (rcpt,) = stored.recipients
         assert rcpt.state is RecipientState.TRANSFERRED
         assert (rcpt.action, rcpt.status) == ("transferred", "2.4.0")
-        assert rcpt.remote_mta == "dns; 127.0.0.1"
+        assert rcpt.remote_mta == "dns; [127.0.0.1]"  # a domain-literal, RFC 3461 §9.3
         assert rcpt.certifier_forwarded is True
         assert rcpt.attempts == 2
         assert queue_id not in await rig.spooled()
@@ -272,7 +272,7 @@ async def test_dsn_hop_without_mtrk_gets_dsn_parameters_only(tmp_path):
             assert rcpt.state is RecipientState.RELAYED
             assert (rcpt.action, rcpt.status) == ("relayed", "2.1.9")
             assert rcpt.certifier_forwarded is False
-            assert rcpt.remote_mta == "dns; 127.0.0.1"
+            assert rcpt.remote_mta == "dns; [127.0.0.1]"
 
 
 @pytest_twisted.ensureDeferred
@@ -431,7 +431,7 @@ async def test_4xx_at_rcpt_is_deferred_then_retried_and_delivered_once(tmp_path)
         assert rcpt.state is RecipientState.DEFERRED
         assert (rcpt.action, rcpt.status) == ("delayed", "4.2.1")
         assert rcpt.diagnostic == f"smtp; 451 4.2.1 <{RCPT}>: mailbox busy"
-        assert rcpt.remote_mta == "dns; 127.0.0.1"
+        assert rcpt.remote_mta == "dns; [127.0.0.1]"
         assert rcpt.next_attempt == rcpt.last_attempt + 1  # queue.first_retry
         assert rcpt.will_retry_until == stored.arrival + 3600
 

@@ -317,6 +317,18 @@ async def test_falls_back_from_a_dead_server_to_a_live_one(world):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_server_named_by_its_address_is_a_domain_literal(world):
+    # RFC 3461 §9.3: Remote-MTA is a domain name or a domain-literal (RFC 5321 §4.1.3),
+    # for an accepted message and for a server that could not be reached alike.
+    fake = await world.fake()
+    (outcome,) = await world.smtp().deliver(attempt(hop(server(fake, "127.0.0.1"))))
+    assert outcome.state == S.TRANSFERRED and outcome.remote_mta == "dns; [127.0.0.1]"
+    dead = Server("::1", await dead_endpoint())
+    (outcome,) = await world.smtp().deliver(attempt(hop(dead)))
+    assert outcome.state == S.DEFERRED and outcome.remote_mta == "dns; [IPv6:::1]"
+
+
+@pytest_twisted.ensureDeferred
 async def test_falls_back_on_4xx_and_5xx_greetings(world):
     busy = await world.fake()
     busy.greeting = "421 4.3.2 busy"

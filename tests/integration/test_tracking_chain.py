@@ -8,7 +8,7 @@ Remote-MTA names B (``dns; mx-b.example.test``) as it would on the Internet. B r
 ``chain.example`` to C's LMTP listener (``lmtp:tcp:host=127.0.0.1:port=...``); C has
 it as a local domain and delivers into its Maildir. The tracking client finds A and B
 through ``_mtqp._tcp.<host>`` SRV records on that DNS server (RFC 3887 §2). B's
-Remote-MTA for C is the fixed route's address ``127.0.0.1``: no SRV lookup applies to
+Remote-MTA for C is the fixed route's address ``[127.0.0.1]``: no SRV lookup applies to
 an address, so the one explicit override, ``--connect-to 127.0.0.1=127.0.0.1:<C's
 MTQP port>``, says where that host's tracking server listens.
 """
@@ -29,6 +29,7 @@ from typing import Any
 import pytest_twisted
 from dnsserver import DNSServer, Zone, a, mx, serve_dns
 from fakemta import ALL_EXTENSIONS, FakeMTA
+from smtpwire import queue_emptied
 from srvdns import mtqp_name, publish, srv
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
@@ -100,7 +101,7 @@ class Chain:
             publish(self.dns, mtqp_name(hostname), srv(0, 0, port, hostname))
         return self.nodes[name]
 
-    async def send(self) -> str:
+    async def send(self, mtqp_server: str = A_NAME) -> str:
         """`mtrkmta send` through A; the URI it printed."""
         out, err = io.StringIO(), io.StringIO()
         args = [
@@ -113,7 +114,7 @@ class Chain:
             "--secrets",
             str(self.secrets),
             "--mtqp-server",
-            A_NAME,
+            mtqp_server,
             "--hostname",
             "client.example.test",
             "--timeout",
@@ -240,11 +241,11 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert rcpt_b["original_recipient"] == f"rfc822; {RCPT}"
         assert rcpt_b["final_recipient"] == f"rfc822; {RCPT}"
         assert (rcpt_b["action"], rcpt_b["status"]) == ("transferred", "2.4.0")
-        assert rcpt_b["remote_mta"] == "dns; 127.0.0.1"
+        assert rcpt_b["remote_mta"] == "dns; [127.0.0.1]"
         assert rcpt_b["last_attempt_date"] is not None and rcpt_b["will_retry_until"] is None
 
         # Hop 3: C, reached through --connect-to, delivered into its Maildir.
-        assert (third["host"], third["referred_by"]) == ("127.0.0.1", B_NAME)
+        assert (third["host"], third["referred_by"]) == ("[127.0.0.1]", B_NAME)
         assert third["server"]["port"] == rig.node("c").port("mtqp")
         (report_c,) = third["reports"]
         assert report_c["original_envelope_id"] == record.envid
@@ -278,7 +279,7 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert f"Hop 2: {B_NAME} (127.0.0.1 port {rig.node('b').port('mtqp')})" in timeline
         assert f"referred by {A_NAME}" in timeline and f"referred by {B_NAME}" in timeline
         assert f"    Next hop       {B_NAME}\n" in timeline
-        assert "    Next hop       127.0.0.1\n" in timeline
+        assert "    Next hop       [127.0.0.1]\n" in timeline
         assert f"{RCPT}: delivered (2.1.5) at {C_NAME}" in timeline
 
         # --raw: each server's message/tracking-status answer as received.
@@ -309,7 +310,7 @@ async def test_next_hop_down_shows_delayed_at_b(tmp_path):
         assert hop_recipient(trace["hops"][0])["action"] == "transferred"
         rcpt_b = hop_recipient(trace["hops"][1])
         assert rcpt_b["action"] == "delayed" and rcpt_b["status"].startswith("4.")
-        assert rcpt_b["remote_mta"] == "dns; 127.0.0.1"
+        assert rcpt_b["remote_mta"] == "dns; [127.0.0.1]"
         assert rcpt_b["last_attempt_date"] is not None
         assert rcpt_b["will_retry_until"] is not None  # CHECKLIST 5.3 [S]: still in B's queue
         assert at(rcpt_b["will_retry_until"]) > at(rcpt_b["last_attempt_date"])
@@ -345,9 +346,43 @@ async def test_next_hop_without_mtrk_shows_relayed_and_stops(tmp_path):
             assert [hop["host"] for hop in trace["hops"]] == [A_NAME, B_NAME]
             rcpt_b = hop_recipient(trace["hops"][1])
             assert (rcpt_b["action"], rcpt_b["status"]) == ("relayed", "2.1.9")
-            assert rcpt_b["remote_mta"] == "dns; 127.0.0.1"
+            assert rcpt_b["remote_mta"] == "dns; [127.0.0.1]"
             assert rcpt_b["last_attempt_date"] is not None
             (path,) = trace["recipients"]
             assert (path["outcome"], path["final"]) == ("relayed", True)
     finally:
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_on_one_address_at_two_mtqp_ports(tmp_path):
+    # A relays to B by a fixed route to 127.0.0.1, so A's Remote-MTA is "dns; [127.0.0.1]"
+    # (RFC 3461 §9.3): the address A's own tracking server has, on another port. The
+    # client asks A at the URI's port, then B where --connect-to says 127.0.0.1 is
+    # (a Remote-MTA names no port): two servers, not a loop.
+    async with chain(tmp_path) as rig:
+        b = await rig.start("b", B_NAME, ("domains.local", (DOMAIN,)))
+        route = f"{DOMAIN}=smtp:tcp:host=127.0.0.1:port={b.port('smtp')};tls=none"
+        a = await rig.start("a", A_NAME, ("routes", route))
+        uri = await rig.send(mtqp_server=f"127.0.0.1:{a.port('mtqp')}")
+        assert uri.startswith(f"mtqp://127.0.0.1:{a.port('mtqp')}/track/")
+        await queue_emptied(a)  # relayed: B said 250
+        await queue_emptied(b)  # delivered into B's Maildir
+        options = track.TrackOptions()
+        options.parseOptions(
+            ["--json", "--connect-to", f"127.0.0.1=127.0.0.1:{b.port('mtqp')}", uri]
+        )
+        out = io.StringIO()
+        status = await track.run(
+            options, reactor, rig.dns.resolver(), out, reply_timeout=REPLY_TIMEOUT
+        )
+        trace = json.loads(out.getvalue())
+        assert status == 0, trace
+        first, second = trace["hops"]
+        assert (first["host"], first["server"]["port"]) == ("127.0.0.1", a.port("mtqp"))
+        assert hop_recipient(first)["remote_mta"] == "dns; [127.0.0.1]"
+        assert (second["host"], second["referred_by"]) == ("[127.0.0.1]", A_NAME)
+        assert second["server"]["port"] == b.port("mtqp")
+        assert second["reports"][0]["reporting_mta"] == f"dns; {B_NAME}"
+        (path,) = trace["recipients"]
+        assert (path["outcome"], path["final"]) == ("delivered", True)

@@ -398,9 +398,18 @@ def test_track_connect_to():
     options = parse_track(
         "--connect-to",
         "MX.example.test.=127.0.0.1:4242",
+        "--connect-to",
+        "mx.example.test:2000=127.0.0.1:9999",
+        "--connect-to",
+        "[IPv6:2001:DB8::1]=[::1]:4243",
         f"mtqp://mx.example.test/track/{ENVID}/{SECRET_B64}",
     )
-    assert options["connect-to"] == {"mx.example.test": ("127.0.0.1", 4242)}
+    # HOST applies when HOST is asked without a port (a referral), HOST:PORT at that port.
+    assert options["connect-to"] == {
+        ("mx.example.test", None): ("127.0.0.1", 4242),
+        ("mx.example.test", 2000): ("127.0.0.1", 9999),
+        ("2001:db8::1", None): ("::1", 4243),
+    }
 
 
 @pytest.mark.parametrize(
@@ -416,6 +425,7 @@ def test_track_connect_to():
         ("--json", "--raw", f"mtqp://mx.example.test/track/{ENVID}/{SECRET_B64}"),
         ("--max-hops", "0", f"mtqp://mx.example.test/track/{ENVID}/{SECRET_B64}"),
         ("--connect-to", "nohost", f"mtqp://mx.example.test/track/{ENVID}/{SECRET_B64}"),
+        ("--connect-to", "h:x=127.0.0.1:1", f"mtqp://mx.example.test/track/{ENVID}/{SECRET_B64}"),
         ("--last", "--secrets", "/nonexistent/sent.jsonl"),
         ("--last", f"mtqp://mx.example.test/track/{ENVID}/{SECRET_B64}"),
         ("--ca-file", "/nonexistent.pem", f"mtqp://mx.example.test/track/{ENVID}/{SECRET_B64}"),
@@ -554,14 +564,16 @@ def test_json_and_timeline_output():
 class ScriptedClient(TrackingClient):
     """A TrackingClient whose servers answer from a script instead of the network."""
 
-    def __init__(self, answers: dict[str, Hop], **kw: Any) -> None:
+    def __init__(self, answers: dict[Any, Hop], **kw: Any) -> None:
         super().__init__(MemoryReactorClock(), None, **kw)
         self.answers = answers
         self.asked: list[tuple[str, int | None, str | None]] = []
 
     def query(self, host, envid, secret, *, port=None, referred_by=None) -> Deferred:
         self.asked.append((host, port, referred_by))
-        answer = self.answers.get(host.lower(), Hop(host=host, error="no such server"))
+        answer = self.answers.get(
+            (host.lower(), port), self.answers.get(host.lower(), Hop(host=host, error="no server"))
+        )
         return succeed(
             Hop(
                 host=host,
@@ -658,6 +670,26 @@ def test_follow_never_asks_a_host_twice():
     assert trace.recipients[0].outcome == "loop"
 
 
+def test_follow_asks_one_address_at_two_ports():
+    # Two nodes on one address: the first asked at its explicit port names the other
+    # only as "dns; [127.0.0.1]" (RFC 3461 §9.3), whose server is asked without a port
+    # (where --connect-to or 1038 says): another server, not a loop.
+    answers = {
+        ("127.0.0.1", 4001): hop(
+            "127.0.0.1", report("a.example", status("transferred", "2.4.0", "[127.0.0.1]"))
+        ),
+        ("[127.0.0.1]", None): hop(
+            "[127.0.0.1]", report("b.example", status("delivered", "2.1.5"))
+        ),
+    }
+    client = ScriptedClient(answers)
+    trace = result(client.follow("127.0.0.1", ENVID, SECRET_B64, port=4001))
+    assert client.asked == [("127.0.0.1", 4001, None), ("[127.0.0.1]", None, "a.example")]
+    (path,) = trace.recipients
+    assert (path.outcome, [s.hop for s in path.steps]) == ("delivered", [0, 1])
+    assert trace.complete
+
+
 # -- locating servers (CHECKLIST 4.1) ---
 
 
@@ -725,9 +757,20 @@ def test_explicit_port_literal_and_override_skip_srv():
         Target("192.0.2.5", 1111, "mx.example.test")
     ]
     assert locate(resolver, "[IPv6:2001:DB8::2]") == [Target("2001:db8::2", 1038, "2001:db8::2")]
-    override = {"mx.example.test": ("127.0.0.1", 5555)}.get
+    table = {("mx.example.test", None): ("127.0.0.1", 5555), ("127.0.0.1", 2000): ("::1", 9)}
+
+    def override(host: str, port: int | None) -> tuple[str, int] | None:
+        return table.get((host, port))
+
     assert locate(resolver, "mx.example.test", connect_to=override) == [
         Target("127.0.0.1", 5555, "mx.example.test")
+    ]
+    # An explicit port is where to ask unless an override names that port too.
+    assert locate(resolver, "[127.0.0.1]", 4001, connect_to=override) == [
+        Target("127.0.0.1", 4001, "127.0.0.1")
+    ]
+    assert locate(resolver, "127.0.0.1", 2000, connect_to=override) == [
+        Target("::1", 9, "127.0.0.1")
     ]
     assert [kind for kind, _ in resolver.asked] == ["A"]
 

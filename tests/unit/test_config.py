@@ -89,7 +89,7 @@ def test_defaults(tmp_path, monkeypatch):
     assert config.limits.max_connections == 1000
     assert config.limits.max_connections_per_ip == 50
     assert config.limits.min_free_space == 100 * MiB
-    assert config.limits.max_received_headers == 50
+    assert config.limits.max_received_headers == 100
     # RFC 5321 §4.5.3.1: local part, domain, path; the HELO name is a domain.
     assert (
         config.limits.local_part_length,

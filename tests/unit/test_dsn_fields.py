@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from mtrkmta.dsn.fields import (
     MAX_RUN,
+    dns_mta,
+    mta_host,
     safe_address,
     safe_diagnostic,
     safe_human,
@@ -16,6 +18,7 @@ from mtrkmta.dsn.fields import (
     safe_original_recipient,
     safe_text,
     safe_typed_mta,
+    typed_mta,
 )
 
 ANY_TEXT = st.text(st.characters(codec=None), max_size=200) | st.text(
@@ -120,3 +123,19 @@ def test_safe_diagnostic_examples():
     assert safe_diagnostic("smtp; 550 5.1.1 bad\x01user") == "smtp; 550 5.1.1 bad\\x{01}user"
     assert safe_diagnostic("550 no") == "smtp; 550 no"
     assert safe_diagnostic("no route") == "x-local; no route"
+
+
+def test_an_address_is_named_as_a_domain_literal():
+    # RFC 3461 §9.3: the name of a dns MTA is a domain name or a domain-literal
+    # (RFC 5321 §4.1.3: "[" IPv4 "]", "[IPv6:" IPv6 "]").
+    assert dns_mta("127.0.0.1") == "dns; [127.0.0.1]"
+    assert dns_mta("2001:DB8:0::1") == "dns; [IPv6:2001:db8::1]"
+    assert dns_mta("::1") == "dns; [IPv6:::1]"
+    assert dns_mta("mx.example.org") == "dns; mx.example.org"
+    assert mta_host(" [192.0.2.1] ") == "[192.0.2.1]"
+    assert mta_host("1.2.3.4.example") == "1.2.3.4.example"
+    assert typed_mta("dns; 127.0.0.1") == ("dns", "[127.0.0.1]")
+    assert typed_mta("DNS;::1") == ("DNS", "[IPv6:::1]")
+    assert typed_mta("192.0.2.1") == ("dns", "[192.0.2.1]")
+    assert typed_mta("x-local; 192.0.2.1") == ("x-local", "192.0.2.1")
+    assert safe_typed_mta("dns; 127.0.0.1") == "dns; [127.0.0.1]"

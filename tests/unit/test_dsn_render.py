@@ -408,6 +408,21 @@ def test_bare_remote_host_gets_the_dns_type():
     assert block["Remote-MTA"] == "dns; mx1.example.com"
 
 
+def test_remote_mta_address_is_a_domain_literal_even_in_old_records():
+    # RFC 3461 §9.3: Remote-MTA is "a domain name or a domain-literal"; records stored
+    # before the transports wrote [address] still render as one (RFC 5321 §4.1.3 form).
+    for stored, shown in (
+        ("dns; 127.0.0.1", b"Remote-MTA: dns; [127.0.0.1]\r\n"),
+        ("dns; [127.0.0.1]", b"Remote-MTA: dns; [127.0.0.1]\r\n"),
+        ("DNS;2001:db8::1", b"Remote-MTA: DNS; [IPv6:2001:db8::1]\r\n"),
+        ("192.0.2.9", b"Remote-MTA: dns; [192.0.2.9]\r\n"),
+        ("x-local; 127.0.0.1", b"Remote-MTA: x-local; 127.0.0.1\r\n"),
+    ):
+        dsn = render([failed_report(remote_mta=stored)])
+        assert shown in dsn, stored
+        assert b"Mail server: " + shown.split(b"; ", 1)[1].rstrip() + b"\r\n" in dsn
+
+
 def test_untyped_diagnostic_gets_a_type():
     # RFC 3464 §2.3.6: diagnostic-type ";" *text; a stored value without one still renders.
     block = delivery_status(render([failed_report(diagnostic="550 5.1.1 User unknown")]))[1]

@@ -80,3 +80,14 @@ def test_lhlo_name_must_be_a_printable_ascii_domain_of_at_most_255_octets(client
         b"501 5.5.2 LHLO argument must be a domain or address literal in printable ASCII"
     ]
     assert client.send(b"MAIL FROM:<s@c.example>\r\n")[0].startswith(b"503 5.5.1")
+
+
+def test_quit_with_an_argument_and_expn(client):
+    # RFC 2033 §4 keeps RFC 5321's commands: QUIT takes no argument (RFC 5321 §4.3.2:
+    # 501) and a disabled EXPN answers 502 (RFC 5321 §3.5.2, §7.3).
+    client.send(b"LHLO c\r\n")
+    assert client.send(b"QUIT oops\r\nEXPN staff\r\n") == [
+        b"501 5.5.4 Syntax: QUIT",
+        b"502 5.5.1 EXPN not implemented",
+    ]
+    assert client.send(b"QUIT\r\n") == [b"221 2.0.0 lda.example.test Bye"]

@@ -170,6 +170,22 @@ def test_full_transaction_is_handed_to_receiver(client, receiver):
     assert content.endswith(b"Subject: hi\r\n\r\n.dot\r\n")
 
 
+def test_received_field_date_is_utc_with_a_numeric_zone(receiver, clock):
+    # RFC 5322 §3.3: "-0000" would mean the local zone is unknown; UTC is "+0000".
+    clock.advance(1772366400)  # before the session starts, so that no timer runs out
+    client = Client(make_factory(receiver, clock))
+    client.send(b"EHLO c.example\r\nMAIL FROM:<s@c.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
+    client.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+    _, content = receiver.accepted[0]
+    assert content.startswith(
+        b"Received: from c.example ([192.0.2.7])\r\n"
+        b"\tby mx.example.test (mtrkmta) with ESMTP id Q1\r\n"
+        b"\tfor <u@x.example>;\r\n"
+        b"\tSun, 01 Mar 2026 12:00:00 +0000\r\n"
+        b"Subject: hi\r\n"
+    )
+
+
 def test_pipelined_commands_wait_for_a_slow_check(client, receiver):
     # Strict PIPELINING: RCPT is not answered before the slow MAIL check has finished.
     receiver.sender_checks = []
@@ -190,6 +206,33 @@ def test_unknown_and_out_of_order_commands(client):
     assert client.send(b"MAIL FROM:<a@b.example>\r\n")[0].startswith(b"503 5.5.1")
     client.send(b"EHLO c\r\n")
     assert client.send(b"DATA\r\n")[0].startswith(b"503 5.5.1")
+
+
+def test_commands_without_argument_refuse_one(client):
+    # RFC 5321 §4.3.2: DATA, RSET and QUIT take no argument; one gets 501 and the
+    # session goes on. NOOP and HELP may have one (§4.1.1.9, §4.1.1.8).
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\n")
+    assert client.send(b"QUIT oops\r\nRSET x\r\nDATA x\r\nNOOP x\r\n") == [
+        b"501 5.5.4 Syntax: QUIT",
+        b"501 5.5.4 Syntax: RSET",
+        b"501 5.5.4 Syntax: DATA",
+        b"250 2.0.0 Ok",
+    ]
+    assert client.send(b"HELP DATA\r\n")[0].startswith(b"214-2.0.0 Commands: ")
+    assert client.send(b"QUIT\r\n") == [b"221 2.0.0 mx.example.test Bye"]
+    assert client.transport.disconnecting
+
+
+def test_expn_is_recognised_but_not_implemented_and_vrfy_gets_252(client):
+    # RFC 5321 §3.5.2 / §7.3: a disabled EXPN answers 502, not "500 unrecognized";
+    # §3.5.3: 252 for a VRFY the server will not verify but will accept mail for.
+    client.send(b"EHLO c\r\n")
+    assert client.send(b"EXPN staff\r\nEXPN\r\nVRFY bob\r\nVRFY\r\n") == [
+        b"502 5.5.1 EXPN not implemented",
+        b"502 5.5.1 EXPN not implemented",
+        b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+        b"501 5.5.4 Syntax: VRFY address",
+    ]
 
 
 def test_overlong_command_line(client):
@@ -249,10 +292,20 @@ def test_too_many_recipients(receiver, clock):
 
 
 def test_mail_loop_detected(client):
+    # RFC 5321 §6.3: the loop threshold is "normally at least 100" Received: fields.
     client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
-    assert client.send(b"Received: x\r\n" * 51 + b"\r\nbody\r\n.\r\n") == [
+    assert client.send(b"Received: x\r\n" * 101 + b"\r\nbody\r\n.\r\n") == [
         b"554 5.4.6 Too many Received: headers: mail loop detected"
     ]
+
+
+def test_sixty_received_fields_are_no_loop(client, receiver):
+    # RFC 5321 §6.3: a message that crossed 60 hops is not refused as a loop.
+    client.send(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@x.example>\r\nDATA\r\n")
+    assert client.send(b"Received: x\r\n" * 60 + b"\r\nbody\r\n.\r\n") == [
+        b"250 2.0.0 Ok: queued as Q1"
+    ]
+    assert receiver.accepted[0][1].count(b"Received: ") == 61
 
 
 def test_refused_recipient_and_data_without_recipients(client, receiver):

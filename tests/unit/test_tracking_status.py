@@ -572,6 +572,26 @@ class TestPerRecipientFromStore:
         assert status.remote_mta == TypedValue("dns", "mx.dest.example")
         assert b"Will-Retry-Until" not in render_status(report_from_store(message(r), now=NOW))
 
+    def test_remote_mta_address_is_a_domain_literal(self):
+        # RFC 3461 §9.3: a domain name or a domain-literal; records stored before the
+        # transports wrote "dns; [127.0.0.1]" are reported in that form too.
+        for stored, shown in (
+            ("dns; 127.0.0.1", b"Remote-MTA: dns; [127.0.0.1]\r\n"),
+            ("dns; [127.0.0.1]", b"Remote-MTA: dns; [127.0.0.1]\r\n"),
+            ("dns; ::1", b"Remote-MTA: dns; [IPv6:::1]\r\n"),
+        ):
+            r = recipient(
+                state=RecipientState.RELAYED,
+                status="2.1.9",
+                last_attempt=ARRIVAL + 60,
+                remote_mta=stored,
+            )
+            body = render_status(report_from_store(message(r), now=NOW))
+            assert shown in body, stored
+            assert parse_status(body).recipients[0].remote_mta == TypedValue(
+                "dns", shown[17:-2].decode()
+            )
+
     def test_remote_mta_needs_an_attempt(self):
         # CHECKLIST 5.3: Remote-MTA absent if no delivery attempt yet
         r = recipient(state=RecipientState.DEFERRED, remote_mta="dns; mx.dest.example")
