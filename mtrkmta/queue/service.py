@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
@@ -27,6 +25,7 @@ from mtrkmta.delivery.interfaces import (
 from mtrkmta.envelope import Envelope, Recipient
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
+from mtrkmta.queue.scheduler import Scheduler
 from mtrkmta.receive.policy import recipient_domain
 from mtrkmta.routing.aliases import Deliver, Loop, Resolution
 from mtrkmta.spool.interfaces import (
@@ -190,7 +189,6 @@ class QueueService:
         self.node_id = node_id
         self.retry = retry
         self.destination_concurrency = destination_concurrency
-        self.max_active_messages = max_active_messages
         self.observers: list[Callable[[QueueEvent], object]] = []
         self.notifier = notifier
         self.expander = expander
@@ -200,21 +198,23 @@ class QueueService:
         self.default_retention = default_retention
         self.transient_errors = transient_errors
         self._cache = ContentCache(content_cache_bytes)
-        self._heap: list[tuple[float, int, str]] = []
-        self._due: dict[str, float] = {}
-        self._sequence = itertools.count()
-        self._timer: IDelayedCall | None = None
-        self._active: dict[str, Deferred[None]] = {}
-        self._forced: set[str] = set()
-        self._again: dict[str, float] = {}  # asked for while an attempt ran: when
+        self.scheduler = Scheduler(clock, self._run, max_active_messages)
         self._semaphores: dict[str, DeferredSemaphore] = {}
-        self._running = False
+
+    @property
+    def max_active_messages(self) -> int:
+        """At most this many messages are in a queue run at the same time."""
+        return self.scheduler.max_active
+
+    @max_active_messages.setter
+    def max_active_messages(self, value: int) -> None:
+        self.scheduler.max_active = value
 
     # -- life cycle -------------------------------------------------------------
 
     async def start(self) -> None:
         """Rebuild the schedule from the tracking store (crash recovery) and run."""
-        self._running = True
+        self.scheduler.run()
         queued = await self.tracking.queued_messages(self.node_id)
         now = self.clock.seconds()
         for queue_id in queued:
@@ -230,25 +230,22 @@ class QueueService:
         the recipients are recorded as deferred, and they are tried again after the
         restart.
         """
-        self._running = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if not self._active:
+        in_progress = self.scheduler.stop()
+        if not in_progress:
             return
         abort = None
         if grace is not None:
-            abort = self.clock.callLater(grace, self._abort_transports)
+            abort = self.clock.callLater(grace, self._abort_transports, len(in_progress))
         try:
-            await DeferredList(list(self._active.values()))
+            await DeferredList(in_progress)
         finally:
             if abort is not None and abort.active():
                 abort.cancel()
 
-    def _abort_transports(self) -> None:
+    def _abort_transports(self, running: int) -> None:
         log.info(
             "queue: {n} delivery attempt(s) still running at shutdown: cut short",
-            n=len(self._active),
+            n=running,
         )
         for transport in self.transports.values():
             transport.abort()
@@ -269,20 +266,7 @@ class QueueService:
 
     def schedule(self, queue_id: str, when: float, *, force: bool = False) -> None:
         """Attempt ``queue_id`` at ``when`` (or earlier if it is already due earlier)."""
-        if force:
-            self._forced.add(queue_id)
-        if queue_id in self._active:
-            # Remember when it was asked for: a retry time set by the running attempt
-            # itself must not turn into an immediate new run (that would spin until the
-            # retry is due).
-            self._again[queue_id] = min(when, self._again.get(queue_id, when))
-            return
-        current = self._due.get(queue_id)
-        if current is not None and current <= when:
-            return
-        self._due[queue_id] = when
-        heapq.heappush(self._heap, (when, next(self._sequence), queue_id))
-        self._arm()
+        self.scheduler.schedule(queue_id, when, force=force)
 
     async def flush(self, queue_id: str | None = None) -> int:
         """Attempt one message, or every queued message, now, ignoring retry times."""
@@ -369,7 +353,7 @@ class QueueService:
         await self.spool.remove([queue_id])
         await self.tracking.forget([queue_id])
         self._cache.drop(queue_id)
-        self._due.pop(queue_id, None)
+        self.scheduler.forget(queue_id)
         log.info("{queue_id}: deleted by the administrator", queue_id=queue_id)
         return True
 
@@ -399,50 +383,17 @@ class QueueService:
         return True
 
     async def _wait_idle(self, queue_id: str) -> None:
-        active = self._active.get(queue_id)
+        active = self.scheduler.in_progress(queue_id)
         if active is not None:
             await DeferredList([active])
 
-    # -- scheduling -----------------------------------------------------------------
+    # -- one queue run of one message ---------------------------------------------------
 
-    def _arm(self) -> None:
-        if not self._running or len(self._active) >= self.max_active_messages:
-            # Full: a finishing attempt re-arms (_finished). A timer now would find
-            # nothing to start and re-arm itself at once, spinning the reactor.
-            return
-        while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:
-            heapq.heappop(self._heap)  # stale entry: rescheduled or already taken
-        if not self._heap:
-            return
-        delay = max(0.0, self._heap[0][0] - self.clock.seconds())
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= self.clock.seconds() + delay:
-                return
-            self._timer.cancel()
-        self._timer = self.clock.callLater(delay, self._wake)
-
-    def _wake(self) -> None:
-        self._timer = None
-        now = self.clock.seconds()
-        while self._heap and len(self._active) < self.max_active_messages:
-            when, _, queue_id = self._heap[0]
-            if self._due.get(queue_id) != when:
-                heapq.heappop(self._heap)
-                continue
-            if when > now:
-                break
-            heapq.heappop(self._heap)
-            del self._due[queue_id]
-            self._start(queue_id)
-        self._arm()
-
-    def _start(self, queue_id: str) -> None:
-        force = queue_id in self._forced
-        self._forced.discard(queue_id)
+    def _run(self, queue_id: str, force: bool) -> Deferred[None]:
+        """The scheduler's start: one queue run, whose faults are handled here."""
         d = ensureDeferred(self._attempt(queue_id, force))
-        self._active[queue_id] = d
         d.addErrback(self._attempt_failed, queue_id)
-        d.addBoth(self._finished, queue_id)
+        return d
 
     def _attempt_failed(self, failure: Failure, queue_id: str) -> Deferred[None] | None:
         """A queue run of ``queue_id`` raised: try again later, or hold the message.
@@ -452,7 +403,7 @@ class QueueService:
         with the error as its reason (``mtrkmta queue list`` shows it; over MTQP its
         recipients are ``delayed``) until the administrator releases it.
         """
-        if not self._running:
+        if not self.scheduler.running:
             log.failure("{queue_id}: queue run failed", failure, queue_id=queue_id)
             return None
         if failure.check(*self.transient_errors):
@@ -486,19 +437,8 @@ class QueueService:
         self._retry_later(queue_id)
 
     def _retry_later(self, queue_id: str) -> None:
-        if self._running:
+        if self.scheduler.running:
             self.schedule(queue_id, self.clock.seconds() + self.retry.first_retry)
-
-    def _finished(self, _: object, queue_id: str) -> None:
-        del self._active[queue_id]
-        again = self._again.pop(queue_id, None)
-        if again is not None and self._running:
-            self.schedule(queue_id, again)
-        self._arm()
-        if self._heap and self._timer is None:
-            self._wake()
-
-    # -- one queue run of one message ---------------------------------------------------
 
     async def _attempt(self, queue_id: str, force: bool) -> None:
         accepted = self._cache.take_record(queue_id)
