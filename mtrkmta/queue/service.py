@@ -441,78 +441,124 @@ class QueueService:
             self.schedule(queue_id, self.clock.seconds() + self.retry.first_retry)
 
     async def _attempt(self, queue_id: str, force: bool) -> None:
+        """One queue run of one message, step by step: its record; the DSNs still
+        owed; the recipients due; the content; aliases and lists; delivery per next
+        hop; the outcomes recorded (which finishes or reschedules the message)."""
+        taken = await self._take_record(queue_id)
+        if taken is None:
+            return
+        message, first = taken
+        message = await self._send_owed_dsns(message)
+        if message is None:
+            return
+        due = await self._due_recipients(message, force)
+        if not due:
+            return
+        loaded = await self._load(message)
+        if loaded is None:
+            return
+        envelope, content = loaded
+        now = self.clock.seconds()
+        outcomes, rewritten = await self._expand(envelope, content, due, now)
+        expanded = {o.index for o in outcomes}
+        routed = [r.index for r in due if r.index not in expanded]
+        if routed:
+            current = self._readdressed(envelope, message, rewritten)
+            outcomes += await self._deliver(current, content, routed, now, first=first)
+        finished_at = self.clock.seconds()
+        await self._record(
+            message, self._updates(message, outcomes, rewritten, finished_at), finished_at
+        )
+
+    async def _take_record(self, queue_id: str) -> tuple[StoredMessage, bool] | None:
+        """The message's record, and whether this is the first run of a message this
+        process accepted (then no earlier attempt can have delivered anything: the
+        record cached at acceptance exists only until that run). None: not ours to
+        run (gone, another node's, or held)."""
         accepted = self._cache.take_record(queue_id)
-        # The record cached at acceptance exists only until the first run of a message
-        # this process accepted: then no earlier attempt can have delivered anything.
-        first = accepted is not None
         message = accepted or await self.tracking.message(queue_id)
         if message is None or message.node_id != self.node_id:
             self._cache.drop(queue_id)
-            return
+            return None
         if message.held:
-            return
-        now = self.clock.seconds()
+            return None
+        return message, accepted is not None
+
+    async def _send_owed_dsns(self, message: StoredMessage) -> StoredMessage | None:
+        """Queue the DSNs owed when an earlier outcome was recorded but not yet queued
+        (a crash, or the DSN could not be accepted); the record as it is then."""
         owed = [r for r in message.recipients if r.dsn_pending]
-        if owed:
-            # A DSN was owed when the last outcome was recorded, but not yet queued
-            # (a crash, or the DSN could not be accepted): send it now.
-            await self._notify(message, owed)
-            message = await self.tracking.message(queue_id)
-            if message is None:
-                return
+        if not owed:
+            return message
+        await self._notify(message, owed)
+        return await self.tracking.message(message.queue_id)
+
+    async def _due_recipients(self, message: StoredMessage, force: bool) -> list[StoredRecipient]:
+        """The recipients to try now (all that wait, for a forced run). With none, the
+        message is finished or scheduled for its next due time here."""
+        now = self.clock.seconds()
         waiting = [r for r in message.recipients if r.state.in_queue]
         due = [r for r in waiting if force or r.next_attempt is None or r.next_attempt <= now]
+        if due:
+            return due
         if not message.unfinished:
-            await self._finish_message(queue_id)
-            return
-        if not waiting:
-            self.schedule(queue_id, now + self.retry.first_retry)  # the DSN is still owed
-            return
-        if not due:
-            self.schedule(queue_id, min(r.next_attempt or now for r in waiting))
-            return
-        cached = self._cache.get(queue_id)
-        if cached is None:
-            try:
-                cached = await self.spool.load(queue_id)
-            except (SpoolCorruption, MessageNotFound) as error:
-                await self._quarantine(message, error)
-                return
-        envelope, content = cached
-        # Recipients are routed by their final address (a single-target alias may
-        # have rewritten it); the envelope of the attempt carries those addresses.
+            await self._finish_message(message.queue_id)
+        elif not waiting:
+            self.schedule(message.queue_id, now + self.retry.first_retry)  # a DSN still owed
+        else:
+            self.schedule(message.queue_id, min(r.next_attempt or now for r in waiting))
+        return []
+
+    async def _load(self, message: StoredMessage) -> tuple[Envelope, bytes] | None:
+        """The envelope and content, from the cache or the spool; None when the queue
+        file cannot be read (then it is quarantined)."""
+        cached = self._cache.get(message.queue_id)
+        if cached is not None:
+            return cached
+        try:
+            return await self.spool.load(message.queue_id)
+        except (SpoolCorruption, MessageNotFound) as error:
+            await self._quarantine(message, error)
+            return None
+
+    @staticmethod
+    def _readdressed(
+        envelope: Envelope, message: StoredMessage, rewritten: Mapping[int, str]
+    ) -> Envelope:
+        """The envelope of the attempt: recipients are routed by their final address
+        (a single-target alias may have rewritten it)."""
         final = {r.index: r.final_recipient for r in message.recipients}
-        outcomes, rewritten = await self._expand(envelope, content, due, now)
         final.update(rewritten)
         readdressed = tuple(
             _readdressed(rcpt, final.get(i, rcpt.address))
             for i, rcpt in enumerate(envelope.recipients)
         )
-        current = (
-            envelope
-            if readdressed == envelope.recipients
-            else replace(envelope, recipients=readdressed)
-        )
-        expanded = {o.index for o in outcomes}
-        routed = [r.index for r in due if r.index not in expanded]
-        if routed:
-            outcomes += await self._deliver(current, content, routed, now, first=first)
+        if readdressed == envelope.recipients:
+            return envelope
+        return replace(envelope, recipients=readdressed)
+
+    def _updates(
+        self,
+        message: StoredMessage,
+        outcomes: Sequence[RecipientOutcome],
+        rewritten: Mapping[int, str],
+        now: float,
+    ) -> tuple[RecipientUpdate, ...]:
+        """The outcomes as tracking updates (queue.policy: retry times, lifetime)."""
         attempts = {r.index: r.attempts for r in message.recipients}
-        finished_at = self.clock.seconds()
-        updates = tuple(
+        return tuple(
             _rewritten(
                 update_for(
                     outcome,
                     attempts_before=attempts[outcome.index],
                     arrival=message.arrival,
-                    now=finished_at,
+                    now=now,
                     policy=self.retry,
                 ),
                 rewritten.get(outcome.index),
             )
             for outcome in sorted(outcomes, key=lambda o: o.index)
         )
-        await self._record(message, updates, finished_at)
 
     async def _quarantine(self, message: StoredMessage, error: Exception) -> None:
         """The queue file cannot be read: move it to quarantine, fail the recipients
