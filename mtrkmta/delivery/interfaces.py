@@ -82,6 +82,7 @@ class RecipientOutcome:
     the final dot): the recipient is retried, at the risk of a duplicate.
     ``dsn_passed`` is True when a next hop that advertised DSN accepted the
     recipient: DSN duties went with the message (no ``relayed`` DSN from us).
+    ``list_expansion`` marks an EXPANDED recipient that was a mailing list.
     """
 
     index: int
@@ -92,6 +93,7 @@ class RecipientOutcome:
     certifier_forwarded: bool = False
     unknown: bool = False
     dsn_passed: bool = False
+    list_expansion: bool = False  # EXPANDED by a mailing list (RFC 3461 §5.2.7.1: "delivered")
 
 
 class ITransport(Interface):

@@ -19,7 +19,6 @@ from mtrkmta.dsn.policy import (
 )
 from mtrkmta.dsn.render import RecipientReport, render_dsn
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
-from mtrkmta.queue.expansion import LIST_DIAGNOSTIC
 from mtrkmta.queue.service import INotifier
 from mtrkmta.receive.receiver import Receiver
 from mtrkmta.spool.interfaces import ISpool, MessageNotFound, SpoolCorruption
@@ -42,7 +41,7 @@ PENDING_ACTIONS = {
 
 def pending_action(recipient: StoredRecipient) -> str | None:
     """The Action of the DSN owed for ``recipient`` in its current state."""
-    if recipient.state is RecipientState.EXPANDED and recipient.diagnostic == LIST_DIAGNOSTIC:
+    if recipient.state is RecipientState.EXPANDED and recipient.list_expansion:
         return "delivered"
     return PENDING_ACTIONS.get(recipient.state)
 
@@ -91,7 +90,7 @@ class DsnNotifier:
         ):
             return None
         event = event_for_state(recipient.state)
-        if recipient.state is RecipientState.EXPANDED and recipient.diagnostic == LIST_DIAGNOSTIC:
+        if recipient.state is RecipientState.EXPANDED and recipient.list_expansion:
             event = DsnEvent.LIST_ACCEPTED  # a list: "delivered" in a DSN (3461 §5.2.7.1)
         if event is None:
             return None

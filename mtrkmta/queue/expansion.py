@@ -46,7 +46,9 @@ def outcome_for(index: int, resolution: Resolution) -> RecipientOutcome:
         # Confidential or role alias: tracking stops here, the targets are never shown.
         return RecipientOutcome(index, RecipientState.DELIVERED, "2.1.5")
     if isinstance(resolution, Redistribute):
-        return RecipientOutcome(index, RecipientState.EXPANDED, "2.1.5", LIST_DIAGNOSTIC)
+        return RecipientOutcome(
+            index, RecipientState.EXPANDED, "2.1.5", LIST_DIAGNOSTIC, list_expansion=True
+        )
     return RecipientOutcome(index, RecipientState.EXPANDED, "2.1.5")
 
 

@@ -71,6 +71,7 @@ def update_for(
             last_attempt=now,
             certifier_forwarded=outcome.certifier_forwarded,
             dsn_passed=outcome.dsn_passed,
+            list_expansion=outcome.list_expansion,
         )
     if now >= give_up:
         return RecipientUpdate(

@@ -64,6 +64,7 @@ class StoredRecipient:
     dsn_pending: bool = False
     dsn_passed: bool = False
     delay_warned: bool = False
+    list_expansion: bool = False  # EXPANDED by a mailing list (a DSN says "delivered")
 
     @property
     def original(self) -> OriginalRecipient:
@@ -90,6 +91,7 @@ class StoredRecipient:
             dsn_pending=update.dsn_pending,
             dsn_passed=update.dsn_passed,
             delay_warned=self.delay_warned if update.delay_warned is None else update.delay_warned,
+            list_expansion=update.list_expansion,
         )
 
 
@@ -167,6 +169,7 @@ class RecipientUpdate:
     dsn_passed: bool = False
     delay_warned: bool | None = None
     final_recipient: str | None = None  # a new final address (alias rewrite); None: keep
+    list_expansion: bool = False  # EXPANDED by a mailing list
 
 
 class ITrackingStore(Interface):

@@ -132,6 +132,8 @@ def build_schema() -> TrackingSchema:
         Column("dsn_passed", Boolean, server_default=false(), nullable=False),
         # The one "delayed" warning was sent (0002).
         Column("delay_warned", Boolean, server_default=false(), nullable=False),
+        # Expanded by a mailing list: "delivered" in a DSN, RFC 3461 §5.2.7.1 (0006).
+        Column("list_expansion", Boolean, server_default=false(), nullable=False),
         CheckConstraint(STATE_CHECK, name="state"),
         # Finds the recipients still in the queue (and, by queue_id, their messages).
         Index(None, "state", "queue_id"),

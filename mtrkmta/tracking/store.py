@@ -175,6 +175,7 @@ def recipient_update(schema: TrackingSchema) -> Update:
     plain = (
         "state", "action", "status", "remote_mta", "diagnostic", "last_attempt",
         "will_retry_until", "next_attempt", "certifier_forwarded", "dsn_pending", "dsn_passed",
+        "list_expansion",
     )  # fmt: skip
     return (
         r.update()
@@ -226,6 +227,7 @@ def stored_message(
             dsn_pending=bool(rr.get("dsn_pending", False)),
             dsn_passed=bool(rr.get("dsn_passed", False)),
             delay_warned=bool(rr.get("delay_warned", False)),
+            list_expansion=bool(rr.get("list_expansion", False)),
         )
         for rr in recipient_rows
     )
@@ -508,6 +510,7 @@ class SQLTrackingStore:
             "p_certifier_forwarded": update.certifier_forwarded,
             "p_dsn_pending": update.dsn_pending,
             "p_dsn_passed": update.dsn_passed,
+            "p_list_expansion": update.list_expansion,
             "p_attempts_added": 1 if update.count_attempt else 0,
             "p_delay_warned": update.delay_warned,  # None: unchanged
             "p_final_recipient": update.final_recipient,  # None: unchanged

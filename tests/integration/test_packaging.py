@@ -204,7 +204,7 @@ def test_twistd_finds_the_plugin_of_a_wheel_install(wheel: Path, venv: Path, tmp
     site_packages = venv.parent.parent
     assert Path(package).is_relative_to(site_packages)
     assert Path(plugin).is_relative_to(site_packages)
-    assert revision == "0005"
+    assert revision == "0006"
     out = run([str(venv), "-c", _TWISTD, "mtrkmta", "--help"], cwd=tmp_path).stdout
     assert "--data-dir=" in out
 
@@ -226,4 +226,4 @@ def test_twistd_finds_the_plugin_of_an_editable_install(source: Path, venv: Path
     package, plugin, revision = run([str(venv), "-c", _WHERE], cwd=tmp_path).stdout.split()
     assert Path(package) == source / "mtrkmta" / "__init__.py"
     assert Path(plugin) == source / PLUGIN
-    assert revision == "0005"
+    assert revision == "0006"

@@ -8,7 +8,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import insert, inspect, select
+from sqlalchemy import insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from mtrkmta.testing import database_url
@@ -81,8 +81,8 @@ def test_upgrade_is_idempotent_and_reaches_head(db_url):
     assert migrate.current_revision(db_url) is None
     migrate.upgrade(db_url)
     migrate.upgrade(db_url)
-    assert migrate.head_revision() == "0005"
-    assert migrate.current_revision(db_url) == "0005"
+    assert migrate.head_revision() == "0006"
+    assert migrate.current_revision(db_url) == "0006"
 
 
 def test_downgrade_to_base_and_back(db_url):
@@ -199,3 +199,43 @@ def test_offline_mode_emits_the_ddl(db_url, capsys):
     assert "CREATE INDEX ix_messages_envid ON messages (envid)" in out
     partial = "CREATE INDEX ix_recipients_dsn_pending ON recipients (queue_id) WHERE dsn_pending = "
     assert partial in out
+
+
+def test_0006_marks_the_recipients_a_list_expanded_before(db_url):
+    # Before 0006 a list was recognised by its diagnostic; the column takes that over.
+    command.upgrade(migrate.alembic_config(db_url), "0005")
+    engine = create_tracking_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO messages ({}) VALUES ({})".format(
+                        ", ".join(MESSAGE), ", ".join(f":{k}" for k in MESSAGE)
+                    )
+                ),
+                MESSAGE,
+            )
+            for index, (state, diagnostic) in enumerate(
+                [
+                    ("expanded", "x-local; accepted by a mailing list"),
+                    ("expanded", None),  # a multi-target alias
+                    ("failed", "x-local; accepted by a mailing list"),
+                ]
+            ):
+                row = {**recipient(state), "rcpt_index": index, "diagnostic": diagnostic}
+                conn.execute(
+                    text(
+                        "INSERT INTO recipients ({}) VALUES ({})".format(
+                            ", ".join(row), ", ".join(f":{k}" for k in row)
+                        )
+                    ),
+                    row,
+                )
+        migrate.upgrade(db_url)
+        with engine.connect() as conn:
+            marks = conn.execute(
+                text("SELECT list_expansion FROM recipients ORDER BY rcpt_index")
+            ).scalars()
+            assert [bool(m) for m in marks] == [True, False, False]
+    finally:
+        engine.dispose()
