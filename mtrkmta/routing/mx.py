@@ -22,7 +22,7 @@ _DNSResult = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
 
 
 @dataclass(frozen=True, slots=True)
-class Resolution:
+class MXAnswer:
     """What a lookup decided, and for how many seconds that may be reused (0: not at all).
 
     ``ttl`` is the smallest TTL of the DNS answers the result rests on (for empty
@@ -145,13 +145,13 @@ class MXResolver:
         self._max_servers = max_servers
         self._max_recipients = max_recipients
 
-    def resolve(self, domain: str) -> Deferred[Resolution]:
+    def resolve(self, domain: str) -> Deferred[MXAnswer]:
         """The next hop for ``domain`` (or an address literal such as ``[192.0.2.1]``)."""
         return Deferred.fromCoroutine(self._resolve(_name(domain)))
 
     # -- the decision ---------------------------------------------------------
 
-    async def _resolve(self, domain: str) -> Resolution:
+    async def _resolve(self, domain: str) -> MXAnswer:
         if domain.startswith("["):
             return self.literal(domain)
         try:
@@ -190,9 +190,9 @@ class MXResolver:
             why = "; ".join(f"{hosts.host}: {hosts.problem}" for hosts in found)
             return self._deferred(f"no MX host of {domain} has an address ({why})")
         ttl = min([mx.ttl, *(hosts.ttl for hosts in found)])
-        return Resolution(self._next_hop(domain, servers), ttl)
+        return MXAnswer(self._next_hop(domain, servers), ttl)
 
-    async def _implicit_mx(self, domain: str, mx_ttl: int) -> Resolution:
+    async def _implicit_mx(self, domain: str, mx_ttl: int) -> MXAnswer:
         """No MX records: the domain itself is the only MX host, with preference 0."""
         if domain == self._hostname:
             reason = f"mail for {domain} loops back to myself (no MX; it is my host name)"
@@ -201,14 +201,14 @@ class MXResolver:
         servers = self._servers([found])
         ttl = min(mx_ttl, found.ttl)
         if servers:
-            return Resolution(self._next_hop(domain, servers), ttl)
+            return MXAnswer(self._next_hop(domain, servers), ttl)
         if found.temporary:
             return self._deferred(f"address lookup for {domain} failed: {found.problem}")
         if found.nxdomain:
             return self._failed("5.1.2", f"{domain}: no such domain (NXDOMAIN)", ttl)
         return self._failed("5.4.4", f"{domain} has no MX, A or AAAA records", ttl)
 
-    def literal(self, domain: str) -> Resolution:
+    def literal(self, domain: str) -> MXAnswer:
         """An address literal (RFC 5321 §4.1.3): connect to that address. No DNS involved."""
         inner = domain[1:-1] if domain.endswith("]") else ""
         address: ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -220,7 +220,7 @@ class MXResolver:
         except ValueError:
             return self._failed("5.1.3", f"{domain} is not a valid address literal", 0)
         server = Server(domain, tcp_endpoint(str(address), self._port))
-        return Resolution(self._next_hop(domain, [server]), 0)
+        return MXAnswer(self._next_hop(domain, [server]), 0)
 
     def _order(self, exchanges: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """By preference, shuffled within one preference; a host listed twice keeps its best."""
@@ -254,12 +254,12 @@ class MXResolver:
         )
 
     @staticmethod
-    def _failed(status: str, reason: str, ttl: int) -> Resolution:
-        return Resolution(RouteFailure(RecipientState.FAILED, status, reason), ttl)
+    def _failed(status: str, reason: str, ttl: int) -> MXAnswer:
+        return MXAnswer(RouteFailure(RecipientState.FAILED, status, reason), ttl)
 
     @staticmethod
-    def _deferred(reason: str) -> Resolution:
-        return Resolution(RouteFailure(RecipientState.DEFERRED, "4.4.3", reason), 0)
+    def _deferred(reason: str) -> MXAnswer:
+        return MXAnswer(RouteFailure(RecipientState.DEFERRED, "4.4.3", reason), 0)
 
     # -- DNS ------------------------------------------------------------------
 

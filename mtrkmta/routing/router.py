@@ -14,7 +14,7 @@ from zope.interface import implementer
 
 from mtrkmta.config import Config, Route, select_route
 from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server, TLSPolicy
-from mtrkmta.routing.mx import MXResolver, Resolution
+from mtrkmta.routing.mx import MXAnswer, MXResolver
 from mtrkmta.tracking.interfaces import RecipientState
 
 MAILDIR_HOP = NextHop(transport="maildir", destination="maildir", servers=())
@@ -87,7 +87,7 @@ class _ResultCache:
         self._entries.move_to_end(domain)
         return result
 
-    def put(self, domain: str, resolution: Resolution) -> None:
+    def put(self, domain: str, resolution: MXAnswer) -> None:
         if resolution.ttl <= 0 or self._size <= 0:
             return
         lifetime = min(float(resolution.ttl), self._max_ttl)
@@ -232,7 +232,7 @@ class Router:
     def _route_mx(self, domain: str) -> Deferred[NextHop | RouteFailure]:
         cache = self._cache
 
-        def done(resolution: Resolution) -> NextHop | RouteFailure:
+        def done(resolution: MXAnswer) -> NextHop | RouteFailure:
             if cache is not None:
                 cache.put(domain, resolution)
             return resolution.result
