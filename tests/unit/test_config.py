@@ -25,14 +25,11 @@ from mtrkmta.config import (
     MiB,
     Override,
     Route,
-    _format_duration,
-    _format_size,
-    _parse_duration,
-    _parse_size,
     check_config_file,
     load_config,
     setting_names,
 )
+from mtrkmta.config.convert import _format_duration, _format_size, _parse_duration, _parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "doc" / "examples" / "mtrkmta.toml"

@@ -1,0 +1,87 @@
+"""Typed configuration: embedded defaults, then a TOML file, then command-line overrides.
+
+``convert`` holds the units, the error and the converters of raw values; ``routes`` the
+``[routes]`` table and route selection; ``schema`` the sections and their keys; ``load``
+reads, merges and checks them into one read-only ``Config``.
+"""
+
+from mtrkmta.config.convert import (
+    DAY,
+    DEFAULT_RETENTION,
+    EXIT_CONFIG_ERROR,
+    HOUR,
+    MAX_DURATION,
+    MAX_INTEGER,
+    MAX_RETENTION,
+    MIN_RETENTION,
+    MINUTE,
+    TLS_POLICIES,
+    WEEK,
+    ConfigError,
+    Converter,
+    GiB,
+    IPNetwork,
+    KiB,
+    MiB,
+    TiB,
+    Transport,
+    parse_duration,
+)
+from mtrkmta.config.load import Override, check_config_file, load_config, setting_names
+from mtrkmta.config.routes import DEFAULT_ROUTE, Route, select_route
+from mtrkmta.config.schema import (
+    TLS,
+    Auth,
+    Config,
+    Delivery,
+    Durability,
+    Limits,
+    Listeners,
+    Local,
+    Mtqp,
+    Queue,
+    Relay,
+    Tracking,
+)
+
+__all__ = [
+    "DAY",
+    "DEFAULT_RETENTION",
+    "DEFAULT_ROUTE",
+    "EXIT_CONFIG_ERROR",
+    "HOUR",
+    "MAX_DURATION",
+    "MAX_INTEGER",
+    "MAX_RETENTION",
+    "MINUTE",
+    "MIN_RETENTION",
+    "TLS",
+    "TLS_POLICIES",
+    "WEEK",
+    "Auth",
+    "Config",
+    "ConfigError",
+    "Converter",
+    "Delivery",
+    "Durability",
+    "GiB",
+    "IPNetwork",
+    "KiB",
+    "Limits",
+    "Listeners",
+    "Local",
+    "MiB",
+    "Mtqp",
+    "Override",
+    "Queue",
+    "Relay",
+    "Route",
+    "TiB",
+    "Tracking",
+    "Transport",
+    "check_config_file",
+    "load_config",
+    "parse_duration",
+    "select_route",
+    "setting_names",
+]

@@ -1,0 +1,248 @@
+"""The configuration's sections and keys: one dataclass per section, one field per key.
+
+Adding a key: one field here, plus its entry in doc/configuration.rst and
+doc/examples/mtrkmta.toml.
+"""
+
+from __future__ import annotations
+
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    pass
+else:
+    pass
+
+from mtrkmta.config.convert import (
+    DAY,
+    DEFAULT_RETENTION,
+    HOUR,
+    MAX_RETENTION,
+    MIN_RETENTION,
+    MINUTE,
+    TLS_POLICIES,
+    IPNetwork,
+    KiB,
+    MiB,
+    _boolean,
+    _brief,
+    _choice,
+    _Context,
+    _database,
+    _domain_list,
+    _duration,
+    _got,
+    _hostname,
+    _integer,
+    _Invalid,
+    _key,
+    _listener,
+    _networks,
+    _node_id,
+    _optional_file,
+    _path,
+    _section,
+    _size,
+    _string,
+)
+from mtrkmta.config.routes import DEFAULT_ROUTE, Route, _routes, select_route
+
+
+@dataclass(frozen=True, slots=True)
+class Listeners:
+    """Server endpoint descriptions of the listeners; None disables one."""
+
+    smtp: str | None = field(default="tcp:2525:interface=127.0.0.1", metadata=_key(_listener))
+    submission: str | None = field(default=None, metadata=_key(_listener))
+    lmtp: str | None = field(default="tcp:2424:interface=127.0.0.1", metadata=_key(_listener))
+    mtqp: str | None = field(default="tcp:1038:interface=127.0.0.1", metadata=_key(_listener))
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Who may relay to any domain without authenticating."""
+
+    trusted_networks: tuple[IPNetwork, ...] = field(default=(), metadata=_key(_networks))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits; sizes in bytes, times in seconds."""
+
+    message_size: int = field(default=35 * MiB, metadata=_key(_size(1)))
+    recipients: int = field(default=1000, metadata=_key(_integer(1)))
+    command_line: int = field(default=2048, metadata=_key(_integer(512)))
+    idle_timeout: float = field(default=300.0, metadata=_key(_duration()))
+    data_timeout: float = field(default=180.0, metadata=_key(_duration()))
+    data_min_rate: int = field(default=500, metadata=_key(_integer(0)))
+    session_time: float = field(default=HOUR, metadata=_key(_duration()))
+    bare_line_ends: str = field(default="normalize", metadata=_key(_choice("normalize", "reject")))
+    data_buffer: int = field(default=256 * KiB, metadata=_key(_size(4 * KiB)))
+    max_connections: int = field(default=1000, metadata=_key(_integer(1)))
+    max_connections_per_ip: int = field(default=50, metadata=_key(_integer(1)))
+    min_free_space: int = field(default=100 * MiB, metadata=_key(_size(0)))
+    max_received_headers: int = field(default=100, metadata=_key(_integer(1)))
+    # RFC 5321 §4.5.3.1: the sizes a server must take at least, in octets.
+    local_part_length: int = field(default=64, metadata=_key(_integer(64)))
+    domain_length: int = field(default=255, metadata=_key(_integer(255)))
+    path_length: int = field(default=256, metadata=_key(_integer(256)))
+    helo_length: int = field(default=255, metadata=_key(_integer(255)))
+
+
+@dataclass(frozen=True, slots=True)
+class TLS:
+    """Certificate chain and private key (PEM) for STARTTLS; both or neither."""
+
+    certificate: Path | None = field(default=None, metadata=_key(_optional_file))
+    private_key: Path | None = field(default=None, metadata=_key(_optional_file))
+
+    @property
+    def enabled(self) -> bool:
+        """True when STARTTLS can be offered."""
+        return self.certificate is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """SMTP AUTH: the users file, and the limits that make guessing passwords slow."""
+
+    users_file: Path | None = field(default=None, metadata=_key(_optional_file))
+    max_failures: int = field(default=3, metadata=_key(_integer(1)))
+    max_address_failures: int = field(default=10, metadata=_key(_integer(1)))
+    failure_window: float = field(default=15 * MINUTE, metadata=_key(_duration(1.0)))
+    failure_delay: float = field(default=1.0, metadata=_key(_duration()))
+    max_failure_delay: float = field(default=30.0, metadata=_key(_duration()))
+    threads: int = field(default=2, metadata=_key(_integer(1)))
+    max_pending: int = field(default=16, metadata=_key(_integer(1)))
+
+
+def _delimiter(value: object, ctx: _Context) -> str:
+    """One character that separates a local part from its ``+detail``, or ``""`` for none."""
+    if not isinstance(value, str) or len(value) > 1 or (value in '@"\\ ' and value):
+        raise _Invalid(
+            f"expected one character such as + or -, or an empty string, got {_got(value)}"
+        )
+    return value
+
+
+def _mailbox_template(value: object, ctx: _Context) -> str:
+    """A mailbox path under the mail directory, with {local} and optionally {domain}."""
+    text = _string(value, "a template such as {local} or {domain}/{local}")
+    problem = f"only {{local}} and {{domain}} may be used, got {_brief(text)}"
+    # Only the bare names: "{local.foo}" or "{local[0]}" would reach into the string
+    # object, and a conversion or format spec could fail on some local part.
+    try:
+        fields = list(string.Formatter().parse(text))
+    except ValueError:
+        raise _Invalid(problem) from None
+    for _, name, spec, conversion in fields:
+        if name is not None and (name not in ("local", "domain") or spec or conversion):
+            raise _Invalid(problem)
+    if "{local}" not in text or text.startswith("/") or ".." in text.split("/"):
+        raise _Invalid(f"expected a relative path containing {{local}}, got {text!r}")
+    return text
+
+
+def _local_parts(value: object, ctx: _Context) -> tuple[str, ...]:
+    """A list of local parts (user names), compared without regard to case."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise _Invalid(f"expected a list of user names, got {_got(value)}")
+    return tuple(v.lower() for v in value)
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """Local delivery: mailboxes, users, aliases and lists."""
+
+    aliases: Path | None = field(default=None, metadata=_key(_optional_file))
+    recipient_delimiter: str = field(default="+", metadata=_key(_delimiter))
+    mailbox: str = field(default="{local}", metadata=_key(_mailbox_template))
+    users: tuple[str, ...] = field(default=(), metadata=_key(_local_parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Tracking:
+    """Message tracking (RFC 3885-3888): how long tracking records are kept."""
+
+    default_retention: float = field(
+        default=DEFAULT_RETENTION, metadata=_key(_duration(MIN_RETENTION))
+    )
+    max_retention: float = field(default=MAX_RETENTION, metadata=_key(_duration(MIN_RETENTION)))
+    lenient_xtext: bool = field(default=False, metadata=_key(_boolean))
+    purge_interval: float = field(default=HOUR, metadata=_key(_duration(MINUTE)))
+    max_tracked_per_hour: int = field(default=10000, metadata=_key(_integer(0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Mtqp:
+    """The MTQP server on ``listeners.mtqp``: TLS policy, idle timeout, per-address limits."""
+
+    tls_required: bool = field(default=False, metadata=_key(_boolean))
+    idle_timeout: float = field(default=10 * MINUTE, metadata=_key(_duration(10 * MINUTE)))
+    session_time: float = field(default=HOUR, metadata=_key(_duration()))
+    track_rate: int = field(default=60, metadata=_key(_integer(0)))
+    failure_rate: int = field(default=10, metadata=_key(_integer(0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """Retry schedule of the outgoing queue."""
+
+    first_retry: float = field(default=5 * MINUTE, metadata=_key(_duration()))
+    max_retry_interval: float = field(default=HOUR, metadata=_key(_duration()))
+    max_lifetime: float = field(default=5 * DAY, metadata=_key(_duration()))
+    delay_warning: float = field(default=4 * HOUR, metadata=_key(_duration()))
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How mail leaves: the SMTP port of MX hosts, TLS policy, concurrency, batching."""
+
+    smtp_port: int = field(default=25, metadata=_key(_integer(1, 65535)))
+    tls: str = field(default="may", metadata=_key(_choice(*TLS_POLICIES)))
+    destination_concurrency: int = field(default=20, metadata=_key(_integer(1)))
+    max_recipients: int = field(default=50, metadata=_key(_integer(1)))
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """Crash safety; turning fsync off is for tests only."""
+
+    fsync: bool = field(default=True, metadata=_key(_boolean))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration of one mtrkmta node."""
+
+    hostname: str = field(metadata=_key(_hostname, "server.hostname"))
+    data_dir: Path = field(metadata=_key(_path, "server.data_dir"))
+    database: str = field(metadata=_key(_database, "server.database"))
+    node_id: str = field(metadata=_key(_node_id, "server.node_id"))
+    workers: int = field(default=1, metadata=_key(_integer(1), "server.workers"))
+    listeners: Listeners = field(default_factory=Listeners, metadata=_section("listeners"))
+    local_domains: tuple[str, ...] = field(
+        default=("localhost",), metadata=_key(_domain_list, "domains.local")
+    )
+    routes: tuple[Route, ...] = field(default=(DEFAULT_ROUTE,), metadata=_key(_routes, "routes"))
+    relay: Relay = field(default_factory=Relay, metadata=_section("relay"))
+    limits: Limits = field(default_factory=Limits, metadata=_section("limits"))
+    tls: TLS = field(default_factory=TLS, metadata=_section("tls"))
+    auth: Auth = field(default_factory=Auth, metadata=_section("auth"))
+    tracking: Tracking = field(default_factory=Tracking, metadata=_section("tracking"))
+    mtqp: Mtqp = field(default_factory=Mtqp, metadata=_section("mtqp"))  # [mtqp] section
+    queue: Queue = field(default_factory=Queue, metadata=_section("queue"))
+    delivery: Delivery = field(default_factory=Delivery, metadata=_section("delivery"))
+    local: Local = field(default_factory=Local, metadata=_section("local"))
+    durability: Durability = field(default_factory=Durability, metadata=_section("durability"))
+
+    def is_local(self, domain: str) -> bool:
+        """Whether this node is the final destination for ``domain``."""
+        return domain.lower().removesuffix(".") in self.local_domains
+
+    def route_for(self, domain: str) -> Route:
+        """The route for ``domain`` (see :func:`select_route`)."""
+        return select_route(self.routes, self.local_domains, domain)
