@@ -24,6 +24,7 @@ from mtrkmta.delivery.interfaces import (
     RouteFailure,
 )
 from mtrkmta.envelope import Envelope, Recipient
+from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
 from mtrkmta.receive.policy import recipient_domain
@@ -179,6 +180,7 @@ class QueueService:
         new_queue_id: Callable[[], str] | None = None,
         hostname: str = "localhost",
         default_retention: float = 9 * 86400.0,
+        faults: IFaults = NoFaults(),
     ) -> None:
         """``expander`` resolves aliases and lists of local recipients; the messages
         that carry expanded mail on are durably accepted with ``inject`` under ids
@@ -199,6 +201,7 @@ class QueueService:
         self.new_queue_id = new_queue_id
         self.hostname = hostname
         self.default_retention = default_retention
+        self.faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self._cache = ContentCache(content_cache_bytes)
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
@@ -530,6 +533,7 @@ class QueueService:
                     updates[position] = replace(update, **flags)
                     owed.append(after(message.recipients[update.index], updates[position]))
         await self.tracking.record_outcomes(message.queue_id, updates)
+        self.faults.reached("queue.outcome_committed")
         for update in updates:
             recipient = message.recipients[update.index]
             log.info(
@@ -580,6 +584,7 @@ class QueueService:
 
     async def _finish_message(self, queue_id: str) -> None:
         await self.spool.remove([queue_id])
+        self.faults.reached("queue.spool_removed")
         self._cache.drop(queue_id)
         log.info("{queue_id}: removed (every recipient final)", queue_id=queue_id)
 
