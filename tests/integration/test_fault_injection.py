@@ -344,6 +344,14 @@ def read_maildirs(mail_root: Path) -> Counter[tuple[str, str]]:
     return copies
 
 
+def read_new_mail(mail_root: Path) -> None:
+    """Do what a mail reader does between the crash and the restart: move every copy from
+    new/ to cur/ with the seen flag. (A retry must find the copy by its delivery key in
+    either; in new/ the same name written again in the same second would hide a copy.)"""
+    for path in sorted(mail_root.glob("*/new/*")):
+        path.rename(path.parent.parent / "cur" / f"{path.name}:2,S")
+
+
 def token_of(data: bytes) -> str:
     tokens = TOKEN.findall(data)
     assert len(tokens) == 1, f"tokens {tokens!r} in {data[:300]!r}"
@@ -475,6 +483,7 @@ async def run_case(tmp_path: Path, plan: str, protocol: str = "smtp") -> None:
     try:
         server = FaultyServer(data_dir, log_dir, route, plan)
         attempts = await threads.deferToThread(faulty_run, server, plan)
+        read_new_mail(data_dir / "mail")
         attempts, found = await drain_and_audit(data_dir, fake, route, attempts)
     finally:
         await fake.stop()
