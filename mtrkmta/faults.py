@@ -14,10 +14,10 @@ from zope.interface import Interface, implementer
 # Every named step, in the order a message passes them, with what is true at that instant.
 POINTS: dict[str, str] = {
     "spool.write": "about to write a message file into spool/incoming/",
-    "spool.written": "message file written in spool/incoming/, not yet fsync'd",
-    "spool.synced": "message file fsync'd in spool/incoming/, not yet renamed",
-    "spool.renamed": "message file renamed into spool/queue/<bucket>/, directory not yet fsync'd",
-    "spool.dir_synced": "bucket directory fsync'd: the file is durable, no tracking record yet",
+    "spool.written": "a batch of message files written in spool/incoming/, not yet fsync'd",
+    "spool.synced": "the batch's files fsync'd in spool/incoming/, not yet renamed",
+    "spool.renamed": "the batch's files renamed into spool/queue/<bucket>/, not yet fsync'd",
+    "spool.dir_synced": "bucket directories fsync'd: the files are durable, no tracking record",
     "tracking.write": "in a tracking database transaction, before its COMMIT",
     "tracking.arrival_committed": "the arrival record committed, no 250 sent yet",
     "smtp.reply_sent": "the 250 for a message written to the client",
@@ -25,7 +25,7 @@ POINTS: dict[str, str] = {
     "maildir.tmp_written": "copy written in tmp/, not yet fsync'd",
     "maildir.tmp_synced": "copy fsync'd in tmp/, not yet renamed",
     "maildir.renamed": "copy renamed into new/, directory not yet fsync'd",
-    "maildir.dir_synced": "new/ fsync'd: the copy is durable, no outcome recorded yet",
+    "maildir.dir_synced": "new/ fsync'd: the attempt's copies are durable, no outcome recorded",
     "transport.data_sent": "end of data sent to the next hop, its final reply not yet read",
     "transport.reply_received": "the next hop's final reply read, no outcome recorded yet",
     "tracking.outcome_committed": "a delivery outcome committed in the tracking database",
