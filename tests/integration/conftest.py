@@ -7,7 +7,7 @@ import re
 import pytest
 
 COVERED = re.compile(
-    r"test_fault_injection\.py::test_(crash_at|crash_at_lmtp_next_hop|failed_write_at)\[(.+)\]$"
+    r"test_fault_injection\.py::test_(crash_at|crash_at_lmtp_next_hop|streamed_message_at|failed_write_at)\[(.+)\]$"
 )
 
 
@@ -18,7 +18,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         for report in terminalreporter.stats.get(outcome, []):
             match = COVERED.search(getattr(report, "nodeid", ""))
             if match is not None and report.when == "call":
-                kind = {"crash_at": "crash", "crash_at_lmtp_next_hop": "crash, LMTP next hop"}
+                kind = {
+                    "crash_at": "crash",
+                    "crash_at_lmtp_next_hop": "crash, LMTP next hop",
+                    "streamed_message_at": "streamed message",
+                }
                 rows.append(
                     f"{match.group(2)} ({kind.get(match.group(1), 'failed write')}): {outcome}"
                 )

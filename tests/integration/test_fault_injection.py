@@ -68,6 +68,7 @@ ERRORS = (
     "spool.write:eio",
     "maildir.write:enospc",
     "maildir.write:eio",
+    "tracking.write:enospc",
     "tracking.write:eio",
     "tracking.write:eio:2",
 )
@@ -114,6 +115,7 @@ class Attempt:
     outcome: str = INCOMPLETE
     queue_id: str | None = None
     reply: str = ""
+    padding: int = 0  # lines of 64 octets added to the body
 
     @property
     def recipients(self) -> tuple[str, ...]:
@@ -127,7 +129,9 @@ def content_of(attempt: Attempt) -> bytes:
         f"Subject: fault injection {attempt.token}\r\n"
         f"X-Fault-Token: {attempt.token}\r\n"
         "\r\n"
-        f"message {attempt.message}, attempt {attempt.token}\r\n.\r\n"
+        f"message {attempt.message}, attempt {attempt.token}\r\n"
+        + f"{'padding ' * 7}{attempt.message:04d}\r\n" * attempt.padding
+        + ".\r\n"
     ).encode("ascii")
 
 
@@ -183,11 +187,14 @@ def socket_to(port: int) -> socket.socket:
 class FaultyServer:
     """``mtrkmta serve --config FILE`` with MTRKMTA_FAULTS; its output read line by line."""
 
-    def __init__(self, data_dir: Path, log_dir: Path, next_hop: str, plan: str) -> None:
+    def __init__(
+        self, data_dir: Path, log_dir: Path, next_hop: str, plan: str, settings: str = ""
+    ) -> None:
         self.data_dir = data_dir
         self.log_dir = log_dir
         self.next_hop = next_hop  # the route target of relay.example
         self.plan = plan
+        self.settings = settings  # more TOML for its configuration file
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[str] = []
@@ -200,7 +207,9 @@ class FaultyServer:
         for _ in range(3):  # another process may take the free port before the server binds it
             self.port = free_port()
             config = self.log_dir / "mtrkmta.toml"
-            config.write_text(server_config(self.data_dir, self.port, self.next_hop), "utf-8")
+            config.write_text(
+                server_config(self.data_dir, self.port, self.next_hop) + self.settings, "utf-8"
+            )
             self.lines, self.eof = [], False
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mtrkmta.cli.main", "serve", "--config", str(config)],
@@ -292,7 +301,7 @@ first_retry = "1s"
 """
 
 
-def faulty_run(server: FaultyServer, plan: str) -> list[Attempt]:
+def faulty_run(server: FaultyServer, plan: str, padding: int = 0) -> list[Attempt]:
     """Send every message once to the faulty server until it dies or the fault fires
     (blocking); the attempts as the client saw them."""
     point, action = plan.split(":")[:2]
@@ -300,7 +309,7 @@ def faulty_run(server: FaultyServer, plan: str) -> list[Attempt]:
     try:
         port = server.start()
         for message in range(len(MESSAGES)):
-            attempts.append(send(port, Attempt(message, f"m{message}-a0")))
+            attempts.append(send(port, Attempt(message, f"m{message}-a0", padding=padding)))
         if action == "crash":
             status = server.died(FAULT_WAIT)
             assert status == -signal.SIGKILL, (
@@ -474,20 +483,31 @@ def check(plan: str, attempts: list[Attempt], found: Found) -> None:
                 assert copies == 0, f"{key} delivered without a tracking record; {context}"
 
 
-async def run_case(tmp_path: Path, plan: str, protocol: str = "smtp") -> None:
-    """One fault plan, with an SMTP (or LMTP) next hop for relay.example."""
+async def run_case(
+    tmp_path: Path, plan: str, protocol: str = "smtp", *, streamed: bool = False
+) -> None:
+    """One fault plan, with an SMTP (or LMTP) next hop for relay.example; ``streamed``:
+    messages larger than limits.data_buffer, written to spool/incoming/ as they arrive."""
     data_dir, log_dir = tmp_path / "data", tmp_path / "logs"
     log_dir.mkdir()
     fake = await FakeMTA(lmtp=protocol == "lmtp", hostname="next-hop.example.test").start()
     route = f"{protocol}:{fake.endpoint}"
     try:
-        server = FaultyServer(data_dir, log_dir, route, plan)
-        attempts = await threads.deferToThread(faulty_run, server, plan)
+        settings = '\n[limits]\ndata_buffer = "4K"\n' if streamed else ""
+        server = FaultyServer(data_dir, log_dir, route, plan, settings)
+        padding = 200 if streamed else 0  # 12.8 KiB: streamed in more than one write
+        attempts = await threads.deferToThread(faulty_run, server, plan, padding)
+        if plan == "spool.write:crash":
+            # What recovery will find: the file of the first message, created and, when
+            # streamed, holding the content that arrived (the envelope not yet appended).
+            left = [p.stat().st_size for p in (data_dir / "spool" / "incoming").iterdir()]
+            assert len(left) == 1 and (left[0] > 4096 if streamed else left[0] == 0), left
         read_new_mail(data_dir / "mail")
         attempts, found = await drain_and_audit(data_dir, fake, route, attempts)
     finally:
         await fake.stop()
-    print(f"fault point covered: {plan} ({protocol}): {[(a.token, a.outcome) for a in attempts]}")
+    how = f"{protocol}, streamed" if streamed else protocol
+    print(f"fault point covered: {plan} ({how}): {[(a.token, a.outcome) for a in attempts]}")
     check(plan, attempts, found)
 
 
@@ -504,6 +524,14 @@ async def test_crash_at(tmp_path, point):
 @pytest_twisted.ensureDeferred
 async def test_crash_at_lmtp_next_hop(tmp_path, point):
     await run_case(tmp_path, f"{point}:crash", "lmtp")
+
+
+@pytest.mark.parametrize(
+    "plan", ["spool.write:crash", "spool.written:crash", "spool.renamed:crash", "spool.write:eio"]
+)
+@pytest_twisted.ensureDeferred
+async def test_streamed_message_at(tmp_path, plan):
+    await run_case(tmp_path, plan, streamed=True)
 
 
 @pytest.mark.parametrize("plan", ERRORS)
