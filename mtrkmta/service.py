@@ -25,6 +25,7 @@ from mtrkmta.delivery.interfaces import ITransport, NextHop
 from mtrkmta.delivery.maildir import MaildirTransport
 from mtrkmta.delivery.smtp import LMTPTransport, SMTPTransport, SMTPTransportSettings
 from mtrkmta.dsn.notifier import DsnNotifier
+from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.server import LMTPServerFactory
 from mtrkmta.mtqp.server import MTQPServerFactory, settings_from_config  # MTQP listener
 from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
@@ -124,12 +125,15 @@ class MTAService(Service):
         shutdown_grace: float = 5.0,
         origin: ConfigOrigin | None = None,
         worker: WorkerRole | None = None,
+        faults: IFaults = NoFaults(),
     ) -> None:
         """``resolver`` answers MX lookups (default: the system's, from /etc/resolv.conf);
         ``deliver=False`` runs the receive path only (accepted mail stays queued), for
         tests of the receive path. ``origin`` (where ``config`` came from) lets the
         node start ``config.workers - 1`` worker processes; ``worker`` makes this node
-        one of them (see :mod:`mtrkmta.workers`)."""
+        one of them (see :mod:`mtrkmta.workers`). ``faults`` is told every named step
+        of the accept and delivery paths (:mod:`mtrkmta.faults`; for tests only)."""
+        self.faults = faults
         self.mail_root = config.data_dir / "mail"  # a worker delivers to its master's
         self.origin = origin
         self.worker = worker
@@ -207,6 +211,7 @@ class MTAService(Service):
             default_retention=config.tracking.default_retention,
             max_retention=config.tracking.max_retention,
             commit_pool=self.commit_pool,
+            faults=self.faults,
         )
         self.spool = FileSpool(
             self.reactor,
@@ -215,6 +220,7 @@ class MTAService(Service):
             fsync=config.durability.fsync,
             commit_pool=self.commit_pool,
             memory_limit=config.limits.data_buffer,
+            faults=self.faults,
         )
         leftovers = await self.spool.recover()
         if leftovers:
@@ -370,8 +376,8 @@ class MTAService(Service):
             hostname=config.hostname, default_retention=config.tracking.default_retention
         )
         self.transports = {
-            "smtp": SMTPTransport(self.reactor, settings),
-            "lmtp": LMTPTransport(self.reactor, settings),
+            "smtp": SMTPTransport(self.reactor, settings, faults=self.faults),
+            "lmtp": LMTPTransport(self.reactor, settings, faults=self.faults),
             "maildir": MaildirTransport(
                 self.reactor,
                 self.threadpool,
@@ -380,6 +386,7 @@ class MTAService(Service):
                 fsync=config.durability.fsync,
                 delimiter=config.local.recipient_delimiter,
                 template=config.local.mailbox,
+                faults=self.faults,
             ),
         }
         assert self.receiver is not None
@@ -411,6 +418,7 @@ class MTAService(Service):
             ),
             destination_concurrency=config.delivery.destination_concurrency,
             transient_errors=(OSError, SpoolError, *TRANSIENT_ERRORS),
+            faults=self.faults,
         )
 
     async def _reconcile(self) -> None:
@@ -497,7 +505,7 @@ class MTAService(Service):
             if description is None:
                 continue
             factory_class = LMTPServerFactory if name == "lmtp" else SMTPServerFactory
-            factory = factory_class(self.settings(name), self.receiver, self.reactor)
+            factory = factory_class(self.settings(name), self.receiver, self.reactor, self.faults)
             endpoint = serverFromString(self.reactor, description)
             self.ports[name] = await endpoint.listen(factory)
             self.factories[name] = factory
@@ -510,7 +518,9 @@ class MTAService(Service):
     def _listen_as_worker(self, worker: WorkerRole) -> None:
         """Accept on the master's sockets, inherited as file descriptors."""
         for name, (fd, family) in sorted(worker.listen_fds.items()):
-            factory = SMTPServerFactory(self.settings(name), self.receiver, self.reactor)
+            factory = SMTPServerFactory(
+                self.settings(name), self.receiver, self.reactor, self.faults
+            )
             self.ports[name] = self.reactor.adoptStreamPort(fd, family, factory)
             os.close(fd)  # adoptStreamPort took a duplicate
             take_turns(self.ports[name])
@@ -616,11 +626,14 @@ class MTAService(Service):
 
 
 def make_service(
-    config: Config, reactor: Any = None, origin: ConfigOrigin | None = None
+    config: Config,
+    reactor: Any = None,
+    origin: ConfigOrigin | None = None,
+    faults: IFaults = NoFaults(),
 ) -> MTAService:
-    """The service twistd and ``mtrkmta serve`` run (``origin``: see MTAService)."""
+    """The service twistd and ``mtrkmta serve`` run (``origin``, ``faults``: see MTAService)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return MTAService(config, reactor, origin=origin)
+    return MTAService(config, reactor, origin=origin, faults=faults)

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, ConfigError
+from mtrkmta.faults import FaultSpecError, IFaults, from_environment
 from mtrkmta.service import MTAService, make_service
 from mtrkmta.tracking.damage import DatabaseDamage
 
@@ -24,11 +25,14 @@ class Options(ServeOptions):
     """``twistd mtrkmta`` options; a bad configuration stops here with status 2."""
 
     config: Config
+    faults: IFaults
 
     def postOptions(self) -> None:
         try:
             self.config = self.load_config()
-        except ConfigError as error:
+            # Fault injection for tests (doc/development.rst); read here and nowhere else.
+            self.faults = from_environment(os.environ)
+        except (ConfigError, FaultSpecError) as error:
             print(f"mtrkmta: {error}", file=sys.stderr)
             raise SystemExit(EXIT_CONFIG_ERROR) from None
 
@@ -59,7 +63,7 @@ def _exit(status: int) -> None:
 def makeService(options: Options) -> MTAService:
     from twisted.internet import reactor
 
-    service = make_service(options.config, reactor, options.origin())
+    service = make_service(options.config, reactor, options.origin(), options.faults)
     exit_when_start_fails(service, reactor)
     # SIGHUP re-reads the aliases file (twistd itself uses SIGUSR1, for its log).
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_aliases))

@@ -17,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mtrkmta.delivery.interfaces import Attempt, ITransport, RecipientOutcome
+from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.routing.address import base_local_part, split_address
 from mtrkmta.tracking.interfaces import RecipientState
 
@@ -122,6 +123,7 @@ class MaildirTransport:
         fsync: bool = True,
         delimiter: str = "+",
         template: str = "{local}",
+        faults: IFaults = NoFaults(),
     ) -> None:
         """``template`` places a mailbox under ``root``: ``{local}`` is the mailbox name
         (see mailbox_name), ``{domain}`` the lower-cased recipient domain."""
@@ -132,6 +134,7 @@ class MaildirTransport:
         self._fsync = fsync
         self._delimiter = delimiter
         self._template = template
+        self._faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self._counter = itertools.count()
         self._lock = threading.Lock()
 
@@ -182,6 +185,7 @@ class MaildirTransport:
         except OSError as error:
             log.error("maildir fsync failed: {error}", error=error)
             return [RecipientOutcome(o.index, RecipientState.DEFERRED, "4.3.0") for o in outcomes]
+        self._faults.reached("maildir.dir_synced")
         return outcomes
 
     def mailbox_path(self, address: str) -> str:
@@ -232,15 +236,19 @@ class MaildirTransport:
         tmp_path = maildir / "tmp" / self._unique(size)
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            self._faults.reached("maildir.write")
             with os.fdopen(fd, "wb", closefd=False) as handle:
                 handle.write(headers)
                 handle.write(body)
+            self._faults.reached("maildir.tmp_written")
             if self._fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+        self._faults.reached("maildir.tmp_synced")
         seconds = int(time.time())
         os.rename(tmp_path, maildir / "new" / f"{seconds}.{key}.{self._host},S={size}")
+        self._faults.reached("maildir.renamed")
         return maildir / "new"
 
     def _sync_dir(self, directory: Path) -> None:

@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from mtrkmta.delivery.interfaces import Attempt, ITransport, NextHop, RecipientOutcome
 from mtrkmta.dsn.fields import dns_mta
+from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.client import LMTPClient
 from mtrkmta.smtp.client import (
     ClientSettings,
@@ -156,9 +157,11 @@ class SMTPTransport:
         reactor: Any,
         settings: SMTPTransportSettings,
         clock: IReactorTime | None = None,
+        faults: IFaults = NoFaults(),
     ) -> None:
         self.reactor = reactor
         self.settings = settings
+        self.faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self.clock: IReactorTime = clock if clock is not None else reactor
         self._client_settings = settings.client_settings()
         self._idle: list[_Idle] = []
@@ -290,6 +293,7 @@ class SMTPTransport:
             ),
         )
         result = await session.send(transaction)
+        self.faults.reached("transport.reply_received")
         if result.error is not None:
             await session.when_lost()
             if reused and result.mail is None and not result.dot_sent:
@@ -344,7 +348,11 @@ class SMTPTransport:
         last = _Unreachable("4.4.4", f"{DIAGNOSTIC_TYPE}; next hop has no servers", None)
         for server in hop.servers:
             client = self.client_class(
-                self._client_settings, self.clock, server_name=server.name, tls=hop.tls
+                self._client_settings,
+                self.clock,
+                server_name=server.name,
+                tls=hop.tls,
+                faults=self.faults,
             )
             try:
                 endpoint = clientFromString(self.reactor, server.endpoint)

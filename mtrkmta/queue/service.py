@@ -23,6 +23,7 @@ from mtrkmta.delivery.interfaces import (
     RouteFailure,
 )
 from mtrkmta.envelope import Envelope, Recipient
+from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
 from mtrkmta.queue.scheduler import Scheduler
@@ -171,6 +172,7 @@ class QueueService:
         hostname: str = "localhost",
         default_retention: float = DEFAULT_RETENTION,
         transient_errors: tuple[type[BaseException], ...] = (OSError, SpoolError),
+        faults: IFaults = NoFaults(),
     ) -> None:
         """``expander`` resolves aliases and lists of local recipients; the messages
         that carry expanded mail on are durably accepted with ``inject`` under ids
@@ -197,6 +199,7 @@ class QueueService:
         self.hostname = hostname
         self.default_retention = default_retention
         self.transient_errors = transient_errors
+        self.faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self._cache = ContentCache(content_cache_bytes)
         self.scheduler = Scheduler(clock, self._run, max_active_messages)
         self._semaphores: dict[str, DeferredSemaphore] = {}
@@ -646,6 +649,7 @@ class QueueService:
                     updates[position] = replace(update, **flags)
                     owed.append(message.recipients[update.index].updated(updates[position]))
         await self.tracking.record_outcomes(message.queue_id, updates)
+        self.faults.reached("queue.outcome_committed")
         for update in updates:
             recipient = message.recipients[update.index]
             log.info(
@@ -696,6 +700,7 @@ class QueueService:
 
     async def _finish_message(self, queue_id: str) -> None:
         await self.spool.remove([queue_id])
+        self.faults.reached("queue.spool_removed")
         self._cache.drop(queue_id)
         log.info("{queue_id}: removed (every recipient final)", queue_id=queue_id)
 

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtrkmta.delivery.interfaces import TLSPolicy
+from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.smtp.extensions import parse_ehlo
 from mtrkmta.smtp.framing import CRLF, OVERLONG, LineFramer
 from mtrkmta.smtp.outbound import END_OF_DATA, DotStuffer
@@ -265,9 +266,11 @@ class SMTPClient(Protocol):
         *,
         server_name: str,
         tls: TLSPolicy = "may",
+        faults: IFaults = NoFaults(),
     ) -> None:
         self.settings = settings
         self.clock = clock
+        self.faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self.server_name = server_name
         self.tls_policy: TLSPolicy = tls
         self.greeting: Reply | None = None
@@ -631,6 +634,7 @@ class SMTPClient(Protocol):
         if failed is not None:
             raise failed
         progress.dot_sent = True
+        self.faults.reached("transport.data_sent")
         if len(finals) == 1:  # SMTP: one reply for every accepted recipient
             reply = await self._reply(finals[0])
             for index in accepted:

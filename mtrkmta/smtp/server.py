@@ -23,6 +23,7 @@ from zope.interface import Attribute, Interface
 from mtrkmta.auth import ChecksBusy
 from mtrkmta.authlimits import guard_of
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
+from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.sessionguard import COMMAND, DATA, SessionGuard
 from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.command import (
@@ -756,7 +757,18 @@ class SMTPServer(Protocol, SessionGuard):
         d = self.receiver.accept(envelope, sink)
         d.addCallback(lambda _: Reply(250, "2.0.0", (f"Ok: queued as {queue_id}",)))
         d.addErrback(self._not_accepted, queue_id)
+        d.addCallback(self._after_written, "smtp.reply_sent")
         return d
+
+    def _after_written(self, reply: Reply, point: str) -> Reply:
+        """Tell the faults ``point`` once a 250 has left: the reply is written when this
+        returns, and sent by the reactor's next pass over the socket, before the second
+        round of timed calls. (Nothing is scheduled without a fault plan.)"""
+        faults = self.factory.faults
+        if reply.code == 250 and not isinstance(faults, NoFaults):
+            clock = self.factory.clock
+            clock.callLater(0, clock.callLater, 0, faults.reached, point)
+        return reply
 
     def _not_accepted(self, failure: Failure, queue_id: str) -> Reply:
         log.failure("could not accept message {queue_id}", failure, queue_id=queue_id)
@@ -787,10 +799,17 @@ class SMTPServerFactory(Factory):
 
     protocol = SMTPServer
 
-    def __init__(self, settings: ServerSettings, receiver: Any, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        receiver: Any,
+        clock: IReactorTime,
+        faults: IFaults = NoFaults(),
+    ) -> None:
         self.settings = settings
         self.receiver = receiver
         self.clock = clock
+        self.faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self.table = SessionTable(settings.max_connections, settings.max_connections_per_ip)
         self.help = self.protocol.help_reply()
 

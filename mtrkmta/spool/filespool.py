@@ -49,6 +49,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mtrkmta.envelope import Envelope
+from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.groupcommit import GroupCommit
 from mtrkmta.spool.codec import CodecError, decode_envelope, encode_envelope
 from mtrkmta.spool.interfaces import (
@@ -301,6 +302,7 @@ class FileSpool:
         max_batch: int = 256,
         commit_pool: ThreadPool | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        faults: IFaults = NoFaults(),
     ) -> None:
         """Remember where the spool lives; touches no file until first used.
 
@@ -308,6 +310,7 @@ class FileSpool:
         An incoming message keeps at most ``memory_limit`` octets of content in memory.
         """
         self._memory_limit = memory_limit
+        self._faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self._reactor = reactor
         self._threadpool = threadpool
         self._root = Path(root)
@@ -558,6 +561,7 @@ class FileSpool:
                     fds[i] = self._write_incoming(item)
             except (OSError, SpoolError) as e:
                 results[i] = e
+        self._faults.reached("spool.written")
 
         # 2. fsync each file, so its data is on disk before its name enters queue/.
         for i, fd in fds.items():
@@ -569,6 +573,7 @@ class FileSpool:
             except OSError as e:
                 results[i] = e
                 self._discard(self._incoming / batch[i].queue_id)
+        self._faults.reached("spool.synced")
 
         # 3. Rename each file into its bucket: the atomic commit point of a message.
         by_dir: dict[Path, list[int]] = {}
@@ -590,6 +595,7 @@ class FileSpool:
                 self._discard(source)
                 continue
             by_dir[target.parent].append(i)
+        self._faults.reached("spool.renamed")
 
         # 4. fsync each touched directory once: the renames become durable. The old
         # names in incoming/ need no fsync: if one reappears after a crash, recover()
@@ -607,6 +613,7 @@ class FileSpool:
                 self._sync_dir(directory)
             except OSError as e:
                 self._fail_renamed(batch, results, pending, e)
+        self._faults.reached("spool.dir_synced")
         return results
 
     def _append_incoming(
@@ -646,6 +653,7 @@ class FileSpool:
     def _finish_incoming(self, item: _Pending) -> int:
         """Complete a streamed message's file: envelope after the content, then the header."""
         try:
+            self._faults.reached("spool.write")
             self._write_all(item.fd, [memoryview(item.envelope_data)])
             os.pwrite(item.fd, item.header, 0)
         except BaseException:
@@ -668,6 +676,7 @@ class FileSpool:
             raise DuplicateQueueId(f"{item.queue_id}: already being stored") from None
         assert item.content is not None
         try:
+            self._faults.reached("spool.write")
             parts = [item.header, item.content, item.envelope_data]
             self._write_all(fd, [memoryview(part) for part in parts])
         except BaseException:

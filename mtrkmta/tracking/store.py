@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 from mtrkmta.config import MIN_RETENTION
 from mtrkmta.envelope import ClientInfo, Envelope, OriginalRecipient
+from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.groupcommit import GroupCommit
 from mtrkmta.tracking.interfaces import (
     QUEUED_STATES,
@@ -350,11 +351,13 @@ class SQLTrackingStore:
         max_retention: float,
         clock: IReactorTime | None = None,
         commit_pool: ThreadPool | None = None,
+        faults: IFaults = NoFaults(),
     ) -> None:
         """Writes are group-committed in ``commit_pool`` (default: ``threadpool``);
         reads run in ``threadpool``."""
         check_retention(default_retention, max_retention)
         self._reactor = reactor
+        self._faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self._threadpool = threadpool
         self._clock: IReactorTime = clock if clock is not None else IReactorTime(reactor)
         self._default_retention = default_retention
@@ -403,7 +406,7 @@ class SQLTrackingStore:
             steps.append((self._insert_recipients, recipient_rows))
         stored = stored_message(message_row, recipient_rows)
         d = self._write(RowWrite(tuple(steps)))
-        d.addCallback(lambda _: stored)
+        d.addCallback(self._reached, "tracking.arrival_committed", stored)
         return d
 
     def known(self, queue_ids: Iterable[str]) -> Deferred[frozenset[str]]:
@@ -487,7 +490,8 @@ class SQLTrackingStore:
     def record_outcomes(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
         """Durably record what happened to some recipients; one group-committed write."""
         rows = [self._update_values(queue_id, update) for update in updates]
-        return self._write(RowWrite(((self._update_recipient, rows),)))
+        d = self._write(RowWrite(((self._update_recipient, rows),)))
+        return d.addCallback(self._reached, "tracking.outcome_committed", None)
 
     @staticmethod
     def _update_values(queue_id: str, update: RecipientUpdate) -> dict[str, object]:
@@ -687,6 +691,11 @@ class SQLTrackingStore:
         m, r = self._schema.messages, self._schema.recipients
         return ~exists().where(r.c.queue_id == m.c.queue_id, or_(*self._unfinished_recipients()))
 
+    def _reached(self, _: object, point: str, result: R) -> R:
+        """After a commit: tell the faults, then pass ``result`` on."""
+        self._faults.reached(point)
+        return result
+
     def _write(self, op: Callable[[Connection], R] | RowWrite) -> Deferred[R]:
         if self._closing is not None:
             return fail(StoreClosedError("tracking store is closed"))
@@ -728,6 +737,7 @@ class SQLTrackingStore:
                         _execute_rows(conn, rows)
                         results.append(op(conn))
                 _execute_rows(conn, rows)
+                self._faults.reached("tracking.write")  # an OSError here: a failed write
                 return results
 
     def _read(self, query: Callable[[Connection], R]) -> Deferred[R]:

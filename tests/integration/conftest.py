@@ -1,0 +1,32 @@
+"""Integration-test hooks: the fault-injection suite lists the points it covered."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+COVERED = re.compile(
+    r"test_fault_injection\.py::test_(crash_at|crash_at_lmtp_next_hop|streamed_message_at|failed_write_at)\[(.+)\]$"
+)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """After a run of tests/integration/test_fault_injection.py: each point and outcome."""
+    rows = []
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            match = COVERED.search(getattr(report, "nodeid", ""))
+            if match is not None and report.when == "call":
+                kind = {
+                    "crash_at": "crash",
+                    "crash_at_lmtp_next_hop": "crash, LMTP next hop",
+                    "streamed_message_at": "streamed message",
+                }
+                rows.append(
+                    f"{match.group(2)} ({kind.get(match.group(1), 'failed write')}): {outcome}"
+                )
+    if rows:
+        terminalreporter.write_sep("-", f"fault injection: {len(rows)} cases")
+        for row in rows:
+            terminalreporter.write_line(row)
