@@ -43,3 +43,18 @@ def encode(value: str) -> str:
         else:
             out.append(f"+{point:02X}")
     return "".join(out)
+
+
+def noncanonical(received: str, decoded: str) -> str | None:
+    """``received`` when it is not :func:`encode` of ``decoded``, else None.
+
+    ``ab+41cd`` and ``a+2bb`` (lenient) are kept; ``abAcd`` is not, since encoding
+    the decoded value gives it back. What a relay keeps to send the same
+    esmtp-value on (RFC 3461 §5.2.1(a) and (d)).
+    """
+    return None if encode(decoded) == received else received
+
+
+def on_the_wire(decoded: str, received: str | None) -> str:
+    """The xtext to send for ``decoded``: ``received`` as it came, else encoded canonically."""
+    return encode(decoded) if received is None else received
