@@ -24,8 +24,8 @@ class Mtrk:
 class OriginalRecipient:
     """The ORCPT= parameter of RCPT (RFC 3461 §4.2): address type and decoded address.
 
-    ``xtext`` is the address part exactly as received, kept only when it is not the
-    canonical xtext of ``address`` (``+41`` for ``A``, lower-case hex digits): a relay
+    ``xtext`` is the address part exactly as received, kept only when it is valid
+    xtext but not the canonical xtext of ``address`` (``+41`` for ``A``): a relay
     sends "the identical original-recipient-address" on (RFC 3461 §5.2.1(d)).
     None for an ORCPT this MTA made or one received in canonical form.
     """

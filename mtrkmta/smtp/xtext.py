@@ -46,13 +46,16 @@ def encode(value: str) -> str:
 
 
 def noncanonical(received: str, decoded: str) -> str | None:
-    """``received`` when it is not :func:`encode` of ``decoded``, else None.
+    """``received`` when it is valid xtext but not :func:`encode` of ``decoded``, else None.
 
-    ``ab+41cd`` and ``a+2bb`` (lenient) are kept; ``abAcd`` is not, since encoding
-    the decoded value gives it back. What a relay keeps to send the same
-    esmtp-value on (RFC 3461 §5.2.1(a) and (d)).
+    ``ab+41cd`` is kept; ``abAcd`` is not, since encoding the decoded value gives it
+    back. What a relay keeps to send the same esmtp-value on (RFC 3461 §5.2.1(a) and
+    (d)). Lower-case hex (``a+2bb``, accepted only when lenient) is not xtext (RFC
+    3461 §4) and a strict next hop would refuse it: it goes on encoded canonically.
     """
-    return None if encode(decoded) == received else received
+    if encode(decoded) == received or _STRICT.fullmatch(received) is None:
+        return None
+    return received
 
 
 def on_the_wire(decoded: str, received: str | None) -> str:
