@@ -22,10 +22,17 @@ class Mtrk:
 
 @dataclass(frozen=True, slots=True)
 class OriginalRecipient:
-    """The ORCPT= parameter of RCPT (RFC 3461 §4.2): address type and decoded address."""
+    """The ORCPT= parameter of RCPT (RFC 3461 §4.2): address type and decoded address.
+
+    ``xtext`` is the address part exactly as received, kept only when it is valid
+    xtext but not the canonical xtext of ``address`` (``+41`` for ``A``): a relay
+    sends "the identical original-recipient-address" on (RFC 3461 §5.2.1(d)).
+    None for an ORCPT this MTA made or one received in canonical form.
+    """
 
     addr_type: str
     address: str
+    xtext: str | None = None
 
     def __str__(self) -> str:
         return f"{self.addr_type};{self.address}"
@@ -42,6 +49,9 @@ class MailParams:
     mtrk: Mtrk | None = None
     smtputf8: bool = False
     auth: str | None = None  # xtext-decoded AUTH= value (RFC 4954 §5)
+    # The ENVID esmtp-value as received when it is not the canonical xtext of envid:
+    # a relay sends "the same associated esmtp-value" on (RFC 3461 §5.2.1(a)).
+    envid_xtext: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

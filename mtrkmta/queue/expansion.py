@@ -65,7 +65,8 @@ def new_envelopes(
     """The messages that carry the expanded recipient's mail on.
 
     * multi-target alias, option (c) of 3461 §5.2.7.3 [P]: ENVID, RET and ORCPT
-      go to every target, NOTIFY without SUCCESS; the certifier (timeout
+      go to every target, ENVID and ORCPT with the esmtp-values as received (RFC
+      3885 §3.3: not modified), NOTIFY without SUCCESS; the certifier (timeout
       decremented) goes only to the primary target, the others get none
       (CHECKLIST 2.5);
     * mailing list: from the list owner, with nothing of the original's MTRK,
@@ -103,7 +104,12 @@ def new_envelopes(
     if notify is not None and notify != NEVER:
         notify = frozenset(notify - {"SUCCESS"}) or NEVER
     rcpt_params = RcptParams(notify=notify, orcpt=original)
-    params = replace(base, envid=envelope.params.envid, ret=envelope.params.ret)
+    params = replace(
+        base,
+        envid=envelope.params.envid,
+        envid_xtext=envelope.params.envid_xtext,  # the same esmtp-value (RFC 3885 §3.3)
+        ret=envelope.params.ret,
+    )
     primary = resolution.primary
     others = [Recipient(t, rcpt_params) for t in resolution.targets if t != primary]
     messages = []

@@ -58,10 +58,16 @@ def _decode_certifier(text: str) -> bytes:
 
 
 def format_mtrk(certifier: bytes, timeout: int | None) -> str:
-    """The value to send after ``MTRK=``: padded base64, plus ``:timeout`` when given."""
+    """The value to send after ``MTRK=``: unpadded base64, plus ``:timeout`` when given.
+
+    No ``=`` padding: 27 characters for 20 octets, 22 for 16. RFC 3885 §1 defines
+    the base64 characters as ``+``, ``/``, digits and letters, and an esmtp-value
+    cannot hold ``=`` (RFC 5321 §4.1.2, RFC 3461 §4), so a server such as go-smtp refuses a
+    padded certifier with 501. :func:`parse_mtrk` still accepts both forms.
+    """
     if len(certifier) not in CERTIFIER_LENGTHS:
         raise ValueError(f"certifier must be 16 or 20 octets, not {len(certifier)}")
-    text = base64.b64encode(certifier).decode("ascii")
+    text = base64.b64encode(certifier).decode("ascii").rstrip("=")
     if timeout is None:
         return text
     if isinstance(timeout, bool) or not 0 <= timeout <= MAX_TIMEOUT:

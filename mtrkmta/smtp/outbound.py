@@ -58,11 +58,13 @@ def mail_parameters(
       do (RFC 6152 would ask for a downgrade to 7 bit or a bounce).
     * ``SMTPUTF8`` when the message was received with it and the hop offers it
       (the caller decides what to do when a message needs it and the hop lacks it).
-    * ``ENVID`` (xtext) and ``RET`` as received for a DSN hop; none of them for a
-      hop without DSN; never invented (CHECKLIST 2.3). ENVID also goes with MTRK.
+    * ``ENVID`` and ``RET`` as received for a DSN hop; none of them for a hop without
+      DSN; never invented (CHECKLIST 2.3). ENVID also goes with MTRK. ENVID carries
+      the same esmtp-value as received (RFC 3461 §5.2.1(a), RFC 3885 §3.3), xtext
+      encoded canonically only for an ENVID this MTA made.
     * ``MTRK=<B>:<remaining>`` only to a hop advertising MTRK, with the decremented
       timeout, and omitted when it is <= 0 or when no ENVID came with it
-      (CHECKLIST 2.1-2.3, 7.7).
+      (CHECKLIST 2.1-2.3, 7.7). B is unpadded base64 (see :func:`format_mtrk`).
     """
     params = envelope.params
     out: list[str] = []
@@ -73,7 +75,7 @@ def mail_parameters(
     if params.smtputf8 and "SMTPUTF8" in keywords:
         out.append("SMTPUTF8")
     if params.envid is not None and _carries_envid_orcpt(keywords):
-        out.append(f"ENVID={xtext.encode(params.envid)}")
+        out.append(f"ENVID={xtext.on_the_wire(params.envid, params.envid_xtext)}")
     if params.ret is not None and "DSN" in keywords:
         out.append(f"RET={params.ret}")
     forwarded = False
@@ -89,7 +91,8 @@ def rcpt_parameters(recipient: Recipient, keywords: Mapping[str, str]) -> list[s
     """The RCPT parameters for ``recipient`` to a hop that advertised ``keywords``.
 
     For a DSN (or MTRK) hop: ``NOTIFY`` as received (never invented) and ``ORCPT``
-    as received, xtext-encoded; when none arrived, ``ORCPT=rfc822;<RCPT address>``
+    with the identical original-recipient-address, its xtext as received (RFC 3461
+    §5.2.1(d)); when none arrived, ``ORCPT=rfc822;<RCPT address>``
     is added as RFC 3461 §5.2.1 allows (and Postfix does), for ASCII addresses.
     Nothing DSN-related for a hop without DSN (CHECKLIST 2.3, 7.8).
     """
@@ -104,7 +107,7 @@ def rcpt_parameters(recipient: Recipient, keywords: Mapping[str, str]) -> list[s
             out.append("NOTIFY=" + ",".join(k for k in _NOTIFY_ORDER if k in notify))
     orcpt = recipient.params.orcpt
     if orcpt is not None:
-        out.append(f"ORCPT={orcpt.addr_type};{xtext.encode(orcpt.address)}")
+        out.append(f"ORCPT={orcpt.addr_type};{xtext.on_the_wire(orcpt.address, orcpt.xtext)}")
     elif recipient.address.isascii() and recipient.address.isprintable():
         out.append(f"ORCPT=rfc822;{xtext.encode(recipient.address)}")
     return out

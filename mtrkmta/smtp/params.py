@@ -111,6 +111,7 @@ def parse_mail_params(
     size: int | None = None
     body: str | None = None
     envid: str | None = None
+    envid_xtext: str | None = None  # kept to relay the same esmtp-value (RFC 3461 §5.2.1(a))
     ret: str | None = None
     mtrk: Mtrk | None = None
     smtputf8 = False
@@ -128,7 +129,9 @@ def parse_mail_params(
         elif keyword == "BODY":
             body = _parse_body(_require_value(keyword, value))
         elif keyword == "ENVID":
-            envid = _parse_envid(_require_value(keyword, value), lenient_xtext)
+            envid_value = _require_value(keyword, value)
+            envid = _parse_envid(envid_value, lenient_xtext)
+            envid_xtext = xtext.noncanonical(envid_value, envid)
         elif keyword == "RET":
             ret = _parse_ret(_require_value(keyword, value))
         else:
@@ -136,7 +139,14 @@ def parse_mail_params(
     if mtrk is not None and not _is_unique_envid(envid):
         raise SMTPError(501, "5.5.4", "MTRK requires ENVID=local@host")
     return MailParams(
-        size=size, body=body, envid=envid, ret=ret, mtrk=mtrk, smtputf8=smtputf8, auth=auth
+        size=size,
+        body=body,
+        envid=envid,
+        ret=ret,
+        mtrk=mtrk,
+        smtputf8=smtputf8,
+        auth=auth,
+        envid_xtext=envid_xtext,
     )
 
 
@@ -242,4 +252,6 @@ def _parse_orcpt(value: str, lenient: bool) -> OriginalRecipient:
     address = _decode_xtext("ORCPT", encoded, lenient)
     if not address or not _is_printable_ascii(address):
         raise _invalid("ORCPT")
-    return OriginalRecipient(addr_type=addr_type, address=address)
+    # RFC 3461 §5.2.1(d): a relay sends the identical original-recipient-address on.
+    received = xtext.noncanonical(encoded, address)
+    return OriginalRecipient(addr_type=addr_type, address=address, xtext=received)

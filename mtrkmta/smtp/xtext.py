@@ -43,3 +43,21 @@ def encode(value: str) -> str:
         else:
             out.append(f"+{point:02X}")
     return "".join(out)
+
+
+def noncanonical(received: str, decoded: str) -> str | None:
+    """``received`` when it is valid xtext but not :func:`encode` of ``decoded``, else None.
+
+    ``ab+41cd`` is kept; ``abAcd`` is not, since encoding the decoded value gives it
+    back. What a relay keeps to send the same esmtp-value on (RFC 3461 §5.2.1(a) and
+    (d)). Lower-case hex (``a+2bb``, accepted only when lenient) is not xtext (RFC
+    3461 §4) and a strict next hop would refuse it: it goes on encoded canonically.
+    """
+    if encode(decoded) == received or _STRICT.fullmatch(received) is None:
+        return None
+    return received
+
+
+def on_the_wire(decoded: str, received: str | None) -> str:
+    """The xtext to send for ``decoded``: ``received`` as it came, else encoded canonically."""
+    return encode(decoded) if received is None else received

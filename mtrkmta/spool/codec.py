@@ -78,8 +78,15 @@ def _encode_recipient(recipient: Recipient) -> dict[str, Any]:
     return {
         "address": recipient.address,
         "notify": None if notify is None else sorted(notify),
-        "orcpt": None if orcpt is None else {"type": orcpt.addr_type, "address": orcpt.address},
+        "orcpt": None if orcpt is None else _encode_orcpt(orcpt),
     }
+
+
+def _encode_orcpt(orcpt: OriginalRecipient) -> dict[str, Any]:
+    doc = {"type": orcpt.addr_type, "address": orcpt.address}
+    if orcpt.xtext is not None:  # optional: older files have no such key
+        doc["xtext"] = orcpt.xtext
+    return doc
 
 
 def _decode_recipient(value: object) -> Recipient:
@@ -90,9 +97,11 @@ def _decode_recipient(value: object) -> Recipient:
         notify = frozenset(_typed(k, str, "notify keyword") for k in notify_list)
     orcpt = None
     if obj["orcpt"] is not None:
-        o = _object(obj["orcpt"], "orcpt", {"type", "address"})
+        o = _object(obj["orcpt"], "orcpt", {"type", "address"}, optional={"xtext"})
         orcpt = OriginalRecipient(
-            _typed(o["type"], str, "orcpt type"), _typed(o["address"], str, "orcpt address")
+            _typed(o["type"], str, "orcpt type"),
+            _typed(o["address"], str, "orcpt address"),
+            _optional(o.get("xtext"), str, "orcpt xtext"),
         )
     return Recipient(
         address=_typed(obj["address"], str, "address"),
@@ -102,7 +111,7 @@ def _decode_recipient(value: object) -> Recipient:
 
 def _encode_mail_params(params: MailParams) -> dict[str, Any]:
     mtrk = params.mtrk
-    return {
+    doc: dict[str, Any] = {
         "size": params.size,
         "body": params.body,
         "envid": params.envid,
@@ -116,10 +125,18 @@ def _encode_mail_params(params: MailParams) -> dict[str, Any]:
         "smtputf8": params.smtputf8,
         "auth": params.auth,
     }
+    if params.envid_xtext is not None:  # optional: older files have no such key
+        doc["envid_xtext"] = params.envid_xtext
+    return doc
 
 
 def _decode_mail_params(value: object) -> MailParams:
-    obj = _object(value, "params", {"size", "body", "envid", "ret", "mtrk", "smtputf8", "auth"})
+    obj = _object(
+        value,
+        "params",
+        {"size", "body", "envid", "ret", "mtrk", "smtputf8", "auth"},
+        optional={"envid_xtext"},
+    )
     mtrk = None
     if obj["mtrk"] is not None:
         m = _object(obj["mtrk"], "mtrk", {"certifier", "timeout"})
@@ -137,6 +154,7 @@ def _decode_mail_params(value: object) -> MailParams:
         mtrk=mtrk,
         smtputf8=_typed(obj["smtputf8"], bool, "smtputf8"),
         auth=_optional(obj["auth"], str, "auth"),
+        envid_xtext=_optional(obj.get("envid_xtext"), str, "envid_xtext"),
     )
 
 
@@ -165,12 +183,16 @@ def _decode_client(value: object) -> ClientInfo:
     )
 
 
-def _object(value: object, what: str, keys: set[str]) -> Mapping[str, object]:
-    """``value`` as a JSON object with exactly ``keys``."""
+def _object(
+    value: object, what: str, keys: set[str], optional: set[str] | None = None
+) -> Mapping[str, object]:
+    """``value`` as a JSON object with exactly ``keys``, plus any of ``optional``."""
     if not isinstance(value, dict):
         raise CodecError(f"{what}: expected an object")
-    if value.keys() != keys:
-        raise CodecError(f"{what}: expected keys {sorted(keys)}, got {sorted(value)}")
+    extra = value.keys() - keys
+    if not keys <= value.keys() or not extra <= (optional or set()):
+        expected = sorted(keys) + [f"{k}?" for k in sorted(optional or ())]
+        raise CodecError(f"{what}: expected keys {expected}, got {sorted(value)}")
     return value
 
 

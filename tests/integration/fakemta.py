@@ -66,6 +66,7 @@ _PARAM_EXTENSION = MappingProxyType(
     }
 )
 _PATH = re.compile(r"(?i)(MAIL FROM|RCPT TO):<([^>]*)>(.*)")
+_ESMTP_VALUE = re.compile(r"[!-<>-~]+")  # RFC 5321 §4.1.2: 1*(%d33-60 / %d62-126)
 CRLF = b"\r\n"
 
 
@@ -145,6 +146,9 @@ class FakeMTA:
       with ``DOT`` in LMTP, ``replies_before_drop`` per-recipient replies go first.
     * ``hang_at`` verb, ``DOT`` or ``GREETING``: never reply (for timeouts).
     * ``stall_at`` ``DATA``: answer 354, then stop reading (for the data-block timeout).
+    * ``strict_values``: a MAIL/RCPT parameter whose esmtp-value is not
+      ``1*(%d33-60 / %d62-126)`` (RFC 5321 §4.1.2: no ``=``, no space or control)
+      gets ``501``, as go-smtp answers a padded ``MTRK=...=``.
 
     MAIL/RCPT parameters of extensions that are not advertised get ``555``, as
     Postfix and Dovecot answer.
@@ -175,6 +179,7 @@ class FakeMTA:
         self.drop_at: str | None = None
         self.hang_at: str | None = None
         self.stall_at: str | None = None
+        self.strict_values = False
         self.replies_before_drop = 0
         self.sessions: list[FakeSession] = []
         self._port: IListeningPort | None = None
@@ -355,9 +360,11 @@ class _FakeProtocol(Protocol):
     def _unsupported(self, params: list[str]) -> str | None:
         advertised = self._advertised()
         for param in params:
-            keyword = param.split("=", 1)[0].upper()
-            if _PARAM_EXTENSION.get(keyword) not in advertised:
+            keyword, _, value = param.partition("=")
+            if _PARAM_EXTENSION.get(keyword.upper()) not in advertised:
                 return f"555 5.5.4 Unsupported option: {param}"
+            if self.server.strict_values and value and _ESMTP_VALUE.fullmatch(value) is None:
+                return f"501 5.5.4 Malformed parameter value: {param}"
         return None
 
     def do_STARTTLS(self, verb: str, line: str) -> None:

@@ -123,6 +123,36 @@ async def test_remote_5xx_produces_one_failed_dsn_with_the_remote_reply(tmp_path
 
 
 @pytest_twisted.ensureDeferred
+async def test_relay_keeps_the_received_xtext_and_the_dsn_carries_the_decoded_values(tmp_path):
+    # RFC 3461 §5.2.1(a)/(d): the next hop gets ENVID and ORCPT with the esmtp-values
+    # as received; §6.3(a): the DSN's Original-Envelope-Id is the xtext-decoded ENVID,
+    # and (d) Original-Recipient is taken from ORCPT (RFC 3464 §2.3.1: the address).
+    async with node_with_fake(tmp_path) as (node, fake):
+        fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 <bad@relay.example> User unknown"
+        await in_thread(
+            send,
+            node.port("smtp"),
+            SENDER,
+            [
+                ("bad@relay.example", "ORCPT=rfc822;x+41t@dsn.test"),
+                ("ok@relay.example", "ORCPT=rfc822;o+4B@dsn.test"),
+            ],
+            "ENVID=ab+41cd+2Bef-x",
+        )
+        await queue_emptied(node)
+        (transaction,) = fake.transactions
+        assert "ENVID=ab+41cd+2Bef-x" in transaction.mail_params
+        assert transaction.rcpts == [
+            "RCPT TO:<bad@relay.example> ORCPT=rfc822;x+41t@dsn.test",
+            "RCPT TO:<ok@relay.example> ORCPT=rfc822;o+4B@dsn.test",
+        ]
+        (dsn,) = dsns(tmp_path)
+        per_message, failed = delivery_status(dsn)
+        assert per_message["original-envelope-id"] == "abAcd+ef-x"
+        assert failed["original-recipient"] == "rfc822;xAt@dsn.test"
+
+
+@pytest_twisted.ensureDeferred
 async def test_control_character_in_the_remote_reply_still_gives_a_failed_dsn(tmp_path):
     # RFC 3464 §2.3.6: the reply text is escaped for Diagnostic-Code (RFC 6533 §3 \x{HH});
     # it used to raise DsnFieldError at every queue run and keep the message forever.

@@ -115,6 +115,26 @@ async def test_multi_target_alias_gives_the_certifier_to_the_primary_only(tmp_pa
 
 
 @pytest_twisted.ensureDeferred
+async def test_aliases_send_envid_and_orcpt_on_as_received(tmp_path):
+    # RFC 3885 §3.3: on aliasing the ENVID= and ORCPT= values "MUST NOT be modified";
+    # RFC 3461 §5.2.1(a)/(d): the same esmtp-value, so "+31" is not re-encoded as "1".
+    mail_params = f"MTRK={CERTIFIER}:3600 ENVID=e+31@origin.example"
+    async with aliased_node(tmp_path) as (node, fake):
+        port = node.port("smtp")
+        await in_thread(send, port, "sales@localhost", mail_params, "ORCPT=rfc822;s+61les@x")
+        await in_thread(send, port, "info@localhost", mail_params, "ORCPT=rfc822;+69nfo@x")
+        await queue_emptied(node)
+        carol = received(fake)["carol@relay.example"]  # single target: an ordinary hop
+        bob = received(fake)["bob@relay.example"]  # multi-target, not the primary
+        for transaction, orcpt in (
+            (carol, "ORCPT=rfc822;s+61les@x"),
+            (bob, "ORCPT=rfc822;+69nfo@x"),
+        ):
+            assert "ENVID=e+31@origin.example" in transaction.mail_params
+            assert orcpt in transaction.rcpt_params[0]
+
+
+@pytest_twisted.ensureDeferred
 async def test_list_expansion_sends_nothing_of_the_original(tmp_path):
     # CHECKLIST 2.6, 8.2: owner as sender, no MTRK/ENVID/NOTIFY/RET/ORCPT; members
     # never appear in the tracking record.

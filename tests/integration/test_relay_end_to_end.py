@@ -221,7 +221,7 @@ async def test_mtrk_hop_gets_decremented_timeout_and_records_transferred(tmp_pat
 
         (relayed,) = copies(fake)
         certifier, remaining = mtrk_of(relayed)
-        assert certifier == B64  # B goes on unchanged
+        assert certifier == B64.rstrip("=")  # B goes on unchanged, unpadded (RFC 5321 §4.1.2)
         spent_at_most = int(after - before)
         assert TIMEOUT - spent_at_most <= remaining <= TIMEOUT - 1
         assert f"ENVID={ENVID}" in relayed.mail_params
@@ -293,6 +293,51 @@ async def test_hop_without_dsn_or_mtrk_gets_no_dsn_parameters(tmp_path):
         (rcpt,) = (await rig.stored(queue_id)).recipients
         assert (rcpt.state, rcpt.status) == (RecipientState.RELAYED, "2.1.9")
         assert rcpt.certifier_forwarded is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayed_envid_and_orcpt_are_byte_identical_to_what_was_received(tmp_path):
+    # RFC 3461 §5.2.1(a): the relayed ENVID has "the same associated esmtp-value";
+    # (d): ORCPT "the identical original-recipient-address". "+41" is "A", which a
+    # canonical re-encoding would send as "A": the received xtext must go on instead.
+    async with relaying(tmp_path, extensions=NO_MTRK) as rig:
+        queue_id = await send_one(
+            rig.node, "ENVID=ab+41cd+2Bef-x", (RCPT, "ORCPT=rfc822;x+41t@dsn.test")
+        )
+        await rig.gone(queue_id)
+
+        (relayed,) = copies(rig.fake)
+        assert "ENVID=ab+41cd+2Bef-x" in relayed.mail_params
+        assert relayed.rcpts == [f"RCPT TO:<{RCPT}> ORCPT=rfc822;x+41t@dsn.test"]
+        (session,) = rig.fake.sessions
+        wire = b"".join(session.reads)
+        assert b" ENVID=ab+41cd+2Bef-x" in wire and b"abAcd" not in wire
+        assert f"RCPT TO:<{RCPT}> ORCPT=rfc822;x+41t@dsn.test\r\n".encode() in wire
+        # Tracking keeps the decoded ENVID, which TRACK compares (RFC 3887 §4).
+        stored = await rig.stored(queue_id)
+        assert stored.envid == "abAcd+ef-x"
+        assert str(stored.recipients[0].orcpt) == "rfc822;xAt@dsn.test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_mtrk_goes_out_unpadded_so_a_strict_next_hop_takes_it(tmp_path):
+    # RFC 5321 §4.1.2 (and RFC 3461 §4): an esmtp-value holds no "="; RFC 3885 §1's
+    # base64 is letters, digits, "+" and "/". go-smtp answers a padded MTRK with 501.
+    # The client may still send it padded: it is accepted, and relayed without "=".
+    async with relaying(tmp_path) as rig:
+        rig.fake.strict_values = True
+        queue_id = await send_one(
+            rig.node, f"ENVID={ENVID} MTRK={B64}:{TIMEOUT}", (RCPT, f"ORCPT={ORCPT}")
+        )
+        await rig.gone(queue_id)
+
+        (relayed,) = copies(rig.fake)
+        certifier, _ = mtrk_of(relayed)
+        assert len(certifier) == 27 and "=" not in certifier
+        assert base64.b64decode(certifier + "=") == CERTIFIER
+        (rcpt,) = (await rig.stored(queue_id)).recipients
+        assert (rcpt.state, rcpt.status) == (RecipientState.TRANSFERRED, "2.4.0")
+        assert rcpt.certifier_forwarded is True
 
 
 def send_raw_data(port: int, raw: bytes) -> str:

@@ -29,7 +29,7 @@ from mtrkmta.tracking.interfaces import RecipientState as S
 DAY = 86400.0
 ARRIVAL = 1_700_000_000.0
 CERTIFIER = bytes(range(1, 21))
-B64 = base64.b64encode(CERTIFIER).decode("ascii")
+B64 = base64.b64encode(CERTIFIER).decode("ascii").rstrip("=")  # unpadded on the wire
 SETTINGS = SMTPTransportSettings(
     hostname="relay.example.test",
     default_retention=9 * DAY,

@@ -174,6 +174,35 @@ def test_multi_target_certifier_goes_to_the_primary_only():
         assert rcpt.params.orcpt == OriginalRecipient("rfc822", "info@example.org")
 
 
+def test_alias_targets_get_envid_and_orcpt_as_received():
+    # RFC 3885 §3.3: on aliasing, ENVID= and ORCPT= "MUST NOT be modified"; RFC 3461
+    # §5.2.1(a)/(d): the same esmtp-value, so the received xtext goes on, not a re-encoding.
+    orcpt = OriginalRecipient("rfc822", "xAt@dsn.test", "x+41t@dsn.test")
+    original = Envelope(
+        queue_id="q1",
+        sender="s@origin.example",
+        recipients=(Recipient("info@example.org", RcptParams(orcpt=orcpt)),),
+        params=MailParams(envid="abAcd+ef-x", envid_xtext="ab+41cd+2Bef-x", ret="HDRS"),
+        arrival=1000.0,
+    )
+    ids = iter(f"n{i}" for i in range(10))
+    messages = new_envelopes(
+        original,
+        0,
+        resolve("info@example.org"),
+        now=1100.0,
+        new_queue_id=lambda: next(ids),
+        hostname="mx.example.org",
+        default_retention=9 * 86400,
+    )
+    assert len(messages) == 2
+    for message in messages:
+        assert message.params.envid_xtext == "ab+41cd+2Bef-x"
+        assert message.recipients[0].params.orcpt == orcpt
+    (copy,) = expand(resolve("team@example.org"))
+    assert copy.params.envid_xtext is None  # a list starts a new message (RFC 3885 §3.3)
+
+
 def test_list_copies_carry_nothing_of_the_original():
     # CHECKLIST 2.6 [M]: no MTRK, ENVID, NOTIFY, RET or ORCPT; sender is the owner.
     (copy,) = expand(resolve("team@example.org"))

@@ -54,7 +54,8 @@ from mtrkmta.tracking.status import RecipientStatus, TrackingReport, TypedValue
 
 # CHECKLIST 1.8.4's vector (computed there, not an RFC example: CHECKLIST 10.6).
 VECTOR_SECRET = bytes(range(16))
-VECTOR_CERTIFIER_B64 = "VheLhqV/rCKJmplkGFwsyW59pYk="
+# 27 characters, no "=" padding: an esmtp-value excludes "=" (RFC 5321 §4.1.2).
+VECTOR_CERTIFIER_B64 = "VheLhqV/rCKJmplkGFwsyW59pYk"
 ENVID = "k2J9@client.example.test"
 SECRET_B64 = base64.b64encode(bytes(range(32))).decode()
 WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -278,7 +279,8 @@ def test_send_submits_with_mtrk_and_records_the_secret(tmp_path, fake_smtp):
     secret = base64.b64decode(saved.secret)
     envid, mtrk, ret = sent["mail"]
     assert envid == f"ENVID={saved.envid}" and saved.envid.endswith("@client.example.test")
-    certifier = base64.b64encode(hashlib.sha1(secret).digest()).decode()
+    certifier = base64.b64encode(hashlib.sha1(secret).digest()).decode().rstrip("=")
+    assert len(certifier) == 27  # unpadded: RFC 3885 §1 base64, RFC 5321 §4.1.2
     assert mtrk == f"MTRK={certifier}:86400" and ret == "RET=HDRS"
     assert (saved.server, saved.sent_at) == ("mail.example.test:587", WHEN.isoformat())
     assert saved.recipients == ("bob@example.test", "carol@example.test")

@@ -23,7 +23,8 @@ from mtrkmta.smtp.outbound import (
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CERTIFIER = bytes(range(20))
-CERTIFIER_B64 = base64.b64encode(CERTIFIER).decode("ascii")
+# Unpadded, 27 characters: RFC 3885 §1 base64 and RFC 5321 §4.1.2 esmtp-value have no "=".
+CERTIFIER_B64 = base64.b64encode(CERTIFIER).decode("ascii").rstrip("=")
 DAY = 86400.0
 ARRIVAL = 1_700_000_000.0
 
@@ -250,6 +251,38 @@ def test_rcpt_nothing_dsn_related_to_non_dsn_hop():
         RcptParams(notify=frozenset({"FAILURE"}), orcpt=OriginalRecipient("rfc822", "o@x")),
     )
     assert rcpt_parameters(recipient, BARE_HOP) == []
+
+
+def test_relayed_envid_and_orcpt_are_the_esmtp_values_as_received():
+    # RFC 3461 §5.2.1(a) "with the same associated esmtp-value" and (d) "the identical
+    # original-recipient-address"; RFC 3885 §3.3 "MUST NOT be modified". Received
+    # "ab+41cd+2Bef-x" must not go out re-encoded as "abAcd+2Bef-x".
+    mail = MailParams(envid="abAcd+ef-x", envid_xtext="ab+41cd+2Bef-x")
+    env = Envelope("Q1", "a@client.example", (Recipient("b@example.test"),), mail)
+    for hop in (DSN_HOP, MTRK_HOP):
+        assert "ENVID=ab+41cd+2Bef-x" in params(env, hop)
+    orcpt = OriginalRecipient("rfc822", "xAt@dsn.test", "x+41t@dsn.test")
+    recipient = Recipient("b@example.test", RcptParams(orcpt=orcpt))
+    for hop in (DSN_HOP, MTRK_HOP):
+        assert rcpt_parameters(recipient, hop) == ["ORCPT=rfc822;x+41t@dsn.test"]
+
+
+def test_mtrk_goes_out_unpadded():
+    # RFC 5321 §4.1.2 / RFC 3461 §4: no "=" in an esmtp-value (go-smtp answers 501).
+    for certifier, length in ((CERTIFIER, 27), (bytes(range(16)), 22)):
+        env = envelope()
+        env = Envelope(
+            env.queue_id,
+            env.sender,
+            env.recipients,
+            MailParams(envid="e@h", mtrk=Mtrk(certifier, 600)),
+            ARRIVAL,
+        )
+        word = mtrk_of(params(env, MTRK_HOP, now=ARRIVAL))
+        assert word is not None
+        value, _, timeout = word.removeprefix("MTRK=").partition(":")
+        assert (len(value), timeout) == (length, "600") and "=" not in value
+        assert base64.b64decode(value + "=" * (-len(value) % 4)) == certifier
 
 
 @SETTINGS

@@ -38,11 +38,12 @@ mail_params = st.builds(
     mtrk=st.none() | mtrks,
     smtputf8=st.booleans(),
     auth=opt_texts,
+    envid_xtext=opt_texts,
 )
 rcpt_params = st.builds(
     RcptParams,
     notify=st.none() | st.frozensets(texts, max_size=4),
-    orcpt=st.none() | st.builds(OriginalRecipient, texts, texts),
+    orcpt=st.none() | st.builds(OriginalRecipient, texts, texts, opt_texts),
 )
 recipients = st.builds(Recipient, address=texts, params=rcpt_params)
 clients = st.builds(
@@ -136,6 +137,58 @@ def _mutated(path: tuple[str | int, ...], value: object) -> bytes:
 def test_malformed_documents_are_rejected(path: tuple[str | int, ...], value: object) -> None:
     with pytest.raises(CodecError):
         decode_envelope(_mutated(path, value))
+
+
+def test_received_xtext_is_kept_and_written_only_when_there_is_one() -> None:
+    # RFC 3461 §5.2.1(a)/(d): the relay needs the ENVID and ORCPT esmtp-values as
+    # received, so the spool keeps them; the keys are absent when there is none.
+    sample = _sample()
+    orcpt = OriginalRecipient("rfc822", "xAt@dsn.test", "x+41t@dsn.test")
+    envelope = Envelope(
+        sample.queue_id,
+        sample.sender,
+        (sample.recipients[0], Recipient("c@example.org", RcptParams(orcpt=orcpt))),
+        MailParams(envid="abAcd+ef-x", envid_xtext="ab+41cd+2Bef-x"),
+        sample.arrival,
+        sample.client,
+    )
+    doc = json.loads(encode_envelope(envelope))
+    assert doc["params"]["envid_xtext"] == "ab+41cd+2Bef-x"
+    assert doc["recipients"][1]["orcpt"]["xtext"] == "x+41t@dsn.test"
+    decoded = decode_envelope(encode_envelope(envelope))
+    assert decoded.params.envid_xtext == "ab+41cd+2Bef-x"
+    assert decoded.recipients[1].params.orcpt == orcpt
+    plain = json.loads(encode_envelope(sample))
+    assert "envid_xtext" not in plain["params"]
+    assert "xtext" not in plain["recipients"][1]["orcpt"]
+    # The optional keys are typed like the others, and nothing else is let in.
+    for path, value in [
+        (("params", "envid_xtext"), 5),
+        (("recipients", 1, "orcpt", "xtext"), ["x"]),
+        (("recipients", 1, "orcpt", "extra"), "x"),
+    ]:
+        with pytest.raises(CodecError):
+            decode_envelope(_mutated(path, value))
+
+
+# An envelope as the codec wrote it before the received xtext was kept.
+OLD_FILE = (
+    b'{"v":1,"queue_id":"0abc","sender":"a@example.org","recipients":['
+    b'{"address":"c@example.org","notify":["SUCCESS"],'
+    b'"orcpt":{"type":"rfc822","address":"c+x@x"}}],'
+    b'"params":{"size":null,"body":null,"envid":"E+1","ret":"HDRS","mtrk":null,'
+    b'"smtputf8":false,"auth":null},"arrival":1700000000.25,'
+    b'"client":{"address":"192.0.2.1","port":25,"helo":"mx.example","protocol":"ESMTP",'
+    b'"authenticated_as":null,"listener":"smtp"}}'
+)
+
+
+def test_a_spool_file_without_the_xtext_keys_still_decodes() -> None:
+    envelope = decode_envelope(OLD_FILE)
+    assert (envelope.params.envid, envelope.params.envid_xtext) == ("E+1", None)
+    orcpt = envelope.recipients[0].params.orcpt
+    assert orcpt == OriginalRecipient("rfc822", "c+x@x", None) and orcpt.xtext is None
+    assert encode_envelope(envelope) == OLD_FILE  # read and written back: the same bytes
 
 
 def test_missing_key_is_rejected() -> None:

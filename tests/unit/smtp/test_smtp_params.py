@@ -219,6 +219,19 @@ class TestMtrk:
 
 
 class TestEnvid:
+    def test_received_xtext_is_kept_when_not_canonical(self):
+        # RFC 3461 §5.2.1(a): the relayed ENVID carries "the same associated
+        # esmtp-value"; "+41" decodes to "A", which canonical xtext would send as "A".
+        params = mail("ENVID=ab+41cd+2Bef-x")
+        assert (params.envid, params.envid_xtext) == ("abAcd+ef-x", "ab+41cd+2Bef-x")
+        # Lower-case hex is not xtext (RFC 3461 §4): re-encoded, not passed on.
+        lower = mail("ENVID=a+2bb+41", lenient=True)
+        assert (lower.envid, lower.envid_xtext) == ("a+bA", None)
+
+    def test_canonical_xtext_keeps_nothing_extra(self):
+        # The canonical form is what encoding the decoded value gives back.
+        assert mail("ENVID=abAcd+2Bef-x").envid_xtext is None
+
     def test_free_form_without_mtrk(self):
         # CHECKLIST 1.4.5: no "@" demanded without MTRK
         assert mail("ENVID=QQ314159").envid == "QQ314159"
@@ -375,6 +388,15 @@ class TestNotify:
 
 
 class TestOrcpt:
+    def test_received_xtext_is_kept_when_not_canonical(self):
+        # RFC 3461 §5.2.1(d): "the identical original-recipient-address" goes on.
+        assert rcpt("ORCPT=rfc822;x+41t@dsn.test").orcpt == OriginalRecipient(
+            "rfc822", "xAt@dsn.test", "x+41t@dsn.test"
+        )
+        assert rcpt("ORCPT=rfc822;x+2Bt@dsn.test").orcpt == OriginalRecipient(
+            "rfc822", "x+t@dsn.test"
+        )
+
     def test_basic(self):
         # CHECKLIST 1.5.1
         assert rcpt("ORCPT=rfc822;Joe+2BX@Example.COM").orcpt == OriginalRecipient(
@@ -428,6 +450,7 @@ class TestOrcpt:
 
     def test_lenient_xtext(self):
         # CHECKLIST 1.6.1
+        # Lower-case hex is not xtext (RFC 3461 §4), so it is not relayed as received.
         assert rcpt("ORCPT=rfc822;a+2bb@c", lenient=True).orcpt == OriginalRecipient(
             "rfc822", "a+b@c"
         )
@@ -467,9 +490,10 @@ class TestOrcpt:
 
 class TestRealisticMaximumLines:
     def test_maximal_mail_line(self):
-        # CHECKLIST 1.2.2, 1.2.3, 1.2.4: MTRK (44 chars) + ENVID of 100 decoded chars,
-        # xtext-encoded, + RET + SIZE + BODY, after a 254-octet path, on one command line.
-        mtrk = f" MTRK={format_mtrk(CERT_BYTES, 999999999)}"
+        # CHECKLIST 1.2.2, 1.2.3, 1.2.4: MTRK (44 chars, padded as a client may still
+        # send it) + ENVID of 100 decoded chars, xtext-encoded, + RET + SIZE + BODY,
+        # after a 254-octet path, on one command line.
+        mtrk = f" MTRK={CERT}:999999999"
         assert len(mtrk) == 44
         decoded_envid = "+" * 72 + "@" + "=" * 27  # 100 decoded chars
         envid = encode(decoded_envid)
@@ -511,7 +535,7 @@ class TestRealisticMaximumLines:
         params = parse_rcpt_params(raw, advertised=ALL)
         assert recipient.startswith("r" * 64)
         assert params.notify == frozenset({"SUCCESS", "FAILURE", "DELAY"})
-        assert params.orcpt == OriginalRecipient("rfc822", "A" * 161 + "@b.example")
+        assert params.orcpt == OriginalRecipient("rfc822", "A" * 161 + "@b.example", orcpt[7:])
 
 
 class TestReplyCodeSummary:
