@@ -394,16 +394,28 @@ async def test_damaged_queue_files_are_quarantined_listed_released_and_deleted(t
             ),
             "quarantine",
         )
-        await queue_emptied(node)  # the four DSNs delivered into the sender's Maildir
+
+        async def all_failed() -> bool:
+            for queue_id in ids:
+                (rcpt,) = (await rig.stored(queue_id)).recipients
+                if rcpt.state is not RecipientState.FAILED:
+                    return False
+            return True
+
+        def dsns() -> list[bytes]:
+            return [
+                p.read_bytes()
+                for p in (rig.data_dir / "mail").rglob("*")
+                if p.is_file() and p.parent.name == "new"
+            ]
+
+        await until(all_failed, "the four recipients recorded as failed")
+        await until(lambda: len(dsns()) == 4, "the four DSNs in the sender's Maildir")
+        await queue_emptied(node)
         for queue_id in ids:
             (rcpt,) = (await rig.stored(queue_id)).recipients
             assert (rcpt.state, rcpt.status) == (RecipientState.FAILED, "5.3.0")
-        dsns = [
-            p.read_bytes()
-            for p in (rig.data_dir / "mail").rglob("*")
-            if p.is_file() and p.parent.name == "new"
-        ]
-        assert sum(b"Status: 5.3.0" in dsn for dsn in dsns) == 4
+        assert sum(b"Status: 5.3.0" in dsn for dsn in dsns()) == 4
 
         listed = await rig.cli("list")
         assert listed.code == 0
