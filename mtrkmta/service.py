@@ -18,6 +18,7 @@ from twisted.names import client
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mtrkmta.address import base_local_part, recipient_domain, split_address
 from mtrkmta.auth import PasswordFileChecker
 from mtrkmta.authlimits import AuthGuard, AuthLimits
 from mtrkmta.config import Config
@@ -32,9 +33,8 @@ from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
 from mtrkmta.queue.control import ControlFactory
 from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.queue.service import QueueService
-from mtrkmta.receive.policy import RelayPolicy, recipient_domain, route_refusal
+from mtrkmta.receive.policy import RelayPolicy, route_refusal
 from mtrkmta.receive.receiver import Receiver
-from mtrkmta.routing.address import base_local_part, split_address
 from mtrkmta.routing.aliases import AliasBook, AliasSource, Deliver, Loop, Resolution
 from mtrkmta.routing.router import Router
 from mtrkmta.smtp.command import AddressLimits

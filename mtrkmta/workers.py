@@ -24,15 +24,14 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import abstract, protocol
+from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -212,7 +211,7 @@ class WorkerSupervisor:
         self.reactor.spawnProcess(
             process,
             sys.executable,
-            [sys.executable, "-m", "mtrkmta.workers"],
+            [sys.executable, "-m", "mtrkmta.cli.worker"],
             env=dict(os.environ),
             childFDs=child_fds,
         )
@@ -265,65 +264,3 @@ class WorkerSupervisor:
         for index, process in list(self._running.items()):
             log.warn("worker {index} ignored SIGTERM: killed", index=index)
             process.transport.signalProcess("KILL")  # type: ignore[union-attr]
-
-
-class _MasterWatch(abstract.FileDescriptor):
-    """Standard input of a worker: its end (the master is gone) stops the worker."""
-
-    def __init__(self, reactor: Any, gone: Callable[[], object]) -> None:
-        super().__init__(reactor)
-        self._gone = gone
-
-    def fileno(self) -> int:
-        return 0
-
-    def doRead(self) -> Any:
-        if not os.read(0, 4096):
-            return CONNECTION_DONE
-        return None
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        self._gone()
-
-
-def main() -> int:
-    """A worker process: ``python -m mtrkmta.workers``, started by a master only."""
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner
-
-    from mtrkmta.logfile import observer
-    from mtrkmta.service import MTAService
-
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = os.read(0, 65536)
-        if not chunk:
-            print("mtrkmta worker: no configuration on standard input", file=sys.stderr)
-            return 2
-        line += chunk
-    config, role = decode(line)
-    globalLogBeginner.beginLoggingTo([observer(f"worker {role.index}")], redirectStandardIO=False)
-    service = MTAService(config, reactor, worker=role)
-    status = []
-
-    def failed(failure: Failure) -> None:
-        log.failure("mtrkmta worker {index} could not start", failure, index=role.index)
-        status.append(1)
-        reactor.stop()
-
-    def stop() -> None:
-        if reactor.running:
-            reactor.stop()
-
-    service.ready.addErrback(failed)
-    reactor.callWhenRunning(service.startService)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    watch = _MasterWatch(reactor, stop)
-    reactor.callWhenRunning(watch.startReading)
-    reactor.run()
-    return status[0] if status else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,10 +9,10 @@ from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 from mtrkmta.envelope import Envelope, Recipient
+from mtrkmta.smtp.client import TLSPolicy
 from mtrkmta.tracking.interfaces import RecipientState
 
 TransportKind = Literal["smtp", "lmtp", "maildir"]
-TLSPolicy = Literal["none", "may", "encrypt"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mtrkmta.address import base_local_part, split_address
 from mtrkmta.delivery.interfaces import Attempt, ITransport, RecipientOutcome
 from mtrkmta.faults import IFaults, NoFaults
-from mtrkmta.routing.address import base_local_part, split_address
 from mtrkmta.tracking.interfaces import RecipientState
 
 log = Logger()

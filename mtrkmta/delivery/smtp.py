@@ -13,9 +13,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mtrkmta.delivery.interfaces import Attempt, ITransport, NextHop, RecipientOutcome
-from mtrkmta.dsn.fields import dns_mta
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.client import LMTPClient
+from mtrkmta.reportfields import dns_mta
 from mtrkmta.smtp.client import (
     ClientSettings,
     ClientTimeouts,

@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from types import MappingProxyType
 
-from mtrkmta.dsn.fields import (
+from mtrkmta.dsn.policy import BATCH_ORDER, DSN_ACTIONS, is_null_sender
+from mtrkmta.reportfields import (
     safe_address,
     safe_diagnostic,
     safe_human,
@@ -22,7 +23,6 @@ from mtrkmta.dsn.fields import (
     safe_typed_mta,
     typed_mta,
 )
-from mtrkmta.dsn.policy import BATCH_ORDER, DSN_ACTIONS, is_null_sender
 from mtrkmta.tracking.interfaces import RecipientUpdate, StoredMessage, StoredRecipient
 
 FOLD_AT = 78
@@ -125,7 +125,7 @@ _OUTCOMES: Mapping[str, str] = MappingProxyType(
 class DsnFieldError(ValueError):
     """A programming error: a value reached a DSN header or report field unescaped (CR, LF
     or another control). Stored values never cause it: they go through
-    :mod:`mtrkmta.dsn.fields` first."""
+    :mod:`mtrkmta.reportfields` first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +173,7 @@ def smtp_diagnostic(reply_lines: Sequence[str]) -> str:
 
     ``reply_lines`` are the full lines (``550-5.1.1 first``, ``550 5.1.1 last``); they are
     joined with a single space (so are pieces of a line split by an embedded CR or LF),
-    and the text is made safe by :func:`~mtrkmta.dsn.fields.safe_text`: the result holds
+    and the text is made safe by :func:`~mtrkmta.reportfields.safe_text`: the result holds
     no CR, LF or other control character, whatever the next hop sent.
     """
     lines = [piece for line in reply_lines for piece in _LINE_BREAK.split(line)]
@@ -220,7 +220,7 @@ def render_dsn(
     non-ASCII sender address in To (SMTPUTF8, RFC 6532).
 
     Every stored value (HELO name, addresses, ENVID, remote MTA, diagnostic) is made safe
-    for its field by :mod:`mtrkmta.dsn.fields`, so no value from the wire can make
+    for its field by :mod:`mtrkmta.reportfields`, so no value from the wire can make
     rendering fail; a malformed Status, or one that does not fit its Action, gives way to
     the Action's default code. Raises ValueError for a null sender (3461 §5.2), no
     recipients, or an Action a DSN cannot carry (transferred, opaque);
@@ -449,7 +449,7 @@ def _describe(report: RecipientReport) -> str:
 
 def _check(value: str, what: str) -> str:
     """Refuse CR, LF and other control characters (HTAB aside) in a field value: a value
-    that got here unescaped is a programming error (see :mod:`mtrkmta.dsn.fields`)."""
+    that got here unescaped is a programming error (see :mod:`mtrkmta.reportfields`)."""
     if _CONTROL.search(value):
         raise DsnFieldError(f"{what}: control character in {value!r}")
     return value

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
+from mtrkmta.address import recipient_domain
 from mtrkmta.config import DEFAULT_RETENTION
 from mtrkmta.delivery.interfaces import (
     Attempt,
@@ -27,7 +28,6 @@ from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
 from mtrkmta.queue.scheduler import Scheduler
-from mtrkmta.receive.policy import recipient_domain
 from mtrkmta.routing.aliases import Deliver, Loop, Resolution
 from mtrkmta.spool.interfaces import (
     ISpool,

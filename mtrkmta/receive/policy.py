@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mtrkmta.address import recipient_domain
 from mtrkmta.delivery.interfaces import NextHop, RouteFailure
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.tracking.interfaces import RecipientState
@@ -16,12 +17,6 @@ RELAY_DENIED = Reply(554, "5.7.1", ("Relay access denied",))
 NO_DOMAIN = Reply(
     553, "5.1.3", ("Recipient address needs a domain (only <postmaster> may lack one)",)
 )
-
-
-def recipient_domain(address: str) -> str:
-    """The lower-cased domain of an address; ``""`` for a bare local part (``postmaster``)."""
-    at = address.rfind("@")
-    return address[at + 1 :].lower().rstrip(".") if at >= 0 else ""
 
 
 def domain_matches(domain: str, pattern: str) -> bool:

@@ -12,8 +12,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mtrkmta.address import recipient_domain
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams
-from mtrkmta.receive.policy import NO_DOMAIN, RelayPolicy, recipient_domain
+from mtrkmta.receive.policy import NO_DOMAIN, RelayPolicy
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import IReceiver, Session
 from mtrkmta.spool.interfaces import IIncoming, ISpool

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mtrkmta.routing.address import base_local_part, split_address
+from mtrkmta.address import base_local_part, split_address
 
 if sys.version_info >= (3, 11):
     import tomllib

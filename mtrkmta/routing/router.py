@@ -13,8 +13,9 @@ from twisted.internet.interfaces import IReactorTime, IResolver
 from zope.interface import implementer
 
 from mtrkmta.config import Config, Route, select_route
-from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server, TLSPolicy
+from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server
 from mtrkmta.routing.mx import MXAnswer, MXResolver
+from mtrkmta.smtp.client import TLSPolicy
 from mtrkmta.tracking.interfaces import RecipientState
 
 MAILDIR_HOP = NextHop(transport="maildir", destination="maildir", servers=())

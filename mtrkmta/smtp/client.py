@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, fail, succeed
@@ -20,7 +20,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtrkmta.delivery.interfaces import TLSPolicy
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.smtp.extensions import parse_ehlo
 from mtrkmta.smtp.framing import CRLF, OVERLONG, LineFramer
@@ -28,6 +27,9 @@ from mtrkmta.smtp.outbound import END_OF_DATA, DotStuffer
 from mtrkmta.smtp.reply import MalformedReply, Reply, ReplyReader
 
 log = Logger()
+
+TLSPolicy = Literal["none", "may", "encrypt"]
+"""STARTTLS towards a next hop: never, when offered (``may``), or required (``encrypt``)."""
 
 MAX_REPLY_LINE = 4096
 """Longest reply line accepted (RFC 5321 §4.5.3.1.5 says 512; real servers exceed it)."""

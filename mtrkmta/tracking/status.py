@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from types import MappingProxyType
 
-from mtrkmta.dsn.fields import safe_mta_name, typed_mta
+from mtrkmta.reportfields import safe_mta_name, typed_mta
 from mtrkmta.tracking.interfaces import StoredMessage, StoredRecipient
 
 MEDIA_TYPE = "message/tracking-status"
@@ -344,7 +344,7 @@ def _escape_unicode(value: str) -> str:
 
 def _mta_name(value: str) -> TypedValue:
     """``dns; host`` from a stored name that may already carry its type; the name made
-    safe by :func:`~mtrkmta.dsn.fields.safe_mta_name` (no comment parentheses, spaces or
+    safe by :func:`~mtrkmta.reportfields.safe_mta_name` (no comment parentheses, spaces or
     controls: they become ``\\x{HEX}``, RFC 6533 §3 notation)."""
     kind, name = typed_mta(value)  # an IP address as a domain-literal (RFC 3461 §9.3)
     if len(kind) > _MAX_KIND or not _ATOM.fullmatch(kind):  # no type: all of it is the name

@@ -33,8 +33,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtrkmta.delivery.interfaces import TLSPolicy
-from mtrkmta.smtp.client import ClientSettings, SMTPClient
+from mtrkmta.smtp.client import ClientSettings, SMTPClient, TLSPolicy
 
 ALL_EXTENSIONS = (
     "PIPELINING",

@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mtrkmta.dsn.fields import (
+from mtrkmta.reportfields import (
     MAX_RUN,
     dns_mta,
     mta_host,

@@ -1,4 +1,4 @@
-"""Recipient addresses as local delivery reads them: local part, domain, base before +detail."""
+"""Mail addresses as routing and delivery read them: local part, domain, base before +detail."""
 
 from __future__ import annotations
 
@@ -20,3 +20,9 @@ def base_local_part(local: str, delimiter: str) -> str:
         if found and base:
             return base
     return local
+
+
+def recipient_domain(address: str) -> str:
+    """The lower-cased domain of an address; ``""`` for a bare local part (``postmaster``)."""
+    at = address.rfind("@")
+    return address[at + 1 :].lower().rstrip(".") if at >= 0 else ""

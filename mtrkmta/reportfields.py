@@ -1,4 +1,4 @@
-"""Pure functions that make any stored value safe for one kind of DSN field (RFC 3464, 6533)."""
+"""Any stored value made safe for one field of a DSN or an MTSN (RFC 3464, 3886, 6533)."""
 
 from __future__ import annotations
 
