@@ -33,6 +33,7 @@ from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
 from mtrkmta.queue.control import ControlFactory
 from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.queue.service import QueueService
+from mtrkmta.receive.acceptor import Acceptor
 from mtrkmta.receive.policy import RelayPolicy, route_refusal
 from mtrkmta.receive.receiver import Receiver
 from mtrkmta.routing.aliases import AliasBook, AliasSource, Deliver, Loop, Resolution
@@ -233,22 +234,16 @@ class MTAService(Service):
             )
         # One router for the queue and for RCPT (what it already knows fails is refused).
         self.router = Router.from_config(config, resolver, clock=self.reactor)
-        self.receiver = Receiver(
+        # Every message enters through one acceptor: the listeners' (via the
+        # receiver), the DSNs and the expansion copies (via the queue).
+        acceptor = Acceptor(
             spool=self.spool,
             tracking=self.tracking,
-            policy=RelayPolicy.build(
-                config.local_domains,
-                (route.domain for route in config.routes),
-                config.relay.trusted_networks,
-            ),
             new_queue_id=QueueIdGenerator(),
             reporting_mta=config.hostname,
             node_id=config.node_id,
-            min_free_space=config.limits.min_free_space,
             clock=self.reactor,
-            check_local=self._check_local if config.local.users else None,
             max_tracked_per_hour=config.tracking.max_tracked_per_hour,
-            check_route=self._check_route,
         )
         if config.local.aliases is not None:
             self.aliases = AliasSource(config.local.aliases, self.reactor, self.threadpool)
@@ -256,13 +251,25 @@ class MTAService(Service):
             self._alias_watch = LoopingCall(self.aliases.refresh)
             self._alias_watch.clock = self.reactor
             self._alias_watch.start(ALIAS_CHECK_INTERVAL, now=False)
+        self.queue = self._build_queue(acceptor)
+        self.receiver = Receiver(
+            acceptor=acceptor,
+            policy=RelayPolicy.build(
+                config.local_domains,
+                (route.domain for route in config.routes),
+                config.relay.trusted_networks,
+            ),
+            min_free_space=config.limits.min_free_space,
+            clock=self.reactor,
+            enqueue=self.queue.admit if self.deliver else None,
+            check_local=self._check_local if config.local.users else None,
+            check_route=self._check_route,
+        )
         await self.receiver.start()
         self._purge = LoopingCall(self._purge_tracking)
         self._purge.clock = self.reactor
         self._purge.start(config.tracking.purge_interval, now=False)
-        self.queue = self._build_queue()
         if self.deliver:
-            self.receiver.on_accepted = self.queue.enqueue
             await self.queue.start()
         self._control = self.reactor.listenUNIX(
             str(config.data_dir / CONTROL_SOCKET),
@@ -369,7 +376,7 @@ class MTAService(Service):
                 refusal = Reply(553, "5.1.3", (text,))
         return refusal
 
-    def _build_queue(self) -> QueueService:
+    def _build_queue(self, acceptor: Acceptor) -> QueueService:
         config = self.config
         assert self.spool is not None and self.tracking is not None and self.router is not None
         settings = SMTPTransportSettings(
@@ -389,11 +396,9 @@ class MTAService(Service):
                 faults=self.faults,
             ),
         }
-        assert self.receiver is not None
         notifier = DsnNotifier(
             spool=self.spool,
-            receiver=self.receiver,
-            new_queue_id=self.receiver.new_queue_id,
+            new_queue_id=acceptor.new_queue_id,
             reporting_mta=config.hostname,
             delay_warning=config.queue.delay_warning,
             clock=self.reactor,
@@ -401,8 +406,7 @@ class MTAService(Service):
         return QueueService(
             notifier=notifier,
             expander=self._resolve,
-            inject=self.receiver.accept_content,
-            new_queue_id=self.receiver.new_queue_id,
+            acceptor=acceptor,
             hostname=config.hostname,
             default_retention=config.tracking.default_retention,
             spool=self.spool,

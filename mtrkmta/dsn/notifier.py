@@ -20,7 +20,6 @@ from mtrkmta.dsn.policy import (
 from mtrkmta.dsn.render import RecipientReport, render_dsn
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.queue.service import INotifier
-from mtrkmta.receive.receiver import Receiver
 from mtrkmta.spool.interfaces import ISpool, MessageNotFound, SpoolCorruption
 from mtrkmta.tracking.interfaces import RecipientState, StoredMessage, StoredRecipient
 
@@ -66,7 +65,6 @@ class DsnNotifier:
         self,
         *,
         spool: ISpool,
-        receiver: Receiver,
         new_queue_id: Callable[[], str],
         reporting_mta: str,
         delay_warning: float,
@@ -74,7 +72,6 @@ class DsnNotifier:
         return_limit: int = RETURN_LIMIT,
     ) -> None:
         self.spool = spool
-        self.receiver = receiver
         self.new_queue_id = new_queue_id
         self.reporting_mta = reporting_mta
         self.delay_warning = delay_warning
@@ -98,10 +95,20 @@ class DsnNotifier:
             event, recipient.notify, sender=message.sender, dsn_passed=recipient.dsn_passed
         )
 
-    def send(self, message: StoredMessage, recipients: Sequence[StoredRecipient]) -> Deferred[None]:
-        return ensureDeferred(self._send(message, recipients))
+    def send(
+        self,
+        message: StoredMessage,
+        recipients: Sequence[StoredRecipient],
+        submit: Callable[[Envelope, bytes], Deferred[None]],
+    ) -> Deferred[None]:
+        return ensureDeferred(self._send(message, recipients, submit))
 
-    async def _send(self, message: StoredMessage, recipients: Sequence[StoredRecipient]) -> None:
+    async def _send(
+        self,
+        message: StoredMessage,
+        recipients: Sequence[StoredRecipient],
+        submit: Callable[[Envelope, bytes], Deferred[None]],
+    ) -> None:
         try:
             _, content = await self.spool.load(message.queue_id)
         except (MessageNotFound, SpoolCorruption):
@@ -127,7 +134,7 @@ class DsnNotifier:
                     address="", helo=self.reporting_mta, protocol="local", listener="dsn"
                 ),
             )
-            await self.receiver.accept_content(envelope, dsn)
+            await submit(envelope, dsn)
             log.info(
                 "{queue_id}: {action} DSN {dsn_id} to <{sender}> for {recipients}",
                 queue_id=message.queue_id,

@@ -28,6 +28,7 @@ from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
 from mtrkmta.queue.scheduler import Scheduler
+from mtrkmta.receive.acceptor import Accepted, Acceptor
 from mtrkmta.routing.aliases import Deliver, Loop, Resolution
 from mtrkmta.spool.interfaces import (
     ISpool,
@@ -75,9 +76,14 @@ class INotifier(Interface):
     def owed(message: StoredMessage, recipient: StoredRecipient, now: float) -> str | None:
         """The DSN Action owed for the recipient's new state, or None (pure decision)."""
 
-    def send(message: StoredMessage, recipients: Sequence[StoredRecipient]) -> Deferred[None]:
-        """Queue the DSN(s) owed for these recipients (their current state says which);
-        fires once they are durably accepted."""
+    def send(
+        message: StoredMessage,
+        recipients: Sequence[StoredRecipient],
+        submit: Callable[[Envelope, bytes], Deferred[None]],
+    ) -> Deferred[None]:
+        """Make the DSN(s) owed for these recipients (their current state says which)
+        and hand each to ``submit``, the queue's way in; fires once they are durably
+        accepted."""
 
 
 def _readdressed(recipient: Recipient, address: str) -> Recipient:
@@ -167,16 +173,15 @@ class QueueService:
         content_cache_bytes: int = 32 * 1024 * 1024,
         notifier: INotifier | None = None,
         expander: Callable[[str], Resolution] | None = None,
-        inject: Callable[[Envelope, bytes], Deferred[None]] | None = None,
-        new_queue_id: Callable[[], str] | None = None,
+        acceptor: Acceptor | None = None,
         hostname: str = "localhost",
         default_retention: float = DEFAULT_RETENTION,
         transient_errors: tuple[type[BaseException], ...] = (OSError, SpoolError),
         faults: IFaults = NoFaults(),
     ) -> None:
         """``expander`` resolves aliases and lists of local recipients; the messages
-        that carry expanded mail on are durably accepted with ``inject`` under ids
-        from ``new_queue_id`` (both required with an expander).
+        that carry expanded mail on, and the DSNs of ``notifier``, enter through
+        ``acceptor`` (required with either), as every message does.
 
         A queue run that fails with one of ``transient_errors`` (a full disk, a
         database that is away) is tried again after ``retry.first_retry``; any other
@@ -194,8 +199,7 @@ class QueueService:
         self.observers: list[Callable[[QueueEvent], object]] = []
         self.notifier = notifier
         self.expander = expander
-        self.inject = inject
-        self.new_queue_id = new_queue_id
+        self.acceptor = acceptor
         self.hostname = hostname
         self.default_retention = default_retention
         self.transient_errors = transient_errors
@@ -266,6 +270,15 @@ class QueueService:
         if content is not None:
             self._cache.put(envelope, content, record)
         self.schedule(envelope.queue_id, self.clock.seconds())
+
+    def admit(self, accepted: Accepted) -> None:
+        """A message the acceptor took (the Receiver's ``enqueue``): attempt it now."""
+        self.enqueue(accepted.envelope, accepted.content, accepted.record)
+
+    def submit(self, envelope: Envelope, content: bytes) -> Deferred[None]:
+        """Accept a message made here (a DSN, an expansion copy) and queue it."""
+        assert self.acceptor is not None
+        return self.acceptor.accept_content(envelope, content).addCallback(self.admit)
 
     def schedule(self, queue_id: str, when: float, *, force: bool = False) -> None:
         """Attempt ``queue_id`` at ``when`` (or earlier if it is already due earlier)."""
@@ -616,18 +629,18 @@ class QueueService:
                     rewritten[recipient.index] = resolution.address
                 continue
             if not isinstance(resolution, Loop):
-                assert self.inject is not None and self.new_queue_id is not None
+                assert self.acceptor is not None
                 for copy in new_envelopes(
                     envelope,
                     recipient.index,
                     resolution,
                     now=now,
-                    new_queue_id=self.new_queue_id,
+                    new_queue_id=self.acceptor.new_queue_id,
                     hostname=self.hostname,
                     default_retention=self.default_retention,
                 ):
                     trace = f"Delivered-To: <{recipient.final_recipient}>\r\n".encode()
-                    await self.inject(copy, trace + content)
+                    await self.submit(copy, trace + content)
             outcomes.append(outcome_for(recipient.index, resolution))
         return outcomes, rewritten
 
@@ -695,7 +708,7 @@ class QueueService:
         the next run tries again.
         """
         assert self.notifier is not None
-        await self.notifier.send(message, recipients)
+        await self.notifier.send(message, recipients, self.submit)
         await self.tracking.clear_dsn_pending(message.queue_id, [r.index for r in recipients])
 
     async def _finish_message(self, queue_id: str) -> None:

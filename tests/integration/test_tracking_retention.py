@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from mtrkmta.cli.tracking import main as tracking_main
 from mtrkmta.envelope import ClientInfo
-from mtrkmta.receive.receiver import TrackedRate
+from mtrkmta.receive.acceptor import TrackedRate
 from mtrkmta.testing import node_config, start_node, stop_node
 
 DAY = 86400

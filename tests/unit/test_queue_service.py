@@ -449,7 +449,7 @@ class RecordingNotifier:
     def owed(self, message, recipient, now):
         return "failed" if recipient.state is RecipientState.FAILED else None
 
-    def send(self, message, recipients):
+    def send(self, message, recipients, submit):
         if self.failures:
             self.failures -= 1
             from twisted.internet.defer import fail
@@ -506,7 +506,7 @@ class BrokenNotifier(RecordingNotifier):
     """Owes a DSN for every failed recipient; sending it hits a fault in this program
     (as rendering a DSN from a field it could not carry once did)."""
 
-    def send(self, message, recipients):
+    def send(self, message, recipients, submit):
         raise ValueError("cannot render that field")
 
 
@@ -652,5 +652,55 @@ async def test_a_quarantined_file_can_be_deleted(node):
         message = await node.tracking.message("q0502")
         assert message.recipients[0].state is RecipientState.FAILED
         assert message.quarantine_reason is None
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dsn_enters_the_queue_through_the_acceptor_like_any_message():
+    # One way into the queue: the DSN the real notifier makes is stored, recorded
+    # (untracked, from <>) and queued by the same Acceptor the listeners use.
+    from mtrkmta.dsn.notifier import DsnNotifier
+    from mtrkmta.receive.acceptor import Acceptor
+
+    node = Node()
+    ids = iter(f"dsn{n:04d}" for n in range(100))
+    acceptor = Acceptor(
+        spool=node.spool,
+        tracking=node.tracking,
+        new_queue_id=lambda: next(ids),
+        reporting_mta="mx.example.test",
+        node_id="node1",
+        clock=node.clock,
+    )
+    notifier = DsnNotifier(
+        spool=node.spool,
+        new_queue_id=acceptor.new_queue_id,
+        reporting_mta="mx.example.test",
+        delay_warning=4 * 3600,
+        clock=node.clock,
+    )
+    node.queue = QueueService(
+        spool=node.spool,
+        tracking=node.tracking,
+        router=node.router,
+        transports={"smtp": node.transport},
+        clock=node.clock,
+        node_id="node1",
+        retry=POLICY,
+        notifier=notifier,
+        acceptor=acceptor,
+    )
+    await started(node)
+    node.transport.script["bad@one.example"] = [RecipientState.FAILED]
+    try:
+        await node.accept("q0601", "bad@one.example")
+        await node.advance(0)
+        dsn = await node.tracking.message("dsn0000")
+        assert (dsn.sender, dsn.certifier, dsn.client.listener) == ("", None, "dsn")
+        assert [r.address for r in dsn.recipients] == ["sender@origin.example"]
+        # Admitted to the queue at once: its attempt went to the sender's next hop.
+        assert ("dsn0000", ("sender@origin.example",)) in node.transport.attempts
+        assert await node.spool.queue_ids() == []
     finally:
         await node.close()

@@ -6,25 +6,33 @@ from twisted.internet.task import Clock
 
 from mtrkmta.delivery.interfaces import NextHop, RouteFailure
 from mtrkmta.envelope import RcptParams
+from mtrkmta.receive.acceptor import Acceptor
 from mtrkmta.receive.policy import RelayPolicy, route_refusal
 from mtrkmta.receive.receiver import Receiver
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import Session
+from mtrkmta.spool.memory import MemorySpool
 from mtrkmta.tracking.interfaces import RecipientState
+from mtrkmta.tracking.memory import MemoryTrackingStore
 
 SESSION = Session(address="192.0.2.7", port=40000, listener="smtp")
 
 
 def receiver(check_route=None) -> Receiver:
-    return Receiver(
-        spool=None,  # type: ignore[arg-type]  # RCPT checks touch neither store
-        tracking=None,  # type: ignore[arg-type]
-        policy=RelayPolicy.build(["x.test"], ["other.test"]),
+    clock = Clock()
+    acceptor = Acceptor(  # RCPT checks touch neither store
+        spool=MemorySpool(),
+        tracking=MemoryTrackingStore(clock),
         new_queue_id=lambda: "Q1",
         reporting_mta="mx.example.test",
         node_id="n1",
+        clock=clock,
+    )
+    return Receiver(
+        acceptor=acceptor,
+        policy=RelayPolicy.build(["x.test"], ["other.test"]),
         min_free_space=0,
-        clock=Clock(),
+        clock=clock,
         check_route=check_route,
     )
 

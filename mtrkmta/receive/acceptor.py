@@ -1,0 +1,133 @@
+"""The Acceptor: the one way into the queue (Postfix's cleanup): spool, then tracking record.
+
+Every message enters through it: SMTP, submission and LMTP sessions (through the
+``Receiver``), the DSNs the queue owes and the messages that carry alias and list
+expansion on. It stores the message in the spool (fsync'd file and directory), then
+commits its tracking record; the tracking store is the authority, so a crash between
+the two leaves an orphan spool file that start-up moves to quarantine/, never an
+acknowledged message without its record. Both steps are group-committed. What it
+accepted it hands back (``Accepted``); the caller gives it to the queue.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mtrkmta.envelope import ClientInfo, Envelope
+from mtrkmta.spool.interfaces import IIncoming, ISpool
+from mtrkmta.tracking.interfaces import ITrackingStore, StoredMessage
+
+log = Logger()
+
+
+class TrackedRate:
+    """At most ``limit`` tracked messages per client in any hour (0: no limit)."""
+
+    def __init__(self, limit: int, clock: IReactorTime) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._seen: dict[str, deque[float]] = {}
+
+    @staticmethod
+    def key(client: ClientInfo) -> str:
+        """The authenticated user, else the client address."""
+        return client.authenticated_as or client.address or "local"
+
+    def allow(self, client: ClientInfo) -> bool:
+        if self.limit <= 0:
+            return True
+        now = self.clock.seconds()
+        times = self._seen.setdefault(self.key(client), deque())
+        while times and times[0] <= now - 3600:
+            times.popleft()
+        if len(times) >= self.limit:
+            return False
+        times.append(now)
+        if len(self._seen) > 100_000:  # bound the memory: forget clients quiet for an hour
+            self._seen = {k: v for k, v in self._seen.items() if v and v[-1] > now - 3600}
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A message durably accepted: its envelope as stored, its content when it was small
+    enough to be held in memory (else None), and its tracking record as committed."""
+
+    envelope: Envelope
+    content: bytes | None
+    record: StoredMessage
+
+
+class Acceptor:
+    """Durable acceptance for one node: spool first, tracking record second."""
+
+    def __init__(
+        self,
+        *,
+        spool: ISpool,
+        tracking: ITrackingStore,
+        new_queue_id: Callable[[], str],
+        reporting_mta: str,
+        node_id: str,
+        clock: IReactorTime,
+        max_tracked_per_hour: int = 0,
+    ) -> None:
+        """``max_tracked_per_hour`` caps the tracked messages kept per client (0: no cap)."""
+        self.spool = spool
+        self.tracking = tracking
+        self.new_queue_id = new_queue_id
+        self.reporting_mta = reporting_mta
+        self.node_id = node_id
+        self._tracked = TrackedRate(max_tracked_per_hour, clock)
+
+    def incoming(self, queue_id: str) -> IIncoming:
+        """The spool's stream for the content of ``queue_id`` (bounded memory)."""
+        return self.spool.incoming(queue_id)
+
+    def accept_content(self, envelope: Envelope, content: bytes) -> Deferred[Accepted]:
+        """``accept`` for a message made here whole (a DSN, an expansion copy)."""
+        incoming = self.spool.incoming(envelope.queue_id)
+        wait = incoming.write(content)
+        if wait is None:
+            return self.accept(envelope, incoming)
+        return wait.addCallback(lambda _: self.accept(envelope, incoming))
+
+    def accept(self, envelope: Envelope, content: IIncoming) -> Deferred[Accepted]:
+        """Store the message, then record it; fires once both are durable."""
+        if envelope.params.mtrk is not None and not self._tracked.allow(envelope.client):
+            # RFC 3885 §4.1 (denial of service): over the client's quota the mail is
+            # accepted, but no tracking data is kept for it (and no certifier goes on).
+            log.warn(
+                "{queue_id}: tracked-message quota of {client} exceeded: MTRK not retained",
+                queue_id=envelope.queue_id,
+                client=TrackedRate.key(envelope.client),
+            )
+            envelope = replace(envelope, params=replace(envelope.params, mtrk=None))
+        size = content.size
+
+        def committed(held: bytes | None) -> Deferred[Accepted]:
+            d = self.tracking.record_arrival(
+                envelope, reporting_mta=self.reporting_mta, node_id=self.node_id, size=size
+            )
+            return d.addCallback(self._accepted, envelope, held)
+
+        return content.commit(envelope).addCallback(committed)
+
+    def _accepted(
+        self, record: StoredMessage, envelope: Envelope, content: bytes | None
+    ) -> Accepted:
+        log.info(
+            "{queue_id}: accepted from=<{sender}> nrcpt={n} via {listener} client=[{client}]",
+            queue_id=envelope.queue_id,
+            sender=envelope.sender,
+            n=len(envelope.recipients),
+            listener=envelope.client.listener,
+            client=envelope.client.address,
+        )
+        return Accepted(envelope, content, record)
