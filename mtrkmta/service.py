@@ -18,11 +18,10 @@ from twisted.names import client
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mtrkmta.address import base_local_part, recipient_domain, split_address
 from mtrkmta.auth import PasswordFileChecker
 from mtrkmta.authlimits import AuthGuard, AuthLimits
 from mtrkmta.config import Config
-from mtrkmta.delivery.interfaces import ITransport, NextHop
+from mtrkmta.delivery.interfaces import ITransport
 from mtrkmta.delivery.maildir import MaildirTransport
 from mtrkmta.delivery.smtp import LMTPTransport, SMTPTransport, SMTPTransportSettings
 from mtrkmta.dsn.notifier import DsnNotifier
@@ -34,12 +33,13 @@ from mtrkmta.queue.control import ControlFactory
 from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.queue.service import QueueService
 from mtrkmta.receive.acceptor import Acceptor
-from mtrkmta.receive.policy import RelayPolicy, route_refusal
+from mtrkmta.receive.policy import RelayPolicy
 from mtrkmta.receive.receiver import Receiver
-from mtrkmta.routing.aliases import AliasBook, AliasSource, Deliver, Loop, Resolution
+from mtrkmta.receive.recipients import RecipientChecks
+from mtrkmta.routing.aliases import AliasSource
+from mtrkmta.routing.local import EMPTY_ALIASES, LocalAddresses
 from mtrkmta.routing.router import Router
 from mtrkmta.smtp.command import AddressLimits
-from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
 from mtrkmta.spool.filespool import FileSpool
 from mtrkmta.spool.interfaces import SpoolError
@@ -61,7 +61,6 @@ from mtrkmta.workers import (
 log = Logger()
 
 ALIAS_CHECK_INTERVAL = 5.0  # seconds between checks whether the aliases file changed
-EMPTY_ALIASES = AliasBook({}, {})
 
 
 def prepare_data_dir(data_dir: Path) -> None:
@@ -251,7 +250,21 @@ class MTAService(Service):
             self._alias_watch = LoopingCall(self.aliases.refresh)
             self._alias_watch.clock = self.reactor
             self._alias_watch.start(ALIAS_CHECK_INTERVAL, now=False)
+        aliases = self.aliases
+        self.addresses = LocalAddresses(
+            local_domains=config.local_domains,
+            delimiter=config.local.recipient_delimiter,
+            book=(lambda: aliases.book) if aliases is not None else (lambda: EMPTY_ALIASES),
+        )
         self.queue = self._build_queue(acceptor)
+        maildir = self.transports["maildir"]
+        assert isinstance(maildir, MaildirTransport)
+        checks = RecipientChecks(
+            addresses=self.addresses,
+            users=config.local.users,
+            known_route=self.router.known,
+            mailbox_problem=maildir.unusable,
+        )
         self.receiver = Receiver(
             acceptor=acceptor,
             policy=RelayPolicy.build(
@@ -262,8 +275,8 @@ class MTAService(Service):
             min_free_space=config.limits.min_free_space,
             clock=self.reactor,
             enqueue=self.queue.admit if self.deliver else None,
-            check_local=self._check_local if config.local.users else None,
-            check_route=self._check_route,
+            check_local=checks.check_local if config.local.users else None,
+            check_route=checks.check_route,
         )
         await self.receiver.start()
         self._purge = LoopingCall(self._purge_tracking)
@@ -323,59 +336,6 @@ class MTAService(Service):
         if self.aliases is not None:
             self.aliases.refresh(force=True)
 
-    def _book(self) -> AliasBook:
-        return self.aliases.book if self.aliases is not None else EMPTY_ALIASES
-
-    def _resolve(self, address: str) -> Resolution:
-        """Aliases and lists applied to ``address``; ``<postmaster>`` (no domain) is the
-        postmaster of the primary local domain, the first of ``domains.local``
-        (RFC 5321 §4.5.1)."""
-        config = self.config
-        return self._book().resolve(
-            address,
-            local_domains=config.local_domains,
-            delimiter=config.local.recipient_delimiter,
-            default_domain=config.local_domains[0] if config.local_domains else "",
-        )
-
-    def _check_local(self, address: str) -> Reply | None:
-        """550 5.1.1 for a local address that is no user, alias or list (local.users)."""
-        local_part, domain = split_address(address)
-        if domain and domain.lower() not in self.config.local_domains:
-            return None
-        if not isinstance(self._resolve(address), Deliver):
-            return None  # an alias or a list
-        base = base_local_part(local_part, self.config.local.recipient_delimiter).lower()
-        if base in self.config.local.users or base == "postmaster":
-            return None
-        return Reply(550, "5.1.1", (f"<{address}>: Recipient address rejected: User unknown",))
-
-    def _check_route(self, address: str) -> Reply | None:
-        """Refuse at RCPT a recipient the queue would fail for a reason known now: an
-        alias loop (5.4.6), what the router already knows (``Router.known``: no domain,
-        a bad address literal, a cached null MX or NXDOMAIN), a local part that can
-        have no mailbox. Accepting it would mean a bounce to a sender who may be forged.
-        """
-        resolution = self._resolve(address)
-        if isinstance(resolution, Loop):
-            text = (
-                f"<{address}>: Recipient address rejected: mail loop: the alias expands into itself"
-            )
-            return Reply(550, "5.4.6", (text,))
-        if not isinstance(resolution, Deliver):
-            return None  # an alias or a list: its targets are the administrator's
-        final = resolution.address
-        assert self.router is not None
-        route = self.router.known(recipient_domain(final))
-        refusal = route_refusal(address, route)
-        if refusal is None and isinstance(route, NextHop) and route.transport == "maildir":
-            maildir = self.transports.get("maildir")
-            problem = maildir.unusable(final) if isinstance(maildir, MaildirTransport) else None
-            if problem is not None:
-                text = f"<{address}>: Recipient address rejected: {problem}"
-                refusal = Reply(553, "5.1.3", (text,))
-        return refusal
-
     def _build_queue(self, acceptor: Acceptor) -> QueueService:
         config = self.config
         assert self.spool is not None and self.tracking is not None and self.router is not None
@@ -405,7 +365,7 @@ class MTAService(Service):
         )
         return QueueService(
             notifier=notifier,
-            expander=self._resolve,
+            expander=self.addresses.resolve,
             acceptor=acceptor,
             hostname=config.hostname,
             default_retention=config.tracking.default_retention,
