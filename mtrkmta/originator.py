@@ -30,7 +30,7 @@ class SecretsFileError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Tracking:
+class TrackingSecret:
     """What makes one submission trackable: the secret A and the unique ENVID (decoded)."""
 
     secret: bytes
@@ -47,18 +47,18 @@ class Tracking:
         return certifier_from_secret(self.secret)
 
 
-def new_tracking(fqdn: str) -> Tracking:
+def new_tracking(fqdn: str) -> TrackingSecret:
     """A fresh secret (``secrets``) and a fresh ENVID ``<random>@<fqdn>`` (CHECKLIST 1.8).
 
     The local part has 128 random bits, so an ENVID is never reused (3885 §3.2); an
     overlong ``fqdn`` is replaced by its hash as RFC 3885 §3.2 says.
     """
     local = secrets.token_urlsafe(16)  # letters, digits, '-' and '_': xtext as it is
-    return Tracking(secret=new_secret(SECRET_BYTES), envid=unique_envid(local, fqdn))
+    return TrackingSecret(secret=new_secret(SECRET_BYTES), envid=unique_envid(local, fqdn))
 
 
 def mail_options(
-    tracking: Tracking, *, timeout: int | None = None, ret: str | None = None
+    tracking: TrackingSecret, *, timeout: int | None = None, ret: str | None = None
 ) -> list[str]:
     """The MAIL parameters: ``ENVID=`` (xtext), ``MTRK=base64(B)[:timeout]``, ``RET=``."""
     options = [
@@ -84,7 +84,7 @@ def rcpt_options(notify: Sequence[str] | None) -> list[str]:
     return ["NOTIFY=" + ",".join(dict.fromkeys(values))]
 
 
-def tracking_uri(tracking: Tracking, host: str, port: int = DEFAULT_PORT) -> str:
+def tracking_uri(tracking: TrackingSecret, host: str, port: int = DEFAULT_PORT) -> str:
     """The mtqp URI that tracks this submission at ``host`` (RFC 3887 §9)."""
     envid = xtext.encode(tracking.envid)
     return format_uri(MtqpUri(host=host, envid=envid, secret=tracking.secret_text, port=port))

@@ -19,7 +19,7 @@ from mtrkmta.mtqp.protocol import DEFAULT_PORT
 from mtrkmta.originator import (
     RET_VALUES,
     SentRecord,
-    Tracking,
+    TrackingSecret,
     append_record,
     default_secrets_path,
     mail_options,
@@ -166,7 +166,7 @@ class Submission:
     sender: str
     recipients: tuple[str, ...]
     content: bytes
-    tracking: Tracking
+    tracking: TrackingSecret
     hostname: str
     starttls: bool = False
     ca_file: str | None = None

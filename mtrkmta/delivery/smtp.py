@@ -19,10 +19,10 @@ from mtrkmta.reportfields import dns_mta
 from mtrkmta.smtp.client import (
     ClientSettings,
     ClientTimeouts,
+    OutgoingTransaction,
     RecipientReply,
     SessionError,
     SMTPClient,
-    Transaction,
     opportunistic_tls,
 )
 from mtrkmta.smtp.outbound import mail_parameters, rcpt_parameters, smtputf8_status
@@ -283,7 +283,7 @@ class SMTPTransport:
             size=len(attempt.content),
             default_retention=self.settings.default_retention,
         )
-        transaction = Transaction(
+        transaction = OutgoingTransaction(
             sender=envelope.sender,
             recipients=tuple(attempt.recipient(i).address for i in batch),
             content=attempt.content,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 
 from mtrkmta.smtp.reply import Reply
-from mtrkmta.smtp.server import Answer, SMTPServer, SMTPServerFactory, Transaction
+from mtrkmta.smtp.server import Answer, IncomingTransaction, SMTPServer, SMTPServerFactory
 
 
 class LMTPServer(SMTPServer):
@@ -29,7 +29,9 @@ class LMTPServer(SMTPServer):
     def _with_protocol(self) -> str:
         return "LMTPS" if self.session.tls else "LMTP"
 
-    def _answer_data(self, result: Deferred[Reply] | Reply, transaction: Transaction) -> Answer:
+    def _answer_data(
+        self, result: Deferred[Reply] | Reply, transaction: IncomingTransaction
+    ) -> Answer:
         count = len(transaction.recipients)
 
         def per_recipient(reply: Reply) -> tuple[Reply, ...]:

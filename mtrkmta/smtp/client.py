@@ -103,7 +103,7 @@ def temporary_status(reply: Reply) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Transaction:
+class OutgoingTransaction:
     """One message to send on a session: envelope, ready-made parameters and content.
 
     ``rcpt_parameters`` has one tuple per recipient, or is empty for none at all.
@@ -548,11 +548,11 @@ class SMTPClient(Protocol):
 
     # -- transactions ------------------------------------------------------------
 
-    def send(self, transaction: Transaction) -> Deferred[TransactionResult]:
+    def send(self, transaction: OutgoingTransaction) -> Deferred[TransactionResult]:
         """Run one mail transaction; fires with its result, never fails."""
         return self._lock.run(lambda: ensureDeferred(self._transaction(transaction)))
 
-    async def _transaction(self, transaction: Transaction) -> TransactionResult:
+    async def _transaction(self, transaction: OutgoingTransaction) -> TransactionResult:
         count = len(transaction.recipients)
         progress = _Progress(rcpt=[None] * count, final=[None] * count)
         try:
@@ -566,7 +566,7 @@ class SMTPClient(Protocol):
         """How many replies follow the final dot: one in SMTP."""
         return 1
 
-    async def _run(self, transaction: Transaction, progress: _Progress) -> None:
+    async def _run(self, transaction: OutgoingTransaction, progress: _Progress) -> None:
         timeouts = self.settings.timeouts
         if not self._ready_ok and self._setup_error is None and self._error is None:
             await self.when_ready()

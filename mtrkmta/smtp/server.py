@@ -147,7 +147,7 @@ class Session:
 
 
 @dataclass(slots=True)
-class Transaction:
+class IncomingTransaction:
     """The mail transaction between MAIL and the end of DATA."""
 
     sender: str
@@ -196,7 +196,7 @@ class SMTPServer(Protocol, SessionGuard):
         self._farewell: Reply | None = None
         self._line_handler: Callable[[bytes], ReplyOrDeferred | None] | None = None
         self.session: Session
-        self.transaction: Transaction | None = None
+        self.transaction: IncomingTransaction | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -613,7 +613,7 @@ class SMTPServer(Protocol, SessionGuard):
         def decided(refusal: Reply | None) -> Reply:
             if refusal is not None:
                 return refusal
-            self.transaction = Transaction(sender=sender, params=params)
+            self.transaction = IncomingTransaction(sender=sender, params=params)
             return Reply(250, "2.1.0", ("Ok",))
 
         return self._ask(self.receiver.check_sender(self.session, sender, params), decided)
@@ -722,7 +722,9 @@ class SMTPServer(Protocol, SessionGuard):
             sink.discard()
         self._resume_reading("spool")
 
-    def _answer_data(self, result: Deferred[Reply] | Reply, transaction: Transaction) -> Answer:
+    def _answer_data(
+        self, result: Deferred[Reply] | Reply, transaction: IncomingTransaction
+    ) -> Answer:
         """The answer to the end of DATA: one reply (LMTP overrides: one per recipient)."""
         return result
 
@@ -738,7 +740,7 @@ class SMTPServer(Protocol, SessionGuard):
         return None
 
     def _end_of_data(
-        self, transaction: Transaction, result: DataResult, sink: ContentSink | None
+        self, transaction: IncomingTransaction, result: DataResult, sink: ContentSink | None
     ) -> Deferred[Reply] | Reply:
         refusal = self._refuse_content(result)
         if refusal is not None or sink is None:
@@ -777,7 +779,7 @@ class SMTPServer(Protocol, SessionGuard):
     def _with_protocol(self) -> str:
         return self.session.protocol_name
 
-    def _received_header(self, transaction: Transaction, now: float) -> bytes:
+    def _received_header(self, transaction: IncomingTransaction, now: float) -> bytes:
         session = self.session
         recipients = transaction.recipients
         recipient = recipients[0].address if len(recipients) == 1 else None

@@ -9,7 +9,7 @@ import pytest_twisted
 from fakemta import DOT, ClientHarness, FakeMTA
 
 from mtrkmta.lmtp.client import LMTPClient
-from mtrkmta.smtp.client import ClientSettings, ClientTimeouts, SessionError, Transaction
+from mtrkmta.smtp.client import ClientSettings, ClientTimeouts, OutgoingTransaction, SessionError
 
 HOSTNAME = "relay.example.test"
 FAST = ClientSettings(hostname=HOSTNAME, timeouts=ClientTimeouts().scaled(0.01))
@@ -31,8 +31,8 @@ async def lmtp(net: ClientHarness, **options: Any) -> tuple[FakeMTA, LMTPClient]
     return fake, client
 
 
-def tx(*recipients: str) -> Transaction:
-    return Transaction("alice@client.example", recipients, MESSAGE)
+def tx(*recipients: str) -> OutgoingTransaction:
+    return OutgoingTransaction("alice@client.example", recipients, MESSAGE)
 
 
 @pytest_twisted.ensureDeferred
@@ -67,7 +67,9 @@ async def test_bare_cr_goes_out_as_crlf_so_no_smuggled_end_of_data(net):
     fake, client = await lmtp(net)
     await client.when_ready()
     smuggled = b"hello\r.\r\nMAIL FROM:<admin@x.test>\r\nRCPT TO:<root@localhost>\r\nDATA\r\n"
-    result = await client.send(Transaction("alice@client.example", ("a@example.test",), smuggled))
+    result = await client.send(
+        OutgoingTransaction("alice@client.example", ("a@example.test",), smuggled)
+    )
     assert [r.reply.code for r in result.per_recipient()] == [250]
     raw = fake.transactions[0].raw_data
     assert raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n")

@@ -11,9 +11,9 @@ from twisted.internet import ssl
 from mtrkmta.smtp.client import (
     ClientSettings,
     ClientTimeouts,
+    OutgoingTransaction,
     SessionError,
     SMTPClient,
-    Transaction,
 )
 from mtrkmta.smtp.outbound import dot_stuff
 
@@ -31,9 +31,9 @@ async def net() -> AsyncIterator[ClientHarness]:
 
 def tx(
     *recipients: str, content: bytes = MESSAGE, mail_parameters: tuple[str, ...] = ()
-) -> Transaction:
+) -> OutgoingTransaction:
     recipients = recipients or ("bob@example.test",)
-    return Transaction("alice@client.example", recipients, content, mail_parameters)
+    return OutgoingTransaction("alice@client.example", recipients, content, mail_parameters)
 
 
 async def ready_failure(client: SMTPClient) -> SessionError:

@@ -37,7 +37,7 @@ from twisted.names import dns
 
 from mtrkmta.cli import send, track
 from mtrkmta.mtqp.protocol import decode_secret
-from mtrkmta.originator import Tracking, last_record
+from mtrkmta.originator import TrackingSecret, last_record
 from mtrkmta.service import MTAService
 from mtrkmta.testing import node_config, start_node, stop_node
 from mtrkmta.tracking.interfaces import RecipientState
@@ -142,7 +142,7 @@ class Chain:
         """The tracked recipient at node ``name`` (lookup by ENVID and SHA1(A))."""
         record = last_record(self.secrets)
 
-        certifier = Tracking(decode_secret(record.secret), record.envid).certifier
+        certifier = TrackingSecret(decode_secret(record.secret), record.envid).certifier
         node = self.node(name)
         assert node.tracking is not None
         message = await node.tracking.lookup(record.envid, certifier)

@@ -40,7 +40,7 @@ from mtrkmta.mtqp.uri import parse_uri
 from mtrkmta.originator import (
     SECRET_BYTES,
     SentRecord,
-    Tracking,
+    TrackingSecret,
     append_record,
     default_secrets_path,
     last_record,
@@ -81,7 +81,7 @@ def test_long_fqdn_is_hashed_into_the_envid():
 
 def test_mail_options_carry_envid_and_the_certifier_of_the_vector():
     # 1.8.2/1.8.4: base64(SHA1(A)) is sent, never A.
-    tracking = Tracking(VECTOR_SECRET, "a+b=c@client.example.test")
+    tracking = TrackingSecret(VECTOR_SECRET, "a+b=c@client.example.test")
     assert mail_options(tracking, timeout=3600, ret="hdrs") == [
         "ENVID=a+2Bb+3Dc@client.example.test",
         f"MTRK={VECTOR_CERTIFIER_B64}:3600",
@@ -113,7 +113,7 @@ def test_bad_notify(notify):
 
 def test_tracking_uri_round_trips():
     # 4.8: %XX for "/" in the secret; the port only when not 1038.
-    tracking = Tracking(b"\xff" * 32, "a/b@client.example.test")
+    tracking = TrackingSecret(b"\xff" * 32, "a/b@client.example.test")
     uri = tracking_uri(tracking, "mx.example.test", 1038)
     assert "/" not in uri.split("/track/", 1)[1].replace("%2F", "").split("/", 1)[1]
     parsed = parse_uri(uri)
