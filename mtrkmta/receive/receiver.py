@@ -173,8 +173,8 @@ class Receiver:
 
     def accept(self, envelope: Envelope, content: IIncoming) -> Deferred[None]:
         if envelope.params.mtrk is not None and not self._tracked.allow(envelope.client):
-            # CHECKLIST 3.6, 8.4: over the client's quota the mail is accepted, but no
-            # tracking data is kept for it (and no certifier goes on).
+            # RFC 3885 §4.1, doc/conformance.rst 3885-P8: over the client's quota the mail is
+            # accepted, but no tracking data is kept for it (and no certifier goes on).
             log.warn(
                 "{queue_id}: tracked-message quota of {client} exceeded: MTRK not retained",
                 queue_id=envelope.queue_id,
