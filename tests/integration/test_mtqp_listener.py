@@ -1,4 +1,5 @@
-"""A node's MTQP listener over loopback: TRACK, STARTTLS, no existence oracle (CHECKLIST 4, 8).
+"""A node's MTQP listener over loopback: TRACK, STARTTLS, no existence oracle (RFC 3887,
+RFC 3885 §4.2, doc/conformance.rst 3887-P1).
 
 Messages are submitted with `mtrkmta send`'s code path, then asked about over the wire
 with a raw blocking socket (in a thread) or with mtrkmta's own MTQP client.
@@ -163,7 +164,7 @@ def client_context(cafile: Path | None = None) -> ssl.SSLContext:
 
 @pytest_twisted.ensureDeferred
 async def test_track_a_message_sent_with_mtrk(tmp_path, capsys):
-    # CHECKLIST 1.8: A is 32 random octets, B = SHA1(A) went out as MTRK=, the ENVID is
+    # RFC 3885 §3.1-§3.2, §4.2: A is 32 random octets, B = SHA1(A) went out as MTRK=, the ENVID is
     # <random>@<fqdn>; 4.3.1: +OK/MTQP greeting; 4.4.1/4.4.3: TRACK with A answers +OK+
     # and one multipart/related of message/tracking-status (5.1-5.3); 4.2.5: pipelined
     # commands answered in order; 4.5.2: QUIT, then the server closes.
@@ -312,7 +313,7 @@ async def test_tls_required_refuses_track_in_clear(tmp_path, capsys):
 @pytest_twisted.ensureDeferred
 async def test_wrong_secret_and_unknown_envid_are_indistinguishable(tmp_path, capsys):
     # 4.4.4 [P], 8.5, 11.14: the same reply, in about the same time (generous bound: the
-    # store does the same work for both, CHECKLIST 4.4.1).
+    # store does the same work for both, doc/conformance.rst 3887-P1).
     async with mtqp_node(tmp_path, ("mtqp.failure_rate", 0)) as node:
         record = await send_tracked(node, tmp_path, capsys)
         wrong_secret = base64.b64encode(b"\x00" * 32).decode()
