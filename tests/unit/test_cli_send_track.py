@@ -1,5 +1,5 @@
 """`mtrkmta send` / `mtrkmta track` and the MTQP client logic, without a network
-(CHECKLIST 1.8, 4.1, 4.2, 4.6, 4.7, 4.8)."""
+(RFC 3885 §3.1-§3.2, §4.2; RFC 3887 §2, §6, §9, RFC 3886 §3.3.3)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ from mtrkmta.originator import (
 )
 from mtrkmta.tracking.status import RecipientStatus, TrackingReport, TypedValue
 
-# CHECKLIST 1.8.4's vector (computed there, not an RFC example: CHECKLIST 10.6).
+# Our own vector for RFC 3885 §3.1 (not an RFC 3887 example: those use a 64-bit secret and a
+# SHA1 value that matches no input).
 VECTOR_SECRET = bytes(range(16))
 # 27 characters, no "=" padding: an esmtp-value excludes "=" (RFC 5321 §4.1.2).
 VECTOR_CERTIFIER_B64 = "VheLhqV/rCKJmplkGFwsyW59pYk"
@@ -61,7 +62,7 @@ SECRET_B64 = base64.b64encode(bytes(range(32))).decode()
 WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
 
-# -- originator: secret, ENVID, parameters (CHECKLIST 1.8) ---
+# -- originator: secret, ENVID, parameters (RFC 3885 §3.1-§3.2, §4.2) ---
 
 
 def test_new_tracking_is_random_and_unique():
@@ -439,7 +440,7 @@ def test_track_usage_errors_exit_2_without_touching_the_network(args):
     assert err.getvalue().startswith("mtrkmta: ")
 
 
-# -- recipient paths and output (CHECKLIST 4.7.6) ---
+# -- recipient paths and output (RFC 3886 §3.3.3) ---
 
 
 def status(action: str, code: str, remote: str | None = None, **more: Any) -> RecipientStatus:
@@ -560,7 +561,7 @@ def test_json_and_timeline_output():
     )
 
 
-# -- following referrals (CHECKLIST 4.7.6) ---
+# -- following referrals (RFC 3886 §3.3.3) ---
 
 
 class ScriptedClient(TrackingClient):
@@ -692,7 +693,7 @@ def test_follow_asks_one_address_at_two_ports():
     assert trace.complete
 
 
-# -- locating servers (CHECKLIST 4.1) ---
+# -- locating servers (RFC 3887 §2) ---
 
 
 class FakeResolver:
@@ -804,7 +805,7 @@ def test_srv_order_priority_then_weight():
     assert ("heavy", "zero", "late") in seen  # weight 100 against 0: heavy nearly always first
 
 
-# -- the session protocol (CHECKLIST 4.2, 4.6, 4.7.2) ---
+# -- the session protocol (RFC 3887 §2.2-§2.3, §2.5, §6) ---
 
 
 class TLSTransport(StringTransport):

@@ -1,4 +1,5 @@
-"""The MTQP server driven through StringTransport with a controlled clock (CHECKLIST 4, 8.5)."""
+"""The MTQP server driven through StringTransport with a controlled clock (RFC 3887,
+RFC 3885 §4.2)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.tracking.interfaces import RecipientState, StoredMessage, StoredRecipient
 from mtrkmta.tracking.status import parse_related
 
-# CHECKLIST 1.8.4's vector (never the RFC 3887 examples, CHECKLIST 10.6).
+# Our own vector for RFC 3885 §3.1 (never the RFC 3887 examples: their secret is 64 bits
+# and their SHA1 value matches no input).
 SECRET = bytes(range(16))
 SECRET_B64 = "AAECAwQFBgcICQoLDA0ODw=="
 CERTIFIER = bytes.fromhex("56178b86a57fac22899a9964185c2cc96e7da589")
@@ -172,7 +174,7 @@ def track_line(envid: str = ENVID, secret: str = SECRET_B64) -> bytes:
     return f"TRACK {envid} {secret}\r\n".encode()
 
 
-# -- greeting (CHECKLIST 4.3) ---
+# -- greeting (RFC 3887 §3) ---
 
 
 def test_greeting_without_options_is_single_line(clock):
@@ -195,7 +197,7 @@ def test_greeting_says_required_when_tls_is_mandatory(clock):
     assert session.output().split(b"\r\n")[1] == b"STARTTLS required"
 
 
-# -- TRACK (CHECKLIST 4.4, 5) ---
+# -- TRACK (RFC 3887 §4; RFC 3886 §3) ---
 
 
 def test_track_answers_multipart_related_of_tracking_status(clock):
@@ -245,7 +247,7 @@ def test_track_answers_for_every_transaction_of_the_message(clock):
 
 
 def test_track_strips_angle_brackets_and_accepts_unpadded_secret(clock):
-    # 4.4.2 [P]: one surrounding <...> is stripped; CHECKLIST 11.1: padding optional.
+    # doc/conformance.rst 3887-P2: one surrounding <...> is stripped; 3887-P3: padding optional.
     session = Session(make(clock))
     session.output()
     wire = session.send(track_line(f"<{ENVID}>", SECRET_B64.rstrip("=")))
@@ -264,7 +266,8 @@ def test_unknown_envid_and_wrong_secret_get_the_same_reply(clock):
 
 
 def test_untracked_message_is_not_reported(clock):
-    # CHECKLIST 3.3: only a certifier match answers; the store gives None otherwise.
+    # doc/conformance.rst 3885-P7: only a certifier match answers; the store gives None
+    # otherwise.
     store = FakeStore(stored(certifier=hashlib.sha1(b"someone else").digest()))
     session = Session(make(clock, store))
     session.output()
@@ -282,7 +285,7 @@ def test_store_unavailable_is_temp(clock):
 
 
 def test_queued_recipient_gets_will_retry_until_from_the_retry_policy(clock):
-    # CHECKLIST 5.3: Will-Retry-Until for a recipient still queued, here never tried: from
+    # RFC 3886 §3.3.7: Will-Retry-Until for a recipient still queued, here never tried: from
     # the queue lifetime (RetryPolicy.give_up_at).
     store = FakeStore(stored(state=RecipientState.QUEUED))
     policy = RetryPolicy(max_lifetime=2 * 86400)
@@ -318,7 +321,7 @@ def test_secret_and_envid_never_reach_the_log(clock):
             assert secret not in text, event
 
 
-# -- other commands (CHECKLIST 4.2, 4.5) ---
+# -- other commands (RFC 3887 §2.2-§2.3, §5, §7) ---
 
 
 def test_comment_always_succeeds(clock):
@@ -380,7 +383,7 @@ def test_tls_required_refuses_track_in_clear(clock):
     assert store.lookups == 0
 
 
-# -- pipelining (CHECKLIST 4.2.5) ---
+# -- pipelining (RFC 3887 §8) ---
 
 
 def test_pipelined_commands_are_answered_in_order_behind_a_slow_lookup(clock):
@@ -403,7 +406,7 @@ def test_pipelined_commands_are_answered_in_order_behind_a_slow_lookup(clock):
     assert session.transport.disconnecting
 
 
-# -- STARTTLS (CHECKLIST 4.6) ---
+# -- STARTTLS (RFC 3887 §6, §11) ---
 
 
 def test_starttls_not_configured_is_unsupported(clock):
@@ -475,7 +478,7 @@ def test_certificate_names_are_the_subject_alt_name_dns_names():
     assert certificate_names(self_signed()) == frozenset()
 
 
-# -- timers and limits (CHECKLIST 4.7.1, 4.7.8, 8.4) ---
+# -- timers and limits (RFC 3887 §2.5; RFC 3885 §4.1) ---
 
 
 def test_idle_timeout_is_at_least_ten_minutes():

@@ -1,4 +1,5 @@
-"""The pure outbound rules: MAIL/RCPT parameters per next hop (CHECKLIST 2, 7.7-7.8), stuffing."""
+"""The pure outbound rules: MAIL/RCPT parameters per next hop (RFC 3885 §3.1,
+§3.3; RFC 3461 §5.2; RFC 3886 §3.5), stuffing."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def mtrk_of(words: list[str]) -> str | None:
     return found[0] if found else None
 
 
-# -- CHECKLIST 2.1: timeout decrement -------------------------------------------------
+# -- RFC 3885 §3.1: timeout decrement -------------------------------------------------
 
 
 def test_timeout_is_decremented_by_whole_seconds_spent_here():
@@ -112,7 +113,7 @@ def test_untracked_message_has_no_remaining_timeout():
     assert remaining_timeout(envelope(mtrk=False), ARRIVAL, DAY) is None
 
 
-# -- CHECKLIST 2.2 / 2.3: MTRK only to MTRK hops, DSN parameters only to DSN hops ------
+# -- RFC 3885 §3.3, RFC 3461 §5.2.2(a): MTRK only to MTRK hops, DSN parameters only to DSN hops
 
 
 def test_mtrk_hop_gets_mtrk_envid_ret_size():
