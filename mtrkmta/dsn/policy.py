@@ -51,7 +51,7 @@ _TABLE: Mapping[DsnEvent, _Row] = MappingProxyType(
         DsnEvent.RELAY_REJECTED: _Row("FAILURE", "failed", None, "failed", None),
         DsnEvent.GATEWAYED: _Row("SUCCESS", None, None, "relayed", None),
         DsnEvent.FAILED: _Row("FAILURE", "failed", None, "failed", None),
-        # NOTIFY absent: [O] in 3461 §5.2.5 (b); we send it, as absent means FAILURE,DELAY
+        # NOTIFY absent: a MAY in RFC 3461 §5.2.5 (b); we send it, as absent means FAILURE,DELAY
         # here (project decision, doc/conformance.rst 3461-P1).
         DsnEvent.DELAYED: _Row("DELAY", "delayed", None, "delayed", None),
         DsnEvent.EXPANDED: _Row("SUCCESS", None, None, "expanded", None),

@@ -18,9 +18,9 @@ def remaining_timeout(envelope: Envelope, now: float, default_retention: float) 
     """The MTRK timeout to send on, or None when MTRK must be omitted (RFC 3885 §3.1).
 
     remaining = requested timeout - whole seconds the message spent here; the local
-    ``default_retention`` is the base when no timeout arrived ([P]). None when the
-    message carries no MTRK or the result is <= 0 ([M] omit the whole parameter).
-    A clock that went backwards counts as no time spent.
+    ``default_retention`` is the base when no timeout arrived (doc/conformance.rst 3885-P5).
+    None when the message carries no MTRK or the result is <= 0 (RFC 3885 §3.1: MUST omit the
+    whole parameter). A clock that went backwards counts as no time spent.
     """
     mtrk = envelope.params.mtrk
     if mtrk is None:

@@ -468,7 +468,7 @@ def _extension_lines(extensions: Iterable[Extension]) -> list[str]:
 
 
 def render_related(reports: Sequence[TrackingReport], boundary: str | None = None) -> bytes:
-    """The MTQP answer entity: multipart/related of message/tracking-status parts (5.1.1).
+    """The MTQP answer entity: multipart/related of message/tracking-status parts (RFC 3886 §3).
 
     One part per report, in order (several when answers were chained, 3886 §3).
     Without ``boundary`` one is derived from the content; a given boundary must be

@@ -158,7 +158,7 @@ async def test_list_expansion_sends_nothing_of_the_original(tmp_path):
         (r,) = message.recipients
         assert r.state.value == "expanded"
         assert "alice" not in repr(message) and "dave" not in repr(message)
-        # The sender asked for SUCCESS: a list exploder reports "delivered" (6.1).
+        # The sender asked for SUCCESS: a list exploder reports "delivered" (RFC 3461 §5.2.7.1).
         (dsn_file,) = list((tmp_path / "data" / "mail" / "s" / "new").iterdir())
         assert b"Action: delivered" in dsn_file.read_bytes()
 

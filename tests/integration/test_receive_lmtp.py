@@ -73,7 +73,7 @@ async def test_helo_and_ehlo_never_get_2xx(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_one_reply_per_accepted_recipient_in_rcpt_order(tmp_path):
     # RFC 2033 §4.2: one reply per accepted RCPT, in order, the duplicate included; the
-    # refused recipient (relay denied) gets none. 7.5: each 2xx means the copy is ours.
+    # refused recipient (relay denied) gets none. RFC 2033 §4.2: each 2xx means the copy is ours.
     async with running_node(tmp_path, listeners=("lmtp",)) as node:
 
         def talk():

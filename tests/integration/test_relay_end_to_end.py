@@ -196,7 +196,7 @@ def keywords(params: Sequence[str]) -> set[str]:
 @pytest_twisted.ensureDeferred
 async def test_mtrk_hop_gets_decremented_timeout_and_records_transferred(tmp_path):
     # RFC 3885 §3.1 (MUST/SHOULD): the outbound timeout is the requested one less the whole
-    # seconds spent here; 2.2 [S]: an MTRK next hop gets the certifier, tracking says
+    # seconds spent here; RFC 3885 §3.3 (SHOULD): an MTRK next hop gets the certifier, tracking says
     # `transferred`, 2.4.0, Remote-MTA = the next hop (RFC 3886 §3.3.3).
     options = (("queue.first_retry", "2s"), ("queue.max_retry_interval", "2s"))
     async with relaying(tmp_path, options=options) as rig:

@@ -165,7 +165,7 @@ def test_multi_target_certifier_goes_to_the_primary_only():
     # 3461 §5.2.7.3: ENVID/RET/ORCPT to all, NOTIFY without SUCCESS.
     primary, others = expand(resolve("info@example.org"))
     assert [r.address for r in primary.recipients] == ["alice@example.org"]
-    assert primary.params.mtrk == Mtrk(CERTIFIER, 3500)  # timeout decremented (2.1)
+    assert primary.params.mtrk == Mtrk(CERTIFIER, 3500)  # timeout decremented (RFC 3885 §3.1)
     assert [r.address for r in others.recipients] == ["bob@example.net"]
     assert others.params.mtrk is None
     for message in (primary, others):

@@ -66,13 +66,13 @@ WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def test_new_tracking_is_random_and_unique():
-    # 1.8.1 [M]: A random, 128..1024 bits, never reused; 1.8.3 [M]: ENVID never reused.
+    # RFC 3885 §3.1, §4.2 (MUST): A random, 128..1024 bits, never reused; §3.2: ENVID never reused.
     first, second = new_tracking("client.example.test"), new_tracking("client.example.test")
     assert len(first.secret) == SECRET_BYTES == 32
     assert first.secret != second.secret and first.envid != second.envid
     local, _, domain = first.envid.partition("@")
     assert domain == "client.example.test" and len(local) >= 20
-    assert first.certifier == hashlib.sha1(first.secret).digest()  # 1.8.2: B = SHA1(A)
+    assert first.certifier == hashlib.sha1(first.secret).digest()  # RFC 3885 §3.1: B = SHA1(A)
 
 
 def test_long_fqdn_is_hashed_into_the_envid():
@@ -81,7 +81,7 @@ def test_long_fqdn_is_hashed_into_the_envid():
 
 
 def test_mail_options_carry_envid_and_the_certifier_of_the_vector():
-    # 1.8.2/1.8.4: base64(SHA1(A)) is sent, never A.
+    # RFC 3885 §3.1: base64(SHA1(A)) is sent, never A.
     tracking = Tracking(VECTOR_SECRET, "a+b=c@client.example.test")
     assert mail_options(tracking, timeout=3600, ret="hdrs") == [
         "ENVID=a+2Bb+3Dc@client.example.test",
@@ -113,7 +113,7 @@ def test_bad_notify(notify):
 
 
 def test_tracking_uri_round_trips():
-    # 4.8: %XX for "/" in the secret; the port only when not 1038.
+    # RFC 3887 §9: %XX for "/" in the secret; the port only when not 1038.
     tracking = Tracking(b"\xff" * 32, "a/b@client.example.test")
     uri = tracking_uri(tracking, "mx.example.test", 1038)
     assert "/" not in uri.split("/track/", 1)[1].replace("%2F", "").split("/", 1)[1]
@@ -375,7 +375,7 @@ def test_track_takes_an_mtqp_uri():
     assert (options["host"], options["port"], options["envid"]) == ("MX.example.test", None, ENVID)
     assert options["secret"] == SECRET_B64 and options["tls"] == "may"
     explicit = parse_track(f"mtqp://127.0.0.1:4242/track/%3C{ENVID}%3E/{SECRET_B64}")
-    assert (explicit["port"], explicit["envid"]) == (4242, ENVID)  # 4.4.2: <...> stripped
+    assert (explicit["port"], explicit["envid"]) == (4242, ENVID)  # 3887-P2: <...> stripped
 
 
 def test_track_takes_server_envid_secret():
@@ -737,7 +737,7 @@ def locate(resolver: FakeResolver, host: str, port: int | None = None, **kw: Any
 
 
 def test_srv_first_then_the_host_itself_on_1038():
-    # 4.1.1-4.1.2: SRV _mtqp._tcp.H, else H's address records, port 1038.
+    # RFC 3887 §2: SRV _mtqp._tcp.H, else H's address records, port 1038.
     resolver = FakeResolver(
         srv={"_mtqp._tcp.mx.example.test": [(0, 0, 4242, b"track.example.test")]},
         a={"track.example.test": ["192.0.2.9"], "plain.example.test": ["192.0.2.1"]},
@@ -837,7 +837,7 @@ def test_reply_timeout_is_measured_on_the_clock():
 
 
 def test_responses_in_order_and_clear_text_forgotten_after_starttls():
-    # 4.6.5 [M]: the client forgets what it read before the handshake.
+    # RFC 3887 §6 (MUST): the client forgets what it read before the handshake.
     clock = MemoryReactorClock()
     protocol, transport = connected(clock)
     protocol.dataReceived(b"+OK+/MTQP hi\r\nSTARTTLS\r\n.\r\n")

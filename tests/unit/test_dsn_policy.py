@@ -109,7 +109,7 @@ TABLE = [
     pytest.param(D.DELAYED, FAILURE_DELAY, "delayed", id="delayed-has-2"),
     # RFC 3461 §5.2.5 (c)
     pytest.param(D.DELAYED, SUCCESS_FAILURE, None, id="delayed-lacks"),
-    # -- multi-recipient alias, option (c) [P] --------------------------------------------------
+    # -- multi-recipient alias, option (c), doc/conformance.rst 3461-P2 ----------------------------
     # RFC 3461 §5.2.7.3 (c), doc/conformance.rst 3461-P2
     pytest.param(D.EXPANDED, ABSENT, None, id="expanded-absent"),
     # RFC 3461 §4.1, §5.2.7.3 (c), doc/conformance.rst 3461-P2

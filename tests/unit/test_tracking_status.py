@@ -497,7 +497,7 @@ class TestPerRecipientFromStore:
 
     def test_queued_without_attempt(self):
         # RFC 3886 §3.3.5-§3.3.6: no Remote-MTA and no Last-Attempt-Date before any attempt;
-        # 5.4: delayed, 4.0.0
+        # 3886-P3: delayed, 4.0.0
         status = only(report_from_store(message(recipient()), now=NOW))
         assert (status.action, status.status) == ("delayed", "4.0.0")
         assert status.remote_mta is None
