@@ -76,7 +76,7 @@ class Recipient:
 
     @property
     def original(self) -> OriginalRecipient:
-        """ORCPT when given, else the RCPT address as received (RFC 3886 §3.3.1, 3886-P2)."""
+        """ORCPT when given, else the RCPT address as received (doc/conformance.rst 3886-P2)."""
         return self.params.orcpt or OriginalRecipient("rfc822", self.address)
 
 

@@ -65,9 +65,9 @@ def new_envelopes(
 ) -> list[Envelope]:
     """The messages that carry the expanded recipient's mail on.
 
-    * multi-target alias, option (c) of RFC 3461 §5.2.7.3 (3461-P2): ENVID, RET and ORCPT
-      go to every target, ENVID and ORCPT with the esmtp-values as received (RFC
-      3885 §3.3: not modified), NOTIFY without SUCCESS; the certifier (timeout
+    * multi-target alias, option (c) of RFC 3461 §5.2.7.3 (doc/conformance.rst 3461-P2):
+      ENVID, RET and ORCPT go to every target, ENVID and ORCPT with the esmtp-values as
+      received (RFC 3885 §3.3: not modified), NOTIFY without SUCCESS; the certifier (timeout
       decremented) goes only to the primary target, the others get none
       (RFC 3885 §3.3; RFC 3461 §5.2.7.3);
     * mailing list: from the list owner, with nothing of the original's MTRK,

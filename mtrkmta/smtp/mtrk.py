@@ -10,7 +10,7 @@ import secrets
 
 from mtrkmta.envelope import Mtrk
 
-CERTIFIER_LENGTHS = frozenset({16, 20})  # RFC 3885 §3.1, 3885-P1: 128-bit or SHA-1 (160-bit)
+CERTIFIER_LENGTHS = frozenset({16, 20})  # doc/conformance.rst 3885-P1: 128-bit or SHA-1 (160-bit)
 MAX_TIMEOUT = 999_999_999  # 1*9DIGIT
 MIN_SECRET_BYTES = 16  # 128 bits, RFC 3885 §3.1
 MAX_SECRET_BYTES = 128  # 1024 bits
@@ -30,7 +30,7 @@ def parse_mtrk(value: str) -> Mtrk:
 
     Accepts padded and unpadded base64; the decoded certifier must be 16 or 20
     octets (RFC 3885 §3.1, doc/conformance.rst 3885-P1). Raises :class:`MtrkError` otherwise
-    (3885-P3).
+    (doc/conformance.rst 3885-P3).
     """
     certifier_text, colon, timeout_text = value.partition(":")
     timeout: int | None = None

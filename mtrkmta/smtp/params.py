@@ -83,7 +83,7 @@ def _require_value(keyword: str, value: str | None) -> str:
 
 
 def _is_printable_ascii(text: str) -> bool:
-    """RFC 3461 §4.4 (and 3461-P5): graphic US-ASCII, space and HTAB only."""
+    """RFC 3461 §4.4 (and doc/conformance.rst 3461-P5): graphic US-ASCII, space and HTAB only."""
     return all(char == "\t" or " " <= char <= "~" for char in text)
 
 
@@ -161,7 +161,10 @@ def _is_unique_envid(envid: str | None) -> bool:
 
 
 def _parse_mtrk(value: str | None) -> Mtrk:
-    """Any MTRK problem, a missing value included, is ``Invalid MTRK parameter`` (3885-P3)."""
+    """Any MTRK problem, a missing value included, is ``Invalid MTRK parameter``.
+
+    See doc/conformance.rst 3885-P3.
+    """
     if not value:
         raise _invalid("MTRK")
     try:

@@ -68,7 +68,7 @@ class StoredRecipient:
 
     @property
     def original(self) -> OriginalRecipient:
-        """ORCPT when given, else the RCPT address as received (RFC 3886 §3.3.1, 3886-P2)."""
+        """ORCPT when given, else the RCPT address as received (doc/conformance.rst 3886-P2)."""
         return self.orcpt or OriginalRecipient("rfc822", self.address)
 
     def updated(self, update: RecipientUpdate) -> StoredRecipient:
@@ -206,7 +206,7 @@ class ITrackingStore(Interface):
         """The tracked message with exactly this ENVID whose certifier B matches.
 
         ``certifier_candidate`` is SHA1(A) computed by the caller. A stored
-        16-octet B is compared with the first 16 octets (3887-P3), in
+        16-octet B is compared with the first 16 octets (doc/conformance.rst 3887-P3), in
         constant time. Untracked messages, an unknown ENVID and a wrong secret
         all give None (doc/conformance.rst 3885-P7, 3887-P1).
         """

@@ -19,7 +19,8 @@ MAX_LINE = 998  # RFC 5322 §2.1.1; also the MTQP data-line limit (RFC 3887 §2.
 ACTIONS: frozenset[str] = frozenset(
     {"failed", "delayed", "delivered", "expanded", "relayed", "transferred", "opaque"}
 )
-"""The seven Action values of RFC 3886 §3.3.3 (RFC 3464's grammar extended, 3886-P4)."""
+"""The seven Action values of RFC 3886 §3.3.3 (RFC 3464's grammar extended:
+doc/conformance.rst 3886-P4)."""
 
 DEFAULT_STATUS: Mapping[str, str] = MappingProxyType(
     {

@@ -39,11 +39,11 @@ BAD_ORCPT = "501 5.5.4 Invalid ORCPT parameter"
 
 # MAIL parameters (after EHLO) -> the exact reply line.
 MAIL_CASES = [
-    # RFC 3885 §3.2, 3885-P3: MTRK requires a unique ENVID.
+    # RFC 3885 §3.2, doc/conformance.rst 3885-P3: MTRK requires a unique ENVID.
     pytest.param(f"MTRK={C20}:3600", MTRK_NEEDS_ENVID, id="mtrk-without-envid"),
     pytest.param(f"MTRK={C20}:3600 ENVID=no-at-sign", MTRK_NEEDS_ENVID, id="mtrk-envid-no-at"),
     pytest.param(f"ENVID=abc MTRK={C20}", MTRK_NEEDS_ENVID, id="mtrk-after-non-unique-envid"),
-    # RFC 3885 §3.1, 3885-P1: certifier base64 decoding to 16 or 20 octets only.
+    # RFC 3885 §3.1, doc/conformance.rst 3885-P1: certifier base64 decoding to 16 or 20 octets only.
     pytest.param(f"MTRK={_b64(15)} ENVID=a@b.test", BAD_MTRK, id="certifier-15-octets"),
     pytest.param(f"MTRK={_b64(17)} ENVID=a@b.test", BAD_MTRK, id="certifier-17-octets"),
     pytest.param(f"MTRK={_b64(19)} ENVID=a@b.test", BAD_MTRK, id="certifier-19-octets"),
@@ -66,7 +66,8 @@ MAIL_CASES = [
     # doc/conformance.rst 3885-P3: a second MTRK.
     pytest.param(f"MTRK={C20} MTRK={C20} ENVID=a@b.test", BAD_MTRK, id="mtrk-twice"),
     pytest.param(f"MTRK={C20} mtrk={C16} ENVID=a@b.test", BAD_MTRK, id="mtrk-twice-any-case"),
-    # RFC 3461 §4, §4.4-§4.5, 3461-P5: ENVID value (decoded control octets refused).
+    # RFC 3461 §4, §4.4-§4.5, doc/conformance.rst 3461-P5: ENVID value (decoded control octets
+    # refused).
     pytest.param("ENVID", "501 5.5.4 ENVID requires a value", id="envid-no-value"),
     pytest.param("ENVID=", "501 5.5.4 ENVID requires a value", id="envid-empty"),
     pytest.param("ENVID=" + "e" * 101, "501 5.5.4 ENVID too long", id="envid-101-chars"),
@@ -84,14 +85,14 @@ MAIL_CASES = [
     # RFC 3461 §4.3: RET.
     pytest.param("RET=NONE", "501 5.5.4 Invalid RET parameter", id="ret-unknown"),
     pytest.param("RET", "501 5.5.4 RET requires a value", id="ret-no-value"),
-    # RFC 3461 §4.5, §5.1(a)-(b), 3461-P3: repeated parameters.
+    # RFC 3461 §4.5, §5.1(a)-(b), doc/conformance.rst 3461-P3: repeated parameters.
     pytest.param("ENVID=a ENVID=b", "501 5.5.4 Duplicate ENVID parameter", id="envid-twice"),
     pytest.param("ENVID=a envid=a", "501 5.5.4 Duplicate ENVID parameter", id="envid-twice-case"),
     pytest.param("RET=FULL RET=HDRS", "501 5.5.4 Duplicate RET parameter", id="ret-twice"),
     pytest.param("RET=FULL ret=full", "501 5.5.4 Duplicate RET parameter", id="ret-twice-case"),
     pytest.param("SIZE=1 SIZE=1", "501 5.5.4 Duplicate SIZE parameter", id="size-twice"),
     pytest.param("BODY=7BIT BODY=7BIT", "501 5.5.4 Duplicate BODY parameter", id="body-twice"),
-    # RFC 5321 §4.1.1.11, 3461-P3: unknown or not advertised -> 555 5.5.4.
+    # RFC 5321 §4.1.1.11, doc/conformance.rst 3461-P3: unknown or not advertised -> 555 5.5.4.
     pytest.param("FOO=bar", "555 5.5.4 Unsupported parameter FOO", id="unknown"),
     pytest.param("x-custom", "555 5.5.4 Unsupported parameter X-CUSTOM", id="unknown-no-value"),
     pytest.param("NOTIFY=NEVER", "555 5.5.4 Unsupported parameter NOTIFY", id="rcpt-param-on-mail"),
@@ -146,7 +147,7 @@ RCPT_CASES = [
     pytest.param("NOTIFY=SUCCESS;FAILURE", BAD_NOTIFY, id="wrong-separator"),
     pytest.param("NOTIFY", "501 5.5.4 NOTIFY requires a value", id="notify-no-value"),
     pytest.param("NOTIFY=", "501 5.5.4 NOTIFY requires a value", id="notify-empty"),
-    # RFC 3461 §4, §4.2, §5.2.1(d), 3461-P5: ORCPT.
+    # RFC 3461 §4, §4.2, §5.2.1(d), doc/conformance.rst 3461-P5: ORCPT.
     pytest.param("ORCPT=bob@example.test", BAD_ORCPT, id="orcpt-no-type"),
     pytest.param("ORCPT=;bob@example.test", BAD_ORCPT, id="orcpt-empty-type"),
     pytest.param("ORCPT=rfc(822);bob@example.test", BAD_ORCPT, id="orcpt-type-not-atom"),
@@ -161,7 +162,7 @@ RCPT_CASES = [
         id="orcpt-501-chars",
     ),
     pytest.param("ORCPT", "501 5.5.4 ORCPT requires a value", id="orcpt-no-value"),
-    # RFC 3461 §4.5, §5.1(b), 3461-P3: repeated parameters.
+    # RFC 3461 §4.5, §5.1(b), doc/conformance.rst 3461-P3: repeated parameters.
     pytest.param(
         "NOTIFY=SUCCESS NOTIFY=FAILURE", "501 5.5.4 Duplicate NOTIFY parameter", id="notify-twice"
     ),
@@ -170,7 +171,7 @@ RCPT_CASES = [
         "501 5.5.4 Duplicate ORCPT parameter",
         id="orcpt-twice",
     ),
-    # RFC 5321 §4.1.1.11, 3461-P3: unknown parameters.
+    # RFC 5321 §4.1.1.11, doc/conformance.rst 3461-P3: unknown parameters.
     pytest.param("FOO=1", "555 5.5.4 Unsupported parameter FOO", id="unknown"),
     pytest.param("RET=FULL", "555 5.5.4 Unsupported parameter RET", id="mail-param-on-rcpt"),
     pytest.param("ENVID=x", "555 5.5.4 Unsupported parameter ENVID", id="envid-on-rcpt"),
@@ -181,7 +182,7 @@ RCPT_ACCEPTED = [
     pytest.param("NOTIFY=NEVER", id="never"),
     pytest.param("notify=never", id="never-lower"),
     pytest.param("NOTIFY=success,Failure,DELAY", id="all-three-any-case"),
-    pytest.param("NOTIFY=FAILURE,FAILURE", id="repeated-element"),  # 3461-P7
+    pytest.param("NOTIFY=FAILURE,FAILURE", id="repeated-element"),  # doc/conformance.rst 3461-P7
     pytest.param("ORCPT=rfc822;Bob@Example.Test", id="orcpt"),
     pytest.param("ORCPT=x-unregistered;whatever+20it+20is", id="orcpt-other-type"),
     pytest.param("ORCPT=rfc822;bob+2Bext+3Dx@example.test", id="orcpt-escaped"),
@@ -206,7 +207,7 @@ def _exchange(port, mail_line, rcpt_line=None):
 @pytest.mark.parametrize(("params", "expected"), MAIL_CASES)
 @pytest_twisted.ensureDeferred
 async def test_mail_parameter_refused(tmp_path, params, expected):
-    # RFC 3885 §3.1-§3.2, RFC 3461 §4-§5.1, 3885-P3, 3461-P3 (reply table)
+    # RFC 3885 §3.1-§3.2, RFC 3461 §4-§5.1, doc/conformance.rst 3885-P3, 3461-P3 (reply table)
     async with running_node(tmp_path) as node:
         mail, rcpt = await in_thread(_exchange, node.port("smtp"), f"{SENDER} {params}", RCPT)
     assert mail.line == expected
@@ -227,7 +228,7 @@ async def test_mail_parameter_accepted(tmp_path, params):
 @pytest.mark.parametrize(("params", "expected"), RCPT_CASES)
 @pytest_twisted.ensureDeferred
 async def test_rcpt_parameter_refused(tmp_path, params, expected):
-    # RFC 3461 §4-§4.2, §4.5, §5.1(b); RFC 5321 §4.1.1.11; 3461-P3
+    # RFC 3461 §4-§4.2, §4.5, §5.1(b); RFC 5321 §4.1.1.11; doc/conformance.rst 3461-P3
     async with running_node(tmp_path) as node:
         mail, rcpt = await in_thread(_exchange, node.port("smtp"), SENDER, f"{RCPT} {params}")
     assert mail.line == OK_MAIL
@@ -259,8 +260,9 @@ assert len(f"<{LONG_LOCAL}@{LONG_DOMAIN}>") == 256
 )
 @pytest_twisted.ensureDeferred
 async def test_maximal_mail_line_is_accepted(tmp_path, envid):
-    # RFC 3461 §5.4, RFC 3885 §2, 3885-P2: a 256-octet path with every extension's parameter at its
-    # longest (SIZE, BODY, RET, 100-character ENVID, SHA-1 MTRK with 9-digit timeout).
+    # RFC 3461 §5.4, RFC 3885 §2, doc/conformance.rst 3885-P2: a 256-octet path with every
+    # extension's parameter at its longest (SIZE, BODY, RET, 100-character ENVID, SHA-1 MTRK
+    # with 9-digit timeout).
     line = (
         f"MAIL FROM:<{LONG_LOCAL}@{LONG_DOMAIN}> SIZE=35000000 BODY=8BITMIME RET=HDRS"
         f" ENVID={envid} MTRK={C20}:999999999 SMTPUTF8"
@@ -287,7 +289,8 @@ async def test_long_rcpt_line_with_dsn_parameters_is_accepted(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_lenient_xtext_switch_accepts_lower_case_hex(tmp_path):
-    # RFC 3461 §4, 3461-P4: lower-case hex is refused by default, accepted behind the switch.
+    # RFC 3461 §4, doc/conformance.rst 3461-P4: lower-case hex is refused by default, accepted
+    # behind the switch.
     options = (("tracking.lenient_xtext", True),)
     async with running_node(tmp_path, options=options) as node:
 

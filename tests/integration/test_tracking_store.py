@@ -349,7 +349,7 @@ def test_lookup_needs_the_right_secret(store):
     assert len(found.recipients) == 3
     wrong = hashlib.sha1(b"\x02" * 32).digest()
     assert (yield store.lookup("env-1@example.org", wrong)) is None
-    # RFC 3887 §4, 3887-P1: an unknown ENVID looks the same as a wrong secret.
+    # RFC 3887 §4, doc/conformance.rst 3887-P1: an unknown ENVID looks the same as a wrong secret.
     assert (yield store.lookup("other@example.org", CERTIFIER)) is None
 
 

@@ -375,7 +375,8 @@ def test_track_takes_an_mtqp_uri():
     assert (options["host"], options["port"], options["envid"]) == ("MX.example.test", None, ENVID)
     assert options["secret"] == SECRET_B64 and options["tls"] == "may"
     explicit = parse_track(f"mtqp://127.0.0.1:4242/track/%3C{ENVID}%3E/{SECRET_B64}")
-    assert (explicit["port"], explicit["envid"]) == (4242, ENVID)  # 3887-P2: <...> stripped
+    # <...> stripped (doc/conformance.rst 3887-P2)
+    assert (explicit["port"], explicit["envid"]) == (4242, ENVID)
 
 
 def test_track_takes_server_envid_secret():

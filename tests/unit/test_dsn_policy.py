@@ -159,7 +159,7 @@ def _column(event: DsnEvent, notify: frozenset[str] | None) -> str:
         (D.LIST_ACCEPTED, None),  # RFC 3461 §5.2.1: duty passed on
         (D.RELAYED, None),  # RFC 3461 §5.2.1: relay to a DSN server, no `relayed`
         (D.GATEWAYED, None),  # RFC 3461 §5.2.4 (a): foreign side will notify
-        (D.EXPANDED, "expanded"),  # 3461-P2 (option c): SUCCESS stripped, so it stays ours
+        (D.EXPANDED, "expanded"),  # doc/conformance.rst 3461-P2: SUCCESS stripped
         (D.RELAY_REJECTED, "failed"),  # RFC 3461 §5.2.2 (c): not accepted
         (D.FAILED, "failed"),  # RFC 3461 §5.2.6 (a)
         (D.DELAYED, "delayed"),  # RFC 3461 §5.2.5 (a): still in our queue

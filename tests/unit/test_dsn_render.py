@@ -577,7 +577,7 @@ def test_ret_full_failure_returns_the_whole_message():
 
 
 def test_no_ret_failure_returns_the_whole_message():
-    # RFC 3461 §4.3: RET absent -> either; RFC 6522 §3 leans to full (6522-P1).
+    # RFC 3461 §4.3: RET absent -> either; RFC 6522 §3 leans to full (doc/conformance.rst 6522-P1).
     assert returned(render([failed_report()], ret=None)) == ("message/rfc822", CONTENT)
 
 

@@ -29,7 +29,8 @@ def test_greeting_and_lhlo(client):
     assert client.lines() == [b"220 lda.example.test LMTP mtrkmta"]
     lines = client.send(b"LHLO c.example\r\n")
     assert lines[0] == b"250-lda.example.test"
-    # RFC 2033 §5: PIPELINING and ENHANCEDSTATUSCODES; MTRK with DSN (RFC 3886 §3.5, 3885-P4).
+    # RFC 2033 §5: PIPELINING and ENHANCEDSTATUSCODES; MTRK with DSN (RFC 3886 §3.5,
+    # doc/conformance.rst 3885-P4).
     assert {b"250-PIPELINING", b"250-ENHANCEDSTATUSCODES", b"250-DSN", b"250-MTRK"} <= set(lines)
 
 

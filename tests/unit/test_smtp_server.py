@@ -125,7 +125,8 @@ def test_greeting_names_the_host(client):
 
 
 def test_ehlo_keywords(client):
-    # RFC 3885 §2, 3885-P4: MTRK with DSN, ENHANCEDSTATUSCODES, PIPELINING advertised.
+    # RFC 3885 §2, doc/conformance.rst 3885-P4: MTRK with DSN, ENHANCEDSTATUSCODES, PIPELINING
+    # advertised.
     lines = client.send(b"EHLO client.example\r\n")
     assert lines == [
         b"250-mx.example.test",
@@ -242,8 +243,8 @@ def test_overlong_command_line(client):
 
 
 def test_long_legal_mail_line_is_accepted(client):
-    # RFC 3461 §5.4, RFC 3885 §2, 3885-P2: MTRK + 100-char ENVID + RET + SIZE fit in one
-    # command line.
+    # RFC 3461 §5.4, RFC 3885 §2, doc/conformance.rst 3885-P2: MTRK + 100-char ENVID + RET +
+    # SIZE fit in one command line.
     envid = "e" * 80 + "@" + "h" * 19
     line = (
         f"MAIL FROM:<{'s' * 64}@{'d' * 180}.example> SIZE=1000 BODY=8BITMIME RET=FULL "

@@ -273,7 +273,8 @@ class TestRenderValidation:
 
     @pytest.mark.parametrize("action", sorted(ACTIONS))
     def test_seven_actions_accepted(self, action):
-        # 3886-P4: RFC 3464 §2.3.3's grammar is extended by transferred and opaque
+        # doc/conformance.rst 3886-P4: RFC 3464 §2.3.3's grammar is extended by transferred and
+        # opaque
         status = "2.1.9" if action == "relayed" else DEFAULT_STATUS[action]
         body = render_status(_with_recipient(PLAIN, action=action, status=status))
         assert f"Action: {action}\r\n".encode() in body
@@ -497,7 +498,7 @@ class TestPerRecipientFromStore:
 
     def test_queued_without_attempt(self):
         # RFC 3886 §3.3.5-§3.3.6: no Remote-MTA and no Last-Attempt-Date before any attempt;
-        # 3886-P3: delayed, 4.0.0
+        # doc/conformance.rst 3886-P3: delayed, 4.0.0
         status = only(report_from_store(message(recipient()), now=NOW))
         assert (status.action, status.status) == ("delayed", "4.0.0")
         assert status.remote_mta is None
@@ -608,7 +609,7 @@ class TestPerRecipientFromStore:
         assert status.last_attempt_date is not None
 
     def test_opaque(self):
-        # RFC 3886 §3.3.3, 3886-P3: opaque -> 2.0.0, no Remote-MTA, no dates
+        # RFC 3886 §3.3.3, doc/conformance.rst 3886-P3: opaque -> 2.0.0, no Remote-MTA, no dates
         r = recipient(
             state=RecipientState.DELIVERED,
             action="opaque",
@@ -898,8 +899,8 @@ class TestParse:
             parse_status(b"\r\n\r\n")
 
     def test_parser_reads_2_1_9_with_other_action(self):
-        # generator rule only (RFC 3886 §3.3.4, 3886-P5); foreign data is shown as it came
-        # (RFC 3886 §4.1)
+        # generator rule only (RFC 3886 §3.3.4, doc/conformance.rst 3886-P5); foreign data is
+        # shown as it came (RFC 3886 §4.1)
         text = SAMPLE_BYTES.replace(b"Status: 4.4.1", b"Status: 2.1.9")
         assert parse_status(text).recipients[0].status == "2.1.9"
 

@@ -93,7 +93,7 @@ class TestParse:
         ],
     )
     def test_rejects(self, value):
-        # RFC 3885 §3.1, 3885-P3 and 3885-P1 (decoded length 16 or 20)
+        # RFC 3885 §3.1, doc/conformance.rst 3885-P3 and 3885-P1 (decoded length 16 or 20)
         with pytest.raises(MtrkError):
             parse_mtrk(value)
 

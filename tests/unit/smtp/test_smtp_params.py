@@ -196,7 +196,8 @@ class TestMtrk:
 
     @pytest.mark.parametrize("envid", ["noat", "@host", "local@", "@", "a@b+40"])
     def test_requires_unique_envid(self, envid):
-        # RFC 3885 §3.2, 3885-P3: local@host, split at the last "@", both parts non-empty
+        # RFC 3885 §3.2, doc/conformance.rst 3885-P3: local@host, split at the last "@", both
+        # parts non-empty
         assert mail_error(f"MTRK={CERT} ENVID={envid}") == MTRK_NEEDS_ENVID
 
     def test_envid_order_irrelevant(self):
@@ -209,7 +210,7 @@ class TestMtrk:
         assert reply.render() == b"555 5.5.4 MTRK not supported\r\n"
 
     def test_not_advertised_even_if_malformed(self):
-        # RFC 5321 §4.1.1.11, 3885-P3: the 555 comes first
+        # RFC 5321 §4.1.1.11, doc/conformance.rst 3885-P3: the 555 comes first
         reply = mail_error("MTRK=!!", advertised=ALL - {"MTRK"})
         assert reply == Reply(555, "5.5.4", ("MTRK not supported",))
 
@@ -360,7 +361,8 @@ class TestNotify:
         ],
     )
     def test_invalid(self, value):
-        # RFC 3461 §4.1, 3461-P3 ("\u017f".upper() == "S" must not sneak through)
+        # RFC 3461 §4.1, doc/conformance.rst 3461-P3 ("\u017f".upper() == "S" must not sneak
+        # through)
         with pytest.raises(SMTPError) as info:
             parse_rcpt_params([("NOTIFY", value)], advertised=ALL)
         assert info.value.reply == Reply(501, "5.5.4", ("Invalid NOTIFY parameter",))
@@ -439,7 +441,7 @@ class TestOrcpt:
             "rfc822;",  # empty address
             "rfc822;a=b",  # raw "=" in xtext
             "rfc822;a+0D+0Ab",  # CR/LF: doc/conformance.rst 3461-P5
-            "rfc822;a+C3+A9",  # 8-bit octets: RFC 3461 §4.2, 3461-P5
+            "rfc822;a+C3+A9",  # 8-bit octets: RFC 3461 §4.2, doc/conformance.rst 3461-P5
             "rfc822;a+2b",  # lower-case hex
         ],
     )
@@ -491,9 +493,9 @@ class TestOrcpt:
 
 class TestRealisticMaximumLines:
     def test_maximal_mail_line(self):
-        # RFC 3461 §5.4, RFC 3885 §2, 3885-P2: MTRK (44 chars, padded as a client may still
-        # send it) + ENVID of 100 decoded chars, xtext-encoded, + RET + SIZE + BODY,
-        # after a 254-octet path, on one command line.
+        # RFC 3461 §5.4, RFC 3885 §2, doc/conformance.rst 3885-P2: MTRK (44 chars, padded as a
+        # client may still send it) + ENVID of 100 decoded chars, xtext-encoded, + RET + SIZE +
+        # BODY, after a 254-octet path, on one command line.
         mtrk = f" MTRK={CERT}:999999999"
         assert len(mtrk) == 44
         decoded_envid = "+" * 72 + "@" + "=" * 27  # 100 decoded chars
@@ -566,8 +568,9 @@ class TestReplyCodeSummary:
         assert codes(mail_error("ENVID=x", advertised=frozenset())) == (555, "5.5.4")
 
     def test_2048_octet_rcpt_line(self):
-        # RFC 3461 §5.4, 3885-P2: a full 2048-octet line (CRLF included) parses end to end;
-        # NOTIFY may repeat elements (3461-P7), so it can pad the line with real parameters.
+        # RFC 3461 §5.4, doc/conformance.rst 3885-P2: a full 2048-octet line (CRLF included) parses
+        # end to end; NOTIFY may repeat elements (doc/conformance.rst 3461-P7), so it can pad
+        # the line with real parameters.
         head = "RCPT TO:<r@d.example> ORCPT=rfc822;r@d.example NOTIFY="
         repeats = (2048 - 2 - len(head) - len("DELAY")) // len("FAILURE,")
         line = f"{head}{'FAILURE,' * repeats}DELAY"
