@@ -12,7 +12,8 @@ NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 class Mtrk:
     """The MTRK= parameter of MAIL (RFC 3885 §3.1), decoded.
 
-    ``certifier`` is B = SHA1(A) as raw octets (16 or 20 of them, CHECKLIST 1.3.2);
+    ``certifier`` is B = SHA1(A) as raw octets (16 or 20 of them, RFC 3885 §3.1,
+    doc/conformance.rst 3885-P1);
     ``timeout`` is the requested retention in seconds, or None when absent.
     """
 
@@ -75,7 +76,7 @@ class Recipient:
 
     @property
     def original(self) -> OriginalRecipient:
-        """ORCPT when given, else the RCPT address as received (CHECKLIST 5.3)."""
+        """ORCPT when given, else the RCPT address as received (doc/conformance.rst 3886-P2)."""
         return self.params.orcpt or OriginalRecipient("rfc822", self.address)
 
 

@@ -16,7 +16,7 @@ from mtrkmta.smtp import xtext
 from mtrkmta.smtp.mtrk import certifier_from_secret, format_mtrk, new_secret, unique_envid
 
 SECRET_BYTES = 32
-"""Octets of a fresh secret A: 256 bits, within RFC 3885's 128..1024 (CHECKLIST 1.8.1)."""
+"""Octets of a fresh secret A: 256 bits, within RFC 3885's 128..1024 (RFC 3885 §3.1, §4.2)."""
 
 SECRETS_FILE = Path(".local") / "share" / "mtrkmta" / "sent.jsonl"
 """Where ``mtrkmta send`` keeps its records, under the home directory (or $XDG_DATA_HOME)."""
@@ -43,12 +43,13 @@ class TrackingSecret:
 
     @property
     def certifier(self) -> bytes:
-        """B = SHA1(A), what the MTAs store (CHECKLIST 1.8.2)."""
+        """B = SHA1(A), what the MTAs store (RFC 3885 §3.1)."""
         return certifier_from_secret(self.secret)
 
 
 def new_tracking(fqdn: str) -> TrackingSecret:
-    """A fresh secret (``secrets``) and a fresh ENVID ``<random>@<fqdn>`` (CHECKLIST 1.8).
+    """A fresh secret (``secrets``) and a fresh ENVID ``<random>@<fqdn>`` (RFC 3885 §3.1,
+    §3.2, §4.2).
 
     The local part has 128 random bits, so an ENVID is never reused (3885 §3.2); an
     overlong ``fqdn`` is replaced by its hash as RFC 3885 §3.2 says.

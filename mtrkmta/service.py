@@ -319,7 +319,7 @@ class MTAService(Service):
         return AuthGuard(checker, limits, self.auth_failures)
 
     def _purge_tracking(self) -> Deferred[None]:
-        """Drop expired tracking records (never those of queued messages, CHECKLIST 3.4)."""
+        """Drop expired tracking records (never those of queued messages, RFC 3885 §3.1)."""
         assert self.tracking is not None
 
         def purged(count: int) -> None:

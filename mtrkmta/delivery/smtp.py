@@ -40,7 +40,8 @@ class SMTPTransportSettings:
     """What the SMTP/LMTP transports need.
 
     ``default_retention`` (seconds) is the base of the MTRK timeout sent on when
-    none was requested (CHECKLIST 2.1 [P]); ``idle_keep`` how long an idle
+    none was requested (project decision, doc/conformance.rst 3885-P5); ``idle_keep`` how long an
+    idle
     connection waits for the next attempt to the same destination;
     ``max_idle_sessions`` caps the idle connections kept over all destinations.
     ``tls_context`` maps a server name to a client TLS context (see
@@ -65,7 +66,7 @@ class SMTPTransportSettings:
 
 
 def diagnostic(reply: Reply) -> str:
-    """``smtp; <reply>``: the reply transcribed, lines joined by a space (CHECKLIST 6.4.6)."""
+    """``smtp; <reply>``: the reply transcribed, lines joined by a space (RFC 3461 §9.2)."""
     lines = reply.render().decode("utf-8", "replace").split("\r\n")
     return "smtp; " + " ".join(line for line in lines if line)
 
@@ -125,7 +126,7 @@ class SMTPTransport:
     greeting, on a refused EHLO+HELO and, with TLS policy ``encrypt``, when TLS
     cannot be had; when every server fails, all recipients are DEFERRED with the
     last error. Recipients go in transactions of at most ``max_recipients`` on one
-    connection. Outcomes per recipient (CHECKLIST 2, 5.4, 7):
+    connection. Outcomes per recipient (RFC 3885 §3.3, RFC 3886 §3.3.3, RFC 2033 §4.2):
 
     * accepted with MTRK forwarded -> TRANSFERRED 2.4.0, ``certifier_forwarded``;
     * accepted otherwise -> RELAYED 2.1.9 (LMTP: DELIVERED 2.1.5);
@@ -412,8 +413,9 @@ class LMTPTransport(SMTPTransport):
     After the final dot every accepted recipient gets its own reply, acted on
     independently (250/452/550 -> delivered/deferred/failed); recipients left
     without a reply when the connection drops are DEFERRED with ``unknown=True``
-    (CHECKLIST 7.6). An LDA that advertised MTRK and got it -> TRANSFERRED 2.4.0;
-    otherwise a 2xx is final delivery: DELIVERED 2.1.5 (CHECKLIST 7.7 [P]).
+    (RFC 2033 §5). An LDA that advertised MTRK and got it -> TRANSFERRED 2.4.0;
+    otherwise a 2xx is final delivery: DELIVERED 2.1.5 (project
+    decision, doc/conformance.rst 2033-P1).
     """
 
     client_class = LMTPClient

@@ -52,13 +52,13 @@ RETURN_LIMIT = 1024 * 1024
 
 @implementer(INotifier)
 class DsnNotifier:
-    """Decides per recipient whether a DSN is owed (CHECKLIST 6.1) and sends it.
+    """Decides per recipient whether a DSN is owed (RFC 3461 §5.2) and sends it.
 
     A DSN is an ordinary message: ``MAIL FROM:<>``, one recipient (the original
-    envelope sender) with ``NOTIFY=NEVER``, no RET, no ENVID, no MTRK (CHECKLIST
-    6.2); it enters the queue through the same durable acceptance as any mail and
+    envelope sender) with ``NOTIFY=NEVER``, no RET, no ENVID, no MTRK (RFC 3461 §6.1,
+    RFC 3464 §2); it enters the queue through the same durable acceptance as any mail and
     is tracked without MTRK. One DSN is sent per Action, covering every recipient
-    of the message that owes that Action (CHECKLIST 6.1.3).
+    of the message that owes that Action (RFC 3461 §5.2.8, RFC 3464 §3).
     """
 
     def __init__(
@@ -81,7 +81,7 @@ class DsnNotifier:
     def owed(self, message: StoredMessage, recipient: StoredRecipient, now: float) -> str | None:
         """The DSN Action owed for the recipient's new state, or None."""
         if is_null_sender(message.sender):
-            return None  # CHECKLIST 6.1.1: never a DSN about a DSN
+            return None  # RFC 3461 §5.2: never a DSN about a DSN
         if recipient.state is RecipientState.DEFERRED and not delay_warning_due(
             message.arrival, now, recipient.delay_warned, self.delay_warning
         ):

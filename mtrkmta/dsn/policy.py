@@ -14,14 +14,14 @@ from mtrkmta.tracking.interfaces import RecipientState
 T = TypeVar("T")
 
 DSN_ACTIONS: frozenset[str] = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
-"""The Actions a DSN may carry (RFC 3464 §2.3.3); never transferred/opaque (CHECKLIST 5.4.3)."""
+"""The Actions a DSN may carry (RFC 3464 §2.3.3); never transferred/opaque (RFC 3886 §3.3.3)."""
 
 BATCH_ORDER: tuple[str, ...] = ("failed", "delayed", "delivered", "expanded", "relayed")
 """The order in which :func:`group` returns batches: bad news first."""
 
 
 class DsnEvent(str, enum.Enum):
-    """What happened to one recipient, as the rows of the CHECKLIST 6.1 table."""
+    """What happened to one recipient, as the events of RFC 3461 §5.2.2-§5.2.7."""
 
     DELIVERED = "delivered"  # placed in a mailbox or handed to the LDA (3461 §5.2.3)
     LIST_ACCEPTED = "list-accepted"  # accepted by a list exploder (3461 §5.2.7.1)
@@ -34,7 +34,7 @@ class DsnEvent(str, enum.Enum):
 
 
 class _Row(NamedTuple):
-    """One row of the CHECKLIST 6.1 table: the keyword, then the Action per NOTIFY column."""
+    """One event of RFC 3461 §5.2.2-§5.2.7: the keyword, then the Action per NOTIFY column."""
 
     keyword: str
     absent: str | None
@@ -51,8 +51,8 @@ _TABLE: Mapping[DsnEvent, _Row] = MappingProxyType(
         DsnEvent.RELAY_REJECTED: _Row("FAILURE", "failed", None, "failed", None),
         DsnEvent.GATEWAYED: _Row("SUCCESS", None, None, "relayed", None),
         DsnEvent.FAILED: _Row("FAILURE", "failed", None, "failed", None),
-        # NOTIFY absent: [O] in 3461 §5.2.5 (b); we send it, as absent means FAILURE,DELAY
-        # here (CHECKLIST 1.5.3 [P]).
+        # NOTIFY absent: a MAY in RFC 3461 §5.2.5 (b); we send it, as absent means FAILURE,DELAY
+        # here (project decision, doc/conformance.rst 3461-P1).
         DsnEvent.DELAYED: _Row("DELAY", "delayed", None, "delayed", None),
         DsnEvent.EXPANDED: _Row("SUCCESS", None, None, "expanded", None),
     }
@@ -72,7 +72,7 @@ def is_null_sender(sender: str) -> bool:
 def notification_for(
     event: DsnEvent, notify: frozenset[str] | None, *, sender: str, dsn_passed: bool
 ) -> str | None:
-    """The DSN Action to send to the sender for one recipient, or None (CHECKLIST 6.1).
+    """The DSN Action to send to the sender for one recipient, or None (RFC 3461 §5.2).
 
     ``notify`` is the recipient's NOTIFY as in ``RcptParams.notify`` (None when absent).
     ``dsn_passed`` is True when the next hop advertised DSN and received the DSN
@@ -101,7 +101,7 @@ def event_for_state(state: RecipientState) -> DsnEvent | None:
     :func:`delay_warning_due`'s decision. TRANSFERRED (to an MTRK hop) and RELAYED
     are both relays; ``dsn_passed`` then tells whether a ``relayed`` DSN is owed.
     FAILED covers a 5xx from the next hop and a failure here alike: both rows of the
-    CHECKLIST 6.1 table give the same answers.
+    rules of RFC 3461 §5.2.2-§5.2.7 give the same answers.
     """
     if state is RecipientState.DELIVERED:
         return DsnEvent.DELIVERED
@@ -136,7 +136,7 @@ class Batch(Generic[T]):
 
 
 def group(recipients_with_actions: Iterable[tuple[T, str | None]]) -> list[Batch[T]]:
-    """Batch the recipients of one message and one event into DSNs (CHECKLIST 6.1.3).
+    """Batch the recipients of one message and one event into DSNs (RFC 3461 §5.2.8, RFC 3464 §3).
 
     Recipients whose Action is None did not ask and appear in no batch (3461 §5.2.8).
     One batch per Action, in :data:`BATCH_ORDER`; recipients keep their order.
@@ -147,7 +147,7 @@ def group(recipients_with_actions: Iterable[tuple[T, str | None]]) -> list[Batch
         if action is None:
             continue
         if action not in DSN_ACTIONS:
-            raise ValueError(f"Action {action!r} cannot appear in a DSN (CHECKLIST 5.4.3)")
+            raise ValueError(f"Action {action!r} cannot appear in a DSN (RFC 3464 §2.3.3)")
         by_action.setdefault(action, []).append(recipient)
     return [
         Batch(action, tuple(by_action[action])) for action in BATCH_ORDER if action in by_action

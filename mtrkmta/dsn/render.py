@@ -43,7 +43,7 @@ _FALLBACK_STATUS: Mapping[str, str] = MappingProxyType(
     {
         "failed": "5.0.0",  # 3461 §6.3 (g)
         "delayed": "4.0.0",  # 3461 §6.3 (g)
-        "delivered": "2.1.5",  # CHECKLIST 5.4 [P]
+        "delivered": "2.1.5",  # project decision, doc/conformance.rst 3886-P3
         "expanded": "2.1.5",
         "relayed": "2.1.9",  # 3886 §3.3.4
     }
@@ -191,7 +191,7 @@ def random_message_id(reporting_mta: str) -> str:
 
 
 def format_date(when: float) -> str:
-    """RFC 5322 date-time in UTC with a numeric zone, ``+0000`` (CHECKLIST 6.4.7)."""
+    """RFC 5322 date-time in UTC with a numeric zone, ``+0000`` (RFC 3464 §2.2.5, §2.3.7)."""
     return format_datetime(datetime.fromtimestamp(int(when), timezone.utc))
 
 
@@ -208,7 +208,8 @@ def render_dsn(
     new_boundary: Callable[[], str] = random_boundary,
     new_message_id: Callable[[str], str] = random_message_id,
 ) -> bytes:
-    """One DSN about some recipients of ``message``, to its envelope sender (CHECKLIST 6.2-6.4).
+    """One DSN about some recipients of ``message``, to its envelope sender (RFC 3461 §6.1-§6.3,
+    RFC 3464 §2, RFC 6522 §3-§4).
 
     A multipart/report of three parts: human-readable text/plain, message/delivery-status,
     and the returned content. That is ``message/rfc822`` (the whole original) for a DSN
@@ -458,7 +459,7 @@ def _check(value: str, what: str) -> str:
 def _check_action(action: str) -> str:
     if action not in DSN_ACTIONS:
         raise ValueError(
-            f"Action {action!r} cannot appear in a DSN (RFC 3464 §2.3.3, CHECKLIST 5.4.3)"
+            f"Action {action!r} cannot appear in a DSN (RFC 3464 §2.3.3, RFC 3886 §3.3.3)"
         )
     return action
 

@@ -7,11 +7,11 @@ from mtrkmta.smtp.client import SMTPClient
 
 class LMTPClient(SMTPClient):
     """RFC 2033 client side: LHLO (no HELO fallback), and after the final dot one
-    reply per accepted RCPT, in RCPT order (CHECKLIST 7.3).
+    reply per accepted RCPT, in RCPT order (RFC 2033 §4.2).
 
     Each reply is recorded as it arrives, so when the connection drops only the
     recipients without a reply are left undecided; the transport makes them
-    temporary failures (CHECKLIST 7.6, RFC 2033 §5).
+    temporary failures (RFC 2033 §5).
     """
 
     hello_verb = "LHLO"

@@ -11,7 +11,7 @@ from mtrkmta.smtp.server import Answer, IncomingTransaction, SMTPServer, SMTPSer
 class LMTPServer(SMTPServer):
     """RFC 2033: LHLO replaces HELO/EHLO, and DATA gets one reply per accepted RCPT.
 
-    The replies come in RCPT order, duplicates included (CHECKLIST 7.3).
+    The replies come in RCPT order, duplicates included (RFC 2033 §4.2).
     """
 
     hello_verbs = ("LHLO",)
@@ -21,7 +21,7 @@ class LMTPServer(SMTPServer):
         return self._hello(argument, esmtp=True, verb="LHLO")
 
     def smtp_EHLO(self, argument: str) -> Reply:
-        # CHECKLIST 7.1: HELO/EHLO never get 2xx on LMTP.
+        # RFC 2033 §4.1: HELO/EHLO never get 2xx on LMTP.
         return Reply(500, "5.5.1", ("Command unrecognized: this is LMTP, use LHLO",))
 
     smtp_HELO = smtp_EHLO

@@ -50,7 +50,7 @@ DEFAULT_MAX_HOPS = 16
 SRV_PREFIX = "_mtqp._tcp."
 
 FINAL_ACTIONS = frozenset({"delivered", "expanded", "relayed", "failed"})
-"""Actions after which nothing more will happen to a recipient (CHECKLIST 4.7.6)."""
+"""Actions after which nothing more will happen to a recipient (RFC 3886 §3.3.3)."""
 
 HostMap = Callable[[str, int | None], tuple[str, int] | None]
 """Where the MTQP server of a host name, asked at a port (None: no port given), really
@@ -458,7 +458,7 @@ class RecipientPath:
 
     @property
     def final(self) -> bool:
-        """True when the recipient reached a state nothing will change (CHECKLIST 4.7.6)."""
+        """True when the recipient reached a state nothing will change (RFC 3886 §3.3.3)."""
         return self.outcome in FINAL_ACTIONS
 
     @property
@@ -566,7 +566,7 @@ def recipient_paths(hops: Sequence[Hop]) -> tuple[RecipientPath, ...]:
 
 
 class TrackingClient:
-    """Asks MTQP servers about one message and follows their referrals (CHECKLIST 4.7.6).
+    """Asks MTQP servers about one message and follows their referrals (RFC 3886 §3.3.3).
 
     ``tls``: ``require`` sends TRACK only under TLS (STARTTLS offered, accepted and
     the certificate verified by ``tls_context``); ``may`` uses STARTTLS when
@@ -715,7 +715,7 @@ class TrackingClient:
         self, host: str, envid: str, secret: str, *, port: int | None = None
     ) -> Deferred[Trace]:
         """Ask ``host``, then the server of every Remote-MTA a ``transferred`` recipient names,
-        with the same ENVID and secret (CHECKLIST 4.7.6); never the same host and port twice
+        with the same ENVID and secret (RFC 3886 §3.3.3); never the same host and port twice
         (a Remote-MTA names no port: its server is asked at the port SRV, ``connect_to`` or
         1038 gives, so nodes on one address with different MTQP ports can follow one
         another), and no more than ``max_hops`` servers. Never fails.

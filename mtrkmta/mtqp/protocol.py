@@ -59,14 +59,14 @@ class MalformedResponse(MtqpError):
 class Track:
     """TRACK: the decoded unique-envid and the base64 mtrk-secret A (3887 §4).
 
-    Neither shows in ``repr``: TRACK arguments are never logged (CHECKLIST 8.5).
+    Neither shows in ``repr``: TRACK arguments are never logged (RFC 3885 §4.2, RFC 3887 §11).
     """
 
     envid: str = field(repr=False)
     secret: str = field(repr=False)
 
     def certifier(self) -> bytes:
-        """SHA1(A): what the tracking store compares with its B (CHECKLIST 4.4.1)."""
+        """SHA1(A): what the tracking store compares with its B (RFC 3887 §4)."""
         return secret_certifier(self.secret)
 
     def render(self) -> bytes:
@@ -110,11 +110,12 @@ Command: TypeAlias = Track | StartTLS | Quit | Comment
 
 
 def parse_command(line: bytes) -> Command:
-    """Parse one command line, with or without its CRLF (CHECKLIST 4.2-4.6).
+    """Parse one command line, with or without its CRLF (RFC 3887 §2.2-§2.3, §4-§7, §12).
 
     Keywords are case-insensitive and arguments separated by 1+ SP/HTAB; trailing
     blanks are ignored. TRACK takes the unique-envid (xtext, an ``@`` in it; one
-    surrounding ``<...>`` pair is stripped, CHECKLIST 4.4.2) and a base64
+    surrounding ``<...>`` pair is stripped: project decision,
+    doc/conformance.rst 3887-P2) and a base64
     secret; STARTTLS one FQDN; QUIT nothing; COMMENT any text. Anything else, a
     line over 998 octets or with octets outside printable ASCII raises
     :class:`CommandError` (-BAD).
@@ -156,7 +157,7 @@ def decode_envid(word: str) -> str:
     """The unique-envid of a TRACK argument: one ``<...>`` pair stripped, xtext-decoded.
 
     Lower-case hex after ``+`` is accepted; the result must contain ``@`` and only
-    printable ASCII, SP or HTAB (CHECKLIST 1.4.2, 4.4.2). Raises :class:`CommandError`.
+    printable ASCII, SP or HTAB (RFC 3461 §4.4, RFC 3887 §2.2). Raises :class:`CommandError`.
     """
     if len(word) >= 2 and word[0] == "<" and word[-1] == ">":
         word = word[1:-1]
@@ -195,7 +196,8 @@ def decode_secret(text: str) -> bytes:
 
 
 def secret_certifier(secret_b64: str) -> bytes:
-    """SHA1(base64-decode(secret)): the certifier B for a TRACK secret (CHECKLIST 4.4.1, 11.7).
+    """SHA1(base64-decode(secret)): the certifier B for a TRACK secret (RFC 3887 §4,
+    RFC 3885 §3.1).
 
     Padded and unpadded base64 are accepted; anything else raises :class:`SecretError`.
     """
@@ -283,7 +285,7 @@ class Response:
 
 
 class ResponseReader:
-    """Assemble received lines into Responses (client side, sans-IO; CHECKLIST 4.2).
+    """Assemble received lines into Responses (client side, sans-IO; RFC 3887 §2.2-§2.3, §12).
 
     Feed each line (with or without CRLF) to :meth:`feed`: it returns the
     :class:`Response` a line completes, else None. A ``+OK+`` response collects
@@ -380,18 +382,18 @@ class Option:
 
 
 def starttls_option(*, required: bool = False) -> Option:
-    """``STARTTLS`` or ``STARTTLS required`` (CHECKLIST 4.3.3)."""
+    """``STARTTLS`` or ``STARTTLS required`` (RFC 3887 §3)."""
     return Option("STARTTLS", ("required",) if required else ())
 
 
 def greeting(
     text: str = "MTQP server ready", *, options: Sequence[Option] = (), multiline: bool = False
 ) -> Response:
-    """The positive greeting (CHECKLIST 4.3.1).
+    """The positive greeting (RFC 3887 §3).
 
     ``+OK/MTQP text`` without options (unless ``multiline``), else ``+OK+/MTQP
     text`` with one option per line; after TLS pass options without STARTTLS
-    (CHECKLIST 4.6.5).
+    (RFC 3887 §6).
     """
     if not options and not multiline:
         return Response("+OK", (GREETING_TAG,), text)
@@ -400,7 +402,7 @@ def greeting(
 
 
 def negative_greeting(reason: str, text: str = "Service unavailable") -> Response:
-    """``-TEMP/MTQP/admin`` (maintenance) or ``-ERR/MTQP/unavailable`` (CHECKLIST 4.3.2)."""
+    """``-TEMP/MTQP/admin`` (maintenance) or ``-ERR/MTQP/unavailable`` (RFC 3887 §3)."""
     if reason == "admin":
         return Response("-TEMP", (GREETING_TAG, "admin"), text)
     if reason == "unavailable":
@@ -438,7 +440,7 @@ class Greeting:
 
 
 def parse_greeting(response: Response) -> Greeting:
-    """Check the ``/MTQP`` tag and read the option lines (CHECKLIST 4.3)."""
+    """Check the ``/MTQP`` tag and read the option lines (RFC 3887 §3)."""
     if not response.has_code(GREETING_TAG):
         raise MalformedResponse("greeting without /MTQP")
     return Greeting(response, parse_options(response.data_lines))

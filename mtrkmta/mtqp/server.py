@@ -68,7 +68,7 @@ class MTQPSettings:
 
     ``tls`` is a server TLS context (None: no STARTTLS) and ``tls_names`` the
     subjectAltName dNSNames of its certificate, lower case, that STARTTLS accepts
-    (CHECKLIST 4.6.3). ``track_rate`` and ``failure_rate`` limit, per client
+    (RFC 3887 §6). ``track_rate`` and ``failure_rate`` limit, per client
     address and minute, TRACK commands and TRACKs answered ``noinfo``; 0 turns a
     limit off. ``retry`` gives Will-Retry-Until for recipients not tried yet.
     """
@@ -217,14 +217,14 @@ def _peer(address: IAddress) -> tuple[str, int]:
 
 @implementer(IHandshakeListener)
 class MTQPServer(Protocol, SessionGuard):
-    """One MTQP session (CHECKLIST 4).
+    """One MTQP session (RFC 3887).
 
     Lines are framed by the SMTP LineFramer (998 octets at most), parsed by the
     sans-IO grammar and answered strictly in order: while a TRACK waits for the
     tracking store, reading pauses and pipelined commands wait (3887 §8). After
     STARTTLS, input buffered in clear is dropped and, once the handshake is done,
     a fresh greeting without STARTTLS goes out (3887 §6.2). TRACK arguments are
-    never logged (CHECKLIST 8.5).
+    never logged (RFC 3885 §4.2, RFC 3887 §11).
     """
 
     def __init__(self, factory: MTQPServerFactory) -> None:
@@ -278,7 +278,7 @@ class MTQPServer(Protocol, SessionGuard):
             self._close()
 
     def greeting(self) -> Response:
-        """``+OK/MTQP``, or ``+OK+/MTQP`` listing STARTTLS while it is on offer (CHECKLIST 4.3)."""
+        """``+OK/MTQP``, or ``+OK+/MTQP`` listing STARTTLS while it is on offer (RFC 3887 §3)."""
         options: list[Option] = []
         if self.settings.tls is not None and not self.tls_active:
             options.append(starttls_option(required=self.settings.tls_required))

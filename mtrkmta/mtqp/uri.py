@@ -31,7 +31,7 @@ class UriError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class MtqpUri:
-    """An mtqp URI (CHECKLIST 4.8).
+    """An mtqp URI (RFC 3887 §9).
 
     ``host`` is a domain name, IPv4 address or IPv6 address (without brackets);
     ``envid`` is the unique-envid as written in TRACK, i.e. xtext (``+XX``
@@ -80,7 +80,7 @@ def format_uri(uri: MtqpUri) -> str:
 
 
 def parse_uri(text: str) -> MtqpUri:
-    """Read an mtqp URI (CHECKLIST 4.8).
+    """Read an mtqp URI (RFC 3887 §9).
 
     The scheme and ``/track/`` are case-insensitive, the two values are not;
     ``%XX`` escapes are decoded in both. An empty port means 1038. User info,

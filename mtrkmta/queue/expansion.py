@@ -1,4 +1,5 @@
-"""Pure rules for what alias and list expansion sends on (CHECKLIST 2.4-2.9, 6.1, 8.1-8.3)."""
+"""Pure rules for what alias and list expansion sends on (RFC 3885 §3.3, §4.2; RFC 3461 §5.2.7;
+RFC 3886 §4.2)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ NEVER = frozenset({"NEVER"})
 
 def remaining_mtrk(envelope: Envelope, now: float, default_retention: float) -> Mtrk | None:
     """The certifier with the timeout decremented by the whole seconds spent here, or None
-    when it ran out (CHECKLIST 2.1)."""
+    when it ran out (RFC 3885 §3.1)."""
     mtrk = envelope.params.mtrk
     if mtrk is None:
         return None
@@ -64,15 +65,16 @@ def new_envelopes(
 ) -> list[Envelope]:
     """The messages that carry the expanded recipient's mail on.
 
-    * multi-target alias, option (c) of 3461 §5.2.7.3 [P]: ENVID, RET and ORCPT
-      go to every target, ENVID and ORCPT with the esmtp-values as received (RFC
-      3885 §3.3: not modified), NOTIFY without SUCCESS; the certifier (timeout
+    * multi-target alias, option (c) of RFC 3461 §5.2.7.3 (doc/conformance.rst 3461-P2):
+      ENVID, RET and ORCPT go to every target, ENVID and ORCPT with the esmtp-values as
+      received (RFC 3885 §3.3: not modified), NOTIFY without SUCCESS; the certifier (timeout
       decremented) goes only to the primary target, the others get none
-      (CHECKLIST 2.5);
+      (RFC 3885 §3.3; RFC 3461 §5.2.7.3);
     * mailing list: from the list owner, with nothing of the original's MTRK,
-      ENVID, NOTIFY, RET or ORCPT (CHECKLIST 2.6);
+      ENVID, NOTIFY, RET or ORCPT (RFC 3885 §3.3, RFC 3461 §5.2.7.1(b));
     * confidential or role alias: untracked copies without DSN requests
-      (NOTIFY=NEVER), so nothing downstream reveals the targets (CHECKLIST 2.8-2.9).
+      (NOTIFY=NEVER), so nothing downstream reveals the targets (RFC 3886 §4.2,
+      RFC 3885 §4.2).
     """
     recipient = envelope.recipients[index]
     client = ClientInfo(address="", helo=hostname, protocol="local", listener="expansion")

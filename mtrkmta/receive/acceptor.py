@@ -101,7 +101,7 @@ class Acceptor:
     def accept(self, envelope: Envelope, content: IIncoming) -> Deferred[Accepted]:
         """Store the message, then record it; fires once both are durable."""
         if envelope.params.mtrk is not None and not self._tracked.allow(envelope.client):
-            # RFC 3885 §4.1 (denial of service): over the client's quota the mail is
+            # RFC 3885 §4.1, doc/conformance.rst 3885-P8: over the client's quota the mail is
             # accepted, but no tracking data is kept for it (and no certifier goes on).
             log.warn(
                 "{queue_id}: tracked-message quota of {client} exceeded: MTRK not retained",

@@ -35,9 +35,9 @@ class Alias:
     """``[alias.NAME]``: mail for NAME@<local domain> goes to ``targets``.
 
     ``primary`` (multi-target only) is the one target that receives the MTRK
-    certifier (CHECKLIST 2.5). ``confidential`` hides the targets and stops
-    tracking here (CHECKLIST 2.8, 8.1); ``final`` marks a role alias whose
-    delivery counts as final (CHECKLIST 2.9, 8.3).
+    certifier (RFC 3885 §3.3). ``confidential`` hides the targets and stops
+    tracking here (RFC 3886 §4.2; RFC 3464 §4.2); ``final`` marks a role alias whose
+    delivery counts as final (RFC 3885 §4.2).
     """
 
     name: str
@@ -49,7 +49,7 @@ class Alias:
 
 @dataclass(frozen=True, slots=True)
 class MailingList:
-    """``[list.NAME]``: a list exploder; copies go out from ``owner`` (CHECKLIST 2.6)."""
+    """``[list.NAME]``: a list exploder; copies go out from ``owner`` (RFC 3461 §5.2.7.1)."""
 
     name: str
     members: tuple[str, ...]
@@ -194,7 +194,8 @@ class AliasBook:
         delimiter: str = "+",
         default_domain: str = "",
     ) -> Resolution:
-        """What happens to mail for ``address`` (CHECKLIST 2.4-2.9).
+        """What happens to mail for ``address`` (RFC 3885 §3.3, §4.2; RFC 3461 §5.2.7;
+        RFC 3886 §4.2).
 
         Single-target aliases are followed (each rewrites the address); the first
         multi-target alias, list, confidential or role alias ends the walk. An

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from mtrkmta.smtp.reply import Reply, SMTPError
 
 MAX_COMMAND_LINE = 2048
-"""Longest accepted command line in octets, CRLF included (CHECKLIST 1.2.4)."""
+"""Longest accepted command line in octets, CRLF included (doc/conformance.rst 3885-P2)."""
 
 LINE_TOO_LONG = Reply(500, "5.5.2", ("Line too long",))
 

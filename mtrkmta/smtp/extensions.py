@@ -11,7 +11,7 @@ from mtrkmta.smtp.reply import Reply
 _EHLO_LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)((?: [!-~]+)*)")
 _KEYWORD_AT_START = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?=[ \t]|$)")
 _STATUS_PREFIX = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3} ")
-_NO_PARAMETERS = frozenset({"MTRK", "DSN"})  # CHECKLIST 1.1.1, 1.1.3
+_NO_PARAMETERS = frozenset({"MTRK", "DSN"})  # RFC 3885 §2, RFC 3461 §2
 
 
 def keyword_of(line: str) -> str:
@@ -30,7 +30,8 @@ def render_ehlo(hostname: str, keywords: Sequence[str], *, greeting: str = "") -
     ``keywords`` are EHLO lines in advertising order (``"SIZE 10240000"``,
     ``"AUTH PLAIN LOGIN"``). Raises ValueError for a malformed or repeated
     keyword, for MTRK or DSN with parameters, and for MTRK without DSN
-    (CHECKLIST 1.1.2). No enhanced status code: RFC 2034 §3 exempts EHLO replies.
+    (RFC 3885 §2; doc/conformance.rst 3885-P4). No enhanced status code: RFC 2034 §3 exempts
+    EHLO replies.
     """
     if not hostname or " " in hostname:
         raise ValueError(f"bad hostname for EHLO reply: {hostname!r}")
@@ -58,7 +59,7 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
     the start of a line is dropped; lines that do not start with a well-formed
     keyword are ignored; of a repeated keyword the first line counts.
     Parameters are kept, so ``MTRK`` is recognised even when a future server
-    appends some (CHECKLIST 1.1.1). Raises ValueError for a non-2xx reply.
+    appends some (RFC 3885 §2). Raises ValueError for a non-2xx reply.
     """
     if not reply.is_positive:
         raise ValueError(f"not a positive EHLO reply: {reply.code}")

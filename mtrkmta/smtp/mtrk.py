@@ -10,7 +10,7 @@ import secrets
 
 from mtrkmta.envelope import Mtrk
 
-CERTIFIER_LENGTHS = frozenset({16, 20})  # CHECKLIST 1.3.2: 128-bit or SHA-1 (160-bit)
+CERTIFIER_LENGTHS = frozenset({16, 20})  # doc/conformance.rst 3885-P1: 128-bit or SHA-1 (160-bit)
 MAX_TIMEOUT = 999_999_999  # 1*9DIGIT
 MIN_SECRET_BYTES = 16  # 128 bits, RFC 3885 §3.1
 MAX_SECRET_BYTES = 128  # 1024 bits
@@ -22,14 +22,15 @@ _TIMEOUT = re.compile(r"[0-9]{1,9}")
 
 
 class MtrkError(ValueError):
-    """A malformed MTRK value (CHECKLIST 1.3.3)."""
+    """A malformed MTRK value (RFC 3885 §3.1; doc/conformance.rst 3885-P3)."""
 
 
 def parse_mtrk(value: str) -> Mtrk:
     """Parse what follows ``MTRK=``: base64 certifier, optionally ``:`` and 1-9 digits.
 
     Accepts padded and unpadded base64; the decoded certifier must be 16 or 20
-    octets (CHECKLIST 1.3.2). Raises :class:`MtrkError` otherwise (1.3.3).
+    octets (RFC 3885 §3.1, doc/conformance.rst 3885-P1). Raises :class:`MtrkError` otherwise
+    (doc/conformance.rst 3885-P3).
     """
     certifier_text, colon, timeout_text = value.partition(":")
     timeout: int | None = None
@@ -81,7 +82,7 @@ def certifier_from_secret(secret: bytes) -> bytes:
 
 
 def new_secret(nbytes: int = 20) -> bytes:
-    """A fresh random secret A of ``nbytes`` octets, 16..128 (CHECKLIST 1.8.1)."""
+    """A fresh random secret A of ``nbytes`` octets, 16..128 (RFC 3885 §3.1, §4.2)."""
     if not MIN_SECRET_BYTES <= nbytes <= MAX_SECRET_BYTES:
         raise ValueError(f"secret must be 16..128 octets, not {nbytes}")
     return secrets.token_bytes(nbytes)
@@ -92,7 +93,7 @@ def unique_envid(local_envid: str, fqhn: str) -> str:
 
     When ``local@fqhn`` would exceed 100 characters the host name is replaced by
     unpadded base64(SHA1(fqhn)) and ``local_envid`` may have at most 72 characters
-    (RFC 3885 §3.2, CHECKLIST 1.4.4). The result still needs xtext encoding.
+    (RFC 3885 §3.2). The result still needs xtext encoding.
     """
     if not local_envid or not fqhn:
         raise ValueError("local-envid and fqhn must both be non-empty")

@@ -15,12 +15,12 @@ _NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")
 
 
 def remaining_timeout(envelope: Envelope, now: float, default_retention: float) -> int | None:
-    """The MTRK timeout to send on, or None when MTRK must be omitted (CHECKLIST 2.1).
+    """The MTRK timeout to send on, or None when MTRK must be omitted (RFC 3885 §3.1).
 
     remaining = requested timeout - whole seconds the message spent here; the local
-    ``default_retention`` is the base when no timeout arrived ([P]). None when the
-    message carries no MTRK or the result is <= 0 ([M] omit the whole parameter).
-    A clock that went backwards counts as no time spent.
+    ``default_retention`` is the base when no timeout arrived (doc/conformance.rst 3885-P5).
+    None when the message carries no MTRK or the result is <= 0 (RFC 3885 §3.1: MUST omit the
+    whole parameter). A clock that went backwards counts as no time spent.
     """
     mtrk = envelope.params.mtrk
     if mtrk is None:
@@ -59,12 +59,12 @@ def mail_parameters(
     * ``SMTPUTF8`` when the message was received with it and the hop offers it
       (the caller decides what to do when a message needs it and the hop lacks it).
     * ``ENVID`` and ``RET`` as received for a DSN hop; none of them for a hop without
-      DSN; never invented (CHECKLIST 2.3). ENVID also goes with MTRK. ENVID carries
+      DSN; never invented (RFC 3885 §3.3, RFC 3461 §5.2.1). ENVID also goes with MTRK. ENVID carries
       the same esmtp-value as received (RFC 3461 §5.2.1(a), RFC 3885 §3.3), xtext
       encoded canonically only for an ENVID this MTA made.
     * ``MTRK=<B>:<remaining>`` only to a hop advertising MTRK, with the decremented
       timeout, and omitted when it is <= 0 or when no ENVID came with it
-      (CHECKLIST 2.1-2.3, 7.7). B is unpadded base64 (see :func:`format_mtrk`).
+      (RFC 3885 §3.1, §3.3; RFC 3886 §3.5). B is unpadded base64 (see :func:`format_mtrk`).
     """
     params = envelope.params
     out: list[str] = []
@@ -94,7 +94,8 @@ def rcpt_parameters(recipient: Recipient, keywords: Mapping[str, str]) -> list[s
     with the identical original-recipient-address, its xtext as received (RFC 3461
     §5.2.1(d)); when none arrived, ``ORCPT=rfc822;<RCPT address>``
     is added as RFC 3461 §5.2.1 allows (and Postfix does), for ASCII addresses.
-    Nothing DSN-related for a hop without DSN (CHECKLIST 2.3, 7.8).
+    Nothing DSN-related for a hop without DSN (RFC 3461 §5.2.2(a);
+    doc/conformance.rst 2033-P2).
     """
     if not _carries_envid_orcpt(keywords):
         return []

@@ -22,7 +22,7 @@ MAX_ORCPT_VALUE = 500
 """Longest ORCPT value accepted, as received (RFC 3461 §5.4(c); RFC 3885 §2 item 5: +507)."""
 
 DEFAULT_NOTIFY = frozenset({"FAILURE", "DELAY"})
-"""What an absent NOTIFY means here (CHECKLIST 1.5.3)."""
+"""What an absent NOTIFY means here (RFC 3461 §4.1; doc/conformance.rst 3461-P1)."""
 
 MAIL_EXTENSIONS: Mapping[str, str] = MappingProxyType(
     {
@@ -47,7 +47,7 @@ _MAX_KEYWORD_ECHO = 40
 
 
 def effective_notify(params: RcptParams) -> frozenset[str]:
-    """NOTIFY as given, or FAILURE,DELAY when absent (CHECKLIST 1.5.3)."""
+    """NOTIFY as given, or FAILURE,DELAY when absent (RFC 3461 §4.1)."""
     return DEFAULT_NOTIFY if params.notify is None else params.notify
 
 
@@ -70,7 +70,7 @@ def _check_keyword(
         raise SMTPError(555, "5.5.4", f"{keyword} not supported")
     if keyword in seen:
         if keyword == "MTRK":
-            raise _invalid("MTRK")  # CHECKLIST 1.3.3 names a second MTRK explicitly
+            raise _invalid("MTRK")  # doc/conformance.rst 3885-P3 names a second MTRK
         raise SMTPError(501, "5.5.4", f"Duplicate {keyword} parameter")
     seen.add(keyword)
     return keyword
@@ -83,7 +83,7 @@ def _require_value(keyword: str, value: str | None) -> str:
 
 
 def _is_printable_ascii(text: str) -> bool:
-    """CHECKLIST 1.4.2: graphic US-ASCII, space and HTAB only."""
+    """RFC 3461 §4.4 (and doc/conformance.rst 3461-P5): graphic US-ASCII, space and HTAB only."""
     return all(char == "\t" or " " <= char <= "~" for char in text)
 
 
@@ -100,7 +100,8 @@ def parse_mail_params(
     advertised: frozenset[str],
     lenient_xtext: bool = False,
 ) -> MailParams:
-    """Validate MAIL parameters against the EHLO keywords in force; see CHECKLIST 1.3-1.7.
+    """Validate MAIL parameters against the EHLO keywords in force;
+    see RFC 3885 §3.1-§3.2, RFC 3461 §4-§5.1, RFC 5321 §4.1.1.11.
 
     Raises SMTPError: ``555 5.5.4`` for an unknown or not-advertised keyword
     (``555 5.5.4 MTRK not supported``), ``501 5.5.4`` for a repeated keyword, a
@@ -151,7 +152,8 @@ def parse_mail_params(
 
 
 def _is_unique_envid(envid: str | None) -> bool:
-    """unique-envid = local-envid "@" fqhn, split at the LAST ``@`` (CHECKLIST 1.3.4, 1.4.3)."""
+    """unique-envid = local-envid "@" fqhn, split at the LAST ``@``, since
+    ``@`` is itself an xchar (RFC 3885 §3.2, RFC 3461 §4)."""
     if envid is None:
         return False
     local, at, host = envid.rpartition("@")
@@ -159,7 +161,10 @@ def _is_unique_envid(envid: str | None) -> bool:
 
 
 def _parse_mtrk(value: str | None) -> Mtrk:
-    """Any MTRK problem, a missing value included, is ``Invalid MTRK parameter`` (1.3.3)."""
+    """Any MTRK problem, a missing value included, is ``Invalid MTRK parameter``.
+
+    See doc/conformance.rst 3885-P3.
+    """
     if not value:
         raise _invalid("MTRK")
     try:
@@ -215,7 +220,8 @@ def parse_rcpt_params(
     """Validate RCPT parameters (NOTIFY, ORCPT) against the EHLO keywords in force.
 
     Raises SMTPError ``555 5.5.4`` for unknown/not-advertised keywords and
-    ``501 5.5.4`` for repeats, missing values and malformed values (CHECKLIST 1.5).
+    ``501 5.5.4`` for repeats, missing values and malformed values (RFC 3461 §4.1-§4.3,
+    §5.1; doc/conformance.rst 3461-P3).
     """
     seen: set[str] = set()
     notify: frozenset[str] | None = None
@@ -231,7 +237,7 @@ def parse_rcpt_params(
 
 
 def _parse_notify(value: str) -> frozenset[str]:
-    """``NEVER`` alone, or a comma list of SUCCESS/FAILURE/DELAY, any case (CHECKLIST 1.5.2)."""
+    """``NEVER`` alone, or a comma list of SUCCESS/FAILURE/DELAY, any case (RFC 3461 §4.1)."""
     if not value.isascii():
         raise _invalid("NOTIFY")
     elements = value.upper().split(",")
@@ -243,7 +249,7 @@ def _parse_notify(value: str) -> frozenset[str]:
 
 
 def _parse_orcpt(value: str, lenient: bool) -> OriginalRecipient:
-    """``addr-type ";" xtext``; type an atom, address printable US-ASCII (CHECKLIST 1.5.1)."""
+    """``addr-type ";" xtext``; type an atom, address printable US-ASCII (RFC 3461 §4.2)."""
     if len(value) > MAX_ORCPT_VALUE:
         raise SMTPError(501, "5.5.4", "ORCPT too long")
     addr_type, semicolon, encoded = value.partition(";")

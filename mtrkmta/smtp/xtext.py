@@ -18,8 +18,8 @@ def decode(value: str, *, lenient: bool = False) -> str:
     """Decode xtext into octets, one str character (U+0000..U+00FF) per octet.
 
     Rejects a raw ``=``, any character outside 33..126 and a ``+`` not followed by
-    two upper-case hex digits (CHECKLIST 1.6.1); ``lenient`` also accepts lower-case
-    hex digits.
+    two upper-case hex digits (RFC 3461 §4, doc/conformance.rst 3461-P4); ``lenient`` also
+    accepts lower-case hex digits.
     """
     pattern = _LENIENT if lenient else _STRICT
     if pattern.fullmatch(value) is None:
@@ -31,7 +31,7 @@ def encode(value: str) -> str:
     """Encode octets (str characters U+0000..U+00FF) as xtext.
 
     ``+``, ``=`` and every character outside 33..126 become ``+XX`` with upper-case
-    hex (CHECKLIST 1.6.2); a character above U+00FF raises :class:`XtextError`.
+    hex (RFC 3461 §4); a character above U+00FF raises :class:`XtextError`.
     """
     out: list[str] = []
     for char in value:

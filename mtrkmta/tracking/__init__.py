@@ -1,1 +1,1 @@
-"""Tracking store: what the MTA knows about each accepted message (RFC 3885 §3.1, CHECKLIST 3)."""
+"""Tracking store: what the MTA knows about each accepted message (RFC 3885 §3.1)."""

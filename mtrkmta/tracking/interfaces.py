@@ -14,7 +14,7 @@ from mtrkmta.envelope import ClientInfo, Envelope, OriginalRecipient
 
 
 class RecipientState(str, enum.Enum):
-    """Where one recipient stands in this MTA's queue (CHECKLIST 3.2)."""
+    """Where one recipient stands in this MTA's queue (RFC 3886 §3.3.3)."""
 
     QUEUED = "queued"  # waiting for its first attempt
     # Allowed by the schema and read as in the queue, but never written: attempts in
@@ -29,7 +29,7 @@ class RecipientState(str, enum.Enum):
 
     @property
     def in_queue(self) -> bool:
-        """True while the recipient still sits in our queue (CHECKLIST 3.4)."""
+        """True while the recipient still sits in our queue (RFC 3885 §3.1)."""
         return self in _IN_QUEUE
 
 
@@ -68,7 +68,7 @@ class StoredRecipient:
 
     @property
     def original(self) -> OriginalRecipient:
-        """ORCPT when given, else the RCPT address as received (CHECKLIST 5.3)."""
+        """ORCPT when given, else the RCPT address as received (doc/conformance.rst 3886-P2)."""
         return self.orcpt or OriginalRecipient("rfc822", self.address)
 
     def updated(self, update: RecipientUpdate) -> StoredRecipient:
@@ -102,7 +102,7 @@ def _whole(posix_time: float | None) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
-    """One accepted message as the tracking store knows it (CHECKLIST 3.1).
+    """One accepted message as the tracking store knows it (RFC 3885 §3.1).
 
     Times are whole POSIX seconds (UTC). ``certifier`` is B, the decoded MTRK
     certifier (16 or 20 octets), or None for an untracked message.
@@ -206,9 +206,9 @@ class ITrackingStore(Interface):
         """The tracked message with exactly this ENVID whose certifier B matches.
 
         ``certifier_candidate`` is SHA1(A) computed by the caller. A stored
-        16-octet B is compared with the first 16 octets (CHECKLIST 4.4.1), in
+        16-octet B is compared with the first 16 octets (doc/conformance.rst 3887-P3), in
         constant time. Untracked messages, an unknown ENVID and a wrong secret
-        all give None (CHECKLIST 3.3, 4.4.4).
+        all give None (doc/conformance.rst 3885-P7, 3887-P1).
         """
 
     def lookup_transactions(
@@ -243,11 +243,11 @@ class ITrackingStore(Interface):
         """Purge messages past their expiry that are no longer queued; fires with the count.
 
         ``now`` defaults to the store's clock. A message with a recipient still
-        in the queue is never purged (CHECKLIST 3.4).
+        in the queue is never purged (RFC 3885 §3.1).
         """
 
     def lower_retention(max_retention: float) -> Deferred[int]:
-        """Lower the retention cap, for new and existing records (CHECKLIST 3.4, 8.4);
+        """Lower the retention cap, for new and existing records (RFC 3885 §3.1, §4.1);
         fires with how many records got an earlier expiry."""
 
     def close() -> Deferred[None]:

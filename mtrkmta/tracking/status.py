@@ -14,12 +14,13 @@ from mtrkmta.reportfields import safe_mta_name, typed_mta
 from mtrkmta.tracking.interfaces import StoredMessage, StoredRecipient
 
 MEDIA_TYPE = "message/tracking-status"
-MAX_LINE = 998  # RFC 5322 §2.1.1; also the MTQP data-line limit (CHECKLIST 4.2.1)
+MAX_LINE = 998  # RFC 5322 §2.1.1; also the MTQP data-line limit (RFC 3887 §2.2)
 
 ACTIONS: frozenset[str] = frozenset(
     {"failed", "delayed", "delivered", "expanded", "relayed", "transferred", "opaque"}
 )
-"""The seven Action values of RFC 3886 §3.3.3 (RFC 3464's grammar extended, CHECKLIST 5.4.3)."""
+"""The seven Action values of RFC 3886 §3.3.3 (RFC 3464's grammar extended:
+doc/conformance.rst 3886-P4)."""
 
 DEFAULT_STATUS: Mapping[str, str] = MappingProxyType(
     {
@@ -32,7 +33,7 @@ DEFAULT_STATUS: Mapping[str, str] = MappingProxyType(
         "opaque": "2.0.0",
     }
 )
-"""The Status used when the store has none that fits the Action (CHECKLIST 5.4 [P])."""
+"""The Status used when the store has none that fits the Action (doc/conformance.rst 3886-P3)."""
 
 RELAYED_STATUS = "2.1.9"  # X.1.9, RFC 3886 §3.3.4: only ever with Action relayed
 
@@ -287,7 +288,7 @@ def _expanded_block(members: Sequence[StoredRecipient]) -> RecipientStatus:
 
 
 def _status_for(action: str, stored: str | None) -> str:
-    """The stored Status when it suits ``action``, else the CHECKLIST 5.4 default."""
+    """The stored Status when it suits ``action``, else the doc/conformance.rst 3886-P3 default."""
     if action == "opaque" or stored is None or not _STATUS_STRICT.fullmatch(stored):
         return DEFAULT_STATUS[action]
     if stored == RELAYED_STATUS and action != "relayed":
@@ -367,7 +368,7 @@ def _timestamp(seconds: float) -> datetime:
 
 
 def render_status(report: TrackingReport) -> bytes:
-    """The message/tracking-status body: fields in ABNF order, CRLF, 7bit (CHECKLIST 5.1-5.4).
+    """The message/tracking-status body: fields in ABNF order, CRLF, 7bit (RFC 3886 §3-§3.3).
 
     Raises :class:`TrackingStatusError` for a report that breaks RFC 3886: no
     recipient, a bad status code, an unknown Action, 2.1.9 without ``relayed``,
@@ -468,7 +469,7 @@ def _extension_lines(extensions: Iterable[Extension]) -> list[str]:
 
 
 def render_related(reports: Sequence[TrackingReport], boundary: str | None = None) -> bytes:
-    """The MTQP answer entity: multipart/related of message/tracking-status parts (5.1.1).
+    """The MTQP answer entity: multipart/related of message/tracking-status parts (RFC 3886 §3).
 
     One part per report, in order (several when answers were chained, 3886 §3).
     Without ``boundary`` one is derived from the content; a given boundary must be
@@ -503,7 +504,8 @@ def render_related(reports: Sequence[TrackingReport], boundary: str | None = Non
 
 
 def parse_status(body: bytes | str) -> TrackingReport:
-    """Read a message/tracking-status body (CHECKLIST 5.1.2-5.1.3 [P]).
+    """Read a message/tracking-status body (RFC 3886 §3.1; any field order:
+    project decision, doc/conformance.rst 3886-P1).
 
     Fields may come in any order within their block; names are case-insensitive;
     folded lines are unfolded; CRLF or LF line ends. Comments are dropped from the

@@ -81,7 +81,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def check_retention(default_retention: float, max_retention: float) -> None:
-    """Reject a retention policy that RFC 3885 §3.1 forbids (CHECKLIST 3.4).
+    """Reject a retention policy that RFC 3885 §3.1 forbids.
 
     Both the default and the cap must be at least one day.
     """
@@ -103,7 +103,7 @@ def effective_expiry(
     default_retention: float,
     max_retention: float,
 ) -> int:
-    """When a message's tracking data may go, unless it is still queued (CHECKLIST 3.4).
+    """When a message's tracking data may go, unless it is still queued (RFC 3885 §3.1).
 
     arrival + min(requested timeout or the default, the cap), in whole seconds.
     The timeout counts from receipt at this server (RFC 3885 §3.1); the store
@@ -114,7 +114,8 @@ def effective_expiry(
 
 
 def certifier_matches(stored: bytes, candidate: bytes) -> bool:
-    """Whether SHA1(A) ``candidate`` authenticates stored B, in constant time (CHECKLIST 4.4.1).
+    """Whether SHA1(A) ``candidate`` authenticates stored B, in constant time (RFC 3887 §4;
+    doc/conformance.rst 3887-P3).
 
     A 16-octet stored B is compared with the first 16 octets of the candidate.
     """

@@ -258,7 +258,7 @@ def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 async def queued_everywhere(node: Any, queue_id: str) -> Any:
     """Assert ``queue_id`` is both in the spool and in the tracking store; the stored message.
 
-    CHECKLIST 3.1: every accepted message has its tracking record, written before 250.
+    RFC 3885 §3.1: every accepted message has its tracking record, written before 250.
     """
     assert queue_id in await node.spool.queue_ids()
     stored = await node.tracking.message(queue_id)

@@ -1,5 +1,5 @@
 """Delivery status notifications end to end: a node fails, delivers or delays mail and the
-DSN it owes lands in the sender's local Maildir (CHECKLIST 6)."""
+DSN it owes lands in the sender's local Maildir (RFC 3461 §5.2, §6, RFC 3464 §2)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def delivery_status(message: Any) -> list[dict[str, str]]:
 
 @pytest_twisted.ensureDeferred
 async def test_remote_5xx_produces_one_failed_dsn_with_the_remote_reply(tmp_path):
-    # CHECKLIST 6.1 (failed here, NOTIFY absent -> failed), 6.4.5-6.4.6.
+    # RFC 3461 §5.2.6 (failed here, NOTIFY absent -> failed), RFC 3464 §2.3, RFC 3461 §9.2.
     async with node_with_fake(tmp_path) as (node, fake):
         fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 <bad@relay.example> User unknown"
         queue_id = await in_thread(
@@ -175,7 +175,7 @@ async def test_control_character_in_the_remote_reply_still_gives_a_failed_dsn(tm
 
 @pytest_twisted.ensureDeferred
 async def test_null_sender_failure_produces_no_dsn(tmp_path):
-    # CHECKLIST 6.1.1: never a DSN about a message from <>.
+    # RFC 3461 §5.2 NOTE: never a DSN about a message from <>.
     async with node_with_fake(tmp_path) as (node, fake):
         fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 no"
         await in_thread(send, node.port("smtp"), "", [("bad@relay.example", "")])
@@ -186,7 +186,7 @@ async def test_null_sender_failure_produces_no_dsn(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_notify_never_produces_no_dsn(tmp_path):
-    # CHECKLIST 6.1 (failed here, NOTIFY=NEVER -> none).
+    # RFC 3461 §5.2.6 (failed here, NOTIFY=NEVER -> none).
     async with node_with_fake(tmp_path) as (node, fake):
         fake.rcpt_replies["bad@relay.example"] = "550 5.1.1 no"
         await in_thread(send, node.port("smtp"), SENDER, [("bad@relay.example", "NOTIFY=NEVER")])
@@ -196,7 +196,7 @@ async def test_notify_never_produces_no_dsn(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_notify_success_to_a_maildir_produces_delivered(tmp_path):
-    # CHECKLIST 6.1 (delivered to mailbox, NOTIFY has SUCCESS -> delivered).
+    # RFC 3461 §5.2.3 (delivered to mailbox, NOTIFY has SUCCESS -> delivered).
     async with node_with_fake(tmp_path) as (node, _):
         await in_thread(
             send, node.port("smtp"), SENDER, [("alice@localhost", "NOTIFY=SUCCESS")], "RET=FULL"
@@ -206,14 +206,14 @@ async def test_notify_success_to_a_maildir_produces_delivered(tmp_path):
         (_, delivered) = delivery_status(dsn)
         assert (delivered["action"], delivered["status"]) == ("delivered", "2.1.5")
         assert "original-envelope-id" not in delivery_status(dsn)[0]  # no ENVID was given
-        # A success DSN returns the headers only (CHECKLIST 6.3.5).
+        # A success DSN returns the headers only (RFC 3461 §6.2, RFC 6522 §3).
         assert [p.get_content_type() for p in dsn.iter_parts()][-1] == "text/rfc822-headers"
         assert len(list((tmp_path / "data" / "mail" / "alice" / "new").iterdir())) == 1
 
 
 @pytest_twisted.ensureDeferred
 async def test_relay_to_a_dsn_hop_sends_no_relayed_dsn(tmp_path):
-    # CHECKLIST 6.1: relayed to a DSN-capable hop, the hop takes the DSN duty.
+    # RFC 3461 §5.2.1: relayed to a DSN-capable hop, the hop takes the DSN duty.
     async with node_with_fake(tmp_path) as (node, fake):
         await in_thread(send, node.port("smtp"), SENDER, [("ok@relay.example", "NOTIFY=SUCCESS")])
         await queue_emptied(node)
@@ -223,7 +223,7 @@ async def test_relay_to_a_dsn_hop_sends_no_relayed_dsn(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_relay_to_a_hop_without_dsn_sends_relayed_when_success_was_asked(tmp_path):
-    # CHECKLIST 6.1 (relayed to non-DSN SMTP, RCPT got 2xx, NOTIFY has SUCCESS -> relayed).
+    # RFC 3461 §5.2.2(b) (relayed to non-DSN SMTP, RCPT got 2xx, NOTIFY has SUCCESS -> relayed).
     bare = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES")
     async with node_with_fake(tmp_path, extensions=bare) as (node, fake):
         await in_thread(send, node.port("smtp"), SENDER, [("ok@relay.example", "NOTIFY=SUCCESS")])
@@ -237,7 +237,7 @@ async def test_relay_to_a_hop_without_dsn_sends_relayed_when_success_was_asked(t
 
 @pytest_twisted.ensureDeferred
 async def test_delay_past_the_warning_time_produces_exactly_one_delayed(tmp_path):
-    # CHECKLIST 6.1 (delayed, NOTIFY absent -> delayed [O]; we send it once).
+    # RFC 3461 §5.2.5 (delayed, NOTIFY absent -> delayed, a MAY; we send it once).
     options = (
         ("queue.first_retry", "1s"),
         ("queue.max_retry_interval", "1s"),

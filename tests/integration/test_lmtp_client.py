@@ -78,7 +78,7 @@ async def test_bare_cr_goes_out_as_crlf_so_no_smuggled_end_of_data(net):
 
 @pytest_twisted.ensureDeferred
 async def test_duplicate_recipients_each_get_their_reply(net):
-    # CHECKLIST 7.3: one reply per accepted RCPT, duplicates included.
+    # RFC 2033 §4.2: one reply per accepted RCPT, duplicates included.
     fake, client = await lmtp(net)
     await client.when_ready()
     result = await client.send(tx("a@example.test", "a@example.test"))
@@ -88,7 +88,7 @@ async def test_duplicate_recipients_each_get_their_reply(net):
 
 @pytest_twisted.ensureDeferred
 async def test_drop_after_the_dot_leaves_unanswered_recipients_unknown(net):
-    # CHECKLIST 7.6: recipients without a reply are temporary failures.
+    # RFC 2033 §5: recipients without a reply are temporary failures.
     fake, client = await lmtp(net)
     fake.drop_at = DOT
     fake.replies_before_drop = 1

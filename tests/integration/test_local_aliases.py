@@ -1,5 +1,5 @@
 """Aliases, lists and forwarding in a whole node: what went downstream and what tracking says
-(CHECKLIST 2.4-2.9, 8.1-8.3)."""
+(RFC 3885 §3.3, §4.2; RFC 3461 §5.2.7; RFC 3886 §4.2)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def params(transaction: object) -> set[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_single_target_alias_is_an_ordinary_hop(tmp_path):
-    # CHECKLIST 2.4: MTRK/ENVID/ORCPT kept, timeout decremented, the address rewritten.
+    # RFC 3885 §3.3, RFC 3461 §5.2.7.2: MTRK/ENVID/ORCPT kept, timeout decremented, the address
+    # rewritten.
     async with aliased_node(tmp_path) as (node, fake):
         queue_id = await in_thread(send, node.port("smtp"), "sales@localhost")
         await queue_emptied(node)
@@ -102,7 +103,7 @@ async def test_single_target_alias_is_an_ordinary_hop(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_multi_target_alias_gives_the_certifier_to_the_primary_only(tmp_path):
-    # CHECKLIST 2.5: expanded; the non-primary target gets no MTRK.
+    # RFC 3885 §3.3, RFC 3461 §5.2.7.3: expanded; the non-primary target gets no MTRK.
     async with aliased_node(tmp_path) as (node, fake):
         queue_id = await in_thread(send, node.port("smtp"), "info@localhost")
         await queue_emptied(node)
@@ -136,7 +137,8 @@ async def test_aliases_send_envid_and_orcpt_on_as_received(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_list_expansion_sends_nothing_of_the_original(tmp_path):
-    # CHECKLIST 2.6, 8.2: owner as sender, no MTRK/ENVID/NOTIFY/RET/ORCPT; members
+    # RFC 3885 §3.3, RFC 3461 §5.2.7.1(b), RFC 3886 §4.2: owner as sender, no
+    # MTRK/ENVID/NOTIFY/RET/ORCPT; members
     # never appear in the tracking record.
     async with aliased_node(tmp_path) as (node, fake):
         queue_id = await in_thread(
@@ -156,14 +158,14 @@ async def test_list_expansion_sends_nothing_of_the_original(tmp_path):
         (r,) = message.recipients
         assert r.state.value == "expanded"
         assert "alice" not in repr(message) and "dave" not in repr(message)
-        # The sender asked for SUCCESS: a list exploder reports "delivered" (6.1).
+        # The sender asked for SUCCESS: a list exploder reports "delivered" (RFC 3461 §5.2.7.1).
         (dsn_file,) = list((tmp_path / "data" / "mail" / "s" / "new").iterdir())
         assert b"Action: delivered" in dsn_file.read_bytes()
 
 
 @pytest_twisted.ensureDeferred
 async def test_confidential_forwarding_stops_tracking_and_hides_the_target(tmp_path):
-    # CHECKLIST 2.8 option (b), 8.1.
+    # RFC 3886 §4.2 option (b), RFC 3464 §4.2.
     async with aliased_node(tmp_path) as (node, fake):
         queue_id = await in_thread(send, node.port("smtp"), "secret@localhost")
         await queue_emptied(node)

@@ -1,4 +1,5 @@
-"""A node's MTQP listener over loopback: TRACK, STARTTLS, no existence oracle (CHECKLIST 4, 8).
+"""A node's MTQP listener over loopback: TRACK, STARTTLS, no existence oracle (RFC 3887,
+RFC 3885 §4.2, doc/conformance.rst 3887-P1).
 
 Messages are submitted with `mtrkmta send`'s code path, then asked about over the wire
 with a raw blocking socket (in a thread) or with mtrkmta's own MTQP client.
@@ -163,10 +164,10 @@ def client_context(cafile: Path | None = None) -> ssl.SSLContext:
 
 @pytest_twisted.ensureDeferred
 async def test_track_a_message_sent_with_mtrk(tmp_path, capsys):
-    # CHECKLIST 1.8: A is 32 random octets, B = SHA1(A) went out as MTRK=, the ENVID is
-    # <random>@<fqdn>; 4.3.1: +OK/MTQP greeting; 4.4.1/4.4.3: TRACK with A answers +OK+
-    # and one multipart/related of message/tracking-status (5.1-5.3); 4.2.5: pipelined
-    # commands answered in order; 4.5.2: QUIT, then the server closes.
+    # RFC 3885 §3.1-§3.2, §4.2: A is 32 random octets, B = SHA1(A) went out as MTRK=, the ENVID is
+    # <random>@<fqdn>; RFC 3887 §3: +OK/MTQP greeting; §4: TRACK with A answers +OK+
+    # and one multipart/related of message/tracking-status (RFC 3886 §3); RFC 3887 §8: pipelined
+    # commands answered in order; §7: QUIT, then the server closes.
     async with mtqp_node(tmp_path) as node:
         record = await send_tracked(node, tmp_path, capsys)
         assert len(base64.b64decode(record.secret)) == 32
@@ -233,9 +234,9 @@ async def track_process(*args: str) -> tuple[int, str, str]:
 
 @pytest_twisted.ensureDeferred
 async def test_starttls_then_a_fresh_greeting_without_starttls(tmp_path, capsys):
-    # 4.3.3 [M]: STARTTLS listed; 4.6.2-4.6.3 [M]: -BAD/bad-fqdn for a name the certificate
-    # does not carry; 4.6.4-4.6.5 [M]: after +OK the handshake, input sent in clear after
-    # STARTTLS is forgotten, and the new greeting lacks STARTTLS; 4.6.7: TLS 1.2 or later.
+    # RFC 3887 §3 (MUST): STARTTLS listed; §6 (MUST): -BAD/bad-fqdn for a name the certificate
+    # does not carry; §6 (MUST): after +OK the handshake, input sent in clear after
+    # STARTTLS is forgotten, and the new greeting lacks STARTTLS; RFC 8996: TLS 1.2 or later.
     certificate_dir = tmp_path / "tls"
     async with mtqp_node(tmp_path, *tls_options(certificate_dir, HOSTNAME)) as node:
         record = await send_tracked(node, tmp_path, capsys)
@@ -293,7 +294,7 @@ async def test_starttls_then_a_fresh_greeting_without_starttls(tmp_path, capsys)
 
 @pytest_twisted.ensureDeferred
 async def test_tls_required_refuses_track_in_clear(tmp_path, capsys):
-    # 4.3.3 [M]: "STARTTLS required" in the greeting; 4.4.5 [P]: -ERR/tls-required.
+    # RFC 3887 §3 (MUST): "STARTTLS required" in the greeting; -ERR/tls-required (RFC 3887 §4).
     certificate_dir = tmp_path / "tls"
     options = (*tls_options(certificate_dir, HOSTNAME), ("mtqp.tls_required", True))
     async with mtqp_node(tmp_path, *options) as node:
@@ -311,8 +312,8 @@ async def test_tls_required_refuses_track_in_clear(tmp_path, capsys):
 
 @pytest_twisted.ensureDeferred
 async def test_wrong_secret_and_unknown_envid_are_indistinguishable(tmp_path, capsys):
-    # 4.4.4 [P], 8.5, 11.14: the same reply, in about the same time (generous bound: the
-    # store does the same work for both, CHECKLIST 4.4.1).
+    # doc/conformance.rst 3887-P1: the same reply, in about the same time (generous bound: the
+    # store does the same work for both, doc/conformance.rst 3887-P1).
     async with mtqp_node(tmp_path, ("mtqp.failure_rate", 0)) as node:
         record = await send_tracked(node, tmp_path, capsys)
         wrong_secret = base64.b64encode(b"\x00" * 32).decode()
@@ -347,7 +348,7 @@ async def test_wrong_secret_and_unknown_envid_are_indistinguishable(tmp_path, ca
 
 @pytest_twisted.ensureDeferred
 async def test_failed_attempts_are_rate_limited(tmp_path, capsys):
-    # 4.7.8 / 8.4: after mtqp.failure_rate failures a minute, TRACK gets -TEMP.
+    # RFC 3887 §2.5: after mtqp.failure_rate failures a minute, TRACK gets -TEMP.
     async with mtqp_node(tmp_path, ("mtqp.failure_rate", 2)) as node:
         record = await send_tracked(node, tmp_path, capsys)
         wrong = base64.b64encode(b"\x01" * 32).decode()

@@ -191,7 +191,7 @@ async def test_control_socket_is_a_private_unix_socket(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_list_is_mailq_like_with_the_last_error(tmp_path):
-    # The queue as the tracking store has it (CHECKLIST 3.2: queue state, last reply).
+    # The queue as the tracking store has it (RFC 3886 §3.3: queue state, last reply).
     async with queue_node(tmp_path) as rig:
         empty = await rig.cli("list")
         assert (empty.code, empty.out.strip(), empty.err) == (0, "Mail queue is empty", "")
@@ -211,7 +211,7 @@ async def test_list_is_mailq_like_with_the_last_error(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_json_list_gives_the_records_without_the_certifier(tmp_path):
-    # CHECKLIST 3.1 stores B; the admin listing says the message is tracked, no more.
+    # RFC 3885 §3.1 stores B; the admin listing says the message is tracked, no more.
     async with queue_node(tmp_path) as rig:
         queue_id = await rig.deferred_message(f"ENVID=q@cli.test MTRK={CERTIFIER_B64}:3600")
         listed = await rig.cli("--json", "list")
@@ -229,7 +229,7 @@ async def test_json_list_gives_the_records_without_the_certifier(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_show_gives_the_message_and_its_recipients(tmp_path):
-    # CHECKLIST 3.2: per recipient, state, Status, Remote-MTA, diagnostic, attempt times.
+    # RFC 3886 §3.3: per recipient, state, Status, Remote-MTA, diagnostic, attempt times.
     async with queue_node(tmp_path) as rig:
         queue_id = await rig.deferred_message()
         shown = await rig.cli("show", queue_id)
@@ -292,7 +292,7 @@ async def test_release_lets_a_held_message_be_tried_again(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_flush_attempts_at_once_ignoring_the_retry_time(tmp_path):
-    # Each flushed attempt is recorded like any other (CHECKLIST 3.2, 2.3 `relayed`).
+    # Each flushed attempt is recorded like any other (RFC 3886 §3.3.3 `relayed`).
     async with queue_node(tmp_path) as rig:
         queue_id = await rig.deferred_message()
         (rcpt,) = (await rig.stored(queue_id)).recipients
@@ -318,7 +318,7 @@ async def test_flush_attempts_at_once_ignoring_the_retry_time(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_delete_asks_for_confirmation(tmp_path):
     # Deleting drops the message and its tracking record without any DSN: destructive,
-    # so it is confirmed first. Until then CHECKLIST 3.4 holds: queued means tracked.
+    # so it is confirmed first. Until then RFC 3885 §3.1 holds: queued means tracked.
     async with queue_node(tmp_path) as rig:
         queue_id = await rig.deferred_message()
         declined = await rig.cli("delete", queue_id, answer="n")
@@ -337,7 +337,8 @@ async def test_delete_asks_for_confirmation(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_bounce_fails_every_queued_recipient(tmp_path):
-    # CHECKLIST 5.4/6.1: the administrator gives up on the message: its recipients fail 5.0.0
+    # RFC 3886 §3.3.3, RFC 3461 §5.2.6: the administrator gives up on the message: its recipients
+    # fail 5.0.0
     # (RFC 3463 "other undefined status"), keeping the last remote reply, and the
     # message leaves the spool.
     async with queue_node(tmp_path) as rig:

@@ -29,14 +29,14 @@ def _transaction_start(wire: Wire) -> None:
     assert wire.command("RCPT TO:<alice@localhost>").code == 250
 
 
-# -- EHLO / HELO (CHECKLIST 1.1) ----------------------------------------------------
+# -- EHLO / HELO (RFC 3885 §2, RFC 3461 §2) ---------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
 async def test_ehlo_lists_every_keyword_in_order(tmp_path):
-    # CHECKLIST 1.1.1 (MTRK, no parameters), 1.1.2 (DSN with MTRK), 1.1.3 (DSN, no
-    # parameters), 1.1.4 (ENHANCEDSTATUSCODES, PIPELINING). No certificate: no STARTTLS;
-    # no TLS: no AUTH.
+    # RFC 3885 §2 (MTRK, no parameters), doc/conformance.rst 3885-P4 (DSN with MTRK), RFC 3461
+    # §2 (DSN, no parameters), ENHANCEDSTATUSCODES and PIPELINING (our choice: RFC 2034, RFC
+    # 2920). No certificate: no STARTTLS; no TLS: no AUTH.
     async with running_node(tmp_path, options=(("limits.message_size", "10M"),)) as node:
 
         def talk():
@@ -87,7 +87,7 @@ async def test_mail_before_ehlo_needs_a_greeting(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_helo_session_is_plain_smtp_without_extensions(tmp_path):
     # After HELO nothing is advertised, so every ESMTP parameter is refused with 555
-    # (CHECKLIST 1.3.5, 1.7) while plain MAIL/RCPT/DATA still work.
+    # (RFC 5321 §4.1.1.11, doc/conformance.rst 3885-P3) while plain MAIL/RCPT/DATA still work.
     async with running_node(tmp_path) as node:
 
         def talk():
@@ -138,7 +138,7 @@ async def test_second_ehlo_discards_the_transaction(tmp_path):
     assert rcpt.line == "503 5.5.1 Need MAIL before RCPT"
 
 
-# -- strict pipelining (CHECKLIST 1.1.4, RFC 2920) ----------------------------------------
+# -- strict pipelining (RFC 2920) ----------------------------------------
 
 
 @pytest_twisted.ensureDeferred
@@ -354,7 +354,7 @@ SMUGGLED = (
 
 @pytest_twisted.ensureDeferred
 async def test_overlong_data_line_does_not_leave_data_early(tmp_path):
-    # CHECKLIST 1.2.4 / RFC 5321 §4.5.3.1.6: a 2000-octet content line. The server must
+    # doc/conformance.rst 3885-P2 / RFC 5321 §4.5.3.1.6: a 2000-octet content line. The server must
     # stay in DATA until the real terminator (the command-like lines after the long line
     # are content), then answer 500 5.5.2 once and queue nothing.
     async with running_node(tmp_path) as node:
@@ -468,7 +468,7 @@ async def test_only_crlf_dot_crlf_ends_data(tmp_path, fake_end, when):
 
 @pytest_twisted.ensureDeferred
 async def test_every_accepted_message_is_spooled_and_tracked_under_its_queue_id(tmp_path):
-    # CHECKLIST 3.1: the tracking record exists once 250 is sent; the Received: field
+    # RFC 3885 §3.1: the tracking record exists once 250 is sent; the Received: field
     # carries the same queue id.
     async with running_node(tmp_path) as node:
 

@@ -220,7 +220,7 @@ async def test_data_timeout_in_the_middle_of_data(tmp_path):
         await nothing_queued(node)
 
 
-# -- command-line length (CHECKLIST 1.2.4) ---------------------------------------------------
+# -- command-line length (project decision, doc/conformance.rst 3885-P2) ---------------------
 
 
 @pytest_twisted.ensureDeferred

@@ -1,5 +1,5 @@
 """The LMTP listener (RFC 2033) over real loopback sockets: LHLO, HELO/EHLO refused, and one
-reply per accepted recipient after DATA (CHECKLIST 7)."""
+reply per accepted recipient after DATA (RFC 2033)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def lmtp(node):
 
 @pytest_twisted.ensureDeferred
 async def test_lhlo_keywords(tmp_path):
-    # CHECKLIST 7.1 (LHLO behaves like EHLO), 7.4 (PIPELINING, ENHANCEDSTATUSCODES and
-    # 8BITMIME), 1.1.1-1.1.3 (MTRK and DSN without parameters).
+    # RFC 2033 §4.1 (LHLO behaves like EHLO), §5 (PIPELINING, ENHANCEDSTATUSCODES and
+    # 8BITMIME), RFC 3885 §2 and RFC 3461 §2 (MTRK and DSN without parameters).
     async with running_node(tmp_path, listeners=("lmtp",)) as node:
 
         def talk():
@@ -48,7 +48,7 @@ async def test_lhlo_keywords(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_helo_and_ehlo_never_get_2xx(tmp_path):
-    # CHECKLIST 7.1: [S] 500; the session still needs LHLO afterwards.
+    # RFC 2033 §4.1: 500 (a SHOULD); the session still needs LHLO afterwards.
     async with running_node(tmp_path, listeners=("lmtp",)) as node:
 
         def talk():
@@ -72,8 +72,8 @@ async def test_helo_and_ehlo_never_get_2xx(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_one_reply_per_accepted_recipient_in_rcpt_order(tmp_path):
-    # CHECKLIST 7.3: one reply per accepted RCPT, in order, the duplicate included; the
-    # refused recipient (relay denied) gets none. 7.5: each 2xx means the copy is ours.
+    # RFC 2033 §4.2: one reply per accepted RCPT, in order, the duplicate included; the
+    # refused recipient (relay denied) gets none. RFC 2033 §4.2: each 2xx means the copy is ours.
     async with running_node(tmp_path, listeners=("lmtp",)) as node:
 
         def talk():
@@ -120,7 +120,7 @@ async def test_one_reply_per_accepted_recipient_in_rcpt_order(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_pipelined_lmtp_transaction(tmp_path):
-    # CHECKLIST 7.4: PIPELINING; the per-recipient replies follow the 354 in order.
+    # RFC 2033 §5: PIPELINING; the per-recipient replies follow the 354 in order.
     async with running_node(tmp_path, listeners=("lmtp",)) as node:
 
         def talk():
@@ -148,7 +148,7 @@ async def test_pipelined_lmtp_transaction(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_data_without_recipients_is_503(tmp_path):
-    # CHECKLIST 7.2: DATA with no accepted RCPT -> 503 (also when every RCPT was refused).
+    # RFC 2033 §4.2: DATA with no accepted RCPT -> 503 (also when every RCPT was refused).
     async with running_node(tmp_path, listeners=("lmtp",)) as node:
 
         def talk():
@@ -172,7 +172,7 @@ async def test_data_without_recipients_is_503(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_refused_content_gets_one_reply_per_recipient(tmp_path):
-    # CHECKLIST 7.3: a failure at the end of DATA is still answered once per recipient.
+    # RFC 2033 §4.2: a failure at the end of DATA is still answered once per recipient.
     options = (("limits.message_size", "1K"),)
     async with running_node(tmp_path, listeners=("lmtp",), options=options) as node:
 

@@ -17,7 +17,7 @@ SENDER = "MAIL FROM:<sender@client.example>"
 RCPT = "RCPT TO:<alice@localhost>"
 
 SECRET = bytes(range(16))
-C20 = "VheLhqV/rCKJmplkGFwsyW59pYk="  # CHECKLIST 1.8.4: base64(SHA1(00 01 .. 0f))
+C20 = "VheLhqV/rCKJmplkGFwsyW59pYk="  # our vector: base64(SHA1(00 01 .. 0f)), RFC 3885 §3.1
 B20 = base64.b64decode(C20)
 C16 = base64.b64encode(bytes(range(16))).decode()  # a 128-bit certifier, 24 chars
 
@@ -39,11 +39,11 @@ BAD_ORCPT = "501 5.5.4 Invalid ORCPT parameter"
 
 # MAIL parameters (after EHLO) -> the exact reply line.
 MAIL_CASES = [
-    # CHECKLIST 1.3.4: MTRK requires a unique ENVID.
+    # RFC 3885 §3.2, doc/conformance.rst 3885-P3: MTRK requires a unique ENVID.
     pytest.param(f"MTRK={C20}:3600", MTRK_NEEDS_ENVID, id="mtrk-without-envid"),
     pytest.param(f"MTRK={C20}:3600 ENVID=no-at-sign", MTRK_NEEDS_ENVID, id="mtrk-envid-no-at"),
     pytest.param(f"ENVID=abc MTRK={C20}", MTRK_NEEDS_ENVID, id="mtrk-after-non-unique-envid"),
-    # CHECKLIST 1.3.2, 1.3.3: certifier base64 decoding to 16 or 20 octets only.
+    # RFC 3885 §3.1, doc/conformance.rst 3885-P1: certifier base64 decoding to 16 or 20 octets only.
     pytest.param(f"MTRK={_b64(15)} ENVID=a@b.test", BAD_MTRK, id="certifier-15-octets"),
     pytest.param(f"MTRK={_b64(17)} ENVID=a@b.test", BAD_MTRK, id="certifier-17-octets"),
     pytest.param(f"MTRK={_b64(19)} ENVID=a@b.test", BAD_MTRK, id="certifier-19-octets"),
@@ -56,17 +56,18 @@ MAIL_CASES = [
     pytest.param("MTRK=:60 ENVID=a@b.test", BAD_MTRK, id="certifier-empty"),
     pytest.param("MTRK ENVID=a@b.test", BAD_MTRK, id="mtrk-no-value"),
     pytest.param("MTRK= ENVID=a@b.test", BAD_MTRK, id="mtrk-empty-value"),
-    # CHECKLIST 1.3.3: timeout 1 to 9 digits, no sign, not empty.
+    # RFC 3885 §3.1: timeout 1 to 9 digits, no sign, not empty.
     pytest.param(f"MTRK={C20}:1234567890 ENVID=a@b.test", BAD_MTRK, id="timeout-10-digits"),
     pytest.param(f"MTRK={C20}: ENVID=a@b.test", BAD_MTRK, id="timeout-empty"),
     pytest.param(f"MTRK={C20}:+60 ENVID=a@b.test", BAD_MTRK, id="timeout-plus-sign"),
     pytest.param(f"MTRK={C20}:-60 ENVID=a@b.test", BAD_MTRK, id="timeout-minus-sign"),
     pytest.param(f"MTRK={C20}:6O ENVID=a@b.test", BAD_MTRK, id="timeout-letter"),
     pytest.param(f"MTRK={C20}:60:60 ENVID=a@b.test", BAD_MTRK, id="timeout-twice"),
-    # CHECKLIST 1.3.3: a second MTRK.
+    # doc/conformance.rst 3885-P3: a second MTRK.
     pytest.param(f"MTRK={C20} MTRK={C20} ENVID=a@b.test", BAD_MTRK, id="mtrk-twice"),
     pytest.param(f"MTRK={C20} mtrk={C16} ENVID=a@b.test", BAD_MTRK, id="mtrk-twice-any-case"),
-    # CHECKLIST 1.4.1, 1.4.2, 1.6.1, 8.6: ENVID value (decoded control octets refused).
+    # RFC 3461 §4, §4.4-§4.5, doc/conformance.rst 3461-P5: ENVID value (decoded control octets
+    # refused).
     pytest.param("ENVID", "501 5.5.4 ENVID requires a value", id="envid-no-value"),
     pytest.param("ENVID=", "501 5.5.4 ENVID requires a value", id="envid-empty"),
     pytest.param("ENVID=" + "e" * 101, "501 5.5.4 ENVID too long", id="envid-101-chars"),
@@ -81,17 +82,17 @@ MAIL_CASES = [
     pytest.param("ENVID=a+7Fb", BAD_ENVID, id="envid-decoded-del"),
     pytest.param("ENVID=a+C3+A9b", BAD_ENVID, id="envid-decoded-8bit"),
     pytest.param("ENVID=caf\u00e9", BAD_ENVID, id="envid-raw-utf8"),
-    # CHECKLIST 1.5.4: RET.
+    # RFC 3461 §4.3: RET.
     pytest.param("RET=NONE", "501 5.5.4 Invalid RET parameter", id="ret-unknown"),
     pytest.param("RET", "501 5.5.4 RET requires a value", id="ret-no-value"),
-    # CHECKLIST 1.5.5, 1.7: repeated parameters.
+    # RFC 3461 §4.5, §5.1(a)-(b), doc/conformance.rst 3461-P3: repeated parameters.
     pytest.param("ENVID=a ENVID=b", "501 5.5.4 Duplicate ENVID parameter", id="envid-twice"),
     pytest.param("ENVID=a envid=a", "501 5.5.4 Duplicate ENVID parameter", id="envid-twice-case"),
     pytest.param("RET=FULL RET=HDRS", "501 5.5.4 Duplicate RET parameter", id="ret-twice"),
     pytest.param("RET=FULL ret=full", "501 5.5.4 Duplicate RET parameter", id="ret-twice-case"),
     pytest.param("SIZE=1 SIZE=1", "501 5.5.4 Duplicate SIZE parameter", id="size-twice"),
     pytest.param("BODY=7BIT BODY=7BIT", "501 5.5.4 Duplicate BODY parameter", id="body-twice"),
-    # CHECKLIST 1.7: unknown or not advertised -> 555 5.5.4.
+    # RFC 5321 §4.1.1.11, doc/conformance.rst 3461-P3: unknown or not advertised -> 555 5.5.4.
     pytest.param("FOO=bar", "555 5.5.4 Unsupported parameter FOO", id="unknown"),
     pytest.param("x-custom", "555 5.5.4 Unsupported parameter X-CUSTOM", id="unknown-no-value"),
     pytest.param("NOTIFY=NEVER", "555 5.5.4 Unsupported parameter NOTIFY", id="rcpt-param-on-mail"),
@@ -102,31 +103,31 @@ MAIL_CASES = [
     pytest.param("SMTPUTF8=yes", "501 5.5.4 SMTPUTF8 takes no value", id="smtputf8-value"),
 ]
 
-# MAIL parameters that must be accepted with the plain reply (CHECKLIST 1.4.6).
+# MAIL parameters that must be accepted with the plain reply (RFC 3461 §5.1(a)).
 MAIL_ACCEPTED = [
-    # CHECKLIST 1.3.2: padded or unpadded, 160-bit or 128-bit certifiers.
+    # doc/conformance.rst 3885-P1: padded or unpadded, 160-bit or 128-bit certifiers.
     pytest.param(f"MTRK={C20}:3600 ENVID=msg1@client.test", id="padded-sha1"),
     pytest.param(f"MTRK={C20[:-1]} ENVID=msg1@client.test", id="unpadded-sha1"),
     pytest.param(f"MTRK={C16}:60 ENVID=msg1@client.test", id="128-bit"),
     pytest.param(f"MTRK={C16[:-2]} ENVID=msg1@client.test", id="128-bit-unpadded"),
-    # CHECKLIST 1.3.3: 0..999999999 seconds, 1 to 9 digits.
+    # RFC 3885 §3.1: 0..999999999 seconds, 1 to 9 digits.
     pytest.param(f"MTRK={C20}:0 ENVID=msg1@client.test", id="timeout-zero"),
     pytest.param(f"MTRK={C20}:999999999 ENVID=msg1@client.test", id="timeout-9-digits"),
     pytest.param(f"MTRK={C20}:000000001 ENVID=msg1@client.test", id="timeout-leading-zeros"),
-    # CHECKLIST 1.1.5: keywords in any case, in any order.
+    # RFC 5321 §2.4: keywords in any case, in any order.
     pytest.param(f"mtrk={C20}:60 envid=msg1@client.test ret=hdrs", id="lower-case"),
     pytest.param(f"EnvId=msg1@client.test MtRk={C20}", id="mixed-case-envid-first"),
-    # CHECKLIST 1.4.3, 1.4.4: unique-envid split at the last @; escaped base64 host hash.
+    # RFC 3885 §3.2: unique-envid split at the last @ (an xchar); escaped base64 host hash.
     pytest.param(f"MTRK={C20} ENVID=a@b@client.test", id="envid-at-in-local-part"),
     pytest.param(f"MTRK={C20} ENVID=local+40client.test", id="envid-xtext-encoded-at"),
     pytest.param(f"MTRK={C20} ENVID=m@" + "A+2BB+3D" * 3, id="hashed-fqhn-escaped"),
-    # CHECKLIST 1.4.5: without MTRK, ENVID is free-form.
+    # RFC 3461 §4.4: without MTRK, ENVID is free-form.
     pytest.param("ENVID=free-form-without-at", id="envid-without-mtrk"),
-    # CHECKLIST 1.4.2: up to 100 decoded characters, space and HTAB allowed.
+    # RFC 3461 §4.4: up to 100 decoded characters, space and HTAB allowed.
     pytest.param("ENVID=" + "e" * 100, id="envid-100-chars"),
     pytest.param("ENVID=" + "+41" * 100, id="envid-100-decoded"),
     pytest.param("ENVID=with+20space+09tab", id="envid-space-and-tab"),
-    # CHECKLIST 1.5.4: RET in any case.
+    # RFC 3461 §4.3: RET in any case.
     pytest.param("RET=FULL", id="ret-full"),
     pytest.param("RET=hdrs", id="ret-hdrs-lower"),
     pytest.param("SIZE=0 BODY=7BIT", id="size-body"),
@@ -135,7 +136,7 @@ MAIL_ACCEPTED = [
 
 # RCPT parameters (after a good MAIL) -> the exact reply line.
 RCPT_CASES = [
-    # CHECKLIST 1.5.2: NOTIFY.
+    # RFC 3461 §4.1: NOTIFY.
     pytest.param("NOTIFY=NEVER,SUCCESS", BAD_NOTIFY, id="never-and-success"),
     pytest.param("NOTIFY=FAILURE,NEVER", BAD_NOTIFY, id="failure-and-never"),
     pytest.param("NOTIFY=NEVER,NEVER", BAD_NOTIFY, id="never-twice"),
@@ -146,7 +147,7 @@ RCPT_CASES = [
     pytest.param("NOTIFY=SUCCESS;FAILURE", BAD_NOTIFY, id="wrong-separator"),
     pytest.param("NOTIFY", "501 5.5.4 NOTIFY requires a value", id="notify-no-value"),
     pytest.param("NOTIFY=", "501 5.5.4 NOTIFY requires a value", id="notify-empty"),
-    # CHECKLIST 1.5.1, 1.6.1, 8.6: ORCPT.
+    # RFC 3461 §4, §4.2, §5.2.1(d), doc/conformance.rst 3461-P5: ORCPT.
     pytest.param("ORCPT=bob@example.test", BAD_ORCPT, id="orcpt-no-type"),
     pytest.param("ORCPT=;bob@example.test", BAD_ORCPT, id="orcpt-empty-type"),
     pytest.param("ORCPT=rfc(822);bob@example.test", BAD_ORCPT, id="orcpt-type-not-atom"),
@@ -161,7 +162,7 @@ RCPT_CASES = [
         id="orcpt-501-chars",
     ),
     pytest.param("ORCPT", "501 5.5.4 ORCPT requires a value", id="orcpt-no-value"),
-    # CHECKLIST 1.5.5: repeated parameters.
+    # RFC 3461 §4.5, §5.1(b), doc/conformance.rst 3461-P3: repeated parameters.
     pytest.param(
         "NOTIFY=SUCCESS NOTIFY=FAILURE", "501 5.5.4 Duplicate NOTIFY parameter", id="notify-twice"
     ),
@@ -170,18 +171,18 @@ RCPT_CASES = [
         "501 5.5.4 Duplicate ORCPT parameter",
         id="orcpt-twice",
     ),
-    # CHECKLIST 1.7: unknown parameters.
+    # RFC 5321 §4.1.1.11, doc/conformance.rst 3461-P3: unknown parameters.
     pytest.param("FOO=1", "555 5.5.4 Unsupported parameter FOO", id="unknown"),
     pytest.param("RET=FULL", "555 5.5.4 Unsupported parameter RET", id="mail-param-on-rcpt"),
     pytest.param("ENVID=x", "555 5.5.4 Unsupported parameter ENVID", id="envid-on-rcpt"),
 ]
 
-# RCPT parameters that must be accepted with the plain reply (CHECKLIST 1.5.6).
+# RCPT parameters that must be accepted with the plain reply (RFC 3461 §5.1(b)).
 RCPT_ACCEPTED = [
     pytest.param("NOTIFY=NEVER", id="never"),
     pytest.param("notify=never", id="never-lower"),
     pytest.param("NOTIFY=success,Failure,DELAY", id="all-three-any-case"),
-    pytest.param("NOTIFY=FAILURE,FAILURE", id="repeated-element"),  # CHECKLIST 1.5.2
+    pytest.param("NOTIFY=FAILURE,FAILURE", id="repeated-element"),  # doc/conformance.rst 3461-P7
     pytest.param("ORCPT=rfc822;Bob@Example.Test", id="orcpt"),
     pytest.param("ORCPT=x-unregistered;whatever+20it+20is", id="orcpt-other-type"),
     pytest.param("ORCPT=rfc822;bob+2Bext+3Dx@example.test", id="orcpt-escaped"),
@@ -206,7 +207,7 @@ def _exchange(port, mail_line, rcpt_line=None):
 @pytest.mark.parametrize(("params", "expected"), MAIL_CASES)
 @pytest_twisted.ensureDeferred
 async def test_mail_parameter_refused(tmp_path, params, expected):
-    # CHECKLIST 1.3.3, 1.3.4, 1.4.1, 1.4.2, 1.5.4, 1.5.5, 1.6.1, 1.7 (reply table)
+    # RFC 3885 §3.1-§3.2, RFC 3461 §4-§5.1, doc/conformance.rst 3885-P3, 3461-P3 (reply table)
     async with running_node(tmp_path) as node:
         mail, rcpt = await in_thread(_exchange, node.port("smtp"), f"{SENDER} {params}", RCPT)
     assert mail.line == expected
@@ -217,7 +218,7 @@ async def test_mail_parameter_refused(tmp_path, params, expected):
 @pytest.mark.parametrize("params", MAIL_ACCEPTED)
 @pytest_twisted.ensureDeferred
 async def test_mail_parameter_accepted(tmp_path, params):
-    # CHECKLIST 1.1.5, 1.3.2, 1.3.3, 1.4.2-1.4.6, 1.5.4: same reply as a plain MAIL.
+    # RFC 3461 §5.1(a), RFC 3885 §3.1-§3.2: same reply as a plain MAIL.
     async with running_node(tmp_path) as node:
         mail, rcpt = await in_thread(_exchange, node.port("smtp"), f"{SENDER} {params}", RCPT)
     assert mail.line == OK_MAIL
@@ -227,7 +228,7 @@ async def test_mail_parameter_accepted(tmp_path, params):
 @pytest.mark.parametrize(("params", "expected"), RCPT_CASES)
 @pytest_twisted.ensureDeferred
 async def test_rcpt_parameter_refused(tmp_path, params, expected):
-    # CHECKLIST 1.5.1, 1.5.2, 1.5.5, 1.6.1, 1.7
+    # RFC 3461 §4-§4.2, §4.5, §5.1(b); RFC 5321 §4.1.1.11; doc/conformance.rst 3461-P3
     async with running_node(tmp_path) as node:
         mail, rcpt = await in_thread(_exchange, node.port("smtp"), SENDER, f"{RCPT} {params}")
     assert mail.line == OK_MAIL
@@ -237,7 +238,7 @@ async def test_rcpt_parameter_refused(tmp_path, params, expected):
 @pytest.mark.parametrize("params", RCPT_ACCEPTED)
 @pytest_twisted.ensureDeferred
 async def test_rcpt_parameter_accepted(tmp_path, params):
-    # CHECKLIST 1.2.2 (ORCPT up to 500), 1.5.1, 1.5.2, 1.5.6
+    # RFC 3461 §5.4 (ORCPT up to 500), §4.1-§4.2, §5.1(b)
     async with running_node(tmp_path) as node:
         mail, rcpt = await in_thread(_exchange, node.port("smtp"), SENDER, f"{RCPT} {params}")
     assert mail.line == OK_MAIL
@@ -259,8 +260,9 @@ assert len(f"<{LONG_LOCAL}@{LONG_DOMAIN}>") == 256
 )
 @pytest_twisted.ensureDeferred
 async def test_maximal_mail_line_is_accepted(tmp_path, envid):
-    # CHECKLIST 1.2.2-1.2.4: a 256-octet path with every extension's parameter at its
-    # longest (SIZE, BODY, RET, 100-character ENVID, SHA-1 MTRK with 9-digit timeout).
+    # RFC 3461 §5.4, RFC 3885 §2, doc/conformance.rst 3885-P2: a 256-octet path with every
+    # extension's parameter at its longest (SIZE, BODY, RET, 100-character ENVID, SHA-1 MTRK
+    # with 9-digit timeout).
     line = (
         f"MAIL FROM:<{LONG_LOCAL}@{LONG_DOMAIN}> SIZE=35000000 BODY=8BITMIME RET=HDRS"
         f" ENVID={envid} MTRK={C20}:999999999 SMTPUTF8"
@@ -273,7 +275,7 @@ async def test_maximal_mail_line_is_accepted(tmp_path, envid):
 
 @pytest_twisted.ensureDeferred
 async def test_long_rcpt_line_with_dsn_parameters_is_accepted(tmp_path):
-    # CHECKLIST 1.2.2, 1.2.3: a 256-octet path, NOTIFY (28) and ORCPT (500) together.
+    # RFC 3461 §5.4, RFC 3885 §2: a 256-octet path, NOTIFY (28) and ORCPT (500) together.
     orcpt = "ORCPT=rfc822;" + "a" * 474 + "@example.test"
     assert len(orcpt) == 500
     line = f"RCPT TO:<{LONG_LOCAL}@{LONG_DOMAIN}> NOTIFY=SUCCESS,FAILURE,DELAY {orcpt}"
@@ -287,7 +289,8 @@ async def test_long_rcpt_line_with_dsn_parameters_is_accepted(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_lenient_xtext_switch_accepts_lower_case_hex(tmp_path):
-    # CHECKLIST 1.6.1: lower-case hex is refused by default, accepted behind the switch.
+    # RFC 3461 §4, doc/conformance.rst 3461-P4: lower-case hex is refused by default, accepted
+    # behind the switch.
     options = (("tracking.lenient_xtext", True),)
     async with running_node(tmp_path, options=options) as node:
 
@@ -308,8 +311,8 @@ async def test_lenient_xtext_switch_accepts_lower_case_hex(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_parameters_are_recorded_in_tracking_store_and_spool(tmp_path):
-    # CHECKLIST 1.3.2 (decoded certifier stored), 1.4.2 (ENVID xtext-decoded, case kept),
-    # 1.5.1 (ORCPT byte-exact), 1.5.2, 1.5.3 (NOTIFY as given, None when absent), 3.1, 3.2.
+    # RFC 3885 §3.1 (decoded certifier stored), RFC 3461 §4.4 (ENVID xtext-decoded, case kept),
+    # §5.2.1(d) (ORCPT byte-exact), §4.1 (NOTIFY as given, None when absent).
     async with running_node(tmp_path) as node:
 
         def talk():
@@ -372,7 +375,8 @@ async def test_parameters_are_recorded_in_tracking_store_and_spool(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_untracked_message_has_no_certifier(tmp_path):
-    # CHECKLIST 1.4.5: ENVID without MTRK is kept but the message is not tracked.
+    # RFC 3461 §4.4, doc/conformance.rst 3887-P4: ENVID without MTRK is kept but the message is
+    # not tracked.
     async with running_node(tmp_path) as node:
 
         def talk():
@@ -393,7 +397,7 @@ async def test_untracked_message_has_no_certifier(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_mtrk_with_16_octet_certifier_is_stored_decoded(tmp_path):
-    # CHECKLIST 1.3.2: a 128-bit certifier is accepted and stored as its 16 octets.
+    # doc/conformance.rst 3885-P1: a 128-bit certifier is accepted and stored as its 16 octets.
     async with running_node(tmp_path) as node:
 
         def talk():

@@ -93,7 +93,7 @@ async def test_starttls_offered_only_with_a_certificate(tmp_path, tls_only):
 
 @pytest_twisted.ensureDeferred
 async def test_auth_offered_only_after_tls_and_starttls_no_longer(tmp_path, tls_and_auth):
-    # CHECKLIST 8.7 (pre-TLS state discarded): the post-TLS EHLO list is fresh, offers AUTH
+    # RFC 3207 §4.2 (pre-TLS state discarded): the post-TLS EHLO list is fresh, offers AUTH
     # and no longer STARTTLS (RFC 3207 §4.2).
     async with running_node(tmp_path, options=tls_and_auth) as node:
 
@@ -131,7 +131,7 @@ async def test_no_auth_after_tls_without_users_file(tmp_path, tls_only):
 
 @pytest_twisted.ensureDeferred
 async def test_commands_injected_after_starttls_are_discarded(tmp_path, tls_and_auth):
-    # CHECKLIST 8.7; RFC 3207 §4.2 / CVE-2011-0411: commands sent in clear in the same packet as
+    # RFC 3207 §4.2 / CVE-2011-0411: commands sent in clear in the same packet as
     # STARTTLS must not run, neither before nor after the handshake; the TLS session
     # starts from scratch (EHLO required again).
     async with running_node(tmp_path, options=tls_and_auth) as node:
@@ -176,7 +176,7 @@ async def test_starttls_with_an_argument_is_refused(tmp_path, tls_only):
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_tls_older_than_1_2_is_refused(tmp_path, tls_only):
-    # CHECKLIST 8.7 (negotiated protection checked); RFC 8996: no TLS 1.0/1.1.
+    # Negotiated protection checked (as RFC 3887 §11 asks of MTQP); RFC 8996: no TLS 1.0/1.1.
     async with running_node(tmp_path, options=tls_only) as node:
 
         def old_client():

@@ -195,8 +195,8 @@ def keywords(params: Sequence[str]) -> set[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_mtrk_hop_gets_decremented_timeout_and_records_transferred(tmp_path):
-    # CHECKLIST 2.1 [M]/[S]: the outbound timeout is the requested one less the whole
-    # seconds spent here; 2.2 [S]: an MTRK next hop gets the certifier, tracking says
+    # RFC 3885 §3.1 (MUST/SHOULD): the outbound timeout is the requested one less the whole
+    # seconds spent here; RFC 3885 §3.3 (SHOULD): an MTRK next hop gets the certifier, tracking says
     # `transferred`, 2.4.0, Remote-MTA = the next hop (RFC 3886 §3.3.3).
     options = (("queue.first_retry", "2s"), ("queue.max_retry_interval", "2s"))
     async with relaying(tmp_path, options=options) as rig:
@@ -242,7 +242,7 @@ async def test_mtrk_hop_gets_decremented_timeout_and_records_transferred(tmp_pat
 
 @pytest_twisted.ensureDeferred
 async def test_dsn_hop_without_mtrk_gets_dsn_parameters_only(tmp_path):
-    # CHECKLIST 2.3 [M]: no MTRK to a hop without it; ENVID, RET, NOTIFY, ORCPT go on
+    # RFC 3885 §3.3 (MUST): no MTRK to a hop without it; ENVID, RET, NOTIFY, ORCPT go on
     # unchanged to a DSN hop and are never invented (ORCPT MAY be added, equal to the
     # RCPT address, RFC 3461 §5.2.1); tracking `relayed` 2.1.9 (RFC 3886 §3.3.3-3.3.4).
     async with relaying(tmp_path, extensions=NO_MTRK) as rig:
@@ -277,7 +277,7 @@ async def test_dsn_hop_without_mtrk_gets_dsn_parameters_only(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_hop_without_dsn_or_mtrk_gets_no_dsn_parameters(tmp_path):
-    # CHECKLIST 2.3 [M] (RFC 3461 §5.2.2(a)): a hop without DSN gets none of
+    # RFC 3885 §3.3, RFC 3461 §5.2.2(a) (MUST): a hop without DSN gets none of
     # ENVID/NOTIFY/RET/ORCPT, and without MTRK no MTRK; still `relayed` 2.1.9.
     async with relaying(tmp_path, extensions=BARE) as rig:
         queue_id = await send_one(
@@ -406,7 +406,7 @@ def mx_options(fake_port: int) -> tuple[tuple[str, object], ...]:
 async def test_mx_route_falls_back_to_the_second_mx(tmp_path):
     # RFC 5321 §5.1: MX hosts in preference order; the preferred one refuses the
     # connection, so the same attempt goes on to the next. Remote-MTA names the host
-    # that took the message (CHECKLIST 2.2, RFC 3886 §3.3.3).
+    # that took the message (RFC 3885 §3.3, RFC 3886 §3.3.3).
     async with serve_dns(reactor, far_zones()) as dns_server:
         async with relaying(tmp_path, resolver=dns_server.resolver(), started=False) as rig:
             rig.options += mx_options(rig.fake.port)
@@ -427,7 +427,7 @@ async def test_mx_route_falls_back_to_the_second_mx(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_null_mx_fails_at_once_without_connecting(tmp_path):
-    # RFC 7505 §3-4, CHECKLIST 5.4 (`failed`): a null MX domain does not take mail: the
+    # RFC 7505 §3-4, RFC 3886 §3.3.3 (`failed`): a null MX domain does not take mail: the
     # recipient fails 5.1.10 on the first attempt, with no connection to anyone (the
     # domain's A record points at the FakeMTA and must not be used as implicit MX).
     async with serve_dns(reactor, far_zones()) as dns_server:
@@ -455,7 +455,7 @@ async def test_null_mx_fails_at_once_without_connecting(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_4xx_at_rcpt_is_deferred_then_retried_and_delivered_once(tmp_path):
-    # RFC 5321 §4.2.5, CHECKLIST 3.2 and 5.4: a 4xx defers the recipient (`delayed`, the
+    # RFC 5321 §4.2.5, RFC 3886 §3.3, §3.3.3: a 4xx defers the recipient (`delayed`, the
     # reply's 4.x.x), with a next attempt and will-retry-until = arrival + lifetime
     # (RFC 3464 §2.3.8); the retry delivers it, exactly once.
     options = (*FAST_RETRY, ("queue.max_lifetime", "1h"))
@@ -491,7 +491,7 @@ async def test_4xx_at_rcpt_is_deferred_then_retried_and_delivered_once(tmp_path)
 
 @pytest_twisted.ensureDeferred
 async def test_5xx_at_rcpt_fails_and_leaves_the_spool(tmp_path):
-    # RFC 5321 §4.2.5, CHECKLIST 3.2 and 5.4: a 5xx is final: `failed`, the reply's code,
+    # RFC 5321 §4.2.5, RFC 3886 §3.3, §3.3.3: a 5xx is final: `failed`, the reply's code,
     # Diagnostic-Code `smtp; <reply>` (RFC 3464 §2.3.6); the message leaves the spool.
     async with relaying(tmp_path, options=FAST_RETRY) as rig:
         reply = f"550 5.1.1 <{RCPT}>: Recipient address rejected: User unknown"
@@ -537,7 +537,7 @@ async def test_connection_lost_after_the_dot_is_retried_at_the_risk_of_a_duplica
 
 @pytest_twisted.ensureDeferred
 async def test_restart_redelivers_only_the_recipient_still_queued(tmp_path):
-    # CHECKLIST 3.2/3.4: each recipient's state is durable; after a restart the queue
+    # RFC 3886 §3.3, RFC 3885 §3.1: each recipient's state is durable; after a restart the queue
     # resumes from the tracking store and only the non-final recipient goes again.
     async with relaying(tmp_path, options=FAST_RETRY) as rig:
         fake = rig.fake
@@ -596,7 +596,7 @@ async def test_one_connection_carries_messages_accepted_back_to_back(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_restart_keeps_the_retry_time_of_a_deferred_recipient(tmp_path):
-    # CHECKLIST 3.2: after a restart a deferred recipient waits for its stored next
+    # RFC 3886 §3.3: after a restart a deferred recipient waits for its stored next
     # attempt: no early retry, and no busy queue runs while it waits (the queue used to
     # re-run a not-yet-due message at once, over and over, until it was due).
     async with relaying(tmp_path, options=(("queue.first_retry", "1h"),)) as rig:

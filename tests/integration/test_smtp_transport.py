@@ -132,7 +132,7 @@ def states(outcomes: list[RecipientOutcome]) -> list[tuple[S, str]]:
     return [(o.state, o.status) for o in outcomes]
 
 
-# -- MTRK and DSN parameters on the wire (CHECKLIST 2.1-2.3) --------------------------
+# -- MTRK and DSN parameters on the wire (RFC 3885 §3.1, §3.3; RFC 3461 §5.2.1-§5.2.2) ------
 
 
 @pytest_twisted.ensureDeferred
@@ -140,7 +140,7 @@ async def test_mtrk_hop_gets_the_decremented_timeout_and_outcome_transferred(wor
     fake = await world.fake()
     (outcome,) = await world.smtp().deliver(attempt(hop(server(fake))))
     (transaction,) = fake.transactions
-    # 100.9 s after arrival: 100 whole seconds spent here (CHECKLIST 2.1).
+    # 100.9 s after arrival: 100 whole seconds spent here (RFC 3885 §3.1).
     assert f"MTRK={B64}:3500" in transaction.mail_params
     assert "ENVID=env-42@client.example" in transaction.mail_params
     assert outcome == RecipientOutcome(
@@ -180,7 +180,7 @@ async def test_dsn_hop_without_mtrk_keeps_envid_and_orcpt_drops_mtrk(world):
         "2.1.9",
         False,
     )
-    assert outcome.dsn_passed  # CHECKLIST 6.1: the DSN hop reports success from now on
+    assert outcome.dsn_passed  # RFC 3461 §5.2.1: the DSN hop reports success from now on
 
 
 @pytest_twisted.ensureDeferred
@@ -194,7 +194,7 @@ async def test_non_dsn_hop_gets_nothing_dsn_related(world):
     assert transaction.mail == "MAIL FROM:<alice@client.example>"
     assert transaction.rcpts == ["RCPT TO:<bob@example.test>"]
     assert states([outcome]) == [(S.RELAYED, "2.1.9")]
-    assert not outcome.dsn_passed  # CHECKLIST 6.1: we owe a `relayed` DSN for SUCCESS
+    assert not outcome.dsn_passed  # RFC 3461 §5.2.2(b): we owe a `relayed` DSN
 
 
 @pytest_twisted.ensureDeferred

@@ -1,5 +1,5 @@
 """Message tracking end to end: A -SMTP-> B -LMTP-> C, sent with `mtrkmta send`, followed
-with `mtrkmta track` hop by hop (CHECKLIST 1.8, 2.1-2.3, 2.11, 4.1, 4.7.6, 5).
+with `mtrkmta track` hop by hop (RFC 3885 §3, RFC 3886 §3, §3.5, RFC 3887 §2).
 
 Three in-process nodes on loopback, each with its own host name and MTQP listener. A
 routes ``chain.example`` by MX: the loopback DNS server says ``chain.example MX
@@ -209,7 +209,7 @@ async def test_send_then_track_through_three_hops(tmp_path):
             await until(settled, f"{name}'s record to say {state.value}")
         await until(
             lambda: rig.recipient("c"), "C's tracking record"
-        )  # C tracked it: MTRK went over LMTP (CHECKLIST 2.11)
+        )  # C tracked it: MTRK went over LMTP (RFC 3886 §3.5)
 
         status, text = await rig.track("--json")
         assert status == 0, text
@@ -312,7 +312,9 @@ async def test_next_hop_down_shows_delayed_at_b(tmp_path):
         assert rcpt_b["action"] == "delayed" and rcpt_b["status"].startswith("4.")
         assert rcpt_b["remote_mta"] == "dns; [127.0.0.1]"
         assert rcpt_b["last_attempt_date"] is not None
-        assert rcpt_b["will_retry_until"] is not None  # CHECKLIST 5.3 [S]: still in B's queue
+        assert (
+            rcpt_b["will_retry_until"] is not None
+        )  # RFC 3886 §3.3.7 (SHOULD): still in B's queue
         assert at(rcpt_b["will_retry_until"]) > at(rcpt_b["last_attempt_date"])
         (path,) = trace["recipients"]
         assert (path["outcome"], path["final"]) == ("delayed", False)

@@ -120,7 +120,7 @@ def test_constraints_follow_the_naming_convention_and_hold(db_url):
         }
         with engine.begin() as conn:
             conn.execute(insert(schema.messages), [MESSAGE])
-        # CHECKLIST 3.2: the queue state is one of the known values.
+        # RFC 3886 §3.3: the queue state is one of the known values.
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(insert(schema.recipients), [recipient("lost")])
         # Every recipient belongs to a message (foreign keys are on).

@@ -1,4 +1,4 @@
-"""Retention of tracking data: runtime cap, purge timer, per-client quota (CHECKLIST 3.4-3.6)."""
+"""Retention of tracking data: runtime cap, purge timer, per-client quota (RFC 3885 §3.1, §4.1)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ async def test_set_max_retention_lowers_existing_records_of_a_running_server(tmp
 
 @pytest_twisted.ensureDeferred
 async def test_purge_keeps_queued_messages(tmp_path):
-    # CHECKLIST 3.4 [M]: never drop tracking data while the message is still queued.
+    # RFC 3885 §3.1 (MUST): never drop tracking data while the message is still queued.
     node = await start_node(
         node_config(
             tmp_path / "data",
@@ -90,7 +90,8 @@ async def test_purge_keeps_queued_messages(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_tracked_message_quota_per_client_drops_mtrk_but_accepts(tmp_path):
-    # CHECKLIST 3.6 [P], 8.4: over the quota the mail is accepted without tracking data.
+    # project decision, doc/conformance.rst 3885-P8 (RFC 3885 §4.1): over the quota the mail is
+    # accepted without tracking data.
     node = await start_node(
         node_config(
             tmp_path / "data",

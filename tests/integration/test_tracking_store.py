@@ -256,13 +256,13 @@ def test_arrival_fires_with_the_record_as_stored(store):
 
 @pytest_twisted.inlineCallbacks
 def test_arrival_round_trip(store):
-    # CHECKLIST 3.1, 3.2: per-message and per-recipient data as received.
+    # RFC 3885 §3.1, RFC 3886 §3.2-§3.3: per-message and per-recipient data as received.
     yield record(store, envelope("Q1", timeout=3600))
     msg = yield store.message("Q1")
     assert msg.queue_id == "Q1"
     assert msg.node_id == "node-a"
     assert msg.envid == "env-1@example.org"
-    assert msg.certifier == CERTIFIER  # B, not A (CHECKLIST 3.1)
+    assert msg.certifier == CERTIFIER  # B, not A (RFC 3885 §3.1)
     assert msg.certifier != SECRET
     assert msg.sender == "Alice@Example.org"
     assert msg.arrival == 1_700_000_000
@@ -286,7 +286,7 @@ def test_arrival_round_trip(store):
     assert bob.final_recipient == "Bob@example.net"
     assert bob.original == OriginalRecipient("rfc822", "bob+orig@example.net")
     assert bob.notify == frozenset({"DELAY", "FAILURE"})
-    # CHECKLIST 5.3: no ORCPT -> the RCPT address as received.
+    # doc/conformance.rst 3886-P2: no ORCPT -> the RCPT address as received.
     assert carol.orcpt is None
     assert carol.original == OriginalRecipient("rfc822", "carol@example.net")
     assert carol.notify is None
@@ -311,7 +311,7 @@ def test_untracked_message_round_trip(store):
 
 @pytest_twisted.inlineCallbacks
 def test_requested_timeout_is_capped(store):
-    # CHECKLIST 3.4 [O]: silent cap on the requested timeout.
+    # RFC 3885 §3.1 (MAY): silent cap on the requested timeout.
     yield record(store, envelope("Q3", timeout=999_999_999))
     msg = yield store.message("Q3")
     assert msg.requested_timeout == 999_999_999
@@ -342,20 +342,20 @@ def test_duplicate_queue_id_fails_and_keeps_the_first(store):
 
 @pytest_twisted.inlineCallbacks
 def test_lookup_needs_the_right_secret(store):
-    # CHECKLIST 4.4.1: SHA1(A) must equal the stored B.
+    # RFC 3887 §4: SHA1(A) must equal the stored B.
     yield record(store, envelope("Q6"))
     found = yield store.lookup("env-1@example.org", CERTIFIER)
     assert found is not None and found.queue_id == "Q6"
     assert len(found.recipients) == 3
     wrong = hashlib.sha1(b"\x02" * 32).digest()
     assert (yield store.lookup("env-1@example.org", wrong)) is None
-    # CHECKLIST 4.4.4: an unknown ENVID looks the same as a wrong secret.
+    # RFC 3887 §4, doc/conformance.rst 3887-P1: an unknown ENVID looks the same as a wrong secret.
     assert (yield store.lookup("other@example.org", CERTIFIER)) is None
 
 
 @pytest_twisted.inlineCallbacks
 def test_lookup_matches_envid_exactly(store):
-    # CHECKLIST 4.4.2: ENVID matched exactly, case-sensitive.
+    # project decision, doc/conformance.rst 3887-P2: ENVID matched exactly, case-sensitive.
     yield record(store, envelope("Q7", envid="Env-7@Example.org"))
     assert (yield store.lookup("env-7@example.org", CERTIFIER)) is None
     assert (yield store.lookup("Env-7@Example.org ", CERTIFIER)) is None
@@ -365,7 +365,8 @@ def test_lookup_matches_envid_exactly(store):
 
 @pytest_twisted.inlineCallbacks
 def test_lookup_with_16_octet_stored_certifier(store):
-    # CHECKLIST 4.4.1 [P], 1.3.2: a 16-octet B is compared with SHA1(A)'s first 16 octets.
+    # project decision, doc/conformance.rst 3887-P3, 3885-P1: a 16-octet B is compared with
+    # SHA1(A)'s first 16 octets.
     yield record(store, envelope("Q8", envid="short@example.org", certifier_length=16))
     msg = yield store.message("Q8")
     assert msg.certifier == CERTIFIER[:16]
@@ -392,7 +393,7 @@ def test_lookup_never_returns_untracked_messages(store):
 
 @pytest_twisted.inlineCallbacks
 def test_envid_reuse_with_another_certifier_neither_overwrites_nor_reveals(store):
-    # CHECKLIST 3.3: records are keyed by (ENVID, B); a hijacker reusing the
+    # doc/conformance.rst 3885-P7: records are keyed by (ENVID, B); a hijacker reusing the
     # ENVID with its own secret only ever finds its own message.
     victim_secret, hijacker_secret = b"\x11" * 32, b"\x22" * 32
     yield record(store, envelope("V1", envid="same@example.org", secret=victim_secret))
@@ -670,7 +671,7 @@ def test_forget_many(store):
 
 @pytest_twisted.inlineCallbacks
 def test_expire_never_purges_a_queued_message(store, engine):
-    # CHECKLIST 3.4 [M], 11.6: no expiry while the message is still in our queue.
+    # RFC 3885 §3.1 (MUST): no expiry while the message is still in our queue.
     yield record(store, envelope("E1", timeout=100))
     arrival = 1_700_000_000
     assert (yield store.expire(arrival + 99)) == 0
@@ -777,7 +778,7 @@ def test_store_made_from_url_owns_its_engine(db_url, threadpool):
 
 
 def test_retention_policy_is_checked(engine, threadpool):
-    # CHECKLIST 3.4 [M]: default and cap at least one day.
+    # RFC 3885 §3.1 (MUST): default and cap at least one day.
     from twisted.internet import reactor
 
     with pytest.raises(ValueError, match="at least one day"):
@@ -792,7 +793,7 @@ def test_retention_policy_is_checked(engine, threadpool):
 
 @pytest_twisted.ensureDeferred
 async def test_lower_retention_applies_to_existing_records(store):
-    # CHECKLIST 3.4 [O] / 8.4: the cap may be lowered retroactively, never below a day.
+    # RFC 3885 §4.1 (MAY): the cap may be lowered retroactively, never below a day.
     await store.record_arrival(
         envelope("ret1", timeout=20 * DAY), reporting_mta="mx", node_id="n", size=1
     )

@@ -1,4 +1,5 @@
-"""The aliases file and what expansion sends on (CHECKLIST 2.4-2.9, 8.1-8.3)."""
+"""The aliases file and what expansion sends on (RFC 3885 §3.3, §4.2;
+RFC 3461 §5.2.7; RFC 3886 §4.2)."""
 
 from __future__ import annotations
 
@@ -70,13 +71,14 @@ def test_plain_user_and_foreign_domain_are_delivered_as_they_are():
 
 
 def test_single_target_alias_rewrites_and_follows_chains():
-    # CHECKLIST 2.4: a single-target alias is an ordinary hop (the address changes).
+    # RFC 3885 §3.3, RFC 3461 §5.2.7.2: a single-target alias is an ordinary hop (the address
+    # changes).
     assert resolve("sales@example.org") == Deliver("carol@example.net")
     assert resolve("Chain+tag@EXAMPLE.org") == Deliver("carol@example.net")
 
 
 def test_multi_target_alias_expands_with_a_primary():
-    # CHECKLIST 2.5
+    # RFC 3885 §3.3, RFC 3461 §5.2.7.3
     result = resolve("info@example.org")
     assert isinstance(result, Expand)
     assert result.targets == ("alice@example.org", "bob@example.net")
@@ -84,7 +86,7 @@ def test_multi_target_alias_expands_with_a_primary():
 
 
 def test_list_confidential_and_role_aliases():
-    # CHECKLIST 2.6, 2.8, 2.9
+    # RFC 3885 §3.3, §4.2; RFC 3461 §5.2.7.1(b); RFC 3886 §4.2
     assert isinstance(resolve("team@example.org"), Redistribute)
     assert resolve("team@example.org").members == ("alice@example.org", "dave@example.com")
     assert isinstance(resolve("secret@example.org"), Divert)
@@ -159,11 +161,11 @@ def expand(resolution, now=1100.0):
 
 
 def test_multi_target_certifier_goes_to_the_primary_only():
-    # CHECKLIST 2.5 [M]: never the certifier to more than one target; option (c) of
+    # RFC 3885 §3.3 (MUST): never the certifier to more than one target; option (c) of
     # 3461 §5.2.7.3: ENVID/RET/ORCPT to all, NOTIFY without SUCCESS.
     primary, others = expand(resolve("info@example.org"))
     assert [r.address for r in primary.recipients] == ["alice@example.org"]
-    assert primary.params.mtrk == Mtrk(CERTIFIER, 3500)  # timeout decremented (2.1)
+    assert primary.params.mtrk == Mtrk(CERTIFIER, 3500)  # timeout decremented (RFC 3885 §3.1)
     assert [r.address for r in others.recipients] == ["bob@example.net"]
     assert others.params.mtrk is None
     for message in (primary, others):
@@ -204,7 +206,8 @@ def test_alias_targets_get_envid_and_orcpt_as_received():
 
 
 def test_list_copies_carry_nothing_of_the_original():
-    # CHECKLIST 2.6 [M]: no MTRK, ENVID, NOTIFY, RET or ORCPT; sender is the owner.
+    # RFC 3885 §3.3, RFC 3461 §5.2.7.1(b) (MUST): no MTRK, ENVID, NOTIFY, RET or ORCPT; sender
+    # is the owner.
     (copy,) = expand(resolve("team@example.org"))
     assert copy.sender == "team-owner@example.org"
     assert (copy.params.mtrk, copy.params.envid, copy.params.ret) == (None, None, None)
@@ -212,21 +215,21 @@ def test_list_copies_carry_nothing_of_the_original():
 
 
 def test_confidential_copies_are_untracked_and_ask_for_no_dsn():
-    # CHECKLIST 2.8 option (b), 8.1: resent without MTRK and without DSN requests.
+    # RFC 3886 §4.2 option (b), RFC 3464 §4.2: resent without MTRK and without DSN requests.
     (copy,) = expand(resolve("secret@example.org"))
     assert copy.params.mtrk is None and copy.params.envid is None
     assert copy.recipients[0].params.notify == frozenset({"NEVER"})
 
 
 def test_expired_timeout_drops_the_certifier():
-    # CHECKLIST 2.1 [M]: remaining <= 0 -> no MTRK.
+    # RFC 3885 §3.1 (MUST): remaining <= 0 -> no MTRK.
     assert remaining_mtrk(ORIGINAL, 1000.0 + 3600, 9 * 86400) is None
     assert remaining_mtrk(ORIGINAL, 1000.0 + 3599.5, 9 * 86400) == Mtrk(CERTIFIER, 1)
 
 
 def test_outcomes_of_the_expanded_recipient():
     # Tracking: expanded for aliases and lists (3886 §4.2), delivered when diverted,
-    # failed 5.4.6 for a loop; list members are never recorded (CHECKLIST 8.2).
+    # failed 5.4.6 for a loop; list members are never recorded (RFC 3886 §4.2).
     assert outcome_for(0, resolve("info@example.org")).state is RecipientState.EXPANDED
     listed = outcome_for(0, resolve("team@example.org"))
     assert (listed.state, listed.diagnostic) == (RecipientState.EXPANDED, LIST_DIAGNOSTIC)

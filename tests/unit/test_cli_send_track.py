@@ -1,5 +1,5 @@
 """`mtrkmta send` / `mtrkmta track` and the MTQP client logic, without a network
-(CHECKLIST 1.8, 4.1, 4.2, 4.6, 4.7, 4.8)."""
+(RFC 3885 §3.1-§3.2, §4.2; RFC 3887 §2, §6, §9, RFC 3886 §3.3.3)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ from mtrkmta.originator import (
 )
 from mtrkmta.tracking.status import RecipientStatus, TrackingReport, TypedValue
 
-# CHECKLIST 1.8.4's vector (computed there, not an RFC example: CHECKLIST 10.6).
+# Our own vector for RFC 3885 §3.1 (not an RFC 3887 example: those use a 64-bit secret and a
+# SHA1 value that matches no input).
 VECTOR_SECRET = bytes(range(16))
 # 27 characters, no "=" padding: an esmtp-value excludes "=" (RFC 5321 §4.1.2).
 VECTOR_CERTIFIER_B64 = "VheLhqV/rCKJmplkGFwsyW59pYk"
@@ -61,17 +62,17 @@ SECRET_B64 = base64.b64encode(bytes(range(32))).decode()
 WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
 
-# -- originator: secret, ENVID, parameters (CHECKLIST 1.8) ---
+# -- originator: secret, ENVID, parameters (RFC 3885 §3.1-§3.2, §4.2) ---
 
 
 def test_new_tracking_is_random_and_unique():
-    # 1.8.1 [M]: A random, 128..1024 bits, never reused; 1.8.3 [M]: ENVID never reused.
+    # RFC 3885 §3.1, §4.2 (MUST): A random, 128..1024 bits, never reused; §3.2: ENVID never reused.
     first, second = new_tracking("client.example.test"), new_tracking("client.example.test")
     assert len(first.secret) == SECRET_BYTES == 32
     assert first.secret != second.secret and first.envid != second.envid
     local, _, domain = first.envid.partition("@")
     assert domain == "client.example.test" and len(local) >= 20
-    assert first.certifier == hashlib.sha1(first.secret).digest()  # 1.8.2: B = SHA1(A)
+    assert first.certifier == hashlib.sha1(first.secret).digest()  # RFC 3885 §3.1: B = SHA1(A)
 
 
 def test_long_fqdn_is_hashed_into_the_envid():
@@ -80,7 +81,7 @@ def test_long_fqdn_is_hashed_into_the_envid():
 
 
 def test_mail_options_carry_envid_and_the_certifier_of_the_vector():
-    # 1.8.2/1.8.4: base64(SHA1(A)) is sent, never A.
+    # RFC 3885 §3.1: base64(SHA1(A)) is sent, never A.
     tracking = TrackingSecret(VECTOR_SECRET, "a+b=c@client.example.test")
     assert mail_options(tracking, timeout=3600, ret="hdrs") == [
         "ENVID=a+2Bb+3Dc@client.example.test",
@@ -112,7 +113,7 @@ def test_bad_notify(notify):
 
 
 def test_tracking_uri_round_trips():
-    # 4.8: %XX for "/" in the secret; the port only when not 1038.
+    # RFC 3887 §9: %XX for "/" in the secret; the port only when not 1038.
     tracking = TrackingSecret(b"\xff" * 32, "a/b@client.example.test")
     uri = tracking_uri(tracking, "mx.example.test", 1038)
     assert "/" not in uri.split("/track/", 1)[1].replace("%2F", "").split("/", 1)[1]
@@ -374,7 +375,8 @@ def test_track_takes_an_mtqp_uri():
     assert (options["host"], options["port"], options["envid"]) == ("MX.example.test", None, ENVID)
     assert options["secret"] == SECRET_B64 and options["tls"] == "may"
     explicit = parse_track(f"mtqp://127.0.0.1:4242/track/%3C{ENVID}%3E/{SECRET_B64}")
-    assert (explicit["port"], explicit["envid"]) == (4242, ENVID)  # 4.4.2: <...> stripped
+    # <...> stripped (doc/conformance.rst 3887-P2)
+    assert (explicit["port"], explicit["envid"]) == (4242, ENVID)
 
 
 def test_track_takes_server_envid_secret():
@@ -439,7 +441,7 @@ def test_track_usage_errors_exit_2_without_touching_the_network(args):
     assert err.getvalue().startswith("mtrkmta: ")
 
 
-# -- recipient paths and output (CHECKLIST 4.7.6) ---
+# -- recipient paths and output (RFC 3886 §3.3.3) ---
 
 
 def status(action: str, code: str, remote: str | None = None, **more: Any) -> RecipientStatus:
@@ -560,7 +562,7 @@ def test_json_and_timeline_output():
     )
 
 
-# -- following referrals (CHECKLIST 4.7.6) ---
+# -- following referrals (RFC 3886 §3.3.3) ---
 
 
 class ScriptedClient(TrackingClient):
@@ -692,7 +694,7 @@ def test_follow_asks_one_address_at_two_ports():
     assert trace.complete
 
 
-# -- locating servers (CHECKLIST 4.1) ---
+# -- locating servers (RFC 3887 §2) ---
 
 
 class FakeResolver:
@@ -736,7 +738,7 @@ def locate(resolver: FakeResolver, host: str, port: int | None = None, **kw: Any
 
 
 def test_srv_first_then_the_host_itself_on_1038():
-    # 4.1.1-4.1.2: SRV _mtqp._tcp.H, else H's address records, port 1038.
+    # RFC 3887 §2: SRV _mtqp._tcp.H, else H's address records, port 1038.
     resolver = FakeResolver(
         srv={"_mtqp._tcp.mx.example.test": [(0, 0, 4242, b"track.example.test")]},
         a={"track.example.test": ["192.0.2.9"], "plain.example.test": ["192.0.2.1"]},
@@ -804,7 +806,7 @@ def test_srv_order_priority_then_weight():
     assert ("heavy", "zero", "late") in seen  # weight 100 against 0: heavy nearly always first
 
 
-# -- the session protocol (CHECKLIST 4.2, 4.6, 4.7.2) ---
+# -- the session protocol (RFC 3887 §2.2-§2.3, §2.5, §6) ---
 
 
 class TLSTransport(StringTransport):
@@ -836,7 +838,7 @@ def test_reply_timeout_is_measured_on_the_clock():
 
 
 def test_responses_in_order_and_clear_text_forgotten_after_starttls():
-    # 4.6.5 [M]: the client forgets what it read before the handshake.
+    # RFC 3887 §6 (MUST): the client forgets what it read before the handshake.
     clock = MemoryReactorClock()
     protocol, transport = connected(clock)
     protocol.dataReceived(b"+OK+/MTQP hi\r\nSTARTTLS\r\n.\r\n")

@@ -1,4 +1,4 @@
-"""DSN policy: the CHECKLIST 6.1 table, null senders, delay warnings and batching."""
+"""DSN policy: the rules of RFC 3461 §5.2.2-§5.2.7, null senders, delay warnings and batching."""
 
 from __future__ import annotations
 
@@ -35,88 +35,88 @@ D = DsnEvent
 
 TABLE = [
     # -- delivered to mailbox or LDA ---------------------------------------------------
-    # CHECKLIST 6.1; 3461 §5.2.3 (c)
+    # RFC 3461 §5.2.3 (c)
     pytest.param(D.DELIVERED, ABSENT, None, id="delivered-absent"),
-    # CHECKLIST 6.1; 3461 §5.2.3 (b)
+    # RFC 3461 §5.2.3 (b)
     pytest.param(D.DELIVERED, NEVER, None, id="delivered-never"),
-    # CHECKLIST 6.1; 3461 §5.2.3 (a)
+    # RFC 3461 §5.2.3 (a)
     pytest.param(D.DELIVERED, SUCCESS, "delivered", id="delivered-has"),
-    # CHECKLIST 6.1; 3461 §5.2.3 (a)
+    # RFC 3461 §5.2.3 (a)
     pytest.param(D.DELIVERED, ALL, "delivered", id="delivered-has-all"),
-    # CHECKLIST 6.1; 3461 §5.2.3 (b)
+    # RFC 3461 §5.2.3 (b)
     pytest.param(D.DELIVERED, FAILURE_DELAY, None, id="delivered-lacks"),
     # -- accepted by a list exploder -----------------------------------------------------
-    # CHECKLIST 6.1; 3461 §5.2.7.1, §5.2.3 (c)
+    # RFC 3461 §5.2.7.1, §5.2.3 (c)
     pytest.param(D.LIST_ACCEPTED, ABSENT, None, id="list-absent"),
-    # CHECKLIST 6.1; 3461 §5.2.7.1, §5.2.3 (b)
+    # RFC 3461 §5.2.7.1, §5.2.3 (b)
     pytest.param(D.LIST_ACCEPTED, NEVER, None, id="list-never"),
-    # CHECKLIST 6.1; 3461 §5.2.7.1
+    # RFC 3461 §5.2.7.1
     pytest.param(D.LIST_ACCEPTED, SUCCESS, "delivered", id="list-has"),
-    # CHECKLIST 6.1; 3461 §5.2.7.1, §5.2.3 (b)
+    # RFC 3461 §5.2.7.1, §5.2.3 (b)
     pytest.param(D.LIST_ACCEPTED, FAILURE, None, id="list-lacks"),
     # -- relayed to a non-DSN SMTP server, RCPT got 2xx ----------------------------------------
-    # CHECKLIST 6.1; 3461 §5.2.2 (e)
+    # RFC 3461 §5.2.2 (e)
     pytest.param(D.RELAYED, ABSENT, None, id="relayed-absent"),
-    # CHECKLIST 6.1; 3461 §5.2.2 (d)
+    # RFC 3461 §5.2.2 (d)
     pytest.param(D.RELAYED, NEVER, None, id="relayed-never"),
-    # CHECKLIST 6.1; 3461 §5.2.2 (b)
+    # RFC 3461 §5.2.2 (b)
     pytest.param(D.RELAYED, SUCCESS, "relayed", id="relayed-has"),
-    # CHECKLIST 6.1; 3461 §5.2.2 (b)
+    # RFC 3461 §5.2.2 (b)
     pytest.param(D.RELAYED, SUCCESS_DELAY, "relayed", id="relayed-has-2"),
-    # CHECKLIST 6.1; 3461 §5.2.2 (b)
+    # RFC 3461 §5.2.2 (b)
     pytest.param(D.RELAYED, FAILURE_DELAY, None, id="relayed-lacks"),
     # -- relayed to a non-DSN SMTP server, RCPT got 5xx ----------------------------------------
-    # CHECKLIST 6.1; 3461 §5.2.2 (f)
+    # RFC 3461 §5.2.2 (f)
     pytest.param(D.RELAY_REJECTED, ABSENT, "failed", id="rejected-absent"),
-    # CHECKLIST 6.1; 3461 §5.2.2 (d)
+    # RFC 3461 §5.2.2 (d)
     pytest.param(D.RELAY_REJECTED, NEVER, None, id="rejected-never"),
-    # CHECKLIST 6.1; 3461 §5.2.2 (c)
+    # RFC 3461 §5.2.2 (c)
     pytest.param(D.RELAY_REJECTED, FAILURE, "failed", id="rejected-has"),
-    # CHECKLIST 6.1; 3461 §5.2.2 (c)
+    # RFC 3461 §5.2.2 (c)
     pytest.param(D.RELAY_REJECTED, ALL, "failed", id="rejected-has-all"),
-    # CHECKLIST 6.1; 3461 §5.2.6 (b)
+    # RFC 3461 §5.2.6 (b)
     pytest.param(D.RELAY_REJECTED, SUCCESS_DELAY, None, id="rejected-lacks"),
     # -- gatewayed, the foreign side cannot confirm ---------------------------------------------
-    # CHECKLIST 6.1; 3461 §5.2.4 (d)
+    # RFC 3461 §5.2.4 (d)
     pytest.param(D.GATEWAYED, ABSENT, None, id="gatewayed-absent"),
-    # CHECKLIST 6.1; 3461 §5.2.4 (c)
+    # RFC 3461 §5.2.4 (c)
     pytest.param(D.GATEWAYED, NEVER, None, id="gatewayed-never"),
-    # CHECKLIST 6.1; 3461 §5.2.4 (b)
+    # RFC 3461 §5.2.4 (b)
     pytest.param(D.GATEWAYED, SUCCESS, "relayed", id="gatewayed-has"),
-    # CHECKLIST 6.1; 3461 §5.2.4 (b)
+    # RFC 3461 §5.2.4 (b)
     pytest.param(D.GATEWAYED, FAILURE, None, id="gatewayed-lacks"),
     # -- failed here ----------------------------------------------------------------------------
-    # CHECKLIST 6.1; 3461 §5.2.6 (c)
+    # RFC 3461 §5.2.6 (c)
     pytest.param(D.FAILED, ABSENT, "failed", id="failed-absent"),
-    # CHECKLIST 6.1; 3461 §5.2.6 (b)
+    # RFC 3461 §5.2.6 (b)
     pytest.param(D.FAILED, NEVER, None, id="failed-never"),
-    # CHECKLIST 6.1; 3461 §5.2.6 (a)
+    # RFC 3461 §5.2.6 (a)
     pytest.param(D.FAILED, FAILURE, "failed", id="failed-has"),
-    # CHECKLIST 6.1; 3461 §5.2.6 (a)
+    # RFC 3461 §5.2.6 (a)
     pytest.param(D.FAILED, SUCCESS_FAILURE, "failed", id="failed-has-2"),
-    # CHECKLIST 6.1; 3461 §5.2.6 (b)
+    # RFC 3461 §5.2.6 (b)
     pytest.param(D.FAILED, SUCCESS_DELAY, None, id="failed-lacks"),
-    # CHECKLIST 6.1; 3461 §5.2.6 (b)
+    # RFC 3461 §5.2.6 (b)
     pytest.param(D.FAILED, DELAY, None, id="failed-lacks-2"),
-    # -- delayed unusually long ([O]; we send when allowed, CHECKLIST 1.5.3 [P]) --------------
-    # CHECKLIST 6.1; 3461 §5.2.5 (b)
+    # -- delayed unusually long (a MAY; we send when allowed, doc/conformance.rst 3461-P1) ---
+    # RFC 3461 §5.2.5 (b)
     pytest.param(D.DELAYED, ABSENT, "delayed", id="delayed-absent"),
-    # CHECKLIST 6.1; 3461 §4.1, §5.2.5 (c)
+    # RFC 3461 §4.1, §5.2.5 (c)
     pytest.param(D.DELAYED, NEVER, None, id="delayed-never"),
-    # CHECKLIST 6.1; 3461 §5.2.5 (a)
+    # RFC 3461 §5.2.5 (a)
     pytest.param(D.DELAYED, DELAY, "delayed", id="delayed-has"),
-    # CHECKLIST 6.1; 3461 §5.2.5 (a)
+    # RFC 3461 §5.2.5 (a)
     pytest.param(D.DELAYED, FAILURE_DELAY, "delayed", id="delayed-has-2"),
-    # CHECKLIST 6.1; 3461 §5.2.5 (c)
+    # RFC 3461 §5.2.5 (c)
     pytest.param(D.DELAYED, SUCCESS_FAILURE, None, id="delayed-lacks"),
-    # -- multi-recipient alias, option (c) [P] --------------------------------------------------
-    # CHECKLIST 6.1 (c); 3461 §5.2.7.3 (c)
+    # -- multi-recipient alias, option (c), doc/conformance.rst 3461-P2 ----------------------------
+    # RFC 3461 §5.2.7.3 (c), doc/conformance.rst 3461-P2
     pytest.param(D.EXPANDED, ABSENT, None, id="expanded-absent"),
-    # CHECKLIST 6.1 (c); 3461 §4.1, §5.2.7.3 (c)
+    # RFC 3461 §4.1, §5.2.7.3 (c), doc/conformance.rst 3461-P2
     pytest.param(D.EXPANDED, NEVER, None, id="expanded-never"),
-    # CHECKLIST 6.1 (c); 3461 §5.2.7.3 (c)
+    # RFC 3461 §5.2.7.3 (c), doc/conformance.rst 3461-P2
     pytest.param(D.EXPANDED, SUCCESS, "expanded", id="expanded-has"),
-    # CHECKLIST 6.1 (c); 3461 §5.2.7.3 (c)
+    # RFC 3461 §5.2.7.3 (c), doc/conformance.rst 3461-P2
     pytest.param(D.EXPANDED, FAILURE_DELAY, None, id="expanded-lacks"),
 ]
 
@@ -155,14 +155,14 @@ def _column(event: DsnEvent, notify: frozenset[str] | None) -> str:
 @pytest.mark.parametrize(
     ("event", "expected"),
     [
-        (D.DELIVERED, None),  # CHECKLIST 6.1: the DSN-capable LDA reports delivery itself
-        (D.LIST_ACCEPTED, None),  # CHECKLIST 6.1; 3461 §5.2.1: duty passed on
-        (D.RELAYED, None),  # CHECKLIST 6.1; 3461 §5.2.1: relay to a DSN server, no `relayed`
-        (D.GATEWAYED, None),  # CHECKLIST 6.1; 3461 §5.2.4 (a): foreign side will notify
-        (D.EXPANDED, "expanded"),  # CHECKLIST 6.1 (c): SUCCESS stripped, so it stays ours
-        (D.RELAY_REJECTED, "failed"),  # CHECKLIST 6.1; 3461 §5.2.2 (c): not accepted
-        (D.FAILED, "failed"),  # CHECKLIST 6.1; 3461 §5.2.6 (a)
-        (D.DELAYED, "delayed"),  # CHECKLIST 6.1; 3461 §5.2.5 (a): still in our queue
+        (D.DELIVERED, None),  # RFC 3461 §5.2.1: the DSN-capable LDA reports delivery itself
+        (D.LIST_ACCEPTED, None),  # RFC 3461 §5.2.1: duty passed on
+        (D.RELAYED, None),  # RFC 3461 §5.2.1: relay to a DSN server, no `relayed`
+        (D.GATEWAYED, None),  # RFC 3461 §5.2.4 (a): foreign side will notify
+        (D.EXPANDED, "expanded"),  # doc/conformance.rst 3461-P2: SUCCESS stripped
+        (D.RELAY_REJECTED, "failed"),  # RFC 3461 §5.2.2 (c): not accepted
+        (D.FAILED, "failed"),  # RFC 3461 §5.2.6 (a)
+        (D.DELAYED, "delayed"),  # RFC 3461 §5.2.5 (a): still in our queue
     ],
 )
 def test_dsn_passed_on_suppresses_only_success_reports(event, expected):
@@ -173,7 +173,7 @@ def test_dsn_passed_on_suppresses_only_success_reports(event, expected):
 @pytest.mark.parametrize("event", list(DsnEvent))
 @pytest.mark.parametrize("notify", [ABSENT, ALL, FAILURE])
 def test_null_sender_never_gets_a_dsn(sender, event, notify):
-    # CHECKLIST 6.1.1; 3461 §5.2 NOTE: MUST NOT for MAIL FROM:<>.
+    # RFC 3461 §5.2 NOTE: MUST NOT for MAIL FROM:<>.
     assert notification_for(event, notify, sender=sender, dsn_passed=False) is None
 
 
@@ -184,7 +184,7 @@ def test_is_null_sender():
 
 
 def test_notify_keywords_in_any_case():
-    # CHECKLIST 1.5.2: NOTIFY keywords are case-insensitive (3461 §4.1).
+    # RFC 3461 §4.1: NOTIFY keywords are case-insensitive.
     assert notification_for(D.DELIVERED, frozenset({"success"}), sender=SENDER, dsn_passed=False)
     assert notification_for(D.FAILED, frozenset({"never"}), sender=SENDER, dsn_passed=False) is None
 
@@ -199,12 +199,12 @@ notify_values = st.one_of(
 @given(event=st.sampled_from(list(DsnEvent)), notify=notify_values, passed=st.booleans())
 def test_action_is_a_dsn_action_and_fits_the_request(event, notify, passed):
     action = notification_for(event, notify, sender=SENDER, dsn_passed=passed)
-    # CHECKLIST 5.4.3, 11.12: never transferred/opaque in a DSN.
+    # RFC 3464 §2.3.3, doc/conformance.rst 3886-P4: never transferred/opaque in a DSN.
     assert action is None or action in DSN_ACTIONS
     if notify == NEVER:
         assert action is None  # 3461 §4.1: NEVER means no DSN at all
     if action in ("delivered", "relayed", "expanded"):
-        # CHECKLIST 6.4.8: success reports only when SUCCESS was asked (3461 §5.2.3, §5.2.2).
+        # RFC 3464 §2.3.3: success reports only when SUCCESS was asked (RFC 3461 §5.2.3, §5.2.2).
         assert notify is not None and "SUCCESS" in notify
     if notify is not None and "FAILURE" in notify and event in (D.FAILED, D.RELAY_REJECTED):
         assert action == "failed"  # 3461 §5.2.6 (a): MUST
@@ -272,7 +272,7 @@ def test_delay_warning_property(elapsed, threshold, warned):
 
 
 def test_group_leaves_out_recipients_that_did_not_ask():
-    # CHECKLIST 6.1.3; 3461 §5.2.8: no information on recipients that did not ask.
+    # RFC 3461 §5.2.8: no information on recipients that did not ask.
     batches = group([("a", "failed"), ("b", None), ("c", "failed")])
     assert batches == [Batch("failed", ("a", "c"))]
 
@@ -306,7 +306,7 @@ def test_group_of_nothing():
 
 @pytest.mark.parametrize("action", ["transferred", "opaque", "bogus"])
 def test_group_refuses_actions_a_dsn_cannot_carry(action):
-    # CHECKLIST 5.4.3, 11.12.
+    # RFC 3464 §2.3.3, doc/conformance.rst 3886-P4.
     with pytest.raises(ValueError, match="cannot appear in a DSN"):
         group([("a", action)])
 

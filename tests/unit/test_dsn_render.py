@@ -188,7 +188,7 @@ def field_names(block: dict[str, str]) -> list[str]:
 
 
 def test_multipart_report_with_three_parts():
-    # CHECKLIST 6.3.1-6.3.4; RFC 6522 §3, RFC 3464 §2, RFC 3461 §6.2.
+    # RFC 6522 §3-§4, RFC 3464 §2, §2.1, RFC 3461 §6.2.
     dsn = render([failed_report()])
     message = parse(dsn)
     assert message.get_content_type() == "multipart/report"
@@ -200,13 +200,14 @@ def test_multipart_report_with_three_parts():
         "message/delivery-status",
         "message/rfc822",
     ]
-    assert parts[1]["Content-Transfer-Encoding"] == "7bit"  # CHECKLIST 6.3.3
+    assert parts[1]["Content-Transfer-Encoding"] == "7bit"  # RFC 3464 §2.1
     assert message.defects == []
     assert all(part.defects == [] for part in parts)
 
 
 def test_top_level_headers():
-    # CHECKLIST 6.2.3: To = envelope return address, From = postmaster; 6.4.7 numeric zone.
+    # RFC 3461 §6.1: To = envelope return address, From = postmaster; numeric zone (RFC 3464
+    # §2.2.5).
     message = parse(render([failed_report()]))
     assert message["From"] == f"Mail Delivery System <MAILER-DAEMON@{MTA}>"
     assert message["From"].addresses[0].addr_spec == f"MAILER-DAEMON@{MTA}"
@@ -252,7 +253,7 @@ def test_crlf_line_ends_and_short_lines():
 
 
 def test_human_readable_part_says_what_happened_to_whom_and_why():
-    # CHECKLIST 6.3.2: part 1 is a human-readable explanation.
+    # RFC 6522 §3: part 1 is a human-readable explanation.
     text = parse(render([failed_report(), delayed_report()])).get_body(("plain",))
     assert text is not None
     content = " ".join(text.get_content().split())
@@ -273,7 +274,7 @@ def test_human_readable_part_says_what_happened_to_whom_and_why():
 
 
 def test_every_field_of_a_failed_report():
-    # CHECKLIST 6.4; RFC 3464 §2.2-2.3, RFC 3461 §6.3.
+    # RFC 3464 §2.2-§2.3, RFC 3461 §6.3.
     per_message, per_recipient = delivery_status(render([failed_report()]))
     assert per_message == {
         "Original-Envelope-Id": "QQ314159@client.example.org",
@@ -337,7 +338,7 @@ def test_email_package_reads_the_same_fields():
 
 
 def test_one_block_per_recipient_in_order():
-    # CHECKLIST 6.1.3: one DSN may cover several recipients.
+    # RFC 3461 §5.2.8: one DSN may cover several recipients.
     reports = [
         failed_report(final_recipient=f"user{i}@example.com", original_recipient=None)
         for i in range(3)
@@ -349,14 +350,14 @@ def test_one_block_per_recipient_in_order():
 
 
 def test_no_original_envelope_id_without_envid():
-    # CHECKLIST 6.4.1; RFC 3461 §6.3 (a): MUST NOT without ENVID.
+    # RFC 3464 §2.2.1, RFC 3461 §6.3 (a): MUST NOT without ENVID.
     per_message = delivery_status(render([failed_report()], message=stored_message(envid=None)))[0]
     assert "Original-Envelope-Id" not in per_message
     assert next(iter(per_message)) == "Reporting-MTA"
 
 
 def test_original_envelope_id_is_the_decoded_envid_case_kept():
-    # CHECKLIST 6.4.1, 11.8: the xtext-decoded value (stored decoded), case kept.
+    # RFC 3461 §6.3 (a), RFC 3464 §2.2.1: the xtext-decoded value (stored decoded), case kept.
     message = stored_message(envid="Msg+2B1=Odd Case")
     assert delivery_status(render([failed_report()], message=message))[0][
         "Original-Envelope-Id"
@@ -364,7 +365,7 @@ def test_original_envelope_id_is_the_decoded_envid_case_kept():
 
 
 def test_original_recipient_only_with_orcpt():
-    # CHECKLIST 6.4.4, 11.9; RFC 3461 §6.3 (d): present iff ORCPT was received.
+    # RFC 3461 §6.3 (d), RFC 3464 §2.3.1: present iff ORCPT was received.
     with_orcpt, without = delivery_status(
         render([failed_report(), failed_report(original_recipient=None)])
     )[1:]
@@ -374,7 +375,7 @@ def test_original_recipient_only_with_orcpt():
 
 
 def test_will_retry_until_only_for_delayed():
-    # CHECKLIST 6.4.7; RFC 3464 §2.3.9: MUST NOT appear in other DSNs.
+    # RFC 3464 §2.3.9: MUST NOT appear in other DSNs.
     until = ARRIVAL + 5 * 86400
     reports = [
         failed_report(will_retry_until=until),
@@ -388,7 +389,7 @@ def test_will_retry_until_only_for_delayed():
 
 
 def test_diagnostic_code_and_remote_mta_for_remote_failures():
-    # CHECKLIST 6.4.6; RFC 3461 §6.3 (h)-(i), §9.2.
+    # RFC 3461 §6.3 (h)-(i), §9.2.
     block = delivery_status(render([failed_report()]))[1]
     assert block["Remote-MTA"] == "dns; mx1.example.com"
     assert block["Diagnostic-Code"].startswith("smtp; 550-5.1.1 ")
@@ -432,7 +433,7 @@ def test_untyped_diagnostic_gets_a_type():
 
 
 def test_multi_line_reply_joined_with_a_space_and_folded():
-    # CHECKLIST 6.4.6: a SPACE before each continuation line (RFC 3461 §9.2).
+    # RFC 3461 §9.2: a SPACE before each continuation line.
     lines = [f"550-5.7.1 line {i} of a long policy explanation from the far side" for i in range(6)]
     lines.append("550 5.7.1 the end")
     diagnostic = smtp_diagnostic(lines)
@@ -466,7 +467,7 @@ def test_folding_is_transparent(texts):
 
 
 def test_status_without_leading_zeros_and_fallbacks():
-    # CHECKLIST 5.3 (status-code), 6.4.5 (fallback 4.0.0 / 5.0.0).
+    # RFC 3464 §2.3.4 (status-code; fallback 4.0.0 / 5.0.0).
     blocks = delivery_status(
         render(
             [
@@ -493,13 +494,13 @@ def test_status_that_does_not_fit_the_action_gives_way_to_the_default(action, st
 
 
 def test_failed_may_carry_a_persistent_transient_status():
-    # The queue fails a recipient whose lifetime ran out with 4.4.7 (CHECKLIST 5.4).
+    # The queue fails a recipient whose lifetime ran out with 4.4.7 (RFC 3886 §3.3.3).
     block = delivery_status(render([failed_report(status="4.4.7")]))[1]
     assert block["Status"] == "4.4.7"
 
 
 def test_reporting_mta_without_a_domain_name():
-    # CHECKLIST 6.4.2; RFC 3461 §6.3 (b): not "dns" when the FQDN is unknown.
+    # RFC 3464 §2.2.2, RFC 3461 §6.3 (b): not "dns" when the FQDN is unknown.
     dsn = render([failed_report()], reporting_mta="localhost")
     assert delivery_status(dsn)[0]["Reporting-MTA"] == "x-local-hostname; localhost"
 
@@ -515,7 +516,7 @@ def test_reporting_mta_without_a_domain_name():
     ],
 )
 def test_received_from_mta(client, expected):
-    # CHECKLIST 6.4.3; RFC 3464 §2.2.4: EHLO name, client address as a comment.
+    # RFC 3464 §2.2.4: EHLO name, client address as a comment.
     client = ClientInfo(address=client[0], helo=client[1])
     per_message = delivery_status(render([failed_report()], message=stored_message(client=client)))[
         0
@@ -538,7 +539,7 @@ def test_non_ascii_final_recipient_uses_the_utf_8_type():
 
 
 def test_dates_have_numeric_zones():
-    # CHECKLIST 6.4.7; RFC 3464 §2.2.5, §2.3.7, §2.3.9.
+    # RFC 3464 §2.2.5, §2.3.7, §2.3.9.
     dsn = render([delayed_report()])
     dates = [
         value
@@ -566,7 +567,7 @@ def returned(dsn: bytes) -> tuple[str, bytes] | None:
 
 
 def test_ret_full_failure_returns_the_whole_message():
-    # CHECKLIST 6.3.5; RFC 3461 §6.2: FULL -> whole message on failure DSNs.
+    # RFC 3461 §4.3, §6.2: FULL -> whole message on failure DSNs.
     kind, body = returned(render([failed_report()], ret="FULL")) or ("", b"")
     assert kind == "message/rfc822"
     assert body == CONTENT
@@ -576,13 +577,13 @@ def test_ret_full_failure_returns_the_whole_message():
 
 
 def test_no_ret_failure_returns_the_whole_message():
-    # CHECKLIST 6.3.5: RET absent -> either; RFC 6522 §3 leans to full.
+    # RFC 3461 §4.3: RET absent -> either; RFC 6522 §3 leans to full (doc/conformance.rst 6522-P1).
     assert returned(render([failed_report()], ret=None)) == ("message/rfc822", CONTENT)
 
 
 @pytest.mark.parametrize("ret", ["HDRS", "hdrs"])
 def test_ret_hdrs_gives_text_rfc822_headers(ret):
-    # CHECKLIST 6.3.4-6.3.5; RFC 3461 §4.3.
+    # RFC 6522 §3-§4, RFC 3461 §4.3, §6.2.
     dsn = render([failed_report()], ret=ret)
     assert returned(dsn) == ("text/rfc822-headers", HEADER)
     assert list(parse(dsn).iter_parts())[2].get_content_type() == "text/rfc822-headers"
@@ -591,7 +592,7 @@ def test_ret_hdrs_gives_text_rfc822_headers(ret):
 
 
 def test_ret_full_over_the_size_limit_falls_back_to_headers():
-    # CHECKLIST 6.3.5; RFC 3461 §6.2: MAY return only the headers when too large.
+    # RFC 3461 §6.2: MAY return only the headers when too large.
     assert returned(render([failed_report()], max_full_size=len(CONTENT) - 1)) == (
         "text/rfc822-headers",
         HEADER,
@@ -613,7 +614,7 @@ def test_ret_full_over_the_size_limit_falls_back_to_headers():
     ],
 )
 def test_reports_without_a_failure_return_headers_only(ret, report):
-    # CHECKLIST 6.3.5; RFC 3461 §6.2: no failure -> SHOULD return only the headers.
+    # RFC 3461 §6.2: no failure -> SHOULD return only the headers.
     assert returned(render([report], ret=ret)) == ("text/rfc822-headers", HEADER)
 
 
@@ -640,7 +641,7 @@ EIGHT_BIT_HEADER = CONTENT.replace(b"Subject: Lunch", "Subject: Mittagessen für
 
 
 def test_eight_bit_body_on_a_seven_bit_path_returns_headers():
-    # CHECKLIST 6.3.5 / RFC 6522 §3 [P]: headers only, the DSN stays 7-bit.
+    # RFC 6522 §3 (our choice of its two options): headers only, the DSN stays 7-bit.
     dsn = render([failed_report()], content=EIGHT_BIT_BODY)
     assert returned(dsn) == ("text/rfc822-headers", HEADER)
     assert dsn.isascii()
@@ -684,14 +685,14 @@ def test_bad_ret_is_refused():
 
 @pytest.mark.parametrize("action", ["transferred", "opaque", "Failed", "bounced"])
 def test_actions_a_dsn_cannot_carry_are_refused(action):
-    # CHECKLIST 5.4.3, 11.12: never transferred/opaque in a DSN.
+    # RFC 3464 §2.3.3, doc/conformance.rst 3886-P4: never transferred/opaque in a DSN.
     with pytest.raises(ValueError, match="cannot appear in a DSN"):
         render([failed_report(action=action)])
 
 
 @pytest.mark.parametrize("sender", ["", "<>"])
 def test_null_sender_gets_no_dsn(sender):
-    # CHECKLIST 6.1.1; RFC 3461 §5.2.
+    # RFC 3461 §5.2.
     with pytest.raises(ValueError, match="null reverse-path"):
         render([failed_report()], message=stored_message(sender=sender))
 

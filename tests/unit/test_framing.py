@@ -23,7 +23,8 @@ def test_lines_split_across_chunks():
 
 
 def test_overlong_line_is_reported_once_and_later_lines_survive():
-    # CHECKLIST 1.2.4: lines past the limit get 500 5.5.2; pipelined lines after it are kept.
+    # doc/conformance.rst 3885-P2: lines past the limit get 500 5.5.2; pipelined lines after it
+    # are kept.
     framer = LineFramer(10)
     events = feed_all(framer, [b"X" * 25, b"Y" * 25, b"\r\nNOOP\r\n"])
     assert events == [OVERLONG, b"NOOP"]

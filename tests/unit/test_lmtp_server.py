@@ -29,18 +29,19 @@ def test_greeting_and_lhlo(client):
     assert client.lines() == [b"220 lda.example.test LMTP mtrkmta"]
     lines = client.send(b"LHLO c.example\r\n")
     assert lines[0] == b"250-lda.example.test"
-    # CHECKLIST 7.4: PIPELINING and ENHANCEDSTATUSCODES; MTRK with DSN (CHECKLIST 7.7).
+    # RFC 2033 §5: PIPELINING and ENHANCEDSTATUSCODES; MTRK with DSN (RFC 3886 §3.5,
+    # doc/conformance.rst 3885-P4).
     assert {b"250-PIPELINING", b"250-ENHANCEDSTATUSCODES", b"250-DSN", b"250-MTRK"} <= set(lines)
 
 
 def test_helo_and_ehlo_are_refused(client):
-    # CHECKLIST 7.1: HELO/EHLO never get 2xx on LMTP.
+    # RFC 2033 §4.1: HELO/EHLO never get 2xx on LMTP.
     assert client.send(b"EHLO c\r\n")[0].startswith(b"500 5.5.1")
     assert client.send(b"HELO c\r\n")[0].startswith(b"500 5.5.1")
 
 
 def test_one_reply_per_recipient_in_order_with_duplicates(client, receiver):
-    # CHECKLIST 7.3: one reply per accepted RCPT, RCPT order, duplicates included.
+    # RFC 2033 §4.2: one reply per accepted RCPT, RCPT order, duplicates included.
     client.send(
         b"LHLO c\r\nMAIL FROM:<s@c.example>\r\nRCPT TO:<a@lda.example.test>\r\n"
         b"RCPT TO:<b@lda.example.test>\r\nRCPT TO:<a@lda.example.test>\r\nDATA\r\n"
@@ -66,7 +67,7 @@ def test_refused_content_is_refused_for_every_recipient(client, receiver):
 
 
 def test_data_without_recipients(client):
-    # CHECKLIST 7.2
+    # RFC 2033 §4.2
     client.send(b"LHLO c\r\nMAIL FROM:<s@c.example>\r\n")
     assert client.send(b"DATA\r\n") == [b"503 5.5.1 No valid recipients"]
 

@@ -1,4 +1,4 @@
-"""Tests for mtrkmta.mtqp.protocol: commands, responses, greetings and the reader (CHECKLIST 4)."""
+"""Tests for mtrkmta.mtqp.protocol: commands, responses, greetings and the reader (RFC 3887)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ from mtrkmta.tracking.status import (
     render_related,
 )
 
-# Every vector here is our own; the RFC 3887 examples are not used (CHECKLIST 10.6).
+# Every vector here is our own; the RFC 3887 examples are not used (their
+# secret is 64 bits, under RFC 3885 §3.1's 128, and their SHA1 value matches no input).
 SECRET = base64.b64encode(bytes(range(16))).decode()  # AAECAwQFBgcICQoLDA0ODw==
 SECRET_SHA1 = "56178b86a57fac22899a9964185c2cc96e7da589"  # SHA1 of octets 00..0f
 
@@ -65,12 +66,12 @@ def feed_all(reader: ResponseReader, wire: bytes) -> list[Response]:
 
 class TestTrack:
     def test_basic(self):
-        # CHECKLIST 4.4: TRACK unique-envid mtrk-secret
+        # RFC 3887 §4: TRACK unique-envid mtrk-secret
         command = parse_command(f"TRACK q81-z@origin.example {SECRET}\r\n".encode())
         assert command == Track("q81-z@origin.example", SECRET)
 
     def test_keyword_case_and_separators(self):
-        # CHECKLIST 4.2.1: case-insensitive keywords; 1+ SP/HTAB separators
+        # RFC 3887 §2.2: case-insensitive keywords; 1+ SP/HTAB separators
         command = parse_command(f"tRaCk \t q81-z@origin.example\t\t{SECRET}  ".encode())
         assert command == Track("q81-z@origin.example", SECRET)
 
@@ -79,7 +80,7 @@ class TestTrack:
             assert isinstance(parse_command(b"TRACK a@b " + SECRET.encode() + end), Track)
 
     def test_angle_brackets_stripped_once(self):
-        # CHECKLIST 4.4.2 [P]: one surrounding <...> pair is accepted and stripped
+        # doc/conformance.rst 3887-P2: one surrounding <...> pair is accepted and stripped
         command = parse_command(f"TRACK <q81-z@origin.example> {SECRET}".encode())
         assert isinstance(command, Track)
         assert command.envid == "q81-z@origin.example"
@@ -93,26 +94,26 @@ class TestTrack:
         assert command.envid == "<x@y"
 
     def test_envid_xtext_decoded_case_kept(self):
-        # CHECKLIST 4.4.2: exact match after xtext decoding; case kept
+        # project decision, doc/conformance.rst 3887-P2: exact match after xtext decoding; case kept
         command = parse_command(f"TRACK Ab+2Bc+3dD@Host.Example {SECRET}".encode())
         assert isinstance(command, Track)
         assert command.envid == "Ab+c=D@Host.Example"
 
     def test_unpadded_secret_accepted(self):
-        # CHECKLIST 11.1 spirit: padding is optional
+        # doc/conformance.rst 3887-P3: padding is optional
         command = parse_command(f"TRACK a@b {SECRET.rstrip('=')}".encode())
         assert isinstance(command, Track)
         assert command.certifier() == bytes.fromhex(SECRET_SHA1)
 
     def test_certifier_is_sha1_of_decoded_secret(self):
-        # CHECKLIST 4.4.1, 11.7: hash the decoded secret, not the base64 text
+        # RFC 3887 §4; RFC 3885 §3.1: hash the decoded secret, not the base64 text
         command = parse_command(f"TRACK a@b {SECRET}".encode())
         assert isinstance(command, Track)
         assert command.certifier().hex() == SECRET_SHA1
         assert command.certifier() != hashlib.sha1(SECRET.encode()).digest()
 
     def test_arguments_not_in_repr(self):
-        # CHECKLIST 8.5: TRACK arguments are never logged
+        # RFC 3885 §4.2, RFC 3887 §11: TRACK arguments are never logged
         command = Track("very-private@origin.example", SECRET)
         assert "very-private" not in repr(command)
         assert SECRET not in repr(command)
@@ -143,13 +144,13 @@ class TestTrack:
         ],
     )
     def test_malformed_is_bad(self, line):
-        # CHECKLIST 4.2.4: malformed command -> -BAD
+        # RFC 3887 §2.3: malformed command -> -BAD
         assert bad(line).indicator == "-BAD"
 
 
 class TestStartTLS:
     def test_fqdn(self):
-        # CHECKLIST 4.6.2: the argument is the FQDN the client expects
+        # RFC 3887 §6: the argument is the FQDN the client expects
         assert parse_command(b"STARTTLS mtqp.Example.COM\r\n") == StartTLS("mtqp.Example.COM")
 
     def test_trailing_blanks(self):
@@ -174,7 +175,7 @@ class TestStartTLS:
         ],
     )
     def test_missing_or_bad_fqdn_is_bad(self, line):
-        # CHECKLIST 4.6.2, 11.13: missing argument is a syntax error -> -BAD
+        # RFC 3887 §6, §2.3: missing argument is a syntax error -> -BAD
         assert bad(line).indicator == "-BAD"
 
     def test_render(self):
@@ -184,7 +185,7 @@ class TestStartTLS:
 
 class TestQuitComment:
     def test_quit(self):
-        # CHECKLIST 4.5.2: no argument
+        # RFC 3887 §7: no argument
         assert parse_command(b"QUIT\r\n") == Quit()
         assert parse_command(b"quit  ") == Quit()
         assert Quit().render() == b"QUIT\r\n"
@@ -193,7 +194,7 @@ class TestQuitComment:
         assert bad(b"QUIT now").indicator == "-BAD"
 
     def test_comment(self):
-        # CHECKLIST 4.5.1: any text
+        # RFC 3887 §5: any text
         assert parse_command(b"COMMENT") == Comment("")
         assert parse_command(b"comment  hello,\tworld! <>/") == Comment("hello,\tworld! <>/")
         assert Comment("hi there").render() == b"COMMENT hi there\r\n"
@@ -214,7 +215,7 @@ class TestBadLines:
             b"TRACKING a@b AAAA",
             b"COMMENTS are welcome",
             b"STARTTLSx a.example",
-            b"COMMENT caf\xc3\xa9",  # printable ASCII only (CHECKLIST 4.2.1)
+            b"COMMENT caf\xc3\xa9",  # printable ASCII only (RFC 3887 §2.2)
             b"COMMENT \x01",
             b"COMMENT \x7f",
             b"COMMENT a\rb",
@@ -222,13 +223,13 @@ class TestBadLines:
         ],
     )
     def test_unknown_or_malformed_is_bad(self, line):
-        # CHECKLIST 4.2.4, 11.13: -BAD, never -ERR, for unknown commands
+        # RFC 3887 §2.3, §6: -BAD, never -ERR, for unknown commands
         response = bad(line)
         assert response.indicator == "-BAD"
         assert response.render().startswith(b"-BAD ")
 
     def test_line_limit(self):
-        # CHECKLIST 4.2.1: at most 998 characters before CRLF
+        # RFC 3887 §2.2: at most 998 characters before CRLF
         ok = b"COMMENT " + b"x" * (MAX_LINE - 8)
         assert len(ok) == 998
         assert parse_command(ok + b"\r\n") == Comment("x" * (MAX_LINE - 8))
@@ -240,7 +241,7 @@ class TestDecodeEnvid:
         assert decode_envid("a+2bb@c") == "a+b@c"
 
     def test_space_and_tab_allowed(self):
-        # CHECKLIST 1.4.2: printable US-ASCII and white space
+        # RFC 3461 §4.4, RFC 3887 §2.2: printable US-ASCII and white space
         assert decode_envid("a+20+09b@c") == "a \tb@c"
 
 
@@ -278,11 +279,11 @@ class TestResponseRender:
         ],
     )
     def test_single_line(self, response, wire):
-        # CHECKLIST 4.2.2: indicator, /code groups, optional text
+        # RFC 3887 §2.3: indicator, /code groups, optional text
         assert response.render() == wire
 
     def test_multi_line_dot_stuffing(self):
-        # CHECKLIST 4.2.3, 11.14: dot-stuff lines starting with "."; end with "." CRLF
+        # RFC 3887 §2.2: dot-stuff lines starting with "."; end with "." CRLF
         response = Response("+OK+", (), "here", (b"plain", b".dotted", b".", b"..", b"", b"a.b"))
         assert response.render() == (
             b"+OK+ here\r\nplain\r\n..dotted\r\n..\r\n...\r\n\r\na.b\r\n.\r\n"
@@ -298,7 +299,7 @@ class TestResponseRender:
         assert response.render().endswith(b"one\r\n..two\r\n.\r\n")
 
     def test_has_code_case_insensitive(self):
-        # CHECKLIST 4.2.2: /code groups are case-insensitive
+        # RFC 3887 §2.3: /code groups are case-insensitive
         response = Response("-ERR", ("NoInfo",))
         assert response.has_code("noinfo")
         assert response.has_code("NOINFO")
@@ -335,7 +336,7 @@ class TestResponseRender:
             Response(**kwargs)
 
     def test_longest_lines(self):
-        # CHECKLIST 4.2.1: 998 octets on the wire, the stuffing dot included
+        # RFC 3887 §2.2: 998 octets on the wire, the stuffing dot included
         Response("+OK+", (), "", (b"x" * 998, b"." + b"x" * 996))
         Response("+OK", (), "x" * 994)
 
@@ -358,7 +359,7 @@ class TestResponseReader:
         ],
     )
     def test_status_lines(self, line, expected):
-        # CHECKLIST 4.2.2
+        # RFC 3887 §2.3
         reader = ResponseReader()
         assert reader.feed(line) == expected
         assert not reader.pending
@@ -372,7 +373,7 @@ class TestResponseReader:
             ResponseReader().feed(line)
 
     def test_multi_line_unstuffed(self):
-        # CHECKLIST 4.2.3: the reader strips the stuffed dot and stops at "."
+        # RFC 3887 §2.2: the reader strips the stuffed dot and stops at "."
         reader = ResponseReader()
         assert reader.feed(b"+OK+ Tracking information follows\r\n") is None
         assert reader.pending
@@ -387,7 +388,7 @@ class TestResponseReader:
         assert not reader.pending
 
     def test_pipelined_responses(self):
-        # CHECKLIST 4.2.5: responses come in command order, one after the other
+        # RFC 3887 §8: responses come in command order, one after the other
         first = Response("+OK+", (), "one", (b".a", b"b"))
         second = Response("-ERR", ("noinfo",), "two")
         third = Response("+OK+", (), "three", ())
@@ -420,7 +421,7 @@ class TestResponseReader:
         assert reader.feed(b"-ERR") == Response("-ERR")
 
     def test_tracking_answer_through_the_wire(self):
-        # CHECKLIST 4.4.3: +OK+, one multipart/related entity, dot-stuffed, ended by "."
+        # RFC 3887 §4; RFC 3886 §3: +OK+, one multipart/related entity, dot-stuffed, ended by "."
         report = TrackingReport(
             original_envelope_id="t-9@origin.example",
             reporting_mta=TypedValue("dns", "mtqp.example.net"),
@@ -464,7 +465,7 @@ def _responses(draw: st.DrawFn) -> Response:
 @settings(max_examples=100, deadline=None)
 @given(st.lists(_responses(), min_size=1, max_size=4))
 def test_reader_inverts_render(responses):
-    # CHECKLIST 4.2.2-4.2.3: render then read gives the same responses
+    # RFC 3887 §2.3, §2.2: render then read gives the same responses
     wire = b"".join(response.render() for response in responses)
     assert feed_all(ResponseReader(), wire) == responses
 
@@ -475,7 +476,7 @@ _XTEXT_SOURCE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), m
 @settings(max_examples=100, deadline=None)
 @given(_XTEXT_SOURCE, _XTEXT_SOURCE, st.binary(min_size=1, max_size=64))
 def test_track_render_parse_round_trip(local, host, secret):
-    # CHECKLIST 4.4.2: the envid travels xtext-encoded and is matched decoded
+    # doc/conformance.rst 3887-P2: the envid travels xtext-encoded and is matched decoded
     envid = f"{local}@{host}"
     encoded = xtext.encode(envid)
     if encoded.startswith("<") and encoded.endswith(">"):
@@ -489,25 +490,25 @@ def test_track_render_parse_round_trip(local, host, secret):
 
 class TestGreeting:
     def test_without_options(self):
-        # CHECKLIST 4.3.1: +OK/MTQP
+        # RFC 3887 §3: +OK/MTQP
         assert greeting().render() == b"+OK/MTQP MTQP server ready\r\n"
 
     def test_multiline_without_options(self):
-        # CHECKLIST 4.3.1: the +OK+ alternative with an empty option list
+        # RFC 3887 §3: the +OK+ alternative with an empty option list
         assert greeting("hi", multiline=True).render() == b"+OK+/MTQP hi\r\n.\r\n"
 
     def test_starttls(self):
-        # CHECKLIST 4.3.3: STARTTLS listed when TLS is enabled
+        # RFC 3887 §3: STARTTLS listed when TLS is enabled
         wire = greeting("ready", options=[starttls_option()]).render()
         assert wire == b"+OK+/MTQP ready\r\nSTARTTLS\r\n.\r\n"
 
     def test_starttls_required(self):
-        # CHECKLIST 4.3.3: "required" when TLS is mandatory for a served domain
+        # RFC 3887 §3: "required" when TLS is mandatory for a served domain
         wire = greeting("ready", options=[starttls_option(required=True)]).render()
         assert wire == b"+OK+/MTQP ready\r\nSTARTTLS required\r\n.\r\n"
 
     def test_continuation_lines(self):
-        # CHECKLIST 4.3.3: continuation lines start with whitespace
+        # RFC 3887 §3: continuation lines start with whitespace
         option = Option("vnd.org.example.extinfo", tuple(f"param{n}" for n in range(20)))
         wire = greeting("ready", options=[starttls_option(), option]).render()
         lines = wire.split(b"\r\n")
@@ -549,7 +550,7 @@ class TestGreeting:
         assert parse_greeting(response).options == tuple(options)
 
     def test_after_tls_no_starttls(self):
-        # CHECKLIST 4.6.5: after the handshake the option list lacks STARTTLS
+        # RFC 3887 §6: after the handshake the option list lacks STARTTLS
         (response,) = feed_all(ResponseReader(), greeting().render())
         parsed = parse_greeting(response)
         assert parsed.ok
@@ -564,12 +565,12 @@ class TestGreeting:
         assert not parsed.starttls_required
 
     def test_greeting_needs_mtqp_tag(self):
-        # CHECKLIST 4.3.1, 11.14: the /MTQP tag is mandatory
+        # RFC 3887 §3, §2.2: the /MTQP tag is mandatory
         with pytest.raises(MalformedResponse):
             parse_greeting(Response("+OK", (), "MTQP server ready"))
 
     def test_negative(self):
-        # CHECKLIST 4.3.2: negative greetings carry a reason
+        # RFC 3887 §3: negative greetings carry a reason
         assert negative_greeting("admin", "down for maintenance").render() == (
             b"-TEMP/MTQP/admin down for maintenance\r\n"
         )

@@ -1,4 +1,5 @@
-"""The MTQP server driven through StringTransport with a controlled clock (CHECKLIST 4, 8.5)."""
+"""The MTQP server driven through StringTransport with a controlled clock (RFC 3887,
+RFC 3885 §4.2)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.tracking.interfaces import RecipientState, StoredMessage, StoredRecipient
 from mtrkmta.tracking.status import parse_related
 
-# CHECKLIST 1.8.4's vector (never the RFC 3887 examples, CHECKLIST 10.6).
+# Our own vector for RFC 3885 §3.1 (never the RFC 3887 examples: their secret is 64 bits
+# and their SHA1 value matches no input).
 SECRET = bytes(range(16))
 SECRET_B64 = "AAECAwQFBgcICQoLDA0ODw=="
 CERTIFIER = bytes.fromhex("56178b86a57fac22899a9964185c2cc96e7da589")
@@ -172,17 +174,17 @@ def track_line(envid: str = ENVID, secret: str = SECRET_B64) -> bytes:
     return f"TRACK {envid} {secret}\r\n".encode()
 
 
-# -- greeting (CHECKLIST 4.3) ---
+# -- greeting (RFC 3887 §3) ---
 
 
 def test_greeting_without_options_is_single_line(clock):
-    # 4.3.1 [M]: the greeting carries /MTQP; no options -> "+OK/MTQP text".
+    # RFC 3887 §3 (MUST): the greeting carries /MTQP; no options -> "+OK/MTQP text".
     session = Session(make(clock))
     assert session.output() == f"+OK/MTQP {HOSTNAME} MTQP server ready\r\n".encode()
 
 
 def test_greeting_lists_starttls_when_a_certificate_is_installed(clock):
-    # 4.3.3 [M]: STARTTLS listed when TLS is enabled with a certificate.
+    # RFC 3887 §3 (MUST): STARTTLS listed when TLS is enabled with a certificate.
     session = Session(make(clock, tls=TLS, tls_names=TLS_NAMES))
     assert session.output() == (
         f"+OK+/MTQP {HOSTNAME} MTQP server ready\r\nSTARTTLS\r\n.\r\n".encode()
@@ -190,17 +192,17 @@ def test_greeting_lists_starttls_when_a_certificate_is_installed(clock):
 
 
 def test_greeting_says_required_when_tls_is_mandatory(clock):
-    # 4.3.3 [M]: "STARTTLS required" when TLS is required.
+    # RFC 3887 §3 (MUST): "STARTTLS required" when TLS is required.
     session = Session(make(clock, tls=TLS, tls_names=TLS_NAMES, tls_required=True))
     assert session.output().split(b"\r\n")[1] == b"STARTTLS required"
 
 
-# -- TRACK (CHECKLIST 4.4, 5) ---
+# -- TRACK (RFC 3887 §4; RFC 3886 §3) ---
 
 
 def test_track_answers_multipart_related_of_tracking_status(clock):
-    # 4.4.1/11.7: SHA1 of the base64-decoded secret is what the store compares;
-    # 4.4.3 [M]: +OK+ with one multipart/related entity, ended by "."; 5.1.1.
+    # RFC 3887 §4, RFC 3885 §3.1: SHA1 of the base64-decoded secret is what the store compares;
+    # RFC 3887 §4 (MUST): +OK+ with one multipart/related entity, ended by "."; RFC 3886 §3.
     store = FakeStore(stored())
     session = Session(make(clock, store))
     session.output()
@@ -245,7 +247,7 @@ def test_track_answers_for_every_transaction_of_the_message(clock):
 
 
 def test_track_strips_angle_brackets_and_accepts_unpadded_secret(clock):
-    # 4.4.2 [P]: one surrounding <...> is stripped; CHECKLIST 11.1: padding optional.
+    # doc/conformance.rst 3887-P2: one surrounding <...> is stripped; 3887-P3: padding optional.
     session = Session(make(clock))
     session.output()
     wire = session.send(track_line(f"<{ENVID}>", SECRET_B64.rstrip("=")))
@@ -253,7 +255,7 @@ def test_track_strips_angle_brackets_and_accepts_unpadded_secret(clock):
 
 
 def test_unknown_envid_and_wrong_secret_get_the_same_reply(clock):
-    # 4.4.4 [P] / 8.5 / 11.14: "-ERR/noinfo" for both, byte for byte, after a lookup each.
+    # doc/conformance.rst 3887-P1: "-ERR/noinfo" for both, byte for byte, after a lookup each.
     store = FakeStore(stored())
     session = Session(make(clock, store))
     session.output()
@@ -264,7 +266,8 @@ def test_unknown_envid_and_wrong_secret_get_the_same_reply(clock):
 
 
 def test_untracked_message_is_not_reported(clock):
-    # CHECKLIST 3.3: only a certifier match answers; the store gives None otherwise.
+    # doc/conformance.rst 3885-P7: only a certifier match answers; the store gives None
+    # otherwise.
     store = FakeStore(stored(certifier=hashlib.sha1(b"someone else").digest()))
     session = Session(make(clock, store))
     session.output()
@@ -272,7 +275,7 @@ def test_untracked_message_is_not_reported(clock):
 
 
 def test_store_unavailable_is_temp(clock):
-    # 4.4.4 [P]: -TEMP/unavailable when the store is down.
+    # RFC 3887 §4: -TEMP/unavailable when the store is down.
     store = FakeStore()
     store.broken = True
     session = Session(make(clock, store))
@@ -282,7 +285,7 @@ def test_store_unavailable_is_temp(clock):
 
 
 def test_queued_recipient_gets_will_retry_until_from_the_retry_policy(clock):
-    # CHECKLIST 5.3: Will-Retry-Until for a recipient still queued, here never tried: from
+    # RFC 3886 §3.3.7: Will-Retry-Until for a recipient still queued, here never tried: from
     # the queue lifetime (RetryPolicy.give_up_at).
     store = FakeStore(stored(state=RecipientState.QUEUED))
     policy = RetryPolicy(max_lifetime=2 * 86400)
@@ -296,7 +299,7 @@ def test_queued_recipient_gets_will_retry_until_from_the_retry_policy(clock):
 
 
 def test_secret_and_envid_never_reach_the_log(clock):
-    # 8.5: the server never logs TRACK arguments, whatever the outcome.
+    # RFC 3885 §4.2, RFC 3887 §11: the server never logs TRACK arguments, whatever the outcome.
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -318,11 +321,11 @@ def test_secret_and_envid_never_reach_the_log(clock):
             assert secret not in text, event
 
 
-# -- other commands (CHECKLIST 4.2, 4.5) ---
+# -- other commands (RFC 3887 §2.2-§2.3, §5, §7) ---
 
 
 def test_comment_always_succeeds(clock):
-    # 4.5.1 [M]
+    # RFC 3887 §5 (MUST)
     session = Session(make(clock))
     session.output()
     assert session.send(b"COMMENT\r\n") == b"+OK Ok\r\n"
@@ -330,7 +333,7 @@ def test_comment_always_succeeds(clock):
 
 
 def test_quit_succeeds_then_closes(clock):
-    # 4.5.2 [M]: success reply, then the session ends; later input is ignored.
+    # RFC 3887 §7 (MUST): success reply, then the session ends; later input is ignored.
     session = Session(make(clock))
     session.output()
     assert session.send(b"QUIT\r\nCOMMENT late\r\n") == b"+OK Bye\r\n"
@@ -353,7 +356,7 @@ def test_quit_succeeds_then_closes(clock):
     ],
 )
 def test_unknown_or_malformed_commands_are_bad(clock, line):
-    # 4.2.4 [M]: unknown, unimplemented or malformed -> -BAD (11.13: not -ERR).
+    # RFC 3887 §2.3 (MUST): unknown, unimplemented or malformed -> -BAD (not -ERR).
     session = Session(make(clock))
     session.output()
     (response,) = responses(session.send(line + b"\r\n"))
@@ -362,7 +365,7 @@ def test_unknown_or_malformed_commands_are_bad(clock, line):
 
 
 def test_line_limit_is_998_octets(clock):
-    # 4.2.1: 998 characters before CRLF; a longer line is -BAD and the next one works.
+    # RFC 3887 §2.2: 998 characters before CRLF; a longer line is -BAD and the next one works.
     session = Session(make(clock))
     session.output()
     longest = b"COMMENT " + b"x" * (998 - 8)
@@ -372,7 +375,7 @@ def test_line_limit_is_998_octets(clock):
 
 
 def test_tls_required_refuses_track_in_clear(clock):
-    # 4.4.5 [P] / 4.2.4: TRACK in the wrong state -> -ERR/tls-required, no lookup.
+    # RFC 3887 §2.3, §4: TRACK in the wrong state -> -ERR/tls-required, no lookup.
     store = FakeStore(stored())
     session = Session(make(clock, store, tls=TLS, tls_names=TLS_NAMES, tls_required=True))
     session.output()
@@ -380,7 +383,7 @@ def test_tls_required_refuses_track_in_clear(clock):
     assert store.lookups == 0
 
 
-# -- pipelining (CHECKLIST 4.2.5) ---
+# -- pipelining (RFC 3887 §8) ---
 
 
 def test_pipelined_commands_are_answered_in_order_behind_a_slow_lookup(clock):
@@ -403,7 +406,7 @@ def test_pipelined_commands_are_answered_in_order_behind_a_slow_lookup(clock):
     assert session.transport.disconnecting
 
 
-# -- STARTTLS (CHECKLIST 4.6) ---
+# -- STARTTLS (RFC 3887 §6, §11) ---
 
 
 def test_starttls_not_configured_is_unsupported(clock):
@@ -413,7 +416,7 @@ def test_starttls_not_configured_is_unsupported(clock):
 
 
 def test_starttls_with_a_name_not_in_the_certificate_is_bad_fqdn(clock):
-    # 4.6.3 [M]: -BAD/bad-fqdn when no subjectAltName dNSName matches.
+    # RFC 3887 §6 (MUST): -BAD/bad-fqdn when no subjectAltName dNSName matches.
     session = Session(make(clock, tls=TLS, tls_names=TLS_NAMES))
     session.output()
     assert session.send(b"STARTTLS other.example.test\r\n").startswith(b"-BAD/bad-fqdn ")
@@ -421,9 +424,9 @@ def test_starttls_with_a_name_not_in_the_certificate_is_bad_fqdn(clock):
 
 
 def test_starttls_forgets_clear_input_and_greets_again_without_starttls(clock):
-    # 4.6.4-4.6.5 [M]: +OK, handshake, buffered clear-text input discarded, a fresh greeting
-    # whose options differ and lack STARTTLS; 4.6.3 [M]: a second STARTTLS is
-    # -BAD/tls-in-progress; 4.4.5: TRACK is then allowed.
+    # RFC 3887 §6 (MUST): +OK, handshake, buffered clear-text input discarded, a fresh greeting
+    # whose options differ and lack STARTTLS; RFC 3887 §6 (MUST): a second STARTTLS is
+    # -BAD/tls-in-progress; TRACK is then allowed (RFC 3887 §4).
     store = FakeStore(stored())
     session = Session(make(clock, store, tls=TLS, tls_names=TLS_NAMES, tls_required=True))
     session.output()
@@ -441,7 +444,7 @@ def test_starttls_forgets_clear_input_and_greets_again_without_starttls(clock):
 
 
 def test_fqdn_matching():
-    # 4.6.3: case-insensitive; a wildcard covers exactly one label.
+    # RFC 3887 §6: case-insensitive; a wildcard covers exactly one label.
     assert fqdn_matches("MTQP.example.TEST.", TLS_NAMES)
     assert fqdn_matches("a.wild.example.test", TLS_NAMES)
     assert not fqdn_matches("wild.example.test", TLS_NAMES)
@@ -469,13 +472,13 @@ def self_signed(*names: str) -> bytes:
 
 
 def test_certificate_names_are_the_subject_alt_name_dns_names():
-    # 4.6.3: the dNSNames of the subjectAltName, not the common name.
+    # RFC 3887 §6: the dNSNames of the subjectAltName, not the common name.
     pem = self_signed("Mx.Example.Test", "*.wild.example.test")
     assert certificate_names(pem) == frozenset({"mx.example.test", "*.wild.example.test"})
     assert certificate_names(self_signed()) == frozenset()
 
 
-# -- timers and limits (CHECKLIST 4.7.1, 4.7.8, 8.4) ---
+# -- timers and limits (RFC 3887 §2.5; RFC 3885 §4.1) ---
 
 
 def test_idle_timeout_is_at_least_ten_minutes():
@@ -525,7 +528,7 @@ def test_track_rate_limit_per_address(clock):
 
 
 def test_failed_attempts_limit_stops_guessing(clock):
-    # 8.4: after failure_rate noinfo answers in a minute, even the right secret waits, and
+    # RFC 3887 §2.5: after failure_rate noinfo answers in a minute, even the right secret waits, and
     # the refusal is the same whether the ENVID exists or not.
     store = FakeStore(stored())
     session = Session(make(clock, store, failure_rate=2))
@@ -541,7 +544,7 @@ def test_failed_attempts_limit_stops_guessing(clock):
 
 
 def test_failure_limit_holds_for_concurrent_lookups(clock):
-    # 8.4: 45 connections from one address, each with one TRACK and a wrong secret, all
+    # RFC 3887 §2.5: 45 connections from one address, each with one TRACK and a wrong secret, all
     # waiting on the store at once: only failure_rate (10) of them may reach the store,
     # the others are refused before any lookup (the attempt counts before the lookup).
     store = FakeStore(stored())
@@ -563,7 +566,7 @@ def test_failure_limit_holds_for_concurrent_lookups(clock):
 
 
 def test_successful_tracks_do_not_count_as_failures(clock):
-    # 8.4: the failure counted before the lookup is taken back when the TRACK is answered.
+    # RFC 3887 §2.5: the failure counted before the lookup is taken back when the TRACK is answered.
     store = FakeStore(stored())
     session = Session(make(clock, store, failure_rate=2))
     session.output()

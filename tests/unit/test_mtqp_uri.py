@@ -1,4 +1,4 @@
-"""Tests for mtrkmta.mtqp.uri: parsing and formatting mtqp:// URIs (RFC 3887 §9, CHECKLIST 4.8)."""
+"""Tests for mtrkmta.mtqp.uri: parsing and formatting mtqp:// URIs (RFC 3887 §9)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from mtrkmta.mtqp.protocol import DEFAULT_PORT, Track
 from mtrkmta.mtqp.uri import MtqpUri, UriError, format_uri, parse_uri
 from mtrkmta.smtp import xtext
 
-# Every vector here is our own; the RFC 3887 examples are not used (CHECKLIST 10.6).
+# Every vector here is our own; the RFC 3887 examples are not used (their
+# secret is 64 bits, under RFC 3885 §3.1's 128).
 SECRET = "AAECAwQFBgcICQoLDA0ODw=="  # base64 of octets 00..0f
 SLASHY = "/+8/Pz8/Pz8/Pz8/Pz8/Pw=="  # a valid base64 secret with "/" in it
 
 
 class TestParse:
     def test_standard_port(self):
-        # CHECKLIST 4.8, 4.1.1: without a port, 1038
+        # RFC 3887 §9, §10: without a port, 1038
         uri = parse_uri(f"mtqp://mtqp.origin.example/track/k9-2@origin.example/{SECRET}")
         assert uri == MtqpUri("mtqp.origin.example", "k9-2@origin.example", SECRET)
         assert uri.port == DEFAULT_PORT == 1038
@@ -30,19 +31,19 @@ class TestParse:
         assert parse_uri(f"mtqp://h.example:/track/a@b/{SECRET}").port == 1038
 
     def test_track_and_scheme_case_insensitive(self):
-        # CHECKLIST 4.8: "/track/" is case-insensitive
+        # RFC 3887 §9: "/track/" is case-insensitive
         uri = parse_uri(f"MTQP://h.example/TrAcK/a@b/{SECRET}")
         assert uri == MtqpUri("h.example", "a@b", SECRET)
 
     def test_values_case_sensitive(self):
-        # CHECKLIST 4.8: the two values are case-sensitive
+        # RFC 3887 §9: the two values are case-sensitive
         uri = parse_uri("mtqp://h.example/track/AbC@Origin.Example/QUJDRA==")
         assert uri.envid == "AbC@Origin.Example"
         assert uri.secret == "QUJDRA=="
         assert parse_uri("mtqp://h.example/track/abc@origin.example/QUJDRA==") != uri
 
     def test_percent_encoded_values(self):
-        # CHECKLIST 4.8: "/", "?" and "%" inside the values are %XX-encoded
+        # RFC 3887 §9: "/", "?" and "%" inside the values are %XX-encoded
         uri = parse_uri(
             "mtqp://h.example/track/a%2Fb%3Fc%25d@e/%2F%2B8%2fPz8%2FPz8%2FPz8%2FPz8%2FPw=="
         )
@@ -122,7 +123,7 @@ class TestParse:
 
 class TestFormat:
     def test_default_port_omitted(self):
-        # CHECKLIST 4.8: the first form refers to the standard port
+        # RFC 3887 §9: the first form refers to the standard port
         uri = MtqpUri("mtqp.origin.example", "k9-2@origin.example", SECRET)
         assert format_uri(uri) == f"mtqp://mtqp.origin.example/track/k9-2@origin.example/{SECRET}"
         assert str(parse_uri(f"mtqp://h.example:1038/track/a@b/{SECRET}")) == (
@@ -134,7 +135,7 @@ class TestFormat:
         assert str(uri) == f"mtqp://h.example:2038/track/a@b/{SECRET}"
 
     def test_escapes(self):
-        # CHECKLIST 4.8: "/", "?", "%" become %XX (and what RFC 3986 forbids in a segment)
+        # RFC 3887 §9: "/", "?", "%" become %XX (and what RFC 3986 forbids in a segment)
         uri = MtqpUri("h.example", "a/b?c%d#e@f", SLASHY)
         assert str(uri) == (
             "mtqp://h.example/track/a%2Fb%3Fc%25d%23e@f/%2F+8%2FPz8%2FPz8%2FPz8%2FPz8%2FPw=="
@@ -185,7 +186,7 @@ _ENVID_PART = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max
     st.binary(min_size=16, max_size=64),
 )
 def test_format_parse_round_trip(host, port, local, fqhn, secret):
-    # CHECKLIST 4.8: values with any xtext character survive; '/', '?', '%' are escaped
+    # RFC 3887 §9: values with any xtext character survive; '/', '?', '%' are escaped
     envid = xtext.encode(f"{local}@{fqhn}")
     uri = MtqpUri(host, envid, base64.b64encode(secret).decode(), port)
     text = format_uri(uri)

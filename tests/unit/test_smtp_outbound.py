@@ -1,4 +1,5 @@
-"""The pure outbound rules: MAIL/RCPT parameters per next hop (CHECKLIST 2, 7.7-7.8), stuffing."""
+"""The pure outbound rules: MAIL/RCPT parameters per next hop (RFC 3885 §3.1,
+§3.3; RFC 3461 §5.2; RFC 3886 §3.5), stuffing."""
 
 from __future__ import annotations
 
@@ -69,11 +70,11 @@ def mtrk_of(words: list[str]) -> str | None:
     return found[0] if found else None
 
 
-# -- CHECKLIST 2.1: timeout decrement -------------------------------------------------
+# -- RFC 3885 §3.1: timeout decrement -------------------------------------------------
 
 
 def test_timeout_is_decremented_by_whole_seconds_spent_here():
-    # 2.1: 100.5 s after arrival, 100 whole seconds have passed.
+    # RFC 3885 §3.1: 100.5 s after arrival, 100 whole seconds have passed.
     words, forwarded = mail_parameters(
         envelope(timeout=3600), MTRK_HOP, ARRIVAL + 100.5, size=10, default_retention=9 * DAY
     )
@@ -82,7 +83,7 @@ def test_timeout_is_decremented_by_whole_seconds_spent_here():
 
 
 def test_no_requested_timeout_uses_local_default_retention():
-    # 2.1 [P]: the local default retention is the base when no timeout arrived.
+    # doc/conformance.rst 3885-P5: the local default retention is the base when no timeout arrived.
     words, forwarded = mail_parameters(
         envelope(timeout=None), MTRK_HOP, ARRIVAL + 60, size=10, default_retention=2 * DAY
     )
@@ -92,7 +93,7 @@ def test_no_requested_timeout_uses_local_default_retention():
 
 @pytest.mark.parametrize("spent", [3600, 3600.9, 5000])
 def test_mtrk_omitted_when_remaining_is_zero_or_less(spent):
-    # 2.1 [M]: remaining <= 0 -> omit the whole MTRK= parameter; ENVID stays.
+    # RFC 3885 §3.1 (MUST): remaining <= 0 -> omit the whole MTRK= parameter; ENVID stays.
     words, forwarded = mail_parameters(
         envelope(timeout=3600), MTRK_HOP, ARRIVAL + spent, size=10, default_retention=DAY
     )
@@ -112,11 +113,11 @@ def test_untracked_message_has_no_remaining_timeout():
     assert remaining_timeout(envelope(mtrk=False), ARRIVAL, DAY) is None
 
 
-# -- CHECKLIST 2.2 / 2.3: MTRK only to MTRK hops, DSN parameters only to DSN hops ------
+# -- RFC 3885 §3.3, RFC 3461 §5.2.2(a): MTRK only to MTRK hops, DSN parameters only to DSN hops
 
 
 def test_mtrk_hop_gets_mtrk_envid_ret_size():
-    # 2.2: forward unexpired certifiers to an MTRK-capable next hop, with ENVID (xtext).
+    # RFC 3885 §3.3: forward unexpired certifiers to an MTRK-capable next hop, with ENVID (xtext).
     words = params(envelope(), MTRK_HOP)
     assert words == [
         "SIZE=1234",
@@ -127,7 +128,7 @@ def test_mtrk_hop_gets_mtrk_envid_ret_size():
 
 
 def test_dsn_hop_without_mtrk_keeps_envid_and_ret_but_drops_mtrk():
-    # 2.3 [M]: next hop lacks MTRK -> drop MTRK=; it has DSN -> keep ENVID (and RET).
+    # RFC 3885 §3.3 (MUST): next hop lacks MTRK -> drop MTRK=; it has DSN -> keep ENVID (and RET).
     words, forwarded = mail_parameters(
         envelope(), DSN_HOP, ARRIVAL + 1, size=5, default_retention=DAY
     )
@@ -136,7 +137,7 @@ def test_dsn_hop_without_mtrk_keeps_envid_and_ret_but_drops_mtrk():
 
 
 def test_hop_without_dsn_gets_nothing_dsn_related():
-    # 2.3 [M], 3461 §5.2.2(a): no ENVID/RET (nor MTRK) to a hop without DSN.
+    # RFC 3461 §5.2.2(a) (MUST): no ENVID/RET (nor MTRK) to a hop without DSN.
     words, forwarded = mail_parameters(
         envelope(), BARE_HOP, ARRIVAL + 1, size=5, default_retention=DAY
     )
@@ -144,7 +145,7 @@ def test_hop_without_dsn_gets_nothing_dsn_related():
 
 
 def test_envid_ret_never_invented():
-    # 2.3: never invent ENVID/RET that did not arrive.
+    # RFC 3461 §5.2.1: never invent ENVID/RET that did not arrive.
     words = params(envelope(mtrk=False, envid=None, ret=None), MTRK_HOP)
     assert words == ["SIZE=1234"]
 
@@ -155,13 +156,14 @@ def test_mtrk_without_envid_is_not_sent():
 
 
 def test_mtrk_keyword_with_parameters_is_recognised():
-    # 1.1.1: recognise MTRK even if a future server appends parameters to it.
+    # RFC 3885 §2: recognise MTRK even if a future server appends parameters to it.
     hop = {**MTRK_HOP, "MTRK": "FUTURE=1"}
     assert mtrk_of(params(envelope(), hop)) == f"MTRK={CERTIFIER_B64}:3500"
 
 
 def test_lmtp_lda_with_mtrk_gets_the_same_as_an_mtrk_mta():
-    # 7.7: an MTRK-aware LDA gets MTRK=/ENVID= exactly as a compliant MTA.
+    # RFC 3886 §3.5, doc/conformance.rst 2033-P1: an MTRK-aware LDA gets MTRK=/ENVID= exactly as
+    # a compliant MTA.
     lda = {"MTRK": "", "DSN": "", "8BITMIME": "", "PIPELINING": "", "ENHANCEDSTATUSCODES": ""}
     assert params(envelope(), lda) == [
         "ENVID=abc+2B1+3Dx@client.example",
@@ -171,7 +173,7 @@ def test_lmtp_lda_with_mtrk_gets_the_same_as_an_mtrk_mta():
 
 
 def test_lmtp_lda_without_dsn_gets_no_dsn_parameters():
-    # 7.8: an LDA without DSN (Dovecot answers 555 to them) gets none.
+    # doc/conformance.rst 2033-P2: an LDA without DSN (Dovecot answers 555 to them) gets none.
     dovecot = {"8BITMIME": "", "CHUNKING": "", "ENHANCEDSTATUSCODES": "", "PIPELINING": ""}
     env = envelope(
         recipients=(Recipient("u@example.test", RcptParams(frozenset({"SUCCESS"}))),),
@@ -218,7 +220,7 @@ def test_smtputf8_status_needs_non_ascii_somewhere():
 
 
 def test_rcpt_keeps_notify_and_orcpt_for_dsn_hop():
-    # 2.3: pass NOTIFY and ORCPT unchanged (ORCPT byte-exact, xtext-encoded again).
+    # RFC 3461 §5.2.1: pass NOTIFY and ORCPT unchanged (ORCPT byte-exact, xtext-encoded again).
     recipient = Recipient(
         "bob@example.test",
         RcptParams(

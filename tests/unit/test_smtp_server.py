@@ -125,7 +125,8 @@ def test_greeting_names_the_host(client):
 
 
 def test_ehlo_keywords(client):
-    # CHECKLIST 1.1.1-1.1.4: MTRK with DSN, ENHANCEDSTATUSCODES, PIPELINING advertised.
+    # RFC 3885 §2, doc/conformance.rst 3885-P4: MTRK with DSN, ENHANCEDSTATUSCODES, PIPELINING
+    # advertised.
     lines = client.send(b"EHLO client.example\r\n")
     assert lines == [
         b"250-mx.example.test",
@@ -236,13 +237,14 @@ def test_expn_is_recognised_but_not_implemented_and_vrfy_gets_252(client):
 
 
 def test_overlong_command_line(client):
-    # CHECKLIST 1.2.4 / 1.7: past 2048 octets -> 500 5.5.2, the session goes on.
+    # doc/conformance.rst 3885-P2: past 2048 octets -> 500 5.5.2, the session goes on.
     replies = client.send(b"EHLO c\r\nNOOP " + b"x" * 3000 + b"\r\nNOOP\r\n")
     assert replies[-2:] == [b"500 5.5.2 Line too long", b"250 2.0.0 Ok"]
 
 
 def test_long_legal_mail_line_is_accepted(client):
-    # CHECKLIST 1.2.2-1.2.4: MTRK + 100-char ENVID + RET + SIZE fit in one command line.
+    # RFC 3461 §5.4, RFC 3885 §2, doc/conformance.rst 3885-P2: MTRK + 100-char ENVID + RET +
+    # SIZE fit in one command line.
     envid = "e" * 80 + "@" + "h" * 19
     line = (
         f"MAIL FROM:<{'s' * 64}@{'d' * 180}.example> SIZE=1000 BODY=8BITMIME RET=FULL "

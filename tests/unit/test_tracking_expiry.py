@@ -19,14 +19,15 @@ def expiry(arrival: float, requested: int | None) -> int:
 
 
 def test_project_defaults():
-    # CHECKLIST 3.4 [P]: default 9 days, cap 30 days; [S] default 8-10 days.
+    # doc/conformance.rst 3885-P6: default 9 days, cap 30 days; RFC 3885 §3.1: SHOULD default
+    # 8-10 days.
     assert DEFAULT_RETENTION == 9 * 86400
     assert MAX_RETENTION == 30 * 86400
     assert 8 * DAY <= DEFAULT_RETENTION <= 10 * DAY
 
 
 def test_no_timeout_uses_default():
-    # CHECKLIST 3.4: no MTRK timeout -> the local default.
+    # RFC 3885 §3.1: no MTRK timeout -> the local default.
     assert expiry(ARRIVAL, None) == ARRIVAL + 9 * DAY
 
 
@@ -36,7 +37,7 @@ def test_requested_timeout_counts_from_arrival_here():
 
 
 def test_requested_timeout_above_cap_is_silently_capped():
-    # CHECKLIST 3.4 [O]: silent upper cap.
+    # RFC 3885 §3.1 (MAY): silent upper cap.
     assert expiry(ARRIVAL, 999_999_999) == ARRIVAL + 30 * DAY
 
 
@@ -65,7 +66,7 @@ def test_fractional_arrival_is_truncated_to_its_second():
 def test_expiry_is_arrival_plus_min_of_requested_or_default_and_cap(
     arrival, requested, default, cap
 ):
-    # CHECKLIST 3.4 [P]: effective expiry = arrival + min(requested or default, cap).
+    # doc/conformance.rst 3885-P6: effective expiry = arrival + min(requested or default, cap).
     result = effective_expiry(arrival, requested, default_retention=default, max_retention=cap)
     wanted = default if requested is None else requested
     assert result == whole_seconds(arrival) + min(wanted, cap)
@@ -77,7 +78,7 @@ def test_expiry_is_arrival_plus_min_of_requested_or_default_and_cap(
     [(DAY - 1, MAX_RETENTION), (DEFAULT_RETENTION, DAY - 1), (0, 0)],
 )
 def test_retention_below_one_day_is_refused(default, cap):
-    # CHECKLIST 3.4 [M]: default >= 1 day and cap >= 1 day.
+    # RFC 3885 §3.1 (MUST): default >= 1 day and cap >= 1 day.
     with pytest.raises(ValueError, match="at least one day"):
         check_retention(default, cap)
 

@@ -1,4 +1,4 @@
-"""Tests for mtrkmta.tracking.status: MTSN from the store, rendering, parsing (CHECKLIST 5, 8)."""
+"""Tests for mtrkmta.tracking.status: MTSN from the store, rendering, parsing (RFC 3886)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from mtrkmta.tracking.status import (
     report_from_store,
 )
 
-# Every vector here is our own; the RFC 3887 examples are not used (CHECKLIST 10.6).
+# Every vector here is our own; the RFC 3887 examples are not used (they
+# break RFC 3886's own ABNF: field order, missing colons).
 EST = timezone(timedelta(hours=-5))
 ARRIVAL = 1_700_000_000  # Tue, 14 Nov 2023 22:13:20 +0000
 NOW = ARRIVAL + 3600
@@ -132,24 +133,25 @@ SAMPLE_BYTES = (
 
 class TestRenderLayout:
     def test_own_vector(self):
-        # CHECKLIST 5.1.2, 5.1.3, 5.2, 5.3: exact bytes of a two-recipient report
+        # RFC 3886 §3.1-§3.3, RFC 3464 §2.1.1: exact bytes of a two-recipient report
         assert render_status(sample_report()) == SAMPLE_BYTES
 
     def test_crlf_and_7bit(self):
-        # CHECKLIST 5.1.1: 7bit; every line ends in CRLF
+        # RFC 3886 §3, §3.1: 7bit; every line ends in CRLF
         body = render_status(sample_report())
         assert all(octet < 0x80 for octet in body)
         assert b"\n" not in body.replace(b"\r\n", b"")
         assert body.endswith(b"\r\n")
 
     def test_blank_line_before_each_recipient_block(self):
-        # CHECKLIST 5.1.2: per-message block, then blocks each preceded by a blank line
+        # RFC 3886 §3.1, RFC 3464 §2.1.1: per-message block, then blocks each preceded by a
+        # blank line
         blocks = render_status(sample_report()).split(b"\r\n\r\n")
         assert len(blocks) == 3
         assert field_names(blocks[0]) == ["Original-Envelope-Id", "Reporting-MTA", "Arrival-Date"]
 
     def test_fields_in_abnf_order(self):
-        # CHECKLIST 5.1.3: generators emit fields in ABNF order, extensions last
+        # RFC 3886 §3.1: generators emit fields in ABNF order, extensions last
         blocks = render_status(sample_report()).split(b"\r\n\r\n")
         assert field_names(blocks[1]) == [
             "Original-Recipient",
@@ -163,7 +165,7 @@ class TestRenderLayout:
         assert field_names(blocks[2])[-1] == "X-Note"
 
     def test_per_message_extensions_follow_the_three_fields(self):
-        # CHECKLIST 5.1.2: *( extension-field CRLF ) after arrival-date-field
+        # RFC 3886 §3.1; RFC 3464 §2.1.1: *( extension-field CRLF ) after arrival-date-field
         report = sample_report()
         report = TrackingReport(
             report.original_envelope_id,
@@ -181,7 +183,7 @@ class TestRenderLayout:
         ]
 
     def test_dates_have_numeric_zones(self):
-        # CHECKLIST 5.2 (Arrival-Date): RFC 2822 date-time with a numeric zone
+        # RFC 3886 §3.2 (Arrival-Date): RFC 2822 date-time with a numeric zone
         body = render_status(sample_report()).decode()
         dates = re.findall(r"(?:Arrival-Date|Last-Attempt-Date|Will-Retry-Until): (.*)\r\n", body)
         assert len(dates) == 4
@@ -197,7 +199,7 @@ class TestRenderLayout:
         assert b"Arrival-Date: Tue, 02 Jan 2024 03:04:05 +0000\r\n" in render_status(report)
 
     def test_action_written_lower_case(self):
-        # CHECKLIST 5.3: Action is case-insensitive; we write the canonical spelling
+        # RFC 3886 §3.3.3: Action is case-insensitive; we write the canonical spelling
         status = sample_report().recipients[1]
         report = _with_recipient(status, action="TRANSFERRED")
         assert b"Action: transferred\r\n" in render_status(report)
@@ -248,7 +250,7 @@ class TestRenderValidation:
         ["2.1", "2.1.5.0", "2.01.5", "2.1.05", "2.1000.5", "2.1.1000", "2 .1.5", "2.1.5 ", "x.1.5"],
     )
     def test_status_code_syntax(self, status):
-        # CHECKLIST 5.3 (Status): DIGIT "." 1*3DIGIT "." 1*3DIGIT, no leading zeros/spaces
+        # RFC 3464 §2.3.4 (Status): DIGIT "." 1*3DIGIT "." 1*3DIGIT, no leading zeros/spaces
         with pytest.raises(TrackingStatusError):
             render_status(_with_recipient(PLAIN, status=status))
 
@@ -265,25 +267,26 @@ class TestRenderValidation:
 
     @pytest.mark.parametrize("action", ["", "bounced", "deliver", "read", "delayed "])
     def test_unknown_action(self, action):
-        # CHECKLIST 5.3 (Action): one of the seven values
+        # RFC 3886 §3.3.3 (Action): one of the seven values
         with pytest.raises(TrackingStatusError):
             render_status(_with_recipient(PLAIN, action=action))
 
     @pytest.mark.parametrize("action", sorted(ACTIONS))
     def test_seven_actions_accepted(self, action):
-        # CHECKLIST 5.4.3: the grammar is extended by transferred and opaque
+        # doc/conformance.rst 3886-P4: RFC 3464 §2.3.3's grammar is extended by transferred and
+        # opaque
         status = "2.1.9" if action == "relayed" else DEFAULT_STATUS[action]
         body = render_status(_with_recipient(PLAIN, action=action, status=status))
         assert f"Action: {action}\r\n".encode() in body
 
     @pytest.mark.parametrize("action", sorted(ACTIONS - {"relayed"}))
     def test_2_1_9_only_with_relayed(self, action):
-        # CHECKLIST 5.4.2, 11.12: 2.1.9 appears with no other Action
+        # RFC 3886 §3.3.4: 2.1.9 appears with no other Action
         with pytest.raises(TrackingStatusError):
             render_status(_with_recipient(PLAIN, action=action, status="2.1.9"))
 
     def test_opaque_has_no_remote_mta_or_dates(self):
-        # CHECKLIST 5.3, 11.10: no Remote-MTA, Last-Attempt-Date, Will-Retry-Until for opaque
+        # RFC 3886 §3.3.5-§3.3.7: no Remote-MTA, Last-Attempt-Date, Will-Retry-Until for opaque
         when = datetime(2024, 1, 1, tzinfo=timezone.utc)
         opaque = {"action": "opaque", "status": "2.0.0"}
         for extra in (
@@ -296,7 +299,7 @@ class TestRenderValidation:
 
     @pytest.mark.parametrize("action", sorted(ACTIONS - {"delayed"}))
     def test_will_retry_until_only_while_queued(self, action):
-        # CHECKLIST 5.3, 11.10: Will-Retry-Until only for a recipient still in our queue
+        # RFC 3886 §3.3.7: Will-Retry-Until only for a recipient still in our queue
         status = "2.1.9" if action == "relayed" else DEFAULT_STATUS[action]
         later = datetime(2024, 1, 9, tzinfo=timezone.utc)
         with pytest.raises(TrackingStatusError):
@@ -305,12 +308,12 @@ class TestRenderValidation:
             )
 
     def test_remote_mta_needs_an_attempt(self):
-        # CHECKLIST 5.3: Remote-MTA absent without an attempt, which has a Last-Attempt-Date
+        # RFC 3886 §3.3.5: Remote-MTA absent without an attempt, which has a Last-Attempt-Date
         with pytest.raises(TrackingStatusError):
             render_status(_with_recipient(PLAIN, remote_mta=TypedValue("dns", "mx.example")))
 
     def test_no_recipients(self):
-        # CHECKLIST 5.1.2: 1*( CRLF per-recipient-fields )
+        # RFC 3886 §3.1, RFC 3464 §2.1.1: 1*( CRLF per-recipient-fields )
         base = sample_report()
         report = TrackingReport("e@h", base.reporting_mta, base.arrival_date, ())
         with pytest.raises(TrackingStatusError):
@@ -320,7 +323,7 @@ class TestRenderValidation:
         "bad", ["a\r\nb@c", "a\nb@c", "a\rb@c", "j\u00f6rg@c", "a\x00b@c", " a@c"]
     )
     def test_values_are_single_line_7bit(self, bad):
-        # CHECKLIST 5.1.1, 8.6: no CR/LF or 8-bit characters can break a field
+        # RFC 3886 §3.1, doc/conformance.rst 3461-P5: no CR/LF or 8-bit characters can break a field
         with pytest.raises(TrackingStatusError):
             render_status(_with_recipient(PLAIN, final_recipient=TypedValue("rfc822", bad)))
         base = sample_report()
@@ -345,7 +348,7 @@ class TestRenderValidation:
             render_status(report)
 
     def test_naive_date_rejected(self):
-        # CHECKLIST 5.2: numeric zones are required, so the zone must be known
+        # RFC 3886 §3.2: numeric zones are required, so the zone must be known
         base = sample_report()
         report = TrackingReport("e@h", base.reporting_mta, datetime(2024, 1, 1), base.recipients)
         with pytest.raises(TrackingStatusError):
@@ -362,7 +365,7 @@ class TestRenderValidation:
         "name", ["Action", "STATUS", "original-envelope-id", "X Bad", "X:Y", ""]
     )
     def test_extension_names(self, name):
-        # CHECKLIST 5.3: Diagnostic-Code etc. only as extensions; never a known field twice
+        # RFC 3886 §3.3, §3.4: Diagnostic-Code etc. only as extensions; never a known field twice
         with pytest.raises(TrackingStatusError):
             render_status(_with_recipient(PLAIN, extensions=((name, "v"),)))
 
@@ -380,7 +383,7 @@ class TestRenderValidation:
 
 class TestRenderRelated:
     def test_container(self):
-        # CHECKLIST 5.1.1, 4.4.3: multipart/related, type="message/tracking-status"
+        # RFC 3886 §3, RFC 3887 §4: multipart/related, type="message/tracking-status"
         entity = render_related([sample_report()], boundary="b0und4ry")
         head, _sep, body = entity.partition(b"\r\n\r\n")
         unfolded = head.replace(b"\r\n ", b" ")
@@ -394,12 +397,12 @@ class TestRenderRelated:
         )
 
     def test_blank_line_before_boundary(self):
-        # CHECKLIST 5.1.2: the field's CRLF plus the delimiter's CRLF
+        # RFC 3886 §3.1, RFC 3464 §2.1.1: the field's CRLF plus the delimiter's CRLF
         entity = render_related([sample_report()], boundary="zz")
         assert b"X-Note: second hop\r\n\r\n--zz--\r\n" in entity
 
     def test_several_parts(self):
-        # CHECKLIST 4.7.4: chained answers are several message/tracking-status parts
+        # RFC 3886 §3: chained answers are several message/tracking-status parts
         first = sample_report()
         second = TrackingReport(
             "tk-0042@origin.example",
@@ -423,7 +426,7 @@ class TestRenderRelated:
 
     @pytest.mark.parametrize("boundary", ["", "a" * 71, "%%%%", "ends with space ", "b\u00e9"])
     def test_illegal_boundary(self, boundary):
-        # RFC 2046 bchars; CHECKLIST 10.6 notes '%%%%' is not one
+        # RFC 2046 bchars; the RFC 3887 examples' '%%%%' is not one
         with pytest.raises(TrackingStatusError):
             render_related([sample_report()], boundary=boundary)
 
@@ -442,7 +445,7 @@ class TestRenderRelated:
 
 class TestPerMessageFromStore:
     def test_three_required_fields(self):
-        # CHECKLIST 5.2: Original-Envelope-Id, Reporting-MTA, Arrival-Date
+        # RFC 3886 §3.2: Original-Envelope-Id, Reporting-MTA, Arrival-Date
         report = report_from_store(message(), now=NOW)
         assert report.original_envelope_id == "k7Xq-0001@origin.example"
         assert report.reporting_mta == TypedValue("dns", "mta.relay.example")
@@ -450,7 +453,7 @@ class TestPerMessageFromStore:
         assert report.extensions == ()
 
     def test_envid_case_and_decoding_kept(self):
-        # CHECKLIST 5.2, 11.8: the decoded ENVID, case kept
+        # RFC 3886 §3.2.1, RFC 3464 §2.2.1: the decoded ENVID, case kept
         report = report_from_store(message(envid="AbC+x=y@Host.Example"), now=NOW)
         assert b"Original-Envelope-Id: AbC+x=y@Host.Example\r\n" in render_status(report)
 
@@ -470,13 +473,13 @@ class TestPerMessageFromStore:
 
 class TestPerRecipientFromStore:
     def test_original_recipient_from_orcpt(self):
-        # CHECKLIST 5.3: Original-Recipient carries ORCPT (decoded) when it came
+        # RFC 3886 §3.3.1: Original-Recipient carries ORCPT (decoded) when it came
         orcpt = OriginalRecipient("rfc822", "Carol+list@Origin.Example")
         status = only(report_from_store(message(recipient(orcpt=orcpt)), now=NOW))
         assert status.original_recipient == TypedValue("rfc822", "Carol+list@Origin.Example")
 
     def test_original_recipient_without_orcpt(self):
-        # CHECKLIST 5.3, 11.9: no ORCPT -> rfc822; <RCPT address as received>
+        # doc/conformance.rst 3886-P2: no ORCPT -> rfc822; <RCPT address as received>
         r = recipient(address="Dave@Dest.Example", final_recipient="dave@dest.example")
         status = only(report_from_store(message(r), now=NOW))
         assert status.original_recipient == TypedValue("rfc822", "Dave@Dest.Example")
@@ -486,7 +489,7 @@ class TestPerRecipientFromStore:
         )
 
     def test_non_ascii_address_escaped(self):
-        # CHECKLIST 5.1.1: 7bit; an SMTPUTF8 address becomes a utf-8 address (RFC 6533)
+        # RFC 3886 §3.1: 7bit; an SMTPUTF8 address becomes a utf-8 address (RFC 6533)
         r = recipient(address="j\u00f6rg@dest.example", final_recipient="j\u00f6rg@dest.example")
         status = only(report_from_store(message(r, smtputf8=True), now=NOW))
         assert status.final_recipient == TypedValue("utf-8", "j\\x{F6}rg@dest.example")
@@ -494,8 +497,8 @@ class TestPerRecipientFromStore:
         render_status(report_from_store(message(r), now=NOW))  # renders as 7bit
 
     def test_queued_without_attempt(self):
-        # CHECKLIST 5.3: no Remote-MTA and no Last-Attempt-Date before any attempt;
-        # 5.4: delayed, 4.0.0
+        # RFC 3886 §3.3.5-§3.3.6: no Remote-MTA and no Last-Attempt-Date before any attempt;
+        # doc/conformance.rst 3886-P3: delayed, 4.0.0
         status = only(report_from_store(message(recipient()), now=NOW))
         assert (status.action, status.status) == ("delayed", "4.0.0")
         assert status.remote_mta is None
@@ -503,13 +506,13 @@ class TestPerRecipientFromStore:
         assert status.will_retry_until is None
 
     def test_queued_will_retry_until_fallback(self):
-        # CHECKLIST 5.3: Will-Retry-Until [S] present while queued
+        # RFC 3886 §3.3.7: Will-Retry-Until present while queued (a SHOULD)
         until = ARRIVAL + 5 * 86400
         status = only(report_from_store(message(recipient()), now=NOW, retry_until=until))
         assert status.will_retry_until == datetime.fromtimestamp(until, tz=timezone.utc)
 
     def test_deferred(self):
-        # CHECKLIST 5.4: delayed with the 4.x.x of the last attempt
+        # RFC 3886 §3.3.3: delayed with the 4.x.x of the last attempt
         r = recipient(
             state=RecipientState.DEFERRED,
             status="4.4.1",
@@ -559,7 +562,7 @@ class TestPerRecipientFromStore:
         ],
     )
     def test_no_will_retry_until_once_out_of_queue(self, state):
-        # CHECKLIST 5.3, 11.10: absent when the message is no longer in our queue
+        # RFC 3886 §3.3.7: absent when the message is no longer in our queue
         r = recipient(
             state=state,
             last_attempt=ARRIVAL + 60,
@@ -593,7 +596,7 @@ class TestPerRecipientFromStore:
             )
 
     def test_remote_mta_needs_an_attempt(self):
-        # CHECKLIST 5.3: Remote-MTA absent if no delivery attempt yet
+        # RFC 3886 §3.3.5: Remote-MTA absent if no delivery attempt yet
         r = recipient(state=RecipientState.DEFERRED, remote_mta="dns; mx.dest.example")
         status = only(report_from_store(message(r), now=NOW))
         assert status.remote_mta is None
@@ -606,7 +609,7 @@ class TestPerRecipientFromStore:
         assert status.last_attempt_date is not None
 
     def test_opaque(self):
-        # CHECKLIST 5.3, 5.4: opaque -> 2.0.0, no Remote-MTA, no dates
+        # RFC 3886 §3.3.3, doc/conformance.rst 3886-P3: opaque -> 2.0.0, no Remote-MTA, no dates
         r = recipient(
             state=RecipientState.DELIVERED,
             action="opaque",
@@ -652,7 +655,7 @@ class TestStatusDefaults:
     @pytest.mark.parametrize(
         ("state", "stored", "expected"),
         [
-            # CHECKLIST 5.4: the project defaults when the store has no fitting Status
+            # doc/conformance.rst 3886-P3: the project defaults when the store has no fitting Status
             (RecipientState.QUEUED, None, ("delayed", "4.0.0")),
             (RecipientState.DEFERRED, None, ("delayed", "4.0.0")),
             (RecipientState.DEFERRED, "4.4.1", ("delayed", "4.4.1")),
@@ -685,14 +688,14 @@ class TestStatusDefaults:
         ],
     )
     def test_2_1_9_never_leaks_to_other_actions(self, state, expected):
-        # CHECKLIST 11.12: 2.1.9 only with relayed
+        # RFC 3886 §3.3.4: 2.1.9 only with relayed
         status = only(report_from_store(message(recipient(state=state, status="2.1.9")), now=NOW))
         assert status.status == expected
 
 
 class TestConfidentiality:
     def test_confidential_forwarding_target_hidden(self):
-        # CHECKLIST 8.1: never show the target in Final-Recipient/Remote-MTA/extensions
+        # RFC 3886 §4.2: never show the target in Final-Recipient/Remote-MTA/extensions
         r = recipient(
             address="alias@dest.example",
             final_recipient="secret-pager@hidden.example",
@@ -710,7 +713,7 @@ class TestConfidentiality:
         assert b"hidden.example" not in render_status(report)
 
     def test_transferred_to_hidden_target_reported_relayed(self):
-        # CHECKLIST 8.1 (3886 §4.2 (a)): relayed, so nobody tracks further
+        # RFC 3886 §4.2 (a): relayed, so nobody tracks further
         r = recipient(
             address="alias@dest.example",
             final_recipient="secret@hidden.example",
@@ -724,7 +727,7 @@ class TestConfidentiality:
         assert status.remote_mta is None
 
     def test_list_members_never_appear(self):
-        # CHECKLIST 8.2, 11.11: expanded, and no member list
+        # RFC 3886 §4.2: expanded, and no member list
         members = tuple(
             recipient(
                 index,
@@ -769,7 +772,7 @@ class TestParse:
         assert parse_status(SAMPLE_BYTES) == sample_report()
 
     def test_any_field_order(self):
-        # CHECKLIST 5.1.3 [P]: parsers accept any order
+        # project decision, doc/conformance.rst 3886-P1: parsers accept any order
         text = (
             b"Arrival-Date: Tue, 05 Mar 2024 08:09:10 -0500\r\n"
             b"Reporting-MTA: dns; mta.example.net\r\n"
@@ -794,7 +797,7 @@ class TestParse:
         assert parse_status(text) == sample_report()
 
     def test_folding_comments_case_and_lf(self):
-        # CHECKLIST 5.1.2: folding, comments, case-insensitive names; LF line ends too
+        # RFC 3464 §2.1.1: folding, comments, case-insensitive names; LF line ends too
         text = (
             b"original-envelope-id:\n tk-0042@origin.example\n"
             b"REPORTING-MTA: DNS (our name) ;\n\tmta.example.net (198.51.100.1)\n"
@@ -850,7 +853,7 @@ class TestParse:
         )
 
     def test_transferred_and_opaque_actions_parsed(self):
-        # CHECKLIST 5.4.3: the extended grammar
+        # doc/conformance.rst 3886-P4: the extended grammar
         for action in ("transferred", "opaque", "OPAQUE"):
             text = SAMPLE_BYTES.replace(b"Action: delayed", b"Action: " + action.encode())
             assert parse_status(text).recipients[0].action == action.lower()
@@ -896,7 +899,8 @@ class TestParse:
             parse_status(b"\r\n\r\n")
 
     def test_parser_reads_2_1_9_with_other_action(self):
-        # generator rule only (CHECKLIST 11.12); foreign data is shown as it came (8.8)
+        # generator rule only (RFC 3886 §3.3.4, doc/conformance.rst 3886-P5); foreign data is
+        # shown as it came (RFC 3886 §4.1)
         text = SAMPLE_BYTES.replace(b"Status: 4.4.1", b"Status: 2.1.9")
         assert parse_status(text).recipients[0].status == "2.1.9"
 
@@ -1033,7 +1037,7 @@ def _offsets(report: TrackingReport) -> list[timedelta | None]:
 @settings(max_examples=100, deadline=None)
 @given(_REPORTS)
 def test_render_parse_round_trip(report):
-    # CHECKLIST 5.1-5.4: what we render reads back identically, zones included
+    # RFC 3886 §3-§3.3: what we render reads back identically, zones included
     body = render_status(report)
     parsed = parse_status(body)
     assert parsed == report
@@ -1044,7 +1048,7 @@ def test_render_parse_round_trip(report):
 @settings(max_examples=100, deadline=None)
 @given(_REPORTS, st.randoms(use_true_random=False))
 def test_any_order_and_folding_read_the_same(report, rnd):
-    # CHECKLIST 5.1.3 [P]: any field order within a block; folded lines
+    # project decision, doc/conformance.rst 3886-P1: any field order within a block; folded lines
     blocks = render_status(report).decode("ascii").split("\r\n\r\n")
     shuffled = []
     for block in blocks:
@@ -1071,7 +1075,7 @@ def test_any_order_and_folding_read_the_same(report, rnd):
 @settings(max_examples=100, deadline=None)
 @given(st.lists(_REPORTS, min_size=1, max_size=3))
 def test_related_round_trip(reports):
-    # CHECKLIST 4.4.3, 5.1.1: one part per report, in order
+    # RFC 3887 §4, RFC 3886 §3: one part per report, in order
     assert parse_related(render_related(reports)) == reports
 
 

@@ -57,19 +57,19 @@ class TestParseCommand:
         assert reply_of(parse_command, line).code == 500
 
     def test_base_512_line_accepted(self):
-        # CHECKLIST 1.2.1: a 512-octet line (CRLF included) is fine
+        # RFC 5321 §4.5.3.1.4: a 512-octet line (CRLF included) is fine
         line = b"NOOP " + b"x" * 505 + b"\r\n"
         assert len(line) == 512
         assert parse_command(line).verb == "NOOP"
 
     def test_max_line_accepted(self):
-        # CHECKLIST 1.2.4: at least 2048 octets, CRLF included
+        # doc/conformance.rst 3885-P2: at least 2048 octets, CRLF included
         line = b"NOOP " + b"x" * (MAX_COMMAND_LINE - 7) + b"\r\n"
         assert len(line) == MAX_COMMAND_LINE == 2048
         assert parse_command(line).verb == "NOOP"
 
     def test_too_long_line_rejected(self):
-        # CHECKLIST 1.2.4 and 1.7: "500 5.5.2 Line too long"
+        # doc/conformance.rst 3885-P2: "500 5.5.2 Line too long"
         line = b"NOOP " + b"x" * (MAX_COMMAND_LINE - 6) + b"\r\n"
         assert reply_of(parse_command, line) == Reply(500, "5.5.2", ("Line too long",))
         assert LINE_TOO_LONG.render() == b"500 5.5.2 Line too long\r\n"
@@ -116,7 +116,7 @@ class TestParseMail:
         )
 
     def test_params_keyword_upper_value_verbatim(self):
-        # CHECKLIST 1.1.5: keywords matched case-insensitively (upper-cased here)
+        # RFC 5321 §2.4: keywords matched case-insensitively (upper-cased here)
         _, params = parse_mail("FROM:<a@b.c> envid=Ab+2Bc ret=hdrs smtputf8 mtrk=Vhe=:5")
         assert params == [
             ("ENVID", "Ab+2Bc"),
@@ -224,7 +224,7 @@ class TestParseRcpt:
 
 class TestParseParams:
     def test_value_with_equals_signs_kept(self):
-        # CHECKLIST 1.3.2: base64 padding survives parameter splitting
+        # doc/conformance.rst 3885-P1: base64 padding survives parameter splitting
         assert parse_params("MTRK=abc==:10") == [("MTRK", "abc==:10")]
 
     def test_empty(self):

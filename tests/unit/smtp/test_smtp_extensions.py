@@ -1,4 +1,5 @@
-"""Tests for mtrkmta.smtp.extensions: EHLO/LHLO reply rendering and parsing (CHECKLIST 1.1)."""
+"""Tests for mtrkmta.smtp.extensions: EHLO/LHLO reply rendering and parsing (RFC 3885 §2,
+RFC 3461 §2)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def read(raw: bytes) -> Reply:
 
 class TestRender:
     def test_full_list(self):
-        # CHECKLIST 1.1.1, 1.1.3, 1.1.4: MTRK and DSN bare, plus ENHANCEDSTATUSCODES, PIPELINING
+        # RFC 3885 §2, RFC 3461 §2: MTRK and DSN bare, plus ENHANCEDSTATUSCODES, PIPELINING
         reply = render_ehlo("mx.example", FULL)
         assert reply.render() == (
             b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n"
@@ -40,7 +41,7 @@ class TestRender:
         )
 
     def test_no_enhanced_code_on_ehlo_reply(self):
-        # CHECKLIST 1.1.4: RFC 2034 §3 exempts the EHLO reply from enhanced codes
+        # RFC 2034 §3 exempts the EHLO reply from enhanced codes
         assert render_ehlo("mx.example", FULL).enhanced is None
 
     def test_greeting(self):
@@ -49,22 +50,22 @@ class TestRender:
         )
 
     def test_mtrk_without_dsn_refused(self):
-        # CHECKLIST 1.1.2: never advertise MTRK alone
+        # doc/conformance.rst 3885-P4: never advertise MTRK alone
         with pytest.raises(ValueError, match="DSN"):
             render_ehlo("mx.example", ["PIPELINING", "MTRK"])
 
     def test_dsn_without_mtrk_fine(self):
-        # CHECKLIST 1.1.3
+        # RFC 3461 §2
         assert render_ehlo("mx.example", ["DSN"]).lines == ("mx.example", "DSN")
 
     @pytest.mark.parametrize("keywords", [["DSN", "MTRK 1"], ["DSN x"], ["DSN x", "MTRK"]])
     def test_mtrk_and_dsn_take_no_parameters(self, keywords):
-        # CHECKLIST 1.1.1, 1.1.3
+        # RFC 3885 §2, RFC 3461 §2
         with pytest.raises(ValueError, match="without parameters"):
             render_ehlo("mx.example", keywords)
 
     def test_lower_case_mtrk_still_needs_dsn(self):
-        # CHECKLIST 1.1.2, 1.1.5
+        # doc/conformance.rst 3885-P4, RFC 5321 §2.4
         with pytest.raises(ValueError):
             render_ehlo("mx.example", ["mtrk"])
 
@@ -83,7 +84,7 @@ class TestRender:
             render_ehlo(hostname, [])
 
     def test_advertised_keywords_feed_params(self):
-        # CHECKLIST 1.1.3: the advertised set drives which parameters MAIL accepts
+        # RFC 3461 §2: the advertised set drives which parameters MAIL accepts
         advertised = advertised_keywords(FULL)
         assert advertised == frozenset(
             {
@@ -118,13 +119,13 @@ class TestParse:
         }
 
     def test_mtrk_with_future_parameters(self):
-        # CHECKLIST 1.1.1: recognise MTRK even with parameters appended
+        # RFC 3885 §2: recognise MTRK even with parameters appended
         reply = read(b"250-peer.example\r\n250-DSN\r\n250 MTRK FUTURE=1 x\r\n")
         extensions = parse_ehlo(reply)
         assert "MTRK" in extensions and extensions["MTRK"] == "FUTURE=1 x"
 
     def test_keywords_case_insensitive(self):
-        # CHECKLIST 1.1.5
+        # RFC 5321 §2.4
         assert set(parse_ehlo(Reply(250, None, ("peer", "mtrk", "Dsn")))) == {"MTRK", "DSN"}
 
     def test_first_line_is_not_a_keyword(self):

@@ -1,4 +1,4 @@
-"""Tests for mtrkmta.smtp.mtrk: the MTRK certifier (CHECKLIST 1.3, 1.8)."""
+"""Tests for mtrkmta.smtp.mtrk: the MTRK certifier (RFC 3885 §3.1, §3.2, §4.2)."""
 
 from __future__ import annotations
 
@@ -27,18 +27,18 @@ B16_PADDED = base64.b64encode(B16).decode()  # 24 chars, "=="
 
 class TestVector:
     def test_checklist_vector(self):
-        # CHECKLIST 1.8.4 and 1.3.1: certifier = base64(SHA1(A))
+        # RFC 3885 §3.1 (our own vector): certifier = base64(SHA1(A))
         assert base64.b64encode(VECTOR_SECRET).decode() == "AAECAwQFBgcICQoLDA0ODw=="
         certifier = certifier_from_secret(VECTOR_SECRET)
         assert certifier.hex() == VECTOR_CERTIFIER_HEX
         assert format_mtrk(certifier, None) == VECTOR_UNPADDED
 
     def test_vector_parses_back(self):
-        # CHECKLIST 1.8.4
+        # RFC 3885 §3.1 (our own vector)
         assert parse_mtrk(VECTOR_CERTIFIER) == Mtrk(bytes.fromhex(VECTOR_CERTIFIER_HEX), None)
 
     def test_hashes_the_decoded_secret_not_its_base64(self):
-        # CHECKLIST 1.8.2 (pitfall 11.7)
+        # RFC 3885 §3.1: hash the decoded secret, not its base64 text
         assert (
             certifier_from_secret(VECTOR_SECRET)
             != hashlib.sha1(base64.b64encode(VECTOR_SECRET)).digest()
@@ -47,21 +47,21 @@ class TestVector:
 
 class TestParse:
     def test_padded_28(self):
-        # CHECKLIST 1.3.2
+        # doc/conformance.rst 3885-P1
         assert len(parse_mtrk(VECTOR_CERTIFIER).certifier) == 20
 
     def test_unpadded_27(self):
-        # CHECKLIST 1.3.2
+        # doc/conformance.rst 3885-P1
         assert parse_mtrk(VECTOR_CERTIFIER.rstrip("=")) == parse_mtrk(VECTOR_CERTIFIER)
 
     def test_16_octets_padded_and_unpadded(self):
-        # CHECKLIST 1.3.2: a 128-bit certifier is accepted too
+        # doc/conformance.rst 3885-P1: a 128-bit certifier is accepted too
         assert parse_mtrk(B16_PADDED).certifier == B16
         assert parse_mtrk(B16_PADDED.rstrip("=")).certifier == B16
 
     @pytest.mark.parametrize("timeout", ["0", "1", "3600", "999999999", "000000001"])
     def test_timeout(self, timeout):
-        # CHECKLIST 1.3.3 and 1.3.6: 1-9 digits, kept as seconds from receipt here
+        # RFC 3885 §3.1: 1-9 digits, kept as seconds from receipt here
         assert parse_mtrk(f"{VECTOR_CERTIFIER}:{timeout}").timeout == int(timeout)
 
     def test_no_timeout(self):
@@ -93,7 +93,7 @@ class TestParse:
         ],
     )
     def test_rejects(self, value):
-        # CHECKLIST 1.3.3 and 1.3.2 (decoded length 16 or 20)
+        # RFC 3885 §3.1, doc/conformance.rst 3885-P3 and 3885-P1 (decoded length 16 or 20)
         with pytest.raises(MtrkError):
             parse_mtrk(value)
 
@@ -129,7 +129,7 @@ class TestFormat:
 
 class TestSecret:
     def test_default_secret_is_160_bits_and_fresh(self):
-        # CHECKLIST 1.8.1
+        # RFC 3885 §3.1, §4.2
         first, second = new_secret(), new_secret()
         assert len(first) == 20 and first != second
 
@@ -145,11 +145,11 @@ class TestSecret:
 
 class TestUniqueEnvid:
     def test_short_kept(self):
-        # CHECKLIST 1.8.3 / 1.4.4
+        # RFC 3885 §3.2
         assert unique_envid("abc123", "mail.example.com") == "abc123@mail.example.com"
 
     def test_long_fqhn_replaced_by_hash(self):
-        # CHECKLIST 1.4.4: base64(SHA1(fqhn)), 27 chars, unpadded
+        # RFC 3885 §3.2: base64(SHA1(fqhn)), 27 chars, unpadded
         fqhn = "h" * 90 + ".example"
         envid = unique_envid("x" * 72, fqhn)
         local, _, host = envid.rpartition("@")

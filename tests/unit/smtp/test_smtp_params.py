@@ -1,4 +1,5 @@
-"""Tests for mtrkmta.smtp.params: MAIL/RCPT parameter validation (CHECKLIST 1.1-1.7)."""
+"""Tests for mtrkmta.smtp.params: MAIL/RCPT parameter validation (RFC 3885 §2-§3.2,
+RFC 3461 §2, §4-§5.4; RFC 5321 §4.5.3.1.4, §4.1.1.11)."""
 
 from __future__ import annotations
 
@@ -143,24 +144,24 @@ class TestMailBasics:
 
 class TestMtrk:
     def test_padded_and_unpadded(self):
-        # CHECKLIST 1.3.2
+        # doc/conformance.rst 3885-P1
         padded = mail(f"MTRK={CERT} ENVID=a@b")
         unpadded = mail(f"MTRK={CERT.rstrip('=')} ENVID=a@b")
         assert padded.mtrk == unpadded.mtrk == Mtrk(CERT_BYTES, None)
 
     def test_128_bit_certifier(self):
-        # CHECKLIST 1.3.2
+        # doc/conformance.rst 3885-P1
         value = format_mtrk(bytes(16), 7)
         assert mail(f"MTRK={value} ENVID=a@b").mtrk == Mtrk(bytes(16), 7)
 
     def test_certifier_of_secret(self):
-        # CHECKLIST 1.3.1: B = SHA1(A) travels as base64(B)
+        # RFC 3885 §3.1: B = SHA1(A) travels as base64(B)
         certifier = certifier_from_secret(b"\x01" * 20)
         assert mail(f"MTRK={format_mtrk(certifier, None)} ENVID=a@b").mtrk == Mtrk(certifier)
 
     @pytest.mark.parametrize("timeout", ["0", "86400", "999999999"])
     def test_timeout(self, timeout):
-        # CHECKLIST 1.3.3, 1.3.6: seconds, kept for the server to measure from receipt
+        # RFC 3885 §3.1: seconds, kept for the server to measure from receipt
         assert mail(f"MTRK={CERT}:{timeout} ENVID=a@b").mtrk == Mtrk(CERT_BYTES, int(timeout))
 
     @pytest.mark.parametrize(
@@ -177,44 +178,45 @@ class TestMtrk:
         ],
     )
     def test_invalid(self, value):
-        # CHECKLIST 1.3.3 and 1.7
+        # RFC 3885 §3.1, doc/conformance.rst 3885-P3
         assert mail_error(f"MTRK={value} ENVID=a@b") == INVALID_MTRK
 
     def test_missing_value(self):
-        # CHECKLIST 1.3.3
+        # doc/conformance.rst 3885-P3
         assert mail_error("MTRK ENVID=a@b") == INVALID_MTRK
         assert mail_error("MTRK= ENVID=a@b") == INVALID_MTRK
 
     def test_second_mtrk(self):
-        # CHECKLIST 1.3.3: a second MTRK on the same MAIL
+        # doc/conformance.rst 3885-P3: a second MTRK on the same MAIL
         assert mail_error(f"MTRK={CERT} MTRK={CERT} ENVID=a@b") == INVALID_MTRK
 
     def test_requires_envid(self):
-        # CHECKLIST 1.3.4
+        # RFC 3885 §3.2, doc/conformance.rst 3885-P3
         assert mail_error(f"MTRK={CERT}") == MTRK_NEEDS_ENVID
 
     @pytest.mark.parametrize("envid", ["noat", "@host", "local@", "@", "a@b+40"])
     def test_requires_unique_envid(self, envid):
-        # CHECKLIST 1.3.4: local@host, split at the last "@", both parts non-empty
+        # RFC 3885 §3.2, doc/conformance.rst 3885-P3: local@host, split at the last "@", both
+        # parts non-empty
         assert mail_error(f"MTRK={CERT} ENVID={envid}") == MTRK_NEEDS_ENVID
 
     def test_envid_order_irrelevant(self):
         assert mail(f"ENVID=x@y MTRK={CERT}").envid == "x@y"
 
     def test_not_advertised(self):
-        # CHECKLIST 1.3.5
+        # RFC 5321 §4.1.1.11, doc/conformance.rst 3885-P3
         reply = mail_error(f"MTRK={CERT} ENVID=a@b", advertised=ALL - {"MTRK"})
         assert reply == Reply(555, "5.5.4", ("MTRK not supported",))
         assert reply.render() == b"555 5.5.4 MTRK not supported\r\n"
 
     def test_not_advertised_even_if_malformed(self):
-        # CHECKLIST 1.3.5: the 555 comes first
+        # RFC 5321 §4.1.1.11, doc/conformance.rst 3885-P3: the 555 comes first
         reply = mail_error("MTRK=!!", advertised=ALL - {"MTRK"})
         assert reply == Reply(555, "5.5.4", ("MTRK not supported",))
 
     @pytest.mark.parametrize("keyword", ["mtrk", "Mtrk", "mTrK"])
     def test_keyword_case_insensitive(self, keyword):
-        # CHECKLIST 1.1.5
+        # RFC 5321 §2.4
         assert mail(f"{keyword}={CERT} envid=a@b").mtrk == Mtrk(CERT_BYTES)
 
 
@@ -233,77 +235,77 @@ class TestEnvid:
         assert mail("ENVID=abAcd+2Bef-x").envid_xtext is None
 
     def test_free_form_without_mtrk(self):
-        # CHECKLIST 1.4.5: no "@" demanded without MTRK
+        # RFC 3461 §4.4: no "@" demanded without MTRK
         assert mail("ENVID=QQ314159").envid == "QQ314159"
 
     def test_decoded_and_case_kept(self):
-        # CHECKLIST 1.4.2, 1.6.1
+        # RFC 3461 §4, §4.4
         assert mail("ENVID=AbC+2B+3D+20x").envid == "AbC+= x"
 
     def test_value_required(self):
-        # CHECKLIST 1.4.1
+        # RFC 3461 §4.4, §4.5
         assert mail_error("ENVID") == Reply(501, "5.5.4", ("ENVID requires a value",))
 
     def test_at_most_once(self):
-        # CHECKLIST 1.4.1, 1.5.5
+        # RFC 3461 §4.4-§4.5, §5.1(a)
         assert mail_error("ENVID=a ENVID=b") == Reply(501, "5.5.4", ("Duplicate ENVID parameter",))
 
     def test_100_chars(self):
-        # CHECKLIST 1.4.2, 1.2.2
+        # RFC 3461 §4.4, §5.4
         assert mail(f"ENVID={'e' * 100}").envid == "e" * 100
 
     def test_101_chars(self):
-        # CHECKLIST 1.4.2
+        # RFC 3461 §4.4
         assert mail_error(f"ENVID={'e' * 101}") == Reply(501, "5.5.4", ("ENVID too long",))
 
     def test_length_counts_decoded_chars(self):
-        # CHECKLIST 1.4.2: 100 decoded chars may need 300 on the wire
+        # RFC 3461 §4.4: 100 decoded chars may need 300 on the wire
         assert mail(f"ENVID={'+20' * 100}").envid == " " * 100
 
     @pytest.mark.parametrize(
         "encoded", ["a+0Db", "a+0Ab", "a+00b", "a+1Fb", "a+7Fb", "a+80b", "+FF"]
     )
     def test_non_printable_rejected(self, encoded):
-        # CHECKLIST 1.4.2, 1.6.3 (no CR/LF into DSN/MTSN fields), 8.6
+        # RFC 3461 §4.4, doc/conformance.rst 3461-P5 (no CR/LF into DSN/MTSN fields)
         assert mail_error(f"ENVID={encoded}") == Reply(501, "5.5.4", ("Invalid ENVID parameter",))
 
     def test_tab_and_space_allowed(self):
-        # CHECKLIST 1.4.2: white space is printable here
+        # RFC 3461 §4.4: white space is printable here
         assert mail("ENVID=a+09b+20c").envid == "a\tb c"
 
     @pytest.mark.parametrize("encoded", ["a=b", "a+2", "a+zz", "\u00e9"])
     def test_bad_xtext(self, encoded):
-        # CHECKLIST 1.6.1, 1.7
+        # RFC 3461 §4, §5.1(a)
         assert mail_error(f"ENVID={encoded}") == Reply(501, "5.5.4", ("Invalid ENVID parameter",))
 
     def test_lower_case_hex_strict_and_lenient(self):
-        # CHECKLIST 1.6.1
+        # RFC 3461 §4, doc/conformance.rst 3461-P4
         assert mail_error("ENVID=a+2bb") == Reply(501, "5.5.4", ("Invalid ENVID parameter",))
         assert mail("ENVID=a+2bb", lenient=True).envid == "a+b"
 
     def test_split_at_last_at(self):
-        # CHECKLIST 1.4.3: local-envid may contain "@"
+        # RFC 3885 §3.2 ("@" is an xchar, RFC 3461 §4): local-envid may contain "@"
         params = mail(f"MTRK={CERT} ENVID=a@b@host.example")
         assert params.envid == "a@b@host.example"
 
     def test_encoded_at_counts(self):
-        # CHECKLIST 1.4.3: "@" as +40 is the same octet after decoding
+        # RFC 3885 §3.2, RFC 3461 §4: "@" as +40 is the same octet after decoding
         assert mail(f"MTRK={CERT} ENVID=local+40host").envid == "local@host"
 
     def test_hashed_fqhn(self):
-        # CHECKLIST 1.4.4: 72-char local-envid + "@" + 27-char base64(SHA1(fqhn))
+        # RFC 3885 §3.2: 72-char local-envid + "@" + 27-char base64(SHA1(fqhn))
         hashed = "ab+/CDEFGHIJKLMNOPQRSTUVWXY"
         assert len(hashed) == 27
         params = mail(f"MTRK={CERT} ENVID={encode('L' * 72 + '@' + hashed)}")
         assert params.envid == "L" * 72 + "@" + hashed
 
     def test_valid_envid_and_ret_give_values(self):
-        # CHECKLIST 1.4.6: valid ENVID/RET parse cleanly and change nothing else
+        # RFC 3461 §5.1(a): valid ENVID/RET parse cleanly and change nothing else
         assert mail("ENVID=x RET=HDRS") == MailParams(envid="x", ret="HDRS")
 
     @pytest.mark.parametrize("keyword", ["ENVID=x", "RET=FULL"])
     def test_requires_dsn(self, keyword):
-        # CHECKLIST 1.1.3
+        # RFC 3461 §2
         name = keyword.split("=")[0]
         reply = mail_error(keyword, advertised=ALL - {"DSN", "MTRK"})
         assert reply == Reply(555, "5.5.4", (f"{name} not supported",))
@@ -314,16 +316,16 @@ class TestRet:
         ("value", "expected"), [("FULL", "FULL"), ("hdrs", "HDRS"), ("Full", "FULL")]
     )
     def test_values_any_case(self, value, expected):
-        # CHECKLIST 1.5.4
+        # RFC 3461 §4.3
         assert mail(f"RET={value}").ret == expected
 
     @pytest.mark.parametrize("value", ["HEADERS", "FULL,HDRS", "ful", "\ufb01"])
     def test_invalid(self, value):
-        # CHECKLIST 1.5.4, 1.7
+        # RFC 3461 §4.3, §5.1(a)
         assert mail_error(f"RET={value}") == Reply(501, "5.5.4", ("Invalid RET parameter",))
 
     def test_duplicate(self):
-        # CHECKLIST 1.5.5
+        # RFC 3461 §4.5, §5.1(a)
         assert mail_error("RET=FULL RET=FULL") == Reply(501, "5.5.4", ("Duplicate RET parameter",))
 
 
@@ -340,7 +342,7 @@ class TestNotify:
         ],
     )
     def test_valid(self, value, expected):
-        # CHECKLIST 1.5.2
+        # RFC 3461 §4.1, doc/conformance.rst 3461-P7
         assert rcpt(f"NOTIFY={value}").notify == frozenset(expected)
 
     @pytest.mark.parametrize(
@@ -359,7 +361,8 @@ class TestNotify:
         ],
     )
     def test_invalid(self, value):
-        # CHECKLIST 1.5.2, 1.7 ("\u017f".upper() == "S" must not sneak through)
+        # RFC 3461 §4.1, doc/conformance.rst 3461-P3 ("\u017f".upper() == "S" must not sneak
+        # through)
         with pytest.raises(SMTPError) as info:
             parse_rcpt_params([("NOTIFY", value)], advertised=ALL)
         assert info.value.reply == Reply(501, "5.5.4", ("Invalid NOTIFY parameter",))
@@ -368,20 +371,20 @@ class TestNotify:
         assert rcpt_error("NOTIFY") == Reply(501, "5.5.4", ("NOTIFY requires a value",))
 
     def test_28_chars(self):
-        # CHECKLIST 1.2.2: NOTIFY of 28 characters
+        # RFC 3461 §5.4: NOTIFY of 28 characters
         value = "SUCCESS,FAILURE,DELAY"
         assert len(f"NOTIFY={value}") == 28
         assert rcpt(f"NOTIFY={value}").notify == frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
     def test_absent_means_failure_delay(self):
-        # CHECKLIST 1.5.3
+        # RFC 3461 §4.1, doc/conformance.rst 3461-P1
         params = rcpt("")
         assert params.notify is None
         assert effective_notify(params) == DEFAULT_NOTIFY == frozenset({"FAILURE", "DELAY"})
         assert effective_notify(rcpt("NOTIFY=NEVER")) == frozenset({"NEVER"})
 
     def test_duplicate(self):
-        # CHECKLIST 1.5.5
+        # RFC 3461 §4.5, §5.1(b), doc/conformance.rst 3461-P3
         assert rcpt_error("NOTIFY=NEVER NOTIFY=NEVER") == Reply(
             501, "5.5.4", ("Duplicate NOTIFY parameter",)
         )
@@ -398,17 +401,17 @@ class TestOrcpt:
         )
 
     def test_basic(self):
-        # CHECKLIST 1.5.1
+        # RFC 3461 §4.2, §5.2.1(d)
         assert rcpt("ORCPT=rfc822;Joe+2BX@Example.COM").orcpt == OriginalRecipient(
             "rfc822", "Joe+X@Example.COM"
         )
 
     def test_byte_exact_type_and_address(self):
-        # CHECKLIST 1.5.1: no case folding
+        # RFC 3461 §4.2, §5.2.1(d): no case folding
         assert rcpt("ORCPT=RFC822;MiXeD@CaSe").orcpt == OriginalRecipient("RFC822", "MiXeD@CaSe")
 
     def test_address_not_checked_against_type(self):
-        # CHECKLIST 1.5.1 [P]: any atom type; the address is not checked against its syntax
+        # doc/conformance.rst 3461-P6: any atom type; the address is not checked against its syntax
         assert rcpt("ORCPT=x400;/C+3Dus/ADMD+3D+20/").orcpt == OriginalRecipient(
             "x400", "/C=us/ADMD= /"
         )
@@ -417,7 +420,7 @@ class TestOrcpt:
         )
 
     def test_500_char_value(self):
-        # CHECKLIST 1.2.2, 1.5.1
+        # RFC 3461 §4.2, §5.4
         value = "rfc822;" + "a" * 480 + "@" + "b" * 12
         assert len(value) == 500
         assert rcpt(f"ORCPT={value}").orcpt == OriginalRecipient("rfc822", value[7:])
@@ -437,19 +440,19 @@ class TestOrcpt:
             "rfc(822);a@b",
             "rfc822;",  # empty address
             "rfc822;a=b",  # raw "=" in xtext
-            "rfc822;a+0D+0Ab",  # CR/LF: CHECKLIST 1.6.3
-            "rfc822;a+C3+A9",  # 8-bit octets: CHECKLIST 1.4.2 octet rule
+            "rfc822;a+0D+0Ab",  # CR/LF: doc/conformance.rst 3461-P5
+            "rfc822;a+C3+A9",  # 8-bit octets: RFC 3461 §4.2, doc/conformance.rst 3461-P5
             "rfc822;a+2b",  # lower-case hex
         ],
     )
     def test_invalid(self, value):
-        # CHECKLIST 1.5.1, 1.4.2, 1.7
+        # RFC 3461 §4.2, doc/conformance.rst 3461-P3, 3461-P5, 3461-P6
         with pytest.raises(SMTPError) as info:
             parse_rcpt_params([("ORCPT", value)], advertised=ALL)
         assert info.value.reply == Reply(501, "5.5.4", ("Invalid ORCPT parameter",))
 
     def test_lenient_xtext(self):
-        # CHECKLIST 1.6.1
+        # RFC 3461 §4, doc/conformance.rst 3461-P4
         # Lower-case hex is not xtext (RFC 3461 §4), so it is not relayed as received.
         assert rcpt("ORCPT=rfc822;a+2bb@c", lenient=True).orcpt == OriginalRecipient(
             "rfc822", "a+b@c"
@@ -459,40 +462,40 @@ class TestOrcpt:
         assert rcpt_error("ORCPT=") == Reply(501, "5.5.4", ("ORCPT requires a value",))
 
     def test_duplicate(self):
-        # CHECKLIST 1.5.5
+        # RFC 3461 §4.5, §5.1(b), doc/conformance.rst 3461-P3
         assert rcpt_error("ORCPT=rfc822;a@b ORCPT=rfc822;a@b") == Reply(
             501, "5.5.4", ("Duplicate ORCPT parameter",)
         )
 
     def test_valid_notify_orcpt_give_values(self):
-        # CHECKLIST 1.5.6: valid NOTIFY/ORCPT parse cleanly and change nothing else
+        # RFC 3461 §5.1(b): valid NOTIFY/ORCPT parse cleanly and change nothing else
         assert rcpt("NOTIFY=SUCCESS ORCPT=rfc822;x@y") == RcptParams(
             notify=frozenset({"SUCCESS"}), orcpt=OriginalRecipient("rfc822", "x@y")
         )
 
     @pytest.mark.parametrize("params", ["NOTIFY=NEVER", "ORCPT=rfc822;a@b"])
     def test_requires_dsn(self, params):
-        # CHECKLIST 1.1.3
+        # RFC 3461 §2
         name = params.split("=")[0]
         reply = rcpt_error(params, advertised=frozenset({"SIZE"}))
         assert reply == Reply(555, "5.5.4", (f"{name} not supported",))
 
     def test_unknown_rcpt_keyword(self):
-        # CHECKLIST 1.7: MAIL-only keywords are unknown on RCPT
+        # RFC 5321 §4.1.1.11: MAIL-only keywords are unknown on RCPT
         assert rcpt_error("SIZE=1") == Reply(555, "5.5.4", ("Unsupported parameter SIZE",))
 
     @pytest.mark.parametrize("keyword", ["notify", "Notify", "orcpt"])
     def test_keyword_case_insensitive(self, keyword):
-        # CHECKLIST 1.1.5
+        # RFC 5321 §2.4
         value = "never" if keyword.lower() == "notify" else "rfc822;a@b"
         assert rcpt(f"{keyword}={value}") != RcptParams()
 
 
 class TestRealisticMaximumLines:
     def test_maximal_mail_line(self):
-        # CHECKLIST 1.2.2, 1.2.3, 1.2.4: MTRK (44 chars, padded as a client may still
-        # send it) + ENVID of 100 decoded chars, xtext-encoded, + RET + SIZE + BODY,
-        # after a 254-octet path, on one command line.
+        # RFC 3461 §5.4, RFC 3885 §2, doc/conformance.rst 3885-P2: MTRK (44 chars, padded as a
+        # client may still send it) + ENVID of 100 decoded chars, xtext-encoded, + RET + SIZE +
+        # BODY, after a 254-octet path, on one command line.
         mtrk = f" MTRK={CERT}:999999999"
         assert len(mtrk) == 44
         decoded_envid = "+" * 72 + "@" + "=" * 27  # 100 decoded chars
@@ -514,7 +517,7 @@ class TestRealisticMaximumLines:
         assert (params.ret, params.body, params.size) == ("HDRS", "8BITMIME", 10**20 - 1)
 
     def test_fully_escaped_envid_fits(self):
-        # CHECKLIST 1.2.4: worst-case xtext (300 wire chars) still fits in 2048 octets
+        # doc/conformance.rst 3885-P2: worst-case xtext (300 wire chars) still fits in 2048 octets
         envid = encode("\x20" * 72) + "@" + encode("=" * 27)
         line = f"MAIL FROM:<a@b.example> MTRK={CERT}:999999999 ENVID={envid} RET=FULL".encode()
         command = parse_command(line)
@@ -556,17 +559,18 @@ class TestReplyCodeSummary:
         ],
     )
     def test_table(self, kind, params, expected):
-        # CHECKLIST 1.7
+        # RFC 3461 §5.1, RFC 5321 §4.1.1.11, doc/conformance.rst 3461-P3
         reply = mail_error(params) if kind == "mail" else rcpt_error(params)
         assert codes(reply) == expected
 
     def test_not_advertised_row(self):
-        # CHECKLIST 1.7
+        # RFC 5321 §4.1.1.11, doc/conformance.rst 3461-P3
         assert codes(mail_error("ENVID=x", advertised=frozenset())) == (555, "5.5.4")
 
     def test_2048_octet_rcpt_line(self):
-        # CHECKLIST 1.2.2, 1.2.4: a full 2048-octet line (CRLF included) parses end to end;
-        # NOTIFY may repeat elements (1.5.2), so it can pad the line with real parameters.
+        # RFC 3461 §5.4, doc/conformance.rst 3885-P2: a full 2048-octet line (CRLF included) parses
+        # end to end; NOTIFY may repeat elements (doc/conformance.rst 3461-P7), so it can pad
+        # the line with real parameters.
         head = "RCPT TO:<r@d.example> ORCPT=rfc822;r@d.example NOTIFY="
         repeats = (2048 - 2 - len(head) - len("DELAY")) // len("FAILURE,")
         line = f"{head}{'FAILURE,' * repeats}DELAY"

@@ -38,14 +38,14 @@ timeouts = st.one_of(st.none(), st.integers(min_value=0, max_value=999_999_999))
 @SETTINGS
 @given(octet_strings)
 def test_xtext_round_trip(value):
-    # CHECKLIST 1.6.1, 1.6.2
+    # RFC 3461 §4
     assert xtext.decode(xtext.encode(value)) == value
 
 
 @SETTINGS
 @given(octet_strings)
 def test_xtext_encoder_output_is_strict_xtext(value):
-    # CHECKLIST 1.6.2: upper-case hex, only 33..126 on the wire, never raw "="
+    # RFC 3461 §4: upper-case hex, only 33..126 on the wire, never raw "="
     encoded = xtext.encode(value)
     assert all(33 <= ord(char) <= 126 for char in encoded) and "=" not in encoded
     xtext.decode(encoded, lenient=False)
@@ -64,7 +64,7 @@ def test_xtext_decode_raises_only_xtext_error(value, lenient):
 @SETTINGS
 @given(certifiers, timeouts)
 def test_certifier_round_trip(certifier, timeout):
-    # CHECKLIST 1.3.2, 1.3.3
+    # RFC 3885 §3.1, doc/conformance.rst 3885-P1
     text = format_mtrk(certifier, timeout)
     assert parse_mtrk(text) == Mtrk(certifier, timeout)
     unpadded, colon, rest = text.partition(":")
@@ -94,7 +94,7 @@ def test_parse_command_raises_only_smtp_error(line):
 @SETTINGS
 @given(st.integers(min_value=MAX_COMMAND_LINE - 1, max_value=MAX_COMMAND_LINE + 10))
 def test_line_length_boundary(length):
-    # CHECKLIST 1.2.4
+    # doc/conformance.rst 3885-P2
     line = b"NOOP " + b"x" * (length - 7) + b"\r\n"
     try:
         parse_command(line)
@@ -151,7 +151,7 @@ def test_parse_rcpt_params_raises_only_smtp_error(params, advertised, lenient):
         assert error.reply.enhanced == "5.5.4"
     else:
         if result.orcpt is not None:
-            # CHECKLIST 1.4.2, 1.6.3: nothing unprintable survives
+            # doc/conformance.rst 3461-P5: nothing unprintable survives
             assert all(char == "\t" or " " <= char <= "~" for char in result.orcpt.address)
 
 
