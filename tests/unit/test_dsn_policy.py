@@ -122,7 +122,7 @@ TABLE = [
 
 
 @pytest.mark.parametrize(("event", "notify", "expected"), TABLE)
-def test_checklist_6_1_table(event, notify, expected):
+def test_notification_table_by_event_and_notify(event, notify, expected):
     assert notification_for(event, notify, sender=SENDER, dsn_passed=False) == expected
 
 

@@ -26,7 +26,7 @@ B16_PADDED = base64.b64encode(B16).decode()  # 24 chars, "=="
 
 
 class TestVector:
-    def test_checklist_vector(self):
+    def test_certifier_of_a_known_secret(self):
         # RFC 3885 §3.1 (our own vector): certifier = base64(SHA1(A))
         assert base64.b64encode(VECTOR_SECRET).decode() == "AAECAwQFBgcICQoLDA0ODw=="
         certifier = certifier_from_secret(VECTOR_SECRET)
