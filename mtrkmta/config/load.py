@@ -258,23 +258,17 @@ def _cross_check(values: Mapping[str, _Value]) -> None:
             "mtqp.tls_required", "needs tls.certificate and tls.private_key"
         )
 
-    default = values["tracking.default_retention"].value
-    longest = values["tracking.max_retention"].value
-    if default > longest:
-        raise fail(
-            "tracking.default_retention",
-            f"must not exceed tracking.max_retention ({_format_duration(longest)}), "
-            f"got {_format_duration(default)}",
-        )
-
-    first = values["queue.first_retry"].value
-    interval = values["queue.max_retry_interval"].value
-    if first > interval:
-        raise fail(
-            "queue.first_retry",
-            f"must not exceed queue.max_retry_interval ({_format_duration(interval)}), "
-            f"got {_format_duration(first)}",
-        )
+    for shorter, longer in (
+        ("tracking.default_retention", "tracking.max_retention"),
+        ("queue.first_retry", "queue.max_retry_interval"),
+    ):
+        short, long = values[shorter].value, values[longer].value
+        if short > long:
+            raise fail(
+                shorter,
+                f"must not exceed {longer} ({_format_duration(long)}), "
+                f"got {_format_duration(short)}",
+            )
 
 
 def load_config(

@@ -423,13 +423,7 @@ class QueueService:
             log.failure("{queue_id}: queue run failed", failure, queue_id=queue_id)
             return None
         if failure.check(*self.transient_errors):
-            log.error(
-                "{queue_id}: queue run failed: {error}; tried again in {delay:.0f}s",
-                queue_id=queue_id,
-                error=failure.getErrorMessage(),
-                delay=self.retry.first_retry,
-            )
-            self._retry_later(queue_id)
+            self._retry_later(failure, queue_id, "queue run failed")
             return None
         reason = f"internal error: {failure.type.__name__}: {failure.getErrorMessage()}"
         log.failure(
@@ -440,19 +434,21 @@ class QueueService:
         )
         self._cache.forget_record(queue_id)
         d = self.tracking.set_held(queue_id, True, reason)
-        d.addCallbacks(lambda _: None, self._hold_failed, errbackArgs=(queue_id,))
+        d.addCallbacks(
+            lambda _: None, self._retry_later, errbackArgs=(queue_id, "could not be held")
+        )
         return d
 
-    def _hold_failed(self, failure: Failure, queue_id: str) -> None:
+    def _retry_later(self, failure: Failure, queue_id: str, what: str) -> None:
+        """A passing trouble: one log line, and the message tried again after
+        ``retry.first_retry``."""
         log.error(
-            "{queue_id}: could not be held ({error}); tried again in {delay:.0f}s",
+            "{queue_id}: {what}: {error}; tried again in {delay:.0f}s",
             queue_id=queue_id,
+            what=what,
             error=failure.getErrorMessage(),
             delay=self.retry.first_retry,
         )
-        self._retry_later(queue_id)
-
-    def _retry_later(self, queue_id: str) -> None:
         if self.scheduler.running:
             self.schedule(queue_id, self.clock.seconds() + self.retry.first_retry)
 

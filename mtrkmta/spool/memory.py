@@ -8,9 +8,9 @@ across a restart of the process, and fires every Deferred before returning.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import PurePath
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -28,6 +28,7 @@ from mtrkmta.spool.interfaces import (
 )
 
 QUARANTINE = PurePath("memory:", "quarantine")
+R = TypeVar("R")
 
 
 @implementer(IIncoming)
@@ -85,14 +86,13 @@ class MemorySpool:
     # -- ISpool ------------------------------------------------------------------
 
     def store(self, envelope: Envelope, content: bytes) -> Deferred[None]:
-        try:
+        def stored() -> None:
             queue_id = self._usable(envelope.queue_id)
-        except (SpoolError, ValueError) as error:
-            return fail(error)
-        if queue_id in self._queue:
-            return fail(DuplicateQueueId(f"{queue_id}: already stored"))
-        self._queue[queue_id] = (envelope, bytes(content))
-        return succeed(None)
+            if queue_id in self._queue:
+                raise DuplicateQueueId(f"{queue_id}: already stored")
+            self._queue[queue_id] = (envelope, bytes(content))
+
+        return self._answer(stored)
 
     def incoming(self, queue_id: str) -> IIncoming:
         check_queue_id(queue_id)
@@ -102,34 +102,23 @@ class MemorySpool:
         return _MemoryIncoming(self, queue_id)
 
     def load(self, queue_id: str) -> Deferred[tuple[Envelope, bytes]]:
-        try:
-            self._usable(queue_id)
-        except (SpoolError, ValueError) as error:
-            return fail(error)
-        if queue_id not in self._queue:
-            return fail(MessageNotFound(queue_id))
-        if queue_id in self._damaged:
-            return fail(SpoolCorruption(f"{queue_id}: {self._damaged[queue_id]}"))
-        return succeed(self._queue[queue_id])
+        return self._answer(lambda: self._whole(queue_id, self._queue))
 
     def remove(self, queue_ids: Iterable[str]) -> Deferred[None]:
-        try:
-            ids = [self._usable(q) for q in queue_ids]
-        except (SpoolError, ValueError) as error:
-            return fail(error)
-        for queue_id in ids:
-            self._queue.pop(queue_id, None)
-        return succeed(None)
+        def removed() -> None:
+            for queue_id in [self._usable(q) for q in queue_ids]:
+                self._queue.pop(queue_id, None)
+
+        return self._answer(removed)
 
     def quarantine(self, queue_ids: Iterable[str]) -> Deferred[Any]:
-        try:
-            ids = [self._usable(q) for q in queue_ids]
-        except (SpoolError, ValueError) as error:
-            return fail(error)
-        for queue_id in ids:
-            if queue_id in self._queue:
-                self._quarantine[queue_id] = self._queue.pop(queue_id)
-        return succeed(QUARANTINE)
+        def moved() -> PurePath:
+            for queue_id in [self._usable(q) for q in queue_ids]:
+                if queue_id in self._queue:
+                    self._quarantine[queue_id] = self._queue.pop(queue_id)
+            return QUARANTINE
+
+        return self._answer(moved)
 
     def quarantined(self) -> Deferred[list[QuarantinedFile]]:
         return succeed(
@@ -140,25 +129,20 @@ class MemorySpool:
         )
 
     def unquarantine(self, queue_id: str) -> Deferred[tuple[Envelope, bytes]]:
-        try:
-            self._usable(queue_id)
-        except (SpoolError, ValueError) as error:
-            return fail(error)
-        if queue_id not in self._quarantine:
-            return fail(MessageNotFound(queue_id))
-        if queue_id in self._damaged:
-            return fail(SpoolCorruption(f"{queue_id}: {self._damaged[queue_id]}"))
-        if queue_id in self._queue:
-            return fail(DuplicateQueueId(queue_id))
-        self._queue[queue_id] = message = self._quarantine.pop(queue_id)
-        return succeed(message)
+        def moved_back() -> tuple[Envelope, bytes]:
+            message = self._whole(queue_id, self._quarantine)
+            if queue_id in self._queue:
+                raise DuplicateQueueId(queue_id)
+            self._queue[queue_id] = self._quarantine.pop(queue_id)
+            return message
+
+        return self._answer(moved_back)
 
     def drop_quarantined(self, queue_id: str) -> Deferred[bool]:
-        try:
-            self._usable(queue_id)
-        except (SpoolError, ValueError) as error:
-            return fail(error)
-        return succeed(self._quarantine.pop(queue_id, None) is not None)
+        def dropped() -> bool:
+            return self._quarantine.pop(self._usable(queue_id), None) is not None
+
+        return self._answer(dropped)
 
     def queue_ids(self) -> Deferred[list[str]]:
         return succeed(sorted(self._queue))
@@ -174,6 +158,27 @@ class MemorySpool:
     def close(self) -> Deferred[None]:
         self._closed = True
         return succeed(None)
+
+    # -- internals ------------------------------------------------------------
+
+    @staticmethod
+    def _answer(work: Callable[[], R]) -> Deferred[R]:
+        """Do ``work`` now; what it raises fails the Deferred, as a thread's would."""
+        try:
+            return succeed(work())
+        except (SpoolError, ValueError) as error:
+            return fail(error)
+
+    def _whole(
+        self, queue_id: str, where: dict[str, tuple[Envelope, bytes]]
+    ) -> tuple[Envelope, bytes]:
+        """The message as stored in ``where``, unless it is missing or damaged."""
+        self._usable(queue_id)
+        if queue_id not in where:
+            raise MessageNotFound(queue_id)
+        if queue_id in self._damaged:
+            raise SpoolCorruption(f"{queue_id}: {self._damaged[queue_id]}")
+        return where[queue_id]
 
     def _usable(self, queue_id: str) -> str:
         if self._closed:

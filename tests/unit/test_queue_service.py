@@ -522,10 +522,10 @@ def logged() -> Iterator[list[dict]]:
 
 
 def failures_logged(events: list[dict], queue_id: str) -> list[dict]:
+    from twisted.logger import formatEvent
+
     return [
-        e
-        for e in events
-        if e.get("queue_id") == queue_id and "queue run failed" in e.get("log_format", "")
+        e for e in events if e.get("queue_id") == queue_id and "queue run failed" in formatEvent(e)
     ]
 
 
