@@ -6,12 +6,12 @@ from __future__ import annotations
 import errno
 
 import pytest
+from test_smtp_server import Client, RecordingReceiver
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
 from mtrkmta.faults import POINTS, FaultPlan, FaultSpecError, IFaults, NoFaults, from_environment
 from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
-from tests.unit.test_smtp_server import Client, RecordingReceiver
 
 
 def test_no_faults_by_default():
