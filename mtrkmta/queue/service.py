@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -418,7 +418,7 @@ class QueueService:
             )
             self._retry_later(queue_id)
             return None
-        reason = f"internal error: {failure.type.__name__}: {failure.getErrorMessage()}"
+        reason = f"internal error: {type(failure.value).__name__}: {failure.getErrorMessage()}"
         log.failure(
             "{queue_id}: queue run failed; the message is held ({reason})",
             failure,
@@ -427,8 +427,7 @@ class QueueService:
         )
         self._cache.forget_record(queue_id)
         d = self.tracking.set_held(queue_id, True, reason)
-        d.addCallbacks(lambda _: None, self._hold_failed, errbackArgs=(queue_id,))
-        return d
+        return d.addCallbacks(lambda _: None, self._hold_failed, errbackArgs=(queue_id,))
 
     def _hold_failed(self, failure: Failure, queue_id: str) -> None:
         log.error(
@@ -451,9 +450,10 @@ class QueueService:
         if taken is None:
             return
         message, first = taken
-        message = await self._send_owed_dsns(message)
-        if message is None:
+        after_dsns = await self._send_owed_dsns(message)
+        if after_dsns is None:
             return
+        message = after_dsns
         due = await self._due_recipients(message, force)
         if not due:
             return
@@ -740,8 +740,11 @@ class QueueService:
             if ok:
                 outcomes.extend(result)
             else:
+                # DeferredList's annotation omits it: a failed attempt's result is its Failure.
                 log.failure(
-                    "transport failed for {dest}", result, dest=attempt.next_hop.destination
+                    "transport failed for {dest}",
+                    cast(Failure, result),
+                    dest=attempt.next_hop.destination,
                 )
                 outcomes.extend(
                     RecipientOutcome(i, RecipientState.DEFERRED, "4.3.0")

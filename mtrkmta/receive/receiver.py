@@ -15,7 +15,7 @@ from zope.interface import implementer
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams
 from mtrkmta.receive.policy import NO_DOMAIN, RelayPolicy, recipient_domain
 from mtrkmta.smtp.reply import Reply
-from mtrkmta.smtp.server import IReceiver, Session
+from mtrkmta.smtp.server import ContentSink, IReceiver, Session
 from mtrkmta.spool.interfaces import IIncoming, ISpool
 from mtrkmta.tracking.interfaces import ITrackingStore, StoredMessage
 
@@ -171,7 +171,7 @@ class Receiver:
             return self.accept(envelope, incoming)
         return wait.addCallback(lambda _: self.accept(envelope, incoming))
 
-    def accept(self, envelope: Envelope, content: IIncoming) -> Deferred[None]:
+    def accept(self, envelope: Envelope, content: ContentSink) -> Deferred[None]:
         if envelope.params.mtrk is not None and not self._tracked.allow(envelope.client):
             # CHECKLIST 3.6, 8.4: over the client's quota the mail is accepted, but no
             # tracking data is kept for it (and no certifier goes on).
@@ -181,7 +181,8 @@ class Receiver:
                 client=TrackedRate.key(envelope.client),
             )
             envelope = replace(envelope, params=replace(envelope.params, mtrk=None))
-        size = content.size
+        incoming = IIncoming(content)  # the spool's, as self.incoming handed it out
+        size = incoming.size
 
         def committed(held: bytes | None) -> Deferred[None]:
             d = self.tracking.record_arrival(
@@ -189,7 +190,7 @@ class Receiver:
             )
             return d.addCallback(self._accepted, envelope, held)
 
-        return content.commit(envelope).addCallback(committed)
+        return incoming.commit(envelope).addCallback(committed)
 
     def _accepted(self, record: StoredMessage, envelope: Envelope, content: bytes | None) -> None:
         log.info(
