@@ -135,11 +135,11 @@ class PasswordFileChecker:
         """Checks running or waiting for a thread."""
         return self._pending
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
         if self._pending >= self.max_pending:
             return fail(ChecksBusy())
         self._pending += 1
-        d = deferToThreadPool(
+        d: Deferred[bytes | tuple[()]] = deferToThreadPool(
             self._reactor,
             self.threadpool,
             self.check,

@@ -134,8 +134,8 @@ class AuthGuard:
     def credentialInterfaces(self) -> tuple[Any, ...]:
         return tuple(getattr(self.checker, "credentialInterfaces", (IUsernamePassword,)))
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes]:
-        result: Deferred[bytes] = self.checker.requestAvatarId(credentials)
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
+        result: Deferred[bytes | tuple[()]] = self.checker.requestAvatarId(credentials)
         return result
 
     def refused(self, address: str, now: float) -> Deferred[bool]:

@@ -33,7 +33,7 @@ class _Escaped:
 
     __slots__ = ("_value",)
 
-    def __init__(self, value: object) -> None:
+    def __init__(self, value: Any) -> None:
         self._value = value
 
     def __format__(self, spec: str) -> str:
@@ -52,7 +52,7 @@ class _Escaped:
         return _Escaped(self._value[key])
 
     def __call__(self) -> _Escaped:
-        return _Escaped(self._value())  # type: ignore[operator]
+        return _Escaped(self._value())
 
 
 class _EscapedFields(Mapping[str, Any]):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IResolver
@@ -183,6 +184,7 @@ class MTAService(Service):
         self._starting.addCallbacks(lambda _: self.ready.callback(self), self._start_failed)
 
     def _start_failed(self, failure: Failure) -> None:
+        assert failure.value is not None  # a Failure always holds its exception
         damage = as_damage(failure.value, self.config.database)
         if damage is not None:  # one line that says what to do, no traceback
             log.critical("{advice}", advice=damage.advice(recover_command(self.origin)))
@@ -535,7 +537,9 @@ class MTAService(Service):
 
     def port(self, name: str) -> int:
         """The TCP port a listener is bound to (useful with port 0 in tests)."""
-        return int(self.ports[name].getHost().port)
+        address = self.ports[name].getHost()
+        assert isinstance(address, IPv4Address | IPv6Address), address
+        return address.port
 
     # -- stop ------------------------------------------------------------------------
 
@@ -564,7 +568,9 @@ class MTAService(Service):
             mtqp, self.mtqp = self.mtqp, None
             await mtqp.shutdown()
         if self._control is not None:
-            await self._control.stopListening()
+            stopped = self._control.stopListening()
+            if stopped is not None:
+                await stopped
             self._control = None
         if self.queue is not None:
             await self.queue.stop(grace=self.shutdown_grace)

@@ -7,6 +7,7 @@ import signal
 import sys
 from typing import Any
 
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -66,5 +67,6 @@ def makeService(options: Options) -> MTAService:
     service = make_service(options.config, reactor, options.origin(), options.faults)
     exit_when_start_fails(service, reactor)
     # SIGHUP re-reads the aliases file (twistd itself uses SIGUSR1, for its log).
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_aliases))
+    threads = IReactorThreads(reactor)
+    signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(service.reload_aliases))
     return service

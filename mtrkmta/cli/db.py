@@ -10,11 +10,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from sqlalchemy.engine import make_url
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mtrkmta.cli.options import ServeOptions
@@ -299,8 +300,10 @@ async def _record_spool(
         writes = []
         for queue_id, (ok, result) in zip(batch, loaded, strict=True):
             if not ok:
-                if not result.check(SpoolCorruption):
-                    result.raiseException()
+                # DeferredList's annotation omits it: a failed load's result is its Failure.
+                failure = cast(Failure, result)
+                if not failure.check(SpoolCorruption):
+                    failure.raiseException()
                 unreadable.append(queue_id)
                 continue
             envelope, content = result

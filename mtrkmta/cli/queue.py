@@ -121,7 +121,7 @@ def render_show(message: dict[str, Any], out: TextIO) -> None:
 
 
 class QueueOptions(usage.Options):
-    optFlags = (
+    optFlags: tuple[tuple[str, str | None, str], ...] = (
         ("json", None, "Print the raw JSON answer."),
         ("yes", "y", "Do not ask before deleting or bouncing."),
     )
@@ -130,7 +130,9 @@ class QueueOptions(usage.Options):
         ("data-dir", None, None, "The server's data directory [default: ./mtrkmta-data]."),
     )
 
-    def parseArgs(self, command: str, queue_id: str | None = None) -> None:
+    # Options.parseArgs is declared without arguments, but usage.Options passes the
+    # positional arguments and checks their count against the override's signature.
+    def parseArgs(self, command: str, queue_id: str | None = None) -> None:  # type: ignore[override]
         if command not in COMMANDS:
             raise usage.UsageError(f"unknown queue command {command!r}")
         if command in COMMANDS_WITH_ID and queue_id is None:

@@ -19,6 +19,7 @@ from mtrkmta.mtqp.client import (
     TLS_MODES,
     Hop,
     RecipientPath,
+    TLSContextFactory,
     Trace,
     TrackingClient,
     default_tls_context,
@@ -139,7 +140,7 @@ async def run(
 
     ``client`` adds TrackingClient arguments (tests shorten ``reply_timeout``).
     """
-    tls_context = default_tls_context
+    tls_context: TLSContextFactory = default_tls_context
     if options["ca-file"]:
         trust_root = trust_root_from_pem(Path(options["ca-file"]).read_bytes())
         tls_context = verifying_tls_context(trust_root)

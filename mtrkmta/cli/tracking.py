@@ -20,7 +20,8 @@ class TrackingOptions(QueueOptions):
 
     optFlags = ()
 
-    def parseArgs(self, command: str, value: str | None = None) -> None:
+    # Like QueueOptions.parseArgs: usage.Options checks the arguments against this signature.
+    def parseArgs(self, command: str, value: str | None = None) -> None:  # type: ignore[override]
         if command != "set-max-retention" or value is None:
             raise usage.UsageError("expected: set-max-retention DURATION (e.g. 2d)")
         try:

@@ -72,12 +72,19 @@ class _Value:
         return ConfigError(self.where, None if self.from_option else key, problem)
 
 
+def _section_class(field: dataclasses.Field[Any]) -> type[Any]:
+    """The dataclass of a section field of Config: its default_factory."""
+    factory = field.default_factory
+    assert isinstance(factory, type) and dataclasses.is_dataclass(factory), field.name
+    return factory
+
+
 def _schema() -> tuple[_Key, ...]:
     keys: list[_Key] = []
     for outer in dataclasses.fields(Config):
         if _SECTION in outer.metadata:
             section = outer.metadata[_SECTION]
-            for inner in dataclasses.fields(outer.default_factory):
+            for inner in dataclasses.fields(_section_class(outer)):
                 convert = inner.metadata[_CONVERT]
                 attr = (outer.name, inner.name)
                 keys.append(_Key(section, inner.name, attr, convert, inner.default))
@@ -299,7 +306,7 @@ def load_config(
             top[key.attr[0]] = value
     for outer in dataclasses.fields(Config):
         if _SECTION in outer.metadata:
-            top[outer.name] = outer.default_factory(**sections.get(outer.name, {}))
+            top[outer.name] = _section_class(outer)(**sections.get(outer.name, {}))
     return Config(**top)
 
 

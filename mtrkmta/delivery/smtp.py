@@ -205,7 +205,7 @@ class SMTPTransport:
         """Drop every connection now (shutdown): the attempts in flight end as deferrals."""
         for session in list(self._sessions):
             if session.transport is not None:
-                session.transport.abortConnection()
+                session.wire.abortConnection()
 
     @property
     def idle_sessions(self) -> int:
@@ -365,7 +365,7 @@ class SMTPTransport:
                 last = _Unreachable("4.4.1", text, server.name)
                 continue
             self._sessions.add(client)
-            client.when_lost().addCallback(lambda _, c=client: self._sessions.discard(c))
+            client.when_lost().addCallback(lambda _, c: self._sessions.discard(c), client)
             try:
                 await client.when_ready()
             except SessionError as error:

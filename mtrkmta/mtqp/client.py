@@ -7,12 +7,19 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, IResolver
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    IResolver,
+    ITCPTransport,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.names import dns
 from twisted.names.error import DNSNameError
@@ -53,6 +60,11 @@ FINAL_ACTIONS = frozenset({"delivered", "expanded", "relayed", "failed"})
 """Actions after which nothing more will happen to a recipient (RFC 3886 §3.3.3)."""
 
 HostMap = Callable[[str, int | None], tuple[str, int] | None]
+
+#: A lookup of an IResolver as used here: name in, (answers, authority, additional) out.
+#: IResolver's annotations say each is one RRHeader and the timeout is required; its
+#: documentation and every Twisted resolver give lists and default the timeout.
+_Lookup = Callable[[str], Deferred[tuple[list[dns.RRHeader], ...]]]
 """Where the MTQP server of a host name, asked at a port (None: no port given), really
 listens (an explicit override), or None."""
 
@@ -202,10 +214,11 @@ class Locator:
     async def _srv(self, name: str) -> list[Target] | None:
         """Targets from SRV records; None when there are none (use the host itself)."""
         try:
-            answers, _authority, _additional = await self._resolver.lookupService(SRV_PREFIX + name)
+            lookup = cast(_Lookup, self._resolver.lookupService)
+            answers, _authority, _additional = await lookup(SRV_PREFIX + name)
         except Exception:  # NXDOMAIN, SERVFAIL, timeout: fall back to the host itself
             return None
-        records = [rr.payload for rr in answers if rr.type == dns.SRV]
+        records = [p for p in _payloads(answers) if isinstance(p, dns.Record_SRV)]
         if not records:
             return None
         usable = [record for record in records if str(record.target) not in ("", ".")]
@@ -229,8 +242,8 @@ class Locator:
         """IPv4 addresses of ``name``, else its IPv6 ones."""
         problems: list[str] = []
         for lookup, kind in (
-            (self._resolver.lookupAddress, dns.A),
-            (self._resolver.lookupIPV6Address, dns.AAAA),
+            (cast(_Lookup, self._resolver.lookupAddress), dns.A),
+            (cast(_Lookup, self._resolver.lookupIPV6Address), dns.AAAA),
         ):
             try:
                 answers, _authority, _additional = await lookup(name)
@@ -244,6 +257,12 @@ class Locator:
                 return found
         why = f": {'; '.join(problems)}" if problems else ""
         raise LocateError(f"{name} has no address{why}")
+
+
+def _payloads(answers: list[dns.RRHeader]) -> list[object]:
+    """The records of ``answers``, as objects: typed IEncodableRecord, mypy-zope cannot
+    narrow them to a record class."""
+    return [rr.payload for rr in answers]
 
 
 def _address(record: Any) -> str:
@@ -333,6 +352,7 @@ class MTQPClientProtocol(Protocol):
     def command(self, command: Track | StartTLS | Quit) -> Deferred[Response]:
         """Send ``command``; its response."""
         if self._error is None:
+            assert self.transport is not None  # connected: set by makeConnection
             self.transport.write(command.render())
         return self.next_response()
 
@@ -343,7 +363,7 @@ class MTQPClientProtocol(Protocol):
         self._reader.reset()
         self._received.clear()
         self.tls_active = True
-        self.transport.startTLS(context)
+        ITLSTransport(self.transport).startTLS(context)
         return self.next_response()
 
     def close(self) -> Deferred[None]:
@@ -353,6 +373,7 @@ class MTQPClientProtocol(Protocol):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._lost_waiters.append(d)
+        assert self.transport is not None  # connected
         self.transport.loseConnection()
         return d
 
@@ -386,8 +407,8 @@ class MTQPClientProtocol(Protocol):
             return
         self._error = error
         self._disarm()
-        if self._connected:
-            self.transport.abortConnection()
+        if self._connected:  # over a TCP endpoint (TCP4/TCP6ClientEndpoint)
+            ITCPTransport(self.transport).abortConnection()
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
             waiter.errback(error)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -242,6 +242,7 @@ class MTQPServer(Protocol, SessionGuard):
     # -- connection -----------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # set by makeConnection
         self.address, self.port = _peer(self.transport.getPeer())
         refusal = self.factory.admit(self)
         if refusal is not None:
@@ -342,6 +343,7 @@ class MTQPServer(Protocol, SessionGuard):
         self._process()
 
     def _send(self, response: Response) -> None:
+        assert self.transport is not None
         self.transport.write(response.render())
 
     def _close(self) -> None:
@@ -373,10 +375,9 @@ class MTQPServer(Protocol, SessionGuard):
         d: Deferred[list[StoredMessage]] = maybeDeferred(
             factory.tracking.lookup_transactions, command.envid, candidate
         )
-        d.addCallbacks(self._found, self._store_failed)
-        d.addErrback(self._internal_error)
-        d.addCallback(self._settle_failure, reserved)
-        return d
+        answered = d.addCallbacks(self._found, self._store_failed)
+        answered.addErrback(self._internal_error)
+        return answered.addCallback(self._settle_failure, reserved)
 
     def _settle_failure(self, response: Response, reserved: float) -> Response:
         """Keep the failure counted for ``-ERR/noinfo``; anything else takes it back."""
@@ -443,7 +444,7 @@ class MTQPServer(Protocol, SessionGuard):
         self.framer.reset()
         self._handshaking = True
         self.tls_active = True
-        self.transport.startTLS(self.settings.tls)
+        ITLSTransport(self.transport).startTLS(self.settings.tls)
         return None
 
     # -- idle timeout (3887 §2.5) --------------------------------------------------------
@@ -477,7 +478,7 @@ class MTQPServerFactory(Factory):
         self.failures = RateLimiter(settings.failure_rate, clock)
         self.table = SessionTable(settings.max_connections, settings.max_connections_per_ip)
 
-    def buildProtocol(self, addr: IAddress) -> MTQPServer:
+    def buildProtocol(self, addr: IAddress | None) -> MTQPServer:
         return self.protocol(self)
 
     @property

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
 
 from mtrkmta.config import MIN_RETENTION
 from mtrkmta.queue.service import QueueActionRefused, QueueService
@@ -79,6 +80,10 @@ class ControlProtocol(LineOnlyReceiver):
     def __init__(self, queue: QueueService) -> None:
         self.queue = queue
         self._chain: Deferred[None] = succeed(None)  # answers go out in request order
+        self._lost = False  # the client went away: its answers have nowhere to go
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
 
     def lineReceived(self, line: bytes) -> None:
         self._chain.addCallback(lambda _: self._answer(line))
@@ -96,7 +101,7 @@ class ControlProtocol(LineOnlyReceiver):
         return {"ok": False, "error": f"internal error: {failure.getErrorMessage()}"}
 
     def _reply(self, answer: dict[str, Any]) -> None:
-        if self.transport is None or self.transport.disconnecting:
+        if self.transport is None or self._lost:
             return
         self.sendLine(json.dumps(answer, separators=(",", ":")).encode())
 
@@ -133,6 +138,7 @@ class ControlProtocol(LineOnlyReceiver):
                 n=changed,
             )
             return changed
+        assert isinstance(queue_id, str)  # every command left is in COMMANDS_WITH_ID
         if command == "show":
             for entry, record in await queue.quarantined():
                 if entry.queue_id == queue_id:

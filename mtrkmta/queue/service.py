@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -425,7 +425,7 @@ class QueueService:
         if failure.check(*self.transient_errors):
             self._retry_later(failure, queue_id, "queue run failed")
             return None
-        reason = f"internal error: {failure.type.__name__}: {failure.getErrorMessage()}"
+        reason = f"internal error: {type(failure.value).__name__}: {failure.getErrorMessage()}"
         log.failure(
             "{queue_id}: queue run failed; the message is held ({reason})",
             failure,
@@ -434,10 +434,9 @@ class QueueService:
         )
         self._cache.forget_record(queue_id)
         d = self.tracking.set_held(queue_id, True, reason)
-        d.addCallbacks(
+        return d.addCallbacks(
             lambda _: None, self._retry_later, errbackArgs=(queue_id, "could not be held")
         )
-        return d
 
     def _retry_later(self, failure: Failure, queue_id: str, what: str) -> None:
         """A passing trouble: one log line, and the message tried again after
@@ -460,9 +459,10 @@ class QueueService:
         if taken is None:
             return
         message, first = taken
-        message = await self._send_owed_dsns(message)
-        if message is None:
+        after_dsns = await self._send_owed_dsns(message)
+        if after_dsns is None:
             return
+        message = after_dsns
         due = await self._due_recipients(message, force)
         if not due:
             return
@@ -749,8 +749,11 @@ class QueueService:
             if ok:
                 outcomes.extend(result)
             else:
+                # DeferredList's annotation omits it: a failed attempt's result is its Failure.
                 log.failure(
-                    "transport failed for {dest}", result, dest=attempt.next_hop.destination
+                    "transport failed for {dest}",
+                    cast(Failure, result),
+                    dest=attempt.next_hop.destination,
                 )
                 outcomes.extend(
                     RecipientOutcome(i, RecipientState.DEFERRED, "4.3.0")

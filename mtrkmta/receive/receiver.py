@@ -15,7 +15,7 @@ from mtrkmta.envelope import Envelope, MailParams, RcptParams
 from mtrkmta.receive.acceptor import Accepted, Acceptor
 from mtrkmta.receive.policy import NO_DOMAIN, RelayPolicy
 from mtrkmta.smtp.reply import Reply
-from mtrkmta.smtp.server import IReceiver, Session
+from mtrkmta.smtp.server import ContentSink, IReceiver, Session
 from mtrkmta.spool.interfaces import IIncoming
 
 log = Logger()
@@ -120,9 +120,10 @@ class Receiver:
         """The spool's stream for the content of ``queue_id`` (bounded memory)."""
         return self.acceptor.incoming(queue_id)
 
-    def accept(self, envelope: Envelope, content: IIncoming) -> Deferred[None]:
+    def accept(self, envelope: Envelope, content: ContentSink) -> Deferred[None]:
         """Durably accept the message (``Acceptor.accept``) and hand it to the queue."""
-        return self.acceptor.accept(envelope, content).addCallback(self._enqueue)
+        incoming = IIncoming(content)  # the spool's, as self.incoming handed it out
+        return self.acceptor.accept(envelope, incoming).addCallback(self._enqueue)
 
     def _enqueue(self, accepted: Accepted) -> None:
         if self.enqueue is not None:

@@ -6,6 +6,7 @@ import ipaddress
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
@@ -18,7 +19,11 @@ from mtrkmta.tracking.interfaces import RecipientState
 #: The longest CNAME chain followed before the lookup counts as failed (temporarily).
 MAX_CNAME_CHAIN = 8
 
+#: What an IResolver lookup fires with: answers, authority, additional, each a list.
+#: IResolver's annotations say each is one RRHeader and the timeout is required; its
+#: documentation and every Twisted resolver give lists and default the timeout.
 _DNSResult = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
+_Lookup = Callable[[str], Deferred[_DNSResult]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +59,18 @@ def _name(name: dns.Name | bytes | str) -> str:
     return text.lower().removesuffix(".")
 
 
+def _payload(rr: dns.RRHeader) -> object:
+    """The record of ``rr``, as an object: typed IEncodableRecord, mypy-zope cannot narrow
+    it to a record class."""
+    return rr.payload
+
+
 def _negative_ttl(authority: Sequence[dns.RRHeader]) -> int:
     """How long an empty answer or NXDOMAIN may be cached (RFC 2308 §5): 0 without an SOA."""
     ttls = [
-        min(rr.ttl, rr.payload.minimum)
+        min(rr.ttl, soa.minimum)
         for rr in authority
-        if rr.type == dns.SOA and isinstance(rr.payload, dns.Record_SOA)
+        if rr.type == dns.SOA and isinstance(soa := _payload(rr), dns.Record_SOA)
     ]
     return min(ttls, default=0)
 
@@ -164,9 +175,9 @@ class MXResolver:
             return await self._implicit_mx(domain, mx.ttl)
 
         exchanges = [
-            (rr.payload.preference, _name(rr.payload.name))
+            (record.preference, _name(record.name))
             for rr in mx.records
-            if isinstance(rr.payload, dns.Record_MX)
+            if isinstance(record := _payload(rr), dns.Record_MX)
         ]
         usable = [(preference, host) for preference, host in exchanges if host]
         if not usable:
@@ -289,12 +300,13 @@ class MXResolver:
 
     @staticmethod
     def _decode(answer: _Answer) -> list[str]:
-        addresses = []
+        addresses: list[str] = []
         for rr in answer.records:
-            if isinstance(rr.payload, dns.Record_A):
-                addresses.append(str(ipaddress.IPv4Address(rr.payload.address)))
-            elif isinstance(rr.payload, dns.Record_AAAA):
-                addresses.append(str(ipaddress.IPv6Address(rr.payload.address)))
+            payload = _payload(rr)
+            if isinstance(payload, dns.Record_A):
+                addresses.append(str(ipaddress.IPv4Address(payload.address)))
+            elif isinstance(payload, dns.Record_AAAA):
+                addresses.append(str(ipaddress.IPv6Address(payload.address)))
         return addresses
 
     async def _settled(self, rtype: int, name: str) -> _Answer | _LookupProblem:
@@ -303,12 +315,12 @@ class MXResolver:
         except _LookupProblem as problem:
             return problem
 
-    def _lookup_for(self, rtype: int) -> Callable[[str], Deferred[_DNSResult]]:
+    def _lookup_for(self, rtype: int) -> _Lookup:
         if rtype == dns.MX:
-            return self._resolver.lookupMailExchange
+            return cast(_Lookup, self._resolver.lookupMailExchange)
         if rtype == dns.A:
-            return self._resolver.lookupAddress
-        return self._resolver.lookupIPV6Address
+            return cast(_Lookup, self._resolver.lookupAddress)
+        return cast(_Lookup, self._resolver.lookupIPV6Address)
 
     async def _records(self, rtype: int, name: str) -> _Answer:
         """The ``rtype`` records of ``name``, following CNAMEs (re-querying their target).
@@ -341,7 +353,10 @@ class MXResolver:
                 if hops > MAX_CNAME_CHAIN:
                     raise _LookupProblem(f"CNAME chain from {name} longer than {MAX_CNAME_CHAIN}")
                 ttls.append(cname.ttl)
-                target = _name(cname.payload.name)
+                record = _payload(cname)
+                # RRHeader checks the payload's type; a SimpleRecord's name is set in __init__.
+                assert isinstance(record, dns.Record_CNAME) and record.name is not None
+                target = _name(record.name)
             found = tuple(rr for rr in answers if rr.type == rtype and _name(rr.name) == target)
             if found:
                 return _Answer(found, min(ttls + [rr.ttl for rr in found]))

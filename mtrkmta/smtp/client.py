@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import typing
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, fail, succeed
@@ -14,6 +15,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IPullProducer,
     IReactorTime,
+    ITLSTransport,
 )
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -240,6 +242,22 @@ class _ContentProducer:
         self.done = True  # the connection went away; connectionLost reports it
 
 
+class Wire(typing.Protocol):
+    """What a session needs of its transport beyond ITransport. Twisted's TCP, UNIX and TLS
+    transports all have these methods, though TLSMemoryBIOProtocol (a ``tls:`` endpoint)
+    declares neither IConsumer nor ITCPTransport, so the interfaces cannot be adapted to."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+
 @implementer(IHandshakeListener)
 class SMTPClient(Protocol):
     """One outbound SMTP session: greeting, EHLO/HELO, STARTTLS, then transactions.
@@ -332,6 +350,12 @@ class SMTPClient(Protocol):
 
     # -- bytes in and out ------------------------------------------------------
 
+    @property
+    def wire(self) -> Wire:
+        """The transport, from makeConnection on (Twisted sets it before connectionMade)."""
+        assert self.transport is not None
+        return cast(Wire, self.transport)
+
     def connectionMade(self) -> None:
         self._connected = True
         ensureDeferred(self._handshake()).addCallbacks(self._handshake_ok, self._handshake_failed)
@@ -385,7 +409,7 @@ class SMTPClient(Protocol):
 
     def _write(self, line: str) -> None:
         if self._error is None:
-            self.transport.write(line.encode("utf-8", "surrogateescape") + CRLF)
+            self.wire.write(line.encode("utf-8", "surrogateescape") + CRLF)
 
     def _expect(self, what: str, timeout: float) -> Deferred[Reply | SessionError]:
         if self._error is not None:
@@ -453,8 +477,8 @@ class SMTPClient(Protocol):
         producer, self._producer = self._producer, None
         if self._connected:
             if producer is not None:
-                self.transport.unregisterProducer()
-            self.transport.abortConnection()
+                self.wire.unregisterProducer()
+            self.wire.abortConnection()
         waiters, self._waiters = self._waiters, deque()
         if producer is not None:
             producer.done = True
@@ -502,7 +526,7 @@ class SMTPClient(Protocol):
         self.keywords = {}
         self.esmtp = False
         self._tls_pending = True
-        self.transport.startTLS(self.settings.tls_context(self.server_name))
+        ITLSTransport(self.transport).startTLS(self.settings.tls_context(self.server_name))
         self.tls_active = True
 
     async def _hello(self) -> None:
@@ -583,7 +607,7 @@ class SMTPClient(Protocol):
         if "PIPELINING" in self.keywords:
             # RFC 2920: MAIL, every RCPT and DATA in one write; replies are read in order.
             lines = [transaction.mail_line(), *map(transaction.rcpt_line, range(count)), "DATA"]
-            self.transport.write(
+            self.wire.write(
                 b"".join(line.encode("utf-8", "surrogateescape") + CRLF for line in lines)
             )
             mail = self._expect("MAIL", timeouts.mail)
@@ -615,7 +639,7 @@ class SMTPClient(Protocol):
         accepted = progress.accepted()
         if not accepted:
             # Pipelined DATA accepted although nothing else was (RFC 2920 §3.1): just end it.
-            self.transport.write(END_OF_DATA)
+            self.wire.write(END_OF_DATA)
             for _ in range(self._final_count(0)):
                 await self._reply(self._expect("the end of data", timeouts.data_end))
             return
@@ -631,7 +655,7 @@ class SMTPClient(Protocol):
             for _ in range(self._final_count(len(accepted)))
         ]
         self._arm()
-        self.transport.registerProducer(producer, False)
+        self.wire.registerProducer(producer, False)
         failed = await producer.finished
         if failed is not None:
             raise failed
@@ -647,12 +671,12 @@ class SMTPClient(Protocol):
 
     def _content_written(self, producer: _ContentProducer, piece: bytes, last: bool) -> None:
         if piece:
-            self.transport.write(piece)
+            self.wire.write(piece)
         if not last:
             self._arm()
             return
         self._producer = None
-        self.transport.unregisterProducer()
+        self.wire.unregisterProducer()
         self._arm()
         producer.finished.callback(None)
 
@@ -678,4 +702,4 @@ class SMTPClient(Protocol):
             except SessionError:
                 return  # _die already dropped the connection
         if self._connected:
-            self.transport.loseConnection()
+            self.wire.loseConnection()

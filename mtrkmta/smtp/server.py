@@ -14,7 +14,7 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -201,6 +201,7 @@ class SMTPServer(Protocol, SessionGuard):
     # -- connection ---------------------------------------------------------
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # set by makeConnection
         address, port = _peer(self.transport.getPeer())
         self.session = Session(address=address, port=port, listener=self.settings.listener)
         refusal = self.factory.admit(self)
@@ -319,6 +320,7 @@ class SMTPServer(Protocol, SessionGuard):
             return error.reply
 
     def _send(self, reply: Reply | tuple[Reply, ...]) -> None:
+        assert self.transport is not None
         if isinstance(reply, Reply):
             self.transport.write(reply.render())
         else:
@@ -436,7 +438,7 @@ class SMTPServer(Protocol, SessionGuard):
         self._send(Reply(220, "2.0.0", ("Ready to start TLS",)))
         # Nothing the client sent in clear after STARTTLS may run under TLS.
         self.framer.reset()
-        self.transport.startTLS(self.settings.tls)
+        ITLSTransport(self.transport).startTLS(self.settings.tls)
         self.session = Session(
             address=self.session.address,
             port=self.session.port,
@@ -500,13 +502,16 @@ class SMTPServer(Protocol, SessionGuard):
         if self._closing:  # gone while its address was looked up
             return None
         if refused:
-            return self._auth_goodbye("Too many authentication failures from your address")
+            self._auth_goodbye("Too many authentication failures from your address")
+            return None
         if mechanism == "PLAIN":
             if initial is None:
-                return self._challenge(b"", self._auth_plain)
+                self._challenge(b"", self._auth_plain)
+                return None
             return self._auth_plain(initial)
         if initial is None:
-            return self._challenge(b"Username:", self._auth_login_user)
+            self._challenge(b"Username:", self._auth_login_user)
+            return None
         return self._auth_login_user(initial)
 
     def _auth_goodbye(self, text: str, *before: Reply) -> None:
@@ -518,6 +523,7 @@ class SMTPServer(Protocol, SessionGuard):
 
     def _challenge(self, prompt: bytes, handler: Callable[[bytes], ReplyOrDeferred | None]) -> None:
         # RFC 4954 §4: continue-req = "334" SP [base64] CRLF, the space even when empty.
+        assert self.transport is not None
         self.transport.write(b"334 " + base64.b64encode(prompt) + b"\r\n")
         self._line_handler = handler
 
@@ -532,7 +538,7 @@ class SMTPServer(Protocol, SessionGuard):
         except (binascii.Error, ValueError):
             return Reply(501, "5.5.2", ("Cannot decode response",))
 
-    def _auth_plain(self, line: bytes) -> ReplyOrDeferred:
+    def _auth_plain(self, line: bytes) -> ReplyOrDeferred | None:
         decoded = self._decode_response(line)
         if isinstance(decoded, Reply):
             return decoded
@@ -549,13 +555,14 @@ class SMTPServer(Protocol, SessionGuard):
         if isinstance(decoded, Reply):
             return decoded
 
-        def password(response: bytes) -> ReplyOrDeferred:
+        def password(response: bytes) -> ReplyOrDeferred | None:
             secret = self._decode_response(response)
             if isinstance(secret, Reply):
                 return secret
             return self._check_credentials(decoded, secret)
 
-        return self._challenge(b"Password:", password)
+        self._challenge(b"Password:", password)
+        return None
 
     def _check_credentials(self, user: bytes, password: bytes) -> ReplyOrDeferred | None:
         guard = guard_of(self.settings.checker)
@@ -582,7 +589,7 @@ class SMTPServer(Protocol, SessionGuard):
         failures = self._auth_failures
         clock = self.factory.clock
         d = guard.failed(self.session.address, clock.seconds(), failures)
-        d.addCallback(lambda delay: guard.pause(clock, delay))
+        paused = d.addCallback(lambda delay: guard.pause(clock, delay))
 
         def reply(_: None) -> Reply | None:
             denied = Reply(535, "5.7.8", ("Authentication credentials invalid",))
@@ -591,7 +598,7 @@ class SMTPServer(Protocol, SessionGuard):
             self._auth_goodbye("Too many authentication failures", denied)
             return None
 
-        return self._auth_settled(d.addCallback(reply))
+        return self._auth_settled(paused.addCallback(reply))
 
     # -- the mail transaction --------------------------------------------------
 
@@ -815,7 +822,7 @@ class SMTPServerFactory(Factory):
         self.table = SessionTable(settings.max_connections, settings.max_connections_per_ip)
         self.help = self.protocol.help_reply()
 
-    def buildProtocol(self, addr: IAddress) -> SMTPServer:
+    def buildProtocol(self, addr: IAddress | None) -> SMTPServer:
         return self.protocol(self)
 
     @property

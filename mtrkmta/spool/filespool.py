@@ -167,7 +167,7 @@ class _Incoming:
         self._held_size = 0
         self._fd: int | None = None  # the incoming/ file, once content went to disk
         self._crc = 0  # CRC-32 of the content written to the file so far
-        self._writing: Deferred[None] | None = None  # the write in flight
+        self._writing: Deferred[tuple[int, int]] | None = None  # the write in flight
         self._waiter: Deferred[None] | None = None  # handed to a writer asked to wait
         self._error: Failure | None = None
         self._closed = False  # committed or discarded

@@ -251,7 +251,7 @@ def _recipient_block(
         remote_mta = _mta_name(recipient.remote_mta)
     will_retry: datetime | None = None
     if recipient.state.in_queue:
-        until = recipient.will_retry_until
+        until: float | None = recipient.will_retry_until
         if until is None:
             until = retry_until
         if until is not None and until > now:

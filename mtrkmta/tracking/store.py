@@ -198,7 +198,7 @@ def recipient_update(schema: TrackingSchema) -> Update:
 
 
 def stored_message(
-    row: Mapping[str, Any], recipient_rows: Iterable[Mapping[str, Any]]
+    row: Mapping[Any, Any], recipient_rows: Iterable[Mapping[Any, Any]]
 ) -> StoredMessage:
     """A StoredMessage from a messages row and its recipients rows, in index order.
 
@@ -406,9 +406,8 @@ class SQLTrackingStore:
         if recipient_rows:
             steps.append((self._insert_recipients, recipient_rows))
         stored = stored_message(message_row, recipient_rows)
-        d = self._write(RowWrite(tuple(steps)))
-        d.addCallback(self._reached, "tracking.arrival_committed", stored)
-        return d
+        d: Deferred[None] = self._write(RowWrite(tuple(steps)))
+        return d.addCallback(self._reached, "tracking.arrival_committed", stored)
 
     def known(self, queue_ids: Iterable[str]) -> Deferred[frozenset[str]]:
         """The subset of ``queue_ids`` that have a record."""
@@ -491,7 +490,7 @@ class SQLTrackingStore:
     def record_outcomes(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
         """Durably record what happened to some recipients; one group-committed write."""
         rows = [self._update_values(queue_id, update) for update in updates]
-        d = self._write(RowWrite(((self._update_recipient, rows),)))
+        d: Deferred[None] = self._write(RowWrite(((self._update_recipient, rows),)))
         return d.addCallback(self._reached, "tracking.outcome_committed", None)
 
     @staticmethod
@@ -824,7 +823,7 @@ def take_migration_lock(conn: Connection) -> None:
 
 def _sqlite_connect(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
     # Stop the sqlite3 module from issuing BEGIN itself; _sqlite_begin does it.
-    dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")

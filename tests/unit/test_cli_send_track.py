@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
+from zope.interface import implementer
 
 from mtrkmta.cli import send, track
 from mtrkmta.cli.main import main as mtrkmta_main
@@ -809,6 +811,7 @@ def test_srv_order_priority_then_weight():
 # -- the session protocol (RFC 3887 §2.2-§2.3, §2.5, §6) ---
 
 
+@implementer(ITLSTransport)
 class TLSTransport(StringTransport):
     tls: object = None
 

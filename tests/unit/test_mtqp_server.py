@@ -15,8 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 from mtrkmta.config import ConfigError, Override, load_config
 from mtrkmta.envelope import ClientInfo, OriginalRecipient
@@ -116,6 +118,7 @@ class FakeStore:
         d.callback(found)
 
 
+@implementer(ITLSTransport)
 class TLSStringTransport(StringTransport):
     """StringTransport that records startTLS."""
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from test_smtp_server import Client, RecordingReceiver
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mtrkmta.auth import PasswordFileChecker, hash_password
 from mtrkmta.authlimits import AuthGuard, AuthLimits, MemoryAuthFailures
@@ -35,6 +37,7 @@ def auth_plain(password: str = PASSWORD) -> bytes:
     return b"AUTH PLAIN " + plain(password=password) + b"\r\n"
 
 
+@implementer(ITLSTransport)
 class TLSStringTransport(StringTransport):
     """A StringTransport that takes STARTTLS (the handshake itself is the integration tests')."""
 
