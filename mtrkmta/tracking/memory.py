@@ -8,7 +8,6 @@ before it returns: no thread, no database.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TypeVar
@@ -25,10 +24,9 @@ from mtrkmta.tracking.interfaces import (
     StoredMessage,
 )
 from mtrkmta.tracking.store import (
+    Retention,
     StoreClosedError,
-    arrival_rows,
     certifier_matches,
-    check_retention,
     stored_message,
     whole_seconds,
 )
@@ -51,10 +49,8 @@ class MemoryTrackingStore:
         default_retention: float = DEFAULT_RETENTION,
         max_retention: float = MAX_RETENTION,
     ) -> None:
-        check_retention(default_retention, max_retention)
+        self._retention = Retention(default_retention, max_retention)
         self._clock = clock
-        self._default_retention = default_retention
-        self._max_retention = max_retention
         self._messages: dict[str, StoredMessage] = {}
         self._closed = False
 
@@ -67,14 +63,12 @@ class MemoryTrackingStore:
             return fail(StoreClosedError("tracking store is closed"))
         if envelope.queue_id in self._messages:
             return fail(DuplicateRecord(f"{envelope.queue_id} is already recorded"))
-        message_row, recipient_rows = arrival_rows(
+        message_row, recipient_rows = self._retention.arrival_rows(
             envelope,
             reporting_mta=reporting_mta,
             node_id=node_id,
             size=size,
             now=self._clock.seconds(),
-            default_retention=self._default_retention,
-            max_retention=self._max_retention,
         )
         stored = stored_message(message_row, recipient_rows)
         self._messages[stored.queue_id] = stored
@@ -173,10 +167,7 @@ class MemoryTrackingStore:
         return self._answer(purge)
 
     def lower_retention(self, max_retention: float) -> Deferred[int]:
-        check_retention(min(self._default_retention, max_retention), max_retention)
-        self._max_retention = min(self._max_retention, max_retention)
-        self._default_retention = min(self._default_retention, self._max_retention)
-        cap = math.floor(self._max_retention)
+        cap = self._retention.lower(max_retention)
 
         def apply() -> int:
             lowered = [m for m in self._messages.values() if m.expires_at > m.arrival + cap]

@@ -91,6 +91,39 @@ def check_retention(default_retention: float, max_retention: float) -> None:
         raise ValueError(f"maximum retention must be at least one day, not {max_retention}s")
 
 
+class Retention:
+    """How long tracking data is kept: the default when MTRK names no timeout, and the
+    cap on any timeout; the cap may be lowered at run time, never below one day
+    (RFC 3885 §3.1, §4.1). Both stores keep theirs in one of these."""
+
+    def __init__(self, default: float, maximum: float) -> None:
+        check_retention(default, maximum)
+        self.default = default
+        self.maximum = maximum
+
+    def lower(self, maximum: float) -> int:
+        """Cap retention at ``maximum`` from now on; return the cap in whole seconds,
+        which existing records' expiry must be lowered to as well."""
+        check_retention(min(self.default, maximum), maximum)
+        self.maximum = min(self.maximum, maximum)
+        self.default = min(self.default, self.maximum)
+        return math.floor(self.maximum)
+
+    def arrival_rows(
+        self, envelope: Envelope, *, reporting_mta: str, node_id: str, size: int, now: float
+    ) -> tuple[dict[str, object], list[dict[str, object]]]:
+        """``arrival_rows`` under this retention."""
+        return arrival_rows(
+            envelope,
+            reporting_mta=reporting_mta,
+            node_id=node_id,
+            size=size,
+            now=now,
+            default_retention=self.default,
+            max_retention=self.maximum,
+        )
+
+
 def whole_seconds(posix_time: float) -> int:
     """The whole POSIX second containing ``posix_time``, as stored in the database."""
     return math.floor(posix_time)
@@ -356,13 +389,11 @@ class SQLTrackingStore:
     ) -> None:
         """Writes are group-committed in ``commit_pool`` (default: ``threadpool``);
         reads run in ``threadpool``."""
-        check_retention(default_retention, max_retention)
+        self._retention = Retention(default_retention, max_retention)
         self._reactor = reactor
         self._faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self._threadpool = threadpool
         self._clock: IReactorTime = clock if clock is not None else IReactorTime(reactor)
-        self._default_retention = default_retention
-        self._max_retention = max_retention
         if isinstance(engine_or_url, Engine):
             self._engine = engine_or_url
             self._owns_engine = False
@@ -393,14 +424,12 @@ class SQLTrackingStore:
 
         An ``envelope.arrival`` of 0 (unset) counts as now.
         """
-        message_row, recipient_rows = arrival_rows(
+        message_row, recipient_rows = self._retention.arrival_rows(
             envelope,
             reporting_mta=reporting_mta,
             node_id=node_id,
             size=size,
             now=self._clock.seconds(),
-            default_retention=self._default_retention,
-            max_retention=self._max_retention,
         )
         steps = [(self._insert_message, [message_row])]
         if recipient_rows:
@@ -613,10 +642,7 @@ class SQLTrackingStore:
         Under flooding the cap may be lowered retroactively (RFC 3885 §4.1); it never
         goes below one day (§3.1), and messages still queued are kept anyway.
         """
-        check_retention(min(self._default_retention, max_retention), max_retention)
-        self._max_retention = min(self._max_retention, max_retention)
-        self._default_retention = min(self._default_retention, self._max_retention)
-        cap = math.floor(self._max_retention)
+        cap = self._retention.lower(max_retention)
         m = self._schema.messages
 
         def apply(conn: Connection) -> int:
