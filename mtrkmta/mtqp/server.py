@@ -470,7 +470,7 @@ class MTQPServerFactory(Factory):
     protocol = MTQPServer
 
     def __init__(self, settings: MTQPSettings, tracking: Any, clock: IReactorTime) -> None:
-        """``tracking`` provides ``ITrackingStore.lookup``; ``clock`` times everything."""
+        """``tracking`` provides ``ITrackingStore.lookup_transactions``; ``clock`` times all."""
         self.settings = settings
         self.tracking = tracking
         self.clock = clock

@@ -202,15 +202,6 @@ class ITrackingStore(Interface):
     def message(queue_id: str) -> Deferred[StoredMessage | None]:
         """The message with its recipients, or None when unknown."""
 
-    def lookup(envid: str, certifier_candidate: bytes) -> Deferred[StoredMessage | None]:
-        """The tracked message with exactly this ENVID whose certifier B matches.
-
-        ``certifier_candidate`` is SHA1(A) computed by the caller. A stored
-        16-octet B is compared with the first 16 octets (doc/conformance.rst 3887-P3), in
-        constant time. Untracked messages, an unknown ENVID and a wrong secret
-        all give None (doc/conformance.rst 3885-P7, 3887-P1).
-        """
-
     def lookup_transactions(
         envid: str, certifier_candidate: bytes
     ) -> Deferred[list[StoredMessage]]:

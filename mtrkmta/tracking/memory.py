@@ -63,12 +63,9 @@ class MemoryTrackingStore:
             return fail(StoreClosedError("tracking store is closed"))
         if envelope.queue_id in self._messages:
             return fail(DuplicateRecord(f"{envelope.queue_id} is already recorded"))
-        message_row, recipient_rows = self._retention.arrival_rows(
-            envelope,
-            reporting_mta=reporting_mta,
-            node_id=node_id,
-            size=size,
-            now=self._clock.seconds(),
+        now = self._clock.seconds()
+        message_row, recipient_rows = self._retention.rows(
+            envelope, reporting_mta, node_id, size, now
         )
         stored = stored_message(message_row, recipient_rows)
         self._messages[stored.queue_id] = stored
@@ -82,10 +79,6 @@ class MemoryTrackingStore:
 
     def message(self, queue_id: str) -> Deferred[StoredMessage | None]:
         return self._answer(lambda: self._messages.get(queue_id))
-
-    def lookup(self, envid: str, certifier_candidate: bytes) -> Deferred[StoredMessage | None]:
-        d = self.lookup_transactions(envid, certifier_candidate)
-        return d.addCallback(lambda found: found[0] if found else None)
 
     def lookup_transactions(
         self, envid: str, certifier_candidate: bytes

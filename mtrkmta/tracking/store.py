@@ -109,8 +109,8 @@ class Retention:
         self.default = min(self.default, self.maximum)
         return math.floor(self.maximum)
 
-    def arrival_rows(
-        self, envelope: Envelope, *, reporting_mta: str, node_id: str, size: int, now: float
+    def rows(
+        self, envelope: Envelope, reporting_mta: str, node_id: str, size: int, now: float
     ) -> tuple[dict[str, object], list[dict[str, object]]]:
         """``arrival_rows`` under this retention."""
         return arrival_rows(
@@ -424,12 +424,9 @@ class SQLTrackingStore:
 
         An ``envelope.arrival`` of 0 (unset) counts as now.
         """
-        message_row, recipient_rows = self._retention.arrival_rows(
-            envelope,
-            reporting_mta=reporting_mta,
-            node_id=node_id,
-            size=size,
-            now=self._clock.seconds(),
+        now = self._clock.seconds()
+        message_row, recipient_rows = self._retention.rows(
+            envelope, reporting_mta, node_id, size, now
         )
         steps = [(self._insert_message, [message_row])]
         if recipient_rows:
@@ -474,11 +471,6 @@ class SQLTrackingStore:
             return None if row is None else self._load(conn, row)
 
         return self._read(query)
-
-    def lookup(self, envid: str, certifier_candidate: bytes) -> Deferred[StoredMessage | None]:
-        """The earliest transaction of ``lookup_transactions``, or None."""
-        d = self.lookup_transactions(envid, certifier_candidate)
-        return d.addCallback(lambda found: found[0] if found else None)
 
     def lookup_transactions(
         self, envid: str, certifier_candidate: bytes

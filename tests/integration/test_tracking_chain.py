@@ -145,8 +145,8 @@ class Chain:
         certifier = TrackingSecret(decode_secret(record.secret), record.envid).certifier
         node = self.node(name)
         assert node.tracking is not None
-        message = await node.tracking.lookup(record.envid, certifier)
-        return None if message is None else message.recipients[0]
+        found = await node.tracking.lookup_transactions(record.envid, certifier)
+        return found[0].recipients[0] if found else None
 
 
 @asynccontextmanager

@@ -141,10 +141,9 @@ async def test_lookup_finds_every_transaction_and_only_with_the_certifier(subjec
     await record(store, envelope("t4", secret=None))
     found = await store.lookup_transactions("contract@origin.example", CERTIFIER)
     assert [m.queue_id for m in found] == ["t1", "t2"]
-    assert (await store.lookup("contract@origin.example", CERTIFIER)).queue_id == "t1"
     assert await store.lookup_transactions("contract@origin.example", bytes(20)) == []
     assert await store.lookup_transactions("Contract@origin.example", CERTIFIER) == []
-    assert await store.lookup("nobody@origin.example", CERTIFIER) is None
+    assert await store.lookup_transactions("nobody@origin.example", CERTIFIER) == []
 
 
 @pytest_twisted.ensureDeferred

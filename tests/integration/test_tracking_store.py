@@ -179,6 +179,12 @@ class CommitCounter:
         event.remove(self.engine, "commit", self._on_commit)
 
 
+def lookup(store: SQLTrackingStore, envid: str, candidate: bytes):
+    """The earliest transaction ``lookup_transactions`` finds, or None."""
+    d = store.lookup_transactions(envid, candidate)
+    return d.addCallback(lambda found: found[0] if found else None)
+
+
 def record(store: SQLTrackingStore, env: Envelope, node_id: str = "node-a"):
     return store.record_arrival(env, reporting_mta="mx.example.com", node_id=node_id, size=1234)
 
@@ -344,22 +350,22 @@ def test_duplicate_queue_id_fails_and_keeps_the_first(store):
 def test_lookup_needs_the_right_secret(store):
     # RFC 3887 §4: SHA1(A) must equal the stored B.
     yield record(store, envelope("Q6"))
-    found = yield store.lookup("env-1@example.org", CERTIFIER)
+    found = yield lookup(store, "env-1@example.org", CERTIFIER)
     assert found is not None and found.queue_id == "Q6"
     assert len(found.recipients) == 3
     wrong = hashlib.sha1(b"\x02" * 32).digest()
-    assert (yield store.lookup("env-1@example.org", wrong)) is None
+    assert (yield lookup(store, "env-1@example.org", wrong)) is None
     # RFC 3887 §4, doc/conformance.rst 3887-P1: an unknown ENVID looks the same as a wrong secret.
-    assert (yield store.lookup("other@example.org", CERTIFIER)) is None
+    assert (yield lookup(store, "other@example.org", CERTIFIER)) is None
 
 
 @pytest_twisted.inlineCallbacks
 def test_lookup_matches_envid_exactly(store):
     # project decision, doc/conformance.rst 3887-P2: ENVID matched exactly, case-sensitive.
     yield record(store, envelope("Q7", envid="Env-7@Example.org"))
-    assert (yield store.lookup("env-7@example.org", CERTIFIER)) is None
-    assert (yield store.lookup("Env-7@Example.org ", CERTIFIER)) is None
-    found = yield store.lookup("Env-7@Example.org", CERTIFIER)
+    assert (yield lookup(store, "env-7@example.org", CERTIFIER)) is None
+    assert (yield lookup(store, "Env-7@Example.org ", CERTIFIER)) is None
+    found = yield lookup(store, "Env-7@Example.org", CERTIFIER)
     assert found.queue_id == "Q7"
 
 
@@ -370,25 +376,25 @@ def test_lookup_with_16_octet_stored_certifier(store):
     yield record(store, envelope("Q8", envid="short@example.org", certifier_length=16))
     msg = yield store.message("Q8")
     assert msg.certifier == CERTIFIER[:16]
-    found = yield store.lookup("short@example.org", CERTIFIER)
+    found = yield lookup(store, "short@example.org", CERTIFIER)
     assert found.queue_id == "Q8"
     other_tail = CERTIFIER[:16] + bytes(b ^ 0xFF for b in CERTIFIER[16:])
-    assert (yield store.lookup("short@example.org", other_tail)).queue_id == "Q8"
+    assert (yield lookup(store, "short@example.org", other_tail)).queue_id == "Q8"
     other_head = bytes([CERTIFIER[0] ^ 1]) + CERTIFIER[1:]
-    assert (yield store.lookup("short@example.org", other_head)) is None
+    assert (yield lookup(store, "short@example.org", other_head)) is None
     # A 20-octet stored B needs all 20 octets.
     yield record(store, envelope("Q9", envid="long@example.org"))
-    assert (yield store.lookup("long@example.org", other_tail)) is None
-    assert (yield store.lookup("long@example.org", CERTIFIER)).queue_id == "Q9"
+    assert (yield lookup(store, "long@example.org", other_tail)) is None
+    assert (yield lookup(store, "long@example.org", CERTIFIER)).queue_id == "Q9"
 
 
 @pytest_twisted.inlineCallbacks
 def test_lookup_never_returns_untracked_messages(store):
     # Messages without MTRK are not answered over MTQP, whatever the secret.
     yield record(store, envelope("Q10", envid="plain@example.org", secret=None))
-    assert (yield store.lookup("plain@example.org", CERTIFIER)) is None
-    assert (yield store.lookup("plain@example.org", b"")) is None
-    assert (yield store.lookup("plain@example.org", b"\x00" * 20)) is None
+    assert (yield lookup(store, "plain@example.org", CERTIFIER)) is None
+    assert (yield lookup(store, "plain@example.org", b"")) is None
+    assert (yield lookup(store, "plain@example.org", b"\x00" * 20)) is None
 
 
 @pytest_twisted.inlineCallbacks
@@ -398,12 +404,12 @@ def test_envid_reuse_with_another_certifier_neither_overwrites_nor_reveals(store
     victim_secret, hijacker_secret = b"\x11" * 32, b"\x22" * 32
     yield record(store, envelope("V1", envid="same@example.org", secret=victim_secret))
     yield record(store, envelope("H1", envid="same@example.org", secret=hijacker_secret))
-    victim = yield store.lookup("same@example.org", hashlib.sha1(victim_secret).digest())
-    hijacker = yield store.lookup("same@example.org", hashlib.sha1(hijacker_secret).digest())
+    victim = yield lookup(store, "same@example.org", hashlib.sha1(victim_secret).digest())
+    hijacker = yield lookup(store, "same@example.org", hashlib.sha1(hijacker_secret).digest())
     assert victim.queue_id == "V1"
     assert victim.certifier == hashlib.sha1(victim_secret).digest()
     assert hijacker.queue_id == "H1"
-    assert (yield store.lookup("same@example.org", CERTIFIER)) is None
+    assert (yield lookup(store, "same@example.org", CERTIFIER)) is None
 
 
 @pytest_twisted.inlineCallbacks
@@ -430,7 +436,7 @@ def test_unknown_envid_and_wrong_secret_do_the_same_work(store, engine, monkeypa
         for envid in ("known@example.org", "unknown@example.org"):
             statements.clear()
             compared.clear()
-            assert (yield store.lookup(envid, wrong)) is None
+            assert (yield lookup(store, envid, wrong)) is None
             work.append((list(statements), [len(s) for s, _ in compared]))
     finally:
         event.remove(engine, "before_cursor_execute", seen)
@@ -444,7 +450,7 @@ def test_unknown_envid_and_wrong_secret_do_the_same_work(store, engine, monkeypa
 def test_same_envid_and_certifier_twice_gives_the_earliest(store):
     yield record(store, envelope("D2", envid="dup@example.org", arrival=ARRIVAL + 10))
     yield record(store, envelope("D1", envid="dup@example.org", arrival=ARRIVAL))
-    assert (yield store.lookup("dup@example.org", CERTIFIER)).queue_id == "D1"
+    assert (yield lookup(store, "dup@example.org", CERTIFIER)).queue_id == "D1"
 
 
 @pytest_twisted.inlineCallbacks
@@ -676,7 +682,7 @@ def test_expire_never_purges_a_queued_message(store, engine):
     arrival = 1_700_000_000
     assert (yield store.expire(arrival + 99)) == 0
     assert (yield store.expire(arrival + 10 * MAX_RETENTION)) == 0
-    assert (yield store.lookup("env-1@example.org", CERTIFIER)).queue_id == "E1"
+    assert (yield lookup(store, "env-1@example.org", CERTIFIER)).queue_id == "E1"
     set_state(engine, "E1", RecipientState.DEFERRED)
     assert (yield store.expire(arrival + 10 * MAX_RETENTION)) == 0
     # Once every recipient is final the expiry applies.
