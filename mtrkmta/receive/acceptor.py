@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -64,27 +64,24 @@ class Accepted:
     record: StoredMessage
 
 
+@dataclass(kw_only=True)
 class Acceptor:
-    """Durable acceptance for one node: spool first, tracking record second."""
+    """Durable acceptance for one node: spool first, tracking record second.
 
-    def __init__(
-        self,
-        *,
-        spool: ISpool,
-        tracking: ITrackingStore,
-        new_queue_id: Callable[[], str],
-        reporting_mta: str,
-        node_id: str,
-        clock: IReactorTime,
-        max_tracked_per_hour: int = 0,
-    ) -> None:
-        """``max_tracked_per_hour`` caps the tracked messages kept per client (0: no cap)."""
-        self.spool = spool
-        self.tracking = tracking
-        self.new_queue_id = new_queue_id
-        self.reporting_mta = reporting_mta
-        self.node_id = node_id
-        self._tracked = TrackedRate(max_tracked_per_hour, clock)
+    ``max_tracked_per_hour`` caps the tracked messages kept per client (0: no cap).
+    """
+
+    spool: ISpool
+    tracking: ITrackingStore
+    new_queue_id: Callable[[], str]
+    reporting_mta: str
+    node_id: str
+    clock: IReactorTime
+    max_tracked_per_hour: int = 0
+    _tracked: TrackedRate = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._tracked = TrackedRate(self.max_tracked_per_hour, self.clock)
 
     def incoming(self, queue_id: str) -> IIncoming:
         """The spool's stream for the content of ``queue_id`` (bounded memory)."""

@@ -139,16 +139,7 @@ def parse_mail_params(
             auth = _parse_auth(_require_value(keyword, value), lenient_xtext)
     if mtrk is not None and not _is_unique_envid(envid):
         raise SMTPError(501, "5.5.4", "MTRK requires ENVID=local@host")
-    return MailParams(
-        size=size,
-        body=body,
-        envid=envid,
-        ret=ret,
-        mtrk=mtrk,
-        smtputf8=smtputf8,
-        auth=auth,
-        envid_xtext=envid_xtext,
-    )
+    return MailParams(size, body, envid, ret, mtrk, smtputf8, auth, envid_xtext)  # field order
 
 
 def _is_unique_envid(envid: str | None) -> bool:

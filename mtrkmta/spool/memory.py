@@ -16,16 +16,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from mtrkmta.envelope import Envelope
+from mtrkmta.spool import interfaces
 from mtrkmta.spool.filespool import check_queue_id
-from mtrkmta.spool.interfaces import (
-    DuplicateQueueId,
-    IIncoming,
-    ISpool,
-    MessageNotFound,
-    QuarantinedFile,
-    SpoolCorruption,
-    SpoolError,
-)
+from mtrkmta.spool.interfaces import IIncoming, ISpool, QuarantinedFile
 
 QUARANTINE = PurePath("memory:", "quarantine")
 R = TypeVar("R")
@@ -44,14 +37,14 @@ class _MemoryIncoming:
 
     def write(self, data: bytes) -> Deferred[None] | None:
         if self._closed:
-            raise SpoolError(f"{self.queue_id}: content written after commit or discard")
+            raise interfaces.SpoolError(f"{self.queue_id}: content written after commit or discard")
         self._parts.append(bytes(data))
         self.size += len(data)
         return None
 
     def commit(self, envelope: Envelope) -> Deferred[bytes | None]:
         if self._closed:
-            return fail(SpoolError(f"{self.queue_id}: already committed or discarded"))
+            return fail(interfaces.SpoolError(f"{self.queue_id}: already committed or discarded"))
         if envelope.queue_id != self.queue_id:
             return fail(ValueError(f"envelope of {envelope.queue_id} for {self.queue_id}"))
         self._closed = True
@@ -77,7 +70,7 @@ class MemorySpool:
         self._closed = False
 
     def damage(self, queue_id: str, problem: str = "checksum mismatch") -> None:
-        """Make the stored message unreadable (SpoolCorruption) until ``repair``."""
+        """Make the stored message unreadable (interfaces.SpoolCorruption) until ``repair``."""
         self._damaged[queue_id] = problem
 
     def repair(self, queue_id: str) -> None:
@@ -89,7 +82,7 @@ class MemorySpool:
         def stored() -> None:
             queue_id = self._usable(envelope.queue_id)
             if queue_id in self._queue:
-                raise DuplicateQueueId(f"{queue_id}: already stored")
+                raise interfaces.DuplicateQueueId(f"{queue_id}: already stored")
             self._queue[queue_id] = (envelope, bytes(content))
 
         return self._answer(stored)
@@ -97,7 +90,7 @@ class MemorySpool:
     def incoming(self, queue_id: str) -> IIncoming:
         check_queue_id(queue_id)
         if queue_id in self._arriving:
-            raise DuplicateQueueId(f"{queue_id}: already being stored")
+            raise interfaces.DuplicateQueueId(f"{queue_id}: already being stored")
         self._arriving.add(queue_id)
         return _MemoryIncoming(self, queue_id)
 
@@ -132,7 +125,7 @@ class MemorySpool:
         def moved_back() -> tuple[Envelope, bytes]:
             message = self._whole(queue_id, self._quarantine)
             if queue_id in self._queue:
-                raise DuplicateQueueId(queue_id)
+                raise interfaces.DuplicateQueueId(queue_id)
             self._queue[queue_id] = self._quarantine.pop(queue_id)
             return message
 
@@ -166,7 +159,7 @@ class MemorySpool:
         """Do ``work`` now; what it raises fails the Deferred, as a thread's would."""
         try:
             return succeed(work())
-        except (SpoolError, ValueError) as error:
+        except (interfaces.SpoolError, ValueError) as error:
             return fail(error)
 
     def _whole(
@@ -175,12 +168,12 @@ class MemorySpool:
         """The message as stored in ``where``, unless it is missing or damaged."""
         self._usable(queue_id)
         if queue_id not in where:
-            raise MessageNotFound(queue_id)
+            raise interfaces.MessageNotFound(queue_id)
         if queue_id in self._damaged:
-            raise SpoolCorruption(f"{queue_id}: {self._damaged[queue_id]}")
+            raise interfaces.SpoolCorruption(f"{queue_id}: {self._damaged[queue_id]}")
         return where[queue_id]
 
     def _usable(self, queue_id: str) -> str:
         if self._closed:
-            raise SpoolError("spool is closed")
+            raise interfaces.SpoolError("spool is closed")
         return check_queue_id(queue_id)

@@ -7,15 +7,13 @@ Create Date: 2026-12-04 10:10:00
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
-down_revision: str | Sequence[str] | None = "0005"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
 
 # The diagnostic that marked a list before this revision (mtrkmta.queue.expansion).
 LIST_DIAGNOSTIC = "x-local; accepted by a mailing list"
