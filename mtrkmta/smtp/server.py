@@ -903,6 +903,7 @@ class SMTPServerFactory(Factory):
     """Builds sessions for one listener and enforces the connection limits."""
 
     protocol = SMTPServer
+    noisy = False  # no "Starting factory" line in the log
 
     def __init__(
         self,
