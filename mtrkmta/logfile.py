@@ -7,7 +7,13 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from twisted.logger import FileLogObserver, LogEvent, formatEventAsClassicLogText, formatTime
+from twisted.logger import (
+    FileLogObserver,
+    LogEvent,
+    LogLevel,
+    formatEventAsClassicLogText,
+    formatTime,
+)
 
 # What some common line splitter takes for the end of a line (str.splitlines: LF, VT, FF,
 # CR, FS, GS, RS, NEL, U+2028, U+2029) and every other C0 or C1 control and DEL.
@@ -15,6 +21,31 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # The same except LF and TAB, the line's own structure (a traceback's own lines and the
 # format's own line breaks, each continued with a tab).
 _UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+# Twisted's informational chatter: a factory started or stopped (once per outbound
+# connection), and the four lines of each DNS query's UDP port (twisted.names).
+_CHATTER_FORMATS = ("Starting factory ", "Stopping factory ")
+_CHATTER_TEXT = re.compile(
+    r"(?:Starting|Stopping) protocol <twisted\.names\.|"
+    r"DNSDatagramProtocol starting on \d+$|\(UDP Port \d+ Closed\)$"
+)
+
+
+def is_chatter(event: LogEvent) -> bool:
+    """Whether ``event`` is Twisted's informational chatter, which the log leaves out:
+    "Starting factory"/"Stopping factory" and a DNS query's UDP port opened and closed.
+    Nothing at level warn or above is chatter."""
+    fmt = event.get("log_format")
+    if type(fmt) is not str or event.get("log_namespace", "").startswith("mtrkmta"):
+        return False
+    level = event.get("log_level")
+    if level is not None and level >= LogLevel.warn:
+        return False
+    if fmt.startswith(_CHATTER_FORMATS):
+        return True
+    text = event.get("log_text")
+    return fmt == "{log_text}" and type(text) is str and _CHATTER_TEXT.match(text) is not None
 
 
 def _escape_char(match: re.Match[str]) -> str:
@@ -152,15 +183,20 @@ def _twisted_line(event: LogEvent, stamps: Callable[[float | None], str]) -> str
 
 
 def text_observer(out: TextIO, process: str | None = None) -> FileLogObserver:
-    """Lines as twistd writes them by default (time stamp, [system], text), to ``out``.
+    """Lines as twistd writes them by default (time stamp, [system], text), to ``out``,
+    without Twisted's chatter (:func:`is_chatter`).
 
     ``process`` (a worker's name) goes first in the [system] part of every line.
     """
     stamps = SecondStamps()
     if process is None:
-        return FileLogObserver(out, lambda event: classic_line(event, stamps))
+        return FileLogObserver(
+            out, lambda event: None if is_chatter(event) else classic_line(event, stamps)
+        )
 
     def format_event(event: LogEvent) -> str | None:
+        if is_chatter(event):
+            return None
         if "log_system" not in event:
             level = event.get("log_level")
             system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"

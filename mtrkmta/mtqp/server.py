@@ -468,6 +468,7 @@ class MTQPServerFactory(Factory):
     """Builds MTQP sessions; holds the connection counts and the per-address rate limits."""
 
     protocol = MTQPServer
+    noisy = False  # no "Starting factory" line in the log
 
     def __init__(self, settings: MTQPSettings, tracking: Any, clock: IReactorTime) -> None:
         """``tracking`` provides ``ITrackingStore.lookup_transactions``; ``clock`` times all."""

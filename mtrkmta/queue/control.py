@@ -159,6 +159,8 @@ class ControlProtocol(LineOnlyReceiver):
 
 
 class ControlFactory(Factory):
+    noisy = False  # no "Starting factory" line in the log
+
     def __init__(self, queue: QueueService) -> None:
         self.queue = queue
 

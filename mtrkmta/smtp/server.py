@@ -162,6 +162,28 @@ def _peer(address: IAddress) -> tuple[str, int]:
     return str(host), int(port)
 
 
+def _path(argument: str) -> str:
+    """The address of a MAIL FROM:<a> or RCPT TO:<a> argument, as sent (for the log)."""
+    return argument.partition(":")[2].strip().split(" ")[0].strip("<>")
+
+
+def _reply_text(reply: Reply) -> str:
+    """``554 5.7.1 Relay access denied``: a reply on one line, for the log."""
+    return " ".join(str(part) for part in (reply.code, reply.enhanced, *reply.lines) if part)
+
+
+def _counts_text(counts: dict[str, list[int]]) -> str:
+    """``ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4``: accepted/total per verb, as Postfix
+    writes them (a count without ``/total`` had every command accepted)."""
+
+    def one(name: str, accepted: int, total: int) -> str:
+        return f"{name}={accepted}" + ("" if accepted == total else f"/{total}")
+
+    parts = [one(verb.lower(), a, t) for verb, (a, t) in counts.items() if t]
+    accepted = sum(a for a, _ in counts.values())
+    return " ".join([*parts, one("commands", accepted, sum(t for _, t in counts.values()))])
+
+
 R_OK = Reply(250, "2.0.0", ("Ok",))
 R_BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
 R_TOO_BIG = Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
@@ -197,6 +219,9 @@ class SMTPServer(Protocol, SessionGuard):
         self._line_handler: Callable[[bytes], ReplyOrDeferred | None] | None = None
         self.session: Session
         self.transaction: IncomingTransaction | None = None
+        # For the log: [accepted, total] per command verb, and the command awaiting its reply.
+        self._counts: dict[str, list[int]] = {}
+        self._replying_to: tuple[str, str, IncomingTransaction | None] | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -204,8 +229,20 @@ class SMTPServer(Protocol, SessionGuard):
         assert self.transport is not None  # set by makeConnection
         address, port = _peer(self.transport.getPeer())
         self.session = Session(address=address, port=port, listener=self.settings.listener)
+        log.info(
+            "{listener} connect from [{address}]:{port}",
+            listener=self.session.listener,
+            address=address,
+            port=port,
+        )
         refusal = self.factory.admit(self)
         if refusal is not None:
+            log.info(
+                "{listener} NOQUEUE: reject: CONNECT from unknown[{address}]: {reply}",
+                listener=self.session.listener,
+                address=address,
+                reply=_reply_text(refusal),
+            )
             self._send(refusal)
             self._close()
             return
@@ -218,6 +255,12 @@ class SMTPServer(Protocol, SessionGuard):
         self._guard_lost()
         self._drop_content()
         self.factory.release(self)
+        log.info(
+            "{listener} disconnect from unknown[{address}] {counts}",
+            listener=self.session.listener,
+            address=self.session.address,
+            counts=_counts_text(self._counts),
+        )
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -308,6 +351,7 @@ class SMTPServer(Protocol, SessionGuard):
         return Reply(451, "4.3.0", ("Internal error; try again later",))
 
     def _dispatch(self, line: bytes) -> ReplyOrDeferred | None:
+        self._replying_to = ("unknown", "", None)
         try:
             command = parse_command(line, self.settings.command_line)
             method = getattr(self, "smtp_" + command.verb, None)
@@ -315,12 +359,16 @@ class SMTPServer(Protocol, SessionGuard):
                 if command.verb in NOT_IMPLEMENTED:
                     return Reply(502, "5.5.1", (f"{command.verb} not implemented",))
                 return Reply(500, "5.5.1", ("Command unrecognized",))
+            self._replying_to = (command.verb, command.argument, None)
             return method(command.argument)
         except SMTPError as error:
             return error.reply
 
     def _send(self, reply: Reply | tuple[Reply, ...]) -> None:
         assert self.transport is not None
+        if self._replying_to is not None:
+            self._replied(self._replying_to, reply if isinstance(reply, Reply) else reply[0])
+            self._replying_to = None
         if isinstance(reply, Reply):
             self.transport.write(reply.render())
         else:
@@ -328,6 +376,35 @@ class SMTPServer(Protocol, SessionGuard):
 
     def _close(self) -> None:
         self._guard_close()
+
+    def _replied(self, command: tuple[str, str, IncomingTransaction | None], reply: Reply) -> None:
+        """Count ``command`` as accepted or not; log a refused MAIL, RCPT, DATA or content."""
+        verb, argument, transaction = command
+        if verb != "END-OF-MESSAGE":
+            counts = self._counts.setdefault(verb, [0, 0])
+            counts[0] += reply.code < 400
+            counts[1] += 1
+        if reply.code < 400 or verb not in ("MAIL", "RCPT", "DATA", "END-OF-MESSAGE"):
+            return
+        transaction = transaction or self.transaction
+        sender = _path(argument) if verb == "MAIL" else transaction.sender if transaction else None
+        details = "" if sender is None else f" from=<{sender}>"
+        details += f" to=<{_path(argument)}>" if verb == "RCPT" else ""
+        queue_id = (
+            transaction.queue_id if transaction is not None and transaction.queue_id else "NOQUEUE"
+        )
+        log.info(
+            "{listener} {queue_id}: reject: {verb} from unknown[{address}]: {reply};{details}"
+            " proto={proto} helo=<{helo}>",
+            listener=self.session.listener,
+            queue_id=queue_id,
+            verb=verb,
+            address=self.session.address,
+            reply=_reply_text(reply),
+            details=details,
+            proto=self._with_protocol(),
+            helo=self.session.helo,
+        )
 
     # -- time limits (SessionGuard) ----------------------------------------------
 
@@ -502,6 +579,11 @@ class SMTPServer(Protocol, SessionGuard):
         if self._closing:  # gone while its address was looked up
             return None
         if refused:
+            log.info(
+                "{listener} AUTH refused from unknown[{address}]: too many failures",
+                listener=self.session.listener,
+                address=self.session.address,
+            )
             self._auth_goodbye("Too many authentication failures from your address")
             return None
         if mechanism == "PLAIN":
@@ -547,8 +629,8 @@ class SMTPServer(Protocol, SessionGuard):
             return Reply(501, "5.5.2", ("Malformed PLAIN response",))
         authzid, user, password = parts
         if authzid and authzid != user:
-            return self._auth_failed()
-        return self._check_credentials(user, password)
+            return self._auth_failed("PLAIN", user)
+        return self._check_credentials(user, password, "PLAIN")
 
     def _auth_login_user(self, line: bytes) -> ReplyOrDeferred | None:
         decoded = self._decode_response(line)
@@ -559,12 +641,14 @@ class SMTPServer(Protocol, SessionGuard):
             secret = self._decode_response(response)
             if isinstance(secret, Reply):
                 return secret
-            return self._check_credentials(decoded, secret)
+            return self._check_credentials(decoded, secret, "LOGIN")
 
         self._challenge(b"Password:", password)
         return None
 
-    def _check_credentials(self, user: bytes, password: bytes) -> ReplyOrDeferred | None:
+    def _check_credentials(
+        self, user: bytes, password: bytes, mechanism: str
+    ) -> ReplyOrDeferred | None:
         guard = guard_of(self.settings.checker)
         d = maybeDeferred(guard.requestAvatarId, UsernamePassword(user, password))
 
@@ -578,15 +662,25 @@ class SMTPServer(Protocol, SessionGuard):
                 # Too many checks waiting for the checker's threads: not the client's fault.
                 return Reply(454, "4.7.0", ("Temporary authentication failure",))
             failure.trap(UnauthorizedLogin)
-            return self._auth_failed()
+            return self._auth_failed(mechanism, user)
 
         return self._auth_settled(d.addCallbacks(ok, denied))
 
-    def _auth_failed(self) -> ReplyOrDeferred | None:
+    def _auth_failed(self, mechanism: str, user: bytes) -> ReplyOrDeferred | None:
         """535, held for the delay of this failure; 421 and close after the last one allowed."""
         guard = guard_of(self.settings.checker)
         self._auth_failures += 1
         failures = self._auth_failures
+        name = user.decode("utf-8", "backslashreplace")
+        log.info(
+            "{listener} AUTH failed from unknown[{address}]: 535 5.7.8 authentication failed;"
+            " mechanism={mechanism} user=<{user}> failures={failures}",
+            listener=self.session.listener,
+            address=self.session.address,
+            mechanism=mechanism,
+            user=name,
+            failures=failures,
+        )
         clock = self.factory.clock
         d = guard.failed(self.session.address, clock.seconds(), failures)
         paused = d.addCallback(lambda delay: guard.pause(clock, delay))
@@ -692,6 +786,7 @@ class SMTPServer(Protocol, SessionGuard):
                 assert self.transaction is not None
                 answer = self._answer_data(R_TOO_BIG, self.transaction)
                 assert not isinstance(answer, Deferred)
+                self._replying_to = ("END-OF-MESSAGE", "", self.transaction)
                 self._send(answer)
         else:
             self._write_content(reader.take() if result is None else result.content)
@@ -706,6 +801,7 @@ class SMTPServer(Protocol, SessionGuard):
             self._expect_line(self.settings.idle_timeout)
             return
         sink, self._sink = self._sink, None
+        self._replying_to = ("END-OF-MESSAGE", "", transaction)
         self._answer(self._answer_data(self._end_of_data(transaction, result, sink), transaction))
         self._resume_reading("spool")
         if not self._waiting and not self._closing:
@@ -807,6 +903,7 @@ class SMTPServerFactory(Factory):
     """Builds sessions for one listener and enforces the connection limits."""
 
     protocol = SMTPServer
+    noisy = False  # no "Starting factory" line in the log
 
     def __init__(
         self,

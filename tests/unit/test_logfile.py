@@ -170,3 +170,46 @@ def test_the_format_and_a_traceback_keep_their_own_lines():
     assert lines[2].endswith("] Q1: failed for a\\x0ab")
     assert all(line.startswith("\t") for line in lines[3:])
     assert "\tbuiltins.ValueError: bad \\u2028 name\\x0b" in lines
+
+
+def test_twisteds_chatter_is_left_out_and_its_warnings_kept():
+    # A factory started or stopped, and the four lines of a DNS query's UDP port, as
+    # Twisted logs them (new-style for factories, legacy log.msg for the UDP port).
+    def legacy(text, level=LogLevel.info):
+        return {
+            "log_format": "{log_text}",
+            "log_text": text,
+            "log_level": level,
+            "log_namespace": "log_legacy",
+            "log_time": 0.0,
+        }
+
+    factory = {
+        "log_format": "Starting factory {factory!r}",
+        "factory": object(),
+        "log_level": LogLevel.info,
+        "log_namespace": "twisted.internet.endpoints",
+        "log_time": 0.0,
+    }
+    chatter = [
+        factory,
+        {**factory, "log_format": "Stopping factory {factory!r}"},
+        legacy("DNSDatagramProtocol starting on 40123"),
+        legacy("Starting protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f00>"),
+        legacy("(UDP Port 40123 Closed)"),
+        legacy("Stopping protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f00>"),
+    ]
+    kept = [
+        {**factory, "log_level": LogLevel.warn},
+        legacy("(UDP Port 40123 Closed)", LogLevel.error),
+        legacy("SMTPServerFactory starting on 25"),
+        {**factory, "log_namespace": "mtrkmta.service"},
+    ]
+    out = io.StringIO()
+    observer = text_observer(out)
+    for event in chatter:
+        observer(event)
+    assert out.getvalue() == ""
+    for event in kept:
+        observer(event)
+    assert len(out.getvalue().splitlines()) == len(kept)

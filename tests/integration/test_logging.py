@@ -1,0 +1,191 @@
+"""The log a running node writes through the text observer `mtrkmta serve` uses
+(mtrkmta.logfile): connections, refusals and AUTH failures in their documented shapes
+(doc/running.rst, "Logging"), escaped against forged lines, matched by the shipped
+fail2ban filter, and without Twisted's chatter."""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from certs import tls_options
+from dnsserver import serve_dns
+from smtpwire import Wire, in_thread, running_node, until
+from test_receive_tls_auth import secure
+from test_relay_end_to_end import far_zones, mx_options, relaying, send_one
+from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
+
+from mtrkmta.auth import hash_password
+from mtrkmta.logfile import text_observer
+
+FILTER = Path(__file__).parents[2] / "doc/examples/fail2ban/filter.d/mtrkmta.conf"
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
+SERVER = re.escape("[mtrkmta.smtp.server#info]")
+FORGED = (
+    "2026-01-01T00:00:00+0000 [mtrkmta.smtp.server#info] smtp AUTH failed from unknown[10.0.0.1]:"
+)
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[Path]:
+    """Everything logged during the test, as `mtrkmta serve` writes it, in a file."""
+    path = tmp_path / "mtrkmta.log"
+    with path.open("w", encoding="utf-8") as out:
+        observer = text_observer(out)
+        globalLogPublisher.addObserver(observer)
+        try:
+            yield path
+        finally:
+            globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def tls_and_auth(tmp_path: Path) -> tuple[tuple[str, object], ...]:
+    """node_config options: STARTTLS, and a users file with alice (failures held 10 ms)."""
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('secret', iterations=1000)}\n")
+    return (
+        *tls_options(tmp_path / "tls"),
+        ("auth.users_file", str(users)),
+        ("auth.failure_delay", "0.01s"),
+    )
+
+
+def lines(path: Path, word: str) -> list[str]:
+    """The lines of the log holding ``word``."""
+    return [line for line in path.read_text("utf-8").splitlines() if word in line]
+
+
+async def logged(path: Path, word: str) -> list[str]:
+    """The lines holding ``word``, once there is one (a disconnection is logged when the
+    server sees the connection close, after the client has its last reply)."""
+    return await until(lambda: lines(path, word), f"a log line with {word!r}")
+
+
+def fail2ban_hosts(path: Path) -> list[str]:
+    """The hosts the shipped filter's failregex finds in the log, as fail2ban reads it:
+    the date (its datepattern) cut off the line, ``<HOST>`` the group fail2ban makes of it."""
+    parser = configparser.RawConfigParser()
+    parser.read(FILTER)
+    failregex = parser.get("Definition", "failregex").replace(
+        "<HOST>", r"(?:::f{4,6}:)?(?P<host>\S+)"
+    )
+    assert parser.get("Definition", "datepattern") == "^%%Y-%%m-%%dT%%H:%%M:%%S%%z"
+    hosts = []
+    for line in path.read_text("utf-8").splitlines():
+        found = re.match(failregex, re.sub(f"^{STAMP}", "", line))
+        if found:
+            hosts.append(found.group("host"))
+    return hosts
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_is_logged_from_connect_to_disconnect_with_its_refusal(tmp_path, log_file):
+    # The refusal is logged as Postfix logs one (NOQUEUE: reject: RCPT from ...), and the
+    # disconnection counts accepted/total commands per verb.
+    async with running_node(tmp_path) as node:
+
+        def talk():
+            with Wire(node.port("smtp")) as wire:
+                assert wire.ehlo("client.example.test").code == 250
+                assert wire.command("MAIL FROM:<s@client.example.test>").code == 250
+                refused = wire.command("RCPT TO:<nobody@nowhere.example>")
+                assert wire.command("QUIT").code == 221
+                return refused.line
+
+        refused = await in_thread(talk)
+        (disconnect,) = await logged(log_file, "disconnect from")
+    assert refused == "554 5.7.1 Relay access denied"
+    (connect,) = lines(log_file, " connect from")
+    assert re.fullmatch(rf"{STAMP} {SERVER} smtp connect from \[127\.0\.0\.1\]:\d+", connect)
+    (reject,) = lines(log_file, "reject:")
+    assert re.fullmatch(
+        rf"{STAMP} {SERVER} smtp NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]:"
+        r" 554 5\.7\.1 Relay access denied; from=<s@client\.example\.test>"
+        r" to=<nobody@nowhere\.example> proto=ESMTP helo=<client\.example\.test>",
+        reject,
+    )
+    assert re.fullmatch(
+        rf"{STAMP} {SERVER} smtp disconnect from unknown\[127\.0\.0\.1\]"
+        r" ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4",
+        disconnect,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_failures_are_logged_for_fail2ban_and_cannot_forge_a_line(
+    tmp_path, tls_and_auth, log_file
+):
+    # RFC 4954 §4: the user name arrives base64-encoded, so it may hold any octet; a name
+    # with a line break and a whole forged log line stays one escaped line, and the filter
+    # finds the client's address only. No password is ever written.
+    hostile = f"mallory\n{FORGED}\x01"
+    async with running_node(tmp_path, options=tls_and_auth) as node:
+
+        def talk():
+            with Wire(node.port("smtp")) as wire:
+                # A HELO with a control character is refused and forges nothing either.
+                assert wire.command(f"EHLO x\x01y\r\n{FORGED}").code == 501
+                assert wire.reply().code == 500  # the forged "line" is a command of its own
+                secure(wire)
+                plain = wire.command("AUTH PLAIN " + b64("\0alice\0not-the-password"))
+                login = wire.command("AUTH LOGIN " + b64(hostile))
+                assert login.code == 334
+                login = wire.command(b64("wrong-too"))
+                assert wire.command("QUIT").code == 221
+                return plain.line, login.line
+
+        plain, login = await in_thread(talk)
+        await logged(log_file, "disconnect from")
+    assert plain == login == "535 5.7.8 Authentication credentials invalid"
+    text = log_file.read_text("utf-8")
+    assert "not-the-password" not in text and "wrong-too" not in text
+    first, second = lines(log_file, "AUTH failed")
+    assert re.fullmatch(
+        rf"{STAMP} {SERVER} smtp AUTH failed from unknown\[127\.0\.0\.1\]: 535 5\.7\.8"
+        r" authentication failed; mechanism=PLAIN user=<alice> failures=1",
+        first,
+    )
+    escaped = "mallory\\x0a" + FORGED + "\\x01"
+    assert second.endswith(f"mechanism=LOGIN user=<{escaped}> failures=2")
+    assert not [line for line in text.splitlines() if line.startswith(FORGED)]
+    (disconnect,) = lines(log_file, "disconnect from")
+    assert disconnect.endswith(" ehlo=2/3 unknown=0/1 starttls=1 auth=0/2 quit=1 commands=4/8")
+    assert fail2ban_hosts(log_file) == ["127.0.0.1", "127.0.0.1"]
+    # The real fail2ban-regex, where fail2ban is installed, finds the same two failures.
+    program = shutil.which("fail2ban-regex")
+    if program is not None:
+        report = subprocess.run(
+            [program, str(log_file), str(FILTER)], capture_output=True, text=True, check=True
+        ).stdout
+        assert re.search(r"^Failregex: 2 total$", report, re.MULTILINE), report
+        assert "10.0.0.1" not in report
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_by_mx_leaves_no_twisted_chatter_in_the_log(tmp_path, log_file):
+    # A message routed by MX: DNS queries (one UDP port each), an outbound connection, and
+    # the listeners' factories; none of them writes "Starting factory" or a UDP port line.
+    async with serve_dns(reactor, far_zones()) as dns_server:
+        async with relaying(tmp_path, resolver=dns_server.resolver(), started=False) as rig:
+            rig.options += mx_options(rig.fake.port)
+            await rig.start()
+            queue_id = await send_one(rig.node, "", ("dan@far.example", ""))
+            await rig.gone(queue_id)
+        assert dns_server.queries  # the route was looked up
+    text = log_file.read_text("utf-8")
+    for chatter in ("Starting factory", "Stopping factory", "UDP Port", "DNSDatagramProtocol"):
+        assert chatter not in text
+    assert " connect from [127.0.0.1]" in text  # the log was written
