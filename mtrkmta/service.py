@@ -250,9 +250,11 @@ class MTAService(Service):
             log.critical("{advice}", advice=damage.advice(recover_command(self.origin)))
             self.ready.errback(damage)
             return
-        known = failure.value
-        if not isinstance(known, StartError):
-            known = storage_error(failure.value, self.config.data_dir, self.config.database)
+        known: StartError | None = (
+            failure.value
+            if isinstance(failure.value, StartError)
+            else storage_error(failure.value, self.config.data_dir, self.config.database)
+        )
         if known is not None:  # tap.exit_when_start_fails prints it: one line on stderr
             self.ready.errback(known)
             return
