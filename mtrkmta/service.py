@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import shlex
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IResolver
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -103,6 +106,60 @@ def recover_command(origin: ConfigOrigin | None) -> str:
     return shlex.join(words)
 
 
+class StartError(Exception):
+    """A start-up failure the operator can fix; ``str()`` is the one line that says how."""
+
+
+def _server_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def listen_error(name: str, description: str, error: CannotListenError) -> StartError:
+    """The one line for a listener that cannot bind."""
+    cause = error.socketError
+    number = getattr(cause, "errno", None)
+    if number == errno.EADDRINUSE:
+        reason = "address already in use; stop the other server or choose another port"
+    elif number == errno.EACCES:
+        reason = "permission denied; a port below 1024 needs root or CAP_NET_BIND_SERVICE"
+    elif number == errno.EADDRNOTAVAIL:
+        reason = "no such address on this host; choose an address of one of its interfaces"
+    else:
+        reason = f"{cause}; check the endpoint"
+    where = f"{error.interface or '*'}:{error.port}"
+    return StartError(
+        f"cannot listen for {name} on {where} (listeners.{name} = {description!r}): {reason}"
+    )
+
+
+def storage_error(error: BaseException, data_dir: Path, database: str) -> StartError | None:
+    """The one line for a data directory or database that cannot be opened, or None."""
+    user = _server_user()
+    if isinstance(error, OSError) and error.errno in (
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EROFS,
+        errno.EEXIST,
+    ):
+        path = error.filename if error.filename is not None else data_dir
+        return StartError(
+            f"cannot use the data directory {data_dir} (server.data_dir): {path}: "
+            f"{error.strerror}; the server runs as user {user}: make the directory "
+            "writable for that user or choose another server.data_dir"
+        )
+    if "unable to open database file" in str(error):
+        return StartError(
+            f"cannot open the tracking database {database} (server.database): unable to open "
+            f"the file; the server runs as user {user}: check that the file and its directory "
+            "exist and are writable for that user"
+        )
+    return None
+
+
 class MTAService(Service):
     """One mtrkmta node: the spool, the tracking store and every listener.
 
@@ -127,14 +184,17 @@ class MTAService(Service):
         origin: ConfigOrigin | None = None,
         worker: WorkerRole | None = None,
         faults: IFaults = NoFaults(),
+        debug: bool = True,
     ) -> None:
         """``resolver`` answers MX lookups (default: the system's, from /etc/resolv.conf);
         ``deliver=False`` runs the receive path only (accepted mail stays queued), for
         tests of the receive path. ``origin`` (where ``config`` came from) lets the
         node start ``config.workers - 1`` worker processes; ``worker`` makes this node
         one of them (see :mod:`mtrkmta.workers`). ``faults`` is told every named step
-        of the accept and delivery paths (:mod:`mtrkmta.faults`; for tests only)."""
+        of the accept and delivery paths (:mod:`mtrkmta.faults`; for tests only). With
+        ``debug`` false, a failed start logs no traceback (``mtrkmta serve --debug``)."""
         self.faults = faults
+        self.debug = debug
         self.mail_root = config.data_dir / "mail"  # a worker delivers to its master's
         self.origin = origin
         self.worker = worker
@@ -190,7 +250,16 @@ class MTAService(Service):
             log.critical("{advice}", advice=damage.advice(recover_command(self.origin)))
             self.ready.errback(damage)
             return
-        log.failure("mtrkmta could not start", failure)
+        known: StartError | None = (
+            failure.value
+            if isinstance(failure.value, StartError)
+            else storage_error(failure.value, self.config.data_dir, self.config.database)
+        )
+        if known is not None:  # tap.exit_when_start_fails prints it: one line on stderr
+            self.ready.errback(known)
+            return
+        if self.debug:
+            log.failure("mtrkmta could not start", failure)
         self.ready.errback(failure)
 
     def _blocking(self, fn: Any, *args: Any) -> Deferred[Any]:
@@ -473,7 +542,10 @@ class MTAService(Service):
             factory_class = LMTPServerFactory if name == "lmtp" else SMTPServerFactory
             factory = factory_class(self.settings(name), self.receiver, self.reactor, self.faults)
             endpoint = serverFromString(self.reactor, description)
-            self.ports[name] = await endpoint.listen(factory)
+            try:
+                self.ports[name] = await endpoint.listen(factory)
+            except CannotListenError as error:
+                raise listen_error(name, description, error) from error
             self.factories[name] = factory
             log.info("{name} listening on {address}", name=name, address=self.ports[name].getHost())
         await self._listen_mtqp()
@@ -529,7 +601,10 @@ class MTAService(Service):
         factory = MTQPServerFactory(
             settings_from_config(self.config, tls), self.tracking, self.reactor
         )
-        self.ports["mtqp"] = await serverFromString(self.reactor, description).listen(factory)
+        try:
+            self.ports["mtqp"] = await serverFromString(self.reactor, description).listen(factory)
+        except CannotListenError as error:
+            raise listen_error("mtqp", description, error) from error
         self.mtqp = factory
         log.info("mtqp listening on {address}", address=self.ports["mtqp"].getHost())
 
@@ -600,10 +675,12 @@ def make_service(
     reactor: Any = None,
     origin: ConfigOrigin | None = None,
     faults: IFaults = NoFaults(),
+    debug: bool = True,
 ) -> MTAService:
-    """The service twistd and ``mtrkmta serve`` run (``origin``, ``faults``: see MTAService)."""
+    """The service twistd and ``mtrkmta serve`` run (``origin``, ``faults``, ``debug``: see
+    MTAService)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return MTAService(config, reactor, origin=origin, faults=faults)
+    return MTAService(config, reactor, origin=origin, faults=faults, debug=debug)

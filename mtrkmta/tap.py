@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, ConfigError
 from mtrkmta.faults import FaultSpecError, IFaults, from_environment
-from mtrkmta.service import MTAService, make_service
+from mtrkmta.service import MTAService, StartError, make_service
 from mtrkmta.tracking.damage import DatabaseDamage
 
 log = Logger()
@@ -47,12 +47,21 @@ def exit_when_start_fails(service: MTAService, reactor: Any) -> None:
     """
 
     def failed(failure: Failure) -> None:
-        if not failure.check(DatabaseDamage):  # that one was logged as one line already
-            print(f"mtrkmta: could not start: {failure.getErrorMessage()}", file=sys.stderr)
+        if failure.check(StartError):  # one line naming the setting and the fix
+            _say(f"mtrkmta: {failure.getErrorMessage()}")
+        elif not failure.check(DatabaseDamage):  # that one was logged as one line already
+            first = (failure.getErrorMessage().strip().splitlines() or ["unknown error"])[0]
+            _say(f"mtrkmta: could not start: {first}")
         reactor.addSystemEventTrigger("after", "shutdown", _exit, EXIT_START_FAILED)
         reactor.stop()
 
     service.ready.addErrback(failed)
+
+
+def _say(line: str) -> None:
+    """One line on the process's own stderr (twistd turns ``sys.stderr`` into the log)."""
+    stderr = sys.__stderr__ if sys.__stderr__ is not None else sys.stderr
+    print(line, file=stderr, flush=True)
 
 
 def _exit(status: int) -> None:
@@ -64,7 +73,9 @@ def _exit(status: int) -> None:
 def makeService(options: Options) -> MTAService:
     from twisted.internet import reactor
 
-    service = make_service(options.config, reactor, options.origin(), options.faults)
+    service = make_service(
+        options.config, reactor, options.origin(), options.faults, debug=bool(options["debug"])
+    )
     exit_when_start_fails(service, reactor)
     # SIGHUP re-reads the aliases file (twistd itself uses SIGUSR1, for its log).
     threads = IReactorThreads(reactor)

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mtrkmta.config import EXIT_CONFIG_ERROR, check_config_file
+from mtrkmta.config import EXIT_CONFIG_ERROR, Config, check_config_file, load_config
 
 USAGE = """\
 usage: mtrkmta COMMAND [options]
@@ -55,8 +55,51 @@ def check_config(args: Sequence[str]) -> int:
     if error is not None:
         print(f"mtrkmta: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    problem = dry_run(load_config(Path(args[0])))
+    if problem is not None:
+        print(f"mtrkmta: {args[0]}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     print(f"{args[0]}: configuration is valid")
     return 0
+
+
+def dry_run(config: Config) -> str | None:
+    """Load every file start-up loads, as start-up does, without writing or binding:
+    the first problem as one line, or None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from mtrkmta.auth import PasswordFileError, parse_users
+    from mtrkmta.routing.aliases import AliasBook, AliasError
+    from mtrkmta.tls import TLSFileError, load_pair
+
+    try:
+        make_url(config.database).get_dialect()
+    except (ArgumentError, NoSuchModuleError) as error:
+        return f"server.database {config.database!r}: {error}; check the URL's scheme"
+    aliases = config.local.aliases
+    if aliases is not None:
+        try:
+            AliasBook.parse(aliases.read_text("utf-8"), f"local.aliases {aliases}")
+        except AliasError as error:
+            return str(error)
+        except (OSError, UnicodeDecodeError) as error:
+            return f"local.aliases {aliases}: {error}"
+    tls = config.tls
+    if tls.certificate is not None and tls.private_key is not None:
+        try:
+            load_pair(tls.certificate, tls.private_key)
+        except TLSFileError as error:
+            return str(error)
+    users = config.auth.users_file
+    if users is not None:
+        try:
+            parse_users(users.read_text("utf-8"), f"auth.users_file {users}")
+        except PasswordFileError as error:
+            return str(error)
+        except (OSError, UnicodeDecodeError) as error:
+            return f"auth.users_file {users}: {error}"
+    return None
 
 
 def db(args: Sequence[str]) -> int:

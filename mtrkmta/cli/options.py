@@ -68,6 +68,9 @@ class ServeOptions(usage.Options):
         "ENDPOINT is a Twisted client endpoint such as tcp:host=127.0.0.1:port=2526 or "
         "unix:path=/run/dovecot/lmtp. --local-domain replaces the file's list."
     )
+    optFlags = (
+        ("debug", None, "On a failed start, also log the traceback (it is one line without)."),
+    )
     optParameters = (
         ("config", None, None, "TOML configuration file (see doc/configuration.rst)."),
         *((option, None, None, help_text) for option, _, help_text in _SIMPLE_OVERRIDES),

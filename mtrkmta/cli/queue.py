@@ -155,9 +155,14 @@ class QueueOptions(usage.Options):
 
 def node_sockets(path: Path) -> list[Path]:
     """The control socket at ``path``, then those of its worker processes, by number."""
-    found = [
-        p for p in (path.parent / WORKERS_DIR).glob(f"*/{SOCKET_NAME}") if p.parent.name.isdigit()
-    ]
+    try:
+        found = [
+            p
+            for p in (path.parent / WORKERS_DIR).glob(f"*/{SOCKET_NAME}")
+            if p.parent.name.isdigit()
+        ]
+    except PermissionError:  # the request to ``path`` says so in one line
+        found = []
     return [path, *sorted(found, key=lambda p: int(p.parent.name))]
 
 

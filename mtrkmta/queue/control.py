@@ -194,6 +194,10 @@ def request(
         raise ControlError(f"no control socket at {socket_path}: is mtrkmta running?") from None
     except ConnectionRefusedError:
         raise ControlError(f"nothing listens on {socket_path}: is mtrkmta running?") from None
+    except PermissionError:
+        raise ControlError(
+            f"permission denied on {socket_path}: run as root or as the server's user"
+        ) from None
     except OSError as error:
         raise ControlError(f"control socket {socket_path}: {error}") from None
     answer = json.loads(buffer)

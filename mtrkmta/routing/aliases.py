@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,14 @@ def _flag(table: Mapping[str, Any], key: str, where: str) -> bool:
     return value
 
 
+def _suggest(extra: set[str], allowed: Iterable[str], where: str) -> None:
+    """Raise AliasError with "did you mean" for a key close to an allowed one."""
+    for key in sorted(extra):
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        if close:
+            raise AliasError(f"{where}.{key}: unknown key; did you mean {close[0]}?")
+
+
 class AliasBook:
     """The parsed aliases file: aliases and lists by lower-cased local part."""
 
@@ -151,6 +160,7 @@ class AliasBook:
             if not isinstance(table, dict):
                 raise AliasError(f"{where}: expected a table")
             extra = set(table) - _ALIAS_KEYS
+            _suggest(extra, _ALIAS_KEYS, where)
             if extra or "to" not in table:
                 raise AliasError(
                     f"{where}: expected keys to, primary, confidential, final; "
@@ -175,6 +185,7 @@ class AliasBook:
             if not isinstance(table, dict):
                 raise AliasError(f"{where}: expected a table")
             extra = set(table) - _LIST_KEYS
+            _suggest(extra, _LIST_KEYS, where)
             if extra or "members" not in table or "owner" not in table:
                 raise AliasError(
                     f"{where}: expected keys members and owner; got {', '.join(sorted(table))}"

@@ -63,6 +63,7 @@ def test_serve_options_are_known():
         "config",
         "data-dir",
         "database",
+        "debug",
         "hostname",
         "lmtp",
         "local-domain",
