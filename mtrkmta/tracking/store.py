@@ -813,9 +813,13 @@ def create_tracking_engine(url: URL | str) -> Engine:
     SQLite: WAL journal, synchronous=FULL, foreign keys on and a busy timeout on
     every connection, and SQLAlchemy (not the driver) emits BEGIN so that reads
     get one snapshot and DDL is transactional; write transactions use BEGIN
-    IMMEDIATE. PostgreSQL (or anything else): as given, with pre-ping.
+    IMMEDIATE. PostgreSQL (or anything else): as given, with pre-ping; a bare
+    ``postgresql://`` URL uses psycopg 3, the driver mtrkmta depends on (SQLAlchemy
+    2.0 would pick psycopg2 for it, 2.1 picks psycopg).
     """
     parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() != "sqlite":
         return create_engine(parsed, pool_pre_ping=True)
     engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
