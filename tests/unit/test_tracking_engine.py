@@ -12,4 +12,3 @@ def test_a_bare_postgresql_url_uses_the_psycopg_driver_mtrkmta_installs():
         assert engine.dialect.driver == "psycopg"
     finally:
         engine.dispose()
-

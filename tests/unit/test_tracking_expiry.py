@@ -85,4 +85,3 @@ def test_retention_below_one_day_is_refused(default, cap):
 
 def test_retention_of_exactly_one_day_is_allowed():
     check_retention(DAY, DAY)
-
