@@ -6,7 +6,6 @@ import ipaddress
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
-
-if sys.version_info >= (3, 11):
-    pass
-else:
-    pass
-
 
 KiB = 1024
 MiB = 1024 * KiB

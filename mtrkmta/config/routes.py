@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,6 @@ from typing import cast
 
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.testing import MemoryReactor
-
-if sys.version_info >= (3, 11):
-    pass
-else:
-    pass
 
 from mtrkmta.config.convert import (
     TLS_POLICIES,

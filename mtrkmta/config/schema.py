@@ -7,14 +7,8 @@ doc/examples/mtrkmta.toml.
 from __future__ import annotations
 
 import string
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    pass
-else:
-    pass
 
 from mtrkmta.config.convert import (
     DAY,
