@@ -6,7 +6,9 @@ store's own schema and encoding, so that a real TRACK with the right secret find
 them. Everything about message ``i`` (ENVID, secret, certifier, recipients, states)
 follows from ``(seed, i)``: ``trackload.py track`` recomputes a random sample of
 them, asks a running MTQP server for each over a fresh connection, checks every
-answer and prints the latencies. Both print progress lines, then one JSON line.
+answer and prints the latencies. ``trackload.py check URL`` times the start-up check
+of a SQLite tracking database (``PRAGMA quick_check``, mtrkmta.tracking.damage) a few
+times. Each prints progress lines, then one JSON line.
 """
 
 from __future__ import annotations
@@ -482,6 +484,23 @@ def track(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+def time_quick_check(url: str, runs: int) -> dict[str, object]:
+    """Time ``check_database`` (the start-up ``PRAGMA quick_check``) ``runs`` times.
+
+    The first run meets whatever page cache the machine has; drop it first
+    (``sync; echo 3 > /proc/sys/vm/drop_caches``) for a cold figure.
+    """
+    from mtrkmta.tracking.damage import check_database
+
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        check_database(url)
+        seconds.append(round(time.perf_counter() - started, 3))
+        print(f"quick_check: {seconds[-1]} s", file=sys.stderr, flush=True)
+    return {"mode": "check", "url": url, "seconds": seconds}
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -501,7 +520,13 @@ def main(argv: list[str] | None = None) -> int:
         "--unknown-share", type=float, default=0.1, help="share of unanswerable TRACKs"
     )
     tracker.add_argument("--timeout", type=float, default=30.0, help="socket timeout, s")
+    checker = sub.add_parser("check", help="time the start-up quick_check of a SQLite store")
+    checker.add_argument("url", help="SQLAlchemy URL of a SQLite tracking database")
+    checker.add_argument("--runs", type=int, default=3, help="checks timed, one after another")
     args = parser.parse_args(argv)
+    if args.mode == "check":
+        print(json.dumps(time_quick_check(args.url, args.runs)), flush=True)
+        return 0
     if args.messages < 1:
         parser.error("--messages must be at least 1")
     result = load(args.url, args.messages, args.seed) if args.mode == "load" else track(args)

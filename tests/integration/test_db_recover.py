@@ -10,20 +10,18 @@ rebuild the database from the spool so that the mail is delivered after all.
 
 from __future__ import annotations
 
-import os
 import shlex
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 import pytest_twisted
+from mtrkmtaprocess import run_mtrkmta
 from smtpwire import Wire, in_thread, queue_emptied, queue_id_of
 
-import mtrkmta
 from mtrkmta.config import Config
 from mtrkmta.spool.filespool import HEADER_SIZE, bucket_of
 from mtrkmta.testing import node_config, start_node, stop_node
@@ -33,8 +31,6 @@ HOSTNAME = "mx.example.test"
 SENDER = "sender@client.example"
 RCPT = "alice@localhost"  # a local Maildir: delivery needs no other server
 COUNT = 6
-IMPORT_ROOT = str(Path(mtrkmta.__file__).resolve().parent.parent)
-RUN_TIMEOUT = 60.0
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -83,22 +79,7 @@ def spooled(data_dir: Path) -> list[str]:
 
 def mtrkmta_cli(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run ``mtrkmta ARGS`` as a process (this checkout's code); stdout and stderr merged."""
-    return subprocess.run(
-        [sys.executable, "-m", "mtrkmta.cli.main", *args],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        env={
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (IMPORT_ROOT, os.environ.get("PYTHONPATH")) if p
-            ),
-        },
-    )
+    return run_mtrkmta(args, cwd, merge_stderr=True)
 
 
 def serve(data_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -37,7 +37,18 @@ import pytest_twisted
 from fakemta import FakeMTA
 from smtpwire import queue_emptied
 from sqlalchemy import create_engine, text
-from test_crash_safety import IMPORT_ROOT, IO_TIMEOUT, START_TIMEOUT, Lines, free_port
+from test_crash_safety import (
+    ACCEPTED,
+    IMPORT_ROOT,
+    INCOMPLETE,
+    IO_TIMEOUT,
+    REJECTED,
+    START_TIMEOUT,
+    UNKNOWN,
+    Lines,
+    free_port,
+)
+from test_crash_safety import Attempt as SentAttempt
 from twisted.internet import threads
 
 from mtrkmta.faults import ENVIRONMENT, POINTS
@@ -102,19 +113,14 @@ FAULT_WAIT = 20.0  # seconds for the server to reach the point
 # relayed to an SMTP next hop.
 FINAL_STATES = (RecipientState.DELIVERED, RecipientState.RELAYED)
 
-ACCEPTED = "accepted"  # 250 read: must be delivered
-REJECTED = "rejected"  # 4xx/5xx read: must not be delivered
-INCOMPLETE = "incomplete"  # the final dot never sent: must not be delivered
-UNKNOWN = "unknown"  # the connection broke after the dot: either way, at most once
+# Outcomes of one attempt as the client saw it (ACCEPTED: must be delivered; REJECTED,
+# INCOMPLETE: must not be; UNKNOWN: either way, at most once): as in test_crash_safety.
 
 
 @dataclass
-class Attempt:
-    message: int
-    token: str
-    outcome: str = INCOMPLETE
-    queue_id: str | None = None
-    reply: str = ""
+class Attempt(SentAttempt):
+    """One message sent, as test_crash_safety records it, with its body's padding."""
+
     padding: int = 0  # lines of 64 octets added to the body
 
     @property

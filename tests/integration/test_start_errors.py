@@ -6,37 +6,19 @@ traceback of an unexpected failure appears only with ``--debug``.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import mtrkmta
+from mtrkmtaprocess import run_mtrkmta
 
-IMPORT_ROOT = str(Path(mtrkmta.__file__).resolve().parent.parent)
-RUN_TIMEOUT = 60.0
 QUIET = ["--smtp", "none", "--lmtp", "none", "--mtqp", "none"]
 
 
 def serve(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """``mtrkmta serve ARGS`` as a process; returns once it has exited."""
-    return subprocess.run(
-        [sys.executable, "-m", "mtrkmta.cli.main", "serve", *args],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        env={
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (IMPORT_ROOT, os.environ.get("PYTHONPATH")) if p
-            ),
-        },
-    )
+    return run_mtrkmta(["serve", *args], cwd)
 
 
 def one_line(run: subprocess.CompletedProcess[str]) -> str:

@@ -3,40 +3,13 @@ database dialect, users file. Each problem is one line naming the file or key, s
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from certs import pem_pair
 
 from mtrkmta.auth import hash_password
 from mtrkmta.cli.main import main
-
-
-def pem_pair(hostname: str = "mx.example.test") -> tuple[bytes, bytes]:
-    """A self-signed EC P-256 certificate and its key, PEM."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def check(tmp_path: Path, toml: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -71,8 +44,8 @@ def test_a_misspelt_alias_key_gets_did_you_mean(tmp_path, capsys):
 
 
 def test_a_key_that_does_not_match_the_certificate_names_both_files(tmp_path, capsys):
-    cert_pem, key_pem = pem_pair()
-    _, other_key_pem = pem_pair()
+    cert_pem, key_pem = pem_pair("mx.example.test")
+    _, other_key_pem = pem_pair("other.example.test")  # another key
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_bytes(cert_pem)
     key.write_bytes(key_pem)
