@@ -76,10 +76,17 @@ ensure_system_packages() {   # ensure_system_packages PKG... (python3* only if n
 
 venv_at() {   # venv_at DIR PACKAGES... : create DIR if needed and install PACKAGES into it
   local dir=$1; shift
-  local py
+  local py stamp
   py=$(pick_python) || die "no Python >= 3.10 with venv and ensurepip found"
   [ -x "$dir/bin/python" ] || "$py" -m venv "$dir"
+  # Install only when what is asked for changed: the request and pyproject.toml (the
+  # dependencies and entry points) are the stamp. The editable install follows the code.
+  stamp=$( (printf '%s\n' "$@"; cat pyproject.toml) | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$dir/.bootstrap-stamp" 2>/dev/null)" = "$stamp" ]; then
+    return 0
+  fi
   "$dir/bin/python" -m pip install -q --disable-pip-version-check "$@"
+  echo "$stamp" > "$dir/.bootstrap-stamp"
 }
 
 cmd=${1:-}; shift || true
