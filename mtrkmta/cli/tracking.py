@@ -9,15 +9,25 @@ from typing import TextIO
 from twisted.python import usage
 
 from mtrkmta.cli.queue import QueueOptions, control_socket, request_every_node
-from mtrkmta.config import EXIT_CONFIG_ERROR, parse_duration
+from mtrkmta.config import parse_duration
 from mtrkmta.queue.control import ControlError
-
-USAGE = "usage: mtrkmta tracking [--config FILE | --data-dir DIR] set-max-retention DURATION"
 
 
 class TrackingOptions(QueueOptions):
     """The same server-locating options as ``mtrkmta queue``."""
 
+    program = "mtrkmta tracking"
+    synopsis = "[options] set-max-retention DURATION"
+    longdesc = (
+        "Act on the running server's message tracking (over its control socket). Exit "
+        "status: 0 done, 1 refused or not reachable, 2 usage error."
+    )
+    commands = (
+        (
+            "set-max-retention DURATION",
+            "lower the retention cap (e.g. 2d), for the records already kept too",
+        ),
+    )
     optFlags = ()
 
     # Like QueueOptions.parseArgs: usage.Options checks the arguments against this signature.
@@ -33,9 +43,9 @@ class TrackingOptions(QueueOptions):
 
 def main(args: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     options = TrackingOptions()
-    path = control_socket(options, args, USAGE, err)
-    if path is None:
-        return EXIT_CONFIG_ERROR
+    path = control_socket(options, args, err)
+    if isinstance(path, int):
+        return path
     try:
         changed = request_every_node(path, "set-max-retention", seconds=options["seconds"])
     except ControlError as error:

@@ -12,7 +12,7 @@ import pytest
 from mtrkmta.cli.main import main
 from mtrkmta.tracking.migrate import head_revision
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "doc" / "examples" / "mtrkmta.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "mtrkmta" / "config" / "example.toml"
 
 
 def test_check_config_accepts_the_shipped_example(capsys):
