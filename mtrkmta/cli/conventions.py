@@ -30,7 +30,8 @@ def options_first(options: usage.Options, args: Sequence[str]) -> list[str]:
     """``args`` with every option (and its value) moved before the operands, so that
     ``mtrkmta queue list --json`` works as ``mtrkmta queue --json list`` does:
     twisted.python.usage stops at the first operand. An unknown option is moved too,
-    so that it is refused as an option; ``--`` ends the options."""
+    so that it is refused as an option; ``--`` ends the options. UsageError when the
+    last argument is an option that wants a value."""
     parameters = {name[:-1] for name in options.longOpt if name.endswith("=")}
     short_parameters = set(re.findall(r"(\w):", options.shortOpt))
     front: list[str] = []
@@ -52,6 +53,8 @@ def options_first(options: usage.Options, args: Sequence[str]) -> list[str]:
         if takes_value and index + 1 < len(args):
             front += [arg, args[index + 1]]
             index += 2
+        elif takes_value:  # getopt would take an operand (`list --config`) for its value
+            raise usage.UsageError(f"option {arg} requires argument")
         else:
             front.append(arg)
             index += 1

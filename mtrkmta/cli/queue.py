@@ -221,10 +221,12 @@ def control_socket(options: QueueOptions, args: Sequence[str], err: TextIO) -> P
 
 def main(
     args: Sequence[str],
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
     ask: Callable[[str], str] = input,
 ) -> int:
+    out = sys.stdout if out is None else out  # the current ones, as main() may replace them
+    err = sys.stderr if err is None else err
     options = QueueOptions()
     path = control_socket(options, args, err)
     if isinstance(path, int):

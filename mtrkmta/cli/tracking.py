@@ -41,7 +41,9 @@ class TrackingOptions(QueueOptions):
         self["command"] = command
 
 
-def main(args: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = sys.stdout if out is None else out  # the current ones, as main() may replace them
+    err = sys.stderr if err is None else err
     options = TrackingOptions()
     path = control_socket(options, args, err)
     if isinstance(path, int):
