@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import sys
@@ -390,13 +391,19 @@ def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = No
     interrupted: list[int] = []
 
     async def track() -> None:
+        # Printed once the trace is complete: after Ctrl-C the connections close while
+        # the reactor stops, and the partial trace that makes is not worth showing.
+        text = io.StringIO()
         try:
             resolver = system_resolver(reactor, options["nameserver"])
-            result.append(await run(options, reactor, resolver, out))
+            result.append(await run(options, reactor, resolver, text))
+            if not interrupted:
+                out.write(text.getvalue())
         except BrokenPipeError as error:  # `| head -1`: mtrkmta's main() ends quietly
             broken.append(error)
         except Exception as error:  # report, never leave the reactor running
-            print(f"mtrkmta: {error}", file=err)
+            if not interrupted:
+                print(f"mtrkmta: {error}", file=err)
             result.append(EXIT_INCOMPLETE)
         finally:
             with suppress(ReactorNotRunning):
