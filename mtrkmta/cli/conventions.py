@@ -39,9 +39,8 @@ def options_first(options: usage.Options, args: Sequence[str]) -> list[str]:
     index = 0
     while index < len(args):
         arg = args[index]
-        if arg == "--":
-            operands += args[index:]
-            break
+        if arg == "--":  # getopt drops it: what follows is operands, whatever it looks like
+            return [*front, "--", *operands, *args[index + 1 :]]
         if not arg.startswith("-") or arg == "-":
             operands.append(arg)
             index += 1

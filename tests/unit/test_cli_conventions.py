@@ -306,3 +306,9 @@ def test_example_config_prints_the_shipped_example_which_is_valid(tmp_path, caps
         f"{saved}: configuration is valid\n",
         "",
     )
+
+
+def test_double_dash_ends_the_options_and_long_options_may_be_shortened():
+    options = parsed(QueueOptions(), "show", "--conf", "a.toml", "--", "--json")
+    assert (options["command"], options["queue_id"]) == ("show", "--json")
+    assert (options["config"], options["json"]) == ("a.toml", 0)
