@@ -78,6 +78,11 @@ class CommandOptions(usage.Options):
     program = "mtrkmta"
     commands: tuple[tuple[str, str], ...] = ()
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The help of an opt_ method is its docstring: one line however it is wrapped.
+        self.docs = {name: text and " ".join(text.split()) for name, text in self.docs.items()}
+
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         args = sys.argv[1:] if options is None else options
         super().parseOptions(options_first(self, args))

@@ -116,7 +116,27 @@ def render_show(message: dict[str, Any], out: TextIO) -> None:
                 print(f"  {label:<18}{_when(rcpt[key])}", file=out)
 
 
-class QueueOptions(CommandOptions):
+class ControlOptions(CommandOptions):
+    """The options that find a running server's control socket: its configuration file
+    or its data directory."""
+
+    optParameters = (
+        ("config", None, None, "The server's configuration file (to find its data dir)."),
+        ("data-dir", None, None, "The server's data directory [default: ./mtrkmta-data]."),
+    )
+
+    def socket_path(self) -> Path:
+        serve = ServeOptions()
+        args = []
+        if self["config"]:
+            args += ["--config", self["config"]]
+        if self["data-dir"]:
+            args += ["--data-dir", self["data-dir"]]
+        serve.parseOptions(args)
+        return serve.load_config().data_dir / SOCKET_NAME
+
+
+class QueueOptions(ControlOptions):
     program = "mtrkmta queue"
     synopsis = "[options] COMMAND [QUEUEID]"
     longdesc = (
@@ -136,10 +156,6 @@ class QueueOptions(CommandOptions):
         ("json", None, "Print the raw JSON answer."),
         ("yes", "y", "Do not ask before deleting or bouncing."),
     )
-    optParameters = (
-        ("config", None, None, "The server's configuration file (to find its data dir)."),
-        ("data-dir", None, None, "The server's data directory [default: ./mtrkmta-data]."),
-    )
 
     # Options.parseArgs is declared without arguments, but usage.Options passes the
     # positional arguments and checks their count against the override's signature.
@@ -154,16 +170,6 @@ class QueueOptions(CommandOptions):
             raise usage.UsageError("list takes no QUEUEID")
         self["command"] = command
         self["queue_id"] = queue_id
-
-    def socket_path(self) -> Path:
-        serve = ServeOptions()
-        args = []
-        if self["config"]:
-            args += ["--config", self["config"]]
-        if self["data-dir"]:
-            args += ["--data-dir", self["data-dir"]]
-        serve.parseOptions(args)
-        return serve.load_config().data_dir / SOCKET_NAME
 
 
 def node_sockets(path: Path) -> list[Path]:
@@ -206,7 +212,7 @@ def request_every_node(path: Path, command: str, queue_id: str | None = None, **
     raise ControlError(f"no message {queue_id} in the queue of any process")
 
 
-def control_socket(options: QueueOptions, args: Sequence[str], err: TextIO) -> Path | int:
+def control_socket(options: ControlOptions, args: Sequence[str], err: TextIO) -> Path | int:
     """Parse ``args`` into ``options`` and find the server's control socket; or the exit
     status (0 after --help or --version; 2 after a mistake, printed on ``err``)."""
     status = parse(options, args, err)

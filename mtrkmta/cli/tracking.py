@@ -8,12 +8,12 @@ from typing import TextIO
 
 from twisted.python import usage
 
-from mtrkmta.cli.queue import QueueOptions, control_socket, request_every_node
+from mtrkmta.cli.queue import ControlOptions, control_socket, request_every_node
 from mtrkmta.config import parse_duration
 from mtrkmta.queue.control import ControlError
 
 
-class TrackingOptions(QueueOptions):
+class TrackingOptions(ControlOptions):
     """The same server-locating options as ``mtrkmta queue``."""
 
     program = "mtrkmta tracking"
@@ -28,9 +28,8 @@ class TrackingOptions(QueueOptions):
             "lower the retention cap (e.g. 2d), for the records already kept too",
         ),
     )
-    optFlags = ()
 
-    # Like QueueOptions.parseArgs: usage.Options checks the arguments against this signature.
+    # As for QueueOptions.parseArgs: usage.Options checks the arguments against this signature.
     def parseArgs(self, command: str, value: str | None = None) -> None:  # type: ignore[override]
         if command != "set-max-retention" or value is None:
             raise usage.UsageError("expected: set-max-retention DURATION (e.g. 2d)")

@@ -79,6 +79,17 @@ def test_help_lists_subcommands_one_line_each(capsys, command, subcommands):
     assert all(len(line.split()) > 2 for line in listed if line)  # each says what it does
 
 
+def test_help_shows_only_the_options_of_the_command(capsys, monkeypatch):
+    # `tracking --help` listed queue's --json and --yes, which tracking ignored.
+    out = run(capsys, "tracking", "--help")[1]
+    assert "--json" not in out and "--yes" not in out and "--data-dir=" in out
+    assert run(capsys, "tracking", "--json", "set-max-retention", "2d")[0] == 2
+    # A docstring's line breaks do not show: every option's help is one paragraph.
+    monkeypatch.setenv("COLUMNS", "80")  # the width twisted.python.usage wraps to
+    out = run(capsys, "serve", "--help")[1]
+    assert "sharing the SMTP\n                       and submission ports [default: 1]." in out
+
+
 def test_main_help_lists_every_command(capsys):
     status, out, err = run(capsys, "--help")
     assert (status, err) == (0, "")
