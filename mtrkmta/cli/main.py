@@ -47,7 +47,8 @@ commands:
 HELP_END = """
 Every command takes --help (what it does and its options) and --version; options may
 come before or after its other arguments. Exit status: 0 done, 1 failed, 2 usage or
-configuration error, 130 interrupted (Ctrl-C). See doc/running.rst, "Command line".
+configuration error, 130 interrupted (Ctrl-C), 141 output closed early (| head).
+See doc/running.rst, "Command line".
 """
 
 
@@ -93,16 +94,16 @@ def check_config(args: Sequence[str]) -> int:
     status = parse(options, args)
     if status is not None:
         return status
-    args = [options["file"]]
-    error = check_config_file(Path(args[0]))
+    file = options["file"]
+    error = check_config_file(Path(file))
     if error is not None:
         print(f"mtrkmta: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    problem = dry_run(load_config(Path(args[0])))
+    problem = dry_run(load_config(Path(file)))
     if problem is not None:
-        print(f"mtrkmta: {args[0]}: {problem}", file=sys.stderr)
+        print(f"mtrkmta: {file}: {problem}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    print(f"{args[0]}: configuration is valid")
+    print(f"{file}: configuration is valid")
     return 0
 
 
@@ -205,6 +206,8 @@ def run(args: Sequence[str]) -> int:
     if not args:
         return usage_error("mtrkmta", f"no command given ({', '.join(COMMANDS)})", sys.stderr)
     name = args[0]
+    if name == "help" and len(args) > 1:  # `mtrkmta help queue` is `mtrkmta queue --help`
+        return run([args[1], "--help"])
     if name in ("-h", "--help", "help"):
         print(USAGE + HELP_END, end="")
         return 0

@@ -90,6 +90,11 @@ def test_help_shows_only_the_options_of_the_command(capsys, monkeypatch):
     assert "sharing the SMTP\n                       and submission ports [default: 1]." in out
 
 
+def test_help_command_gives_a_command_s_help(capsys):
+    assert run(capsys, "help", "queue") == run(capsys, "queue", "--help")
+    assert run(capsys, "help", "queue")[1].startswith("Usage: mtrkmta queue ")
+
+
 def test_main_help_lists_every_command(capsys):
     status, out, err = run(capsys, "--help")
     assert (status, err) == (0, "")
