@@ -70,13 +70,13 @@ def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = No
     if isinstance(names, str):
         return usage_error(options.program, names, err)
     try:
-        default = load_config()
-        config = default if options["defaults"] else options.load_config()
+        # The defaults only when asked for: they need a valid name for this machine.
+        config = load_config() if options["defaults"] else options.load_config()
+        if options["non-default"]:
+            names = [name for name in differing(config, load_config()) if name in names]
     except ConfigError as error:
         print(f"mtrkmta: {error}", file=err)
         return EXIT_CONFIG_ERROR
-    if options["non-default"]:
-        names = [name for name in differing(config, default) if name in names]
     for line in render(config, names):
         print(line, file=out)
     return 0

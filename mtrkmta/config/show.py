@@ -51,8 +51,9 @@ def _route(route: Route) -> str:
 
 
 def _string(text: str) -> str:
-    """A TOML basic string (JSON's escapes are all TOML escapes)."""
-    return json.dumps(text, ensure_ascii=False)
+    """A TOML basic string: JSON's escapes are all TOML escapes, and TOML also wants
+    DEL escaped."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml(key: _Key, value: object) -> str:

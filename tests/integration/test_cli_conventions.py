@@ -65,6 +65,32 @@ async def test_queue_list_into_a_closed_pipe_ends_without_traceback(tmp_path):
     assert (done.returncode, done.stderr) == (141, "")
 
 
+def test_track_into_a_closed_pipe_ends_without_traceback(tmp_path):
+    # A tracking server that hangs up at once: track prints a timeline ("no answer").
+    with socket.socket() as rude:
+        rude.bind(("127.0.0.1", 0))
+        rude.listen(1)
+        rude.settimeout(RUN_TIMEOUT)
+        port = rude.getsockname()[1]
+        args = ["track", "--tls", "none", "--server", f"127.0.0.1:{port}", ENVID, SECRET]
+        reader, writer = os.pipe()
+        os.close(reader)
+        with subprocess.Popen(
+            [sys.executable, "-m", "mtrkmta.cli.main", *args],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=mtrkmta_env(),
+        ) as track:
+            os.close(writer)
+            connection, _ = rude.accept()
+            connection.close()
+            _, err = track.communicate(timeout=RUN_TIMEOUT)
+    assert (track.returncode, err) == (141, "")
+
+
 def test_ctrl_c_while_track_waits_exits_130_without_traceback(tmp_path):
     # A tracking server that accepts the connection and never says a word.
     with socket.socket() as silent:

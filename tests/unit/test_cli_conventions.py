@@ -328,3 +328,21 @@ def test_double_dash_ends_the_options_and_long_options_may_be_shortened():
     options = parsed(QueueOptions(), "show", "--conf", "a.toml", "--", "--json")
     assert (options["command"], options["queue_id"]) == ("show", "--json")
     assert (options["config"], options["json"]) == ("a.toml", 0)
+
+
+def test_show_config_writes_any_string_as_toml(tmp_path, capsys):
+    # Control characters, quotes, backslashes, DEL and non-ASCII survive the round trip.
+    config = tmp_path / "a.toml"
+    config.write_text(
+        '[server]\ndatabase = "sqlite:////tmp/a\\"b\\\\c\\u007f\\u00e9\\u0001.sqlite"\n',
+        encoding="utf-8",
+    )
+    status, out, err = run(capsys, "show-config", "--config", str(config), "server.database")
+    assert (status, err) == (0, "")
+    shown = tmp_path / "shown.toml"
+    shown.write_text(out, encoding="utf-8")
+    assert (
+        load_config(shown).database
+        == load_config(config).database
+        == ('sqlite:////tmp/a"b\\c\x7f\xe9\x01.sqlite')
+    )
