@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TextIO
 
 from twisted.python import usage
@@ -32,7 +32,7 @@ def options_first(options: usage.Options, args: Sequence[str]) -> list[str]:
     twisted.python.usage stops at the first operand. An unknown option is moved too,
     so that it is refused as an option; ``--`` ends the options. UsageError when the
     last argument is an option that wants a value."""
-    parameters = {name[:-1] for name in options.longOpt if name.endswith("=")}
+    takes = {name.rstrip("="): name.endswith("=") for name in options.longOpt}
     short_parameters = set(re.findall(r"(\w):", options.shortOpt))
     front: list[str] = []
     operands: list[str] = []
@@ -46,7 +46,8 @@ def options_first(options: usage.Options, args: Sequence[str]) -> list[str]:
             index += 1
             continue
         if arg.startswith("--"):
-            takes_value = "=" not in arg and _long_name(arg[2:], parameters) is not None
+            name = None if "=" in arg else _long_name(arg[2:], takes)
+            takes_value = name is not None and takes[name]
         else:
             takes_value = len(arg) == 2 and arg[1] in short_parameters
         if takes_value and index + 1 < len(args):
@@ -60,7 +61,7 @@ def options_first(options: usage.Options, args: Sequence[str]) -> list[str]:
     return front + operands
 
 
-def _long_name(prefix: str, names: set[str]) -> str | None:
+def _long_name(prefix: str, names: Collection[str]) -> str | None:
     """The option ``prefix`` abbreviates (getopt takes unique prefixes), or None."""
     if prefix in names:
         return prefix
