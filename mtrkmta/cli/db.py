@@ -18,6 +18,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mtrkmta.cli.conventions import options_first, parse
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, ConfigError
 from mtrkmta.queue.control import SOCKET_NAME
@@ -25,19 +26,33 @@ from mtrkmta.spool.filespool import FileSpool
 from mtrkmta.spool.interfaces import SpoolCorruption
 from mtrkmta.workers import WORKERS_DIR, WorkerRole
 
-USAGE = (
-    "usage: mtrkmta db upgrade [--config FILE] [--database URL] [--data-dir DIR]\n"
-    "       mtrkmta db recover [--config FILE] [--database URL] [--data-dir DIR] [--force]"
-)
 # The companions SQLite keeps next to a database file (WAL, its index, a rollback journal).
 COMPANIONS = ("-wal", "-shm", "-journal")
 BATCH = 256  # spool files read (and recorded) at a time: bounds the memory recover needs
 
 
-class RecoverOptions(ServeOptions):
-    """``db recover``: the server's options, and --force."""
+class DbOptions(ServeOptions):
+    """``db upgrade`` and ``db recover``: the server's options, and --force for recover."""
 
-    optFlags = (("force", None, "Rebuild even when SQLite finds the database undamaged."),)
+    program = "mtrkmta db"
+    synopsis = "[options] upgrade | recover [--force]"
+    longdesc = (
+        "Act on the tracking database named by the server's options (--config, --database, "
+        "--data-dir). Exit status: 0 done, 1 failed, 2 usage or configuration error."
+    )
+    commands = (
+        ("upgrade", "create the tracking database or migrate it to the current schema"),
+        ("recover", "move a damaged SQLite database aside and rebuild it from the spool"),
+    )
+    optFlags = (("force", None, "db recover: rebuild even when SQLite finds no damage."),)
+
+    def parseArgs(self, *args: str) -> None:
+        if len(args) != 1 or args[0] not in ("upgrade", "recover"):
+            got = f", got {' '.join(args)!r}" if args else ""
+            raise usage.UsageError(f"expected upgrade or recover{got}")
+        if self["force"] and args[0] != "recover":
+            raise usage.UsageError("--force is for db recover")
+        self["command"] = args[0]
 
 
 class RecoverError(Exception):
@@ -48,18 +63,18 @@ def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = No
     """``mtrkmta db ARGS``; 0 on success, 1 when the work failed, 2 for a usage error."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    if not args or args[0] not in ("upgrade", "recover"):
-        print(USAGE, file=err)
-        return EXIT_CONFIG_ERROR
-    options = RecoverOptions() if args[0] == "recover" else ServeOptions()
+    options = DbOptions()
+    status = parse(options, args, err)
+    if status is not None:
+        return status
     try:
-        options.parseOptions(list(args[1:]))
         config = options.load_config()
-    except (usage.UsageError, ConfigError) as error:
+    except ConfigError as error:
         print(f"mtrkmta: {error}", file=err)
         return EXIT_CONFIG_ERROR
-    command = shlex.join(["mtrkmta", "db", "recover", *args[1:]])
-    if args[0] == "upgrade":
+    given = options_first(options, args)  # the options, then the command word
+    command = shlex.join(["mtrkmta", "db", "recover", *given[:-1]])
+    if options["command"] == "upgrade":
         return upgrade(config, command, out, err)
     try:
         report = recover(config, force=bool(options["force"]))

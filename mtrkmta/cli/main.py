@@ -1,12 +1,23 @@
-"""The `mtrkmta` command: serve, check-config and db."""
+"""The `mtrkmta` command: its subcommands, and what happens on a closed pipe or Ctrl-C."""
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from twisted.python import usage
+
+from mtrkmta.cli.conventions import VERSION, CommandOptions, parse, usage_error
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, check_config_file, load_config
+
+#: Exit status after Ctrl-C (SIGINT): 128 + 2, as a shell reports a command the signal ended.
+EXIT_INTERRUPTED = 130
+#: Exit status when standard output was closed early (``mtrkmta queue list | head -1``):
+#: 128 + 13, what a shell reports for a command that SIGPIPE ended, as ``cat`` would be.
+EXIT_BROKEN_PIPE = 141
 
 USAGE = """\
 usage: mtrkmta COMMAND [options]
@@ -14,6 +25,10 @@ usage: mtrkmta COMMAND [options]
 commands:
   serve [options]          run the MTA in the foreground (same options as `twistd -n mtrkmta`)
   check-config FILE        validate a configuration file: exit 0 when valid, 2 when not
+  show-config [--config FILE] [-d | -n] [KEY...]
+                           print the effective configuration (-d: the defaults,
+                           -n: only what differs from them), as TOML
+  example-config           print the commented example configuration file
   db upgrade [options]     create or migrate the tracking database to the current schema
                            (options: --config FILE, --database URL, --data-dir DIR)
   db recover [options] [--force]
@@ -29,11 +44,23 @@ commands:
   tracking [--config FILE | --data-dir DIR] set-max-retention DURATION
                            lower the tracking retention cap, for existing records too
 """
+HELP_END = """
+Every command takes --help (what it does and its options) and --version; options may
+come before or after its other arguments. Exit status: 0 done, 1 failed, 2 usage or
+configuration error, 130 interrupted (Ctrl-C), 141 output closed early (| head).
+See doc/running.rst, "Command line".
+"""
 
 
 def serve(args: Sequence[str]) -> int:
     """Run the same service as the twistd plugin, in the foreground."""
     from twisted.scripts.twistd import run
+
+    from mtrkmta.cli.options import ServeOptions
+
+    status = parse(ServeOptions(), args)  # --help, --version and usage errors, as elsewhere
+    if status is not None:
+        return status
 
     sys.argv = [
         "mtrkmta serve",
@@ -47,19 +74,36 @@ def serve(args: Sequence[str]) -> int:
     return 0
 
 
+class CheckConfigOptions(CommandOptions):
+    program = "mtrkmta check-config"
+    synopsis = "FILE"
+    longdesc = (
+        "Load FILE as start-up does, then every file it names (aliases, users, TLS "
+        "certificate and key), creating nothing and binding no port. Exit status: 0 when "
+        "the configuration is valid, 2 when not."
+    )
+
+    def parseArgs(self, *paths: str) -> None:
+        if len(paths) != 1:
+            raise usage.UsageError("give one configuration FILE")
+        self["file"] = paths[0]
+
+
 def check_config(args: Sequence[str]) -> int:
-    if len(args) != 1:
-        print("usage: mtrkmta check-config FILE", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    error = check_config_file(Path(args[0]))
+    options = CheckConfigOptions()
+    status = parse(options, args)
+    if status is not None:
+        return status
+    file = options["file"]
+    error = check_config_file(Path(file))
     if error is not None:
         print(f"mtrkmta: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    problem = dry_run(load_config(Path(args[0])))
+    problem = dry_run(load_config(Path(file)))
     if problem is not None:
-        print(f"mtrkmta: {args[0]}: {problem}", file=sys.stderr)
+        print(f"mtrkmta: {file}: {problem}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    print(f"{args[0]}: configuration is valid")
+    print(f"{file}: configuration is valid")
     return 0
 
 
@@ -102,6 +146,18 @@ def dry_run(config: Config) -> str | None:
     return None
 
 
+def show_config(args: Sequence[str]) -> int:
+    from mtrkmta.cli.showconfig import main as show_config_main
+
+    return show_config_main(args)
+
+
+def example_config(args: Sequence[str]) -> int:
+    from mtrkmta.cli.showconfig import example_main
+
+    return example_main(args)
+
+
 def db(args: Sequence[str]) -> int:
     from mtrkmta.cli.db import main as db_main
 
@@ -135,6 +191,8 @@ def track(args: Sequence[str]) -> int:  # `mtrkmta track` (message tracking)
 COMMANDS = {
     "serve": serve,
     "check-config": check_config,
+    "show-config": show_config,
+    "example-config": example_config,
     "db": db,
     "queue": queue,
     "tracking": tracking,
@@ -143,16 +201,53 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
-        return 0 if args else EXIT_CONFIG_ERROR
-    command = COMMANDS.get(args[0])
+def run(args: Sequence[str]) -> int:
+    """Run the command ``args`` names; its exit status."""
+    if not args:
+        return usage_error("mtrkmta", f"no command given ({', '.join(COMMANDS)})", sys.stderr)
+    name = args[0]
+    if name == "help" and len(args) > 1:  # `mtrkmta help queue` is `mtrkmta queue --help`
+        return run([args[1], "--help"])
+    if name in ("-h", "--help", "help"):
+        print(USAGE + HELP_END, end="")
+        return 0
+    if name in ("-V", "--version"):
+        print(VERSION)
+        return 0
+    command = COMMANDS.get(name)
     if command is None:
-        print(f"mtrkmta: unknown command {args[0]!r}\n{USAGE}", file=sys.stderr, end="")
-        return EXIT_CONFIG_ERROR
+        what = "option" if name.startswith("-") else "command"
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return usage_error("mtrkmta", f"unknown {what} {name!r}{hint}", sys.stderr)
     return command(args[1:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mtrkmta ARGS``; the exit status. A closed standard output (``| head -1``) and
+    Ctrl-C end the command quietly, without a traceback, once and for all commands here."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = run(args)
+        sys.stdout.flush()  # a closed pipe shows here if it did not while printing
+    except BrokenPipeError:
+        # As the Python documentation recommends (library/signal, "Note on SIGPIPE"):
+        # point standard output at /dev/null so that the flush at exit fails no more.
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return status
+
+
+def _discard_stdout() -> None:
+    try:
+        fileno = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (tests capture it)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fileno)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.python import usage
-
+from mtrkmta.cli.conventions import CommandOptions
 from mtrkmta.config import Config, Override, load_config
 from mtrkmta.workers import ConfigOrigin
 
@@ -52,14 +51,15 @@ _SIMPLE_OVERRIDES = (
 )
 
 
-class ServeOptions(usage.Options):
+class ServeOptions(CommandOptions):
     """Options of the mtrkmta server; ``load_config()`` turns them into a Config.
 
     Settings come from embedded defaults, then ``--config FILE``, then the other
     options, which win over the file.
     """
 
-    synopsis = "[--config FILE] [options]"
+    program = "mtrkmta serve"
+    synopsis = "[options]"
     longdesc = (
         "Run the mtrkmta mail transfer agent. Without options it listens on localhost only, "
         "keeps its data in ./mtrkmta-data, delivers mail for 'localhost' to Maildirs and "
@@ -68,7 +68,7 @@ class ServeOptions(usage.Options):
         "ENDPOINT is a Twisted client endpoint such as tcp:host=127.0.0.1:port=2526 or "
         "unix:path=/run/dovecot/lmtp. --local-domain replaces the file's list."
     )
-    optFlags = (
+    optFlags: tuple[tuple[str, str | None, str], ...] = (
         ("debug", None, "On a failed start, also log the traceback (it is one line without)."),
     )
     optParameters = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import time
@@ -11,16 +12,11 @@ from typing import Any, TextIO
 
 from twisted.python import usage
 
+from mtrkmta.cli.conventions import CommandOptions, parse
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, ConfigError
 from mtrkmta.queue.control import COMMANDS, COMMANDS_WITH_ID, SOCKET_NAME, ControlError, request
 from mtrkmta.workers import WORKERS_DIR
-
-USAGE = (
-    "usage: mtrkmta queue [--config FILE | --data-dir DIR] [--json] [--yes] "
-    "list | show QUEUEID | flush [QUEUEID] | hold QUEUEID | release QUEUEID | "
-    "delete QUEUEID | bounce QUEUEID"
-)
 
 
 def _when(seconds: float | None) -> str:
@@ -120,27 +116,14 @@ def render_show(message: dict[str, Any], out: TextIO) -> None:
                 print(f"  {label:<18}{_when(rcpt[key])}", file=out)
 
 
-class QueueOptions(usage.Options):
-    optFlags: tuple[tuple[str, str | None, str], ...] = (
-        ("json", None, "Print the raw JSON answer."),
-        ("yes", "y", "Do not ask before deleting or bouncing."),
-    )
+class ControlOptions(CommandOptions):
+    """The options that find a running server's control socket: its configuration file
+    or its data directory."""
+
     optParameters = (
         ("config", None, None, "The server's configuration file (to find its data dir)."),
         ("data-dir", None, None, "The server's data directory [default: ./mtrkmta-data]."),
     )
-
-    # Options.parseArgs is declared without arguments, but usage.Options passes the
-    # positional arguments and checks their count against the override's signature.
-    def parseArgs(self, command: str, queue_id: str | None = None) -> None:  # type: ignore[override]
-        if command not in COMMANDS:
-            raise usage.UsageError(f"unknown queue command {command!r}")
-        if command in COMMANDS_WITH_ID and queue_id is None:
-            raise usage.UsageError(f"{command} needs a QUEUEID")
-        if command == "list" and queue_id is not None:
-            raise usage.UsageError("list takes no QUEUEID")
-        self["command"] = command
-        self["queue_id"] = queue_id
 
     def socket_path(self) -> Path:
         serve = ServeOptions()
@@ -151,6 +134,42 @@ class QueueOptions(usage.Options):
             args += ["--data-dir", self["data-dir"]]
         serve.parseOptions(args)
         return serve.load_config().data_dir / SOCKET_NAME
+
+
+class QueueOptions(ControlOptions):
+    program = "mtrkmta queue"
+    synopsis = "[options] COMMAND [QUEUEID]"
+    longdesc = (
+        "Ask the running server (over its control socket, <data dir>/control.sock) about its "
+        "queue, or act on it. Exit status: 0 done, 1 refused or not reachable, 2 usage error."
+    )
+    commands: tuple[tuple[str, str], ...] = (
+        ("list", "the queued messages (as mailq lists them), then the quarantined ones"),
+        ("show QUEUEID", "everything known about one message and its recipients"),
+        ("flush [QUEUEID]", "try one message, or every message, now"),
+        ("hold QUEUEID", "stop trying a message until it is released"),
+        ("release QUEUEID", "try a held message again; requeue a repaired quarantined one"),
+        ("delete QUEUEID", "remove a message without telling anyone (asks first)"),
+        ("bounce QUEUEID", "fail every recipient still queued, notify the sender (asks first)"),
+    )
+    optFlags: tuple[tuple[str, str | None, str], ...] = (
+        ("json", None, "Print the raw JSON answer."),
+        ("yes", "y", "Do not ask before deleting or bouncing."),
+    )
+
+    # Options.parseArgs is declared without arguments, but usage.Options passes the
+    # positional arguments and checks their count against the override's signature.
+    def parseArgs(self, command: str, queue_id: str | None = None) -> None:  # type: ignore[override]
+        if command not in COMMANDS or command == "set-max-retention":
+            close = difflib.get_close_matches(command, [c for c, _ in self.commands], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise usage.UsageError(f"unknown command {command!r}{hint}")
+        if command in COMMANDS_WITH_ID and queue_id is None:
+            raise usage.UsageError(f"{command} needs a QUEUEID")
+        if command == "list" and queue_id is not None:
+            raise usage.UsageError("list takes no QUEUEID")
+        self["command"] = command
+        self["queue_id"] = queue_id
 
 
 def node_sockets(path: Path) -> list[Path]:
@@ -193,29 +212,31 @@ def request_every_node(path: Path, command: str, queue_id: str | None = None, **
     raise ControlError(f"no message {queue_id} in the queue of any process")
 
 
-def control_socket(
-    options: QueueOptions, args: Sequence[str], usage_text: str, err: TextIO
-) -> Path | None:
-    """Parse ``args`` into ``options`` and find the server's control socket; on a
-    mistake, print it with ``usage_text`` and return None (exit status 2)."""
+def control_socket(options: ControlOptions, args: Sequence[str], err: TextIO) -> Path | int:
+    """Parse ``args`` into ``options`` and find the server's control socket; or the exit
+    status (0 after --help or --version; 2 after a mistake, printed on ``err``)."""
+    status = parse(options, args, err)
+    if status is not None:
+        return status
     try:
-        options.parseOptions(list(args))
         return options.socket_path()
-    except (usage.UsageError, ConfigError) as error:
-        print(f"mtrkmta: {error}\n{usage_text}", file=err)
-        return None
+    except ConfigError as error:
+        print(f"mtrkmta: {error}", file=err)
+        return EXIT_CONFIG_ERROR
 
 
 def main(
     args: Sequence[str],
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
     ask: Callable[[str], str] = input,
 ) -> int:
+    out = sys.stdout if out is None else out  # the current ones, as main() may replace them
+    err = sys.stderr if err is None else err
     options = QueueOptions()
-    path = control_socket(options, args, USAGE, err)
-    if path is None:
-        return EXIT_CONFIG_ERROR
+    path = control_socket(options, args, err)
+    if isinstance(path, int):
+        return path
     command, queue_id = options["command"], options["queue_id"]
     if command in ("delete", "bounce") and not options["yes"]:
         try:

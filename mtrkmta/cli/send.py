@@ -15,6 +15,7 @@ from typing import BinaryIO, TextIO
 
 from twisted.python import usage
 
+from mtrkmta.cli.conventions import EXIT_USAGE, CommandOptions, parse
 from mtrkmta.mtqp.protocol import DEFAULT_PORT
 from mtrkmta.originator import (
     RET_VALUES,
@@ -29,15 +30,8 @@ from mtrkmta.originator import (
 )
 from mtrkmta.smtp.mtrk import MAX_TIMEOUT
 
-EXIT_USAGE = 2
 DEFAULT_SMTP_PORT = 25
 SMTP_TIMEOUT = 60.0  # seconds per SMTP step
-
-USAGE = (
-    "usage: mtrkmta send --server HOST[:PORT] --from ADDRESS --to ADDRESS [--to ...] "
-    "[--starttls] [--user NAME [--password PW]] [--timeout SECONDS] [--notify WHAT] "
-    "[--ret FULL|HDRS] [--mtqp-server HOST[:PORT]] [--secrets FILE] [FILE]"
-)
 
 
 def host_and_port(text: str) -> tuple[str, int | None]:
@@ -68,31 +62,8 @@ def split_host_port(text: str, default: int) -> tuple[str, int]:
     return host, default if port is None else port
 
 
-def options_first(options: usage.Options, args: Sequence[str]) -> list[str]:
-    """``args`` with every long option (and its value) moved before the operands, so that
-    ``mtrkmta track URI --json`` works: twisted.python.usage stops at the first operand.
-    Unknown options stay where they are (and are refused); ``--`` ends the options."""
-    flags = {name for name in options.longOpt if not name.endswith("=")}
-    parameters = {name[:-1] for name in options.longOpt if name.endswith("=")}
-    front: list[str] = []
-    operands: list[str] = []
-    index = 0
-    while index < len(args):
-        arg = args[index]
-        if arg == "--":
-            operands += args[index:]
-            break
-        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
-        if name in parameters and "=" not in arg and index + 1 < len(args):
-            front += [arg, args[index + 1]]
-            index += 2
-            continue
-        (front if name in flags or name in parameters else operands).append(arg)
-        index += 1
-    return front + operands
-
-
-class SendOptions(usage.Options):
+class SendOptions(CommandOptions):
+    program = "mtrkmta send"
     synopsis = "--server HOST[:PORT] --from ADDRESS --to ADDRESS [options] [FILE]"
     longdesc = (
         "Submit the message in FILE (or standard input) with a fresh tracking secret and "
@@ -239,11 +210,9 @@ def main(
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     options = SendOptions()
-    try:
-        options.parseOptions(options_first(options, args))
-    except usage.UsageError as error:
-        print(f"mtrkmta: {error}\n{USAGE}", file=err)
-        return EXIT_USAGE
+    status = parse(options, args, err)
+    if status is not None:
+        return status
     try:
         if options["message"] is not None:
             content = Path(options["message"]).read_bytes()

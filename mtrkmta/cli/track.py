@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
+import signal
 import sys
 from collections.abc import Sequence
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IResolver
 from twisted.python import usage
 
-from mtrkmta.cli.send import host_and_port, options_first, split_host_port
+from mtrkmta.cli.conventions import CommandOptions, parse, usage_error
+from mtrkmta.cli.send import host_and_port, split_host_port
 from mtrkmta.mtqp.client import (
     DEFAULT_MAX_HOPS,
     TLS_MODES,
@@ -41,16 +47,24 @@ from mtrkmta.tracking.status import RecipientStatus, TrackingReport
 
 EXIT_COMPLETE = 0
 EXIT_INCOMPLETE = 1
-EXIT_USAGE = 2
-VALUE_COLUMN = 19  # where values start in the timeline
+# The labels of the timeline, by indent; values start two columns after the longest.
+LABELS = {
+    2: ("Reporting MTA", "Arrived"),
+    4: (
+        "Final recipient",
+        "Action",
+        "Still queued",
+        "Remote MTA",
+        "Last attempt",
+        "Diagnostic",
+        "Next hop",
+    ),
+}
+VALUE_COLUMN = max(indent + len(label) for indent, labels in LABELS.items() for label in labels) + 2
 
-USAGE = (
-    "usage: mtrkmta track [--tls require|may|none] [--json | --raw] [options] "
-    "mtqp://HOST[:PORT]/track/ENVID/SECRET | --server HOST[:PORT] ENVID SECRET | --last"
-)
 
-
-class TrackOptions(usage.Options):
+class TrackOptions(CommandOptions):
+    program = "mtrkmta track"
     synopsis = "[options] mtqp://HOST[:PORT]/track/ENVID/SECRET | --server HOST E S | --last"
     longdesc = (
         "Ask the tracking (MTQP) server where a message is, then the server of every next hop "
@@ -186,8 +200,9 @@ def _diagnostic(status: RecipientStatus) -> str | None:
 
 
 def _line(indent: int, label: str, value: str) -> str:
-    """One ``label value`` line; values line up at column 19 whatever the indent."""
-    return " " * indent + f"{label:<{VALUE_COLUMN - indent}}{value}"
+    """One ``label value`` line; values line up at VALUE_COLUMN whatever the indent, at
+    least two spaces after the label."""
+    return " " * indent + f"{label:<{max(VALUE_COLUMN - indent, len(label) + 2)}}{value}"
 
 
 def _recipient_lines(report: TrackingReport, status: RecipientStatus) -> list[str]:
@@ -358,30 +373,53 @@ def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = No
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     options = TrackOptions()
+    status = parse(options, args, err)
+    if status is not None:
+        return status
     try:
-        options.parseOptions(options_first(options, args))
         if options["nameserver"]:
             split_host_port(options["nameserver"], 53)
         if options["ca-file"]:
             trust_root_from_pem(Path(options["ca-file"]).read_bytes())
-    except (usage.UsageError, OSError, ValueError) as error:
-        print(f"mtrkmta: {error}\n{USAGE}", file=err)
-        return EXIT_USAGE
+    except (OSError, ValueError) as error:
+        return usage_error(options.program, str(error), err)
     from twisted.internet import reactor as global_reactor
 
     reactor: Any = global_reactor
     result: list[int] = []
+    broken: list[BrokenPipeError] = []
+    interrupted: list[int] = []
 
     async def track() -> None:
+        # Printed once the trace is complete: after Ctrl-C the connections close while
+        # the reactor stops, and the partial trace that makes is not worth showing.
+        text = io.StringIO()
         try:
             resolver = system_resolver(reactor, options["nameserver"])
-            result.append(await run(options, reactor, resolver, out))
+            result.append(await run(options, reactor, resolver, text))
+            if not interrupted:
+                out.write(text.getvalue())
+        except BrokenPipeError as error:  # `| head -1`: mtrkmta's main() ends quietly
+            broken.append(error)
         except Exception as error:  # report, never leave the reactor running
-            print(f"mtrkmta: {error}", file=err)
+            if not interrupted:
+                print(f"mtrkmta: {error}", file=err)
             result.append(EXIT_INCOMPLETE)
         finally:
-            reactor.stop()
+            with suppress(ReactorNotRunning):
+                reactor.stop()
 
+    def interrupt(number: int, frame: FrameType | None) -> None:
+        # Ctrl-C ends the command as KeyboardInterrupt does everywhere else (status 130),
+        # rather than as a run that found nothing (Twisted's own handler just stops).
+        interrupted.append(number)
+        reactor.callFromThread(reactor.stop)
+
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, interrupt)
     reactor.callWhenRunning(lambda: ensureDeferred(track()))
     reactor.run()
+    if interrupted:
+        raise KeyboardInterrupt
+    if broken:
+        raise broken[0]
     return result[0] if result else EXIT_INCOMPLETE

@@ -8,19 +8,28 @@ from typing import TextIO
 
 from twisted.python import usage
 
-from mtrkmta.cli.queue import QueueOptions, control_socket, request_every_node
-from mtrkmta.config import EXIT_CONFIG_ERROR, parse_duration
+from mtrkmta.cli.queue import ControlOptions, control_socket, request_every_node
+from mtrkmta.config import parse_duration
 from mtrkmta.queue.control import ControlError
 
-USAGE = "usage: mtrkmta tracking [--config FILE | --data-dir DIR] set-max-retention DURATION"
 
-
-class TrackingOptions(QueueOptions):
+class TrackingOptions(ControlOptions):
     """The same server-locating options as ``mtrkmta queue``."""
 
-    optFlags = ()
+    program = "mtrkmta tracking"
+    synopsis = "[options] set-max-retention DURATION"
+    longdesc = (
+        "Act on the running server's message tracking (over its control socket). Exit "
+        "status: 0 done, 1 refused or not reachable, 2 usage error."
+    )
+    commands = (
+        (
+            "set-max-retention DURATION",
+            "lower the retention cap (e.g. 2d), for the records already kept too",
+        ),
+    )
 
-    # Like QueueOptions.parseArgs: usage.Options checks the arguments against this signature.
+    # As for QueueOptions.parseArgs: usage.Options checks the arguments against this signature.
     def parseArgs(self, command: str, value: str | None = None) -> None:  # type: ignore[override]
         if command != "set-max-retention" or value is None:
             raise usage.UsageError("expected: set-max-retention DURATION (e.g. 2d)")
@@ -31,11 +40,13 @@ class TrackingOptions(QueueOptions):
         self["command"] = command
 
 
-def main(args: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = sys.stdout if out is None else out  # the current ones, as main() may replace them
+    err = sys.stderr if err is None else err
     options = TrackingOptions()
-    path = control_socket(options, args, USAGE, err)
-    if path is None:
-        return EXIT_CONFIG_ERROR
+    path = control_socket(options, args, err)
+    if isinstance(path, int):
+        return path
     try:
         changed = request_every_node(path, "set-max-retention", seconds=options["seconds"])
     except ControlError as error:

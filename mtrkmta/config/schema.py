@@ -1,7 +1,7 @@
 """The configuration's sections and keys: one dataclass per section, one field per key.
 
 Adding a key: one field here, plus its entry in doc/configuration.rst and
-doc/examples/mtrkmta.toml.
+mtrkmta/config/example.toml.
 """
 
 from __future__ import annotations

@@ -195,9 +195,13 @@ def test_wheel_contents(wheel: Path, source: Path):
     assert not [name for name in names if name.endswith("dropin.cache")]
     assert {name.split("/")[0] for name in names} == {"mtrkmta", "twisted", dist_info}
     assert "mtrkmta = mtrkmta.cli.main:main" in entry_points
+    # `mtrkmta example-config` prints it: the wheel carries no doc/.
+    assert "mtrkmta/config/example.toml" in names
 
 
-def test_twistd_finds_the_plugin_of_a_wheel_install(wheel: Path, venv: Path, tmp_path: Path):
+def test_twistd_finds_the_plugin_of_a_wheel_install(
+    wheel: Path, venv: Path, tmp_path: Path, source: Path
+):
     pip(venv, "install", "--no-deps", "--no-index", str(wheel), cwd=tmp_path)
     assert "mtrkmta" in twistd_commands(venv, tmp_path)
     package, plugin, revision = run([str(venv), "-c", _WHERE], cwd=tmp_path).stdout.split()
@@ -207,6 +211,12 @@ def test_twistd_finds_the_plugin_of_a_wheel_install(wheel: Path, venv: Path, tmp
     assert revision == "0006"
     out = run([str(venv), "-c", _TWISTD, "mtrkmta", "--help"], cwd=tmp_path).stdout
     assert "--data-dir=" in out
+    # The example configuration is package data; the version has one source.
+    example = run([str(venv), "-m", "mtrkmta.cli.main", "example-config"], cwd=tmp_path).stdout
+    assert example == (source / "mtrkmta" / "config" / "example.toml").read_text(encoding="utf-8")
+    version = run([str(venv), "-m", "mtrkmta.cli.main", "--version"], cwd=tmp_path).stdout
+    metadata = "import importlib.metadata as m; print('mtrkmta', m.version('mtrkmta'))"
+    assert version == run([str(venv), "-c", metadata], cwd=tmp_path).stdout == "mtrkmta 0.1.0\n"
 
 
 def test_twistd_finds_the_plugin_of_an_editable_install(source: Path, venv: Path, tmp_path):

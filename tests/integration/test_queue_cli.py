@@ -499,5 +499,7 @@ async def test_no_server_running(tmp_path):
 def test_usage_errors_exit_2(tmp_path, args):
     run = run_cli(tmp_path / "data", args)
     assert (run.code, run.out, run.prompts) == (2, "", [])
-    assert run.err.startswith("mtrkmta: ")
-    assert "usage: mtrkmta queue" in run.err
+    # One line naming the problem, one saying where help is (no usage text).
+    problem, help_line = run.err.splitlines()
+    assert problem.startswith("mtrkmta queue: ")
+    assert help_line == "Try 'mtrkmta queue --help'."

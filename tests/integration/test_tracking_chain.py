@@ -278,8 +278,8 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert f"Hop 1: {A_NAME} (127.0.0.1 port {rig.node('a').port('mtqp')})" in timeline
         assert f"Hop 2: {B_NAME} (127.0.0.1 port {rig.node('b').port('mtqp')})" in timeline
         assert f"referred by {A_NAME}" in timeline and f"referred by {B_NAME}" in timeline
-        assert f"    Next hop       {B_NAME}\n" in timeline
-        assert "    Next hop       [127.0.0.1]\n" in timeline
+        assert f"    Next hop         {B_NAME}\n" in timeline
+        assert "    Next hop         [127.0.0.1]\n" in timeline
         assert f"{RCPT}: delivered (2.1.5) at {C_NAME}" in timeline
 
         # --raw: each server's message/tracking-status answer as received.

@@ -12,7 +12,7 @@ import pytest
 from mtrkmta.cli.main import main
 from mtrkmta.tracking.migrate import head_revision
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "doc" / "examples" / "mtrkmta.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "mtrkmta" / "config" / "example.toml"
 
 
 def test_check_config_accepts_the_shipped_example(capsys):
@@ -77,19 +77,32 @@ def test_check_config_creates_nothing(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("args", [[], ["one.toml", "two.toml"]])
 def test_check_config_wants_exactly_one_file(args, capsys):
     assert main(["check-config", *args]) == 2
-    assert capsys.readouterr().err == "usage: mtrkmta check-config FILE\n"
+    assert capsys.readouterr().err == (
+        "mtrkmta check-config: give one configuration FILE\nTry 'mtrkmta check-config --help'.\n"
+    )
 
 
-def test_unknown_command_exits_two_with_usage(capsys):
+def test_unknown_command_exits_two_in_two_lines(capsys):
     assert main(["frobnicate"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.startswith("mtrkmta: unknown command 'frobnicate'\nusage: mtrkmta COMMAND")
+    assert err == "mtrkmta: unknown command 'frobnicate'\nTry 'mtrkmta --help'.\n"
 
 
-def test_no_command_prints_usage_and_exits_two(capsys):
+def test_a_mistyped_command_gets_a_suggestion(capsys):
+    assert main(["sevre", "--data-dir", "x"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "mtrkmta: unknown command 'sevre' (did you mean serve?)\nTry 'mtrkmta --help'.\n"
+
+
+def test_no_command_is_a_usage_error_in_two_lines(capsys):
     assert main([]) == 2
-    assert capsys.readouterr().out.startswith("usage: mtrkmta COMMAND")
+    out, err = capsys.readouterr()
+    assert out == ""
+    problem, help_line = err.splitlines()
+    assert problem.startswith("mtrkmta: no command given (serve, check-config, ")
+    assert help_line == "Try 'mtrkmta --help'."
 
 
 @pytest.mark.parametrize("flag", ["-h", "--help", "help"])
@@ -137,7 +150,9 @@ def test_db_upgrade_reads_the_config_file(tmp_path, capsys):
 def test_db_upgrade_rejects_an_unknown_option(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["db", "upgrade", "--frobnicate"]) == 2
-    assert capsys.readouterr().err == "mtrkmta: option --frobnicate not recognized\n"
+    assert capsys.readouterr().err == (
+        "mtrkmta db: unknown option --frobnicate\nTry 'mtrkmta db --help'.\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -150,17 +165,19 @@ def test_db_upgrade_rejects_a_bad_database_url(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args", [[], ["downgrade"]])
-def test_db_without_upgrade_prints_usage(args, capsys):
+def test_db_without_upgrade_or_recover_is_a_usage_error(args, capsys):
     assert main(["db", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("usage: mtrkmta db upgrade")
-    assert "mtrkmta db recover [--config FILE] [--database URL] [--data-dir DIR] [--force]" in err
+    problem, help_line = capsys.readouterr().err.splitlines()
+    assert problem.startswith("mtrkmta db: expected upgrade or recover")
+    assert help_line == "Try 'mtrkmta db --help'."
 
 
 def test_db_recover_rejects_an_unknown_option(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["db", "recover", "--frobnicate"]) == 2
-    assert capsys.readouterr().err == "mtrkmta: option --frobnicate not recognized\n"
+    assert capsys.readouterr().err == (
+        "mtrkmta db: unknown option --frobnicate\nTry 'mtrkmta db --help'.\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -175,7 +192,9 @@ def test_db_recover_rejects_a_bad_database_url(tmp_path, monkeypatch, capsys):
 def test_db_recover_takes_no_arguments(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["db", "recover", "now"]) == 2
-    assert capsys.readouterr().err == "mtrkmta: Wrong number of arguments.\n"
+    assert capsys.readouterr().err == (
+        "mtrkmta db: expected upgrade or recover, got 'recover now'\nTry 'mtrkmta db --help'.\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 

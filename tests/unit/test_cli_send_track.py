@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import smtplib
 import stat
 from datetime import datetime, timezone
@@ -24,7 +25,6 @@ from zope.interface import implementer
 
 from mtrkmta.cli import send, track
 from mtrkmta.cli.main import main as mtrkmta_main
-from mtrkmta.cli.send import options_first
 from mtrkmta.mtqp.client import (
     Hop,
     LocateError,
@@ -349,7 +349,8 @@ def test_send_mtqp_server_override(tmp_path, fake_smtp):
 )
 def test_send_usage_errors_exit_2(tmp_path, fake_smtp, args):
     status, out, err = run_send(tmp_path, fake_smtp, *args)
-    assert status == 2 and out == "" and err.startswith("mtrkmta: ")
+    assert status == 2 and out == "" and err.startswith("mtrkmta send: ")
+    assert err.endswith("\nTry 'mtrkmta send --help'.\n") and err.count("\n") == 2
     assert fake_smtp.sent == []
 
 
@@ -368,7 +369,7 @@ def test_send_and_track_are_mtrkmta_commands(capsys):
 
 def parse_track(*args: str) -> track.TrackOptions:
     options = track.TrackOptions()
-    options.parseOptions(options_first(options, args))
+    options.parseOptions(args)  # options may follow the URI: the parser moves them first
     return options
 
 
@@ -440,7 +441,9 @@ def test_track_connect_to():
 def test_track_usage_errors_exit_2_without_touching_the_network(args):
     err = io.StringIO()
     assert track.main(list(args), out=io.StringIO(), err=err) == 2
-    assert err.getvalue().startswith("mtrkmta: ")
+    assert err.getvalue().startswith("mtrkmta track: ")
+    assert err.getvalue().endswith("\nTry 'mtrkmta track --help'.\n")
+    assert err.getvalue().count("\n") == 2
 
 
 # -- recipient paths and output (RFC 3886 §3.3.3) ---
@@ -555,8 +558,8 @@ def test_json_and_timeline_output():
     text = out.getvalue()
     assert "Hop 1: a.example (192.0.2.1 port 1038, TLS)\n" in text
     assert "Hop 2: b.example, referred by a.example\n" in text
-    assert "    Still queued   at b.example, will retry until 2026-03-01 12:00:00 +0000\n" in text
-    assert "    Diagnostic     smtp; 421 busy\n" in text
+    assert "    Still queued     at b.example, will retry until 2026-03-01 12:00:00 +0000\n" in text
+    assert "    Diagnostic       smtp; 421 busy\n" in text
     assert text.endswith(
         "Result: not finished\n"
         "  bob@dest.example: still queued at b.example (4.4.1), "
@@ -879,3 +882,19 @@ def test_overlong_or_malformed_responses_break_the_session():
     waiting = protocol.next_response()
     protocol.dataReceived(b"220 this is SMTP\r\n")
     assert "malformed status line" in str(result(waiting).value)
+
+
+def test_timeline_labels_never_touch_their_values():
+    # Once "Final recipientcarol@localhost": the longest label filled its column.
+    expanded = status("delivered", "2.1.5", "lmtp.example", final="carol@localhost")
+    hops = (hop("a.example", report("a.example", expanded)),)
+    out = io.StringIO()
+    track.render_timeline(Trace(ENVID, hops, recipient_paths(hops)), out)
+    text = out.getvalue()
+    assert "    Final recipient  carol@localhost\n" in text
+    labels = ("Reporting MTA", "Arrived", "Final recipient", "Action", "Remote MTA", "Last attempt")
+    labelled = [line for line in text.splitlines() if line.strip().startswith(labels)]
+    assert len(labelled) == len(labels)
+    # Every value starts in one column, at least two spaces after its label.
+    starts = {re.match(r" +\S+(?: \S+)* {2,}", line).end() for line in labelled}
+    assert starts == {track.VALUE_COLUMN}

@@ -32,7 +32,7 @@ from mtrkmta.config import (
 from mtrkmta.config.convert import _format_duration, _format_size, _parse_duration, _parse_size
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "doc" / "examples" / "mtrkmta.toml"
+EXAMPLE = REPO / "mtrkmta" / "config" / "example.toml"
 DOC = REPO / "doc" / "configuration.rst"
 
 

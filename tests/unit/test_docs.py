@@ -51,7 +51,7 @@ def test_every_setting_is_described_in_configuration_rst(setting):
 @pytest.mark.parametrize("setting", setting_names())
 def test_every_setting_appears_in_the_example_file(setting):
     section, _, key = setting.partition(".")
-    example = read("examples/mtrkmta.toml")
+    example = (DOC.parent / "mtrkmta" / "config" / "example.toml").read_text(encoding="utf-8")
     assert f"\n[{section}]\n" in example
     if key:
         body = example.split(f"\n[{section}]\n", 1)[1].split("\n[", 1)[0]

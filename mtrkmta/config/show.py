@@ -1,0 +1,89 @@
+"""A Config written back as TOML, one ``section.key = value`` line per setting."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mtrkmta.config.convert import _Context, _format_duration, _format_size, _Invalid
+from mtrkmta.config.load import _Key, _schema
+from mtrkmta.config.routes import Route, _toml_key
+from mtrkmta.config.schema import Config
+
+
+def value_of(config: Config, name: str) -> Any:
+    """The value of setting ``name`` (``section.key``, or ``routes``) in ``config``."""
+    key = _by_name()[name]
+    value: Any = config
+    for attr in key.attr:
+        value = getattr(value, attr)
+    return value
+
+
+def render(config: Config, names: Sequence[str]) -> list[str]:
+    """The lines of the settings ``names`` (in the order given) with their values in
+    ``config``: TOML that loads back into the same values."""
+    keys = _by_name()
+    lines: list[str] = []
+    for name in names:
+        value = value_of(config, name)
+        if name == "routes":
+            lines += [f"routes.{_toml_key(route.domain)} = {_route(route)}" for route in value]
+        else:
+            lines.append(f"{name} = {_toml(keys[name], value)}")
+    return lines
+
+
+def differing(config: Config, default: Config) -> list[str]:
+    """The settings whose value in ``config`` is not the one in ``default``, in order."""
+    return [name for name in _by_name() if value_of(config, name) != value_of(default, name)]
+
+
+def _by_name() -> dict[str, _Key]:
+    return {key.dotted: key for key in _schema()}
+
+
+def _route(route: Route) -> str:
+    target = route.transport if route.endpoint is None else f"{route.transport}:{route.endpoint}"
+    return _string(target if route.tls is None else f"{target};tls={route.tls}")
+
+
+def _string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are all TOML escapes, and TOML also wants
+    DEL escaped."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml(key: _Key, value: object) -> str:
+    """``value`` written the way the file would say it: ``"35M"`` rather than 36700160
+    and ``"5m"`` rather than 300.0 when the key takes them back as the same value."""
+    if value is None:
+        none = "none" if _takes(key, "none", None) else ""
+        return _string(none)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Path):
+        return _string(str(value))
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_string(str(item)) for item in value) + "]"
+    if isinstance(value, int):
+        pretty = _format_size(value)
+        if pretty != str(value) and _takes(key, pretty, value):
+            return _string(pretty)
+        return str(value)
+    if isinstance(value, float):
+        pretty = _format_duration(value)
+        if _takes(key, pretty, value):
+            return _string(pretty)
+        return repr(value)
+    return _string(str(value))
+
+
+def _takes(key: _Key, raw: object, value: object) -> bool:
+    """Whether ``key`` reads ``raw`` as ``value``."""
+    try:
+        return bool(key.convert(raw, _Context(Path("/"))) == value)
+    except _Invalid:
+        return False
