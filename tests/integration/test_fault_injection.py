@@ -93,6 +93,7 @@ CRASH_POINTS = (
     "tracking.write",
     "tracking.arrival_committed",
     "smtp.reply_sent",
+    "pickup.queued",
     "maildir.write",
     "maildir.tmp_written",
     "maildir.tmp_synced",
