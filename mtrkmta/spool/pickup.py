@@ -23,6 +23,7 @@ from pathlib import Path
 from mtrkmta.envelope import Envelope
 from mtrkmta.spool.filespool import (
     HEADER_SIZE,
+    MAGIC,
     check_queue_id,
     encode_message,
     read_message,
@@ -119,15 +120,18 @@ def read_pickup(path: Path, max_content: int) -> tuple[Envelope, bytes, int]:
     except ValueError:
         raise PickupError(f"{name!r} is not a queue id") from None
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise PickupError("not a regular file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise PickupError("not a regular file")
         size = info.st_size
         header = f.read(HEADER_SIZE)
         if len(header) < HEADER_SIZE:
             raise PickupError(f"truncated: {size} octets")
-        _, _, envelope_length, content_length = _LENGTHS.unpack_from(header)
+        magic, _, envelope_length, content_length = _LENGTHS.unpack_from(header)
+        if magic != MAGIC:
+            raise PickupError(f"bad magic {magic!r}: not a message file")
         if content_length > max_content:
             raise PickupError(
                 f"message of {content_length} octets over limits.message_size ({max_content})"
