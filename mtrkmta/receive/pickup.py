@@ -27,7 +27,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -137,8 +137,10 @@ class Pickup:
     enqueue: Callable[[Accepted], object] | None = None
     faults: IFaults = field(default_factory=NoFaults)
     _timer: LoopingCall | None = field(default=None, init=False)
-    _scan: Deferred[int] | None = field(default=None, init=False)
+    _busy: bool = field(default=False, init=False)
+    _waiters: list[Deferred[int]] = field(default_factory=list, init=False)
     _again: bool = field(default=False, init=False)
+    _stopped: bool = field(default=False, init=False)
 
     @property
     def directory(self) -> Path:
@@ -159,40 +161,55 @@ class Pickup:
         if self._timer is not None and self._timer.running:
             self._timer.stop()
         self._again = False
-        done: Deferred[None] = Deferred()
-        if self._scan is None:
-            done.callback(None)
-        else:
-            self._scan.addBoth(lambda _: done.callback(None))
-        return done
+        self._stopped = True
+        if not self._busy:
+            return succeed(None)
+        waiter: Deferred[int] = Deferred()
+        self._waiters.append(waiter)
+        return waiter.addCallback(lambda _: None)
 
     def scan(self) -> Deferred[int]:
         """Queue every file in the directory now; fire with how many were queued. A scan
         asked for while one runs runs again after it (a file may have come meanwhile)."""
-        if self._scan is not None:
+        if self._stopped:
+            return succeed(0)
+        if self._busy:
             self._again = True
-            return self._scan
-        self._scan = ensureDeferred(self._run())
+            waiter: Deferred[int] = Deferred()
+            self._waiters.append(waiter)
+            return waiter
+        self._busy = True
+        return ensureDeferred(self._run()).addBoth(self._finished)
 
-        def finished(result: object) -> object:
-            self._scan = None
-            if self._again and self._timer is not None and self._timer.running:
-                self._again = False
-                self.scan()
-            return result
-
-        return self._scan.addBoth(finished)
+    def _finished(self, result: object) -> object:
+        self._busy = False
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(0)
+        if self._again and not self._stopped:
+            self._again = False
+            self.scan()
+        return result
 
     async def _run(self) -> int:
         count = 0
         try:
             names = await self.blocking(self._list)
-        except OSError as error:
+        except Exception as error:
             log.error("pickup: cannot read {path}: {error}", path=self.directory, error=error)
             return 0
         for name in names:
-            if await self._take(name):
-                count += 1
+            if self._stopped:
+                break
+            try:
+                if await self._take(name):
+                    count += 1
+            except Exception as error:  # a full disk, a database away: the file stays
+                log.error(
+                    "pickup: {name} not queued now ({error}); tried again at the next scan",
+                    name=name,
+                    error=error,
+                )
         return count
 
     def _list(self) -> list[str]:
@@ -229,9 +246,12 @@ class Pickup:
             log.info("{queue_id}: pickup file already queued: removed", queue_id=name)
             await self.blocking(os.unlink, path)
             return False
-        # A spool file of this id without a record is a copy of this very file from
-        # before a crash, quarantined at start-up: the pickup file is the one to keep.
-        await self.acceptor.spool.drop_quarantined(envelope.queue_id)
+        # A spool file of this id without a record is a copy of this very file, from an
+        # attempt whose tracking write failed (still in the queue directory) or from
+        # before a crash (quarantined at start-up): the pickup file is the one to keep.
+        spool = self.acceptor.spool
+        await spool.drop_quarantined(envelope.queue_id)
+        await spool.remove([envelope.queue_id])
         content = received_header(self.hostname, uid, envelope.queue_id, envelope.arrival) + (
             with_crlf(content)
         )

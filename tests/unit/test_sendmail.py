@@ -3,6 +3,7 @@ pickup of the files (with in-memory stores and a clock)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import fail, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -461,3 +462,37 @@ def test_sendmail_refuses_a_bad_recipient_in_one_line(tmp_path):
         "sendmail: recipient <a b@@>: Bad recipient address syntax\n",
     )
     assert not (tmp_path / "pickup").exists()
+
+
+class FailingOnce(MemoryTrackingStore):
+    """A tracking store whose first arrival write fails, as a full disk makes it fail."""
+
+    failed = False
+
+    def record_arrival(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            return fail(OSError(errno.ENOSPC, "No space left on device"))
+        return super().record_arrival(*args, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_acceptance_leaves_the_file_for_the_next_scan(tmp_path, log_lines):
+    node = Node(tmp_path)
+    node.tracking = node.acceptor.tracking = FailingOnce(node.clock)
+    directory = ensure_pickup_directory(tmp_path)
+    write_pickup(directory, envelope(), b"body\r\n")
+    await node.pickup.start()
+    try:
+        # The spool took it, the record did not: the file stays, the scans go on.
+        assert node.queued == [] and [p.name for p in directory.iterdir()] == [QUEUE_ID]
+        assert log_lines == [
+            f"pickup: {QUEUE_ID} not queued now ([Errno 28] No space left on device); "
+            "tried again at the next scan"
+        ]
+        node.clock.advance(10)
+        assert [a.envelope.queue_id for a in node.queued] == [QUEUE_ID]
+        assert list(directory.iterdir()) == []
+        assert await node.spool.queue_ids() == [QUEUE_ID]
+    finally:
+        await node.pickup.stop()
