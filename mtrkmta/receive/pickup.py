@@ -104,6 +104,11 @@ def checked_envelope(envelope: Envelope, *, domain: str, uid: int, arrival: floa
     )
 
 
+def shown(name: str) -> str:
+    """A file name for the log: as it is if plain, else escaped (no forged log lines)."""
+    return name if name.isascii() and name.isprintable() else ascii(name)
+
+
 def received_header(hostname: str, uid: int, queue_id: str, now: float) -> bytes:
     """``Received: by host (mtrkmta, from userid 1000) id Q; date``, as Postfix's pickup
     writes it (RFC 5321 §4.4: the time stamp line)."""
@@ -223,7 +228,9 @@ class Pickup:
             try:
                 if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY:
                     os.unlink(entry.path)
-                    log.warn("pickup: removed {name}, unfinished for an hour", name=entry.name)
+                    log.warn(
+                        "pickup: removed {name}, unfinished for an hour", name=shown(entry.name)
+                    )
             except FileNotFoundError:
                 continue
         return sorted(names)
@@ -288,7 +295,7 @@ class Pickup:
         except OSError as move_error:
             log.error(
                 "pickup: rejected {name} ({error}) and could not keep it: {move_error}",
-                name=name,
+                name=shown(name),
                 error=error,
                 move_error=move_error,
             )
@@ -299,7 +306,7 @@ class Pickup:
             return
         log.warn(
             "pickup: rejected {name}: {error}; moved to {where}",
-            name=name,
+            name=shown(name),
             error=error,
             where=where,
         )

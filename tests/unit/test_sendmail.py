@@ -496,3 +496,17 @@ async def test_a_failed_acceptance_leaves_the_file_for_the_next_scan(tmp_path, l
         assert await node.spool.queue_ids() == [QUEUE_ID]
     finally:
         await node.pickup.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_name_cannot_forge_a_log_line(tmp_path, log_lines):
+    node = Node(tmp_path)
+    directory = ensure_pickup_directory(tmp_path)
+    (directory / "x\n2026 forged: delivered").write_bytes(b"junk")
+    await node.pickup.start()
+    try:
+        [line] = log_lines
+        assert "\n" not in line
+        assert line.startswith("pickup: rejected 'x\\n2026 forged: delivered': ")
+    finally:
+        await node.pickup.stop()
