@@ -195,6 +195,9 @@ def test_wheel_contents(wheel: Path, source: Path):
     assert not [name for name in names if name.endswith("dropin.cache")]
     assert {name.split("/")[0] for name in names} == {"mtrkmta", "twisted", dist_info}
     assert "mtrkmta = mtrkmta.cli.main:main" in entry_points
+    assert "sendmail = mtrkmta.cli.sendmail:main" in entry_points
+    assert "mailq = mtrkmta.cli.sendmail:mailq_main" in entry_points
+    assert "newaliases = mtrkmta.cli.sendmail:newaliases_main" in entry_points
 
 
 def test_twistd_finds_the_plugin_of_a_wheel_install(wheel: Path, venv: Path, tmp_path: Path):
@@ -207,6 +210,11 @@ def test_twistd_finds_the_plugin_of_a_wheel_install(wheel: Path, venv: Path, tmp
     assert revision == "0006"
     out = run([str(venv), "-c", _TWISTD, "mtrkmta", "--help"], cwd=tmp_path).stdout
     assert "--data-dir=" in out
+    # The sendmail command is installed beside python: a usage error is one line, status 64.
+    usage = subprocess.run(
+        [str(venv.parent / "sendmail"), "-R", "x", "root"], capture_output=True, text=True
+    )
+    assert (usage.returncode, usage.stderr) == (64, "sendmail: -R x: expected full or hdrs\n")
 
 
 def test_twistd_finds_the_plugin_of_an_editable_install(source: Path, venv: Path, tmp_path):
