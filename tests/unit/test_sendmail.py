@@ -510,3 +510,20 @@ async def test_a_file_name_cannot_forge_a_log_line(tmp_path, log_lines):
         assert line.startswith("pickup: rejected 'x\\n2026 forged: delivered': ")
     finally:
         await node.pickup.stop()
+
+
+def test_the_control_socket_answers_the_node_commands_it_has():
+    from twisted.internet.testing import StringTransport
+
+    from mtrkmta.queue.control import ControlFactory
+
+    asked: list[str] = []
+    factory = ControlFactory(None, {"pickup": lambda: asked.append("pickup")})  # type: ignore[arg-type]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b'{"command": "pickup"}\n{"command": "reload-aliases"}\n')
+    assert asked == ["pickup"]
+    first, second = transport.value().splitlines()
+    assert first == b'{"ok":true,"result":true}'
+    assert second.startswith(b'{"ok":false,"error":"unknown command; expected one of list')
