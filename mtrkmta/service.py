@@ -32,8 +32,8 @@ from mtrkmta.dsn.notifier import DsnNotifier
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.server import LMTPServerFactory
 from mtrkmta.mtqp.server import MTQPServerFactory, settings_from_config  # MTQP listener
+from mtrkmta.queue.control import PICKUP, RELOAD_ALIASES, ControlFactory
 from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
-from mtrkmta.queue.control import ControlFactory
 from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.queue.service import QueueService
 from mtrkmta.receive.acceptor import Acceptor
@@ -357,7 +357,7 @@ class MTAService(Service):
         self._purge.start(config.tracking.purge_interval, now=False)
         if self.deliver:
             await self.queue.start()
-        hooks: dict[str, Any] = {"reload-aliases": self.reload_aliases}
+        hooks: dict[str, Any] = {RELOAD_ALIASES: self.reload_aliases}
         if self.worker is None:
             self.pickup = Pickup(
                 data_dir=config.data_dir,
@@ -372,7 +372,7 @@ class MTAService(Service):
                 faults=self.faults,
             )
             await self.pickup.start()
-            hooks["pickup"] = self.pickup.scan
+            hooks[PICKUP] = self.pickup.scan
         self._control = self.reactor.listenUNIX(
             str(config.data_dir / CONTROL_SOCKET),
             ControlFactory(self.queue, hooks),

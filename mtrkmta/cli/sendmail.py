@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from mtrkmta.config import Config, ConfigError, load_config
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
-from mtrkmta.queue.control import SOCKET_NAME, ControlError, request
+from mtrkmta.queue.control import PICKUP, RELOAD_ALIASES, SOCKET_NAME, ControlError, request
 from mtrkmta.receive.pickup import checked_envelope, qualify
 from mtrkmta.smtp.server import IReceiver, ServerSettings, Session, SMTPServer, SMTPServerFactory
 from mtrkmta.spool.pickup import PickupError, ensure_pickup_directory, write_pickup
@@ -248,7 +248,7 @@ def nudge(config: Config) -> bool:
     (not running, or the control socket is the node user's only): it finds the file
     within pickup.poll_interval, or when it starts."""
     try:
-        request(config.data_dir / SOCKET_NAME, "pickup", timeout=5.0)
+        request(config.data_dir / SOCKET_NAME, PICKUP, timeout=5.0)
     except ControlError:
         return False
     return True
@@ -451,7 +451,7 @@ def newaliases(config: Config, out: TextIO, err: TextIO) -> int:
         print(f"newaliases: local.aliases {path}: {error}", file=err)
         return EX_DATAERR
     try:
-        request(config.data_dir / SOCKET_NAME, "reload-aliases", timeout=5.0)
+        request(config.data_dir / SOCKET_NAME, RELOAD_ALIASES, timeout=5.0)
         state = "the running node re-reads it now"
     except ControlError:
         state = "the node is not running (or not reachable): it reads the file when it starts"

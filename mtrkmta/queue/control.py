@@ -27,7 +27,9 @@ COMMANDS_WITH_ID = ("show", "hold", "release", "delete", "bounce")
 COMMANDS = ("list", "flush", "set-max-retention", *COMMANDS_WITH_ID)
 # Asked by sendmail and newaliases, not by `mtrkmta queue`: scan the pickup directory now,
 # re-read the aliases file now.
-NODE_COMMANDS = ("pickup", "reload-aliases")
+PICKUP = "pickup"
+RELOAD_ALIASES = "reload-aliases"
+NODE_COMMANDS = (PICKUP, RELOAD_ALIASES)
 MAX_REQUEST = 4096
 
 

@@ -45,6 +45,7 @@ from mtrkmta.spool.pickup import (
     TEMP_PREFIX,
     PickupError,
     ensure_pickup_directory,
+    pickup_directory,
     read_pickup,
 )
 
@@ -149,7 +150,7 @@ class Pickup:
 
     @property
     def directory(self) -> Path:
-        return self.data_dir / "pickup"
+        return pickup_directory(self.data_dir)
 
     def start(self) -> Deferred[None]:
         """Create the directory if needed, then scan now and every ``poll_interval``."""

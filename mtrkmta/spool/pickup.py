@@ -45,6 +45,7 @@ class PickupError(ValueError):
 
 
 def pickup_directory(data_dir: Path) -> Path:
+    """The pickup directory of the node whose data directory is ``data_dir``."""
     return data_dir / PICKUP_DIR
 
 
