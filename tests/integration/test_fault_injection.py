@@ -49,7 +49,7 @@ from test_crash_safety import (
     free_port,
 )
 from test_crash_safety import Attempt as SentAttempt
-from test_sendmail import run_sendmail
+from test_sendmail_pickup import run_sendmail
 from twisted.internet import threads
 
 from mtrkmta.faults import ENVIRONMENT, POINTS
