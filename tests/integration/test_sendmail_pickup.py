@@ -218,3 +218,21 @@ async def test_bi_checks_the_aliases_and_tells_the_running_node(tmp_path):
         assert str(aliases) in broken.stderr.decode()
     finally:
         await stop_node(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dsn_options_reach_the_tracking_record(tmp_path):
+    data_dir = tmp_path / "data"
+    node = await node_on(data_dir, deliver=False)
+    try:
+        config = sendmail_config(data_dir)
+        args = ["-v", "-N", "failure,delay", "-R", "hdrs", "-V", "job-42", "grace@localhost"]
+        done = await sendmail(config, args, b"Subject: dsn\n\nx\n")
+        assert done.returncode == 0, done.stderr
+        queue_id = done.stderr.decode().split(":")[1].strip()
+        record = await until(lambda: node.tracking.message(queue_id), "the record")
+        assert (record.envid, record.ret) == ("job-42", "HDRS")
+        [recipient] = record.recipients
+        assert recipient.notify == frozenset({"FAILURE", "DELAY"})
+    finally:
+        await stop_node(node)
