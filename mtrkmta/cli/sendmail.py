@@ -27,7 +27,14 @@ from mtrkmta.config import Config, ConfigError, load_config
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.queue.control import PICKUP, RELOAD_ALIASES, SOCKET_NAME, ControlError, request
 from mtrkmta.receive.pickup import checked_envelope, qualify
-from mtrkmta.smtp.server import IReceiver, ServerSettings, Session, SMTPServer, SMTPServerFactory
+from mtrkmta.smtp.server import (
+    IncomingTransaction,
+    IReceiver,
+    ServerSettings,
+    Session,
+    SMTPServer,
+    SMTPServerFactory,
+)
 from mtrkmta.spool.pickup import PickupError, ensure_pickup_directory, write_pickup
 from mtrkmta.spool.queueid import QueueIdGenerator
 
@@ -388,6 +395,9 @@ class _Buffer:
 
 class _StdioSMTPServer(SMTPServer):
     """The SMTP server of ``-bs``: its connection ends with standard input or QUIT."""
+
+    def _received_header(self, transaction: IncomingTransaction, now: float) -> bytes:
+        return b""  # the node writes this hop's Received: when it picks the message up
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)

@@ -163,6 +163,9 @@ async def test_bs_speaks_smtp_on_standard_input_and_output(tmp_path):
         assert queued.startswith("250 2.0.0 Ok: queued as ")
         [copy] = await until(lambda: mailbox(data_dir, "dave"), "the delivery")
         assert copy.endswith(b"Subject: bs\n\nvia -bs\n")
+        # One Received: for this hop, the node's, naming the uid (none from the session).
+        assert copy.count(b"Received:") == 1
+        assert f"(mtrkmta, from userid {os.getuid()})".encode() in copy
         record = await node.tracking.message(queued.rsplit(" ", 1)[1])
         assert record is not None and record.sender == "app@localhost"
     finally:
