@@ -74,7 +74,11 @@ def write_pickup(
     """Write one message into the pickup directory durably; return its path. Blocking.
 
     The file is written under a temporary name, fsync'd, renamed to its queue id and
-    the directory fsync'd: once this returns, the message survives a crash.
+    the directory fsync'd: once this returns, the message survives a crash. A user
+    who may not read the directory (mode 1733) cannot open it to fsync it; the file
+    is then fsync'd again after the rename, which on ext4, XFS and btrfs commits the
+    rename with it (their journal or log commit carries every earlier change to the
+    directory); POSIX itself promises that only for the directory's own fsync.
     """
     queue_id = check_queue_id(envelope.queue_id)
     header, envelope_data = encode_message(envelope, content)
@@ -83,21 +87,25 @@ def write_pickup(
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(temporary, flags, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)  # whatever the caller's umask
-        for part in (header, content, envelope_data):
-            view = memoryview(part)
-            while view:
-                view = view[os.write(fd, view) :]
+        try:
+            os.fchmod(fd, FILE_MODE)  # whatever the caller's umask
+            for part in (header, content, envelope_data):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        os.rename(temporary, final)
         if fsync:
-            os.fsync(fd)
-    except BaseException:
+            try:
+                sync_directory(directory)
+            except PermissionError:
+                os.fsync(fd)
+    finally:
         os.close(fd)
-        os.unlink(temporary)
-        raise
-    os.close(fd)
-    os.rename(temporary, final)
-    if fsync:
-        sync_directory(directory)
     return final
 
 
