@@ -527,3 +527,22 @@ def test_the_control_socket_answers_the_node_commands_it_has():
     first, second = transport.value().splitlines()
     assert first == b'{"ok":true,"result":true}'
     assert second.startswith(b'{"ok":false,"error":"unknown command; expected one of list')
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quarantined_copy_from_before_a_crash_gives_way_to_the_pickup_file(tmp_path):
+    # A crash between the spool and the tracking commit: start-up quarantined the spool
+    # file (no record); the pickup file is still there and is queued again.
+    node = Node(tmp_path)
+    directory = ensure_pickup_directory(tmp_path)
+    write_pickup(directory, envelope(), b"body\r\n")
+    await node.spool.store(envelope(), b"partial copy\r\n")
+    await node.spool.quarantine([QUEUE_ID])
+    await node.pickup.start()
+    try:
+        assert [a.envelope.queue_id for a in node.queued] == [QUEUE_ID]
+        assert await node.spool.quarantined() == []
+        _, content = await node.spool.load(QUEUE_ID)
+        assert content.endswith(b"\r\nbody\r\n")
+    finally:
+        await node.pickup.stop()
