@@ -21,6 +21,7 @@ POINTS: dict[str, str] = {
     "tracking.write": "in a tracking database transaction, before its COMMIT",
     "tracking.arrival_committed": "the arrival record committed, no 250 sent yet",
     "smtp.reply_sent": "the 250 for a message written to the client",
+    "pickup.queued": "a picked-up message's spool file and record durable, pickup file still there",
     "maildir.write": "about to write a copy into the mailbox's tmp/",
     "maildir.tmp_written": "copy written in tmp/, not yet fsync'd",
     "maildir.tmp_synced": "copy fsync'd in tmp/, not yet renamed",

@@ -32,11 +32,12 @@ from mtrkmta.dsn.notifier import DsnNotifier
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.server import LMTPServerFactory
 from mtrkmta.mtqp.server import MTQPServerFactory, settings_from_config  # MTQP listener
+from mtrkmta.queue.control import PICKUP, RELOAD_ALIASES, ControlFactory
 from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
-from mtrkmta.queue.control import ControlFactory
 from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.queue.service import QueueService
 from mtrkmta.receive.acceptor import Acceptor
+from mtrkmta.receive.pickup import Pickup
 from mtrkmta.receive.policy import RelayPolicy
 from mtrkmta.receive.receiver import Receiver
 from mtrkmta.receive.recipients import RecipientChecks
@@ -235,6 +236,7 @@ class MTAService(Service):
         self.ports: dict[str, IListeningPort] = {}
         self._starting: Deferred[None] | None = None
         self.mtqp: MTQPServerFactory | None = None  # the MTQP listener's sessions (RFC 3887)
+        self.pickup: Pickup | None = None  # sendmail's pickup directory (the master's only)
 
     # -- start ---------------------------------------------------------------------
 
@@ -355,9 +357,25 @@ class MTAService(Service):
         self._purge.start(config.tracking.purge_interval, now=False)
         if self.deliver:
             await self.queue.start()
+        hooks: dict[str, Any] = {RELOAD_ALIASES: self.reload_aliases}
+        if self.worker is None:
+            self.pickup = Pickup(
+                data_dir=config.data_dir,
+                acceptor=acceptor,
+                hostname=config.hostname,
+                domain=config.local_domains[0] if config.local_domains else config.hostname,
+                message_size=config.limits.message_size,
+                poll_interval=config.pickup.poll_interval,
+                clock=self.reactor,
+                blocking=self._blocking,
+                enqueue=self.queue.admit if self.deliver else None,
+                faults=self.faults,
+            )
+            await self.pickup.start()
+            hooks[PICKUP] = self.pickup.scan
         self._control = self.reactor.listenUNIX(
             str(config.data_dir / CONTROL_SOCKET),
-            ControlFactory(self.queue),
+            ControlFactory(self.queue, hooks),
             mode=0o600,
             wantPID=True,
         )
@@ -647,6 +665,8 @@ class MTAService(Service):
             if stopped is not None:
                 await stopped
             self._control = None
+        if self.pickup is not None:
+            await self.pickup.stop()
         if self.queue is not None:
             await self.queue.stop(grace=self.shutdown_grace)
         transports, self.transports = self.transports, {}

@@ -202,6 +202,13 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class Pickup:
+    """The pickup directory that sendmail writes into: how often the node looks."""
+
+    poll_interval: float = field(default=10.0, metadata=_key(_duration(1.0)))
+
+
+@dataclass(frozen=True, slots=True)
 class Durability:
     """Crash safety; turning fsync off is for tests only."""
 
@@ -232,6 +239,7 @@ class Config:
     delivery: Delivery = field(default_factory=Delivery, metadata=_section("delivery"))
     local: Local = field(default_factory=Local, metadata=_section("local"))
     durability: Durability = field(default_factory=Durability, metadata=_section("durability"))
+    pickup: Pickup = field(default_factory=Pickup, metadata=_section("pickup"))
 
     def is_local(self, domain: str) -> bool:
         """Whether this node is the final destination for ``domain``."""

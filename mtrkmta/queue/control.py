@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,11 @@ log = Logger()
 SOCKET_NAME = "control.sock"
 COMMANDS_WITH_ID = ("show", "hold", "release", "delete", "bounce")
 COMMANDS = ("list", "flush", "set-max-retention", *COMMANDS_WITH_ID)
+# Asked by sendmail and newaliases, not by `mtrkmta queue`: scan the pickup directory now,
+# re-read the aliases file now.
+PICKUP = "pickup"
+RELOAD_ALIASES = "reload-aliases"
+NODE_COMMANDS = (PICKUP, RELOAD_ALIASES)
 MAX_REQUEST = 4096
 
 
@@ -77,8 +83,11 @@ class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_REQUEST
 
-    def __init__(self, queue: QueueService) -> None:
+    def __init__(
+        self, queue: QueueService, hooks: dict[str, Callable[[], object]] | None = None
+    ) -> None:
         self.queue = queue
+        self.hooks = hooks or {}  # NODE_COMMANDS this node answers
         self._chain: Deferred[None] = succeed(None)  # answers go out in request order
         self._lost = False  # the client went away: its answers have nowhere to go
 
@@ -110,6 +119,9 @@ class ControlProtocol(LineOnlyReceiver):
             request = json.loads(line)
         except ValueError:
             raise ControlError("request is not JSON") from None
+        if isinstance(request, dict) and request.get("command") in self.hooks:
+            self.hooks[request["command"]]()
+            return True
         if not isinstance(request, dict) or request.get("command") not in COMMANDS:
             raise ControlError(f"unknown command; expected one of {', '.join(COMMANDS)}")
         command = request["command"]
@@ -161,11 +173,14 @@ class ControlProtocol(LineOnlyReceiver):
 class ControlFactory(Factory):
     noisy = False  # no "Starting factory" line in the log
 
-    def __init__(self, queue: QueueService) -> None:
+    def __init__(
+        self, queue: QueueService, hooks: dict[str, Callable[[], object]] | None = None
+    ) -> None:
         self.queue = queue
+        self.hooks = hooks  # see ControlProtocol
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self.queue)
+        return ControlProtocol(self.queue, self.hooks)
 
 
 def request(

@@ -76,6 +76,15 @@ DEFAULT_MEMORY_LIMIT = 256 * 1024
 R = TypeVar("R")
 
 
+def sync_directory(path: Path) -> None:
+    """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def bucket_of(queue_id: str) -> str:
     """The queue/ subdirectory of ``queue_id``: two hex digits, spread evenly over 256."""
     return hashlib.blake2s(queue_id.encode("ascii"), digest_size=1).hexdigest()
@@ -512,14 +521,8 @@ class FileSpool:
             os.fsync(fd)
 
     def _sync_dir(self, path: Path) -> None:
-        """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
-        if not self._fsync:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self._fsync:
+            sync_directory(path)
 
     def _make_dir(self, path: Path) -> bool:
         """Create directory ``path`` (mode 0700) durably; return whether it was created."""

@@ -49,6 +49,7 @@ from test_crash_safety import (
     free_port,
 )
 from test_crash_safety import Attempt as SentAttempt
+from test_sendmail_pickup import run_sendmail
 from twisted.internet import threads
 
 from mtrkmta.faults import ENVIRONMENT, POINTS
@@ -93,6 +94,7 @@ CRASH_POINTS = (
     "tracking.write",
     "tracking.arrival_committed",
     "smtp.reply_sent",
+    "pickup.queued",
     "maildir.write",
     "maildir.tmp_written",
     "maildir.tmp_synced",
@@ -104,6 +106,8 @@ CRASH_POINTS = (
     "queue.outcome_committed",
     "queue.spool_removed",
 )
+# Steps of the node's pickup of sendmail's files (test_crash_in_pickup_at).
+PICKUP_POINTS = ("pickup.queued",)
 # A crash at these leaves the first message's file in the queue without a tracking record:
 # start-up moves it to spool/quarantine/ (its client got no 250).
 QUARANTINED_AT = frozenset({"spool.renamed", "spool.dir_synced", "tracking.write"})
@@ -520,10 +524,52 @@ async def run_case(
 # -- the tests --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("point", CRASH_POINTS)
+@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p not in PICKUP_POINTS])
 @pytest_twisted.ensureDeferred
 async def test_crash_at(tmp_path, point):
     await run_case(tmp_path, f"{point}:crash")
+
+
+@pytest.mark.parametrize("point", PICKUP_POINTS)
+@pytest_twisted.ensureDeferred
+async def test_crash_in_pickup_at(tmp_path, point):
+    """sendmail's message queued from the pickup directory, then the crash before its file
+    is removed: the restarted node finds it queued, removes the file and delivers it once."""
+    data_dir, log_dir = tmp_path / "data", tmp_path / "logs"
+    log_dir.mkdir()
+    settings = '\n[pickup]\npoll_interval = "1s"\n'
+    server = FaultyServer(
+        data_dir, log_dir, "smtp:tcp:host=127.0.0.1:port=9", f"{point}:crash", settings
+    )
+    try:
+        await threads.deferToThread(server.start)
+        config = log_dir / "mtrkmta.toml"
+        done = await threads.deferToThread(
+            run_sendmail,
+            config,
+            [f"alice@{LOCAL}"],
+            b"Subject: pickup\nX-Fault-Token: m0-a0\n\nbody\n",
+        )
+        assert done.returncode == 0, done.stderr
+        status = await threads.deferToThread(server.died, FAULT_WAIT)
+        assert status == -signal.SIGKILL, f"{point} never reached:\n{server.output()}"
+    finally:
+        server.terminate()
+    [left] = list((data_dir / "pickup").iterdir())  # queued, not yet removed
+    node = await start_node(
+        node_config(
+            data_dir, hostname=HOSTNAME, listeners=(), options=(("domains.local", (LOCAL,)),)
+        )
+    )
+    try:
+        await queue_emptied(node, timeout=20)
+        assert list((data_dir / "pickup").iterdir()) == []
+        record = await node.tracking.message(left.name)
+        assert [r.state for r in record.recipients] == [RecipientState.DELIVERED]
+    finally:
+        await stop_node(node)
+    assert read_maildirs(data_dir / "mail") == Counter({(f"alice@{LOCAL}", "m0-a0"): 1})
+    print(f"fault point covered: {point}:crash (pickup)")
 
 
 @pytest.mark.parametrize("point", ["transport.data_sent", "transport.reply_received"])

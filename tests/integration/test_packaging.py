@@ -197,6 +197,9 @@ def test_wheel_contents(wheel: Path, source: Path):
     assert "mtrkmta = mtrkmta.cli.main:main" in entry_points
     # `mtrkmta example-config` prints it: the wheel carries no doc/.
     assert "mtrkmta/config/example.toml" in names
+    assert "sendmail = mtrkmta.cli.sendmail:main" in entry_points
+    assert "mailq = mtrkmta.cli.sendmail:mailq_main" in entry_points
+    assert "newaliases = mtrkmta.cli.sendmail:newaliases_main" in entry_points
 
 
 def test_twistd_finds_the_plugin_of_a_wheel_install(
@@ -217,6 +220,11 @@ def test_twistd_finds_the_plugin_of_a_wheel_install(
     version = run([str(venv), "-m", "mtrkmta.cli.main", "--version"], cwd=tmp_path).stdout
     metadata = "import importlib.metadata as m; print('mtrkmta', m.version('mtrkmta'))"
     assert version == run([str(venv), "-c", metadata], cwd=tmp_path).stdout == "mtrkmta 0.1.0\n"
+    # The sendmail command is installed beside python: a usage error is one line, status 64.
+    usage = subprocess.run(
+        [str(venv.parent / "sendmail"), "-R", "x", "root"], capture_output=True, text=True
+    )
+    assert (usage.returncode, usage.stderr) == (64, "sendmail: -R x: expected full or hdrs\n")
 
 
 def test_twistd_finds_the_plugin_of_an_editable_install(source: Path, venv: Path, tmp_path):

@@ -56,7 +56,7 @@ IO_TIMEOUT = 15.0
 
 # What the interop tests need, as the Debian packages that bring it; tools/bootstrap.sh
 # test installs the same packages (tests/interop/test_interop_lab.py checks that).
-PACKAGES = ("dovecot-core", "dovecot-lmtpd", "postfix", "swaks")
+PACKAGES = ("dovecot-core", "dovecot-lmtpd", "postfix", "swaks", "bsd-mailx")
 PROGRAMS = {  # program -> package
     "dovecot": "dovecot-core",
     "/usr/lib/dovecot/lmtp": "dovecot-lmtpd",
@@ -66,6 +66,7 @@ PROGRAMS = {  # program -> package
     "smtp-sink": "postfix",
     "smtp-source": "postfix",
     "swaks": "swaks",
+    "bsd-mailx": "bsd-mailx",  # mail(1), which hands its mail to sendmail
 }
 POSTFIX_PRESEED = "postfix postfix/main_mailer_type select No configuration"
 INSTALL_LINE = (

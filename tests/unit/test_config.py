@@ -179,8 +179,9 @@ def test_setting_names_cover_every_section():
         "delivery",
         "local",
         "durability",
+        "pickup",
     }
-    assert len(names) == len(set(names)) == 62
+    assert len(names) == len(set(names)) == 63
 
 
 # ---------------------------------------------------------------------------
