@@ -22,7 +22,7 @@ from mtrkmta.cli.conventions import options_first, parse
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, ConfigError
 from mtrkmta.queue.control import SOCKET_NAME
-from mtrkmta.spool.filespool import FileSpool
+from mtrkmta.spool.filespool import FileSpool, sync_directory
 from mtrkmta.spool.interfaces import SpoolCorruption
 from mtrkmta.workers import WORKERS_DIR, WorkerRole
 
@@ -214,7 +214,7 @@ def recover(config: Config, *, force: bool = False) -> RecoverReport:
             _move(Path(f"{path}{suffix}"), Path(f"{damaged}{suffix}"), report)
         _move(path, damaged, report)
         os.replace(fresh, path)
-        _sync_dir(path.parent)
+        sync_directory(path.parent)
     except BaseException:
         fresh.unlink(missing_ok=True)
         raise
@@ -342,11 +342,3 @@ def _move(source: Path, target: Path, report: RecoverReport) -> None:
     except FileNotFoundError:
         return
     report.moved.append((source, target))
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
