@@ -16,7 +16,7 @@ from mtrkmta.auth import (
     ChecksBusy,
     PasswordFileChecker,
     hash_password,
-    usual_iterations,
+    usual_cost,
 )
 
 
@@ -113,10 +113,11 @@ def test_the_dummy_hash_matches_no_password(users):
     assert checker_for(users).dummy_hash([]) != dummy  # random per checker
 
 
-def test_usual_iterations():
-    assert usual_iterations([]) == DEFAULT_ITERATIONS
-    assert usual_iterations(["pbkdf2-sha256$5$a$b", "pbkdf2-sha256$7$a$b"]) == 7
-    assert usual_iterations(["pbkdf2-sha256$5$a$b"] * 2 + ["pbkdf2-sha256$7$a$b"]) == 5
+def test_usual_cost():
+    five, seven = (hash_password("x", iterations=n) for n in (5, 7))
+    assert usual_cost([]) == ("pbkdf2-sha256", DEFAULT_ITERATIONS)
+    assert usual_cost([five, seven]) == ("pbkdf2-sha256", 7)
+    assert usual_cost([five] * 2 + [seven]) == ("pbkdf2-sha256", 5)
 
 
 # -- reproduction 3: a bound on the checks waiting for the checker's threads --------------------
