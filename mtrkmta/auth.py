@@ -236,12 +236,18 @@ def parse_hash(stored: str) -> StoredHash:
     if prefix is None:
         raise HashError(f"expected '{SCHEME}$...' or a Dovecot hash '{{SCHEME}}...'")
     scheme, value = prefix.group(1).upper(), stored[prefix.end() :]
-    if scheme == "CRYPT" and value[:3] in ("$6$", "$5$"):  # libc crypt(3) picks by the id
-        scheme = SHA512_CRYPT if value[1] == "6" else SHA256_CRYPT
+    named = f"{{{prefix.group(1)}}}"
+    if scheme == "CRYPT":  # libc crypt(3), which picks the algorithm by the hash's $id$
+        if value[:3] in ("$6$", "$5$"):
+            scheme = SHA512_CRYPT if value[1] == "6" else SHA256_CRYPT
+        elif value.startswith("$1$") or not value.startswith("$"):
+            raise HashError(
+                f"password scheme {named} (MD5-crypt or DES-crypt) is too weak and refused"
+            )
     if scheme in CLEARTEXT_SCHEMES:
-        raise HashError(f"password scheme {{{scheme}}} (clear text) is refused")
-    if scheme in WEAK_SCHEMES or scheme == "CRYPT":
-        raise HashError(f"password scheme {{{scheme}}} is too weak and refused")
+        raise HashError(f"password scheme {named} (clear text) is refused")
+    if scheme in WEAK_SCHEMES:
+        raise HashError(f"password scheme {named} is too weak and refused")
     if scheme in _CRYPT_IDS:
         return _parse_sha_crypt(scheme, value)
     if scheme in (SSHA512, SSHA256):
@@ -249,7 +255,7 @@ def parse_hash(stored: str) -> StoredHash:
     if scheme == DOVECOT_PBKDF2:
         return _parse_dovecot_pbkdf2(value)
     known = ", ".join(f"{{{name}}}" for name in (*_CRYPT_IDS, SSHA512, SSHA256, DOVECOT_PBKDF2))
-    raise HashError(f"password scheme {{{scheme}}} is not supported (mtrkmta knows {known})")
+    raise HashError(f"password scheme {named} is not supported (mtrkmta knows {known})")
 
 
 def _parse_pbkdf2_sha256(stored: str) -> StoredHash:
