@@ -107,13 +107,19 @@ def main(
         )
         return EXIT_USAGE
     user = options["user"]
-    if options["stdin"] or not stdin.isatty():
-        password = stdin.readline().removesuffix("\n").removesuffix("\r")
-    else:
-        password = ask(f"Password for {user}: ")
-        if ask(f"Retype password for {user}: ") != password:
-            print(f"{PROGRAM}: the passwords differ; nothing written", file=err)
-            return 1
+    try:
+        if options["stdin"] or not stdin.isatty():
+            password = stdin.readline().removesuffix("\n").removesuffix("\r")
+        else:
+            password = ask(f"Password for {user}: ")
+            if ask(f"Retype password for {user}: ") != password:
+                print(f"{PROGRAM}: the passwords differ; nothing written", file=err)
+                return 1
+    except EOFError:  # Ctrl-D at the prompt
+        password = ""
+    except UnicodeDecodeError as error:
+        print(f"{PROGRAM}: the password is not {error.encoding} text; nothing written", file=err)
+        return 1
     if not password:
         print(f"{PROGRAM}: empty password refused; nothing written", file=err)
         return 1
@@ -130,6 +136,9 @@ def main(
         rewrite(path, update)
     except OSError as error:
         print(f"{PROGRAM}: cannot write {path}: {_reason(error)}; nothing written", file=err)
+        return 1
+    except UnicodeDecodeError:
+        print(f"{PROGRAM}: {path} is not UTF-8 text; nothing written", file=err)
         return 1
     done = f"set {user}'s password in" if replaced else f"added {user} to"
     print(f"{PROGRAM}: {done} {path}; {PICKUP}", file=out)

@@ -420,3 +420,19 @@ def test_the_dummy_hash_is_well_formed_in_every_scheme_and_matches_nothing(users
     assert parse_hash(dummy).cost == parse_hash(stored).cost
     assert not verify_password(b"secret", dummy)
     assert not verify_password(b"", dummy)
+
+
+def test_check_config_names_a_refused_scheme(tmp_path, capsys):
+    from mtrkmta.cli.main import main
+
+    users = tmp_path / "users"
+    users.write_text(
+        f"alice:{DOVEADM_SECRET[0]}\nbob:{{PLAIN-MD5}}5ebe2294ecd0e0f08eab7690d2a6ee69\n"
+    )
+    config = tmp_path / "mtrkmta.toml"
+    config.write_text(f'[auth]\nusers_file = "{users}"\n')
+    assert main(["check-config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"mtrkmta: {config}: auth.users_file {users}:2: password scheme {{PLAIN-MD5}} is too "
+        "weak and refused; set a new password with 'mtrkmta passwd bob'\n"
+    )

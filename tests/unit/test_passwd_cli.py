@@ -289,3 +289,21 @@ def test_the_command_is_listed_and_has_help_and_version(capsys):
     assert "--stdin" in help_text and "SHA512-CRYPT" in help_text
     assert mtrkmta_main(["--help"]) == 0
     assert "\n  passwd [--users-file FILE" in capsys.readouterr().out
+
+
+def test_a_users_file_that_is_not_utf8_is_named_and_left_alone(users):
+    users.write_bytes(b"alice:\xff\n")
+    status, out, err = passwd("--users-file", str(users), "alice")
+    assert (status, out) == (1, "")
+    assert err == f"mtrkmta passwd: {users} is not UTF-8 text; nothing written\n"
+    assert users.read_bytes() == b"alice:\xff\n"
+    assert sorted(p.name for p in users.parent.iterdir()) == ["users"]
+
+
+def test_a_password_that_is_not_text_is_refused(users):
+    before = users.read_text()
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe\n"), encoding="utf-8")
+    err = io.StringIO()
+    assert main(["--users-file", str(users), "alice"], stdin=stdin, out=io.StringIO(), err=err) == 1
+    assert err.getvalue() == "mtrkmta passwd: the password is not utf-8 text; nothing written\n"
+    assert users.read_text() == before
