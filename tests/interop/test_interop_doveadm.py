@@ -1,18 +1,34 @@
 """One users file for mtrkmta and Dovecot: the hashes the real ``doveadm pw`` makes verify
 with mtrkmta's code, the SHA512-CRYPT hashes `mtrkmta passwd` writes verify with doveadm,
-and a running Dovecot authenticates from a file `mtrkmta passwd` wrote.
+and a running Dovecot and an mtrkmta node (SMTP AUTH) authenticate from one file
+`mtrkmta passwd` wrote.
 
 ``doveadm pw`` needs no configuration: ``-c /dev/null`` keeps it from reading /etc/dovecot.
 """
 
 from __future__ import annotations
 
+import email
 import os
+import smtplib
+import ssl
 import subprocess
 import sys
 
 import pytest
-from interop_lab import Dovecot, program, require_programs
+import pytest_twisted
+from certs import tls_options
+from interop_lab import (
+    Dovecot,
+    final_record,
+    in_thread,
+    outcome,
+    program,
+    queue_id,
+    require_programs,
+    running_mtrkmta,
+    start_dovecot,
+)
 
 from mtrkmta.auth import (
     MAX_CRYPT_ROUNDS,
@@ -21,8 +37,10 @@ from mtrkmta.auth import (
     parse_users,
     verify_password,
 )
+from mtrkmta.tracking.interfaces import RecipientState
 
 PASSWORD = "s3cret, wïth spaces"  # not ASCII: both sides hash the UTF-8 bytes
+SMTP_PASSWORD = "s3cret, with spaces"  # smtplib's AUTH PLAIN takes ASCII only
 
 
 @pytest.fixture
@@ -158,3 +176,57 @@ def test_dovecot_and_mtrkmta_authenticate_from_one_file(lab, doveadm):
     assert "auth succeeded" in auth_test(doveadm, dovecot, "bob@example.test", "bobs password")
     assert "auth failed" in auth_test(doveadm, dovecot, "alice@example.test", "bobs password")
     assert users.stat().st_mode & 0o777 == 0o644  # the mode the lab gave Dovecot's file
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtp_auth_to_mtrkmta_uses_dovecot_s_file(lab, doveadm):
+    # The file Dovecot authenticates from is mtrkmta's auth.users_file: a hash doveadm
+    # made and one mtrkmta passwd wrote both log in over SMTP AUTH (Python's smtplib, a
+    # real client: Debian's swaks lacks TLS without Net::SSLeay), and the mail arrives.
+    dovecot = await start_dovecot(lab)
+    users = dovecot.dir / "users"
+    bob = made_by_doveadm(doveadm, "-s", "SHA256-CRYPT", "-p", "bobs password")
+    users.write_text(
+        users.read_text()
+        .replace("bob@example.test:{PLAIN}unused", f"bob@example.test:{bob}")
+        .replace("full@example.test:{PLAIN}unused::::::\n", "")
+    )
+    args = ("--users-file", str(users), "--scheme", "SHA512-CRYPT", "alice@example.test")
+    done = await in_thread(mtrkmta_passwd, *args, password=SMTP_PASSWORD)
+    assert (done.returncode, done.stderr) == (0, "")
+    options = (*tls_options(lab.path("tls")), ("auth.users_file", str(users)))
+    async with running_mtrkmta(
+        lab, "to-dovecot.toml", options=options, DOVECOT_LMTP_PORT=dovecot.port
+    ) as node:
+
+        def submit(user: str, password: str) -> str:
+            """Log in as ``user`` (STARTTLS, AUTH PLAIN) and send alice a message: the
+            reply to the end of data, or the reply that refused the login."""
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=30) as client:
+                client.starttls(context=context)
+                try:
+                    client.login(user, password)
+                except smtplib.SMTPAuthenticationError as refused:
+                    return f"{refused.smtp_code} {refused.smtp_error.decode()}"
+                client.mail(user)
+                client.rcpt("alice@example.test")
+                code, text = client.data(f"Subject: from {user}\r\n\r\nAuthenticated.\r\n")
+                return f"{code} {text.decode()}"
+
+        alice = await in_thread(submit, "alice@example.test", SMTP_PASSWORD)
+        bob_ok = await in_thread(submit, "bob@example.test", "bobs password")
+        wrong = await in_thread(submit, "bob@example.test", SMTP_PASSWORD)
+        assert wrong.startswith("535 5.7.8 ")
+        for reply in (alice, bob_ok):
+            record = await final_record(node, queue_id(reply))
+            assert outcome(record, "alice@example.test").state == RecipientState.DELIVERED
+    mails = [
+        email.message_from_bytes(m.read_bytes()) for m in dovecot.maildir("alice@example.test")
+    ]
+    assert sorted(mail["Subject"] for mail in mails) == [
+        "from alice@example.test",
+        "from bob@example.test",
+    ]
+    assert "auth succeeded" in auth_test(doveadm, dovecot, "bob@example.test", "bobs password")
