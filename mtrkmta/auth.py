@@ -205,10 +205,10 @@ def hash_sha512_crypt(
     password: str, *, rounds: int = DEFAULT_CRYPT_ROUNDS, salt: str | None = None
 ) -> str:
     """The stored form of ``password`` in Dovecot's ``{SHA512-CRYPT}$6$...`` scheme, with a
-    random 16-character salt unless ``salt`` is given."""
+    random 16-character salt unless ``salt`` is given (cut to 16 characters)."""
     if salt is None:
         salt = "".join(chr(secrets.choice(_CRYPT64)) for _ in range(_CRYPT_SALT_MAX))
-    raw_salt = salt.encode("ascii")
+    raw_salt = salt.encode("ascii")[:_CRYPT_SALT_MAX]
     digest = sha_crypt("sha512", password.encode("utf-8"), raw_salt, rounds)
     return StoredHash(SHA512_CRYPT, max(rounds, _CRYPT_MIN_ROUNDS), raw_salt, digest).text()
 

@@ -280,6 +280,8 @@ def test_sha512_crypt_hashes_mtrkmta_writes_verify():
     assert not verify_password(b"pass-word", stored)
     fixed = hash_sha512_crypt("Hello world!", rounds=5000, salt="saltstring")
     assert fixed == "{SHA512-CRYPT}" + SHA512_VECTORS[0][2]  # 5000 rounds go unwritten
+    cut = hash_sha512_crypt("Hello world!", rounds=10000, salt="saltstringsaltstring")
+    assert cut == "{SHA512-CRYPT}" + SHA512_VECTORS[1][2]  # the salt cut to 16
 
 
 def test_make_hash_writes_the_two_schemes():
