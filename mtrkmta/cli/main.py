@@ -43,6 +43,8 @@ commands:
                            ask where a message is, hop by hop (MTQP, RFC 3887)
   tracking [--config FILE | --data-dir DIR] set-max-retention DURATION
                            lower the tracking retention cap, for existing records too
+  passwd [--users-file FILE | --config FILE] [--scheme S] [--stdin] USER
+                           set USER's password in the users file (auth.users_file)
 """
 HELP_END = """
 Every command takes --help (what it does and its options) and --version; options may
@@ -188,6 +190,12 @@ def track(args: Sequence[str]) -> int:  # `mtrkmta track` (message tracking)
     return track_main(args)
 
 
+def passwd(args: Sequence[str]) -> int:  # `mtrkmta passwd USER` (the users file)
+    from mtrkmta.cli.passwd import main as passwd_main
+
+    return passwd_main(args)
+
+
 COMMANDS = {
     "serve": serve,
     "check-config": check_config,
@@ -198,6 +206,7 @@ COMMANDS = {
     "tracking": tracking,
     "send": send,
     "track": track,
+    "passwd": passwd,
 }
 
 

@@ -59,6 +59,7 @@ IO_TIMEOUT = 15.0
 PACKAGES = ("dovecot-core", "dovecot-lmtpd", "postfix", "swaks", "bsd-mailx")
 PROGRAMS = {  # program -> package
     "dovecot": "dovecot-core",
+    "doveadm": "dovecot-core",
     "/usr/lib/dovecot/lmtp": "dovecot-lmtpd",
     "postfix": "postfix",
     "postconf": "postfix",
