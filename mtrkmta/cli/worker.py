@@ -6,11 +6,13 @@ master's end of the pipe closes. Started by the master as ``python -m mtrkmta.cl
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import abstract
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
@@ -53,9 +55,13 @@ def main() -> int:
             print("mtrkmta worker: no configuration on standard input", file=sys.stderr)
             return 2
         line += chunk
-    config, role = decode(line)
+    config, role, origin = decode(line)
     globalLogBeginner.beginLoggingTo([observer(f"worker {role.index}")], redirectStandardIO=False)
-    service = MTAService(config, reactor, worker=role)
+    # The origin lets a reload read the configuration again; a worker starts no workers.
+    service = MTAService(config, reactor, worker=role, origin=origin)
+    # The master passes SIGHUP on: reload as it does. Only the master notifies systemd.
+    threads = IReactorFromThreads(reactor)
+    signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(service.reload))
     status = []
 
     def failed(failure: Failure) -> None:
