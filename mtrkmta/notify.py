@@ -16,6 +16,8 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -125,3 +127,15 @@ class SystemdNotifier:
 
     def close(self) -> None:
         self._socket.close()
+
+
+def keep_alive(notifier: INotifier, clock: IReactorTime) -> LoopingCall | None:
+    """Send ``WATCHDOG=1`` now and every :meth:`INotifier.watchdog_interval` seconds on
+    ``clock``; None (nothing sent) when there is no watchdog. Stop the call at shutdown."""
+    interval = notifier.watchdog_interval()
+    if interval is None:
+        return None
+    call = LoopingCall(notifier.watchdog)
+    call.clock = clock
+    call.start(interval, now=True)
+    return call

@@ -38,7 +38,7 @@ from mtrkmta.mtqp.server import (
     MTQPSettings,
     settings_from_config,
 )  # MTQP listener
-from mtrkmta.notify import INotifier
+from mtrkmta.notify import INotifier, keep_alive
 from mtrkmta.queue.control import PICKUP, RELOAD_ALIASES, ControlFactory
 from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
 from mtrkmta.queue.policy import RetryPolicy
@@ -300,11 +300,8 @@ class MTAService(Service):
         super().startService()
         self._starting = ensureDeferred(self._start())
         self._starting.addCallbacks(self._started, self._start_failed)
-        interval = self.notifier.watchdog_interval() if self.notifier is not None else None
-        if self.notifier is not None and interval is not None:
-            self._watchdog = LoopingCall(self.notifier.watchdog)
-            self._watchdog.clock = self.reactor
-            self._watchdog.start(interval, now=True)
+        if self.notifier is not None:
+            self._watchdog = keep_alive(self.notifier, self.reactor)
 
     def _started(self, _: object) -> None:
         if self.notifier is not None:  # every listener is bound (and the workers started)
