@@ -200,3 +200,27 @@ def test_sighup_applies_new_routes_and_names_settings_that_need_a_restart(
     assert fresh.esmtp_features["size"] != "1000"  # limits.message_size waits for a restart
     fresh.quit()
     session.quit()
+
+
+def test_the_master_passes_sighup_on_to_its_workers(tmp_path: Path) -> None:
+    files = Node(tmp_path)
+    data = tmp_path / "data"
+    process = ServeProcess(
+        [
+            "--config", str(files.config),
+            "--data-dir", str(data), "--database", database_url(data),
+            "--smtp", "tcp:0:interface=127.0.0.1", "--lmtp", "none", "--mtqp", "none",
+            "--hostname", HOSTNAME, "--local-domain", "example.test", "--workers", "2",
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        process.wait_for(r"worker 1: smtp accepting on")
+        files.write_config(files.users_b, {})
+        process.reload()
+        reloaded = [process.wait_for(r"reloaded: ").string for _ in range(2)]
+        assert sum("worker 1" in line for line in reloaded) == 1, reloaded
+        assert all(f"users file {files.users_b}" in line for line in reloaded)
+        assert process.proc.poll() is None
+    finally:
+        process.stop()
