@@ -24,7 +24,7 @@ from zope.interface import Interface, implementer
 log = Logger()
 
 
-class INotifier(Interface):
+class IServiceNotifier(Interface):
     """Tells the service manager how the node is doing."""
 
     def ready(status: str) -> None:
@@ -62,7 +62,7 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     return int(usec) / 2 / 1_000_000
 
 
-@implementer(INotifier)
+@implementer(IServiceNotifier)
 class SystemdNotifier:
     """Sends sd_notify datagrams to ``address`` (see :func:`socket_address`).
 
@@ -129,8 +129,8 @@ class SystemdNotifier:
         self._socket.close()
 
 
-def keep_alive(notifier: INotifier, clock: IReactorTime) -> LoopingCall | None:
-    """Send ``WATCHDOG=1`` now and every :meth:`INotifier.watchdog_interval` seconds on
+def keep_alive(notifier: IServiceNotifier, clock: IReactorTime) -> LoopingCall | None:
+    """Send ``WATCHDOG=1`` now and every :meth:`IServiceNotifier.watchdog_interval` seconds on
     ``clock``; None (nothing sent) when there is no watchdog. Stop the call at shutdown."""
     interval = notifier.watchdog_interval()
     if interval is None:

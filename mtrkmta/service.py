@@ -38,7 +38,7 @@ from mtrkmta.mtqp.server import (
     MTQPSettings,
     settings_from_config,
 )  # MTQP listener
-from mtrkmta.notify import INotifier, keep_alive
+from mtrkmta.notify import IServiceNotifier, keep_alive
 from mtrkmta.queue.control import PICKUP, RELOAD_ALIASES, ControlFactory
 from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
 from mtrkmta.queue.policy import RetryPolicy
@@ -236,7 +236,7 @@ class MTAService(Service):
         worker: WorkerRole | None = None,
         faults: IFaults = NoFaults(),
         debug: bool = True,
-        notifier: INotifier | None = None,
+        notifier: IServiceNotifier | None = None,
     ) -> None:
         """``resolver`` answers MX lookups (default: the system's, from /etc/resolv.conf);
         ``deliver=False`` runs the receive path only (accepted mail stays queued), for
@@ -911,7 +911,7 @@ def make_service(
     origin: ConfigOrigin | None = None,
     faults: IFaults = NoFaults(),
     debug: bool = True,
-    notifier: INotifier | None = None,
+    notifier: IServiceNotifier | None = None,
 ) -> MTAService:
     """The service twistd and ``mtrkmta serve`` run (``origin``, ``faults``, ``debug``,
     ``notifier``: see MTAService)."""
