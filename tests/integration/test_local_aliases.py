@@ -224,3 +224,17 @@ async def test_aliases_file_is_reloaded_when_it_changes(tmp_path):
         await in_thread(send, node.port("smtp"), "sales@localhost", "")
         await queue_emptied(node)
         assert "erin@relay.example" in received(fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_reads_the_aliases_again_and_keeps_them_when_the_file_breaks(tmp_path):
+    async with aliased_node(tmp_path) as (node, fake):
+        aliases = tmp_path / "aliases.toml"
+        aliases.write_text('[alias.sales]\nto = "erin@relay.example"\n')
+        assert await node.reload() is True
+        assert node.aliases.book.aliases.keys() == {"sales"}
+        aliases.write_text('[alias.sales]\nto = "nobody@relay.example"\n[alias.broken\n')
+        assert await node.reload() is False  # logged; the aliases read before stay
+        await in_thread(send, node.port("smtp"), "sales@localhost", "")
+        await queue_emptied(node)
+        assert "erin@relay.example" in received(fake)
