@@ -33,11 +33,11 @@ from mtrkmta.delivery.smtp import LMTPTransport, SMTPTransport, SMTPTransportSet
 from mtrkmta.dsn.notifier import DsnNotifier
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.server import LMTPServerFactory
-from mtrkmta.mtqp.server import (
+from mtrkmta.mtqp.server import (  # MTQP listener
     MTQPServerFactory,
     MTQPSettings,
     settings_from_config,
-)  # MTQP listener
+)
 from mtrkmta.notify import IServiceNotifier, keep_alive
 from mtrkmta.queue.control import PICKUP, RELOAD_ALIASES, ControlFactory
 from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
@@ -513,10 +513,6 @@ class MTAService(Service):
 
         self._reloads.addBoth(run)  # after the reload before this one
         return done.addCallback(told)
-
-    def reload_aliases(self) -> None:
-        """What SIGHUP and ``newaliases`` ask for: :meth:`reload`."""
-        self.reload()
 
     async def _reload(self) -> bool:
         if not self.ready.called:  # a reload asked for during start-up runs after it
