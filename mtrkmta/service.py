@@ -506,13 +506,17 @@ class MTAService(Service):
             reloaded.chainDeferred(done)
             return reloaded.addBoth(lambda _: None)
 
+        def unexpected(failure: Failure) -> bool:
+            log.failure("reload failed, the previous configuration may be partly replaced", failure)
+            return False
+
         def told(result: bool) -> bool:
             if self.notifier is not None:
                 self.notifier.ready(STATUS_READY)
             return result
 
         self._reloads.addBoth(run)  # after the reload before this one
-        return done.addCallback(told)
+        return done.addErrback(unexpected).addCallback(told)
 
     async def _reload(self) -> bool:
         if not self.ready.called:  # a reload asked for during start-up runs after it

@@ -17,10 +17,6 @@ from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
 
-from mtrkmta.logfile import observer
-from mtrkmta.service import MTAService
-from mtrkmta.workers import decode
-
 log = Logger()
 
 
@@ -46,7 +42,16 @@ class _MasterWatch(abstract.FileDescriptor):
 
 def main() -> int:
     """A worker process: ``python -m mtrkmta.cli.worker``, started by a master only."""
+    # The master passes SIGHUP on (a reload). One that comes while this process is still
+    # starting must neither kill it nor be lost: it is kept, and the node reloads once up.
+    # So the node's modules are imported only after this (they take a second or so).
+    early: list[int] = []
+    signal.signal(signal.SIGHUP, lambda number, _: early.append(number))
     from twisted.internet import reactor
+
+    from mtrkmta.logfile import observer
+    from mtrkmta.service import MTAService
+    from mtrkmta.workers import decode
 
     line = b""
     while not line.endswith(b"\n"):
@@ -62,6 +67,8 @@ def main() -> int:
     # The master passes SIGHUP on: reload as it does. Only the master notifies systemd.
     threads = IReactorFromThreads(reactor)
     signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(service.reload))
+    if early:
+        reactor.callWhenRunning(service.reload)  # runs once the node has started
     status = []
 
     def failed(failure: Failure) -> None:
