@@ -549,11 +549,10 @@ class MTAService(Service):
         old = self.config
         new = old
         if self.origin is not None:
-            where = "the configuration" if self.origin.path is None else str(self.origin.path)
             try:
                 new = load_config(self.origin.path, self.origin.overrides)
-            except ConfigError as error:
-                raise ReloadError(f"{where}: {error}") from None
+            except ConfigError as error:  # it names the file, the key and the problem
+                raise ReloadError(str(error)) from None
             if self.worker is not None:
                 new = self.worker.node_config(new)
         restart = restart_needed(old, new)

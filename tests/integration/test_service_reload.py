@@ -158,6 +158,24 @@ def test_a_broken_users_file_keeps_the_old_one_and_the_old_certificate(
     session.quit()
 
 
+def test_a_broken_configuration_file_keeps_everything(
+    node: tuple[Node, ServeProcess, int],
+) -> None:
+    files, process, port = node
+    cert_a = der(pem_pair("a.example.test")[0])
+    files.use_pair("b.example.test")
+    files.config.write_text(files.config.read_text() + "[limits]\nmessage_sise = 10\n")
+    process.reload()
+    line = process.wait_for(FAILED).string
+    assert line.endswith(
+        f"stays: config error: {files.config}: limits.message_sise: unknown key; "
+        "did you mean limits.message_size?"
+    )
+    session, shown = starttls(port)
+    assert shown == cert_a
+    session.quit()
+
+
 def test_sighup_switches_to_the_users_file_the_config_now_names(
     node: tuple[Node, ServeProcess, int],
 ) -> None:
