@@ -6,12 +6,14 @@ import errno
 import os
 import pwd
 import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IResolver
@@ -22,16 +24,21 @@ from twisted.names import client
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mtrkmta.auth import PasswordFileChecker
+from mtrkmta.auth import PasswordFileChecker, PasswordFileError, parse_users
 from mtrkmta.authlimits import AuthGuard, AuthLimits
-from mtrkmta.config import Config
+from mtrkmta.config import Config, ConfigError, load_config, setting_names
 from mtrkmta.delivery.interfaces import ITransport
 from mtrkmta.delivery.maildir import MaildirTransport
 from mtrkmta.delivery.smtp import LMTPTransport, SMTPTransport, SMTPTransportSettings
 from mtrkmta.dsn.notifier import DsnNotifier
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.server import LMTPServerFactory
-from mtrkmta.mtqp.server import MTQPServerFactory, settings_from_config  # MTQP listener
+from mtrkmta.mtqp.server import (  # MTQP listener
+    MTQPServerFactory,
+    MTQPSettings,
+    settings_from_config,
+)
+from mtrkmta.notify import IServiceNotifier, keep_alive
 from mtrkmta.queue.control import PICKUP, RELOAD_ALIASES, ControlFactory
 from mtrkmta.queue.control import SOCKET_NAME as CONTROL_SOCKET
 from mtrkmta.queue.policy import RetryPolicy
@@ -41,7 +48,7 @@ from mtrkmta.receive.pickup import Pickup
 from mtrkmta.receive.policy import RelayPolicy
 from mtrkmta.receive.receiver import Receiver
 from mtrkmta.receive.recipients import RecipientChecks
-from mtrkmta.routing.aliases import AliasSource
+from mtrkmta.routing.aliases import AliasBook, AliasError, AliasSource
 from mtrkmta.routing.local import EMPTY_ALIASES, LocalAddresses
 from mtrkmta.routing.router import Router
 from mtrkmta.smtp.command import AddressLimits
@@ -49,7 +56,7 @@ from mtrkmta.smtp.server import ServerSettings, SMTPServerFactory
 from mtrkmta.spool.filespool import FileSpool
 from mtrkmta.spool.interfaces import SpoolError
 from mtrkmta.spool.queueid import QueueIdGenerator
-from mtrkmta.tls import server_context
+from mtrkmta.tls import TLSFileError, server_context
 from mtrkmta.tracking.authfailures import SQLAuthFailures
 from mtrkmta.tracking.damage import as_damage, check_database
 from mtrkmta.tracking.migrate import upgrade
@@ -105,6 +112,49 @@ def recover_command(origin: ConfigOrigin | None) -> str:
         if override.source in _RECOVER_OPTIONS:
             words += [override.source, str(override.value)]
     return shlex.join(words)
+
+
+# What a reload replaces; every other changed setting needs a restart.
+RELOADABLE = ("routes", "tls.certificate", "tls.private_key", "auth.users_file", "local.aliases")
+# Whether a users or aliases file is used at all is decided at start.
+USED_AT_START = ("auth.users_file", "local.aliases")
+STATUS_READY = "accepting mail"
+
+
+class ReloadError(Exception):
+    """A reload cannot take effect; ``str()`` names the file or setting and the problem."""
+
+
+@dataclass(frozen=True)
+class _ReloadPlan:
+    """What a reload read and checked, before anything is replaced."""
+
+    config: Config
+    tls: Any  # the new server TLS context, or None
+    aliases: AliasBook | None
+    mtqp: MTQPSettings | None  # the MTQP listener's settings with the new certificate
+    restart: tuple[str, ...]  # changed settings a reload does not apply
+
+
+def _values(config: Config) -> Iterator[object]:
+    """Every setting's value, in the order of :func:`setting_names`."""
+    for outer in fields(Config):
+        value = getattr(config, outer.name)
+        if is_dataclass(value):
+            yield from (getattr(value, inner.name) for inner in fields(value))
+        else:
+            yield value
+
+
+def restart_needed(old: Config, new: Config) -> tuple[str, ...]:
+    """The settings that differ between ``old`` and ``new`` and that a reload cannot apply."""
+    changed = []
+    for name, before, after in zip(setting_names(), _values(old), _values(new), strict=True):
+        if before == after:
+            continue
+        if name not in RELOADABLE or (name in USED_AT_START and None in (before, after)):
+            changed.append(name)
+    return tuple(changed)
 
 
 class StartError(Exception):
@@ -186,6 +236,7 @@ class MTAService(Service):
         worker: WorkerRole | None = None,
         faults: IFaults = NoFaults(),
         debug: bool = True,
+        notifier: IServiceNotifier | None = None,
     ) -> None:
         """``resolver`` answers MX lookups (default: the system's, from /etc/resolv.conf);
         ``deliver=False`` runs the receive path only (accepted mail stays queued), for
@@ -193,8 +244,13 @@ class MTAService(Service):
         node start ``config.workers - 1`` worker processes; ``worker`` makes this node
         one of them (see :mod:`mtrkmta.workers`). ``faults`` is told every named step
         of the accept and delivery paths (:mod:`mtrkmta.faults`; for tests only). With
-        ``debug`` false, a failed start logs no traceback (``mtrkmta serve --debug``)."""
+        ``debug`` false, a failed start logs no traceback (``mtrkmta serve --debug``).
+        ``notifier`` tells the service manager (systemd) when the node is ready, reloads and
+        stops, and keeps its watchdog fed (:mod:`mtrkmta.notify`)."""
         self.faults = faults
+        self.notifier = notifier
+        self._reloads: Deferred[None] = succeed(None)  # one reload at a time
+        self._watchdog: LoopingCall | None = None
         self.debug = debug
         self.mail_root = config.data_dir / "mail"  # a worker delivers to its master's
         self.origin = origin
@@ -243,7 +299,14 @@ class MTAService(Service):
     def startService(self) -> None:
         super().startService()
         self._starting = ensureDeferred(self._start())
-        self._starting.addCallbacks(lambda _: self.ready.callback(self), self._start_failed)
+        self._starting.addCallbacks(self._started, self._start_failed)
+        if self.notifier is not None:
+            self._watchdog = keep_alive(self.notifier, self.reactor)
+
+    def _started(self, _: object) -> None:
+        if self.notifier is not None:  # every listener is bound (and the workers started)
+            self.notifier.ready(STATUS_READY)
+        self.ready.callback(self)
 
     def _start_failed(self, failure: Failure) -> None:
         assert failure.value is not None  # a Failure always holds its exception
@@ -357,7 +420,7 @@ class MTAService(Service):
         self._purge.start(config.tracking.purge_interval, now=False)
         if self.deliver:
             await self.queue.start()
-        hooks: dict[str, Any] = {RELOAD_ALIASES: self.reload_aliases}
+        hooks: dict[str, Any] = {RELOAD_ALIASES: self.reload}
         if self.worker is None:
             self.pickup = Pickup(
                 data_dir=config.data_dir,
@@ -420,10 +483,159 @@ class MTAService(Service):
 
         return self.tracking.expire().addCallbacks(purged, failed)
 
-    def reload_aliases(self) -> None:
-        """Re-read the aliases file now (SIGHUP)."""
-        if self.aliases is not None:
-            self.aliases.refresh(force=True)
+    def reload(self) -> Deferred[bool]:
+        """Re-read the configuration file and the files it names (SIGHUP, ``newaliases``).
+
+        All or nothing: the new TLS certificate and key, users file, aliases file
+        and routes are each read and checked first; only when all of them are good
+        do they replace the old ones, and new connections use them while open
+        sessions keep what they started with. Any failure keeps the whole old
+        configuration and logs one line naming the file and the problem. Other
+        changed settings are logged as needing a restart. Reloads run one at a
+        time; a master passes the signal on to its worker processes. The result
+        is whether the reload took effect.
+        """
+        if self.supervisor is not None:
+            self.supervisor.signal("HUP")
+        if self.notifier is not None:
+            self.notifier.reloading()
+        done: Deferred[bool] = Deferred()
+
+        def run(_: object) -> Deferred[None]:
+            reloaded = ensureDeferred(self._reload())
+            reloaded.chainDeferred(done)
+            return reloaded.addBoth(lambda _: None)
+
+        def unexpected(failure: Failure) -> bool:
+            log.failure("reload failed, the previous configuration may be partly replaced", failure)
+            return False
+
+        def told(result: bool) -> bool:
+            if self.notifier is not None:
+                self.notifier.ready(STATUS_READY)
+            return result
+
+        self._reloads.addBoth(run)  # after the reload before this one
+        return done.addErrback(unexpected).addCallback(told)
+
+    async def _reload(self) -> bool:
+        if not self.ready.called:  # a reload asked for during start-up runs after it
+            started: Deferred[None] = Deferred()
+
+            def passed(result: object) -> object:
+                started.callback(None)
+                return result
+
+            self.ready.addBoth(passed)
+            await started
+        if self.receiver is None or self.router is None or not self.running:
+            log.warn("reload: the node is not running, nothing reloaded")
+            return False
+        try:
+            plan = await self._blocking(self._read_reload)
+            self._apply_reload(plan)
+        except ReloadError as error:
+            log.error("reload failed, the previous configuration stays: {error}", error=error)
+            return False
+        except ValueError as error:  # the routes, checked before anything changed
+            log.error(
+                "reload failed, the previous configuration stays: routes: {error}", error=error
+            )
+            return False
+        return True
+
+    def _read_reload(self) -> _ReloadPlan:
+        """Read and check everything a reload replaces (blocking; raises ReloadError)."""
+        old = self.config
+        new = old
+        if self.origin is not None:
+            try:
+                new = load_config(self.origin.path, self.origin.overrides)
+            except ConfigError as error:  # it names the file, the key and the problem
+                raise ReloadError(str(error)) from None
+            if self.worker is not None:
+                new = self.worker.node_config(new)
+        restart = restart_needed(old, new)
+        if old.auth.users_file is None or new.auth.users_file is None:
+            new = replace(new, auth=replace(new.auth, users_file=old.auth.users_file))
+        if old.local.aliases is None or new.local.aliases is None:
+            new = replace(new, local=replace(new.local, aliases=old.local.aliases))
+        tls = None
+        if new.tls.certificate is not None and new.tls.private_key is not None:
+            try:
+                tls = server_context(new.tls.certificate, new.tls.private_key)
+            except (TLSFileError, OSError) as error:
+                raise ReloadError(str(error)) from None
+        if new.auth.users_file is not None:
+            path = new.auth.users_file
+            try:
+                parse_users(path.read_text("utf-8"), str(path))
+            except OSError as error:
+                raise ReloadError(f"auth.users_file {path}: {error.strerror}") from None
+            except (PasswordFileError, UnicodeDecodeError) as error:
+                raise ReloadError(f"auth.users_file {error}") from None
+        aliases = None
+        if new.local.aliases is not None:
+            path = new.local.aliases
+            try:
+                aliases = AliasBook.parse(path.read_text("utf-8"), str(path))
+            except OSError as error:
+                raise ReloadError(f"local.aliases {path}: {error.strerror}") from None
+            except (AliasError, UnicodeDecodeError) as error:
+                raise ReloadError(f"local.aliases {error}") from None
+        mtqp = None
+        if self.mtqp is not None:
+            fresh = settings_from_config(new, tls)
+            try:
+                mtqp = replace(self.mtqp.settings, tls=tls, tls_names=fresh.tls_names)
+            except ValueError as error:
+                raise ReloadError(f"mtqp: {error}; restart instead") from None
+        return _ReloadPlan(new, tls, aliases, mtqp, restart)
+
+    def _apply_reload(self, plan: _ReloadPlan) -> None:
+        new = plan.config
+        assert self.receiver is not None and self.router is not None
+        self.router.replace_routes(new.routes)  # raises ValueError before anything changed
+        for factory in self.factories.values():
+            factory.settings = replace(factory.settings, tls=plan.tls)
+        if self.mtqp is not None and plan.mtqp is not None:
+            self.mtqp.settings = plan.mtqp
+        if isinstance(self.auth, AuthGuard) and new.auth.users_file is not None:
+            checker = self.auth.checker
+            if isinstance(checker, PasswordFileChecker):
+                checker.path = new.auth.users_file
+        if self.aliases is not None and plan.aliases is not None and new.local.aliases is not None:
+            self.aliases.replace(new.local.aliases, plan.aliases)
+        self.receiver.policy = RelayPolicy.build(
+            self.config.local_domains,
+            (route.domain for route in new.routes),
+            self.config.relay.trusted_networks,
+        )
+        self.config = replace(
+            self.config,
+            routes=new.routes,
+            tls=replace(
+                self.config.tls,
+                certificate=new.tls.certificate,
+                private_key=new.tls.private_key,
+            ),
+            auth=replace(self.config.auth, users_file=new.auth.users_file),
+            local=replace(self.config.local, aliases=new.local.aliases),
+        )
+        parts = []
+        if plan.tls is not None:
+            parts.append(f"TLS certificate {new.tls.certificate}")
+        if new.auth.users_file is not None:
+            parts.append(f"users file {new.auth.users_file}")
+        if plan.aliases is not None:
+            parts.append(f"aliases file {new.local.aliases}")
+        parts.append(f"{len(new.routes)} route(s)")
+        log.info("reloaded: {what}", what=", ".join(parts))
+        if plan.restart:
+            log.warn(
+                "reload: changed settings need a restart to take effect: {keys}",
+                keys=", ".join(plan.restart),
+            )
 
     def _build_queue(self, acceptor: Acceptor) -> QueueService:
         config = self.config
@@ -638,6 +850,8 @@ class MTAService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self.notifier is not None:
+            self.notifier.stopping()
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
@@ -676,7 +890,7 @@ class MTAService(Service):
             if parse_call is not None and parse_call.active():
                 parse_call.cancel()  # its re-reading of resolv.conf
             self._system_resolver = None
-        for timer in (self._alias_watch, self._purge):
+        for timer in (self._alias_watch, self._purge, self._watchdog):
             if timer is not None and timer.running:
                 timer.stop()
         if self.receiver is not None:
@@ -696,11 +910,12 @@ def make_service(
     origin: ConfigOrigin | None = None,
     faults: IFaults = NoFaults(),
     debug: bool = True,
+    notifier: IServiceNotifier | None = None,
 ) -> MTAService:
-    """The service twistd and ``mtrkmta serve`` run (``origin``, ``faults``, ``debug``: see
-    MTAService)."""
+    """The service twistd and ``mtrkmta serve`` run (``origin``, ``faults``, ``debug``,
+    ``notifier``: see MTAService)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return MTAService(config, reactor, origin=origin, faults=faults, debug=debug)
+    return MTAService(config, reactor, origin=origin, faults=faults, debug=debug, notifier=notifier)

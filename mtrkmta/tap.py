@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, ConfigError
 from mtrkmta.faults import FaultSpecError, IFaults, from_environment
+from mtrkmta.notify import SystemdNotifier
 from mtrkmta.service import MTAService, StartError, make_service
 from mtrkmta.tracking.damage import DatabaseDamage
 
@@ -74,10 +75,15 @@ def makeService(options: Options) -> MTAService:
     from twisted.internet import reactor
 
     service = make_service(
-        options.config, reactor, options.origin(), options.faults, debug=bool(options["debug"])
+        options.config,
+        reactor,
+        options.origin(),
+        options.faults,
+        debug=bool(options["debug"]),
+        notifier=SystemdNotifier.from_environment(os.environ),  # systemd's Type=notify
     )
     exit_when_start_fails(service, reactor)
-    # SIGHUP re-reads the aliases file (twistd itself uses SIGUSR1, for its log).
+    # SIGHUP reloads certificates, users, aliases and routes (twistd uses SIGUSR1, for its log).
     threads = IReactorThreads(reactor)
-    signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(service.reload_aliases))
+    signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(service.reload))
     return service

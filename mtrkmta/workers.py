@@ -8,8 +8,8 @@ node (receiver, spool, queue, transports) with its own directory
 only what its own process accepted and every crash-safety rule of one node
 holds per worker. Workers accept on the master's SMTP and submission sockets,
 inherited as file descriptors: the kernel hands each new connection to one of
-the processes waiting on it. LMTP, MTQP and the aliases' SIGHUP stay with the
-master. Local mail goes to the master's Maildirs.
+the processes waiting on it. LMTP and MTQP stay with the master; the
+master passes SIGHUP (reload) on to every worker. Local mail goes to the master's Maildirs.
 
 A worker that exits is started again (after 1 s, doubling to at most 60 s while
 it keeps failing). A worker notices the master's end by the end of its standard
@@ -83,8 +83,9 @@ def _plain(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
-def decode(line: bytes) -> tuple[Config, WorkerRole]:
-    """The configuration and role a master sent (blocking: loads the config file)."""
+def decode(line: bytes) -> tuple[Config, WorkerRole, ConfigOrigin]:
+    """The configuration and role a master sent, and where the configuration comes from (a
+    reload loads it again). Blocking: loads the config file."""
     document = json.loads(line)
     overrides = tuple(
         Override(source, key, tuple(value) if isinstance(value, list) else value)
@@ -93,7 +94,7 @@ def decode(line: bytes) -> tuple[Config, WorkerRole]:
     path = None if document["path"] is None else Path(document["path"])
     config = load_config(path, overrides)
     fds = {name: (int(fd), int(family)) for name, (fd, family) in document["listen_fds"].items()}
-    return config, WorkerRole(int(document["index"]), fds)
+    return config, WorkerRole(int(document["index"]), fds), ConfigOrigin(path, overrides)
 
 
 def worker_dir(data_dir: Path, index: int) -> Path:
@@ -239,6 +240,11 @@ class WorkerSupervisor:
             delay=self._delay[index],
         )
         self._restarts[index] = self.reactor.callLater(self._delay[index], self._spawn, index)
+
+    def signal(self, name: str) -> None:
+        """Send signal ``name`` (``"HUP"``: reload) to every running worker."""
+        for process in self._running.values():
+            process.transport.signalProcess(name)  # type: ignore[union-attr]
 
     def stop(self, grace: float) -> Deferred[Any]:
         """SIGTERM every worker; SIGKILL those still running after ``grace`` seconds."""

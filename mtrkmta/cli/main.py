@@ -29,6 +29,7 @@ commands:
                            print the effective configuration (-d: the defaults,
                            -n: only what differs from them), as TOML
   example-config           print the commented example configuration file
+  example-unit             print the systemd unit (mtrkmta.service)
   db upgrade [options]     create or migrate the tracking database to the current schema
                            (options: --config FILE, --database URL, --data-dir DIR)
   db recover [options] [--force]
@@ -160,6 +161,12 @@ def example_config(args: Sequence[str]) -> int:
     return example_main(args)
 
 
+def example_unit(args: Sequence[str]) -> int:  # the systemd unit
+    from mtrkmta.cli.unit import main as unit_main
+
+    return unit_main(args)
+
+
 def db(args: Sequence[str]) -> int:
     from mtrkmta.cli.db import main as db_main
 
@@ -201,6 +208,7 @@ COMMANDS = {
     "check-config": check_config,
     "show-config": show_config,
     "example-config": example_config,
+    "example-unit": example_unit,
     "db": db,
     "queue": queue,
     "tracking": tracking,

@@ -6,18 +6,16 @@ master's end of the pipe closes. Started by the master as ``python -m mtrkmta.cl
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import abstract
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
-
-from mtrkmta.logfile import observer
-from mtrkmta.service import MTAService
-from mtrkmta.workers import decode
 
 log = Logger()
 
@@ -44,7 +42,16 @@ class _MasterWatch(abstract.FileDescriptor):
 
 def main() -> int:
     """A worker process: ``python -m mtrkmta.cli.worker``, started by a master only."""
+    # The master passes SIGHUP on (a reload). One that comes while this process is still
+    # starting must neither kill it nor be lost: it is kept, and the node reloads once up.
+    # So the node's modules are imported only after this (they take a second or so).
+    early: list[int] = []
+    signal.signal(signal.SIGHUP, lambda number, _: early.append(number))
     from twisted.internet import reactor
+
+    from mtrkmta.logfile import observer
+    from mtrkmta.service import MTAService
+    from mtrkmta.workers import decode
 
     line = b""
     while not line.endswith(b"\n"):
@@ -53,9 +60,15 @@ def main() -> int:
             print("mtrkmta worker: no configuration on standard input", file=sys.stderr)
             return 2
         line += chunk
-    config, role = decode(line)
+    config, role, origin = decode(line)
     globalLogBeginner.beginLoggingTo([observer(f"worker {role.index}")], redirectStandardIO=False)
-    service = MTAService(config, reactor, worker=role)
+    # The origin lets a reload read the configuration again; a worker starts no workers.
+    service = MTAService(config, reactor, worker=role, origin=origin)
+    # The master passes SIGHUP on: reload as it does. Only the master notifies systemd.
+    threads = IReactorFromThreads(reactor)
+    signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(service.reload))
+    if early:
+        reactor.callWhenRunning(service.reload)  # runs once the node has started
     status = []
 
     def failed(failure: Failure) -> None:

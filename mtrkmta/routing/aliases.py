@@ -325,6 +325,15 @@ class AliasSource:
         d = deferToThreadPool(self._reactor, self._threadpool, check)
         return d.addCallbacks(loaded, failed)
 
+    def replace(self, path: Path, book: AliasBook) -> None:
+        """Use ``book``, read from ``path``, from now on (a reload read and checked it)."""
+        self.path = path
+        self.book = book
+        try:
+            self._stamp = self._stat()
+        except OSError:
+            self._stamp = None
+
     def _stat(self) -> tuple[int, int]:
         st = os.stat(self.path)
         return (st.st_mtime_ns, st.st_size)

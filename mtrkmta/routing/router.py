@@ -182,6 +182,14 @@ class Router:
             clock=clock,
         )
 
+    def replace_routes(self, routes: Sequence[Route]) -> None:
+        """Route by ``routes`` from now on (a reload); messages already routed keep their hop."""
+        for route in routes:
+            if route.transport in ("lmtp", "smtp") and not route.endpoint:
+                raise ValueError(f"route for {route.domain!r} ({route.transport}) has no endpoint")
+        self._routes = tuple(routes)
+        self._fixed.clear()
+
     def route(self, domain: str) -> Deferred[NextHop | RouteFailure]:
         """The next hop for ``domain``, or why there is none (IRouter)."""
         known = self.known(domain)

@@ -12,7 +12,10 @@ import pytest_twisted
 from fakemta import FakeMTA
 from smtpwire import Wire, in_thread, queue_emptied, queue_id_of
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.logger import formatEvent, globalLogPublisher
 
+from mtrkmta.queue.control import RELOAD_ALIASES, SOCKET_NAME, request
 from mtrkmta.testing import node_config, start_node, stop_node
 
 ALIASES = """
@@ -224,3 +227,38 @@ async def test_aliases_file_is_reloaded_when_it_changes(tmp_path):
         await in_thread(send, node.port("smtp"), "sales@localhost", "")
         await queue_emptied(node)
         assert "erin@relay.example" in received(fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_reads_the_aliases_again_and_keeps_them_when_the_file_breaks(tmp_path):
+    async with aliased_node(tmp_path) as (node, fake):
+        aliases = tmp_path / "aliases.toml"
+        aliases.write_text('[alias.sales]\nto = "erin@relay.example"\n')
+        assert await node.reload() is True
+        assert node.aliases.book.aliases.keys() == {"sales"}
+        aliases.write_text('[alias.sales]\nto = "nobody@relay.example"\n[alias.broken\n')
+        assert await node.reload() is False  # logged; the aliases read before stay
+        await in_thread(send, node.port("smtp"), "sales@localhost", "")
+        await queue_emptied(node)
+        assert "erin@relay.example" in received(fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_newaliases_asks_the_node_for_the_same_reload_as_sighup(tmp_path):
+    async with aliased_node(tmp_path) as (node, _):
+        reloaded: Deferred[str] = Deferred()
+
+        def watch(event: dict) -> None:
+            text = formatEvent(event)
+            if text.startswith("reloaded: ") and not reloaded.called:
+                reloaded.callback(text)
+
+        globalLogPublisher.addObserver(watch)
+        try:
+            (tmp_path / "aliases.toml").write_text('[alias.sales]\nto = "erin@relay.example"\n')
+            await in_thread(request, node.config.data_dir / SOCKET_NAME, RELOAD_ALIASES)
+            line = await reloaded.addTimeout(10, reactor)
+        finally:
+            globalLogPublisher.removeObserver(watch)
+        assert f"aliases file {tmp_path / 'aliases.toml'}" in line
+        assert node.aliases.book.aliases.keys() == {"sales"}

@@ -197,6 +197,7 @@ def test_wheel_contents(wheel: Path, source: Path):
     assert "mtrkmta = mtrkmta.cli.main:main" in entry_points
     # `mtrkmta example-config` prints it: the wheel carries no doc/.
     assert "mtrkmta/config/example.toml" in names
+    assert "mtrkmta/config/mtrkmta.service" in names  # `mtrkmta example-unit` prints it
     assert "sendmail = mtrkmta.cli.sendmail:main" in entry_points
     assert "mailq = mtrkmta.cli.sendmail:mailq_main" in entry_points
     assert "newaliases = mtrkmta.cli.sendmail:newaliases_main" in entry_points
@@ -217,6 +218,8 @@ def test_twistd_finds_the_plugin_of_a_wheel_install(
     # The example configuration is package data; the version has one source.
     example = run([str(venv), "-m", "mtrkmta.cli.main", "example-config"], cwd=tmp_path).stdout
     assert example == (source / "mtrkmta" / "config" / "example.toml").read_text(encoding="utf-8")
+    unit = run([str(venv), "-m", "mtrkmta.cli.main", "example-unit"], cwd=tmp_path).stdout
+    assert unit == (source / "doc" / "examples" / "systemd" / "mtrkmta.service").read_text("utf-8")
     version = run([str(venv), "-m", "mtrkmta.cli.main", "--version"], cwd=tmp_path).stdout
     metadata = "import importlib.metadata as m; print('mtrkmta', m.version('mtrkmta'))"
     assert version == run([str(venv), "-c", metadata], cwd=tmp_path).stdout == "mtrkmta 0.1.0\n"

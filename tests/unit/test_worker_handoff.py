@@ -23,8 +23,10 @@ def test_a_worker_loads_the_masters_configuration_and_becomes_its_own_node(tmp_p
         Override("--workers", "server.workers", 2),
     )
     master = load_config(toml, overrides)
-    config, role = decode(ConfigOrigin(toml, overrides).encode(1, {"smtp": (3, socket.AF_INET)}))
+    origin = ConfigOrigin(toml, overrides)
+    config, role, again = decode(origin.encode(1, {"smtp": (3, socket.AF_INET)}))
     assert config == master
+    assert again == origin  # what the worker's reload loads again
     assert role == WorkerRole(1, {"smtp": (3, int(socket.AF_INET))})
     worker = role.node_config(config)
     assert worker.data_dir == tmp_path / "data" / "workers" / "1"
