@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+from weakref import WeakKeyDictionary
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mtrkmta.delivery.interfaces import Attempt, ITransport, NextHop, RecipientOutcome
+from mtrkmta.delivery.interfaces import (
+    Attempt,
+    ITransport,
+    NextHop,
+    RecipientOutcome,
+    Relay,
+    Timing,
+)
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.client import LMTPClient
 from mtrkmta.reportfields import dns_mta
@@ -86,6 +95,26 @@ class _Idle:
     key: tuple[Any, ...]
     session: SMTPClient
     timer: IDelayedCall | None = None
+
+
+def host_name(server_name: str) -> str:
+    """A server's name as the log writes it before ``[address]``: a domain literal
+    (``[192.0.2.1]``) without its brackets, as Postfix writes it."""
+    if server_name.startswith("[") and server_name.endswith("]"):
+        return server_name[1:-1]
+    return server_name
+
+
+def relay_of(server_name: str, peer: IAddress) -> Relay:
+    """The delivery log's ``relay=`` for a connection to ``peer``: ``host[address]:port``,
+    a unix socket ``host[path]``."""
+    host = host_name(server_name)
+    if isinstance(peer, (IPv4Address, IPv6Address)):
+        return Relay(host, peer.host, peer.port)
+    if isinstance(peer, UNIXAddress) and peer.name is not None:
+        path = peer.name.decode("utf-8", "replace") if isinstance(peer.name, bytes) else peer.name
+        return Relay(host, path)
+    return Relay(host, str(peer))
 
 
 def _key(hop: NextHop) -> tuple[Any, ...]:
@@ -167,6 +196,7 @@ class SMTPTransport:
         self._client_settings = settings.client_settings()
         self._idle: list[_Idle] = []
         self._sessions: set[SMTPClient] = set()
+        self._relays: WeakKeyDictionary[SMTPClient, Relay] = WeakKeyDictionary()
         self._in_flight: set[Deferred[list[RecipientOutcome]]] = set()
         self._closing = False
 
@@ -237,7 +267,10 @@ class SMTPTransport:
                     session, found = await self._deliver_batch(attempt, batch, session)
                 except _Unreachable as error:
                     rest = [i for later in batches[number:] for i in later]
-                    outcomes += [_error_outcome(i, error, None) for i in rest]
+                    tried = Timing(None, self.clock.seconds())
+                    outcomes += [
+                        replace(_error_outcome(i, error, None), timing=tried) for i in rest
+                    ]
                     break
                 outcomes += found
         finally:
@@ -258,11 +291,15 @@ class SMTPTransport:
             reused = session is not None
             if session is None:
                 session = await self._connect(hop)
+        ready = self.clock.seconds()
         found, stale = await self._send_batch(session, attempt, batch, reused)
         if stale:  # an idle connection the server had dropped: nothing was sent
             session = await self._connect(hop)
+            ready = self.clock.seconds()
             found, _ = await self._send_batch(session, attempt, batch, False)
-        return session, found
+        timing = Timing(ready, self.clock.seconds())
+        relay = self._relays.get(session)
+        return session, [replace(o, relay=relay, timing=timing) for o in found]
 
     async def _send_batch(
         self, session: SMTPClient, attempt: Attempt, batch: tuple[int, ...], reused: bool
@@ -360,6 +397,8 @@ class SMTPTransport:
                 connecting = connectProtocol(endpoint, client)
                 connecting.addTimeout(self.settings.timeouts.connect, self.clock)
                 await connecting
+                if client.transport is not None:
+                    self._relays[client] = relay_of(server.name, client.transport.getPeer())
             except Exception as exc:  # refused, unreachable, timed out, bad description
                 text = f"{DIAGNOSTIC_TYPE}; connect to {server.name} failed: {exc}"
                 last = _Unreachable("4.4.1", text, server.name)

@@ -22,9 +22,11 @@ from mtrkmta.delivery.interfaces import (
     NextHop,
     RecipientOutcome,
     RouteFailure,
+    Timing,
 )
 from mtrkmta.envelope import Envelope, Recipient
 from mtrkmta.faults import IFaults, NoFaults
+from mtrkmta.queue.deliverylog import Times, delivery_fields
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
 from mtrkmta.queue.scheduler import Scheduler
@@ -479,7 +481,11 @@ class QueueService:
             outcomes += await self._deliver(current, content, routed, now, first=first)
         finished_at = self.clock.seconds()
         await self._record(
-            message, self._updates(message, outcomes, rewritten, finished_at), finished_at
+            message,
+            self._updates(message, outcomes, rewritten, finished_at),
+            finished_at,
+            outcomes={o.index: o for o in outcomes},
+            started=now,
         )
 
     async def _take_record(self, queue_id: str) -> tuple[StoredMessage, bool] | None:
@@ -641,10 +647,18 @@ class QueueService:
         return outcomes, rewritten
 
     async def _record(
-        self, message: StoredMessage, updates: Sequence[RecipientUpdate], now: float
+        self,
+        message: StoredMessage,
+        updates: Sequence[RecipientUpdate],
+        now: float,
+        *,
+        outcomes: Mapping[int, RecipientOutcome] | None = None,
+        started: float | None = None,
     ) -> None:
-        """Commit the updates (marking the DSNs they owe in the same write), tell the
-        observers, queue the DSNs, then finish or reschedule the message."""
+        """Commit the updates (marking the DSNs they owe in the same write), log one
+        delivery line per recipient (``outcomes`` of the attempt begun at ``started``:
+        relay and timing), tell the observers, queue the DSNs, then finish or
+        reschedule the message."""
         updates = list(updates)
         owed: list[StoredRecipient] = []
         if self.notifier is not None:
@@ -659,16 +673,13 @@ class QueueService:
                     owed.append(message.recipients[update.index].updated(updates[position]))
         await self.tracking.record_outcomes(message.queue_id, updates)
         self.faults.reached("queue.outcome_committed")
+        times = Times(message.arrival, now if started is None else started, self.clock.seconds())
         for update in updates:
-            recipient = message.recipients[update.index]
-            log.info(
-                "{queue_id}: to=<{to}> action={action} status={status} {diagnostic}",
-                queue_id=message.queue_id,
-                to=recipient.address,
-                action=update.action,
-                status=update.status,
-                diagnostic=update.diagnostic or "",
+            outcome = outcomes.get(update.index) if outcomes is not None else None
+            fmt, fields = delivery_fields(
+                message.queue_id, message.recipients[update.index], update, outcome, times
             )
+            log.info(fmt, **fields)
         event = QueueEvent(message=message, updates=tuple(updates))
         for observer in list(self.observers):
             try:
@@ -776,9 +787,24 @@ class QueueService:
                 self.destination_concurrency
             )
         transport = self.transports[attempt.next_hop.transport]
-        d = semaphore.run(transport.deliver, attempt)
+        d = semaphore.run(self._timed, transport, attempt)
         d.addBoth(self._release_semaphore, destination, semaphore)
         return d
+
+    def _timed(self, transport: ITransport, attempt: Attempt) -> Deferred[list[RecipientOutcome]]:
+        """``transport.deliver(attempt)``, its outcomes timed here when the transport
+        did not time them (a Maildir write: from its start to its end)."""
+        started = self.clock.seconds()
+
+        def timed(outcomes: list[RecipientOutcome]) -> list[RecipientOutcome]:
+            done = self.clock.seconds()
+            return [
+                o if o.timing is not None else replace(o, timing=Timing(started, done))
+                for o in outcomes
+            ]
+
+        d: Deferred[list[RecipientOutcome]] = transport.deliver(attempt)
+        return d.addCallback(timed)
 
     def _release_semaphore(
         self, result: Any, destination: str, semaphore: DeferredSemaphore

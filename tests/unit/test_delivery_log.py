@@ -1,0 +1,214 @@
+"""The delivery log line of each recipient after an attempt (doc/running.rst, "Logging"),
+as the text observer writes it, on a queue driven by a clock alone."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Iterator
+
+import pytest
+import pytest_twisted
+from test_queue_service import START, Node
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import globalLogPublisher
+from zope.interface import implementer
+
+from mtrkmta.delivery.interfaces import ITransport, RecipientOutcome, Relay, Timing
+from mtrkmta.delivery.smtp import relay_of
+from mtrkmta.logfile import text_observer
+from mtrkmta.tracking.interfaces import RecipientState
+
+STAMP = r"\S+ \[mtrkmta\.queue\.service#info\] "
+
+
+@pytest.fixture
+def log() -> Iterator[Callable[[], list[str]]]:
+    """The queue's delivery lines so far, without the time stamp and [system]."""
+    out = io.StringIO()
+    observer = text_observer(out)
+    globalLogPublisher.addObserver(observer)
+
+    def lines() -> list[str]:
+        text = out.getvalue().splitlines()
+        return [re.sub(f"^{STAMP}", "", line) for line in text if " to=<" in line]
+
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+
+
+@implementer(ITransport)
+class TimedTransport:
+    """Answers once the test says so, as a transport that connected ``connect_after``
+    seconds into the attempt would: its relay, its timing on the node's clock."""
+
+    def __init__(self, clock, outcome: RecipientOutcome, relay: Relay | None, connect_after):
+        self.clock = clock
+        self.outcome = outcome
+        self.relay = relay
+        self.connect_after = connect_after
+        self.pending: list[tuple[Deferred, tuple[int, ...], float]] = []
+
+    def deliver(self, attempt):
+        d: Deferred = Deferred()
+        self.pending.append((d, attempt.recipients, self.clock.seconds()))
+        return d
+
+    def answer(self):
+        for d, indices, started in self.pending:
+            connected = None if self.relay is None else started + self.connect_after
+            timing = Timing(connected, self.clock.seconds())
+            d.callback(
+                [
+                    RecipientOutcome(
+                        i,
+                        self.outcome.state,
+                        self.outcome.status,
+                        self.outcome.diagnostic,
+                        relay=self.relay,
+                        timing=timing,
+                    )
+                    for i in indices
+                ]
+            )
+        self.pending = []
+
+    def abort(self):
+        self.pending = []
+
+    def close(self):
+        return succeed(None)
+
+
+async def attempt_after(node: Node, transport: TimedTransport, waited: float, took: float):
+    """Accept q1 for alice, hold its first run ``waited`` seconds (as a busy queue would),
+    then let the transport take ``took`` seconds."""
+    node.transport = transport
+    node.queue = node.new_queue()
+    await node.start()
+    node.queue.scheduler.stop()
+    await node.accept("Q1", "alice@far.example")
+    await node.advance(waited)
+    node.queue.scheduler.run()
+    await node.queue.flush("Q1")
+    await node.advance(0)
+    assert transport.pending, "the attempt has started"
+    await node.advance(took)
+    transport.answer()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relayed_recipient_names_the_peer_the_delays_and_the_reply(log):
+    node = Node()
+    sent = RecipientOutcome(0, RecipientState.RELAYED, "2.1.9", "smtp; 250 2.0.0 Ok: queued")
+    relay = Relay("mx.far.example", "192.0.2.7", 25)
+    transport = TimedTransport(node.clock, sent, relay, connect_after=0.5)
+    try:
+        await attempt_after(node, transport, waited=3, took=1.25)
+        assert log() == [
+            "Q1: to=<alice@far.example>, relay=mx.far.example[192.0.2.7]:25, delay=4.25,"
+            " delays=3.00/0.50/0.75, dsn=2.1.9, status=relayed (250 2.0.0 Ok: queued)"
+        ]
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_connection_is_relay_none_with_the_time_spent_trying(log):
+    node = Node()
+    refused = RecipientOutcome(
+        0,
+        RecipientState.DEFERRED,
+        "4.4.1",
+        "x-mtrkmta; connect to mx.far.example[192.0.2.7]:25: Connection refused",
+    )
+    transport = TimedTransport(node.clock, refused, None, connect_after=0)
+    try:
+        await attempt_after(node, transport, waited=0, took=2)
+        assert log() == [
+            "Q1: to=<alice@far.example>, relay=none, delay=2.00, delays=0.00/2.00/0.00,"
+            " dsn=4.4.1, status=deferred"
+            " (connect to mx.far.example[192.0.2.7]:25: Connection refused)"
+        ]
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bounced_recipient_and_its_original_address(log):
+    node = Node()
+    failed = RecipientOutcome(0, RecipientState.FAILED, "5.1.1", "smtp; 550 5.1.1 No such user")
+    transport = TimedTransport(
+        node.clock, failed, Relay("lda.example", "/run/lmtp"), connect_after=0.0
+    )
+    try:
+        await attempt_after(node, transport, waited=0, took=0.5)
+        message = await node.tracking.message("Q1")
+        assert message.recipients[0].state is RecipientState.FAILED
+        (line,) = log()
+        assert line == (
+            "Q1: to=<alice@far.example>, relay=lda.example[/run/lmtp], delay=0.50,"
+            " delays=0.00/0.00/0.50, dsn=5.1.1, status=bounced (550 5.1.1 No such user)"
+        )
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_maildir_delivery_is_relay_local_timed_by_the_queue(log):
+    # A transport that does not time its outcomes (Maildir, in a thread) is timed by the
+    # queue from the call to the answer.
+    node = Node()
+    delivered = RecipientOutcome(0, RecipientState.DELIVERED, "2.1.5")
+
+    class Untimed(TimedTransport):
+        def answer(self):
+            for d, indices, _ in self.pending:
+                d.callback(
+                    [
+                        RecipientOutcome(i, RecipientState.DELIVERED, "2.1.5", relay=self.relay)
+                        for i in indices
+                    ]
+                )
+
+    transport = Untimed(node.clock, delivered, Relay("local"), connect_after=0)
+    try:
+        await attempt_after(node, transport, waited=1, took=0.25)
+        assert log() == [
+            "Q1: to=<alice@far.example>, relay=local, delay=1.25, delays=1.00/0.00/0.25,"
+            " dsn=2.1.5, status=sent (delivered to maildir)"
+        ]
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_administrators_bounce_is_logged_with_relay_none(log):
+    node = Node()
+    await node.start()
+    try:
+        node.queue.scheduler.stop()
+        await node.accept("Q2", "bob@far.example")
+        node.clock.advance(7)
+        node.queue.scheduler.run()
+        assert await node.queue.bounce("Q2")
+        (line,) = log()
+        assert line == (
+            "Q2: to=<bob@far.example>, relay=none, delay=7.00, delays=7.00/0.00/0.00,"
+            " dsn=5.0.0, status=bounced (failed)"
+        )
+        assert START + 7 == node.clock.seconds()
+    finally:
+        await node.close()
+
+
+def test_relay_names_the_peer_actually_connected_to():
+    assert str(relay_of("mx.example", IPv4Address("TCP", "192.0.2.1", 2525))) == (
+        "mx.example[192.0.2.1]:2525"
+    )
+    assert str(relay_of("[2001:db8::1]", IPv6Address("TCP", "2001:db8::1", 25))) == (
+        "2001:db8::1[2001:db8::1]:25"
+    )
+    assert str(relay_of("lda", UNIXAddress(b"/run/dovecot/lmtp"))) == "lda[/run/dovecot/lmtp]"
+    assert str(Relay("local")) == "local"
