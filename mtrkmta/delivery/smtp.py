@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 from weakref import WeakKeyDictionary
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    succeed,
+)
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.error import ConnectError
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -20,6 +30,7 @@ from mtrkmta.delivery.interfaces import (
     NextHop,
     RecipientOutcome,
     Relay,
+    Server,
     Timing,
 )
 from mtrkmta.faults import IFaults, NoFaults
@@ -115,6 +126,40 @@ def relay_of(server_name: str, peer: IAddress) -> Relay:
         path = peer.name.decode("utf-8", "replace") if isinstance(peer.name, bytes) else peer.name
         return Relay(host, path)
     return Relay(host, str(peer))
+
+
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+def target(server: Server) -> str:
+    """What a connection to ``server`` goes to, as a failure names it: ``host[address]:port``
+    from its endpoint description (``tcp:host=127.0.0.1:port=2999`` of a server named
+    ``127.0.0.1`` is ``127.0.0.1[127.0.0.1]:2999``), a unix socket ``host[path]``."""
+    kind, _, rest = server.endpoint.partition(":")
+    params: dict[str, str] = {}
+    for part in _UNESCAPED_COLON.split(rest):
+        key, sep, value = part.partition("=")
+        if sep:
+            params[key] = value.replace("\\:", ":").replace("\\\\", "\\")
+    host = host_name(server.name)
+    if kind == "unix" and "path" in params:
+        return str(Relay(host, params["path"]))
+    if "host" in params:
+        port = params.get("port", "")
+        return str(Relay(host, params["host"], int(port) if port.isdigit() else None))
+    return host
+
+
+def connect_failure(error: BaseException) -> str:
+    """Why a connection failed, as the system says it (``Connection refused``)."""
+    if isinstance(error, (DeferredTimeout, ConnectTimeout)):
+        return "Connection timed out"
+    if isinstance(error, ConnectError):
+        if error.osError:
+            return os.strerror(error.osError)
+        if error.args and error.args[0]:
+            return str(error.args[0])
+    return str(error) or type(error).__name__
 
 
 def _key(hop: NextHop) -> tuple[Any, ...]:
@@ -400,7 +445,7 @@ class SMTPTransport:
                 if client.transport is not None:
                     self._relays[client] = relay_of(server.name, client.transport.getPeer())
             except Exception as exc:  # refused, unreachable, timed out, bad description
-                text = f"{DIAGNOSTIC_TYPE}; connect to {server.name} failed: {exc}"
+                text = f"{DIAGNOSTIC_TYPE}; connect to {target(server)}: {connect_failure(exc)}"
                 last = _Unreachable("4.4.1", text, server.name)
                 continue
             self._sessions.add(client)

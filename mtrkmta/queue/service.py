@@ -485,6 +485,7 @@ class QueueService:
             self._updates(message, outcomes, rewritten, finished_at),
             finished_at,
             outcomes={o.index: o for o in outcomes},
+            arrival=envelope.arrival or message.arrival,
             started=now,
         )
 
@@ -653,12 +654,14 @@ class QueueService:
         now: float,
         *,
         outcomes: Mapping[int, RecipientOutcome] | None = None,
+        arrival: float | None = None,
         started: float | None = None,
     ) -> None:
         """Commit the updates (marking the DSNs they owe in the same write), log one
         delivery line per recipient (``outcomes`` of the attempt begun at ``started``:
-        relay and timing), tell the observers, queue the DSNs, then finish or
-        reschedule the message."""
+        relay and timing; ``arrival`` to the fraction of a second, the record's is
+        whole seconds), tell the observers, queue the DSNs, then finish or reschedule
+        the message."""
         updates = list(updates)
         owed: list[StoredRecipient] = []
         if self.notifier is not None:
@@ -673,7 +676,11 @@ class QueueService:
                     owed.append(message.recipients[update.index].updated(updates[position]))
         await self.tracking.record_outcomes(message.queue_id, updates)
         self.faults.reached("queue.outcome_committed")
-        times = Times(message.arrival, now if started is None else started, self.clock.seconds())
+        times = Times(
+            message.arrival if arrival is None else arrival,
+            now if started is None else started,
+            self.clock.seconds(),
+        )
         for update in updates:
             outcome = outcomes.get(update.index) if outcomes is not None else None
             fmt, fields = delivery_fields(

@@ -17,18 +17,23 @@ import pytest
 import pytest_twisted
 from certs import tls_options
 from dnsserver import serve_dns
-from smtpwire import Wire, in_thread, running_node, until
+from fakemta import FakeMTA
+from smtpwire import Wire, in_thread, queue_id_of, running_node, until
 from test_receive_tls_auth import secure
 from test_relay_end_to_end import far_zones, mx_options, relaying, send_one
+from test_smtp_transport import dead_endpoint
 from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
 from mtrkmta.auth import hash_password
 from mtrkmta.logfile import text_observer
+from mtrkmta.testing import node_config, start_node, stop_node
 
 FILTER = Path(__file__).parents[2] / "doc/examples/fail2ban/filter.d/mtrkmta.conf"
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
 SERVER = re.escape("[mtrkmta.smtp.server#info]")
+QUEUE = re.escape("[mtrkmta.queue.service#info]")
+DELAYS = r"delay=\d+\.\d\d, delays=\d+\.\d\d/\d+\.\d\d/\d+\.\d\d"
 FORGED = (
     "2026-01-01T00:00:00+0000 [mtrkmta.smtp.server#info] smtp AUTH failed from unknown[10.0.0.1]:"
 )
@@ -189,3 +194,72 @@ async def test_a_delivery_by_mx_leaves_no_twisted_chatter_in_the_log(tmp_path, l
     for chatter in ("Starting factory", "Stopping factory", "UDP Port", "DNSDatagramProtocol"):
         assert chatter not in text
     assert " connect from [127.0.0.1]" in text  # the log was written
+
+
+def send_to(port: int, *recipients: str) -> str:
+    """One message from s@client.example.test to ``recipients``; its queue id."""
+    with Wire(port) as wire:
+        assert wire.ehlo().code == 250
+        assert wire.command("MAIL FROM:<s@client.example.test>").code == 250
+        for address in recipients:
+            assert wire.command(f"RCPT TO:<{address}>").code == 250
+        queue_id = queue_id_of(wire.data(b"Subject: log\r\n\r\nbody\r\n"))
+        assert wire.command("QUIT").code == 221
+    return queue_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_delivery_is_logged_with_its_relay_delays_dsn_and_status(tmp_path, log_file):
+    # One message to a Maildir, over LMTP and SMTP to fake servers, and to a port where
+    # nothing listens: one line per recipient, each with the peer really connected to.
+    smtp = await FakeMTA(reactor).start()
+    lmtp = await FakeMTA(reactor, lmtp=True).start()
+    dead = await dead_endpoint()
+    dead_port = dead.rsplit("=", 1)[1]
+    smtp_port, lmtp_port = smtp.port, lmtp.port
+    config = node_config(
+        tmp_path / "data",
+        listeners=("smtp",),
+        options=(
+            ("routes", f"relay.example=smtp:{smtp.endpoint};tls=none"),
+            ("routes", f"lda.example=lmtp:{lmtp.endpoint}"),
+            ("routes", f"dead.example=smtp:{dead};tls=none"),
+            ("durability.fsync", False),
+        ),
+    )
+    node = await start_node(config)
+    try:
+        recipients = (
+            "alice@localhost",
+            "bob@lda.example",
+            "carol@relay.example",
+            "dan@dead.example",
+        )
+        queue_id = await in_thread(send_to, node.port("smtp"), *recipients)
+        await until(lambda: len(lines(log_file, " to=<")) == 4, "four delivery lines")
+    finally:
+        await stop_node(node)
+        await smtp.stop()
+        await lmtp.stop()
+    found = {re.search(r" to=<([^@]+)@", line).group(1): line for line in lines(log_file, " to=<")}
+    head = rf"{STAMP} {QUEUE} {queue_id}: "
+    assert re.fullmatch(
+        rf"{head}to=<alice@localhost>, relay=local, {DELAYS}, dsn=2\.1\.5,"
+        r" status=sent \(delivered to maildir\)",
+        found["alice"],
+    )
+    assert re.fullmatch(
+        rf"{head}to=<bob@lda\.example>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{lmtp_port},"
+        rf" {DELAYS}, dsn=2\.1\.5, status=sent \(250 .*\)",
+        found["bob"],
+    )
+    assert re.fullmatch(
+        rf"{head}to=<carol@relay\.example>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{smtp_port},"
+        rf" {DELAYS}, dsn=2\.\d\.\d, status=relayed \(250 .*\)",
+        found["carol"],
+    )
+    assert re.fullmatch(
+        rf"{head}to=<dan@dead\.example>, relay=none, {DELAYS}, dsn=4\.4\.1, status=deferred"
+        rf" \(connect to 127\.0\.0\.1\[127\.0\.0\.1\]:{dead_port}: Connection refused\)",
+        found["dan"],
+    )

@@ -12,11 +12,13 @@ import pytest_twisted
 from test_queue_service import START, Node
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.error import DNSLookupError, getConnectError
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
-from mtrkmta.delivery.interfaces import ITransport, RecipientOutcome, Relay, Timing
-from mtrkmta.delivery.smtp import relay_of
+from mtrkmta.delivery.interfaces import ITransport, RecipientOutcome, Relay, Server, Timing
+from mtrkmta.delivery.smtp import connect_failure, relay_of, target
 from mtrkmta.logfile import text_observer
 from mtrkmta.tracking.interfaces import RecipientState
 
@@ -212,3 +214,18 @@ def test_relay_names_the_peer_actually_connected_to():
     )
     assert str(relay_of("lda", UNIXAddress(b"/run/dovecot/lmtp"))) == "lda[/run/dovecot/lmtp]"
     assert str(Relay("local")) == "local"
+
+
+def test_a_failed_connection_names_the_address_and_port_it_tried():
+    # The example: "connect to 127.0.0.1 failed" when the target was port 2999.
+    assert target(Server("127.0.0.1", "tcp:host=127.0.0.1:port=2999")) == (
+        "127.0.0.1[127.0.0.1]:2999"
+    )
+    assert target(Server("[2001:db8::1]", r"tcp:host=2001\:db8\:\:1:port=25")) == (
+        "2001:db8::1[2001:db8::1]:25"
+    )
+    assert target(Server("lda", "unix:path=/run/dovecot/lmtp")) == "lda[/run/dovecot/lmtp]"
+    assert connect_failure(getConnectError((111, "Connection refused"))) == "Connection refused"
+    assert connect_failure(getConnectError((113, "x"))) == "No route to host"
+    assert connect_failure(DeferredTimeout()) == "Connection timed out"
+    assert connect_failure(DNSLookupError("no such host")) == ("DNS lookup failed: no such host.")
