@@ -162,7 +162,8 @@ class MaildirTransport:
             if problem is not None:
                 # RCPT refuses such addresses; one that comes from an alias target fails.
                 log.error(
-                    "maildir delivery to {address} failed: {problem}",
+                    "{queue_id}: maildir delivery to <{address}> failed: {problem}",
+                    queue_id=attempt.envelope.queue_id,
                     address=address,
                     problem=problem,
                 )
@@ -183,7 +184,10 @@ class MaildirTransport:
                 )
             except OSError as error:
                 log.error(
-                    "maildir delivery to {address} failed: {error}", address=address, error=error
+                    "{queue_id}: maildir delivery to <{address}> failed: {error}",
+                    queue_id=attempt.envelope.queue_id,
+                    address=address,
+                    error=error,
                 )
                 outcomes.append(
                     RecipientOutcome(index, RecipientState.DEFERRED, "4.3.0", relay=LOCAL)
@@ -192,7 +196,11 @@ class MaildirTransport:
             for new_dir in touched:
                 self._sync_dir(new_dir)
         except OSError as error:
-            log.error("maildir fsync failed: {error}", error=error)
+            log.error(
+                "{queue_id}: maildir fsync failed: {error}",
+                queue_id=attempt.envelope.queue_id,
+                error=error,
+            )
             return [
                 RecipientOutcome(o.index, RecipientState.DEFERRED, "4.3.0", relay=LOCAL)
                 for o in outcomes

@@ -293,7 +293,11 @@ class SMTPTransport:
         try:
             return await self._deliver_batches(attempt)
         except Exception:
-            log.failure("{kind} delivery failed unexpectedly", kind=attempt.next_hop.transport)
+            log.failure(
+                "{queue_id}: {kind} delivery failed unexpectedly",
+                queue_id=attempt.envelope.queue_id,
+                kind=attempt.next_hop.transport,
+            )
             return [
                 RecipientOutcome(i, RecipientState.DEFERRED, "4.3.0", None)
                 for i in attempt.recipients

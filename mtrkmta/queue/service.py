@@ -692,7 +692,7 @@ class QueueService:
             try:
                 observer(event)
             except Exception:
-                log.failure("queue observer failed")
+                log.failure("{queue_id}: queue observer failed", queue_id=message.queue_id)
         changed = {u.index: u for u in updates}
         current = replace(
             message,
@@ -745,7 +745,7 @@ class QueueService:
         for index in indices:
             domain = recipient_domain(envelope.recipients[index].address)
             if domain not in routes:
-                routes[domain] = await self._route(domain)
+                routes[domain] = await self._route(envelope.queue_id, domain)
         outcomes: list[RecipientOutcome] = []
         groups: dict[str, tuple[NextHop, list[int]]] = {}
         for index in indices:
@@ -769,8 +769,9 @@ class QueueService:
             else:
                 # DeferredList's annotation omits it: a failed attempt's result is its Failure.
                 log.failure(
-                    "transport failed for {dest}",
+                    "{queue_id}: transport failed for {dest}",
                     cast(Failure, result),
+                    queue_id=envelope.queue_id,
                     dest=attempt.next_hop.destination,
                 )
                 outcomes.extend(
@@ -779,11 +780,16 @@ class QueueService:
                 )
         return sorted(outcomes, key=lambda o: o.index)
 
-    async def _route(self, domain: str) -> NextHop | RouteFailure:
+    async def _route(self, queue_id: str, domain: str) -> NextHop | RouteFailure:
         try:
             return await self.router.route(domain)
         except Exception as error:
-            log.error("routing {domain} failed: {error}", domain=domain, error=error)
+            log.error(
+                "{queue_id}: routing {domain} failed: {error}",
+                queue_id=queue_id,
+                domain=domain,
+                error=error,
+            )
             return RouteFailure(RecipientState.DEFERRED, "4.4.3", f"routing failed: {error}")
 
     def _limited(self, attempt: Attempt) -> Deferred[list[RecipientOutcome]]:

@@ -9,15 +9,26 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import pytest_twisted
+from test_maildir import attempt as maildir_attempt
 from test_queue_service import START, Node
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import DNSLookupError, getConnectError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mtrkmta.delivery.interfaces import ITransport, RecipientOutcome, Relay, Server, Timing
+from mtrkmta.delivery.interfaces import (
+    IRouter,
+    ITransport,
+    RecipientOutcome,
+    Relay,
+    Server,
+    Timing,
+)
+from mtrkmta.delivery.maildir import MaildirTransport
 from mtrkmta.delivery.smtp import connect_failure, relay_of, target
 from mtrkmta.logfile import text_observer
 from mtrkmta.tracking.interfaces import RecipientState
@@ -229,3 +240,68 @@ def test_a_failed_connection_names_the_address_and_port_it_tried():
     assert connect_failure(getConnectError((113, "x"))) == "No route to host"
     assert connect_failure(DeferredTimeout()) == "Connection timed out"
     assert connect_failure(DNSLookupError("no such host")) == ("DNS lookup failed: no such host.")
+
+
+# -- every line about a message begins with its queue id ---------------------------------
+
+
+@pytest.fixture
+def every_line() -> Iterator[Callable[[], list[str]]]:
+    """Every line logged, without the time stamp and [system]."""
+    out = io.StringIO()
+    observer = text_observer(out)
+    globalLogPublisher.addObserver(observer)
+
+    def lines() -> list[str]:
+        return [line.split("] ", 1)[1] for line in out.getvalue().splitlines() if "] " in line]
+
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_maildir_failures_begin_with_the_queue_id(tmp_path, every_line):
+    maildir = MaildirTransport(MemoryReactorClock(), ThreadPool(), tmp_path)
+    (tmp_path / "bob").write_text("a file where the mailbox should be")
+    outcomes = maildir._deliver(maildir_attempt(("@x.test", "bob@x.test"), queue_id="Q1"))
+    assert [o.state for o in outcomes] == [RecipientState.FAILED, RecipientState.DEFERRED]
+    first, second = every_line()
+    assert first == "Q1: maildir delivery to <@x.test> failed: empty local part: no mailbox"
+    assert second.startswith("Q1: maildir delivery to <bob@x.test> failed: [Errno ")
+
+
+@implementer(IRouter)
+class BrokenRouter:
+    def route(self, domain):
+        raise RuntimeError("resolver exploded")
+
+
+@implementer(ITransport)
+class BrokenTransport:
+    def deliver(self, attempt):
+        return fail(RuntimeError("transport exploded"))
+
+    def abort(self):
+        self.aborted = True
+
+    def close(self):
+        return succeed(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_routing_and_transport_failures_begin_with_the_queue_id(every_line):
+    node = Node()
+    node.transport = BrokenTransport()
+    node.queue = node.new_queue()
+    await node.start()
+    try:
+        await node.accept("Q3", "carol@far.example")
+        await node.advance(0)
+        node.queue.router = BrokenRouter()
+        await node.accept("Q4", "dan@far.example")
+        await node.advance(0)
+    finally:
+        await node.close()
+    about = [line for line in every_line() if "failed" in line and " to=<" not in line]
+    assert about[0] == "Q3: transport failed for mx:far.example"
+    assert about[1] == "Q4: routing far.example failed: resolver exploded"
+    assert len(about) == 2
