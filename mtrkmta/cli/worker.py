@@ -15,7 +15,7 @@ from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
 
-from mtrkmta.logfile import observer
+from mtrkmta.logfile import configured_observer
 from mtrkmta.service import MTAService
 from mtrkmta.workers import decode
 
@@ -54,7 +54,9 @@ def main() -> int:
             return 2
         line += chunk
     config, role = decode(line)
-    globalLogBeginner.beginLoggingTo([observer(f"worker {role.index}")], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [configured_observer(config.logging, f"worker {role.index}")], redirectStandardIO=False
+    )
     service = MTAService(config, reactor, worker=role)
     status = []
 
