@@ -10,12 +10,7 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import (
-    Deferred,
-    DeferredList,
-    ensureDeferred,
-    succeed,
-)
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectError
@@ -92,13 +87,17 @@ def diagnostic(reply: Reply) -> str:
 
 
 class _Unreachable(Exception):
-    """No server of the next hop would take mail: why, as a deferral."""
+    """No server of the next hop would take mail: why, as a deferral; ``relay`` the
+    last server connected to, when one answered (a refused greeting, EHLO or TLS)."""
 
-    def __init__(self, status: str, diagnostic: str, server: str | None) -> None:
+    def __init__(
+        self, status: str, diagnostic: str, server: str | None, relay: Relay | None = None
+    ) -> None:
         super().__init__(diagnostic)
         self.status = status
         self.diagnostic = diagnostic
         self.server = server
+        self.relay = relay
 
 
 @dataclass(slots=True)
@@ -318,7 +317,8 @@ class SMTPTransport:
                     rest = [i for later in batches[number:] for i in later]
                     tried = Timing(None, self.clock.seconds())
                     outcomes += [
-                        replace(_error_outcome(i, error, None), timing=tried) for i in rest
+                        replace(_error_outcome(i, error, None), relay=error.relay, timing=tried)
+                        for i in rest
                     ]
                     break
                 outcomes += found
@@ -457,7 +457,7 @@ class SMTPTransport:
             try:
                 await client.when_ready()
             except SessionError as error:
-                last = _Unreachable(*_describe(error), server.name)
+                last = _Unreachable(*_describe(error), server.name, self._relays.get(client))
                 await client.close()
                 continue
             return client

@@ -357,6 +357,8 @@ async def test_all_servers_failing_defers_with_the_last_error(world):
     assert states(outcomes) == [(S.DEFERRED, "4.7.1")] * 2
     assert outcomes[0].diagnostic == "smtp; 554 5.7.1 go away"
     assert outcomes[0].remote_mta == "dns; mx1.example.test"
+    # The log's relay= is the server that refused its greeting, connected to.
+    assert outcomes[0].relay == Relay("mx1.example.test", "127.0.0.1", refusing.port)
     outcomes = await world.smtp().deliver(attempt(hop(server(refusing), dead)))
     assert states(outcomes) == [(S.DEFERRED, "4.4.1")]
     port = dead.endpoint.rsplit("=", 1)[1]
@@ -364,6 +366,7 @@ async def test_all_servers_failing_defers_with_the_last_error(world):
         f"x-mtrkmta; connect to mx0.example.test[127.0.0.1]:{port}: Connection refused"
     )
     assert outcomes[0].remote_mta == "dns; mx0.example.test"
+    assert outcomes[0].relay is None  # no connection was made: relay=none
 
 
 @pytest_twisted.ensureDeferred
