@@ -12,11 +12,11 @@ EVENT = "delivery"
 """The ``event`` field of a delivery line (doc/running.rst, "Logging")."""
 
 FORMAT = (
-    "{queue_id}: to=<{to}>, relay={relay}, delay={delay}, delays={delays},"
+    "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.2f}, delays={delays},"
     " dsn={dsn}, status={status} ({reply})"
 )
 FORMAT_ORIG_TO = (
-    "{queue_id}: to=<{to}>, orig_to=<{orig_to}>, relay={relay}, delay={delay},"
+    "{queue_id}: to=<{to}>, orig_to=<{orig_to}>, relay={relay}, delay={delay:.2f},"
     " delays={delays}, dsn={dsn}, status={status} ({reply})"
 )
 
@@ -95,7 +95,7 @@ def delivery_fields(
         "event": EVENT,
         "to": to,
         "relay": str(outcome.relay) if outcome is not None and outcome.relay else "none",
-        "delay": seconds(times.recorded - times.arrival),
+        "delay": round(max(0.0, times.recorded - times.arrival), 2),
         "delays": "/".join(seconds(part) for part in (a, b, c)),
         "dsn": update.status or ("4.0.0" if update.state.in_queue else "2.0.0"),
         "status": _STATUS.get(update.state, update.state.value),

@@ -31,7 +31,8 @@ from mtrkmta.delivery.interfaces import (
 from mtrkmta.delivery.maildir import MaildirTransport
 from mtrkmta.delivery.smtp import connect_failure, relay_of, target
 from mtrkmta.logfile import text_observer
-from mtrkmta.tracking.interfaces import RecipientState
+from mtrkmta.queue.deliverylog import Times, delivery_fields
+from mtrkmta.tracking.interfaces import RecipientState, RecipientUpdate, StoredRecipient
 
 STAMP = r"\S+ \[mtrkmta\.queue\.service#info\] "
 
@@ -149,7 +150,7 @@ async def test_a_refused_connection_is_relay_none_with_the_time_spent_trying(log
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_bounced_recipient_and_its_original_address(log):
+async def test_a_bounced_recipient_over_a_unix_socket(log):
     node = Node()
     failed = RecipientOutcome(0, RecipientState.FAILED, "5.1.1", "smtp; 550 5.1.1 No such user")
     transport = TimedTransport(
@@ -305,3 +306,24 @@ async def test_routing_and_transport_failures_begin_with_the_queue_id(every_line
     assert about[0] == "Q3: transport failed for mx:far.example"
     assert about[1] == "Q4: routing far.example failed: resolver exploded"
     assert len(about) == 2
+
+
+def test_an_address_an_alias_rewrote_is_to_and_the_clients_is_orig_to():
+    recipient = StoredRecipient(
+        0, "postmaster@mx.example", None, None, "postmaster@mx.example", RecipientState.QUEUED
+    )
+    update = RecipientUpdate(
+        0,
+        RecipientState.DELIVERED,
+        "2.1.5",
+        action="delivered",
+        final_recipient="alice@mx.example",
+    )
+    outcome = RecipientOutcome(
+        0, RecipientState.DELIVERED, "2.1.5", relay=Relay("local"), timing=Timing(10.5, 11.0)
+    )
+    fmt, fields = delivery_fields("Q5", recipient, update, outcome, Times(10.0, 10.5, 11.0))
+    assert fmt.format(**fields) == (
+        "Q5: to=<alice@mx.example>, orig_to=<postmaster@mx.example>, relay=local,"
+        " delay=1.00, delays=0.50/0.00/0.50, dsn=2.1.5, status=sent (delivered to maildir)"
+    )
