@@ -1,19 +1,32 @@
-"""The text log observer `mtrkmta serve` gives twistd: its format, made cheap to produce."""
+"""The log observers `mtrkmta serve` gives twistd: text lines, JSON lines, syslog."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import string
 import sys
+import time
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TextIO
 
 from twisted.logger import (
     FileLogObserver,
+    ILogObserver,
     LogEvent,
     LogLevel,
+    formatEvent,
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mtrkmta.config import Logging
 
 # What some common line splitter takes for the end of a line (str.splitlines: LF, VT, FF,
 # CR, FS, GS, RS, NEL, U+2028, U+2029) and every other C0 or C1 control and DEL.
@@ -182,6 +195,177 @@ def _twisted_line(event: LogEvent, stamps: Callable[[float | None], str]) -> str
     return _UNSAFE_IN_TEXT.sub(_escape_char, line)
 
 
+def _system(event: LogEvent, process: str | None) -> str:
+    """The [system] part of a line: the event's system, else ``namespace#level``, after
+    ``process`` (a worker's name) when there is one."""
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+        if process is not None:
+            system = f"{process} {system}"
+    return escape(str(system))
+
+
+# Names every JSON object has; a field of the format with one of these names is left out.
+_RESERVED = frozenset({"time", "level", "system", "queue_id", "event", "text", "traceback"})
+_FORMATTER = string.Formatter()
+_FIELD_NAME = re.compile(r"[^.\[]+")
+
+
+def _format_fields(fmt: str) -> list[str]:
+    """The event fields ``fmt`` names (``{delay:.0f}`` -> ``delay``, ``{a.b}`` -> ``a``)."""
+    names = []
+    try:
+        for _, name, _, _ in _FORMATTER.parse(fmt):
+            found = _FIELD_NAME.match(name or "")
+            if found and found.group() not in names:
+                names.append(found.group())
+    except ValueError:
+        return []
+    return names
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as JSON holds it: str, int, float, bool and None as they are, else text."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def structured(event: LogEvent, process: str | None = None) -> dict[str, Any]:
+    """The structured form of one event, which the JSON-lines log writes as it is:
+    ``time`` (ISO 8601, UTC), ``level``, ``system`` (as in a text line), ``queue_id``
+    (null when the line is about no one message), ``event`` (the event's name, such
+    as ``delivery``, else its format string: the same for every line of one kind),
+    ``text`` (the line's text, as the text log writes it after the [system] part),
+    then every field that text names, and ``traceback`` for a failure."""
+    when = event.get("log_time")
+    level = event.get("log_level")
+    fmt = event.get("log_format")
+    record: dict[str, Any] = {
+        "time": None
+        if when is None
+        else datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds"),
+        "level": level.name if level is not None else None,
+        "system": _system(event, process),
+        "queue_id": _json_value(event.get("queue_id")),
+        "event": _json_value(event.get("event", fmt)),
+        "text": formatEvent(event),
+    }
+    if type(fmt) is str:
+        for name in _format_fields(fmt):
+            if name not in _RESERVED and not name.startswith("log_") and name in event:
+                record[name] = _json_value(event[name])
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        record["traceback"] = failure.getTraceback()
+    return record
+
+
+def json_line(event: LogEvent, process: str | None = None) -> str:
+    """One event as one line of JSON (ASCII only: no value can end or forge a line)."""
+    return json.dumps(structured(event, process), ensure_ascii=True, default=str) + "\n"
+
+
+def json_observer(out: TextIO, process: str | None = None) -> FileLogObserver:
+    """The JSON-lines log (one object per event, see :func:`structured`) to ``out``,
+    without Twisted's chatter."""
+    return FileLogObserver(
+        out, lambda event: None if is_chatter(event) else json_line(event, process)
+    )
+
+
+LOG_MAIL = 2
+"""The syslog facility ``mail`` (RFC 5424 §6.2.1, table 1)."""
+
+# RFC 5424 §6.2.1, table 2: the severity of each level.
+_SEVERITY = {
+    LogLevel.debug: 7,
+    LogLevel.info: 6,
+    LogLevel.warn: 4,
+    LogLevel.error: 3,
+    LogLevel.critical: 2,
+}
+
+
+@implementer(ILogObserver)
+class SyslogObserver:
+    """Sends each event to the syslog daemon's unix datagram socket (``/dev/log``) as
+    ``twistd --syslog`` does: ``[system] text``, each line of a traceback in its own
+    message, under ``prefix`` (with the process id, as syslog(3) sends it) and the
+    facility mail; JSON-lines format sends the JSON object instead. Twisted's chatter
+    is left out. When the daemon is away, messages are dropped, as syslog(3) drops
+    them, and the socket is opened again for the next one."""
+
+    def __init__(
+        self,
+        path: Path,
+        prefix: str,
+        *,
+        json_format: bool = False,
+        process: str | None = None,
+        facility: int = LOG_MAIL,
+        pid: int | None = None,
+    ) -> None:
+        self.path = path
+        self.prefix = prefix
+        self.json_format = json_format
+        self.process = process
+        self.facility = facility
+        self.pid = os.getpid() if pid is None else pid
+        self._socket: socket.socket | None = None
+
+    def __call__(self, event: LogEvent) -> None:
+        if is_chatter(event):
+            return
+        level = event.get("log_level")
+        priority = self.facility * 8 + _SEVERITY.get(level, 6)
+        when = event.get("log_time")
+        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(when))
+        head = f"<{priority}>{stamp} {self.prefix}[{self.pid}]: "
+        if self.json_format:
+            messages = [json_line(event, self.process).rstrip("\n")]
+        else:
+            if self.process is not None and "log_system" not in event:
+                event = {**event, "log_system": _system(event, self.process)}
+            line = classic_line(event, _no_stamp)
+            if line is None:
+                return
+            text = line.split(" ", 1)[1]  # after the "-" of _no_stamp
+            parts = (part.lstrip("\t") for part in text.split("\n"))
+            messages = [part for part in parts if part.strip()]
+        for message in messages:
+            self._send((head + message).encode("utf-8", "replace"))
+
+    def _send(self, datagram: bytes) -> None:
+        for _ in range(2):
+            try:
+                if self._socket is None:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    try:
+                        sock.connect(str(self.path))
+                    except OSError:
+                        sock.close()
+                        raise
+                    self._socket = sock
+                self._socket.send(datagram)
+                return
+            except OSError:
+                self.close()
+
+    def close(self) -> None:
+        """Close the socket (the next event opens it again)."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def _no_stamp(when: float | None) -> str:
+    """The time stamp of a line sent to syslog: none (the daemon's message has its own)."""
+    return "-"
+
+
 def text_observer(out: TextIO, process: str | None = None) -> FileLogObserver:
     """Lines as twistd writes them by default (time stamp, [system], text), to ``out``,
     without Twisted's chatter (:func:`is_chatter`).
@@ -209,3 +393,17 @@ def text_observer(out: TextIO, process: str | None = None) -> FileLogObserver:
 def observer(process: str | None = None) -> FileLogObserver:
     """``twistd --logger=mtrkmta.logfile.observer``: the text log on standard output."""
     return text_observer(sys.stdout, process)
+
+
+def configured_observer(
+    settings: Logging, process: str | None = None, out: TextIO | None = None
+) -> ILogObserver:
+    """The observer the ``[logging]`` settings ask for: syslog (``logging.syslog``), else
+    standard output (or ``out``); text lines or JSON objects (``logging.format``)."""
+    json_format = settings.format == "json"
+    if settings.syslog:
+        return SyslogObserver(
+            settings.syslog_socket, settings.prefix, json_format=json_format, process=process
+        )
+    stream = sys.stdout if out is None else out
+    return json_observer(stream, process) if json_format else text_observer(stream, process)

@@ -704,7 +704,7 @@ class MTAService(Service):
             if record.node_id != self.config.node_id:
                 # Never touch mail queued under another node id (server.node_id changed?).
                 log.warn(
-                    "spool file {queue_id} belongs to node {owner}, not {me}: left alone",
+                    "{queue_id}: spool file belongs to node {owner}, not {me}: left alone",
                     queue_id=queue_id,
                     owner=record.node_id,
                     me=self.config.node_id,
@@ -715,6 +715,11 @@ class MTAService(Service):
             # Every recipient final and every DSN queued: a crash came before the removal.
             await self.spool.remove(finished)
             log.info("spool recovery removed {n} finished message(s)", n=len(finished))
+            for queue_id in finished:
+                log.info(
+                    "{queue_id}: removed by spool recovery (every recipient final)",
+                    queue_id=queue_id,
+                )
         if orphans:
             where = await self.spool.quarantine(orphans)
             log.warn(
@@ -725,6 +730,12 @@ class MTAService(Service):
                 where=where,
                 ids=" ".join(orphans),
             )
+            for queue_id in orphans:
+                log.warn(
+                    "{queue_id}: no tracking record: moved to {where}",
+                    queue_id=queue_id,
+                    where=where,
+                )
 
     def settings(self, listener: str) -> ServerSettings:
         """The server settings of one listener, from the configuration."""

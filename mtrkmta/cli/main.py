@@ -57,23 +57,13 @@ See doc/running.rst, "Command line".
 
 def serve(args: Sequence[str]) -> int:
     """Run the same service as the twistd plugin, in the foreground."""
-    from twisted.scripts.twistd import run
-
     from mtrkmta.cli.options import ServeOptions
+    from mtrkmta.cli.twistd import run
 
     status = parse(ServeOptions(), args)  # --help, --version and usage errors, as elsewhere
     if status is not None:
         return status
-
-    sys.argv = [
-        "mtrkmta serve",
-        "--nodaemon",
-        "--pidfile=",
-        "--logger=mtrkmta.logfile.observer",
-        "mtrkmta",
-        *args,
-    ]
-    run()
+    run(args)  # logging as the [logging] settings say
     return 0
 
 

@@ -48,6 +48,12 @@ _SIMPLE_OVERRIDES = (
         "server.database",
         "SQLAlchemy URL of the tracking store [default: sqlite:///<data dir>/tracking.sqlite].",
     ),
+    (
+        "log-format",
+        "logging.format",
+        "The log as 'text' lines or 'json' objects, one per event [default: text].",
+    ),
+    ("prefix", "logging.prefix", "The syslog tag with --syslog [default: mtrkmta]."),
 )
 
 
@@ -70,6 +76,7 @@ class ServeOptions(CommandOptions):
     )
     optFlags: tuple[tuple[str, str | None, str], ...] = (
         ("debug", None, "On a failed start, also log the traceback (it is one line without)."),
+        ("syslog", None, "Log to syslog (facility mail) instead of standard output."),
     )
     optParameters = (
         ("config", None, None, "TOML configuration file (see doc/configuration.rst)."),
@@ -107,6 +114,8 @@ class ServeOptions(CommandOptions):
         result.extend(Override("--route", "routes", route) for route in self["route"])
         if self["workers"] is not None:
             result.append(Override("--workers", "server.workers", self["workers"]))
+        if self["syslog"]:
+            result.append(Override("--syslog", "logging.syslog", True))
         return tuple(result)
 
     def origin(self) -> ConfigOrigin:

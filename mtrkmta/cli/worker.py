@@ -49,7 +49,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, lambda number, _: early.append(number))
     from twisted.internet import reactor
 
-    from mtrkmta.logfile import observer
+    from mtrkmta.logfile import configured_observer
     from mtrkmta.service import MTAService
     from mtrkmta.workers import decode
 
@@ -61,7 +61,9 @@ def main() -> int:
             return 2
         line += chunk
     config, role, origin = decode(line)
-    globalLogBeginner.beginLoggingTo([observer(f"worker {role.index}")], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [configured_observer(config.logging, f"worker {role.index}")], redirectStandardIO=False
+    )
     # The origin lets a reload read the configuration again; a worker starts no workers.
     service = MTAService(config, reactor, worker=role, origin=origin)
     # The master passes SIGHUP on: reload as it does. Only the master notifies systemd.

@@ -208,6 +208,32 @@ class Pickup:
     poll_interval: float = field(default=10.0, metadata=_key(_duration(1.0)))
 
 
+_TAG_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_./")
+
+
+def _syslog_tag(value: object, ctx: _Context) -> str:
+    """A syslog tag (RFC 3164 §4.1.3: at most 32 characters): letters, digits, - _ . /."""
+    text = _string(value, "a syslog tag such as mtrkmta")
+    if len(text) > 32 or not set(text) <= _TAG_CHARACTERS:
+        raise _Invalid(
+            f"expected at most 32 letters, digits, '-', '_', '.' or '/', got {_got(value)}"
+        )
+    return text
+
+
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class Logging:
+    """The log: text lines or JSON objects, on standard output or to syslog."""
+
+    format: str = field(default="text", metadata=_key(_choice(*LOG_FORMATS)))
+    syslog: bool = field(default=False, metadata=_key(_boolean))
+    prefix: str = field(default="mtrkmta", metadata=_key(_syslog_tag))
+    syslog_socket: Path = field(default=Path("/dev/log"), metadata=_key(_path))
+
+
 @dataclass(frozen=True, slots=True)
 class Durability:
     """Crash safety; turning fsync off is for tests only."""
@@ -240,6 +266,7 @@ class Config:
     local: Local = field(default_factory=Local, metadata=_section("local"))
     durability: Durability = field(default_factory=Durability, metadata=_section("durability"))
     pickup: Pickup = field(default_factory=Pickup, metadata=_section("pickup"))
+    logging: Logging = field(default_factory=Logging, metadata=_section("logging"))
 
     def is_local(self, domain: str) -> bool:
         """Whether this node is the final destination for ``domain``."""

@@ -70,6 +70,33 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class Relay:
+    """Who an attempt handed the message to, as the delivery log's ``relay=`` names it:
+    ``host[address]:port`` (the server's name and the peer actually connected to; a
+    unix socket as ``host[path]``), or just ``host`` (``local`` for a Maildir)."""
+
+    host: str
+    address: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.address is None:
+            return self.host
+        port = "" if self.port is None else f":{self.port}"
+        return f"{self.host}[{self.address}]{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """When, on the transport's clock, the connection an attempt used was ready to
+    send on (``connected``; None when no connection was made) and when its outcome
+    was known (``done``)."""
+
+    connected: float | None
+    done: float
+
+
+@dataclass(frozen=True, slots=True)
 class RecipientOutcome:
     """What happened to one recipient in one attempt.
 
@@ -83,6 +110,8 @@ class RecipientOutcome:
     ``dsn_passed`` is True when a next hop that advertised DSN accepted the
     recipient: DSN duties went with the message (no ``relayed`` DSN from us).
     ``list_expansion`` marks an EXPANDED recipient that was a mailing list.
+    ``relay`` and ``timing`` are what the delivery log reports (None: no relay was
+    reached; the queue's own times).
     """
 
     index: int
@@ -94,6 +123,8 @@ class RecipientOutcome:
     unknown: bool = False
     dsn_passed: bool = False
     list_expansion: bool = False  # EXPANDED by a mailing list (RFC 3461 §5.2.7.1: "delivered")
+    relay: Relay | None = None
+    timing: Timing | None = None
 
 
 class ITransport(Interface):

@@ -17,11 +17,14 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mtrkmta.address import base_local_part, split_address
-from mtrkmta.delivery.interfaces import Attempt, ITransport, RecipientOutcome
+from mtrkmta.delivery.interfaces import Attempt, ITransport, RecipientOutcome, Relay
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.tracking.interfaces import RecipientState
 
 log = Logger()
+
+LOCAL = Relay("local")
+"""The delivery log's ``relay=`` of a Maildir delivery."""
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._=-")
 NAME_MAX = 255
@@ -159,12 +162,15 @@ class MaildirTransport:
             if problem is not None:
                 # RCPT refuses such addresses; one that comes from an alias target fails.
                 log.error(
-                    "maildir delivery to {address} failed: {problem}",
+                    "{queue_id}: maildir delivery to <{address}> failed: {problem}",
+                    queue_id=attempt.envelope.queue_id,
                     address=address,
                     problem=problem,
                 )
                 outcomes.append(
-                    RecipientOutcome(index, RecipientState.FAILED, "5.1.3", f"x-local; {problem}")
+                    RecipientOutcome(
+                        index, RecipientState.FAILED, "5.1.3", f"x-local; {problem}", relay=LOCAL
+                    )
                 )
                 continue
             try:
@@ -173,18 +179,32 @@ class MaildirTransport:
                     self.mailbox_path(address), key, headers.encode(), body, look=not attempt.first
                 )
                 touched.add(new_dir)
-                outcomes.append(RecipientOutcome(index, RecipientState.DELIVERED, "2.1.5"))
+                outcomes.append(
+                    RecipientOutcome(index, RecipientState.DELIVERED, "2.1.5", relay=LOCAL)
+                )
             except OSError as error:
                 log.error(
-                    "maildir delivery to {address} failed: {error}", address=address, error=error
+                    "{queue_id}: maildir delivery to <{address}> failed: {error}",
+                    queue_id=attempt.envelope.queue_id,
+                    address=address,
+                    error=error,
                 )
-                outcomes.append(RecipientOutcome(index, RecipientState.DEFERRED, "4.3.0"))
+                outcomes.append(
+                    RecipientOutcome(index, RecipientState.DEFERRED, "4.3.0", relay=LOCAL)
+                )
         try:
             for new_dir in touched:
                 self._sync_dir(new_dir)
         except OSError as error:
-            log.error("maildir fsync failed: {error}", error=error)
-            return [RecipientOutcome(o.index, RecipientState.DEFERRED, "4.3.0") for o in outcomes]
+            log.error(
+                "{queue_id}: maildir fsync failed: {error}",
+                queue_id=attempt.envelope.queue_id,
+                error=error,
+            )
+            return [
+                RecipientOutcome(o.index, RecipientState.DEFERRED, "4.3.0", relay=LOCAL)
+                for o in outcomes
+            ]
         self._faults.reached("maildir.dir_synced")
         return outcomes
 

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+from weakref import WeakKeyDictionary
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import clientFromString, connectProtocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.error import ConnectError
+from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mtrkmta.delivery.interfaces import Attempt, ITransport, NextHop, RecipientOutcome
+from mtrkmta.delivery.interfaces import (
+    Attempt,
+    ITransport,
+    NextHop,
+    RecipientOutcome,
+    Relay,
+    Server,
+    Timing,
+)
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.client import LMTPClient
 from mtrkmta.reportfields import dns_mta
@@ -72,13 +87,17 @@ def diagnostic(reply: Reply) -> str:
 
 
 class _Unreachable(Exception):
-    """No server of the next hop would take mail: why, as a deferral."""
+    """No server of the next hop would take mail: why, as a deferral; ``relay`` the
+    last server connected to, when one answered (a refused greeting, EHLO or TLS)."""
 
-    def __init__(self, status: str, diagnostic: str, server: str | None) -> None:
+    def __init__(
+        self, status: str, diagnostic: str, server: str | None, relay: Relay | None = None
+    ) -> None:
         super().__init__(diagnostic)
         self.status = status
         self.diagnostic = diagnostic
         self.server = server
+        self.relay = relay
 
 
 @dataclass(slots=True)
@@ -86,6 +105,60 @@ class _Idle:
     key: tuple[Any, ...]
     session: SMTPClient
     timer: IDelayedCall | None = None
+
+
+def host_name(server_name: str) -> str:
+    """A server's name as the log writes it before ``[address]``: a domain literal
+    (``[192.0.2.1]``) without its brackets, as Postfix writes it."""
+    if server_name.startswith("[") and server_name.endswith("]"):
+        return server_name[1:-1]
+    return server_name
+
+
+def relay_of(server_name: str, peer: IAddress) -> Relay:
+    """The delivery log's ``relay=`` for a connection to ``peer``: ``host[address]:port``,
+    a unix socket ``host[path]``."""
+    host = host_name(server_name)
+    if isinstance(peer, (IPv4Address, IPv6Address)):
+        return Relay(host, peer.host, peer.port)
+    if isinstance(peer, UNIXAddress) and peer.name is not None:
+        path = peer.name.decode("utf-8", "replace") if isinstance(peer.name, bytes) else peer.name
+        return Relay(host, path)
+    return Relay(host, str(peer))
+
+
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+def target(server: Server) -> str:
+    """What a connection to ``server`` goes to, as a failure names it: ``host[address]:port``
+    from its endpoint description (``tcp:host=127.0.0.1:port=2999`` of a server named
+    ``127.0.0.1`` is ``127.0.0.1[127.0.0.1]:2999``), a unix socket ``host[path]``."""
+    kind, _, rest = server.endpoint.partition(":")
+    params: dict[str, str] = {}
+    for part in _UNESCAPED_COLON.split(rest):
+        key, sep, value = part.partition("=")
+        if sep:
+            params[key] = value.replace("\\:", ":").replace("\\\\", "\\")
+    host = host_name(server.name)
+    if kind == "unix" and "path" in params:
+        return str(Relay(host, params["path"]))
+    if "host" in params:
+        port = params.get("port", "")
+        return str(Relay(host, params["host"], int(port) if port.isdigit() else None))
+    return host
+
+
+def connect_failure(error: BaseException) -> str:
+    """Why a connection failed, as the system says it (``Connection refused``)."""
+    if isinstance(error, (DeferredTimeout, ConnectTimeout)):
+        return "Connection timed out"
+    if isinstance(error, ConnectError):
+        if error.osError:
+            return os.strerror(error.osError)
+        if error.args and error.args[0]:
+            return str(error.args[0])
+    return str(error) or type(error).__name__
 
 
 def _key(hop: NextHop) -> tuple[Any, ...]:
@@ -167,6 +240,7 @@ class SMTPTransport:
         self._client_settings = settings.client_settings()
         self._idle: list[_Idle] = []
         self._sessions: set[SMTPClient] = set()
+        self._relays: WeakKeyDictionary[SMTPClient, Relay] = WeakKeyDictionary()
         self._in_flight: set[Deferred[list[RecipientOutcome]]] = set()
         self._closing = False
 
@@ -218,7 +292,11 @@ class SMTPTransport:
         try:
             return await self._deliver_batches(attempt)
         except Exception:
-            log.failure("{kind} delivery failed unexpectedly", kind=attempt.next_hop.transport)
+            log.failure(
+                "{queue_id}: {kind} delivery failed unexpectedly",
+                queue_id=attempt.envelope.queue_id,
+                kind=attempt.next_hop.transport,
+            )
             return [
                 RecipientOutcome(i, RecipientState.DEFERRED, "4.3.0", None)
                 for i in attempt.recipients
@@ -237,7 +315,11 @@ class SMTPTransport:
                     session, found = await self._deliver_batch(attempt, batch, session)
                 except _Unreachable as error:
                     rest = [i for later in batches[number:] for i in later]
-                    outcomes += [_error_outcome(i, error, None) for i in rest]
+                    tried = Timing(None, self.clock.seconds())
+                    outcomes += [
+                        replace(_error_outcome(i, error, None), relay=error.relay, timing=tried)
+                        for i in rest
+                    ]
                     break
                 outcomes += found
         finally:
@@ -258,11 +340,15 @@ class SMTPTransport:
             reused = session is not None
             if session is None:
                 session = await self._connect(hop)
+        ready = self.clock.seconds()
         found, stale = await self._send_batch(session, attempt, batch, reused)
         if stale:  # an idle connection the server had dropped: nothing was sent
             session = await self._connect(hop)
+            ready = self.clock.seconds()
             found, _ = await self._send_batch(session, attempt, batch, False)
-        return session, found
+        timing = Timing(ready, self.clock.seconds())
+        relay = self._relays.get(session)
+        return session, [replace(o, relay=relay, timing=timing) for o in found]
 
     async def _send_batch(
         self, session: SMTPClient, attempt: Attempt, batch: tuple[int, ...], reused: bool
@@ -360,8 +446,10 @@ class SMTPTransport:
                 connecting = connectProtocol(endpoint, client)
                 connecting.addTimeout(self.settings.timeouts.connect, self.clock)
                 await connecting
+                if client.transport is not None:
+                    self._relays[client] = relay_of(server.name, client.transport.getPeer())
             except Exception as exc:  # refused, unreachable, timed out, bad description
-                text = f"{DIAGNOSTIC_TYPE}; connect to {server.name} failed: {exc}"
+                text = f"{DIAGNOSTIC_TYPE}; connect to {target(server)}: {connect_failure(exc)}"
                 last = _Unreachable("4.4.1", text, server.name)
                 continue
             self._sessions.add(client)
@@ -369,7 +457,7 @@ class SMTPTransport:
             try:
                 await client.when_ready()
             except SessionError as error:
-                last = _Unreachable(*_describe(error), server.name)
+                last = _Unreachable(*_describe(error), server.name, self._relays.get(client))
                 await client.close()
                 continue
             return client

@@ -401,7 +401,7 @@ class MTQPServer(Protocol, SessionGuard):
             )
         except (TrackingStatusError, ValueError) as error:
             log.error(
-                "MTQP: cannot report on message {queue_id}: {error}",
+                "{queue_id}: MTQP cannot report on the message: {error}",
                 queue_id=message.queue_id,
                 error=str(error),
             )

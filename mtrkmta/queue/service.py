@@ -22,9 +22,11 @@ from mtrkmta.delivery.interfaces import (
     NextHop,
     RecipientOutcome,
     RouteFailure,
+    Timing,
 )
 from mtrkmta.envelope import Envelope, Recipient
 from mtrkmta.faults import IFaults, NoFaults
+from mtrkmta.queue.deliverylog import Times, delivery_fields
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
 from mtrkmta.queue.scheduler import Scheduler
@@ -479,7 +481,12 @@ class QueueService:
             outcomes += await self._deliver(current, content, routed, now, first=first)
         finished_at = self.clock.seconds()
         await self._record(
-            message, self._updates(message, outcomes, rewritten, finished_at), finished_at
+            message,
+            self._updates(message, outcomes, rewritten, finished_at),
+            finished_at,
+            outcomes={o.index: o for o in outcomes},
+            arrival=envelope.arrival or message.arrival,
+            started=now,
         )
 
     async def _take_record(self, queue_id: str) -> tuple[StoredMessage, bool] | None:
@@ -641,10 +648,20 @@ class QueueService:
         return outcomes, rewritten
 
     async def _record(
-        self, message: StoredMessage, updates: Sequence[RecipientUpdate], now: float
+        self,
+        message: StoredMessage,
+        updates: Sequence[RecipientUpdate],
+        now: float,
+        *,
+        outcomes: Mapping[int, RecipientOutcome] | None = None,
+        arrival: float | None = None,
+        started: float | None = None,
     ) -> None:
-        """Commit the updates (marking the DSNs they owe in the same write), tell the
-        observers, queue the DSNs, then finish or reschedule the message."""
+        """Commit the updates (marking the DSNs they owe in the same write), log one
+        delivery line per recipient (``outcomes`` of the attempt begun at ``started``:
+        relay and timing; ``arrival`` to the fraction of a second, the record's is
+        whole seconds), tell the observers, queue the DSNs, then finish or reschedule
+        the message."""
         updates = list(updates)
         owed: list[StoredRecipient] = []
         if self.notifier is not None:
@@ -659,22 +676,23 @@ class QueueService:
                     owed.append(message.recipients[update.index].updated(updates[position]))
         await self.tracking.record_outcomes(message.queue_id, updates)
         self.faults.reached("queue.outcome_committed")
+        times = Times(
+            message.arrival if arrival is None else arrival,
+            now if started is None else started,
+            self.clock.seconds(),
+        )
         for update in updates:
-            recipient = message.recipients[update.index]
-            log.info(
-                "{queue_id}: to=<{to}> action={action} status={status} {diagnostic}",
-                queue_id=message.queue_id,
-                to=recipient.address,
-                action=update.action,
-                status=update.status,
-                diagnostic=update.diagnostic or "",
+            outcome = outcomes.get(update.index) if outcomes is not None else None
+            fmt, fields = delivery_fields(
+                message.queue_id, message.recipients[update.index], update, outcome, times
             )
+            log.info(fmt, **fields)
         event = QueueEvent(message=message, updates=tuple(updates))
         for observer in list(self.observers):
             try:
                 observer(event)
             except Exception:
-                log.failure("queue observer failed")
+                log.failure("{queue_id}: queue observer failed", queue_id=message.queue_id)
         changed = {u.index: u for u in updates}
         current = replace(
             message,
@@ -727,7 +745,7 @@ class QueueService:
         for index in indices:
             domain = recipient_domain(envelope.recipients[index].address)
             if domain not in routes:
-                routes[domain] = await self._route(domain)
+                routes[domain] = await self._route(envelope.queue_id, domain)
         outcomes: list[RecipientOutcome] = []
         groups: dict[str, tuple[NextHop, list[int]]] = {}
         for index in indices:
@@ -751,8 +769,9 @@ class QueueService:
             else:
                 # DeferredList's annotation omits it: a failed attempt's result is its Failure.
                 log.failure(
-                    "transport failed for {dest}",
+                    "{queue_id}: transport failed for {dest}",
                     cast(Failure, result),
+                    queue_id=envelope.queue_id,
                     dest=attempt.next_hop.destination,
                 )
                 outcomes.extend(
@@ -761,11 +780,16 @@ class QueueService:
                 )
         return sorted(outcomes, key=lambda o: o.index)
 
-    async def _route(self, domain: str) -> NextHop | RouteFailure:
+    async def _route(self, queue_id: str, domain: str) -> NextHop | RouteFailure:
         try:
             return await self.router.route(domain)
         except Exception as error:
-            log.error("routing {domain} failed: {error}", domain=domain, error=error)
+            log.error(
+                "{queue_id}: routing {domain} failed: {error}",
+                queue_id=queue_id,
+                domain=domain,
+                error=error,
+            )
             return RouteFailure(RecipientState.DEFERRED, "4.4.3", f"routing failed: {error}")
 
     def _limited(self, attempt: Attempt) -> Deferred[list[RecipientOutcome]]:
@@ -776,9 +800,24 @@ class QueueService:
                 self.destination_concurrency
             )
         transport = self.transports[attempt.next_hop.transport]
-        d = semaphore.run(transport.deliver, attempt)
+        d = semaphore.run(self._timed, transport, attempt)
         d.addBoth(self._release_semaphore, destination, semaphore)
         return d
+
+    def _timed(self, transport: ITransport, attempt: Attempt) -> Deferred[list[RecipientOutcome]]:
+        """``transport.deliver(attempt)``, its outcomes timed here when the transport
+        did not time them (a Maildir write: from its start to its end)."""
+        started = self.clock.seconds()
+
+        def timed(outcomes: list[RecipientOutcome]) -> list[RecipientOutcome]:
+            done = self.clock.seconds()
+            return [
+                o if o.timing is not None else replace(o, timing=Timing(started, done))
+                for o in outcomes
+            ]
+
+        d: Deferred[list[RecipientOutcome]] = transport.deliver(attempt)
+        return d.addCallback(timed)
 
     def _release_semaphore(
         self, result: Any, destination: str, semaphore: DeferredSemaphore

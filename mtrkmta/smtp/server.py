@@ -876,7 +876,7 @@ class SMTPServer(Protocol, SessionGuard):
         return reply
 
     def _not_accepted(self, failure: Failure, queue_id: str) -> Reply:
-        log.failure("could not accept message {queue_id}", failure, queue_id=queue_id)
+        log.failure("{queue_id}: could not accept the message", failure, queue_id=queue_id)
         return Reply(451, "4.3.0", ("Could not queue the message; try again later",))
 
     def _with_protocol(self) -> str:

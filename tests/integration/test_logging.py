@@ -7,28 +7,40 @@ from __future__ import annotations
 
 import base64
 import configparser
+import json
+import os
+import queue
 import re
 import shutil
+import socket
 import subprocess
-from collections.abc import Iterator
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from certs import tls_options
 from dnsserver import serve_dns
-from smtpwire import Wire, in_thread, running_node, until
+from fakemta import FakeMTA
+from smtpwire import Wire, in_thread, queue_id_of, running_node, until
 from test_receive_tls_auth import secure
 from test_relay_end_to_end import far_zones, mx_options, relaying, send_one
+from test_smtp_transport import dead_endpoint
 from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
+import mtrkmta
 from mtrkmta.auth import hash_password
 from mtrkmta.logfile import text_observer
+from mtrkmta.testing import node_config, start_node, stop_node
 
 FILTER = Path(__file__).parents[2] / "doc/examples/fail2ban/filter.d/mtrkmta.conf"
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
 SERVER = re.escape("[mtrkmta.smtp.server#info]")
+QUEUE = re.escape("[mtrkmta.queue.service#info]")
+DELAYS = r"delay=\d+\.\d\d, delays=\d+\.\d\d/\d+\.\d\d/\d+\.\d\d"
 FORGED = (
     "2026-01-01T00:00:00+0000 [mtrkmta.smtp.server#info] smtp AUTH failed from unknown[10.0.0.1]:"
 )
@@ -189,3 +201,203 @@ async def test_a_delivery_by_mx_leaves_no_twisted_chatter_in_the_log(tmp_path, l
     for chatter in ("Starting factory", "Stopping factory", "UDP Port", "DNSDatagramProtocol"):
         assert chatter not in text
     assert " connect from [127.0.0.1]" in text  # the log was written
+
+
+def send_to(port: int, *recipients: str) -> str:
+    """One message from s@client.example.test to ``recipients``; its queue id."""
+    with Wire(port) as wire:
+        assert wire.ehlo().code == 250
+        assert wire.command("MAIL FROM:<s@client.example.test>").code == 250
+        for address in recipients:
+            assert wire.command(f"RCPT TO:<{address}>").code == 250
+        queue_id = queue_id_of(wire.data(b"Subject: log\r\n\r\nbody\r\n"))
+        assert wire.command("QUIT").code == 221
+    return queue_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_delivery_is_logged_with_its_relay_delays_dsn_and_status(tmp_path, log_file):
+    # One message to a Maildir, over LMTP and SMTP to fake servers, and to a port where
+    # nothing listens: one line per recipient, each with the peer really connected to.
+    smtp = await FakeMTA(reactor).start()
+    lmtp = await FakeMTA(reactor, lmtp=True).start()
+    dead = await dead_endpoint()
+    dead_port = dead.rsplit("=", 1)[1]
+    smtp_port, lmtp_port = smtp.port, lmtp.port
+    config = node_config(
+        tmp_path / "data",
+        listeners=("smtp",),
+        options=(
+            ("routes", f"relay.example=smtp:{smtp.endpoint};tls=none"),
+            ("routes", f"lda.example=lmtp:{lmtp.endpoint}"),
+            ("routes", f"dead.example=smtp:{dead};tls=none"),
+            ("durability.fsync", False),
+        ),
+    )
+    node = await start_node(config)
+    try:
+        recipients = (
+            "alice@localhost",
+            "bob@lda.example",
+            "carol@relay.example",
+            "dan@dead.example",
+        )
+        queue_id = await in_thread(send_to, node.port("smtp"), *recipients)
+        await until(lambda: len(lines(log_file, " to=<")) == 4, "four delivery lines")
+    finally:
+        await stop_node(node)
+        await smtp.stop()
+        await lmtp.stop()
+    found = {re.search(r" to=<([^@]+)@", line).group(1): line for line in lines(log_file, " to=<")}
+    head = rf"{STAMP} {QUEUE} {queue_id}: "
+    assert re.fullmatch(
+        rf"{head}to=<alice@localhost>, relay=local, {DELAYS}, dsn=2\.1\.5,"
+        r" status=sent \(delivered to maildir\)",
+        found["alice"],
+    )
+    assert re.fullmatch(
+        rf"{head}to=<bob@lda\.example>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{lmtp_port},"
+        rf" {DELAYS}, dsn=2\.1\.5, status=sent \(250 .*\)",
+        found["bob"],
+    )
+    assert re.fullmatch(
+        rf"{head}to=<carol@relay\.example>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{smtp_port},"
+        rf" {DELAYS}, dsn=2\.\d\.\d, status=relayed \(250 .*\)",
+        found["carol"],
+    )
+    assert re.fullmatch(
+        rf"{head}to=<dan@dead\.example>, relay=none, {DELAYS}, dsn=4\.4\.1, status=deferred"
+        rf" \(connect to 127\.0\.0\.1\[127\.0\.0\.1\]:{dead_port}: Connection refused\)",
+        found["dan"],
+    )
+
+
+# -- `mtrkmta serve` as a process: JSON lines, syslog ------------------------------------
+
+IMPORT_ROOT = str(Path(mtrkmta.__file__).resolve().parent.parent)
+WAIT = 30.0  # seconds a process may take to say what a test waits for
+
+
+class Serve:
+    """``mtrkmta serve ARGS`` on loopback (SMTP on a free port only), its standard output
+    read line by line by a thread."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        command = [sys.executable, "-m", "mtrkmta.cli.main", "serve"]
+        command += ["--data-dir", str(tmp_path / "data"), "--smtp", "tcp:0:interface=127.0.0.1"]
+        command += ["--lmtp", "none", "--mtqp", "none", "--hostname", "mx.example.test", *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": IMPORT_ROOT}
+        self.proc = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode("utf-8", "replace"))
+
+    def line(self, wanted: Callable[[str], bool]) -> str:
+        """The next line of output for which ``wanted`` is true."""
+        while True:
+            try:
+                line = self.lines.get(timeout=WAIT)
+            except queue.Empty:
+                raise AssertionError("no such line; output:\n" + "".join(self.seen)) from None
+            self.seen.append(line)
+            if wanted(line):
+                return line
+
+    def stop(self) -> None:
+        """Stop the process and read the rest of its output into ``seen``."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=WAIT)
+        self._reader.join(WAIT)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+
+
+def smtp_port(text: str) -> int:
+    """The port in ``smtp listening on IPv4Address(type='TCP', host='127.0.0.1', port=N)``."""
+    found = re.search(r"smtp listening on IPv4Address\(.*port=(\d+)\)", text)
+    assert found is not None, text
+    return int(found.group(1))
+
+
+def test_serve_writes_one_json_object_per_event(tmp_path):
+    serve = Serve(tmp_path, "--log-format", "json")
+    try:
+        events: list[dict] = []
+
+        def listening(line: str) -> bool:
+            events.append(json.loads(line))  # every line is one JSON object
+            return events[-1]["event"] == "{name} listening on {address}"
+
+        port = smtp_port(serve.line(listening))
+        queue_id = send_to(port, "alice@localhost")
+
+        def delivered(line: str) -> bool:
+            events.append(json.loads(line))
+            return events[-1]["event"] == "delivery"
+
+        delivery = json.loads(serve.line(delivered))
+    finally:
+        serve.stop()
+    assert delivery["queue_id"] == queue_id
+    assert delivery["level"] == "info" and delivery["system"] == "mtrkmta.queue.service#info"
+    assert delivery["to"] == "alice@localhost" and delivery["relay"] == "local"
+    assert delivery["dsn"] == "2.1.5" and delivery["status"] == "sent"
+    assert re.fullmatch(r"\d+\.\d\d/\d+\.\d\d/\d+\.\d\d", delivery["delays"])
+    assert delivery["text"].startswith(f"{queue_id}: to=<alice@localhost>, relay=local, delay=")
+    (accepted,) = [e for e in events if e["text"].startswith(f"{queue_id}: accepted")]
+    assert accepted["queue_id"] == queue_id and accepted["sender"] == "s@client.example.test"
+    assert not [e for e in events if "Starting factory" in e["text"]]
+
+
+def test_serve_syslog_sends_to_the_syslog_socket_under_facility_mail(tmp_path):
+    path = tmp_path / "syslog.sock"
+    config = tmp_path / "mtrkmta.toml"
+    config.write_text(f"[logging]\nsyslog_socket = {json.dumps(str(path))}\n", "utf-8")
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.bind(str(path))
+    daemon.settimeout(WAIT)
+    serve = Serve(tmp_path, "--config", str(config), "--syslog", "--prefix", "mx1")
+    messages: list[str] = []
+
+    def until_message(wanted: Callable[[str], bool]) -> str:
+        while True:
+            try:
+                message = daemon.recv(65536).decode("utf-8", "replace")
+            except TimeoutError:
+                raise AssertionError("not sent:\n" + "\n".join(messages)) from None
+            messages.append(message)
+            if wanted(message):
+                return message
+
+    try:
+        port = smtp_port(until_message(lambda m: "smtp listening on" in m))
+        queue_id = send_to(port, "alice@localhost")
+        delivery = until_message(lambda m: f"{queue_id}: to=<alice@localhost>" in m)
+    finally:
+        serve.stop()
+        daemon.close()
+    pid = serve.proc.pid
+    # <22>: facility mail (2) * 8 + severity info (6) (RFC 5424 §6.2.1), then syslog(3)'s
+    # time stamp and TAG[PID]; then the text line without its own time stamp.
+    assert re.fullmatch(
+        rf"<22>\w{{3}} [ \d]\d \d\d:\d\d:\d\d mx1\[{pid}\]: \[mtrkmta\.queue\.service#info\]"
+        rf" {queue_id}: to=<alice@localhost>, relay=local, {DELAYS}, dsn=2\.1\.5,"
+        r" status=sent \(delivered to maildir\)",
+        delivery,
+    )
+    assert not [m for m in messages if "Starting factory" in m or "Stopping factory" in m]
+    assert not [line for line in serve.seen if queue_id in line]  # not on standard output

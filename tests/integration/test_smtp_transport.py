@@ -17,6 +17,7 @@ from mtrkmta.delivery.interfaces import (
     Attempt,
     NextHop,
     RecipientOutcome,
+    Relay,
     Server,
     TLSPolicy,
     TransportKind,
@@ -151,7 +152,11 @@ async def test_mtrk_hop_gets_the_decremented_timeout_and_outcome_transferred(wor
         "dns; mx1.example.test",
         certifier_forwarded=True,
         dsn_passed=True,  # the hop advertised DSN: it reports from now on
+        relay=Relay("mx1.example.test", "127.0.0.1", fake.port),  # the delivery log's relay=
+        timing=outcome.timing,
     )
+    assert outcome.timing is not None and outcome.timing.connected is not None
+    assert outcome.timing.connected <= outcome.timing.done
 
 
 @pytest_twisted.ensureDeferred
@@ -352,10 +357,16 @@ async def test_all_servers_failing_defers_with_the_last_error(world):
     assert states(outcomes) == [(S.DEFERRED, "4.7.1")] * 2
     assert outcomes[0].diagnostic == "smtp; 554 5.7.1 go away"
     assert outcomes[0].remote_mta == "dns; mx1.example.test"
+    # The log's relay= is the server that refused its greeting, connected to.
+    assert outcomes[0].relay == Relay("mx1.example.test", "127.0.0.1", refusing.port)
     outcomes = await world.smtp().deliver(attempt(hop(server(refusing), dead)))
     assert states(outcomes) == [(S.DEFERRED, "4.4.1")]
-    assert outcomes[0].diagnostic.startswith("x-mtrkmta; connect to mx0.example.test failed")
+    port = dead.endpoint.rsplit("=", 1)[1]
+    assert outcomes[0].diagnostic == (
+        f"x-mtrkmta; connect to mx0.example.test[127.0.0.1]:{port}: Connection refused"
+    )
     assert outcomes[0].remote_mta == "dns; mx0.example.test"
+    assert outcomes[0].relay is None  # no connection was made: relay=none
 
 
 @pytest_twisted.ensureDeferred

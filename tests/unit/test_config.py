@@ -180,8 +180,9 @@ def test_setting_names_cover_every_section():
         "local",
         "durability",
         "pickup",
+        "logging",
     }
-    assert len(names) == len(set(names)) == 63
+    assert len(names) == len(set(names)) == 67
 
 
 # ---------------------------------------------------------------------------

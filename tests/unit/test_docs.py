@@ -67,10 +67,13 @@ def test_serve_options_are_known():
         "hostname",
         "lmtp",
         "local-domain",
+        "log-format",
         "mtqp",
+        "prefix",
         "route",
         "smtp",
         "submission",
+        "syslog",
         "workers",
     ]
 
