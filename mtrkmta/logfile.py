@@ -37,11 +37,16 @@ _UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 # Twisted's informational chatter: a factory started or stopped (once per outbound
-# connection), and the four lines of each DNS query's UDP port (twisted.names).
+# connection), the four lines of each DNS query's UDP port (twisted.names), a listening
+# port opened and closed, and the resolver reading resolv.conf.
 _CHATTER_FORMATS = ("Starting factory ", "Stopping factory ")
 _CHATTER_TEXT = re.compile(
     r"(?:Starting|Stopping) protocol <twisted\.names\.|"
-    r"DNSDatagramProtocol starting on \d+$|\(UDP Port \d+ Closed\)$"
+    r"DNSDatagramProtocol starting on \d+$|\(UDP Port \d+ Closed\)$|"
+    # A port opened and closed: the server's own "smtp listening on ..." line says it.
+    r"\w+ starting on .+$|\((?:TCP|UNIX) Port .+ Closed\)$|"
+    # twisted.names' resolver reading /etc/resolv.conf at start-up.
+    r"\S+ changed, reparsing$|Resolver (?:added|removed) .+ (?:to|from) server list$"
 )
 
 

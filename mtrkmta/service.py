@@ -168,6 +168,18 @@ def _server_user() -> str:
         return f"uid {os.geteuid()}"
 
 
+def listening_address(address: object) -> str:
+    """A listener's address as the log names it: ``127.0.0.1:2525``, ``[::1]:2525``, or
+    a unix socket's path."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if isinstance(host, str) and isinstance(port, int):
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "backslashreplace")
+    return str(name) if name is not None else str(address)
+
+
 def listen_error(name: str, description: str, error: CannotListenError) -> StartError:
     """The one line for a listener that cannot bind."""
     cause = error.socketError
@@ -788,7 +800,11 @@ class MTAService(Service):
             except CannotListenError as error:
                 raise listen_error(name, description, error) from error
             self.factories[name] = factory
-            log.info("{name} listening on {address}", name=name, address=self.ports[name].getHost())
+            log.info(
+                "{name} listening on {address}",
+                name=name,
+                address=listening_address(self.ports[name].getHost()),
+            )
         await self._listen_mtqp()
         await self._start_workers()
 
@@ -847,7 +863,9 @@ class MTAService(Service):
         except CannotListenError as error:
             raise listen_error("mtqp", description, error) from error
         self.mtqp = factory
-        log.info("mtqp listening on {address}", address=self.ports["mtqp"].getHost())
+        log.info(
+            "mtqp listening on {address}", address=listening_address(self.ports["mtqp"].getHost())
+        )
 
     # -- end of the MTQP listener -------------------------------------------------------------
 

@@ -15,9 +15,7 @@ from pathlib import Path
 from mtrkmtaprocess import mtrkmta_env
 
 TIMEOUT = 30.0
-LISTENING = re.compile(
-    r"smtp listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)"
-)
+LISTENING = re.compile(r"smtp listening on 127\.0\.0\.1:(\d+)")
 
 
 class ServeProcess:

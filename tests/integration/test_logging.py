@@ -327,8 +327,8 @@ class Serve:
 
 
 def smtp_port(text: str) -> int:
-    """The port in ``smtp listening on IPv4Address(type='TCP', host='127.0.0.1', port=N)``."""
-    found = re.search(r"smtp listening on IPv4Address\(.*port=(\d+)\)", text)
+    """The port in ``smtp listening on 127.0.0.1:N``."""
+    found = re.search(r"smtp listening on 127\.0\.0\.1:(\d+)", text)
     assert found is not None, text
     return int(found.group(1))
 

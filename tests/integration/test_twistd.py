@@ -13,15 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from servprocess import LISTENING
 
 from mtrkmta.spool.filespool import bucket_of
 
 HOSTNAME = "mx.example.test"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-_LISTENING = re.compile(
-    r"smtp listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)"
-)
 # twistd without a console script of its own, e.g. when the tests run from another environment.
 _RUN_TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
@@ -45,7 +43,7 @@ def wait_for_port(proc: subprocess.Popen[bytes], log: Path) -> int:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         text = log.read_text("utf-8", "replace")
-        match = _LISTENING.search(text)
+        match = LISTENING.search(text)
         if match is not None:
             return int(match.group(1))
         if proc.poll() is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from servprocess import LISTENING
 from sqlalchemy import create_engine, text
 from twisted.internet import reactor
 from twisted.internet.protocol import ServerFactory
@@ -28,9 +29,6 @@ from mtrkmta.workers import take_turns
 HOSTNAME = "mx.example.test"
 IMPORT_ROOT = str(Path(mtrkmta.__file__).resolve().parent.parent)
 TIMEOUT = 30.0
-LISTENING = re.compile(
-    r"smtp listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)"
-)
 STARTED = re.compile(r"worker 1 started \(pid (\d+)\)")
 ACCEPTING = "worker 1: smtp accepting on"
 

@@ -198,11 +198,18 @@ def test_twisteds_chatter_is_left_out_and_its_warnings_kept():
         legacy("Starting protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f00>"),
         legacy("(UDP Port 40123 Closed)"),
         legacy("Stopping protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f00>"),
+        legacy("SMTPServerFactory starting on 25"),
+        legacy("ControlFactory starting on '/var/lib/mtrkmta/control.sock'"),
+        legacy("(TCP Port 25 Closed)"),
+        legacy("(UNIX Port /var/lib/mtrkmta/control.sock Closed)"),
+        legacy("/etc/resolv.conf changed, reparsing"),
+        legacy("Resolver added ('10.255.255.53', 53) to server list"),
+        legacy("Resolver removed ('10.255.255.53', 53) from server list"),
     ]
     kept = [
         {**factory, "log_level": LogLevel.warn},
         legacy("(UDP Port 40123 Closed)", LogLevel.error),
-        legacy("SMTPServerFactory starting on 25"),
+        legacy("SMTPServerFactory starting on 25", LogLevel.warn),
         {**factory, "log_namespace": "mtrkmta.service"},
     ]
     out = io.StringIO()
