@@ -146,13 +146,13 @@ def show_config(args: Sequence[str]) -> int:
 
 
 def example_config(args: Sequence[str]) -> int:
-    from mtrkmta.cli.showconfig import example_main
+    from mtrkmta.cli.examples import example_main
 
     return example_main(args)
 
 
 def example_unit(args: Sequence[str]) -> int:  # the systemd unit
-    from mtrkmta.cli.unit import main as unit_main
+    from mtrkmta.cli.examples import unit_main
 
     return unit_main(args)
 

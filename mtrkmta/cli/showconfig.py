@@ -1,22 +1,18 @@
-"""`mtrkmta show-config` (the effective settings, as postconf shows them) and
-`mtrkmta example-config` (the commented example file shipped in the package)."""
+"""`mtrkmta show-config`: the effective settings, as postconf shows them."""
 
 from __future__ import annotations
 
 import difflib
 import sys
 from collections.abc import Sequence
-from importlib import resources
 from typing import TextIO
 
 from twisted.python import usage
 
-from mtrkmta.cli.conventions import CommandOptions, parse, usage_error
+from mtrkmta.cli.conventions import parse, usage_error
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.config import EXIT_CONFIG_ERROR, ConfigError, load_config, setting_names
 from mtrkmta.config.show import differing, render
-
-EXAMPLE = "example.toml"  # in the mtrkmta.config package
 
 
 class ShowConfigOptions(ServeOptions):
@@ -79,27 +75,4 @@ def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = No
         return EXIT_CONFIG_ERROR
     for line in render(config, names):
         print(line, file=out)
-    return 0
-
-
-def example() -> str:
-    """The text of the example configuration file."""
-    return resources.files("mtrkmta.config").joinpath(EXAMPLE).read_text(encoding="utf-8")
-
-
-class ExampleConfigOptions(CommandOptions):
-    program = "mtrkmta example-config"
-    synopsis = ""
-    longdesc = (
-        "Print the commented example configuration: every section and every key, each "
-        "explained. Start a configuration with: mtrkmta example-config > /etc/mtrkmta/mtrkmta.toml"
-    )
-
-
-def example_main(args: Sequence[str], out: TextIO | None = None) -> int:
-    """``mtrkmta example-config``: the example file on standard output."""
-    status = parse(ExampleConfigOptions(), args)
-    if status is not None:
-        return status
-    (sys.stdout if out is None else out).write(example())
     return 0

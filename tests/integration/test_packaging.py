@@ -219,7 +219,7 @@ def test_twistd_finds_the_plugin_of_a_wheel_install(
     example = run([str(venv), "-m", "mtrkmta.cli.main", "example-config"], cwd=tmp_path).stdout
     assert example == (source / "mtrkmta" / "config" / "example.toml").read_text(encoding="utf-8")
     unit = run([str(venv), "-m", "mtrkmta.cli.main", "example-unit"], cwd=tmp_path).stdout
-    assert unit == (source / "doc" / "examples" / "systemd" / "mtrkmta.service").read_text("utf-8")
+    assert unit == (source / "mtrkmta" / "config" / "mtrkmta.service").read_text("utf-8")
     version = run([str(venv), "-m", "mtrkmta.cli.main", "--version"], cwd=tmp_path).stdout
     metadata = "import importlib.metadata as m; print('mtrkmta', m.version('mtrkmta'))"
     assert version == run([str(venv), "-c", metadata], cwd=tmp_path).stdout == "mtrkmta 0.1.0\n"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mtrkmta.cli.unit import unit
+from mtrkmta.cli.examples import unit
 
 SYSTEMD_ANALYZE = "/usr/bin/systemd-analyze"
 INSTALLED = "/usr/local/bin/mtrkmta serve"
