@@ -74,15 +74,15 @@ def test_migrated_schema_equals_schema_module(db_url):
 def test_comparison_sees_a_missing_schema(db_url):
     # Guards the test above: on an empty database the comparison reports both tables.
     added = {d[1].name for d in diffs(db_url) if d[0] == "add_table"}
-    assert added == {"messages", "recipients", "auth_failures"}
+    assert added == {"messages", "recipients", "auth_failures", "events"}
 
 
 def test_upgrade_is_idempotent_and_reaches_head(db_url):
     assert migrate.current_revision(db_url) is None
     migrate.upgrade(db_url)
     migrate.upgrade(db_url)
-    assert migrate.head_revision() == "0006"
-    assert migrate.current_revision(db_url) == "0006"
+    assert migrate.head_revision() == "0007"
+    assert migrate.current_revision(db_url) == "0007"
 
 
 def test_downgrade_to_base_and_back(db_url):
