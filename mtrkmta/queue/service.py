@@ -40,6 +40,7 @@ from mtrkmta.spool.interfaces import (
     SpoolError,
 )
 from mtrkmta.tracking.interfaces import (
+    EventKind,
     ITrackingStore,
     RecipientState,
     RecipientUpdate,
@@ -362,7 +363,7 @@ class QueueService:
         await self._wait_idle(queue_id)
         if await self.spool.drop_quarantined(queue_id):
             # Its tracking record (finished, the sender notified) stays until it expires.
-            await self.tracking.set_quarantined(queue_id, None)
+            await self.tracking.set_quarantined(queue_id, None, deleted=True)
             log.info("{queue_id}: deleted from quarantine by the administrator", queue_id=queue_id)
             return True
         message = await self.tracking.message(queue_id)
@@ -392,6 +393,7 @@ class QueueService:
                 diagnostic=r.diagnostic,
                 last_attempt=r.last_attempt,
                 count_attempt=False,
+                event=EventKind.BOUNCED,
             )
             for r in message.recipients
             if r.state.in_queue
