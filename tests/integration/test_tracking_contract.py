@@ -20,11 +20,10 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
 from mtrkmta.config import DAY
-from mtrkmta.envelope import Envelope, MailParams, Mtrk, RcptParams, Recipient
+from mtrkmta.envelope import ClientInfo, Envelope, MailParams, Mtrk, RcptParams, Recipient
+from mtrkmta.faults import FaultPlan
 from mtrkmta.testing import database_url
 from mtrkmta.tracking import migrate
-from mtrkmta.envelope import ClientInfo
-from mtrkmta.faults import FaultPlan
 from mtrkmta.tracking.interfaces import (
     EventKind,
     ITrackingStore,
