@@ -135,7 +135,8 @@ def render_events(message: dict[str, Any], out: TextIO) -> None:
                 value = _when(int(value))
             shown = f'"{value}"' if " " in value else value
             details.append(f"{name.replace('_', '-')}={shown}")
-        print(f"  {_when(event['time'])}  {event['kind']:<12} {who}  {' '.join(details)}", file=out)
+        line = f"  {_when(event['time'])}  {event['kind']:<12} {who}  {' '.join(details)}"
+        print(line.rstrip(), file=out)
 
 
 class ControlOptions(CommandOptions):
