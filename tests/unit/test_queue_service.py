@@ -428,6 +428,26 @@ async def test_hold_release_flush_delete_bounce(node):
         assert await node.queue.bounce("q0201")
         assert await node.states("q0201") == [("failed", "5.0.0")]
         assert await node.spool.queue_ids() == []
+        # Each change is an event of the message, the administrator's as such.
+        events = await node.tracking.events("q0201")
+        assert [(e.kind.value, e.recipient) for e in events] == [
+            ("arrived", None),
+            ("deferred", 0),
+            ("held", None),
+            ("released", None),
+            ("deferred", 0),
+            ("deferred", 0),
+            ("bounced", 0),
+        ]
+        first = events[1]
+        assert (first.time, first.get("relay"), first.get("status")) == (
+            START,
+            "dns; mx.one.example",
+            "4.4.1",
+        )
+        assert first.get("next_attempt") == str(int(START) + 300)
+        assert events[2].get("reason") == "held by the administrator"
+        assert events[-1].get("by") == "the administrator"
 
         await node.accept("q0202", "d@one.example")
         await node.advance(0)
@@ -647,6 +667,15 @@ async def test_a_quarantined_file_can_be_deleted(node):
         assert [e.queue_id for e, _ in await node.queue.quarantined()] == ["q0502"]
         assert await node.queue.delete("q0502")
         assert await node.queue.quarantined() == []
+        events = await node.tracking.events("q0502")
+        assert [(e.kind.value, e.recipient) for e in events] == [
+            ("arrived", None),
+            ("quarantined", None),
+            ("failed", 0),
+            ("dsn-sent", 0),
+            ("deleted", None),
+        ]
+        assert (events[2].get("status"), events[3].get("action")) == ("5.3.0", "failed")
         assert await node.spool.drop_quarantined("q0502") is False
         # The finished record (failed, sender notified) stays for tracking until it expires.
         message = await node.tracking.message("q0502")
