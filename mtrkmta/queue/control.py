@@ -37,10 +37,7 @@ class ControlError(Exception):
     """A control request failed; the message is meant for the administrator."""
 
 
-ORPHAN_REASON = (
-    "no tracking record: never acknowledged (a crash before the commit), or deleted "
-    "with `mtrkmta queue delete` and brought back by a crash"
-)
+ORPHAN_REASON = "no tracking record: never acknowledged (a crash before the commit)"
 
 
 def message_record(message: StoredMessage, *, quarantined: bool = False) -> dict[str, Any]:

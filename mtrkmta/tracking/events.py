@@ -105,7 +105,7 @@ def outcome_event(queue_id: str, update: RecipientUpdate, now: float) -> Event:
             next_attempt=None if update.next_attempt is None else math.floor(update.next_attempt),
             final_recipient=update.final_recipient,
             produced=_addresses(update.produced),
-            by="the administrator" if kind is EventKind.BOUNCED else None,
+            by="the administrator" if kind in (EventKind.BOUNCED, EventKind.DELETED) else None,
         ),
     )
 

@@ -191,7 +191,8 @@ class EventKind(str, enum.Enum):
     HELD = "held"  # message-level, with the reason
     RELEASED = "released"  # message-level: from a hold, or from quarantine
     QUARANTINED = "quarantined"  # message-level: the spool file was damaged
-    DELETED = "deleted"  # message-level: deleted from quarantine by the administrator
+    DELETED = "deleted"  # by the administrator: a recipient failed without DSN, or the
+    # file in quarantine (message-level)
     DSN_SENT = "dsn-sent"  # the DSN owed for the recipient was queued (``action`` says which)
 
     @classmethod

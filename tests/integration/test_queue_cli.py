@@ -368,8 +368,9 @@ async def test_flush_attempts_at_once_ignoring_the_retry_time(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_delete_asks_for_confirmation(tmp_path):
-    # Deleting drops the message and its tracking record without any DSN: destructive,
-    # so it is confirmed first. Until then RFC 3885 §3.1 holds: queued means tracked.
+    # Deleting drops the message without any DSN: destructive, so it is confirmed first.
+    # Until then RFC 3885 §3.1 holds: queued means tracked. Its record stays, for
+    # tracking: failed by the administrator.
     async with queue_node(tmp_path) as rig:
         queue_id = await rig.deferred_message()
         declined = await rig.cli("delete", queue_id, answer="n")
@@ -381,9 +382,14 @@ async def test_delete_asks_for_confirmation(tmp_path):
         deleted = await rig.cli("--yes", "delete", queue_id)  # asks nothing
         assert (deleted.code, deleted.out.strip()) == (0, f"{queue_id}: delete done")
         assert queue_id not in await rig.spooled()
-        assert rig.node is not None and rig.node.tracking is not None
-        assert await rig.node.tracking.message(queue_id) is None
+        (rcpt,) = (await rig.stored(queue_id)).recipients
+        assert (rcpt.state, rcpt.diagnostic) == (
+            RecipientState.FAILED,
+            "x-local; deleted by the administrator",
+        )
         assert queue_id not in (await rig.cli("list")).out
+        shown = await rig.cli("show", queue_id)
+        assert event_lines(shown.out)[-1][1:3] == ["deleted", f"<{RCPT}>"]
 
 
 @pytest_twisted.ensureDeferred
