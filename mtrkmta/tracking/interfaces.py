@@ -285,9 +285,13 @@ class ITrackingStore(Interface):
         Every write above records its events in the same transaction as the change
         they describe: an arrival, each outcome (an attempt, a bounce, a quarantine),
         a hold or release, a quarantine, each DSN queued. They go with the message's
-        record (``expire``, ``forget``). The events of every transaction of a tracked
-        message: ``events`` of each queue id that ``lookup_transactions`` returns.
+        record (``expire``, ``forget``).
         """
+
+    def transaction_events(queue_ids: Iterable[str]) -> Deferred[dict[str, list[Event]]]:
+        """``events`` of several messages in one read, keyed by queue id (a message
+        without events, or unknown, has none): the transactions of one tracked message
+        that ``lookup_transactions`` found, for a timeline across them."""
 
     def queue_listing(node_id: str) -> Deferred[list[StoredMessage]]:
         """``node_id``'s messages with a recipient still in the queue, by arrival."""

@@ -158,6 +158,14 @@ class MemoryTrackingStore:
             lambda: sorted(self._events.get(queue_id, []), key=lambda event: event.time)
         )
 
+    def transaction_events(self, queue_ids: Iterable[str]) -> Deferred[dict[str, list[Event]]]:
+        return self._answer(
+            lambda: {
+                queue_id: sorted(self._events.get(queue_id, []), key=lambda event: event.time)
+                for queue_id in queue_ids
+            }
+        )
+
     def queue_listing(self, node_id: str) -> Deferred[list[StoredMessage]]:
         return self._answer(lambda: self._unfinished(node_id))
 

@@ -656,6 +656,23 @@ class SQLTrackingStore:
 
         return self._read(query)
 
+    def transaction_events(self, queue_ids: Iterable[str]) -> Deferred[dict[str, list[Event]]]:
+        """``events`` of several messages in one read (one snapshot), keyed by queue id."""
+        wanted = list(dict.fromkeys(queue_ids))
+        e = self._schema.events
+
+        def query(conn: Connection) -> dict[str, list[Event]]:
+            found: dict[str, list[Event]] = {queue_id: [] for queue_id in wanted}
+            for chunk in _chunks(wanted):
+                statement = (
+                    select(e).where(e.c.queue_id.in_(chunk)).order_by(e.c.queue_id, e.c.at, e.c.id)
+                )
+                for row in conn.execute(statement):
+                    found[row.queue_id].append(row_event(row._mapping))
+            return found
+
+        return self._read(query)
+
     def queue_listing(self, node_id: str) -> Deferred[list[StoredMessage]]:
         """This node's queued messages with their recipients, by arrival."""
         m = self._schema.messages

@@ -346,3 +346,23 @@ async def test_an_outcome_that_fails_to_commit_records_no_event(tmp_path):
         await store.close()
     finally:
         pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_events_of_a_message_s_transactions_in_one_read(subject):
+    # RFC 3885 §3.1: one message may arrive as several transactions; a timeline reads
+    # the events of all that lookup_transactions found.
+    store, clock = subject.store, subject.clock
+    await record(store, envelope("y1"))
+    clock.advance(5)
+    await record(store, envelope("y2"))
+    await store.set_held("y1", True, "held by the administrator")
+    found = await store.lookup_transactions("contract@origin.example", CERTIFIER)
+    events = await store.transaction_events([m.queue_id for m in found] + ["y404"])
+    assert {q: kinds(e) for q, e in events.items()} == {
+        "y1": [("arrived", None), ("held", None)],
+        "y2": [("arrived", None)],
+        "y404": [],
+    }
+    assert events["y1"] == await store.events("y1")
+    assert events["y1"][1].time == ARRIVAL + 65
