@@ -736,8 +736,7 @@ class MTAService(Service):
             where = await self.spool.quarantine(orphans)
             log.warn(
                 "spool recovery: {n} message file(s) without a tracking record were never "
-                "acknowledged (crash before the commit) or were deleted with `mtrkmta queue "
-                "delete` just before a crash, and were moved to {where}: {ids}",
+                "acknowledged (crash before the commit), and were moved to {where}: {ids}",
                 n=len(orphans),
                 where=where,
                 ids=" ".join(orphans),

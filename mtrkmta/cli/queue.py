@@ -114,6 +114,29 @@ def render_show(message: dict[str, Any], out: TextIO) -> None:
             if rcpt[key]:
                 label = key.replace("_", "-").capitalize() + ":"
                 print(f"  {label:<18}{_when(rcpt[key])}", file=out)
+    render_events(message, out)
+
+
+def render_events(message: dict[str, Any], out: TextIO) -> None:
+    """The "Events:" section of ``queue show``: one line per event in time order, with
+    its time, kind, recipient (``-`` for the whole message) and detail."""
+    events = message.get("events") or []
+    if not events:
+        return
+    addresses = {r["index"]: r["address"] for r in message.get("recipients") or []}
+    print(file=out)
+    print("Events:", file=out)
+    for event in events:
+        index = event["recipient"]
+        who = "-" if index is None else f"<{addresses.get(index, index)}>"
+        details = []
+        for name, value in event["detail"].items():
+            if name == "next_attempt" and value.isdigit():
+                value = _when(int(value))
+            shown = f'"{value}"' if " " in value else value
+            details.append(f"{name.replace('_', '-')}={shown}")
+        line = f"  {_when(event['time'])}  {event['kind']:<12} {who}  {' '.join(details)}"
+        print(line.rstrip(), file=out)
 
 
 class ControlOptions(CommandOptions):

@@ -125,6 +125,7 @@ class RecipientOutcome:
     list_expansion: bool = False  # EXPANDED by a mailing list (RFC 3461 §5.2.7.1: "delivered")
     relay: Relay | None = None
     timing: Timing | None = None
+    produced: tuple[str, ...] = ()  # the addresses an alias expansion produced (its event)
 
 
 class ITransport(Interface):

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from mtrkmta.config import MIN_RETENTION
 from mtrkmta.queue.service import QueueActionRefused, QueueService
 from mtrkmta.spool.interfaces import QuarantinedFile
-from mtrkmta.tracking.interfaces import StoredMessage
+from mtrkmta.tracking.interfaces import Event, StoredMessage
 
 log = Logger()
 
@@ -37,10 +37,7 @@ class ControlError(Exception):
     """A control request failed; the message is meant for the administrator."""
 
 
-ORPHAN_REASON = (
-    "no tracking record: never acknowledged (a crash before the commit), or deleted "
-    "with `mtrkmta queue delete` and brought back by a crash"
-)
+ORPHAN_REASON = "no tracking record: never acknowledged (a crash before the commit)"
 
 
 def message_record(message: StoredMessage, *, quarantined: bool = False) -> dict[str, Any]:
@@ -55,6 +52,16 @@ def message_record(message: StoredMessage, *, quarantined: bool = False) -> dict
         orcpt = recipient["orcpt"]
         recipient["orcpt"] = None if orcpt is None else f"{orcpt['addr_type']};{orcpt['address']}"
     return record
+
+
+def event_record(event: Event) -> dict[str, Any]:
+    """A JSON-ready view of one event of a message (``queue show``)."""
+    return {
+        "time": event.time,
+        "kind": event.kind.value,
+        "recipient": event.recipient,
+        "detail": dict(event.detail),
+    }
 
 
 def quarantine_record(entry: QuarantinedFile, message: StoredMessage | None) -> dict[str, Any]:
@@ -152,13 +159,14 @@ class ControlProtocol(LineOnlyReceiver):
             return changed
         assert isinstance(queue_id, str)  # every command left is in COMMANDS_WITH_ID
         if command == "show":
+            events = [event_record(e) for e in await queue.tracking.events(queue_id)]
             for entry, record in await queue.quarantined():
                 if entry.queue_id == queue_id:
-                    return quarantine_record(entry, record)
+                    return {**quarantine_record(entry, record), "events": events}
             message = await queue.tracking.message(queue_id)
             if message is None or message.node_id != queue.node_id:
                 raise ControlError(f"no message {queue_id} in this node's queue")
-            return message_record(message)
+            return {**message_record(message), "events": events}
         action = {
             "hold": queue.hold,
             "release": queue.release,

@@ -50,7 +50,9 @@ def outcome_for(index: int, resolution: Resolution) -> RecipientOutcome:
         return RecipientOutcome(
             index, RecipientState.EXPANDED, "2.1.5", LIST_DIAGNOSTIC, list_expansion=True
         )
-    return RecipientOutcome(index, RecipientState.EXPANDED, "2.1.5")
+    # The event names the targets of a plain alias (never a list's members: RFC 3886 §4.2).
+    produced = resolution.targets if isinstance(resolution, Expand) else ()
+    return RecipientOutcome(index, RecipientState.EXPANDED, "2.1.5", produced=produced)
 
 
 def new_envelopes(

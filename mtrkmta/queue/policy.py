@@ -60,6 +60,7 @@ def update_for(
     reply as the diagnostic.
     """
     give_up = policy.give_up_at(arrival)
+    relay = None if outcome.relay is None else str(outcome.relay)  # for the event only
     if outcome.state in FINAL_STATES:
         return RecipientUpdate(
             index=outcome.index,
@@ -72,6 +73,8 @@ def update_for(
             certifier_forwarded=outcome.certifier_forwarded,
             dsn_passed=outcome.dsn_passed,
             list_expansion=outcome.list_expansion,
+            relay=relay,
+            produced=outcome.produced,
         )
     if now >= give_up:
         return RecipientUpdate(
@@ -82,6 +85,7 @@ def update_for(
             remote_mta=outcome.remote_mta,
             diagnostic=outcome.diagnostic,
             last_attempt=now,
+            relay=relay,
         )
     return RecipientUpdate(
         index=outcome.index,
@@ -93,4 +97,5 @@ def update_for(
         last_attempt=now,
         will_retry_until=give_up,
         next_attempt=min(now + policy.delay(attempts_before + 1), give_up),
+        relay=relay,
     )

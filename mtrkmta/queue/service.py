@@ -40,6 +40,7 @@ from mtrkmta.spool.interfaces import (
     SpoolError,
 )
 from mtrkmta.tracking.interfaces import (
+    EventKind,
     ITrackingStore,
     RecipientState,
     RecipientUpdate,
@@ -54,6 +55,7 @@ ADMIN_HOLD = "held by the administrator"
 # undefined mail system status" (the mail system, not the message or the address).
 QUARANTINE_STATUS = "5.3.0"
 QUARANTINE_DIAGNOSTIC = "x-local; the queue file was damaged"
+DELETED_DIAGNOSTIC = "x-local; deleted by the administrator"
 
 
 class QueueActionRefused(Exception):
@@ -358,20 +360,41 @@ class QueueService:
         return True
 
     async def delete(self, queue_id: str) -> bool:
-        """Remove a message without notifying anyone (from the queue or quarantine)."""
+        """Remove a message without notifying anyone (from the queue or quarantine); its
+        tracking record stays, the recipients it still had failed by the administrator."""
         await self._wait_idle(queue_id)
         if await self.spool.drop_quarantined(queue_id):
             # Its tracking record (finished, the sender notified) stays until it expires.
-            await self.tracking.set_quarantined(queue_id, None)
+            await self.tracking.set_quarantined(queue_id, None, deleted=True)
             log.info("{queue_id}: deleted from quarantine by the administrator", queue_id=queue_id)
             return True
         message = await self.tracking.message(queue_id)
         if message is None or message.node_id != self.node_id:
             return False
+        # The record stays, for tracking: the queued recipients fail, with no DSN, and
+        # that commits before the file goes (a removal lost in a crash then leaves a
+        # finished message, which start-up removes).
+        updates = [
+            RecipientUpdate(
+                index=r.index,
+                state=RecipientState.FAILED,
+                status="5.0.0",
+                action="failed",
+                remote_mta=r.remote_mta,
+                diagnostic=DELETED_DIAGNOSTIC,
+                last_attempt=r.last_attempt,
+                count_attempt=False,
+                event=EventKind.DELETED,
+            )
+            for r in message.recipients
+            if r.state.in_queue
+        ]
+        await self.tracking.record_outcomes(queue_id, updates)
         await self.spool.remove([queue_id])
-        await self.tracking.forget([queue_id])
         self._cache.drop(queue_id)
         self.scheduler.forget(queue_id)
+        if any(r.dsn_pending for r in message.recipients):  # owed before: it still goes
+            self.schedule(queue_id, self.clock.seconds())
         log.info("{queue_id}: deleted by the administrator", queue_id=queue_id)
         return True
 
@@ -392,6 +415,7 @@ class QueueService:
                 diagnostic=r.diagnostic,
                 last_attempt=r.last_attempt,
                 count_attempt=False,
+                event=EventKind.BOUNCED,
             )
             for r in message.recipients
             if r.state.in_queue

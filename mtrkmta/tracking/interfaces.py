@@ -170,6 +170,57 @@ class RecipientUpdate:
     delay_warned: bool | None = None
     final_recipient: str | None = None  # a new final address (alias rewrite); None: keep
     list_expansion: bool = False  # EXPANDED by a mailing list
+    # For the event the update is recorded with (not kept in the recipient's row):
+    event: EventKind | None = None  # None: the kind follows the new state
+    relay: str | None = None  # the next hop of the attempt, host[address]:port
+    produced: tuple[str, ...] = ()  # the addresses an expansion produced
+
+
+class EventKind(str, enum.Enum):
+    """What an event of a message's timeline records (``ITrackingStore.events``)."""
+
+    ARRIVED = "arrived"  # the message was accepted (message-level)
+    QUEUED = "queued"  # the recipient waits again (put back from quarantine)
+    DEFERRED = "deferred"  # an attempt failed temporarily; ``next_attempt`` says when again
+    DELIVERED = "delivered"
+    TRANSFERRED = "transferred"  # handed to an MTRK-aware next hop, which tracks it on
+    RELAYED = "relayed"
+    EXPANDED = "expanded"  # an alias or list: ``produced`` names the addresses
+    FAILED = "failed"
+    BOUNCED = "bounced"  # failed by the administrator (``mtrkmta queue bounce``)
+    HELD = "held"  # message-level, with the reason
+    RELEASED = "released"  # message-level: from a hold, or from quarantine
+    QUARANTINED = "quarantined"  # message-level: the spool file was damaged
+    DELETED = "deleted"  # by the administrator: a recipient failed without DSN, or the
+    # file in quarantine (message-level)
+    DSN_SENT = "dsn-sent"  # the DSN owed for the recipient was queued (``action`` says which)
+
+    @classmethod
+    def of_state(cls, state: RecipientState) -> EventKind:
+        """The kind of the event that records a recipient's new ``state``."""
+        if state is RecipientState.INFLIGHT:
+            return cls.QUEUED
+        return cls(state.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change of a message, or of one of its recipients, with its time.
+
+    ``recipient`` is the recipient's index, None for the whole message; ``time`` is
+    whole POSIX seconds (UTC); ``detail`` is a few (name, value) pairs, each value
+    bounded and escaped (mtrkmta.tracking.events).
+    """
+
+    queue_id: str
+    recipient: int | None
+    time: int
+    kind: EventKind
+    detail: tuple[tuple[str, str], ...] = ()
+
+    def get(self, name: str) -> str | None:
+        """The detail value called ``name``, or None."""
+        return next((value for key, value in self.detail if key == name), None)
 
 
 class ITrackingStore(Interface):
@@ -211,7 +262,8 @@ class ITrackingStore(Interface):
         the same work done."""
 
     def record_outcomes(queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
-        """Durably record what happened to some recipients (group-committed)."""
+        """Durably record what happened to some recipients (group-committed), each
+        with its event (kind ``update.event``, else after the new state)."""
 
     def clear_dsn_pending(queue_id: str, indices: Sequence[int]) -> Deferred[None]:
         """The DSNs owed for these recipients are now queued themselves."""
@@ -220,9 +272,26 @@ class ITrackingStore(Interface):
         """Hold (recording ``reason``) or release a message; fires with False when the
         message is unknown."""
 
-    def set_quarantined(queue_id: str, reason: str | None) -> Deferred[bool]:
+    def set_quarantined(
+        queue_id: str, reason: str | None, *, deleted: bool = False
+    ) -> Deferred[bool]:
         """Record why the message's spool file was moved to quarantine (None: it was
-        released or deleted); fires with False when the message is unknown."""
+        released, or ``deleted``); fires with False when the message is unknown."""
+
+    def events(queue_id: str) -> Deferred[list[Event]]:
+        """The message's events in time order (then in the order they were recorded);
+        empty for an unknown message.
+
+        Every write above records its events in the same transaction as the change
+        they describe: an arrival, each outcome (an attempt, a bounce, a quarantine),
+        a hold or release, a quarantine, each DSN queued. They go with the message's
+        record (``expire``, ``forget``).
+        """
+
+    def transaction_events(queue_ids: Iterable[str]) -> Deferred[dict[str, list[Event]]]:
+        """``events`` of several messages in one read, keyed by queue id (a message
+        without events, or unknown, has none): the transactions of one tracked message
+        that ``lookup_transactions`` found, for a timeline across them."""
 
     def queue_listing(node_id: str) -> Deferred[list[StoredMessage]]:
         """``node_id``'s messages with a recipient still in the queue, by arrival."""

@@ -18,7 +18,10 @@ from zope.interface import implementer
 
 from mtrkmta.config import DEFAULT_RETENTION, MAX_RETENTION
 from mtrkmta.envelope import Envelope
+from mtrkmta.tracking.events import arrival_event, dsn_event, message_event, outcome_event
 from mtrkmta.tracking.interfaces import (
+    Event,
+    EventKind,
     ITrackingStore,
     RecipientUpdate,
     StoredMessage,
@@ -27,6 +30,7 @@ from mtrkmta.tracking.store import (
     Retention,
     StoreClosedError,
     certifier_matches,
+    quarantine_event,
     stored_message,
     whole_seconds,
 )
@@ -52,6 +56,7 @@ class MemoryTrackingStore:
         self._retention = Retention(default_retention, max_retention)
         self._clock = clock
         self._messages: dict[str, StoredMessage] = {}
+        self._events: dict[str, list[Event]] = {}  # per message, in the order recorded
         self._closed = False
 
     # -- ITrackingStore ---------------------------------------------------------
@@ -69,6 +74,7 @@ class MemoryTrackingStore:
         )
         stored = stored_message(message_row, recipient_rows)
         self._messages[stored.queue_id] = stored
+        self._events[stored.queue_id] = [arrival_event(message_row, len(recipient_rows), now)]
         return succeed(stored)
 
     def known(self, queue_ids: Iterable[str]) -> Deferred[frozenset[str]]:
@@ -104,6 +110,8 @@ class MemoryTrackingStore:
                 r.updated(changed[r.index]) if r.index in changed else r for r in message.recipients
             )
             self._messages[queue_id] = replace(message, recipients=recipients)
+            now = self._clock.seconds()
+            self._record(*(outcome_event(queue_id, u, now) for u in updates))
 
         return self._answer(apply)
 
@@ -118,16 +126,45 @@ class MemoryTrackingStore:
                 for r in message.recipients
             )
             self._messages[queue_id] = replace(message, recipients=recipients)
+            now = self._clock.seconds()
+            self._record(
+                *(
+                    dsn_event(queue_id, r.index, r.action, now)
+                    for r in message.recipients
+                    if r.index in wanted and r.dsn_pending
+                )
+            )
 
         return self._answer(apply)
 
     def set_held(self, queue_id: str, held: bool, reason: str | None = None) -> Deferred[bool]:
+        now = self._clock.seconds()
+        if held:
+            event = message_event(queue_id, EventKind.HELD, now, reason=reason)
+        else:
+            event = message_event(queue_id, EventKind.RELEASED, now)
         return self._answer(
-            lambda: self._change(queue_id, held=held, hold_reason=reason if held else None)
+            lambda: self._change(queue_id, event, held=held, hold_reason=reason if held else None)
         )
 
-    def set_quarantined(self, queue_id: str, reason: str | None) -> Deferred[bool]:
-        return self._answer(lambda: self._change(queue_id, quarantine_reason=reason))
+    def set_quarantined(
+        self, queue_id: str, reason: str | None, *, deleted: bool = False
+    ) -> Deferred[bool]:
+        event = quarantine_event(queue_id, reason, deleted, self._clock.seconds())
+        return self._answer(lambda: self._change(queue_id, event, quarantine_reason=reason))
+
+    def events(self, queue_id: str) -> Deferred[list[Event]]:
+        return self._answer(
+            lambda: sorted(self._events.get(queue_id, []), key=lambda event: event.time)
+        )
+
+    def transaction_events(self, queue_ids: Iterable[str]) -> Deferred[dict[str, list[Event]]]:
+        return self._answer(
+            lambda: {
+                queue_id: sorted(self._events.get(queue_id, []), key=lambda event: event.time)
+                for queue_id in queue_ids
+            }
+        )
 
     def queue_listing(self, node_id: str) -> Deferred[list[StoredMessage]]:
         return self._answer(lambda: self._unfinished(node_id))
@@ -136,6 +173,7 @@ class MemoryTrackingStore:
         def apply() -> None:
             for queue_id in queue_ids:
                 self._messages.pop(queue_id, None)
+                self._events.pop(queue_id, None)
 
         return self._answer(apply)
 
@@ -155,6 +193,7 @@ class MemoryTrackingStore:
             ]
             for queue_id in doomed:
                 del self._messages[queue_id]
+                self._events.pop(queue_id, None)
             return len(doomed)
 
         return self._answer(purge)
@@ -181,12 +220,17 @@ class MemoryTrackingStore:
             return fail(StoreClosedError("tracking store is closed"))
         return succeed(work())
 
-    def _change(self, queue_id: str, **values: object) -> bool:
+    def _change(self, queue_id: str, event: Event, **values: object) -> bool:
         message = self._messages.get(queue_id)
         if message is None:
             return False
         self._messages[queue_id] = replace(message, **values)  # type: ignore[arg-type]
+        self._record(event)
         return True
+
+    def _record(self, *events: Event) -> None:
+        for event in events:
+            self._events[event.queue_id].append(event)
 
     def _unfinished(self, node_id: str) -> list[StoredMessage]:
         return _by_arrival(

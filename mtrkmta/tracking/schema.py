@@ -1,4 +1,4 @@
-"""SQLAlchemy Core tables of the tracking store: one row per message, one per recipient.
+"""SQLAlchemy Core tables of the tracking store: one row per message, per recipient, per event.
 
 Timestamps are stored as BIGINT whole POSIX seconds, which are UTC by definition.
 That is portable: SQLite has no date type (SQLAlchemy would store naive ISO text
@@ -66,6 +66,7 @@ class TrackingSchema:
     messages: Table
     recipients: Table
     auth_failures: Table
+    events: Table
 
 
 def build_schema() -> TrackingSchema:
@@ -155,6 +156,29 @@ def build_schema() -> TrackingSchema:
         Index(None, "address", "failed_at"),
         Index(None, "failed_at"),
     )
+    # What happened to each message and recipient, with its time (0007): written in the
+    # transaction of the change it records, deleted with the message.
+    events = Table(
+        "events",
+        metadata,
+        # Orders the events of one second as they were recorded.
+        Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+        Column(
+            "queue_id",
+            String(64),
+            ForeignKey("messages.queue_id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("rcpt_index", Integer, nullable=True),  # NULL: the whole message
+        Column("at", BigInteger, nullable=False),
+        Column("kind", String(16), nullable=False),
+        Column("detail", Text, nullable=False),  # a JSON object of bounded strings
+        Index(None, "queue_id", "at", "id"),  # one message's events in time order
+    )
     return TrackingSchema(
-        metadata=metadata, messages=messages, recipients=recipients, auth_failures=auth_failures
+        metadata=metadata,
+        messages=messages,
+        recipients=recipients,
+        auth_failures=auth_failures,
+        events=events,
     )

@@ -51,8 +51,18 @@ from mtrkmta.config import MIN_RETENTION
 from mtrkmta.envelope import ClientInfo, Envelope, OriginalRecipient
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.groupcommit import GroupCommit
+from mtrkmta.tracking.events import (
+    arrival_event,
+    dsn_event,
+    event_row,
+    message_event,
+    outcome_event,
+    row_event,
+)
 from mtrkmta.tracking.interfaces import (
     QUEUED_STATES,
+    Event,
+    EventKind,
     ITrackingStore,
     RecipientState,
     RecipientUpdate,
@@ -228,6 +238,37 @@ def recipient_update(schema: TrackingSchema) -> Update:
             ),
         )
     )
+
+
+def known_message_event(schema: TrackingSchema) -> Executable:
+    """An event as a prepared INSERT that adds nothing unless its message is recorded
+    (parameters: ``known_event_values``), as the UPDATE of an outcome changes nothing
+    for an unknown message."""
+    e, m = schema.events, schema.messages
+    queue_id = bindparam("e_queue_id", type_=e.c.queue_id.type)
+    values = select(
+        queue_id,
+        bindparam("e_rcpt_index", type_=e.c.rcpt_index.type),
+        bindparam("e_at", type_=e.c.at.type),
+        bindparam("e_kind", type_=e.c.kind.type),
+        bindparam("e_detail", type_=e.c.detail.type),
+    ).where(exists().where(m.c.queue_id == queue_id))
+    return e.insert().from_select(["queue_id", "rcpt_index", "at", "kind", "detail"], values)
+
+
+def known_event_values(event: Event) -> dict[str, object]:
+    """The parameters of ``known_message_event`` for ``event``."""
+    return {f"e_{name}": value for name, value in event_row(event).items()}
+
+
+def quarantine_event(queue_id: str, reason: str | None, deleted: bool, now: float) -> Event:
+    """The event of ``set_quarantined``: quarantined with the reason, released from
+    quarantine, or deleted from it."""
+    if reason is not None:
+        return message_event(queue_id, EventKind.QUARANTINED, now, reason=reason)
+    if deleted:
+        return message_event(queue_id, EventKind.DELETED, now, by="the administrator")
+    return message_event(queue_id, EventKind.RELEASED, now, source="quarantine")
 
 
 def stored_message(
@@ -406,6 +447,8 @@ class SQLTrackingStore:
         self._insert_message = self._schema.messages.insert()
         self._insert_recipients = self._schema.recipients.insert()
         self._update_recipient = recipient_update(self._schema)
+        self._insert_event = self._schema.events.insert()
+        self._insert_known_event = known_message_event(self._schema)
         self._writes: GroupCommit[WriteOp, object] = GroupCommit(
             reactor, threadpool if commit_pool is None else commit_pool, self._commit
         )
@@ -431,6 +474,8 @@ class SQLTrackingStore:
         steps = [(self._insert_message, [message_row])]
         if recipient_rows:
             steps.append((self._insert_recipients, recipient_rows))
+        arrived = arrival_event(message_row, len(recipient_rows), now)
+        steps.append((self._insert_event, [event_row(arrived)]))
         stored = stored_message(message_row, recipient_rows)
         d: Deferred[None] = self._write(RowWrite(tuple(steps)))
         return d.addCallback(self._reached, "tracking.arrival_committed", stored)
@@ -511,7 +556,11 @@ class SQLTrackingStore:
     def record_outcomes(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> Deferred[None]:
         """Durably record what happened to some recipients; one group-committed write."""
         rows = [self._update_values(queue_id, update) for update in updates]
-        d: Deferred[None] = self._write(RowWrite(((self._update_recipient, rows),)))
+        now = self._clock.seconds()
+        events = [known_event_values(outcome_event(queue_id, u, now)) for u in updates]
+        d: Deferred[None] = self._write(
+            RowWrite(((self._update_recipient, rows), (self._insert_known_event, events)))
+        )
         return d.addCallback(self._reached, "tracking.outcome_committed", None)
 
     @staticmethod
@@ -545,12 +594,20 @@ class SQLTrackingStore:
         """The DSNs owed for these recipients are queued themselves now."""
         r = self._schema.recipients
         wanted = list(indices)
+        now = self._clock.seconds()
+        owed = select(r.c.rcpt_index, r.c.action).where(
+            r.c.queue_id == queue_id, r.c.rcpt_index.in_(wanted), dsn_owed(r)
+        )
 
         def apply(conn: Connection) -> None:
+            sent = conn.execute(owed.order_by(r.c.rcpt_index)).all()
             conn.execute(
                 r.update()
                 .where(r.c.queue_id == queue_id, r.c.rcpt_index.in_(wanted))
                 .values(dsn_pending=False)
+            )
+            self._record_events(
+                conn, [dsn_event(queue_id, row.rcpt_index, row.action, now) for row in sent]
             )
 
         return self._write(apply)
@@ -559,24 +616,62 @@ class SQLTrackingStore:
         """Hold (with the reason) or release a message; False when it is unknown."""
         m = self._schema.messages
         values = {"held": held, "hold_reason": reason if held else None}
+        if held:
+            event = message_event(queue_id, EventKind.HELD, self._clock.seconds(), reason=reason)
+        else:
+            event = message_event(queue_id, EventKind.RELEASED, self._clock.seconds())
 
         def apply(conn: Connection) -> bool:
             result = conn.execute(m.update().where(m.c.queue_id == queue_id).values(**values))
+            if result.rowcount:
+                self._record_events(conn, [event])
             return bool(result.rowcount)
 
         return self._write(apply)
 
-    def set_quarantined(self, queue_id: str, reason: str | None) -> Deferred[bool]:
+    def set_quarantined(
+        self, queue_id: str, reason: str | None, *, deleted: bool = False
+    ) -> Deferred[bool]:
         """Record why the message's spool file was quarantined (None: it is back or gone)."""
         m = self._schema.messages
+        event = quarantine_event(queue_id, reason, deleted, self._clock.seconds())
 
         def apply(conn: Connection) -> bool:
             result = conn.execute(
                 m.update().where(m.c.queue_id == queue_id).values(quarantine_reason=reason)
             )
+            if result.rowcount:
+                self._record_events(conn, [event])
             return bool(result.rowcount)
 
         return self._write(apply)
+
+    def events(self, queue_id: str) -> Deferred[list[Event]]:
+        """The message's events in time order, then in the order they were recorded."""
+        e = self._schema.events
+        statement = select(e).where(e.c.queue_id == queue_id).order_by(e.c.at, e.c.id)
+
+        def query(conn: Connection) -> list[Event]:
+            return [row_event(row._mapping) for row in conn.execute(statement)]
+
+        return self._read(query)
+
+    def transaction_events(self, queue_ids: Iterable[str]) -> Deferred[dict[str, list[Event]]]:
+        """``events`` of several messages in one read (one snapshot), keyed by queue id."""
+        wanted = list(dict.fromkeys(queue_ids))
+        e = self._schema.events
+
+        def query(conn: Connection) -> dict[str, list[Event]]:
+            found: dict[str, list[Event]] = {queue_id: [] for queue_id in wanted}
+            for chunk in _chunks(wanted):
+                statement = (
+                    select(e).where(e.c.queue_id.in_(chunk)).order_by(e.c.queue_id, e.c.at, e.c.id)
+                )
+                for row in conn.execute(statement):
+                    found[row.queue_id].append(row_event(row._mapping))
+            return found
+
+        return self._read(query)
 
     def queue_listing(self, node_id: str) -> Deferred[list[StoredMessage]]:
         """This node's queued messages with their recipients, by arrival."""
@@ -785,9 +880,14 @@ class SQLTrackingStore:
         self._reads_idle.append(d)
         return d
 
+    def _record_events(self, conn: Connection, events: Sequence[Event]) -> None:
+        if events:
+            conn.execute(self._insert_event, [event_row(event) for event in events])
+
     def _delete(self, conn: Connection, queue_ids: Sequence[str]) -> None:
-        m, r = self._schema.messages, self._schema.recipients
+        m, r, e = self._schema.messages, self._schema.recipients, self._schema.events
         for chunk in _chunks(queue_ids):
+            conn.execute(delete(e).where(e.c.queue_id.in_(chunk)))
             conn.execute(delete(r).where(r.c.queue_id.in_(chunk)))
             conn.execute(delete(m).where(m.c.queue_id.in_(chunk)))
 

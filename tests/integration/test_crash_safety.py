@@ -344,6 +344,9 @@ async def audit(data_dir: Path) -> Audit:
                 assert record.envid == token, f"{queue_id}: record of {record.envid}, file {token}"
                 assert record.sender == SENDER
                 assert [r.address for r in record.recipients] == [RECIPIENT]
+                # The arrival's event committed with the record (no event lost).
+                events = await node.tracking.events(queue_id)
+                assert [e.kind.value for e in events][:1] == ["arrived"], f"{queue_id}: {events}"
         assert known == set(on_disk), f"spool files without a record: {set(on_disk) - known}"
         assert queued == set(on_disk), f"queued records vs spool: {queued ^ set(on_disk)}"
         incoming = sorted(os.listdir(node.spool.root / "incoming"))

@@ -247,6 +247,57 @@ async def test_show_gives_the_message_and_its_recipients(tmp_path):
         assert "Next-attempt" in fields
 
 
+def event_lines(output: str) -> list[list[str]]:
+    """The ``Events:`` section of a ``show`` output: each line split into its time (four
+    words), kind, recipient and detail."""
+    lines = output.splitlines()
+    start = lines.index("Events:")
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("  "):
+            break
+        words = line.split(None, 6)
+        rows.append([" ".join(words[:4]), *words[4:]])
+    return rows
+
+
+@pytest_twisted.ensureDeferred
+async def test_show_lists_the_events_in_time_order(tmp_path):
+    # Deferred once (451), held and released by the administrator, then relayed: each
+    # change is an event with its time, the attempts with their next hop.
+    async with queue_node(tmp_path) as rig:
+        queue_id = await rig.deferred_message()
+        assert (await rig.cli("hold", queue_id)).code == 0
+        rig.fake.rcpt_replies.clear()  # the next attempt is accepted
+        assert (await rig.cli("release", queue_id)).code == 0
+        assert (await rig.cli("flush", queue_id)).code == 0  # not due for an hour
+        await until(lambda: rig.attempts(queue_id) == 2, "the attempt after release")
+        shown = await rig.cli("show", queue_id)
+        assert (shown.code, shown.err) == (0, "")
+        rows = event_lines(shown.out)
+        assert [row[1:3] for row in rows] == [
+            ["arrived", "-"],
+            ["deferred", f"<{RCPT}>"],
+            ["held", "-"],
+            ["released", "-"],
+            ["relayed", f"<{RCPT}>"],
+        ]
+        arrived, deferred, held, _, relayed = (row[3] if len(row) > 3 else "" for row in rows)
+        assert "listener=smtp" in arrived and "client=" in arrived
+        port = rig.fake.endpoint.rpartition("=")[2]
+        assert f"relay=127.0.0.1[127.0.0.1]:{port}" in deferred
+        assert "status=4.2.1" in deferred and f'diagnostic="smtp; {BUSY}"' in deferred
+        assert "next-attempt=" in deferred
+        assert held == 'reason="held by the administrator"'
+        assert f"relay=127.0.0.1[127.0.0.1]:{port}" in relayed and "status=2." in relayed
+        # The same events, in JSON, for scripts.
+        record = json.loads((await rig.cli("--json", "show", queue_id)).out)
+        assert [e["kind"] for e in record["events"]] == [row[1] for row in rows]
+        assert record["events"][1]["recipient"] == 0
+        times = [e["time"] for e in record["events"]]
+        assert times == sorted(times)
+
+
 # -- hold, release, flush ---------------------------------------------------------------
 
 
@@ -317,8 +368,9 @@ async def test_flush_attempts_at_once_ignoring_the_retry_time(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_delete_asks_for_confirmation(tmp_path):
-    # Deleting drops the message and its tracking record without any DSN: destructive,
-    # so it is confirmed first. Until then RFC 3885 §3.1 holds: queued means tracked.
+    # Deleting drops the message without any DSN: destructive, so it is confirmed first.
+    # Until then RFC 3885 §3.1 holds: queued means tracked. Its record stays, for
+    # tracking: failed by the administrator.
     async with queue_node(tmp_path) as rig:
         queue_id = await rig.deferred_message()
         declined = await rig.cli("delete", queue_id, answer="n")
@@ -330,9 +382,14 @@ async def test_delete_asks_for_confirmation(tmp_path):
         deleted = await rig.cli("--yes", "delete", queue_id)  # asks nothing
         assert (deleted.code, deleted.out.strip()) == (0, f"{queue_id}: delete done")
         assert queue_id not in await rig.spooled()
-        assert rig.node is not None and rig.node.tracking is not None
-        assert await rig.node.tracking.message(queue_id) is None
+        (rcpt,) = (await rig.stored(queue_id)).recipients
+        assert (rcpt.state, rcpt.diagnostic) == (
+            RecipientState.FAILED,
+            "x-local; deleted by the administrator",
+        )
         assert queue_id not in (await rig.cli("list")).out
+        shown = await rig.cli("show", queue_id)
+        assert event_lines(shown.out)[-1][1:3] == ["deleted", f"<{RCPT}>"]
 
 
 @pytest_twisted.ensureDeferred

@@ -20,10 +20,16 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
 from mtrkmta.config import DAY
-from mtrkmta.envelope import Envelope, MailParams, Mtrk, RcptParams, Recipient
+from mtrkmta.envelope import ClientInfo, Envelope, MailParams, Mtrk, RcptParams, Recipient
+from mtrkmta.faults import FaultPlan
 from mtrkmta.testing import database_url
 from mtrkmta.tracking import migrate
-from mtrkmta.tracking.interfaces import ITrackingStore, RecipientState, RecipientUpdate
+from mtrkmta.tracking.interfaces import (
+    EventKind,
+    ITrackingStore,
+    RecipientState,
+    RecipientUpdate,
+)
 from mtrkmta.tracking.memory import MemoryTrackingStore
 from mtrkmta.tracking.store import SQLTrackingStore, StoreClosedError
 
@@ -32,6 +38,7 @@ SECRET = b"contract secret"
 CERTIFIER = hashlib.sha1(SECRET).digest()
 RETENTION = {"default_retention": 9 * DAY, "max_retention": 30 * DAY}
 T = TypeVar("T")
+CLIENT = ClientInfo(address="192.0.2.7", port=4025, helo="client.example", listener="submission")
 
 
 class Subject:
@@ -80,6 +87,7 @@ def envelope(
         ),
         params=MailParams(envid=envid, mtrk=mtrk),
         arrival=arrival,
+        client=CLIENT,
     )
 
 
@@ -199,3 +207,162 @@ async def test_forget_and_close(subject):
     await store.close()
     with pytest.raises(StoreClosedError):
         await store.message("f1")
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+def kinds(events) -> list[tuple[str, int | None]]:
+    return [(e.kind.value, e.recipient) for e in events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_change_is_an_event_with_its_time_in_order(subject):
+    store, clock = subject.store, subject.clock
+    start = ARRIVAL + 60
+    await record(store, envelope("v1"))
+    clock.advance(10)
+    deferred = RecipientUpdate(
+        0,
+        RecipientState.DEFERRED,
+        "4.2.1",
+        "delayed",
+        remote_mta="dns; mx.dest.example",
+        diagnostic="smtp; 451 4.2.1 busy",
+        next_attempt=start + 310.5,
+        relay="mx.dest.example[198.51.100.2]:25",
+    )
+    expanded = RecipientUpdate(
+        1, RecipientState.EXPANDED, "2.1.5", "expanded", produced=("a@x.example", "b@x.example")
+    )
+    await store.record_outcomes("v1", [deferred, expanded])
+    clock.advance(10)
+    await store.set_held("v1", True, "held by the administrator")
+    await store.set_held("v1", False)
+    bounce = RecipientUpdate(
+        0, RecipientState.FAILED, "5.0.0", "failed", count_attempt=False,
+        event=EventKind.BOUNCED, dsn_pending=True,
+    )  # fmt: skip
+    await store.record_outcomes("v1", [bounce])
+    clock.advance(1)
+    await store.clear_dsn_pending("v1", [0, 1])  # only recipient 0 owed one
+    await store.clear_dsn_pending("v1", [0])  # nothing owed any more: no event
+    await store.set_quarantined("v1", "checksum mismatch")
+    await store.set_quarantined("v1", None)
+    await store.set_quarantined("v1", None, deleted=True)
+
+    events = await store.events("v1")
+    assert kinds(events) == [
+        ("arrived", None),
+        ("deferred", 0),
+        ("expanded", 1),
+        ("held", None),
+        ("released", None),
+        ("bounced", 0),
+        ("dsn-sent", 0),
+        ("quarantined", None),
+        ("released", None),
+        ("deleted", None),
+    ]
+    assert [e.time for e in events] == [start, *[start + 10] * 2, *[start + 20] * 3] + [
+        start + 21
+    ] * 4
+    arrived, deferred_event, expanded_event, held, _, bounced, dsn, quarantined, *rest = events
+    assert dict(arrived.detail) == {
+        "listener": "submission",
+        "client": "client.example [192.0.2.7]:4025",
+        "protocol": "ESMTP",
+        "sender": "<s@origin.example>",
+        "envid": "contract@origin.example",
+        "recipients": "2",
+        "size": "9",
+    }
+    assert dict(deferred_event.detail) == {
+        "status": "4.2.1",
+        "relay": "mx.dest.example[198.51.100.2]:25",
+        "diagnostic": "smtp; 451 4.2.1 busy",
+        "next_attempt": str(start + 310),
+    }
+    assert expanded_event.get("produced") == "a@x.example, b@x.example"
+    assert held.get("reason") == "held by the administrator"
+    assert dict(bounced.detail) == {"status": "5.0.0", "by": "the administrator"}
+    assert dict(dsn.detail) == {"action": "failed"}
+    assert quarantined.get("reason") == "checksum mismatch"
+    assert rest[0].get("source") == "quarantine"
+    assert rest[1].get("by") == "the administrator"
+    # The message's record says the same as its last events.
+    (first, _) = (await store.message("v1")).recipients
+    assert (first.state, first.dsn_pending) == (RecipientState.FAILED, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_go_with_their_message_and_never_without_one(subject):
+    store, clock = subject.store, subject.clock
+    await record(store, envelope("w1", envid="w1@origin.example", timeout=DAY))
+    await record(store, envelope("w2", envid="w2@origin.example", timeout=DAY))
+    await record(store, envelope("w3"))
+    await finish(store, "w1")
+    assert kinds(await store.events("w1")) == [
+        ("arrived", None),
+        ("delivered", 0),
+        ("delivered", 1),
+    ]
+    # Nothing is recorded for a message that is not: no record, no event.
+    await store.record_outcomes("w404", [RecipientUpdate(0, RecipientState.DELIVERED, "2.0.0")])
+    assert await store.set_held("w404", True, "no such message") is False
+    await store.clear_dsn_pending("w404", [0])
+    assert await store.events("w404") == []
+    # Expiry and forget take the events with the record.
+    clock.advance(2 * DAY)
+    assert await store.expire() == 1  # w1 (w2 still queued)
+    assert await store.events("w1") == []
+    assert kinds(await store.events("w2")) == [("arrived", None)]
+    await store.forget(["w2"])
+    assert await store.events("w2") == []
+    assert kinds(await store.events("w3")) == [("arrived", None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_outcome_that_fails_to_commit_records_no_event(tmp_path):
+    # The event commits with the outcome it describes, in one transaction: an outcome
+    # write that fails (here: EIO before its COMMIT) leaves neither.
+    url = database_url(tmp_path)
+    migrate.upgrade(url)
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="tracking-contract")
+    pool.start()
+    clock = Clock()
+    clock.advance(ARRIVAL + 60)
+    faults = FaultPlan("tracking.write", "eio", hit=2)  # the write after the arrival
+    store = SQLTrackingStore(reactor, pool, url, clock=clock, faults=faults, **RETENTION)
+    try:
+        await record(store, envelope("x1"))
+        update = RecipientUpdate(0, RecipientState.DELIVERED, "2.0.0", "delivered")
+        with pytest.raises(OSError):
+            await store.record_outcomes("x1", [update])
+        assert kinds(await store.events("x1")) == [("arrived", None)]
+        assert (await store.message("x1")).recipients[0].state is RecipientState.QUEUED
+        await store.record_outcomes("x1", [update])  # the fault acts once
+        assert kinds(await store.events("x1")) == [("arrived", None), ("delivered", 0)]
+        await store.close()
+    finally:
+        pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_events_of_a_message_s_transactions_in_one_read(subject):
+    # RFC 3885 §3.1: one message may arrive as several transactions; a timeline reads
+    # the events of all that lookup_transactions found.
+    store, clock = subject.store, subject.clock
+    await record(store, envelope("y1"))
+    clock.advance(5)
+    await record(store, envelope("y2"))
+    await store.set_held("y1", True, "held by the administrator")
+    found = await store.lookup_transactions("contract@origin.example", CERTIFIER)
+    events = await store.transaction_events([m.queue_id for m in found] + ["y404"])
+    assert {q: kinds(e) for q, e in events.items()} == {
+        "y1": [("arrived", None), ("held", None)],
+        "y2": [("arrived", None)],
+        "y404": [],
+    }
+    assert events["y1"] == await store.events("y1")
+    assert events["y1"][1].time == ARRIVAL + 65

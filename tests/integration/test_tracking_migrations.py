@@ -74,15 +74,15 @@ def test_migrated_schema_equals_schema_module(db_url):
 def test_comparison_sees_a_missing_schema(db_url):
     # Guards the test above: on an empty database the comparison reports both tables.
     added = {d[1].name for d in diffs(db_url) if d[0] == "add_table"}
-    assert added == {"messages", "recipients", "auth_failures"}
+    assert added == {"messages", "recipients", "auth_failures", "events"}
 
 
 def test_upgrade_is_idempotent_and_reaches_head(db_url):
     assert migrate.current_revision(db_url) is None
     migrate.upgrade(db_url)
     migrate.upgrade(db_url)
-    assert migrate.head_revision() == "0006"
-    assert migrate.current_revision(db_url) == "0006"
+    assert migrate.head_revision() == "0007"
+    assert migrate.current_revision(db_url) == "0007"
 
 
 def test_downgrade_to_base_and_back(db_url):
@@ -239,3 +239,56 @@ def test_0006_marks_the_recipients_a_list_expanded_before(db_url):
             assert [bool(m) for m in marks] == [True, False, False]
     finally:
         engine.dispose()
+
+
+def test_0007_adds_the_events_table_and_keeps_the_records(db_url):
+    # A store of 0006 with a message: after 0007 the message is as it was, with no events,
+    # and its new events go with it (foreign key, ON DELETE CASCADE); down again drops
+    # only the events table.
+    command.upgrade(migrate.alembic_config(db_url), "0006")
+    schema = build_schema()
+    engine = create_tracking_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO messages ({}) VALUES ({})".format(
+                        ", ".join(MESSAGE), ", ".join(f":{k}" for k in MESSAGE)
+                    )
+                ),
+                MESSAGE,
+            )
+            row = recipient("deferred")
+            conn.execute(
+                text(
+                    "INSERT INTO recipients ({}) VALUES ({})".format(
+                        ", ".join(row), ", ".join(f":{k}" for k in row)
+                    )
+                ),
+                row,
+            )
+        migrate.upgrade(db_url)
+        engine.dispose()  # a new connection sees the new schema
+        assert {ix["name"] for ix in inspect(engine).get_indexes("events")} == {
+            "ix_events_queue_id"
+        }
+        event = {"queue_id": "Q1", "rcpt_index": 0, "at": 5, "kind": "held", "detail": "{}"}
+        with engine.begin() as conn:
+            assert conn.execute(select(schema.messages.c.queue_id)).scalars().all() == ["Q1"]
+            assert conn.execute(select(schema.recipients.c.state)).scalars().all() == ["deferred"]
+            assert conn.execute(select(schema.events)).all() == []
+            conn.execute(insert(schema.events), [event, {**event, "at": 6}])
+            ids = conn.execute(select(schema.events.c.id).order_by(schema.events.c.id)).scalars()
+            assert len(set(ids)) == 2  # numbered by the database
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(insert(schema.events), [{**event, "queue_id": "Q2"}])
+        with engine.begin() as conn:
+            conn.execute(schema.messages.delete())
+            assert conn.execute(select(schema.events)).all() == []  # ON DELETE CASCADE
+        migrate.downgrade(db_url, "0006")
+        assert "events" not in inspect(engine).get_table_names()
+        assert diffs(db_url) != []
+    finally:
+        engine.dispose()
+    migrate.upgrade(db_url)
+    assert diffs(db_url) == []

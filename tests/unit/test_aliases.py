@@ -241,3 +241,13 @@ def test_outcomes_of_the_expanded_recipient():
         "5.4.6",
         LOOP_DIAGNOSTIC,
     )
+
+
+def test_the_expansion_event_names_an_alias_targets_and_nothing_else():
+    # The expanded recipient's event lists the addresses a plain alias produced; a
+    # list's members and a confidential alias's targets stay unrecorded (RFC 3886 §4.2).
+    info = resolve("info@example.org")
+    assert isinstance(info, Expand)
+    assert outcome_for(0, info).produced == info.targets == ("alice@example.org", "bob@example.net")
+    for hidden in ("team@example.org", "secret@example.org", "self@example.org"):
+        assert outcome_for(0, resolve(hidden)).produced == ()

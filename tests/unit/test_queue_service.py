@@ -428,11 +428,45 @@ async def test_hold_release_flush_delete_bounce(node):
         assert await node.queue.bounce("q0201")
         assert await node.states("q0201") == [("failed", "5.0.0")]
         assert await node.spool.queue_ids() == []
+        # Each change is an event of the message, the administrator's as such.
+        events = await node.tracking.events("q0201")
+        assert [(e.kind.value, e.recipient) for e in events] == [
+            ("arrived", None),
+            ("deferred", 0),
+            ("held", None),
+            ("released", None),
+            ("deferred", 0),
+            ("deferred", 0),
+            ("bounced", 0),
+        ]
+        first = events[1]
+        assert (first.time, first.get("relay"), first.get("status")) == (
+            START,
+            "dns; mx.one.example",
+            "4.4.1",
+        )
+        assert first.get("next_attempt") == str(int(START) + 300)
+        assert events[2].get("reason") == "held by the administrator"
+        assert events[-1].get("by") == "the administrator"
 
         await node.accept("q0202", "d@one.example")
         await node.advance(0)
         assert await node.queue.delete("q0202")
-        assert await node.tracking.message("q0202") is None
+        # Tracked still, as failed by the administrator, with no DSN (none is owed).
+        (deleted,) = (await node.tracking.message("q0202")).recipients
+        assert (deleted.state, deleted.status, deleted.dsn_pending) == (
+            RecipientState.FAILED,
+            "5.0.0",
+            False,
+        )
+        assert deleted.diagnostic == "x-local; deleted by the administrator"
+        last = (await node.tracking.events("q0202"))[-1]
+        assert (last.kind.value, last.recipient, last.get("by")) == (
+            "deleted",
+            0,
+            "the administrator",
+        )
+        assert await node.tracking.queued_messages("node1") == []
         assert await node.spool.queue_ids() == []
         assert not await node.queue.delete("nosuch")
     finally:
@@ -495,6 +529,30 @@ async def test_dsn_that_cannot_be_queued_is_retried_and_keeps_the_message(node):
         assert notifier.sent == [("q0302", [("bad@one.example", "failed")])]
         assert await node.spool.queue_ids() == []
         assert len(node.transport.attempts) == 1  # the recipient itself was final
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_sends_no_dsn_for_its_recipients_but_still_the_one_owed_before(node):
+    # One recipient failed earlier and its DSN could not be queued yet; the other is
+    # deferred. Deleting fails the deferred one silently; the DSN owed before goes out.
+    notifier = node.queue.notifier = RecordingNotifier()
+    notifier.failures = 1
+    await started(node)
+    node.transport.script["bad@one.example"] = [RecipientState.FAILED]
+    node.transport.script["slow@one.example"] = [RecipientState.DEFERRED]
+    try:
+        await node.accept("q0303", "bad@one.example", "slow@one.example")
+        await node.advance(0)
+        assert notifier.sent == []
+        assert await node.queue.delete("q0303")
+        await node.advance(0)
+        assert notifier.sent == [("q0303", [("bad@one.example", "failed")])]
+        assert await node.states("q0303") == [("failed", "5.1.1"), ("failed", "5.0.0")]
+        assert await node.tracking.queued_messages("node1") == []
+        assert await node.spool.queue_ids() == []
+        assert len(node.transport.attempts) == 1
     finally:
         await node.close()
 
@@ -647,6 +705,15 @@ async def test_a_quarantined_file_can_be_deleted(node):
         assert [e.queue_id for e, _ in await node.queue.quarantined()] == ["q0502"]
         assert await node.queue.delete("q0502")
         assert await node.queue.quarantined() == []
+        events = await node.tracking.events("q0502")
+        assert [(e.kind.value, e.recipient) for e in events] == [
+            ("arrived", None),
+            ("quarantined", None),
+            ("failed", 0),
+            ("dsn-sent", 0),
+            ("deleted", None),
+        ]
+        assert (events[2].get("status"), events[3].get("action")) == ("5.3.0", "failed")
         assert await node.spool.drop_quarantined("q0502") is False
         # The finished record (failed, sender notified) stays for tracking until it expires.
         message = await node.tracking.message("q0502")
