@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from contextlib import suppress
-from datetime import datetime
+from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from mtrkmta.cli.conventions import CommandOptions, parse, usage_error
 from mtrkmta.cli.send import host_and_port, split_host_port
+from mtrkmta.dsn.statuscodes import meaning, with_meaning
 from mtrkmta.mtqp.client import (
     DEFAULT_MAX_HOPS,
     TLS_MODES,
@@ -75,6 +76,7 @@ class TrackOptions(CommandOptions):
         ("last", None, "Track the message last sent with `mtrkmta send` (secrets file)."),
         ("json", None, "Print the whole trace as JSON."),
         ("raw", None, "Print each server's answer (the message/tracking-status entity)."),
+        ("utc", None, "Print times in UTC rather than the local time zone."),
     )
     optParameters = (
         ("server", None, None, "Tracking server HOST[:PORT], with ENVID and SECRET."),
@@ -176,15 +178,16 @@ async def run(
     elif options["raw"]:
         render_raw(trace, out)
     else:
-        render_timeline(trace, out)
+        render_timeline(trace, out, timezone.utc if options["utc"] else None)
     return EXIT_COMPLETE if trace.complete else EXIT_INCOMPLETE
 
 
 # -- output -------------------------------------------------------------------------------------
 
 
-def _when(value: datetime | None) -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S %z")
+def _when(value: datetime | None, zone: tzinfo | None) -> str:
+    """``value`` in ``zone`` (None: the local time zone) with its offset, or ``-``."""
+    return "-" if value is None else value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %z")
 
 
 def _where(hop: Hop) -> str:
@@ -205,20 +208,22 @@ def _line(indent: int, label: str, value: str) -> str:
     return " " * indent + f"{label:<{max(VALUE_COLUMN - indent, len(label) + 2)}}{value}"
 
 
-def _recipient_lines(report: TrackingReport, status: RecipientStatus) -> list[str]:
+def _recipient_lines(
+    report: TrackingReport, status: RecipientStatus, zone: tzinfo | None
+) -> list[str]:
     action = status.action.lower()
     lines = [f"  {status.original_recipient.value}"]
     if status.final_recipient.value.lower() != status.original_recipient.value.lower():
         lines.append(_line(4, "Final recipient", status.final_recipient.value))
-    lines.append(_line(4, "Action", f"{action} ({status.status})"))
+    lines.append(_line(4, "Action", f"{action} ({with_meaning(status.status)})"))
     if action == "delayed":
-        until = _when(status.will_retry_until) if status.will_retry_until else "unknown"
+        until = _when(status.will_retry_until, zone) if status.will_retry_until else "unknown"
         where = report.reporting_mta.value
         lines.append(_line(4, "Still queued", f"at {where}, will retry until {until}"))
     if status.remote_mta is not None:
         lines.append(_line(4, "Remote MTA", status.remote_mta.value))
     if status.last_attempt_date is not None:
-        lines.append(_line(4, "Last attempt", _when(status.last_attempt_date)))
+        lines.append(_line(4, "Last attempt", _when(status.last_attempt_date, zone)))
     diagnostic = _diagnostic(status)
     if diagnostic:
         lines.append(_line(4, "Diagnostic", diagnostic))
@@ -229,28 +234,29 @@ def _recipient_lines(report: TrackingReport, status: RecipientStatus) -> list[st
     return lines
 
 
-def _outcome(trace: Trace, path: RecipientPath) -> str:
+def _outcome(path: RecipientPath, zone: tzinfo | None) -> str:
     last = path.last
     if last is None:
         return path.outcome
     status = last.status
+    code = with_meaning(status.status)
     where = last.reporting_mta
     if path.outcome == "delayed":
-        until = _when(status.will_retry_until) if status.will_retry_until else "unknown"
-        return f"still queued at {where} ({status.status}), will retry until {until}"
+        until = _when(status.will_retry_until, zone) if status.will_retry_until else "unknown"
+        return f"still queued at {where} ({code}), will retry until {until}"
     if path.outcome in ("delivered", "expanded", "failed"):
-        return f"{path.outcome} ({status.status}) at {where}"
+        return f"{path.outcome} ({code}) at {where}"
     if path.outcome == "relayed":
         remote = f" to {status.remote_mta.value}" if status.remote_mta is not None else ""
-        return f"relayed ({status.status}) by {where}{remote}, which does not track"
+        return f"relayed ({code}) by {where}{remote}, which does not track"
     if path.outcome == "opaque":
         return f"{where} has nothing to say (opaque)"
     return f"{path.outcome} after {where}: {path.reason or 'no more information'}"
 
 
-def render_timeline(trace: Trace, out: TextIO) -> None:
+def render_timeline(trace: Trace, out: TextIO, zone: tzinfo | None = None) -> None:
     """One block per hop (server, per recipient: action, status, times, next hop), then one
-    line per recipient with where it ended."""
+    line per recipient with where it ended. Times in ``zone``, by default the local one."""
     print(f"Envelope id {trace.envid}", file=out)
     for number, hop in enumerate(trace.hops, start=1):
         print(file=out)
@@ -261,9 +267,9 @@ def render_timeline(trace: Trace, out: TextIO) -> None:
             continue
         for report in hop.reports:
             print(_line(2, "Reporting MTA", report.reporting_mta.value), file=out)
-            print(_line(2, "Arrived", _when(report.arrival_date)), file=out)
+            print(_line(2, "Arrived", _when(report.arrival_date, zone)), file=out)
             for status in report.recipients:
-                for line in _recipient_lines(report, status):
+                for line in _recipient_lines(report, status, zone):
                     print(line, file=out)
     print(file=out)
     if not trace.recipients:
@@ -272,7 +278,7 @@ def render_timeline(trace: Trace, out: TextIO) -> None:
     verdict = "every recipient reached a final state" if trace.complete else "not finished"
     print(f"Result: {verdict}", file=out)
     for path in trace.recipients:
-        print(f"  {path.original_recipient}: {_outcome(trace, path)}", file=out)
+        print(f"  {path.original_recipient}: {_outcome(path, zone)}", file=out)
 
 
 def render_raw(trace: Trace, out: TextIO) -> None:
@@ -297,6 +303,7 @@ def _status_json(status: RecipientStatus) -> dict[str, Any]:
         "final_recipient": str(status.final_recipient),
         "action": status.action.lower(),
         "status": status.status,
+        "meaning": meaning(status.status),
         "remote_mta": None if status.remote_mta is None else str(status.remote_mta),
         "last_attempt_date": _date_json(status.last_attempt_date),
         "will_retry_until": _date_json(status.will_retry_until),
@@ -346,6 +353,7 @@ def trace_json(trace: Trace) -> dict[str, Any]:
                         "reporting_mta": step.reporting_mta,
                         "action": step.status.action.lower(),
                         "status": step.status.status,
+                        "meaning": meaning(step.status.status),
                     }
                     for step in path.steps
                 ],

@@ -280,7 +280,7 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert f"referred by {A_NAME}" in timeline and f"referred by {B_NAME}" in timeline
         assert f"    Next hop         {B_NAME}\n" in timeline
         assert "    Next hop         [127.0.0.1]\n" in timeline
-        assert f"{RCPT}: delivered (2.1.5) at {C_NAME}" in timeline
+        assert f"{RCPT}: delivered (2.1.5: destination address valid) at {C_NAME}" in timeline
 
         # --raw: each server's message/tracking-status answer as received.
         status, raw = await rig.track("--raw")

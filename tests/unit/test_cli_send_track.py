@@ -7,10 +7,13 @@ import base64
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import smtplib
 import stat
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,23 @@ VECTOR_CERTIFIER_B64 = "VheLhqV/rCKJmplkGFwsyW59pYk"
 ENVID = "k2J9@client.example.test"
 SECRET_B64 = base64.b64encode(bytes(range(32))).decode()
 WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def time_zone() -> Iterator[Callable[[str], None]]:
+    """Sets the local time zone (TZ) for the test, whatever the machine's; restored after."""
+    saved = os.environ.get("TZ")
+
+    def set_zone(zone: str) -> None:
+        os.environ["TZ"] = zone
+        time.tzset()
+
+    yield set_zone
+    if saved is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = saved
+    time.tzset()
 
 
 # -- originator: secret, ENVID, parameters (RFC 3885 §3.1-§3.2, §4.2) ---
@@ -521,7 +541,8 @@ def test_paths_detect_loops():
     assert path.outcome == "loop" and not path.final
 
 
-def test_json_and_timeline_output():
+def test_json_and_timeline_output(time_zone):
+    time_zone("UTC")
     hops = (
         hop(
             "a.example",
@@ -562,9 +583,56 @@ def test_json_and_timeline_output():
     assert "    Diagnostic       smtp; 421 busy\n" in text
     assert text.endswith(
         "Result: not finished\n"
-        "  bob@dest.example: still queued at b.example (4.4.1), "
+        "  bob@dest.example: still queued at b.example (4.4.1: no answer from host), "
         "will retry until 2026-03-01 12:00:00 +0000\n"
     )
+
+
+def failed_trace() -> Trace:
+    hops = (
+        hop(
+            "a.example",
+            report("a.example", status("failed", "5.1.1", "mx.dest.example")),
+        ),
+    )
+    return Trace(ENVID, hops, recipient_paths(hops))
+
+
+def test_timeline_times_are_local_with_their_offset(time_zone):
+    time_zone("XYZ-05:30")  # POSIX TZ: local time is UTC+05:30
+    out = io.StringIO()
+    track.render_timeline(failed_trace(), out)
+    text = out.getvalue()
+    assert "  Arrived            2026-03-01 17:30:00 +0530\n" in text
+    assert "    Last attempt     2026-03-01 17:30:00 +0530\n" in text
+    assert "+0000" not in text
+
+
+def test_timeline_times_in_utc_when_asked(time_zone):
+    time_zone("XYZ-05:30")
+    options = track.TrackOptions()
+    options.parseOptions(["--utc", f"mtqp://a.example/track/{ENVID}/{SECRET_B64}"])
+    assert options["utc"]
+    out = io.StringIO()
+    track.render_timeline(failed_trace(), out, timezone.utc)
+    text = out.getvalue()
+    assert "  Arrived            2026-03-01 12:00:00 +0000\n" in text
+    assert "+0530" not in text
+
+
+def test_timeline_and_json_say_what_a_status_code_means():
+    # RFC 3463 §3.2: X.1.1 is "Bad destination mailbox address".
+    out = io.StringIO()
+    trace = failed_trace()
+    track.render_timeline(trace, out)
+    text = out.getvalue()
+    assert "    Action           failed (5.1.1: bad destination mailbox address)\n" in text
+    assert "bob@dest.example: failed (5.1.1: bad destination mailbox address) at a.example" in text
+    data = track.trace_json(trace)
+    (rcpt,) = data["hops"][0]["reports"][0]["recipients"]
+    assert (rcpt["status"], rcpt["meaning"]) == ("5.1.1", "bad destination mailbox address")
+    (step,) = data["recipients"][0]["path"]
+    assert step["meaning"] == "bad destination mailbox address"
 
 
 # -- following referrals (RFC 3886 §3.3.3) ---
