@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import base64
+import email.errors
+import email.header
+import email.parser
+import email.policy
 import json
 import os
 import secrets
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +25,14 @@ SECRET_BYTES = 32
 
 SECRETS_FILE = Path(".local") / "share" / "mtrkmta" / "sent.jsonl"
 """Where ``mtrkmta send`` keeps its records, under the home directory (or $XDG_DATA_HOME)."""
+
+SUBJECT_LIMIT = 200
+"""Characters of a message's Subject kept in the secrets file (escapes included)."""
+
+# Unicode bidirectional controls (besides the Cc category): they reorder what a terminal shows.
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 
 NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 RET_VALUES = frozenset({"FULL", "HDRS"})
@@ -100,7 +113,8 @@ class SentRecord:
 
     ``secret`` is A in base64 (the MTQP password: the file is mode 0600), ``envid``
     the decoded ENVID, ``server`` the SMTP server it went to (``host:port``),
-    ``mtqp`` the URI to track it, ``sent_at`` an ISO 8601 time.
+    ``mtqp`` the URI to track it, ``sent_at`` an ISO 8601 time, ``subject`` the message's
+    Subject as :func:`message_subject` gives it (empty in records written before it was kept).
     """
 
     envid: str
@@ -110,6 +124,7 @@ class SentRecord:
     sender: str
     recipients: tuple[str, ...]
     sent_at: str
+    subject: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -128,7 +143,50 @@ class SentRecord:
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string")
             values[name] = value
-        return cls(recipients=tuple(recipients), **values)
+        subject = data.get("subject", "")
+        if not isinstance(subject, str):
+            raise TypeError("subject must be a string")
+        return cls(recipients=tuple(recipients), subject=subject, **values)
+
+
+def printable(text: str, limit: int = SUBJECT_LIMIT) -> str:
+    """``text`` on one line: control characters escaped (``\\x1b``, ``\\u202e``), at most
+    ``limit`` characters, an ellipsis ending what was cut (never inside an escape)."""
+    pieces = [
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS
+        else char
+        for char in text
+    ]
+    if sum(len(piece) for piece in pieces) <= limit:
+        return "".join(pieces)
+    kept: list[str] = []
+    length = 0
+    for piece in pieces:
+        if length + len(piece) > limit - 1:
+            break
+        kept.append(piece)
+        length += len(piece)
+    return "".join(kept) + "\u2026"
+
+
+def message_subject(content: bytes) -> str:
+    """The Subject of the message ``content`` (its header section), unfolded and decoded as
+    RFC 2047 encoded-words say, through :func:`printable`; empty when it has none."""
+    # The header section as UTF-8 (RFC 6532 allows it raw); an invalid octet shows as U+FFFD.
+    section = content.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    raw = email.parser.Parser(policy=email.policy.compat32).parsestr(section, headersonly=True)
+    value = raw.get("Subject")
+    if value is None:
+        return ""
+    unfolded = "".join(str(value).split("\n"))
+    try:
+        text = str(email.header.make_header(email.header.decode_header(unfolded)))
+    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
+        text = ""
+    if not text.strip():
+        text = unfolded  # a malformed encoded-word is shown as written
+    return printable(text.strip())
 
 
 def default_secrets_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -157,25 +215,57 @@ def append_record(path: Path, record: SentRecord) -> None:
         os.close(fd)
 
 
-def read_records(path: Path) -> list[SentRecord]:
-    """Every record of the secrets file, oldest first; unreadable lines are skipped."""
+@dataclass(frozen=True, slots=True)
+class SecretsFile:
+    """What the secrets file holds: its records, oldest first, and the numbers (from 1)
+    of its lines that are no record (damaged), skipped."""
+
+    path: Path
+    records: tuple[SentRecord, ...]
+    damaged: tuple[int, ...] = ()
+
+    def newest_first(self) -> list[SentRecord]:
+        """The records as ``mtrkmta sent`` numbers them: 1 is the last one sent."""
+        return list(reversed(self.records))
+
+    def pick(self, number: int) -> SentRecord:
+        """The ``number``-th record, newest first (1 is the last sent)."""
+        if not self.records:
+            raise SecretsFileError(f"{self.path}: no message recorded")
+        if not 1 <= number <= len(self.records):
+            raise SecretsFileError(
+                f"{self.path}: no message number {number}; "
+                f"it records {len(self.records)} (see `mtrkmta sent`)"
+            )
+        return self.records[-number]
+
+
+def load_secrets(path: Path) -> SecretsFile:
+    """The secrets file at ``path``; SecretsFileError when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SecretsFileError(f"{path}: no such file (send a message first)") from None
     except OSError as error:
         raise SecretsFileError(f"{path}: {error.strerror or error}") from None
     records = []
-    for line in text.splitlines():
+    damaged = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
-            if isinstance(data, dict):
-                records.append(SentRecord.from_json(data))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return records
+            decoded = json.loads(line.decode("utf-8"))
+            if not isinstance(decoded, dict):
+                raise TypeError("not a JSON object")
+            records.append(SentRecord.from_json(decoded))
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+            damaged.append(number)
+    return SecretsFile(path, tuple(records), tuple(damaged))
+
+
+def read_records(path: Path) -> list[SentRecord]:
+    """Every record of the secrets file, oldest first; unreadable lines are skipped."""
+    return list(load_secrets(path).records)
 
 
 def last_record(path: Path) -> SentRecord:

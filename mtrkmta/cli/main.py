@@ -40,8 +40,10 @@ commands:
                            delete ID | bounce ID  (talks to the running server)
   send --server HOST[:PORT] --from ADDR --to ADDR [options] [FILE]
                            submit a message with tracking (MTRK); print its mtqp:// URI
+  sent [--secrets FILE] [--json] [-n N]
+                           list the messages sent, newest first (for `track --pick N`)
   track mtqp://HOST[:PORT]/track/ENVID/SECRET | --server HOST ENVID SECRET | --last
-                           ask where a message is, hop by hop (MTQP, RFC 3887)
+        | --pick N         ask where a message is, hop by hop (MTQP, RFC 3887)
   tracking [--config FILE | --data-dir DIR] set-max-retention DURATION
                            lower the tracking retention cap, for existing records too
   passwd [--users-file FILE | --config FILE] [--scheme S] [--stdin] USER
@@ -181,6 +183,12 @@ def send(args: Sequence[str]) -> int:  # `mtrkmta send` (message tracking)
     return send_main(args)
 
 
+def sent(args: Sequence[str]) -> int:  # `mtrkmta sent` (the messages `send` recorded)
+    from mtrkmta.cli.sent import main as sent_main
+
+    return sent_main(args)
+
+
 def track(args: Sequence[str]) -> int:  # `mtrkmta track` (message tracking)
     from mtrkmta.cli.track import main as track_main
 
@@ -203,6 +211,7 @@ COMMANDS = {
     "queue": queue,
     "tracking": tracking,
     "send": send,
+    "sent": sent,
     "track": track,
     "passwd": passwd,
 }

@@ -24,6 +24,7 @@ from mtrkmta.originator import (
     append_record,
     default_secrets_path,
     mail_options,
+    message_subject,
     new_tracking,
     rcpt_options,
     tracking_uri,
@@ -258,6 +259,7 @@ def main(
         sender=submission.sender,
         recipients=tuple(r for r in submission.recipients if r not in refused),
         sent_at=now().isoformat(timespec="seconds"),
+        subject=message_subject(content),
     )
     status = 0
     try:

@@ -43,7 +43,7 @@ from mtrkmta.mtqp.protocol import (
     decode_secret,
 )
 from mtrkmta.mtqp.uri import UriError, parse_uri
-from mtrkmta.originator import SecretsFileError, default_secrets_path, last_record
+from mtrkmta.originator import SecretsFileError, default_secrets_path, load_secrets
 from mtrkmta.tracking.status import RecipientStatus, TrackingReport
 
 EXIT_COMPLETE = 0
@@ -66,7 +66,9 @@ VALUE_COLUMN = max(indent + len(label) for indent, labels in LABELS.items() for 
 
 class TrackOptions(CommandOptions):
     program = "mtrkmta track"
-    synopsis = "[options] mtqp://HOST[:PORT]/track/ENVID/SECRET | --server HOST E S | --last"
+    synopsis = (
+        "[options] mtqp://HOST[:PORT]/track/ENVID/SECRET | --server HOST E S | --last | --pick N"
+    )
     longdesc = (
         "Ask the tracking (MTQP) server where a message is, then the server of every next hop "
         "it was transferred to. Exit status: 0 when every recipient reached a final state "
@@ -82,7 +84,13 @@ class TrackOptions(CommandOptions):
         ("server", None, None, "Tracking server HOST[:PORT], with ENVID and SECRET."),
         ("tls", None, "may", "STARTTLS: require (verified), may (when offered), none."),
         ("ca-file", None, None, "PEM file of CAs that --tls require trusts [the system's]."),
-        ("secrets", None, None, "Secrets file for --last [~/.local/share/mtrkmta/sent.jsonl]."),
+        ("pick", None, None, "Track message N of `mtrkmta sent` (1, the newest, is --last)."),
+        (
+            "secrets",
+            None,
+            None,
+            "Secrets file of --last, --pick [~/.local/share/mtrkmta/sent.jsonl].",
+        ),
         ("max-hops", None, str(DEFAULT_MAX_HOPS), "Ask at most this many servers."),
         ("nameserver", None, None, "Resolve with this DNS server, ADDRESS[:PORT] [system]."),
     )
@@ -117,12 +125,18 @@ class TrackOptions(CommandOptions):
             raise usage.UsageError(f"--max-hops is a number above 0, not {self['max-hops']!r}")
         self["max-hops"] = int(self["max-hops"])
         args = self["args"]
-        if self["last"]:
+        pick = self["pick"]
+        if pick is not None and (not pick.isdigit() or int(pick) < 1):
+            raise usage.UsageError(f"--pick is a number above 0, not {pick!r}")
+        if self["last"] and pick is not None:
+            raise usage.UsageError("--last and --pick exclude each other (--last is --pick 1)")
+        if self["last"] or pick is not None:
+            given = "--last" if self["last"] else "--pick"
             if args or self["server"]:
-                raise usage.UsageError("--last takes no URI, --server, ENVID or SECRET")
+                raise usage.UsageError(f"{given} takes no URI, --server, ENVID or SECRET")
             path = Path(self["secrets"]) if self["secrets"] else default_secrets_path()
             try:
-                args = (last_record(path).mtqp,)
+                args = (load_secrets(path).pick(1 if pick is None else int(pick)).mtqp,)
             except SecretsFileError as error:
                 raise usage.UsageError(str(error)) from None
         if self["server"]:
@@ -138,7 +152,9 @@ class TrackOptions(CommandOptions):
             self["port"] = port  # None: find the server by SRV, else port 1038
             return
         if len(args) != 1:
-            raise usage.UsageError("give an mtqp:// URI, --server HOST ENVID SECRET, or --last")
+            raise usage.UsageError(
+                "give an mtqp:// URI, --server HOST ENVID SECRET, --last or --pick N"
+            )
         try:
             uri = parse_uri(args[0])
         except UriError as error:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "mtrkmta" / "config" / "example.toml"
 # The commands of this branch; others may join COMMANDS, each with its own tests.
 OWN = ("serve", "check-config", "show-config", "example-config", "db", "queue", "tracking")
-OWN += ("send", "track")
+OWN += ("send", "sent", "track")
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
