@@ -216,6 +216,7 @@ async def test_send_then_track_through_three_hops(tmp_path):
         trace = json.loads(text)
         record = last_record(rig.secrets)
         assert trace["envid"] == record.envid and trace["complete"] is True
+        assert record.subject == "chain"  # saved by `mtrkmta send` from the message
         first, second, third = trace["hops"]
 
         # Hop 1: A, found by SRV, transferred to B (named by its MX host name).
@@ -254,6 +255,7 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert rcpt_c["original_recipient"] == f"rfc822; {RCPT}"
         assert rcpt_c["final_recipient"] == f"rfc822; {RCPT}"
         assert (rcpt_c["action"], rcpt_c["status"]) == ("delivered", "2.1.5")
+        assert rcpt_c["meaning"] == "destination address valid"  # RFC 3463 §3.2
         assert rcpt_c["remote_mta"] is None and rcpt_c["will_retry_until"] is None
         assert rcpt_c["last_attempt_date"] is not None
 
