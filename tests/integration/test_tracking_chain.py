@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +67,22 @@ async def until(predicate: Callable[[], Any], what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await deferLater(reactor, 0.02, lambda: None)
+
+
+@contextmanager
+def local_zone(zone: str) -> Iterator[None]:
+    """The local time zone (TZ) is ``zone`` inside the block."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = zone
+    time.tzset()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
 
 
 def closed_port() -> int:
@@ -283,6 +301,15 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert f"    Next hop         {B_NAME}\n" in timeline
         assert "    Next hop         [127.0.0.1]\n" in timeline
         assert f"{RCPT}: delivered (2.1.5: destination address valid) at {C_NAME}" in timeline
+
+        # Times in the local time zone with its offset, or in UTC with --utc.
+        with local_zone("XYZ-05:30"):  # POSIX TZ: UTC+05:30
+            _, local = await rig.track()
+            _, utc = await rig.track("--utc")
+        assert re.search(r"\n  Arrived +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0530\n", local)
+        assert "+0000" not in local
+        assert re.search(r"\n  Arrived +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000\n", utc)
+        assert "+0530" not in utc
 
         # --raw: each server's message/tracking-status answer as received.
         status, raw = await rig.track("--raw")
