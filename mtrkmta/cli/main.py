@@ -43,7 +43,7 @@ commands:
   sent [--secrets FILE] [--json] [-n N]
                            list the messages sent, newest first (for `track --pick N`)
   track mtqp://HOST[:PORT]/track/ENVID/SECRET | --server HOST ENVID SECRET | --last
-        | --pick N         ask where a message is, hop by hop (MTQP, RFC 3887)
+      | --pick N           ask where a message is, hop by hop (MTQP, RFC 3887)
   tracking [--config FILE | --data-dir DIR] set-max-retention DURATION
                            lower the tracking retention cap, for existing records too
   passwd [--users-file FILE | --config FILE] [--scheme S] [--stdin] USER
