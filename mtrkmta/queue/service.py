@@ -151,6 +151,28 @@ class ContentCache:
             self._size -= len(item[1])
 
 
+def administrative_failures(
+    message: StoredMessage, event: EventKind, diagnostic: str | None = None
+) -> tuple[RecipientUpdate, ...]:
+    """The administrator's bounce or delete: every recipient still queued fails with
+    5.0.0, recorded as ``event``; its diagnostic stays unless one is given."""
+    return tuple(
+        RecipientUpdate(
+            index=r.index,
+            state=RecipientState.FAILED,
+            status="5.0.0",
+            action="failed",
+            remote_mta=r.remote_mta,
+            diagnostic=r.diagnostic if diagnostic is None else diagnostic,
+            last_attempt=r.last_attempt,
+            count_attempt=False,
+            event=event,
+        )
+        for r in message.recipients
+        if r.state.in_queue
+    )
+
+
 class QueueService:
     """The queue manager of one node.
 
@@ -374,21 +396,7 @@ class QueueService:
         # The record stays, for tracking: the queued recipients fail, with no DSN, and
         # that commits before the file goes (a removal lost in a crash then leaves a
         # finished message, which start-up removes).
-        updates = [
-            RecipientUpdate(
-                index=r.index,
-                state=RecipientState.FAILED,
-                status="5.0.0",
-                action="failed",
-                remote_mta=r.remote_mta,
-                diagnostic=DELETED_DIAGNOSTIC,
-                last_attempt=r.last_attempt,
-                count_attempt=False,
-                event=EventKind.DELETED,
-            )
-            for r in message.recipients
-            if r.state.in_queue
-        ]
+        updates = administrative_failures(message, EventKind.DELETED, DELETED_DIAGNOSTIC)
         await self.tracking.record_outcomes(queue_id, updates)
         await self.spool.remove([queue_id])
         self._cache.drop(queue_id)
@@ -405,21 +413,7 @@ class QueueService:
         if message is None or message.node_id != self.node_id:
             return False
         now = self.clock.seconds()
-        updates = tuple(
-            RecipientUpdate(
-                index=r.index,
-                state=RecipientState.FAILED,
-                status="5.0.0",
-                action="failed",
-                remote_mta=r.remote_mta,
-                diagnostic=r.diagnostic,
-                last_attempt=r.last_attempt,
-                count_attempt=False,
-                event=EventKind.BOUNCED,
-            )
-            for r in message.recipients
-            if r.state.in_queue
-        )
+        updates = administrative_failures(message, EventKind.BOUNCED)
         await self._record(message, updates, now)
         log.info("{queue_id}: bounced by the administrator", queue_id=queue_id)
         return True

@@ -7,13 +7,10 @@ import base64
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import smtplib
 import stat
-import time
-from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -65,23 +62,6 @@ VECTOR_CERTIFIER_B64 = "VheLhqV/rCKJmplkGFwsyW59pYk"
 ENVID = "k2J9@client.example.test"
 SECRET_B64 = base64.b64encode(bytes(range(32))).decode()
 WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def time_zone() -> Iterator[Callable[[str], None]]:
-    """Sets the local time zone (TZ) for the test, whatever the machine's; restored after."""
-    saved = os.environ.get("TZ")
-
-    def set_zone(zone: str) -> None:
-        os.environ["TZ"] = zone
-        time.tzset()
-
-    yield set_zone
-    if saved is None:
-        os.environ.pop("TZ", None)
-    else:
-        os.environ["TZ"] = saved
-    time.tzset()
 
 
 # -- originator: secret, ENVID, parameters (RFC 3885 §3.1-§3.2, §4.2) ---

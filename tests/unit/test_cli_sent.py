@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,23 +21,6 @@ from mtrkmta.originator import (
     message_subject,
     read_records,
 )
-
-
-@pytest.fixture
-def time_zone() -> Iterator[Callable[[str], None]]:
-    """Sets the local time zone (TZ) for the test, whatever the machine's; restored after."""
-    saved = os.environ.get("TZ")
-
-    def set_zone(zone: str) -> None:
-        os.environ["TZ"] = zone
-        time.tzset()
-
-    yield set_zone
-    if saved is None:
-        os.environ.pop("TZ", None)
-    else:
-        os.environ["TZ"] = saved
-    time.tzset()
 
 
 def run_sent(*args: str) -> tuple[int, str, str]:
