@@ -212,7 +212,7 @@ async def test_track_a_message_sent_with_mtrk(tmp_path, capsys):
         # The same through the `mtrkmta track` command, in its own process.
         status, out, err = await track_process(record.mtqp)
         assert status == 0, err
-        assert f"{RCPT}: delivered (2.1.5) at {HOSTNAME}" in out
+        assert f"{RCPT}: delivered (2.1.5: destination address valid) at {HOSTNAME}" in out
 
 
 def mtrkmta_process(*args: str) -> subprocess.CompletedProcess[str]:
