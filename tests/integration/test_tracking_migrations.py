@@ -8,7 +8,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import insert, inspect, select, text
+from sqlalchemy import Connection, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from mtrkmta.testing import database_url
@@ -50,6 +50,13 @@ def recipient(state: str = "queued") -> dict[str, object]:
         "attempts": 0,
         "certifier_forwarded": False,
     }
+
+
+def insert_row(conn: Connection, table: str, row: dict[str, object]) -> None:
+    """One row, as written by the version of the schema the store is at."""
+    columns = ", ".join(row)
+    values = ", ".join(f":{column}" for column in row)
+    conn.execute(text(f"INSERT INTO {table} ({columns}) VALUES ({values})"), row)
 
 
 @pytest.fixture
@@ -207,14 +214,7 @@ def test_0006_marks_the_recipients_a_list_expanded_before(db_url):
     engine = create_tracking_engine(db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO messages ({}) VALUES ({})".format(
-                        ", ".join(MESSAGE), ", ".join(f":{k}" for k in MESSAGE)
-                    )
-                ),
-                MESSAGE,
-            )
+            insert_row(conn, "messages", MESSAGE)
             for index, (state, diagnostic) in enumerate(
                 [
                     ("expanded", "x-local; accepted by a mailing list"),
@@ -223,14 +223,7 @@ def test_0006_marks_the_recipients_a_list_expanded_before(db_url):
                 ]
             ):
                 row = {**recipient(state), "rcpt_index": index, "diagnostic": diagnostic}
-                conn.execute(
-                    text(
-                        "INSERT INTO recipients ({}) VALUES ({})".format(
-                            ", ".join(row), ", ".join(f":{k}" for k in row)
-                        )
-                    ),
-                    row,
-                )
+                insert_row(conn, "recipients", row)
         migrate.upgrade(db_url)
         with engine.connect() as conn:
             marks = conn.execute(
@@ -250,23 +243,9 @@ def test_0007_adds_the_events_table_and_keeps_the_records(db_url):
     engine = create_tracking_engine(db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO messages ({}) VALUES ({})".format(
-                        ", ".join(MESSAGE), ", ".join(f":{k}" for k in MESSAGE)
-                    )
-                ),
-                MESSAGE,
-            )
+            insert_row(conn, "messages", MESSAGE)
             row = recipient("deferred")
-            conn.execute(
-                text(
-                    "INSERT INTO recipients ({}) VALUES ({})".format(
-                        ", ".join(row), ", ".join(f":{k}" for k in row)
-                    )
-                ),
-                row,
-            )
+            insert_row(conn, "recipients", row)
         migrate.upgrade(db_url)
         engine.dispose()  # a new connection sees the new schema
         assert {ix["name"] for ix in inspect(engine).get_indexes("events")} == {
