@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtrkmta.dsn.statuscodes import meaning, with_meaning
+from mtrkmta.smtp.statuscodes import meaning, with_meaning
 
 # Every code RFC 3463 §3 enumerates (§3.1-§3.8), as the RFC writes them.
 RFC_3463_CODES = (
