@@ -56,6 +56,15 @@ ADMIN_HOLD = "held by the administrator"
 QUARANTINE_STATUS = "5.3.0"
 QUARANTINE_DIAGNOSTIC = "x-local; the queue file was damaged"
 DELETED_DIAGNOSTIC = "x-local; deleted by the administrator"
+BOUNCED_DIAGNOSTIC = "x-local; bounced by the administrator"
+
+
+def bounced_diagnostic(previous: str | None) -> str:
+    """The Diagnostic-Code of a recipient the administrator bounced: said as such, so that
+    a stale reply of the last attempt is not taken for the reason, but kept after it."""
+    if not previous:
+        return BOUNCED_DIAGNOSTIC
+    return f"{BOUNCED_DIAGNOSTIC} (last attempt: {previous})"
 
 
 class QueueActionRefused(Exception):
@@ -152,10 +161,10 @@ class ContentCache:
 
 
 def administrative_failures(
-    message: StoredMessage, event: EventKind, diagnostic: str | None = None
+    message: StoredMessage, event: EventKind, diagnostic: Callable[[str | None], str]
 ) -> tuple[RecipientUpdate, ...]:
     """The administrator's bounce or delete: every recipient still queued fails with
-    5.0.0, recorded as ``event``; its diagnostic stays unless one is given."""
+    5.0.0, recorded as ``event``, with ``diagnostic`` of its last diagnostic."""
     return tuple(
         RecipientUpdate(
             index=r.index,
@@ -163,7 +172,7 @@ def administrative_failures(
             status="5.0.0",
             action="failed",
             remote_mta=r.remote_mta,
-            diagnostic=r.diagnostic if diagnostic is None else diagnostic,
+            diagnostic=diagnostic(r.diagnostic),
             last_attempt=r.last_attempt,
             count_attempt=False,
             event=event,
@@ -396,7 +405,7 @@ class QueueService:
         # The record stays, for tracking: the queued recipients fail, with no DSN, and
         # that commits before the file goes (a removal lost in a crash then leaves a
         # finished message, which start-up removes).
-        updates = administrative_failures(message, EventKind.DELETED, DELETED_DIAGNOSTIC)
+        updates = administrative_failures(message, EventKind.DELETED, lambda _: DELETED_DIAGNOSTIC)
         await self.tracking.record_outcomes(queue_id, updates)
         await self.spool.remove([queue_id])
         self._cache.drop(queue_id)
@@ -413,7 +422,7 @@ class QueueService:
         if message is None or message.node_id != self.node_id:
             return False
         now = self.clock.seconds()
-        updates = administrative_failures(message, EventKind.BOUNCED)
+        updates = administrative_failures(message, EventKind.BOUNCED, bounced_diagnostic)
         await self._record(message, updates, now)
         log.info("{queue_id}: bounced by the administrator", queue_id=queue_id)
         return True

@@ -395,9 +395,9 @@ async def test_delete_asks_for_confirmation(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_bounce_fails_every_queued_recipient(tmp_path):
     # RFC 3886 §3.3.3, RFC 3461 §5.2.6: the administrator gives up on the message: its recipients
-    # fail 5.0.0
-    # (RFC 3463 "other undefined status"), keeping the last remote reply, and the
-    # message leaves the spool.
+    # fail 5.0.0 (RFC 3463 "other undefined status"), the diagnostic says the administrator
+    # bounced it, then the last remote reply (which is not the reason), and the message
+    # leaves the spool.
     async with queue_node(tmp_path) as rig:
         queue_id = await rig.deferred_message()
         bounced = await rig.cli("--yes", "bounce", queue_id)
@@ -405,7 +405,9 @@ async def test_bounce_fails_every_queued_recipient(tmp_path):
         assert queue_id not in await rig.spooled()
         (rcpt,) = (await rig.stored(queue_id)).recipients
         assert (rcpt.state, rcpt.action, rcpt.status) == (RecipientState.FAILED, "failed", "5.0.0")
-        assert rcpt.diagnostic == f"smtp; {BUSY}"
+        assert (
+            rcpt.diagnostic == f"x-local; bounced by the administrator (last attempt: smtp; {BUSY})"
+        )
         # (The failure DSN to the sender may be in the queue for a moment.)
         assert queue_id not in (await rig.cli("list")).out
 
