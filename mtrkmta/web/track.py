@@ -472,7 +472,31 @@ def _hops_html(hops: list[Any]) -> str:
     )
 
 
-def _recipients_html(recipients: list[Any]) -> str:
+def _value(typed: object) -> str:
+    """``bob@example.org`` of ``rfc822; bob@example.org``."""
+    return str(typed).split(";", 1)[-1].strip().lower()
+
+
+def _step_diagnostic(hops: list[Any], step: Mapping[str, Any], original: object) -> str | None:
+    """The diagnostic the hop of ``step`` reported for the recipient, if any."""
+    number = step.get("hop")
+    if not isinstance(number, int) or not 1 <= number <= len(hops):
+        return None
+    for report in hops[number - 1].get("reports") or []:
+        if _value(report.get("reporting_mta")) != _value(step.get("reporting_mta")):
+            continue
+        for status in report.get("recipients") or []:
+            if _value(status.get("original_recipient")) != _value(original):
+                continue
+            if status.get("diagnostic"):
+                return str(status["diagnostic"])
+            for name, *value in status.get("extensions") or []:
+                if str(name).lower() == "diagnostic-code" and value:
+                    return str(value[0])
+    return None
+
+
+def _recipients_html(recipients: list[Any], hops: list[Any]) -> str:
     parts = ["<h2>Recipients</h2>"]
     for path in recipients:
         outcome = _e(path.get("outcome"))
@@ -481,10 +505,12 @@ def _recipients_html(recipients: list[Any]) -> str:
         said = f"<p>Diagnostic: {_e(diagnostic)}</p>\n" if diagnostic else ""
         steps = []
         for step in path.get("path") or []:
+            found = _step_diagnostic(hops, step, path.get("original_recipient"))
+            note = f'<br><span class="diagnostic">{_e(found)}</span>' if found else ""
             steps.append(
                 f"<li>Hop {_e(step.get('hop'))}, {_e(step.get('reporting_mta'))}: "
                 f'<strong class="action">{_e(step.get("action"))}</strong> '
-                f"{_status(step.get('status'), step.get('meaning'))}</li>"
+                f"{_status(step.get('status'), step.get('meaning'))}{note}</li>"
             )
         parts.append(
             f'<section class="recipient">\n<h3>{_e(path.get("original_recipient"))}</h3>\n'
@@ -528,7 +554,8 @@ def trace_html(data: Mapping[str, Any]) -> str:
     ]
     if data.get("events"):
         parts.append(_events_html(list(data["events"])))
-    parts.append(_recipients_html(list(data.get("recipients") or [])))
+    hops = [hop for hop in data.get("hops") or [] if isinstance(hop, dict)]
+    parts.append(_recipients_html(list(data.get("recipients") or []), hops))
     parts.append(_hops_html(list(data.get("hops") or [])))
     parts.append("</section>")
     return "\n".join(parts)
