@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -665,8 +665,8 @@ def doc_json_blocks() -> dict[str, Any]:
     (``.. api-example: NAME``)."""
     text = DOCS.read_text()
     found = {}
-    pattern = r"\.\. api-example: (\S+)\n\n.*?::\n\n((?:    .*\n|\n)+)"
-    for name, block in re.findall(pattern, text, flags=re.S):
+    pattern = r"\.\. api-example: (\S+)\n\n::\n\n((?:    [^\n]*\n|\n)+)"
+    for name, block in re.findall(pattern, text):
         found[name] = json.loads("\n".join(line[4:] for line in block.splitlines()))
     return found
 
