@@ -882,6 +882,7 @@ def _finish(request: Request, gone: list[bool], status: int, body: bytes) -> Non
     if gone:
         return
     request.setResponseCode(status)
+    request.setHeader(b"content-length", str(len(body)).encode("ascii"))
     request.write(body)
     request.finish()
 
