@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import pages
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -457,10 +458,13 @@ def _hops_html(hops: list[Any]) -> str:
             answer += f": {_e(detail)}"
         reporting = [report.get("reporting_mta") for report in hop.get("reports") or []]
         rows.append(
-            f'<tr><th scope="row">{number}</th><td>{where}</td>'
-            f"<td>{_e(', '.join(str(mta) for mta in reporting)) or '-'}</td>"
-            f"<td>{_e(hop.get('referred_by') or '-')}</td>"
-            f"<td>{'yes' if hop.get('tls') else 'no'}</td><td>{answer}</td></tr>"
+            f'<tr><th scope="row"><span class="label">Hop </span>{number}</th>'
+            f'<td data-label="Server">{where}</td>'
+            f'<td data-label="Reporting MTA">'
+            f"{_e(', '.join(str(mta) for mta in reporting)) or '-'}</td>"
+            f'<td data-label="Referred by">{_e(hop.get("referred_by") or "-")}</td>'
+            f'<td data-label="TLS">{"yes" if hop.get("tls") else "no"}</td>'
+            f'<td data-label="Answer">{answer}</td></tr>'
         )
     return (
         '<h2>Tracking servers asked</h2>\n<div class="scroll"><table>\n'
@@ -919,7 +923,7 @@ class TrackPage(Resource):
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
             return self
-        return super().getChild(path, request)
+        return pages.notFound()
 
     def render_GET(self, request: Request) -> bytes:
         _headers(request, b"text/html; charset=utf-8")

@@ -98,7 +98,7 @@ async def test_the_api_follows_a_message_across_two_nodes(tmp_path):
     assert page_status == 200
     text = page.decode()
     assert '<p class="result" role="status">Delivered: 1 recipient, 1 delivered.</p>' in text
-    assert '<th scope="row">2</th><td>[127.0.0.1] (127.0.0.1 port' in text
+    assert '2</th><td data-label="Server">[127.0.0.1] (127.0.0.1 port' in text
     assert f"dns; {B_NAME}" in text
     assert secret not in body.decode() and secret not in text
     assert any("HTTP track from 127.0.0.1" in line for line in lines)

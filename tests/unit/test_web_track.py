@@ -373,8 +373,9 @@ def test_a_posted_uri_shows_both_hops_and_the_outcome():
     assert tracker.asked == [(A_NAME, ENVID, SECRET, 2038)]
     page = reply.text
     assert '<p class="result" role="status">Delivered: 1 recipient, 1 delivered.</p>' in page
-    assert '<th scope="row">1</th><td>mx-a.example.test (127.0.0.1 port 2038)</td>' in page
-    assert '<th scope="row">2</th><td>mx-b.example.test (127.0.0.1 port 2039)</td>' in page
+    row = '<th scope="row"><span class="label">Hop </span>{}</th><td data-label="Server">{}</td>'
+    assert row.format(1, "mx-a.example.test (127.0.0.1 port 2038)") in page
+    assert row.format(2, "mx-b.example.test (127.0.0.1 port 2039)") in page
     assert "<h3>bob@chain.example</h3>" in page
     assert (
         '<li>Hop 2, mx-b.example.test: <strong class="action">delivered</strong> '
