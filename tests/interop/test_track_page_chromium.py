@@ -14,7 +14,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import AsyncIterator
@@ -22,10 +21,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from cdp import DevTools
-from interop_lab import eventually, in_thread
+from interop_lab import eventually, in_thread, program
 from twisted.internet import reactor
 from twisted.names import client as dns_client
 from twisted.web import pages
@@ -46,15 +44,6 @@ PHONE = {"width": 360, "height": 780, "deviceScaleFactor": 2, "mobile": True}
 STARTUP = 60.0
 
 
-def chromium_path() -> str:
-    found = shutil.which(CHROMIUM)
-    if found is None:
-        pytest.fail(
-            "chromium is not installed: run tools/bootstrap.sh test (apt-get install chromium)"
-        )
-    return found
-
-
 class Browser:
     """Headless Chromium on loopback with its own profile; its DevTools URL from stderr."""
 
@@ -68,7 +57,7 @@ class Browser:
         """Blocking: start Chromium; the ``ws://`` URL of its DevTools (stderr's line)."""
         self.proc = subprocess.Popen(
             [
-                chromium_path(),
+                program(CHROMIUM),
                 "--headless=new",
                 "--no-sandbox",  # the tests may run as root
                 f"--user-data-dir={self.profile}",
@@ -202,7 +191,7 @@ async def press(tools: DevTools, session: str, key: str, code: int, text: str = 
 
 @pytest_twisted.ensureDeferred
 async def test_the_page_shows_a_message_across_two_nodes(tmp_path, reaper):
-    chromium_path()
+    program(CHROMIUM)
     async with two_nodes(tmp_path) as (a, b):
         a_mtqp, b_mtqp = a.port("mtqp"), b.port("mtqp")
         uri = await send_through(a, tmp_path / "sent.jsonl")
