@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -23,6 +23,7 @@ from mtrkmta.mtqp.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_HOPS,
     MIN_REPLY_TIMEOUT,
+    HostMap,
     TLSMode,
     Trace,
     TrackingClient,
@@ -31,6 +32,9 @@ from mtrkmta.mtqp.protocol import DEFAULT_PORT
 from mtrkmta.mtqp.server import RATE_WINDOW, RateLimiter
 from mtrkmta.mtqp.timeline import trace_json
 from mtrkmta.mtqp.uri import MtqpUri, UriError, parse_uri
+
+if TYPE_CHECKING:
+    from mtrkmta.config import Config
 
 log = Logger()
 
@@ -133,7 +137,7 @@ def parse_query(fields: Mapping[str, object]) -> TrackQuery:
         try:
             uri = parse_uri(uri_text)
         except UriError as error:
-            raise QueryError("invalid-query", f"not an mtqp URI: {_quiet(error)}") from None
+            raise QueryError("invalid-query", f"not an mtqp URI: {error}") from None
         port = None if uri.port == DEFAULT_PORT else uri.port
         return TrackQuery(uri.host, port, uri.track().envid, uri.secret)
     given = {"envid": envid, "secret": secret, "server": server}
@@ -145,13 +149,8 @@ def parse_query(fields: Mapping[str, object]) -> TrackQuery:
         host, port = split_server(server)
         uri = MtqpUri(host=host, envid=envid, secret=secret, port=port or DEFAULT_PORT)
     except UriError as error:
-        raise QueryError("invalid-query", _quiet(error)) from None
+        raise QueryError("invalid-query", str(error)) from None
     return TrackQuery(uri.host, port, uri.track().envid, uri.secret)
-
-
-def _quiet(error: Exception) -> str:
-    """An error's text, which the parsers never build from the secret's value."""
-    return str(error)
 
 
 def form_fields(body: bytes) -> dict[str, str]:
@@ -243,7 +242,7 @@ def client_factory(
     max_hops: int = DEFAULT_MAX_HOPS,
     reply_timeout: float = MIN_REPLY_TIMEOUT,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    connect_to: Callable[[str, int | None], tuple[str, int] | None] | None = None,
+    connect_to: HostMap | None = None,
 ) -> Callable[[], Tracker]:
     """A fresh TrackingClient per query with `mtrkmta track`'s defaults (TLS ``may``,
     16 hops, RFC 3887 §2.5's 2-minute reply timeout)."""
@@ -273,7 +272,7 @@ class TrackLimits:
     deadline: float = DEFAULT_DEADLINE
 
     @classmethod
-    def from_config(cls, config: Any) -> TrackLimits:
+    def from_config(cls, config: Config) -> TrackLimits:
         return cls(track_rate=config.mtqp.track_rate, failure_rate=config.mtqp.failure_rate)
 
 

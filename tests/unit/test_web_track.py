@@ -20,6 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from mtrkmta.config import Override, load_config
 from mtrkmta.mtqp.client import Hop, Target, Trace, recipient_paths
 from mtrkmta.mtqp.protocol import Response
 from mtrkmta.mtqp.timeline import trace_json
@@ -696,3 +697,12 @@ def test_the_documented_examples_are_what_the_api_answers():
     error = web.api(blocks["error-request"])
     assert error.status == 422
     assert error.json() == blocks["error-response"]
+
+
+def test_the_limits_are_the_mtqp_listeners():
+    config = load_config(
+        None,
+        [Override("test", "mtqp.track_rate", 7), Override("test", "mtqp.failure_rate", 3)],
+        fqdn=lambda: "mx.example.test",
+    )
+    assert TrackLimits.from_config(config) == TrackLimits(track_rate=7, failure_rate=3)
