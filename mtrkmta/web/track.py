@@ -302,9 +302,14 @@ class TrackService:
         return ensureDeferred(self._follow(address, query, reserved))
 
     async def _follow(self, address: str, query: TrackQuery, reserved: float) -> Answer:
-        followed = self.tracker_factory().follow(
-            query.host, query.envid, query.secret, port=query.port
-        )
+        try:
+            followed = self.tracker_factory().follow(
+                query.host, query.envid, query.secret, port=query.port
+            )
+        except Exception:
+            log.failure("HTTP track from {address}: the tracker failed", address=address)
+            followed = Deferred()
+            followed.callback(Trace(envid=query.envid, hops=()))
         answer = await _within(followed, self.limits.deadline, self.clock, query)
         if answer.status != ERRORS["not-found"]:
             self.failures.forget(address, reserved)

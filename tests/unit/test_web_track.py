@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +17,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.names import client
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -29,6 +30,7 @@ from mtrkmta.web.track import (
     ERRORS,
     QueryError,
     TrackLimits,
+    client_factory,
     form_fields,
     json_fields,
     openapi_document,
@@ -211,12 +213,18 @@ class Reply:
 class Web:
     """A Site with the track resources, spoken to over StringTransports (HTTP/1.0)."""
 
-    def __init__(self, tracker: CannedTracker, limits: TrackLimits | None = None) -> None:
+    def __init__(
+        self,
+        tracker: CannedTracker,
+        limits: TrackLimits | None = None,
+        factory: Callable[[], Any] | None = None,
+    ) -> None:
         self.clock = MemoryReactorClock()
         self.tracker = tracker
         root = Resource()
         limits = limits or TrackLimits()
-        for name, child in track_resources(lambda: tracker, limits, self.clock).items():
+        factory = factory or (lambda: tracker)
+        for name, child in track_resources(factory, limits, self.clock).items():
             root.putChild(name, child)
         self.site = Site(root, timeout=None)
         self.transports: list[StringTransport] = []
@@ -515,6 +523,16 @@ def test_noinfo_is_404_and_an_unreachable_server_502():
             "cannot connect: refused",
         }
     }
+
+
+def test_a_tracker_that_cannot_be_made_is_502_not_a_hung_request(logged):
+    clock = MemoryReactorClock()
+    broken = client_factory(clock, client.Resolver(servers=[("127.0.0.1", 53)]), max_hops=0)
+    web = Web(CannedTracker([]), factory=broken)
+    reply = web.api({"uri": URI})
+    assert reply.status == 502
+    assert reply.json()["error"]["code"] == "upstream-error"
+    assert any("the tracker failed" in line for line in logged)
 
 
 def test_a_trace_slower_than_the_deadline_is_504():
