@@ -183,6 +183,37 @@ async def track_site(b_mtqp: int) -> AsyncIterator[int]:
         await listening.stopListening()
 
 
+# The lowest WCAG 2.1 contrast ratio (§1.4.3) of any text on the page against the
+# background it is drawn on: [ratio, the element, its colour, its background].
+CONTRAST = """
+function luminance(rgb) {
+  const [r, g, b] = rgb.match(/[\\d.]+/g).slice(0, 3).map(Number).map(v => {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4);
+  });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+}
+function background(element) {
+  for (let e = element; e; e = e.parentElement) {
+    const colour = getComputedStyle(e).backgroundColor;
+    if (colour !== 'rgba(0, 0, 0, 0)' && colour !== 'transparent') return colour;
+  }
+  return 'rgb(255, 255, 255)';
+}
+function lowestContrast() {
+  let lowest = [99, '', '', ''];
+  for (const element of document.querySelectorAll('main *')) {
+    const text = [...element.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+    if (!text) continue;
+    const fore = getComputedStyle(element).color, back = background(element);
+    const [a, b] = [luminance(fore), luminance(back)].sort((x, y) => y - x);
+    const ratio = (a + 0.05) / (b + 0.05);
+    if (ratio < lowest[0]) lowest = [ratio, element.tagName + '.' + element.className, fore, back];
+  }
+  return lowest;
+}
+"""
+
+
 async def press(tools: DevTools, session: str, key: str, code: int, text: str = "") -> None:
     base = {"key": key, "code": key, "windowsVirtualKeyCode": code}
     await tools.call("Input.dispatchKeyEvent", {**base, "type": "keyDown", "text": text}, session)
@@ -221,6 +252,7 @@ async def test_the_page_shows_a_message_across_two_nodes(tmp_path, reaper):
         f"Hop 2, {B_NAME}: delivered",
     ]
     assert checks["wide"] <= PHONE["width"], "the page scrolls sideways on a phone"
+    assert checks["contrast"][0] >= 4.5, checks["contrast"]  # WCAG 2.1 AA
     assert checks["focused"] == "BUTTON"
     assert uri not in checks["html"] and uri.rsplit("/", 1)[1] not in checks["html"]
     assert shot.startswith(b"\x89PNG\r\n\x1a\n")
@@ -254,6 +286,7 @@ async def drive(tools: DevTools, port: int, uri: str) -> tuple[bytes, str, dict[
     loaded = tools.event("Page.loadEventFired", session)
     await press(tools, session, "Enter", 13, "\r")
     await loaded
+    await tools.evaluate(CONTRAST, session)
     checks: dict[str, Any] = json.loads(
         await tools.evaluate(
             """JSON.stringify({
@@ -264,6 +297,7 @@ async def drive(tools: DevTools, port: int, uri: str) -> tuple[bytes, str, dict[
                 steps: [...document.querySelectorAll('.recipient li')].map(
                     li => li.childNodes[0].textContent + li.querySelector('.action').textContent),
                 wide: document.documentElement.scrollWidth,
+                contrast: lowestContrast(),
                 html: document.documentElement.outerHTML,
             })""",
             session,
