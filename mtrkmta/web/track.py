@@ -472,7 +472,7 @@ def _hops_html(hops: list[Any]) -> str:
         )
     return (
         '<h2>Tracking servers asked</h2>\n<div class="scroll"><table>\n'
-        "<caption>One row per hop, in the order asked</caption>\n"
+        "<caption>One per hop, in the order asked</caption>\n"
         '<thead><tr><th scope="col">Hop</th><th scope="col">Server</th>'
         '<th scope="col">Reporting MTA</th><th scope="col">Referred by</th>'
         '<th scope="col">TLS</th><th scope="col">Answer</th></tr></thead>\n'
