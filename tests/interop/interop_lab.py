@@ -56,7 +56,7 @@ IO_TIMEOUT = 15.0
 
 # What the interop tests need, as the Debian packages that bring it; tools/bootstrap.sh
 # test installs the same packages (tests/interop/test_interop_lab.py checks that).
-PACKAGES = ("dovecot-core", "dovecot-lmtpd", "postfix", "swaks", "bsd-mailx")
+PACKAGES = ("dovecot-core", "dovecot-lmtpd", "postfix", "swaks", "bsd-mailx", "chromium")
 PROGRAMS = {  # program -> package
     "dovecot": "dovecot-core",
     "doveadm": "dovecot-core",
@@ -68,6 +68,7 @@ PROGRAMS = {  # program -> package
     "smtp-source": "postfix",
     "swaks": "swaks",
     "bsd-mailx": "bsd-mailx",  # mail(1), which hands its mail to sendmail
+    "chromium": "chromium",  # headless, for the tracking page
 }
 POSTFIX_PRESEED = "postfix postfix/main_mailer_type select No configuration"
 INSTALL_LINE = (
