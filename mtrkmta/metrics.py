@@ -54,6 +54,8 @@ DELAY_BUCKETS = (
 
 METRICS_FILE = "metrics.prom"
 """The file in a worker's directory that holds its latest exposition."""
+METRICS_INTERVAL = 5.0
+"""Seconds between two writes of a worker's metrics file."""
 
 
 def bounded(value: str, allowed: Iterable[str]) -> str:
@@ -306,6 +308,12 @@ def write_exposition(path: Path, text: bytes) -> None:
     os.replace(temporary, path)
 
 
+def remove_files(paths: Iterable[Path]) -> None:
+    """Remove each file that exists (blocking)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 def read_expositions(paths: Iterable[Path]) -> list[str]:
     """The text of each file that exists (blocking)."""
     texts = []
@@ -355,4 +363,4 @@ def merged_exposition(registry: CollectorRegistry, others: Iterable[str]) -> byt
     for name, family in families.items():
         for (sample_name, labels), value in sums[name].items():
             family.add_sample(sample_name, dict(labels), value)
-    return generate_latest(_Merged(list(families.values())))  # type: ignore[arg-type]
+    return generate_latest(_Merged(list(families.values())))

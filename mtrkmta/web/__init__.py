@@ -1,0 +1,1 @@
+"""The node's HTTP service on twisted.web: one module per resource."""
