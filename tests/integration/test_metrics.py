@@ -5,14 +5,18 @@ from __future__ import annotations
 import urllib.request
 
 import pytest_twisted
+from certs import tls_options
+from fakemta import FakeMTA
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
-from smtpwire import Wire, in_thread, queue_emptied
+from smtpwire import Wire, in_thread, message, queue_emptied
 from test_dsn_end_to_end import SENDER, node_with_fake, send
+from test_receive_tls_auth import secure
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from mtrkmta.testing import node_config, start_node, stop_node
 from mtrkmta.web.metrics import metrics_resource
 
 
@@ -74,3 +78,43 @@ async def test_a_node_counts_acceptance_refusals_deliveries_and_dsns(tmp_path):
         }
         assert samples[("mtrkmta_messages_accepted_total", (("listener", "smtp"),))] == 1
         assert samples[("mtrkmta_dsns_sent_total", (("kind", "failed"),))] == 1
+
+
+def send_over_starttls(port: int) -> None:
+    with Wire(port) as wire:
+        secure(wire)
+        assert wire.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert wire.command("RCPT TO:<ok@relay.example>").code == 250
+        assert wire.data(message()).code == 250
+        wire.command("QUIT")
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_sessions_in_and_out_are_counted(tmp_path):
+    # RFC 3207: the client's STARTTLS to us (in), ours to the next hop (out).
+    fake = FakeMTA(reactor, tls=True)
+    await fake.start()
+    node = await start_node(
+        node_config(
+            tmp_path / "data",
+            listeners=("smtp",),
+            options=(
+                *tls_options(tmp_path / "tls"),
+                ("routes", f"relay.example=smtp:{fake.endpoint};tls=encrypt"),
+                ("durability.fsync", False),
+            ),
+        )
+    )
+    try:
+        await in_thread(send_over_starttls, node.port("smtp"))
+        await queue_emptied(node)
+        value = node.metrics.registry.get_sample_value
+        assert value("mtrkmta_tls_sessions_total", {"direction": "in"}) == 1
+        assert value("mtrkmta_tls_sessions_total", {"direction": "out"}) == 1
+        relayed = {"outcome": "relayed", "transport": "smtp"}
+        assert value("mtrkmta_deliveries_total", relayed) == 1
+    finally:
+        try:
+            await stop_node(node)
+        finally:
+            await fake.stop()
