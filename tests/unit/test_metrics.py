@@ -3,6 +3,10 @@ processes, the Prometheus text format as prometheus_client's own parser reads it
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from test_mtqp_server import FakeStore, Session, make, stored, track_line
@@ -165,3 +169,42 @@ def test_the_resource_answers_500_when_the_metrics_cannot_be_read():
     render(metrics_resource(lambda: fail(OSError("disk gone"))), request)
     assert request.responseCode == 500
     assert b"".join(request.written) == b"metrics unavailable; see the node's log\n"
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "doc" / "examples" / "grafana-dashboard.json"
+
+
+def every_metric_once() -> PrometheusMetrics:
+    metrics = PrometheusMetrics()
+    metrics.accepted("smtp")
+    metrics.refused("smtp", "relay_denied")
+    metrics.delivery("delivered", "maildir")
+    metrics.attempt_delay("maildir", 0.01)
+    metrics.end_to_end_delay("delivered", 0.5)
+    metrics.dsn_sent("failed")
+    metrics.mtqp_query("found")
+    metrics.http_track_query("not_found")
+    metrics.tls_session("in")
+    metrics.watch_workers(lambda: 1)
+    return metrics
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_registry_exports():
+    dashboard = json.loads(DASHBOARD.read_text())
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["query"] == "prometheus"
+    text = every_metric_once().exposition().decode()
+    exported = {name for name, _ in samples(text)}
+    families = {
+        f.name for f in text_string_to_metric_families(text) if not f.name.endswith("_created")
+    }
+    asked: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${" + variable["name"] + "}", panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\bmtrkmta_[a-z_]+", target["expr"]))
+            assert names, target["expr"]
+            assert names <= exported, (panel["title"], names - exported)
+            asked |= names
+    # And every metric has its panel.
+    assert {f for f in families if not any(name.startswith(f) for name in asked)} == set()
