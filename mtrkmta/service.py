@@ -872,6 +872,8 @@ class MTAService(Service):
             )
 
     async def _start_workers(self) -> None:
+        # Counts an earlier run's workers wrote are gone with that run's master's.
+        await self._blocking(remove_files, metrics_files(self.config.data_dir))
         if self.origin is None:
             return
         draining = await self._blocking(draining_workers, self.config.data_dir, self.config.workers)
@@ -881,8 +883,6 @@ class MTAService(Service):
         if self.config.workers >= 2:  # with draining workers only, the master alone accepts
             for name in shared:
                 take_turns(self.ports[name])
-        # Counts a previous run's workers wrote are gone with that run's master's.
-        await self._blocking(remove_files, metrics_files(self.config.data_dir))
         self.supervisor = WorkerSupervisor(
             self.reactor,
             self.origin,
