@@ -178,7 +178,7 @@ class _Readings(Collector):
         queue = GaugeMetricFamily(
             f"{PREFIX}_queue_messages",
             "Messages in this node's queue by state (active: in a queue run; waiting: "
-            "scheduled for a later attempt).",
+            "scheduled for a run, now or later).",
             labels=["state"],
         )
         counts = self.queue() if self.queue is not None else {}

@@ -9,7 +9,7 @@ from certs import tls_options
 from fakemta import FakeMTA
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
-from smtpwire import Wire, in_thread, message, queue_emptied
+from smtpwire import Wire, in_thread, message, queue_emptied, until
 from test_dsn_end_to_end import SENDER, node_with_fake, send
 from test_receive_tls_auth import secure
 from twisted.internet import reactor
@@ -118,3 +118,22 @@ async def test_tls_sessions_in_and_out_are_counted(tmp_path):
             await stop_node(node)
         finally:
             await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deferred_message_waits_in_the_queue_count(tmp_path):
+    async with node_with_fake(tmp_path) as (node, fake):
+        fake.rcpt_replies["later@relay.example"] = "451 4.3.0 <later@relay.example> try later"
+        await in_thread(send, node.port("smtp"), SENDER, [("later@relay.example", "")])
+        value = node.metrics.registry.get_sample_value
+        deferred = {"outcome": "deferred", "transport": "smtp"}
+        await until(lambda: value("mtrkmta_deliveries_total", deferred) == 1, "the deferral")
+
+        def counts() -> tuple[float | None, float | None]:
+            return (
+                value("mtrkmta_queue_messages", {"state": "active"}),
+                value("mtrkmta_queue_messages", {"state": "waiting"}),
+            )
+
+        await until(lambda: counts() == (0, 1), "the message to wait for its retry")
+        assert value("mtrkmta_delivery_delay_seconds_count", {"outcome": "deferred"}) is None
