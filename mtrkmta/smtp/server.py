@@ -606,6 +606,7 @@ class SMTPServer(Protocol, SessionGuard):
     def _auth_goodbye(self, text: str, *before: Reply) -> None:
         """Send ``before``, then 421 and close: this client may not try again now."""
         if not self._closing:
+            self.factory.metrics.refused(self.session.listener, "auth")
             bye = Reply(421, "4.7.0", (f"{self.settings.hostname} {text}",))
             self._send((*before, bye))
             self._close()

@@ -10,6 +10,7 @@ from pathlib import Path
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from test_mtqp_server import FakeStore, Session, make, stored, track_line
+from test_smtp_auth import CLOSED, PASSWORD, USER, CountingChecker, TLSClient, auth_plain
 from test_smtp_server import Client, make_factory
 from test_smtp_server import RecordingReceiver as SMTPReceiver
 from twisted.internet.defer import fail, succeed
@@ -208,3 +209,26 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_registry_exports():
             asked |= names
     # And every metric has its panel.
     assert {f for f in families if not any(name.startswith(f) for name in asked)} == set()
+
+
+def test_starttls_and_an_auth_shut_out_are_counted():
+    # RFC 3207 (STARTTLS), RFC 4954 §4 (AUTH): after 3 failures the connection ends with 421.
+    clock = MemoryReactorClock()
+    metrics = PrometheusMetrics()
+    settings = ServerSettings(
+        hostname="mx.example.test",
+        listener="submission",
+        tls=object(),
+        checker=CountingChecker(**{USER: PASSWORD.encode()}),
+    )
+    client = TLSClient(SMTPServerFactory(settings, SMTPReceiver(), clock, metrics=metrics))
+    client.transport.clear()
+    client.proto.dataReceived(auth_plain("wrong") * 3)
+    clock.pump([1] * 30)
+    assert client.lines()[-1] == CLOSED
+    client.close()
+    value = metrics.registry.get_sample_value
+    assert value("mtrkmta_tls_sessions_total", {"direction": "in"}) == 1
+    assert (
+        value("mtrkmta_messages_refused_total", {"listener": "submission", "reason": "auth"}) == 1
+    )
