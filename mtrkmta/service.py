@@ -33,6 +33,15 @@ from mtrkmta.delivery.smtp import LMTPTransport, SMTPTransport, SMTPTransportSet
 from mtrkmta.dsn.notifier import DsnNotifier
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.server import LMTPServerFactory
+from mtrkmta.metrics import (
+    METRICS_FILE,
+    METRICS_INTERVAL,
+    PrometheusMetrics,
+    merged_exposition,
+    read_expositions,
+    remove_files,
+    write_exposition,
+)
 from mtrkmta.mtqp.server import (  # MTQP listener
     MTQPServerFactory,
     MTQPSettings,
@@ -66,6 +75,7 @@ from mtrkmta.workers import (
     WorkerRole,
     WorkerSupervisor,
     draining_workers,
+    metrics_files,
     shared_sockets,
     take_turns,
 )
@@ -305,6 +315,11 @@ class MTAService(Service):
         self._starting: Deferred[None] | None = None
         self.mtqp: MTQPServerFactory | None = None  # the MTQP listener's sessions (RFC 3887)
         self.pickup: Pickup | None = None  # sendmail's pickup directory (the master's only)
+        # The node's one metrics registry (mtrkmta.metrics); a worker writes it to a file.
+        self.metrics = PrometheusMetrics()
+        self._metrics_writer: LoopingCall | None = None
+        if worker is None:
+            self.metrics.watch_workers(self._processes_up)
 
     # -- start ---------------------------------------------------------------------
 
@@ -391,6 +406,7 @@ class MTAService(Service):
             node_id=config.node_id,
             clock=self.reactor,
             max_tracked_per_hour=config.tracking.max_tracked_per_hour,
+            metrics=self.metrics,
         )
         if config.local.aliases is not None:
             self.aliases = AliasSource(config.local.aliases, self.reactor, self.threadpool)
@@ -456,8 +472,31 @@ class MTAService(Service):
         )
         if self.worker is not None:
             self._listen_as_worker(self.worker)
+            self._metrics_writer = LoopingCall(self._write_metrics)
+            self._metrics_writer.clock = self.reactor
+            self._metrics_writer.start(METRICS_INTERVAL, now=True)
         else:
             await self._listen()
+
+    # -- metrics (mtrkmta.metrics): a worker writes its own to a file the master sums in -----
+
+    def _processes_up(self) -> int:
+        return 1 + (self.supervisor.running if self.supervisor is not None else 0)
+
+    def _write_metrics(self) -> Deferred[None]:
+        path = self.config.data_dir / METRICS_FILE
+        d = self._blocking(write_exposition, path, self.metrics.exposition())
+        return d.addErrback(lambda f: log.error("cannot write {path}: {e}", path=path, e=f.value))
+
+    def exposition(self) -> Deferred[bytes]:
+        """The node's metrics in the Prometheus text format: this process's, plus those
+        its worker processes wrote last (read and summed in a pool thread)."""
+        registry, data_dir = self.metrics.registry, self.config.data_dir
+
+        def merge() -> bytes:
+            return merged_exposition(registry, read_expositions(metrics_files(data_dir)))
+
+        return self._blocking(merge)
 
     def _build_auth(self) -> AuthGuard | None:
         """The password checker with its limits, on the auth pool; None without a users file.
@@ -653,7 +692,9 @@ class MTAService(Service):
         config = self.config
         assert self.spool is not None and self.tracking is not None and self.router is not None
         settings = SMTPTransportSettings(
-            hostname=config.hostname, default_retention=config.tracking.default_retention
+            hostname=config.hostname,
+            default_retention=config.tracking.default_retention,
+            metrics=self.metrics,
         )
         self.transports = {
             "smtp": SMTPTransport(self.reactor, settings, faults=self.faults),
@@ -675,6 +716,7 @@ class MTAService(Service):
             reporting_mta=config.hostname,
             delay_warning=config.queue.delay_warning,
             clock=self.reactor,
+            metrics=self.metrics,
         )
         return QueueService(
             notifier=notifier,
@@ -696,6 +738,7 @@ class MTAService(Service):
             destination_concurrency=config.delivery.destination_concurrency,
             transient_errors=(OSError, SpoolError, *TRANSIENT_ERRORS),
             faults=self.faults,
+            metrics=self.metrics,
         )
 
     async def _reconcile(self) -> None:
@@ -792,7 +835,9 @@ class MTAService(Service):
             if description is None:
                 continue
             factory_class = LMTPServerFactory if name == "lmtp" else SMTPServerFactory
-            factory = factory_class(self.settings(name), self.receiver, self.reactor, self.faults)
+            factory = factory_class(
+                self.settings(name), self.receiver, self.reactor, self.faults, self.metrics
+            )
             endpoint = serverFromString(self.reactor, description)
             try:
                 self.ports[name] = await endpoint.listen(factory)
@@ -813,7 +858,7 @@ class MTAService(Service):
         """Accept on the master's sockets, inherited as file descriptors."""
         for name, (fd, family) in sorted(worker.listen_fds.items()):
             factory = SMTPServerFactory(
-                self.settings(name), self.receiver, self.reactor, self.faults
+                self.settings(name), self.receiver, self.reactor, self.faults, self.metrics
             )
             self.ports[name] = self.reactor.adoptStreamPort(fd, family, factory)
             os.close(fd)  # adoptStreamPort took a duplicate
@@ -827,6 +872,8 @@ class MTAService(Service):
             )
 
     async def _start_workers(self) -> None:
+        # Counts an earlier run's workers wrote are gone with that run's master's.
+        await self._blocking(remove_files, metrics_files(self.config.data_dir))
         if self.origin is None:
             return
         draining = await self._blocking(draining_workers, self.config.data_dir, self.config.workers)
@@ -855,7 +902,7 @@ class MTAService(Service):
         if self.config.tls.certificate is not None and self.config.tls.private_key is not None:
             tls = server_context(self.config.tls.certificate, self.config.tls.private_key)
         factory = MTQPServerFactory(
-            settings_from_config(self.config, tls), self.tracking, self.reactor
+            settings_from_config(self.config, tls), self.tracking, self.reactor, self.metrics
         )
         try:
             self.ports["mtqp"] = await serverFromString(self.reactor, description).listen(factory)
@@ -913,6 +960,9 @@ class MTAService(Service):
             await self.queue.stop(grace=self.shutdown_grace)
         transports, self.transports = self.transports, {}
         await DeferredList([transport.close() for transport in transports.values()])
+        if self._metrics_writer is not None and self._metrics_writer.running:
+            self._metrics_writer.stop()
+            await self._write_metrics()  # a worker's last counts reach the master's sum
         if self._system_resolver is not None:
             parse_call = getattr(self._system_resolver, "_parseCall", None)
             if parse_call is not None and parse_call.active():

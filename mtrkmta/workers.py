@@ -37,6 +37,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mtrkmta.config import Config, Override, load_config
+from mtrkmta.metrics import METRICS_FILE
 
 log = Logger()
 
@@ -108,6 +109,11 @@ def has_queued_mail(directory: Path) -> bool:
         return any(any(bucket.iterdir()) for bucket in queue.iterdir() if bucket.is_dir())
     except FileNotFoundError:
         return False
+
+
+def metrics_files(data_dir: Path) -> list[Path]:
+    """The metrics file each worker writes in its directory, of those there (blocking)."""
+    return sorted((data_dir / WORKERS_DIR).glob(f"*/{METRICS_FILE}"))
 
 
 def draining_workers(data_dir: Path, count: int) -> list[int]:
@@ -195,6 +201,11 @@ class WorkerSupervisor:
         self._restarts: dict[int, IDelayedCall] = {}
         self._delay: dict[int, float] = {}
         self._stopping = False
+
+    @property
+    def running(self) -> int:
+        """How many worker processes are running now."""
+        return len(self._running)
 
     def start(self) -> None:
         for index in self.numbers:

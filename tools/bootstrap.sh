@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # interop tests drive real Dovecot LMTP, Postfix (with its smtp-sink/smtp-source) and
 # swaks; the `postgres` tox env runs the tracking store on a real PostgreSQL server.
 RUN_PACKAGES=(python3 python3-venv)
-TEST_PACKAGES=(python3 python3-venv dovecot-core dovecot-lmtpd postfix swaks postgresql bsd-mailx chromium)
+TEST_PACKAGES=(python3 python3-venv dovecot-core dovecot-lmtpd postfix swaks postgresql bsd-mailx chromium prometheus)
 # "No configuration": no /etc/postfix/main.cf, nothing listening; the tests run their own.
 POSTFIX_PRESEED="postfix postfix/main_mailer_type select No configuration"
 

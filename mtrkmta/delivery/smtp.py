@@ -30,6 +30,7 @@ from mtrkmta.delivery.interfaces import (
 )
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.client import LMTPClient
+from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.reportfields import dns_mta
 from mtrkmta.smtp.client import (
     ClientSettings,
@@ -70,6 +71,7 @@ class SMTPTransportSettings:
     idle_keep: float = 5.0
     max_idle_sessions: int = 20
     data_chunk: int = 16 * 1024
+    metrics: IMetrics = NoMetrics()
 
     def client_settings(self) -> ClientSettings:
         return ClientSettings(
@@ -77,6 +79,7 @@ class SMTPTransportSettings:
             timeouts=self.timeouts,
             tls_context=self.tls_context,
             data_chunk=self.data_chunk,
+            metrics=self.metrics,
         )
 
 

@@ -19,6 +19,7 @@ from mtrkmta.dsn.policy import (
 )
 from mtrkmta.dsn.render import RecipientReport, render_dsn
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
+from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.queue.service import INotifier
 from mtrkmta.spool.interfaces import ISpool, MessageNotFound, SpoolCorruption
 from mtrkmta.tracking.interfaces import RecipientState, StoredMessage, StoredRecipient
@@ -70,8 +71,10 @@ class DsnNotifier:
         delay_warning: float,
         clock: IReactorTime,
         return_limit: int = RETURN_LIMIT,
+        metrics: IMetrics = NoMetrics(),
     ) -> None:
         self.spool = spool
+        self.metrics = metrics  # told each DSN queued
         self.new_queue_id = new_queue_id
         self.reporting_mta = reporting_mta
         self.delay_warning = delay_warning
@@ -135,6 +138,7 @@ class DsnNotifier:
                 ),
             )
             await submit(envelope, dsn)
+            self.metrics.dsn_sent(batch.action)
             log.info(
                 "{queue_id}: {action} DSN {dsn_id} to <{sender}> for {recipients}",
                 queue_id=message.queue_id,

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.mtqp.protocol import (
     MAX_LINE,
     CommandError,
@@ -60,6 +61,20 @@ R_TOO_MANY_FROM_YOU = Response(
 )
 
 Answer = Response | Deferred[Response] | None
+
+_TRACK_RESULTS = {
+    R_NOINFO: "not_found",
+    R_TLS_REQUIRED: "tls_required",
+    R_UNAVAILABLE: "unavailable",
+    R_RATE_LIMITED: "rate_limited",
+}
+
+
+def track_result(response: Response) -> str:
+    """The result label of a TRACK answer (mtrkmta.metrics.QUERY_RESULTS)."""
+    if response.indicator.startswith("+OK"):
+        return "found"
+    return _TRACK_RESULTS.get(response, "bad_request")
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +324,7 @@ class MTQPServer(Protocol, SessionGuard):
         except CommandError as error:
             return error.response
         if isinstance(command, Track):
-            return self._track(command)
+            return self._counted(self._track(command))
         if isinstance(command, StartTLS):
             return self._starttls(command)
         if isinstance(command, Quit):
@@ -379,6 +394,17 @@ class MTQPServer(Protocol, SessionGuard):
         answered.addErrback(self._internal_error)
         return answered.addCallback(self._settle_failure, reserved)
 
+    def _counted(self, answer: Answer) -> Answer:
+        """Tell the metrics how a TRACK was answered, by the answer's kind."""
+
+        def count(response: Response) -> Response:
+            self.factory.metrics.mtqp_query(track_result(response))
+            return response
+
+        if answer is None or isinstance(answer, Response):
+            return answer if answer is None else count(answer)
+        return answer.addCallback(count)
+
     def _settle_failure(self, response: Response, reserved: float) -> Response:
         """Keep the failure counted for ``-ERR/noinfo``; anything else takes it back."""
         if response is not R_NOINFO:
@@ -445,6 +471,7 @@ class MTQPServer(Protocol, SessionGuard):
         self._handshaking = True
         self.tls_active = True
         ITLSTransport(self.transport).startTLS(self.settings.tls)
+        self.factory.metrics.tls_session("in")
         return None
 
     # -- idle timeout (3887 §2.5) --------------------------------------------------------
@@ -470,8 +497,16 @@ class MTQPServerFactory(Factory):
     protocol = MTQPServer
     noisy = False  # no "Starting factory" line in the log
 
-    def __init__(self, settings: MTQPSettings, tracking: Any, clock: IReactorTime) -> None:
-        """``tracking`` provides ``ITrackingStore.lookup_transactions``; ``clock`` times all."""
+    def __init__(
+        self,
+        settings: MTQPSettings,
+        tracking: Any,
+        clock: IReactorTime,
+        metrics: IMetrics = NoMetrics(),
+    ) -> None:
+        """``tracking`` provides ``ITrackingStore.lookup_transactions``; ``clock`` times all;
+        ``metrics`` is told how each TRACK was answered."""
+        self.metrics = metrics
         self.settings = settings
         self.tracking = tracking
         self.clock = clock

@@ -46,6 +46,11 @@ class Scheduler:
         self._running = False
 
     @property
+    def waiting(self) -> int:
+        """How many messages are scheduled for a later run."""
+        return len(self._due)
+
+    @property
     def running(self) -> bool:
         return self._running
 

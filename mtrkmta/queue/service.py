@@ -26,6 +26,7 @@ from mtrkmta.delivery.interfaces import (
 )
 from mtrkmta.envelope import Envelope, Recipient
 from mtrkmta.faults import IFaults, NoFaults
+from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.queue.deliverylog import Times, delivery_fields
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
 from mtrkmta.queue.policy import RetryPolicy, update_for
@@ -213,6 +214,7 @@ class QueueService:
         default_retention: float = DEFAULT_RETENTION,
         transient_errors: tuple[type[BaseException], ...] = (OSError, SpoolError),
         faults: IFaults = NoFaults(),
+        metrics: IMetrics = NoMetrics(),
     ) -> None:
         """``expander`` resolves aliases and lists of local recipients; the messages
         that carry expanded mail on, and the DSNs of ``notifier``, enter through
@@ -242,6 +244,12 @@ class QueueService:
         self._cache = ContentCache(content_cache_bytes)
         self.scheduler = Scheduler(clock, self._run, max_active_messages)
         self._semaphores: dict[str, DeferredSemaphore] = {}
+        self.metrics = metrics  # told each outcome and its delays (mtrkmta.metrics)
+        metrics.watch_queue(self.queue_counts)
+
+    def queue_counts(self) -> dict[str, int]:
+        """Messages in a queue run (active) and scheduled for later (waiting), from memory."""
+        return {"active": self.scheduler.active, "waiting": self.scheduler.waiting}
 
     @property
     def max_active_messages(self) -> int:
@@ -710,6 +718,8 @@ class QueueService:
         )
         for update in updates:
             outcome = outcomes.get(update.index) if outcomes is not None else None
+            if outcome is not None and not update.state.in_queue:
+                self.metrics.end_to_end_delay(update.state.value, times.recorded - times.arrival)
             fmt, fields = delivery_fields(
                 message.queue_id, message.recipients[update.index], update, outcome, times
             )
@@ -781,6 +791,7 @@ class QueueService:
                 outcomes.append(
                     RecipientOutcome(index, route.state, route.status, f"x-local; {route.reason}")
                 )
+                self.metrics.delivery(route.state.value, "routing")
                 continue
             groups.setdefault(route.destination, (route, []))[1].append(index)
         attempts = [
@@ -793,6 +804,8 @@ class QueueService:
         for attempt, (ok, result) in zip(attempts, results, strict=True):
             if ok:
                 outcomes.extend(result)
+                for outcome in result:
+                    self.metrics.delivery(outcome.state.value, attempt.next_hop.transport)
             else:
                 # DeferredList's annotation omits it: a failed attempt's result is its Failure.
                 log.failure(
@@ -805,6 +818,8 @@ class QueueService:
                     RecipientOutcome(i, RecipientState.DEFERRED, "4.3.0")
                     for i in attempt.recipients
                 )
+                for _ in attempt.recipients:
+                    self.metrics.delivery("deferred", attempt.next_hop.transport)
         return sorted(outcomes, key=lambda o: o.index)
 
     async def _route(self, queue_id: str, domain: str) -> NextHop | RouteFailure:
@@ -838,6 +853,7 @@ class QueueService:
 
         def timed(outcomes: list[RecipientOutcome]) -> list[RecipientOutcome]:
             done = self.clock.seconds()
+            self.metrics.attempt_delay(attempt.next_hop.transport, done - started)
             return [
                 o if o.timing is not None else replace(o, timing=Timing(started, done))
                 for o in outcomes

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mtrkmta.envelope import ClientInfo, Envelope
+from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.spool.interfaces import IIncoming, ISpool
 from mtrkmta.tracking.interfaces import ITrackingStore, StoredMessage
 
@@ -78,6 +79,7 @@ class Acceptor:
     node_id: str
     clock: IReactorTime
     max_tracked_per_hour: int = 0
+    metrics: IMetrics = field(default_factory=NoMetrics)  # told each message accepted
     _tracked: TrackedRate = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +121,7 @@ class Acceptor:
     def _accepted(
         self, record: StoredMessage, envelope: Envelope, content: bytes | None
     ) -> Accepted:
+        self.metrics.accepted(envelope.client.listener)
         log.info(
             "{queue_id}: accepted from=<{sender}> nrcpt={n} via {listener} client=[{client}]",
             queue_id=envelope.queue_id,

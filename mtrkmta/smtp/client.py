@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtrkmta.faults import IFaults, NoFaults
+from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.smtp.extensions import parse_ehlo
 from mtrkmta.smtp.framing import CRLF, OVERLONG, LineFramer
 from mtrkmta.smtp.outbound import END_OF_DATA, DotStuffer
@@ -81,6 +82,7 @@ class ClientSettings:
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
     tls_context: Callable[[str], Any] = opportunistic_tls
     data_chunk: int = 16 * 1024  # content octets per write while sending DATA
+    metrics: IMetrics = NoMetrics()  # told each TLS session set up (mtrkmta.metrics)
 
 
 class SessionError(Exception):
@@ -381,6 +383,7 @@ class SMTPClient(Protocol):
 
     def handshakeCompleted(self) -> None:
         self._tls_pending = False
+        self.settings.metrics.tls_session("out")
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._connected = False

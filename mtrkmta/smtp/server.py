@@ -24,6 +24,7 @@ from mtrkmta.auth import ChecksBusy
 from mtrkmta.authlimits import guard_of
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.faults import IFaults, NoFaults
+from mtrkmta.metrics import IMetrics, NoMetrics, refusal_reason
 from mtrkmta.sessionguard import COMMAND, DATA, SessionGuard
 from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.command import (
@@ -237,6 +238,9 @@ class SMTPServer(Protocol, SessionGuard):
         )
         refusal = self.factory.admit(self)
         if refusal is not None:
+            self.factory.metrics.refused(
+                self.session.listener, refusal_reason("CONNECT", refusal.code, refusal.enhanced)
+            )
             log.info(
                 "{listener} NOQUEUE: reject: CONNECT from unknown[{address}]: {reply}",
                 listener=self.session.listener,
@@ -386,6 +390,8 @@ class SMTPServer(Protocol, SessionGuard):
             counts[1] += 1
         if reply.code < 400 or verb not in ("MAIL", "RCPT", "DATA", "END-OF-MESSAGE"):
             return
+        reason = refusal_reason(verb, reply.code, reply.enhanced)
+        self.factory.metrics.refused(self.session.listener, reason)
         transaction = transaction or self.transaction
         sender = _path(argument) if verb == "MAIL" else transaction.sender if transaction else None
         details = "" if sender is None else f" from=<{sender}>"
@@ -516,6 +522,7 @@ class SMTPServer(Protocol, SessionGuard):
         # Nothing the client sent in clear after STARTTLS may run under TLS.
         self.framer.reset()
         ITLSTransport(self.transport).startTLS(self.settings.tls)
+        self.factory.metrics.tls_session("in")
         self.session = Session(
             address=self.session.address,
             port=self.session.port,
@@ -599,6 +606,7 @@ class SMTPServer(Protocol, SessionGuard):
     def _auth_goodbye(self, text: str, *before: Reply) -> None:
         """Send ``before``, then 421 and close: this client may not try again now."""
         if not self._closing:
+            self.factory.metrics.refused(self.session.listener, "auth")
             bye = Reply(421, "4.7.0", (f"{self.settings.hostname} {text}",))
             self._send((*before, bye))
             self._close()
@@ -911,11 +919,13 @@ class SMTPServerFactory(Factory):
         receiver: Any,
         clock: IReactorTime,
         faults: IFaults = NoFaults(),
+        metrics: IMetrics = NoMetrics(),
     ) -> None:
         self.settings = settings
         self.receiver = receiver
         self.clock = clock
         self.faults = faults  # told each named step (mtrkmta.faults.POINTS)
+        self.metrics = metrics  # told each refusal and TLS session (mtrkmta.metrics)
         self.table = SessionTable(settings.max_connections, settings.max_connections_per_ip)
         self.help = self.protocol.help_reply()
 

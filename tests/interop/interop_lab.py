@@ -56,7 +56,15 @@ IO_TIMEOUT = 15.0
 
 # What the interop tests need, as the Debian packages that bring it; tools/bootstrap.sh
 # test installs the same packages (tests/interop/test_interop_lab.py checks that).
-PACKAGES = ("dovecot-core", "dovecot-lmtpd", "postfix", "swaks", "bsd-mailx", "chromium")
+PACKAGES = (
+    "dovecot-core",
+    "dovecot-lmtpd",
+    "postfix",
+    "swaks",
+    "bsd-mailx",
+    "chromium",
+    "prometheus",
+)
 PROGRAMS = {  # program -> package
     "dovecot": "dovecot-core",
     "doveadm": "dovecot-core",
@@ -69,6 +77,7 @@ PROGRAMS = {  # program -> package
     "swaks": "swaks",
     "bsd-mailx": "bsd-mailx",  # mail(1), which hands its mail to sendmail
     "chromium": "chromium",  # headless, for the tracking page
+    "prometheus": "prometheus",  # scrapes /metrics (tests/interop/test_prometheus_scrape.py)
 }
 POSTFIX_PRESEED = "postfix postfix/main_mailer_type select No configuration"
 INSTALL_LINE = (
@@ -91,7 +100,8 @@ def program(name: str) -> str:
         missing = sorted({pkg for prog, pkg in PROGRAMS.items() if not _have(prog)})
         pytest.fail(
             f"{name} not found (missing packages: {' '.join(missing) or PROGRAMS.get(name)}). "
-            f"The interop tests need real Dovecot, Postfix and swaks; tools/bootstrap.sh test "
+            f"The interop tests need real Dovecot, Postfix, swaks and Prometheus; "
+            f"tools/bootstrap.sh test "
             f"installs them when run as root, or run:\n  {INSTALL_LINE}",
             pytrace=False,
         )
