@@ -210,7 +210,7 @@ async def test_an_administrators_bounce_is_logged_with_relay_none(log):
         (line,) = log()
         assert line == (
             "Q2: to=<bob@far.example>, relay=none, delay=7.00, delays=7.00/0.00/0.00,"
-            " dsn=5.0.0, status=bounced (failed)"
+            " dsn=5.0.0, status=bounced (bounced by the administrator)"
         )
         assert START + 7 == node.clock.seconds()
     finally:
