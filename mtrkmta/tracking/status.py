@@ -839,6 +839,12 @@ def _top_level_semicolon(text: str) -> int:
     return -1
 
 
+def parse_date(raw: str) -> datetime:
+    """An RFC 5322 date-time as the fields carry it (comments allowed), timezone-aware;
+    raises :class:`TrackingStatusError`."""
+    return _read_date(raw)
+
+
 def _read_date(raw: str) -> datetime:
     text = " ".join(_uncomment(raw).split())
     try:
