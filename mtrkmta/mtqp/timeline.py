@@ -202,7 +202,10 @@ def entry_text(entry: Entry, when: Callable[[datetime, datetime], str]) -> str:
     if kind == EventKind.FAILED.value:
         return "failed" + (f": {code}" if code else "") + (f" ({reply})" if reply else "")
     if kind == EventKind.BOUNCED.value:
-        return "bounced by the administrator" + (f": {reply}" if reply else "")
+        text = "bounced by the administrator" + (f": {code}" if code else "")
+        if reply and "administrator" not in reply:  # a bounce keeps the last attempt's
+            text += f"; the last attempt said: {reply}"
+        return text
     if kind == EventKind.DELETED.value:
         return "deleted by the administrator"
     if kind == EventKind.HELD.value:
