@@ -69,17 +69,35 @@ def diagnostic_of(status: RecipientStatus) -> str | None:
 
 
 def timeline(trace: Trace) -> tuple[Entry, ...]:
-    """Every event of every hop's reports, in time order (then by hop, then as sent).
+    """Every event of every hop's reports, in time order (then by hop, then as sent);
+    a hop's events never before the transfer of the hop that referred to it.
 
     A report with ``X-Mtrkmta-Event`` fields gives those; one without (another
     MTA's) gives what its RFC 3886 fields say: the arrival, each recipient's last
     attempt with its Action and Status, and a delayed one's Will-Retry-Until.
     """
     entries: list[Entry] = []
+    not_before: dict[int, datetime] = {}
     for number, hop in enumerate(trace.hops, start=1):
+        transfers = [
+            entry.time
+            for entry in entries
+            if entry.kind == EventKind.TRANSFERRED.value
+            and hop.referred_by is not None
+            and entry.reporting_mta.lower() == hop.referred_by.lower()
+        ]
+        if transfers:
+            not_before[number] = min(transfers)
         for report in hop.reports:
             entries.extend(_report_entries(number, report))
-    return tuple(sorted(entries, key=lambda entry: (entry.time, entry.hop)))
+
+    def order(entry: Entry) -> tuple[datetime, int]:
+        # Causality first: a hop's events come after the transfer that brought the
+        # message to it, even when its clock (or the whole second) puts them earlier.
+        floor = not_before.get(entry.hop)
+        return (entry.time if floor is None else max(entry.time, floor), entry.hop)
+
+    return tuple(sorted(entries, key=order))
 
 
 def _report_entries(hop: int, report: TrackingReport) -> list[Entry]:

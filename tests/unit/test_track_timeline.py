@@ -124,10 +124,10 @@ def test_administrator_actions_are_said_as_such():
     bounced = block(
         "failed",
         "5.0.0",
-        event(10, EventKind.HELD, None, reason="held by the administrator"),
-        event(20, EventKind.RELEASED, None),
+        event(310, EventKind.HELD, None, reason="held by the administrator"),
+        event(320, EventKind.RELEASED, None),
         event(
-            30,
+            330,
             EventKind.BOUNCED,
             status="5.0.0",
             diagnostic="x-local; connect to mx-c[127.0.0.1]:25: Connection refused",
@@ -137,6 +137,7 @@ def test_administrator_actions_are_said_as_such():
     entries = timeline(two_hops(bounced))
     mine = [e for e in entries if e.hop == 2]
     assert [(e.kind, e.by_administrator, entry_text(e, utc_when)) for e in mine] == [
+        ("arrived", False, "accepted by mx-b.example over ESMTP"),
         ("held", True, "held by the administrator"),
         ("released", True, "released by the administrator"),
         (
@@ -145,7 +146,6 @@ def test_administrator_actions_are_said_as_such():
             "bounced by the administrator: 5.0.0 Other or undefined status; the last attempt "
             "said: connect to mx-c[127.0.0.1]:25: Connection refused",
         ),
-        ("arrived", False, "accepted by mx-b.example over ESMTP"),
     ]
 
 
@@ -351,3 +351,24 @@ def test_watch_more_often_than_every_5_seconds_is_refused(seconds):
     err = io.StringIO()
     assert track.main(["--watch", seconds, URI], out=io.StringIO(), err=err) == 64
     assert "--watch SECONDS is at least 5" in err.getvalue()
+
+
+def test_a_hop_events_come_after_the_transfer_that_referred_to_it():
+    # Whole seconds, or a clock behind: B's arrival says 12:05:04, A's transfer 12:05:05.
+    trace = two_hops()
+    late = answer(
+        "mx-b.example",
+        block("delivered", "2.1.5", event(304, EventKind.DELIVERED, status="2.1.5")),
+        event(303, EventKind.ARRIVED, None),
+    )
+    hops = (trace.hops[0], Hop("mx-b.example", referred_by="mx-a.example", reports=(late,)))
+    entries = timeline(Trace(ENVID, hops, recipient_paths(hops)))
+    assert [(e.hop, e.kind) for e in entries] == [
+        (1, "arrived"),
+        (1, "deferred"),
+        (1, "transferred"),
+        (2, "arrived"),
+        (2, "delivered"),
+        (1, "dsn-sent"),
+    ]
+    assert entries[3].time == at(303)  # shown as the hop said
