@@ -205,7 +205,7 @@ def entry_text(entry: Entry, when: Callable[[datetime, datetime], str]) -> str:
             return f"{text}; next attempt {when(entry.next_attempt, entry.time)}"
         return text + _until(entry, when)
     if kind == EventKind.DELIVERED.value:
-        where = f" by {relay}" if relay else ""
+        where = (" locally" if relay == "local" else f" by {relay}") if relay else ""
         return f"delivered{where}" + (f": {code}" if code else "")
     if kind == EventKind.TRANSFERRED.value:
         return f"transferred to {relay or 'the next hop'}, which tracks it on" + (
