@@ -40,7 +40,7 @@ class Entry:
 
     ``kind`` is an ``EventKind`` value, or ``omitted`` for events a server left out
     (``count`` says how many). ``retry_until`` is a delayed recipient's
-    Will-Retry-Until, for a hop that sends no events.
+    Will-Retry-Until, for a hop that sends no events (its entries are ``inferred``).
     """
 
     time: datetime
@@ -56,6 +56,7 @@ class Entry:
     by_administrator: bool = False
     count: int | None = None
     detail: tuple[tuple[str, str], ...] = ()
+    inferred: bool = False  # made from RFC 3886 fields: the hop sent no events
 
     def get(self, name: str) -> str | None:
         """The event's detail called ``name``, or None."""
@@ -141,7 +142,7 @@ def _entry(hop: int, mta: str, recipient: str | None, event: ReportedEvent) -> E
 
 def _fields_entries(hop: int, report: TrackingReport) -> list[Entry]:
     mta = report.reporting_mta.value
-    entries = [Entry(report.arrival_date, hop, mta, None, EventKind.ARRIVED.value)]
+    entries = [Entry(report.arrival_date, hop, mta, None, EventKind.ARRIVED.value, inferred=True)]
     for block in report.recipients:
         kind = _ACTION_KINDS.get(block.action.lower())
         if kind is None:  # opaque: nothing to say
@@ -159,6 +160,7 @@ def _fields_entries(hop: int, report: TrackingReport) -> list[Entry]:
                 diagnostic=diagnostic_of(block),
                 relay=None if block.remote_mta is None else block.remote_mta.value,
                 retry_until=block.will_retry_until,
+                inferred=True,
             )
         )
     return entries
@@ -197,7 +199,8 @@ def entry_text(entry: Entry, when: Callable[[datetime, datetime], str]) -> str:
         protocol = entry.get("protocol")
         return f"accepted by {entry.reporting_mta}" + (f" over {protocol}" if protocol else "")
     if kind == EventKind.QUEUED.value:
-        text = "waiting for its first attempt" if entry.diagnostic is None else "queued again"
+        # From RFC 3886 fields: delayed, never tried. An event: back from quarantine.
+        text = "waiting for its first attempt" if entry.inferred else "put back in the queue"
         return text + _until(entry, when)
     if kind == EventKind.DEFERRED.value:
         text = "attempt failed" + (f": {code}" if code else "") + (f" ({reply})" if reply else "")

@@ -431,7 +431,8 @@ _WIRE_DETAIL: Mapping[EventKind, tuple[str, ...]] = MappingProxyType(
 _OUTCOME_DETAIL = ("status", "relay", "diagnostic", "next_attempt", "final_recipient", "by")
 _HIDDEN_DETAIL = ("status", "next_attempt", "by")  # RFC 3886 §4.2: no next hop or address
 _INTERNAL_ERROR = "internal error"  # a hold after a failed queue run: the log says more
-_MAX_EVENT_VALUE = 300  # characters of one value on the wire, so a line fits MAX_LINE
+_MAX_EVENT_VALUE = 300  # characters of one quoted value on the wire
+_MIN_EVENT_VALUE = 16  # a value that would have less room is left out
 _EVENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _EVENT_PARAM = re.compile(r'\s*;\s*([A-Za-z0-9_-]+)="((?:[^"\\]|\\[ -~])*)"')
 _QUOTED_PAIR = re.compile(r"\\([ -~])")
@@ -505,24 +506,36 @@ def _count_addresses(produced: str) -> int:
 
 
 def _event_value(time: float, kind: str, pairs: tuple[tuple[str, str], ...]) -> str:
-    parts = [format_datetime(_timestamp(time)), kind]
+    """The field's value, never longer than a field line allows (RFC 5322 §2.1.1): each
+    value gets at most :data:`_MAX_EVENT_VALUE` characters, fewer when the line is
+    nearly full, and a detail that no longer fits is left out."""
+    text = f"{format_datetime(_timestamp(time))}; {kind}"
+    budget = MAX_LINE - len(EVENT_FIELD) - 2
     for name, value in pairs:
-        parts.append(f'{name}="{_quoted(value)}"')
-    return "; ".join(parts)
+        room = min(_MAX_EVENT_VALUE, budget - len(text) - len(f'; {name}=""'))
+        if room < _MIN_EVENT_VALUE:
+            break
+        text += f'; {name}="{_quoted(value, room)}"'
+    return text
 
 
-def _quoted(value: str) -> str:
-    """The content of a quoted-string (RFC 5322 §3.2.4): 7bit printable, every other
-    character as ``\\x{HEX}`` (RFC 6533 §3), then ``"`` and ``\\`` as quoted-pairs; at
-    most :data:`_MAX_EVENT_VALUE` characters of the value, cut before an escape."""
-    text = "".join(char if " " <= char <= "~" else f"\\x{{{ord(char):02X}}}" for char in value)
-    if len(text) > _MAX_EVENT_VALUE:
-        cut = text[:_MAX_EVENT_VALUE]
-        start = cut.rfind("\\x{")
-        if start >= 0 and "}" not in cut[start:]:
-            cut = cut[:start]
-        text = cut + "..."
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+def _quoted(value: str, limit: int) -> str:
+    """The content of a quoted-string (RFC 5322 §3.2.4), at most ``limit`` characters:
+    7bit printable, every other character as ``\\x{HEX}`` (RFC 6533 §3), ``"`` and
+    ``\\`` as quoted-pairs; cut between two characters, never inside an escape, and
+    then ended with ``...``."""
+    tokens = [char if " " <= char <= "~" else f"\\x{{{ord(char):02X}}}" for char in value]
+    tokens = [token.replace("\\", "\\\\").replace('"', '\\"') for token in tokens]
+    if sum(len(token) for token in tokens) <= limit:
+        return "".join(tokens)
+    kept: list[str] = []
+    used = 0
+    for token in tokens:
+        if used + len(token) > limit - 3:
+            break
+        kept.append(token)
+        used += len(token)
+    return "".join(kept) + "..."
 
 
 def parse_event(value: str) -> ReportedEvent:

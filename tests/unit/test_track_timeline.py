@@ -372,3 +372,25 @@ def test_a_hop_events_come_after_the_transfer_that_referred_to_it():
         (1, "dsn-sent"),
     ]
     assert entries[3].time == at(303)  # shown as the hop said
+
+
+def test_queued_means_not_tried_yet_from_fields_and_put_back_from_an_event():
+    untried = TrackingReport(
+        ENVID,
+        TypedValue("dns", "legacy.example"),
+        at(0),
+        (
+            RecipientStatus(
+                TypedValue("rfc822", RCPT), TypedValue("rfc822", RCPT), "delayed", "4.0.0"
+            ),
+        ),
+    )
+    hops = (Hop("legacy.example", reports=(untried,)),)
+    (_, queued) = timeline(Trace(ENVID, hops, recipient_paths(hops)))
+    assert (queued.kind, entry_text(queued, utc_when)) == (
+        "queued",
+        "waiting for its first attempt",
+    )
+    back = two_hops(block("delayed", "4.0.0", event(400, EventKind.QUEUED)))
+    (requeued,) = [e for e in timeline(back) if e.kind == "queued"]
+    assert entry_text(requeued, utc_when) == "put back in the queue"

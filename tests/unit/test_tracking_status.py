@@ -1281,3 +1281,34 @@ def test_an_internal_error_hold_keeps_its_text_for_the_log():
     assert parse_event(event_field(by_admin)[1]).detail == (
         ("reason", "held by the administrator"),
     )
+
+
+def test_an_event_field_never_outgrows_its_line_whatever_its_values():
+    # Quotes and backslashes double on the wire; the line still fits RFC 5322 §2.1.1.
+    update = RecipientUpdate(
+        0,
+        RecipientState.DEFERRED,
+        "4.4.1",
+        diagnostic='"\\' * 400,
+        relay="r" * 600,
+        final_recipient="f" * 600,
+        next_attempt=ARRIVAL + 60,
+    )
+    name, value = event_field(outcome_event("Q1", update, ARRIVAL))
+    assert len(f"{name}: {value}") <= 998
+    back = parse_event(value)
+    assert [key for key, _ in back.detail] == [
+        "status",
+        "relay",
+        "diagnostic",
+        "next_attempt",
+        "final_recipient",
+    ]
+    assert back.get("final_recipient").endswith("...")  # what room was left
+    assert back.get("diagnostic").startswith('"\\"\\') and back.get("diagnostic").endswith("...")
+    waiting = recipient(state=RecipientState.DEFERRED, last_attempt=ARRIVAL)
+    report = report_from_transactions(
+        [message(waiting)], now=NOW, events={"Q1": [outcome_event("Q1", update, ARRIVAL)]}
+    )
+    (parsed,) = parse_related(render_related([report]))
+    assert reported_events(only(parsed).extensions) == (back,)
