@@ -141,20 +141,27 @@ def problem_of(options: usage.Options, error: usage.UsageError) -> str:
     return text
 
 
-def usage_error(program: str, problem: str, err: TextIO) -> int:
-    """Print a usage error as two lines, the problem and where help is; the exit status."""
+def usage_error(program: str, problem: str, err: TextIO, status: int = EXIT_USAGE) -> int:
+    """Print a usage error as two lines, the problem and where help is; the exit status
+    (``status``: a command whose 2 means something else passes its own)."""
     print(f"{program}: {problem}\nTry '{program} --help'.", file=err)
-    return EXIT_USAGE
+    return status
 
 
-def parse(options: CommandOptions, args: Sequence[str], err: TextIO | None = None) -> int | None:
+def parse(
+    options: CommandOptions,
+    args: Sequence[str],
+    err: TextIO | None = None,
+    status: int = EXIT_USAGE,
+) -> int | None:
     """Parse ``args`` into ``options``: None when the command is to go on, else its exit
-    status (0 after --help or --version, 2 after a usage error, printed on ``err``)."""
+    status (0 after --help or --version, ``status`` after a usage error, printed on
+    ``err``)."""
     err = sys.stderr if err is None else err
     try:
         options.parseOptions(args)
     except usage.UsageError as error:
-        return usage_error(options.program, problem_of(options, error), err)
+        return usage_error(options.program, problem_of(options, error), err, status)
     except SystemExit as done:  # --help, --version
         return done.code if isinstance(done.code, int) else 0
     return None

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.interfaces import IResolver
+from twisted.internet.interfaces import IReactorTime, IResolver
+from twisted.internet.task import deferLater
 from twisted.python import usage
 
 from mtrkmta.cli.conventions import CommandOptions, parse, usage_error
@@ -30,7 +32,6 @@ from mtrkmta.mtqp.client import (
     TrackingClient,
     default_tls_context,
     host_key,
-    remote_host,
     trust_root_from_pem,
     verifying_tls_context,
 )
@@ -41,28 +42,19 @@ from mtrkmta.mtqp.protocol import (
     decode_envid,
     decode_secret,
 )
-from mtrkmta.mtqp.timeline import trace_json
+from mtrkmta.mtqp.timeline import Entry, entry_text, timeline, trace_json
 from mtrkmta.mtqp.uri import UriError, parse_uri
 from mtrkmta.originator import SecretsFileError, default_secrets_path, load_secrets
 from mtrkmta.smtp.statuscodes import with_meaning
-from mtrkmta.tracking.status import RecipientStatus, TrackingReport
+from mtrkmta.tracking.status import OMITTED
 
-EXIT_COMPLETE = 0
-EXIT_INCOMPLETE = 1
-# The labels of the timeline, by indent; values start two columns after the longest.
-LABELS = {
-    2: ("Reporting MTA", "Arrived"),
-    4: (
-        "Final recipient",
-        "Action",
-        "Still queued",
-        "Remote MTA",
-        "Last attempt",
-        "Diagnostic",
-        "Next hop",
-    ),
-}
-VALUE_COLUMN = max(indent + len(label) for indent, labels in LABELS.items() for label in labels) + 2
+EXIT_COMPLETE = 0  # every recipient delivered, expanded, relayed or transferred
+EXIT_INCOMPLETE = 1  # some recipient still pending, or unknown
+EXIT_FAILED = 2  # some recipient failed (whatever the others did)
+EX_USAGE = 64  # sysexits.h: a usage error (2 means "failed" for this command)
+SUCCESSES = frozenset({"delivered", "expanded", "relayed", "transferred"})
+WATCH_DEFAULT = 30.0  # seconds between two questions of --watch
+WATCH_MINIMUM = 5.0  # never ask more often: each question is a TRACK at every hop
 
 
 class TrackOptions(CommandOptions):
@@ -72,14 +64,22 @@ class TrackOptions(CommandOptions):
     )
     longdesc = (
         "Ask the tracking (MTQP) server where a message is, then the server of every next hop "
-        "it was transferred to. Exit status: 0 when every recipient reached a final state "
-        "(delivered, expanded, relayed, failed), 1 when not, 2 for a usage error."
+        "it was transferred to, and print what happened when, across hops. --watch [SECONDS] "
+        f"asks again every SECONDS (default {WATCH_DEFAULT:g}, at least {WATCH_MINIMUM:g}) "
+        "until every recipient is final. Exit status: 0 when every recipient was delivered, "
+        "expanded, relayed or transferred; 1 when some is still pending or unknown; 2 when "
+        "some failed; 64 for a usage error."
     )
     optFlags = (
         ("last", None, "Track the message last sent with `mtrkmta send` (secrets file)."),
         ("json", None, "Print the whole trace as JSON."),
         ("raw", None, "Print each server's answer (the message/tracking-status entity)."),
         ("utc", None, "Print times in UTC rather than the local time zone."),
+        (
+            "watch",
+            None,
+            "Ask again (every SECONDS, given after it) until every recipient is final.",
+        ),
     )
     optParameters = (
         ("server", None, None, "Tracking server HOST[:PORT], with ENVID and SECRET."),
@@ -117,11 +117,32 @@ class TrackOptions(CommandOptions):
     def parseArgs(self, *args: str) -> None:
         self["args"] = args
 
+    def _watch_interval(self) -> None:
+        """``--watch [SECONDS]``: a number among the operands is its value (an ENVID has
+        an ``@``, a URI a scheme, a secret at least 22 characters)."""
+        interval = WATCH_DEFAULT
+        numbers = [arg for arg in self["args"] if re.fullmatch(r"[0-9]{1,6}(?:\.[0-9]+)?", arg)]
+        if len(numbers) > 1:
+            raise usage.UsageError(f"--watch takes one SECONDS, not {' '.join(numbers)}")
+        if numbers:
+            interval = float(numbers[0])
+            self["args"] = tuple(arg for arg in self["args"] if arg != numbers[0])
+        if interval < WATCH_MINIMUM:
+            raise usage.UsageError(
+                f"--watch SECONDS is at least {WATCH_MINIMUM:g}, not {interval:g}"
+            )
+        self["interval"] = interval
+
     def postOptions(self) -> None:
+        self["interval"] = None
+        if self["watch"]:
+            self._watch_interval()
         if self["tls"] not in TLS_MODES:
             raise usage.UsageError(f"--tls is one of {', '.join(TLS_MODES)}, not {self['tls']!r}")
         if self["json"] and self["raw"]:
             raise usage.UsageError("--json and --raw exclude each other")
+        if self["watch"] and (self["json"] or self["raw"]):
+            raise usage.UsageError("--watch prints the timeline: it excludes --json and --raw")
         if not self["max-hops"].isdigit() or int(self["max-hops"]) < 1:
             raise usage.UsageError(f"--max-hops is a number above 0, not {self['max-hops']!r}")
         self["max-hops"] = int(self["max-hops"])
@@ -187,16 +208,78 @@ async def run(
         max_hops=options["max-hops"],
         **client,
     )
-    trace = await tracker.follow(
-        options["host"], options["envid"], options["secret"], port=options["port"]
-    )
+
+    def follow() -> Deferred[Trace]:
+        return tracker.follow(
+            options["host"], options["envid"], options["secret"], port=options["port"]
+        )
+
+    zone = timezone.utc if options["utc"] else None
+    if options["interval"] is not None:
+        return await watch(follow, reactor, out, options["interval"], zone)
+    trace = await follow()
     if options["json"]:
         print(json.dumps(trace_json(trace), indent=2), file=out)
     elif options["raw"]:
         render_raw(trace, out)
     else:
-        render_timeline(trace, out, timezone.utc if options["utc"] else None)
-    return EXIT_COMPLETE if trace.complete else EXIT_INCOMPLETE
+        render_timeline(trace, out, zone)
+    return exit_status(trace)
+
+
+def exit_status(trace: Trace) -> int:
+    """2 when some recipient failed; else 0 when every one was delivered, expanded,
+    relayed or transferred (RFC 3886 §3.3.3); else 1 (pending, unknown, nothing known)."""
+    if any(path.outcome == "failed" for path in trace.recipients):
+        return EXIT_FAILED
+    if trace.recipients and all(path.outcome in SUCCESSES for path in trace.recipients):
+        return EXIT_COMPLETE
+    return EXIT_INCOMPLETE
+
+
+async def watch(
+    follow: Callable[[], Deferred[Trace]],
+    clock: IReactorTime,
+    out: TextIO,
+    interval: float,
+    zone: tzinfo | None = None,
+) -> int:
+    """Ask with ``follow`` every ``interval`` seconds of ``clock`` until every recipient
+    is final; print each hop and each event once, as they become known, then the
+    result. The exit status is :func:`exit_status`'s of the last trace."""
+    shown: set[object] = set()
+    first: datetime | None = None
+    print_header = True
+    while True:
+        trace = await follow()
+        if print_header:
+            print(f"Envelope id {trace.envid}", file=out)
+            print_header = False
+        for line in _hop_lines(trace):
+            if line not in shown:
+                shown.add(line)
+                print(line, file=out)
+        entries = timeline(trace)
+        if entries and (first is None or entries[0].time < first):
+            first = entries[0].time
+        for entry in entries:
+            key = _key(entry)
+            if key in shown or first is None:
+                continue
+            shown.add(key)
+            print(_event_line(entry, first, zone), file=out)
+        out.flush()
+        if trace.complete:
+            print(file=out)
+            _render_result(trace, entries, out, zone)
+            return exit_status(trace)
+        await deferLater(clock, interval, lambda: None)
+
+
+def _key(entry: Entry) -> object:
+    if entry.kind == OMITTED:  # its count grows while the recipient waits: say it once
+        return (entry.hop, entry.recipient, entry.kind)
+    return (entry.hop, entry.recipient, entry.time, entry.kind, entry.detail, entry.status)
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -207,6 +290,40 @@ def _when(value: datetime | None, zone: tzinfo | None) -> str:
     return "-" if value is None else value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %z")
 
 
+def _clock(zone: tzinfo | None) -> Callable[[datetime, datetime], str]:
+    """Times inside an event's text: the time of day when on the event's own day."""
+
+    def when(value: datetime, reference: datetime) -> str:
+        local = value.astimezone(zone)
+        if local.date() == reference.astimezone(zone).date():
+            return local.strftime("%H:%M:%S")
+        return local.strftime("%Y-%m-%d %H:%M:%S")
+
+    return when
+
+
+def elapsed(seconds: float) -> str:
+    """``+0s``, ``+2m14s``, ``+3h05m``, ``+2d04h``: time since the first event."""
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"+{days}d{hours:02d}h"
+    if hours:
+        return f"+{hours}h{minutes:02d}m"
+    if minutes:
+        return f"+{minutes}m{secs:02d}s"
+    return f"+{secs}s"
+
+
+def _event_line(entry: Entry, first: datetime, zone: tzinfo | None) -> str:
+    since = elapsed((entry.time - first).total_seconds())
+    who = f"{entry.recipient}: " if entry.recipient else ""
+    text = entry_text(entry, _clock(zone))
+    return f"  {_when(entry.time, zone)}  {since:>7}  hop {entry.hop}  {who}{text}"
+
+
 def _where(hop: Hop) -> str:
     if hop.server is None:
         return hop.host
@@ -214,44 +331,33 @@ def _where(hop: Hop) -> str:
     return f"{hop.host} ({hop.server.address} port {hop.server.port}{tls})"
 
 
-def _diagnostic(status: RecipientStatus) -> str | None:
-    found = (value for name, value in status.extensions if name.lower() == "diagnostic-code")
-    return next(found, None)
-
-
-def _line(indent: int, label: str, value: str) -> str:
-    """One ``label value`` line; values line up at VALUE_COLUMN whatever the indent, at
-    least two spaces after the label."""
-    return " " * indent + f"{label:<{max(VALUE_COLUMN - indent, len(label) + 2)}}{value}"
-
-
-def _recipient_lines(
-    report: TrackingReport, status: RecipientStatus, zone: tzinfo | None
-) -> list[str]:
-    action = status.action.lower()
-    lines = [f"  {status.original_recipient.value}"]
-    if status.final_recipient.value.lower() != status.original_recipient.value.lower():
-        lines.append(_line(4, "Final recipient", status.final_recipient.value))
-    lines.append(_line(4, "Action", f"{action} ({with_meaning(status.status)})"))
-    if action == "delayed":
-        until = _when(status.will_retry_until, zone) if status.will_retry_until else "unknown"
-        where = report.reporting_mta.value
-        lines.append(_line(4, "Still queued", f"at {where}, will retry until {until}"))
-    if status.remote_mta is not None:
-        lines.append(_line(4, "Remote MTA", status.remote_mta.value))
-    if status.last_attempt_date is not None:
-        lines.append(_line(4, "Last attempt", _when(status.last_attempt_date, zone)))
-    diagnostic = _diagnostic(status)
-    if diagnostic:
-        lines.append(_line(4, "Diagnostic", diagnostic))
-    if action == "transferred":
-        lines.append(_line(4, "Next hop", remote_host(status) or "not named"))
-    elif action == "relayed":
-        lines.append(_line(4, "Next hop", "does not track; tracking ends here"))
+def _hop_lines(trace: Trace) -> list[str]:
+    lines: list[str] = []
+    for number, hop in enumerate(trace.hops, start=1):
+        referred = f", referred by {hop.referred_by}" if hop.referred_by else ""
+        lines.append(f"Hop {number}: {_where(hop)}{referred}")
+        if not hop.reports:
+            lines.append(f"  no answer: {hop.error or 'nothing said'}")
     return lines
 
 
-def _outcome(path: RecipientPath, zone: tzinfo | None) -> str:
+def _next_attempt(path: RecipientPath, entries: Sequence[Entry]) -> datetime | None:
+    """The next attempt the last hop announced for the recipient, if it said."""
+    last = path.last
+    if last is None:
+        return None
+    found = [
+        entry.next_attempt
+        for entry in entries
+        if entry.hop == last.hop + 1
+        and entry.recipient is not None
+        and entry.recipient.lower() == last.status.original_recipient.value.lower()
+        and entry.next_attempt is not None
+    ]
+    return found[-1] if found else None
+
+
+def _outcome(path: RecipientPath, entries: Sequence[Entry], zone: tzinfo | None) -> str:
     last = path.last
     if last is None:
         return path.outcome
@@ -260,7 +366,9 @@ def _outcome(path: RecipientPath, zone: tzinfo | None) -> str:
     where = last.reporting_mta
     if path.outcome == "delayed":
         until = _when(status.will_retry_until, zone) if status.will_retry_until else "unknown"
-        return f"still queued at {where} ({code}), will retry until {until}"
+        upcoming = _next_attempt(path, entries)
+        then = f", next attempt {_when(upcoming, zone)}" if upcoming is not None else ""
+        return f"still queued at {where} ({code}){then}, will retry until {until}"
     if path.outcome in ("delivered", "expanded", "failed"):
         return f"{path.outcome} ({code}) at {where}"
     if path.outcome == "relayed":
@@ -271,31 +379,38 @@ def _outcome(path: RecipientPath, zone: tzinfo | None) -> str:
     return f"{path.outcome} after {where}: {path.reason or 'no more information'}"
 
 
-def render_timeline(trace: Trace, out: TextIO, zone: tzinfo | None = None) -> None:
-    """One block per hop (server, per recipient: action, status, times, next hop), then one
-    line per recipient with where it ended. Times in ``zone``, by default the local one."""
-    print(f"Envelope id {trace.envid}", file=out)
-    for number, hop in enumerate(trace.hops, start=1):
-        print(file=out)
-        referred = f", referred by {hop.referred_by}" if hop.referred_by else ""
-        print(f"Hop {number}: {_where(hop)}{referred}", file=out)
-        if not hop.reports:
-            print(f"  no answer: {hop.error or 'nothing said'}", file=out)
-            continue
-        for report in hop.reports:
-            print(_line(2, "Reporting MTA", report.reporting_mta.value), file=out)
-            print(_line(2, "Arrived", _when(report.arrival_date, zone)), file=out)
-            for status in report.recipients:
-                for line in _recipient_lines(report, status, zone):
-                    print(line, file=out)
-    print(file=out)
+def _render_result(
+    trace: Trace, entries: Sequence[Entry], out: TextIO, zone: tzinfo | None
+) -> None:
     if not trace.recipients:
         print("Result: nothing known about this message", file=out)
         return
-    verdict = "every recipient reached a final state" if trace.complete else "not finished"
+    status = exit_status(trace)
+    verdict = {
+        EXIT_COMPLETE: "every recipient reached a final state",
+        EXIT_FAILED: "some recipient failed",
+    }.get(status, "not finished")
     print(f"Result: {verdict}", file=out)
     for path in trace.recipients:
-        print(f"  {path.original_recipient}: {_outcome(path, zone)}", file=out)
+        print(f"  {path.original_recipient}: {_outcome(path, entries, zone)}", file=out)
+
+
+def render_timeline(trace: Trace, out: TextIO, zone: tzinfo | None = None) -> None:
+    """The hops asked, then every event across them in time order with the time since
+    the first (RFC 3463 meanings beside the codes), then one line per recipient with
+    where it ended. Times in ``zone``, by default the local one."""
+    print(f"Envelope id {trace.envid}", file=out)
+    print(file=out)
+    for line in _hop_lines(trace):
+        print(line, file=out)
+    entries = timeline(trace)
+    if entries:
+        print(file=out)
+        print("Timeline", file=out)
+        for entry in entries:
+            print(_event_line(entry, entries[0].time, zone), file=out)
+    print(file=out)
+    _render_result(trace, entries, out, zone)
 
 
 def render_raw(trace: Trace, out: TextIO) -> None:
@@ -324,11 +439,12 @@ def system_resolver(reactor: Any, nameserver: str | None) -> IResolver:
 
 
 def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run `mtrkmta track` on the global reactor; the exit status (0, 1 or 2)."""
+    """Run `mtrkmta track` on the global reactor; the exit status (0, 1, 2, or 64 for a
+    usage error: :data:`EX_USAGE`)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     options = TrackOptions()
-    status = parse(options, args, err)
+    status = parse(options, args, err, EX_USAGE)
     if status is not None:
         return status
     try:
@@ -337,7 +453,7 @@ def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = No
         if options["ca-file"]:
             trust_root_from_pem(Path(options["ca-file"]).read_bytes())
     except (OSError, ValueError) as error:
-        return usage_error(options.program, str(error), err)
+        return usage_error(options.program, str(error), err, EX_USAGE)
     from twisted.internet import reactor as global_reactor
 
     reactor: Any = global_reactor
@@ -348,11 +464,13 @@ def main(args: Sequence[str], out: TextIO | None = None, err: TextIO | None = No
     async def track() -> None:
         # Printed once the trace is complete: after Ctrl-C the connections close while
         # the reactor stops, and the partial trace that makes is not worth showing.
+        # --watch prints each answer as it comes (its progress), straight to ``out``.
         text = io.StringIO()
+        watching = options["interval"] is not None
         try:
             resolver = system_resolver(reactor, options["nameserver"])
-            result.append(await run(options, reactor, resolver, text))
-            if not interrupted:
+            result.append(await run(options, reactor, resolver, out if watching else text))
+            if not interrupted and not watching:
                 out.write(text.getvalue())
         except BrokenPipeError as error:  # `| head -1`: mtrkmta's main() ends quietly
             broken.append(error)

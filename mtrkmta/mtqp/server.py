@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -33,7 +33,7 @@ from mtrkmta.queue.policy import RetryPolicy
 from mtrkmta.sessionguard import SessionGuard
 from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.framing import OVERLONG, LineFramer
-from mtrkmta.tracking.interfaces import StoredMessage
+from mtrkmta.tracking.interfaces import Event, StoredMessage
 from mtrkmta.tracking.status import TrackingStatusError, render_related, report_from_transactions
 
 if TYPE_CHECKING:
@@ -411,16 +411,29 @@ class MTQPServer(Protocol, SessionGuard):
             self.factory.failures.forget(self.address, reserved)
         return response
 
-    def _found(self, transactions: list[StoredMessage]) -> Response:
+    def _found(self, transactions: list[StoredMessage]) -> Deferred[Response]:
         if not transactions:
             log.info("MTQP TRACK from {address}: no information", address=self.address)
-            return R_NOINFO
+            return succeed(R_NOINFO)
+        # Each recipient's events go in its block as extension fields (RFC 3464 §2.4),
+        # read in one query for every transaction of the message.
+        d: Deferred[dict[str, list[Event]]] = maybeDeferred(
+            self.factory.tracking.transaction_events, [m.queue_id for m in transactions]
+        )
+        return d.addCallbacks(self._report, self._store_failed, callbackArgs=(transactions,))
+
+    def _report(
+        self, events: dict[str, list[Event]], transactions: list[StoredMessage]
+    ) -> Response:
         now = self.factory.clock.seconds()
         message = transactions[0]
         retry = self.settings.retry
         try:
             report = report_from_transactions(
-                transactions, now=now, retry_until=lambda m: retry.give_up_at(m.arrival)
+                transactions,
+                now=now,
+                retry_until=lambda m: retry.give_up_at(m.arrival),
+                events=events,
             )
             response = Response.multiline(
                 render_related([report]), text="Tracking information follows"

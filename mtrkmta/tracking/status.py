@@ -11,7 +11,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 from types import MappingProxyType
 
 from mtrkmta.reportfields import safe_mta_name, typed_mta
-from mtrkmta.tracking.interfaces import StoredMessage, StoredRecipient
+from mtrkmta.tracking.interfaces import Event, EventKind, StoredMessage, StoredRecipient
 
 MEDIA_TYPE = "message/tracking-status"
 MAX_LINE = 998  # RFC 5322 §2.1.1; also the MTQP data-line limit (RFC 3887 §2.2)
@@ -157,6 +157,7 @@ def report_from_transactions(
     now: float,
     hide: Callable[[StoredRecipient], bool] | None = None,
     retry_until: Callable[[StoredMessage], float | None] | None = None,
+    events: Mapping[str, Sequence[Event]] | None = None,
 ) -> TrackingReport:
     """The MTSN this MTA gives at time ``now`` for a message that reached it as the
     transactions ``messages`` (same ENVID and certifier, by arrival; RFC 3885 §3.1):
@@ -181,6 +182,12 @@ def report_from_transactions(
 
     Values that 7bit text cannot carry (non-ASCII addresses under SMTPUTF8) are
     written as ``utf-8`` addresses with ``\\x{HEX}`` escapes (RFC 6533 §3).
+
+    ``events`` (``ITrackingStore.transaction_events``, keyed by queue id) adds each
+    recipient's events to its block, and the message-level ones to the per-message
+    block, as ``X-Mtrkmta-Event`` extension fields (RFC 3464 §2.4): see
+    :func:`event_fields` for what they carry and how many. A collapsed list block
+    gets none.
     Raises :class:`TrackingStatusError` for no transaction or one without an ENVID.
     """
     if not messages:
@@ -189,8 +196,14 @@ def report_from_transactions(
     if first.envid is None:
         raise TrackingStatusError("a message without ENVID cannot be tracked")
     is_hidden = hide or _hide_nothing
+    found = events or {}
     entries = [
         (recipient, None if retry_until is None else retry_until(message))
+        for message in messages
+        for recipient in message.recipients
+    ]
+    history = [
+        [e for e in found.get(message.queue_id, ()) if e.recipient == recipient.index]
         for message in messages
         for recipient in message.recipients
     ]
@@ -209,12 +222,14 @@ def report_from_transactions(
     for item in order:
         if isinstance(item, int):
             recipient, until = entries[item]
-            blocks.append(_recipient_block(recipient, now, until, hidden=False))
+            block = _recipient_block(recipient, now, until, hidden=False)
+            blocks.append(_with_events(block, history[item], hidden=False))
             continue
         members = groups[item]
         if len(members) == 1:
             recipient, until = entries[members[0]]
-            blocks.append(_recipient_block(recipient, now, until, hidden=True))
+            block = _recipient_block(recipient, now, until, hidden=True)
+            blocks.append(_with_events(block, history[members[0]], hidden=True))
         else:
             blocks.append(_expanded_block([entries[i][0] for i in members]))
     return TrackingReport(
@@ -222,6 +237,30 @@ def report_from_transactions(
         reporting_mta=_mta_name(first.reporting_mta),
         arrival_date=_timestamp(min(m.arrival for m in messages)),
         recipients=tuple(blocks),
+        extensions=event_fields(
+            sorted(
+                (e for m in messages for e in found.get(m.queue_id, ()) if e.recipient is None),
+                key=lambda e: e.time,
+            )
+        ),
+    )
+
+
+def _with_events(
+    block: RecipientStatus, history: Sequence[Event], *, hidden: bool
+) -> RecipientStatus:
+    fields = event_fields(history, hidden=hidden)
+    if not fields:
+        return block
+    return RecipientStatus(
+        block.original_recipient,
+        block.final_recipient,
+        block.action,
+        block.status,
+        block.remote_mta,
+        block.last_attempt_date,
+        block.will_retry_until,
+        (*block.extensions, *fields),
     )
 
 
@@ -362,6 +401,178 @@ def _diagnostic(text: str) -> str:
 
 def _timestamp(seconds: float) -> datetime:
     return datetime.fromtimestamp(int(seconds), tz=timezone.utc)
+
+
+# --- events as extension fields (RFC 3464 §2.4) ------------------------------------------
+
+EVENT_FIELD = "X-Mtrkmta-Event"
+"""The extension field that carries one event of a block (doc/tracking.rst)."""
+OMITTED = "omitted"
+"""The kind of the one event line that says how many events were left out."""
+EVENTS_FIRST = 10
+"""Events of one block sent from its start..."""
+EVENTS_LAST = 30
+"""...and from its end; those in between are counted in one ``omitted`` line."""
+
+# What each kind of event may tell the tracking client. The rest stays in the store,
+# for the administrator (`mtrkmta queue show`): an arrival's client name, address, port,
+# listener and login, the sender and size (RFC 3885 §4.2 gives a report's reader the
+# Arrival-Date only), and the addresses an expansion produced (only their number,
+# ``produced``, as RFC 3886 §4.2 allows only "expanded" for a list).
+_WIRE_DETAIL: Mapping[EventKind, tuple[str, ...]] = MappingProxyType(
+    {
+        EventKind.ARRIVED: ("protocol", "recipients"),
+        EventKind.HELD: ("reason",),
+        EventKind.RELEASED: ("source",),
+        EventKind.QUARANTINED: (),
+        EventKind.DSN_SENT: ("action",),
+    }
+)
+_OUTCOME_DETAIL = ("status", "relay", "diagnostic", "next_attempt", "final_recipient", "by")
+_HIDDEN_DETAIL = ("status", "next_attempt", "by")  # RFC 3886 §4.2: no next hop or address
+_INTERNAL_ERROR = "internal error"  # a hold after a failed queue run: the log says more
+_MAX_EVENT_VALUE = 300  # characters of one quoted value on the wire
+_MIN_EVENT_VALUE = 16  # a value that would have less room is left out
+_EVENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_EVENT_PARAM = re.compile(r'\s*;\s*([A-Za-z0-9_-]+)="((?:[^"\\]|\\[ -~])*)"')
+_QUOTED_PAIR = re.compile(r"\\([ -~])")
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedEvent:
+    """One event as an ``X-Mtrkmta-Event`` field gives it: when (timezone-aware), its
+    kind (an ``EventKind`` value, or ``omitted``) and its details (name, value)."""
+
+    time: datetime
+    kind: str
+    detail: tuple[tuple[str, str], ...] = ()
+
+    def get(self, name: str) -> str | None:
+        """The detail value called ``name``, or None."""
+        return next((value for key, value in self.detail if key == name), None)
+
+
+def event_fields(events: Sequence[Event], *, hidden: bool = False) -> tuple[Extension, ...]:
+    """``X-Mtrkmta-Event`` fields of ``events`` (one block's, in time order): the first
+    :data:`EVENTS_FIRST` and the last :data:`EVENTS_LAST`, with one ``omitted`` line
+    counting those in between, so that a message retried for days keeps a bounded
+    answer. A ``hidden`` recipient's events say neither its next hop nor a diagnostic
+    nor an address (RFC 3886 §4.2)."""
+    if len(events) <= EVENTS_FIRST + EVENTS_LAST:
+        return tuple(event_field(e, hidden=hidden) for e in events)
+    left_out = events[EVENTS_FIRST:-EVENTS_LAST]
+    omitted = (
+        EVENT_FIELD,
+        _event_value(left_out[0].time, OMITTED, (("count", str(len(left_out))),)),
+    )
+    return (
+        *(event_field(e, hidden=hidden) for e in events[:EVENTS_FIRST]),
+        omitted,
+        *(event_field(e, hidden=hidden) for e in events[-EVENTS_LAST:]),
+    )
+
+
+def event_field(event: Event, *, hidden: bool = False) -> Extension:
+    """One event as ``X-Mtrkmta-Event: <RFC 5322 date>; <kind>; name="value"; ...``
+    (doc/tracking.rst has the grammar): only the details a tracking client may see;
+    ``next_attempt`` as a date; an expansion's addresses as their number."""
+    if hidden:
+        names: tuple[str, ...] = _HIDDEN_DETAIL
+    else:
+        names = _WIRE_DETAIL.get(event.kind, _OUTCOME_DETAIL)
+    pairs: list[tuple[str, str]] = []
+    for name in names:
+        value = event.get(name)
+        if value is None:
+            continue
+        if name == "next_attempt":
+            if not value.isdigit():
+                continue
+            value = format_datetime(_timestamp(int(value)))
+        elif name == "reason" and value.startswith(_INTERNAL_ERROR):
+            value = _INTERNAL_ERROR  # the exception's text is for the log, not the sender
+        pairs.append((name, value))
+    produced = event.get("produced")
+    if produced and event.kind is EventKind.EXPANDED:
+        pairs.append(("produced", str(_count_addresses(produced))))
+    return EVENT_FIELD, _event_value(event.time, event.kind.value, tuple(pairs))
+
+
+def _count_addresses(produced: str) -> int:
+    """How many addresses mtrkmta.tracking.events wrote as ``a, b (and N more)``."""
+    more = re.search(r" \(and (\d+) more\)$", produced)
+    shown = produced[: more.start()] if more else produced
+    return len(shown.split(", ")) + (int(more.group(1)) if more else 0)
+
+
+def _event_value(time: float, kind: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """The field's value, never longer than a field line allows (RFC 5322 §2.1.1): each
+    value gets at most :data:`_MAX_EVENT_VALUE` characters, fewer when the line is
+    nearly full, and a detail that no longer fits is left out."""
+    text = f"{format_datetime(_timestamp(time))}; {kind}"
+    budget = MAX_LINE - len(EVENT_FIELD) - 2
+    for name, value in pairs:
+        room = min(_MAX_EVENT_VALUE, budget - len(text) - len(f'; {name}=""'))
+        if room < _MIN_EVENT_VALUE:
+            break
+        text += f'; {name}="{_quoted(value, room)}"'
+    return text
+
+
+def _quoted(value: str, limit: int) -> str:
+    """The content of a quoted-string (RFC 5322 §3.2.4), at most ``limit`` characters:
+    7bit printable, every other character as ``\\x{HEX}`` (RFC 6533 §3), ``"`` and
+    ``\\`` as quoted-pairs; cut between two characters, never inside an escape, and
+    then ended with ``...``."""
+    tokens = [char if " " <= char <= "~" else f"\\x{{{ord(char):02X}}}" for char in value]
+    tokens = [token.replace("\\", "\\\\").replace('"', '\\"') for token in tokens]
+    if sum(len(token) for token in tokens) <= limit:
+        return "".join(tokens)
+    kept: list[str] = []
+    used = 0
+    for token in tokens:
+        if used + len(token) > limit - 3:
+            break
+        kept.append(token)
+        used += len(token)
+    return "".join(kept) + "..."
+
+
+def parse_event(value: str) -> ReportedEvent:
+    """Read an ``X-Mtrkmta-Event`` value (inverse of :func:`event_field`); raises
+    :class:`TrackingStatusError` when it does not follow the grammar."""
+    date, semicolon, rest = value.partition(";")
+    if not semicolon:
+        raise TrackingStatusError(f"no ';' after the date in {value[:80]!r}")
+    time = _read_date(date)
+    kind, _, params = rest.partition(";")
+    kind = kind.strip(" \t")
+    if not _EVENT_NAME.fullmatch(kind):
+        raise TrackingStatusError(f"bad event kind {kind[:40]!r}")
+    detail: list[tuple[str, str]] = []
+    params = ";" + params if params else ""
+    position = 0
+    while position < len(params.rstrip(" \t")):
+        match = _EVENT_PARAM.match(params, position)
+        if match is None:
+            raise TrackingStatusError(f"bad event detail {params[position:][:80]!r}")
+        detail.append((match.group(1), _QUOTED_PAIR.sub(r"\1", match.group(2))))
+        position = match.end()
+    return ReportedEvent(time, kind.lower(), tuple(detail))
+
+
+def reported_events(extensions: Iterable[Extension]) -> tuple[ReportedEvent, ...]:
+    """The events among a block's extension fields, in order; a malformed one is left
+    out (another MTA's extension of the same name must not break tracking)."""
+    found: list[ReportedEvent] = []
+    for name, value in extensions:
+        if name.lower() != EVENT_FIELD.lower():
+            continue
+        try:
+            found.append(parse_event(value))
+        except TrackingStatusError:
+            continue
+    return tuple(found)
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -639,6 +850,12 @@ def _top_level_semicolon(text: str) -> int:
         elif char == ";" and not depth:
             return index
     return -1
+
+
+def parse_date(raw: str) -> datetime:
+    """An RFC 5322 date-time as the fields carry it (comments allowed), timezone-aware;
+    raises :class:`TrackingStatusError`."""
+    return _read_date(raw)
 
 
 def _read_date(raw: str) -> datetime:

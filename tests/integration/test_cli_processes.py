@@ -115,6 +115,35 @@ def test_ctrl_c_while_track_waits_exits_130_without_traceback(tmp_path):
     assert (track.returncode, out, err) == (130, "", "")
 
 
+def test_ctrl_c_while_track_watches_exits_130_without_traceback(tmp_path):
+    # --watch between two questions: the first answer ("no answer") is printed at once,
+    # then it waits on the reactor's clock; Ctrl-C ends it as everywhere else.
+    with socket.socket() as rude:
+        rude.bind(("127.0.0.1", 0))
+        rude.listen(1)
+        rude.settimeout(RUN_TIMEOUT)
+        port = rude.getsockname()[1]
+        args = ["track", "--tls", "none", "--watch", "--server", f"127.0.0.1:{port}", ENVID]
+        with subprocess.Popen(
+            [sys.executable, "-m", "mtrkmta.cli.main", *args, SECRET],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=mtrkmta_env(),
+        ) as track:
+            connection, _ = rude.accept()
+            connection.close()
+            assert track.stdout is not None
+            shown = [track.stdout.readline() for _ in range(3)]  # the first round, flushed
+            track.send_signal(signal.SIGINT)
+            out, err = track.communicate(timeout=RUN_TIMEOUT)
+    assert shown[:2] == [f"Envelope id {ENVID}\n", f"Hop 1: 127.0.0.1 (127.0.0.1 port {port})\n"]
+    assert shown[2].startswith("  no answer: ")
+    assert (track.returncode, out, err) == (130, "", "")
+
+
 # -- bash completion ------------------------------------------------------------------------
 
 

@@ -388,8 +388,9 @@ async def test_stopping_the_node_closes_mtqp_sessions(tmp_path):
         await stop_node(node)
 
 
-def test_track_command_usage_errors_exit_2():
-    # `mtrkmta track` exit status 2 for usage errors, before any network use.
+def test_track_command_usage_errors_exit_64():
+    # `mtrkmta track` exit status 64 (EX_USAGE) for usage errors, before any network use:
+    # its 2 means "some recipient failed".
     result = mtrkmta_process("track", "http://not-mtqp/")
-    assert result.returncode == 2
+    assert result.returncode == 64
     assert "not an mtqp URI" in result.stderr

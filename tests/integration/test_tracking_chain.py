@@ -292,23 +292,25 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert (mtqp_name(A_NAME), dns.SRV) in asked
         assert (mtqp_name(B_NAME), dns.SRV) in asked
 
-        # The default output: one block per hop, then where each recipient ended.
+        # The default output: the hops, the events across them, where each recipient ended.
         status, timeline = await rig.track()
         assert status == 0
         assert f"Hop 1: {A_NAME} (127.0.0.1 port {rig.node('a').port('mtqp')})" in timeline
         assert f"Hop 2: {B_NAME} (127.0.0.1 port {rig.node('b').port('mtqp')})" in timeline
         assert f"referred by {A_NAME}" in timeline and f"referred by {B_NAME}" in timeline
-        assert f"    Next hop         {B_NAME}\n" in timeline
-        assert "    Next hop         [127.0.0.1]\n" in timeline
+        assert f"  hop 1  {RCPT}: transferred to {B_NAME}[127.0.0.1]:" in timeline
+        assert f"  hop 2  {RCPT}: transferred to 127.0.0.1[127.0.0.1]:" in timeline
+        assert f"  hop 3  {RCPT}: delivered" in timeline
         assert f"{RCPT}: delivered (2.1.5: destination address valid) at {C_NAME}" in timeline
 
         # Times in the local time zone with its offset, or in UTC with --utc.
         with local_zone("XYZ-05:30"):  # POSIX TZ: UTC+05:30
             _, local = await rig.track()
             _, utc = await rig.track("--utc")
-        assert re.search(r"\n  Arrived +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0530\n", local)
+        first = r"\n  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+ZONE +\+0s  hop 1  accepted by "
+        assert re.search(first.replace("ZONE", "0530"), local)
         assert "+0000" not in local
-        assert re.search(r"\n  Arrived +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000\n", utc)
+        assert re.search(first.replace("ZONE", "0000"), utc)
         assert "+0530" not in utc
 
         # --raw: each server's message/tracking-status answer as received.
@@ -417,3 +419,71 @@ async def test_two_nodes_on_one_address_at_two_mtqp_ports(tmp_path):
         assert second["reports"][0]["reporting_mta"] == f"dns; {B_NAME}"
         (path,) = trace["recipients"]
         assert (path["outcome"], path["final"]) == ("delivered", True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeline_of_a_deferral_then_a_delivery_across_two_nodes(tmp_path):
+    # A cannot reach B at first (connection refused): its attempt fails with a next
+    # attempt; once B listens, A transfers the message and B delivers it. The events of
+    # both hops reach the client in their MTQP answers (X-Mtrkmta-Event, RFC 3464 §2.4).
+    async with chain(tmp_path) as rig:
+        port = closed_port()
+        route = f"{DOMAIN}=smtp:tcp:host=127.0.0.1:port={port};tls=none"
+        a = await rig.start("a", A_NAME, ("routes", route))
+        await rig.send()
+
+        async def deferred_at_a() -> bool:
+            recipient = await rig.recipient("a")
+            return recipient is not None and recipient.state is RecipientState.DEFERRED
+
+        await until(deferred_at_a, "A's failed attempt to reach B")
+        status, pending = await rig.track("--utc")
+        assert status == 1, pending  # still queued at A
+        assert f"{RCPT}: still queued at {A_NAME} (4." in pending
+        assert ", next attempt 20" in pending
+
+        b = await rig.start(
+            "b",
+            B_NAME,
+            ("domains.local", (DOMAIN,)),
+            ("listeners.smtp", f"tcp:{port}:interface=127.0.0.1"),
+        )
+        assert a.queue is not None
+        await a.queue.flush()
+        mailbox = rig.tmp / "b" / "mail" / "bob" / "new"
+        await until(lambda: mailbox.is_dir() and any(mailbox.iterdir()), "delivery at B")
+        await queue_emptied(a)
+        await queue_emptied(b)
+
+        to_b = ("--connect-to", f"127.0.0.1=127.0.0.1:{b.port('mtqp')}")  # B by its address
+        status, text = await rig.track("--utc", "--json", *to_b)
+        assert status == 0, text
+        events = json.loads(text)["events"]
+        kinds = [(e["hop"], e["kind"]) for e in events if e["kind"] != "dsn-sent"]
+        assert kinds == [
+            (1, "arrived"),
+            (1, "deferred"),
+            (1, "transferred"),
+            (2, "arrived"),
+            (2, "delivered"),
+        ]
+        failed = events[1]
+        assert failed["status"].startswith("4.") and failed["next_attempt"] is not None
+        assert "Connection refused" in failed["diagnostic"]
+        assert failed["text"].startswith(f"attempt failed: {failed['status']} ")
+
+        status, timeline = await rig.track("--utc", *to_b)
+        assert status == 0, timeline
+        lines = [line for line in timeline.splitlines() if re.match(r"  \d{4}-", line)]
+        texts = [re.sub(r"^  \S+ \S+ \+0000 +\+\S+  ", "", line) for line in lines]
+        assert texts[0] == f"hop 1  accepted by {A_NAME} over ESMTP"
+        assert re.fullmatch(
+            rf"hop 1  {RCPT}: attempt failed: 4\.\d\.\d [^(]+\(.*Connection refused.*\); "
+            r"next attempt \d\d:\d\d:\d\d",
+            texts[1],
+        ), texts[1]
+        assert texts[2].startswith(f"hop 1  {RCPT}: transferred to ")
+        assert texts[3] == f"hop 2  accepted by {B_NAME} over ESMTP"
+        assert texts[4].startswith(f"hop 2  {RCPT}: delivered")
+        assert lines[0].split()[3] == "+0s"
+        assert f"{RCPT}: delivered (2.1.5: destination address valid) at {B_NAME}" in timeline

@@ -33,7 +33,13 @@ from mtrkmta.mtqp.server import (
     settings_from_config,
 )
 from mtrkmta.queue.policy import RetryPolicy
-from mtrkmta.tracking.interfaces import RecipientState, StoredMessage, StoredRecipient
+from mtrkmta.tracking.interfaces import (
+    Event,
+    EventKind,
+    RecipientState,
+    StoredMessage,
+    StoredRecipient,
+)
 from mtrkmta.tracking.status import parse_related
 
 # Our own vector for RFC 3885 §3.1 (never the RFC 3887 examples: their secret is 64 bits
@@ -97,6 +103,7 @@ class FakeStore:
         self.lookups = 0
         self.pending: list[tuple[Deferred, list[StoredMessage]]] | None = None
         self.broken = False
+        self.events: dict[str, list[Event]] = {}
 
     def lookup_transactions(self, envid: str, candidate: bytes) -> Deferred:
         self.lookups += 1
@@ -111,6 +118,9 @@ class FakeStore:
             self.pending.append((d, found))
             return d
         return succeed(found)
+
+    def transaction_events(self, queue_ids) -> Deferred:
+        return succeed({q: list(self.events.get(q, ())) for q in queue_ids})
 
     def release_one(self) -> None:
         assert self.pending
@@ -675,3 +685,22 @@ def test_tls_required_needs_a_certificate(tmp_path):
 def test_idle_timeout_below_ten_minutes_is_a_config_error():
     with pytest.raises(ConfigError, match="at least 10m"):
         load_config(None, [Override("--x", "mtqp.idle_timeout", "9m")], fqdn=lambda: HOSTNAME)
+
+
+def test_track_answer_carries_each_transaction_events_in_its_blocks(clock):
+    # RFC 3464 §2.4: the events travel as extension fields, which other clients ignore.
+    store = FakeStore(stored(state=RecipientState.DEFERRED))
+    store.events["Q1"] = [
+        Event("Q1", None, ARRIVAL, EventKind.ARRIVED, (("client", "pc [192.0.2.1]:5"),)),
+        Event("Q1", 0, ARRIVAL + 5, EventKind.DEFERRED, (("status", "4.4.1"),)),
+    ]
+    session = Session(make(clock, store))
+    session.output()
+    (response,) = responses(session.send(track_line()))
+    (report,) = parse_related(response.body)
+    assert report.extensions == (("X-Mtrkmta-Event", "Tue, 14 Nov 2023 22:13:20 +0000; arrived"),)
+    (rcpt,) = report.recipients
+    assert rcpt.extensions == (
+        ("X-Mtrkmta-Event", 'Tue, 14 Nov 2023 22:13:25 +0000; deferred; status="4.4.1"'),
+    )
+    assert b"192.0.2.1" not in response.body

@@ -10,24 +10,42 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtrkmta.envelope import ClientInfo, OriginalRecipient
-from mtrkmta.tracking.interfaces import RecipientState, StoredMessage, StoredRecipient
+from mtrkmta.tracking.events import arrival_event, outcome_event
+from mtrkmta.tracking.interfaces import (
+    Event,
+    EventKind,
+    RecipientState,
+    RecipientUpdate,
+    StoredMessage,
+    StoredRecipient,
+)
 from mtrkmta.tracking.status import (
     ACTIONS,
     DEFAULT_STATUS,
+    EVENTS_FIRST,
+    EVENTS_LAST,
+    OMITTED,
     RecipientStatus,
+    ReportedEvent,
     TrackingReport,
     TrackingStatusError,
     TypedValue,
+    event_field,
+    event_fields,
+    parse_event,
     parse_related,
     parse_status,
     render_related,
     render_status,
     report_from_store,
+    report_from_transactions,
+    reported_events,
 )
 
 # Every vector here is our own; the RFC 3887 examples are not used (they
 # break RFC 3886's own ABNF: field order, missing colons).
 EST = timezone(timedelta(hours=-5))
+UTC = timezone.utc
 ARRIVAL = 1_700_000_000  # Tue, 14 Nov 2023 22:13:20 +0000
 NOW = ARRIVAL + 3600
 
@@ -1137,3 +1155,160 @@ def test_any_stored_values_give_a_report_that_parses(
     assert all(len(line) <= 998 for line in body.split(b"\r\n"))
     assert re.fullmatch(rb"[\t\r\n -~]*", body)
     assert len(parse_status(body).recipients) == 1
+
+
+# -- events as X-Mtrkmta-Event extension fields (RFC 3464 §2.4) ---
+
+
+def arrived(queue_id: str = "Q1", when: int = ARRIVAL) -> Event:
+    row = {
+        "queue_id": queue_id,
+        "client_helo": "laptop.origin.example",
+        "client_address": "198.51.100.23",
+        "client_port": 50123,
+        "client_listener": "submission",
+        "client_protocol": "ESMTPSA",
+        "client_authenticated_as": "alice",
+        "sender": "sender@origin.example",
+        "envid": "k7Xq-0001@origin.example",
+        "size": 100,
+    }
+    return arrival_event(row, 1, when)
+
+
+def deferred(when: int, index: int = 0) -> Event:
+    update = RecipientUpdate(
+        index,
+        RecipientState.DEFERRED,
+        "4.4.1",
+        diagnostic='x-local; connect to mx-b[127.0.0.1]:25: Connection "refused" \\ é\r\n',
+        next_attempt=when + 600,
+        relay="mx-b.dest.example[127.0.0.1]:25",
+    )
+    return outcome_event("Q1", update, when)
+
+
+def test_events_travel_in_their_blocks_and_the_existing_parser_reads_them():
+    waiting = recipient(state=RecipientState.DEFERRED, last_attempt=ARRIVAL + 5)
+    events = {"Q1": [arrived(), deferred(ARRIVAL + 5)]}
+    report = report_from_transactions([message(waiting)], now=NOW, events=events)
+    wire = render_related([report])
+    (back,) = parse_related(wire)
+    assert back.extensions == report.extensions
+    (arrival,) = reported_events(back.extensions)
+    assert (arrival.kind, arrival.time) == ("arrived", datetime.fromtimestamp(ARRIVAL, UTC))
+    assert arrival.detail == (("protocol", "ESMTPSA"), ("recipients", "1"))
+    (attempt,) = reported_events(only(back).extensions)
+    assert attempt.kind == "deferred"
+    assert attempt.get("status") == "4.4.1"
+    assert attempt.get("relay") == "mx-b.dest.example[127.0.0.1]:25"
+    # The stored escapes survive, the quotes and backslash come back, non-ASCII is 7bit.
+    assert attempt.get("diagnostic") == (
+        'x-local; connect to mx-b[127.0.0.1]:25: Connection "refused" \\ \\x{E9}\\x{0D}\\x{0A}'
+    )
+    assert attempt.get("next_attempt") == "Tue, 14 Nov 2023 22:23:25 +0000"
+    # RFC 3885 §4.2: the client that brought the message is not the reader's business.
+    for secret in (b"198.51.100.23", b"laptop", b"alice", b"50123", b"submission", b"sender@"):
+        assert secret not in wire
+
+
+def test_event_field_grammar_reads_back_and_malformed_fields_are_skipped():
+    name, value = event_field(deferred(ARRIVAL))
+    assert name == "X-Mtrkmta-Event"
+    assert value.startswith('Tue, 14 Nov 2023 22:13:20 +0000; deferred; status="4.4.1"; relay=')
+    assert parse_event(value).detail == reported_events([(name, value)])[0].detail
+    assert parse_event('Tue, 14 Nov 2023 22:13:20 +0000 (UTC); Held ; reason="a;b=\\"c\\""') == (
+        ReportedEvent(datetime.fromtimestamp(ARRIVAL, UTC), "held", (("reason", 'a;b="c"'),))
+    )
+    for bad in ("no date", "Tue, 14 Nov 2023 22:13:20 +0000; a b", "Tue, 14 Nov 2023; x"):
+        with pytest.raises(TrackingStatusError):
+            parse_event(bad)
+    with pytest.raises(TrackingStatusError):
+        parse_event("Tue, 14 Nov 2023 22:13:20 +0000; held; reason=unquoted")
+    assert reported_events([("X-Mtrkmta-Event", "garbage"), ("X-Other", "1")]) == ()
+
+
+def test_a_recipient_retried_for_days_sends_a_bounded_number_of_events():
+    many = [deferred(ARRIVAL + 600 * n) for n in range(100)]
+    fields = event_fields(many)
+    assert len(fields) == EVENTS_FIRST + 1 + EVENTS_LAST
+    events = reported_events(fields)
+    gap = events[EVENTS_FIRST]
+    assert (gap.kind, gap.get("count")) == (OMITTED, str(100 - EVENTS_FIRST - EVENTS_LAST))
+    assert gap.time == datetime.fromtimestamp(ARRIVAL + 600 * EVENTS_FIRST, UTC)
+    assert events[-1].time == datetime.fromtimestamp(ARRIVAL + 600 * 99, UTC)
+    waiting = recipient(state=RecipientState.DEFERRED, last_attempt=ARRIVAL)
+    report = report_from_transactions([message(waiting)], now=NOW, events={"Q1": many})
+    body = render_status(report)
+    assert body.count(b"X-Mtrkmta-Event:") == EVENTS_FIRST + 1 + EVENTS_LAST
+    assert max(len(line) for line in body.split(b"\r\n")) <= 998  # RFC 5322 §2.1.1
+
+
+def test_an_expansion_says_how_many_addresses_never_which():
+    update = RecipientUpdate(
+        0, RecipientState.EXPANDED, "2.1.5", produced=tuple(f"m{n}@list.example" for n in range(25))
+    )
+    (_, value) = event_field(outcome_event("Q1", update, ARRIVAL))
+    assert parse_event(value).get("produced") == "25"
+    assert "m1@list.example" not in value
+
+
+def test_a_hidden_recipient_events_name_no_next_hop_or_diagnostic():
+    # RFC 3886 §4.2: a confidential forwarding target shows neither the hop nor its reply.
+    target = recipient(
+        state=RecipientState.DEFERRED, final_recipient="secret@hidden.example", last_attempt=NOW
+    )
+    events = {"Q1": [deferred(ARRIVAL + 5)]}
+    report = report_from_transactions(
+        [message(target)], now=NOW, hide=lambda r: True, events=events
+    )
+    (event,) = reported_events(only(report).extensions)
+    assert event.detail == (
+        ("status", "4.4.1"),
+        ("next_attempt", "Tue, 14 Nov 2023 22:23:25 +0000"),
+    )
+    assert b"mx-b" not in render_status(report)
+
+
+def test_an_internal_error_hold_keeps_its_text_for_the_log():
+    held = Event(
+        "Q1", None, ARRIVAL, EventKind.HELD, (("reason", "internal error: KeyError: 'x'"),)
+    )
+    assert parse_event(event_field(held)[1]).detail == (("reason", "internal error"),)
+    by_admin = Event(
+        "Q1", None, ARRIVAL, EventKind.HELD, (("reason", "held by the administrator"),)
+    )
+    assert parse_event(event_field(by_admin)[1]).detail == (
+        ("reason", "held by the administrator"),
+    )
+
+
+def test_an_event_field_never_outgrows_its_line_whatever_its_values():
+    # Quotes and backslashes double on the wire; the line still fits RFC 5322 §2.1.1.
+    update = RecipientUpdate(
+        0,
+        RecipientState.DEFERRED,
+        "4.4.1",
+        diagnostic='"\\' * 400,
+        relay="r" * 600,
+        final_recipient="f" * 600,
+        next_attempt=ARRIVAL + 60,
+    )
+    name, value = event_field(outcome_event("Q1", update, ARRIVAL))
+    assert len(f"{name}: {value}") <= 998
+    back = parse_event(value)
+    assert [key for key, _ in back.detail] == [
+        "status",
+        "relay",
+        "diagnostic",
+        "next_attempt",
+        "final_recipient",
+    ]
+    assert back.get("final_recipient").endswith("...")  # what room was left
+    assert back.get("diagnostic").startswith('"\\"\\') and back.get("diagnostic").endswith("...")
+    waiting = recipient(state=RecipientState.DEFERRED, last_attempt=ARRIVAL)
+    report = report_from_transactions(
+        [message(waiting)], now=NOW, events={"Q1": [outcome_event("Q1", update, ARRIVAL)]}
+    )
+    (parsed,) = parse_related(render_related([report]))
+    assert reported_events(only(parsed).extensions) == (back,)
