@@ -29,6 +29,7 @@ from mtrkmta.config.convert import (
 )
 from mtrkmta.config.load import Override, check_config_file, load_config, setting_names
 from mtrkmta.config.routes import DEFAULT_ROUTE, Route, select_route
+from mtrkmta.config.webhooks import EVENT_KINDS, Webhook
 from mtrkmta.config.schema import (
     TLS,
     Auth,
@@ -78,6 +79,8 @@ __all__ = [
     "Queue",
     "Relay",
     "Route",
+    "EVENT_KINDS",
+    "Webhook",
     "TiB",
     "Tracking",
     "Transport",
