@@ -29,7 +29,6 @@ from mtrkmta.config.convert import (
 )
 from mtrkmta.config.load import Override, check_config_file, load_config, setting_names
 from mtrkmta.config.routes import DEFAULT_ROUTE, Route, select_route
-from mtrkmta.config.webhooks import EVENT_KINDS, Webhook
 from mtrkmta.config.schema import (
     TLS,
     Auth,
@@ -45,11 +44,13 @@ from mtrkmta.config.schema import (
     Relay,
     Tracking,
 )
+from mtrkmta.config.webhooks import EVENT_KINDS, Webhook
 
 __all__ = [
     "DAY",
     "DEFAULT_RETENTION",
     "DEFAULT_ROUTE",
+    "EVENT_KINDS",
     "EXIT_CONFIG_ERROR",
     "HOUR",
     "MAX_DURATION",
@@ -79,11 +80,10 @@ __all__ = [
     "Queue",
     "Relay",
     "Route",
-    "EVENT_KINDS",
-    "Webhook",
     "TiB",
     "Tracking",
     "Transport",
+    "Webhook",
     "check_config_file",
     "load_config",
     "parse_duration",

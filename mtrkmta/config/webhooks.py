@@ -183,4 +183,3 @@ def _webhooks(value: object, ctx: _Context) -> tuple[Webhook, ...]:
         except _Invalid as exc:
             raise _Invalid(exc.problem, f".{name}{exc.suffix}") from None
     return tuple(hooks)
-

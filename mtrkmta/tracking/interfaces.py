@@ -12,6 +12,7 @@ from zope.interface import Interface
 
 from mtrkmta.envelope import ClientInfo, Envelope, OriginalRecipient
 
+
 class RecipientState(str, enum.Enum):
     """Where one recipient stands in this MTA's queue (RFC 3886 §3.3.3)."""
 

@@ -69,6 +69,12 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+def wanted_by(hooks: Sequence[Webhook], events: Iterable[Event]) -> bool:
+    """Whether some hook may want one of ``events`` (by kind alone: the sender is not
+    known yet)."""
+    return any(event.kind.value in hook.events for hook in hooks for event in events)
+
+
 def outbox_rows(
     events: Iterable[Event],
     facts: MessageFacts,
@@ -103,7 +109,7 @@ def outbox_rows(
     return rows
 
 
-def entry_of(row: Mapping[str, Any]) -> OutboxEntry:
+def entry_of(row: Mapping[Any, Any]) -> OutboxEntry:
     """The OutboxEntry of an outbox row (with its ``id``)."""
     return OutboxEntry(
         id=row["id"],
@@ -123,7 +129,5 @@ def facts_of_envelope(envelope: Envelope) -> MessageFacts:
         queue_id=envelope.queue_id,
         sender=envelope.sender,
         envid=envelope.params.envid,
-        recipients={
-            index: rcpt.original.address for index, rcpt in enumerate(envelope.recipients)
-        },
+        recipients={index: rcpt.original.address for index, rcpt in enumerate(envelope.recipients)},
     )

@@ -81,7 +81,7 @@ def test_migrated_schema_equals_schema_module(db_url):
 def test_comparison_sees_a_missing_schema(db_url):
     # Guards the test above: on an empty database the comparison reports both tables.
     added = {d[1].name for d in diffs(db_url) if d[0] == "add_table"}
-    assert added == {"messages", "recipients", "auth_failures", "events"}
+    assert added == {"messages", "recipients", "auth_failures", "events", "webhook_outbox"}
 
 
 def test_upgrade_is_idempotent_and_reaches_head(db_url):
