@@ -1,0 +1,247 @@
+"""Webhooks end to end: a node POSTs its tracking events to a local twisted.web receiver
+that fails and then recovers, and a real ``mtrkmta serve`` killed with SIGKILL while the
+receiver is down sends every event after its restart, with the same event ids."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import signal
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from servprocess import ServeProcess
+from smtpwire import Wire, in_thread, message, queue_emptied, queue_id_of
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from mtrkmta.testing import database_url, node_config, start_node, stop_node
+
+SECRET = b"webhook test secret, 32 bytes.."
+SIGNATURE = re.compile(r"^t=(\d+),v1=([0-9a-f]{64})$")
+
+
+@dataclass
+class Received:
+    """One request the receiver got."""
+
+    headers: dict[str, str]
+    body: bytes
+    answered: int
+
+    @property
+    def event(self) -> dict[str, object]:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver(Resource):
+    """Answers 500 to the first ``failures`` POSTs, then 200; ``delivered`` fires once
+    events of every kind in ``expect`` were answered 200."""
+
+    failures: int
+    expect: frozenset[str]
+    requests: list[Received] = field(default_factory=list)
+    delivered: Deferred[None] = field(default_factory=Deferred)
+    isLeaf = True
+
+    def __post_init__(self) -> None:
+        Resource.__init__(self)
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        headers = {k.decode(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
+        code = 500 if len(self.requests) < self.failures else 200
+        self.requests.append(Received(headers, request.content.read(), code))
+        request.setResponseCode(code)
+        if code == 200 and self.expect <= self.kinds() and not self.delivered.called:
+            self.delivered.callback(None)
+        return b"not now\n" if code == 500 else b"ok\n"
+
+    def kinds(self) -> set[str]:
+        return {str(r.event["kind"]) for r in self.requests if r.answered == 200}
+
+
+def verified(received: Received) -> bool:
+    found = SIGNATURE.match(received.headers["Mtrkmta-Signature"])
+    assert found is not None
+    signed = found.group(1).encode() + b"." + received.body
+    expected = hmac.new(SECRET, signed, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, found.group(2))
+
+
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "webhook.secret"
+    path.write_bytes(SECRET + b"\n")
+    path.chmod(0o600)
+    return path
+
+
+class CountingSite(Site):
+    """A Site that knows its open connections, so that a test can wait for them to close
+    (the node's requests say ``Connection: close``)."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.open: set[object] = set()
+        self._idle: list[Deferred[None]] = []
+
+    def buildProtocol(self, addr: object) -> Any:
+        protocol = super().buildProtocol(addr)
+        self.open.add(protocol)
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: object) -> None:
+            lost(reason)
+            self.open.discard(protocol)
+            if not self.open:
+                waiting, self._idle = self._idle, []
+                for d in waiting:
+                    d.callback(None)
+
+        protocol.connectionLost = connection_lost
+        return protocol
+
+    def idle(self) -> Deferred[None]:
+        if not self.open:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+
+@pytest_twisted.async_yield_fixture
+async def listening() -> AsyncIterator[list[tuple[IListeningPort, CountingSite]]]:
+    """The receivers' listening ports, closed at the end once their connections are."""
+    ports: list[tuple[IListeningPort, CountingSite]] = []
+    yield ports
+    for port, site in ports:
+        await port.stopListening()
+        await site.idle()
+
+
+def listen(
+    receiver: Receiver, ports: list[tuple[IListeningPort, CountingSite]], port: int = 0
+) -> int:
+    site = CountingSite(receiver)
+    listening_port = reactor.listenTCP(port, site, interface="127.0.0.1")
+    ports.append((listening_port, site))
+    return int(listening_port.getHost().port)
+
+
+def send(port: int, rcpt: str = "b@localhost") -> str:
+    with Wire(port) as wire:
+        wire.ehlo()
+        wire.command("MAIL FROM:<a@sender.example> ENVID=hook-test")
+        wire.command(f"RCPT TO:<{rcpt}>")
+        wire.command("DATA")
+        wire.send(message("webhook") + b".\r\n")
+        return queue_id_of(wire.reply())
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_arrive_signed_after_the_receiver_recovers(tmp_path, listening):
+    receiver = Receiver(failures=3, expect=frozenset({"arrived", "delivered"}))
+    port = listen(receiver, listening)
+    hooks = {
+        "rcv": {
+            "url": f"http://127.0.0.1:{port}/hook",
+            "secret_file": str(secret_file(tmp_path)),
+            "events": ["arrived", "delivered", "failed"],
+            "first_retry": "0.1s",
+            "max_retry_interval": "0.2s",
+            "timeout": "5s",
+        }
+    }
+    node = await start_node(node_config(tmp_path / "data", options=(("webhooks", hooks),)))
+    try:
+        queue_id = await in_thread(send, node.port("smtp"))
+        await queue_emptied(node)
+        await receiver.delivered
+    finally:
+        await stop_node(node)
+    assert [r.answered for r in receiver.requests[:3]] == [500, 500, 500]
+    assert all(verified(r) for r in receiver.requests)
+    assert all(r.headers["Content-Type"] == "application/json" for r in receiver.requests)
+    ids = {r.headers["Mtrkmta-Event-Id"] for r in receiver.requests}
+    assert ids == {str(r.event["id"]) for r in receiver.requests}
+    assert len(ids) == 2  # retries carry the same id: the receiver can drop duplicates
+    by_kind = {r.event["kind"]: r.event for r in receiver.requests if r.answered == 200}
+    assert by_kind["arrived"]["queue_id"] == queue_id
+    assert by_kind["arrived"]["envid"] == "hook-test"
+    assert by_kind["arrived"]["sender"] == "a@sender.example"
+    assert by_kind["delivered"]["recipient"] == "b@localhost"
+    assert by_kind["delivered"]["status"] == "2.1.5"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+NOT_DELIVERED = re.compile(r"webhook rcv: event ([0-9a-f]{32}) \(\S+\) not delivered")
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_survive_a_sigkill_while_the_receiver_is_down(tmp_path, listening):
+    hook_port = free_port()  # nothing listens there yet: connections are refused
+    data_dir = tmp_path / "data"
+    config = tmp_path / "mtrkmta.toml"
+    config.write_text(
+        f"""
+[server]
+hostname = "mx.example.test"
+data_dir = "{data_dir}"
+database = "{database_url(data_dir)}"
+
+[listeners]
+smtp = "tcp:0:interface=127.0.0.1"
+lmtp = "none"
+mtqp = "none"
+
+[webhooks.rcv]
+url = "http://127.0.0.1:{hook_port}/hook"
+secret_file = "{secret_file(tmp_path)}"
+events = ["arrived", "delivered"]
+first_retry = "0.1s"
+max_retry_interval = "0.2s"
+timeout = "1s"
+""",
+        encoding="utf-8",
+    )
+    args = ["--config", str(config)]
+    first = ServeProcess(args, tmp_path)
+    try:
+        port = await in_thread(first.port)
+        await in_thread(send, port)
+
+        def two_failed_events() -> set[str]:
+            ids: set[str] = set()
+            while len(ids) < 2:
+                ids.add(first.wait_for(NOT_DELIVERED).group(1))
+            return ids
+
+        failed = await in_thread(two_failed_events)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+    finally:
+        first.stop()
+    receiver = Receiver(failures=0, expect=frozenset({"arrived", "delivered"}))
+    listen(receiver, listening, hook_port)
+    second = ServeProcess(args, tmp_path)
+    try:
+        await receiver.delivered
+    finally:
+        await in_thread(second.stop)
+    assert {r.headers["Mtrkmta-Event-Id"] for r in receiver.requests} == failed
+    assert all(verified(r) for r in receiver.requests)
