@@ -35,6 +35,7 @@ def render(config: Config, names: Sequence[str]) -> list[str]:
             lines += [f"routes.{_toml_key(route.domain)} = {_route(route)}" for route in value]
         elif name == "webhooks":
             lines += [f"webhooks.{hook.name} = {_webhook(hook)}" for hook in value]
+            lines += [] if value else ["webhooks = {}"]
         else:
             lines.append(f"{name} = {_toml(keys[name], value)}")
     return lines

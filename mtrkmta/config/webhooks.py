@@ -95,7 +95,8 @@ def _secret_file(value: object, ctx: _Context) -> Path:
         raise _Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise _Invalid(
-            f"{path} is readable by group or others; make it the server's alone: chmod 600 {path}"
+            f"{path} is open to group or others (mode {stat.S_IMODE(mode):03o}); "
+            f"make it the server's alone: chmod 600 {path}"
         )
     if len(secret) < 16:
         raise _Invalid(f"{path} must hold a secret of at least 16 characters")
