@@ -16,15 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from certs import write_certificate
 from servprocess import ServeProcess
-from smtpwire import Wire, in_thread, message, queue_emptied, queue_id_of
+from smtpwire import Wire, in_thread, message, queue_emptied, queue_id_of, until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mtrkmta.testing import database_url, node_config, start_node, stop_node
+from mtrkmta.tls import server_context
 
 SECRET = b"webhook test secret, 32 bytes.."
 SIGNATURE = re.compile(r"^t=(\d+),v1=([0-9a-f]{64})$")
@@ -45,27 +48,43 @@ class Received:
 
 @dataclass
 class Receiver(Resource):
-    """Answers 500 to the first ``failures`` POSTs, then 200; ``delivered`` fires once
-    events of every kind in ``expect`` were answered 200."""
+    """Answers the first POSTs with ``failures`` (status codes; a 302 redirects to
+    /elsewhere), leaves the first ``hold`` of them unanswered, then answers 200;
+    ``delivered`` fires once events of every kind in ``expect`` were answered 200."""
 
-    failures: int
     expect: frozenset[str]
+    failures: tuple[int, ...] = ()
+    hold: int = 0
     requests: list[Received] = field(default_factory=list)
+    paths: list[bytes] = field(default_factory=list)
     delivered: Deferred[None] = field(default_factory=Deferred)
+    unanswered: set[Request] = field(default_factory=set)
+    most_at_once: int = 0
     isLeaf = True
 
     def __post_init__(self) -> None:
         Resource.__init__(self)
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> bytes | int:
         assert request.content is not None
+        self.paths.append(request.path)
+        self.most_at_once = max(self.most_at_once, len(self.unanswered) + 1)
         headers = {k.decode(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
-        code = 500 if len(self.requests) < self.failures else 200
-        self.requests.append(Received(headers, request.content.read(), code))
+        body = request.content.read()
+        if len(self.requests) < self.hold:
+            self.requests.append(Received(headers, body, 0))
+            self.unanswered.add(request)
+            request.notifyFinish().addBoth(lambda _: self.unanswered.discard(request))
+            return NOT_DONE_YET
+        n = len(self.requests) - self.hold
+        code = self.failures[n] if n < len(self.failures) else 200
+        self.requests.append(Received(headers, body, code))
         request.setResponseCode(code)
+        if code == 302:
+            request.setHeader(b"Location", b"/elsewhere")
         if code == 200 and self.expect <= self.kinds() and not self.delivered.called:
             self.delivered.callback(None)
-        return b"not now\n" if code == 500 else b"ok\n"
+        return b"ok\n" if code == 200 else b"not now\n"
 
     def kinds(self) -> set[str]:
         return {str(r.event["kind"]) for r in self.requests if r.answered == 200}
@@ -138,11 +157,12 @@ def listen(
     return int(listening_port.getHost().port)
 
 
-def send(port: int, rcpt: str = "b@localhost") -> str:
+def send(port: int, *rcpts: str) -> str:
     with Wire(port) as wire:
         wire.ehlo()
         wire.command("MAIL FROM:<a@sender.example> ENVID=hook-test")
-        wire.command(f"RCPT TO:<{rcpt}>")
+        for rcpt in rcpts or ("b@localhost",):
+            wire.command(f"RCPT TO:<{rcpt}>")
         wire.command("DATA")
         wire.send(message("webhook") + b".\r\n")
         return queue_id_of(wire.reply())
@@ -150,7 +170,7 @@ def send(port: int, rcpt: str = "b@localhost") -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_events_arrive_signed_after_the_receiver_recovers(tmp_path, listening):
-    receiver = Receiver(failures=3, expect=frozenset({"arrived", "delivered"}))
+    receiver = Receiver(frozenset({"arrived", "delivered"}), failures=(500, 302, 503))
     port = listen(receiver, listening)
     hooks = {
         "rcv": {
@@ -169,7 +189,8 @@ async def test_events_arrive_signed_after_the_receiver_recovers(tmp_path, listen
         await receiver.delivered
     finally:
         await stop_node(node)
-    assert [r.answered for r in receiver.requests[:3]] == [500, 500, 500]
+    assert [r.answered for r in receiver.requests[:3]] == [500, 302, 503]
+    assert set(receiver.paths) == {b"/hook"}  # the redirect was not followed
     assert all(verified(r) for r in receiver.requests)
     assert all(r.headers["Content-Type"] == "application/json" for r in receiver.requests)
     ids = {r.headers["Mtrkmta-Event-Id"] for r in receiver.requests}
@@ -236,7 +257,7 @@ timeout = "1s"
         first.proc.wait()
     finally:
         first.stop()
-    receiver = Receiver(failures=0, expect=frozenset({"arrived", "delivered"}))
+    receiver = Receiver(frozenset({"arrived", "delivered"}))
     listen(receiver, listening, hook_port)
     second = ServeProcess(args, tmp_path)
     try:
@@ -245,3 +266,68 @@ timeout = "1s"
         await in_thread(second.stop)
     assert {r.headers["Mtrkmta-Event-Id"] for r in receiver.requests} == failed
     assert all(verified(r) for r in receiver.requests)
+
+
+def hook_table(tmp_path: Path, url: str, **keys: object) -> dict[str, object]:
+    return {
+        "url": url,
+        "secret_file": str(secret_file(tmp_path)),
+        "first_retry": "0.1s",
+        "max_retry_interval": "0.2s",
+        **keys,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_in_flight_are_bounded_and_a_silent_receiver_times_out(tmp_path, listening):
+    # Two recipients: three events. The receiver keeps the first two requests waiting:
+    # with concurrency 2 the third event waits until the timeout frees a place, and the
+    # two that timed out come again, with their ids.
+    receiver = Receiver(frozenset({"arrived", "delivered"}), hold=2)
+    port = listen(receiver, listening)
+    url = f"http://127.0.0.1:{port}/hook"
+    hooks = {"rcv": hook_table(tmp_path, url, concurrency=2, timeout="1s")}
+    node = await start_node(node_config(tmp_path / "data", options=(("webhooks", hooks),)))
+    try:
+        await in_thread(send, node.port("smtp"), "b@localhost", "c@localhost")
+        await queue_emptied(node)
+        await receiver.delivered
+        await until(lambda: len(receiver.requests) >= 5, "every event answered")
+    finally:
+        await stop_node(node)
+    assert receiver.most_at_once == 2
+    held = {r.headers["Mtrkmta-Event-Id"] for r in receiver.requests[:2]}
+    answered = {r.headers["Mtrkmta-Event-Id"] for r in receiver.requests if r.answered == 200}
+    assert len(held) == 2 and held <= answered and len(answered) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_receivers_are_verified_against_the_ca_file(tmp_path, listening):
+    certificate, private_key = write_certificate(tmp_path / "tls", "localhost")
+    receiver = Receiver(frozenset({"arrived"}))
+    options = server_context(certificate, private_key)
+    site = CountingSite(receiver)
+    tls_port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+    listening.append((tls_port, site))
+    url = f"https://localhost:{tls_port.getHost().port}/hook"
+    hooks = {
+        "trusted": hook_table(tmp_path, url, ca_file=str(certificate), events=["arrived"]),
+        "untrusted": hook_table(tmp_path, url, events=["arrived"]),  # the system's CAs
+    }
+    refused: Deferred[str] = Deferred()
+
+    def observe(event: dict[str, object]) -> None:
+        if event.get("hook") == "untrusted" and "reason" in event and not refused.called:
+            refused.callback(str(event["reason"]))
+
+    globalLogPublisher.addObserver(observe)
+    node = await start_node(node_config(tmp_path / "data", options=(("webhooks", hooks),)))
+    try:
+        await in_thread(send, node.port("smtp"))
+        await receiver.delivered
+        reason = await refused
+    finally:
+        await stop_node(node)
+        globalLogPublisher.removeObserver(observe)
+    assert len(receiver.requests) == 1  # the trusted hook's; the other never got through TLS
+    assert "certificate verify failed" in reason
