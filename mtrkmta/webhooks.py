@@ -38,6 +38,8 @@ EXPIRE_INTERVAL = 60.0
 LEASE_MARGIN = 10.0
 """Seconds a claim lasts beyond the hook's ``timeout``: no other sender takes the entry
 while a request for it may still be under way."""
+MAX_REASON = 300
+"""Characters of a failure's reason logged."""
 SIGNATURE_HEADER = b"Mtrkmta-Signature"
 EVENT_ID_HEADER = b"Mtrkmta-Event-Id"
 _PEM_CERTIFICATE = re.compile(
@@ -58,6 +60,17 @@ def backoff(attempts: int, first: float, maximum: float, draw: float) -> float:
     of that and all of it, by ``draw`` in [0, 1), so that many retries spread out."""
     base = min(maximum, first * 2.0 ** min(max(attempts - 1, 0), 64))
     return base / 2 + base / 2 * draw
+
+
+def failure_reason(error: BaseException) -> str:
+    """A failed request's error as one bounded, escaped line for the log."""
+    reasons = getattr(error, "reasons", None)  # ResponseNeverReceived, ResponseFailed
+    if reasons:
+        text = "; ".join(reason.getErrorMessage() for reason in reasons)
+    else:
+        text = str(error)
+    text = text or type(error).__name__
+    return safe_human(text if len(text) <= MAX_REASON else text[:MAX_REASON] + "...")
 
 
 def read_secret(path: Path) -> bytes:
@@ -191,7 +204,8 @@ class WebhookSender:
             )
             for hook in hooks
         ]
-        self._polling = False
+        self._looking: Deferred[None] | None = None  # a look at the outbox under way
+        self._stopping = False
         self._poll = LoopingCall(self._look)
         self._poll.clock = reactor
         self._expire = LoopingCall(self._expire_entries)
@@ -204,9 +218,12 @@ class WebhookSender:
 
     async def stop(self) -> None:
         """Stop looking; cancel the requests in flight (their entries are retried)."""
+        self._stopping = True
         for timer in (self._poll, self._expire):
             if timer.running:
                 timer.stop()
+        if self._looking is not None:
+            await self._looking
         pending = [d for hook in self._hooks for d in hook.in_flight.values()]
         for d in pending:
             d.cancel()
@@ -215,22 +232,21 @@ class WebhookSender:
 
     # -- the loop ---------------------------------------------------------------
 
-    def _look(self) -> Deferred[None] | None:
-        if self._polling:
-            return None
-        self._polling = True
+    def _look(self) -> None:
+        if self._looking is not None:
+            return
         d = ensureDeferred(self._claim_due())
         d.addErrback(self._store_failed, "claiming due webhook events")
+        self._looking = d
         d.addBoth(self._looked)
-        return None
 
     def _looked(self, _: object) -> None:
-        self._polling = False
+        self._looking = None
 
     async def _claim_due(self) -> None:
         for hook in self._hooks:
             room = hook.config.concurrency - len(hook.in_flight)
-            if room <= 0:
+            if room <= 0 or self._stopping:
                 continue
             lease = hook.config.timeout + LEASE_MARGIN
             entries = await self._store.claim_webhooks(hook.config.name, self._owner, room, lease)
@@ -283,7 +299,7 @@ class WebhookSender:
             await self._failed(hook, entry, f"no answer within {hook.config.timeout:g}s")
             return
         except Exception as error:  # a refused connection, a TLS failure, a DNS error...
-            await self._failed(hook, entry, safe_human(str(error) or type(error).__name__))
+            await self._failed(hook, entry, failure_reason(error))
             return
         await self._store.webhook_delivered(entry.id, self._owner)
         log.info(
