@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import signal
 import socket
@@ -210,12 +211,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-NOT_DELIVERED = re.compile(r"webhook rcv: event ([0-9a-f]{32}) \(\S+\) not delivered")
-
-
-@pytest_twisted.ensureDeferred
-async def test_events_survive_a_sigkill_while_the_receiver_is_down(tmp_path, listening):
-    hook_port = free_port()  # nothing listens there yet: connections are refused
+def serve_config(tmp_path: Path, hook_port: int, workers: int = 1) -> Path:
+    """The configuration file of a ``mtrkmta serve`` with one hook, "rcv", on ``hook_port``."""
     data_dir = tmp_path / "data"
     config = tmp_path / "mtrkmta.toml"
     config.write_text(
@@ -224,6 +221,7 @@ async def test_events_survive_a_sigkill_while_the_receiver_is_down(tmp_path, lis
 hostname = "mx.example.test"
 data_dir = "{data_dir}"
 database = "{database_url(data_dir)}"
+workers = {workers}
 
 [listeners]
 smtp = "tcp:0:interface=127.0.0.1"
@@ -240,7 +238,16 @@ timeout = "1s"
 """,
         encoding="utf-8",
     )
-    args = ["--config", str(config)]
+    return config
+
+
+NOT_DELIVERED = re.compile(r"webhook rcv: event ([0-9a-f]{32}) \(\S+\) not delivered")
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_survive_a_sigkill_while_the_receiver_is_down(tmp_path, listening):
+    hook_port = free_port()  # nothing listens there yet: connections are refused
+    args = ["--config", str(serve_config(tmp_path, hook_port))]
     first = ServeProcess(args, tmp_path)
     try:
         port = await in_thread(first.port)
@@ -331,3 +338,26 @@ async def test_https_receivers_are_verified_against_the_ca_file(tmp_path, listen
         globalLogPublisher.removeObserver(observe)
     assert len(receiver.requests) == 1  # the trusted hook's; the other never got through TLS
     assert "certificate verify failed" in reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_processes_write_the_outbox_and_the_master_sends_it(tmp_path, listening):
+    receiver = Receiver(frozenset({"arrived", "delivered"}))
+    hook_port = listen(receiver, listening)
+    process = ServeProcess(["--config", str(serve_config(tmp_path, hook_port, 2))], tmp_path)
+    try:
+        port = await in_thread(process.port)
+        await in_thread(process.wait_for, "worker 1: smtp accepting on")
+        os.kill(process.proc.pid, signal.SIGSTOP)  # only the worker can take the message now
+        try:
+            queue_id = await in_thread(send, port)
+        finally:
+            os.kill(process.proc.pid, signal.SIGCONT)
+        await receiver.delivered
+    finally:
+        await in_thread(process.stop)
+    assert {r.event["queue_id"] for r in receiver.requests} == {queue_id}
+    assert all(verified(r) for r in receiver.requests)
+    output = [*process.seen, *iter(process.lines.get_nowait, None)]  # read to the end by stop
+    sent = [line for line in output if "webhook rcv: delivered" in line]
+    assert sent and not any("[worker 1" in line for line in sent)  # the master's lines
