@@ -190,7 +190,7 @@ def build_schema() -> TrackingSchema:
         Column("created", BigInteger, nullable=False),  # the event's time
         Column("due", BigInteger, nullable=False),  # not sent before
         Column("attempts", Integer, nullable=False),  # failed so far
-        Column("lease_owner", String(128), nullable=True),  # the sender that claimed it
+        Column("lease_owner", String(320), nullable=True),  # NODE_ID/PID of the claimer
         Column("lease_until", BigInteger, nullable=True),  # claimed until then
         Index(None, "hook", "due"),
     )

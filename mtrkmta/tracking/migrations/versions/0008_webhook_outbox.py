@@ -30,7 +30,7 @@ def upgrade() -> None:
         sa.Column("created", sa.BigInteger(), nullable=False),
         sa.Column("due", sa.BigInteger(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("lease_owner", sa.String(128), nullable=True),
+        sa.Column("lease_owner", sa.String(320), nullable=True),
         sa.Column("lease_until", sa.BigInteger(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_outbox")),
     )
