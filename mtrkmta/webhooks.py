@@ -169,7 +169,8 @@ class WebhookSender:
     flight per hook), POSTs each, then deletes it (2xx), makes it due again after a
     backoff, or drops it once older than the hook's ``max_age``.
 
-    ``owner`` names this sender in the leases; ``draw`` gives the jitter's random numbers.
+    ``owner`` names this sender in the leases; ``draw`` gives the jitter's random numbers;
+    ``clock`` (default: ``reactor``) the time: of the polls, the signatures, the timeouts.
     """
 
     def __init__(
@@ -183,9 +184,10 @@ class WebhookSender:
         max_entries: int,
         policies: Mapping[str, BrowserLikePolicyForHTTPS] | None = None,
         draw: Callable[[], float] = random.random,
+        clock: IReactorTime | None = None,
     ) -> None:
         self._reactor = reactor
-        self._clock: IReactorTime = reactor
+        self._clock: IReactorTime = reactor if clock is None else clock
         self._store = store
         self._owner = owner
         self._max_entries = max_entries
@@ -207,14 +209,15 @@ class WebhookSender:
         self._looking: Deferred[None] | None = None  # a look at the outbox under way
         self._stopping = False
         self._poll = LoopingCall(self._look)
-        self._poll.clock = reactor
+        self._poll.clock = self._clock
         self._expire = LoopingCall(self._expire_entries)
-        self._expire.clock = reactor
+        self._expire.clock = self._clock
 
     def start(self) -> None:
-        """Look at the outbox now and every POLL_INTERVAL; expire every EXPIRE_INTERVAL."""
-        self._poll.start(POLL_INTERVAL, now=True)
+        """Expire now and every EXPIRE_INTERVAL; look at the outbox now and every
+        POLL_INTERVAL."""
         self._expire.start(EXPIRE_INTERVAL, now=True)
+        self._poll.start(POLL_INTERVAL, now=True)
 
     async def stop(self) -> None:
         """Stop looking; cancel the requests in flight (their entries are retried)."""
@@ -323,7 +326,7 @@ class WebhookSender:
         )
         request = hook.agent.request(b"POST", hook.config.url.encode("utf-8"), headers, _Body(body))
         exchange = ensureDeferred(self._exchange(request, hook.config.max_response))
-        exchange.addTimeout(hook.config.timeout, self._reactor)
+        exchange.addTimeout(hook.config.timeout, self._clock)
         status, answer = await exchange
         if not 200 <= status < 300:
             shown = safe_human(answer[:200].decode("utf-8", "replace"))

@@ -23,12 +23,17 @@ from smtpwire import Wire, in_thread, message, queue_emptied, queue_id_of, until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from mtrkmta.config import Webhook
+from mtrkmta.envelope import Envelope, Recipient
 from mtrkmta.testing import database_url, node_config, start_node, stop_node
 from mtrkmta.tls import server_context
+from mtrkmta.tracking.memory import MemoryTrackingStore
+from mtrkmta.webhooks import WebhookSender
 
 SECRET = b"webhook test secret, 32 bytes.."
 SIGNATURE = re.compile(r"^t=(\d+),v1=([0-9a-f]{64})$")
@@ -361,3 +366,93 @@ async def test_worker_processes_write_the_outbox_and_the_master_sends_it(tmp_pat
     output = [*process.seen, *iter(process.lines.get_nowait, None)]  # read to the end by stop
     sent = [line for line in output if "webhook rcv: delivered" in line]
     assert sent and not any("[worker 1" in line for line in sent)  # the master's lines
+
+
+class Logged:
+    """The log events of the webhook sender, and a Deferred for the next one that matches."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._waiting: list[tuple[str, Deferred[dict[str, Any]]]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = str(event.get("log_format", ""))
+        if "webhook" not in text:
+            return
+        self.events.append(event)
+        for wanted, d in list(self._waiting):
+            if wanted in text:
+                self._waiting.remove((wanted, d))
+                d.callback(event)
+
+    def next(self, wanted: str) -> Deferred[dict[str, Any]]:
+        d: Deferred[dict[str, Any]] = Deferred()
+        self._waiting.append((wanted, d))
+        return d
+
+
+@pytest_twisted.async_yield_fixture
+async def logged() -> AsyncIterator[Logged]:
+    observer = Logged()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
+
+
+async def record_arrivals(store: MemoryTrackingStore, *queue_ids: str) -> None:
+    for queue_id in queue_ids:
+        envelope = Envelope(queue_id, "a@sender.example", (Recipient("b@dest.example"),))
+        await store.record_arrival(envelope, reporting_mta="mx.test", node_id="n", size=1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_event_failing_past_max_age_is_dropped_with_a_log_line(
+    tmp_path, listening, logged
+):
+    # The time is a clock the test advances; the requests go over real sockets.
+    receiver = Receiver(frozenset({"arrived"}), failures=(500,) * 10)
+    url = f"http://127.0.0.1:{listen(receiver, listening)}/hook"
+    hook = Webhook("h", url, secret_file(tmp_path), max_age=60.0, first_retry=10.0,
+                   max_retry_interval=20.0)  # fmt: skip
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    store = MemoryTrackingStore(clock, webhooks=(hook,))
+    await record_arrivals(store, "Q1")
+    sender = WebhookSender(reactor, store, (hook,), {"h": SECRET}, owner="t", max_entries=10,
+                           clock=clock, draw=lambda: 0.0)  # fmt: skip
+    failed = logged.next("not delivered")
+    sender.start()
+    try:
+        event = await failed
+        assert (event["attempts"], event["delay"]) == (1, 5.0)  # first_retry 10, jitter 0
+        assert event["reason"] == "HTTP 500: not now\\x{0A}"
+        dropped = logged.next("dropped event")
+        clock.advance(50)  # the second attempt fails; the third would be at 60 s: too late
+        event = await dropped
+        assert (event["attempts"], event["max_age"]) == (2, 60.0)
+    finally:
+        await sender.stop()
+    assert len(receiver.requests) == 2
+    assert await store.claim_webhooks("h", "t", 10, 10.0) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_oldest_events_beyond_the_outbox_limit_are_dropped_with_a_log_line(
+    tmp_path, listening, logged
+):
+    receiver = Receiver(frozenset({"arrived"}))
+    url = f"http://127.0.0.1:{listen(receiver, listening)}/hook"
+    hook = Webhook("h", url, secret_file(tmp_path))
+    clock = Clock()
+    store = MemoryTrackingStore(clock, webhooks=(hook,))
+    await record_arrivals(store, "Q1", "Q2", "Q3")
+    sender = WebhookSender(reactor, store, (hook,), {"h": SECRET}, owner="t", max_entries=1,
+                           clock=clock)  # fmt: skip
+    dropped = logged.next("undelivered event(s)")
+    sender.start()
+    try:
+        assert (await dropped)["count"] == 2
+        await receiver.delivered
+    finally:
+        await sender.stop()
+    assert [r.event["queue_id"] for r in receiver.requests] == ["Q3"]
