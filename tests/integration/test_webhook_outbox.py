@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from test_tracking_contract import ARRIVAL, RETENTION, Subject, envelope, record
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 
@@ -176,3 +177,35 @@ async def test_entries_outlive_their_message(subject):
     await record(store, envelope("w7"))
     await store.forget(["w7"])
     assert [e.queue_id for e in await claim_all(subject, "all")] == ["w7"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_stores_on_one_database_claiming_at_once_never_share_an_entry(tmp_path):
+    # Two nodes (two engines, two thread pools) claim the same due entries at the same
+    # time: each entry goes to exactly one of them.
+    url = database_url(tmp_path)
+    migrate.upgrade(url)
+    clock = Clock()
+    clock.advance(ARRIVAL + 60)
+    pools = [ThreadPool(minthreads=1, maxthreads=2, name=f"node-{n}") for n in range(2)]
+    for pool in pools:
+        pool.start()
+    stores = [
+        SQLTrackingStore(reactor, pool, url, clock=clock, webhooks=HOOKS, **RETENTION)
+        for pool in pools
+    ]
+    try:
+        for n in range(40):
+            await record(stores[n % 2], envelope(f"c{n:02}"))
+        claims = [
+            store.claim_webhooks("all", f"node-{i}", 5, LEASE)
+            for _ in range(6)
+            for i, store in enumerate(stores)
+        ]
+        claimed = [entry.event_id for entries in await gatherResults(claims) for entry in entries]
+    finally:
+        for store in stores:
+            await store.close()
+        for pool in pools:
+            pool.stop()
+    assert len(claimed) == len(set(claimed)) == 40
