@@ -151,7 +151,7 @@ class _BoundedRead(Protocol):
 
 
 class DeliveryFailed(Exception):
-    """The receiver did not take the event: a status other than 2xx, or no answer."""
+    """The receiver answered with a status other than 2xx."""
 
 
 @dataclass
