@@ -25,7 +25,7 @@ from mtrkmta.config.convert import (
 )
 
 # The values of mtrkmta.tracking.interfaces.EventKind (the config room sits below
-# tracking; tests/unit/test_webhooks.py keeps the two equal).
+# tracking; tests/unit/test_webhook_rules.py keeps the two equal).
 EVENT_KINDS = (
     "arrived", "queued", "deferred", "delivered", "transferred", "relayed", "expanded", "failed",
     "bounced", "held", "released", "quarantined", "deleted", "dsn-sent",
