@@ -70,6 +70,7 @@ from mtrkmta.tracking.authfailures import SQLAuthFailures
 from mtrkmta.tracking.damage import as_damage, check_database
 from mtrkmta.tracking.migrate import upgrade
 from mtrkmta.tracking.store import TRANSIENT_ERRORS, SQLTrackingStore
+from mtrkmta.webhooks import WebhookSender, hook_files
 from mtrkmta.workers import (
     ConfigOrigin,
     WorkerRole,
@@ -320,6 +321,7 @@ class MTAService(Service):
         self._metrics_writer: LoopingCall | None = None
         if worker is None:
             self.metrics.watch_workers(self._processes_up)
+        self.webhooks: WebhookSender | None = None  # with [webhooks.NAME], the master's only
 
     # -- start ---------------------------------------------------------------------
 
@@ -375,6 +377,7 @@ class MTAService(Service):
             max_retention=config.tracking.max_retention,
             commit_pool=self.commit_pool,
             faults=self.faults,
+            webhooks=config.webhooks,
         )
         self.spool = FileSpool(
             self.reactor,
@@ -449,6 +452,18 @@ class MTAService(Service):
         if self.deliver:
             await self.queue.start()
         hooks: dict[str, Any] = {RELOAD_ALIASES: self.reload}
+        if self.worker is None and config.webhooks:  # the master alone sends (doc/tracking.rst)
+            secrets, policies = await self._blocking(hook_files, config.webhooks)
+            self.webhooks = WebhookSender(
+                self.reactor,
+                self.tracking,
+                config.webhooks,
+                secrets,
+                owner=f"{config.node_id}/{os.getpid()}",
+                max_entries=config.tracking.webhook_outbox_limit,
+                policies=policies,
+            )
+            self.webhooks.start()
         if self.worker is None:
             self.pickup = Pickup(
                 data_dir=config.data_dir,
@@ -956,6 +971,9 @@ class MTAService(Service):
             self._control = None
         if self.pickup is not None:
             await self.pickup.stop()
+        if self.webhooks is not None:
+            webhooks, self.webhooks = self.webhooks, None
+            await webhooks.stop()
         if self.queue is not None:
             await self.queue.stop(grace=self.shutdown_grace)
         transports, self.transports = self.transports, {}

@@ -44,11 +44,13 @@ from mtrkmta.config.schema import (
     Relay,
     Tracking,
 )
+from mtrkmta.config.webhooks import EVENT_KINDS, Webhook
 
 __all__ = [
     "DAY",
     "DEFAULT_RETENTION",
     "DEFAULT_ROUTE",
+    "EVENT_KINDS",
     "EXIT_CONFIG_ERROR",
     "HOUR",
     "MAX_DURATION",
@@ -81,6 +83,7 @@ __all__ = [
     "TiB",
     "Tracking",
     "Transport",
+    "Webhook",
     "check_config_file",
     "load_config",
     "parse_duration",

@@ -43,6 +43,7 @@ from mtrkmta.config.convert import (
     _string,
 )
 from mtrkmta.config.routes import DEFAULT_ROUTE, Route, _routes, select_route
+from mtrkmta.config.webhooks import Webhook, _webhooks
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,7 @@ class Tracking:
     lenient_xtext: bool = field(default=False, metadata=_key(_boolean))
     purge_interval: float = field(default=HOUR, metadata=_key(_duration(MINUTE)))
     max_tracked_per_hour: int = field(default=10000, metadata=_key(_integer(0)))
+    webhook_outbox_limit: int = field(default=100000, metadata=_key(_integer(1)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +269,7 @@ class Config:
     durability: Durability = field(default_factory=Durability, metadata=_section("durability"))
     pickup: Pickup = field(default_factory=Pickup, metadata=_section("pickup"))
     logging: Logging = field(default_factory=Logging, metadata=_section("logging"))
+    webhooks: tuple[Webhook, ...] = field(default=(), metadata=_key(_webhooks, "webhooks"))
 
     def is_local(self, domain: str) -> bool:
         """Whether this node is the final destination for ``domain``."""

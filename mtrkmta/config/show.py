@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from mtrkmta.config.convert import _Context, _format_duration, _format_size, _In
 from mtrkmta.config.load import _Key, _schema
 from mtrkmta.config.routes import Route, _toml_key
 from mtrkmta.config.schema import Config
+from mtrkmta.config.webhooks import EVENT_KINDS, Webhook
 
 
 def value_of(config: Config, name: str) -> Any:
@@ -31,6 +33,9 @@ def render(config: Config, names: Sequence[str]) -> list[str]:
         value = value_of(config, name)
         if name == "routes":
             lines += [f"routes.{_toml_key(route.domain)} = {_route(route)}" for route in value]
+        elif name == "webhooks":
+            lines += [f"webhooks.{hook.name} = {_webhook(hook)}" for hook in value]
+            lines += [] if value else ["webhooks = {}"]
         else:
             lines.append(f"{name} = {_toml(keys[name], value)}")
     return lines
@@ -48,6 +53,27 @@ def _by_name() -> dict[str, _Key]:
 def _route(route: Route) -> str:
     target = route.transport if route.endpoint is None else f"{route.transport}:{route.endpoint}"
     return _string(target if route.tls is None else f"{target};tls={route.tls}")
+
+
+def _webhook(hook: Webhook) -> str:
+    """A ``[webhooks.NAME]`` table inline (the secret itself stays in its file)."""
+    shown = []
+    for item in fields(hook):
+        value = getattr(hook, item.name)
+        if item.name == "name" or value is None:
+            continue
+        if item.name == "events":
+            value = tuple(kind for kind in EVENT_KINDS if kind in value)
+        if isinstance(value, tuple):
+            text = "[" + ", ".join(_string(entry) for entry in value) + "]"
+        elif isinstance(value, float):
+            text = _string(_format_duration(value))
+        elif isinstance(value, int):
+            text = str(value)
+        else:
+            text = _string(str(value))
+        shown.append(f"{item.name} = {text}")
+    return "{ " + ", ".join(shown) + " }"
 
 
 def _string(text: str) -> str:

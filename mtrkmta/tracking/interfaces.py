@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred
@@ -223,6 +223,25 @@ class Event:
         return next((value for key, value in self.detail if key == name), None)
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One event still to be POSTed to one webhook (a row of ``webhook_outbox``).
+
+    ``body`` is the JSON sent (mtrkmta.tracking.outbox.event_body); ``created`` is the
+    event's time and ``due`` when it may be sent next, whole POSIX seconds;
+    ``attempts`` counts the failed attempts so far.
+    """
+
+    id: int
+    hook: str
+    event_id: str
+    queue_id: str
+    body: str
+    created: int
+    due: int
+    attempts: int = 0
+
+
 class ITrackingStore(Interface):
     """Durable record of accepted messages and of each recipient's fate.
 
@@ -309,6 +328,31 @@ class ITrackingStore(Interface):
     def lower_retention(max_retention: float) -> Deferred[int]:
         """Lower the retention cap, for new and existing records (RFC 3885 §3.1, §4.1);
         fires with how many records got an earlier expiry."""
+
+    def claim_webhooks(
+        hook: str, owner: str, limit: int, lease: float
+    ) -> Deferred[list[OutboxEntry]]:
+        """Up to ``limit`` of ``hook``'s outbox entries that are due and not leased (or
+        whose lease ran out), by due time then age, each now leased to ``owner`` for
+        ``lease`` seconds: while a lease lasts, no other claim returns the entry, from
+        this process or another on the same database.
+
+        The outbox is written with the events (``events``): each write that records an
+        event also records, in the same transaction, one entry per webhook the store
+        was made with that wants it (``Webhook.wants``; mtrkmta.tracking.outbox).
+        """
+
+    def webhook_delivered(entry_id: int, owner: str) -> Deferred[bool]:
+        """Delete a delivered (or dropped) entry still leased to ``owner``; fires with
+        False when its lease passed to another owner meanwhile (nothing is changed)."""
+
+    def retry_webhook(entry_id: int, owner: str, due: float) -> Deferred[bool]:
+        """Count a failed attempt of an entry still leased to ``owner``, release the
+        lease and make it due again at ``due``; False when the lease passed on."""
+
+    def expire_webhooks(cutoffs: Mapping[str, float], max_entries: int) -> Deferred[int]:
+        """Drop the entries of hooks not in ``cutoffs``, those created before their hook's
+        cutoff, then the oldest beyond ``max_entries``; fires with how many went."""
 
     def close() -> Deferred[None]:
         """Finish pending work and release the database; later calls fail."""

@@ -8,24 +8,28 @@ before it returns: no thread, no database.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from mtrkmta.config import DEFAULT_RETENTION, MAX_RETENTION
+from mtrkmta.config import DEFAULT_RETENTION, MAX_RETENTION, Webhook
 from mtrkmta.envelope import Envelope
 from mtrkmta.tracking.events import arrival_event, dsn_event, message_event, outcome_event
 from mtrkmta.tracking.interfaces import (
     Event,
     EventKind,
     ITrackingStore,
+    OutboxEntry,
     RecipientUpdate,
     StoredMessage,
 )
+from mtrkmta.tracking.outbox import MessageFacts, entry_of, outbox_rows
 from mtrkmta.tracking.store import (
     Retention,
     StoreClosedError,
@@ -52,8 +56,13 @@ class MemoryTrackingStore:
         *,
         default_retention: float = DEFAULT_RETENTION,
         max_retention: float = MAX_RETENTION,
+        webhooks: Sequence[Webhook] = (),
     ) -> None:
         self._retention = Retention(default_retention, max_retention)
+        self._hooks = tuple(webhooks)
+        # The webhook outbox: rows as SQLTrackingStore's, by id (ids grow as a database's).
+        self._outbox: dict[int, dict[str, Any]] = {}
+        self._outbox_ids = itertools.count(1)
         self._clock = clock
         self._messages: dict[str, StoredMessage] = {}
         self._events: dict[str, list[Event]] = {}  # per message, in the order recorded
@@ -74,7 +83,8 @@ class MemoryTrackingStore:
         )
         stored = stored_message(message_row, recipient_rows)
         self._messages[stored.queue_id] = stored
-        self._events[stored.queue_id] = [arrival_event(message_row, len(recipient_rows), now)]
+        self._events[stored.queue_id] = []
+        self._record(arrival_event(message_row, len(recipient_rows), now))
         return succeed(stored)
 
     def known(self, queue_ids: Iterable[str]) -> Deferred[frozenset[str]]:
@@ -209,6 +219,69 @@ class MemoryTrackingStore:
 
         return self._answer(apply)
 
+    def claim_webhooks(
+        self, hook: str, owner: str, limit: int, lease: float
+    ) -> Deferred[list[OutboxEntry]]:
+        now = whole_seconds(self._clock.seconds())
+
+        def claim() -> list[OutboxEntry]:
+            due = sorted(
+                (
+                    row
+                    for row in self._outbox.values()
+                    if row["hook"] == hook
+                    and row["due"] <= now
+                    and (row["lease_until"] is None or row["lease_until"] <= now)
+                ),
+                key=lambda row: (row["due"], row["id"]),
+            )[:limit]
+            for row in due:
+                row.update(lease_owner=owner, lease_until=now + math.ceil(lease))
+            return [entry_of(row) for row in due]
+
+        return self._answer(claim)
+
+    def webhook_delivered(self, entry_id: int, owner: str) -> Deferred[bool]:
+        def apply() -> bool:
+            row = self._outbox.get(entry_id)
+            if row is None or row["lease_owner"] != owner:
+                return False
+            del self._outbox[entry_id]
+            return True
+
+        return self._answer(apply)
+
+    def retry_webhook(self, entry_id: int, owner: str, due: float) -> Deferred[bool]:
+        def apply() -> bool:
+            row = self._outbox.get(entry_id)
+            if row is None or row["lease_owner"] != owner:
+                return False
+            row.update(
+                attempts=row["attempts"] + 1,
+                due=math.ceil(due),
+                lease_owner=None,
+                lease_until=None,
+            )
+            return True
+
+        return self._answer(apply)
+
+    def expire_webhooks(self, cutoffs: Mapping[str, float], max_entries: int) -> Deferred[int]:
+        def apply() -> int:
+            doomed = [
+                entry_id
+                for entry_id, row in self._outbox.items()
+                if row["hook"] not in cutoffs or row["created"] < math.floor(cutoffs[row["hook"]])
+            ]
+            for entry_id in doomed:
+                del self._outbox[entry_id]
+            excess = sorted(self._outbox)[: max(0, len(self._outbox) - max_entries)]
+            for entry_id in excess:
+                del self._outbox[entry_id]
+            return len(doomed) + len(excess)
+
+        return self._answer(apply)
+
     def close(self) -> Deferred[None]:
         self._closed = True
         return succeed(None)
@@ -231,6 +304,10 @@ class MemoryTrackingStore:
     def _record(self, *events: Event) -> None:
         for event in events:
             self._events[event.queue_id].append(event)
+            message = self._messages[event.queue_id]
+            for row in outbox_rows([event], MessageFacts.of(message), self._hooks):
+                entry_id = next(self._outbox_ids)
+                self._outbox[entry_id] = {**row, "id": entry_id}
 
     def _unfinished(self, node_id: str) -> list[StoredMessage]:
         return _by_arrival(

@@ -67,6 +67,7 @@ class TrackingSchema:
     recipients: Table
     auth_failures: Table
     events: Table
+    webhook_outbox: Table
 
 
 def build_schema() -> TrackingSchema:
@@ -175,10 +176,29 @@ def build_schema() -> TrackingSchema:
         Column("detail", Text, nullable=False),  # a JSON object of bounded strings
         Index(None, "queue_id", "at", "id"),  # one message's events in time order
     )
+    # Events still to be POSTed to a webhook (0008; mtrkmta.tracking.outbox): written in
+    # the transaction of the events they carry, deleted once delivered or dropped. No
+    # foreign key: an event outlives its message here (a deletion is an event too).
+    webhook_outbox = Table(
+        "webhook_outbox",
+        metadata,
+        Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+        Column("hook", String(64), nullable=False),  # [webhooks.NAME]
+        Column("event_id", String(64), nullable=False),  # Mtrkmta-Event-Id
+        Column("queue_id", String(64), nullable=False),
+        Column("body", Text, nullable=False),  # the JSON sent
+        Column("created", BigInteger, nullable=False),  # the event's time
+        Column("due", BigInteger, nullable=False),  # not sent before
+        Column("attempts", Integer, nullable=False),  # failed so far
+        Column("lease_owner", String(320), nullable=True),  # NODE_ID/PID of the claimer
+        Column("lease_until", BigInteger, nullable=True),  # claimed until then
+        Index(None, "hook", "due"),
+    )
     return TrackingSchema(
         metadata=metadata,
         messages=messages,
         recipients=recipients,
         auth_failures=auth_failures,
         events=events,
+        webhook_outbox=webhook_outbox,
     )

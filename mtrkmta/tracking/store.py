@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mtrkmta.config import MIN_RETENTION
+from mtrkmta.config import MIN_RETENTION, Webhook
 from mtrkmta.envelope import ClientInfo, Envelope, OriginalRecipient
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.groupcommit import GroupCommit
@@ -64,10 +64,18 @@ from mtrkmta.tracking.interfaces import (
     Event,
     EventKind,
     ITrackingStore,
+    OutboxEntry,
     RecipientState,
     RecipientUpdate,
     StoredMessage,
     StoredRecipient,
+)
+from mtrkmta.tracking.outbox import (
+    MessageFacts,
+    entry_of,
+    facts_of_envelope,
+    outbox_rows,
+    wanted_by,
 )
 from mtrkmta.tracking.schema import TrackingSchema, build_schema, dsn_owed
 
@@ -427,9 +435,12 @@ class SQLTrackingStore:
         clock: IReactorTime | None = None,
         commit_pool: ThreadPool | None = None,
         faults: IFaults = NoFaults(),
+        webhooks: Sequence[Webhook] = (),
     ) -> None:
         """Writes are group-committed in ``commit_pool`` (default: ``threadpool``);
-        reads run in ``threadpool``."""
+        reads run in ``threadpool``. Events that one of ``webhooks`` wants go to the
+        webhook outbox with them."""
+        self._hooks = tuple(webhooks)
         self._retention = Retention(default_retention, max_retention)
         self._reactor = reactor
         self._faults = faults  # told each named step (mtrkmta.faults.POINTS)
@@ -449,6 +460,7 @@ class SQLTrackingStore:
         self._update_recipient = recipient_update(self._schema)
         self._insert_event = self._schema.events.insert()
         self._insert_known_event = known_message_event(self._schema)
+        self._insert_outbox = self._schema.webhook_outbox.insert()
         self._writes: GroupCommit[WriteOp, object] = GroupCommit(
             reactor, threadpool if commit_pool is None else commit_pool, self._commit
         )
@@ -476,6 +488,9 @@ class SQLTrackingStore:
             steps.append((self._insert_recipients, recipient_rows))
         arrived = arrival_event(message_row, len(recipient_rows), now)
         steps.append((self._insert_event, [event_row(arrived)]))
+        outbox = outbox_rows([arrived], facts_of_envelope(envelope), self._hooks)
+        if outbox:
+            steps.append((self._insert_outbox, outbox))
         stored = stored_message(message_row, recipient_rows)
         d: Deferred[None] = self._write(RowWrite(tuple(steps)))
         return d.addCallback(self._reached, "tracking.arrival_committed", stored)
@@ -557,10 +572,24 @@ class SQLTrackingStore:
         """Durably record what happened to some recipients; one group-committed write."""
         rows = [self._update_values(queue_id, update) for update in updates]
         now = self._clock.seconds()
-        events = [known_event_values(outcome_event(queue_id, u, now)) for u in updates]
-        d: Deferred[None] = self._write(
-            RowWrite(((self._update_recipient, rows), (self._insert_known_event, events)))
+        events = [outcome_event(queue_id, u, now) for u in updates]
+        write = RowWrite(
+            (
+                (self._update_recipient, rows),
+                (self._insert_known_event, [known_event_values(e) for e in events]),
+            )
         )
+        if not wanted_by(self._hooks, events):
+            d: Deferred[None] = self._write(write)
+        else:  # the outbox rows need the message's sender and recipients: read in the write
+
+            def apply(conn: Connection) -> None:
+                for statement, statement_rows in write.steps:
+                    if statement_rows:
+                        conn.execute(statement, statement_rows)
+                self._record_outbox(conn, queue_id, events)
+
+            d = self._write(apply)
         return d.addCallback(self._reached, "tracking.outcome_committed", None)
 
     @staticmethod
@@ -606,9 +635,9 @@ class SQLTrackingStore:
                 .where(r.c.queue_id == queue_id, r.c.rcpt_index.in_(wanted))
                 .values(dsn_pending=False)
             )
-            self._record_events(
-                conn, [dsn_event(queue_id, row.rcpt_index, row.action, now) for row in sent]
-            )
+            events = [dsn_event(queue_id, row.rcpt_index, row.action, now) for row in sent]
+            self._record_events(conn, events)
+            self._record_outbox(conn, queue_id, events)
 
         return self._write(apply)
 
@@ -625,6 +654,7 @@ class SQLTrackingStore:
             result = conn.execute(m.update().where(m.c.queue_id == queue_id).values(**values))
             if result.rowcount:
                 self._record_events(conn, [event])
+                self._record_outbox(conn, queue_id, [event])
             return bool(result.rowcount)
 
         return self._write(apply)
@@ -642,6 +672,7 @@ class SQLTrackingStore:
             )
             if result.rowcount:
                 self._record_events(conn, [event])
+                self._record_outbox(conn, queue_id, [event])
             return bool(result.rowcount)
 
         return self._write(apply)
@@ -739,6 +770,84 @@ class SQLTrackingStore:
                 .values(expires_at=m.c.arrival + cap)
             )
             return int(result.rowcount)
+
+        return self._write(apply)
+
+    def claim_webhooks(
+        self, hook: str, owner: str, limit: int, lease: float
+    ) -> Deferred[list[OutboxEntry]]:
+        """Lease up to ``limit`` due entries of ``hook`` to ``owner``.
+
+        Each candidate is leased by an UPDATE that repeats the "not leased" condition,
+        and only those it changed are returned: on PostgreSQL a concurrent claim of the
+        same row waits for the first to commit, then finds the condition false (READ
+        COMMITTED re-evaluates it); SQLite runs one write transaction at a time.
+        """
+        o = self._schema.webhook_outbox
+        now = whole_seconds(self._clock.seconds())
+        free = or_(o.c.lease_until.is_(None), o.c.lease_until <= now)
+        candidates = (
+            select(o)
+            .where(o.c.hook == hook, o.c.due <= now, free)
+            .order_by(o.c.due, o.c.id)
+            .limit(limit)
+        )
+        until = now + math.ceil(lease)
+
+        def claim(conn: Connection) -> list[OutboxEntry]:
+            claimed = []
+            for row in conn.execute(candidates).all():
+                result = conn.execute(
+                    o.update()
+                    .where(o.c.id == row.id, free)
+                    .values(lease_owner=owner, lease_until=until)
+                )
+                if result.rowcount:
+                    claimed.append(entry_of(row._mapping))
+            return claimed
+
+        return self._write(claim)
+
+    def webhook_delivered(self, entry_id: int, owner: str) -> Deferred[bool]:
+        """Delete the entry if ``owner`` still holds its lease."""
+        o = self._schema.webhook_outbox
+        statement = delete(o).where(o.c.id == entry_id, o.c.lease_owner == owner)
+
+        def apply(conn: Connection) -> bool:
+            return bool(conn.execute(statement).rowcount)
+
+        return self._write(apply)
+
+    def retry_webhook(self, entry_id: int, owner: str, due: float) -> Deferred[bool]:
+        """One more failed attempt; due again at ``due`` (rounded up), lease released."""
+        o = self._schema.webhook_outbox
+        statement = (
+            o.update()
+            .where(o.c.id == entry_id, o.c.lease_owner == owner)
+            .values(
+                attempts=o.c.attempts + 1, due=math.ceil(due), lease_owner=None, lease_until=None
+            )
+        )
+
+        def apply(conn: Connection) -> bool:
+            return bool(conn.execute(statement).rowcount)
+
+        return self._write(apply)
+
+    def expire_webhooks(self, cutoffs: Mapping[str, float], max_entries: int) -> Deferred[int]:
+        """Drop entries of unknown hooks, too old ones, then the oldest beyond the bound."""
+        o = self._schema.webhook_outbox
+        old = [and_(o.c.hook == hook, o.c.created < math.floor(t)) for hook, t in cutoffs.items()]
+        doomed = or_(o.c.hook.not_in(sorted(cutoffs)), *old)
+
+        def apply(conn: Connection) -> int:
+            dropped = int(conn.execute(delete(o).where(doomed)).rowcount)
+            count = int(conn.execute(select(func.count()).select_from(o)).scalar_one())
+            if count > max_entries:
+                oldest = select(o.c.id).order_by(o.c.id).limit(count - max_entries).subquery()
+                excess = conn.execute(delete(o).where(o.c.id.in_(select(oldest.c.id))))
+                dropped += int(excess.rowcount)
+            return dropped
 
         return self._write(apply)
 
@@ -883,6 +992,30 @@ class SQLTrackingStore:
     def _record_events(self, conn: Connection, events: Sequence[Event]) -> None:
         if events:
             conn.execute(self._insert_event, [event_row(event) for event in events])
+
+    def _record_outbox(self, conn: Connection, queue_id: str, events: Sequence[Event]) -> None:
+        """Write the outbox entries of ``events`` of message ``queue_id`` (read in ``conn``,
+        the events' own transaction); none when no hook wants them or it is unknown."""
+        if not wanted_by(self._hooks, events):
+            return
+        m, r = self._schema.messages, self._schema.recipients
+        message = conn.execute(
+            select(m.c.sender, m.c.envid).where(m.c.queue_id == queue_id)
+        ).one_or_none()
+        if message is None:
+            return
+        recipients = conn.execute(
+            select(r.c.rcpt_index, r.c.address, r.c.orcpt_address).where(r.c.queue_id == queue_id)
+        )
+        facts = MessageFacts(
+            queue_id=queue_id,
+            sender=message.sender,
+            envid=message.envid,
+            recipients={row.rcpt_index: row.orcpt_address or row.address for row in recipients},
+        )
+        rows = outbox_rows(events, facts, self._hooks)
+        if rows:
+            conn.execute(self._insert_outbox, rows)
 
     def _delete(self, conn: Connection, queue_ids: Sequence[str]) -> None:
         m, r, e = self._schema.messages, self._schema.recipients, self._schema.events

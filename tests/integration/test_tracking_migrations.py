@@ -81,15 +81,15 @@ def test_migrated_schema_equals_schema_module(db_url):
 def test_comparison_sees_a_missing_schema(db_url):
     # Guards the test above: on an empty database the comparison reports both tables.
     added = {d[1].name for d in diffs(db_url) if d[0] == "add_table"}
-    assert added == {"messages", "recipients", "auth_failures", "events"}
+    assert added == {"messages", "recipients", "auth_failures", "events", "webhook_outbox"}
 
 
 def test_upgrade_is_idempotent_and_reaches_head(db_url):
     assert migrate.current_revision(db_url) is None
     migrate.upgrade(db_url)
     migrate.upgrade(db_url)
-    assert migrate.head_revision() == "0007"
-    assert migrate.current_revision(db_url) == "0007"
+    assert migrate.head_revision() == "0008"
+    assert migrate.current_revision(db_url) == "0008"
 
 
 def test_downgrade_to_base_and_back(db_url):
@@ -266,6 +266,39 @@ def test_0007_adds_the_events_table_and_keeps_the_records(db_url):
             assert conn.execute(select(schema.events)).all() == []  # ON DELETE CASCADE
         migrate.downgrade(db_url, "0006")
         assert "events" not in inspect(engine).get_table_names()
+        assert diffs(db_url) != []
+    finally:
+        engine.dispose()
+    migrate.upgrade(db_url)
+    assert diffs(db_url) == []
+
+
+def test_0008_adds_the_webhook_outbox_and_keeps_the_records(db_url):
+    # A store of 0007 with a message: after 0008 it is as it was with an empty outbox,
+    # whose rows do not depend on a message; down again drops only the outbox.
+    command.upgrade(migrate.alembic_config(db_url), "0007")
+    schema = build_schema()
+    engine = create_tracking_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            insert_row(conn, "messages", MESSAGE)
+        migrate.upgrade(db_url)
+        engine.dispose()  # a new connection sees the new schema
+        indexes = {ix["name"] for ix in inspect(engine).get_indexes("webhook_outbox")}
+        assert indexes == {"ix_webhook_outbox_hook"}
+        entry = {
+            "hook": "crm", "event_id": "e" * 32, "queue_id": "gone", "body": "{}",
+            "created": 5, "due": 5, "attempts": 0, "lease_owner": "n" * 300, "lease_until": 9,
+        }  # fmt: skip
+        with engine.begin() as conn:
+            assert conn.execute(select(schema.messages.c.queue_id)).scalars().all() == ["Q1"]
+            assert conn.execute(select(schema.webhook_outbox)).all() == []
+            conn.execute(insert(schema.webhook_outbox), [entry, entry])
+            ids = conn.execute(select(schema.webhook_outbox.c.id)).scalars().all()
+            assert len(set(ids)) == 2  # numbered by the database
+        migrate.downgrade(db_url, "0007")
+        assert "webhook_outbox" not in inspect(engine).get_table_names()
+        assert "messages" in inspect(engine).get_table_names()
         assert diffs(db_url) != []
     finally:
         engine.dispose()

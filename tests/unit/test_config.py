@@ -181,8 +181,9 @@ def test_setting_names_cover_every_section():
         "durability",
         "pickup",
         "logging",
+        "webhooks",
     }
-    assert len(names) == len(set(names)) == 67
+    assert len(names) == len(set(names)) == 69
 
 
 # ---------------------------------------------------------------------------
