@@ -43,6 +43,7 @@ QUERY_RESULTS = frozenset(
     {"found", "not_found", "rate_limited", "bad_request", "tls_required", "unavailable"}
 )
 TLS_DIRECTIONS = frozenset({"in", "out"})
+WEBHOOK_RESULTS = frozenset({"delivered", "retried", "dropped"})
 QUEUE_STATES = ("active", "waiting")
 
 # Delays from a fraction of a second (a local delivery) to the queue's five days.
@@ -119,6 +120,10 @@ class IMetrics(Interface):
     def http_track_query(result: str) -> None:
         """A tracking query over HTTP was answered with ``result`` (see QUERY_RESULTS)."""
 
+    def webhook_delivery(result: str) -> None:
+        """One attempt to POST a webhook event ended with ``result`` (WEBHOOK_RESULTS):
+        delivered, to be retried, or dropped past its hook's max_age."""
+
     def tls_session(direction: str) -> None:
         """A TLS session was set up: ``in`` (our STARTTLS server) or ``out`` (our client)."""
 
@@ -155,6 +160,9 @@ class NoMetrics:
         return None
 
     def http_track_query(self, result: str) -> None:
+        return None
+
+    def webhook_delivery(self, result: str) -> None:
         return None
 
     def tls_session(self, direction: str) -> None:
@@ -248,6 +256,12 @@ class PrometheusMetrics:
             ["result"],
             registry=r,
         )
+        self._webhooks = Counter(
+            f"{PREFIX}_webhook_deliveries",
+            "Webhook POSTs, by result (delivered, retried, dropped past max_age).",
+            ["result"],
+            registry=r,
+        )
         self._tls = Counter(
             f"{PREFIX}_tls_sessions",
             "TLS sessions set up, by direction (in: STARTTLS offered by us; out: our client).",
@@ -282,6 +296,9 @@ class PrometheusMetrics:
 
     def http_track_query(self, result: str) -> None:
         self._http.labels(bounded(result, QUERY_RESULTS)).inc()
+
+    def webhook_delivery(self, result: str) -> None:
+        self._webhooks.labels(bounded(result, WEBHOOK_RESULTS)).inc()
 
     def tls_session(self, direction: str) -> None:
         self._tls.labels(bounded(direction, TLS_DIRECTIONS)).inc()

@@ -462,6 +462,7 @@ class MTAService(Service):
                 owner=f"{config.node_id}/{os.getpid()}",
                 max_entries=config.tracking.webhook_outbox_limit,
                 policies=policies,
+                metrics=self.metrics,
             )
             self.webhooks.start()
         if self.worker is None:

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from mtrkmta import __version__
 from mtrkmta.config import Webhook
+from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.reportfields import safe_human
 from mtrkmta.tracking.interfaces import ITrackingStore, OutboxEntry
 
@@ -185,8 +186,10 @@ class WebhookSender:
         policies: Mapping[str, BrowserLikePolicyForHTTPS] | None = None,
         draw: Callable[[], float] = random.random,
         clock: IReactorTime | None = None,
+        metrics: IMetrics | None = None,
     ) -> None:
         self._reactor = reactor
+        self._metrics: IMetrics = NoMetrics() if metrics is None else metrics
         self._clock: IReactorTime = reactor if clock is None else clock
         self._store = store
         self._owner = owner
@@ -305,6 +308,7 @@ class WebhookSender:
             await self._failed(hook, entry, failure_reason(error))
             return
         await self._store.webhook_delivered(entry.id, self._owner)
+        self._metrics.webhook_delivery("delivered")
         log.info(
             "webhook {hook}: delivered event {event_id} ({queue_id}), HTTP {status}",
             hook=name,
@@ -348,6 +352,7 @@ class WebhookSender:
         )
         if now + delay >= entry.created + config.max_age:
             await self._store.webhook_delivered(entry.id, self._owner)
+            self._metrics.webhook_delivery("dropped")
             log.warn(
                 "webhook {hook}: dropped event {event_id} ({queue_id}) after {attempts} "
                 "attempt(s) over {max_age:g}s (max_age): {reason}",
@@ -360,6 +365,7 @@ class WebhookSender:
             )
             return
         await self._store.retry_webhook(entry.id, self._owner, now + delay)
+        self._metrics.webhook_delivery("retried")
         log.info(
             "webhook {hook}: event {event_id} ({queue_id}) not delivered: {reason}; "
             "attempt {attempts}, next in {delay:.0f}s",

@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mtrkmta.config import Webhook
 from mtrkmta.envelope import Envelope, Recipient
+from mtrkmta.metrics import WEBHOOK_RESULTS, PrometheusMetrics
 from mtrkmta.testing import database_url, node_config, start_node, stop_node
 from mtrkmta.tls import server_context
 from mtrkmta.tracking.memory import MemoryTrackingStore
@@ -193,8 +194,15 @@ async def test_events_arrive_signed_after_the_receiver_recovers(tmp_path, listen
         queue_id = await in_thread(send, node.port("smtp"))
         await queue_emptied(node)
         await receiver.delivered
+        counted = node.metrics.registry.get_sample_value
+        delivered = await until(
+            lambda: counted("mtrkmta_webhook_deliveries_total", {"result": "delivered"}) == 2,
+            "both deliveries counted",
+        )
+        retried = counted("mtrkmta_webhook_deliveries_total", {"result": "retried"})
     finally:
         await stop_node(node)
+    assert (delivered, retried) == (True, 3)
     assert [r.answered for r in receiver.requests[:3]] == [500, 302, 503]
     assert set(receiver.paths) == {b"/hook"}  # the redirect was not followed
     assert all(verified(r) for r in receiver.requests)
@@ -418,8 +426,9 @@ async def test_an_event_failing_past_max_age_is_dropped_with_a_log_line(
     clock.advance(1_700_000_000)
     store = MemoryTrackingStore(clock, webhooks=(hook,))
     await record_arrivals(store, "Q1")
+    metrics = PrometheusMetrics()
     sender = WebhookSender(reactor, store, (hook,), {"h": SECRET}, owner="t", max_entries=10,
-                           clock=clock, draw=lambda: 0.0)  # fmt: skip
+                           clock=clock, draw=lambda: 0.0, metrics=metrics)  # fmt: skip
     failed = logged.next("not delivered")
     sender.start()
     try:
@@ -434,6 +443,10 @@ async def test_an_event_failing_past_max_age_is_dropped_with_a_log_line(
         await sender.stop()
     assert len(receiver.requests) == 2
     assert await store.claim_webhooks("h", "t", 10, 10.0) == []
+    counted = metrics.registry.get_sample_value
+    assert [
+        counted("mtrkmta_webhook_deliveries_total", {"result": r}) for r in WEBHOOK_RESULTS
+    ] == [1.0 if r in ("retried", "dropped") else None for r in WEBHOOK_RESULTS]
 
 
 @pytest_twisted.ensureDeferred

@@ -186,6 +186,7 @@ def every_metric_once() -> PrometheusMetrics:
     metrics.mtqp_query("found")
     metrics.http_track_query("not_found")
     metrics.tls_session("in")
+    metrics.webhook_delivery("delivered")
     metrics.watch_workers(lambda: 1)
     return metrics
 
