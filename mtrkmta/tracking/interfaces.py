@@ -310,5 +310,9 @@ class ITrackingStore(Interface):
         """Lower the retention cap, for new and existing records (RFC 3885 §3.1, §4.1);
         fires with how many records got an earlier expiry."""
 
+    def ping() -> Deferred[None]:
+        """A cheap query that proves the database answers (``/readyz``): fires with None,
+        or fails with what the database (or StoreClosedError after ``close``) raised."""
+
     def close() -> Deferred[None]:
         """Finish pending work and release the database; later calls fail."""
