@@ -175,6 +175,7 @@ def test_setting_names_cover_every_section():
         "auth",
         "tracking",
         "mtqp",
+        "http",
         "queue",
         "delivery",
         "local",
@@ -182,7 +183,7 @@ def test_setting_names_cover_every_section():
         "pickup",
         "logging",
     }
-    assert len(names) == len(set(names)) == 67
+    assert len(names) == len(set(names)) == 75
 
 
 # ---------------------------------------------------------------------------
