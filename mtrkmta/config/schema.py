@@ -193,8 +193,7 @@ def _secret_file(value: object, ctx: _Context) -> Path | None:
         raise _Invalid(f"cannot use {path}: {exc.strerror or exc}") from None
     if mode & 0o077:
         raise _Invalid(
-            f"{path} is readable by group or others (mode {mode & 0o777:o}); "
-            f"run chmod 600 {path}"
+            f"{path} is readable by group or others (mode {mode & 0o777:o}); run chmod 600 {path}"
         )
     return path
 
