@@ -131,7 +131,7 @@ class _JSONMethods(Resource):
         try:
             return self.inner.render(request)
         except UnsupportedMethod as error:
-            allowed: list[bytes] = list(error.allowedMethods)
+            allowed: list[bytes] = sorted(error.allowedMethods)
             if request.method == b"HEAD" and b"GET" in allowed:
                 raise  # twisted.web answers HEAD with GET's headers
             request.setHeader(b"Allow", b", ".join(allowed))
@@ -319,7 +319,8 @@ class BoundedSite(Site):
         channel.peer = peer
         channel.maxHeaders = self.limits.max_headers
         channel.totalHeadersSize = self.limits.header_size
-        channel.MAX_LENGTH = self.limits.header_size
+        # A longer line is cut off without an answer; up to it, the 400 above says why.
+        channel.MAX_LENGTH = 2 * self.limits.header_size
         return channel
 
     def log(self, request: Any) -> None:
