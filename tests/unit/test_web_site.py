@@ -48,9 +48,7 @@ class Client:
 
     def __init__(self, site: Any, port: int = 40000) -> None:
         self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-        self.transport = StringTransport(
-            peerAddress=IPv4Address("TCP", "127.0.0.1", port)
-        )
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
         if self.channel is not None:
             self.channel.makeConnection(self.transport)
 
