@@ -15,6 +15,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
@@ -23,6 +24,7 @@ from mtrkmta.service import MTAService
 from mtrkmta.testing import node_config, start_node, stop_node
 
 TOKEN = "s3cret-admin-token-0123456789abcdef"
+WRONG = "s3cret-admin-token-0123456789abcdeX"
 TIMEOUT = 30.0
 
 
@@ -92,8 +94,16 @@ def http_node(tmp_path: Path, *options: tuple[str, object]) -> Any:
 
 @pytest_twisted.ensureDeferred
 async def test_healthz_and_readyz_of_a_running_node(tmp_path):
-    node = await start_node(http_node(tmp_path))
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
     try:
+        node = await start_node(http_node(tmp_path))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    try:
+        assert f"http listening on 127.0.0.1:{node.port('http')}" in [
+            formatEvent(e) for e in events
+        ]
         status, body, headers = await get(node, "/healthz")
         assert (status, body) == (200, {"status": "ok"})
         assert headers.getRawHeaders(b"content-type") == [b"application/json; charset=utf-8"]
@@ -154,8 +164,15 @@ async def test_admin_api_needs_the_token(tmp_path):
         status, body, headers = await get(node, "/api/v1/queue")
         assert status == 401 and body["error"]["code"] == "unauthorized"
         assert headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="mtrkmta"']
-        status, body, _ = await get(node, "/api/v1/queue", token=TOKEN[:-1] + "x")
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            status, body, _ = await get(node, f"/api/v1/queue?token={TOKEN}", token=WRONG)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
         assert status == 401 and body["error"]["code"] == "invalid_token"
+        assert "http 401 GET /api/v1/queue from 127.0.0.1" in [formatEvent(e) for e in events]
+        assert not [e for e in events if TOKEN in repr(e) or WRONG in repr(e)]
         status, body, _ = await get(node, "/api/v1/queue", token=TOKEN)
         assert (status, body) == (200, [])
         queue_id = await threads.deferToThread(send, node.port("smtp"))

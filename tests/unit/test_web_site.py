@@ -254,3 +254,20 @@ def test_the_log_names_refused_requests_without_query_header_or_body():
     assert "http 404 POST /nothing from 127.0.0.1" in lines
     assert not [line for line in lines if "/hello" in line]  # a success is not logged
     assert not [e for e in events if SECRET in repr(e)]
+
+
+def test_the_listener_is_on_loopback_by_default_and_serve_http_sets_it():
+    from mtrkmta.cli.options import ServeOptions
+    from mtrkmta.config import ConfigError
+
+    def config(*args: str) -> Any:
+        options = ServeOptions()
+        options.parseOptions(["--data-dir", "/nonexistent/data", *args])
+        return options.load_config(fqdn=lambda: "mx.example.test")
+
+    assert config().listeners.http == "tcp:8025:interface=127.0.0.1"
+    assert config("--http", "none").listeners.http is None
+    assert config("--http", "tcp:8080").listeners.http == "tcp:8080"
+    with pytest.raises(ConfigError) as caught:
+        config("--http", "tcp:2525:interface=127.0.0.1")
+    assert "same endpoint as listeners.smtp" in str(caught.value)
