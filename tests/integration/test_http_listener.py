@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import smtplib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from servprocess import ServeProcess
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -21,7 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 
 from mtrkmta.service import MTAService
-from mtrkmta.testing import node_config, start_node, stop_node
+from mtrkmta.testing import database_url, node_config, start_node, stop_node
 
 TOKEN = "s3cret-admin-token-0123456789abcdef"
 WRONG = "s3cret-admin-token-0123456789abcdeX"
@@ -226,3 +228,25 @@ async def test_a_request_that_never_ends_is_closed_after_request_time(tmp_path):
         assert reactor.seconds() - start < TIMEOUT
     finally:
         await stop_node(node)
+
+
+def test_with_worker_processes_the_master_alone_serves_http(tmp_path):
+    data = tmp_path / "data"
+    server = ServeProcess(
+        [
+            "--data-dir", str(data), "--database", database_url(data),
+            "--smtp", "tcp:0:interface=127.0.0.1", "--lmtp", "none", "--mtqp", "none",
+            "--http", "tcp:0:interface=127.0.0.1", "--hostname", "mx.example.test",
+            "--workers", "2",
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        port = int(server.wait_for(r"\] http listening on 127\.0\.0\.1:(\d+)").group(1))
+        server.wait_for("worker 1: smtp accepting on")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=TIMEOUT) as r:
+            assert (r.status, json.loads(r.read())["status"]) == (200, "ready")
+        http_lines = [line for line in server.seen if "http" in line]
+        assert len(http_lines) == 1 and "[worker" not in http_lines[0]
+    finally:
+        server.stop()
