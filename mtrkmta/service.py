@@ -911,7 +911,6 @@ class MTAService(Service):
                 raise StartError(str(error)) from None
         limits = HttpLimits.from_config(self.config.http)
         site = build_site(self.http_children(token), limits, self.reactor)
-        assert isinstance(site, BoundedSite)
         try:
             self.ports["http"] = await serverFromString(self.reactor, description).listen(site)
         except CannotListenError as error:

@@ -344,7 +344,9 @@ def _peer(address: object) -> str:
     return host if isinstance(host, str) else str(address)
 
 
-def build_site(children: Mapping[bytes, IResource], limits: HttpLimits, reactor: Any) -> Site:
+def build_site(
+    children: Mapping[bytes, IResource], limits: HttpLimits, reactor: Any
+) -> BoundedSite:
     """The HTTP service: ``children`` mounted under the root (``{b"healthz": ...,
     b"api/v1/queue": ...}``, see :class:`Root`); every other path answers 404 in JSON."""
     return BoundedSite(Root(children), limits, reactor)
