@@ -110,6 +110,16 @@ def test_a_store_that_does_not_answer_fails_readyz_after_the_timeout():
     assert json.loads(body)["checks"]["store"]["problem"].startswith("TimeoutError")
 
 
+def test_head_readyz_has_the_status_and_length_of_get_without_the_body():
+    node = Node()
+    node.spool.unwritable = "gone"
+    _, _, get_body = split(Client(node.site).send(b"GET /readyz HTTP/1.1\r\n\r\n"))
+    response = Client(node.site).send(b"HEAD /readyz HTTP/1.1\r\n\r\n")
+    status, headers, body = split(response)
+    assert (status, body) == (503, b"")
+    assert headers[b"content-length"] == b"%d" % len(get_body)
+
+
 def test_a_change_of_readiness_is_logged_once():
     node = Node()
     events: list[dict[str, Any]] = []

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 
 from mtrkmta.web.site import BoundedChannel, HttpLimits, build_site
@@ -121,8 +121,20 @@ def test_a_method_the_resource_lacks_is_405_with_allow():
 
 def test_head_is_answered_like_get_without_the_body():
     site, _ = make_site()
-    status, headers, body = split(Client(site).send(b"HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\n"))
-    assert (status, headers[b"content-length"], body) == (200, b"5", b"")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = Client(site)
+        response = client.send(b"HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = split(response)
+        assert (status, headers[b"content-length"], body) == (200, b"5", b"")
+        client.transport.clear()
+        status, headers, body = split(client.send(b"HEAD /nothing HTTP/1.1\r\nHost: x\r\n\r\n"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert (status, body) == (404, b"")
+    assert int(headers[b"content-length"]) > 0  # the JSON error's length
+    assert [formatEvent(e) for e in events] == ["http 404 HEAD /nothing from 127.0.0.1"]
 
 
 def test_a_failing_resource_is_500_in_json_without_a_traceback():
@@ -248,8 +260,6 @@ def test_the_log_names_refused_requests_without_query_header_or_body():
         )
     finally:
         globalLogPublisher.removeObserver(events.append)
-    from twisted.logger import formatEvent
-
     lines = [formatEvent(e) for e in events]
     assert "http 404 POST /nothing from 127.0.0.1" in lines
     assert not [line for line in lines if "/hello" in line]  # a success is not logged
