@@ -85,6 +85,28 @@ class Ready(Resource):
         ensureDeferred(self.check()).addCallback(answer)
         return NOT_DONE_YET
 
+    def _within(self, work: Deferred[None]) -> Deferred[None]:
+        """``work``'s outcome, or a TimeoutError after ``timeout`` seconds. ``work`` itself
+        is left to finish (a store or spool closing waits for what runs in its threads)."""
+        result: Deferred[None] = Deferred()
+
+        def too_late() -> None:
+            result.errback(TimeoutError(f"no answer in {self.timeout:g}s"))
+
+        timer = self.clock.callLater(self.timeout, too_late)
+
+        def finished(outcome: object) -> None:
+            if result.called:
+                return  # timed out already; a late failure is dropped with it
+            timer.cancel()
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(None)
+
+        work.addBoth(finished)
+        return result
+
     async def check(self) -> dict[str, Any]:
         """The readiness answer: ``{"status": "ready" | "not ready", "failed": [...],
         "checks": {name: {"ok": bool, "problem": str (when not ok)}}}``."""
@@ -96,11 +118,9 @@ class Ready(Resource):
             else {"ok": False, "problem": "not bound: " + ", ".join(unbound)}
         )
         probes: list[tuple[str, Deferred[None]]] = [
-            ("store", self.store.ping()),
-            ("spool", self.spool.probe()),
+            ("store", self._within(self.store.ping())),
+            ("spool", self._within(self.spool.probe())),
         ]
-        for _, probe in probes:
-            probe.addTimeout(self.timeout, self.clock)
         results = await DeferredList([d for _, d in probes], consumeErrors=True)
         for (name, _), (ok, result) in zip(probes, results, strict=True):
             if ok or not isinstance(result, Failure):
