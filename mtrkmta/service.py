@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.names import client
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import IResource
 
 from mtrkmta.auth import PasswordFileChecker, PasswordFileError, parse_users
 from mtrkmta.authlimits import AuthGuard, AuthLimits
@@ -70,6 +71,10 @@ from mtrkmta.tracking.authfailures import SQLAuthFailures
 from mtrkmta.tracking.damage import as_damage, check_database
 from mtrkmta.tracking.migrate import upgrade
 from mtrkmta.tracking.store import TRANSIENT_ERRORS, SQLTrackingStore
+from mtrkmta.web.admin import MOUNT as ADMIN_MOUNT
+from mtrkmta.web.admin import TokenFileError, admin_api, read_token
+from mtrkmta.web.health import Health, Ready
+from mtrkmta.web.site import BoundedSite, HttpLimits, build_site
 from mtrkmta.webhooks import WebhookSender, hook_files
 from mtrkmta.workers import (
     ConfigOrigin,
@@ -322,6 +327,7 @@ class MTAService(Service):
         if worker is None:
             self.metrics.watch_workers(self._processes_up)
         self.webhooks: WebhookSender | None = None  # with [webhooks.NAME], the master's only
+        self.http: BoundedSite | None = None  # the HTTP service (mtrkmta.web; the master's only)
 
     # -- start ---------------------------------------------------------------------
 
@@ -866,6 +872,7 @@ class MTAService(Service):
                 address=listening_address(self.ports[name].getHost()),
             )
         await self._listen_mtqp()
+        await self._listen_http()
         await self._start_workers()
 
     # -- worker processes (mtrkmta.workers) ------------------------------------------------
@@ -931,6 +938,51 @@ class MTAService(Service):
 
     # -- end of the MTQP listener -------------------------------------------------------------
 
+    # -- HTTP service (mtrkmta.web): the master's only, opens after MTQP ----------------------
+
+    def http_children(self, admin_token: bytes | None) -> dict[bytes, IResource]:
+        """What the HTTP service serves, by path; each part mounts itself here in one line."""
+        assert self.tracking is not None and self.spool is not None
+        children: dict[bytes, IResource] = {
+            b"healthz": Health(),
+            b"readyz": Ready(
+                unbound=self._unbound, store=self.tracking, spool=self.spool, clock=self.reactor
+            ),
+        }
+        if admin_token is not None:  # no token configured: the admin API does not exist
+            children[ADMIN_MOUNT] = admin_api(admin_token, lambda: self.queue)
+        return children
+
+    def _unbound(self) -> list[str]:
+        """The configured listeners that are not bound (now, or any more)."""
+        listeners = self.config.listeners
+        return [
+            key.name
+            for key in fields(listeners)
+            if getattr(listeners, key.name) is not None and key.name not in self.ports
+        ]
+
+    async def _listen_http(self) -> None:
+        description = self.config.listeners.http
+        if description is None:
+            return
+        token = None
+        if self.config.http.admin_token_file is not None:
+            try:
+                token = await self._blocking(read_token, self.config.http.admin_token_file)
+            except TokenFileError as error:
+                raise StartError(str(error)) from None
+        limits = HttpLimits.from_config(self.config.http)
+        site = build_site(self.http_children(token), limits, self.reactor)
+        try:
+            self.ports["http"] = await serverFromString(self.reactor, description).listen(site)
+        except CannotListenError as error:
+            raise listen_error("http", description, error) from error
+        self.http = site
+        log.info(
+            "http listening on {address}", address=listening_address(self.ports["http"].getHost())
+        )
+
     def port(self, name: str) -> int:
         """The TCP port a listener is bound to (useful with port 0 in tests)."""
         address = self.ports[name].getHost()
@@ -965,6 +1017,9 @@ class MTAService(Service):
         if self.mtqp is not None:  # MTQP sessions close with the mail listeners' ones
             mtqp, self.mtqp = self.mtqp, None
             await mtqp.shutdown()
+        if self.http is not None:  # and the HTTP connections
+            site, self.http = self.http, None
+            await site.connections.drain()
         if self._control is not None:
             stopped = self._control.stopListening()
             if stopped is not None:

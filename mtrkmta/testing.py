@@ -90,7 +90,7 @@ def node_config(
     ]
     if os.environ.get(DATABASE_SERVER_ENV) and all(k != "server.database" for k, _ in options):
         overrides.append(Override("test", "server.database", database_url(data_dir)))
-    for name in ("smtp", "submission", "lmtp", "mtqp"):
+    for name in ("smtp", "submission", "lmtp", "mtqp", "http"):
         value = LOOPBACK_ANY_PORT if name in listeners else "none"
         overrides.append(Override("test", f"listeners.{name}", value))
     overrides += [Override("test", key, value) for key, value in options]

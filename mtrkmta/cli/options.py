@@ -44,6 +44,12 @@ _SIMPLE_OVERRIDES = (
         "Server endpoint for MTQP, or 'none' [default: tcp:1038:interface=127.0.0.1].",
     ),
     (
+        "http",
+        "listeners.http",
+        "Server endpoint for HTTP (health, admin), or 'none' "
+        "[default: tcp:8025:interface=127.0.0.1].",
+    ),
+    (
         "database",
         "server.database",
         "SQLAlchemy URL of the tracking store [default: sqlite:///<data dir>/tracking.sqlite].",

@@ -230,7 +230,7 @@ def _cross_check(values: Mapping[str, _Value]) -> None:
         return values[key].error(key, problem)
 
     seen: dict[str, str] = {}
-    for name in ("smtp", "submission", "lmtp", "mtqp"):
+    for name in ("smtp", "submission", "lmtp", "mtqp", "http"):
         endpoint = values[f"listeners.{name}"].value
         if endpoint is None:
             continue

@@ -54,6 +54,7 @@ class Listeners:
     submission: str | None = field(default=None, metadata=_key(_listener))
     lmtp: str | None = field(default="tcp:2424:interface=127.0.0.1", metadata=_key(_listener))
     mtqp: str | None = field(default="tcp:1038:interface=127.0.0.1", metadata=_key(_listener))
+    http: str | None = field(default="tcp:8025:interface=127.0.0.1", metadata=_key(_listener))
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,35 @@ class Mtqp:
     failure_rate: int = field(default=10, metadata=_key(_integer(0)))
 
 
+def _secret_file(value: object, ctx: _Context) -> Path | None:
+    """An existing file that only its owner may read (a secret), or ``""``/false for none."""
+    path = _optional_file(value, ctx)
+    if path is None:
+        return None
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise _Invalid(f"cannot use {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise _Invalid(
+            f"{path} is readable by group or others (mode {mode & 0o777:o}); run chmod 600 {path}"
+        )
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class Http:
+    """The HTTP service on ``listeners.http``: the bounds every request meets, the admin API."""
+
+    max_body: int = field(default=64 * KiB, metadata=_key(_size(1 * KiB)))
+    max_headers: int = field(default=100, metadata=_key(_integer(10)))
+    header_size: int = field(default=16 * KiB, metadata=_key(_size(1 * KiB)))
+    idle_timeout: float = field(default=60.0, metadata=_key(_duration()))
+    request_time: float = field(default=30.0, metadata=_key(_duration()))
+    max_connections: int = field(default=100, metadata=_key(_integer(1)))
+    admin_token_file: Path | None = field(default=None, metadata=_key(_secret_file))
+
+
 @dataclass(frozen=True, slots=True)
 class Queue:
     """Retry schedule of the outgoing queue."""
@@ -263,6 +293,7 @@ class Config:
     auth: Auth = field(default_factory=Auth, metadata=_section("auth"))
     tracking: Tracking = field(default_factory=Tracking, metadata=_section("tracking"))
     mtqp: Mtqp = field(default_factory=Mtqp, metadata=_section("mtqp"))  # [mtqp] section
+    http: Http = field(default_factory=Http, metadata=_section("http"))  # [http] section
     queue: Queue = field(default_factory=Queue, metadata=_section("queue"))
     delivery: Delivery = field(default_factory=Delivery, metadata=_section("delivery"))
     local: Local = field(default_factory=Local, metadata=_section("local"))

@@ -84,6 +84,29 @@ def quarantine_record(entry: QuarantinedFile, message: StoredMessage | None) -> 
     }
 
 
+async def queue_list(queue: QueueService) -> list[dict[str, Any]]:
+    """``queue list``: the node's queued messages, then its quarantined ones (also the
+    HTTP admin API's ``/api/v1/queue``)."""
+    listing = await queue.tracking.queue_listing(queue.node_id)
+    quarantined = await queue.quarantined()
+    return [message_record(m) for m in listing] + [
+        quarantine_record(entry, m) for entry, m in quarantined
+    ]
+
+
+async def queue_show(queue: QueueService, queue_id: str) -> dict[str, Any]:
+    """``queue show``: one message of the node's queue or quarantine with its events;
+    ControlError when there is none (also ``/api/v1/queue/<queue id>``)."""
+    events = [event_record(e) for e in await queue.tracking.events(queue_id)]
+    for entry, record in await queue.quarantined():
+        if entry.queue_id == queue_id:
+            return {**quarantine_record(entry, record), "events": events}
+    message = await queue.tracking.message(queue_id)
+    if message is None or message.node_id != queue.node_id:
+        raise ControlError(f"no message {queue_id} in this node's queue")
+    return {**message_record(message), "events": events}
+
+
 class ControlProtocol(LineOnlyReceiver):
     """One admin connection: one JSON request per line, one JSON answer per line."""
 
@@ -137,11 +160,7 @@ class ControlProtocol(LineOnlyReceiver):
             raise ControlError(f"{command} needs a queue id")
         queue = self.queue
         if command == "list":
-            listing = await queue.tracking.queue_listing(queue.node_id)
-            quarantined = await queue.quarantined()
-            return [message_record(m) for m in listing] + [
-                quarantine_record(entry, m) for entry, m in quarantined
-            ]
+            return await queue_list(queue)
         if command == "flush":
             return await queue.flush(queue_id if isinstance(queue_id, str) else None)
         if command == "set-max-retention":
@@ -159,14 +178,7 @@ class ControlProtocol(LineOnlyReceiver):
             return changed
         assert isinstance(queue_id, str)  # every command left is in COMMANDS_WITH_ID
         if command == "show":
-            events = [event_record(e) for e in await queue.tracking.events(queue_id)]
-            for entry, record in await queue.quarantined():
-                if entry.queue_id == queue_id:
-                    return {**quarantine_record(entry, record), "events": events}
-            message = await queue.tracking.message(queue_id)
-            if message is None or message.node_id != queue.node_id:
-                raise ControlError(f"no message {queue_id} in this node's queue")
-            return {**message_record(message), "events": events}
+            return await queue_show(queue, queue_id)
         action = {
             "hold": queue.hold,
             "release": queue.release,

@@ -454,6 +454,10 @@ class FileSpool:
         """Bytes available to unprivileged users on the spool's filesystem."""
         return self._run(self._free_space)
 
+    def probe(self) -> Deferred[None]:
+        """Create, fsync and remove a file in incoming/, in the thread pool (``/readyz``)."""
+        return self._run(self._probe)
+
     def close(self) -> Deferred[None]:
         """Refuse new work; fire once all batches and reads in flight have finished."""
         self._closed = True
@@ -841,3 +845,14 @@ class FileSpool:
     def _free_space(self) -> int:
         st = os.statvfs(self._root)
         return st.f_bavail * st.f_frsize
+
+    def _probe(self) -> None:
+        # incoming/ is where every message starts; recover() removes a probe a crash left.
+        path = self._incoming / f"probe-{os.getpid()}-{os.urandom(6).hex()}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(path)

@@ -110,5 +110,9 @@ class ISpool(Interface):
     def free_space() -> Deferred[int]:
         """Bytes available to this process on the spool's filesystem."""
 
+    def probe() -> Deferred[None]:
+        """Prove that a new message could be stored now (``/readyz``): fire with None, or
+        fail with SpoolError or OSError naming what stops it (read-only, gone, closed)."""
+
     def close() -> Deferred[None]:
         """Refuse new work and fire once every operation in flight has finished."""

@@ -63,6 +63,7 @@ class MemorySpool:
 
     def __init__(self, *, free: int = 1 << 40) -> None:
         self.free = free
+        self.unwritable: str | None = None  # set: ``probe`` fails with this problem
         self._queue: dict[str, tuple[Envelope, bytes]] = {}
         self._quarantine: dict[str, tuple[Envelope, bytes]] = {}
         self._damaged: dict[str, str] = {}
@@ -148,6 +149,9 @@ class MemorySpool:
     def free_space(self) -> Deferred[int]:
         return succeed(self.free)
 
+    def probe(self) -> Deferred[None]:
+        return self._answer(self._probe)
+
     def close(self) -> Deferred[None]:
         self._closed = True
         return succeed(None)
@@ -172,6 +176,12 @@ class MemorySpool:
         if queue_id in self._damaged:
             raise interfaces.SpoolCorruption(f"{queue_id}: {self._damaged[queue_id]}")
         return where[queue_id]
+
+    def _probe(self) -> None:
+        if self._closed:
+            raise interfaces.SpoolError("spool is closed")
+        if self.unwritable is not None:
+            raise interfaces.SpoolError(self.unwritable)
 
     def _usable(self, queue_id: str) -> str:
         if self._closed:

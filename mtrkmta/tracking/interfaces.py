@@ -354,5 +354,9 @@ class ITrackingStore(Interface):
         """Drop the entries of hooks not in ``cutoffs``, those created before their hook's
         cutoff, then the oldest beyond ``max_entries``; fires with how many went."""
 
+    def ping() -> Deferred[None]:
+        """A cheap query that proves the database answers (``/readyz``): fires with None,
+        or fails with what the database (or StoreClosedError after ``close``) raised."""
+
     def close() -> Deferred[None]:
         """Finish pending work and release the database; later calls fail."""

@@ -282,6 +282,9 @@ class MemoryTrackingStore:
 
         return self._answer(apply)
 
+    def ping(self) -> Deferred[None]:
+        return self._answer(lambda: None)
+
     def close(self) -> Deferred[None]:
         self._closed = True
         return succeed(None)

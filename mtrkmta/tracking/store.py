@@ -851,6 +851,14 @@ class SQLTrackingStore:
 
         return self._write(apply)
 
+    def ping(self) -> Deferred[None]:
+        """``SELECT 1`` through the thread pool, as every read goes."""
+
+        def query(conn: Connection) -> None:
+            conn.execute(text("SELECT 1"))
+
+        return self._read(query)
+
     def close(self) -> Deferred[None]:
         """Finish pending reads and writes, then release the engine if the store made it."""
         if self._close_finished:

@@ -25,7 +25,8 @@ class ServeProcess:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mtrkmta.cli.main", "serve", *args],
+            # No HTTP listener unless asked for (--http in ARGS wins): one port less to share.
+            [sys.executable, "-m", "mtrkmta.cli.main", "serve", "--http", "none", *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

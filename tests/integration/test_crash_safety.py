@@ -106,6 +106,8 @@ class ServerProcess:
             "none",
             "--mtqp",
             "none",
+            "--http",
+            "none",
             "--hostname",
             HOSTNAME,
             "--route",

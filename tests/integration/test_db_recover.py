@@ -95,6 +95,8 @@ def serve(data_dir: Path) -> subprocess.CompletedProcess[str]:
             "none",
             "--mtqp",
             "none",
+            "--http",
+            "none",
             "--hostname",
             HOSTNAME,
         ],

@@ -299,6 +299,7 @@ smtp = "tcp:{port}:interface=127.0.0.1"
 submission = "none"
 lmtp = "none"
 mtqp = "none"
+http = "none"
 
 [domains]
 local = ["{LOCAL}"]

@@ -285,7 +285,8 @@ class Serve:
     def __init__(self, tmp_path: Path, *args: str) -> None:
         command = [sys.executable, "-m", "mtrkmta.cli.main", "serve"]
         command += ["--data-dir", str(tmp_path / "data"), "--smtp", "tcp:0:interface=127.0.0.1"]
-        command += ["--lmtp", "none", "--mtqp", "none", "--hostname", "mx.example.test", *args]
+        command += ["--lmtp", "none", "--mtqp", "none", "--http", "none"]
+        command += ["--hostname", "mx.example.test", *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": IMPORT_ROOT}
         self.proc = subprocess.Popen(
             command,

@@ -33,6 +33,7 @@ class Subject:
     damage: Callable[[str], None]  # make a stored message unreadable
     repair: Callable[[str, bytes], None]  # put the whole message back (file: these bytes)
     raw: Callable[[str], bytes]  # the stored form of a message, for repair
+    block: Callable[[], None]  # make storing any new message impossible
 
 
 def envelope(queue_id: str) -> Envelope:
@@ -48,6 +49,7 @@ async def subject(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             damage=memory.damage,
             repair=lambda queue_id, _: memory.repair(queue_id),
             raw=lambda _: b"",
+            block=lambda: setattr(memory, "unwritable", "incoming: not a directory"),
         )
         await memory.close()
         return
@@ -64,12 +66,18 @@ async def subject(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         path = where(queue_id)
         path.write_bytes(bytes(path.stat().st_size))
 
+    def block() -> None:  # as root too, where a mode would not stop a write
+        incoming = tmp_path / "spool" / "incoming"
+        incoming.rmdir()
+        incoming.write_bytes(b"")
+
     try:
         yield Subject(
             spool,
             damage=damage,
             repair=lambda queue_id, data: where(queue_id).write_bytes(data),
             raw=lambda queue_id: where(queue_id).read_bytes(),
+            block=block,
         )
         await spool.close()
     finally:
@@ -166,3 +174,17 @@ async def test_a_closed_spool_refuses_work(subject):
         await spool.store(envelope("c0008"), CONTENT)
     with pytest.raises(SpoolError):
         await spool.remove(["c0008"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_probe_leaves_nothing_and_fails_when_nothing_could_be_stored(subject):
+    spool = subject.spool
+    assert await spool.probe() is None
+    assert await spool.queue_ids() == []
+    assert await spool.recover() == 0  # the probe file is gone again
+    subject.block()
+    with pytest.raises((SpoolError, OSError)):
+        await spool.probe()
+    await spool.close()
+    with pytest.raises(SpoolError):
+        await spool.probe()

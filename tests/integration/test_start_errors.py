@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mtrkmtaprocess import run_mtrkmta
 
-QUIET = ["--smtp", "none", "--lmtp", "none", "--mtqp", "none"]
+QUIET = ["--smtp", "none", "--lmtp", "none", "--mtqp", "none", "--http", "none"]
 
 
 def serve(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -209,6 +209,15 @@ async def test_forget_and_close(subject):
         await store.message("f1")
 
 
+@pytest_twisted.ensureDeferred
+async def test_ping_answers_while_open_and_fails_once_closed(subject):
+    store = subject.store
+    assert await store.ping() is None
+    await store.close()
+    with pytest.raises(StoreClosedError):
+        await store.ping()
+
+
 # -- events ----------------------------------------------------------------------------
 
 

@@ -60,6 +60,7 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path
         "serve", "--data-dir", str(data), "--database", database_url(data),
         "--smtp", "tcp:0:interface=127.0.0.1",
         "--lmtp", "none", "--mtqp", "none", "--hostname", HOSTNAME,
+        "--http", "none",
         "--local-domain", "example.test", "--workers", "2",
     )  # fmt: skip
     with open(log, "wb") as out:

@@ -175,6 +175,7 @@ def test_setting_names_cover_every_section():
         "auth",
         "tracking",
         "mtqp",
+        "http",
         "queue",
         "delivery",
         "local",
@@ -183,7 +184,7 @@ def test_setting_names_cover_every_section():
         "logging",
         "webhooks",
     }
-    assert len(names) == len(set(names)) == 69
+    assert len(names) == len(set(names)) == 77
 
 
 # ---------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def test_serve_options_are_known():
         "database",
         "debug",
         "hostname",
+        "http",
         "lmtp",
         "local-domain",
         "log-format",
