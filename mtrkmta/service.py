@@ -6,7 +6,7 @@ import errno
 import os
 import pwd
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,9 @@ from mtrkmta.tracking.store import TRANSIENT_ERRORS, SQLTrackingStore
 from mtrkmta.web.admin import MOUNT as ADMIN_MOUNT
 from mtrkmta.web.admin import TokenFileError, admin_api, read_token
 from mtrkmta.web.health import Health, Ready
+from mtrkmta.web.metrics import metrics_resource
 from mtrkmta.web.site import BoundedSite, HttpLimits, build_site
+from mtrkmta.web.track import Tracker, TrackLimits, client_factory, track_resources
 from mtrkmta.webhooks import WebhookSender, hook_files
 from mtrkmta.workers import (
     ConfigOrigin,
@@ -265,6 +267,7 @@ class MTAService(Service):
         faults: IFaults = NoFaults(),
         debug: bool = True,
         notifier: IServiceNotifier | None = None,
+        tracker_factory: Callable[[], Tracker] | None = None,
     ) -> None:
         """``resolver`` answers MX lookups (default: the system's, from /etc/resolv.conf);
         ``deliver=False`` runs the receive path only (accepted mail stays queued), for
@@ -274,8 +277,12 @@ class MTAService(Service):
         of the accept and delivery paths (:mod:`mtrkmta.faults`; for tests only). With
         ``debug`` false, a failed start logs no traceback (``mtrkmta serve --debug``).
         ``notifier`` tells the service manager (systemd) when the node is ready, reloads and
-        stops, and keeps its watchdog fed (:mod:`mtrkmta.notify`)."""
+        stops, and keeps its watchdog fed (:mod:`mtrkmta.notify`). ``tracker_factory`` makes
+        the MTQP clients of the tracking page (default: TrackingClient on ``resolver``, as
+        `mtrkmta track` has them; tests of nodes sharing one address redirect its
+        connections)."""
         self.faults = faults
+        self._tracker_factory = tracker_factory
         self.notifier = notifier
         self._reloads: Deferred[None] = succeed(None)  # one reload at a time
         self._watchdog: LoopingCall | None = None
@@ -403,6 +410,8 @@ class MTAService(Service):
             resolver = self._system_resolver = client.Resolver(
                 resolv="/etc/resolv.conf", reactor=self.reactor
             )
+        if self._tracker_factory is None:
+            self._tracker_factory = client_factory(self.reactor, resolver)
         # One router for the queue and for RCPT (what it already knows fails is refused).
         self.router = Router.from_config(config, resolver, clock=self.reactor)
         # Every message enters through one acceptor: the listeners' (via the
@@ -951,6 +960,10 @@ class MTAService(Service):
         }
         if admin_token is not None:  # no token configured: the admin API does not exist
             children[ADMIN_MOUNT] = admin_api(admin_token, lambda: self.queue)
+        children[b"metrics"] = metrics_resource(self.exposition)
+        assert self._tracker_factory is not None
+        limits = TrackLimits.from_config(self.config)
+        children.update(track_resources(self._tracker_factory, limits, self.reactor, self.metrics))
         return children
 
     def _unbound(self) -> list[str]:

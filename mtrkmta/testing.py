@@ -99,18 +99,26 @@ def node_config(
 
 
 async def start_node(
-    config: Config, reactor: Any = None, *, resolver: Any = None, deliver: bool = True
+    config: Config,
+    reactor: Any = None,
+    *,
+    resolver: Any = None,
+    deliver: bool = True,
+    tracker_factory: Any = None,
 ) -> MTAService:
     """Start a node and wait until its listeners are open.
 
     ``resolver`` answers the node's MX lookups (tests pass one pointed at a DNS
-    server on loopback); ``deliver=False`` leaves accepted mail in the queue.
+    server on loopback); ``deliver=False`` leaves accepted mail in the queue;
+    ``tracker_factory`` makes the tracking page's MTQP clients (MTAService).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    service = MTAService(config, reactor, resolver=resolver, deliver=deliver)
+    service = MTAService(
+        config, reactor, resolver=resolver, deliver=deliver, tracker_factory=tracker_factory
+    )
     service.startService()
     await service.ready
     return service

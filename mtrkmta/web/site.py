@@ -22,7 +22,8 @@ log = Logger()
 
 # On every response; a resource may replace one (a page that may be cached, say).
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"Content-Security-Policy", b"default-src 'self'"),
+    # Only this site's own files; no framing; forms post back here (the tracking page).
+    (b"Content-Security-Policy", b"default-src 'self'; frame-ancestors 'none'; form-action 'self'"),
     (b"X-Content-Type-Options", b"nosniff"),
     (b"Referrer-Policy", b"no-referrer"),
     (b"X-Frame-Options", b"DENY"),

@@ -19,6 +19,7 @@ from twisted.web import pages
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.mtqp.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_HOPS,
@@ -32,6 +33,7 @@ from mtrkmta.mtqp.protocol import DEFAULT_PORT
 from mtrkmta.mtqp.server import RATE_WINDOW, RateLimiter
 from mtrkmta.mtqp.timeline import trace_json
 from mtrkmta.mtqp.uri import MtqpUri, UriError, parse_uri
+from mtrkmta.web.site import SECURITY_HEADERS
 
 if TYPE_CHECKING:
     from mtrkmta.config import Config
@@ -43,25 +45,21 @@ DEFAULT_DEADLINE = 300.0
 MAX_BODY = 8192
 """The largest request body read (octets): a URI, or envid, secret and server, fit easily."""
 SECRET_MASK = "[secret]"
+QUERY_RESULT = {"trace": "found", "not_found": "not_found", "rate_limited": "rate_limited"}
+"""The metrics' result of an answer (mtrkmta.metrics.QUERY_RESULTS), by its code; any other
+(the next hops failed or took too long) is ``unavailable``."""
 
 #: Every error code of the API and the page, with its HTTP status.
 ERRORS: dict[str, int] = {
-    "bad-request": 400,
-    "not-found": 404,
-    "body-too-large": 413,
-    "unsupported-media-type": 415,
-    "invalid-query": 422,
-    "rate-limited": 429,
-    "upstream-error": 502,
+    "bad_request": 400,
+    "not_found": 404,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_query": 422,
+    "rate_limited": 429,
+    "upstream_error": 502,
     "timeout": 504,
 }
-
-SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'; form-action 'self'"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cache-control", b"no-store"),
-)
 
 
 # -- the query (sans-IO) ------------------------------------------------------------------------
@@ -97,7 +95,7 @@ class TrackQuery:
 def _text(fields: Mapping[str, object], name: str) -> str:
     value = fields.get(name, "")
     if not isinstance(value, str):
-        raise QueryError("invalid-query", f"{name} must be a string")
+        raise QueryError("invalid_query", f"{name} must be a string")
     return value.strip()
 
 
@@ -133,23 +131,23 @@ def parse_query(fields: Mapping[str, object]) -> TrackQuery:
     envid, secret, server = (_text(fields, name) for name in ("envid", "secret", "server"))
     if uri_text:
         if envid or secret or server:
-            raise QueryError("invalid-query", "give either uri, or envid, secret and server")
+            raise QueryError("invalid_query", "give either uri, or envid, secret and server")
         try:
             uri = parse_uri(uri_text)
         except UriError as error:
-            raise QueryError("invalid-query", f"not an mtqp URI: {error}") from None
+            raise QueryError("invalid_query", f"not an mtqp URI: {error}") from None
         port = None if uri.port == DEFAULT_PORT else uri.port
         return TrackQuery(uri.host, port, uri.track().envid, uri.secret)
     given = {"envid": envid, "secret": secret, "server": server}
     missing = [name for name, value in given.items() if not value]
     if missing:
         message = f"give a uri, or envid, secret and server ({missing[0]} is missing)"
-        raise QueryError("invalid-query", message)
+        raise QueryError("invalid_query", message)
     try:
         host, port = split_server(server)
         uri = MtqpUri(host=host, envid=envid, secret=secret, port=port or DEFAULT_PORT)
     except UriError as error:
-        raise QueryError("invalid-query", str(error)) from None
+        raise QueryError("invalid_query", str(error)) from None
     return TrackQuery(uri.host, port, uri.track().envid, uri.secret)
 
 
@@ -159,7 +157,7 @@ def form_fields(body: bytes) -> dict[str, str]:
         text = body.decode("utf-8")
         pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=8)
     except (UnicodeDecodeError, ValueError):
-        raise QueryError("bad-request", "the form is not URL-encoded UTF-8 text") from None
+        raise QueryError("bad_request", "the form is not URL-encoded UTF-8 text") from None
     return dict(pairs)
 
 
@@ -168,12 +166,12 @@ def json_fields(body: bytes) -> dict[str, object]:
     try:
         value = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise QueryError("bad-request", "the body is not JSON") from None
+        raise QueryError("bad_request", "the body is not JSON") from None
     if not isinstance(value, dict):
-        raise QueryError("bad-request", "the body is not a JSON object")
+        raise QueryError("bad_request", "the body is not a JSON object")
     unknown = sorted(set(value) - {"uri", "envid", "secret", "server"})
     if unknown:
-        raise QueryError("bad-request", f"unknown member {unknown[0][:40]!r}")
+        raise QueryError("bad_request", f"unknown member {unknown[0][:40]!r}")
     return value
 
 
@@ -216,11 +214,11 @@ def trace_answer(trace: Trace, query: TrackQuery) -> Answer:
     if first is not None and first.refused and first.response is not None:
         if "noinfo" in (code.lower() for code in first.response.codes):
             message = f"{first.host} has no tracking information for this envelope id and secret"
-            return error_answer("not-found", scrub(message, query.secret))
+            return error_answer("not_found", scrub(message, query.secret))
     reason = "no answer" if first is None else (first.error or "no answer")
     host = query.host if first is None else first.host
     message = f"the tracking server of {host} could not be asked: {reason}"
-    return error_answer("upstream-error", scrub(message, query.secret))
+    return error_answer("upstream_error", scrub(message, query.secret))
 
 
 # -- following (the node asks) ------------------------------------------------------------------
@@ -263,7 +261,7 @@ def client_factory(
 
 @dataclass(frozen=True, slots=True)
 class TrackLimits:
-    """Per client address and minute, queries and queries answered ``not-found``
+    """Per client address and minute, queries and queries answered ``not_found``
     (``mtqp.track_rate``, ``mtqp.failure_rate``: the MTQP listener's limits; 0 is
     no limit); ``deadline`` bounds one query's following (504 after)."""
 
@@ -278,12 +276,17 @@ class TrackLimits:
 
 class TrackService:
     """Answers queries for one node: rate limits per client address, as MTQP's TRACK
-    counts them (RFC 3887 §11: guessing secrets is rate-limited), then follows."""
+    counts them (RFC 3887 §11: guessing secrets is rate_limited), then follows."""
 
     def __init__(
-        self, tracker_factory: Callable[[], Tracker], limits: TrackLimits, clock: IReactorTime
+        self,
+        tracker_factory: Callable[[], Tracker],
+        limits: TrackLimits,
+        clock: IReactorTime,
+        metrics: IMetrics | None = None,
     ) -> None:
         self.tracker_factory = tracker_factory
+        self.metrics: IMetrics = NoMetrics() if metrics is None else metrics
         self.limits = limits
         self.clock = clock
         self.tracks = RateLimiter(limits.track_rate, clock)
@@ -293,11 +296,12 @@ class TrackService:
         """Follow ``query`` for the client at ``address``; never fails."""
         if not self.failures.allowed(address) or not self.tracks.allowed(address):
             log.info("HTTP track from {address} refused: rate limit", address=address)
+            self.metrics.http_track_query("rate_limited")
             message = "too many tracking queries from your address; try again in a minute"
-            return succeed(error_answer("rate-limited", message, int(RATE_WINDOW)))
+            return succeed(error_answer("rate_limited", message, int(RATE_WINDOW)))
         self.tracks.record(address)
         # Counted as a failure before following, taken back unless the answer is
-        # not-found: concurrent guesses cannot all pass the check (as MTQP's TRACK).
+        # not_found: concurrent guesses cannot all pass the check (as MTQP's TRACK).
         reserved = self.failures.record(address)
         return ensureDeferred(self._follow(address, query, reserved))
 
@@ -311,10 +315,11 @@ class TrackService:
             followed = Deferred()
             followed.callback(Trace(envid=query.envid, hops=()))
         answer = await _within(followed, self.limits.deadline, self.clock, query)
-        if answer.status != ERRORS["not-found"]:
+        if answer.status != ERRORS["not_found"]:
             self.failures.forget(address, reserved)
         error = answer.error
         result = "trace" if error is None else error["code"]
+        self.metrics.http_track_query(QUERY_RESULT.get(result, "unavailable"))
         log.info(
             "HTTP track from {address} for {host}: {result}",
             address=address,
@@ -345,7 +350,7 @@ def _within(
         log.failure("following a message failed", failure)
         if not result.called:
             timer.cancel()
-            result.callback(error_answer("upstream-error", "following the message failed"))
+            result.callback(error_answer("upstream_error", "following the message failed"))
 
     followed.addCallbacks(done, failed)
     return result
@@ -733,7 +738,7 @@ def openapi_document() -> dict[str, Any]:
 
     too_many = error_response(
         "Too many queries from this address in the last minute (the MTQP limits)",
-        "rate-limited",
+        "rate_limited",
         "too many tracking queries from your address; try again in a minute",
     )
     too_many["headers"] = {
@@ -788,34 +793,34 @@ def openapi_document() -> dict[str, Any]:
                         },
                         "400": error_response(
                             "The body is no JSON object of the request's members",
-                            "bad-request",
+                            "bad_request",
                             "the body is not JSON",
                         ),
                         "404": error_response(
                             "The first server knows no message with this envid and secret",
-                            "not-found",
+                            "not_found",
                             "mx.example.org has no tracking information for this envelope "
                             "id and secret",
                         ),
                         "413": error_response(
                             "The body is larger than 8192 octets",
-                            "body-too-large",
+                            "body_too_large",
                             "the body is larger than 8192 octets",
                         ),
                         "415": error_response(
                             "The body is not application/json",
-                            "unsupported-media-type",
+                            "unsupported_media_type",
                             "send the query as application/json",
                         ),
                         "422": error_response(
                             "The URI, envid, secret or server is malformed or missing",
-                            "invalid-query",
+                            "invalid_query",
                             "not an mtqp URI: not an mtqp:// URI",
                         ),
                         "429": too_many,
                         "502": error_response(
                             "The first server could not be asked",
-                            "upstream-error",
+                            "upstream_error",
                             "the tracking server of mx.example.org could not be asked: "
                             "cannot connect to 192.0.2.1 port 1038: Connection refused.",
                         ),
@@ -871,7 +876,7 @@ def _body(request: Request) -> bytes:
     content.seek(0)
     body: bytes = content.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
-        raise QueryError("body-too-large", f"the body is larger than {MAX_BODY} octets")
+        raise QueryError("body_too_large", f"the body is larger than {MAX_BODY} octets")
     return body
 
 
@@ -938,7 +943,7 @@ class TrackPage(Resource):
         try:
             if _media_type(request) != "application/x-www-form-urlencoded":
                 message = "send the form as application/x-www-form-urlencoded"
-                raise QueryError("unsupported-media-type", message)
+                raise QueryError("unsupported_media_type", message)
             query = parse_query(form_fields(_body(request)))
         except QueryError as error:
             request.setResponseCode(error.status)
@@ -975,7 +980,7 @@ class TrackAPI(Resource):
         _headers(request, b"application/json")
         try:
             if _media_type(request) != "application/json":
-                raise QueryError("unsupported-media-type", "send the query as application/json")
+                raise QueryError("unsupported_media_type", "send the query as application/json")
             query = parse_query(json_fields(_body(request)))
         except QueryError as error:
             request.setResponseCode(error.status)
@@ -999,21 +1004,17 @@ def stylesheet() -> bytes:
     return resources.files("mtrkmta.web").joinpath("static/track.css").read_bytes()
 
 
-def api_v1_children(service: TrackService) -> dict[bytes, IResource]:
-    """The children of ``/api/v1`` this module serves: ``track`` and ``openapi.json``."""
-    return {b"track": TrackAPI(service), b"openapi.json": OpenAPIDocument()}
-
-
 def track_resources(
-    tracker_factory: Callable[[], Tracker], limits: TrackLimits, clock: IReactorTime
+    tracker_factory: Callable[[], Tracker],
+    limits: TrackLimits,
+    clock: IReactorTime,
+    metrics: IMetrics | None = None,
 ) -> dict[bytes, IResource]:
-    """The site root's children: ``track`` (page and CSS) and ``api`` (``v1/track``,
-    ``v1/openapi.json``). Mount with ``build_site(track_resources(...))``; a site
-    with an ``/api/v1`` of its own adds :func:`api_v1_children` to it instead."""
-    service = TrackService(tracker_factory, limits, clock)
-    v1 = Resource()
-    for name, child in api_v1_children(service).items():
-        v1.putChild(name, child)
-    api = Resource()
-    api.putChild(b"v1", v1)
-    return {b"track": TrackPage(service, stylesheet()), b"api": api}
+    """What the site (mtrkmta.web.site.build_site) mounts, by path: the page with its CSS,
+    the API and its OpenAPI document."""
+    service = TrackService(tracker_factory, limits, clock, metrics)
+    return {
+        b"track": TrackPage(service, stylesheet()),
+        b"api/v1/track": TrackAPI(service),
+        b"api/v1/openapi.json": OpenAPIDocument(),
+    }

@@ -1,9 +1,10 @@
 """The tracking page in a real browser: Debian's headless Chromium, driven over the
-DevTools protocol, loads ``/track``, types the URI of a message that crossed two nodes,
-submits the form with the keyboard and shows the timeline of both hops.
+DevTools protocol, loads ``/track`` from node A's HTTP listener, types the URI of a message
+that crossed two nodes, submits the form with the keyboard and shows the timeline of both
+hops.
 
 A relays to B by a fixed route to 127.0.0.1, so A's Remote-MTA is ``[127.0.0.1]`` (RFC 3461
-§9.3) and the page's node asks B's tracking server where ``connect_to`` says that host's
+§9.3) and A's tracking client asks B's tracking server where ``connect_to`` says that host's
 server listens (as ``mtrkmta track --connect-to``). With ``MTRKMTA_SCREENSHOT=PATH`` the
 test also saves its screenshot of the result page there (doc/_static/track-page.png).
 """
@@ -16,7 +17,7 @@ import json
 import os
 import subprocess
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,11 @@ from cdp import DevTools
 from interop_lab import eventually, in_thread, program
 from twisted.internet import reactor
 from twisted.names import client as dns_client
-from twisted.web import pages
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from mtrkmta.cli import send
 from mtrkmta.service import MTAService
 from mtrkmta.testing import node_config, start_node, stop_node
-from mtrkmta.web.track import TrackLimits, client_factory, track_resources
+from mtrkmta.web.track import Tracker, client_factory
 
 CHROMIUM = "chromium"
 DOMAIN = "chain.example"
@@ -123,10 +121,10 @@ async def two_nodes(tmp_path: Path) -> AsyncIterator[tuple[MTAService, MTAServic
         config = node_config(
             tmp_path / "a",
             hostname=A_NAME,
-            listeners=("smtp", "mtqp"),
+            listeners=("smtp", "mtqp", "http"),
             options=(*quick, ("routes", route)),
         )
-        a = await start_node(config)
+        a = await start_node(config, tracker_factory=tracker_factory(b.port("mtqp")))
         nodes.append(a)
         yield a, b
     finally:
@@ -156,31 +154,15 @@ async def send_through(a: MTAService, secrets: Path) -> str:
     return out.getvalue().strip()
 
 
-class Root(Resource):
-    """The site root: its children, else 404 (the browser asks for /favicon.ico)."""
-
-    def getChild(self, path: bytes, request: Any) -> Any:
-        return pages.notFound()
-
-
-@asynccontextmanager
-async def track_site(b_mtqp: int) -> AsyncIterator[int]:
-    """The track resources on a Site on 127.0.0.1; its port."""
+def tracker_factory(b_mtqp: int) -> Callable[[], Tracker]:
+    """A's tracking clients, which find B's server (``[127.0.0.1]``) at ``b_mtqp``."""
 
     def connect_to(host: str, port: int | None) -> tuple[str, int] | None:
         return ("127.0.0.1", b_mtqp) if (host, port) == ("127.0.0.1", None) else None
 
     # Only address literals are asked (no DNS query is made): a resolver of nothing.
     resolver = dns_client.Resolver(servers=[("127.0.0.1", 53)], reactor=reactor)
-    factory = client_factory(reactor, resolver, reply_timeout=20.0, connect_to=connect_to)
-    root = Root()
-    for name, child in track_resources(factory, TrackLimits(), reactor).items():
-        root.putChild(name, child)
-    listening = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-    try:
-        yield listening.getHost().port
-    finally:
-        await listening.stopListening()
+    return client_factory(reactor, resolver, reply_timeout=20.0, connect_to=connect_to)
 
 
 # The lowest WCAG 2.1 contrast ratio (§1.4.3) of any text on the page against the
@@ -224,23 +206,22 @@ async def press(tools: DevTools, session: str, key: str, code: int, text: str = 
 async def test_the_page_shows_a_message_across_two_nodes(tmp_path, reaper):
     program(CHROMIUM)
     async with two_nodes(tmp_path) as (a, b):
-        a_mtqp, b_mtqp = a.port("mtqp"), b.port("mtqp")
+        a_mtqp, b_mtqp, b_smtp = a.port("mtqp"), b.port("mtqp"), b.port("smtp")
         uri = await send_through(a, tmp_path / "sent.jsonl")
 
         async def delivered() -> bool:
             return not await a.spool.queue_ids() and not await b.spool.queue_ids()
 
         await eventually(delivered, "the message to reach B's Maildir")
-        async with track_site(b_mtqp) as port:
-            browser = Browser(tmp_path / "profile", reaper)
-            tools = DevTools(reactor)
-            try:
-                await tools.connect(await in_thread(browser.start))
-                shot, text, checks = await drive(tools, port, uri)
-                await tools.call("Browser.close")
-            finally:
-                await tools.close()
-                await in_thread(browser.stop)
+        browser = Browser(tmp_path / "profile", reaper)
+        tools = DevTools(reactor)
+        try:
+            await tools.connect(await in_thread(browser.start))
+            shot, text, checks = await drive(tools, a.port("http"), uri)
+            await tools.call("Browser.close")
+        finally:
+            await tools.close()
+            await in_thread(browser.stop)
     assert "Delivered: 1 recipient, 1 delivered." in text, text
     assert checks["rows"] == [
         ["Hop 1", f"127.0.0.1 (127.0.0.1 port {a_mtqp})"],
@@ -250,6 +231,14 @@ async def test_the_page_shows_a_message_across_two_nodes(tmp_path, reaper):
     assert checks["steps"] == [
         f"Hop 1, {A_NAME}: transferred",
         f"Hop 2, {B_NAME}: delivered",
+    ]
+    # The timeline: both hops' events in time order, read from their X-Mtrkmta-Event fields.
+    assert checks["events"] == [
+        f"accepted by {A_NAME} over ESMTP",
+        f"transferred to 127.0.0.1[127.0.0.1]:{b_smtp}, which tracks it on "
+        "(2.4.0 Other or undefined network or routing status)",
+        f"accepted by {B_NAME} over ESMTP",
+        "delivered locally: 2.1.5 Destination address valid",
     ]
     assert checks["wide"] <= PHONE["width"], "the page scrolls sideways on a phone"
     assert checks["contrast"][0] >= 4.5, checks["contrast"]  # WCAG 2.1 AA
@@ -296,6 +285,8 @@ async def drive(tools: DevTools, port: int, uri: str) -> tuple[bytes, str, dict[
                     r => r.cells[2].textContent),
                 steps: [...document.querySelectorAll('.recipient li')].map(
                     li => li.childNodes[0].textContent + li.querySelector('.action').textContent),
+                events: [...document.querySelectorAll('ol.timeline li .what')].map(
+                    e => e.textContent),
                 wide: document.documentElement.scrollWidth,
                 contrast: lowestContrast(),
                 html: document.documentElement.outerHTML,

@@ -86,7 +86,8 @@ def test_a_known_path_answers_with_the_security_headers():
     site, _ = make_site()
     status, headers, body = split(Client(site).send(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert (status, body) == (200, b"hello")
-    assert headers[b"content-security-policy"] == b"default-src 'self'"
+    csp = b"default-src 'self'; frame-ancestors 'none'; form-action 'self'"
+    assert headers[b"content-security-policy"] == csp
     assert headers[b"x-content-type-options"] == b"nosniff"
     assert headers[b"referrer-policy"] == b"no-referrer"
     assert headers[b"x-frame-options"] == b"DENY"

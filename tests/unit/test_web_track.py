@@ -18,14 +18,15 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import client
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from mtrkmta.config import Override, load_config
+from mtrkmta.metrics import PrometheusMetrics
 from mtrkmta.mtqp.client import Hop, Target, Trace, recipient_paths
 from mtrkmta.mtqp.protocol import Response
 from mtrkmta.mtqp.timeline import trace_json
 from mtrkmta.tracking.status import RecipientStatus, TrackingReport, TypedValue
+from mtrkmta.web.site import Root
 from mtrkmta.web.track import (
     ERRORS,
     QueryError,
@@ -221,11 +222,10 @@ class Web:
     ) -> None:
         self.clock = MemoryReactorClock()
         self.tracker = tracker
-        root = Resource()
         limits = limits or TrackLimits()
         factory = factory or (lambda: tracker)
-        for name, child in track_resources(factory, limits, self.clock).items():
-            root.putChild(name, child)
+        self.metrics = PrometheusMetrics()
+        root = Root(track_resources(factory, limits, self.clock, self.metrics))
         self.site = Site(root, timeout=None)
         self.transports: list[StringTransport] = []
 
@@ -317,7 +317,7 @@ def test_envid_secret_and_server_give_the_same_query():
 def test_malformed_queries_are_invalid_and_never_quote_the_secret(fields, wanted):
     with pytest.raises(QueryError) as caught:
         parse_query(fields)
-    assert caught.value.code == "invalid-query"
+    assert caught.value.code == "invalid_query"
     assert caught.value.status == 422
     assert wanted in caught.value.message
     assert SECRET not in caught.value.message
@@ -338,12 +338,12 @@ def test_form_and_json_bodies():
     assert form_fields(b"") == {}
     with pytest.raises(QueryError) as caught:
         form_fields(b"\xff")
-    assert caught.value.code == "bad-request"
+    assert caught.value.code == "bad_request"
     assert json_fields(b'{"uri": "x"}') == {"uri": "x"}
     for body in (b"[1]", b"{", b'{"uri": "x", "token": 1}'):
         with pytest.raises(QueryError) as caught:
             json_fields(body)
-        assert caught.value.code == "bad-request"
+        assert caught.value.code == "bad_request"
 
 
 # -- the page ---------------------------------------------------------------------------------
@@ -443,10 +443,10 @@ def test_an_error_is_a_page_with_its_status_and_an_empty_form():
     reply = web.form({"uri": URI})
     assert reply.status == 404
     assert '<p class="error" role="alert">' in reply.text
-    assert "<code>(not-found)</code>" in reply.text
+    assert "<code>(not_found)</code>" in reply.text
     assert "<textarea" in reply.text and "</textarea>" in reply.text
     bad = web.form({"uri": "mtqp://x"})
-    assert bad.status == 422 and "(invalid-query)" in bad.text
+    assert bad.status == 422 and "(invalid_query)" in bad.text
     wrong = web.request("POST", "/track", b"{}", "application/json")
     assert wrong.status == 415
 
@@ -496,11 +496,11 @@ def test_the_api_answers_the_trace_json():
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "code"),
     [
-        (b"{", "application/json", 400, "bad-request"),
-        (b'["uri"]', "application/json", 400, "bad-request"),
-        (b'{"uri": "x"}', "text/plain", 415, "unsupported-media-type"),
-        (b'{"uri": "mtqp://x"}', "application/json; charset=utf-8", 422, "invalid-query"),
-        (b'{"uri": "' + b"x" * 9000 + b'"}', "application/json", 413, "body-too-large"),
+        (b"{", "application/json", 400, "bad_request"),
+        (b'["uri"]', "application/json", 400, "bad_request"),
+        (b'{"uri": "x"}', "text/plain", 415, "unsupported_media_type"),
+        (b'{"uri": "mtqp://x"}', "application/json; charset=utf-8", 422, "invalid_query"),
+        (b'{"uri": "' + b"x" * 9000 + b'"}', "application/json", 413, "body_too_large"),
     ],
 )
 def test_api_errors_have_a_stable_code(body, content_type, status, code):
@@ -513,12 +513,12 @@ def test_api_errors_have_a_stable_code(body, content_type, status, code):
 def test_noinfo_is_404_and_an_unreachable_server_502():
     web = Web(CannedTracker([refused_trace(), unreachable_trace("cannot connect: refused")]))
     missing = web.api({"uri": URI})
-    assert (missing.status, missing.json()["error"]["code"]) == (404, "not-found")
+    assert (missing.status, missing.json()["error"]["code"]) == (404, "not_found")
     down = web.api({"uri": URI})
     assert down.status == 502
     assert down.json() == {
         "error": {
-            "code": "upstream-error",
+            "code": "upstream_error",
             "message": f"the tracking server of {A_NAME} could not be asked: "
             "cannot connect: refused",
         }
@@ -531,7 +531,7 @@ def test_a_tracker_that_cannot_be_made_is_502_not_a_hung_request(logged):
     web = Web(CannedTracker([]), factory=broken)
     reply = web.api({"uri": URI})
     assert reply.status == 502
-    assert reply.json()["error"]["code"] == "upstream-error"
+    assert reply.json()["error"]["code"] == "upstream_error"
     assert any("the tracker failed" in line for line in logged)
 
 
@@ -558,7 +558,7 @@ def test_queries_over_the_track_rate_are_429_until_the_minute_passed():
     limited = web.api({"uri": URI})
     assert limited.status == 429
     assert limited.headers["retry-after"] == "60"
-    assert limited.json()["error"]["code"] == "rate-limited"
+    assert limited.json()["error"]["code"] == "rate_limited"
     page = web.form({"uri": URI})
     assert page.status == 429 and page.headers["retry-after"] == "60"
     assert len(web.tracker.asked) == 2
@@ -572,6 +572,14 @@ def test_not_found_answers_count_against_the_failure_rate():
     assert [web.api({"uri": URI}).status for _ in range(3)] == [404, 404, 429]
     web.clock.advance(60)
     assert web.api({"uri": URI}).status == 200
+    # Each answer is counted by its result, as the MTQP listener counts TRACK.
+    counted = web.metrics.registry.get_sample_value
+    results = ("found", "not_found", "rate_limited")
+    assert [counted("mtrkmta_http_track_queries_total", {"result": r}) for r in results] == [
+        1.0,
+        2.0,
+        1.0,
+    ]
 
 
 def test_successful_answers_do_not_count_as_failures():
