@@ -46,6 +46,7 @@ from mtrkmta.mtqp.timeline import Entry, entry_text, timeline, trace_json
 from mtrkmta.mtqp.uri import UriError, parse_uri
 from mtrkmta.originator import SecretsFileError, default_secrets_path, load_secrets
 from mtrkmta.smtp.statuscodes import with_meaning
+from mtrkmta.tracking.interfaces import EventKind
 from mtrkmta.tracking.status import OMITTED
 
 EXIT_COMPLETE = 0  # every recipient delivered, expanded, relayed or transferred
@@ -357,6 +358,21 @@ def _next_attempt(path: RecipientPath, entries: Sequence[Entry]) -> datetime | N
     return found[-1] if found else None
 
 
+def _held(path: RecipientPath, entries: Sequence[Entry]) -> Entry | None:
+    """The hold of the message at the recipient's last hop, unless a release followed."""
+    last = path.last
+    if last is None:
+        return None
+    marks = [
+        entry
+        for entry in entries
+        if entry.hop == last.hop + 1
+        and entry.recipient is None
+        and entry.kind in (EventKind.HELD.value, EventKind.RELEASED.value)
+    ]
+    return marks[-1] if marks and marks[-1].kind == EventKind.HELD.value else None
+
+
 def _outcome(path: RecipientPath, entries: Sequence[Entry], zone: tzinfo | None) -> str:
     last = path.last
     if last is None:
@@ -364,6 +380,12 @@ def _outcome(path: RecipientPath, entries: Sequence[Entry], zone: tzinfo | None)
     status = last.status
     code = with_meaning(status.status)
     where = last.reporting_mta
+    held = _held(path, entries) if path.outcome == "delayed" else None
+    if held is not None:  # a held message is not tried at all: not "delayed" (RFC 3886)
+        reason = held.get("reason")
+        who = " by the administrator" if held.by_administrator else ""
+        why = f" ({reason})" if reason and not held.by_administrator else ""
+        return f"held at {where}{who}{why}: not tried until it is released"
     if path.outcome == "delayed":
         until = _when(status.will_retry_until, zone) if status.will_retry_until else "unknown"
         upcoming = _next_attempt(path, entries)

@@ -59,7 +59,7 @@ def answer(mta: str, status: RecipientStatus, *message_events: Event) -> Trackin
     return parsed
 
 
-def two_hops(final: RecipientStatus | None = None) -> Trace:
+def two_hops(final: RecipientStatus | None = None, *second_events: Event) -> Trace:
     first = answer(
         "mx-a.example",
         block(
@@ -88,6 +88,7 @@ def two_hops(final: RecipientStatus | None = None) -> Trace:
             event(307, EventKind.DELIVERED, status="2.1.5", relay="lmtp[127.0.0.1]:24"),
         ),
         event(305, EventKind.ARRIVED, None, protocol="ESMTP"),
+        *second_events,
     )
     hops = (
         Hop("mx-a.example", reports=(first,)),
@@ -252,6 +253,35 @@ def test_render_timeline_with_elapsed_times_meanings_and_the_next_attempt():
         "  bob@dest.example: still queued at mx-b.example (4.4.1: no answer from host), "
         "next attempt 2026-03-01 12:16:40 +0000, will retry until unknown\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("marks", "said"),
+    [
+        (
+            (event(400, EventKind.HELD, None, reason="held by the administrator"),),
+            "held at mx-b.example by the administrator: not tried until it is released",
+        ),
+        (
+            (event(400, EventKind.HELD, None, reason="internal error"),),
+            "held at mx-b.example (internal error): not tried until it is released",
+        ),
+        (
+            (
+                event(400, EventKind.HELD, None, reason="held by the administrator"),
+                event(500, EventKind.RELEASED, None),
+            ),
+            "still queued at mx-b.example (4.0.0: other or undefined status), "
+            "will retry until unknown",
+        ),
+    ],
+)
+def test_a_held_message_is_said_held_not_delayed(marks, said):
+    # RFC 3886 has no action for a hold: the answer says "delayed"; the events tell.
+    waiting = block("delayed", "4.0.0")
+    out = io.StringIO()
+    track.render_timeline(two_hops(waiting, *marks), out, timezone.utc)
+    assert out.getvalue().endswith(f"Result: not finished\n  bob@dest.example: {said}\n")
 
 
 def test_elapsed_times():
