@@ -78,6 +78,8 @@ def test_twistd_serves_smtp_and_stops_cleanly_on_sigterm(tmp_path, workdir):
         "none",
         "--mtqp",
         "none",
+        "--http",
+        "none",
         "--hostname",
         HOSTNAME,
     ]
