@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from mtrkmtaprocess import run_mtrkmta
 
 QUIET = ["--smtp", "none", "--lmtp", "none", "--mtqp", "none", "--http", "none"]
@@ -30,7 +31,8 @@ def one_line(run: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def test_port_in_use_names_the_listener_and_its_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listener", ["smtp", "http"])
+def test_port_in_use_names_the_listener_and_its_key(tmp_path: Path, listener: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -40,14 +42,30 @@ def test_port_in_use_names_the_listener_and_its_key(tmp_path: Path) -> None:
                 "--data-dir",
                 str(tmp_path / "data"),
                 *QUIET,
-                "--smtp",
+                f"--{listener}",
                 f"tcp:{port}:interface=127.0.0.1",
             ],
             tmp_path,
         )
     line = one_line(run)
-    assert line.startswith(f"mtrkmta: cannot listen for smtp on 127.0.0.1:{port} (listeners.smtp")
+    assert line.startswith(
+        f"mtrkmta: cannot listen for {listener} on 127.0.0.1:{port} (listeners.{listener}"
+    )
     assert line.endswith("address already in use; stop the other server or choose another port")
+
+
+def test_an_empty_admin_token_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("\n")
+    token.chmod(0o600)
+    config = tmp_path / "mtrkmta.toml"
+    config.write_text(f'[http]\nadmin_token_file = "{token}"\n')
+    args = ["--config", str(config), "--data-dir", str(tmp_path / "data"), *QUIET]
+    line = one_line(serve([*args, "--http", "tcp:0:interface=127.0.0.1"], tmp_path))
+    assert line == (
+        f"mtrkmta: the admin token file {token} (http.admin_token_file) is empty; "
+        "write a long random token into it (e.g. openssl rand -hex 32)"
+    )
 
 
 def test_data_dir_under_a_file_names_the_path_and_the_user(tmp_path: Path) -> None:
