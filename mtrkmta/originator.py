@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mtrkmta.mtqp.protocol import DEFAULT_PORT
 from mtrkmta.mtqp.uri import MtqpUri, format_uri
+from mtrkmta.reportfields import join_within
 from mtrkmta.smtp import xtext
 from mtrkmta.smtp.mtrk import certifier_from_secret, format_mtrk, new_secret, unique_envid
 
@@ -158,16 +159,7 @@ def printable(text: str, limit: int = SUBJECT_LIMIT) -> str:
         else char
         for char in text
     ]
-    if sum(len(piece) for piece in pieces) <= limit:
-        return "".join(pieces)
-    kept: list[str] = []
-    length = 0
-    for piece in pieces:
-        if length + len(piece) > limit - 1:
-            break
-        kept.append(piece)
-        length += len(piece)
-    return "".join(kept) + "\u2026"
+    return join_within(pieces, limit, "\u2026")
 
 
 def message_subject(content: bytes) -> str:

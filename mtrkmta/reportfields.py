@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 
 MAX_RUN = 900
 """An unbroken run of non-blank characters longer than this gets a space inserted, so a
@@ -17,6 +18,22 @@ _LONG_RUN = re.compile(r"[^ \t]{" + str(MAX_RUN + 1) + ",}")
 def escape(char: str) -> str:
     """``\\x{HH}``: one character as RFC 6533 §3's EmbeddedUnicodeChar (at least two digits)."""
     return f"\\x{{{ord(char):02X}}}"
+
+
+def join_within(pieces: Sequence[str], limit: int, ellipsis: str) -> str:
+    """``pieces`` (each one character, or the escape of one) joined into at most ``limit``
+    characters: when they do not all fit, as many whole pieces as fit before ``ellipsis``,
+    so that an escape is never cut in two."""
+    if sum(len(piece) for piece in pieces) <= limit:
+        return "".join(pieces)
+    kept: list[str] = []
+    used = 0
+    for piece in pieces:
+        if used + len(piece) > limit - len(ellipsis):
+            break
+        kept.append(piece)
+        used += len(piece)
+    return "".join(kept) + ellipsis
 
 
 def _break_runs(value: str) -> str:

@@ -16,7 +16,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IResolver
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IResolver
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -856,6 +856,19 @@ class MTAService(Service):
             checker=checker,
         )
 
+    async def _bind(self, name: str, description: str, factory: IProtocolFactory) -> None:
+        """Listen for ``name`` on ``description`` (an endpoint string) with ``factory``; a
+        port that cannot be bound is a StartError naming the listener and its key."""
+        try:
+            self.ports[name] = await serverFromString(self.reactor, description).listen(factory)
+        except CannotListenError as error:
+            raise listen_error(name, description, error) from error
+        log.info(
+            "{name} listening on {address}",
+            name=name,
+            address=listening_address(self.ports[name].getHost()),
+        )
+
     async def _listen(self) -> None:
         listeners = self.config.listeners
         for name, description in (
@@ -869,17 +882,8 @@ class MTAService(Service):
             factory = factory_class(
                 self.settings(name), self.receiver, self.reactor, self.faults, self.metrics
             )
-            endpoint = serverFromString(self.reactor, description)
-            try:
-                self.ports[name] = await endpoint.listen(factory)
-            except CannotListenError as error:
-                raise listen_error(name, description, error) from error
+            await self._bind(name, description, factory)
             self.factories[name] = factory
-            log.info(
-                "{name} listening on {address}",
-                name=name,
-                address=listening_address(self.ports[name].getHost()),
-            )
         await self._listen_mtqp()
         await self._listen_http()
         await self._start_workers()
@@ -936,14 +940,8 @@ class MTAService(Service):
         factory = MTQPServerFactory(
             settings_from_config(self.config, tls), self.tracking, self.reactor, self.metrics
         )
-        try:
-            self.ports["mtqp"] = await serverFromString(self.reactor, description).listen(factory)
-        except CannotListenError as error:
-            raise listen_error("mtqp", description, error) from error
+        await self._bind("mtqp", description, factory)
         self.mtqp = factory
-        log.info(
-            "mtqp listening on {address}", address=listening_address(self.ports["mtqp"].getHost())
-        )
 
     # -- end of the MTQP listener -------------------------------------------------------------
 
@@ -987,14 +985,8 @@ class MTAService(Service):
                 raise StartError(str(error)) from None
         limits = HttpLimits.from_config(self.config.http)
         site = build_site(self.http_children(token), limits, self.reactor)
-        try:
-            self.ports["http"] = await serverFromString(self.reactor, description).listen(site)
-        except CannotListenError as error:
-            raise listen_error("http", description, error) from error
+        await self._bind("http", description, site)
         self.http = site
-        log.info(
-            "http listening on {address}", address=listening_address(self.ports["http"].getHost())
-        )
 
     def port(self, name: str) -> int:
         """The TCP port a listener is bound to (useful with port 0 in tests)."""

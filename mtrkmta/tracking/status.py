@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from types import MappingProxyType
 
-from mtrkmta.reportfields import safe_mta_name, typed_mta
+from mtrkmta.reportfields import escape, join_within, safe_mta_name, typed_mta
 from mtrkmta.tracking.interfaces import Event, EventKind, StoredMessage, StoredRecipient
 
 MEDIA_TYPE = "message/tracking-status"
@@ -524,18 +524,9 @@ def _quoted(value: str, limit: int) -> str:
     7bit printable, every other character as ``\\x{HEX}`` (RFC 6533 §3), ``"`` and
     ``\\`` as quoted-pairs; cut between two characters, never inside an escape, and
     then ended with ``...``."""
-    tokens = [char if " " <= char <= "~" else f"\\x{{{ord(char):02X}}}" for char in value]
+    tokens = [char if " " <= char <= "~" else escape(char) for char in value]
     tokens = [token.replace("\\", "\\\\").replace('"', '\\"') for token in tokens]
-    if sum(len(token) for token in tokens) <= limit:
-        return "".join(tokens)
-    kept: list[str] = []
-    used = 0
-    for token in tokens:
-        if used + len(token) > limit - 3:
-            break
-        kept.append(token)
-        used += len(token)
-    return "".join(kept) + "..."
+    return join_within(tokens, limit, "...")
 
 
 def parse_event(value: str) -> ReportedEvent:
