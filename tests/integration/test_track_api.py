@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest_twisted
-from smtpwire import queue_emptied
+from smtpwire import queue_emptied, until
 from test_tracking_chain import A_NAME, B_NAME, DOMAIN, RCPT, chain
 from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
@@ -96,3 +96,37 @@ async def test_the_api_follows_a_message_across_two_nodes(tmp_path):
     assert any("HTTP track from 127.0.0.1" in line for line in lines)
     assert not [line for line in lines if secret in line]
     assert 'mtrkmta_http_track_queries_total{result="found"} 2.0' in metrics
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_query_naming_another_service_sends_it_nothing(tmp_path):
+    # The page connects where a query says, so a stranger could name any host and port of
+    # the node's network; the MTQP client sends nothing before it has read an MTQP
+    # greeting (RFC 3887 §3), so another service (here the node's own SMTP listener) gets
+    # a connection and not one byte.
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        async with chain(tmp_path) as rig:
+            a = await rig.start("a", A_NAME, listeners=("smtp", "mtqp", "http"))
+            query = {
+                "envid": "probe@example.test",
+                "secret": "AAECAwQFBgcICQoLDA0ODw==",
+                "server": f"127.0.0.1:{a.port('smtp')}",
+            }
+            status, body = await post(
+                a.port("http"), "/api/v1/track", json.dumps(query).encode(), "application/json"
+            )
+            await until(
+                lambda: any("smtp disconnect" in line for line in lines), "the SMTP session's end"
+            )
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert status == 502, body
+    assert json.loads(body)["error"]["code"] == "upstream_error"
+    (ended,) = [line for line in lines if "smtp disconnect" in line]
+    assert ended.endswith(" commands=0"), ended
