@@ -72,6 +72,7 @@ class SMTPTransportSettings:
     max_idle_sessions: int = 20
     data_chunk: int = 16 * 1024
     metrics: IMetrics = NoMetrics()
+    chunking: bool = True  # BDAT to a hop offering CHUNKING (delivery.chunking)
 
     def client_settings(self) -> ClientSettings:
         return ClientSettings(
@@ -80,6 +81,7 @@ class SMTPTransportSettings:
             tls_context=self.tls_context,
             data_chunk=self.data_chunk,
             metrics=self.metrics,
+            chunking=self.chunking,
         )
 
 
