@@ -41,7 +41,13 @@ from mtrkmta.smtp.client import (
     SMTPClient,
     opportunistic_tls,
 )
-from mtrkmta.smtp.outbound import mail_parameters, rcpt_parameters, smtputf8_status
+from mtrkmta.smtp.outbound import (
+    BINARYMIME,
+    binarymime_status,
+    mail_parameters,
+    rcpt_parameters,
+    smtputf8_status,
+)
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.tracking.interfaces import RecipientState
 
@@ -368,6 +374,11 @@ class SMTPTransport:
                 return [
                     RecipientOutcome(i, RecipientState.FAILED, refusal, None, remote) for i in batch
                 ], False
+        refusal = binarymime_status(envelope, keywords, self.settings.chunking)
+        if refusal is not None:  # RFC 3030 §3: BINARYMIME only with BDAT, to a hop offering it
+            return [
+                RecipientOutcome(i, RecipientState.FAILED, refusal, None, remote) for i in batch
+            ], False
         mail, forwarded = mail_parameters(
             envelope,
             keywords,
@@ -383,6 +394,7 @@ class SMTPTransport:
             rcpt_parameters=tuple(
                 tuple(rcpt_parameters(attempt.recipient(i), keywords)) for i in batch
             ),
+            binary=envelope.params.body == BINARYMIME,
         )
         result = await session.send(transaction)
         self.faults.reached("transport.reply_received")

@@ -119,7 +119,8 @@ class OutgoingTransaction:
     """One message to send on a session: envelope, ready-made parameters and content.
 
     ``rcpt_parameters`` has one tuple per recipient, or is empty for none at all.
-    ``content`` is the message as stored (CRLF lines, not dot-stuffed).
+    ``content`` is the message as stored (CRLF lines, not dot-stuffed); ``binary``
+    marks ``BODY=BINARYMIME`` content, sent with BDAT as it is (RFC 3030 §3).
     """
 
     sender: str
@@ -127,6 +128,7 @@ class OutgoingTransaction:
     content: bytes
     mail_parameters: tuple[str, ...] = ()
     rcpt_parameters: tuple[tuple[str, ...], ...] = ()
+    binary: bool = False
 
     def rcpt_line(self, index: int) -> str:
         params = self.rcpt_parameters[index] if self.rcpt_parameters else ()
@@ -633,7 +635,7 @@ class SMTPClient(Protocol):
             await self._envelope(transaction, progress)
             accepted = progress.accepted()
             if accepted:
-                await self._send_chunks(transaction.content, accepted, progress)
+                await self._send_chunks(transaction, accepted, progress)
             return
         if "PIPELINING" in self.keywords:
             # RFC 2920: MAIL, every RCPT and DATA in one write; replies are read in order.
@@ -706,7 +708,9 @@ class SMTPClient(Protocol):
             line = transaction.rcpt_line(index)
             progress.rcpt[index] = await self._reply(self._command(line, "RCPT", timeouts.rcpt))
 
-    async def _send_chunks(self, content: bytes, accepted: list[int], progress: _Progress) -> None:
+    async def _send_chunks(
+        self, transaction: OutgoingTransaction, accepted: list[int], progress: _Progress
+    ) -> None:
         """The content as BDAT chunks (RFC 3030 §2), each chunk's reply awaited before the next.
 
         A non-final chunk answered with anything but 2xx ends the transaction: no more
@@ -715,7 +719,10 @@ class SMTPClient(Protocol):
         one (SMTP) or one per accepted recipient (LMTP, RFC 2033 §4.2).
         """
         timeouts = self.settings.timeouts
-        for command, payload in bdat_chunks(content, self.settings.bdat_chunk):
+        chunks = bdat_chunks(
+            transaction.content, self.settings.bdat_chunk, binary=transaction.binary
+        )
+        for command, payload in chunks:
             last = command.endswith(b" LAST\r\n")
             if last:
                 pieces = _slices(command + payload, self.settings.data_chunk)

@@ -11,6 +11,7 @@ from mtrkmta.smtp.mtrk import MAX_TIMEOUT, format_mtrk
 
 CRLF = b"\r\n"
 END_OF_DATA = b".\r\n"
+BINARYMIME = "BINARYMIME"
 _NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")
 
 
@@ -56,6 +57,8 @@ def mail_parameters(
     * ``BODY=`` as received when 8BITMIME is advertised. A hop without 8BITMIME gets
       8-bit content anyway, without ``BODY=`` and without conversion, as most MTAs
       do (RFC 6152 would ask for a downgrade to 7 bit or a bounce).
+      ``BODY=BINARYMIME`` only to a hop advertising BINARYMIME (RFC 3030 §3; the
+      caller refuses such a message to any other hop, see :func:`binarymime_status`).
     * ``SMTPUTF8`` when the message was received with it and the hop offers it
       (the caller decides what to do when a message needs it and the hop lacks it).
     * ``ENVID`` and ``RET`` as received for a DSN hop; none of them for a hop without
@@ -70,7 +73,10 @@ def mail_parameters(
     out: list[str] = []
     if "SIZE" in keywords:
         out.append(f"SIZE={size}")
-    if params.body is not None and "8BITMIME" in keywords:
+    if params.body == BINARYMIME:
+        if "BINARYMIME" in keywords:
+            out.append(f"BODY={BINARYMIME}")
+    elif params.body is not None and "8BITMIME" in keywords:
         out.append(f"BODY={params.body}")
     if params.smtputf8 and "SMTPUTF8" in keywords:
         out.append("SMTPUTF8")
@@ -197,6 +203,22 @@ def offers_chunking(keywords: Mapping[str, str], enabled: bool) -> bool:
     return enabled and "CHUNKING" in keywords
 
 
+def binarymime_status(
+    envelope: Envelope, keywords: Mapping[str, str], chunking: bool
+) -> str | None:
+    """Why a ``BODY=BINARYMIME`` message cannot go to this hop (``5.6.3``), or None when it can.
+
+    RFC 3030 §3: BINARYMIME content goes only with BDAT, to a server that advertised
+    both BINARYMIME and CHUNKING; there is no conversion here, so the message is
+    returned as undeliverable (5.6.3, conversion required but not supported, RFC 3463).
+    """
+    if envelope.params.body != BINARYMIME:
+        return None
+    if offers_chunking(keywords, chunking) and "BINARYMIME" in keywords:
+        return None
+    return "5.6.3"
+
+
 def bdat_command(size: int, last: bool) -> bytes:
     """``BDAT <size>[ LAST]<CRLF>`` (RFC 3030 §2: ``bdat-cmd ::= "BDAT" SP chunk-size
     [ SP end-marker ] CR LF``); ``size`` is the exact count of octets that follow."""
@@ -205,7 +227,9 @@ def bdat_command(size: int, last: bool) -> bytes:
     return b"BDAT %d%s\r\n" % (size, b" LAST" if last else b"")
 
 
-def bdat_chunks(content: bytes, chunk: int = BDAT_CHUNK) -> Iterator[tuple[bytes, bytes]]:
+def bdat_chunks(
+    content: bytes, chunk: int = BDAT_CHUNK, *, binary: bool = False
+) -> Iterator[tuple[bytes, bytes]]:
     """The BDAT chunks for ``content``, one ``(command, payload)`` pair at a time.
 
     No dot-stuffing and no ``.<CRLF>`` terminator (RFC 3030 §2: the octets of a chunk
@@ -215,9 +239,15 @@ def bdat_chunks(content: bytes, chunk: int = BDAT_CHUNK) -> Iterator[tuple[bytes
     DATA or BDAT carried them. ``chunk`` bounds the content octets read per chunk (a
     payload is at most twice that after repair); the command's size is the payload's
     exact length. The last chunk says ``LAST`` (``BDAT 0 LAST`` for empty content).
-    Only one chunk is materialised at a time.
+    Only one chunk is materialised at a time. ``binary`` (a ``BODY=BINARYMIME``
+    message, RFC 3030 §3) sends the octets unchanged, chunks of exactly ``chunk``.
     """
     step = max(1, chunk)
+    if binary:
+        for start in range(0, max(len(content), 1), step):
+            payload = content[start : start + step]
+            yield bdat_command(len(payload), start + step >= len(content)), payload
+        return
     held_cr = False  # a trailing CR whose LF may start the next slice
     at_line_start = True
     offset = 0

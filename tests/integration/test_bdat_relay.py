@@ -5,19 +5,24 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest_twisted
 from fakemta import ALL_EXTENSIONS, FakeMTA
 from smtpwire import in_thread, until
 from test_relay_end_to_end import RCPT, Rig, copies, relaying, send
+from test_smtp_transport import ARRIVAL, SETTINGS, envelope, hop, server, states, world
 from twisted.internet import reactor
 
+from mtrkmta.delivery.interfaces import Attempt
 from mtrkmta.tracking.interfaces import RecipientState
+from mtrkmta.tracking.interfaces import RecipientState as S
 
 CHUNKING = (*ALL_EXTENSIONS, "CHUNKING")
 DOVECOT = ("8BITMIME", "CHUNKING", "ENHANCEDSTATUSCODES", "PIPELINING")
 LMTP_DOMAIN = "lmtp.example"
+__all__ = ["world"]  # the transport tests' fixture (test_smtp_transport)
 CHUNK = 256 * 1024  # mtrkmta.smtp.outbound.BDAT_CHUNK
 
 
@@ -122,3 +127,36 @@ async def test_lmtp_delivery_with_bdat_last_and_one_reply_per_recipient(tmp_path
         ((line, octets),) = delivered.chunks
         assert line == f"BDAT {len(octets)} LAST"
         assert octets.endswith(content) and octets.startswith(b"Received: ")
+
+
+# -- BODY=BINARYMIME (RFC 3030 §3): only with BDAT, to a hop offering it ---------------------
+
+BINARY = b"Subject: binary\r\nContent-Type: application/octet-stream\r\n\r\n\x00\r\x0a\n.\r\n\xff"
+
+
+def binary_attempt(fake: FakeMTA) -> Attempt:
+    env = envelope()
+    env = replace(env, params=replace(env.params, body="BINARYMIME"))
+    return Attempt(env, BINARY, (0,), hop(server(fake)), ARRIVAL + 100.9)
+
+
+@pytest_twisted.ensureDeferred
+async def test_binarymime_goes_unchanged_with_bdat_to_a_hop_offering_it(world):
+    fake = await world.fake(extensions=(*CHUNKING, "BINARYMIME"))
+    (outcome,) = await world.smtp().deliver(binary_attempt(fake))
+    assert outcome.state == S.TRANSFERRED
+    (sent,) = fake.transactions
+    assert "BODY=BINARYMIME" in sent.mail_params
+    assert sent.chunks == [(f"BDAT {len(BINARY)} LAST", BINARY)]  # bare CR/LF, no final CRLF
+
+
+@pytest_twisted.ensureDeferred
+async def test_binarymime_to_a_hop_without_it_or_with_chunking_off_fails_5_6_3(world):
+    fake = await world.fake(extensions=CHUNKING)  # CHUNKING, but no BINARYMIME
+    (outcome,) = await world.smtp().deliver(binary_attempt(fake))
+    assert states([outcome]) == [(S.FAILED, "5.6.3")]
+    both = await world.fake(extensions=(*CHUNKING, "BINARYMIME"))
+    off = replace(SETTINGS, chunking=False)  # delivery.chunking = false: DATA only
+    (outcome,) = await world.smtp(off).deliver(binary_attempt(both))
+    assert states([outcome]) == [(S.FAILED, "5.6.3")]
+    assert not fake.transactions and not both.transactions

@@ -239,3 +239,19 @@ def test_chunking_turned_off_sends_data_although_offered():
     s = Session(settings=ClientSettings(HOSTNAME, ClientTimeouts(), chunking=False))
     s.send()
     assert s.said().endswith(b"DATA\r\n")
+
+
+def test_binary_content_goes_unchanged():
+    s = Session((*CHUNKING, "BINARYMIME"))
+    content = b"\x00\r\n.\r\nbare\nlf\rcr\xff"
+    done: list[Any] = []
+    tx = OutgoingTransaction(
+        "a@example.test", ("b@example.test",), content, ("BODY=BINARYMIME",), binary=True
+    )
+    s.client.send(tx).addCallback(done.append)
+    assert s.said() == b"MAIL FROM:<a@example.test> BODY=BINARYMIME\r\nRCPT TO:<b@example.test>\r\n"
+    s.reply("250 2.1.0 Ok")
+    s.reply("250 2.1.5 Ok")
+    assert s.said() == b"BDAT %d LAST\r\n" % len(content) + content
+    s.reply("250 2.0.0 Ok")
+    assert codes(done[0]) == [250]

@@ -6,10 +6,16 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_smtp_outbound import SETTINGS, content_bytes, expected_content
+from test_smtp_outbound import SETTINGS, content_bytes, envelope, expected_content, params
 
 from mtrkmta.smtp.framing import DataReader
-from mtrkmta.smtp.outbound import bdat_chunks, bdat_command, dot_stuff, offers_chunking
+from mtrkmta.smtp.outbound import (
+    bdat_chunks,
+    bdat_command,
+    binarymime_status,
+    dot_stuff,
+    offers_chunking,
+)
 
 POSTFIX = {"PIPELINING": "", "SIZE": "10240000", "8BITMIME": "", "CHUNKING": ""}
 
@@ -90,3 +96,33 @@ def test_chunks_carry_what_data_would_deliver(content, chunk):
     reader = DataReader(max_size=1 << 20, max_line=1 << 20)
     result = reader.feed(dot_stuff(content))
     assert result is not None and result.content == carried  # the same bytes as DATA
+
+
+# -- BODY=BINARYMIME (RFC 3030 §3) -------------------------------------------------------
+
+BINARY_HOP = {**POSTFIX, "BINARYMIME": ""}
+
+
+def test_binarymime_needs_a_hop_with_binarymime_and_chunking():
+    binary = envelope(body="BINARYMIME")
+    assert binarymime_status(binary, BINARY_HOP, True) is None
+    assert binarymime_status(binary, POSTFIX, True) == "5.6.3"  # no BINARYMIME
+    assert binarymime_status(binary, {"BINARYMIME": "", "8BITMIME": ""}, True) == "5.6.3"
+    assert binarymime_status(binary, BINARY_HOP, False) == "5.6.3"  # delivery.chunking off
+    assert binarymime_status(envelope(body="8BITMIME"), {}, False) is None
+
+
+def test_body_binarymime_only_to_a_hop_advertising_it():
+    assert "BODY=BINARYMIME" in params(envelope(body="BINARYMIME"), BINARY_HOP)
+    assert not any(p.startswith("BODY=") for p in params(envelope(body="BINARYMIME"), POSTFIX))
+    assert "BODY=8BITMIME" in params(envelope(body="8BITMIME"), BINARY_HOP)
+
+
+def test_binary_chunks_are_the_octets_unchanged():
+    content = b"a\rb\nc\r\n.\r\n\x00\xff"
+    assert list(bdat_chunks(content, 4, binary=True)) == [
+        (b"BDAT 4\r\n", b"a\rb\n"),
+        (b"BDAT 4\r\n", b"c\r\n."),
+        (b"BDAT 4 LAST\r\n", b"\r\n\x00\xff"),
+    ]
+    assert list(bdat_chunks(b"", binary=True)) == [(b"BDAT 0 LAST\r\n", b"")]
