@@ -726,6 +726,7 @@ class MTAService(Service):
             hostname=config.hostname,
             default_retention=config.tracking.default_retention,
             metrics=self.metrics,
+            chunking=config.delivery.chunking,
         )
         self.transports = {
             "smtp": SMTPTransport(self.reactor, settings, faults=self.faults),

@@ -231,6 +231,7 @@ class Delivery:
     tls: str = field(default="may", metadata=_key(_choice(*TLS_POLICIES)))
     destination_concurrency: int = field(default=20, metadata=_key(_integer(1)))
     max_recipients: int = field(default=50, metadata=_key(_integer(1)))
+    chunking: bool = field(default=True, metadata=_key(_boolean))
 
 
 @dataclass(frozen=True, slots=True)

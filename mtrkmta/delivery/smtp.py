@@ -41,7 +41,13 @@ from mtrkmta.smtp.client import (
     SMTPClient,
     opportunistic_tls,
 )
-from mtrkmta.smtp.outbound import mail_parameters, rcpt_parameters, smtputf8_status
+from mtrkmta.smtp.outbound import (
+    BINARYMIME,
+    binarymime_status,
+    mail_parameters,
+    rcpt_parameters,
+    smtputf8_status,
+)
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.tracking.interfaces import RecipientState
 
@@ -72,6 +78,7 @@ class SMTPTransportSettings:
     max_idle_sessions: int = 20
     data_chunk: int = 16 * 1024
     metrics: IMetrics = NoMetrics()
+    chunking: bool = True  # BDAT to a hop offering CHUNKING (delivery.chunking)
 
     def client_settings(self) -> ClientSettings:
         return ClientSettings(
@@ -80,6 +87,7 @@ class SMTPTransportSettings:
             tls_context=self.tls_context,
             data_chunk=self.data_chunk,
             metrics=self.metrics,
+            chunking=self.chunking,
         )
 
 
@@ -366,6 +374,11 @@ class SMTPTransport:
                 return [
                     RecipientOutcome(i, RecipientState.FAILED, refusal, None, remote) for i in batch
                 ], False
+        refusal = binarymime_status(envelope, keywords, self.settings.chunking)
+        if refusal is not None:  # RFC 3030 §3: BINARYMIME only with BDAT, to a hop offering it
+            return [
+                RecipientOutcome(i, RecipientState.FAILED, refusal, None, remote) for i in batch
+            ], False
         mail, forwarded = mail_parameters(
             envelope,
             keywords,
@@ -381,6 +394,7 @@ class SMTPTransport:
             rcpt_parameters=tuple(
                 tuple(rcpt_parameters(attempt.recipient(i), keywords)) for i in batch
             ),
+            binary=envelope.params.body == BINARYMIME,
         )
         result = await session.send(transaction)
         self.faults.reached("transport.reply_received")

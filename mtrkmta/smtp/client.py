@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast
 
@@ -26,7 +26,13 @@ from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.smtp.extensions import parse_ehlo
 from mtrkmta.smtp.framing import CRLF, OVERLONG, LineFramer
-from mtrkmta.smtp.outbound import END_OF_DATA, DotStuffer
+from mtrkmta.smtp.outbound import (
+    BDAT_CHUNK,
+    END_OF_DATA,
+    DotStuffer,
+    bdat_chunks,
+    offers_chunking,
+)
 from mtrkmta.smtp.reply import MalformedReply, Reply, ReplyReader
 
 log = Logger()
@@ -81,7 +87,9 @@ class ClientSettings:
     hostname: str
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
     tls_context: Callable[[str], Any] = opportunistic_tls
-    data_chunk: int = 16 * 1024  # content octets per write while sending DATA
+    data_chunk: int = 16 * 1024  # content octets per write while sending DATA or a BDAT chunk
+    chunking: bool = True  # BDAT to a hop offering CHUNKING (RFC 3030); delivery.chunking
+    bdat_chunk: int = BDAT_CHUNK  # content octets per BDAT chunk
     metrics: IMetrics = NoMetrics()  # told each TLS session set up (mtrkmta.metrics)
 
 
@@ -111,7 +119,8 @@ class OutgoingTransaction:
     """One message to send on a session: envelope, ready-made parameters and content.
 
     ``rcpt_parameters`` has one tuple per recipient, or is empty for none at all.
-    ``content`` is the message as stored (CRLF lines, not dot-stuffed).
+    ``content`` is the message as stored (CRLF lines, not dot-stuffed); ``binary``
+    marks ``BODY=BINARYMIME`` content, sent with BDAT as it is (RFC 3030 §3).
     """
 
     sender: str
@@ -119,6 +128,7 @@ class OutgoingTransaction:
     content: bytes
     mail_parameters: tuple[str, ...] = ()
     rcpt_parameters: tuple[tuple[str, ...], ...] = ()
+    binary: bool = False
 
     def rcpt_line(self, index: int) -> str:
         params = self.rcpt_parameters[index] if self.rcpt_parameters else ()
@@ -215,28 +225,42 @@ class _Waiter:
     deferred: Deferred[Reply | SessionError]
 
 
+def _stuffed_pieces(content: bytes, chunk: int) -> Iterator[tuple[bytes, bool]]:
+    """The DATA payload of ``content``, dot-stuffed, ``chunk`` content octets at a time."""
+    step = max(1, chunk)
+    stuffer = DotStuffer()
+    offset = 0
+    while True:
+        piece = stuffer.feed(content[offset : offset + step])
+        offset += step
+        if offset >= len(content):
+            yield piece + stuffer.finish(), True
+            return
+        yield piece, False
+
+
+def _slices(data: bytes, chunk: int) -> Iterator[tuple[bytes, bool]]:
+    """``data`` in writes of at most ``chunk`` octets; the last one says so."""
+    step = max(1, chunk)
+    for start in range(0, max(len(data), 1), step):
+        yield data[start : start + step], start + step >= len(data)
+
+
 @implementer(IPullProducer)
 class _ContentProducer:
-    """Writes the dot-stuffed content a chunk at a time as the transport drains."""
+    """Writes prepared pieces (DATA content or one BDAT chunk) as the transport drains."""
 
-    def __init__(self, client: SMTPClient, content: bytes, chunk: int) -> None:
+    def __init__(self, client: SMTPClient, pieces: Iterator[tuple[bytes, bool]]) -> None:
         self._client = client
-        self._content = content
-        self._chunk = max(1, chunk)
-        self._offset = 0
-        self._stuffer = DotStuffer()
+        self._pieces = pieces
         self.done = False
         self.finished: Deferred[SessionError | None] = Deferred()
 
     def resumeProducing(self) -> None:
         if self.done:
             return
-        end = self._offset + self._chunk
-        piece = self._stuffer.feed(self._content[self._offset : end])
-        self._offset = end
-        last = self._offset >= len(self._content)
+        piece, last = next(self._pieces)
         if last:
-            piece += self._stuffer.finish()
             self.done = True
         self._client._content_written(self, piece, last)
 
@@ -607,6 +631,12 @@ class SMTPClient(Protocol):
                 )
         self._used = True
         count = len(transaction.recipients)
+        if offers_chunking(self.keywords, self.settings.chunking):
+            await self._envelope(transaction, progress)
+            accepted = progress.accepted()
+            if accepted:
+                await self._send_chunks(transaction, accepted, progress)
+            return
         if "PIPELINING" in self.keywords:
             # RFC 2920: MAIL, every RCPT and DATA in one write; replies are read in order.
             lines = [transaction.mail_line(), *map(transaction.rcpt_line, range(count)), "DATA"]
@@ -648,18 +678,88 @@ class SMTPClient(Protocol):
             return
         await self._send_content(transaction.content, accepted, progress)
 
-    async def _send_content(self, content: bytes, accepted: list[int], progress: _Progress) -> None:
+    async def _envelope(self, transaction: OutgoingTransaction, progress: _Progress) -> None:
+        """MAIL and every RCPT, and their replies: in one write with PIPELINING (RFC 2920).
+
+        Used before BDAT. BDAT is never pipelined after the RCPTs (RFC 3030 §4.2 would
+        allow it): had every RCPT been refused, a BDAT already sent would need its chunk
+        sent anyway and its reply read before RSET (RFC 3030 §2). Waiting for the RCPT
+        replies costs one round trip and leaves nothing to discard.
+        """
         timeouts = self.settings.timeouts
-        producer = _ContentProducer(self, content, self.settings.data_chunk)
+        count = len(transaction.recipients)
+        if "PIPELINING" in self.keywords:
+            lines = [transaction.mail_line(), *map(transaction.rcpt_line, range(count))]
+            self.wire.write(
+                b"".join(line.encode("utf-8", "surrogateescape") + CRLF for line in lines)
+            )
+            mail = self._expect("MAIL", timeouts.mail)
+            rcpts = [self._expect("RCPT", timeouts.rcpt) for _ in range(count)]
+            progress.mail = await self._reply(mail)
+            for index, waiting in enumerate(rcpts):
+                progress.rcpt[index] = await self._reply(waiting)
+            return
+        progress.mail = await self._reply(
+            self._command(transaction.mail_line(), "MAIL", timeouts.mail)
+        )
+        if not progress.mail.is_positive:
+            return
+        for index in range(count):
+            line = transaction.rcpt_line(index)
+            progress.rcpt[index] = await self._reply(self._command(line, "RCPT", timeouts.rcpt))
+
+    async def _send_chunks(
+        self, transaction: OutgoingTransaction, accepted: list[int], progress: _Progress
+    ) -> None:
+        """The content as BDAT chunks (RFC 3030 §2), each chunk's reply awaited before the next.
+
+        A non-final chunk answered with anything but 2xx ends the transaction: no more
+        chunks (RFC 3030 §2), and that reply decides every accepted recipient, as a
+        refused DATA does. After ``BDAT ... LAST`` come the replies a final dot gets:
+        one (SMTP) or one per accepted recipient (LMTP, RFC 2033 §4.2).
+        """
+        timeouts = self.settings.timeouts
+        chunks = bdat_chunks(
+            transaction.content, self.settings.bdat_chunk, binary=transaction.binary
+        )
+        for command, payload in chunks:
+            last = command.endswith(b" LAST\r\n")
+            if last:
+                pieces = _slices(command + payload, self.settings.data_chunk)
+                await self._write_content(pieces, accepted, progress)
+                return
+            waiting = self._expect("BDAT", timeouts.data_block)
+            failed = await self._produce(_slices(command + payload, self.settings.data_chunk))
+            if failed is not None:
+                raise failed
+            reply = await self._reply(waiting)
+            if not reply.is_positive:
+                progress.data = reply
+                return
+
+    async def _send_content(self, content: bytes, accepted: list[int], progress: _Progress) -> None:
+        pieces = _stuffed_pieces(content, self.settings.data_chunk)
+        await self._write_content(pieces, accepted, progress)
+
+    async def _produce(self, pieces: Iterator[tuple[bytes, bool]]) -> SessionError | None:
+        """Write ``pieces`` as the transport drains; None once all went, else the error."""
+        producer = _ContentProducer(self, pieces)
         self._producer = producer
+        self._arm()
+        self.wire.registerProducer(producer, False)
+        return await producer.finished
+
+    async def _write_content(
+        self, pieces: Iterator[tuple[bytes, bool]], accepted: list[int], progress: _Progress
+    ) -> None:
+        """Write the end of the content (DATA's, or the last BDAT chunk); read the final replies."""
+        timeouts = self.settings.timeouts
         # Registered first, so that a reply arriving while we still send is not unexpected.
         finals = [
             self._expect("the end of data", timeouts.data_end)
             for _ in range(self._final_count(len(accepted)))
         ]
-        self._arm()
-        self.wire.registerProducer(producer, False)
-        failed = await producer.finished
+        failed = await self._produce(pieces)
         if failed is not None:
             raise failed
         progress.dot_sent = True

@@ -1,8 +1,8 @@
-"""Pure rules for what an outbound SMTP/LMTP client puts on the wire: parameters, dot-stuffing."""
+"""Pure rules for what an outbound SMTP/LMTP client puts on the wire: parameters, stuffing, BDAT."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from mtrkmta.envelope import NOTIFY_NEVER, Envelope, Recipient
 from mtrkmta.smtp import xtext
@@ -11,6 +11,7 @@ from mtrkmta.smtp.mtrk import MAX_TIMEOUT, format_mtrk
 
 CRLF = b"\r\n"
 END_OF_DATA = b".\r\n"
+BINARYMIME = "BINARYMIME"
 _NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")
 
 
@@ -56,6 +57,8 @@ def mail_parameters(
     * ``BODY=`` as received when 8BITMIME is advertised. A hop without 8BITMIME gets
       8-bit content anyway, without ``BODY=`` and without conversion, as most MTAs
       do (RFC 6152 would ask for a downgrade to 7 bit or a bounce).
+      ``BODY=BINARYMIME`` only to a hop advertising BINARYMIME (RFC 3030 §3; the
+      caller refuses such a message to any other hop, see :func:`binarymime_status`).
     * ``SMTPUTF8`` when the message was received with it and the hop offers it
       (the caller decides what to do when a message needs it and the hop lacks it).
     * ``ENVID`` and ``RET`` as received for a DSN hop; none of them for a hop without
@@ -70,7 +73,10 @@ def mail_parameters(
     out: list[str] = []
     if "SIZE" in keywords:
         out.append(f"SIZE={size}")
-    if params.body is not None and "8BITMIME" in keywords:
+    if params.body == BINARYMIME:
+        if "BINARYMIME" in keywords:
+            out.append(f"BODY={BINARYMIME}")
+    elif params.body is not None and "8BITMIME" in keywords:
         out.append(f"BODY={params.body}")
     if params.smtputf8 and "SMTPUTF8" in keywords:
         out.append("SMTPUTF8")
@@ -185,3 +191,80 @@ def dot_stuff(content: bytes) -> bytes:
     """The whole DATA payload for ``content``: stuffed, CRLF-terminated, ending in ``.<CRLF>``."""
     stuffer = DotStuffer()
     return stuffer.feed(content) + stuffer.finish()
+
+
+BDAT_CHUNK = 256 * 1024
+"""Content octets per BDAT chunk by default (before line-end repair)."""
+
+
+def offers_chunking(keywords: Mapping[str, str], enabled: bool) -> bool:
+    """True when the message goes with BDAT: the hop advertised CHUNKING (RFC 3030 §2) and
+    ``delivery.chunking`` is on. Otherwise DATA, as to any hop without it."""
+    return enabled and "CHUNKING" in keywords
+
+
+def binarymime_status(
+    envelope: Envelope, keywords: Mapping[str, str], chunking: bool
+) -> str | None:
+    """Why a ``BODY=BINARYMIME`` message cannot go to this hop (``5.6.3``), or None when it can.
+
+    RFC 3030 §3: BINARYMIME content goes only with BDAT, to a server that advertised
+    both BINARYMIME and CHUNKING; there is no conversion here, so the message is
+    returned as undeliverable (5.6.3, conversion required but not supported, RFC 3463).
+    """
+    if envelope.params.body != BINARYMIME:
+        return None
+    if offers_chunking(keywords, chunking) and "BINARYMIME" in keywords:
+        return None
+    return "5.6.3"
+
+
+def bdat_command(size: int, last: bool) -> bytes:
+    """``BDAT <size>[ LAST]<CRLF>`` (RFC 3030 §2: ``bdat-cmd ::= "BDAT" SP chunk-size
+    [ SP end-marker ] CR LF``); ``size`` is the exact count of octets that follow."""
+    if size < 0:
+        raise ValueError(f"a BDAT chunk size is never negative, got {size}")
+    return b"BDAT %d%s\r\n" % (size, b" LAST" if last else b"")
+
+
+def bdat_chunks(
+    content: bytes, chunk: int = BDAT_CHUNK, *, binary: bool = False
+) -> Iterator[tuple[bytes, bytes]]:
+    """The BDAT chunks for ``content``, one ``(command, payload)`` pair at a time.
+
+    No dot-stuffing and no ``.<CRLF>`` terminator (RFC 3030 §2: the octets of a chunk
+    are taken as they are). Line ends are repaired exactly as on the DATA path
+    (:class:`DotStuffer`, RFC 5321 §2.3.8): a bare CR or LF becomes CRLF and content
+    not ending in CRLF gets one, so the next hop stores the same bytes whichever of
+    DATA or BDAT carried them. ``chunk`` bounds the content octets read per chunk (a
+    payload is at most twice that after repair); the command's size is the payload's
+    exact length. The last chunk says ``LAST`` (``BDAT 0 LAST`` for empty content).
+    Only one chunk is materialised at a time. ``binary`` (a ``BODY=BINARYMIME``
+    message, RFC 3030 §3) sends the octets unchanged, chunks of exactly ``chunk``.
+    """
+    step = max(1, chunk)
+    if binary:
+        for start in range(0, max(len(content), 1), step):
+            payload = content[start : start + step]
+            yield bdat_command(len(payload), start + step >= len(content)), payload
+        return
+    held_cr = False  # a trailing CR whose LF may start the next slice
+    at_line_start = True
+    offset = 0
+    while True:
+        piece = content[offset : offset + step]
+        offset += step
+        last = offset >= len(content)
+        data = b"\r" + piece if held_cr else piece
+        held_cr = not last and data.endswith(b"\r")
+        if held_cr:
+            data = data[:-1]
+        payload = normalize_line_ends(data)
+        if payload:
+            at_line_start = payload.endswith(CRLF)
+        if last and not at_line_start:
+            payload += CRLF
+        if payload or last:
+            yield bdat_command(len(payload), last), payload
+        if last:
+            return

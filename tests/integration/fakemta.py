@@ -82,6 +82,7 @@ class FakeTransaction:
     accepted: list[str] = field(default_factory=list)  # addresses answered 2xx
     raw_data: bytes = b""  # after 354 up to and including ".\r\n", still dot-stuffed
     content: bytes | None = None  # un-stuffed; None until the final dot arrived
+    chunks: list[tuple[str, bytes]] = field(default_factory=list)  # (BDAT line, its octets)
 
 
 @dataclass
@@ -139,6 +140,8 @@ class FakeMTA:
     * ``replies`` verb -> reply, overriding the default for ``EHLO``, ``HELO``,
       ``LHLO``, ``MAIL``, ``RCPT``, ``DATA``, ``RSET``, ``STARTTLS``... and for
       ``DOT`` (after the final dot; in LMTP the default per-recipient reply).
+      ``BDAT`` is the reply to a non-final chunk (RFC 3030, with ``CHUNKING`` in
+      ``extensions``); ``BDAT ... LAST`` gets the ``DOT`` replies, content in ``chunks``.
     * ``rcpt_replies`` address -> reply to its RCPT.
     * ``final_replies`` address -> its reply after the final dot (LMTP).
     * ``drop_at`` verb, ``DOT`` or ``GREETING``: close instead of replying;
@@ -252,6 +255,7 @@ class _FakeProtocol(Protocol):
         self.session = FakeSession()
         self.buffer = b""
         self.in_data = False
+        self.chunk: tuple[int, bool] | None = None  # a BDAT's (size, last) still to be read
         self.greeted_ok = True
         self.hello_verb = ""
         self.transaction: FakeTransaction | None = None
@@ -304,6 +308,10 @@ class _FakeProtocol(Protocol):
             return
         self.buffer += data
         while not self.hanging:
+            if self.chunk is not None:
+                if not self._take_chunk():
+                    return
+                continue
             if self.in_data:
                 if not self._take_data():
                     return
@@ -474,6 +482,41 @@ class _FakeProtocol(Protocol):
             return
         for reply in replies:
             self.send(reply)
+
+    def do_BDAT(self, verb: str, line: str) -> None:
+        """``BDAT n [LAST]`` (RFC 3030 §2): the next n octets are content, read as they are."""
+        parts = line.split(" ")
+        if "CHUNKING" not in self._advertised() or len(parts) not in (2, 3):
+            self._reply(verb, "500 5.5.1 Error: command not recognized")
+            return
+        self.chunk = (int(parts[1]), len(parts) == 3 and parts[2].upper() == "LAST")
+        if self.transaction is not None:
+            self.transaction.chunks.append((line, b""))
+
+    def _take_chunk(self) -> bool:
+        """Read a BDAT chunk's octets; True once they all arrived and the reply went."""
+        assert self.chunk is not None
+        size, last = self.chunk
+        if len(self.buffer) < size:
+            return False
+        payload, self.buffer = self.buffer[:size], self.buffer[size:]
+        self.chunk = None
+        transaction = self.transaction
+        if transaction is None or not transaction.accepted:
+            self._reply("BDAT", "503 5.5.1 Error: no valid recipients")  # octets discarded
+            return True
+        line, _ = transaction.chunks[-1]
+        transaction.chunks[-1] = (line, payload)
+        if not last:
+            reply = self.server.replies.get("BDAT", f"250 2.0.0 {size} octets received")
+            if reply[:1] != "2":
+                self.transaction = None
+            self._reply("BDAT", reply)
+            return True
+        self.transaction = None
+        transaction.content = b"".join(octets for _, octets in transaction.chunks)
+        self._end_of_data(transaction)
+        return True
 
     def do_RSET(self, verb: str, line: str) -> None:
         self.transaction = None

@@ -56,7 +56,8 @@ async def test_lhlo_and_one_reply_per_accepted_recipient(net):
     session = fake.sessions[0]
     assert session.hellos == [f"LHLO {HOSTNAME}"]
     assert fake.transactions[0].content == MESSAGE
-    assert fake.transactions[0].raw_data.startswith(b"Subject: hi\r\n\r\n..\r\n")
+    # CHUNKING offered: BDAT, the line "." as it is (RFC 3030 §2)
+    assert fake.transactions[0].chunks == [(f"BDAT {len(MESSAGE)} LAST", MESSAGE)]
     assert client.usable
 
 
