@@ -165,7 +165,7 @@ def connect_failure(error: BaseException) -> str:
 
 
 def _key(hop: NextHop) -> tuple[Any, ...]:
-    return (hop.transport, hop.destination, hop.tls, hop.servers)
+    return (hop.transport, hop.destination, hop.tls, hop.servers, hop.ca, hop.auth)
 
 
 def _describe(error: SessionError) -> tuple[str, str]:
@@ -443,6 +443,8 @@ class SMTPTransport:
                 server_name=server.name,
                 tls=hop.tls,
                 faults=self.faults,
+                auth=hop.auth,
+                ca=hop.ca,
             )
             try:
                 endpoint = clientFromString(self.reactor, server.endpoint)
