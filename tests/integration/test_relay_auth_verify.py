@@ -8,20 +8,24 @@ with a next hop as the router builds it from a route with ``tls``, ``ca_file`` a
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from certs import TestCA
+from smtpwire import Wire, in_thread, queue_id_of, until
 from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
 
 from mtrkmta.auth import hash_password
 from mtrkmta.config import CAFile, RelayCredentials
 from mtrkmta.delivery.interfaces import Attempt, NextHop, RecipientOutcome, Server
 from mtrkmta.delivery.smtp import SMTPTransport, SMTPTransportSettings
 from mtrkmta.envelope import Envelope, MailParams, RcptParams, Recipient
+from mtrkmta.logfile import text_observer
+from mtrkmta.queue.service import QueueEvent
 from mtrkmta.smtp.client import ClientTimeouts, TLSPolicy
 from mtrkmta.testing import node_config, start_node, stop_node
 from mtrkmta.tracking.interfaces import RecipientState as S
@@ -236,3 +240,74 @@ async def test_encrypt_does_not_verify_a_wrong_name(smarthost, ca):
     outcome = await relay(smarthost, tls="encrypt", auth=credentials())
     assert (outcome.state, outcome.status) == (S.RELAYED, "2.1.9")
     assert await received(smarthost) == 1
+
+
+# -- a whole node, its log and its tracking store -------------------------------------------
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[Path]:
+    """Everything logged during the test, as `mtrkmta serve` writes it, in a file."""
+    path = tmp_path / "mtrkmta.log"
+    with path.open("w", encoding="utf-8") as out:
+        observer = text_observer(out)
+        globalLogPublisher.addObserver(observer)
+        try:
+            yield path
+        finally:
+            globalLogPublisher.removeObserver(observer)
+
+
+def submit(port: int, recipient: str) -> str:
+    """Blocking: one message to ``recipient`` through the node's SMTP listener; its queue id."""
+    with Wire(port) as wire:
+        assert wire.ehlo().code == 250
+        assert wire.command("MAIL FROM:<sender@localhost>").code == 250
+        assert wire.command(f"RCPT TO:<{recipient}>").code == 250
+        queue_id = queue_id_of(wire.data(CONTENT))
+        assert wire.command("QUIT").code == 221
+    return queue_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_with_a_wrong_password_defers_and_logs_no_secret(
+    tmp_path, smarthost, ca, log_file
+):
+    await smarthost.start()
+    secret_file = tmp_path / "smarthost.auth"
+    secret_file.write_text(f"# the smarthost account\n{USER}:{PASSWORD}x\n")
+    secret_file.chmod(0o600)
+    ca_file = ca.write(tmp_path / "ca.pem")
+    port = smarthost.node.port("smtp")
+    route = (
+        f"relay.example=smtp:tcp:host={HOST}:port={port};tls=verify;ca_file={ca_file};"
+        f"auth={secret_file}"
+    )
+    config = node_config(
+        tmp_path / "relay",
+        listeners=("smtp",),
+        options=(("routes", route), ("durability.fsync", False)),
+    )
+    node = await start_node(config)
+    events: list[QueueEvent] = []
+    assert node.queue is not None
+    node.queue.observers.append(events.append)
+    try:
+        queue_id = await in_thread(submit, node.port("smtp"), "bob@relay.example")
+        await until(lambda: [u for e in events for u in e.updates], "the attempt's outcome")
+        stored = await node.tracking.message(queue_id)
+    finally:
+        await stop_node(node)
+    (update,) = [u for e in events for u in e.updates]
+    assert (update.state, update.status) == (S.DEFERRED, "4.7.8")
+    assert update.diagnostic == "smtp; 535 5.7.8 Authentication credentials invalid"
+    logged = log_file.read_text()
+    assert "535 5.7.8 Authentication credentials invalid" in logged
+    base64_forms = [
+        base64.b64encode(f"\0{USER}\0{PASSWORD}x".encode()).decode(),
+        base64.b64encode(f"{PASSWORD}x".encode()).decode(),
+    ]
+    for secret in (f"{PASSWORD}x", *base64_forms):
+        assert secret not in logged
+        assert secret not in repr(stored)
+        assert secret not in repr(events)
