@@ -349,3 +349,12 @@ def test_credentials_file_content_round_trip_base64(tmp_path):
     assert route.auth is not None
     wire = plain_command(route.auth).split(" ")[2]
     assert base64.b64decode(wire) == f"\0{USER}\0{PASSWORD}".encode()
+
+
+def test_a_challenge_to_plain_with_initial_response_is_cancelled():
+    # RFC 4954 §4: "*" cancels; the refusal that follows decides (deferred).
+    session = Session("verify")
+    session.to_tls("250-smarthost\n250 AUTH PLAIN")
+    assert session.say("334 ") == b"*\r\n"
+    assert session.say("501 5.0.0 Authentication cancelled") == b""
+    assert session.error().status == "4.0.0"
