@@ -7,6 +7,9 @@ import base64
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from test_queue_service import Node, started
+from twisted.internet.defer import succeed
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -15,6 +18,7 @@ from zope.interface import implementer
 
 from mtrkmta.config import ConfigError, Override, RelayCredentials, load_config
 from mtrkmta.config.show import render
+from mtrkmta.delivery.interfaces import NextHop, Server
 from mtrkmta.routing.router import Router
 from mtrkmta.smtp.client import ClientSettings, SessionError, SMTPClient, TLSPolicy
 from mtrkmta.smtp.clientauth import (
@@ -358,3 +362,36 @@ def test_a_challenge_to_plain_with_initial_response_is_cancelled():
     assert session.say("334 ") == b"*\r\n"
     assert session.say("501 5.0.0 Authentication cancelled") == b""
     assert session.error().status == "4.0.0"
+
+
+# -- the queue never mixes credentials in one attempt ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_smarthost_with_two_accounts_gets_two_attempts():
+    node = Node()
+    accounts = {
+        "one.example": RelayCredentials(Path("/etc/mtrkmta/one.auth"), "one", "x"),
+        "two.example": RelayCredentials(Path("/etc/mtrkmta/two.auth"), "two", "y"),
+    }
+    hops = {
+        domain: NextHop(
+            transport="smtp",
+            destination="route:smtp:tcp:host=127.0.0.1:port=9",
+            servers=(Server("127.0.0.1", "tcp:host=127.0.0.1:port=9"),),
+            tls="verify",
+            auth=account,
+        )
+        for domain, account in accounts.items()
+    }
+    node.router.route = lambda domain: succeed(hops[domain])  # type: ignore[method-assign]
+    await started(node)
+    try:
+        await node.accept("q0100", "a@one.example", "b@two.example", "c@one.example")
+        await node.advance(0)
+        assert sorted(node.transport.attempts) == [
+            ("q0100", ("a@one.example", "c@one.example")),
+            ("q0100", ("b@two.example",)),
+        ]
+    finally:
+        await node.close()
