@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from certs import TestCA
+from dnsserver import Zone, a, mx, serve_dns
 from smtpwire import Wire, in_thread, queue_id_of, until
 from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
@@ -29,6 +30,7 @@ from mtrkmta.queue.service import QueueEvent
 from mtrkmta.smtp.client import ClientTimeouts, TLSPolicy
 from mtrkmta.testing import node_config, start_node, stop_node
 from mtrkmta.tracking.interfaces import RecipientState as S
+from mtrkmta.tracking.interfaces import RecipientUpdate
 
 USER = "relay-user"
 PASSWORD = "s3cret-Pa55"
@@ -60,13 +62,20 @@ class Smarthost:
         self.ca = ca
         self.node: Any = None
 
-    async def start(self, name: str = HOST, *, expired: bool = False, users: bool = True) -> Any:
+    async def start(
+        self,
+        name: str = HOST,
+        *,
+        expired: bool = False,
+        users: bool = True,
+        local: tuple[str, ...] = ("smarthost.example.test",),
+    ) -> Any:
         certificate, key = self.ca.write_issued(self.tmp_path / "tls", name, expired=expired)
         options: list[tuple[str, object]] = [
             ("tls.certificate", str(certificate)),
             ("tls.private_key", str(key)),
             ("durability.fsync", False),
-            ("domains.local", ("smarthost.example.test",)),
+            ("domains.local", local),
         ]
         if users:
             users_file = self.tmp_path / "users"
@@ -311,3 +320,62 @@ async def test_a_node_with_a_wrong_password_defers_and_logs_no_secret(
         assert secret not in logged
         assert secret not in repr(stored)
         assert secret not in repr(events)
+
+
+async def relay_through_node(
+    tmp_path: Path, recipient: str, options: tuple[tuple[str, object], ...], resolver: Any = None
+) -> RecipientUpdate:
+    """Submit one message to a relaying node with ``options``; its first recipient update."""
+    config = node_config(
+        tmp_path / "relay",
+        listeners=("smtp",),
+        options=(("durability.fsync", False), *options),
+    )
+    node = await start_node(config, resolver=resolver)
+    events: list[QueueEvent] = []
+    assert node.queue is not None
+    node.queue.observers.append(events.append)
+    try:
+        await in_thread(submit, node.port("smtp"), recipient)
+        await until(lambda: [u for e in events for u in e.updates], "the attempt's outcome")
+    finally:
+        await stop_node(node)
+    return next(u for e in events for u in e.updates)
+
+
+def far_zone() -> list[Zone]:
+    return [
+        Zone(
+            "far.example",
+            {"far.example": [mx(10, "mx.far.example")], "mx.far.example": [a("127.0.0.1")]},
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("certified", "state", "status"),
+    [("mx.far.example", S.RELAYED, "2.1.9"), ("far.example", S.DEFERRED, "4.7.5")],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_mx_route_verifies_the_mx_host_name(
+    tmp_path, smarthost, ca, certified, state, status
+):
+    # The name checked is the MX host's (RFC 7672 §3.2.2 style), not the mail domain's.
+    await smarthost.start(certified, users=False, local=("far.example",))
+    ca_file = ca.write(tmp_path / "ca.pem")
+    async with serve_dns(reactor, far_zone()) as dns_server:
+        update = await relay_through_node(
+            tmp_path,
+            "bob@far.example",
+            (
+                ("routes", f"far.example=mx;tls=verify;ca_file={ca_file}"),
+                ("delivery.smtp_port", smarthost.node.port("smtp")),
+            ),
+            resolver=dns_server.resolver(),
+        )
+    assert (update.state, update.status) == (state, status)
+    if state is S.DEFERRED:
+        assert update.diagnostic == (
+            "x-mtrkmta; TLS certificate of mx.far.example not verified: "
+            "the certificate is not for mx.far.example (it names far.example)"
+        )
