@@ -199,8 +199,9 @@ class SMTPTransport:
     """Relays attempts over SMTP, trying the next hop's servers in order.
 
     A server is skipped on a connection failure or timeout, on a 4xx or 5xx
-    greeting, on a refused EHLO+HELO and, with TLS policy ``encrypt``, when TLS
-    cannot be had; when every server fails, all recipients are DEFERRED with the
+    greeting, on a refused EHLO+HELO, with TLS policy ``encrypt`` or ``verify``
+    when TLS cannot be had (or, with ``verify``, the certificate fails), and with
+    the hop's ``auth`` when AUTH is not offered or refused (4.7.x); when every server fails, all recipients are DEFERRED with the
     last error. Recipients go in transactions of at most ``max_recipients`` on one
     connection. Outcomes per recipient (RFC 3885 §3.3, RFC 3886 §3.3.3, RFC 2033 §4.2):
 
