@@ -106,7 +106,10 @@ class VerifyingClientTLS:
         connection = SSL.Connection(self._options.getContext(), None)
         connection.set_app_data(tlsProtocol)
         if not self._is_ip:
-            connection.set_tlsext_host_name(self.hostname.encode("idna"))
+            try:
+                connection.set_tlsext_host_name(self.hostname.encode("idna"))
+            except UnicodeError:
+                pass  # no SNI for a name IDNA cannot encode; the name is still checked
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
         return connection
 

@@ -198,12 +198,13 @@ def _error_outcome(
 class SMTPTransport:
     """Relays attempts over SMTP, trying the next hop's servers in order.
 
-    A server is skipped on a connection failure or timeout, on a 4xx or 5xx
-    greeting, on a refused EHLO+HELO, with TLS policy ``encrypt`` or ``verify``
-    when TLS cannot be had (or, with ``verify``, the certificate fails), and with
-    the hop's ``auth`` when AUTH is not offered or refused (4.7.x); when every server fails, all recipients are DEFERRED with the
-    last error. Recipients go in transactions of at most ``max_recipients`` on one
-    connection. Outcomes per recipient (RFC 3885 §3.3, RFC 3886 §3.3.3, RFC 2033 §4.2):
+    A server is skipped on a connection failure or timeout, on a 4xx or 5xx greeting, on
+    a refused EHLO+HELO, with TLS policy ``encrypt`` or ``verify`` when TLS cannot be
+    had (or, with ``verify``, the certificate fails), and with the hop's ``auth`` when
+    AUTH is not offered or refused (4.7.x); when every server fails, all recipients are
+    DEFERRED with the last error. Recipients go in transactions of at most
+    ``max_recipients`` on one connection. Outcomes per recipient (RFC 3885 §3.3, RFC
+    3886 §3.3.3, RFC 2033 §4.2):
 
     * accepted with MTRK forwarded -> TRANSFERRED 2.4.0, ``certifier_forwarded``;
     * accepted otherwise -> RELAYED 2.1.9 (LMTP: DELIVERED 2.1.5);
