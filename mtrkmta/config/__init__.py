@@ -28,7 +28,7 @@ from mtrkmta.config.convert import (
     parse_duration,
 )
 from mtrkmta.config.load import Override, check_config_file, load_config, setting_names
-from mtrkmta.config.routes import DEFAULT_ROUTE, Route, select_route
+from mtrkmta.config.routes import DEFAULT_ROUTE, CAFile, RelayCredentials, Route, select_route
 from mtrkmta.config.schema import (
     TLS,
     Auth,
@@ -62,6 +62,7 @@ __all__ = [
     "TLS_POLICIES",
     "WEEK",
     "Auth",
+    "CAFile",
     "Config",
     "ConfigError",
     "Converter",
@@ -79,6 +80,7 @@ __all__ = [
     "Override",
     "Queue",
     "Relay",
+    "RelayCredentials",
     "Route",
     "TiB",
     "Tracking",

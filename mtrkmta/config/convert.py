@@ -194,7 +194,7 @@ def _choice(*options: str) -> Converter:
     return convert
 
 
-TLS_POLICIES = ("none", "may", "encrypt")
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
 
 _SIZE_RE = re.compile(r"(\d+)([KMGT]?)(?:I?B)?")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -20,8 +20,29 @@ from mtrkmta.config.convert import (
     _domain_name,
     _got,
     _Invalid,
+    _optional_file,
     _string,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RelayCredentials:
+    """A route's AUTH credentials toward its next hop, read from ``path`` at load.
+
+    The password never shows in ``repr`` (nor anywhere else but the AUTH exchange).
+    """
+
+    path: Path
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CAFile:
+    """The certificates a ``tls = verify`` route trusts instead of the system's, read at load."""
+
+    path: Path
+    pem: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,14 +51,17 @@ class Route:
 
     ``endpoint`` is a Twisted client endpoint description for ``lmtp`` and ``smtp``
     (a fixed next hop), and None for ``maildir`` and ``mx`` (MX lookup). ``tls`` is
-    the STARTTLS policy toward the next hop (none, may, encrypt); None means
-    ``delivery.tls``.
+    the STARTTLS policy toward the next hop (none, may, encrypt, verify); None means
+    ``delivery.tls``. ``ca`` is what ``verify`` trusts (None: the system's CAs);
+    ``auth`` the credentials for AUTH toward the next hop (only with encrypt or verify).
     """
 
     domain: str
     transport: Transport
     endpoint: str | None = None
     tls: str | None = None
+    ca: CAFile | None = None
+    auth: RelayCredentials | None = None
 
 
 DEFAULT_ROUTE = Route("*", "mx")
@@ -45,12 +69,16 @@ DEFAULT_ROUTE = Route("*", "mx")
 _ROUTE_TARGETS = "maildir, mx, lmtp:ENDPOINT or smtp:ENDPOINT"
 
 
-def _route(domain: object, target: object) -> Route:
-    """Check one ``DOMAIN = TARGET`` pair; TARGET may be ``{ target = ..., tls = ... }``.
+_ROUTE_OPTIONS = ("tls", "ca_file", "auth")
+_OPTION_SUFFIX = re.compile(r";(tls|ca_file|auth)=")
 
-    As a string, TARGET may end in ``;tls=POLICY``.
+
+def _route(domain: object, target: object, ctx: _Context | None = None) -> Route:
+    """Check one ``DOMAIN = TARGET`` pair; TARGET may be a table ``{ target = ..., tls = ...,
+    ca_file = ..., auth = ... }``, or a string ending in ``;tls=POLICY;ca_file=PATH;auth=PATH``.
     """
-    tls: str | None = None
+    ctx = ctx if ctx is not None else _Context(Path("."))
+    options: dict[str, object] = {}
     if isinstance(target, Mapping):
         if "target" not in target:
             raise _Invalid(
@@ -58,19 +86,87 @@ def _route(domain: object, target: object) -> Route:
                 f"without 'target'; quote domain names that contain dots, "
                 f'as in "example.org" = "mx"'
             )
-        unknown = sorted(set(target) - {"target", "tls"})
+        unknown = sorted(set(target) - {"target", *_ROUTE_OPTIONS})
         if unknown:
             raise _Invalid(
-                f"a route table takes 'target' and 'tls', not {', '.join(map(repr, unknown))}"
+                f"a route table takes 'target', 'tls', 'ca_file' and 'auth', "
+                f"not {', '.join(map(repr, unknown))}"
             )
-        if "tls" in target:
-            tls = _choice(*TLS_POLICIES)(target["tls"], _Context(Path(".")))
+        options = {key: target[key] for key in _ROUTE_OPTIONS if key in target}
         target = target["target"]
-    elif isinstance(target, str) and ";tls=" in target:
-        target, _, policy = target.rpartition(";tls=")
-        tls = _choice(*TLS_POLICIES)(policy, _Context(Path(".")))
+    elif isinstance(target, str) and _OPTION_SUFFIX.search(target):
+        parts = _OPTION_SUFFIX.split(target)
+        target = parts[0]
+        for key, value in zip(parts[1::2], parts[2::2], strict=True):
+            options[key] = value
     route = _route_target(domain, target)
-    return dataclasses.replace(route, tls=tls) if tls is not None else route
+    return _with_options(route, options, ctx) if options else route
+
+
+def _with_options(route: Route, options: Mapping[str, object], ctx: _Context) -> Route:
+    """``route`` with its tls, ca_file and auth options, checked against each other."""
+    tls = _choice(*TLS_POLICIES)(options["tls"], ctx) if "tls" in options else None
+    ca = _ca_file(options["ca_file"], ctx) if "ca_file" in options else None
+    auth = _credentials(options["auth"], ctx) if "auth" in options else None
+    if ca is not None and tls != "verify":
+        raise _Invalid('ca_file needs tls = "verify" on the same route')
+    if auth is not None:
+        if route.transport not in ("smtp", "mx"):
+            raise _Invalid(f"auth is for smtp and mx routes, not {route.transport}")
+        if tls not in ("encrypt", "verify"):
+            raise _Invalid(
+                'auth needs tls = "encrypt" or "verify" on the same route '
+                "(credentials are never sent in clear)"
+            )
+    return dataclasses.replace(route, tls=tls, ca=ca, auth=auth)
+
+
+def _ca_file(value: object, ctx: _Context) -> CAFile:
+    """A PEM file of one or more CA certificates."""
+    path = _optional_file(value, ctx)
+    if path is None:
+        raise _Invalid("expected the path of a PEM file of CA certificates, got an empty string")
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise _Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise _Invalid(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return CAFile(path, pem)
+
+
+def _credentials(value: object, ctx: _Context) -> RelayCredentials:
+    """A file only the server may read, holding one ``USERNAME:PASSWORD`` line.
+
+    Blank lines and ``#`` comments are ignored; the password is everything after the
+    first colon, up to the end of the line.
+    """
+    path = _optional_file(value, ctx)
+    if path is None:
+        raise _Invalid("expected the path of a credentials file, got an empty string")
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise _Invalid(
+                f"{path} is readable by group or others (mode {mode & 0o777:o}); "
+                f"run chmod 600 {path}"
+            )
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise _Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise _Invalid(f"{path} is not UTF-8 text") from None
+    lines = [
+        line.rstrip("\r")
+        for line in text.split("\n")
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if len(lines) != 1:
+        raise _Invalid(f"{path} must hold exactly one USERNAME:PASSWORD line, found {len(lines)}")
+    username, colon, password = lines[0].strip().partition(":")
+    if not colon or not username or not password or "\0" in lines[0]:
+        raise _Invalid(f"{path}: expected one line USERNAME:PASSWORD (both non-empty)")
+    return RelayCredentials(path, username, password)
 
 
 def _route_target(domain: object, target: object) -> Route:
@@ -112,7 +208,7 @@ def _routes(value: object, ctx: _Context) -> tuple[Route, ...]:
     routes = []
     for domain, target in value.items():
         try:
-            routes.append(_route(domain, target))
+            routes.append(_route(domain, target, ctx))
         except _Invalid as exc:
             raise _Invalid(exc.problem, "." + _toml_key(domain)) from None
     return tuple(routes)
@@ -125,7 +221,7 @@ def _route_option(value: object, ctx: _Context) -> tuple[Route, ...]:
     if not equals:
         raise _Invalid(f"expected DOMAIN=TARGET such as example.org=mx, got {text!r}")
     try:
-        return (_route(domain.strip(), target.strip()),)
+        return (_route(domain.strip(), target.strip(), ctx),)
     except _Invalid as exc:
         raise _Invalid(f"{text!r}: {exc.problem}") from None
 

@@ -52,7 +52,10 @@ def _by_name() -> dict[str, _Key]:
 
 def _route(route: Route) -> str:
     target = route.transport if route.endpoint is None else f"{route.transport}:{route.endpoint}"
-    return _string(target if route.tls is None else f"{target};tls={route.tls}")
+    target += "" if route.tls is None else f";tls={route.tls}"
+    target += "" if route.ca is None else f";ca_file={route.ca.path}"
+    target += "" if route.auth is None else f";auth={route.auth.path}"  # the file, never its secret
+    return _string(target)
 
 
 def _webhook(hook: Webhook) -> str:

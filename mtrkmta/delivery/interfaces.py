@@ -8,6 +8,7 @@ from typing import Literal
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
+from mtrkmta.config import CAFile, RelayCredentials
 from mtrkmta.envelope import Envelope, Recipient
 from mtrkmta.smtp.client import TLSPolicy
 from mtrkmta.tracking.interfaces import RecipientState
@@ -36,7 +37,8 @@ class NextHop:
     ``destination`` names the hop for grouping and concurrency limits (e.g.
     ``mx:example.org`` or ``route:lmtp:unix:path=/run/dovecot/lmtp``). ``servers``
     are tried in order: on connection failure or a 4xx greeting the next one is
-    tried (MX fallback).
+    tried (MX fallback). ``tls`` is the STARTTLS policy, ``ca`` what ``verify``
+    trusts (None: the system's CAs), ``auth`` the credentials for AUTH, if any.
     """
 
     transport: TransportKind
@@ -44,6 +46,8 @@ class NextHop:
     servers: tuple[Server, ...] = ()
     tls: TLSPolicy = "may"
     max_recipients: int = 50
+    ca: CAFile | None = None
+    auth: RelayCredentials | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -173,7 +173,7 @@ def connect_failure(error: BaseException) -> str:
 
 
 def _key(hop: NextHop) -> tuple[Any, ...]:
-    return (hop.transport, hop.destination, hop.tls, hop.servers)
+    return (hop.transport, hop.destination, hop.tls, hop.servers, hop.ca, hop.auth)
 
 
 def _describe(error: SessionError) -> tuple[str, str]:
@@ -206,11 +206,13 @@ def _error_outcome(
 class SMTPTransport:
     """Relays attempts over SMTP, trying the next hop's servers in order.
 
-    A server is skipped on a connection failure or timeout, on a 4xx or 5xx
-    greeting, on a refused EHLO+HELO and, with TLS policy ``encrypt``, when TLS
-    cannot be had; when every server fails, all recipients are DEFERRED with the
-    last error. Recipients go in transactions of at most ``max_recipients`` on one
-    connection. Outcomes per recipient (RFC 3885 §3.3, RFC 3886 §3.3.3, RFC 2033 §4.2):
+    A server is skipped on a connection failure or timeout, on a 4xx or 5xx greeting, on
+    a refused EHLO+HELO, with TLS policy ``encrypt`` or ``verify`` when TLS cannot be
+    had (or, with ``verify``, the certificate fails), and with the hop's ``auth`` when
+    AUTH is not offered or refused (4.7.x); when every server fails, all recipients are
+    DEFERRED with the last error. Recipients go in transactions of at most
+    ``max_recipients`` on one connection. Outcomes per recipient (RFC 3885 §3.3, RFC
+    3886 §3.3.3, RFC 2033 §4.2):
 
     * accepted with MTRK forwarded -> TRANSFERRED 2.4.0, ``certifier_forwarded``;
     * accepted otherwise -> RELAYED 2.1.9 (LMTP: DELIVERED 2.1.5);
@@ -457,6 +459,8 @@ class SMTPTransport:
                 server_name=server.name,
                 tls=hop.tls,
                 faults=self.faults,
+                auth=hop.auth,
+                ca=hop.ca,
             )
             try:
                 endpoint = clientFromString(self.reactor, server.endpoint)

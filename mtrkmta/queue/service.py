@@ -784,7 +784,7 @@ class QueueService:
             if domain not in routes:
                 routes[domain] = await self._route(envelope.queue_id, domain)
         outcomes: list[RecipientOutcome] = []
-        groups: dict[str, tuple[NextHop, list[int]]] = {}
+        groups: dict[tuple[object, ...], tuple[NextHop, list[int]]] = {}
         for index in indices:
             route = routes[recipient_domain(envelope.recipients[index].address)]
             if isinstance(route, RouteFailure):
@@ -793,7 +793,8 @@ class QueueService:
                 )
                 self.metrics.delivery(route.state.value, "routing")
                 continue
-            groups.setdefault(route.destination, (route, []))[1].append(index)
+            key = (route.destination, route.tls, route.ca, route.auth)  # never mix credentials
+            groups.setdefault(key, (route, []))[1].append(index)
         attempts = [
             Attempt(envelope, content, tuple(members), hop, now, first)
             for hop, members in groups.values()

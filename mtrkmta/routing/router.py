@@ -64,8 +64,14 @@ def endpoint_host(description: str, local_name: str) -> str:
     return local_name
 
 
-def _with_tls(result: NextHop | RouteFailure, tls: TLSPolicy) -> NextHop | RouteFailure:
-    return dataclasses.replace(result, tls=tls) if isinstance(result, NextHop) else result
+def _with_tls(
+    result: NextHop | RouteFailure, tls: TLSPolicy, route: Route | None = None
+) -> NextHop | RouteFailure:
+    """``result`` with the TLS policy, and the route's CA file and credentials."""
+    if not isinstance(result, NextHop):
+        return result
+    ca, auth = (route.ca, route.auth) if route is not None else (None, None)
+    return dataclasses.replace(result, tls=tls, ca=ca, auth=auth)
 
 
 class _ResultCache:
@@ -152,7 +158,7 @@ class Router:
         )
         self._cache = None if clock is None else _ResultCache(clock, cache_size, max_cache_ttl)
         # Fixed routes' next hops, built once each: a configured route never changes.
-        self._fixed: dict[tuple[str, str, TLSPolicy], NextHop] = {}
+        self._fixed: dict[tuple[object, ...], NextHop] = {}
 
     @classmethod
     def from_config(
@@ -198,7 +204,7 @@ class Router:
         name = domain.lower().removesuffix(".")
         route = select_route(self._routes, self._local_domains, name)
         tls = cast(TLSPolicy, route.tls or self._tls)
-        return self._route_mx(name).addCallback(_with_tls, tls)
+        return self._route_mx(name).addCallback(_with_tls, tls, route)
 
     def known(self, domain: str) -> NextHop | RouteFailure | None:
         """What :meth:`route` decides for ``domain`` when that needs no DNS lookup, else None.
@@ -217,14 +223,14 @@ class Router:
             return MAILDIR_HOP
         tls = cast(TLSPolicy, route.tls or self._tls)
         if route.transport != "mx" and route.endpoint is not None:
-            return self._fixed_hop(route.transport, route.endpoint, tls)
+            return self._fixed_hop(route.transport, route.endpoint, tls, route)
         if name.startswith("["):
-            return _with_tls(self._mx.literal(name).result, tls)
+            return _with_tls(self._mx.literal(name).result, tls, route)
         cached = self._cache.get(name) if self._cache is not None else None
-        return None if cached is None else _with_tls(cached, tls)
+        return None if cached is None else _with_tls(cached, tls, route)
 
-    def _fixed_hop(self, transport: str, endpoint: str, tls: TLSPolicy) -> NextHop:
-        key = (transport, endpoint, tls)
+    def _fixed_hop(self, transport: str, endpoint: str, tls: TLSPolicy, route: Route) -> NextHop:
+        key = (transport, endpoint, tls, route.ca, route.auth)
         hop = self._fixed.get(key)
         if hop is None:
             server = Server(endpoint_host(endpoint, self._hostname or "localhost"), endpoint)
@@ -235,6 +241,8 @@ class Router:
                 servers=(server,),
                 tls=tls,
                 max_recipients=self._lmtp_max_recipients if lmtp else self._smtp_max_recipients,
+                ca=route.ca,
+                auth=route.auth,
             )
         return hop
 

@@ -22,8 +22,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mtrkmta.config import CAFile, RelayCredentials
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.metrics import IMetrics, NoMetrics
+from mtrkmta.smtp.clientauth import (
+    choose_mechanism,
+    failure_status,
+    login_responses,
+    plain_command,
+    redact,
+)
 from mtrkmta.smtp.extensions import parse_ehlo
 from mtrkmta.smtp.framing import CRLF, OVERLONG, LineFramer
 from mtrkmta.smtp.outbound import (
@@ -34,11 +42,13 @@ from mtrkmta.smtp.outbound import (
     offers_chunking,
 )
 from mtrkmta.smtp.reply import MalformedReply, Reply, ReplyReader
+from mtrkmta.tls import VerifyingClientTLS
 
 log = Logger()
 
-TLSPolicy = Literal["none", "may", "encrypt"]
-"""STARTTLS towards a next hop: never, when offered (``may``), or required (``encrypt``)."""
+TLSPolicy = Literal["none", "may", "encrypt", "verify"]
+"""STARTTLS towards a next hop: never, when offered (``may``), required (``encrypt``), or
+required with the server's certificate verified (``verify``)."""
 
 MAX_REPLY_LINE = 4096
 """Longest reply line accepted (RFC 5321 §4.5.3.1.5 says 512; real servers exceed it)."""
@@ -299,7 +309,15 @@ class SMTPClient(Protocol):
     TLS policy: ``none`` never starts TLS; ``may`` starts it when offered and stays
     in plain text when STARTTLS is not offered or is refused with a 4xx/5xx (the
     connection is still in step, as Postfix does); ``encrypt`` fails the session
-    with 4.7.4 in both cases. A failed handshake is a connection failure (4.7.5).
+    with 4.7.4 in both cases, and so does ``verify``, which also checks the
+    certificate chain (``ca``, else the system's CAs) and that it is for
+    ``server_name`` (:class:`mtrkmta.tls.VerifyingClientTLS`). A failed handshake or
+    verification is a connection failure (4.7.5): nothing more is sent.
+
+    With ``auth``, after STARTTLS and the second EHLO, AUTH PLAIN (else LOGIN) with
+    those credentials (RFC 4954); any refusal, or no AUTH offered, fails the session
+    with a 4.7.x (the recipients wait, as Postfix's default soft bounce). Credentials
+    go only over TLS, never into an error.
     """
 
     hello_verb = "EHLO"
@@ -313,12 +331,18 @@ class SMTPClient(Protocol):
         server_name: str,
         tls: TLSPolicy = "may",
         faults: IFaults = NoFaults(),
+        auth: RelayCredentials | None = None,
+        ca: CAFile | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.faults = faults  # told each named step (mtrkmta.faults.POINTS)
         self.server_name = server_name
         self.tls_policy: TLSPolicy = tls
+        self.auth = auth
+        self.ca = ca
+        self.authenticated = False
+        self._verifier: VerifyingClientTLS | None = None
         self.greeting: Reply | None = None
         self.keywords: dict[str, str] = {}
         self.esmtp = False
@@ -412,7 +436,11 @@ class SMTPClient(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._connected = False
         self._lost = True
-        if self._tls_pending:
+        problem = self._verifier.problem if self._verifier is not None else None
+        if problem is not None:
+            message = f"TLS certificate of {self.server_name} not verified: {problem}"
+            self._die(SessionError(message, status="4.7.5"))
+        elif self._tls_pending:
             message = f"TLS handshake with {self.server_name} failed: {reason.getErrorMessage()}"
             self._die(SessionError(message, status="4.7.5"))
         else:
@@ -527,15 +555,16 @@ class SMTPClient(Protocol):
         await self._hello()
         if self.tls_policy == "none":
             return
+        required = self.tls_policy in ("encrypt", "verify")
         if "STARTTLS" not in self.keywords:
-            if self.tls_policy == "encrypt":
+            if required:
                 raise SessionError(
                     f"TLS is required, but was not offered by {self.server_name}", status="4.7.4"
                 )
             return
         reply = await self._reply(self._command("STARTTLS", "STARTTLS", timeouts.starttls))
         if reply.code != 220:
-            if self.tls_policy == "encrypt":
+            if required:
                 raise SessionError(
                     f"TLS is required, but {self.server_name} refused STARTTLS",
                     status="4.7.4",
@@ -544,6 +573,41 @@ class SMTPClient(Protocol):
             return
         self._start_tls()
         await self._hello()
+        if self.auth is not None:
+            await self._authenticate(self.auth)
+
+    async def _authenticate(self, credentials: RelayCredentials) -> None:
+        """AUTH with ``credentials``, only over a finished TLS handshake (RFC 4954 §4)."""
+        if not self.tls_active or self._tls_pending:
+            raise SessionError(
+                f"no TLS with {self.server_name}: the credentials are not sent in clear",
+                status="4.7.4",
+            )
+        mechanism = choose_mechanism(self.keywords)
+        if mechanism is None:
+            offered = self.keywords.get("AUTH")
+            what = f"offers AUTH {offered}, not PLAIN or LOGIN" if offered else "offers no AUTH"
+            raise SessionError(
+                f"{self.server_name} {what}: the credentials are not sent", status="4.7.0"
+            )
+        timeout = self.settings.timeouts.hello
+        if mechanism == "PLAIN":
+            reply = await self._reply(self._command(plain_command(credentials), "AUTH", timeout))
+        else:
+            reply = await self._reply(self._command("AUTH LOGIN", "AUTH", timeout))
+            for response in login_responses(credentials):
+                if reply.code != 334:
+                    break
+                reply = await self._reply(self._command(response, "AUTH", timeout))
+        if reply.code == 334:  # a challenge we have no answer to: cancel (RFC 4954 §4)
+            reply = await self._reply(self._command("*", "AUTH", timeout))
+        if reply.code != 235:
+            raise SessionError(
+                f"{self.server_name} refused AUTH {mechanism}",
+                status=failure_status(reply),
+                reply=redact(reply, credentials),
+            )
+        self.authenticated = True
 
     def _start_tls(self) -> None:
         # Forget everything read in clear: pipelined replies after 220 are injections.
@@ -553,7 +617,14 @@ class SMTPClient(Protocol):
         self.keywords = {}
         self.esmtp = False
         self._tls_pending = True
-        ITLSTransport(self.transport).startTLS(self.settings.tls_context(self.server_name))
+        if self.tls_policy == "verify":
+            self._verifier = VerifyingClientTLS(
+                self.server_name, self.ca.pem if self.ca is not None else None
+            )
+            context: Any = self._verifier
+        else:
+            context = self.settings.tls_context(self.server_name)
+        ITLSTransport(self.transport).startTLS(context)
         self.tls_active = True
 
     async def _hello(self) -> None:

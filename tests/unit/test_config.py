@@ -790,7 +790,7 @@ def test_route_table_with_tls_policy(tmp_path):
 def test_route_tls_policy_must_be_known(tmp_path):
     path = write(tmp_path, '[routes]\n"a.example" = { target = "mx", tls = "always" }\n')
     assert error_for(path) == (
-        f'config error: {path}: routes."a.example": expected one of none, may, encrypt, '
+        f'config error: {path}: routes."a.example": expected one of none, may, encrypt, verify, '
         "got 'always'"
     )
 
