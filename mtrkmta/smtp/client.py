@@ -701,38 +701,15 @@ class SMTPClient(Protocol):
                     f"{self.server_name} refused RSET", status=temporary_status(reply), reply=reply
                 )
         self._used = True
-        count = len(transaction.recipients)
         if offers_chunking(self.keywords, self.settings.chunking):
             await self._envelope(transaction, progress)
             accepted = progress.accepted()
             if accepted:
                 await self._send_chunks(transaction, accepted, progress)
             return
-        if "PIPELINING" in self.keywords:
-            # RFC 2920: MAIL, every RCPT and DATA in one write; replies are read in order.
-            lines = [transaction.mail_line(), *map(transaction.rcpt_line, range(count)), "DATA"]
-            self.wire.write(
-                b"".join(line.encode("utf-8", "surrogateescape") + CRLF for line in lines)
-            )
-            mail = self._expect("MAIL", timeouts.mail)
-            rcpts = [self._expect("RCPT", timeouts.rcpt) for _ in range(count)]
-            data = self._expect("DATA", timeouts.data_init)
-            progress.mail = await self._reply(mail)
-            for index, waiting in enumerate(rcpts):
-                progress.rcpt[index] = await self._reply(waiting)
-            data_reply = await self._reply(data)
-        else:
-            progress.mail = await self._reply(
-                self._command(transaction.mail_line(), "MAIL", timeouts.mail)
-            )
-            if not progress.mail.is_positive:
-                return
-            for index in range(count):
-                line = transaction.rcpt_line(index)
-                progress.rcpt[index] = await self._reply(self._command(line, "RCPT", timeouts.rcpt))
-            if not progress.accepted():
-                return
-            data_reply = await self._reply(self._command("DATA", "DATA", timeouts.data_init))
+        data_reply = await self._envelope(transaction, progress, then_data=True)
+        if data_reply is None:
+            return
         if data_reply.is_positive:
             raise SessionError(
                 f"{self.server_name} answered DATA with {data_reply.code}", status="4.5.0"
@@ -749,35 +726,46 @@ class SMTPClient(Protocol):
             return
         await self._send_content(transaction.content, accepted, progress)
 
-    async def _envelope(self, transaction: OutgoingTransaction, progress: _Progress) -> None:
-        """MAIL and every RCPT, and their replies: in one write with PIPELINING (RFC 2920).
+    async def _envelope(
+        self, transaction: OutgoingTransaction, progress: _Progress, *, then_data: bool = False
+    ) -> Reply | None:
+        """MAIL and every RCPT, and their replies, then (``then_data``) DATA and its reply,
+        which it returns; None when DATA was not sent (MAIL refused, or no RCPT accepted,
+        without PIPELINING). With PIPELINING all go in one write (RFC 2920) and the
+        replies are read in order.
 
-        Used before BDAT. BDAT is never pipelined after the RCPTs (RFC 3030 §4.2 would
-        allow it): had every RCPT been refused, a BDAT already sent would need its chunk
-        sent anyway and its reply read before RSET (RFC 3030 §2). Waiting for the RCPT
-        replies costs one round trip and leaves nothing to discard.
+        BDAT is never pipelined after the RCPTs (RFC 3030 §4.2 would allow it): had every
+        RCPT been refused, a BDAT already sent would need its chunk sent anyway and its
+        reply read before RSET (RFC 3030 §2). Waiting for the RCPT replies costs one round
+        trip and leaves nothing to discard.
         """
         timeouts = self.settings.timeouts
         count = len(transaction.recipients)
         if "PIPELINING" in self.keywords:
             lines = [transaction.mail_line(), *map(transaction.rcpt_line, range(count))]
+            if then_data:
+                lines.append("DATA")
             self.wire.write(
                 b"".join(line.encode("utf-8", "surrogateescape") + CRLF for line in lines)
             )
             mail = self._expect("MAIL", timeouts.mail)
             rcpts = [self._expect("RCPT", timeouts.rcpt) for _ in range(count)]
+            data = self._expect("DATA", timeouts.data_init) if then_data else None
             progress.mail = await self._reply(mail)
             for index, waiting in enumerate(rcpts):
                 progress.rcpt[index] = await self._reply(waiting)
-            return
+            return None if data is None else await self._reply(data)
         progress.mail = await self._reply(
             self._command(transaction.mail_line(), "MAIL", timeouts.mail)
         )
         if not progress.mail.is_positive:
-            return
+            return None
         for index in range(count):
             line = transaction.rcpt_line(index)
             progress.rcpt[index] = await self._reply(self._command(line, "RCPT", timeouts.rcpt))
+        if not then_data or not progress.accepted():
+            return None
+        return await self._reply(self._command("DATA", "DATA", timeouts.data_init))
 
     async def _send_chunks(
         self, transaction: OutgoingTransaction, accepted: list[int], progress: _Progress

@@ -1,10 +1,16 @@
-"""Integration-test hooks: the fault-injection suite lists the points it covered."""
+"""Integration-test hooks: the fault-injection suite lists the points it covered; the
+``log_file`` fixture."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from twisted.logger import globalLogPublisher
+
+from mtrkmta.logfile import text_observer
 
 COVERED = re.compile(
     r"test_fault_injection\.py::test_(crash_at|crash_at_lmtp_next_hop|streamed_message_at|failed_write_at)\[(.+)\]$"
@@ -30,3 +36,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("-", f"fault injection: {len(rows)} cases")
         for row in rows:
             terminalreporter.write_line(row)
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[Path]:
+    """Everything logged during the test, as `mtrkmta serve` writes it, in a file."""
+    path = tmp_path / "mtrkmta.log"
+    with path.open("w", encoding="utf-8") as out:
+        observer = text_observer(out)
+        globalLogPublisher.addObserver(observer)
+        try:
+            yield path
+        finally:
+            globalLogPublisher.removeObserver(observer)

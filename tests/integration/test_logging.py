@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,9 @@ from test_receive_tls_auth import secure
 from test_relay_end_to_end import far_zones, mx_options, relaying, send_one
 from test_smtp_transport import dead_endpoint
 from twisted.internet import reactor
-from twisted.logger import globalLogPublisher
 
 import mtrkmta
 from mtrkmta.auth import hash_password
-from mtrkmta.logfile import text_observer
 from mtrkmta.testing import node_config, start_node, stop_node
 
 FILTER = Path(__file__).parents[2] / "doc/examples/fail2ban/filter.d/mtrkmta.conf"
@@ -44,19 +42,6 @@ DELAYS = r"delay=\d+\.\d\d, delays=\d+\.\d\d/\d+\.\d\d/\d+\.\d\d"
 FORGED = (
     "2026-01-01T00:00:00+0000 [mtrkmta.smtp.server#info] smtp AUTH failed from unknown[10.0.0.1]:"
 )
-
-
-@pytest.fixture
-def log_file(tmp_path: Path) -> Iterator[Path]:
-    """Everything logged during the test, as `mtrkmta serve` writes it, in a file."""
-    path = tmp_path / "mtrkmta.log"
-    with path.open("w", encoding="utf-8") as out:
-        observer = text_observer(out)
-        globalLogPublisher.addObserver(observer)
-        try:
-            yield path
-        finally:
-            globalLogPublisher.removeObserver(observer)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ with a next hop as the router builds it from a route with ``tls``, ``ca_file`` a
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,12 @@ from certs import TestCA
 from dnsserver import Zone, a, mx, serve_dns
 from smtpwire import Wire, in_thread, queue_id_of, until
 from twisted.internet import reactor
-from twisted.logger import globalLogPublisher
 
 from mtrkmta.auth import hash_password
 from mtrkmta.config import CAFile, RelayCredentials
 from mtrkmta.delivery.interfaces import Attempt, NextHop, RecipientOutcome, Server
 from mtrkmta.delivery.smtp import SMTPTransport, SMTPTransportSettings
 from mtrkmta.envelope import Envelope, MailParams, RcptParams, Recipient
-from mtrkmta.logfile import text_observer
 from mtrkmta.queue.service import QueueEvent
 from mtrkmta.smtp.client import ClientTimeouts, TLSPolicy
 from mtrkmta.testing import node_config, start_node, stop_node
@@ -252,19 +250,6 @@ async def test_encrypt_does_not_verify_a_wrong_name(smarthost, ca):
 
 
 # -- a whole node, its log and its tracking store -------------------------------------------
-
-
-@pytest.fixture
-def log_file(tmp_path: Path) -> Iterator[Path]:
-    """Everything logged during the test, as `mtrkmta serve` writes it, in a file."""
-    path = tmp_path / "mtrkmta.log"
-    with path.open("w", encoding="utf-8") as out:
-        observer = text_observer(out)
-        globalLogPublisher.addObserver(observer)
-        try:
-            yield path
-        finally:
-            globalLogPublisher.removeObserver(observer)
 
 
 def submit(port: int, recipient: str) -> str:
