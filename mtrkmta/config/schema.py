@@ -204,6 +204,7 @@ class Mtqp:
     chain_max_hops: int = field(default=8, metadata=_key(_integer(1, 64)))
     chain_concurrency: int = field(default=8, metadata=_key(_integer(1, 1000)))
     disguise: bool = field(default=False, metadata=_key(_boolean))
+    chain_ca_file: Path | None = field(default=None, metadata=_key(_optional_file))
 
 
 def _secret_file(value: object, ctx: _Context) -> Path | None:

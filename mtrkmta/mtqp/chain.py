@@ -16,10 +16,14 @@ from zope.interface import Interface, implementer
 
 from mtrkmta.mtqp.client import (
     DEFAULT_CONNECT_TIMEOUT,
+    TLSContextFactory,
     TLSMode,
     TrackingClient,
+    default_tls_context,
     host_key,
     remote_host,
+    trust_root_from_pem,
+    verifying_tls_context,
 )
 from mtrkmta.tracking.status import (
     RecipientStatus,
@@ -322,7 +326,10 @@ def chain_from_config(config: Config, reactor: Any, resolver: IResolver | None) 
     """The gateway's :class:`Gatherer` from ``[mtqp]``, or None when ``chain`` is off.
 
     Inner hops are found as `mtrkmta track` finds servers (SRV, then the host on
-    1038) with ``resolver``; each reply is awaited at most ``chain_timeout``.
+    1038) with ``resolver``; each reply is awaited at most ``chain_timeout``. Their
+    certificates are verified against ``chain_ca_file`` when set, else the system's
+    trust store. Raises ValueError, one line, when ``chain_ca_file`` holds no
+    certificate (read here, once, at start-up).
     """
     mtqp = config.mtqp
     if not mtqp.chain or resolver is None:
@@ -335,11 +342,22 @@ def chain_from_config(config: Config, reactor: Any, resolver: IResolver | None) 
         disguise=mtqp.disguise,
     )
 
+    tls_context: TLSContextFactory = default_tls_context
+    if mtqp.chain_ca_file is not None:
+        path = mtqp.chain_ca_file
+        try:
+            tls_context = verifying_tls_context(trust_root_from_pem(path.read_bytes()))
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"mtqp.chain_ca_file: cannot use {path} ({error}); give a PEM CA bundle"
+            ) from None
+
     def make_client(tls: TLSMode) -> TrackingClient:
         return TrackingClient(
             reactor,
             resolver,
             tls=tls,
+            tls_context=tls_context,
             reply_timeout=settings.timeout,
             connect_timeout=min(settings.timeout, DEFAULT_CONNECT_TIMEOUT),
             max_hops=1,

@@ -37,10 +37,12 @@ CHAIN = (
 )
 
 
-async def deliver_through(rig: Chain, *a_options: tuple[str, object]) -> None:
+async def deliver_through(
+    rig: Chain, *a_options: tuple[str, object], b_options: tuple[tuple[str, object], ...] = ()
+) -> None:
     """B delivers ``chain.example``; A, with ``a_options``, relays to B by MX; one message
     sent through A and delivered at B."""
-    b = await rig.start("b", B_NAME, ("domains.local", (DOMAIN,)))
+    b = await rig.start("b", B_NAME, ("domains.local", (DOMAIN,)), *b_options)
     await rig.start(
         "a",
         A_NAME,
@@ -142,3 +144,26 @@ async def test_client_used_tls_so_the_secret_never_goes_to_b_in_clear(tmp_path: 
         assert local.recipients[0].action == "transferred"
         b = rig.node("b").mtqp
         assert b is not None and len(b.tracks) == 0  # B was never sent a TRACK
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_used_tls_so_a_asks_b_under_verified_tls(tmp_path: Path):
+    # RFC 3887 §11 (SHOULD): TLS at the same or a better level at the next hop. B answers
+    # TRACK only under TLS (mtqp.tls_required); A verifies B's certificate against
+    # mtqp.chain_ca_file (here B's self-signed certificate).
+    async with chain(tmp_path) as rig:
+        b_tls = (*tls_options(tmp_path / "tls-b", B_NAME), ("mtqp.tls_required", True))
+        await deliver_through(
+            rig,
+            *CHAIN,
+            *tls_options(tmp_path / "tls-a", A_NAME),
+            ("mtqp.chain_ca_file", str(tmp_path / "tls-b" / "cert.pem")),
+            b_options=b_tls,
+        )
+        trace = await track_from_outside(rig, tls="may")
+        (hop,) = trace.hops
+        assert hop.tls and hop.error is None
+        local, inner = hop.reports
+        assert local.recipients[0].action == "transferred"
+        assert inner.reporting_mta.value == B_NAME
+        assert inner.recipients[0].action == "delivered"

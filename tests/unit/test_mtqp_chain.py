@@ -426,3 +426,18 @@ def test_chain_timeout_over_two_minutes_is_a_config_error(tmp_path):
 def test_chain_without_domains_is_a_config_error(tmp_path):
     message = config_error(tmp_path, "[mtqp]\nchain = true\n")
     assert "mtqp.chain: needs mtqp.chain_domains" in message
+
+
+def test_chain_ca_file_without_a_certificate_is_one_clear_error(tmp_path):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    config = load(
+        ("mtqp.chain", True),
+        ("mtqp.chain_domains", (INNER,)),
+        ("mtqp.chain_ca_file", str(bad)),
+    )
+    with pytest.raises(ValueError) as info:
+        chain_from_config(config, MemoryReactorClock(), object())  # type: ignore[arg-type]
+    assert str(info.value) == (
+        f"mtqp.chain_ca_file: cannot use {bad} (no PEM certificate found); give a PEM CA bundle"
+    )
