@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -210,7 +210,7 @@ class _Run:
                 break
             self.asked.add(host)
             self.hops += 1
-            current = self.asker.ask(host, self.envid, self.secret, self.tls)
+            current = maybeDeferred(self.asker.ask, host, self.envid, self.secret, self.tls)
             self.current = current
             current.addCallbacks(self._answered, self._failed, errbackArgs=(host,))
             return

@@ -194,6 +194,17 @@ def test_a_hop_that_fails_leaves_the_transferred_block():
     assert [q[0] for q in asker.asked] == [B]
 
 
+def test_an_asker_that_raises_is_a_hop_without_answer():
+    class Broken(FakeAsker):
+        def ask(self, host, envid, secret, tls):
+            super().ask(host, envid, secret, tls)
+            raise RuntimeError("no client")
+
+    asker = Broken({})
+    assert result(gather(asker, LOCAL)) == [LOCAL]
+    assert [q[0] for q in asker.asked] == [B]
+
+
 def test_timeout_answers_with_what_came_in_and_cancels_the_question():
     # RFC 3887 §2.4 (MUST): within 2 minutes; (SHOULD) with the information it has.
     clock = MemoryReactorClock()
