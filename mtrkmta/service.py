@@ -43,6 +43,7 @@ from mtrkmta.metrics import (
     remove_files,
     write_exposition,
 )
+from mtrkmta.mtqp.chain import chain_from_config  # MTQP chaining (RFC 3887 §2.4)
 from mtrkmta.mtqp.server import (  # MTQP listener
     MTQPServerFactory,
     MTQPSettings,
@@ -938,8 +939,18 @@ class MTAService(Service):
         tls = None
         if self.config.tls.certificate is not None and self.config.tls.private_key is not None:
             tls = server_context(self.config.tls.certificate, self.config.tls.private_key)
+        try:
+            chain = chain_from_config(
+                self.config, self.reactor, self._resolver or self._system_resolver
+            )
+        except ValueError as error:
+            raise StartError(str(error)) from None
         factory = MTQPServerFactory(
-            settings_from_config(self.config, tls), self.tracking, self.reactor, self.metrics
+            settings_from_config(self.config, tls),
+            self.tracking,
+            self.reactor,
+            self.metrics,
+            chain=chain,
         )
         await self._bind("mtqp", description, factory)
         self.mtqp = factory

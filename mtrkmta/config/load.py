@@ -264,6 +264,10 @@ def _cross_check(values: Mapping[str, _Value]) -> None:
         raise values["mtqp.tls_required"].error(
             "mtqp.tls_required", "needs tls.certificate and tls.private_key"
         )
+    if values["mtqp.chain"].value and not values["mtqp.chain_domains"].value:
+        raise values["mtqp.chain"].error(
+            "mtqp.chain", "needs mtqp.chain_domains (the inner hosts it may ask)"
+        )
 
     for shorter, longer in (
         ("tracking.default_retention", "tracking.max_retention"),

@@ -28,6 +28,7 @@ from mtrkmta.config.convert import (
     _database,
     _domain_list,
     _duration,
+    _format_duration,
     _got,
     _hostname,
     _integer,
@@ -173,6 +174,21 @@ class Tracking:
     webhook_outbox_limit: int = field(default=100000, metadata=_key(_integer(1)))
 
 
+CHAIN_TIMEOUT = 2 * MINUTE
+"""A server chaining a TRACK answers within two minutes (RFC 3887 §2.4)."""
+
+
+def _chain_timeout(value: object, ctx: _Context) -> float:
+    """A duration greater than zero and at most two minutes (RFC 3887 §2.4)."""
+    seconds = _duration()(value, ctx)
+    if seconds > CHAIN_TIMEOUT:
+        raise _Invalid(
+            f"must be at most {_format_duration(CHAIN_TIMEOUT)} (RFC 3887 §2.4), "
+            f"got {_format_duration(seconds)}"
+        )
+    return seconds
+
+
 @dataclass(frozen=True, slots=True)
 class Mtqp:
     """The MTQP server on ``listeners.mtqp``: TLS policy, idle timeout, per-address limits."""
@@ -182,6 +198,13 @@ class Mtqp:
     session_time: float = field(default=HOUR, metadata=_key(_duration()))
     track_rate: int = field(default=60, metadata=_key(_integer(0)))
     failure_rate: int = field(default=10, metadata=_key(_integer(0)))
+    chain: bool = field(default=False, metadata=_key(_boolean))
+    chain_domains: tuple[str, ...] = field(default=(), metadata=_key(_domain_list))
+    chain_timeout: float = field(default=CHAIN_TIMEOUT, metadata=_key(_chain_timeout))
+    chain_max_hops: int = field(default=8, metadata=_key(_integer(1, 64)))
+    chain_concurrency: int = field(default=8, metadata=_key(_integer(1, 1000)))
+    disguise: bool = field(default=False, metadata=_key(_boolean))
+    chain_ca_file: Path | None = field(default=None, metadata=_key(_optional_file))
 
 
 def _secret_file(value: object, ctx: _Context) -> Path | None:

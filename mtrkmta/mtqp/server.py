@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtrkmta.metrics import IMetrics, NoMetrics
+from mtrkmta.mtqp.chain import Gatherer, inner_hosts
 from mtrkmta.mtqp.protocol import (
     MAX_LINE,
     CommandError,
@@ -34,7 +35,12 @@ from mtrkmta.sessionguard import SessionGuard
 from mtrkmta.sessions import SessionTable
 from mtrkmta.smtp.framing import OVERLONG, LineFramer
 from mtrkmta.tracking.interfaces import Event, StoredMessage
-from mtrkmta.tracking.status import TrackingStatusError, render_related, report_from_transactions
+from mtrkmta.tracking.status import (
+    TrackingReport,
+    TrackingStatusError,
+    render_related,
+    report_from_transactions,
+)
 
 if TYPE_CHECKING:
     from mtrkmta.config import Config
@@ -390,7 +396,7 @@ class MTQPServer(Protocol, SessionGuard):
         d: Deferred[list[StoredMessage]] = maybeDeferred(
             factory.tracking.lookup_transactions, command.envid, candidate
         )
-        answered = d.addCallbacks(self._found, self._store_failed)
+        answered = d.addCallbacks(self._found, self._store_failed, callbackArgs=(command,))
         answered.addErrback(self._internal_error)
         return answered.addCallback(self._settle_failure, reserved)
 
@@ -411,7 +417,7 @@ class MTQPServer(Protocol, SessionGuard):
             self.factory.failures.forget(self.address, reserved)
         return response
 
-    def _found(self, transactions: list[StoredMessage]) -> Deferred[Response]:
+    def _found(self, transactions: list[StoredMessage], command: Track) -> Deferred[Response]:
         if not transactions:
             log.info("MTQP TRACK from {address}: no information", address=self.address)
             return succeed(R_NOINFO)
@@ -420,11 +426,13 @@ class MTQPServer(Protocol, SessionGuard):
         d: Deferred[dict[str, list[Event]]] = maybeDeferred(
             self.factory.tracking.transaction_events, [m.queue_id for m in transactions]
         )
-        return d.addCallbacks(self._report, self._store_failed, callbackArgs=(transactions,))
+        return d.addCallbacks(
+            self._report, self._store_failed, callbackArgs=(transactions, command)
+        )
 
     def _report(
-        self, events: dict[str, list[Event]], transactions: list[StoredMessage]
-    ) -> Response:
+        self, events: dict[str, list[Event]], transactions: list[StoredMessage], command: Track
+    ) -> Response | Deferred[Response]:
         now = self.factory.clock.seconds()
         message = transactions[0]
         retry = self.settings.retry
@@ -435,6 +443,9 @@ class MTQPServer(Protocol, SessionGuard):
                 retry_until=lambda m: retry.give_up_at(m.arrival),
                 events=events,
             )
+            chained = self._chain(report, command)
+            if chained is not None:
+                return chained.addCallback(self._render, transactions)
             response = Response.multiline(
                 render_related([report]), text="Tracking information follows"
             )
@@ -449,6 +460,64 @@ class MTQPServer(Protocol, SessionGuard):
             "MTQP TRACK from {address}: answered for message {queue_ids}",
             address=self.address,
             queue_ids=" ".join(m.queue_id for m in transactions),
+        )
+        return response
+
+    def _chain(
+        self, report: TrackingReport, command: Track
+    ) -> Deferred[list[TrackingReport]] | None:
+        """The inner hops' answers gathered behind ``report`` (RFC 3887 §2.4), or None when
+        this server does not chain, nothing is transferred inside, or too many chained
+        TRACKs are under way (the local answer alone then)."""
+        factory = self.factory
+        chain = factory.chain
+        if chain is None or not inner_hosts([report], chain.settings):
+            return None
+        if factory.chaining >= chain.settings.concurrency:
+            log.info(
+                "MTQP TRACK from {address}: not chained, too many at once", address=self.address
+            )
+            return None
+        factory.chaining += 1
+        # The secret goes to the inner hops: under TLS only when the client used TLS.
+        d = chain.gather(
+            report, command.envid, command.secret, tls=self.tls_active, charge=self._charge
+        )
+
+        def release(parts: list[TrackingReport]) -> list[TrackingReport]:
+            factory.chaining -= 1
+            return parts
+
+        return d.addCallback(release)
+
+    def _charge(self) -> bool:
+        """Count one inner hop asked for this client against its TRACK rate limit."""
+        tracks = self.factory.tracks
+        if not tracks.allowed(self.address):
+            log.info(
+                "MTQP TRACK from {address}: chaining stopped: rate limit", address=self.address
+            )
+            return False
+        tracks.record(self.address)
+        return True
+
+    def _render(self, parts: list[TrackingReport], transactions: list[StoredMessage]) -> Response:
+        try:
+            response = Response.multiline(
+                render_related(parts), text="Tracking information follows"
+            )
+        except (TrackingStatusError, ValueError) as error:
+            log.error(
+                "{queue_id}: MTQP cannot report on the message: {error}",
+                queue_id=transactions[0].queue_id,
+                error=str(error),
+            )
+            return R_UNAVAILABLE
+        log.info(
+            "MTQP TRACK from {address}: answered for message {queue_ids} with {n} chained part(s)",
+            address=self.address,
+            queue_ids=" ".join(m.queue_id for m in transactions),
+            n=len(parts) - 1,
         )
         return response
 
@@ -516,9 +585,13 @@ class MTQPServerFactory(Factory):
         tracking: Any,
         clock: IReactorTime,
         metrics: IMetrics = NoMetrics(),
+        chain: Gatherer | None = None,
     ) -> None:
         """``tracking`` provides ``ITrackingStore.lookup_transactions``; ``clock`` times all;
-        ``metrics`` is told how each TRACK was answered."""
+        ``metrics`` is told how each TRACK was answered; ``chain`` (None: answer for this
+        node only) gathers the inner hops' answers (RFC 3887 §2.4)."""
+        self.chain = chain
+        self.chaining = 0  # chained TRACKs under way (at most chain.settings.concurrency)
         self.metrics = metrics
         self.settings = settings
         self.tracking = tracking
