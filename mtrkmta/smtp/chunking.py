@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from mtrkmta.smtp.framing import CRLF
 from mtrkmta.smtp.reply import SMTPError
 
-# RFC 3030 §4: bdat-cmd ::= "BDAT" SP chunk-size [ SP end-marker ] CR LF
+# RFC 3030 §2: bdat-cmd ::= "BDAT" SP chunk-size [ SP end-marker ] CR LF
 # chunk-size ::= 1*DIGIT ; end-marker ::= "LAST"
 _BDAT = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
 
@@ -24,7 +24,7 @@ class BdatCommand:
 
 
 def parse_bdat(argument: str) -> BdatCommand:
-    """Parse the argument of BDAT (RFC 3030 §4); SMTPError 501 5.5.4 when malformed."""
+    """Parse the argument of BDAT (RFC 3030 §2); SMTPError 501 5.5.4 when malformed."""
     match = _BDAT.fullmatch(argument.strip(" "))
     if match is None:
         raise SMTPError(501, "5.5.4", "Syntax: BDAT <chunk-size> [LAST]")
@@ -62,13 +62,20 @@ class ChunkedContent:
     Counts the octets against ``max_size`` (SIZE, RFC 1870); turns every bare CR
     and bare LF into CRLF (RFC 5321 §2.3.8: the content is stored as CRLF lines and
     may be relayed with DATA), or marks the content refused when
-    ``reject_bare_line_ends``; counts the Received: header fields (RFC 5321 §6.3).
+    ``reject_bare_line_ends``; refuses a line over ``max_line`` octets (RFC 5321
+    §4.5.3.1.6), as DATA does; counts the Received: header fields (RFC 5321 §6.3).
     A CR at the end of a chunk is held back until the next octet shows whether
     it is part of a CRLF.
     """
 
-    def __init__(self, max_size: int, *, reject_bare_line_ends: bool = False) -> None:
+    def __init__(
+        self, max_size: int, max_line: int = 998, *, reject_bare_line_ends: bool = False
+    ) -> None:
         self.max_size = max_size
+        self.max_line = max_line
+        self.line_too_long = False
+        self._line = 0  # octets of the line not ended yet
+        self._long_line = re.compile(rb"[^\r\n]{%d}" % (max_line + 1))
         self.reject_bare_line_ends = reject_bare_line_ends
         self.size = 0  # octets announced so far (BDAT sizes)
         self.size_exceeded = False
@@ -81,7 +88,11 @@ class ChunkedContent:
     @property
     def refused(self) -> bool:
         """True once the content will be refused whatever follows."""
-        return self.size_exceeded or (self.bare_line_ends and self.reject_bare_line_ends)
+        return (
+            self.size_exceeded
+            or self.line_too_long
+            or (self.bare_line_ends and self.reject_bare_line_ends)
+        )
 
     def announce(self, size: int) -> bool:
         """A chunk of ``size`` octets is coming; False (and refused) when it breaks the limit."""
@@ -113,6 +124,7 @@ class ChunkedContent:
         if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
             self.bare_line_ends = True
             data = data.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
+        self._check_lines(data)
         if self.refused:
             return b""
         if self._in_headers:
@@ -123,3 +135,17 @@ class ChunkedContent:
             self._in_headers = end < 0
             self._header_tail = text[-9:]  # shorter than any "\nreceived:"
         return data
+
+    def _check_lines(self, data: bytes) -> None:
+        """Carry the length of the current line across chunks; mark an over-long line."""
+        first = data.find(b"\n")
+        if first < 0:
+            self._line += len(data)
+        else:
+            self._line += len(data[:first].rstrip(b"\r"))
+            if self._line <= self.max_line and self._long_line.search(data, first) is not None:
+                self._line = self.max_line + 1
+            if self._line <= self.max_line:
+                self._line = len(data) - data.rfind(b"\n") - 1
+        if self._line > self.max_line:
+            self.line_too_long = True

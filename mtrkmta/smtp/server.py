@@ -187,6 +187,19 @@ def _counts_text(counts: dict[str, list[int]]) -> str:
     return " ".join([*parts, one("commands", accepted, sum(t for _, t in counts.values()))])
 
 
+def _chunks_result(chunks: ChunkedContent) -> DataResult:
+    """What BDAT's chunks amount to, in the terms of DATA's checks (``_refuse_content``)."""
+    return DataResult(
+        content=b"",
+        size=chunks.size,
+        line_too_long=chunks.line_too_long,
+        size_exceeded=chunks.size_exceeded,
+        bare_line_ends=chunks.bare_line_ends,
+        received_headers=chunks.received_headers,
+        leftover=b"",
+    )
+
+
 R_OK = Reply(250, "2.0.0", ("Ok",))
 R_BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
 R_TOO_BIG = Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
@@ -871,8 +884,8 @@ class SMTPServer(Protocol, SessionGuard):
         self._replying_to = ("BDAT", str(size), transaction)
         if reply is None and transaction is not None and transaction.chunks is not None:
             chunks = transaction.chunks
-            if chunks.refused and self.settings.bare_line_ends == "reject":
-                reply = Reply(550, "5.6.0", ("Bare CR or LF in message content (RFC 5321 §2.3.8)",))
+            if chunks.refused:
+                reply = self._refuse_content(_chunks_result(chunks))
             elif not self._chunk_last:
                 reply = Reply(250, "2.0.0", (f"{size} octets received",))
         if reply is not None:
@@ -887,15 +900,7 @@ class SMTPServer(Protocol, SessionGuard):
         self._write_content(chunks.finish())
         self.transaction = None
         sink, self._sink = self._sink, None
-        result = DataResult(
-            content=b"",
-            size=chunks.size,
-            line_too_long=False,
-            size_exceeded=chunks.size_exceeded,
-            bare_line_ends=chunks.bare_line_ends,
-            received_headers=chunks.received_headers,
-            leftover=b"",
-        )
+        result = _chunks_result(chunks)
         self._replying_to = ("END-OF-MESSAGE", "", transaction)
         self._answer(self._answer_data(self._end_of_data(transaction, result, sink), transaction))
         self._resume_reading("spool")

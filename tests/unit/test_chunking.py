@@ -22,7 +22,7 @@ MESSAGE = b"Subject: chunks\r\n\r\nbody line\r\n"
 
 
 def test_parse_bdat():
-    # RFC 3030 §4: "BDAT" SP chunk-size [ SP end-marker ]
+    # RFC 3030 §2: "BDAT" SP chunk-size [ SP end-marker ]
     assert parse_bdat("100") == BdatCommand(100, False)
     assert parse_bdat("0 LAST") == BdatCommand(0, True)
     assert parse_bdat("7 last") == BdatCommand(7, True)
@@ -65,6 +65,20 @@ def test_chunked_content_received_split_across_chunks_and_bare_line_ends():
     refusing = ChunkedContent(1000, reject_bare_line_ends=True)
     assert refusing.feed(b"a\nb") == b""
     assert refusing.refused
+
+
+def test_chunked_content_line_length_across_chunks():
+    # RFC 5321 §4.5.3.1.6: 998 octets a line, CRLF excluded; a line may span chunks.
+    content = ChunkedContent(100_000)
+    content.feed(b"a" * 500)
+    content.feed(b"a" * 498 + b"\r")
+    content.feed(b"\n" + b"b" * 998 + b"\r\n")
+    assert not content.line_too_long
+    content.feed(b"c" * 998)
+    assert not content.line_too_long
+    content.feed(b"c")
+    assert content.line_too_long and content.refused
+    assert ChunkedContent(100_000).feed(b"x\r\n" + b"y" * 999 + b"\r\nz") == b""
 
 
 # -- SMTP sessions -------------------------------------------------------------------------
@@ -258,6 +272,22 @@ def test_bare_line_ends_refused_when_configured(receiver, clock):
     ]
     assert receiver.accepted == [] and receiver.sinks[0].discarded
     client.close()
+
+
+def test_over_long_line_in_a_chunk_is_refused_like_data(client, receiver):
+    client.send(ENVELOPE)
+    assert client.send(b"BDAT 1001\r\n" + b"x" * 999 + b"\r\n") == [
+        b"500 5.5.2 Line too long (RFC 5321 limits lines to 998 octets)"
+    ]
+    assert receiver.sinks[0].discarded
+    assert client.send(b"BDAT 0 LAST\r\n") == [b"503 5.5.1 Need MAIL command"]
+
+
+def test_binarymime_is_not_advertised_nor_accepted(client):
+    # RFC 3030 §3: BINARYMIME only where it is advertised (doc/conformance.rst 3030-P3).
+    assert b"250-BINARYMIME" not in client.send(b"EHLO c.example\r\n")
+    reply = client.send(b"MAIL FROM:<a@x.test> BODY=BINARYMIME\r\n")
+    assert reply[0].startswith(b"555 5.5.4")
 
 
 def test_lmtp_offers_chunking_and_answers_last_once_per_recipient(receiver, clock):
