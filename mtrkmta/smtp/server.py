@@ -231,6 +231,7 @@ class SMTPServer(Protocol, SessionGuard):
         self._chunk: ChunkReader | None = None  # BDAT: the chunk being read (RFC 3030 §2)
         self._chunk_last = False
         self._chunk_reply: Reply | None = None  # a refused BDAT: its reply once the chunk is read
+        self._chunk_of: IncomingTransaction | None = None
         self._waiting = False
         self._closing = False
         self._shutting_down = False
@@ -414,11 +415,12 @@ class SMTPServer(Protocol, SessionGuard):
     def _replied(self, command: tuple[str, str, IncomingTransaction | None], reply: Reply) -> None:
         """Count ``command`` as accepted or not; log a refused MAIL, RCPT, DATA or content."""
         verb, argument, transaction = command
-        if verb != "END-OF-MESSAGE":
-            counts = self._counts.setdefault(verb, [0, 0])
+        last_chunk = verb == "END-OF-MESSAGE" and transaction is not None and transaction.chunks
+        if verb != "END-OF-MESSAGE" or last_chunk:  # BDAT LAST counts with its final reply
+            counts = self._counts.setdefault("BDAT" if last_chunk else verb, [0, 0])
             counts[0] += reply.code < 400
             counts[1] += 1
-        if reply.code < 400 or verb not in ("MAIL", "RCPT", "DATA", "END-OF-MESSAGE"):
+        if reply.code < 400 or verb not in ("MAIL", "RCPT", "DATA", "BDAT", "END-OF-MESSAGE"):
             return
         reason = refusal_reason(verb, reply.code, reply.enhanced)
         self.factory.metrics.refused(self.session.listener, reason)
@@ -822,6 +824,7 @@ class SMTPServer(Protocol, SessionGuard):
         command = parse_bdat(argument)  # 501 5.5.4, nothing read: its size is unknown
         self._chunk = ChunkReader(command.size)
         self._chunk_last = command.last
+        self._chunk_of = self.transaction  # for the log, should the chunk be refused
         self._chunk_reply = self._start_chunk(command.size)
         self._expect_data(self.settings.data_timeout, self.settings.data_min_rate)
         if self._chunk.done:
@@ -836,6 +839,9 @@ class SMTPServer(Protocol, SessionGuard):
         if not transaction.recipients:
             return Reply(503, "5.5.1", ("No valid recipients",))
         chunks = transaction.chunks
+        if chunks is None and size > self.settings.message_size:
+            self.transaction = None  # too big at its first chunk: no queue id, no file
+            return R_TOO_BIG
         if chunks is None:
             try:
                 queue_id = self.receiver.new_queue_id()
@@ -881,7 +887,7 @@ class SMTPServer(Protocol, SessionGuard):
         self._chunk = None
         transaction = self.transaction
         reply = self._chunk_reply
-        self._replying_to = ("BDAT", str(size), transaction)
+        self._replying_to = ("BDAT", str(size), transaction or self._chunk_of)
         if reply is None and transaction is not None and transaction.chunks is not None:
             chunks = transaction.chunks
             if chunks.refused:

@@ -217,6 +217,32 @@ def test_size_limit_refuses_at_the_command_and_discards_the_chunk(receiver, cloc
     client.close()
 
 
+def test_bdat_is_counted_and_a_refused_one_logged(receiver, clock):
+    import io
+    import re
+
+    from twisted.logger import globalLogPublisher
+
+    from mtrkmta.logfile import text_observer
+
+    out = io.StringIO()
+    observer = text_observer(out)
+    globalLogPublisher.addObserver(observer)
+    try:
+        client = Client(make_factory(receiver, clock, message_size=100))
+        client.send(ENVELOPE + b"BDAT 3\r\nX: BDAT 2 LAST\r\n1\n")
+        client.send(b"MAIL FROM:<b@x.test>\r\nRCPT TO:<m@x.test>\r\nBDAT 101\r\n" + b"y" * 101)
+        client.close()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    lines = [re.sub(r"^\S+ \[[^]]*\] ", "", line) for line in out.getvalue().splitlines()]
+    assert lines[-2:] == [
+        "smtp NOQUEUE: reject: BDAT from unknown[192.0.2.7]: 552 5.3.4 Message size exceeds fixed"
+        " maximum message size; from=<b@x.test> proto=ESMTP helo=<c.example>",
+        "smtp disconnect from unknown[192.0.2.7] ehlo=1 mail=2 rcpt=2 bdat=2/3 commands=7/8",
+    ]
+
+
 def test_hostile_huge_chunk_is_refused_at_once_and_memory_stays_flat(clock):
     receiver = CountingReceiver()
     client = Client(make_factory(receiver, clock, message_size=10_000_000))
