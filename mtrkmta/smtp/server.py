@@ -834,6 +834,9 @@ class SMTPServer(Protocol, SessionGuard):
     def _start_chunk(self, size: int) -> Reply | None:
         """None when the chunk is content of this transaction, else the reply to send after it."""
         transaction = self.transaction
+        if not self.session.esmtp:  # CHUNKING is advertised in the EHLO/LHLO reply only
+            self.transaction = None
+            return Reply(503, "5.5.1", (f"Send {self.hello_verbs[0]} first: BDAT is CHUNKING",))
         if transaction is None:
             return Reply(503, "5.5.1", ("Need MAIL command",))
         if not transaction.recipients:

@@ -174,6 +174,15 @@ def test_bdat_without_a_transaction_reads_and_discards_its_chunk(client, receive
     assert receiver.sinks == []
 
 
+def test_bdat_after_helo_is_refused_and_its_chunk_read(client, receiver):
+    client.send(b"HELO c.example\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<m@x.test>\r\n")
+    assert client.send(b"BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n") == [
+        b"503 5.5.1 Send EHLO first: BDAT is CHUNKING",
+        b"250 2.0.0 Ok",
+    ]
+    assert receiver.sinks == []
+
+
 def test_bad_bdat_size_is_501(client):
     client.send(ENVELOPE)
     assert client.send(b"BDAT ten\r\nNOOP\r\n") == [
