@@ -27,6 +27,7 @@ from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.metrics import IMetrics, NoMetrics, refusal_reason
 from mtrkmta.sessionguard import COMMAND, DATA, SessionGuard
 from mtrkmta.sessions import SessionTable
+from mtrkmta.smtp.chunking import ChunkedContent, ChunkReader, parse_bdat
 from mtrkmta.smtp.command import (
     DEFAULT_LIMITS,
     LINE_TOO_LONG,
@@ -154,7 +155,8 @@ class IncomingTransaction:
     sender: str
     params: MailParams
     recipients: list[Recipient] = field(default_factory=list)
-    queue_id: str = ""  # given at DATA
+    queue_id: str = ""  # given at DATA or the first BDAT
+    chunks: ChunkedContent | None = None  # the content so far, once BDAT started (RFC 3030)
 
 
 def _peer(address: IAddress) -> tuple[str, int]:
@@ -185,6 +187,19 @@ def _counts_text(counts: dict[str, list[int]]) -> str:
     return " ".join([*parts, one("commands", accepted, sum(t for _, t in counts.values()))])
 
 
+def _chunks_result(chunks: ChunkedContent) -> DataResult:
+    """What BDAT's chunks amount to, in the terms of DATA's checks (``_refuse_content``)."""
+    return DataResult(
+        content=b"",
+        size=chunks.size,
+        line_too_long=chunks.line_too_long,
+        size_exceeded=chunks.size_exceeded,
+        bare_line_ends=chunks.bare_line_ends,
+        received_headers=chunks.received_headers,
+        leftover=b"",
+    )
+
+
 R_OK = Reply(250, "2.0.0", ("Ok",))
 R_BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
 R_TOO_BIG = Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
@@ -213,6 +228,10 @@ class SMTPServer(Protocol, SessionGuard):
         self._data: DataReader | None = None
         self._sink: ContentSink | None = None
         self._data_answered = False  # the 552 went out while content still came
+        self._chunk: ChunkReader | None = None  # BDAT: the chunk being read (RFC 3030 §2)
+        self._chunk_last = False
+        self._chunk_reply: Reply | None = None  # a refused BDAT: its reply once the chunk is read
+        self._chunk_of: IncomingTransaction | None = None
         self._waiting = False
         self._closing = False
         self._shutting_down = False
@@ -269,10 +288,10 @@ class SMTPServer(Protocol, SessionGuard):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._data is not None:
+        if self._data is not None and self._chunk is None:
             self._feed_data(data)
         else:
-            self.framer.push(data)
+            self.framer.push(data)  # chunk octets too: _process reads them in order
         self._process()
 
     def shutdown(self, farewell: Reply | None = None) -> None:
@@ -294,6 +313,13 @@ class SMTPServer(Protocol, SessionGuard):
 
     def _process(self) -> None:
         while not self._waiting and not self._closing and not self.output_blocked:
+            if self._chunk is not None:
+                # A BDAT chunk: exactly its octets are content, whatever they look like.
+                rest = self.framer.take_buffer()
+                if not rest:
+                    return
+                self._feed_chunk(rest)
+                continue
             if self._data is not None:
                 # Bytes received after the DATA line belong to the content (a client that
                 # did not wait for 354): the framer hands them over exactly as received.
@@ -319,7 +345,12 @@ class SMTPServer(Protocol, SessionGuard):
                 self._answer(handler(line))
             else:
                 self._answer(self._dispatch(line))
-            if self._data is None and not self._waiting and not self._closing:
+            if (
+                self._data is None
+                and self._chunk is None
+                and not self._waiting
+                and not self._closing
+            ):
                 self._expect_line(self.settings.idle_timeout)
 
     def _answer(self, result: Answer | None) -> None:
@@ -384,11 +415,12 @@ class SMTPServer(Protocol, SessionGuard):
     def _replied(self, command: tuple[str, str, IncomingTransaction | None], reply: Reply) -> None:
         """Count ``command`` as accepted or not; log a refused MAIL, RCPT, DATA or content."""
         verb, argument, transaction = command
-        if verb != "END-OF-MESSAGE":
-            counts = self._counts.setdefault(verb, [0, 0])
+        last_chunk = verb == "END-OF-MESSAGE" and transaction is not None and transaction.chunks
+        if verb != "END-OF-MESSAGE" or last_chunk:  # BDAT LAST counts with its final reply
+            counts = self._counts.setdefault("BDAT" if last_chunk else verb, [0, 0])
             counts[0] += reply.code < 400
             counts[1] += 1
-        if reply.code < 400 or verb not in ("MAIL", "RCPT", "DATA", "END-OF-MESSAGE"):
+        if reply.code < 400 or verb not in ("MAIL", "RCPT", "DATA", "BDAT", "END-OF-MESSAGE"):
             return
         reason = refusal_reason(verb, reply.code, reply.enhanced)
         self.factory.metrics.refused(self.session.listener, reason)
@@ -440,6 +472,7 @@ class SMTPServer(Protocol, SessionGuard):
             "PIPELINING",
             f"SIZE {self.settings.message_size}",
             "8BITMIME",
+            "CHUNKING",  # RFC 3030
             "ENHANCEDSTATUSCODES",
             "DSN",
             "MTRK",
@@ -463,6 +496,7 @@ class SMTPServer(Protocol, SessionGuard):
     def _hello(self, argument: str, esmtp: bool, verb: str) -> Reply:
         name = parse_helo(argument, verb=verb, max_length=self.settings.address_limits.helo)
         self.transaction = None
+        self._drop_content()
         self.session.helo = name
         self.session.esmtp = esmtp
         if not esmtp:
@@ -482,6 +516,7 @@ class SMTPServer(Protocol, SessionGuard):
         if argument.strip():
             return Reply(501, "5.5.4", ("Syntax: RSET",))
         self.transaction = None
+        self._drop_content()
         return R_OK
 
     def smtp_QUIT(self, argument: str) -> Reply | None:
@@ -530,6 +565,7 @@ class SMTPServer(Protocol, SessionGuard):
             tls=True,
         )
         self.transaction = None
+        self._drop_content()
         return None
 
     # -- AUTH (RFC 4954) -------------------------------------------------------
@@ -763,6 +799,8 @@ class SMTPServer(Protocol, SessionGuard):
             return Reply(503, "5.5.1", ("Need MAIL command",))
         if not transaction.recipients:
             return Reply(503, "5.5.1", ("No valid recipients",))
+        if transaction.chunks is not None:  # RFC 3030 §2: not both in one transaction
+            return Reply(503, "5.5.1", ("DATA not allowed after BDAT; send RSET",))
         try:
             queue_id = self.receiver.new_queue_id()
             sink = self.receiver.incoming(queue_id)
@@ -779,6 +817,104 @@ class SMTPServer(Protocol, SessionGuard):
         self._write_content(self._received_header(transaction, self.factory.clock.seconds()))
         self._expect_data(self.settings.data_timeout, self.settings.data_min_rate)
         return Reply(354, None, ("End data with <CR><LF>.<CR><LF>",))
+
+    def smtp_BDAT(self, argument: str) -> None:
+        """RFC 3030 §2: read the chunk that follows, then reply (the chunk is read even when
+        the command is refused, so that the session stays in step with the client)."""
+        command = parse_bdat(argument)  # 501 5.5.4, nothing read: its size is unknown
+        self._chunk = ChunkReader(command.size)
+        self._chunk_last = command.last
+        self._chunk_of = self.transaction  # for the log, should the chunk be refused
+        self._chunk_reply = self._start_chunk(command.size)
+        self._expect_data(self.settings.data_timeout, self.settings.data_min_rate)
+        if self._chunk.done:
+            self._chunk_read()
+        return None
+
+    def _start_chunk(self, size: int) -> Reply | None:
+        """None when the chunk is content of this transaction, else the reply to send after it."""
+        transaction = self.transaction
+        if not self.session.esmtp:  # CHUNKING is advertised in the EHLO/LHLO reply only
+            self.transaction = None
+            return Reply(503, "5.5.1", (f"Send {self.hello_verbs[0]} first: BDAT is CHUNKING",))
+        if transaction is None:
+            return Reply(503, "5.5.1", ("Need MAIL command",))
+        if not transaction.recipients:
+            return Reply(503, "5.5.1", ("No valid recipients",))
+        chunks = transaction.chunks
+        if chunks is None and size > self.settings.message_size:
+            self.transaction = None  # too big at its first chunk: no queue id, no file
+            return R_TOO_BIG
+        if chunks is None:
+            try:
+                queue_id = self.receiver.new_queue_id()
+                sink = self.receiver.incoming(queue_id)
+            except Exception:
+                log.failure("cannot receive a message now")
+                self.transaction = None
+                return Reply(451, "4.3.0", ("Could not queue the message; try again later",))
+            transaction.queue_id = queue_id
+            self._sink = sink
+            chunks = transaction.chunks = ChunkedContent(
+                self.settings.message_size,
+                reject_bare_line_ends=self.settings.bare_line_ends == "reject",
+            )
+            self._write_content(self._received_header(transaction, self.factory.clock.seconds()))
+        if not chunks.announce(size):
+            # RFC 1870 §6 / RFC 3030 §2: refused at the command; the chunk is read and dropped.
+            self._drop_content()
+            self.transaction = None
+            return R_TOO_BIG
+        return None
+
+    def _feed_chunk(self, data: bytes) -> None:
+        reader = self._chunk
+        assert reader is not None
+        self._data_arrived(len(data))
+        octets, rest = reader.feed(data)
+        transaction = self.transaction
+        if self._chunk_reply is None and transaction is not None and transaction.chunks:
+            content = transaction.chunks.feed(octets)
+            if transaction.chunks.refused:
+                self._drop_content()
+            else:
+                self._write_content(content)
+        if rest:
+            self.framer.push(rest)
+        if reader.done:
+            self._chunk_read()
+
+    def _chunk_read(self) -> None:
+        """The whole chunk is in: the BDAT's reply (after LAST: once the message is durable)."""
+        size = self._chunk.size if self._chunk is not None else 0
+        self._chunk = None
+        transaction = self.transaction
+        reply = self._chunk_reply
+        self._replying_to = ("BDAT", str(size), transaction or self._chunk_of)
+        if reply is None and transaction is not None and transaction.chunks is not None:
+            chunks = transaction.chunks
+            if chunks.refused:
+                reply = self._refuse_content(_chunks_result(chunks))
+            elif not self._chunk_last:
+                reply = Reply(250, "2.0.0", (f"{size} octets received",))
+        if reply is not None:
+            if reply.code >= 400:
+                self.transaction = None
+                self._drop_content()
+            self._send(reply)
+            self._expect_line(self.settings.idle_timeout)
+            return
+        assert transaction is not None and transaction.chunks is not None
+        chunks = transaction.chunks
+        self._write_content(chunks.finish())
+        self.transaction = None
+        sink, self._sink = self._sink, None
+        result = _chunks_result(chunks)
+        self._replying_to = ("END-OF-MESSAGE", "", transaction)
+        self._answer(self._answer_data(self._end_of_data(transaction, result, sink), transaction))
+        self._resume_reading("spool")
+        if not self._waiting and not self._closing:
+            self._expect_line(self.settings.idle_timeout)
 
     def _feed_data(self, data: bytes) -> None:
         reader = self._data

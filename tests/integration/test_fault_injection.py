@@ -126,6 +126,7 @@ class Attempt(SentAttempt):
     """One message sent, as test_crash_safety records it, with its body's padding."""
 
     padding: int = 0  # lines of 64 octets added to the body
+    bdat: bool = False  # sent with BDAT LAST (RFC 3030) instead of DATA
 
     @property
     def recipients(self) -> tuple[str, ...]:
@@ -164,9 +165,14 @@ def send(port: int, attempt: Attempt) -> Attempt:
             command(f"MAIL FROM:<{SENDER}> ENVID={attempt.token}", "250")
             for recipient in attempt.recipients:
                 command(f"RCPT TO:<{recipient}>", "250")
-            command("DATA", "354")
-            dot_sent = True
-            sock.sendall(content_of(attempt))
+            if attempt.bdat:
+                content = content_of(attempt)[: -len(b".\r\n")]
+                dot_sent = True
+                sock.sendall(b"BDAT %d LAST\r\n" % len(content) + content)
+            else:
+                command("DATA", "354")
+                dot_sent = True
+                sock.sendall(content_of(attempt))
             attempt.reply = lines.reply()[-1]
             match = QUEUED_AS.match(attempt.reply)
             if match is not None:
@@ -312,7 +318,9 @@ first_retry = "1s"
 """
 
 
-def faulty_run(server: FaultyServer, plan: str, padding: int = 0) -> list[Attempt]:
+def faulty_run(
+    server: FaultyServer, plan: str, padding: int = 0, bdat: bool = False
+) -> list[Attempt]:
     """Send every message once to the faulty server until it dies or the fault fires
     (blocking); the attempts as the client saw them."""
     point, action = plan.split(":")[:2]
@@ -320,7 +328,8 @@ def faulty_run(server: FaultyServer, plan: str, padding: int = 0) -> list[Attemp
     try:
         port = server.start()
         for message in range(len(MESSAGES)):
-            attempts.append(send(port, Attempt(message, f"m{message}-a0", padding=padding)))
+            attempt = Attempt(message, f"m{message}-a0", padding=padding, bdat=bdat)
+            attempts.append(send(port, attempt))
         if action == "crash":
             status = server.died(FAULT_WAIT)
             assert status == -signal.SIGKILL, (
@@ -495,7 +504,7 @@ def check(plan: str, attempts: list[Attempt], found: Found) -> None:
 
 
 async def run_case(
-    tmp_path: Path, plan: str, protocol: str = "smtp", *, streamed: bool = False
+    tmp_path: Path, plan: str, protocol: str = "smtp", *, streamed: bool = False, bdat: bool = False
 ) -> None:
     """One fault plan, with an SMTP (or LMTP) next hop for relay.example; ``streamed``:
     messages larger than limits.data_buffer, written to spool/incoming/ as they arrive."""
@@ -507,7 +516,7 @@ async def run_case(
         settings = '\n[limits]\ndata_buffer = "4K"\n' if streamed else ""
         server = FaultyServer(data_dir, log_dir, route, plan, settings)
         padding = 200 if streamed else 0  # 12.8 KiB: streamed in more than one write
-        attempts = await threads.deferToThread(faulty_run, server, plan, padding)
+        attempts = await threads.deferToThread(faulty_run, server, plan, padding, bdat)
         if plan == "spool.write:crash":
             # What recovery will find: the file of the first message, created and, when
             # streamed, holding the content that arrived (the envelope not yet appended).
@@ -529,6 +538,13 @@ async def run_case(
 @pytest_twisted.ensureDeferred
 async def test_crash_at(tmp_path, point):
     await run_case(tmp_path, f"{point}:crash")
+
+
+@pytest.mark.parametrize("point", ["spool.synced", "tracking.arrival_committed", "smtp.reply_sent"])
+@pytest_twisted.ensureDeferred
+async def test_crash_with_bdat_at(tmp_path, point):
+    """BDAT LAST (RFC 3030) reaches the same accept path as DATA: the same guarantees."""
+    await run_case(tmp_path, f"{point}:crash", bdat=True)
 
 
 @pytest.mark.parametrize("point", PICKUP_POINTS)

@@ -31,6 +31,7 @@ USER = "alice"
 PASSWORD = "secret"
 SENDER = "MAIL FROM:<alice@client.example>"
 KEYWORDS = ["PIPELINING", "SIZE 36700160", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "MTRK"]
+KEYWORDS.insert(KEYWORDS.index("8BITMIME") + 1, "CHUNKING")  # RFC 3030, after 8BITMIME
 AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_BAD = "535 5.7.8 Authentication credentials invalid"
 AUTH_CANCELLED = "501 5.0.0 Authentication cancelled"
