@@ -1,0 +1,131 @@
+"""Tests for the DELIVERBY extension's BY= parameter and EHLO line (RFC 2852 §2-§4)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_smtp_params import ALL
+
+from mtrkmta.envelope import DeliverBy, Envelope, MailParams
+from mtrkmta.smtp.command import parse_mail
+from mtrkmta.smtp.deliverby import (
+    DeliverByError,
+    ehlo_line,
+    parse_by,
+    parse_min_by_time,
+    render_by,
+)
+from mtrkmta.smtp.params import parse_mail_params
+from mtrkmta.smtp.reply import SMTPError
+from mtrkmta.spool.codec import decode_envelope, encode_envelope
+
+WITH_BY = ALL | {"DELIVERBY"}
+
+
+def mail(params: str, advertised: frozenset[str] = WITH_BY, min_by_time: int = 0) -> MailParams:
+    _, raw = parse_mail(f"FROM:<a@b.example> {params}")
+    return parse_mail_params(raw, advertised=advertised, min_by_time=min_by_time)
+
+
+def mail_error(params: str, advertised: frozenset[str] = WITH_BY, minimum: int = 0) -> str:
+    with pytest.raises(SMTPError) as info:
+        mail(params, advertised, minimum)
+    reply = info.value.reply
+    return f"{reply.code} {reply.enhanced} {reply.lines[0]}"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("120;R", DeliverBy(120, "R", False)),
+        ("+120;RT", DeliverBy(120, "R", True)),
+        ("999999999;N", DeliverBy(999_999_999, "N", False)),
+        ("-999999999;NT", DeliverBy(-999_999_999, "N", True)),
+        ("0;N", DeliverBy(0, "N", False)),
+        ("-5;n", DeliverBy(-5, "N", False)),
+        ("1;rt", DeliverBy(1, "R", True)),
+    ],
+)
+def test_by_values_of_the_grammar_decode(value: str, expected: DeliverBy) -> None:
+    """RFC 2852 §4: by-value = by-time ";" by-mode [by-trace], by-time ±1*9digit."""
+    assert parse_by(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1000000000;R",
+        "120",
+        "120;",
+        ";R",
+        "120;X",
+        "120;RTT",
+        "120;TR",
+        "12 0;R",
+        "+-1;N",
+        "0;R",
+        "-1;R",
+        "-0;RT",
+        "120;R ",
+        "١٢;R",
+    ],
+)
+def test_malformed_or_non_positive_r_values_are_refused(value: str) -> None:
+    """RFC 2852 §4: at most 9 digits; R with a zero or negative by-time is a syntax error."""
+    with pytest.raises(DeliverByError):
+        parse_by(value)
+
+
+def test_mail_by_is_stored_on_the_params() -> None:
+    assert mail("BY=60;NT").deliver_by == DeliverBy(60, "N", True)
+    assert mail("SIZE=10").deliver_by is None
+
+
+def test_mail_by_errors_carry_the_rfc_codes() -> None:
+    assert mail_error("BY=0;R") == "501 5.5.4 Invalid BY parameter"  # RFC 2852 §4
+    assert mail_error("BY=x") == "501 5.5.4 Invalid BY parameter"
+    assert mail_error("BY") == "501 5.5.4 BY requires a value"
+    assert mail_error("BY=60;R BY=60;R") == "501 5.5.4 Duplicate BY parameter"
+    assert mail_error("BY=60;R", advertised=ALL) == "555 5.5.4 BY not supported"
+    # RFC 2852 §3: R below the advertised min-by-time is a permanent 55z failure
+    assert mail_error("BY=59;R", minimum=60).startswith("555 5.5.4 BY time below the minimum")
+    assert mail("BY=60;R", min_by_time=60).deliver_by == DeliverBy(60, "R", False)
+    assert mail("BY=1;N", min_by_time=60).deliver_by == DeliverBy(1, "N", False)  # R only
+
+
+def test_ehlo_line_and_a_servers_min_by_time() -> None:
+    """RFC 2852 §2(3): DELIVERBY [min-by-time *(',' extension-token)]."""
+    assert ehlo_line(0) == "DELIVERBY"
+    assert ehlo_line(300) == "DELIVERBY 300"
+    with pytest.raises(ValueError):
+        ehlo_line(1_000_000_000)
+    assert parse_min_by_time("300") == 300
+    assert parse_min_by_time("300,future") == 300
+    assert parse_min_by_time("") is None
+    assert parse_min_by_time("soon") is None
+
+
+def test_render_by_clamps_to_the_grammar() -> None:
+    assert render_by(45, "R", False) == "45;R"
+    assert render_by(-3, "N", True) == "-3;NT"
+    assert render_by(-(10**12), "N", False) == "-999999999;N"
+    assert parse_by(render_by(10**12, "R", True)) == DeliverBy(999_999_999, "R", True)
+
+
+def _envelope(params: MailParams) -> Envelope:
+    return Envelope(queue_id="0abc", sender="a@example.org", recipients=(), params=params)
+
+
+def test_spool_codec_keeps_by_and_old_files_still_decode() -> None:
+    envelope = _envelope(MailParams(deliver_by=DeliverBy(-7, "N", True)))
+    encoded = encode_envelope(envelope)
+    assert json.loads(encoded)["params"]["deliver_by"] == {
+        "seconds": -7,
+        "mode": "N",
+        "trace": True,
+    }
+    assert decode_envelope(encoded) == envelope
+    plain = encode_envelope(_envelope(MailParams()))
+    assert b"deliver_by" not in plain  # written only when there is one: old readers unaffected
+    assert decode_envelope(plain).params.deliver_by is None
