@@ -41,7 +41,12 @@ from mtrkmta.smtp.client import (
     SMTPClient,
     opportunistic_tls,
 )
-from mtrkmta.smtp.outbound import mail_parameters, rcpt_parameters, smtputf8_status
+from mtrkmta.smtp.outbound import (
+    deliverby_refusal,
+    mail_parameters,
+    rcpt_parameters,
+    smtputf8_status,
+)
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.tracking.interfaces import RecipientState
 
@@ -366,6 +371,11 @@ class SMTPTransport:
                 return [
                     RecipientOutcome(i, RecipientState.FAILED, refusal, None, remote) for i in batch
                 ], False
+        by_refusal = deliverby_refusal(envelope, keywords, attempt.now)  # RFC 2852 §4.1.4.1
+        if by_refusal is not None:
+            return [
+                RecipientOutcome(i, RecipientState.FAILED, by_refusal, None, remote) for i in batch
+            ], False
         mail, forwarded = mail_parameters(
             envelope,
             keywords,

@@ -16,6 +16,7 @@ from mtrkmta.smtp.deliverby import (
     parse_min_by_time,
     render_by,
 )
+from mtrkmta.smtp.outbound import deliverby_refusal, mail_parameters, remaining_by_time
 from mtrkmta.smtp.params import parse_mail_params
 from mtrkmta.smtp.reply import SMTPError
 from mtrkmta.spool.codec import decode_envelope, encode_envelope
@@ -129,3 +130,38 @@ def test_spool_codec_keeps_by_and_old_files_still_decode() -> None:
     plain = encode_envelope(_envelope(MailParams()))
     assert b"deliver_by" not in plain  # written only when there is one: old readers unaffected
     assert decode_envelope(plain).params.deliver_by is None
+
+
+def _by_envelope(by: DeliverBy) -> Envelope:
+    return Envelope("q", "a@b", (), MailParams(deliver_by=by), arrival=1000.0)
+
+
+def test_by_is_relayed_with_the_time_remaining_only_to_a_deliverby_hop() -> None:
+    """RFC 2852 §4.1.4: a new BY with the seconds left; negative once passed (N only)."""
+    envelope = _by_envelope(DeliverBy(120, "R", True))
+    sent, _ = mail_parameters(envelope, {"DELIVERBY": ""}, 1030.9, size=1, default_retention=86400)
+    assert sent == ["BY=90;RT"]  # 30 whole seconds spent here
+    late, _ = mail_parameters(
+        _by_envelope(DeliverBy(60, "N")),
+        {"DELIVERBY": ""},
+        1100.0,
+        size=1,
+        default_retention=86400,
+    )
+    assert late == ["BY=-40;N"]
+    none, _ = mail_parameters(
+        _by_envelope(DeliverBy(60, "N")), {}, 1001.0, size=1, default_retention=86400
+    )
+    assert none == []
+    assert remaining_by_time(envelope, 990.0) == 120  # a clock that went back spends nothing
+
+
+def test_an_r_message_is_not_relayed_where_it_cannot_keep_its_deadline() -> None:
+    """RFC 2852 §4.1.4.1: not to a hop without DELIVERBY, nor one whose minimum exceeds
+    the time left; N goes anywhere (§4.1.4.2)."""
+    r = _by_envelope(DeliverBy(120, "R"))
+    assert deliverby_refusal(r, {}, 1000.0) == "5.3.3"
+    assert deliverby_refusal(r, {"DELIVERBY": "100"}, 1030.0) == "5.3.3"  # 90 left < 100
+    assert deliverby_refusal(r, {"DELIVERBY": "90"}, 1030.0) is None
+    assert deliverby_refusal(r, {"DELIVERBY": ""}, 1120.0) == "5.4.7"
+    assert deliverby_refusal(_by_envelope(DeliverBy(120, "N")), {}, 2000.0) is None
