@@ -6,6 +6,8 @@ import json
 
 import pytest
 from test_smtp_params import ALL
+from test_smtp_server import Client, RecordingReceiver, make_factory
+from twisted.internet.testing import MemoryReactorClock
 
 from mtrkmta.envelope import DeliverBy, Envelope, MailParams
 from mtrkmta.smtp.command import parse_mail
@@ -165,3 +167,27 @@ def test_an_r_message_is_not_relayed_where_it_cannot_keep_its_deadline() -> None
     assert deliverby_refusal(r, {"DELIVERBY": "90"}, 1030.0) is None
     assert deliverby_refusal(r, {"DELIVERBY": ""}, 1120.0) == "5.4.7"
     assert deliverby_refusal(_by_envelope(DeliverBy(120, "N")), {}, 2000.0) is None
+
+
+def test_the_server_advertises_its_minimum_and_keeps_by_on_the_envelope() -> None:
+    """RFC 2852 §2-§4 on the wire: DELIVERBY <min>, R below it 555, BY kept on the envelope;
+    the LMTP listener does not offer it (final delivery has no deadline to keep)."""
+    receiver = RecordingReceiver()
+    client = Client(make_factory(receiver, MemoryReactorClock(), deliverby_min=60))
+    try:
+        assert client.send(b"EHLO c.example\r\n")[-1] == b"250 DELIVERBY 60"
+        refused = client.send(b"MAIL FROM:<s@c.example> BY=59;R\r\n")
+        assert refused == [b"555 5.5.4 BY time below the minimum of 60 seconds"]
+        assert client.send(b"MAIL FROM:<s@c.example> BY=0;R\r\n")[0].startswith(b"501 5.5.4")
+        client.send(b"MAIL FROM:<s@c.example> BY=60;RT\r\nRCPT TO:<u@x.example>\r\n")
+        client.send(b"DATA\r\n")
+        client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        envelope, _ = receiver.accepted[0]
+        assert envelope.params.deliver_by == DeliverBy(60, "R", True)
+    finally:
+        client.close()
+    lmtp = Client(make_factory(RecordingReceiver(), MemoryReactorClock(), listener="lmtp"))
+    try:
+        assert not any(b"DELIVERBY" in line for line in lmtp.send(b"EHLO c.example\r\n"))
+    finally:
+        lmtp.close()
