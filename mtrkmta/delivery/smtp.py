@@ -371,7 +371,12 @@ class SMTPTransport:
                 return [
                     RecipientOutcome(i, RecipientState.FAILED, refusal, None, remote) for i in batch
                 ], False
-        by_refusal = deliverby_refusal(envelope, keywords, attempt.now)  # RFC 2852 §4.1.4.1
+        # RFC 2852 §4.1.4.1 is about relaying: LMTP is final delivery, not a relay.
+        by_refusal = (
+            deliverby_refusal(envelope, keywords, attempt.now)
+            if attempt.next_hop.transport != "lmtp"
+            else None
+        )
         if by_refusal is not None:
             return [
                 RecipientOutcome(i, RecipientState.FAILED, by_refusal, None, remote) for i in batch

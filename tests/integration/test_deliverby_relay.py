@@ -42,3 +42,12 @@ async def test_an_r_message_is_not_relayed_to_a_hop_without_deliverby(world):  #
     )
     assert n_outcome.state == S.TRANSFERRED  # N goes anywhere (§4.1.4.2), without BY=
     assert not any(p.startswith("BY=") for p in n_fake.transactions[0].mail_params)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_r_message_is_delivered_over_lmtp_which_is_no_relay(world):  # noqa: F811
+    """RFC 2852 §4.1.4.1 forbids relaying R to a server without DELIVERBY; LMTP delivers."""
+    fake = await world.fake(lmtp=True, extensions=("8BITMIME", "ENHANCEDSTATUSCODES"))
+    the_hop = hop(server(fake), transport="lmtp")
+    (outcome,) = await world.lmtp().deliver(attempt(the_hop, with_by(DeliverBy(600, "R"))))
+    assert outcome.state != S.FAILED and fake.transactions
