@@ -22,6 +22,19 @@ class Mtrk:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliverBy:
+    """The BY= parameter of MAIL (RFC 2852 §4), decoded.
+
+    ``seconds`` is the by-time as received (negative allowed with mode N);
+    ``mode`` is "R" (return) or "N" (notify); ``trace`` is the by-trace "T".
+    """
+
+    seconds: int
+    mode: str
+    trace: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class OriginalRecipient:
     """The ORCPT= parameter of RCPT (RFC 3461 §4.2): address type and decoded address.
 
@@ -53,6 +66,7 @@ class MailParams:
     # The ENVID esmtp-value as received when it is not the canonical xtext of envid:
     # a relay sends "the same associated esmtp-value" on (RFC 3461 §5.2.1(a)).
     envid_xtext: str | None = None
+    deliver_by: DeliverBy | None = None  # RFC 2852 §4 BY=
 
 
 @dataclass(frozen=True, slots=True)

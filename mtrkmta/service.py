@@ -853,6 +853,7 @@ class MTAService(Service):
                 helo=limits.helo_length,
             ),
             lenient_xtext=config.tracking.lenient_xtext,
+            deliverby_min=limits.deliverby_min,
             require_auth=listener == "submission",
             tls=tls,
             checker=checker,

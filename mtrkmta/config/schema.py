@@ -87,6 +87,7 @@ class Limits:
     domain_length: int = field(default=255, metadata=_key(_integer(255)))
     path_length: int = field(default=256, metadata=_key(_integer(256)))
     helo_length: int = field(default=255, metadata=_key(_integer(255)))
+    deliverby_min: int = field(default=0, metadata=_key(_integer(0, 999_999_999)))  # RFC 2852
 
 
 @dataclass(frozen=True, slots=True)

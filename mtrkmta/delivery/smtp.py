@@ -44,6 +44,7 @@ from mtrkmta.smtp.client import (
 from mtrkmta.smtp.outbound import (
     BINARYMIME,
     binarymime_status,
+    deliverby_refusal,
     mail_parameters,
     rcpt_parameters,
     smtputf8_status,
@@ -380,6 +381,16 @@ class SMTPTransport:
         if refusal is not None:  # RFC 3030 §3: BINARYMIME only with BDAT, to a hop offering it
             return [
                 RecipientOutcome(i, RecipientState.FAILED, refusal, None, remote) for i in batch
+            ], False
+        # RFC 2852 §4.1.4.1 is about relaying: LMTP is final delivery, not a relay.
+        by_refusal = (
+            deliverby_refusal(envelope, keywords, attempt.now)
+            if attempt.next_hop.transport != "lmtp"
+            else None
+        )
+        if by_refusal is not None:
+            return [
+                RecipientOutcome(i, RecipientState.FAILED, by_refusal, None, remote) for i in batch
             ], False
         mail, forwarded = mail_parameters(
             envelope,

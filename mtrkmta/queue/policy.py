@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtrkmta.delivery.interfaces import RecipientOutcome
+from mtrkmta.envelope import Envelope
 from mtrkmta.tracking.interfaces import RecipientState, RecipientUpdate
 
 FINAL_STATES = frozenset(
@@ -17,6 +18,8 @@ FINAL_STATES = frozenset(
     }
 )
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+DELIVER_BY_EXPIRED_STATUS = "5.4.7"  # RFC 2852 §4.1.3, RFC 3463: delivery time expired
+DELIVER_BY_EXPIRED_DIAGNOSTIC = "delivery time expired (BY deadline passed, RFC 2852 §4.1.3)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,26 @@ class RetryPolicy:
         return arrival + self.max_lifetime
 
 
+def return_by(envelope: Envelope) -> float | None:
+    """The deliver-by-time of a message sent with a by-mode of R, else None: arrival plus
+    the by-time (RFC 2852 §4: "adding the by-time upon receipt to the current time")."""
+    by = envelope.params.deliver_by
+    if by is None or by.mode != "R":
+        return None
+    return envelope.arrival + by.seconds
+
+
+def deliver_by_expired(index: int) -> RecipientOutcome:
+    """The outcome of a recipient whose R-mode deliver-by-time has passed: no further
+    attempt is made and it fails with 5.4.7 (RFC 2852 §4.1.3)."""
+    return RecipientOutcome(
+        index=index,
+        state=RecipientState.FAILED,
+        status=DELIVER_BY_EXPIRED_STATUS,
+        diagnostic=None,
+    )
+
+
 def action_for(state: RecipientState) -> str:
     """The tracking Action of a recipient in ``state`` (RFC 3886 §3.3.3)."""
     return "delayed" if state.in_queue else state.value
@@ -51,13 +74,16 @@ def update_for(
     arrival: float,
     now: float,
     policy: RetryPolicy,
+    deadline: float | None = None,
 ) -> RecipientUpdate:
     """Turn one attempt's outcome into the recipient's new tracking state.
 
     A temporary failure is retried after the backoff delay, the last retry
     falling exactly at the end of the queue lifetime; a temporary failure at or
     after that point fails the recipient with 4.4.7, keeping the last remote
-    reply as the diagnostic.
+    reply as the diagnostic. ``deadline`` is an R-mode deliver-by-time
+    (RFC 2852 §4.1.3): the next attempt falls no later than it, and a temporary
+    failure at or after it fails the recipient with 5.4.7.
     """
     give_up = policy.give_up_at(arrival)
     relay = None if outcome.relay is None else str(outcome.relay)  # for the event only
@@ -76,6 +102,19 @@ def update_for(
             relay=relay,
             produced=outcome.produced,
         )
+    if deadline is not None and now >= deadline:
+        return RecipientUpdate(
+            index=outcome.index,
+            state=RecipientState.FAILED,
+            status=DELIVER_BY_EXPIRED_STATUS,
+            action="failed",
+            remote_mta=outcome.remote_mta,
+            diagnostic=outcome.diagnostic,
+            last_attempt=now,
+            relay=relay,
+        )
+    if deadline is not None:
+        give_up = min(give_up, deadline)
     if now >= give_up:
         return RecipientUpdate(
             index=outcome.index,

@@ -29,7 +29,7 @@ from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.queue.deliverylog import Times, delivery_fields
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
-from mtrkmta.queue.policy import RetryPolicy, update_for
+from mtrkmta.queue.policy import RetryPolicy, deliver_by_expired, return_by, update_for
 from mtrkmta.queue.scheduler import Scheduler
 from mtrkmta.receive.acceptor import Accepted, Acceptor
 from mtrkmta.routing.aliases import Deliver, Loop, Resolution
@@ -508,7 +508,12 @@ class QueueService:
             return
         envelope, content = loaded
         now = self.clock.seconds()
-        outcomes, rewritten = await self._expand(envelope, content, due, now)
+        deadline = return_by(envelope)
+        if deadline is not None and now >= deadline:  # RFC 2852 §4.1.3: no further attempt
+            outcomes: list[RecipientOutcome] = [deliver_by_expired(r.index) for r in due]
+            rewritten: Mapping[int, str] = {}
+        else:
+            outcomes, rewritten = await self._expand(envelope, content, due, now)
         expanded = {o.index for o in outcomes}
         routed = [r.index for r in due if r.index not in expanded]
         if routed:
@@ -517,7 +522,7 @@ class QueueService:
         finished_at = self.clock.seconds()
         await self._record(
             message,
-            self._updates(message, outcomes, rewritten, finished_at),
+            self._updates(message, outcomes, rewritten, finished_at, deadline),
             finished_at,
             outcomes={o.index: o for o in outcomes},
             arrival=envelope.arrival or message.arrival,
@@ -597,6 +602,7 @@ class QueueService:
         outcomes: Sequence[RecipientOutcome],
         rewritten: Mapping[int, str],
         now: float,
+        deadline: float | None = None,
     ) -> tuple[RecipientUpdate, ...]:
         """The outcomes as tracking updates (queue.policy: retry times, lifetime)."""
         attempts = {r.index: r.attempts for r in message.recipients}
@@ -608,6 +614,7 @@ class QueueService:
                     arrival=message.arrival,
                     now=now,
                     policy=self.retry,
+                    deadline=deadline,
                 ),
                 rewritten.get(outcome.index),
             )

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping
 
 from mtrkmta.envelope import NOTIFY_NEVER, Envelope, Recipient
 from mtrkmta.smtp import xtext
+from mtrkmta.smtp.deliverby import parse_min_by_time, render_by
 from mtrkmta.smtp.framing import normalize_line_ends
 from mtrkmta.smtp.mtrk import MAX_TIMEOUT, format_mtrk
 
@@ -32,6 +33,37 @@ def remaining_timeout(envelope: Envelope, now: float, default_retention: float) 
     if remaining <= 0:
         return None
     return min(remaining, MAX_TIMEOUT)
+
+
+def remaining_by_time(envelope: Envelope, now: float) -> int | None:
+    """The by-time to relay: seconds left until deliver-by-time, negative once it passed
+    (RFC 2852 §4.1.4), whole seconds spent here counted as for MTRK; None without BY."""
+    by = envelope.params.deliver_by
+    if by is None:
+        return None
+    return by.seconds - max(0, int(now - envelope.arrival))
+
+
+def deliverby_refusal(envelope: Envelope, keywords: Mapping[str, str], now: float) -> str | None:
+    """The status that fails an R-mode message instead of relaying it to this hop, or None.
+
+    RFC 2852 §4.1.4.1: an R message MUST NOT be relayed to a server without DELIVERBY,
+    nor to one whose min-by-time exceeds the time remaining; it is then undeliverable for
+    permanent reasons (§4.1.2): 5.3.3, "system not capable of selected features"
+    (RFC 3463). With no time left it is 5.4.7 (RFC 2852 §4.1.3).
+    """
+    by = envelope.params.deliver_by
+    remaining = remaining_by_time(envelope, now)
+    if by is None or by.mode != "R" or remaining is None:
+        return None
+    if remaining <= 0:
+        return "5.4.7"
+    if "DELIVERBY" not in keywords:
+        return "5.3.3"
+    minimum = parse_min_by_time(keywords["DELIVERBY"])
+    if minimum is not None and minimum > remaining:
+        return "5.3.3"
+    return None
 
 
 def _carries_envid_orcpt(keywords: Mapping[str, str]) -> bool:
@@ -68,6 +100,8 @@ def mail_parameters(
     * ``MTRK=<B>:<remaining>`` only to a hop advertising MTRK, with the decremented
       timeout, and omitted when it is <= 0 or when no ENVID came with it
       (RFC 3885 §3.1, §3.3; RFC 3886 §3.5). B is unpadded base64 (see :func:`format_mtrk`).
+    * ``BY=<remaining>;<mode>[T]`` to a hop advertising DELIVERBY, with the seconds left
+      until deliver-by-time (RFC 2852 §4.1.4); see :func:`deliverby_refusal` for R-mode.
     """
     params = envelope.params
     out: list[str] = []
@@ -90,6 +124,9 @@ def mail_parameters(
         if remaining is not None:
             out.append(f"MTRK={format_mtrk(params.mtrk.certifier, remaining)}")
             forwarded = True
+    remaining = remaining_by_time(envelope, now)
+    if params.deliver_by is not None and remaining is not None and "DELIVERBY" in keywords:
+        out.append(f"BY={render_by(remaining, params.deliver_by.mode, params.deliver_by.trace)}")
     return out, forwarded
 
 

@@ -1,4 +1,4 @@
-"""Validate and decode MAIL/RCPT ESMTP parameters (SIZE, BODY, DSN, MTRK, SMTPUTF8, AUTH)."""
+"""Validate and decode MAIL/RCPT ESMTP parameters (SIZE, BODY, DSN, MTRK, SMTPUTF8, AUTH, BY)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from types import MappingProxyType
 from mtrkmta.envelope import (
     NOTIFY_KEYWORDS,
     NOTIFY_NEVER,
+    DeliverBy,
     MailParams,
     Mtrk,
     OriginalRecipient,
     RcptParams,
 )
 from mtrkmta.smtp import xtext
+from mtrkmta.smtp.deliverby import DeliverByError, parse_by
 from mtrkmta.smtp.mtrk import MAX_ENVID, MtrkError, parse_mtrk
 from mtrkmta.smtp.reply import SMTPError
 
@@ -33,6 +35,7 @@ MAIL_EXTENSIONS: Mapping[str, str] = MappingProxyType(
         "MTRK": "MTRK",
         "SMTPUTF8": "SMTPUTF8",
         "AUTH": "AUTH",
+        "BY": "DELIVERBY",
     }
 )
 """MAIL parameter keyword -> EHLO keyword that must be advertised for it."""
@@ -99,6 +102,7 @@ def parse_mail_params(
     *,
     advertised: frozenset[str],
     lenient_xtext: bool = False,
+    min_by_time: int = 0,
 ) -> MailParams:
     """Validate MAIL parameters against the EHLO keywords in force;
     see RFC 3885 §3.1-§3.2, RFC 3461 §4-§5.1, RFC 5321 §4.1.1.11.
@@ -106,7 +110,9 @@ def parse_mail_params(
     Raises SMTPError: ``555 5.5.4`` for an unknown or not-advertised keyword
     (``555 5.5.4 MTRK not supported``), ``501 5.5.4`` for a repeated keyword, a
     missing/extra value or a malformed value, ``555 5.5.4 Unsupported BODY type``
-    for a well-formed BODY other than 7BIT/8BITMIME.
+    for a well-formed BODY other than 7BIT/8BITMIME; for BY (RFC 2852 §4) ``501 5.5.4``
+    when malformed or R with a by-time <= 0, ``555 5.5.4`` when R asks for less than
+    ``min_by_time`` (RFC 2852 §3: a permanent 55z).
     """
     seen: set[str] = set()
     size: int | None = None
@@ -117,6 +123,7 @@ def parse_mail_params(
     mtrk: Mtrk | None = None
     smtputf8 = False
     auth: str | None = None
+    deliver_by: DeliverBy | None = None
     for raw_keyword, value in params:
         keyword = _check_keyword(raw_keyword, MAIL_EXTENSIONS, advertised, seen)
         if keyword == "SMTPUTF8":
@@ -135,11 +142,26 @@ def parse_mail_params(
             envid_xtext = xtext.noncanonical(envid_value, envid)
         elif keyword == "RET":
             ret = _parse_ret(_require_value(keyword, value))
+        elif keyword == "BY":
+            deliver_by = _parse_by(_require_value(keyword, value), min_by_time)
         else:
             auth = _parse_auth(_require_value(keyword, value), lenient_xtext)
     if mtrk is not None and not _is_unique_envid(envid):
         raise SMTPError(501, "5.5.4", "MTRK requires ENVID=local@host")
-    return MailParams(size, body, envid, ret, mtrk, smtputf8, auth, envid_xtext)  # field order
+    return MailParams(
+        size, body, envid, ret, mtrk, smtputf8, auth, envid_xtext, deliver_by
+    )  # field order
+
+
+def _parse_by(value: str, min_by_time: int) -> DeliverBy:
+    """RFC 2852 §4: a syntax error is 501 5.5.4; RFC 2852 §3: R below the minimum is 55z."""
+    try:
+        deliver_by = parse_by(value)
+    except DeliverByError:
+        raise _invalid("BY") from None
+    if deliver_by.mode == "R" and deliver_by.seconds < min_by_time:
+        raise SMTPError(555, "5.5.4", f"BY time below the minimum of {min_by_time} seconds")
+    return deliver_by
 
 
 def _is_unique_envid(envid: str | None) -> bool:

@@ -39,6 +39,7 @@ from mtrkmta.smtp.command import (
     parse_rcpt,
     require_smtputf8,
 )
+from mtrkmta.smtp.deliverby import ehlo_line as deliverby_ehlo_line
 from mtrkmta.smtp.extensions import advertised_keywords, render_ehlo
 from mtrkmta.smtp.framing import OVERLONG, DataReader, DataResult, LineFramer
 from mtrkmta.smtp.params import parse_mail_params, parse_rcpt_params
@@ -113,6 +114,7 @@ class ServerSettings:
     max_received_headers: int = 100  # RFC 5321 §6.3: normally at least 100
     address_limits: AddressLimits = DEFAULT_LIMITS  # RFC 5321 §4.5.3.1 (limits.*_length)
     lenient_xtext: bool = False
+    deliverby_min: int = 0  # RFC 2852 §2 min-by-time (limits.deliverby_min)
     require_auth: bool = False  # the submission listener
     tls: Any = None  # an IOpenSSLServerConnectionCreator, or None
     checker: Any = None  # an ICredentialsCheck, or None: no AUTH offered
@@ -478,6 +480,8 @@ class SMTPServer(Protocol, SessionGuard):
             "MTRK",
             "SMTPUTF8",
         ]
+        if self.settings.listener != "lmtp":  # RFC 2852: a relay's deadline, not LMTP's
+            words.append(deliverby_ehlo_line(self.settings.deliverby_min))
         if self.settings.tls is not None and not self.session.tls:
             words.append("STARTTLS")
         if self._auth_offered():
@@ -749,7 +753,10 @@ class SMTPServer(Protocol, SessionGuard):
             return Reply(530, "5.7.0", ("Authentication required",))
         sender, raw_params = parse_mail(argument, self.settings.address_limits)
         params = parse_mail_params(
-            raw_params, advertised=self.advertised(), lenient_xtext=self.settings.lenient_xtext
+            raw_params,
+            advertised=self.advertised(),
+            lenient_xtext=self.settings.lenient_xtext,
+            min_by_time=self.settings.deliverby_min,
         )
         require_smtputf8(sender, params.smtputf8, what="sender")
         if params.size is not None and params.size > self.settings.message_size:

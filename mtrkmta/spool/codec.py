@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from mtrkmta.envelope import (
     ClientInfo,
+    DeliverBy,
     Envelope,
     MailParams,
     Mtrk,
@@ -127,6 +128,9 @@ def _encode_mail_params(params: MailParams) -> dict[str, Any]:
     }
     if params.envid_xtext is not None:  # optional: older files have no such key
         doc["envid_xtext"] = params.envid_xtext
+    if params.deliver_by is not None:  # optional: older files have no such key (RFC 2852 BY=)
+        by = params.deliver_by
+        doc["deliver_by"] = {"seconds": by.seconds, "mode": by.mode, "trace": by.trace}
     return doc
 
 
@@ -135,8 +139,19 @@ def _decode_mail_params(value: object) -> MailParams:
         value,
         "params",
         {"size", "body", "envid", "ret", "mtrk", "smtputf8", "auth"},
-        optional={"envid_xtext"},
+        optional={"envid_xtext", "deliver_by"},
     )
+    deliver_by = None
+    if obj.get("deliver_by") is not None:
+        b = _object(obj["deliver_by"], "deliver_by", {"seconds", "mode", "trace"})
+        mode = _typed(b["mode"], str, "deliver_by mode")
+        if mode not in ("N", "R"):
+            raise CodecError(f"deliver_by mode: expected N or R, got {mode!r}")
+        deliver_by = DeliverBy(
+            seconds=_typed(b["seconds"], int, "deliver_by seconds"),
+            mode=mode,
+            trace=_typed(b["trace"], bool, "deliver_by trace"),
+        )
     mtrk = None
     if obj["mtrk"] is not None:
         m = _object(obj["mtrk"], "mtrk", {"certifier", "timeout"})
@@ -155,6 +170,7 @@ def _decode_mail_params(value: object) -> MailParams:
         smtputf8=_typed(obj["smtputf8"], bool, "smtputf8"),
         auth=_optional(obj["auth"], str, "auth"),
         envid_xtext=_optional(obj.get("envid_xtext"), str, "envid_xtext"),
+        deliver_by=deliver_by,
     )
 
 

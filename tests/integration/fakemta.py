@@ -62,6 +62,7 @@ _PARAM_EXTENSION = MappingProxyType(
         "ORCPT": "DSN",
         "MTRK": "MTRK",
         "SMTPUTF8": "SMTPUTF8",
+        "BY": "DELIVERBY",
     }
 )
 _PATH = re.compile(r"(?i)(MAIL FROM|RCPT TO):<([^>]*)>(.*)")

@@ -54,7 +54,8 @@ async def test_ehlo_lists_every_keyword_in_order(tmp_path):
         "250-ENHANCEDSTATUSCODES",
         "250-DSN",
         "250-MTRK",
-        "250 SMTPUTF8",
+        "250-SMTPUTF8",
+        "250 DELIVERBY",
     )
 
 

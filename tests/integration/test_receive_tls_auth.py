@@ -89,7 +89,7 @@ async def test_starttls_offered_only_with_a_certificate(tmp_path, tls_only):
         cert, _ = await in_thread(talk, with_tls.port("smtp"))
     assert "STARTTLS" not in no_cert.keywords
     assert refused.line == "502 5.5.1 STARTTLS not available"
-    assert cert.keywords == [*KEYWORDS, "SMTPUTF8", "STARTTLS"]
+    assert cert.keywords == [*KEYWORDS, "SMTPUTF8", "DELIVERBY", "STARTTLS"]
 
 
 @pytest_twisted.ensureDeferred
@@ -107,8 +107,8 @@ async def test_auth_offered_only_after_tls_and_starttls_no_longer(tmp_path, tls_
                 return before, after, wire.command("STARTTLS"), wire.tls_version
 
         before, after, again, version = await in_thread(talk)
-    assert before.keywords == [*KEYWORDS, "SMTPUTF8", "STARTTLS"]
-    assert after.keywords == [*KEYWORDS, "SMTPUTF8", "AUTH PLAIN LOGIN"]
+    assert before.keywords == [*KEYWORDS, "SMTPUTF8", "DELIVERBY", "STARTTLS"]
+    assert after.keywords == [*KEYWORDS, "SMTPUTF8", "DELIVERBY", "AUTH PLAIN LOGIN"]
     assert again.line == "503 5.5.1 TLS already active"
     assert version in ("TLSv1.2", "TLSv1.3")
 

@@ -14,7 +14,20 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "doc" / "conformance.rst"
 
 # Every RFC the page must cover, each with a section labelled conformance-rfcNNNN.
-RFCS = ("3885", "3886", "3887", "3461", "3464", "6522", "2033", "5321", "6531", "4954", "3030")
+RFCS = (
+    "3885",
+    "3886",
+    "3887",
+    "3461",
+    "3464",
+    "6522",
+    "2033",
+    "5321",
+    "6531",
+    "4954",
+    "3030",
+    "2852",
+)
 
 LABEL = re.compile(r"^\.\. _conformance-rfc(\d{4}):$")
 ROW_START = re.compile(r"^   \* - (.*)$")

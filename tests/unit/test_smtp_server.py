@@ -137,7 +137,8 @@ def test_ehlo_keywords(client):
         b"250-ENHANCEDSTATUSCODES",
         b"250-DSN",
         b"250-MTRK",
-        b"250 SMTPUTF8",
+        b"250-SMTPUTF8",
+        b"250 DELIVERBY",  # RFC 2852 §2: no min-by-time by default
     ]
 
 
@@ -194,7 +195,7 @@ def test_pipelined_commands_wait_for_a_slow_check(client, receiver):
     replies = client.send(
         b"EHLO c.example\r\nMAIL FROM:<s@c.example>\r\nRCPT TO:<u@x.example>\r\nNOOP\r\n"
     )
-    assert replies[-1] == b"250 SMTPUTF8"
+    assert replies[-1] == b"250 DELIVERBY"
     assert client.transport.producerState == "paused"
     client.transport.clear()
     receiver.sender_checks[0].callback(None)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from mtrkmta.envelope import (
     ClientInfo,
+    DeliverBy,
     Envelope,
     MailParams,
     Mtrk,
@@ -39,6 +40,8 @@ mail_params = st.builds(
     smtputf8=st.booleans(),
     auth=opt_texts,
     envid_xtext=opt_texts,
+    deliver_by=st.none()
+    | st.builds(DeliverBy, st.integers(), st.sampled_from(["N", "R"]), st.booleans()),
 )
 rcpt_params = st.builds(
     RcptParams,
