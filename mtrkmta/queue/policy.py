@@ -102,24 +102,14 @@ def update_for(
             relay=relay,
             produced=outcome.produced,
         )
-    if deadline is not None and now >= deadline:
-        return RecipientUpdate(
-            index=outcome.index,
-            state=RecipientState.FAILED,
-            status=DELIVER_BY_EXPIRED_STATUS,
-            action="failed",
-            remote_mta=outcome.remote_mta,
-            diagnostic=outcome.diagnostic,
-            last_attempt=now,
-            relay=relay,
-        )
+    past_deadline = deadline is not None and now >= deadline  # RFC 2852 §4.1.3: 5.4.7
     if deadline is not None:
         give_up = min(give_up, deadline)
     if now >= give_up:
         return RecipientUpdate(
             index=outcome.index,
             state=RecipientState.FAILED,
-            status=EXPIRED_STATUS,
+            status=DELIVER_BY_EXPIRED_STATUS if past_deadline else EXPIRED_STATUS,
             action="failed",
             remote_mta=outcome.remote_mta,
             diagnostic=outcome.diagnostic,
