@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from datetime import datetime, timezone, tzinfo
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -47,7 +48,7 @@ from mtrkmta.mtqp.uri import UriError, parse_uri
 from mtrkmta.originator import SecretsFileError, default_secrets_path, load_secrets
 from mtrkmta.smtp.statuscodes import with_meaning
 from mtrkmta.tracking.interfaces import EventKind
-from mtrkmta.tracking.status import OMITTED
+from mtrkmta.tracking.status import DELIVER_BY_FIELD, OMITTED, RecipientStatus
 
 EXIT_COMPLETE = 0  # every recipient delivered, expanded, relayed or transferred
 EXIT_INCOMPLETE = 1  # some recipient still pending, or unknown
@@ -358,6 +359,18 @@ def _next_attempt(path: RecipientPath, entries: Sequence[Entry]) -> datetime | N
     return found[-1] if found else None
 
 
+def _deliver_by(status: RecipientStatus) -> datetime | None:
+    """The deliver-by-time (RFC 2852) a hop reported for a queued recipient, if any: its
+    ``X-Mtrkmta-Deliver-By`` extension field; a value that is not a date is ignored."""
+    for name, value in status.extensions:
+        if name.lower() == DELIVER_BY_FIELD.lower():
+            with suppress(TypeError, ValueError, IndexError):
+                found = parsedate_to_datetime(value)
+                if found.tzinfo is not None:
+                    return found
+    return None
+
+
 def _held(path: RecipientPath, entries: Sequence[Entry]) -> Entry | None:
     """The hold of the message at the recipient's last hop, unless a release followed."""
     last = path.last
@@ -390,7 +403,9 @@ def _outcome(path: RecipientPath, entries: Sequence[Entry], zone: tzinfo | None)
         until = _when(status.will_retry_until, zone) if status.will_retry_until else "unknown"
         upcoming = _next_attempt(path, entries)
         then = f", next attempt {_when(upcoming, zone)}" if upcoming is not None else ""
-        return f"still queued at {where} ({code}){then}, will retry until {until}"
+        deadline = _deliver_by(status)
+        by = f", to be delivered by {_when(deadline, zone)}" if deadline is not None else ""
+        return f"still queued at {where} ({code}){then}, will retry until {until}{by}"
     if path.outcome in ("delivered", "expanded", "failed"):
         return f"{path.outcome} ({code}) at {where}"
     if path.outcome == "relayed":

@@ -130,6 +130,7 @@ class RecipientOutcome:
     relay: Relay | None = None
     timing: Timing | None = None
     produced: tuple[str, ...] = ()  # the addresses an alias expansion produced (its event)
+    relayed_dsn: bool = False  # a "relayed" DSN owed whatever NOTIFY says (RFC 2852 §4.1.4)
 
 
 class ITransport(Interface):

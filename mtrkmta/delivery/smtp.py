@@ -44,8 +44,10 @@ from mtrkmta.smtp.client import (
 from mtrkmta.smtp.outbound import (
     BINARYMIME,
     binarymime_status,
+    deliver_by_relayed_dsn,
     deliverby_refusal,
     mail_parameters,
+    n_mode_adds_delay,
     rcpt_parameters,
     smtputf8_status,
 )
@@ -382,16 +384,14 @@ class SMTPTransport:
             return [
                 RecipientOutcome(i, RecipientState.FAILED, refusal, None, remote) for i in batch
             ], False
-        # RFC 2852 §4.1.4.1 is about relaying: LMTP is final delivery, not a relay.
-        by_refusal = (
-            deliverby_refusal(envelope, keywords, attempt.now)
-            if attempt.next_hop.transport != "lmtp"
-            else None
-        )
+        # RFC 2852 §4.1.4 is about relaying: LMTP is final delivery, not a relay.
+        relaying = attempt.next_hop.transport != "lmtp"
+        by_refusal = deliverby_refusal(envelope, keywords, attempt.now) if relaying else None
         if by_refusal is not None:
             return [
                 RecipientOutcome(i, RecipientState.FAILED, by_refusal, None, remote) for i in batch
             ], False
+        add_delay = relaying and n_mode_adds_delay(envelope, keywords, attempt.now)
         mail, forwarded = mail_parameters(
             envelope,
             keywords,
@@ -405,7 +405,8 @@ class SMTPTransport:
             content=attempt.content,
             mail_parameters=tuple(mail),
             rcpt_parameters=tuple(
-                tuple(rcpt_parameters(attempt.recipient(i), keywords)) for i in batch
+                tuple(rcpt_parameters(attempt.recipient(i), keywords, add_delay=add_delay))
+                for i in batch
             ),
             binary=envelope.params.body == BINARYMIME,
         )
@@ -420,6 +421,16 @@ class SMTPTransport:
             self._outcome(index, decided, forwarded, dsn_passed, session.server_name, result.error)
             for index, decided in zip(batch, result.per_recipient(), strict=True)
         ]
+        if relaying and envelope.params.deliver_by is not None:  # RFC 2852 §4.1.4
+            outcomes = [
+                replace(o, relayed_dsn=True)
+                if o.state in (RecipientState.RELAYED, RecipientState.TRANSFERRED)
+                and deliver_by_relayed_dsn(
+                    envelope, attempt.recipient(o.index), keywords, attempt.now
+                )
+                else o
+                for o in outcomes
+            ]
         return outcomes, False
 
     def _outcome(

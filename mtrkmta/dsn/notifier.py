@@ -20,6 +20,7 @@ from mtrkmta.dsn.policy import (
 from mtrkmta.dsn.render import RecipientReport, render_dsn
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.metrics import IMetrics, NoMetrics
+from mtrkmta.queue.policy import deliver_by_delay_due
 from mtrkmta.queue.service import INotifier
 from mtrkmta.spool.interfaces import ISpool, MessageNotFound, SpoolCorruption
 from mtrkmta.tracking.interfaces import RecipientState, StoredMessage, StoredRecipient
@@ -85,8 +86,19 @@ class DsnNotifier:
         """The DSN Action owed for the recipient's new state, or None."""
         if is_null_sender(message.sender):
             return None  # RFC 3461 §5.2: never a DSN about a DSN
-        if recipient.state is RecipientState.DEFERRED and not delay_warning_due(
-            message.arrival, now, recipient.delay_warned, self.delay_warning
+        deferred = recipient.state is RecipientState.DEFERRED
+        previous = message.recipients[recipient.index].status
+        if (
+            deferred
+            and not delay_warning_due(
+                message.arrival, now, recipient.delay_warned, self.delay_warning
+            )
+            # RFC 2852 §4.1.3: by-mode N, deliver-by-time passed: a "delayed" DSN, 4.4.7.
+            and not (
+                message.deliver_by is not None
+                and now >= message.deliver_by
+                and deliver_by_delay_due(previous, recipient.status, deferred)
+            )
         ):
             return None
         event = event_for_state(recipient.state)

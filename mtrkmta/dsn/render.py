@@ -332,6 +332,8 @@ def _status_part(
         fields.append(_field("Received-From-MTA", received_from))
     if message.arrival:
         fields.append(_field("Arrival-Date", format_date(message.arrival)))
+    if message.deliver_by is not None:  # RFC 2852 §5: deliver-by-date-field
+        fields.append(_field("Deliver-By-Date", format_date(message.deliver_by)))
     blocks = ["".join(fields)]
     for report in recipients:
         blocks.append(_recipient_fields(report))

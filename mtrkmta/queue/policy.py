@@ -1,7 +1,8 @@
-"""Pure queue policy: retry backoff, queue lifetime, and attempt outcomes as tracking updates."""
+"""Pure queue policy: retry backoff, queue lifetime, deliver-by deadlines, outcomes as updates."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mtrkmta.delivery.interfaces import RecipientOutcome
@@ -19,7 +20,8 @@ FINAL_STATES = frozenset(
 )
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 DELIVER_BY_EXPIRED_STATUS = "5.4.7"  # RFC 2852 §4.1.3, RFC 3463: delivery time expired
-DELIVER_BY_EXPIRED_DIAGNOSTIC = "delivery time expired (BY deadline passed, RFC 2852 §4.1.3)"
+DELIVER_BY_DELAYED_STATUS = "4.4.7"  # RFC 2852 §4.1.3, by-mode N: a "delayed" DSN
+DELIVER_BY_EXPIRED_DIAGNOSTIC = "x-local; delivery time expired (the deliver-by-time of BY= passed)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +44,34 @@ class RetryPolicy:
         return arrival + self.max_lifetime
 
 
-def return_by(envelope: Envelope) -> float | None:
-    """The deliver-by-time of a message sent with a by-mode of R, else None: arrival plus
-    the by-time (RFC 2852 §4: "adding the by-time upon receipt to the current time")."""
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """A message's deliver-by-time (RFC 2852 §4) and its by-mode, ``"R"`` or ``"N"``."""
+
+    at: float
+    mode: str
+
+    @property
+    def returns(self) -> bool:
+        """By-mode R: no attempt after the deadline, the message fails (RFC 2852 §4.1.3)."""
+        return self.mode == "R"
+
+    def passed(self, now: float) -> bool:
+        """Deliver-by-time "reached or passed" (RFC 2852 §4.1.3)."""
+        return now >= self.at
+
+
+def deadline_of(envelope: Envelope) -> Deadline | None:
+    """The deliver-by-time of a message sent with BY=, else None: arrival plus the by-time
+    (RFC 2852 §4: "adding the by-time upon receipt to the current time").
+
+    Rounded up to a whole second: the tracking store keeps retry times in whole seconds,
+    and a retry stored for the deadline must not come back before it.
+    """
     by = envelope.params.deliver_by
-    if by is None or by.mode != "R":
+    if by is None:
         return None
-    return envelope.arrival + by.seconds
+    return Deadline(at=math.ceil(envelope.arrival + by.seconds), mode=by.mode)
 
 
 def deliver_by_expired(index: int) -> RecipientOutcome:
@@ -58,7 +81,7 @@ def deliver_by_expired(index: int) -> RecipientOutcome:
         index=index,
         state=RecipientState.FAILED,
         status=DELIVER_BY_EXPIRED_STATUS,
-        diagnostic=None,
+        diagnostic=DELIVER_BY_EXPIRED_DIAGNOSTIC,
     )
 
 
@@ -74,16 +97,20 @@ def update_for(
     arrival: float,
     now: float,
     policy: RetryPolicy,
-    deadline: float | None = None,
+    deadline: Deadline | None = None,
 ) -> RecipientUpdate:
     """Turn one attempt's outcome into the recipient's new tracking state.
 
     A temporary failure is retried after the backoff delay, the last retry
     falling exactly at the end of the queue lifetime; a temporary failure at or
     after that point fails the recipient with 4.4.7, keeping the last remote
-    reply as the diagnostic. ``deadline`` is an R-mode deliver-by-time
-    (RFC 2852 §4.1.3): the next attempt falls no later than it, and a temporary
-    failure at or after it fails the recipient with 5.4.7.
+    reply as the diagnostic.
+
+    With a deliver-by ``deadline`` (RFC 2852 §4.1.3) the next attempt falls no later
+    than it, so that the queue acts at it. By-mode R: a temporary failure at or after
+    it fails the recipient with 5.4.7. By-mode N: past it, the recipient stays queued
+    with status 4.4.7, and the first such update owes the "delayed" DSN
+    (:func:`deliver_by_delay_due`).
     """
     give_up = policy.give_up_at(arrival)
     relay = None if outcome.relay is None else str(outcome.relay)  # for the event only
@@ -101,11 +128,13 @@ def update_for(
             list_expansion=outcome.list_expansion,
             relay=relay,
             produced=outcome.produced,
+            relayed_dsn=outcome.relayed_dsn,
         )
-    past_deadline = deadline is not None and now >= deadline  # RFC 2852 §4.1.3: 5.4.7
-    if deadline is not None:
-        give_up = min(give_up, deadline)
+    returned = deadline is not None and deadline.returns
+    if deadline is not None and returned:
+        give_up = min(give_up, deadline.at)
     if now >= give_up:
+        past_deadline = deadline is not None and returned and deadline.passed(now)
         return RecipientUpdate(
             index=outcome.index,
             state=RecipientState.FAILED,
@@ -116,15 +145,32 @@ def update_for(
             last_attempt=now,
             relay=relay,
         )
+    next_attempt = min(now + policy.delay(attempts_before + 1), give_up)
+    status = outcome.status
+    if deadline is not None and not deadline.passed(now):
+        next_attempt = min(next_attempt, deadline.at)
+    elif deadline is not None:
+        status = DELIVER_BY_DELAYED_STATUS  # by-mode N past its deadline (RFC 2852 §4.1.3)
     return RecipientUpdate(
         index=outcome.index,
         state=RecipientState.DEFERRED,
-        status=outcome.status,
+        status=status,
         action="delayed",
         remote_mta=outcome.remote_mta,
         diagnostic=outcome.diagnostic,
         last_attempt=now,
         will_retry_until=give_up,
-        next_attempt=min(now + policy.delay(attempts_before + 1), give_up),
+        next_attempt=next_attempt,
         relay=relay,
+    )
+
+
+def deliver_by_delay_due(previous_status: str | None, status: str | None, deferred: bool) -> bool:
+    """True when a deferred recipient has just gone past an N-mode deliver-by-time: the
+    "delayed" DSN with 4.4.7 of RFC 2852 §4.1.3 is owed then, once (later deferrals keep
+    status 4.4.7 and owe nothing more)."""
+    return (
+        deferred
+        and status == DELIVER_BY_DELAYED_STATUS
+        and previous_status != DELIVER_BY_DELAYED_STATUS
     )

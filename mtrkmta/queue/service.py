@@ -29,7 +29,13 @@ from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.queue.deliverylog import Times, delivery_fields
 from mtrkmta.queue.expansion import new_envelopes, outcome_for
-from mtrkmta.queue.policy import RetryPolicy, deliver_by_expired, return_by, update_for
+from mtrkmta.queue.policy import (
+    Deadline,
+    RetryPolicy,
+    deadline_of,
+    deliver_by_expired,
+    update_for,
+)
 from mtrkmta.queue.scheduler import Scheduler
 from mtrkmta.receive.acceptor import Accepted, Acceptor
 from mtrkmta.routing.aliases import Deliver, Loop, Resolution
@@ -508,8 +514,9 @@ class QueueService:
             return
         envelope, content = loaded
         now = self.clock.seconds()
-        deadline = return_by(envelope)
-        if deadline is not None and now >= deadline:  # RFC 2852 §4.1.3: no further attempt
+        deadline = deadline_of(envelope)
+        if deadline is not None and deadline.returns and deadline.passed(now):
+            # RFC 2852 §4.1.3: by-mode R at its deliver-by-time: no further attempt.
             outcomes: list[RecipientOutcome] = [deliver_by_expired(r.index) for r in due]
             rewritten: Mapping[int, str] = {}
         else:
@@ -602,7 +609,7 @@ class QueueService:
         outcomes: Sequence[RecipientOutcome],
         rewritten: Mapping[int, str],
         now: float,
-        deadline: float | None = None,
+        deadline: Deadline | None = None,
     ) -> tuple[RecipientUpdate, ...]:
         """The outcomes as tracking updates (queue.policy: retry times, lifetime)."""
         attempts = {r.index: r.attempts for r in message.recipients}
@@ -710,6 +717,8 @@ class QueueService:
             for position, update in enumerate(updates):
                 recipient = message.recipients[update.index].updated(update)
                 action = self.notifier.owed(message, recipient, now)
+                if action is None and update.relayed_dsn:
+                    action = "relayed"  # RFC 2852 §4.1.4, §4.1.4.2 (the transport decided)
                 if action is not None:
                     flags: dict[str, Any] = {"dsn_pending": True}
                     if action == "delayed":

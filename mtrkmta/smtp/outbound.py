@@ -66,6 +66,36 @@ def deliverby_refusal(envelope: Envelope, keywords: Mapping[str, str], now: floa
     return None
 
 
+def deliver_by_relayed_dsn(
+    envelope: Envelope, recipient: Recipient, keywords: Mapping[str, str], now: float
+) -> bool:
+    """True when relaying owes the sender a "relayed" DSN for ``recipient`` whatever
+    NOTIFY=SUCCESS says (RFC 2852 §4.1.4, §4.1.4.2); never with NOTIFY=NEVER or a null
+    sender (RFC 3461 §5.2).
+
+    * by-trace ``T``: a "relayed" DSN SHOULD be generated on relay (§4.1.4);
+    * by-mode N relayed before the deliver-by-time to a hop without DELIVERBY: the
+      relaying client MUST issue one (§4.1.4.2).
+    """
+    by = envelope.params.deliver_by
+    if by is None or envelope.sender.strip() in ("", "<>"):
+        return False
+    notify = recipient.params.notify
+    if notify is not None and NOTIFY_NEVER in notify:
+        return False
+    return by.trace or n_mode_adds_delay(envelope, keywords, now)
+
+
+def n_mode_adds_delay(envelope: Envelope, keywords: Mapping[str, str], now: float) -> bool:
+    """By-mode N relayed before its deliver-by-time to a hop without DELIVERBY: RCPT's
+    NOTIFY gains DELAY and a "relayed" DSN is owed (RFC 2852 §4.1.4.2)."""
+    by = envelope.params.deliver_by
+    if by is None or by.mode != "N" or "DELIVERBY" in keywords:
+        return False
+    remaining = remaining_by_time(envelope, now)
+    return remaining is not None and remaining > 0
+
+
 def _carries_envid_orcpt(keywords: Mapping[str, str]) -> bool:
     # RFC 3885 §2 item 4: MTRK support includes ENVID and ORCPT, so an MTRK hop takes
     # them even if it (wrongly) omits DSN; NOTIFY and RET stay tied to DSN.
@@ -130,7 +160,9 @@ def mail_parameters(
     return out, forwarded
 
 
-def rcpt_parameters(recipient: Recipient, keywords: Mapping[str, str]) -> list[str]:
+def rcpt_parameters(
+    recipient: Recipient, keywords: Mapping[str, str], *, add_delay: bool = False
+) -> list[str]:
     """The RCPT parameters for ``recipient`` to a hop that advertised ``keywords``.
 
     For a DSN (or MTRK) hop: ``NOTIFY`` as received (never invented) and ``ORCPT``
@@ -139,11 +171,16 @@ def rcpt_parameters(recipient: Recipient, keywords: Mapping[str, str]) -> list[s
     is added as RFC 3461 §5.2.1 allows (and Postfix does), for ASCII addresses.
     Nothing DSN-related for a hop without DSN (RFC 3461 §5.2.2(a);
     doc/conformance.rst 2033-P2).
+
+    ``add_delay`` (by-mode N to a hop without DELIVERBY, RFC 2852 §4.1.4.2): NOTIFY
+    absent becomes ``NOTIFY=FAILURE,DELAY`` and a NOTIFY other than NEVER gains DELAY.
     """
     if not _carries_envid_orcpt(keywords):
         return []
     out: list[str] = []
     notify = recipient.params.notify
+    if add_delay and (notify is None or NOTIFY_NEVER not in notify):
+        notify = (notify or frozenset({"FAILURE"})) | {"DELAY"}  # RFC 2852 §4.1.4.2
     if notify is not None and "DSN" in keywords:
         if NOTIFY_NEVER in notify:
             out.append(f"NOTIFY={NOTIFY_NEVER}")

@@ -127,6 +127,7 @@ class StoredMessage:
     held: bool = False  # left out of queue runs until released
     hold_reason: str | None = None  # why: the administrator, or an error while processing it
     quarantine_reason: str | None = None  # why its spool file is in spool/quarantine/
+    deliver_by: int | None = None  # the deliver-by-time of BY= (RFC 2852 §4), POSIX seconds
 
     @property
     def tracked(self) -> bool:
@@ -174,6 +175,7 @@ class RecipientUpdate:
     event: EventKind | None = None  # None: the kind follows the new state
     relay: str | None = None  # the next hop of the attempt, host[address]:port
     produced: tuple[str, ...] = ()  # the addresses an expansion produced
+    relayed_dsn: bool = False  # a "relayed" DSN owed whatever NOTIFY says (RFC 2852 §4.1.4)
 
 
 class EventKind(str, enum.Enum):

@@ -100,6 +100,8 @@ def build_schema() -> TrackingSchema:
         Column("hold_reason", Text, nullable=True),  # why held: the administrator, an error (0005)
         # Why the spool file was moved to spool/quarantine/ (damaged); NULL otherwise (0005).
         Column("quarantine_reason", Text, nullable=True),
+        # The deliver-by-time (RFC 2852 §4), whole seconds rounded up; NULL without BY= (0009).
+        Column("deliver_by", BigInteger, nullable=True),
         Index(None, "envid"),
         Index(None, "expires_at"),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from types import MappingProxyType
@@ -51,6 +51,8 @@ _REMOTE_MTA = "Remote-MTA"
 _LAST_ATTEMPT_DATE = "Last-Attempt-Date"
 _WILL_RETRY_UNTIL = "Will-Retry-Until"
 _DIAGNOSTIC_CODE = "Diagnostic-Code"
+DELIVER_BY_FIELD = "X-Mtrkmta-Deliver-By"
+"""The deliver-by-time (RFC 2852 §4) of a recipient still queued, while it lies ahead."""
 
 _MESSAGE_FIELDS = frozenset(
     name.lower() for name in (_ORIGINAL_ENVELOPE_ID, _REPORTING_MTA, _ARRIVAL_DATE)
@@ -188,6 +190,9 @@ def report_from_transactions(
     block, as ``X-Mtrkmta-Event`` extension fields (RFC 3464 §2.4): see
     :func:`event_fields` for what they carry and how many. A collapsed list block
     gets none.
+
+    A recipient still in our queue whose transaction has a deliver-by-time (RFC 2852
+    §4) after ``now`` gets it as an ``X-Mtrkmta-Deliver-By`` extension field.
     Raises :class:`TrackingStatusError` for no transaction or one without an ENVID.
     """
     if not messages:
@@ -202,6 +207,7 @@ def report_from_transactions(
         for message in messages
         for recipient in message.recipients
     ]
+    deadlines = [message.deliver_by for message in messages for _ in message.recipients]
     history = [
         [e for e in found.get(message.queue_id, ()) if e.recipient == recipient.index]
         for message in messages
@@ -223,12 +229,14 @@ def report_from_transactions(
         if isinstance(item, int):
             recipient, until = entries[item]
             block = _recipient_block(recipient, now, until, hidden=False)
+            block = _with_deadline(block, recipient, deadlines[item], now)
             blocks.append(_with_events(block, history[item], hidden=False))
             continue
         members = groups[item]
         if len(members) == 1:
             recipient, until = entries[members[0]]
             block = _recipient_block(recipient, now, until, hidden=True)
+            block = _with_deadline(block, recipient, deadlines[members[0]], now)
             blocks.append(_with_events(block, history[members[0]], hidden=True))
         else:
             blocks.append(_expanded_block([entries[i][0] for i in members]))
@@ -262,6 +270,16 @@ def _with_events(
         block.will_retry_until,
         (*block.extensions, *fields),
     )
+
+
+def _with_deadline(
+    block: RecipientStatus, recipient: StoredRecipient, deadline: int | None, now: float
+) -> RecipientStatus:
+    """``block`` with the deliver-by-time, when the recipient waits and time remains."""
+    if deadline is None or not recipient.state.in_queue or deadline <= now:
+        return block
+    field = (DELIVER_BY_FIELD, format_datetime(_timestamp(deadline)))
+    return replace(block, extensions=(*block.extensions, field))
 
 
 def _hide_nothing(recipient: StoredRecipient) -> bool:

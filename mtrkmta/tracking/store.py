@@ -343,6 +343,7 @@ def stored_message(
         held=bool(row.get("held", False)),
         hold_reason=row.get("hold_reason"),
         quarantine_reason=row.get("quarantine_reason"),
+        deliver_by=row.get("deliver_by"),
     )
 
 
@@ -389,6 +390,9 @@ def arrival_rows(
         "client_authenticated_as": client.authenticated_as,
         "client_listener": client.listener,
     }
+    # RFC 2852 §4: time of receipt + by-time (rounded up as the queue's deadline is).
+    by = params.deliver_by
+    message_row["deliver_by"] = None if by is None else math.ceil(arrival + by.seconds)
     recipient_rows: list[dict[str, object]] = [
         {
             "queue_id": envelope.queue_id,

@@ -88,8 +88,8 @@ def test_upgrade_is_idempotent_and_reaches_head(db_url):
     assert migrate.current_revision(db_url) is None
     migrate.upgrade(db_url)
     migrate.upgrade(db_url)
-    assert migrate.head_revision() == "0008"
-    assert migrate.current_revision(db_url) == "0008"
+    assert migrate.head_revision() == "0009"
+    assert migrate.current_revision(db_url) == "0009"
 
 
 def test_downgrade_to_base_and_back(db_url):

@@ -992,3 +992,13 @@ def golden_relayed() -> bytes:
 def test_golden(name, build):
     expected = (GOLDEN / name).read_bytes()
     assert build() == expected
+
+
+def test_deliver_by_date_follows_arrival_date_when_the_message_had_by():
+    # RFC 2852 §5: per-message deliver-by-date-field, after the arrival-date-field.
+    message = stored_message(deliver_by=ARRIVAL + 120)
+    per_message = delivery_status(render([failed_report(status="5.4.7")], message=message))[0]
+    assert per_message["Deliver-By-Date"] == "Tue, 14 Nov 2023 22:15:20 +0000"
+    assert list(per_message)[-2:] == ["Arrival-Date", "Deliver-By-Date"]
+    plain = delivery_status(render([failed_report()]))[0]
+    assert "Deliver-By-Date" not in plain

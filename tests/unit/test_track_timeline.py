@@ -4,6 +4,7 @@ JSON shape, `mtrkmta track`'s rendering, --watch on a clock and the exit statuse
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,6 +17,7 @@ from mtrkmta.mtqp.client import Hop, Trace, recipient_paths
 from mtrkmta.mtqp.timeline import entry_text, timeline, trace_json, utc_when
 from mtrkmta.tracking.interfaces import Event, EventKind
 from mtrkmta.tracking.status import (
+    DELIVER_BY_FIELD,
     RecipientStatus,
     TrackingReport,
     TypedValue,
@@ -424,3 +426,21 @@ def test_queued_means_not_tried_yet_from_fields_and_put_back_from_an_event():
     back = two_hops(block("delayed", "4.0.0", event(400, EventKind.QUEUED)))
     (requeued,) = [e for e in timeline(back) if e.kind == "queued"]
     assert entry_text(requeued, utc_when) == "put back in the queue"
+
+
+def test_a_queued_recipient_says_its_deliver_by_time_and_a_bad_one_is_ignored():
+    # RFC 2852: the hop reports the deadline of a queued recipient (X-Mtrkmta-Deliver-By).
+    waiting = block("delayed", "4.4.1")
+    deadline = replace(
+        waiting,
+        extensions=(*waiting.extensions, (DELIVER_BY_FIELD, "Sun, 01 Mar 2026 13:00:00 +0000")),
+    )
+    out = io.StringIO()
+    track.render_timeline(two_hops(deadline), out, timezone.utc)
+    assert out.getvalue().endswith(
+        "will retry until unknown, to be delivered by 2026-03-01 13:00:00 +0000\n"
+    )
+    hostile = replace(waiting, extensions=((DELIVER_BY_FIELD, "tomorrow, I promise"),))
+    out = io.StringIO()
+    track.render_timeline(two_hops(hostile), out, timezone.utc)
+    assert out.getvalue().endswith("will retry until unknown\n")

@@ -1312,3 +1312,20 @@ def test_an_event_field_never_outgrows_its_line_whatever_its_values():
     )
     (parsed,) = parse_related(render_related([report]))
     assert reported_events(only(parsed).extensions) == (back,)
+
+
+def test_deliver_by_time_shows_while_the_recipient_waits_and_time_remains():
+    # RFC 2852 §4: the deliver-by-time, as an extension field (RFC 3464 §2.4).
+    waiting = message(recipient(0, state=RecipientState.DEFERRED), deliver_by=NOW + 60)
+    (block,) = report_from_store(waiting, now=NOW).recipients
+    assert ("X-Mtrkmta-Deliver-By", "Tue, 14 Nov 2023 23:14:20 +0000") in block.extensions
+    assert b"X-Mtrkmta-Deliver-By: Tue, 14 Nov 2023 23:14:20 +0000" in render_status(
+        report_from_store(waiting, now=NOW)
+    )
+    for stored, now in [
+        (waiting, NOW + 60),  # no time left
+        (message(recipient(0, state=RecipientState.RELAYED), deliver_by=NOW + 60), NOW),
+        (message(recipient(0, state=RecipientState.DEFERRED)), NOW),  # no BY=
+    ]:
+        (block,) = report_from_store(stored, now=now).recipients
+        assert all(name != "X-Mtrkmta-Deliver-By" for name, _ in block.extensions)

@@ -9,7 +9,7 @@ from test_smtp_params import ALL
 from test_smtp_server import Client, RecordingReceiver, make_factory
 from twisted.internet.testing import MemoryReactorClock
 
-from mtrkmta.envelope import DeliverBy, Envelope, MailParams
+from mtrkmta.envelope import DeliverBy, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.smtp.command import parse_mail
 from mtrkmta.smtp.deliverby import (
     DeliverByError,
@@ -18,7 +18,14 @@ from mtrkmta.smtp.deliverby import (
     parse_min_by_time,
     render_by,
 )
-from mtrkmta.smtp.outbound import deliverby_refusal, mail_parameters, remaining_by_time
+from mtrkmta.smtp.outbound import (
+    deliver_by_relayed_dsn,
+    deliverby_refusal,
+    mail_parameters,
+    n_mode_adds_delay,
+    rcpt_parameters,
+    remaining_by_time,
+)
 from mtrkmta.smtp.params import parse_mail_params
 from mtrkmta.smtp.reply import SMTPError
 from mtrkmta.spool.codec import decode_envelope, encode_envelope
@@ -191,3 +198,42 @@ def test_the_server_advertises_its_minimum_and_keeps_by_on_the_envelope() -> Non
         assert not any(b"DELIVERBY" in line for line in lmtp.send(b"EHLO c.example\r\n"))
     finally:
         lmtp.close()
+
+
+BY_HOP = {"DELIVERBY": "", "DSN": "", "PIPELINING": ""}
+DSN_HOP = {"DSN": "", "PIPELINING": ""}
+
+
+def test_relayed_dsn_for_trace_and_for_n_to_a_hop_without_deliverby() -> None:
+    plain = Recipient("r@dest.example")
+    never = Recipient("r@dest.example", RcptParams(notify=frozenset({"NEVER"})))
+    failure = Recipient("r@dest.example", RcptParams(notify=frozenset({"FAILURE"})))
+    # RFC 2852 §4.1.4: T -> relayed DSN, whatever the hop, unless NOTIFY=NEVER.
+    traced = _by_envelope(DeliverBy(600, "R", True))
+    assert deliver_by_relayed_dsn(traced, plain, BY_HOP, 1000.0)
+    assert deliver_by_relayed_dsn(traced, failure, BY_HOP, 1000.0)
+    assert not deliver_by_relayed_dsn(traced, never, BY_HOP, 1000.0)
+    null_sender = Envelope("q", "", (), MailParams(deliver_by=DeliverBy(600, "R", True)), 1000.0)
+    assert not deliver_by_relayed_dsn(null_sender, plain, BY_HOP, 1000.0)  # RFC 3461 §5.2
+    # RFC 2852 §4.1.4.2: N, before its deadline, to a hop without DELIVERBY: MUST.
+    n = _by_envelope(DeliverBy(600, "N"))
+    assert deliver_by_relayed_dsn(n, failure, DSN_HOP, 1010.0)
+    assert not deliver_by_relayed_dsn(n, failure, BY_HOP, 1010.0)
+    assert not deliver_by_relayed_dsn(n, failure, DSN_HOP, 1600.0)
+    assert not deliver_by_relayed_dsn(_by_envelope(DeliverBy(600, "R")), plain, BY_HOP, 1000.0)
+
+
+def test_n_to_a_dsn_hop_without_deliverby_asks_for_delay() -> None:
+    # RFC 2852 §4.1.4.2: absent NOTIFY -> FAILURE,DELAY; DELAY added unless NEVER.
+    n = _by_envelope(DeliverBy(600, "N"))
+    assert n_mode_adds_delay(n, DSN_HOP, 1000.0)
+    assert not n_mode_adds_delay(n, BY_HOP, 1000.0)
+    assert not n_mode_adds_delay(n, DSN_HOP, 1600.0)  # only before the deliver-by-time
+    assert not n_mode_adds_delay(_by_envelope(DeliverBy(600, "R")), DSN_HOP, 1000.0)
+    plain = Recipient("r@dest.example")
+    success = Recipient("r@dest.example", RcptParams(notify=frozenset({"SUCCESS"})))
+    never = Recipient("r@dest.example", RcptParams(notify=frozenset({"NEVER"})))
+    assert rcpt_parameters(plain, DSN_HOP, add_delay=True)[0] == "NOTIFY=FAILURE,DELAY"
+    assert rcpt_parameters(success, DSN_HOP, add_delay=True)[0] == "NOTIFY=SUCCESS,DELAY"
+    assert rcpt_parameters(never, DSN_HOP, add_delay=True)[0] == "NOTIFY=NEVER"
+    assert rcpt_parameters(plain, DSN_HOP)[0].startswith("ORCPT=")
