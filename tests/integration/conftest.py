@@ -1,14 +1,15 @@
 """Integration-test hooks: the fault-injection suite lists the points it covered; the
-``log_file`` fixture."""
+``log_file`` and ``log_lines`` fixtures."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from mtrkmta.logfile import text_observer
 
@@ -49,3 +50,18 @@ def log_file(tmp_path: Path) -> Iterator[Path]:
             yield path
         finally:
             globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every log event of the test, formatted, as it happens (for waiting on a line)."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield lines
+    finally:
+        globalLogPublisher.removeObserver(observe)

@@ -212,7 +212,7 @@ def test_twistd_finds_the_plugin_of_a_wheel_install(
     site_packages = venv.parent.parent
     assert Path(package).is_relative_to(site_packages)
     assert Path(plugin).is_relative_to(site_packages)
-    assert revision == "0008"
+    assert revision == "0009"
     out = run([str(venv), "-c", _TWISTD, "mtrkmta", "--help"], cwd=tmp_path).stdout
     assert "--data-dir=" in out
     # The example configuration is package data; the version has one source.
@@ -247,4 +247,4 @@ def test_twistd_finds_the_plugin_of_an_editable_install(source: Path, venv: Path
     package, plugin, revision = run([str(venv), "-c", _WHERE], cwd=tmp_path).stdout.split()
     assert Path(package) == source / "mtrkmta" / "__init__.py"
     assert Path(plugin) == source / PLUGIN
-    assert revision == "0008"
+    assert revision == "0009"

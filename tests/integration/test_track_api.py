@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
 from urllib.parse import urlencode
 
 import pytest_twisted
 from smtpwire import queue_emptied, until
 from test_tracking_chain import A_NAME, B_NAME, DOMAIN, RCPT, chain
 from twisted.internet import reactor
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
@@ -30,45 +28,35 @@ async def post(port: int, path: str, body: bytes, content_type: str) -> tuple[in
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_api_follows_a_message_across_two_nodes(tmp_path):
-    lines: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        lines.append(formatEvent(event) or "")
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        async with chain(tmp_path) as rig:
-            b = await rig.start("b", B_NAME, ("domains.local", (DOMAIN,)))
-            a = await rig.start(
-                "a",
-                A_NAME,
-                ("routes", f"{DOMAIN}=mx"),
-                ("delivery.smtp_port", b.port("smtp")),
-                resolver=rig.dns.resolver(),
-                listeners=("smtp", "mtqp", "http"),
-            )
-            a_mtqp, b_mtqp = a.port("mtqp"), b.port("mtqp")
-            uri = await rig.send()
-            await queue_emptied(a)
-            await queue_emptied(b)
-            secret = parse_uri(uri).secret
-            port = a.port("http")
-            query = json.dumps({"uri": uri}).encode()
-            status, body = await post(port, "/api/v1/track", query, "application/json")
-            page_status, page = await post(
-                port,
-                "/track",
-                urlencode({"uri": uri}).encode(),
-                "application/x-www-form-urlencoded",
-            )
-            # Both answers are counted on the node's /metrics, served beside them.
-            response = await Agent(reactor).request(
-                b"GET", f"http://127.0.0.1:{port}/metrics".encode()
-            )
-            metrics = (await readBody(response)).decode()
-    finally:
-        globalLogPublisher.removeObserver(observe)
+async def test_the_api_follows_a_message_across_two_nodes(tmp_path, log_lines):
+    lines = log_lines
+    async with chain(tmp_path) as rig:
+        b = await rig.start("b", B_NAME, ("domains.local", (DOMAIN,)))
+        a = await rig.start(
+            "a",
+            A_NAME,
+            ("routes", f"{DOMAIN}=mx"),
+            ("delivery.smtp_port", b.port("smtp")),
+            resolver=rig.dns.resolver(),
+            listeners=("smtp", "mtqp", "http"),
+        )
+        a_mtqp, b_mtqp = a.port("mtqp"), b.port("mtqp")
+        uri = await rig.send()
+        await queue_emptied(a)
+        await queue_emptied(b)
+        secret = parse_uri(uri).secret
+        port = a.port("http")
+        query = json.dumps({"uri": uri}).encode()
+        status, body = await post(port, "/api/v1/track", query, "application/json")
+        page_status, page = await post(
+            port,
+            "/track",
+            urlencode({"uri": uri}).encode(),
+            "application/x-www-form-urlencoded",
+        )
+        # Both answers are counted on the node's /metrics, served beside them.
+        response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}/metrics".encode())
+        metrics = (await readBody(response)).decode()
     assert status == 200, body
     trace = json.loads(body)
     first, second = trace["hops"]
@@ -99,33 +87,25 @@ async def test_the_api_follows_a_message_across_two_nodes(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_query_naming_another_service_sends_it_nothing(tmp_path):
+async def test_a_query_naming_another_service_sends_it_nothing(tmp_path, log_lines):
     # The page connects where a query says, so a stranger could name any host and port of
     # the node's network; the MTQP client sends nothing before it has read an MTQP
     # greeting (RFC 3887 §3), so another service (here the node's own SMTP listener) gets
     # a connection and not one byte.
-    lines: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        lines.append(formatEvent(event) or "")
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        async with chain(tmp_path) as rig:
-            a = await rig.start("a", A_NAME, listeners=("smtp", "mtqp", "http"))
-            query = {
-                "envid": "probe@example.test",
-                "secret": "AAECAwQFBgcICQoLDA0ODw==",
-                "server": f"127.0.0.1:{a.port('smtp')}",
-            }
-            status, body = await post(
-                a.port("http"), "/api/v1/track", json.dumps(query).encode(), "application/json"
-            )
-            await until(
-                lambda: any("smtp disconnect" in line for line in lines), "the SMTP session's end"
-            )
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    lines = log_lines
+    async with chain(tmp_path) as rig:
+        a = await rig.start("a", A_NAME, listeners=("smtp", "mtqp", "http"))
+        query = {
+            "envid": "probe@example.test",
+            "secret": "AAECAwQFBgcICQoLDA0ODw==",
+            "server": f"127.0.0.1:{a.port('smtp')}",
+        }
+        status, body = await post(
+            a.port("http"), "/api/v1/track", json.dumps(query).encode(), "application/json"
+        )
+        await until(
+            lambda: any("smtp disconnect" in line for line in lines), "the SMTP session's end"
+        )
     assert status == 502, body
     assert json.loads(body)["error"]["code"] == "upstream_error"
     (ended,) = [line for line in lines if "smtp disconnect" in line]
