@@ -350,18 +350,21 @@ class WebhookSender:
         delay = backoff(
             entry.attempts + 1, config.first_retry, config.max_retry_interval, self._draw()
         )
+        said = {
+            "hook": config.name,
+            "event_id": entry.event_id,
+            "queue_id": entry.queue_id,
+            "attempts": entry.attempts + 1,
+            "reason": reason,
+        }
         if now + delay >= entry.created + config.max_age:
             await self._store.webhook_delivered(entry.id, self._owner)
             self._metrics.webhook_delivery("dropped")
             log.warn(
                 "webhook {hook}: dropped event {event_id} ({queue_id}) after {attempts} "
                 "attempt(s) over {max_age:g}s (max_age): {reason}",
-                hook=config.name,
-                event_id=entry.event_id,
-                queue_id=entry.queue_id,
-                attempts=entry.attempts + 1,
                 max_age=config.max_age,
-                reason=reason,
+                **said,
             )
             return
         await self._store.retry_webhook(entry.id, self._owner, now + delay)
@@ -369,10 +372,6 @@ class WebhookSender:
         log.info(
             "webhook {hook}: event {event_id} ({queue_id}) not delivered: {reason}; "
             "attempt {attempts}, next in {delay:.0f}s",
-            hook=config.name,
-            event_id=entry.event_id,
-            queue_id=entry.queue_id,
-            reason=reason,
-            attempts=entry.attempts + 1,
             delay=delay,
+            **said,
         )
