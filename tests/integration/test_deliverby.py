@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from fakemta import ALL_EXTENSIONS, FakeMTA
+from fakemta import ALL_EXTENSIONS
 from smtpwire import in_thread, queue_emptied, until
 from test_dsn_end_to_end import SENDER, delivery_status, dsns, send
-from twisted.internet import reactor
+from test_relay_end_to_end import relaying
 
 from mtrkmta.dsn.render import format_date
 from mtrkmta.envelope import DeliverBy
 from mtrkmta.queue.service import QueueEvent
-from mtrkmta.service import MTAService
 from mtrkmta.testing import node_config, start_node, stop_node
 from mtrkmta.tracking.interfaces import RecipientState
 from mtrkmta.tracking.status import DELIVER_BY_FIELD, report_from_store
@@ -33,37 +29,14 @@ DOWN = "421 4.3.2 fake.example.test down, try again later"
 BY_HOP = (*ALL_EXTENSIONS, "DELIVERBY")
 
 
-@asynccontextmanager
-async def relaying(
-    tmp_path: Path, options: Sequence[tuple[str, object]], extensions: Sequence[str] = BY_HOP
-) -> AsyncIterator[tuple[MTAService, FakeMTA]]:
-    fake = await FakeMTA(reactor, extensions=extensions).start()
-    node = await start_node(
-        node_config(
-            tmp_path / "data",
-            listeners=("smtp",),
-            options=(
-                ("routes", f"relay.example=smtp:{fake.endpoint};tls=none"),
-                ("durability.fsync", False),
-                *options,
-            ),
-        )
-    )
-    try:
-        yield node, fake
-    finally:
-        try:
-            await stop_node(node)
-        finally:
-            await fake.stop()
-
-
 @pytest_twisted.ensureDeferred
 async def test_r_mode_fails_with_5_4_7_at_the_deadline_while_the_hop_is_down(tmp_path):
     # RFC 2852 §4.1.3: by-mode R not relayed by deliver-by-time: no further attempt, a
     # "failed" DSN with 5.4.7. The next retry would be an hour away: the queue acts AT
     # the deadline.
-    async with relaying(tmp_path, (("queue.first_retry", "1h"),)) as (node, fake):
+    async with relaying(tmp_path, extensions=BY_HOP, options=(("queue.first_retry", "1h"),)) as rig:
+        node, fake = rig.node, rig.fake
+        assert node is not None
         fake.greeting = DOWN
         started = time.monotonic()
         queue_id = await in_thread(send, node.port("smtp"), SENDER, [(RCPT, "")], "BY=2;R")
@@ -87,7 +60,8 @@ async def test_n_mode_notifies_at_the_deadline_and_delivers_when_the_hop_is_up(t
     # queue goes on; the hop, up again, gets the message with a by-time now negative
     # (RFC 2852 §4.1.4).
     options = (("queue.first_retry", "1s"), ("queue.max_retry_interval", "2s"))
-    async with relaying(tmp_path, options) as (node, fake):
+    async with relaying(tmp_path, extensions=BY_HOP, options=options) as rig:
+        node, fake = rig.node, rig.fake
         fake.greeting = DOWN
         assert node.queue is not None
 
@@ -111,7 +85,9 @@ async def test_n_mode_notifies_at_the_deadline_and_delivers_when_the_hop_is_up(t
 @pytest_twisted.ensureDeferred
 async def test_r_mode_is_not_relayed_to_a_hop_without_deliverby(tmp_path):
     # RFC 2852 §4.1.4.1: MUST NOT be relayed there; undeliverable for permanent reasons.
-    async with relaying(tmp_path, (), extensions=ALL_EXTENSIONS) as (node, fake):
+    async with relaying(tmp_path) as rig:
+        node, fake = rig.node, rig.fake
+        assert node is not None
         queue_id = await in_thread(send, node.port("smtp"), SENDER, [(RCPT, "")], "BY=600;R")
         await queue_emptied(node)
         (rcpt,) = (await node.tracking.message(queue_id)).recipients
@@ -125,7 +101,9 @@ async def test_r_mode_is_not_relayed_to_a_hop_without_deliverby(tmp_path):
 async def test_n_mode_to_a_hop_without_deliverby_owes_a_relayed_dsn(tmp_path):
     # RFC 2852 §4.1.4.2: the relaying client MUST issue a "relayed" DSN (NOTIFY absent),
     # and asks a DSN hop for NOTIFY=FAILURE,DELAY.
-    async with relaying(tmp_path, (), extensions=ALL_EXTENSIONS) as (node, fake):
+    async with relaying(tmp_path) as rig:
+        node, fake = rig.node, rig.fake
+        assert node is not None
         await in_thread(send, node.port("smtp"), SENDER, [(RCPT, "")], "BY=600;N")
         await queue_emptied(node)
         (delivered,) = [t for t in fake.transactions if t.content is not None]

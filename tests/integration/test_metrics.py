@@ -6,17 +6,16 @@ import urllib.request
 
 import pytest_twisted
 from certs import tls_options
-from fakemta import FakeMTA
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from smtpwire import Wire, in_thread, message, queue_emptied, until
 from test_dsn_end_to_end import SENDER, node_with_fake, send
 from test_receive_tls_auth import secure
+from test_relay_end_to_end import relaying
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from mtrkmta.testing import node_config, start_node, stop_node
 from mtrkmta.web.metrics import metrics_resource
 
 
@@ -92,20 +91,9 @@ def send_over_starttls(port: int) -> None:
 @pytest_twisted.ensureDeferred
 async def test_tls_sessions_in_and_out_are_counted(tmp_path):
     # RFC 3207: the client's STARTTLS to us (in), ours to the next hop (out).
-    fake = FakeMTA(reactor, tls=True)
-    await fake.start()
-    node = await start_node(
-        node_config(
-            tmp_path / "data",
-            listeners=("smtp",),
-            options=(
-                *tls_options(tmp_path / "tls"),
-                ("routes", f"relay.example=smtp:{fake.endpoint};tls=encrypt"),
-                ("durability.fsync", False),
-            ),
-        )
-    )
-    try:
+    async with relaying(tmp_path, tls=True, options=tls_options(tmp_path / "tls")) as rig:
+        node = rig.node
+        assert node is not None
         await in_thread(send_over_starttls, node.port("smtp"))
         await queue_emptied(node)
         value = node.metrics.registry.get_sample_value
@@ -113,11 +101,6 @@ async def test_tls_sessions_in_and_out_are_counted(tmp_path):
         assert value("mtrkmta_tls_sessions_total", {"direction": "out"}) == 1
         relayed = {"outcome": "relayed", "transport": "smtp"}
         assert value("mtrkmta_deliveries_total", relayed) == 1
-    finally:
-        try:
-            await stop_node(node)
-        finally:
-            await fake.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -84,8 +84,15 @@ def copies(fake: FakeMTA) -> list[FakeTransaction]:
 class Rig:
     """One FakeMTA behind the ``relay.example`` route and a node relaying to it; restartable."""
 
-    def __init__(self, tmp_path: Path, fake: FakeMTA, options: Sequence[tuple[str, object]]):
+    def __init__(
+        self,
+        tmp_path: Path,
+        fake: FakeMTA,
+        options: Sequence[tuple[str, object]],
+        tls: str = "none",
+    ):
         self.fake = fake
+        self.tls = tls  # the route's TLS policy
         self.data_dir = tmp_path / "data"
         self.options = tuple(options)
         self.node: MTAService | None = None
@@ -97,7 +104,7 @@ class Rig:
             self.data_dir,
             listeners=("smtp",),
             options=(
-                ("routes", f"{RELAY_DOMAIN}=smtp:{self.fake.endpoint};tls=none"),
+                ("routes", f"{RELAY_DOMAIN}=smtp:{self.fake.endpoint};tls={self.tls}"),
                 ("durability.fsync", False),
                 *self.options,
             ),
@@ -145,10 +152,12 @@ async def relaying(
     options: Sequence[tuple[str, object]] = (),
     resolver: Any = None,
     started: bool = True,
+    tls: bool = False,
 ) -> AsyncIterator[Rig]:
-    """A FakeMTA and a node routing ``relay.example`` to it; both stopped afterwards."""
-    fake = await FakeMTA(reactor, extensions=extensions).start()
-    rig = Rig(tmp_path, fake, options)
+    """A FakeMTA and a node routing ``relay.example`` to it; both stopped afterwards.
+    ``tls``: the FakeMTA offers STARTTLS and the route requires it (``tls=encrypt``)."""
+    fake = await FakeMTA(reactor, extensions=extensions, tls=tls).start()
+    rig = Rig(tmp_path, fake, options, tls="encrypt" if tls else "none")
     rig.resolver = resolver
     try:
         if started:
