@@ -238,8 +238,10 @@ workers = {workers}
 
 [listeners]
 smtp = "tcp:0:interface=127.0.0.1"
+submission = "none"
 lmtp = "none"
 mtqp = "none"
+http = "none"
 
 [webhooks.rcv]
 url = "http://127.0.0.1:{hook_port}/hook"

@@ -80,7 +80,7 @@ def config_file(tmp_path: Path) -> Path:
         f'[server]\ndata_dir = "{data}"\ndatabase = "{database_url(data)}"\n'
         f'hostname = "{HOSTNAME}"\nworkers = 2\n'
         f'[listeners]\nsmtp = "{LOOPBACK_ANY_PORT}"\nsubmission = "none"\n'
-        'lmtp = "none"\nmtqp = "none"\n'
+        'lmtp = "none"\nmtqp = "none"\nhttp = "none"\n'
         '[domains]\nlocal = ["example.test"]\n'
         "[durability]\nfsync = false\n"
     )
