@@ -4,6 +4,7 @@ byte for byte."""
 from __future__ import annotations
 
 import pytest
+from test_dsn_render import failed_report, parse, render, returned, stored_message
 from test_smtp_server import Client, RecordingReceiver, make_factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.threadpool import ThreadPool
@@ -163,3 +164,26 @@ def test_maildir_stores_a_binarymime_message_byte_exact(tmp_path):
     assert copy.read_bytes() == (
         b"Return-Path: <s@y.test>\r\nDelivered-To: <alice@x.test>\r\n" + BINARY
     )
+
+
+# -- DSN of a binary message -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ret", ["FULL", None])
+def test_dsn_returns_only_the_header_of_a_binary_message(ret):
+    # RFC 3461 §6.2 (full content SHOULD, not MUST), RFC 6522 §3 (text/rfc822-headers for
+    # content that cannot go as it is): a binary body in message/rfc822 would make the DSN
+    # an invalid 7bit/8bit message, and normalising its line ends would corrupt it.
+    dsn = render(
+        [failed_report()],
+        message=stored_message(body="BINARYMIME", size=len(BINARY)),
+        content=BINARY,
+        ret=ret,
+    )
+    assert returned(dsn) == ("text/rfc822-headers", HEADER[:-2])
+    assert b"\x00" not in dsn and b"\xff" not in dsn
+    assert parse(dsn).defects == []
+    text = parse(dsn).get_body(("plain",))
+    assert text is not None
+    words = " ".join(text.get_content().split())
+    assert "sent as binary MIME (BODY=BINARYMIME), so its body is not returned" in words
