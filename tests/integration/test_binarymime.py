@@ -8,6 +8,7 @@ import email
 import email.policy
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from fakemta import ALL_EXTENSIONS
 from smtpwire import Wire, in_thread, queue_emptied, queue_id_of, until
@@ -65,28 +66,29 @@ async def test_binary_message_lands_in_the_maildir_byte_for_byte(tmp_path):
     assert copy.endswith(b"\r\n" + BINARY)
 
 
+@pytest.mark.parametrize(
+    ("transport", "state"),
+    [("smtp", RecipientState.RELAYED), ("lmtp", RecipientState.DELIVERED)],
+)
 @pytest_twisted.ensureDeferred
-async def test_binary_message_relayed_to_a_second_node_offering_binarymime(tmp_path):
+async def test_binary_message_relayed_to_a_second_node_offering_binarymime(
+    tmp_path, transport, state
+):
+    # The second node's SMTP or LMTP listener offers BINARYMIME and CHUNKING: the first
+    # sends BODY=BINARYMIME with BDAT, octets unchanged (RFC 3030 §3).
     final = await start_node(
         node_config(
             tmp_path / "b",
             hostname="b.example.test",
-            listeners=("smtp",),
+            listeners=(transport,),
             options=(("domains.local", (B_DOMAIN,)),),
         )
     )
     try:
+        port = final.port(transport)
+        route = f"{B_DOMAIN}={transport}:tcp:host=127.0.0.1:port={port};tls=none"
         first = await start_node(
-            node_config(
-                tmp_path / "a",
-                listeners=("smtp",),
-                options=(
-                    (
-                        "routes",
-                        f"{B_DOMAIN}=smtp:tcp:host=127.0.0.1:port={final.port('smtp')};tls=none",
-                    ),
-                ),
-            )
+            node_config(tmp_path / "a", listeners=("smtp",), options=(("routes", route),))
         )
         try:
             queue_id = await in_thread(send_binary, first.port("smtp"), f"alice@{B_DOMAIN}")
@@ -94,7 +96,7 @@ async def test_binary_message_relayed_to_a_second_node_offering_binarymime(tmp_p
             assert first.tracking is not None
             stored = await first.tracking.message(queue_id)
             assert stored is not None
-            assert [r.state for r in stored.recipients] == [RecipientState.RELAYED]
+            assert [r.state for r in stored.recipients] == [state]
             await until(lambda: (tmp_path / "b" / "mail" / "alice" / "new").is_dir(), "delivery")
             await queue_emptied(final)
         finally:
@@ -102,6 +104,10 @@ async def test_binary_message_relayed_to_a_second_node_offering_binarymime(tmp_p
     finally:
         await stop_node(final)
     copy = delivered(tmp_path / "b", "alice")
+    # The second node stored it as binary (CRLF kept): BODY=BINARYMIME reached it.
+    assert copy.startswith(
+        b"Return-Path: <sender@localhost>\r\nDelivered-To: <alice@b.example>\r\n"
+    )
     # Two Received: fields (one per node) above the octets as sent.
     assert copy.count(b"\r\nReceived: ") == 2 and copy.endswith(b"\r\n" + BINARY)
 
