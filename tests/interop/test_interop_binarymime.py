@@ -29,9 +29,12 @@ BINARY = HEADER + b"\r\n\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\n" + bytes(range(256
 
 
 def lhlo(port: int) -> list[str]:
+    """Dovecot's LHLO keywords; its answer to BODY=BINARYMIME is checked on the way."""
     with Client(port) as client:
         assert client.reply().code == 220
         lines = client.expect("LHLO probe.example.test", 250).lines
+        refused = client.command("MAIL FROM:<a@x.test> BODY=BINARYMIME")
+        assert refused.code == 555, str(refused)
         client.command("QUIT")
     return [line[4:] for line in lines[1:]]
 
