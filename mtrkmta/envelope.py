@@ -57,7 +57,7 @@ class MailParams:
     """The ESMTP parameters of one MAIL command, validated and decoded."""
 
     size: int | None = None
-    body: str | None = None  # "7BIT" or "8BITMIME"
+    body: str | None = None  # "7BIT", "8BITMIME" or "BINARYMIME" (RFC 3030 §3)
     envid: str | None = None  # xtext-decoded ENVID, case kept
     ret: str | None = None  # "FULL" or "HDRS"
     mtrk: Mtrk | None = None

@@ -89,10 +89,11 @@ class MaildirTransport:
     """Delivers each recipient's copy into ``root/<mailbox>/new/`` (Maildir).
 
     Each copy gets ``Return-Path:`` and ``Delivered-To:`` headers and LF line
-    ends (the Maildir convention). The file is written in ``tmp/`` with a unique
-    name, fsync'd, renamed into ``new/``, and ``new/`` is fsync'd before the
-    outcome is reported, so ``delivered`` means on disk. Work runs in the thread
-    pool.
+    ends (the Maildir convention); a ``BODY=BINARYMIME`` message keeps the octets it
+    arrived with, CRLF line ends included, and its two headers end in CRLF too.
+    The file is written in ``tmp/`` with a unique name, fsync'd, renamed into
+    ``new/``, and ``new/`` is fsync'd before the outcome is reported, so
+    ``delivered`` means on disk. Work runs in the thread pool.
 
     Exactly once across crashes: a kill after the rename into ``new/`` and before
     the queue commits the outcome makes the queue try the same recipient again.
@@ -151,13 +152,17 @@ class MaildirTransport:
         return succeed(None)  # nothing cached: every attempt finishes in its own call
 
     def _deliver(self, attempt: Attempt) -> list[RecipientOutcome]:
-        body = attempt.content.replace(b"\r\n", b"\n")
+        # RFC 3030 §3: a BINARYMIME message is stored as received, CRLF line ends and all;
+        # turning CRLF into LF would change its binary body.
+        binary = attempt.envelope.params.body == "BINARYMIME"
+        body = attempt.content if binary else attempt.content.replace(b"\r\n", b"\n")
+        eol = "\r\n" if binary else "\n"
         sender = attempt.envelope.sender
         outcomes = []
         touched: set[Path] = set()
         for index in attempt.recipients:
             address = attempt.recipient(index).address
-            headers = f"Return-Path: <{sender}>\nDelivered-To: <{address}>\n"
+            headers = f"Return-Path: <{sender}>{eol}Delivered-To: <{address}>{eol}"
             problem = self.unusable(address)
             if problem is not None:
                 # RCPT refuses such addresses; one that comes from an alias target fails.

@@ -217,7 +217,11 @@ def render_dsn(
     ``max_full_size`` octets or holds 8-bit octets while ``eight_bit_ok`` is False (the
     DSN's path is 7-bit); otherwise ``text/rfc822-headers``. When the header itself
     holds 8-bit octets on a 7-bit path, or ``original_content`` is None, the third part
-    is left out. Without ``eight_bit_ok`` the result is pure 7-bit, except for a
+    is left out. A ``BODY=BINARYMIME`` message (RFC 3030 §3) is returned as its header only,
+    whatever RET says: its body is binary and could not travel in the DSN, which goes as
+    8bit or 7bit (RFC 3461 §6.2 makes the full message a SHOULD; RFC 6522 §3 names
+    text/rfc822-headers for content that cannot be returned as it is); the text part says
+    so. Without ``eight_bit_ok`` the result is pure 7-bit, except for a
     non-ASCII sender address in To (SMTPUTF8, RFC 6532).
 
     Every stored value (HELO name, addresses, ENVID, remote MTA, diagnostic) is made safe
@@ -236,14 +240,15 @@ def render_dsn(
     reporting_mta = safe_mta_name(reporting_mta) or "localhost"
     if ret is not None and ret.upper() not in ("FULL", "HDRS"):
         raise ValueError(f"RET must be FULL or HDRS, not {ret!r}")
+    binary = message.body == "BINARYMIME"
     returned = _returned_part(
-        original_content,
-        full=failure and (ret is None or ret.upper() == "FULL"),
+        _header_section(original_content) if binary and original_content else original_content,
+        full=failure and (ret is None or ret.upper() == "FULL") and not binary,
         max_full_size=max_full_size,
         eight_bit_ok=eight_bit_ok,
     )
     status = _status_part(message, recipients, reporting_mta)
-    text = _text_part(message, recipients, reporting_mta, returned)
+    text = _text_part(message, recipients, reporting_mta, returned, binary=binary)
     parts = [text, status] + ([returned[1]] if returned is not None else [])
     boundary = _pick_boundary(new_boundary, parts)
     message_id = new_message_id(reporting_mta)
@@ -318,6 +323,12 @@ def _returned_part(
     return "header", _Part("text/rfc822-headers", "Message header", cte, header)
 
 
+def _header_section(content: bytes) -> bytes:
+    """The header section of a binary message: up to its first empty line (CRLF CRLF)."""
+    end = content.find(b"\r\n\r\n")
+    return content if end < 0 else content[: end + 4]
+
+
 def _status_part(
     message: StoredMessage, recipients: Sequence[RecipientReport], reporting_mta: str
 ) -> _Part:
@@ -381,6 +392,8 @@ def _text_part(
     recipients: Sequence[RecipientReport],
     reporting_mta: str,
     returned: tuple[str, _Part] | None,
+    *,
+    binary: bool = False,
 ) -> _Part:
     """The human-readable part: what happened to whom and why, in plain words."""
     paragraphs = [f"This is the mail system at host {reporting_mta}."]
@@ -398,6 +411,13 @@ def _text_part(
             paragraphs.append("Your message is attached below.")
         else:
             paragraphs.append("The header of your message is attached below.")
+    if binary:
+        paragraphs.append(
+            _wrap(
+                "Your message was sent as binary MIME (BODY=BINARYMIME), so its body is"
+                " not returned: only its header can be, when it fits the report."
+            )
+        )
     details = [
         "Details of your message:",
         f"    Queue ID:     {message.queue_id}",

@@ -13,6 +13,10 @@ from mtrkmta.smtp.reply import SMTPError
 _BDAT = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
 
 _RECEIVED = re.compile(rb"(?:^|\n)received:", re.IGNORECASE)
+_HEADER_END = b"\r\n\r\n"
+
+BINARYMIME = "BINARYMIME"
+"""The BODY= value of binary content, sent only with BDAT (RFC 3030 §3)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +70,21 @@ class ChunkedContent:
     §4.5.3.1.6), as DATA does; counts the Received: header fields (RFC 5321 §6.3).
     A CR at the end of a chunk is held back until the next octet shows whether
     it is part of a CRLF.
+
+    ``binary`` (``BODY=BINARYMIME``, RFC 3030 §3): the checks above hold for the header
+    section only, which ends at the first empty line (CRLF CRLF). There a bare CR or LF
+    refuses the content whatever ``reject_bare_line_ends`` says: making it CRLF could
+    move the end of the header section and so change the body. The body's octets are
+    stored as they are: NUL, bare CR and LF and long lines are binary data.
     """
 
     def __init__(
-        self, max_size: int, max_line: int = 998, *, reject_bare_line_ends: bool = False
+        self,
+        max_size: int,
+        max_line: int = 998,
+        *,
+        reject_bare_line_ends: bool = False,
+        binary: bool = False,
     ) -> None:
         self.max_size = max_size
         self.max_line = max_line
@@ -84,6 +99,8 @@ class ChunkedContent:
         self._cr = False  # a CR held back from the last feed
         self._in_headers = True
         self._header_tail = b"\n"  # the last octet of header text seen (a line start)
+        self.binary = binary
+        self._raw_tail = b"\r\n"  # binary: the last raw header octets (CRLF: a line start)
 
     @property
     def refused(self) -> bool:
@@ -91,7 +108,7 @@ class ChunkedContent:
         return (
             self.size_exceeded
             or self.line_too_long
-            or (self.bare_line_ends and self.reject_bare_line_ends)
+            or (self.bare_line_ends and (self.reject_bare_line_ends or self.binary))
         )
 
     def announce(self, size: int) -> bool:
@@ -103,6 +120,25 @@ class ChunkedContent:
 
     def feed(self, data: bytes) -> bytes:
         """The content of ``data`` to store (line ends made CRLF); empty once refused."""
+        if self.binary:
+            return self._feed_binary(data)
+        return self._feed_text(data)
+
+    def _feed_binary(self, data: bytes) -> bytes:
+        """Header octets through the checks, body octets as they are (RFC 3030 §3)."""
+        if not self._in_headers:
+            return b"" if self.refused else data
+        seen = self._raw_tail + data
+        end = seen.find(_HEADER_END)
+        if end < 0:
+            self._raw_tail = seen[-3:]
+            return self._feed_text(data)
+        cut = end + len(_HEADER_END) - len(self._raw_tail)
+        header = self._feed_text(data[:cut])
+        self._in_headers = False
+        return b"" if self.refused else header + data[cut:]
+
+    def _feed_text(self, data: bytes) -> bytes:
         if self._cr:
             data = b"\r" + data
         self._cr = data.endswith(b"\r")

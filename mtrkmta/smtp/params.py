@@ -110,7 +110,8 @@ def parse_mail_params(
     Raises SMTPError: ``555 5.5.4`` for an unknown or not-advertised keyword
     (``555 5.5.4 MTRK not supported``), ``501 5.5.4`` for a repeated keyword, a
     missing/extra value or a malformed value, ``555 5.5.4 Unsupported BODY type``
-    for a well-formed BODY other than 7BIT/8BITMIME; for BY (RFC 2852 §4) ``501 5.5.4``
+    for a well-formed BODY other than 7BIT/8BITMIME (and BINARYMIME when advertised,
+    RFC 3030 §3); for BY (RFC 2852 §4) ``501 5.5.4``
     when malformed or R with a by-time <= 0, ``555 5.5.4`` when R asks for less than
     ``min_by_time`` (RFC 2852 §3: a permanent 55z).
     """
@@ -135,7 +136,7 @@ def parse_mail_params(
         elif keyword == "SIZE":
             size = _parse_size(_require_value(keyword, value))
         elif keyword == "BODY":
-            body = _parse_body(_require_value(keyword, value))
+            body = _parse_body(_require_value(keyword, value), advertised)
         elif keyword == "ENVID":
             envid_value = _require_value(keyword, value)
             envid = _parse_envid(envid_value, lenient_xtext)
@@ -192,11 +193,12 @@ def _parse_size(value: str) -> int:
     return int(value)
 
 
-def _parse_body(value: str) -> str:
+def _parse_body(value: str, advertised: frozenset[str]) -> str:
+    """7BIT or 8BITMIME (RFC 6152); BINARYMIME only where it is advertised (RFC 3030 §3)."""
     if _BODY_TOKEN.fullmatch(value) is None:
         raise _invalid("BODY")
     body = value.upper()
-    if body not in ("7BIT", "8BITMIME"):
+    if body not in ("7BIT", "8BITMIME") and (body != "BINARYMIME" or body not in advertised):
         raise SMTPError(555, "5.5.4", "Unsupported BODY type")
     return body
 

@@ -27,7 +27,7 @@ from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.metrics import IMetrics, NoMetrics, refusal_reason
 from mtrkmta.sessionguard import COMMAND, DATA, SessionGuard
 from mtrkmta.sessions import SessionTable
-from mtrkmta.smtp.chunking import ChunkedContent, ChunkReader, parse_bdat
+from mtrkmta.smtp.chunking import BINARYMIME, ChunkedContent, ChunkReader, parse_bdat
 from mtrkmta.smtp.command import (
     DEFAULT_LIMITS,
     LINE_TOO_LONG,
@@ -205,6 +205,9 @@ def _chunks_result(chunks: ChunkedContent) -> DataResult:
 R_OK = Reply(250, "2.0.0", ("Ok",))
 R_BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
 R_TOO_BIG = Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
+R_BARE_BINARY_HEADER = Reply(
+    550, "5.6.0", ("Bare CR or LF in the header section of a BINARYMIME message",)
+)
 
 
 class SMTPServer(Protocol, SessionGuard):
@@ -475,6 +478,7 @@ class SMTPServer(Protocol, SessionGuard):
             f"SIZE {self.settings.message_size}",
             "8BITMIME",
             "CHUNKING",  # RFC 3030
+            "BINARYMIME",  # RFC 3030 §3: only with CHUNKING (BODY=BINARYMIME goes by BDAT)
             "ENHANCEDSTATUSCODES",
             "DSN",
             "MTRK",
@@ -808,6 +812,8 @@ class SMTPServer(Protocol, SessionGuard):
             return Reply(503, "5.5.1", ("No valid recipients",))
         if transaction.chunks is not None:  # RFC 3030 §2: not both in one transaction
             return Reply(503, "5.5.1", ("DATA not allowed after BDAT; send RSET",))
+        if transaction.params.body == BINARYMIME:  # RFC 3030 §3: MUST get 503
+            return Reply(503, "5.5.1", ("BODY=BINARYMIME requires BDAT, not DATA",))
         try:
             queue_id = self.receiver.new_queue_id()
             sink = self.receiver.incoming(queue_id)
@@ -865,6 +871,7 @@ class SMTPServer(Protocol, SessionGuard):
             chunks = transaction.chunks = ChunkedContent(
                 self.settings.message_size,
                 reject_bare_line_ends=self.settings.bare_line_ends == "reject",
+                binary=transaction.params.body == BINARYMIME,
             )
             self._write_content(self._received_header(transaction, self.factory.clock.seconds()))
         if not chunks.announce(size):
@@ -898,10 +905,15 @@ class SMTPServer(Protocol, SessionGuard):
         transaction = self.transaction
         reply = self._chunk_reply
         self._replying_to = ("BDAT", str(size), transaction or self._chunk_of)
+        tail = b""
         if reply is None and transaction is not None and transaction.chunks is not None:
             chunks = transaction.chunks
+            if self._chunk_last and not chunks.refused:
+                tail = chunks.finish()
             if chunks.refused:
-                reply = self._refuse_content(_chunks_result(chunks))
+                # A bare CR/LF in the header section of a binary message is refused
+                # whatever limits.bare_line_ends says (mtrkmta.smtp.chunking.ChunkedContent).
+                reply = self._refuse_content(_chunks_result(chunks)) or R_BARE_BINARY_HEADER
             elif not self._chunk_last:
                 reply = Reply(250, "2.0.0", (f"{size} octets received",))
         if reply is not None:
@@ -913,7 +925,7 @@ class SMTPServer(Protocol, SessionGuard):
             return
         assert transaction is not None and transaction.chunks is not None
         chunks = transaction.chunks
-        self._write_content(chunks.finish())
+        self._write_content(tail)
         self.transaction = None
         sink, self._sink = self._sink, None
         result = _chunks_result(chunks)

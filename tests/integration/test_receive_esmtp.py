@@ -51,6 +51,7 @@ async def test_ehlo_lists_every_keyword_in_order(tmp_path):
         "250-SIZE 10485760",
         "250-8BITMIME",
         "250-CHUNKING",
+        "250-BINARYMIME",
         "250-ENHANCEDSTATUSCODES",
         "250-DSN",
         "250-MTRK",

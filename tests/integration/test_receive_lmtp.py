@@ -40,6 +40,7 @@ async def test_lhlo_keywords(tmp_path):
         "250-SIZE 36700160",
         "250-8BITMIME",
         "250-CHUNKING",
+        "250-BINARYMIME",
         "250-ENHANCEDSTATUSCODES",
         "250-DSN",
         "250-MTRK",

@@ -99,7 +99,7 @@ MAIL_CASES = [
     pytest.param("AUTH=<>", "555 5.5.4 AUTH not supported", id="auth-not-advertised"),
     # Other extensions.
     pytest.param("SIZE=12k", "501 5.5.4 Invalid SIZE parameter", id="size-not-digits"),
-    pytest.param("BODY=BINARYMIME", "555 5.5.4 Unsupported BODY type", id="body-binarymime"),
+    pytest.param("BODY=BINARY", "555 5.5.4 Unsupported BODY type", id="body-binary"),
     pytest.param("SMTPUTF8=yes", "501 5.5.4 SMTPUTF8 takes no value", id="smtputf8-value"),
 ]
 
@@ -132,6 +132,7 @@ MAIL_ACCEPTED = [
     pytest.param("RET=hdrs", id="ret-hdrs-lower"),
     pytest.param("SIZE=0 BODY=7BIT", id="size-body"),
     pytest.param("BODY=8bitmime SMTPUTF8", id="8bitmime-smtputf8"),
+    pytest.param("BODY=BINARYMIME", id="binarymime"),  # RFC 3030 §3: advertised with CHUNKING
 ]
 
 # RCPT parameters (after a good MAIL) -> the exact reply line.

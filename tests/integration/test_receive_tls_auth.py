@@ -32,6 +32,7 @@ PASSWORD = "secret"
 SENDER = "MAIL FROM:<alice@client.example>"
 KEYWORDS = ["PIPELINING", "SIZE 36700160", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "MTRK"]
 KEYWORDS.insert(KEYWORDS.index("8BITMIME") + 1, "CHUNKING")  # RFC 3030, after 8BITMIME
+KEYWORDS.insert(KEYWORDS.index("CHUNKING") + 1, "BINARYMIME")  # RFC 3030 §3, with CHUNKING
 AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_BAD = "535 5.7.8 Authentication credentials invalid"
 AUTH_CANCELLED = "501 5.0.0 Authentication cancelled"

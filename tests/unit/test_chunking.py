@@ -318,13 +318,6 @@ def test_over_long_line_in_a_chunk_is_refused_like_data(client, receiver):
     assert client.send(b"BDAT 0 LAST\r\n") == [b"503 5.5.1 Need MAIL command"]
 
 
-def test_binarymime_is_not_advertised_nor_accepted(client):
-    # RFC 3030 §3: BINARYMIME only where it is advertised (doc/conformance.rst 3030-P3).
-    assert b"250-BINARYMIME" not in client.send(b"EHLO c.example\r\n")
-    reply = client.send(b"MAIL FROM:<a@x.test> BODY=BINARYMIME\r\n")
-    assert reply[0].startswith(b"555 5.5.4")
-
-
 def test_lmtp_offers_chunking_and_answers_last_once_per_recipient(receiver, clock):
     factory = LMTPServerFactory(
         ServerSettings(hostname="lda.example.test", listener="lmtp"), receiver, clock

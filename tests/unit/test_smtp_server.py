@@ -134,6 +134,7 @@ def test_ehlo_keywords(client):
         b"250-SIZE 36700160",
         b"250-8BITMIME",
         b"250-CHUNKING",
+        b"250-BINARYMIME",
         b"250-ENHANCEDSTATUSCODES",
         b"250-DSN",
         b"250-MTRK",

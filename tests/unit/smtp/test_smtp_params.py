@@ -90,6 +90,11 @@ class TestMailBasics:
     def test_body_unsupported(self, value):
         assert mail_error(f"BODY={value}") == Reply(555, "5.5.4", ("Unsupported BODY type",))
 
+    @pytest.mark.parametrize("value", ["BINARYMIME", "binarymime", "BinaryMime"])
+    def test_body_binarymime_where_advertised(self, value):
+        # RFC 3030 §3: BODY=BINARYMIME once BINARYMIME (with CHUNKING) is advertised.
+        assert mail(f"BODY={value}", ALL | {"CHUNKING", "BINARYMIME"}).body == "BINARYMIME"
+
     @pytest.mark.parametrize("value", ["8BIT/MIME", "7BIT;", "8b\u0131tm\u0131me"])
     def test_body_garbage(self, value):
         # "\u0131".upper() == "I": non-ASCII must not fold into a valid keyword.
