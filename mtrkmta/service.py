@@ -460,6 +460,7 @@ class MTAService(Service):
             enqueue=self.queue.admit if self.deliver else None,
             check_local=checks.check_local if config.local.users else None,
             check_route=checks.check_route,
+            check_binary=checks.check_binary,
         )
         await self.receiver.start()
         self._purge = LoopingCall(self._purge_tracking)

@@ -359,7 +359,9 @@ class PickupReceiver:
     def check_sender(self, session: Session, sender: str, params: MailParams) -> None:
         return None
 
-    def check_recipient(self, session: Session, address: str, params: RcptParams) -> None:
+    def check_recipient(
+        self, session: Session, address: str, params: RcptParams, mail: MailParams
+    ) -> None:
         return None
 
     def incoming(self, queue_id: str) -> _Buffer:

@@ -14,6 +14,7 @@ from mtrkmta.address import recipient_domain
 from mtrkmta.envelope import Envelope, MailParams, RcptParams
 from mtrkmta.receive.acceptor import Accepted, Acceptor
 from mtrkmta.receive.policy import NO_DOMAIN, RelayPolicy
+from mtrkmta.smtp.chunking import BINARYMIME
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import ContentSink, IReceiver, Session
 from mtrkmta.spool.interfaces import IIncoming
@@ -40,10 +41,14 @@ class Receiver:
         free_space_interval: float = 5.0,
         check_local: Callable[[str], Reply | None] | None = None,
         check_route: Callable[[str], Reply | None] | None = None,
+        check_binary: Callable[[str], Reply | None] | None = None,
     ) -> None:
         """``check_local`` refuses unknown local users at RCPT (None: everyone exists);
         ``check_route`` refuses at RCPT a recipient whose delivery is already known to
-        fail (the router's decision, see ``route_refusal``; None: no such check)."""
+        fail (the router's decision, see ``route_refusal``; None: no such check);
+        ``check_binary`` refuses, for a ``BODY=BINARYMIME`` transaction of a client that
+        neither authenticated nor is in ``relay.trusted_networks``, a recipient not known
+        to take binary content (None: no such check)."""
         self.acceptor = acceptor
         self.spool = acceptor.spool
         self.policy = policy
@@ -51,6 +56,7 @@ class Receiver:
         self.enqueue = enqueue
         self.check_local = check_local
         self.check_route = check_route
+        self.check_binary = check_binary
         self._free_space: int | None = None
         self._monitor = LoopingCall(self._measure_free_space)
         self._monitor.clock = clock
@@ -99,7 +105,9 @@ class Receiver:
                 return DISK_FULL
         return None
 
-    def check_recipient(self, session: Session, address: str, params: RcptParams) -> Reply | None:
+    def check_recipient(
+        self, session: Session, address: str, params: RcptParams, mail: MailParams
+    ) -> Reply | None:
         if not recipient_domain(address) and address.lower() != "postmaster":
             return NO_DOMAIN  # RFC 5321 §4.1.1.3: only <postmaster> goes without a domain
         refusal = self.policy.check(
@@ -111,6 +119,17 @@ class Receiver:
             refusal = self.check_local(address)
         if refusal is None and self.check_route is not None:
             refusal = self.check_route(address)
+        if (
+            refusal is None
+            and self.check_binary is not None
+            and mail.body == BINARYMIME
+            and session.authenticated_as is None
+            and not self.policy.is_trusted(session.address)
+        ):
+            # A binary message that a next hop may refuse would bounce to a sender who may
+            # be forged (a client neither authenticated nor in relay.trusted_networks):
+            # refused here unless it stays on a path known to take it.
+            refusal = self.check_binary(address)
         return refusal
 
     def new_queue_id(self) -> str:

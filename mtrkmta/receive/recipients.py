@@ -68,3 +68,19 @@ class RecipientChecks:
                 text = f"<{address}>: Recipient address rejected: {problem}"
                 refusal = Reply(553, "5.1.3", (text,))
         return refusal
+
+    def check_binary(self, address: str) -> Reply | None:
+        """550 5.6.3 unless the recipient is delivered into a Maildir here, the one path
+        known to take a ``BODY=BINARYMIME`` message (RFC 3030 §3): a next hop (an LMTP
+        server such as Dovecot, an SMTP relay) may not offer BINARYMIME, and the message
+        would then fail 5.6.3 after acceptance (``binarymime_status``)."""
+        resolution = self.addresses.resolve(address)
+        if isinstance(resolution, Deliver):
+            route = self.known_route(recipient_domain(resolution.address))
+            if isinstance(route, NextHop) and route.transport == "maildir":
+                return None
+        text = (
+            f"<{address}>: Recipient address rejected: binary MIME (BODY=BINARYMIME) cannot "
+            "be delivered to this recipient; send the message as 8BITMIME"
+        )
+        return Reply(550, "5.6.3", (text,))

@@ -72,8 +72,11 @@ class IReceiver(Interface):
     def check_sender(session: Session, sender: str, params: MailParams) -> Any:
         """Decide on MAIL FROM (free-space floor, rate limits, ...)."""
 
-    def check_recipient(session: Session, address: str, params: RcptParams) -> Any:
-        """Decide on RCPT TO (relay policy, unknown local users, ...)."""
+    def check_recipient(
+        session: Session, address: str, params: RcptParams, mail: MailParams
+    ) -> Any:
+        """Decide on RCPT TO (relay policy, unknown local users, ...); ``mail`` is the
+        transaction's MAIL parameters (a BINARYMIME body limits where it can go)."""
 
     def new_queue_id() -> str:
         """A fresh queue id for a message about to be received."""
@@ -794,7 +797,8 @@ class SMTPServer(Protocol, SessionGuard):
                 transaction.recipients.append(Recipient(address=address, params=params))
             return Reply(250, "2.1.5", ("Ok",))
 
-        return self._ask(self.receiver.check_recipient(self.session, address, params), decided)
+        check = self.receiver.check_recipient(self.session, address, params, transaction.params)
+        return self._ask(check, decided)
 
     @staticmethod
     def _ask(check: Any, decided: Callable[[Reply | None], Reply]) -> ReplyOrDeferred:

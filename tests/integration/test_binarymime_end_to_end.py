@@ -1,6 +1,7 @@
 """BINARYMIME (RFC 3030 §3) through whole nodes on loopback: a binary message sent with BDAT
 reaches a Maildir byte for byte, crosses a second node that offers BINARYMIME, and comes back
-as a 5.6.3 DSN with its header only from a hop that does not."""
+as a 5.6.3 DSN with its header only from a hop that does not; from a client neither
+authenticated nor trusted it is refused at RCPT unless it stays in a local Maildir."""
 
 from __future__ import annotations
 
@@ -24,6 +25,19 @@ HEADER = (
 BODY = b"\x00\r\x00\n\xff\r\r\n\n.\r\n" + bytes(range(256)) * 8 + b"\rend\r"
 BINARY = HEADER + b"\r\n" + BODY
 B_DOMAIN = "b.example"
+# The sending client is trusted (as an organisation's own hosts are): a binary message that
+# may fail at a next hop is accepted only from such a client or one that authenticated.
+TRUSTED = ("relay.trusted_networks", ("127.0.0.0/8",))
+
+
+def refused_binary(port: int, recipient: str) -> str:
+    """Blocking: MAIL BODY=BINARYMIME, then the RCPT reply's line."""
+    with Wire(port) as wire:
+        assert "BINARYMIME" in wire.ehlo().keywords
+        assert wire.command(f"MAIL FROM:<{SENDER}> BODY=BINARYMIME").code == 250
+        line = wire.command(f"RCPT TO:<{recipient}>").line
+        assert wire.command("QUIT").code == 221
+    return line
 
 
 def send_binary(port: int, recipient: str) -> str:
@@ -88,7 +102,7 @@ async def test_binary_message_relayed_to_a_second_node_offering_binarymime(
         port = final.port(transport)
         route = f"{B_DOMAIN}={transport}:tcp:host=127.0.0.1:port={port};tls=none"
         first = await start_node(
-            node_config(tmp_path / "a", listeners=("smtp",), options=(("routes", route),))
+            node_config(tmp_path / "a", listeners=("smtp",), options=(("routes", route), TRUSTED))
         )
         try:
             queue_id = await in_thread(send_binary, first.port("smtp"), f"alice@{B_DOMAIN}")
@@ -115,7 +129,7 @@ async def test_binary_message_relayed_to_a_second_node_offering_binarymime(
 @pytest_twisted.ensureDeferred
 async def test_binary_message_to_a_hop_without_binarymime_fails_5_6_3_with_headers(tmp_path):
     chunking_only = (*ALL_EXTENSIONS, "CHUNKING")  # CHUNKING, but no BINARYMIME
-    async with relaying(tmp_path, extensions=chunking_only) as rig:
+    async with relaying(tmp_path, extensions=chunking_only, options=(TRUSTED,)) as rig:
         assert rig.node is not None
         await in_thread(send_binary, rig.node.port("smtp"), RCPT)
         await queue_emptied(rig.node)
@@ -133,3 +147,16 @@ async def test_binary_message_to_a_hop_without_binarymime_fails_5_6_3_with_heade
     # The DSN is a text message: its Maildir copy has LF line ends.
     assert returned.get_payload(decode=True).endswith(HEADER.replace(b"\r\n", b"\n"))
     assert "BODY=BINARYMIME" in text.get_content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_strangers_binary_message_is_refused_at_rcpt_unless_it_stays_local(tmp_path):
+    # A next hop may lack BINARYMIME (Dovecot's LMTP and Postfix do): accepted from a
+    # stranger, the message would then bounce to a sender address the stranger chose.
+    async with relaying(tmp_path) as rig:
+        assert rig.node is not None
+        line = await in_thread(refused_binary, rig.node.port("smtp"), RCPT)
+        assert line.startswith("550 5.6.3 ") and "8BITMIME" in line
+        await in_thread(send_binary, rig.node.port("smtp"), "alice@localhost")  # a Maildir
+        await queue_emptied(rig.node)
+    assert delivered(tmp_path / "data", "alice").endswith(b"\r\n" + BINARY)

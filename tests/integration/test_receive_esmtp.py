@@ -162,9 +162,9 @@ async def test_pipelined_commands_wait_for_a_slow_sender_check(tmp_path, monkeyp
             reactor.callLater(0.3, decide)
             return answer
 
-        def recipient(session, address, params):
+        def recipient(session, address, params, mail):
             events.append(("recipient asked", time.monotonic()))
-            return real_recipient(session, address, params)
+            return real_recipient(session, address, params, mail)
 
         monkeypatch.setattr(node.receiver, "check_sender", slow_sender)
         monkeypatch.setattr(node.receiver, "check_recipient", recipient)

@@ -1,5 +1,6 @@
 """BINARYMIME (RFC 3030 §3) toward a real Dovecot 2.3 LMTP, which offers CHUNKING but not
-BINARYMIME: mtrkmta sends it nothing and returns the message with 5.6.3, header only."""
+BINARYMIME: a stranger's binary message is refused at RCPT; a trusted client's is accepted,
+mtrkmta sends Dovecot nothing and returns the message with 5.6.3, header only."""
 
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ def lhlo(port: int) -> list[str]:
     return [line[4:] for line in lines[1:]]
 
 
+def stranger_rcpt(port: int, recipient: str) -> str:
+    """MAIL BODY=BINARYMIME and RCPT from a client neither authenticated nor trusted."""
+    with Client(port) as client:
+        assert client.reply().code == 220
+        client.expect("EHLO c.test", 250)
+        client.expect(f"MAIL FROM:<{SENDER}> BODY=BINARYMIME", 250)
+        refused = str(client.command(f"RCPT TO:<{recipient}>"))
+        client.command("QUIT")
+        return refused
+
+
 def send_binary(port: int, recipient: str) -> str:
     """MAIL BODY=BINARYMIME and one BDAT LAST to mtrkmta's SMTP listener; the final reply."""
     with Client(port) as client:
@@ -62,6 +74,13 @@ async def test_binarymime_to_dovecot_lmtp_fails_5_6_3_with_a_headers_only_dsn(la
     try:
         async with running_mtrkmta(
             lab, "to-dovecot.toml", DOVECOT_LMTP_PORT=capture.listen_port
+        ) as node:
+            # Accepted, it would bounce to a sender address a stranger chose.
+            refused = await in_thread(stranger_rcpt, node.port("smtp"), "alice@example.test")
+            assert refused.startswith("550 5.6.3 "), refused
+        trusted = (("relay.trusted_networks", ("127.0.0.0/8",)),)
+        async with running_mtrkmta(
+            lab, "to-dovecot.toml", options=trusted, DOVECOT_LMTP_PORT=capture.listen_port
         ) as node:
             reply = await in_thread(send_binary, node.port("smtp"), "alice@example.test")
             record = await final_record(node, queue_id(reply))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_network
+
 from twisted.internet.task import Clock
 
 from mtrkmta.delivery.interfaces import NextHop, RouteFailure
-from mtrkmta.envelope import RcptParams
+from mtrkmta.envelope import MailParams, RcptParams
 from mtrkmta.receive.acceptor import Acceptor
 from mtrkmta.receive.policy import RelayPolicy, route_refusal
 from mtrkmta.receive.receiver import Receiver
@@ -55,9 +57,9 @@ def test_route_failures_known_at_rcpt_become_refusals():
 
 def test_only_postmaster_goes_without_a_domain():
     # RFC 5321 §4.1.1.3; the check is the receiver's, whatever parsed the address.
-    refused = receiver().check_recipient(SESSION, "alice", RcptParams())
+    refused = receiver().check_recipient(SESSION, "alice", RcptParams(), MailParams())
     assert refused is not None and (refused.code, refused.enhanced) == (553, "5.1.3")
-    assert receiver().check_recipient(SESSION, "PostMaster", RcptParams()) is None
+    assert receiver().check_recipient(SESSION, "PostMaster", RcptParams(), MailParams()) is None
 
 
 def test_the_route_check_comes_after_the_relay_policy():
@@ -68,7 +70,29 @@ def test_the_route_check_comes_after_the_relay_policy():
         return Reply(550, "5.4.6", ("loop",)) if address.startswith("self") else None
 
     checks = receiver(check_route)
-    assert checks.check_recipient(SESSION, "a@elsewhere.example", RcptParams()).code == 554
-    assert checks.check_recipient(SESSION, "self@x.test", RcptParams()).code == 550
-    assert checks.check_recipient(SESSION, "bob@other.test", RcptParams()) is None
+    assert (
+        checks.check_recipient(SESSION, "a@elsewhere.example", RcptParams(), MailParams()).code
+        == 554
+    )
+    assert checks.check_recipient(SESSION, "self@x.test", RcptParams(), MailParams()).code == 550
+    assert checks.check_recipient(SESSION, "bob@other.test", RcptParams(), MailParams()) is None
     assert asked == ["self@x.test", "bob@other.test"]  # never for what is not ours to take
+
+
+def test_the_binary_check_is_for_binarymime_from_clients_that_did_not_authenticate():
+    asked: list[str] = []
+
+    def check_binary(address: str) -> Reply | None:
+        asked.append(address)
+        return Reply(550, "5.6.3", ("binary",))
+
+    checks = receiver()
+    checks.check_binary = check_binary
+    binary = MailParams(body="BINARYMIME")
+    assert checks.check_recipient(SESSION, "bob@other.test", RcptParams(), binary).code == 550
+    assert checks.check_recipient(SESSION, "bob@other.test", RcptParams(), MailParams()) is None
+    user = Session(address="192.0.2.7", port=40000, listener="submission", authenticated_as="u")
+    assert checks.check_recipient(user, "bob@other.test", RcptParams(), binary) is None
+    checks.policy = RelayPolicy.build(["x.test"], ["other.test"], [ip_network("192.0.2.0/24")])
+    assert checks.check_recipient(SESSION, "bob@other.test", RcptParams(), binary) is None
+    assert asked == ["bob@other.test"]  # asked for neither a user nor relay.trusted_networks

@@ -61,3 +61,14 @@ def test_recipients_known_to_fail_are_refused_at_rcpt():
     assert c.check_route("alice@example.org") is None
     assert c.check_route("sales@example.org") is None  # the targets are the admin's
     assert c.check_route("x@unknown.example") is None
+
+
+def test_a_binary_message_goes_only_where_a_maildir_takes_it():
+    # RFC 3030 §3: a next hop without BINARYMIME fails it 5.6.3 after acceptance, with a
+    # DSN to a sender who may be forged; only local Maildir delivery is known to take it.
+    c = checks()
+    assert c.check_binary("alice@example.org") is None
+    for address in ("sales@example.org", "someone@elsewhere.example", "info@example.org"):
+        refusal = c.check_binary(address)  # an alias, a relay, a dead route
+        assert refusal is not None and (refusal.code, refusal.enhanced) == (550, "5.6.3")
+        assert "8BITMIME" in refusal.lines[0]

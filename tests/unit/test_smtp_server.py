@@ -52,7 +52,7 @@ class RecordingReceiver:
             return d
         return None
 
-    def check_recipient(self, session, address, params):
+    def check_recipient(self, session, address, params, mail):
         return self.refuse_rcpt.get(address)
 
     def new_queue_id(self):
