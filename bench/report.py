@@ -78,6 +78,64 @@ def throughput_table(runs: list[Run]) -> tuple[list[str], list[tuple[str, float,
     return lines, chart
 
 
+CPU_ROWS = (
+    ("a", "(a) relay to smtp-sink"),
+    ("b", "(b) ingest only"),
+    ("c", "(c) LMTP into Dovecot"),
+    ("e", "(e) `smtp-source -d`"),
+    ("lat", "accept latency run (40 msg/s)"),
+)
+
+
+def cpu_ms(runs: list[Run], scenario: str, system: str) -> list[tuple[float, float]]:
+    """(user, system) ms of CPU per message of the system under test, one pair per run."""
+    return [
+        (float(run.extra["user_ms"]), float(run.extra["system_ms"]))  # type: ignore[arg-type]
+        for run in runs
+        if run.scenario == scenario
+        and run.system == system
+        and run.extra.get("user_ms") is not None
+        and run.extra.get("system_ms") is not None
+    ]
+
+
+def cpu_table(runs: list[Run]) -> list[str]:
+    """CPU per message of Postfix (master and every daemon, reaped ones included) and mtrkmta."""
+    rows = []
+    for scenario, label in CPU_ROWS:
+        cells: dict[str, tuple[float | None, float | None, float | None]] = {}
+        for system in ("postfix", "mtrkmta"):
+            pairs = cpu_ms(runs, scenario, system)
+            cells[system] = (
+                median([u + s for u, s in pairs]),
+                median([u for u, _ in pairs]),
+                median([s for _, s in pairs]),
+            )
+        if cells["postfix"][0] is None and cells["mtrkmta"][0] is None:
+            continue
+        p, m = cells["postfix"], cells["mtrkmta"]
+        rows.append(
+            f"| {label} | **{fmt(p[0], 2)}** ({fmt(p[1], 2)} + {fmt(p[2], 2)}) "
+            f"| **{fmt(m[0], 2)}** ({fmt(m[1], 2)} + {fmt(m[2], 2)}) "
+            f"| {fmt(ratio(m[0], p[0]), 2)} |"
+        )
+    if not rows:
+        return []
+    return [
+        "CPU time of the system under test over the run, divided by the messages: Postfix's "
+        "master and every process below it (the daemons that exited and were reaped during "
+        "the run through the master's cumulative children times, the live ones from "
+        "`/proc/PID/stat`), mtrkmta's process and its workers; read when the next hop has "
+        "every message plus 1 s. Medians over rounds; user + system in parentheses. The "
+        "load generator and the next hop are not counted.",
+        "",
+        "| scenario | Postfix ms/msg (user + system) | mtrkmta ms/msg (user + system) "
+        "| mtrkmta/Postfix |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
+
+
 def tracking_table(runs: list[Run]) -> list[str]:
     plain = rates(runs, "d", "mtrkmta", False)
     tracked = rates(runs, "d", "mtrkmta+MTRK", False)
@@ -374,6 +432,9 @@ def write_report(
     table, chart = throughput_table(runs)
     if chart or len(table) > 2:
         lines += ["## Throughput", "", *table, ""]
+    cpu = cpu_table(runs)
+    if cpu:
+        lines += ["## CPU per message", "", *cpu, ""]
     tracking = tracking_table(runs)
     if tracking:
         lines += ["## Tracking overhead (d)", "", *tracking, ""]
