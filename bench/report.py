@@ -206,6 +206,102 @@ def memory_table(memory: dict[str, object]) -> list[str]:
     ]
 
 
+def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Scenario (f): one column per system."""
+    systems = [r["system"] for r in results]
+    names = {"postfix": "Postfix", "mtrkmta": "mtrkmta"}
+
+    def row(label: str, cell: Any) -> str:
+        return f"| {label} | " + " | ".join(str(cell(r)) for r in results) + " |"
+
+    def slow(r: dict[str, Any], key: str) -> Any:
+        return r.get("slow", {}).get(key)
+
+    def seconds(value: Any) -> str:
+        return "-" if value is None else f"{float(value):.2f} s"
+
+    def mib(r: dict[str, Any], key: str) -> str:
+        value = r.get("memory", {}).get(key)
+        return "-" if not value else f"{value / 1024:,.0f} MiB"
+
+    def errors(r: dict[str, Any]) -> str:
+        found = {**(slow(r, "errors") or {})}
+        found.update({f"unfinished at the end ({k})": v for k, v in
+                      (slow(r, "unfinished") or {}).items()})  # fmt: skip
+        if not found:
+            return "none"
+        return "; ".join(f"{v:,} x {k}" for k, v in sorted(found.items(), key=lambda kv: -kv[1]))
+
+    def cpu_share(r: dict[str, Any]) -> str:
+        cpu, elapsed = slow(r, "cpu_seconds"), slow(r, "elapsed")
+        if cpu is None or not elapsed:
+            return "-"
+        return f"{cpu:.1f} s in {elapsed:.0f} s ({100 * cpu / elapsed:.0f}% of one CPU)"
+
+    first = results[0]
+    sources = first.get("slow", {}).get("sources") or []
+    lines = [
+        f"{first['sessions']:,} SMTP sessions opened by `bench/loadgen.py slow` (asyncio, one "
+        f"process) from {len(sources)} source address(es) ({', '.join(sources[:3])}"
+        f"{', ...' if len(sources) > 3 else ''}; at most {args.per_address:,} each), "
+        f"{args.slow_seconds:g} s for one message each (EHLO, MAIL, RCPT, DATA, the message "
+        "a line at a time, the dot, QUIT, evenly spaced). Once every session had its greeting "
+        f"(or after 60 s), `smtp-source -s {args.sessions} -m {args.ordinary_messages}` ran "
+        "against the same server; before the slow sessions it ran once alone (unloaded). "
+        "Memory: VmRSS (and Pss) summed over every process of the system under test, sampled "
+        "every second during the slow sessions, peak. Relay to smtp-sink.",
+        "",
+        "| (f) concurrency | " + " | ".join(names.get(s, s) for s in systems) + " |",
+        "|---|" + "---:|" * len(systems),
+        row("configuration", lambda r: r.get("settings", "-")),
+        row(
+            "server's open-file limit (RLIMIT_NOFILE)",
+            lambda r: f"{r.get('open_files_limit') or '-'}",
+        ),
+        row(
+            "slow sessions that got 250 after DATA",
+            lambda r: f"**{slow(r, 'completed') or 0:,}** of {r['sessions']:,}",
+        ),
+        row("most sessions open at once (greeted)", lambda r: f"{slow(r, 'peak_open') or 0:,}"),
+        row(
+            "wait for the greeting p50 / p99 / max (served sessions)",
+            lambda r: (
+                f"{seconds(slow(r, 'wait_p50'))} / {seconds(slow(r, 'wait_p99'))} / "
+                f"{seconds(slow(r, 'wait_max'))}"
+            ),
+        ),
+        row("sessions that failed, and why", errors),
+        row("peak resident memory, VmRSS summed", lambda r: f"**{mib(r, 'rss_kib')}**"),
+        row("peak Pss summed (shared pages divided)", lambda r: mib(r, "pss_kib")),
+        row("most processes", lambda r: r.get("memory", {}).get("processes", "-")),
+        row("smtp-source unloaded, msg/s", lambda r: f"{r.get('unloaded_rate', 0):,.1f}"),
+        row(
+            "smtp-source while the sessions are held, msg/s",
+            lambda r: (
+                f"{r.get('loaded_rate', 0):,.1f} ({r.get('loaded_messages', 0):,} "
+                f"messages{'' if r.get('loaded_finished') else ', stopped unfinished'})"
+            ),
+        ),
+        row(
+            "loaded / unloaded",
+            lambda r: f"**{fmt(ratio(r.get('loaded_rate'), r.get('unloaded_rate')), 2)}**",
+        ),
+        row(
+            "CPU of the system under test during the slow sessions",
+            lambda r: f"{r.get('cpu_seconds', 0):.1f} s",
+        ),
+        row("CPU of the load generator", cpu_share),
+    ]
+    for r in results:
+        if r["problems"]:
+            lines.append(f"\n- {names.get(r['system'], r['system'])}: **FAILED**: "
+                         + "; ".join(r["problems"]))  # fmt: skip
+        if r.get("loaded_finished") and not r.get("loaded_within_window"):
+            lines.append(f"\n- {names.get(r['system'], r['system'])}: smtp-source ran past the "
+                         "slow sessions' window; lower --ordinary-messages")  # fmt: skip
+    return lines
+
+
 STORE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
 
 
@@ -405,6 +501,7 @@ def write_report(
     elapsed: float,
     titles: dict[str, str],
     mtqp: list[dict[str, Any]] | None = None,
+    concurrency: list[dict[str, Any]] | None = None,
 ) -> list[Path]:
     results.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -441,6 +538,8 @@ def write_report(
     latency = latency_table(runs, args.latency_rate)
     if latency:
         lines += ["## Accept latency", "", *latency, ""]
+    if concurrency:
+        lines += ["## Concurrency (f)", "", *concurrency_table(concurrency, args), ""]
     if mtqp:
         lines += ["## MTQP TRACK latency", "", *mtqp_table(mtqp), ""]
     if memory is not None:
@@ -512,6 +611,7 @@ def write_report(
         "memory": memory,
         "profiles": [run_to_dict(run) for _, run, _ in profiles],
         "mtqp": mtqp or [],
+        "concurrency": concurrency or [],
     }
     js = results / "results.json"
     js.write_text(json.dumps(data, indent=1) + "\n")

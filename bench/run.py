@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -36,6 +37,7 @@ from lab import (  # noqa: E402
     rss_kib,
     stop_process,
     tree_cpu_seconds,
+    tree_rss_kib,
     versions,
 )
 
@@ -43,8 +45,8 @@ SENDER = "bench@other.test"
 HELO = "client.example.test"
 FINAL_STATES = frozenset({"relayed", "delivered", "transferred"})
 ROUND_SCENARIOS = ("a", "b", "c", "d", "e", "lat")
-ALL_SCENARIOS = (*ROUND_SCENARIOS, "mem", "mtqp", "profile")
-DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e", "lat", "mem", "mtqp")
+ALL_SCENARIOS = (*ROUND_SCENARIOS, "f", "mem", "mtqp", "profile")
+DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e", "lat", "f", "mem", "mtqp")
 TRACK_SEED = 3887  # everything trackload.py loads follows from it
 TRACK_BACKENDS = ("sqlite", "postgresql")
 
@@ -55,6 +57,7 @@ TITLES = {
     "d": "(d) as (a), own load generator: without / with ENVID+MTRK (mtrkmta only)",
     "e": "(e) as (a) with smtp-source -d (connection reuse)",
     "lat": "accept latency at a fixed offered load below saturation",
+    "f": "(f) concurrency: slow SMTP sessions held open while smtp-source measures throughput",
     "mem": "resident memory of mtrkmta with idle SMTP connections",
     "mtqp": "MTQP TRACK latency with a pre-filled tracking store, SQLite and PostgreSQL",
     "profile": "py-spy profile of mtrkmta during (a)",
@@ -432,6 +435,200 @@ def measure_memory(ctx: Context) -> dict[str, object]:
     return result
 
 
+# ---------------------------------------------------------------- concurrency (f)
+
+
+class TreeSampler:
+    """Sample the summed RSS and Pss of a process tree every ``interval`` s in a thread."""
+
+    def __init__(self, root: int, interval: float = 1.0) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak = {"rss_kib": 0, "pss_kib": 0, "processes": 0}
+        self.samples = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            count, rss, pss = tree_rss_kib(self.root)
+            self.samples += 1
+            for key, value in (("rss_kib", rss), ("pss_kib", pss), ("processes", count)):
+                self.peak[key] = max(self.peak[key], value)
+            self.stopping.wait(self.interval)
+
+    def __enter__(self) -> TreeSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+
+
+def open_files_limit(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of ``pid`` (``Max open files`` in /proc/PID/limits)."""
+    try:
+        with open(f"/proc/{pid}/limits") as limits:
+            for line in limits:
+                if line.startswith("Max open files"):
+                    value = line.split()[3]
+                    return None if value == "unlimited" else int(value)
+    except OSError:
+        return None
+    return None
+
+
+def concurrency_limits(args: argparse.Namespace) -> dict[str, int]:
+    """mtrkmta's [limits] for (f): room for every slow session in one process (the limits
+    count per process and per listener), and for every session of one source address."""
+    total = args.slow_sessions + args.sessions + 1000
+    return {
+        "max_connections": total,
+        "max_connections_per_ip": min(total, max(args.per_address, args.sessions) + 1000),
+    }
+
+
+def smtp_source_count(path: Path) -> int:
+    """Messages smtp-source -c counted (its last ``N\\r``)."""
+    numbers = [p for p in path.read_bytes().replace(b"\n", b"\r").split(b"\r") if p.isdigit()]
+    return int(numbers[-1]) if numbers else 0
+
+
+def ordinary_load(ctx: Context, port: int, rcpt: str, out: Path) -> subprocess.Popen[bytes]:
+    """smtp-source with a running counter: the ordinary clients of (f)."""
+    args = ctx.args
+    command = ["smtp-source", "-c", "-s", str(args.sessions), "-m", str(args.ordinary_messages)]
+    command += ["-l", str(args.length), "-f", SENDER, "-t", rcpt, "-M", HELO]
+    with open(out, "wb") as output:
+        return subprocess.Popen([*command, f"{LOOPBACK}:{port}"], stdout=output,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
+    """Scenario (f) against one system: unloaded smtp-source, then the slow sessions with
+    smtp-source again while they are held open; memory sampled, CPU read, sink checked."""
+    args = ctx.args
+    run_dir = ctx.next_dir(f"f-{system}")
+    rcpt = f"rcpt-{ctx.counter}@example.test"
+    n = args.slow_sessions
+    result: dict[str, Any] = {"system": system, "sessions": n, "problems": []}
+    problems: list[str] = result["problems"]
+    with ExitStack() as stack:
+        sink = Sink(run_dir, free_port())
+        sink.start()
+        stack.callback(sink.stop)
+        port = free_port()
+        if system == "postfix":
+            postfix = Postfix(run_dir, port, sink.port, "smtp")
+            stack.callback(postfix.stop)
+            postfix.start()
+            sut = postfix.master_pid
+            result["settings"] = "Postfix defaults (default_process_limit = 100)"
+        else:
+            route = f"smtp:tcp:host={LOOPBACK}:port={sink.port};tls=none"
+            limits = concurrency_limits(args)
+            listener = f'"tcp:{port}:interface={LOOPBACK}:backlog={args.backlog}"'
+            extra = {**ctx.extra, "listeners": {"smtp": listener}}
+            mta = Mtrkmta(ctx.python, run_dir, port, {"example.test": route}, limits,
+                          ctx.tracking, extra)  # fmt: skip
+            stack.callback(mta.stop)
+            mta.start()
+            sut = mta.pid
+            result["settings"] = (
+                ", ".join(f"limits.{key} = {value}" for key, value in limits.items())
+                + f", listeners.smtp = {listener}"
+            )
+        result["open_files_limit"] = open_files_limit(sut)
+        time.sleep(args.pause)
+        # 1. unloaded
+        started = time.perf_counter()
+        plain = ordinary_load(ctx, port, rcpt, run_dir / "ordinary-unloaded.out")
+        plain.wait()
+        result["unloaded_seconds"] = time.perf_counter() - started
+        result["unloaded_rate"] = args.ordinary_messages / result["unloaded_seconds"]
+        if plain.returncode != 0:
+            problems.append(f"unloaded smtp-source exit {plain.returncode}")
+        if not wait_for(ctx, "sink", sink.count, args.ordinary_messages):
+            problems.append("the unloaded messages did not all reach smtp-sink")
+        ctx.log(f"f ({system}): unloaded smtp-source {result['unloaded_rate']:.1f} msg/s")
+        # 2. the slow sessions, and smtp-source again while they are held
+        command = [ctx.python, str(HERE / "loadgen.py"), "slow", "--port", str(port)]
+        command += ["--sessions", str(n), "--per-address", str(args.per_address)]
+        command += ["--seconds", str(args.slow_seconds), "--length", str(args.length)]
+        command += ["--rcpt", rcpt]
+        cpu0 = tree_cpu_seconds(sut)
+        with TreeSampler(sut) as sampler:
+            slow = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+            stack.callback(stop_process, slow)  # type: ignore[arg-type]
+            assert slow.stdout is not None
+            holding = json.loads(slow.stdout.readline() or "{}")
+            ctx.log(
+                f"f ({system}): {holding.get('held', 0)} of {n} sessions held open "
+                f"(ramp {holding.get('ramp', 0):.1f} s); smtp-source starts"
+            )
+            window_end = time.perf_counter() + 1.0 + args.slow_seconds
+            started = time.perf_counter()
+            loaded = ordinary_load(ctx, port, rcpt, run_dir / "ordinary-loaded.out")
+            last_report = time.monotonic()
+            while loaded.poll() is None and slow.poll() is None:
+                time.sleep(0.05)
+                if time.monotonic() - last_report >= 15:
+                    last_report = time.monotonic()
+                    ctx.log(f"      ... smtp-sink has {sink.count()} messages")
+            if loaded.poll() is None:  # the slow sessions ended first: stop it, count what it did
+                stop_process(loaded)  # type: ignore[arg-type]
+                result["loaded_finished"] = False
+            else:
+                result["loaded_finished"] = loaded.returncode == 0
+            ended = time.perf_counter()
+            count = smtp_source_count(run_dir / "ordinary-loaded.out")
+            result["loaded_messages"] = count
+            result["loaded_seconds"] = ended - started
+            result["loaded_rate"] = count / (ended - started)
+            result["loaded_within_window"] = ended <= window_end
+            ctx.log(f"f ({system}): loaded smtp-source {count} msgs, "
+                    f"{result['loaded_rate']:.1f} msg/s")  # fmt: skip
+            final = slow.stdout.read().strip().splitlines()
+            slow.wait()
+            cpu1 = tree_cpu_seconds(sut)
+        result["slow"] = json.loads(final[-1]) if final else {}
+        result["memory"] = dict(sampler.peak, samples=sampler.samples)
+        result["cpu_seconds"] = sum(cpu1) - sum(cpu0)
+        completed = int(result["slow"].get("completed", 0))
+        expected = args.ordinary_messages + count + completed
+        if not wait_for(ctx, "sink", sink.count, expected):
+            problems.append(f"smtp-sink got {sink.count()} messages, expected {expected}")
+        time.sleep(1.0)
+        if sink.count() != expected:
+            problems.append(f"smtp-sink counted {sink.count()} messages, expected {expected}")
+        if system != "postfix":
+            if completed != n:
+                problems.append(f"only {completed} of {n} slow sessions got 250 after DATA")
+            if not result["loaded_finished"]:
+                problems.append("the loaded smtp-source did not finish")
+    if not args.keep and not problems:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def describe_concurrency(result: dict[str, Any]) -> str:
+    slow = result.get("slow", {})
+    memory = result.get("memory", {})
+    status = "ok" if not result["problems"] else "PROBLEM: " + "; ".join(result["problems"])
+    wait = slow.get("wait_p99")
+    return (
+        f"f ({result['system']}): {slow.get('completed', 0)}/{result['sessions']} slow sessions "
+        f"got 250, peak {slow.get('peak_open', 0)} open at once, greeting wait p99 "
+        f"{'-' if wait is None else f'{wait:.1f} s'}, errors {slow.get('errors', {})}, "
+        f"unfinished {slow.get('unfinished', {})}; RSS peak "
+        f"{memory.get('rss_kib', 0) / 1024:.0f} MiB ({memory.get('processes', 0)} processes); "
+        f"smtp-source {result.get('loaded_rate', 0):.1f} msg/s loaded vs "
+        f"{result.get('unloaded_rate', 0):.1f} unloaded; load generator CPU "
+        f"{slow.get('cpu_seconds', 0):.1f} s in {slow.get('elapsed', 0):.0f} s; {status}"
+    )
+
+
 # ---------------------------------------------------------------- MTQP TRACK latency
 
 
@@ -592,6 +789,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="duration of lat")
     parser.add_argument("--idle-connections", type=int, default=5000, help="for mem")
     parser.add_argument(
+        "--slow-sessions", type=int, default=20_000, help="(f) concurrent slow SMTP sessions"
+    )
+    parser.add_argument(
+        "--slow-seconds", type=float, default=60.0, help="(f) time each slow session takes"
+    )
+    parser.add_argument(
+        "--per-address",
+        type=int,
+        default=5000,
+        help="(f) slow sessions per source address 127.0.0.2, 127.0.0.3, ...",
+    )
+    parser.add_argument(
+        "--ordinary-messages", type=int, default=2000, help="(f) smtp-source -m, each time"
+    )
+    parser.add_argument(
+        "--backlog", type=int, default=4096, help="(f) mtrkmta's SMTP listen backlog"
+    )
+    parser.add_argument(
         "--track-messages",
         type=int,
         default=None,
@@ -662,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from report import write_report  # matplotlib is imported only here
 
-    raise_nofile(args.idle_connections + 2000)
+    raise_nofile(max(args.idle_connections, args.slow_sessions) + 2000)  # mtrkmta inherits it
     work = Path(tempfile.mkdtemp(prefix="mtrkmta-bench-"))
     work.chmod(0o755)  # Postfix and Dovecot users must reach their directories below
     ctx = Context(args=args, work=work, python=args.python, extra=args.extra)
@@ -688,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     memory: dict[str, object] | None = None
     mtqp: list[dict[str, Any]] = []
+    concurrency: list[dict[str, Any]] = []
     profiles: list[tuple[str, Run, Path]] = []
     try:
         ctx.tracking = tracking_settings(ctx)
@@ -700,6 +916,16 @@ def main(argv: list[str] | None = None) -> int:
                     run = measure(ctx, scenario, system, round_no)
                     runs.append(run)
                     ctx.log(describe(run, args.rounds))
+        if "f" in scenarios:
+            ctx.log(
+                f"f: {args.slow_sessions} slow sessions over {args.slow_seconds:g} s from "
+                f"{-(-args.slow_sessions // args.per_address)} source addresses, smtp-source "
+                f"-m {args.ordinary_messages} before and during"
+            )
+            for system in ("postfix", "mtrkmta"):
+                result = measure_concurrency(ctx, system)
+                concurrency.append(result)
+                ctx.log(describe_concurrency(result))
         if "mem" in scenarios:
             ctx.log(f"mem: mtrkmta with {args.idle_connections} idle SMTP connections")
             memory = measure_memory(ctx)
@@ -727,12 +953,15 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.dovecot is not None:
             ctx.dovecot.stop()
         troubled = any(run.problems for run in runs) or any(r["problems"] for r in mtqp)
+        troubled = troubled or any(r["problems"] for r in concurrency)
         if not args.keep and not troubled:
             shutil.rmtree(work, ignore_errors=True)
         elif not args.keep:
             ctx.log(f"kept {work} for the runs with problems (logs, spools, databases)")
     elapsed = time.monotonic() - ctx.started
-    paths = write_report(args.results, args, env, runs, memory, profiles, elapsed, TITLES, mtqp)
+    paths = write_report(
+        args.results, args, env, runs, memory, profiles, elapsed, TITLES, mtqp, concurrency
+    )
     for path in paths:
         ctx.log(f"wrote {path}")
     failed = [run for run in [*runs, *(p[1] for p in profiles)] if run.problems]
@@ -743,7 +972,10 @@ def main(argv: list[str] | None = None) -> int:
     failed_mtqp = [result for result in mtqp if result["problems"]]
     for result in failed_mtqp:
         ctx.log(f"PROBLEM mtqp {result['backend']}: {'; '.join(result['problems'])}")
-    return 1 if failed or failed_mtqp else 0
+    failed_f = [result for result in concurrency if result["problems"]]
+    for result in failed_f:
+        ctx.log(f"PROBLEM f {result['system']}: {'; '.join(result['problems'])}")
+    return 1 if failed or failed_mtqp or failed_f else 0
 
 
 def interrupted(signum: int, frame: object) -> None:
