@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import math
+import os
 import resource
 import secrets
 import socket
@@ -359,7 +361,8 @@ async def open_slow(run: SlowRun, session: SlowSession, source: str, host: str, 
         await loop.create_connection(lambda: session, sock=sock)
     except OSError as exc:
         sock.close()
-        session.fail(f"connect: {exc.strerror or exc}")
+        name = errno.errorcode.get(exc.errno or 0, "")
+        session.fail(f"connect: {name} {os.strerror(exc.errno)}" if name else f"connect: {exc}")
 
 
 async def slow(args: argparse.Namespace) -> dict[str, object]:

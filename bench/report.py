@@ -297,8 +297,11 @@ def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -
             lines.append(f"\n- {names.get(r['system'], r['system'])}: **FAILED**: "
                          + "; ".join(r["problems"]))  # fmt: skip
         if r.get("loaded_finished") and not r.get("loaded_within_window"):
-            lines.append(f"\n- {names.get(r['system'], r['system'])}: smtp-source ran past the "
-                         "slow sessions' window; lower --ordinary-messages")  # fmt: skip
+            name = names.get(r["system"], r["system"])
+            lines.append(
+                f"\n- {name}: smtp-source ran past the slow sessions' window: part of its run "
+                "was not under that load"
+            )
     return lines
 
 

@@ -537,7 +537,7 @@ def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
             sut = mta.pid
             result["settings"] = (
                 ", ".join(f"limits.{key} = {value}" for key, value in limits.items())
-                + f", listeners.smtp = {listener}"
+                + f", listeners.smtp = {listener.replace(str(port), 'PORT')}"
             )
         result["open_files_limit"] = open_files_limit(sut)
         time.sleep(args.pause)
