@@ -132,7 +132,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     """Every live (or zombie) process below ``root``, from the parent links in /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -164,7 +164,7 @@ def tree_cpu_seconds(root: int) -> tuple[float, float]:
         if before is None:
             raise LabError(f"process {root} is gone: its CPU time cannot be read")
         user = system = 0
-        for pid in _descendants(root):
+        for pid in descendants(root):
             fields = _stat_fields(pid)
             if fields is not None:  # fields 14-17: utime stime cutime cstime
                 user += int(fields[11]) + int(fields[13])
@@ -184,7 +184,7 @@ def tree_rss_kib(root: int) -> tuple[int, int, int]:
     process; Pss divides each shared page among the processes that map it.
     """
     count = rss = pss = 0
-    for pid in [root, *_descendants(root)]:
+    for pid in [root, *descendants(root)]:
         try:
             with open(f"/proc/{pid}/smaps_rollup") as rollup:
                 text = rollup.read()

@@ -372,7 +372,9 @@ async def slow(args: argparse.Namespace) -> dict[str, object]:
     body = make_body(args.length)
     steps = len(SlowSession(SlowRun(loop, 1.0), 0, args.rcpt, body).steps)
     run = SlowRun(loop, interval=args.seconds / steps, total=args.sessions)
-    sources = [f"127.0.0.{2 + i}" for i in range(math.ceil(args.sessions / args.per_address))]
+    first = 2 + args.first_source
+    count = math.ceil(args.sessions / args.per_address)
+    sources = [f"127.0.0.{first + i}" for i in range(count)]
     start = loop.time()
     cpu0 = time.process_time()
     tasks = []
@@ -388,11 +390,15 @@ async def slow(args: argparse.Namespace) -> dict[str, object]:
     ramp = loop.time() - start
     # Hold: wait until every session is greeted or has failed (at most --hold-wait s more).
     hold_deadline = loop.time() + args.hold_wait
-    while run.greeted + run.finished < args.sessions and loop.time() < hold_deadline:
-        await asyncio.sleep(0.1)
-    run.go = loop.time() + 1.0
+    while loop.time() < hold_deadline and any(
+        session.state in ("connecting", "greeting") for session in run.sessions
+    ):
+        await asyncio.sleep(0.25)
     held = run.open_now
     print(json.dumps({"event": "holding", "held": held, "ramp": ramp}), flush=True)
+    if args.wait_go:  # several generators: the harness says go to all of them at once
+        await loop.run_in_executor(None, sys.stdin.readline)
+    run.go = loop.time() + 1.0
     for session in run.waiting_for_go:
         session.begin(run.go)
     run.waiting_for_go.clear()
@@ -431,6 +437,8 @@ async def slow(args: argparse.Namespace) -> dict[str, object]:
         "duration_p50": percentile(run.durations, 50),
         "duration_max": max(run.durations) if run.durations else None,
         "cpu_seconds": time.process_time() - cpu0,
+        "waits": waits if args.wait_go else None,
+        "durations": run.durations if args.wait_go else None,
         "maxrss_kib": usage.ru_maxrss,
     }
 
@@ -456,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect-rate", type=float, default=2000.0, help="(slow) connects/s")
     parser.add_argument("--hold-wait", type=float, default=60.0, help="(slow) wait for greetings")
     parser.add_argument("--grace", type=float, default=120.0, help="(slow) after --seconds")
+    parser.add_argument("--first-source", type=int, default=0, help="(slow) 127.0.0.(2+N) first")
+    parser.add_argument(
+        "--wait-go", action="store_true", help="(slow) hold until a line on stdin; raw times"
+    )
     parser.add_argument("--rcpt", default="rcpt@example.test")
     parser.add_argument("--mtrk", action="store_true", help="ENVID and MTRK on every MAIL")
     args = parser.parse_args(argv)
@@ -468,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "slow":
         if not 1 <= args.per_address <= 25_000:
             parser.error("--per-address must be 1..25000 (the ephemeral port range)")
-        if args.sessions > 250 * args.per_address:
+        if args.first_source + math.ceil(args.sessions / args.per_address) > 250:
             parser.error("more sessions than 127.0.0.2..127.0.0.251 can open")
         result = asyncio.run(slow(args))
         print(json.dumps(result), flush=True)

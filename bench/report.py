@@ -236,13 +236,17 @@ def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -
         cpu, elapsed = slow(r, "cpu_seconds"), slow(r, "elapsed")
         if cpu is None or not elapsed:
             return "-"
-        return f"{cpu:.1f} s in {elapsed:.0f} s ({100 * cpu / elapsed:.0f}% of one CPU)"
+        return (
+            f"{cpu:.1f} s in {elapsed:.0f} s ({100 * cpu / elapsed:.0f}% of one CPU; "
+            f"{slow(r, 'generators') or 1} process(es))"
+        )
 
     first = results[0]
     sources = first.get("slow", {}).get("sources") or []
     lines = [
-        f"{first['sessions']:,} SMTP sessions opened by `bench/loadgen.py slow` (asyncio, one "
-        f"process) from {len(sources)} source address(es) ({', '.join(sources[:3])}"
+        f"{first['sessions']:,} SMTP sessions opened by `bench/loadgen.py slow` (asyncio; one "
+        "process, or more where one may not open that many files) from "
+        f"{len(sources)} source address(es) ({', '.join(sources[:3])}"
         f"{', ...' if len(sources) > 3 else ''}; at most {args.per_address:,} each), "
         f"{args.slow_seconds:g} s for one message each (EHLO, MAIL, RCPT, DATA, the message "
         "a line at a time, the dot, QUIT, evenly spaced). Once every session had its greeting "
@@ -262,9 +266,12 @@ def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -
             "slow sessions that got 250 after DATA",
             lambda r: f"**{slow(r, 'completed') or 0:,}** of {r['sessions']:,}",
         ),
-        row("most sessions open at once (greeted)", lambda r: f"{slow(r, 'peak_open') or 0:,}"),
         row(
-            "wait for the greeting p50 / p99 / max (served sessions)",
+            "sessions held open at once (greeted) when the dialogues began",
+            lambda r: f"{slow(r, 'held') or 0:,}",
+        ),
+        row(
+            "wait for the greeting p50 / p99 / max (sessions greeted)",
             lambda r: (
                 f"{seconds(slow(r, 'wait_p50'))} / {seconds(slow(r, 'wait_p99'))} / "
                 f"{seconds(slow(r, 'wait_max'))}"
@@ -274,6 +281,10 @@ def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -
         row("peak resident memory, VmRSS summed", lambda r: f"**{mib(r, 'rss_kib')}**"),
         row("peak Pss summed (shared pages divided)", lambda r: mib(r, "pss_kib")),
         row("most processes", lambda r: r.get("memory", {}).get("processes", "-")),
+        row(
+            "most open file descriptors in one process",
+            lambda r: f"{r.get('memory', {}).get('fds', 0):,}",
+        ),
         row("smtp-source unloaded, msg/s", lambda r: f"{r.get('unloaded_rate', 0):,.1f}"),
         row(
             "smtp-source while the sessions are held, msg/s",

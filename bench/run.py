@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from lab import (  # noqa: E402
     Sink,
     cpu_busy,
     cpu_times,
+    descendants,
     free_port,
     rss_kib,
     stop_process,
@@ -40,6 +42,7 @@ from lab import (  # noqa: E402
     tree_rss_kib,
     versions,
 )
+from loadgen import percentile  # noqa: E402
 
 SENDER = "bench@other.test"
 HELO = "client.example.test"
@@ -444,7 +447,7 @@ class TreeSampler:
     def __init__(self, root: int, interval: float = 1.0) -> None:
         self.root = root
         self.interval = interval
-        self.peak = {"rss_kib": 0, "pss_kib": 0, "processes": 0}
+        self.peak = {"rss_kib": 0, "pss_kib": 0, "processes": 0, "fds": 0}
         self.samples = 0
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -452,8 +455,11 @@ class TreeSampler:
     def _run(self) -> None:
         while not self.stopping.is_set():
             count, rss, pss = tree_rss_kib(self.root)
+            fds = most_fds(self.root)
             self.samples += 1
-            for key, value in (("rss_kib", rss), ("pss_kib", pss), ("processes", count)):
+            for key, value in (
+                ("rss_kib", rss), ("pss_kib", pss), ("processes", count), ("fds", fds)
+            ):  # fmt: skip
                 self.peak[key] = max(self.peak[key], value)
             self.stopping.wait(self.interval)
 
@@ -464,6 +470,17 @@ class TreeSampler:
     def __exit__(self, *exc: object) -> None:
         self.stopping.set()
         self.thread.join(10)
+
+
+def most_fds(root: int) -> int:
+    """The most open file descriptors of any one process in ``root``'s tree."""
+    most = 0
+    for pid in [root, *descendants(root)]:
+        try:
+            most = max(most, len(os.listdir(f"/proc/{pid}/fd")))
+        except OSError:
+            continue
+    return most
 
 
 def open_files_limit(pid: int) -> int | None:
@@ -503,6 +520,61 @@ def ordinary_load(ctx: Context, port: int, rcpt: str, out: Path) -> subprocess.P
     with open(out, "wb") as output:
         return subprocess.Popen([*command, f"{LOOPBACK}:{port}"], stdout=output,
                                 stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def start_slow(ctx: Context, port: int, rcpt: str, run_dir: Path) -> list[subprocess.Popen[str]]:
+    """The slow sessions' generators: one process, or more when one process may not open
+    that many sockets (RLIMIT_NOFILE's hard limit), each from its own source addresses."""
+    args = ctx.args
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    per_process = max(args.per_address, (hard - 200) // args.per_address * args.per_address)
+    procs = []
+    for first in range(0, args.slow_sessions, per_process):
+        sessions = min(per_process, args.slow_sessions - first)
+        command = [ctx.python, str(HERE / "loadgen.py"), "slow", "--port", str(port)]
+        command += ["--sessions", str(sessions), "--per-address", str(args.per_address)]
+        command += ["--first-source", str(first // args.per_address), "--wait-go"]
+        command += ["--seconds", str(args.slow_seconds), "--length", str(args.length)]
+        command += ["--rcpt", rcpt]
+        with open(run_dir / f"slow-{first}.err", "wb") as err:
+            procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=err, text=True))  # fmt: skip
+    return procs
+
+
+def merge_slow(finals: list[dict[str, Any]], held: int) -> dict[str, Any]:
+    """One summary of several generators' results (their raw wait times merged)."""
+    errors: Counter[str] = Counter()
+    unfinished: Counter[str] = Counter()
+    waits: list[float] = []
+    durations: list[float] = []
+    for final in finals:
+        errors.update(final.get("errors", {}))
+        unfinished.update(final.get("unfinished", {}))
+        waits += final.get("waits") or []
+        durations += final.get("durations") or []
+
+    def total(key: str) -> Any:
+        return sum(final.get(key, 0) for final in finals)
+
+    return {
+        "generators": len(finals),
+        "sources": [source for final in finals for source in final.get("sources", [])],
+        "completed": total("completed"),
+        "greeted": total("greeted"),
+        "held": held,
+        "errors": dict(errors),
+        "unfinished": dict(unfinished),
+        "ramp": max((final.get("ramp", 0) for final in finals), default=0),
+        "elapsed": max((final.get("elapsed", 0) for final in finals), default=0),
+        "wait_p50": percentile(waits, 50),
+        "wait_p99": percentile(waits, 99),
+        "wait_max": max(waits) if waits else None,
+        "duration_p50": percentile(durations, 50),
+        "duration_max": max(durations) if durations else None,
+        "cpu_seconds": total("cpu_seconds"),
+        "maxrss_kib": total("maxrss_kib"),
+    }
 
 
 def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
@@ -553,31 +625,33 @@ def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
             problems.append("the unloaded messages did not all reach smtp-sink")
         ctx.log(f"f ({system}): unloaded smtp-source {result['unloaded_rate']:.1f} msg/s")
         # 2. the slow sessions, and smtp-source again while they are held
-        command = [ctx.python, str(HERE / "loadgen.py"), "slow", "--port", str(port)]
-        command += ["--sessions", str(n), "--per-address", str(args.per_address)]
-        command += ["--seconds", str(args.slow_seconds), "--length", str(args.length)]
-        command += ["--rcpt", rcpt]
         cpu0 = tree_cpu_seconds(sut)
         with TreeSampler(sut) as sampler:
-            slow = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-            stack.callback(stop_process, slow)  # type: ignore[arg-type]
-            assert slow.stdout is not None
-            holding = json.loads(slow.stdout.readline() or "{}")
+            slows = start_slow(ctx, port, rcpt, run_dir)
+            for proc in slows:
+                stack.callback(stop_process, proc)  # type: ignore[arg-type]
+            holding = [json.loads(proc.stdout.readline() or "{}") for proc in slows]  # type: ignore[union-attr]
+            held = sum(int(h.get("held", 0)) for h in holding)
             ctx.log(
-                f"f ({system}): {holding.get('held', 0)} of {n} sessions held open "
-                f"(ramp {holding.get('ramp', 0):.1f} s); smtp-source starts"
+                f"f ({system}): {held} of {n} sessions held open by {len(slows)} load "
+                f"generator(s) (ramp {max(h.get('ramp', 0) for h in holding):.1f} s); "
+                "they start; smtp-source starts"
             )
+            for proc in slows:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
             window_end = time.perf_counter() + 1.0 + args.slow_seconds
             started = time.perf_counter()
             loaded = ordinary_load(ctx, port, rcpt, run_dir / "ordinary-loaded.out")
             last_report = time.monotonic()
-            while loaded.poll() is None and slow.poll() is None:
+            while loaded.poll() is None and any(proc.poll() is None for proc in slows):
                 time.sleep(0.05)
                 if time.monotonic() - last_report >= 15:
                     last_report = time.monotonic()
                     ctx.log(f"      ... smtp-sink has {sink.count()} messages")
             if loaded.poll() is None:  # the slow sessions ended first: stop it, count what it did
-                stop_process(loaded)  # type: ignore[arg-type]
+                stop_process(loaded)
                 result["loaded_finished"] = False
             else:
                 result["loaded_finished"] = loaded.returncode == 0
@@ -589,10 +663,14 @@ def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
             result["loaded_within_window"] = ended <= window_end
             ctx.log(f"f ({system}): loaded smtp-source {count} msgs, "
                     f"{result['loaded_rate']:.1f} msg/s")  # fmt: skip
-            final = slow.stdout.read().strip().splitlines()
-            slow.wait()
+            finals = []
+            for proc in slows:
+                assert proc.stdout is not None
+                lines = proc.stdout.read().strip().splitlines()
+                proc.wait()
+                finals.append(json.loads(lines[-1]) if lines else {})
             cpu1 = tree_cpu_seconds(sut)
-        result["slow"] = json.loads(final[-1]) if final else {}
+        result["slow"] = merge_slow(finals, held)
         result["memory"] = dict(sampler.peak, samples=sampler.samples)
         result["cpu_seconds"] = sum(cpu1) - sum(cpu0)
         completed = int(result["slow"].get("completed", 0))
@@ -619,7 +697,7 @@ def describe_concurrency(result: dict[str, Any]) -> str:
     wait = slow.get("wait_p99")
     return (
         f"f ({result['system']}): {slow.get('completed', 0)}/{result['sessions']} slow sessions "
-        f"got 250, peak {slow.get('peak_open', 0)} open at once, greeting wait p99 "
+        f"got 250, {slow.get('held', 0)} held open at once, greeting wait p99 "
         f"{'-' if wait is None else f'{wait:.1f} s'}, errors {slow.get('errors', {})}, "
         f"unfinished {slow.get('unfinished', {})}; RSS peak "
         f"{memory.get('rss_kib', 0) / 1024:.0f} MiB ({memory.get('processes', 0)} processes); "
@@ -863,11 +941,19 @@ def one_process(extra: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     return {**extra, "server": {**extra.get("server", {}), "workers": "1"}}
 
 
-def raise_nofile(need: int) -> None:
+def raise_nofile(need: int) -> int:
+    """Raise RLIMIT_NOFILE to ``need`` (the hard limit too, where root may: not in every
+    container); at least to the hard limit. The soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < need:
-        hard = need  # root may raise the hard limit
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, max(need, soft))), hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return need
+        except (ValueError, OSError):
+            pass  # no CAP_SYS_RESOURCE: stay within the hard limit
+    target = max(soft, min(hard, need))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -877,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from report import write_report  # matplotlib is imported only here
 
-    raise_nofile(max(args.idle_connections, args.slow_sessions) + 2000)  # mtrkmta inherits it
+    nofile = raise_nofile(max(args.idle_connections, args.slow_sessions) + 2000)  # inherited
     work = Path(tempfile.mkdtemp(prefix="mtrkmta-bench-"))
     work.chmod(0o755)  # Postfix and Dovecot users must reach their directories below
     ctx = Context(args=args, work=work, python=args.python, extra=args.extra)
@@ -899,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['twisted']}, Postfix {env['postfix']}, Dovecot {env['dovecot']}; "
         f"fsync {env['fsync']}; mtrkmta workers {env['workers']}"
     )
-    ctx.log(f"work directory {work}")
+    ctx.log(f"work directory {work}; open-file limit {nofile}")
     runs: list[Run] = []
     memory: dict[str, object] | None = None
     mtqp: list[dict[str, Any]] = []
