@@ -251,7 +251,11 @@ def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -
         f"{args.slow_seconds:g} s for one message each (EHLO, MAIL, RCPT, DATA, the message "
         "a line at a time, the dot, QUIT, evenly spaced). Once every session had its greeting "
         f"(or after 60 s), `smtp-source -s {args.sessions} -m {args.ordinary_messages}` ran "
-        "against the same server; before the slow sessions it ran once alone (unloaded). "
+        "against the same server while they were open and idle (stopped after "
+        f"{args.slow_seconds:g} s), then again while they sent their messages (stopped when "
+        "they ended); before the slow sessions it ran once alone (unloaded). The slow "
+        f"sessions by themselves offer {first['sessions'] / args.slow_seconds:,.0f} msg/s "
+        "while they send. "
         "Memory: VmRSS (and Pss) summed over every process of the system under test, sampled "
         "every second during the slow sessions, peak. Relay to smtp-sink.",
         "",
@@ -287,18 +291,30 @@ def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -
         ),
         row("smtp-source unloaded, msg/s", lambda r: f"{r.get('unloaded_rate', 0):,.1f}"),
         row(
-            "smtp-source while the sessions are held, msg/s",
+            "smtp-source while the sessions are open and idle (greeted), msg/s",
+            lambda r: (
+                f"{r.get('idle', {}).get('rate', 0):,.1f} "
+                f"({r.get('idle', {}).get('messages', 0):,} messages"
+                f"{'' if r.get('idle', {}).get('finished') else ', stopped unfinished'})"
+            ),
+        ),
+        row(
+            "idle / unloaded",
+            lambda r: fmt(ratio(r.get("idle", {}).get("rate"), r.get("unloaded_rate")), 2),
+        ),
+        row(
+            "smtp-source while the sessions send their messages, msg/s",
             lambda r: (
                 f"{r.get('loaded_rate', 0):,.1f} ({r.get('loaded_messages', 0):,} "
                 f"messages{'' if r.get('loaded_finished') else ', stopped unfinished'})"
             ),
         ),
         row(
-            "loaded / unloaded",
+            "sending / unloaded",
             lambda r: f"**{fmt(ratio(r.get('loaded_rate'), r.get('unloaded_rate')), 2)}**",
         ),
         row(
-            "CPU of the system under test during the slow sessions",
+            "CPU of the system under test from the first slow connect to the last close",
             lambda r: f"{r.get('cpu_seconds', 0):.1f} s",
         ),
         row("CPU of the load generator", cpu_share),

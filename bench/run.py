@@ -522,6 +522,27 @@ def ordinary_load(ctx: Context, port: int, rcpt: str, out: Path) -> subprocess.P
                                 stderr=subprocess.STDOUT)  # fmt: skip
 
 
+def timed_ordinary(
+    ctx: Context, port: int, rcpt: str, out: Path, sink: Sink, keep_going: Callable[[], bool]
+) -> dict[str, Any]:
+    """Run smtp-source until it ends or ``keep_going()`` turns false (then stop it): the
+    messages it counted, the seconds, and whether it finished all of them."""
+    started = time.perf_counter()
+    proc = ordinary_load(ctx, port, rcpt, out)
+    last_report = time.monotonic()
+    while proc.poll() is None and keep_going():
+        time.sleep(0.05)
+        if time.monotonic() - last_report >= 15:
+            last_report = time.monotonic()
+            ctx.log(f"      ... smtp-sink has {sink.count()} messages")
+    finished = proc.poll() == 0
+    stop_process(proc)
+    seconds = time.perf_counter() - started
+    count = ctx.args.ordinary_messages if finished else smtp_source_count(out)
+    return {"messages": count, "seconds": round(seconds, 2), "rate": round(count / seconds, 1),
+            "finished": finished}  # fmt: skip
+
+
 def start_slow(ctx: Context, port: int, rcpt: str, run_dir: Path) -> list[subprocess.Popen[str]]:
     """The slow sessions' generators: one process, or more when one process may not open
     that many sockets (RLIMIT_NOFILE's hard limit), each from its own source addresses."""
@@ -635,34 +656,31 @@ def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
             ctx.log(
                 f"f ({system}): {held} of {n} sessions held open by {len(slows)} load "
                 f"generator(s) (ramp {max(h.get('ramp', 0) for h in holding):.1f} s); "
-                "they start; smtp-source starts"
+                "smtp-source while they are idle"
             )
+            # 2a. smtp-source while every session is open and idle (greeted, nothing sent)
+            idle_end = time.monotonic() + args.slow_seconds
+            result["idle"] = timed_ordinary(
+                ctx, port, rcpt, run_dir / "ordinary-idle.out", sink,
+                lambda: time.monotonic() < idle_end,
+            )  # fmt: skip
+            ctx.log(f"f ({system}): smtp-source with the sessions idle: {result['idle']}")
+            # 2b. the sessions send their messages; smtp-source again meanwhile
             for proc in slows:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
-            window_end = time.perf_counter() + 1.0 + args.slow_seconds
-            started = time.perf_counter()
-            loaded = ordinary_load(ctx, port, rcpt, run_dir / "ordinary-loaded.out")
-            last_report = time.monotonic()
-            while loaded.poll() is None and any(proc.poll() is None for proc in slows):
-                time.sleep(0.05)
-                if time.monotonic() - last_report >= 15:
-                    last_report = time.monotonic()
-                    ctx.log(f"      ... smtp-sink has {sink.count()} messages")
-            if loaded.poll() is None:  # the slow sessions ended first: stop it, count what it did
-                stop_process(loaded)
-                result["loaded_finished"] = False
-            else:
-                result["loaded_finished"] = loaded.returncode == 0
-            ended = time.perf_counter()
-            count = smtp_source_count(run_dir / "ordinary-loaded.out")
-            result["loaded_messages"] = count
-            result["loaded_seconds"] = ended - started
-            result["loaded_rate"] = count / (ended - started)
-            result["loaded_within_window"] = ended <= window_end
-            ctx.log(f"f ({system}): loaded smtp-source {count} msgs, "
-                    f"{result['loaded_rate']:.1f} msg/s")  # fmt: skip
+            window_end = time.monotonic() + 1.0 + args.slow_seconds
+            loaded = timed_ordinary(
+                ctx, port, rcpt, run_dir / "ordinary-loaded.out", sink,
+                lambda: any(proc.poll() is None for proc in slows),
+            )  # fmt: skip
+            result["loaded_finished"] = loaded["finished"]
+            result["loaded_messages"] = count = loaded["messages"]
+            result["loaded_seconds"] = loaded["seconds"]
+            result["loaded_rate"] = loaded["rate"]
+            result["loaded_within_window"] = time.monotonic() <= window_end
+            ctx.log(f"f ({system}): smtp-source while the sessions send: {loaded}")
             finals = []
             for proc in slows:
                 assert proc.stdout is not None
@@ -674,7 +692,7 @@ def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
         result["memory"] = dict(sampler.peak, samples=sampler.samples)
         result["cpu_seconds"] = sum(cpu1) - sum(cpu0)
         completed = int(result["slow"].get("completed", 0))
-        expected = args.ordinary_messages + count + completed
+        expected = args.ordinary_messages + result["idle"]["messages"] + count + completed
         if not wait_for(ctx, "sink", sink.count, expected):
             problems.append(f"smtp-sink got {sink.count()} messages, expected {expected}")
         time.sleep(1.0)
@@ -684,7 +702,9 @@ def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
             if completed != n:
                 problems.append(f"only {completed} of {n} slow sessions got 250 after DATA")
             if not result["loaded_finished"]:
-                problems.append("the loaded smtp-source did not finish")
+                problems.append("smtp-source did not finish while the slow sessions sent")
+            if not result["idle"]["finished"]:
+                problems.append("smtp-source did not finish while the slow sessions were idle")
     if not args.keep and not problems:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
@@ -701,7 +721,8 @@ def describe_concurrency(result: dict[str, Any]) -> str:
         f"{'-' if wait is None else f'{wait:.1f} s'}, errors {slow.get('errors', {})}, "
         f"unfinished {slow.get('unfinished', {})}; RSS peak "
         f"{memory.get('rss_kib', 0) / 1024:.0f} MiB ({memory.get('processes', 0)} processes); "
-        f"smtp-source {result.get('loaded_rate', 0):.1f} msg/s loaded vs "
+        f"smtp-source {result.get('idle', {}).get('rate', 0):.1f} msg/s with them idle, "
+        f"{result.get('loaded_rate', 0):.1f} while they send, "
         f"{result.get('unloaded_rate', 0):.1f} unloaded; load generator CPU "
         f"{slow.get('cpu_seconds', 0):.1f} s in {slow.get('elapsed', 0):.0f} s; {status}"
     )
