@@ -252,9 +252,9 @@ def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -
         "a line at a time, the dot, QUIT, evenly spaced). Once every session had its greeting "
         f"(or after 60 s), `smtp-source -s {args.sessions} -m {args.ordinary_messages}` ran "
         "against the same server while they were open and idle (stopped after "
-        f"{args.slow_seconds:g} s), then again while they sent their messages (stopped when "
-        "they ended); before the slow sessions it ran once alone (unloaded). The slow "
-        f"sessions by themselves offer {first['sessions'] / args.slow_seconds:,.0f} msg/s "
+        f"{min(args.slow_seconds, 60):g} s), then again while they sent their messages "
+        "(stopped when they ended); before the slow sessions it ran once alone (unloaded). "
+        f"The slow sessions by themselves offer {first['sessions'] / args.slow_seconds:,.0f} msg/s "
         "while they send. "
         "Memory: VmRSS (and Pss) summed over every process of the system under test, sampled "
         "every second during the slow sessions, peak. Relay to smtp-sink.",
