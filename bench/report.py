@@ -518,6 +518,53 @@ def write_chart(path: Path, chart: list[tuple[str, float, float]], runs: list[Ru
     plt.close(fig)
 
 
+def cpu_chart_data(runs: list[Run]) -> list[tuple[str, tuple[float, float], tuple[float, float]]]:
+    """Per scenario of CPU_ROWS with both systems: median (user, system) ms for each."""
+    data = []
+    for scenario, label in CPU_ROWS:
+        pairs = {system: cpu_ms(runs, scenario, system) for system in ("postfix", "mtrkmta")}
+        if not pairs["postfix"] or not pairs["mtrkmta"]:
+            continue
+        medians = {
+            system: (median([u for u, _ in found]) or 0.0, median([s for _, s in found]) or 0.0)
+            for system, found in pairs.items()
+        }
+        data.append((label, medians["postfix"], medians["mtrkmta"]))
+    return data
+
+
+def write_cpu_chart(
+    path: Path, data: list[tuple[str, tuple[float, float], tuple[float, float]]]
+) -> None:
+    """Stacked bars (user, system) of CPU ms per message, Postfix beside mtrkmta."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    width = 0.38
+    for offset, index, name, colour in ((-1, 1, "Postfix", "#4c72b0"),
+                                        (1, 2, "mtrkmta", "#dd8452")):  # fmt: skip
+        xs = [x + offset * width / 2 for x in range(len(data))]
+        pairs = [row[1] if index == 1 else row[2] for row in data]
+        user = [pair[0] for pair in pairs]
+        system = [pair[1] for pair in pairs]
+        ax.bar(xs, user, width, color=colour, label=f"{name} user")
+        ax.bar(xs, system, width, bottom=user, color=colour, alpha=0.5, hatch="//",
+               label=f"{name} system")  # fmt: skip
+        for x, u, s in zip(xs, user, system, strict=True):
+            ax.annotate(f"{u + s:.2f}", (x, u + s), ha="center", va="bottom")
+    ax.set_xticks(list(range(len(data))), [label for label, _, _ in data])
+    ax.set_ylabel("CPU ms per message (median)")
+    ax.set_title("CPU per message: Postfix (master and every daemon) vs mtrkmta (all processes)")
+    ax.legend()
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -649,5 +696,10 @@ def write_report(
     if chart or tracking:
         png = results / "results.png"
         write_chart(png, chart, runs)
+        written.append(png)
+    cpu_data = cpu_chart_data(runs)
+    if cpu_data:
+        png = results / "cpu.png"
+        write_cpu_chart(png, cpu_data)
         written.append(png)
     return written
