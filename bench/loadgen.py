@@ -205,6 +205,7 @@ class SlowRun:
     errors: Counter[str] = field(default_factory=Counter)
     waits: list[float] = field(default_factory=list)  # connect started -> greeting
     durations: list[float] = field(default_factory=list)  # connect started -> 250 after DATA
+    given_up: list[float] = field(default_factory=list)  # connect started -> failed, ungreeted
     waiting_for_go: list[SlowSession] = field(default_factory=list)
     sessions: list[SlowSession] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -334,6 +335,8 @@ class SlowSession(asyncio.Protocol):
     def fail(self, why: str) -> None:
         if self.state in ("done", "failed"):
             return
+        if self.state in ("connecting", "greeting"):
+            self.run.given_up.append(self.run.loop.time() - self.started)
         self.state = "failed"
         self.run.errors[why[:90]] += 1
         self.close()
@@ -439,6 +442,9 @@ async def slow(args: argparse.Namespace) -> dict[str, object]:
         "cpu_seconds": time.process_time() - cpu0,
         "waits": waits if args.wait_go else None,
         "durations": run.durations if args.wait_go else None,
+        "given_up": run.given_up if args.wait_go else None,
+        "given_up_p50": percentile(run.given_up, 50),
+        "given_up_max": max(run.given_up) if run.given_up else None,
         "maxrss_kib": usage.ru_maxrss,
     }
 

@@ -282,6 +282,10 @@ def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -
             ),
         ),
         row("sessions that failed, and why", errors),
+        row(
+            "time until a session never greeted failed, p50 / max",
+            lambda r: f"{seconds(slow(r, 'given_up_p50'))} / {seconds(slow(r, 'given_up_max'))}",
+        ),
         row("peak resident memory, VmRSS summed", lambda r: f"**{mib(r, 'rss_kib')}**"),
         row("peak Pss summed (shared pages divided)", lambda r: mib(r, "pss_kib")),
         row("most processes", lambda r: r.get("memory", {}).get("processes", "-")),

@@ -570,11 +570,13 @@ def merge_slow(finals: list[dict[str, Any]], held: int) -> dict[str, Any]:
     unfinished: Counter[str] = Counter()
     waits: list[float] = []
     durations: list[float] = []
+    given_up: list[float] = []
     for final in finals:
         errors.update(final.get("errors", {}))
         unfinished.update(final.get("unfinished", {}))
         waits += final.get("waits") or []
         durations += final.get("durations") or []
+        given_up += final.get("given_up") or []
 
     def total(key: str) -> Any:
         return sum(final.get(key, 0) for final in finals)
@@ -594,6 +596,8 @@ def merge_slow(finals: list[dict[str, Any]], held: int) -> dict[str, Any]:
         "wait_max": max(waits) if waits else None,
         "duration_p50": percentile(durations, 50),
         "duration_max": max(durations) if durations else None,
+        "given_up_p50": percentile(given_up, 50),
+        "given_up_max": max(given_up) if given_up else None,
         "cpu_seconds": total("cpu_seconds"),
         "maxrss_kib": total("maxrss_kib"),
     }
