@@ -123,6 +123,106 @@ def process_cpu_seconds(pid: int) -> tuple[float, float]:
     return user / ticks, system / ticks
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 on), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(root: int) -> list[int]:
+    """Every live (or zombie) process below ``root``, from the parent links in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _own_cpu(pid: int, fields: list[str], ticks: int) -> tuple[float, float]:
+    """User and system seconds of one live (or zombie) process, its reaped children apart.
+
+    /proc/PID/stat gives them in clock ticks, each rounded down: a process born during a
+    run would lose half a tick (5 ms) per field on average, which adds up for Postfix's
+    dozens of new daemons. A single-threaded process's exact total is the run time of its
+    one thread in /proc/PID/schedstat (ns), split in the ratio of utime to stime.
+    """
+    utime, stime = int(fields[11]), int(fields[12])
+    if int(fields[17]) == 1:  # num_threads
+        try:
+            with open(f"/proc/{pid}/schedstat") as schedstat:
+                total = int(schedstat.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+        else:
+            share = utime / (utime + stime) if utime + stime else 0.5
+            return total * share, total * (1 - share)
+    return utime / ticks, stime / ticks
+
+
+def tree_cpu_seconds(root: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``root`` and of every process below it, ever.
+
+    Live processes count their own time (:func:`_own_cpu`) plus their cutime/cstime (the
+    children they have reaped); a child that ended and was reaped is in its parent's
+    cutime/cstime, and no longer in /proc. Postfix's master reaps its daemons as they exit
+    after max_idle or max_use, so this is how their CPU is counted. A child reaped while
+    /proc is being read could be missed or counted twice, so the read is repeated until
+    ``root``'s cumulative children times did not move during it.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    for _ in range(20):
+        before = _stat_fields(root)
+        if before is None:
+            raise LabError(f"process {root} is gone: its CPU time cannot be read")
+        user = system = 0.0
+        for pid in descendants(root):
+            fields = _stat_fields(pid)
+            if fields is not None:  # fields 14-17: utime stime cutime cstime
+                own = _own_cpu(pid, fields, ticks)
+                user += own[0] + int(fields[13]) / ticks
+                system += own[1] + int(fields[14]) / ticks
+        after = _stat_fields(root)
+        if after is not None and after[13:15] == before[13:15]:
+            own = _own_cpu(root, after, ticks)
+            user += own[0] + int(after[13]) / ticks
+            system += own[1] + int(after[14]) / ticks
+            return user, system
+    raise LabError(f"the children of process {root} kept being reaped while their CPU was read")
+
+
+def tree_rss_kib(root: int) -> tuple[int, int, int]:
+    """Processes, summed VmRSS and summed Pss (KiB) of ``root`` and every process below it.
+
+    VmRSS counts pages shared between processes (libraries, Postfix's daemons) once per
+    process; Pss divides each shared page among the processes that map it.
+    """
+    count = rss = pss = 0
+    for pid in [root, *descendants(root)]:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as rollup:
+                text = rollup.read()
+        except OSError:
+            continue
+        count += 1
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            if key == "Rss":
+                rss += int(rest.split()[0])
+            elif key == "Pss":
+                pss += int(rest.split()[0])
+    return count, rss, pss
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of ``pid`` in KiB, from /proc/PID/status."""
     values: dict[str, int] = {}
@@ -267,6 +367,15 @@ class Postfix:
             if "status=" in line and ("postfix/smtp[" in line or "postfix/lmtp[" in line):
                 counts[line.split("status=", 1)[1].split()[0]] += 1
         return counts
+
+    @property
+    def master_pid(self) -> int:
+        """The master daemon (``postfix start-fg`` runs it as a child of the script's shell)."""
+        pidfile = self.queue / "pid" / "master.pid"
+        try:
+            return int(pidfile.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise LabError(f"no Postfix master pid in {pidfile}: {exc}") from exc
 
     def stop(self) -> None:
         if self.proc is None:

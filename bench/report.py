@@ -78,6 +78,64 @@ def throughput_table(runs: list[Run]) -> tuple[list[str], list[tuple[str, float,
     return lines, chart
 
 
+CPU_ROWS = (
+    ("a", "(a) relay to smtp-sink"),
+    ("b", "(b) ingest only"),
+    ("c", "(c) LMTP into Dovecot"),
+    ("e", "(e) `smtp-source -d`"),
+    ("lat", "accept latency run (40 msg/s)"),
+)
+
+
+def cpu_ms(runs: list[Run], scenario: str, system: str) -> list[tuple[float, float]]:
+    """(user, system) ms of CPU per message of the system under test, one pair per run."""
+    return [
+        (float(run.extra["user_ms"]), float(run.extra["system_ms"]))  # type: ignore[arg-type]
+        for run in runs
+        if run.scenario == scenario
+        and run.system == system
+        and run.extra.get("user_ms") is not None
+        and run.extra.get("system_ms") is not None
+    ]
+
+
+def cpu_table(runs: list[Run]) -> list[str]:
+    """CPU per message of Postfix (master and every daemon, reaped ones included) and mtrkmta."""
+    rows = []
+    for scenario, label in CPU_ROWS:
+        cells: dict[str, tuple[float | None, float | None, float | None]] = {}
+        for system in ("postfix", "mtrkmta"):
+            pairs = cpu_ms(runs, scenario, system)
+            cells[system] = (
+                median([u + s for u, s in pairs]),
+                median([u for u, _ in pairs]),
+                median([s for _, s in pairs]),
+            )
+        if cells["postfix"][0] is None and cells["mtrkmta"][0] is None:
+            continue
+        p, m = cells["postfix"], cells["mtrkmta"]
+        rows.append(
+            f"| {label} | **{fmt(p[0], 2)}** ({fmt(p[1], 2)} + {fmt(p[2], 2)}) "
+            f"| **{fmt(m[0], 2)}** ({fmt(m[1], 2)} + {fmt(m[2], 2)}) "
+            f"| {fmt(ratio(m[0], p[0]), 2)} |"
+        )
+    if not rows:
+        return []
+    return [
+        "CPU time of the system under test over the run, divided by the messages: Postfix's "
+        "master and every process below it (the daemons that exited and were reaped during "
+        "the run through the master's cumulative children times, the live ones from "
+        "`/proc/PID/stat`), mtrkmta's process and its workers; read when the next hop has "
+        "every message plus 1 s. Medians over rounds; user + system in parentheses. The "
+        "load generator and the next hop are not counted.",
+        "",
+        "| scenario | Postfix ms/msg (user + system) | mtrkmta ms/msg (user + system) "
+        "| mtrkmta/Postfix |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
+
+
 def tracking_table(runs: list[Run]) -> list[str]:
     plain = rates(runs, "d", "mtrkmta", False)
     tracked = rates(runs, "d", "mtrkmta+MTRK", False)
@@ -146,6 +204,136 @@ def memory_table(memory: dict[str, object]) -> list[str]:
         f"| per connection | {'-' if per is None else f'{float(per):.1f} KiB'} |",  # type: ignore[arg-type]
         f"| peak (VmHWM) | {mib('hwm_kib')} |",
     ]
+
+
+def concurrency_table(results: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Scenario (f): one column per system."""
+    systems = [r["system"] for r in results]
+    names = {"postfix": "Postfix", "mtrkmta": "mtrkmta"}
+
+    def row(label: str, cell: Any) -> str:
+        return f"| {label} | " + " | ".join(str(cell(r)) for r in results) + " |"
+
+    def slow(r: dict[str, Any], key: str) -> Any:
+        return r.get("slow", {}).get(key)
+
+    def seconds(value: Any) -> str:
+        return "-" if value is None else f"{float(value):.2f} s"
+
+    def mib(r: dict[str, Any], key: str) -> str:
+        value = r.get("memory", {}).get(key)
+        return "-" if not value else f"{value / 1024:,.0f} MiB"
+
+    def errors(r: dict[str, Any]) -> str:
+        found = {**(slow(r, "errors") or {})}
+        found.update({f"unfinished at the end ({k})": v for k, v in
+                      (slow(r, "unfinished") or {}).items()})  # fmt: skip
+        if not found:
+            return "none"
+        return "; ".join(f"{v:,} x {k}" for k, v in sorted(found.items(), key=lambda kv: -kv[1]))
+
+    def cpu_share(r: dict[str, Any]) -> str:
+        cpu, elapsed = slow(r, "cpu_seconds"), slow(r, "elapsed")
+        if cpu is None or not elapsed:
+            return "-"
+        return (
+            f"{cpu:.1f} s in {elapsed:.0f} s ({100 * cpu / elapsed:.0f}% of one CPU; "
+            f"{slow(r, 'generators') or 1} process(es))"
+        )
+
+    first = results[0]
+    sources = first.get("slow", {}).get("sources") or []
+    lines = [
+        f"{first['sessions']:,} SMTP sessions opened by `bench/loadgen.py slow` (asyncio; one "
+        "process, or more where one may not open that many files) from "
+        f"{len(sources)} source address(es) ({', '.join(sources[:3])}"
+        f"{', ...' if len(sources) > 3 else ''}; at most {args.per_address:,} each), "
+        f"{args.slow_seconds:g} s for one message each (EHLO, MAIL, RCPT, DATA, the message "
+        "a line at a time, the dot, QUIT, evenly spaced). Once every session had its greeting "
+        f"(or after 60 s), `smtp-source -s {args.sessions} -m {args.ordinary_messages}` ran "
+        "against the same server while they were open and idle (stopped after "
+        f"{min(args.slow_seconds, 60):g} s), then again while they sent their messages "
+        "(stopped when they ended); before the slow sessions it ran once alone (unloaded). "
+        f"The slow sessions by themselves offer {first['sessions'] / args.slow_seconds:,.0f} msg/s "
+        "while they send. "
+        "Memory: VmRSS (and Pss) summed over every process of the system under test, sampled "
+        "every second during the slow sessions, peak. Relay to smtp-sink.",
+        "",
+        "| (f) concurrency | " + " | ".join(names.get(s, s) for s in systems) + " |",
+        "|---|" + "---:|" * len(systems),
+        row("configuration", lambda r: r.get("settings", "-")),
+        row(
+            "server's open-file limit (RLIMIT_NOFILE)",
+            lambda r: f"{r.get('open_files_limit') or '-'}",
+        ),
+        row(
+            "slow sessions that got 250 after DATA",
+            lambda r: f"**{slow(r, 'completed') or 0:,}** of {r['sessions']:,}",
+        ),
+        row(
+            "sessions held open at once (greeted) when the dialogues began",
+            lambda r: f"{slow(r, 'held') or 0:,}",
+        ),
+        row(
+            "wait for the greeting p50 / p99 / max (sessions greeted)",
+            lambda r: (
+                f"{seconds(slow(r, 'wait_p50'))} / {seconds(slow(r, 'wait_p99'))} / "
+                f"{seconds(slow(r, 'wait_max'))}"
+            ),
+        ),
+        row("sessions that failed, and why", errors),
+        row(
+            "time until a session never greeted failed, p50 / max",
+            lambda r: f"{seconds(slow(r, 'given_up_p50'))} / {seconds(slow(r, 'given_up_max'))}",
+        ),
+        row("peak resident memory, VmRSS summed", lambda r: f"**{mib(r, 'rss_kib')}**"),
+        row("peak Pss summed (shared pages divided)", lambda r: mib(r, "pss_kib")),
+        row("most processes", lambda r: r.get("memory", {}).get("processes", "-")),
+        row(
+            "most open file descriptors in one process",
+            lambda r: f"{r.get('memory', {}).get('fds', 0):,}",
+        ),
+        row("smtp-source unloaded, msg/s", lambda r: f"{r.get('unloaded_rate', 0):,.1f}"),
+        row(
+            "smtp-source while the sessions are open and idle (greeted), msg/s",
+            lambda r: (
+                f"{r.get('idle', {}).get('rate', 0):,.1f} "
+                f"({r.get('idle', {}).get('messages', 0):,} messages"
+                f"{'' if r.get('idle', {}).get('finished') else ', stopped unfinished'})"
+            ),
+        ),
+        row(
+            "idle / unloaded",
+            lambda r: fmt(ratio(r.get("idle", {}).get("rate"), r.get("unloaded_rate")), 2),
+        ),
+        row(
+            "smtp-source while the sessions send their messages, msg/s",
+            lambda r: (
+                f"{r.get('loaded_rate', 0):,.1f} ({r.get('loaded_messages', 0):,} "
+                f"messages{'' if r.get('loaded_finished') else ', stopped unfinished'})"
+            ),
+        ),
+        row(
+            "sending / unloaded",
+            lambda r: f"**{fmt(ratio(r.get('loaded_rate'), r.get('unloaded_rate')), 2)}**",
+        ),
+        row(
+            "CPU of the system under test from the first slow connect to the last close",
+            lambda r: f"{r.get('cpu_seconds', 0):.1f} s",
+        ),
+        row("CPU of the load generator", cpu_share),
+    ]
+    for r in results:
+        if r["problems"]:
+            lines.append(f"\n- {names.get(r['system'], r['system'])}: **FAILED**: "
+                         + "; ".join(r["problems"]))  # fmt: skip
+        if r.get("loaded_finished") and not r.get("loaded_within_window"):
+            name = names.get(r["system"], r["system"])
+            lines.append(
+                f"\n- {name}: smtp-source ran past the slow sessions' window: part of its run "
+                "was not under that load"
+            )
+    return lines
 
 
 STORE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
@@ -334,6 +522,53 @@ def write_chart(path: Path, chart: list[tuple[str, float, float]], runs: list[Ru
     plt.close(fig)
 
 
+def cpu_chart_data(runs: list[Run]) -> list[tuple[str, tuple[float, float], tuple[float, float]]]:
+    """Per scenario of CPU_ROWS with both systems: median (user, system) ms for each."""
+    data = []
+    for scenario, label in CPU_ROWS:
+        pairs = {system: cpu_ms(runs, scenario, system) for system in ("postfix", "mtrkmta")}
+        if not pairs["postfix"] or not pairs["mtrkmta"]:
+            continue
+        medians = {
+            system: (median([u for u, _ in found]) or 0.0, median([s for _, s in found]) or 0.0)
+            for system, found in pairs.items()
+        }
+        data.append((label, medians["postfix"], medians["mtrkmta"]))
+    return data
+
+
+def write_cpu_chart(
+    path: Path, data: list[tuple[str, tuple[float, float], tuple[float, float]]]
+) -> None:
+    """Stacked bars (user, system) of CPU ms per message, Postfix beside mtrkmta."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    width = 0.38
+    for offset, index, name, colour in ((-1, 1, "Postfix", "#4c72b0"),
+                                        (1, 2, "mtrkmta", "#dd8452")):  # fmt: skip
+        xs = [x + offset * width / 2 for x in range(len(data))]
+        pairs = [row[1] if index == 1 else row[2] for row in data]
+        user = [pair[0] for pair in pairs]
+        system = [pair[1] for pair in pairs]
+        ax.bar(xs, user, width, color=colour, label=f"{name} user")
+        ax.bar(xs, system, width, bottom=user, color=colour, alpha=0.5, hatch="//",
+               label=f"{name} system")  # fmt: skip
+        for x, u, s in zip(xs, user, system, strict=True):
+            ax.annotate(f"{u + s:.2f}", (x, u + s), ha="center", va="bottom")
+    ax.set_xticks(list(range(len(data))), [label for label, _, _ in data])
+    ax.set_ylabel("CPU ms per message (median)")
+    ax.set_title("CPU per message: Postfix (master and every daemon) vs mtrkmta (all processes)")
+    ax.legend()
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -347,6 +582,7 @@ def write_report(
     elapsed: float,
     titles: dict[str, str],
     mtqp: list[dict[str, Any]] | None = None,
+    concurrency: list[dict[str, Any]] | None = None,
 ) -> list[Path]:
     results.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -374,12 +610,17 @@ def write_report(
     table, chart = throughput_table(runs)
     if chart or len(table) > 2:
         lines += ["## Throughput", "", *table, ""]
+    cpu = cpu_table(runs)
+    if cpu:
+        lines += ["## CPU per message", "", *cpu, ""]
     tracking = tracking_table(runs)
     if tracking:
         lines += ["## Tracking overhead (d)", "", *tracking, ""]
     latency = latency_table(runs, args.latency_rate)
     if latency:
         lines += ["## Accept latency", "", *latency, ""]
+    if concurrency:
+        lines += ["## Concurrency (f)", "", *concurrency_table(concurrency, args), ""]
     if mtqp:
         lines += ["## MTQP TRACK latency", "", *mtqp_table(mtqp), ""]
     if memory is not None:
@@ -451,6 +692,7 @@ def write_report(
         "memory": memory,
         "profiles": [run_to_dict(run) for _, run, _ in profiles],
         "mtqp": mtqp or [],
+        "concurrency": concurrency or [],
     }
     js = results / "results.json"
     js.write_text(json.dumps(data, indent=1) + "\n")
@@ -458,5 +700,10 @@ def write_report(
     if chart or tracking:
         png = results / "results.png"
         write_chart(png, chart, runs)
+        written.append(png)
+    cpu_data = cpu_chart_data(runs)
+    if cpu_data:
+        png = results / "cpu.png"
+        write_cpu_chart(png, cpu_data)
         written.append(png)
     return written

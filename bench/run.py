@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -32,19 +34,23 @@ from lab import (  # noqa: E402
     Sink,
     cpu_busy,
     cpu_times,
+    descendants,
     free_port,
-    process_cpu_seconds,
     rss_kib,
     stop_process,
+    tree_cpu_seconds,
+    tree_rss_kib,
     versions,
 )
+from loadgen import percentile  # noqa: E402
 
 SENDER = "bench@other.test"
 HELO = "client.example.test"
 FINAL_STATES = frozenset({"relayed", "delivered", "transferred"})
 ROUND_SCENARIOS = ("a", "b", "c", "d", "e", "lat")
-ALL_SCENARIOS = (*ROUND_SCENARIOS, "mem", "mtqp", "profile")
-DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e", "lat", "mem", "mtqp")
+ALL_SCENARIOS = (*ROUND_SCENARIOS, "f", "mem", "mtqp", "profile")
+DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e", "lat", "f", "mem", "mtqp")
+IDLE_PHASE = 60.0  # (f): longest smtp-source run while the slow sessions are idle
 TRACK_SEED = 3887  # everything trackload.py loads follows from it
 TRACK_BACKENDS = ("sqlite", "postgresql")
 
@@ -55,6 +61,7 @@ TITLES = {
     "d": "(d) as (a), own load generator: without / with ENVID+MTRK (mtrkmta only)",
     "e": "(e) as (a) with smtp-source -d (connection reuse)",
     "lat": "accept latency at a fixed offered load below saturation",
+    "f": "(f) concurrency: slow SMTP sessions held open while smtp-source measures throughput",
     "mem": "resident memory of mtrkmta with idle SMTP connections",
     "mtqp": "MTQP TRACK latency with a pre-filled tracking store, SQLite and PostgreSQL",
     "profile": "py-spy profile of mtrkmta during (a)",
@@ -243,8 +250,14 @@ def measure(ctx: Context, scenario: str, system: str, round_no: int) -> Run:
                 assert ctx.profile_target is not None
                 raw, gil = ctx.profile_target
                 spying.enter_context(profiler(ctx, mta.pid, raw, gil))
+            # the system under test: mtrkmta's process tree, or Postfix's master and its tree
+            if mta is not None:
+                sut = mta.pid
+            else:
+                assert postfix is not None
+                sut = postfix.master_pid
             cpu0 = cpu_times()
-            mta_cpu0 = process_cpu_seconds(mta.pid) if mta else (0.0, 0.0)
+            mta_cpu0 = tree_cpu_seconds(sut)
             t0 = time.perf_counter()
             with open(run_dir / "load.out", "wb") as out:
                 load = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -282,14 +295,19 @@ def measure(ctx: Context, scenario: str, system: str, round_no: int) -> Run:
                 done = True
             t2 = time.perf_counter()
             cpu1 = cpu_times()
-            mta_cpu1 = process_cpu_seconds(mta.pid) if mta else (0.0, 0.0)
+            mta_cpu1 = tree_cpu_seconds(sut)
         if not done:
             problems.append(f"next hop stalled before receiving {expected} messages")
+        # Late duplicates would show up now; and the last messages' bookkeeping after the
+        # next hop's reply (queue file removal, log, tracking update) is done. CPU per message
+        # is read then, before the checks below run `postqueue -p` (Postfix's showq).
+        time.sleep(1.0)
+        settled = tree_cpu_seconds(sut)
         problems += check(ctx, hop, expected, rcpt, sink, postfix, mta)
+    # CPU per message (ms) in user space (Python, or Postfix's C) and in the kernel.
+    extra["user_ms"] = 1000 * (settled[0] - mta_cpu0[0]) / expected
+    extra["system_ms"] = 1000 * (settled[1] - mta_cpu0[1]) / expected
     if mta is not None:
-        # CPU per message (ms) in Python and the rest of user space, and in the kernel.
-        extra["user_ms"] = 1000 * (mta_cpu1[0] - mta_cpu0[0]) / expected
-        extra["system_ms"] = 1000 * (mta_cpu1[1] - mta_cpu0[1]) / expected
         extra["stop_seconds"] = mta.stop_seconds
         extra["killed"] = float(mta.killed)
         if not problems:
@@ -302,7 +320,7 @@ def measure(ctx: Context, scenario: str, system: str, round_no: int) -> Run:
         seconds=t2 - t0,
         ingest_seconds=t1 - t0,
         cpu_busy=cpu_busy(cpu0, cpu1),
-        mta_cores=(sum(mta_cpu1) - sum(mta_cpu0)) / (t2 - t0) if mta else None,
+        mta_cores=(sum(mta_cpu1) - sum(mta_cpu0)) / (t2 - t0),
         problems=problems,
         extra=extra,
     )
@@ -322,7 +340,6 @@ def check(
 ) -> list[str]:
     """Exactly once at the next hop, and the queue empty (or holding every message, for b)."""
     problems = []
-    time.sleep(1.0)  # late duplicates would show up now
     if sink is not None and sink.count() != expected:
         problems.append(f"smtp-sink counted {sink.count()} messages, expected {expected}")
     if hop == "lmtp":
@@ -420,6 +437,302 @@ def measure_memory(ctx: Context) -> dict[str, object]:
     if not ctx.args.keep and result.get("ok"):
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+# ---------------------------------------------------------------- concurrency (f)
+
+
+class TreeSampler:
+    """Sample the summed RSS and Pss of a process tree every ``interval`` s in a thread."""
+
+    def __init__(self, root: int, interval: float = 1.0) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak = {"rss_kib": 0, "pss_kib": 0, "processes": 0, "fds": 0}
+        self.samples = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            count, rss, pss = tree_rss_kib(self.root)
+            fds = most_fds(self.root)
+            self.samples += 1
+            for key, value in (
+                ("rss_kib", rss), ("pss_kib", pss), ("processes", count), ("fds", fds)
+            ):  # fmt: skip
+                self.peak[key] = max(self.peak[key], value)
+            self.stopping.wait(self.interval)
+
+    def __enter__(self) -> TreeSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+
+
+def most_fds(root: int) -> int:
+    """The most open file descriptors of any one process in ``root``'s tree."""
+    most = 0
+    for pid in [root, *descendants(root)]:
+        try:
+            most = max(most, len(os.listdir(f"/proc/{pid}/fd")))
+        except OSError:
+            continue
+    return most
+
+
+def open_files_limit(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of ``pid`` (``Max open files`` in /proc/PID/limits)."""
+    try:
+        with open(f"/proc/{pid}/limits") as limits:
+            for line in limits:
+                if line.startswith("Max open files"):
+                    value = line.split()[3]
+                    return None if value == "unlimited" else int(value)
+    except OSError:
+        return None
+    return None
+
+
+def concurrency_limits(args: argparse.Namespace) -> dict[str, int]:
+    """mtrkmta's [limits] for (f): room for every slow session in one process (the limits
+    count per process and per listener), and for every session of one source address."""
+    total = args.slow_sessions + args.sessions + 1000
+    return {
+        "max_connections": total,
+        "max_connections_per_ip": min(total, max(args.per_address, args.sessions) + 1000),
+    }
+
+
+def smtp_source_count(path: Path) -> int:
+    """Messages smtp-source -c counted (its last ``N\\r``)."""
+    numbers = [p for p in path.read_bytes().replace(b"\n", b"\r").split(b"\r") if p.isdigit()]
+    return int(numbers[-1]) if numbers else 0
+
+
+def ordinary_load(ctx: Context, port: int, rcpt: str, out: Path) -> subprocess.Popen[bytes]:
+    """smtp-source with a running counter: the ordinary clients of (f)."""
+    args = ctx.args
+    command = ["smtp-source", "-c", "-s", str(args.sessions), "-m", str(args.ordinary_messages)]
+    command += ["-l", str(args.length), "-f", SENDER, "-t", rcpt, "-M", HELO]
+    with open(out, "wb") as output:
+        return subprocess.Popen([*command, f"{LOOPBACK}:{port}"], stdout=output,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def timed_ordinary(
+    ctx: Context, port: int, rcpt: str, out: Path, sink: Sink, keep_going: Callable[[], bool]
+) -> dict[str, Any]:
+    """Run smtp-source until it ends or ``keep_going()`` turns false (then stop it): the
+    messages it counted, the seconds, and whether it finished all of them."""
+    started = time.perf_counter()
+    proc = ordinary_load(ctx, port, rcpt, out)
+    last_report = time.monotonic()
+    while proc.poll() is None and keep_going():
+        time.sleep(0.05)
+        if time.monotonic() - last_report >= 15:
+            last_report = time.monotonic()
+            ctx.log(f"      ... smtp-sink has {sink.count()} messages")
+    finished = proc.poll() == 0
+    stop_process(proc)
+    seconds = time.perf_counter() - started
+    count = ctx.args.ordinary_messages if finished else smtp_source_count(out)
+    return {"messages": count, "seconds": round(seconds, 2), "rate": round(count / seconds, 1),
+            "finished": finished}  # fmt: skip
+
+
+def start_slow(ctx: Context, port: int, rcpt: str, run_dir: Path) -> list[subprocess.Popen[str]]:
+    """The slow sessions' generators: one process, or more when one process may not open
+    that many sockets (RLIMIT_NOFILE's hard limit), each from its own source addresses."""
+    args = ctx.args
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    per_process = max(args.per_address, (hard - 200) // args.per_address * args.per_address)
+    procs = []
+    for first in range(0, args.slow_sessions, per_process):
+        sessions = min(per_process, args.slow_sessions - first)
+        command = [ctx.python, str(HERE / "loadgen.py"), "slow", "--port", str(port)]
+        command += ["--sessions", str(sessions), "--per-address", str(args.per_address)]
+        command += ["--first-source", str(first // args.per_address), "--wait-go"]
+        command += ["--seconds", str(args.slow_seconds), "--length", str(args.length)]
+        command += ["--rcpt", rcpt]
+        with open(run_dir / f"slow-{first}.err", "wb") as err:
+            procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=err, text=True))  # fmt: skip
+    return procs
+
+
+def merge_slow(finals: list[dict[str, Any]], held: int) -> dict[str, Any]:
+    """One summary of several generators' results (their raw wait times merged)."""
+    errors: Counter[str] = Counter()
+    unfinished: Counter[str] = Counter()
+    waits: list[float] = []
+    durations: list[float] = []
+    given_up: list[float] = []
+    for final in finals:
+        errors.update(final.get("errors", {}))
+        unfinished.update(final.get("unfinished", {}))
+        waits += final.get("waits") or []
+        durations += final.get("durations") or []
+        given_up += final.get("given_up") or []
+
+    def total(key: str) -> Any:
+        return sum(final.get(key, 0) for final in finals)
+
+    return {
+        "generators": len(finals),
+        "sources": [source for final in finals for source in final.get("sources", [])],
+        "completed": total("completed"),
+        "greeted": total("greeted"),
+        "held": held,
+        "errors": dict(errors),
+        "unfinished": dict(unfinished),
+        "ramp": max((final.get("ramp", 0) for final in finals), default=0),
+        "elapsed": max((final.get("elapsed", 0) for final in finals), default=0),
+        "wait_p50": percentile(waits, 50),
+        "wait_p99": percentile(waits, 99),
+        "wait_max": max(waits) if waits else None,
+        "duration_p50": percentile(durations, 50),
+        "duration_max": max(durations) if durations else None,
+        "given_up_p50": percentile(given_up, 50),
+        "given_up_max": max(given_up) if given_up else None,
+        "cpu_seconds": total("cpu_seconds"),
+        "maxrss_kib": total("maxrss_kib"),
+    }
+
+
+def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
+    """Scenario (f) against one system: unloaded smtp-source, then the slow sessions with
+    smtp-source again while they are held open; memory sampled, CPU read, sink checked."""
+    args = ctx.args
+    run_dir = ctx.next_dir(f"f-{system}")
+    rcpt = f"rcpt-{ctx.counter}@example.test"
+    n = args.slow_sessions
+    result: dict[str, Any] = {"system": system, "sessions": n, "problems": []}
+    problems: list[str] = result["problems"]
+    with ExitStack() as stack:
+        sink = Sink(run_dir, free_port())
+        sink.start()
+        stack.callback(sink.stop)
+        port = free_port()
+        if system == "postfix":
+            postfix = Postfix(run_dir, port, sink.port, "smtp")
+            stack.callback(postfix.stop)
+            postfix.start()
+            sut = postfix.master_pid
+            result["settings"] = "Postfix defaults (default_process_limit = 100)"
+        else:
+            route = f"smtp:tcp:host={LOOPBACK}:port={sink.port};tls=none"
+            limits = concurrency_limits(args)
+            listener = f'"tcp:{port}:interface={LOOPBACK}:backlog={args.backlog}"'
+            extra = {**ctx.extra, "listeners": {"smtp": listener}}
+            mta = Mtrkmta(ctx.python, run_dir, port, {"example.test": route}, limits,
+                          ctx.tracking, extra)  # fmt: skip
+            stack.callback(mta.stop)
+            mta.start()
+            sut = mta.pid
+            result["settings"] = (
+                ", ".join(f"limits.{key} = {value}" for key, value in limits.items())
+                + f", listeners.smtp = {listener.replace(str(port), 'PORT')}"
+            )
+        result["open_files_limit"] = open_files_limit(sut)
+        time.sleep(args.pause)
+        # 1. unloaded
+        started = time.perf_counter()
+        plain = ordinary_load(ctx, port, rcpt, run_dir / "ordinary-unloaded.out")
+        plain.wait()
+        result["unloaded_seconds"] = time.perf_counter() - started
+        result["unloaded_rate"] = args.ordinary_messages / result["unloaded_seconds"]
+        if plain.returncode != 0:
+            problems.append(f"unloaded smtp-source exit {plain.returncode}")
+        if not wait_for(ctx, "sink", sink.count, args.ordinary_messages):
+            problems.append("the unloaded messages did not all reach smtp-sink")
+        ctx.log(f"f ({system}): unloaded smtp-source {result['unloaded_rate']:.1f} msg/s")
+        # 2. the slow sessions, and smtp-source again while they are held
+        cpu0 = tree_cpu_seconds(sut)
+        with TreeSampler(sut) as sampler:
+            slows = start_slow(ctx, port, rcpt, run_dir)
+            for proc in slows:
+                stack.callback(stop_process, proc)  # type: ignore[arg-type]
+            holding = [json.loads(proc.stdout.readline() or "{}") for proc in slows]  # type: ignore[union-attr]
+            held = sum(int(h.get("held", 0)) for h in holding)
+            ctx.log(
+                f"f ({system}): {held} of {n} sessions held open by {len(slows)} load "
+                f"generator(s) (ramp {max(h.get('ramp', 0) for h in holding):.1f} s); "
+                "smtp-source while they are idle"
+            )
+            # 2a. smtp-source while every session is open and idle (greeted, nothing sent)
+            # (at most 60 s: with the 60 s allowed for the greetings, far from the 300 s that
+            # both servers allow an idle client, mtrkmta's limits.idle_timeout, smtpd_timeout)
+            idle_end = time.monotonic() + min(args.slow_seconds, IDLE_PHASE)
+            result["idle"] = timed_ordinary(
+                ctx, port, rcpt, run_dir / "ordinary-idle.out", sink,
+                lambda: time.monotonic() < idle_end,
+            )  # fmt: skip
+            ctx.log(f"f ({system}): smtp-source with the sessions idle: {result['idle']}")
+            # 2b. the sessions send their messages; smtp-source again meanwhile
+            for proc in slows:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            window_end = time.monotonic() + 1.0 + args.slow_seconds
+            loaded = timed_ordinary(
+                ctx, port, rcpt, run_dir / "ordinary-loaded.out", sink,
+                lambda: any(proc.poll() is None for proc in slows),
+            )  # fmt: skip
+            result["loaded_finished"] = loaded["finished"]
+            result["loaded_messages"] = count = loaded["messages"]
+            result["loaded_seconds"] = loaded["seconds"]
+            result["loaded_rate"] = loaded["rate"]
+            result["loaded_within_window"] = time.monotonic() <= window_end
+            ctx.log(f"f ({system}): smtp-source while the sessions send: {loaded}")
+            finals = []
+            for proc in slows:
+                assert proc.stdout is not None
+                lines = proc.stdout.read().strip().splitlines()
+                proc.wait()
+                finals.append(json.loads(lines[-1]) if lines else {})
+            cpu1 = tree_cpu_seconds(sut)
+        result["slow"] = merge_slow(finals, held)
+        result["memory"] = dict(sampler.peak, samples=sampler.samples)
+        result["cpu_seconds"] = sum(cpu1) - sum(cpu0)
+        completed = int(result["slow"].get("completed", 0))
+        expected = args.ordinary_messages + result["idle"]["messages"] + count + completed
+        if not wait_for(ctx, "sink", sink.count, expected):
+            problems.append(f"smtp-sink got {sink.count()} messages, expected {expected}")
+        time.sleep(1.0)
+        if sink.count() != expected:
+            problems.append(f"smtp-sink counted {sink.count()} messages, expected {expected}")
+        if system != "postfix":
+            if completed != n:
+                problems.append(f"only {completed} of {n} slow sessions got 250 after DATA")
+            if not result["loaded_finished"]:
+                problems.append("smtp-source did not finish while the slow sessions sent")
+            if not result["idle"]["finished"]:
+                problems.append("smtp-source did not finish while the slow sessions were idle")
+    if not args.keep and not problems:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def describe_concurrency(result: dict[str, Any]) -> str:
+    slow = result.get("slow", {})
+    memory = result.get("memory", {})
+    status = "ok" if not result["problems"] else "PROBLEM: " + "; ".join(result["problems"])
+    wait = slow.get("wait_p99")
+    return (
+        f"f ({result['system']}): {slow.get('completed', 0)}/{result['sessions']} slow sessions "
+        f"got 250, {slow.get('held', 0)} held open at once, greeting wait p99 "
+        f"{'-' if wait is None else f'{wait:.1f} s'}, errors {slow.get('errors', {})}, "
+        f"unfinished {slow.get('unfinished', {})}; RSS peak "
+        f"{memory.get('rss_kib', 0) / 1024:.0f} MiB ({memory.get('processes', 0)} processes); "
+        f"smtp-source {result.get('idle', {}).get('rate', 0):.1f} msg/s with them idle, "
+        f"{result.get('loaded_rate', 0):.1f} while they send, "
+        f"{result.get('unloaded_rate', 0):.1f} unloaded; load generator CPU "
+        f"{slow.get('cpu_seconds', 0):.1f} s in {slow.get('elapsed', 0):.0f} s; {status}"
+    )
 
 
 # ---------------------------------------------------------------- MTQP TRACK latency
@@ -582,6 +895,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="duration of lat")
     parser.add_argument("--idle-connections", type=int, default=5000, help="for mem")
     parser.add_argument(
+        "--slow-sessions", type=int, default=20_000, help="(f) concurrent slow SMTP sessions"
+    )
+    parser.add_argument(
+        "--slow-seconds", type=float, default=60.0, help="(f) time each slow session takes"
+    )
+    parser.add_argument(
+        "--per-address",
+        type=int,
+        default=5000,
+        help="(f) slow sessions per source address 127.0.0.2, 127.0.0.3, ...",
+    )
+    parser.add_argument(
+        "--ordinary-messages", type=int, default=2000, help="(f) smtp-source -m, each time"
+    )
+    parser.add_argument(
+        "--backlog", type=int, default=4096, help="(f) mtrkmta's SMTP listen backlog"
+    )
+    parser.add_argument(
         "--track-messages",
         type=int,
         default=None,
@@ -638,11 +969,19 @@ def one_process(extra: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     return {**extra, "server": {**extra.get("server", {}), "workers": "1"}}
 
 
-def raise_nofile(need: int) -> None:
+def raise_nofile(need: int) -> int:
+    """Raise RLIMIT_NOFILE to ``need`` (the hard limit too, where root may: not in every
+    container); at least to the hard limit. The soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < need:
-        hard = need  # root may raise the hard limit
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, max(need, soft))), hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return need
+        except (ValueError, OSError):
+            pass  # no CAP_SYS_RESOURCE: stay within the hard limit
+    target = max(soft, min(hard, need))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -652,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from report import write_report  # matplotlib is imported only here
 
-    raise_nofile(args.idle_connections + 2000)
+    nofile = raise_nofile(max(args.idle_connections, args.slow_sessions) + 2000)  # inherited
     work = Path(tempfile.mkdtemp(prefix="mtrkmta-bench-"))
     work.chmod(0o755)  # Postfix and Dovecot users must reach their directories below
     ctx = Context(args=args, work=work, python=args.python, extra=args.extra)
@@ -674,10 +1013,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['twisted']}, Postfix {env['postfix']}, Dovecot {env['dovecot']}; "
         f"fsync {env['fsync']}; mtrkmta workers {env['workers']}"
     )
-    ctx.log(f"work directory {work}")
+    ctx.log(f"work directory {work}; open-file limit {nofile}")
     runs: list[Run] = []
     memory: dict[str, object] | None = None
     mtqp: list[dict[str, Any]] = []
+    concurrency: list[dict[str, Any]] = []
     profiles: list[tuple[str, Run, Path]] = []
     try:
         ctx.tracking = tracking_settings(ctx)
@@ -690,6 +1030,16 @@ def main(argv: list[str] | None = None) -> int:
                     run = measure(ctx, scenario, system, round_no)
                     runs.append(run)
                     ctx.log(describe(run, args.rounds))
+        if "f" in scenarios:
+            ctx.log(
+                f"f: {args.slow_sessions} slow sessions over {args.slow_seconds:g} s from "
+                f"{-(-args.slow_sessions // args.per_address)} source addresses, smtp-source "
+                f"-m {args.ordinary_messages} before and during"
+            )
+            for system in ("postfix", "mtrkmta"):
+                result = measure_concurrency(ctx, system)
+                concurrency.append(result)
+                ctx.log(describe_concurrency(result))
         if "mem" in scenarios:
             ctx.log(f"mem: mtrkmta with {args.idle_connections} idle SMTP connections")
             memory = measure_memory(ctx)
@@ -717,12 +1067,15 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.dovecot is not None:
             ctx.dovecot.stop()
         troubled = any(run.problems for run in runs) or any(r["problems"] for r in mtqp)
+        troubled = troubled or any(r["problems"] for r in concurrency)
         if not args.keep and not troubled:
             shutil.rmtree(work, ignore_errors=True)
         elif not args.keep:
             ctx.log(f"kept {work} for the runs with problems (logs, spools, databases)")
     elapsed = time.monotonic() - ctx.started
-    paths = write_report(args.results, args, env, runs, memory, profiles, elapsed, TITLES, mtqp)
+    paths = write_report(
+        args.results, args, env, runs, memory, profiles, elapsed, TITLES, mtqp, concurrency
+    )
     for path in paths:
         ctx.log(f"wrote {path}")
     failed = [run for run in [*runs, *(p[1] for p in profiles)] if run.problems]
@@ -733,7 +1086,10 @@ def main(argv: list[str] | None = None) -> int:
     failed_mtqp = [result for result in mtqp if result["problems"]]
     for result in failed_mtqp:
         ctx.log(f"PROBLEM mtqp {result['backend']}: {'; '.join(result['problems'])}")
-    return 1 if failed or failed_mtqp else 0
+    failed_f = [result for result in concurrency if result["problems"]]
+    for result in failed_f:
+        ctx.log(f"PROBLEM f {result['system']}: {'; '.join(result['problems'])}")
+    return 1 if failed or failed_mtqp or failed_f else 0
 
 
 def interrupted(signum: int, frame: object) -> None:
@@ -769,7 +1125,7 @@ def describe(run: Run, rounds: int) -> str:
         )
     text += f", cpu {run.cpu_busy:.0f}%"
     if run.mta_cores is not None:
-        text += f", mtrkmta {run.mta_cores:.2f} cores"
+        text += f", {run.system.split('+')[0]} {run.mta_cores:.2f} cores"
         user, system = run.extra["user_ms"], run.extra["system_ms"]
         text += f" ({user:.2f} ms user + {system:.2f} ms system per msg)"
     if run.extra.get("killed"):
