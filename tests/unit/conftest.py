@@ -1,4 +1,5 @@
-"""Fixtures of the unit tests."""
+"""Fixtures of the unit tests: the time zone, and an SMTP server session (``receiver``,
+``clock``, ``client``) driven through a StringTransport."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from test_smtp_server import Client, RecordingReceiver, make_factory
+from twisted.internet.testing import MemoryReactorClock
 
 
 @pytest.fixture
@@ -24,3 +27,22 @@ def time_zone() -> Iterator[Callable[[str], None]]:
     else:
         os.environ["TZ"] = saved
     time.tzset()
+
+
+@pytest.fixture
+def receiver() -> RecordingReceiver:
+    """The policy behind the server: records what it accepts; refuses what it is told to."""
+    return RecordingReceiver()
+
+
+@pytest.fixture
+def clock() -> MemoryReactorClock:
+    return MemoryReactorClock()
+
+
+@pytest.fixture
+def client(receiver: RecordingReceiver, clock: MemoryReactorClock) -> Iterator[Client]:
+    """An SMTP session on the ``receiver`` and ``clock``; closed after the test."""
+    c = Client(make_factory(receiver, clock))
+    yield c
+    c.close()

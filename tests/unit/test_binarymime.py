@@ -4,8 +4,9 @@ byte for byte."""
 from __future__ import annotations
 
 import pytest
+from test_chunking import stored
 from test_dsn_render import failed_report, parse, render, returned, stored_message
-from test_smtp_server import Client, RecordingReceiver, make_factory
+from test_smtp_server import Client, make_factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.threadpool import ThreadPool
 
@@ -24,29 +25,6 @@ BINARY_ENVELOPE = EHLO + b"MAIL FROM:<a@x.test> BODY=BINARYMIME\r\nRCPT TO:<m@x.
 HEADER = b"Subject: bin\r\nContent-Type: application/octet-stream\r\n\r\n"
 BODY = b"\x00\r\x00\n\xff\r\r\n\n.\r\n" + bytes(range(256)) * 8 + b"\rend\r"
 BINARY = HEADER + BODY
-
-
-@pytest.fixture
-def receiver():
-    return RecordingReceiver()
-
-
-@pytest.fixture
-def clock():
-    return MemoryReactorClock()
-
-
-@pytest.fixture
-def client(receiver, clock):
-    c = Client(make_factory(receiver, clock))
-    yield c
-    c.close()
-
-
-def stored(receiver, index=0) -> bytes:
-    """The content accepted, without the Received: header the server put on top."""
-    content = receiver.accepted[index][1]
-    return content[content.index(b";\r\n\t") + 3 :].split(b"\r\n", 1)[1]
 
 
 # -- sans-IO -------------------------------------------------------------------------------

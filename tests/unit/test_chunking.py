@@ -5,9 +5,8 @@ from __future__ import annotations
 import tracemalloc
 
 import pytest
-from test_smtp_server import Client, RecordingReceiver, make_factory
+from test_smtp_server import Client, make_factory
 from test_smtp_server_limits import CountingReceiver
-from twisted.internet.testing import MemoryReactorClock
 
 from mtrkmta.lmtp.server import LMTPServerFactory
 from mtrkmta.smtp.chunking import BdatCommand, ChunkedContent, ChunkReader, parse_bdat
@@ -82,23 +81,6 @@ def test_chunked_content_line_length_across_chunks():
 
 
 # -- SMTP sessions -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def receiver():
-    return RecordingReceiver()
-
-
-@pytest.fixture
-def clock():
-    return MemoryReactorClock()
-
-
-@pytest.fixture
-def client(receiver, clock):
-    c = Client(make_factory(receiver, clock))
-    yield c
-    c.close()
 
 
 def stored(receiver, index=0) -> bytes:

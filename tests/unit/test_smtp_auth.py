@@ -11,7 +11,7 @@ import pytest
 from test_smtp_server import Client, RecordingReceiver
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -69,11 +69,6 @@ class CountingChecker(InMemoryUsernamePasswordDatabaseDontUse):
     def requestAvatarId(self, credentials):
         self.checks += 1
         return super().requestAvatarId(credentials)
-
-
-@pytest.fixture
-def clock():
-    return MemoryReactorClock()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from mtrkmta.smtp.command import AddressLimits
@@ -97,27 +97,10 @@ class Client:
         self.proto.connectionLost(None)
 
 
-@pytest.fixture
-def receiver():
-    return RecordingReceiver()
-
-
-@pytest.fixture
-def clock():
-    return MemoryReactorClock()
-
-
 def make_factory(receiver, clock, **settings):
     return SMTPServerFactory(
         ServerSettings(hostname="mx.example.test", **settings), receiver, clock
     )
-
-
-@pytest.fixture
-def client(receiver, clock):
-    c = Client(make_factory(receiver, clock))
-    yield c
-    c.close()
 
 
 def test_greeting_names_the_host(client):

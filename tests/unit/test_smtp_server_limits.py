@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import tracemalloc
 
-import pytest
 from test_smtp_server import Client, RecordingReceiver, make_factory
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 
 from mtrkmta.sessionguard import CLOSE_GRACE
 
@@ -50,11 +49,6 @@ class ReadingTransport(StringTransport):
             self.producerState = "producing"
             self.producer.resumeProducing()
         return data
-
-
-@pytest.fixture
-def clock():
-    return MemoryReactorClock()
 
 
 def connect(receiver, clock, transport=None, **settings) -> Client:

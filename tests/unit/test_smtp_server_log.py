@@ -6,8 +6,7 @@ import io
 import re
 
 import pytest
-from test_smtp_server import Client, RecordingReceiver, make_factory
-from twisted.internet.testing import MemoryReactorClock
+from test_smtp_server import Client, make_factory
 from twisted.logger import globalLogPublisher
 
 from mtrkmta.lmtp.server import LMTPServerFactory
@@ -30,16 +29,6 @@ def log():
 
     yield lines
     globalLogPublisher.removeObserver(observer)
-
-
-@pytest.fixture
-def receiver():
-    return RecordingReceiver()
-
-
-@pytest.fixture
-def clock():
-    return MemoryReactorClock()
 
 
 def test_content_refused_after_data_is_logged_with_its_queue_id(receiver, clock, log):
