@@ -227,6 +227,8 @@ class PolicyFetcher:
             policy = parse_policy(await fetching)
         except (FetchError, PolicyError, defer.TimeoutError) as problem:
             why = "timed out" if isinstance(problem, defer.TimeoutError) else str(problem)
+            if isinstance(problem, PolicyError):
+                why = f"invalid policy: {why}"
             self._fallback_log(domain, why)
             cached = self._cache.get(domain)
             return cached.policy if cached is not None else None
@@ -295,13 +297,19 @@ def _discard(response: IResponse) -> None:
 
 
 def _describe(problem: BaseException) -> str:
-    text = str(problem)
-    if isinstance(problem, Failure):
-        text = problem.getErrorMessage()
-    inner = getattr(problem, "reasons", None)  # ResponseNeverReceived and friends
-    if inner:
-        text = "; ".join(reason.getErrorMessage() for reason in inner)
-    return f"{type(problem).__name__}: {text}" if text else type(problem).__name__
+    """Why a fetch failed, in a few words: TLS verification, connection, or the exception."""
+    reasons = getattr(problem, "reasons", None)  # ResponseNeverReceived and friends
+    failures = [reason.value for reason in reasons] if reasons else [problem]
+    texts = []
+    for failure in failures:
+        name = type(failure).__name__
+        if name == "VerificationError":
+            texts.append("the HTTPS certificate is not for the policy host")
+        elif "certificate verify failed" in str(failure):
+            texts.append("the HTTPS certificate is not trusted (unknown CA or expired)")
+        else:
+            texts.append(f"{name}: {failure}" if str(failure) else name)
+    return "; ".join(texts)
 
 
 def _shared(pending: Deferred[Policy | None]) -> Deferred[Policy | None]:
