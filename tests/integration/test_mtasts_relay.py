@@ -18,7 +18,7 @@ from certs import TestCA
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from dnsserver import DNSServer, Zone, a, mx, serve_dns
-from test_relay_auth_verify import SETTINGS, Smarthost, received
+from test_relay_auth_verify import SETTINGS, Smarthost, received, relay_through_node
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
@@ -410,3 +410,27 @@ async def test_a_policy_host_that_hangs_times_out_and_mail_goes_as_before(smarth
     finally:
         await maybeDeferred(port.stopListening)
     assert isinstance(hop, NextHop) and hop.tls == "may"
+
+
+# -- a whole node: the configuration switch ------------------------------------------------
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_node_asks_for_the_txt_record_only_with_delivery_mta_sts(
+    tmp_path, smarthost, ca, enabled
+):
+    await smarthost.start(MX_HOST, users=False, local=(DOMAIN,))
+    options: tuple[tuple[str, object], ...] = (
+        ("routes", f"{DOMAIN}=mx"),  # an mx route without tls of its own: relayed to
+        ("delivery.smtp_port", smarthost.node.port("smtp")),
+        ("delivery.mta_sts", enabled),
+        ("delivery.mta_sts_ca_file", str(ca.write(tmp_path / "ca.pem"))),
+    )
+    async with serve_dns(reactor, [zone(txt=None)]) as dns_server:
+        update = await relay_through_node(
+            tmp_path, f"bob@{DOMAIN}", options, resolver=dns_server.resolver()
+        )
+        asked = [query.name for query in dns_server.queries if query.type == dns.TXT]
+    assert (update.state, update.status) == (S.RELAYED, "2.1.9")
+    assert asked == ([f"_mta-sts.{DOMAIN}"] if enabled else [])
