@@ -197,7 +197,7 @@ def next_step(announced: str | None, cached: Cached | None) -> Step:
 
     A cached policy with the announced id is used as it is; another (or no) cached one
     means fetching anew; without a TXT record an unexpired cached policy still holds
-    (§5.1; dropping it would let whoever strips the record downgrade delivery, §8.3).
+    (§5.1; dropping it would let whoever strips the record downgrade delivery, §10.2).
     """
     if announced is None:
         return "use-cached" if cached is not None else "none"
