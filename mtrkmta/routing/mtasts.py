@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -185,8 +186,76 @@ class PolicyCache:
             self._entries.popitem(last=False)
         return entry
 
+    def restore(self, domain: str, entry: Cached) -> None:
+        """Take back ``entry`` (read from the cache file) unless something newer is cached."""
+        if domain not in self._entries and entry.expires > self._clock.seconds():
+            self._entries[domain] = entry
+            self._entries.move_to_end(domain, last=False)  # older than anything fetched since
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def items(self) -> Iterator[tuple[str, Cached]]:
+        """The unexpired entries, least recently used first."""
+        now = self._clock.seconds()
+        return iter([(d, e) for d, e in self._entries.items() if e.expires > now])
+
     def __len__(self) -> int:
         return len(self._entries)
+
+
+CACHE_FORMAT = "mtrkmta-mta-sts-1"
+
+
+def dump_cache(entries: Sequence[tuple[str, Cached]]) -> bytes:
+    """The cache file's content: JSON, each domain's id, expiry (POSIX seconds) and policy."""
+    return json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "policies": [
+                {
+                    "domain": domain,
+                    "id": entry.id,
+                    "expires": entry.expires,
+                    "mode": entry.policy.mode,
+                    "max_age": entry.policy.max_age,
+                    "mx": list(entry.policy.mx),
+                }
+                for domain, entry in entries
+            ],
+        },
+        indent=1,
+    ).encode("ascii")
+
+
+def load_cache(data: bytes) -> list[tuple[str, Cached]]:
+    """The entries of a cache file, each checked as a fetched policy is; PolicyError if the
+    file is not one (an entry that is not valid is a broken file: nothing is trusted)."""
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise PolicyError("not JSON") from None
+    if not isinstance(document, dict) or document.get("format") != CACHE_FORMAT:
+        raise PolicyError(f"not an {CACHE_FORMAT} document")
+    items = document.get("policies")
+    if not isinstance(items, list):
+        raise PolicyError("'policies' is not a list")
+    entries = []
+    for item in items:
+        try:
+            domain, policy_id, expires = item["domain"], item["id"], float(item["expires"])
+            lines = ["version: STSv1", f"mode: {item['mode']}", f"max_age: {item['max_age']}"]
+            lines += [f"mx: {pattern}" for pattern in item["mx"]]
+        except (KeyError, TypeError, ValueError):
+            raise PolicyError("an entry lacks domain, id, expires, mode, max_age or mx") from None
+        if not isinstance(domain, str) or not isinstance(policy_id, str):
+            raise PolicyError("an entry's domain or id is not text")
+        if any("\n" in line or "\r" in line for line in lines):
+            raise PolicyError("an entry's value holds a line break")
+        if not _STS_ID.match(policy_id):
+            raise PolicyError(f"entry id {policy_id[:40]!r} is not 1 to 32 letters or digits")
+        policy = parse_policy("\n".join(lines).encode("ascii", "replace"))
+        entries.append((domain.lower(), Cached(policy, policy_id, expires)))
+    return entries
 
 
 Step = Literal["use-cached", "fetch", "none"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -16,6 +18,7 @@ from twisted.internet.ssl import (
     platformTrust,
     trustRootFromCertificates,
 )
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.python.failure import Failure
@@ -31,6 +34,8 @@ from mtrkmta.routing.mtasts import (
     Policy,
     PolicyCache,
     PolicyError,
+    dump_cache,
+    load_cache,
     next_step,
     parse_policy,
     txt_id,
@@ -143,6 +148,81 @@ class _LimitedBody(Protocol):
             self.done.errback(FetchError(f"policy body cut short: {reason.getErrorMessage()}"))
 
 
+class PolicyFile:
+    """The policy cache on disk (RFC 8461 §5.1: a sender SHOULD cache), read and written in
+    ``threadpool``: each write goes to a temporary file, fsync'd, renamed over ``path``, and
+    the directory fsync'd, so a crash leaves the old file or the new one, never a mix."""
+
+    def __init__(self, path: Path, reactor: Any, threadpool: Any, *, fsync: bool = True) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._fsync = fsync
+        self._writing: Deferred[None] | None = None
+        self._next: bytes | None = None
+        self._idle: list[Deferred[None]] = []
+
+    def load(self) -> Deferred[bytes | None]:
+        """The file's bytes; None when there is no file."""
+        return deferToThreadPool(self._reactor, self._threadpool, self._read)
+
+    def _read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def save(self, data: bytes) -> None:
+        """Write ``data`` soon; writes never overlap, and only the latest waiting one is made."""
+        self._next = data
+        if self._writing is None:
+            self._write_next()
+
+    def idle(self) -> Deferred[None]:
+        """Fires once no write is waiting or under way."""
+        if self._writing is None:
+            return defer.succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle.append(waiter)
+        return waiter
+
+    def _write_next(self) -> None:
+        data, self._next = self._next, None
+        if data is None:
+            self._writing = None
+            waiters, self._idle = self._idle, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return
+        writing = deferToThreadPool(self._reactor, self._threadpool, self._write, data)
+        self._writing = writing
+        writing.addErrback(self._failed)
+        writing.addCallback(lambda _: self._write_next())
+
+    def _failed(self, failure: Failure) -> None:
+        log.warn(
+            "MTA-STS: cannot write the policy cache {path}: {why}; policies are fetched again "
+            "after a restart",
+            path=str(self.path),
+            why=failure.getErrorMessage(),
+        )
+
+    def _write(self, data: bytes) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with temporary.open("wb") as out:
+            out.write(data)
+            out.flush()
+            if self._fsync:
+                os.fsync(out.fileno())
+        os.replace(temporary, self.path)
+        if self._fsync:
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+
 @implementer(IPolicySource)
 class PolicyFetcher:
     """Finds, fetches and caches domains' MTA-STS policies (RFC 8461 §3, §5.1).
@@ -152,7 +232,9 @@ class PolicyFetcher:
     fetched: the server's certificate verified for that name (``ca``, else the system's
     CAs), redirects not followed (§3.3), status 200 and ``text/plain`` required, at most
     64 KiB read, the whole fetch bounded by ``timeout`` seconds. A failed fetch falls back
-    to the cached policy, if any, else to none (§3.3, §5.1). ``https_port`` is for tests.
+    to the cached policy, if any, else to none (§3.3, §5.1). With ``store`` the cache is
+    read from it at start (lookups wait for that) and written after each new policy.
+    ``https_port`` is for tests.
     """
 
     def __init__(
@@ -165,6 +247,7 @@ class PolicyFetcher:
         timeout: float = 10.0,
         ca: CAFile | None = None,
         https_port: int = 443,
+        store: PolicyFile | None = None,
     ) -> None:
         self.ca = ca
         self._reactor = reactor
@@ -184,6 +267,35 @@ class PolicyFetcher:
             pool=HTTPConnectionPool(reactor, persistent=False),
         )
         self._fetching: dict[tuple[str, str], Deferred[Policy | None]] = {}
+        self._store = store
+        self._loaded: Deferred[None] | None = None
+        if store is not None:
+            self._loaded = store.load().addCallbacks(self._restore, self._unreadable)
+
+    def _restore(self, data: bytes | None) -> None:
+        if data is None or self._store is None:
+            return
+        try:
+            entries = load_cache(data)
+        except PolicyError as problem:
+            log.warn(
+                "MTA-STS: ignoring the policy cache {path}: {why}; it is rewritten "
+                "with the next policy fetched",
+                path=str(self._store.path),
+                why=problem,
+            )
+            return
+        for domain, entry in entries:
+            self._cache.restore(domain, entry)
+        log.info("MTA-STS: {n} cached policies read", n=len(self._cache))
+
+    def _unreadable(self, failure: Failure) -> None:
+        path = self._store.path if self._store is not None else None
+        log.warn(
+            "MTA-STS: cannot read the policy cache {path}: {why}",
+            path=str(path),
+            why=failure.getErrorMessage(),
+        )
 
     @property
     def cache(self) -> PolicyCache:
@@ -198,6 +310,10 @@ class PolicyFetcher:
         return f"https://mta-sts.{domain}{port}{WELL_KNOWN}"
 
     async def _policy(self, domain: str) -> Policy | None:
+        if self._loaded is not None:
+            await _shared_none(self._loaded)
+            if self._loaded.called:
+                self._loaded = None
         try:
             announced = await self._announced(domain)
         except PolicyError as problem:
@@ -237,6 +353,8 @@ class PolicyFetcher:
             cached = self._cache.get(domain)
             return cached.policy if cached is not None else None
         self._cache.put(domain, announced, policy)
+        if self._store is not None:
+            self._store.save(dump_cache(list(self._cache.items())))
         log.info(
             "MTA-STS: {domain}: policy id {id} mode {mode}, max_age {max_age}",
             domain=domain,
@@ -321,6 +439,18 @@ def _shared(pending: Deferred[Policy | None]) -> Deferred[Policy | None]:
             mine.callback(None)
             return None
         mine.callback(result)
+        return result
+
+    pending.addBoth(give)
+    return mine
+
+
+def _shared_none(pending: Deferred[None]) -> Deferred[None]:
+    """A Deferred that fires (with None) once ``pending`` has, leaving its result alone."""
+    mine: Deferred[None] = Deferred()
+
+    def give(result: Any) -> Any:
+        mine.callback(None)
         return result
 
     pending.addBoth(give)

@@ -16,12 +16,15 @@ from zope.interface import implementer
 from mtrkmta.config import CAFile, Config, Route, select_route
 from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server
 from mtrkmta.routing.mtasts import IPolicySource, Policy, apply_policy
-from mtrkmta.routing.mtastsfetch import PolicyFetcher
+from mtrkmta.routing.mtastsfetch import PolicyFetcher, PolicyFile
 from mtrkmta.routing.mx import MXAnswer, MXResolver
 from mtrkmta.smtp.client import TLSPolicy
 from mtrkmta.tracking.interfaces import RecipientState
 
 log = Logger()
+
+POLICY_FILE = "mta-sts.json"
+"""The MTA-STS policy cache, in the data directory."""
 
 MAILDIR_HOP = NextHop(transport="maildir", destination="maildir", servers=())
 """Where mail for local domains (and ``maildir`` routes) goes."""
@@ -181,12 +184,14 @@ class Router:
         clock: IReactorTime | None = None,
         rng: random.Random | None = None,
         reactor: Any = None,
+        threadpool: Any = None,
     ) -> Router:
         """A router for ``config``'s routes and local domains, naming itself ``config.hostname``.
 
         ``config.delivery`` gives the MX port, the default TLS policy and the
         recipients per transaction, and whether MTA-STS applies (``delivery.mta_sts``; its
-        policies are fetched over ``reactor``, so without one MTA-STS is off).
+        policies are fetched over ``reactor``, so without one MTA-STS is off; with a
+        ``threadpool`` the policy cache is kept in ``mta-sts.json`` in the data directory).
         """
         delivery = config.delivery
         sts: PolicyFetcher | None = None
@@ -199,6 +204,14 @@ class Router:
                 cache_size=delivery.mta_sts_cache_size,
                 timeout=delivery.mta_sts_timeout,
                 ca=None if ca_path is None else CAFile(ca_path, ca_path.read_bytes()),
+                store=None
+                if threadpool is None
+                else PolicyFile(
+                    config.data_dir / POLICY_FILE,
+                    reactor,
+                    threadpool,
+                    fsync=config.durability.fsync,
+                ),
             )
         return cls(
             config.routes,

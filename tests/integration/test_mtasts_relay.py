@@ -32,8 +32,8 @@ from mtrkmta.config import DEFAULT_ROUTE, CAFile
 from mtrkmta.delivery.interfaces import Attempt, NextHop, RecipientOutcome, RouteFailure
 from mtrkmta.delivery.smtp import SMTPTransport
 from mtrkmta.envelope import Envelope, MailParams, RcptParams, Recipient
-from mtrkmta.routing.mtasts import MAX_POLICY_SIZE
-from mtrkmta.routing.mtastsfetch import WELL_KNOWN, PolicyFetcher
+from mtrkmta.routing.mtasts import MAX_POLICY_SIZE, load_cache
+from mtrkmta.routing.mtastsfetch import WELL_KNOWN, PolicyFetcher, PolicyFile
 from mtrkmta.routing.router import Router
 from mtrkmta.tracking.interfaces import RecipientState as S
 
@@ -146,7 +146,11 @@ def logged() -> Any:
 
 
 def make_router(
-    dns_server: DNSServer, smarthost: Smarthost, ca: TestCA, https_port: int
+    dns_server: DNSServer,
+    smarthost: Smarthost,
+    ca: TestCA,
+    https_port: int,
+    store: PolicyFile | None = None,
 ) -> tuple[Router, PolicyFetcher]:
     fetcher = PolicyFetcher(
         reactor,
@@ -154,6 +158,7 @@ def make_router(
         timeout=5.0,
         ca=CAFile(Path("ca.pem"), ca.pem),
         https_port=https_port,
+        store=store,
     )
     router = Router(
         (DEFAULT_ROUTE,),
@@ -305,6 +310,44 @@ async def test_a_failed_refetch_keeps_the_cached_policy(smarthost, https, ca):
         result = await send(router)  # the fetch fails: the cached enforce policy holds
         assert len(https.resource.requests) == 2
     assert isinstance(result, RouteFailure) and result.status == "4.7.0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_policy_cache_survives_a_restart(tmp_path, smarthost, https, ca):
+    await smarthost.start(MX_HOST, users=False, local=(DOMAIN,))
+    path, pool = tmp_path / "mta-sts.json", reactor.getThreadPool()
+    async with serve_dns(reactor, [zone()]) as dns_server:
+        store = PolicyFile(path, reactor, pool)
+        router, _ = make_router(dns_server, smarthost, ca, https.number, store)
+        assert relayed(await send(router))
+        await store.idle()
+        # A new fetcher on the same file, as after a restart: nothing is fetched.
+        again, _ = make_router(
+            dns_server, smarthost, ca, https.number, PolicyFile(path, reactor, pool)
+        )
+        hop = await again.route(DOMAIN)
+    assert isinstance(hop, NextHop) and hop.tls == "verify"
+    assert len(https.resource.requests) == 1
+    ((domain, entry),) = load_cache(path.read_bytes())
+    assert (domain, entry.id, entry.policy.mode) == (DOMAIN, "20260101T0", "enforce")
+    assert not path.with_name("mta-sts.json.tmp").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broken_cache_file_is_ignored_and_replaced(tmp_path, smarthost, https, ca, logged):
+    await smarthost.start(MX_HOST, users=False, local=(DOMAIN,))
+    path, pool = tmp_path / "mta-sts.json", reactor.getThreadPool()
+    path.write_bytes(b'{"format": "mtrkmta-mta-sts-1", "policies": "x"}')
+    async with serve_dns(reactor, [zone()]) as dns_server:
+        store = PolicyFile(path, reactor, pool)
+        router, _ = make_router(dns_server, smarthost, ca, https.number, store)
+        assert relayed(await send(router))
+        await store.idle()
+    assert len(https.resource.requests) == 1
+    assert [entry.id for _, entry in load_cache(path.read_bytes())] == ["20260101T0"]
+    assert any(
+        f"ignoring the policy cache {path}: 'policies' is not a list" in line for line in logged
+    )
 
 
 # -- hostile or broken policy hosts: ignored, mail goes as without a policy ------------------

@@ -18,6 +18,8 @@ from mtrkmta.routing.mtasts import (
     PolicyCache,
     PolicyError,
     apply_policy,
+    dump_cache,
+    load_cache,
     mx_matches,
     next_step,
     parse_policy,
@@ -248,3 +250,62 @@ def test_no_policy_mode_none_and_failures_pass_unchanged():
     assert apply_policy("example.com", HOP, Policy("none", 60, ()), CA).result is HOP
     enforce = Policy("enforce", 60, ("x.example",))
     assert apply_policy("example.com", failure, enforce, CA).result is failure
+
+
+# -- the cache file ---------------------------------------------------------------------------
+
+
+def test_cache_file_round_trip_keeps_unexpired_entries():
+    clock = Clock()
+    clock.advance(1000)
+    cache = PolicyCache(clock, 10)
+    cache.put("a.example", "id1", Policy("enforce", 100, ("mx.a.example", "*.b.example")))
+    cache.put("gone.example", "id2", Policy("testing", 5, ("mx.gone.example",)))
+    clock.advance(10)
+    data = dump_cache(list(cache.items()))
+    restored = PolicyCache(clock, 10)
+    for domain, entry in load_cache(data):
+        restored.restore(domain, entry)
+    assert [domain for domain, _ in restored.items()] == ["a.example"]
+    assert restored.get("a.example") == cache.get("a.example")
+
+
+def test_restore_keeps_what_was_fetched_since():
+    clock = Clock()
+    cache = PolicyCache(clock, 10)
+    fresh = cache.put("a.example", "new", Policy("none", 100, ()))
+    from_file = Policy("enforce", 100, ("mx.a.example",))
+    cache.restore("a.example", load_cache(dump_cache([("a.example", fresh)]))[0][1])
+    assert cache.get("a.example") == fresh
+    cache.restore("b.example", PolicyCache(clock, 1).put("b.example", "old", from_file))
+    assert cache.get("b.example") is not None
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"{", "not JSON"),
+        (b"\xff", "not JSON"),
+        (b"[]", "not an mtrkmta-mta-sts-1 document"),
+        (b'{"format": "mtrkmta-mta-sts-1"}', "'policies' is not a list"),
+        (b'{"format": "mtrkmta-mta-sts-1", "policies": [{}]}', "an entry lacks"),
+        (
+            b'{"format": "mtrkmta-mta-sts-1", "policies": [{"domain": "a.example", "id": "x!",'
+            b' "expires": 1, "mode": "enforce", "max_age": 1, "mx": ["mx.a.example"]}]}',
+            "entry id",
+        ),
+        (
+            b'{"format": "mtrkmta-mta-sts-1", "policies": [{"domain": "a.example", "id": "x",'
+            b' "expires": 1, "mode": "enforce\\nmx: evil.example", "max_age": 1, "mx": []}]}',
+            "line break",
+        ),
+        (
+            b'{"format": "mtrkmta-mta-sts-1", "policies": [{"domain": "a.example", "id": "x",'
+            b' "expires": 1, "mode": "strict", "max_age": 1, "mx": ["mx.a.example"]}]}',
+            "mode is 'strict'",
+        ),
+    ],
+)
+def test_a_broken_cache_file_is_refused(data, problem):
+    with pytest.raises(PolicyError, match=problem):
+        load_cache(data)
