@@ -151,7 +151,8 @@ class _LimitedBody(Protocol):
 class PolicyFile:
     """The policy cache on disk (RFC 8461 §5.1: a sender SHOULD cache), read and written in
     ``threadpool``: each write goes to a temporary file, fsync'd, renamed over ``path``, and
-    the directory fsync'd, so a crash leaves the old file or the new one, never a mix."""
+    the directory fsync'd, so a crash leaves the old file or the new one, never a mix. With
+    several worker processes the last write wins (each keeps its own cache in memory)."""
 
     def __init__(self, path: Path, reactor: Any, threadpool: Any, *, fsync: bool = True) -> None:
         self.path = path
@@ -208,7 +209,8 @@ class PolicyFile:
         )
 
     def _write(self, data: bytes) -> None:
-        temporary = self.path.with_name(self.path.name + ".tmp")
+        # One temporary name per process: workers (server.workers) share the data directory.
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         with temporary.open("wb") as out:
             out.write(data)
             out.flush()
@@ -303,7 +305,13 @@ class PolicyFetcher:
 
     def policy(self, domain: str) -> Deferred[Policy | None]:
         """The policy in force for ``domain`` (None: none); never fails."""
-        return Deferred.fromCoroutine(self._policy(domain.lower().removesuffix(".")))
+        name = domain.lower().removesuffix(".")
+        return Deferred.fromCoroutine(self._policy(name)).addErrback(self._unexpected, name)
+
+    def _unexpected(self, failure: Failure, domain: str) -> Policy | None:
+        log.failure("MTA-STS: {domain}: policy lookup failed unexpectedly", failure, domain=domain)
+        cached = self._cache.get(domain)
+        return cached.policy if cached is not None else None
 
     def url(self, domain: str) -> str:
         port = "" if self._port == 443 else f":{self._port}"

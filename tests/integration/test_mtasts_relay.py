@@ -330,7 +330,9 @@ async def test_the_policy_cache_survives_a_restart(tmp_path, smarthost, https, c
     assert len(https.resource.requests) == 1
     ((domain, entry),) = load_cache(path.read_bytes())
     assert (domain, entry.id, entry.policy.mode) == (DOMAIN, "20260101T0", "enforce")
-    assert not path.with_name("mta-sts.json.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mta-sts")) == [
+        "mta-sts.json"
+    ]
 
 
 @pytest_twisted.ensureDeferred
