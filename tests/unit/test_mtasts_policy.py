@@ -65,6 +65,15 @@ def test_invalid_txt_records_are_refused(records, problem):
         txt_id(records)
 
 
+@given(st.lists(st.text(max_size=80), max_size=3))
+def test_any_txt_records_give_an_id_none_or_policy_error(records):
+    try:
+        found = txt_id(records)
+    except PolicyError:
+        return
+    assert found is None or (1 <= len(found) <= 32 and found.isalnum() and found.isascii())
+
+
 # -- the policy file (RFC 8461 §3.2) ------------------------------------------------------
 
 
