@@ -35,6 +35,7 @@ from mtrkmta.envelope import Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.routing.mtasts import MAX_POLICY_SIZE, load_cache
 from mtrkmta.routing.mtastsfetch import WELL_KNOWN, PolicyFetcher, PolicyFile
 from mtrkmta.routing.router import Router
+from mtrkmta.testing import node_config, start_node, stop_node
 from mtrkmta.tracking.interfaces import RecipientState as S
 
 DOMAIN = "far.example"
@@ -147,7 +148,7 @@ def logged() -> Any:
 
 def make_router(
     dns_server: DNSServer,
-    smarthost: Smarthost,
+    smtp_port: int,
     ca: TestCA,
     https_port: int,
     store: PolicyFile | None = None,
@@ -164,7 +165,7 @@ def make_router(
         (DEFAULT_ROUTE,),
         (),
         dns_server.resolver(),
-        smtp_port=smarthost.node.port("smtp"),
+        smtp_port=smtp_port,
         mta_sts=fetcher,
     )
     return router, fetcher
@@ -205,7 +206,7 @@ def relayed(outcome: RecipientOutcome | RouteFailure) -> bool:
 async def test_enforce_with_a_policy_mx_and_verified_tls_delivers(smarthost, https, ca):
     await smarthost.start(MX_HOST, users=False, local=(DOMAIN,))
     async with serve_dns(reactor, [zone()]) as dns_server:
-        router, _ = make_router(dns_server, smarthost, ca, https.number)
+        router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number)
         hop = await router.route(DOMAIN)
         assert isinstance(hop, NextHop) and (hop.tls, hop.servers[0].name) == ("verify", MX_HOST)
         assert relayed(await send(router))
@@ -218,7 +219,7 @@ async def test_enforce_defers_when_no_mx_is_in_the_policy(smarthost, https, ca, 
     await smarthost.start(MX_HOST, users=False, local=(DOMAIN,))
     https.resource.body = policy("enforce", "*.mail.far.example")
     async with serve_dns(reactor, [zone()]) as dns_server:
-        router, _ = make_router(dns_server, smarthost, ca, https.number)
+        router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number)
         result = await send(router)
     assert isinstance(result, RouteFailure)
     assert (result.state, result.status) == (S.DEFERRED, "4.7.0")
@@ -234,7 +235,7 @@ async def test_enforce_defers_when_no_mx_is_in_the_policy(smarthost, https, ca, 
 async def test_enforce_defers_4_7_5_for_a_certificate_of_another_name(smarthost, https, ca):
     await smarthost.start(DOMAIN, users=False, local=(DOMAIN,))  # for far.example, not the MX
     async with serve_dns(reactor, [zone()]) as dns_server:
-        router, _ = make_router(dns_server, smarthost, ca, https.number)
+        router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number)
         outcome = await send(router)
     assert isinstance(outcome, RecipientOutcome)
     assert (outcome.state, outcome.status) == (S.DEFERRED, "4.7.5")
@@ -243,6 +244,23 @@ async def test_enforce_defers_4_7_5_for_a_certificate_of_another_name(smarthost,
         f"the certificate is not for {MX_HOST} (it names {DOMAIN})"
     )
     assert await received(smarthost) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_enforce_defers_4_7_4_when_the_mx_offers_no_starttls(tmp_path, https, ca):
+    options = (("durability.fsync", False), ("domains.local", (DOMAIN,)))
+    config = node_config(tmp_path / "plain", hostname=MX_HOST, options=options)
+    node = await start_node(config, deliver=False)  # no TLS certificate: no STARTTLS
+    try:
+        async with serve_dns(reactor, [zone()]) as dns_server:
+            router, _ = make_router(dns_server, node.port("smtp"), ca, https.number)
+            outcome = await send(router)
+        assert len(await node.spool.queue_ids()) == 0
+    finally:
+        await stop_node(node)
+    assert isinstance(outcome, RecipientOutcome)
+    assert (outcome.state, outcome.status) == (S.DEFERRED, "4.7.4")
+    assert outcome.diagnostic == (f"x-mtrkmta; TLS is required, but was not offered by {MX_HOST}")
 
 
 # -- testing, none, and no policy -------------------------------------------------------------
@@ -254,7 +272,7 @@ async def test_testing_mode_logs_and_delivers_as_before(smarthost, https, ca, lo
     await smarthost.start(DOMAIN, users=False, local=(DOMAIN,))
     https.resource.body = policy("testing", "*.mail.far.example")
     async with serve_dns(reactor, [zone()]) as dns_server:
-        router, _ = make_router(dns_server, smarthost, ca, https.number)
+        router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number)
         assert relayed(await send(router))
     assert await received(smarthost) == 1
     notes = [line for line in logged if "(mode testing)" in line]
@@ -270,7 +288,7 @@ async def test_without_a_txt_record_nothing_is_fetched_and_mail_goes_as_before(
 ):
     await smarthost.start(DOMAIN, users=False, local=(DOMAIN,))  # a wrong name: not checked
     async with serve_dns(reactor, [zone(txt=None)]) as dns_server:
-        router, _ = make_router(dns_server, smarthost, ca, https.number)
+        router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number)
         hop = await router.route(DOMAIN)
         assert isinstance(hop, NextHop) and hop.tls == "may"
         assert relayed(await send(router))
@@ -284,7 +302,7 @@ async def test_without_a_txt_record_nothing_is_fetched_and_mail_goes_as_before(
 async def test_policy_is_cached_and_refetched_when_the_txt_id_changes(smarthost, https, ca):
     await smarthost.start(MX_HOST, users=False, local=(DOMAIN,))
     async with serve_dns(reactor, [zone()]) as dns_server:
-        router, fetcher = make_router(dns_server, smarthost, ca, https.number)
+        router, fetcher = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number)
         assert relayed(await send(router))
         assert relayed(await send(router))
         assert len(https.resource.requests) == 1  # the second delivery fetched nothing
@@ -303,7 +321,7 @@ async def test_a_failed_refetch_keeps_the_cached_policy(smarthost, https, ca):
     await smarthost.start(MX_HOST, users=False, local=(DOMAIN,))
     https.resource.body = policy("enforce", "elsewhere.far.example")
     async with serve_dns(reactor, [zone()]) as dns_server:
-        router, _ = make_router(dns_server, smarthost, ca, https.number)
+        router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number)
         assert isinstance(await send(router), RouteFailure)
         https.resource.code = 500
         set_txt(dns_server, b"v=STSv1; id=20260102T0;")
@@ -318,7 +336,7 @@ async def test_the_policy_cache_survives_a_restart(tmp_path, smarthost, https, c
     path, pool = tmp_path / "mta-sts.json", reactor.getThreadPool()
     async with serve_dns(reactor, [zone()]) as dns_server:
         store = PolicyFile(path, reactor, pool)
-        router, _ = make_router(dns_server, smarthost, ca, https.number, store)
+        router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number, store)
         assert relayed(await send(router))
         await store.idle()
         # A new fetcher on the same file, as after a restart: nothing is fetched.
@@ -342,7 +360,7 @@ async def test_a_broken_cache_file_is_ignored_and_replaced(tmp_path, smarthost, 
     path.write_bytes(b'{"format": "mtrkmta-mta-sts-1", "policies": "x"}')
     async with serve_dns(reactor, [zone()]) as dns_server:
         store = PolicyFile(path, reactor, pool)
-        router, _ = make_router(dns_server, smarthost, ca, https.number, store)
+        router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number, store)
         assert relayed(await send(router))
         await store.idle()
     assert len(https.resource.requests) == 1
@@ -388,7 +406,7 @@ async def test_a_bad_policy_is_ignored_safely(smarthost, ca, breakage, why, logg
         resource.location = f"https://mta-sts.{DOMAIN}:{https.number}/elsewhere".encode()
     try:
         async with serve_dns(reactor, [zone()]) as dns_server:
-            router, fetcher = make_router(dns_server, smarthost, ca, https.number)
+            router, fetcher = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number)
             outcome = await send(router)
             assert fetcher.cache.get(DOMAIN) is None
     finally:
@@ -407,7 +425,7 @@ async def test_an_unreachable_policy_host_delivers_as_before(smarthost, ca):
     port = https.number
     await https.stop()  # nothing listens there now
     async with serve_dns(reactor, [zone()]) as dns_server:
-        router, _ = make_router(dns_server, smarthost, ca, port)
+        router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, port)
         assert relayed(await send(router))
 
 
