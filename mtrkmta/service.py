@@ -414,7 +414,9 @@ class MTAService(Service):
         if self._tracker_factory is None:
             self._tracker_factory = client_factory(self.reactor, resolver)
         # One router for the queue and for RCPT (what it already knows fails is refused).
-        self.router = Router.from_config(config, resolver, clock=self.reactor)
+        self.router = Router.from_config(
+            config, resolver, clock=self.reactor, reactor=self.reactor, threadpool=self.threadpool
+        )
         # Every message enters through one acceptor: the listeners' (via the
         # receiver), the DSNs and the expansion copies (via the queue).
         acceptor = Acceptor(

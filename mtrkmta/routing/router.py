@@ -6,17 +6,25 @@ import dataclasses
 import random
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from mtrkmta.config import Config, Route, select_route
+from mtrkmta.config import CAFile, Config, Route, select_route
 from mtrkmta.delivery.interfaces import IRouter, NextHop, RouteFailure, Server
+from mtrkmta.routing.mtasts import IPolicySource, Policy, apply_policy
+from mtrkmta.routing.mtastsfetch import PolicyFetcher, PolicyFile
 from mtrkmta.routing.mx import MXAnswer, MXResolver
 from mtrkmta.smtp.client import TLSPolicy
 from mtrkmta.tracking.interfaces import RecipientState
+
+log = Logger()
+
+POLICY_FILE = "mta-sts.json"
+"""The MTA-STS policy cache, in the data directory."""
 
 MAILDIR_HOP = NextHop(transport="maildir", destination="maildir", servers=())
 """Where mail for local domains (and ``maildir`` routes) goes."""
@@ -118,6 +126,11 @@ class Router:
 
     With a ``clock``, MX results (not temporary failures) are cached for their DNS
     TTL, at most ``max_cache_ttl`` seconds, for up to ``cache_size`` domains.
+
+    With ``mta_sts`` (an IPolicySource), an ``mx`` route without its own ``tls``
+    follows the domain's MTA-STS policy (RFC 8461 §5, see
+    :func:`mtrkmta.routing.mtasts.apply_policy`); fixed routes and routes with ``tls``
+    set are not affected.
     """
 
     def __init__(
@@ -137,6 +150,7 @@ class Router:
         clock: IReactorTime | None = None,
         cache_size: int = 1000,
         max_cache_ttl: float = 3600.0,
+        mta_sts: IPolicySource | None = None,
     ) -> None:
         for route in routes:
             if route.transport in ("lmtp", "smtp") and not route.endpoint:
@@ -157,6 +171,7 @@ class Router:
             max_recipients=smtp_max_recipients,
         )
         self._cache = None if clock is None else _ResultCache(clock, cache_size, max_cache_ttl)
+        self._sts = mta_sts
         # Fixed routes' next hops, built once each: a configured route never changes.
         self._fixed: dict[tuple[object, ...], NextHop] = {}
 
@@ -168,13 +183,36 @@ class Router:
         *,
         clock: IReactorTime | None = None,
         rng: random.Random | None = None,
+        reactor: Any = None,
+        threadpool: Any = None,
     ) -> Router:
         """A router for ``config``'s routes and local domains, naming itself ``config.hostname``.
 
         ``config.delivery`` gives the MX port, the default TLS policy and the
-        recipients per transaction.
+        recipients per transaction, and whether MTA-STS applies (``delivery.mta_sts``; its
+        policies are fetched over ``reactor``, so without one MTA-STS is off; with a
+        ``threadpool`` the policy cache is kept in ``mta-sts.json`` in the data directory).
         """
         delivery = config.delivery
+        sts: PolicyFetcher | None = None
+        if delivery.mta_sts and reactor is not None:
+            ca_path = delivery.mta_sts_ca_file
+            sts = PolicyFetcher(
+                reactor,
+                resolver,
+                clock=clock,
+                cache_size=delivery.mta_sts_cache_size,
+                timeout=delivery.mta_sts_timeout,
+                ca=None if ca_path is None else CAFile(ca_path, ca_path.read_bytes()),
+                store=None
+                if threadpool is None
+                else PolicyFile(
+                    config.data_dir / POLICY_FILE,
+                    reactor,
+                    threadpool,
+                    fsync=config.durability.fsync,
+                ),
+            )
         return cls(
             config.routes,
             config.local_domains,
@@ -186,6 +224,7 @@ class Router:
             tls=cast(TLSPolicy, delivery.tls),
             rng=rng,
             clock=clock,
+            mta_sts=sts,
         )
 
     def replace_routes(self, routes: Sequence[Route]) -> None:
@@ -199,12 +238,36 @@ class Router:
     def route(self, domain: str) -> Deferred[NextHop | RouteFailure]:
         """The next hop for ``domain``, or why there is none (IRouter)."""
         known = self.known(domain)
-        if known is not None:
-            return succeed(known)
         name = domain.lower().removesuffix(".")
+        sts = self._sts
+        if sts is not None:
+            route = select_route(self._routes, self._local_domains, name)
+            if route.transport != "mx" or route.tls is not None or name.startswith("["):
+                sts = None
+        if known is not None and (sts is None or not isinstance(known, NextHop)):
+            return succeed(known)
+        if known is not None and sts is not None:
+            return Deferred.fromCoroutine(self._under_sts(sts, name, succeed(known)))
         route = select_route(self._routes, self._local_domains, name)
         tls = cast(TLSPolicy, route.tls or self._tls)
-        return self._route_mx(name).addCallback(_with_tls, tls, route)
+        found: Deferred[NextHop | RouteFailure] = self._route_mx(name).addCallback(
+            _with_tls, tls, route
+        )
+        if sts is None:
+            return found
+        return Deferred.fromCoroutine(self._under_sts(sts, name, found))
+
+    async def _under_sts(
+        self, sts: IPolicySource, domain: str, found: Deferred[NextHop | RouteFailure]
+    ) -> NextHop | RouteFailure:
+        """The MX result for ``domain`` under its MTA-STS policy (looked up meanwhile)."""
+        policy_lookup = cast("Deferred[Policy | None]", sts.policy(domain))
+        result = await found
+        policy = await policy_lookup
+        applied = apply_policy(domain, result, policy, cast("CAFile | None", sts.ca))
+        if applied.note is not None:
+            log.warn("{note}", note=applied.note)
+        return applied.result
 
     def known(self, domain: str) -> NextHop | RouteFailure | None:
         """What :meth:`route` decides for ``domain`` when that needs no DNS lookup, else None.
@@ -214,6 +277,8 @@ class Router:
         result still in the cache (e.g. a null MX, 5.1.10, or NXDOMAIN, 5.1.2). The
         receiver refuses at RCPT what is known to fail, so that the queue never
         bounces (to a sender who may be forged) what could have been refused.
+        A cached MX next hop is returned as DNS gave it: :meth:`route` applies the
+        domain's MTA-STS policy on top.
         """
         name = domain.lower().removesuffix(".")
         if not name:

@@ -27,6 +27,7 @@ RFCS = (
     "4954",
     "3030",
     "2852",
+    "8461",
 )
 
 LABEL = re.compile(r"^\.\. _conformance-rfc(\d{4}):$")
