@@ -297,26 +297,37 @@ def apply_policy(
     if policy is None or policy.mode == "none" or not isinstance(result, NextHop):
         return Applied(result)
     outside = sorted({s.name for s in result.servers if not policy.allows(s.name)})
-    allowed = ", ".join(policy.mx)
+    allowed = _listed(policy.mx)
     if policy.mode == "testing":
         if not outside:
             return Applied(result)
         note = (
             f"MTA-STS policy of {domain} (mode testing) does not allow MX "
-            f"{', '.join(outside)} (it allows {allowed}); delivering as without a policy"
+            f"{_listed(outside)} (it allows {allowed}); delivering as without a policy"
         )
         return Applied(result, note)
     servers = tuple(s for s in result.servers if policy.allows(s.name))
     if not servers:
         reason = (
-            f"no MX host of {domain} is in its MTA-STS policy (MX {', '.join(outside)}; "
+            f"no MX host of {domain} is in its MTA-STS policy (MX {_listed(outside)}; "
             f"the policy allows {allowed})"
         )
         return Applied(RouteFailure(RecipientState.DEFERRED, "4.7.0", reason), reason)
     hop = dataclasses.replace(result, servers=servers, tls="verify", ca=ca)
     if outside:
-        return Applied(hop, f"MTA-STS policy of {domain} excludes MX {', '.join(outside)}")
+        return Applied(hop, f"MTA-STS policy of {domain} excludes MX {_listed(outside)}")
     return Applied(hop)
+
+
+SHOWN_NAMES = 5
+"""How many MX names or patterns a log line or diagnostic lists (a policy may hold many)."""
+
+
+def _listed(names: Sequence[str]) -> str:
+    """``names`` comma-separated, the first SHOWN_NAMES of them and how many more."""
+    shown = ", ".join(names[:SHOWN_NAMES])
+    more = len(names) - SHOWN_NAMES
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
 class IPolicySource(Interface):

@@ -242,6 +242,19 @@ def test_enforce_with_no_matching_mx_defers_4_7_0():
     )
 
 
+def test_a_long_policy_is_named_in_part_in_the_diagnostic():
+    # A policy may list thousands of patterns (64 KiB): the reason that becomes the
+    # diagnostic, the tracking record and a log line names five and counts the rest.
+    many = tuple(f"mx{n}.example.net" for n in range(2000))
+    applied = apply_policy("example.com", HOP, Policy("enforce", 60, many), None)
+    assert isinstance(applied.result, RouteFailure)
+    assert applied.result.reason.endswith(
+        "the policy allows mx0.example.net, mx1.example.net, mx2.example.net, "
+        "mx3.example.net, mx4.example.net and 1995 more)"
+    )
+    assert len(applied.result.reason) < 300
+
+
 def test_testing_changes_nothing_but_notes_the_mismatch():
     applied = apply_policy("example.com", HOP, Policy("testing", 60, ("mx1.example.com",)), CA)
     assert applied.result is HOP
