@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,6 +45,9 @@ from mtrkmta.routing.mtasts import (
 log = Logger()
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
+
+RETRY_FETCH_AFTER = 300.0
+"""Seconds before a policy whose fetch failed is fetched again (per domain and id)."""
 
 
 class FetchError(Exception):
@@ -234,8 +238,11 @@ class PolicyFetcher:
     fetched: the server's certificate verified for that name (``ca``, else the system's
     CAs), redirects not followed (§3.3), status 200 and ``text/plain`` required, at most
     64 KiB read, the whole fetch bounded by ``timeout`` seconds. A failed fetch falls back
-    to the cached policy, if any, else to none (§3.3, §5.1). With ``store`` the cache is
-    read from it at start (lookups wait for that) and written after each new policy.
+    to the cached policy, if any, else to none (§3.3, §5.1), and is not tried again for
+    that domain and id for ``RETRY_FETCH_AFTER`` seconds (deliveries meanwhile do as
+    after the failure: a host that fails costs one attempt, not one per delivery). With
+    ``store`` the cache is read from it at start (lookups wait for that) and written after
+    each new policy.
     ``https_port`` is for tests.
     """
 
@@ -269,6 +276,9 @@ class PolicyFetcher:
             pool=HTTPConnectionPool(reactor, persistent=False),
         )
         self._fetching: dict[tuple[str, str], Deferred[Policy | None]] = {}
+        # (domain, id) -> when a failed fetch may be tried again; at most cache_size kept.
+        self._failed: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._failed_size = cache_size
         self._store = store
         self._loaded: Deferred[None] | None = None
         if store is not None:
@@ -334,6 +344,9 @@ class PolicyFetcher:
         if step == "use-cached" or announced is None:
             return cached.policy if cached is not None else None
         key = (domain, announced)
+        if self._failed.get(key, 0.0) > self._clock.seconds():
+            return cached.policy if cached is not None else None  # failed lately: not again
+        self._failed.pop(key, None)
         pending = self._fetching.get(key)
         if pending is None:  # one fetch per domain and id at a time
             pending = self._fetching[key] = Deferred.fromCoroutine(self._refresh(domain, announced))
@@ -353,13 +366,9 @@ class PolicyFetcher:
             why = "timed out" if isinstance(problem, defer.TimeoutError) else str(problem)
             if isinstance(problem, PolicyError):
                 why = f"invalid policy: {why}"
-            self._fallback_log(domain, why)
-            cached = self._cache.get(domain)
-            return cached.policy if cached is not None else None
+            return self._fetch_failed(domain, announced, why)
         except Exception as problem:  # TLS, connection refused, DNS: the fetch failed
-            self._fallback_log(domain, _describe(problem))
-            cached = self._cache.get(domain)
-            return cached.policy if cached is not None else None
+            return self._fetch_failed(domain, announced, _describe(problem))
         self._cache.put(domain, announced, policy)
         if self._store is not None:
             self._store.save(dump_cache(list(self._cache.items())))
@@ -372,16 +381,24 @@ class PolicyFetcher:
         )
         return policy
 
-    def _fallback_log(self, domain: str, why: str) -> None:
+    def _fetch_failed(self, domain: str, announced: str, why: str) -> Policy | None:
+        """Log the failure, hold off the next fetch, and fall back to the cached policy."""
+        self._failed[(domain, announced)] = self._clock.seconds() + RETRY_FETCH_AFTER
+        self._failed.move_to_end((domain, announced))
+        while len(self._failed) > self._failed_size:
+            self._failed.popitem(last=False)
         cached = self._cache.get(domain)
         then = "the cached policy stays in force" if cached else "delivering as without a policy"
         log.warn(
-            "MTA-STS: {domain}: policy not fetched from {url}: {why}; {then}",
+            "MTA-STS: {domain}: policy not fetched from {url}: {why}; {then} "
+            "(next try in {after:.0f}s at the earliest)",
             domain=domain,
             url=self.url(domain),
             why=why,
             then=then,
+            after=RETRY_FETCH_AFTER,
         )
+        return cached.policy if cached is not None else None
 
     async def _announced(self, domain: str) -> str | None:
         """The id of the domain's TXT record, None without one; PolicyError when invalid."""

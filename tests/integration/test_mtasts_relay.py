@@ -23,7 +23,6 @@ from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import dns
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -33,7 +32,7 @@ from mtrkmta.delivery.interfaces import Attempt, NextHop, RecipientOutcome, Rout
 from mtrkmta.delivery.smtp import SMTPTransport
 from mtrkmta.envelope import Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.routing.mtasts import MAX_POLICY_SIZE, load_cache
-from mtrkmta.routing.mtastsfetch import WELL_KNOWN, PolicyFetcher, PolicyFile
+from mtrkmta.routing.mtastsfetch import RETRY_FETCH_AFTER, WELL_KNOWN, PolicyFetcher, PolicyFile
 from mtrkmta.routing.router import Router
 from mtrkmta.testing import node_config, start_node, stop_node
 from mtrkmta.tracking.interfaces import RecipientState as S
@@ -134,28 +133,18 @@ async def https(ca: TestCA) -> AsyncIterator[PolicyServer]:
     await server.stop()
 
 
-@pytest.fixture
-def logged() -> Any:
-    events: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        events.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
-
-
 def make_router(
     dns_server: DNSServer,
     smtp_port: int,
     ca: TestCA,
     https_port: int,
     store: PolicyFile | None = None,
+    clock: Any = None,
 ) -> tuple[Router, PolicyFetcher]:
     fetcher = PolicyFetcher(
         reactor,
         dns_server.resolver(),
+        clock=clock,
         timeout=5.0,
         ca=CAFile(Path("ca.pem"), ca.pem),
         https_port=https_port,
@@ -215,7 +204,7 @@ async def test_enforce_with_a_policy_mx_and_verified_tls_delivers(smarthost, htt
 
 
 @pytest_twisted.ensureDeferred
-async def test_enforce_defers_when_no_mx_is_in_the_policy(smarthost, https, ca, logged):
+async def test_enforce_defers_when_no_mx_is_in_the_policy(smarthost, https, ca, log_lines):
     await smarthost.start(MX_HOST, users=False, local=(DOMAIN,))
     https.resource.body = policy("enforce", "*.mail.far.example")
     async with serve_dns(reactor, [zone()]) as dns_server:
@@ -228,7 +217,7 @@ async def test_enforce_defers_when_no_mx_is_in_the_policy(smarthost, https, ca, 
         "(MX mx.far.example; the policy allows *.mail.far.example)"
     )
     assert await received(smarthost) == 0
-    assert any(result.reason in line for line in logged)
+    assert any(result.reason in line for line in log_lines)
 
 
 @pytest_twisted.ensureDeferred
@@ -267,7 +256,7 @@ async def test_enforce_defers_4_7_4_when_the_mx_offers_no_starttls(tmp_path, htt
 
 
 @pytest_twisted.ensureDeferred
-async def test_testing_mode_logs_and_delivers_as_before(smarthost, https, ca, logged):
+async def test_testing_mode_logs_and_delivers_as_before(smarthost, https, ca, log_lines):
     # The MX is outside the policy and its certificate is for another name: delivered anyway.
     await smarthost.start(DOMAIN, users=False, local=(DOMAIN,))
     https.resource.body = policy("testing", "*.mail.far.example")
@@ -275,7 +264,7 @@ async def test_testing_mode_logs_and_delivers_as_before(smarthost, https, ca, lo
         router, _ = make_router(dns_server, smarthost.node.port("smtp"), ca, https.number)
         assert relayed(await send(router))
     assert await received(smarthost) == 1
-    notes = [line for line in logged if "(mode testing)" in line]
+    notes = [line for line in log_lines if "(mode testing)" in line]
     assert notes == [
         "MTA-STS policy of far.example (mode testing) does not allow MX mx.far.example "
         "(it allows *.mail.far.example); delivering as without a policy"
@@ -354,7 +343,9 @@ async def test_the_policy_cache_survives_a_restart(tmp_path, smarthost, https, c
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_broken_cache_file_is_ignored_and_replaced(tmp_path, smarthost, https, ca, logged):
+async def test_a_broken_cache_file_is_ignored_and_replaced(
+    tmp_path, smarthost, https, ca, log_lines
+):
     await smarthost.start(MX_HOST, users=False, local=(DOMAIN,))
     path, pool = tmp_path / "mta-sts.json", reactor.getThreadPool()
     path.write_bytes(b'{"format": "mtrkmta-mta-sts-1", "policies": "x"}')
@@ -366,7 +357,7 @@ async def test_a_broken_cache_file_is_ignored_and_replaced(tmp_path, smarthost, 
     assert len(https.resource.requests) == 1
     assert [entry.id for _, entry in load_cache(path.read_bytes())] == ["20260101T0"]
     assert any(
-        f"ignoring the policy cache {path}: 'policies' is not a list" in line for line in logged
+        f"ignoring the policy cache {path}: 'policies' is not a list" in line for line in log_lines
     )
 
 
@@ -386,7 +377,7 @@ async def test_a_broken_cache_file_is_ignored_and_replaced(tmp_path, smarthost, 
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_a_bad_policy_is_ignored_safely(smarthost, ca, breakage, why, logged):
+async def test_a_bad_policy_is_ignored_safely(smarthost, ca, breakage, why, log_lines):
     await smarthost.start(DOMAIN, users=False, local=(DOMAIN,))  # enforce would refuse it
     https = PolicyServer(ca, "other.example" if breakage == "other name" else f"mta-sts.{DOMAIN}")
     resource = https.resource
@@ -414,8 +405,31 @@ async def test_a_bad_policy_is_ignored_safely(smarthost, ca, breakage, why, logg
     assert relayed(outcome)
     # A redirect is not followed; a server with a certificate for another name gets no request.
     assert resource.requests == ([] if breakage == "other name" else [WELL_KNOWN.encode()])
-    (line,) = [line for line in logged if "MTA-STS: far.example: policy not fetched" in line]
+    (line,) = [line for line in log_lines if "MTA-STS: far.example: policy not fetched" in line]
     assert why in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_fetch_is_not_repeated_for_every_delivery(smarthost, https, ca, log_lines):
+    # A policy host that fails costs one attempt per RETRY_FETCH_AFTER, not one per message.
+    await smarthost.start(DOMAIN, users=False, local=(DOMAIN,))
+    https.resource.code = 500
+    clock = Clock()
+    async with serve_dns(reactor, [zone()]) as dns_server:
+        router, _ = make_router(
+            dns_server, smarthost.node.port("smtp"), ca, https.number, clock=clock
+        )
+        assert relayed(await send(router))
+        assert relayed(await send(router))
+        assert len(https.resource.requests) == 1
+        clock.advance(RETRY_FETCH_AFTER)
+        https.resource.code = 200
+        https.resource.body = policy("enforce", "elsewhere.far.example")
+        result = await send(router)
+        assert len(https.resource.requests) == 2
+    assert isinstance(result, RouteFailure) and result.status == "4.7.0"
+    failures = [line for line in log_lines if "policy not fetched" in line]
+    assert len(failures) == 1 and "next try in 300s at the earliest" in failures[0]
 
 
 @pytest_twisted.ensureDeferred
