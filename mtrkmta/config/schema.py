@@ -43,7 +43,7 @@ from mtrkmta.config.convert import (
     _size,
     _string,
 )
-from mtrkmta.config.routes import DEFAULT_ROUTE, Route, _ca_file, _routes, select_route
+from mtrkmta.config.routes import DEFAULT_ROUTE, CAFile, Route, _ca_file, _routes, select_route
 from mtrkmta.config.webhooks import Webhook, _webhooks
 
 
@@ -247,11 +247,11 @@ class Queue:
     delay_warning: float = field(default=4 * HOUR, metadata=_key(_duration()))
 
 
-def _pem_file(value: object, ctx: _Context) -> Path | None:
-    """A PEM file of CA certificates, or ``""``/false for the system's CAs."""
+def _pem_file(value: object, ctx: _Context) -> CAFile | None:
+    """A PEM file of CA certificates, read at load, or ``""``/false for the system's CAs."""
     if value is False or value == "":
         return None
-    return _ca_file(value, ctx).path
+    return _ca_file(value, ctx)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +266,7 @@ class Delivery:
     mta_sts: bool = field(default=True, metadata=_key(_boolean))
     mta_sts_cache_size: int = field(default=1000, metadata=_key(_integer(1)))
     mta_sts_timeout: float = field(default=10.0, metadata=_key(_duration(1.0)))
-    mta_sts_ca_file: Path | None = field(default=None, metadata=_key(_pem_file))
+    mta_sts_ca_file: CAFile | None = field(default=None, metadata=_key(_pem_file))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 from mtrkmta.config.convert import _Context, _format_duration, _format_size, _Invalid
 from mtrkmta.config.load import _Key, _schema
-from mtrkmta.config.routes import Route, _toml_key
+from mtrkmta.config.routes import CAFile, Route, _toml_key
 from mtrkmta.config.schema import Config
 from mtrkmta.config.webhooks import EVENT_KINDS, Webhook
 
@@ -95,6 +95,8 @@ def _toml(key: _Key, value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, Path):
         return _string(str(value))
+    if isinstance(value, CAFile):  # the file, as the configuration names it
+        return _string(str(value.path))
     if isinstance(value, tuple):
         return "[" + ", ".join(_string(str(item)) for item in value) + "]"
     if isinstance(value, int):

@@ -196,14 +196,13 @@ class Router:
         delivery = config.delivery
         sts: PolicyFetcher | None = None
         if delivery.mta_sts and reactor is not None:
-            ca_path = delivery.mta_sts_ca_file
             sts = PolicyFetcher(
                 reactor,
                 resolver,
                 clock=clock,
                 cache_size=delivery.mta_sts_cache_size,
                 timeout=delivery.mta_sts_timeout,
-                ca=None if ca_path is None else CAFile(ca_path, ca_path.read_bytes()),
+                ca=delivery.mta_sts_ca_file,
                 store=None
                 if threadpool is None
                 else PolicyFile(
