@@ -1,14 +1,18 @@
 """Integration-test hooks: the fault-injection suite lists the points it covered; the
-``log_file`` and ``log_lines`` fixtures."""
+``log_file`` and ``log_lines`` fixtures; a test CA (``ca``) and a TLS smarthost node
+(``smarthost``) for the verified-relay tests."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
+from certs import TestCA
+from test_relay_auth_verify import Smarthost
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mtrkmta.logfile import text_observer
@@ -65,3 +69,17 @@ def log_lines() -> Iterator[list[str]]:
         yield lines
     finally:
         globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture
+def ca() -> TestCA:
+    """A test certificate authority: the certificates it issues, and its PEM to trust."""
+    return TestCA()
+
+
+@pytest_twisted.async_yield_fixture
+async def smarthost(tmp_path: Path, ca: TestCA) -> AsyncIterator[Smarthost]:
+    """A second node offering STARTTLS with a certificate from ``ca``; stopped after."""
+    host = Smarthost(tmp_path / "smarthost", ca)
+    yield host
+    await host.stop()

@@ -18,7 +18,7 @@ from certs import TestCA
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from dnsserver import DNSServer, Zone, a, mx, serve_dns
-from test_relay_auth_verify import SETTINGS, Smarthost, received, relay_through_node
+from test_relay_auth_verify import SETTINGS, received, relay_through_node
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
@@ -114,18 +114,6 @@ class PolicyServer:
         await maybeDeferred(self.port.stopListening)
 
 
-@pytest.fixture
-def ca() -> TestCA:
-    return TestCA()
-
-
-@pytest_twisted.async_yield_fixture
-async def smarthost(tmp_path: Path, ca: TestCA) -> AsyncIterator[Smarthost]:
-    host = Smarthost(tmp_path / "mx", ca)
-    yield host
-    await host.stop()
-
-
 @pytest_twisted.async_yield_fixture
 async def https(ca: TestCA) -> AsyncIterator[PolicyServer]:
     server = PolicyServer(ca)
@@ -140,12 +128,13 @@ def make_router(
     https_port: int,
     store: PolicyFile | None = None,
     clock: Any = None,
+    timeout: float = 5.0,
 ) -> tuple[Router, PolicyFetcher]:
     fetcher = PolicyFetcher(
         reactor,
         dns_server.resolver(),
         clock=clock,
-        timeout=5.0,
+        timeout=timeout,
         ca=CAFile(Path("ca.pem"), ca.pem),
         https_port=https_port,
         store=store,
@@ -462,20 +451,9 @@ async def test_a_policy_host_that_hangs_times_out_and_mail_goes_as_before(smarth
     clock = Clock()  # the fetch timeout runs on this clock; the sockets are real
     try:
         async with serve_dns(reactor, [zone()]) as dns_server:
-            fetcher = PolicyFetcher(
-                reactor,
-                dns_server.resolver(),
-                clock=clock,
-                timeout=10.0,
-                ca=CAFile(Path("ca.pem"), ca.pem),
-                https_port=port.getHost().port,
-            )
-            router = Router(
-                (DEFAULT_ROUTE,),
-                (),
-                dns_server.resolver(),
-                smtp_port=smarthost.node.port("smtp"),
-                mta_sts=fetcher,
+            smtp_port, https_port = smarthost.node.port("smtp"), port.getHost().port
+            router, _ = make_router(
+                dns_server, smtp_port, ca, https_port, clock=clock, timeout=10.0
             )
             routing = router.route(DOMAIN)
             await factory.accepted.addTimeout(30, reactor)  # a safety net, not a wait

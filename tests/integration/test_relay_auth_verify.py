@@ -8,7 +8,6 @@ with a next hop as the router builds it from a route with ``tls``, ``ca_file`` a
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -92,18 +91,6 @@ class Smarthost:
     async def stop(self) -> None:
         if self.node is not None:
             await stop_node(self.node)
-
-
-@pytest.fixture
-def ca() -> TestCA:
-    return TestCA()
-
-
-@pytest_twisted.async_yield_fixture
-async def smarthost(tmp_path: Path, ca: TestCA) -> AsyncIterator[Smarthost]:
-    host = Smarthost(tmp_path / "smarthost", ca)
-    yield host
-    await host.stop()
 
 
 def credentials(password: str = PASSWORD) -> RelayCredentials:
