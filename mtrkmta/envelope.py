@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 NOTIFY_NEVER = "NEVER"
 NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+BINARYMIME = "BINARYMIME"
+"""The BODY= value of binary content, which goes only with BDAT (RFC 3030 §3)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from mtrkmta.address import base_local_part, split_address
 from mtrkmta.delivery.interfaces import Attempt, ITransport, RecipientOutcome, Relay
+from mtrkmta.envelope import BINARYMIME
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.tracking.interfaces import RecipientState
 
@@ -154,7 +155,7 @@ class MaildirTransport:
     def _deliver(self, attempt: Attempt) -> list[RecipientOutcome]:
         # RFC 3030 §3: a BINARYMIME message is stored as received, CRLF line ends and all;
         # turning CRLF into LF would change its binary body.
-        binary = attempt.envelope.params.body == "BINARYMIME"
+        binary = attempt.envelope.params.body == BINARYMIME
         body = attempt.content if binary else attempt.content.replace(b"\r\n", b"\n")
         eol = "\r\n" if binary else "\n"
         sender = attempt.envelope.sender

@@ -28,6 +28,7 @@ from mtrkmta.delivery.interfaces import (
     Server,
     Timing,
 )
+from mtrkmta.envelope import BINARYMIME
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.lmtp.client import LMTPClient
 from mtrkmta.metrics import IMetrics, NoMetrics
@@ -42,7 +43,6 @@ from mtrkmta.smtp.client import (
     opportunistic_tls,
 )
 from mtrkmta.smtp.outbound import (
-    BINARYMIME,
     binarymime_status,
     deliver_by_relayed_dsn,
     deliverby_refusal,

@@ -13,6 +13,7 @@ from email.utils import format_datetime
 from types import MappingProxyType
 
 from mtrkmta.dsn.policy import BATCH_ORDER, DSN_ACTIONS, is_null_sender
+from mtrkmta.envelope import BINARYMIME
 from mtrkmta.reportfields import (
     safe_address,
     safe_diagnostic,
@@ -240,7 +241,7 @@ def render_dsn(
     reporting_mta = safe_mta_name(reporting_mta) or "localhost"
     if ret is not None and ret.upper() not in ("FULL", "HDRS"):
         raise ValueError(f"RET must be FULL or HDRS, not {ret!r}")
-    binary = message.body == "BINARYMIME"
+    binary = message.body == BINARYMIME
     returned = _returned_part(
         _header_section(original_content) if binary and original_content else original_content,
         full=failure and (ret is None or ret.upper() == "FULL") and not binary,

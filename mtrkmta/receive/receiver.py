@@ -11,10 +11,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mtrkmta.address import recipient_domain
-from mtrkmta.envelope import Envelope, MailParams, RcptParams
+from mtrkmta.envelope import BINARYMIME, Envelope, MailParams, RcptParams
 from mtrkmta.receive.acceptor import Accepted, Acceptor
 from mtrkmta.receive.policy import NO_DOMAIN, RelayPolicy
-from mtrkmta.smtp.chunking import BINARYMIME
 from mtrkmta.smtp.reply import Reply
 from mtrkmta.smtp.server import ContentSink, IReceiver, Session
 from mtrkmta.spool.interfaces import IIncoming

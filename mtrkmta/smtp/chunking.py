@@ -15,9 +15,6 @@ _BDAT = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
 _RECEIVED = re.compile(rb"(?:^|\n)received:", re.IGNORECASE)
 _HEADER_END = b"\r\n\r\n"
 
-BINARYMIME = "BINARYMIME"
-"""The BODY= value of binary content, sent only with BDAT (RFC 3030 §3)."""
-
 
 @dataclass(frozen=True, slots=True)
 class BdatCommand:

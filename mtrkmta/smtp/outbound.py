@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from mtrkmta.envelope import NOTIFY_NEVER, Envelope, Recipient
+from mtrkmta.envelope import BINARYMIME, NOTIFY_NEVER, Envelope, Recipient
 from mtrkmta.smtp import xtext
 from mtrkmta.smtp.deliverby import parse_min_by_time, render_by
 from mtrkmta.smtp.framing import normalize_line_ends
@@ -12,7 +12,6 @@ from mtrkmta.smtp.mtrk import MAX_TIMEOUT, format_mtrk
 
 CRLF = b"\r\n"
 END_OF_DATA = b".\r\n"
-BINARYMIME = "BINARYMIME"
 _NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")
 
 

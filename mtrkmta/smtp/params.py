@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 from mtrkmta.envelope import (
+    BINARYMIME,
     NOTIFY_KEYWORDS,
     NOTIFY_NEVER,
     DeliverBy,
@@ -198,7 +199,7 @@ def _parse_body(value: str, advertised: frozenset[str]) -> str:
     if _BODY_TOKEN.fullmatch(value) is None:
         raise _invalid("BODY")
     body = value.upper()
-    if body not in ("7BIT", "8BITMIME") and (body != "BINARYMIME" or body not in advertised):
+    if body not in ("7BIT", "8BITMIME") and (body != BINARYMIME or body not in advertised):
         raise SMTPError(555, "5.5.4", "Unsupported BODY type")
     return body
 

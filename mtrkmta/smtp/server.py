@@ -22,12 +22,12 @@ from zope.interface import Attribute, Interface
 
 from mtrkmta.auth import ChecksBusy
 from mtrkmta.authlimits import guard_of
-from mtrkmta.envelope import ClientInfo, Envelope, MailParams, RcptParams, Recipient
+from mtrkmta.envelope import BINARYMIME, ClientInfo, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.metrics import IMetrics, NoMetrics, refusal_reason
 from mtrkmta.sessionguard import COMMAND, DATA, SessionGuard
 from mtrkmta.sessions import SessionTable
-from mtrkmta.smtp.chunking import BINARYMIME, ChunkedContent, ChunkReader, parse_bdat
+from mtrkmta.smtp.chunking import ChunkedContent, ChunkReader, parse_bdat
 from mtrkmta.smtp.command import (
     DEFAULT_LIMITS,
     LINE_TOO_LONG,
