@@ -130,11 +130,11 @@ def update_for(
             produced=outcome.produced,
             relayed_dsn=outcome.relayed_dsn,
         )
-    returned = deadline is not None and deadline.returns
-    if deadline is not None and returned:
-        give_up = min(give_up, deadline.at)
+    returns = deadline if deadline is not None and deadline.returns else None
+    if returns is not None:
+        give_up = min(give_up, returns.at)
     if now >= give_up:
-        past_deadline = deadline is not None and returned and deadline.passed(now)
+        past_deadline = returns is not None and returns.passed(now)
         return RecipientUpdate(
             index=outcome.index,
             state=RecipientState.FAILED,
