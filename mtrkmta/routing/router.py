@@ -238,16 +238,17 @@ class Router:
         """The next hop for ``domain``, or why there is none (IRouter)."""
         known = self.known(domain)
         name = domain.lower().removesuffix(".")
-        sts = self._sts
+        sts, route = self._sts, None
         if sts is not None:
             route = select_route(self._routes, self._local_domains, name)
             if route.transport != "mx" or route.tls is not None or name.startswith("["):
-                sts = None
-        if known is not None and (sts is None or not isinstance(known, NextHop)):
-            return succeed(known)
-        if known is not None and sts is not None:
+                sts = None  # MTA-STS is for MX routes without their own TLS setting
+        if known is not None:
+            if sts is None or not isinstance(known, NextHop):
+                return succeed(known)
             return Deferred.fromCoroutine(self._under_sts(sts, name, succeed(known)))
-        route = select_route(self._routes, self._local_domains, name)
+        if route is None:
+            route = select_route(self._routes, self._local_domains, name)
         tls = cast(TLSPolicy, route.tls or self._tls)
         found: Deferred[NextHop | RouteFailure] = self._route_mx(name).addCallback(
             _with_tls, tls, route
