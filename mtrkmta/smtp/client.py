@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtrkmta.config import CAFile, RelayCredentials
+from mtrkmta.eagerwrite import write_now
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.metrics import IMetrics, NoMetrics
 from mtrkmta.smtp.clientauth import (
@@ -464,7 +465,7 @@ class SMTPClient(Protocol):
 
     def _write(self, line: str) -> None:
         if self._error is None:
-            self.wire.write(line.encode("utf-8", "surrogateescape") + CRLF)
+            write_now(self.wire, line.encode("utf-8", "surrogateescape") + CRLF)
 
     def _expect(self, what: str, timeout: float) -> Deferred[Reply | SessionError]:
         if self._error is not None:
@@ -720,7 +721,7 @@ class SMTPClient(Protocol):
         accepted = progress.accepted()
         if not accepted:
             # Pipelined DATA accepted although nothing else was (RFC 2920 §3.1): just end it.
-            self.wire.write(END_OF_DATA)
+            write_now(self.wire, END_OF_DATA)
             for _ in range(self._final_count(0)):
                 await self._reply(self._expect("the end of data", timeouts.data_end))
             return
@@ -745,8 +746,9 @@ class SMTPClient(Protocol):
             lines = [transaction.mail_line(), *map(transaction.rcpt_line, range(count))]
             if then_data:
                 lines.append("DATA")
-            self.wire.write(
-                b"".join(line.encode("utf-8", "surrogateescape") + CRLF for line in lines)
+            write_now(
+                self.wire,
+                b"".join(line.encode("utf-8", "surrogateescape") + CRLF for line in lines),
             )
             mail = self._expect("MAIL", timeouts.mail)
             rcpts = [self._expect("RCPT", timeouts.rcpt) for _ in range(count)]
@@ -832,13 +834,15 @@ class SMTPClient(Protocol):
             progress.final[index] = await self._reply(waiting)
 
     def _content_written(self, producer: _ContentProducer, piece: bytes, last: bool) -> None:
-        if piece:
-            self.wire.write(piece)
         if not last:
+            if piece:
+                self.wire.write(piece)
             self._arm()
             return
         self._producer = None
         self.wire.unregisterProducer()
+        if piece:  # no producer waits for the buffer to drain now: it may go at once
+            write_now(self.wire, piece)
         self._arm()
         producer.finished.callback(None)
 

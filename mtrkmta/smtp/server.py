@@ -22,6 +22,7 @@ from zope.interface import Attribute, Interface
 
 from mtrkmta.auth import ChecksBusy
 from mtrkmta.authlimits import guard_of
+from mtrkmta.eagerwrite import write_now
 from mtrkmta.envelope import BINARYMIME, ClientInfo, Envelope, MailParams, RcptParams, Recipient
 from mtrkmta.faults import IFaults, NoFaults
 from mtrkmta.metrics import IMetrics, NoMetrics, refusal_reason
@@ -205,6 +206,10 @@ def _chunks_result(chunks: ChunkedContent) -> DataResult:
     )
 
 
+HELD_REPLIES = 32
+"""Replies to pipelined commands held for one write at most; more go to the transport,
+whose buffer limit (``SessionGuard``) stops reading when the client does not read."""
+
 R_OK = Reply(250, "2.0.0", ("Ok",))
 R_BAD_SEQUENCE = Reply(503, "5.5.1", ("Bad sequence of commands",))
 R_TOO_BIG = Reply(552, "5.3.4", ("Message size exceeds fixed maximum message size",))
@@ -250,6 +255,8 @@ class SMTPServer(Protocol, SessionGuard):
         # For the log: [accepted, total] per command verb, and the command awaiting its reply.
         self._counts: dict[str, list[int]] = {}
         self._replying_to: tuple[str, str, IncomingTransaction | None] | None = None
+        # Replies held while one read's commands are answered, to leave in one write.
+        self._held: list[bytes] | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -320,6 +327,18 @@ class SMTPServer(Protocol, SessionGuard):
     # -- the command loop ---------------------------------------------------
 
     def _process(self) -> None:
+        """Answer every complete command received; the replies to a pipelined group
+        leave in one write when it is done or must wait (RFC 2920 §3.2)."""
+        if self._held is not None:
+            self._process_input()
+            return
+        self._held = []
+        try:
+            self._process_input()
+        finally:
+            self._release_replies()
+
+    def _process_input(self) -> None:
         while not self._waiting and not self._closing and not self.output_blocked:
             if self._chunk is not None:
                 # A BDAT chunk: exactly its octets are content, whatever they look like.
@@ -377,14 +396,21 @@ class SMTPServer(Protocol, SessionGuard):
         self._waiting = False
         if self._closing:
             return
-        if reply is not None:
-            self._send(reply)
-        if self._shutting_down:
-            self.shutdown(self._farewell)
-            return
-        self._expect_line(self.settings.idle_timeout)
-        self._resume_reading("answer")
-        self._process()
+        outer = self._held is None  # else fired at once, inside _process
+        if outer:  # this reply and those to commands already received: one write
+            self._held = []
+        try:
+            if reply is not None:
+                self._send(reply)
+            if self._shutting_down:
+                self.shutdown(self._farewell)
+                return
+            self._expect_line(self.settings.idle_timeout)
+            self._resume_reading("answer")
+            self._process()
+        finally:
+            if outer:
+                self._release_replies()
 
     def _output_drained(self) -> None:
         self._process()
@@ -413,11 +439,35 @@ class SMTPServer(Protocol, SessionGuard):
             self._replied(self._replying_to, reply if isinstance(reply, Reply) else reply[0])
             self._replying_to = None
         if isinstance(reply, Reply):
-            self.transport.write(reply.render())
+            self._write(reply.render())
         else:
-            self.transport.write(b"".join(r.render() for r in reply))
+            self._write(b"".join(r.render() for r in reply))
+
+    def _write(self, data: bytes) -> None:
+        """Send ``data`` now, or after the commands being answered (``_process``)."""
+        held = self._held
+        if held is None:
+            write_now(self.transport, data)
+            return
+        held.append(data)
+        if len(held) >= HELD_REPLIES:  # the transport's buffer decides when reading stops
+            self._flush_replies()
+
+    def _release_replies(self) -> None:
+        """Send the replies held so far; stop holding."""
+        held, self._held = self._held, None
+        if held:
+            write_now(self.transport, b"".join(held))
+
+    def _flush_replies(self) -> None:
+        """Send the replies held so far and go on holding (before TLS starts, or closing)."""
+        held = self._held
+        if held:
+            write_now(self.transport, b"".join(held))
+            held.clear()
 
     def _close(self) -> None:
+        self._flush_replies()
         self._guard_close()
 
     def _replied(self, command: tuple[str, str, IncomingTransaction | None], reply: Reply) -> None:
@@ -565,6 +615,7 @@ class SMTPServer(Protocol, SessionGuard):
         if argument.strip():
             return Reply(501, "5.5.4", ("Syntax: STARTTLS",))
         self._send(Reply(220, "2.0.0", ("Ready to start TLS",)))
+        self._flush_replies()  # in clear, before TLS starts
         # Nothing the client sent in clear after STARTTLS may run under TLS.
         self.framer.reset()
         ITLSTransport(self.transport).startTLS(self.settings.tls)
@@ -660,8 +711,7 @@ class SMTPServer(Protocol, SessionGuard):
 
     def _challenge(self, prompt: bytes, handler: Callable[[bytes], ReplyOrDeferred | None]) -> None:
         # RFC 4954 §4: continue-req = "334" SP [base64] CRLF, the space even when empty.
-        assert self.transport is not None
-        self.transport.write(b"334 " + base64.b64encode(prompt) + b"\r\n")
+        self._write(b"334 " + base64.b64encode(prompt) + b"\r\n")
         self._line_handler = handler
 
     @staticmethod

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from mtrkmta.smtp.command import AddressLimits
 from mtrkmta.smtp.reply import Reply
-from mtrkmta.smtp.server import IReceiver, ServerSettings, SMTPServerFactory
+from mtrkmta.smtp.server import HELD_REPLIES, IReceiver, ServerSettings, SMTPServerFactory
 
 
 class MemorySink:
@@ -484,3 +486,73 @@ def test_empty_local_part_is_refused_at_rcpt(client):
     assert client.send(b'RCPT TO:<""@x.test>\r\n') == [
         b"553 5.1.3 Empty local part: no such mailbox"
     ]
+
+
+class _CountingTransport(StringTransport):
+    """A StringTransport that keeps every write apart."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+
+def test_replies_to_a_pipelined_group_leave_in_one_write(receiver, clock):
+    # RFC 2920 §3.2: the replies to commands received together go out together, in
+    # order, once the group is answered (one write: one send, not one per reply).
+    proto = make_factory(receiver, clock).buildProtocol(None)
+    transport = _CountingTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    proto.makeConnection(transport)
+    transport.writes.clear()
+    proto.dataReceived(b"EHLO c.example\r\nMAIL FROM:<s@c.example>\r\nRCPT TO:<u@x.example>\r\n")
+    assert len(transport.writes) == 1
+    assert transport.writes[0].endswith(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    # A reply that had to wait leaves with the replies to what was pipelined after it.
+    receiver.sender_checks = []
+    transport.writes.clear()
+    proto.dataReceived(b"RSET\r\nMAIL FROM:<s@c.example>\r\nRCPT TO:<u@x.example>\r\nNOOP\r\n")
+    assert transport.writes == [b"250 2.0.0 Ok\r\n"]
+    transport.writes.clear()
+    receiver.sender_checks[0].callback(None)
+    assert transport.writes == [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n"]
+    proto.connectionLost(None)
+
+
+def test_a_long_pipelined_group_is_written_in_parts(receiver, clock):
+    # The transport's buffer limit must still see the replies pile up when a client
+    # pipelines many commands and reads nothing (sessionguard's output pause).
+    proto = make_factory(receiver, clock).buildProtocol(None)
+    transport = _CountingTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    proto.makeConnection(transport)
+    transport.writes.clear()
+    proto.dataReceived(b"NOOP\r\n" * (3 * HELD_REPLIES))
+    assert len(transport.writes) == 3
+    assert b"".join(transport.writes) == b"250 2.0.0 Ok\r\n" * (3 * HELD_REPLIES)
+    proto.connectionLost(None)
+
+
+def test_starttls_reply_is_written_before_tls_starts(receiver, clock):
+    # RFC 3207 §4: the 220 goes in clear, then TLS starts; a held reply must not wait
+    # for the end of the group and end up encrypted.
+    events: list[object] = []
+
+    @implementer(ITLSTransport)
+    class TLSRecording(_CountingTransport):
+        def write(self, data):
+            events.append(data)
+            super().write(data)
+
+        def startTLS(self, context):
+            events.append("startTLS")
+
+    transport = TLSRecording(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    proto = make_factory(receiver, clock, tls=object()).buildProtocol(None)
+    proto.makeConnection(transport)
+    events.clear()
+    proto.dataReceived(b"EHLO c.example\r\nSTARTTLS\r\n")
+    assert events[-1] == "startTLS"
+    assert events[-2].endswith(b"220 2.0.0 Ready to start TLS\r\n")
+    proto.connectionLost(None)
