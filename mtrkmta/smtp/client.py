@@ -504,6 +504,10 @@ class SMTPClient(Protocol):
         else:
             timeout = None
         if timeout is None:
+            if self._error is None and self._connected:
+                # Idle between transactions: the timer stays (when it fires it finds
+                # nothing to time out), saving a new timer and a cancel per message.
+                return
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
@@ -514,6 +518,8 @@ class SMTPClient(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        if self._producer is None and not self._waiters:
+            return  # idle: nothing awaited
         awaiting = self._awaiting
         what = (
             "the server to take the message"
