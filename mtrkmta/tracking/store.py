@@ -4,7 +4,9 @@ Writes go through one GroupCommit, so concurrent writes share a transaction and
 at most one write transaction runs at a time per store; reads run in the same
 thread pool with deferToThreadPool. Everything dialect-specific (SQLite pragmas
 and BEGIN handling, the PostgreSQL migration lock) lives in the engine section
-at the end of this module; the SQL itself is portable Core.
+at the end of this module; the SQL itself is portable Core. The hot writes'
+rows (RowWrite) run by the driver's executemany, with the SQL, parameter order
+and bind processors SQLAlchemy compiled for the dialect (DriverStatements).
 """
 
 from __future__ import annotations
