@@ -78,6 +78,7 @@ def child(url: str | None, messages: int, batches: tuple[int, ...]) -> dict[str,
         )
         client = ClientInfo(address="127.0.0.1", port=40000, helo="localhost", listener="smtp")
         serial = 0
+        prefix = os.urandom(4).hex()  # a --url database is shared by every run
 
         def committed(submit: Callable[[str], object], queue_ids: list[str]) -> float:
             """Submit one write per queue id as one batch; the CPU seconds of its commit."""
@@ -128,7 +129,7 @@ def child(url: str | None, messages: int, batches: tuple[int, ...]) -> dict[str,
                 ids = []
                 for _ in range(k):
                     serial += 1
-                    ids.append(f"Q{serial:012d}")
+                    ids.append(f"Q{prefix}{serial:08d}")
                 arrival += committed(arrive, ids)
                 outcome += committed(relay, ids)
             n = max(1, messages // k) * k
