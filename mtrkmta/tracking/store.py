@@ -4,7 +4,9 @@ Writes go through one GroupCommit, so concurrent writes share a transaction and
 at most one write transaction runs at a time per store; reads run in the same
 thread pool with deferToThreadPool. Everything dialect-specific (SQLite pragmas
 and BEGIN handling, the PostgreSQL migration lock) lives in the engine section
-at the end of this module; the SQL itself is portable Core.
+at the end of this module; the SQL itself is portable Core. The hot writes'
+rows (RowWrite) run by the driver's executemany, with the SQL, parameter order
+and bind processors SQLAlchemy compiled for the dialect (DriverStatements).
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from sqlalchemy import (
     union,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlalchemy.sql.expression import ColumnElement, FromClause
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement, ColumnElement, FromClause
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -211,11 +214,111 @@ class RowWrite:
 WriteOp = Callable[[Connection], object] | RowWrite
 
 
-def _execute_rows(conn: Connection, rows: dict[Executable, list[dict[str, object]]]) -> None:
-    """Execute and clear the collected rows, statement by statement in first-seen order."""
-    for statement, statement_rows in rows.items():
-        conn.execute(statement, statement_rows)
-    rows.clear()
+Processor = Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverStatement:
+    """A prepared statement compiled once for a dialect, run by the driver's executemany
+    (``Connection.exec_driver_sql``): SQLAlchemy's own SQL, parameter order and bind
+    processors, without its per-execute cache look-up, compilation context and
+    parameter processing (the commit thread's CPU competes with the reactor's)."""
+
+    sql: str
+    names: tuple[str, ...]  # the driver's parameter names (unused when positional)
+    sources: tuple[str, ...]  # the row key of each parameter, in the driver's order
+    converts: tuple[tuple[int, Processor], ...]  # (position, bind processor)
+    positional: bool
+
+    def parameters(
+        self, rows: Sequence[Mapping[str, object]]
+    ) -> list[tuple[object, ...]] | list[dict[str, object]]:
+        """The driver's parameters for ``rows``, converted as SQLAlchemy converts them."""
+        sources, converts = self.sources, self.converts
+        converted: list[tuple[object, ...]] = []
+        for row in rows:
+            values = [row[key] for key in sources]
+            for position, processor in converts:
+                values[position] = processor(values[position])
+            converted.append(tuple(values))
+        if self.positional:
+            return converted
+        return [dict(zip(self.names, values, strict=True)) for values in converted]
+
+
+def driver_statement(
+    statement: Executable, dialect: Dialect, keys: frozenset[str]
+) -> DriverStatement | None:
+    """``statement`` compiled as ``Connection.execute`` compiles it for an executemany of
+    rows with ``keys``, or None when the driver path does not apply (a parameter that is
+    expanded, rendered literally or not in the rows, a default computed at execution)."""
+    if not isinstance(statement, ClauseElement):
+        return None
+    compiled = statement.compile(dialect=dialect, column_keys=sorted(keys), for_executemany=True)
+    if not isinstance(compiled, SQLCompiler) or compiled.schema_translate_map:
+        return None
+    if compiled.literal_execute_params or compiled.post_compile_params:
+        return None
+    if compiled.insert_prefetch or compiled.update_prefetch or compiled.effective_returning:
+        return None
+    binds = {name: bindparam for bindparam, name in compiled.bind_names.items()}
+    order = list(compiled.positiontup or ()) if compiled.positional else list(binds)
+    if set(order) != set(binds):  # a positional parameter may come twice
+        return None
+    sources: list[str] = []
+    converts: list[tuple[int, Processor]] = []
+    for position, name in enumerate(order):
+        bindparam = binds[name]
+        if bindparam.key in keys:
+            sources.append(bindparam.key)
+        elif name in keys:
+            sources.append(name)
+        else:  # a default or a constant of the statement: Core fills those in
+            return None
+        processor = bindparam.type.dialect_impl(dialect).bind_processor(dialect)
+        if processor is not None:
+            converts.append((position, processor))
+    escaped = compiled.escaped_bind_names
+    return DriverStatement(
+        sql=compiled.string,
+        names=tuple(escaped.get(name, name) for name in order),
+        sources=tuple(sources),
+        converts=tuple(converts),
+        positional=bool(compiled.positional),
+    )
+
+
+class DriverStatements:
+    """The driver statements of one engine's prepared statements, compiled on first use."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[tuple[Executable, frozenset[str]], DriverStatement | None] = {}
+
+    def execute_rows(
+        self, conn: Connection, rows: dict[Executable, list[dict[str, object]]]
+    ) -> None:
+        """Execute and clear the collected rows, statement by statement in first-seen order:
+        by the driver when every row of a statement has the same keys, else by Core."""
+        for statement, statement_rows in rows.items():
+            driver = self._driver(conn, statement, statement_rows)
+            if driver is None:
+                conn.execute(statement, statement_rows)
+            else:
+                conn.exec_driver_sql(driver.sql, driver.parameters(statement_rows))
+        rows.clear()
+
+    def _driver(
+        self, conn: Connection, statement: Executable, rows: list[dict[str, object]]
+    ) -> DriverStatement | None:
+        if not rows:
+            return None
+        keys = frozenset(rows[0])
+        if any(row.keys() != keys for row in rows):
+            return None
+        key = (statement, keys)
+        if key not in self._compiled:
+            self._compiled[key] = driver_statement(statement, conn.dialect, keys)
+        return self._compiled[key]
 
 
 def recipient_update(schema: TrackingSchema) -> Update:
@@ -465,6 +568,7 @@ class SQLTrackingStore:
         self._insert_event = self._schema.events.insert()
         self._insert_known_event = known_message_event(self._schema)
         self._insert_outbox = self._schema.webhook_outbox.insert()
+        self._driver = DriverStatements()  # the rows of RowWrites go by the driver
         self._writes: GroupCommit[WriteOp, object] = GroupCommit(
             reactor, threadpool if commit_pool is None else commit_pool, self._commit
         )
@@ -968,9 +1072,9 @@ class SQLTrackingStore:
                             rows.setdefault(statement, []).extend(statement_rows)
                         results.append(None)
                     else:
-                        _execute_rows(conn, rows)
+                        self._driver.execute_rows(conn, rows)
                         results.append(op(conn))
-                _execute_rows(conn, rows)
+                self._driver.execute_rows(conn, rows)
                 self._faults.reached("tracking.write")  # an OSError here: a failed write
                 return results
 
