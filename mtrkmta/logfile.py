@@ -8,12 +8,14 @@ import re
 import socket
 import string
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
@@ -24,6 +26,7 @@ from twisted.logger import (
     formatTime,
 )
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from mtrkmta.config import Logging
@@ -395,20 +398,154 @@ def text_observer(out: TextIO, process: str | None = None) -> FileLogObserver:
     return FileLogObserver(out, format_event)
 
 
+BATCH_LIMIT = 65536
+"""Characters of log lines a :class:`BatchedOutput` keeps before it writes them at once."""
+
+ATOMIC_WRITE = 4096
+"""Octets one write of a :class:`BatchedOutput` holds at most (whole lines; a longer
+line alone): ``PIPE_BUF``, so that the lines of worker processes sharing the output
+(a pipe) never interleave within a line, as with one write per line."""
+
+
+class BatchedOutput:
+    """The log observers' stream: the lines of one turn of the reactor in one write.
+
+    Twisted's ``FileLogObserver`` writes and flushes every line: one ``write(2)`` per
+    line, in the reactor thread, several per message. This stream keeps the lines
+    and writes them with one write and one flush at the end of the reactor's turn
+    (``callLater(0)``; from another thread ``callFromThread``). It writes at once
+    when :data:`BATCH_LIMIT` characters wait, when the reactor is not running
+    (start-up, shutdown, the last lines of the process) and when told to
+    (:meth:`write_pending`, which the observers call for an event at level warn or
+    above). A process killed outright (``SIGKILL``) loses at most the lines of the
+    turn it was in; any other end of the process writes them.
+    """
+
+    def __init__(
+        self,
+        out: TextIO,
+        reactor: Any,
+        limit: int = BATCH_LIMIT,
+        in_reactor_thread: Callable[[], bool] = isInIOThread,
+    ) -> None:
+        self._out = out
+        self._reactor = reactor
+        self._limit = limit
+        self._in_reactor_thread = in_reactor_thread
+        # Re-entrant: a signal handler may log while this thread holds it.
+        self._lock = threading.RLock()
+        self._writing = threading.Lock()  # held by the one caller writing
+        self._lines: list[str] = []
+        self._size = 0
+        self._scheduled = False
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._lines.append(text)
+            self._size += len(text)
+            at_once = self._size >= self._limit or not IReactorCore(self._reactor).running
+            schedule = not at_once and not self._scheduled
+            if schedule:
+                self._scheduled = True
+        if at_once:
+            self.write_pending()
+        elif schedule:
+            if self._in_reactor_thread():
+                IReactorTime(self._reactor).callLater(0, self.write_pending)
+            else:
+                IReactorFromThreads(self._reactor).callFromThread(self.write_pending)
+
+    def flush(self) -> None:
+        """Nothing: ``FileLogObserver`` flushes after every line, the batch is flushed
+        when written (:meth:`write_pending`)."""
+
+    def write_pending(self) -> None:
+        """Write every line kept so far, in as few writes of at most :data:`ATOMIC_WRITE`
+        octets as whole lines allow, each flushed.
+
+        One caller writes at a time and writes until nothing is left; a call meanwhile
+        (another thread, or this one from a signal handler that logs while a write is
+        under way, as Twisted's SIGTERM handler does) leaves its lines to that writer.
+        No lock is held while writing, so a line logged during a write never waits."""
+        while True:
+            if not self._writing.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self._lock:
+                        lines, self._lines = self._lines, []
+                        self._size = 0
+                        self._scheduled = False
+                    if not lines:
+                        break
+                    self._write_lines(lines)
+            finally:
+                self._writing.release()
+            with self._lock:
+                if not self._lines:  # else logged just before the release: go on
+                    return
+
+    def _write_lines(self, lines: list[str]) -> None:
+        chunk: list[str] = []
+        octets = 0
+        for line in lines:
+            size = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
+            if chunk and octets + size > ATOMIC_WRITE:
+                self._emit(chunk)
+                chunk, octets = [], 0
+            chunk.append(line)
+            octets += size
+        if chunk:
+            self._emit(chunk)
+
+    def _emit(self, lines: list[str]) -> None:
+        self._out.write("".join(lines))
+        self._out.flush()
+
+
+@implementer(ILogObserver)
+class _Batched:
+    """An observer writing to a :class:`BatchedOutput`, whose lines go out at once for a
+    warning or worse (what an operator must see even if the process dies next)."""
+
+    def __init__(self, observer: ILogObserver, stream: BatchedOutput) -> None:
+        self._observer = observer
+        self._stream = stream
+
+    def __call__(self, event: LogEvent) -> None:
+        self._observer(event)
+        level = event.get("log_level")
+        if level is not None and level >= LogLevel.warn:
+            self._stream.write_pending()
+
+
 def observer(process: str | None = None) -> FileLogObserver:
     """``twistd --logger=mtrkmta.logfile.observer``: the text log on standard output."""
     return text_observer(sys.stdout, process)
 
 
 def configured_observer(
-    settings: Logging, process: str | None = None, out: TextIO | None = None
+    settings: Logging,
+    process: str | None = None,
+    out: TextIO | None = None,
+    reactor: Any = None,
 ) -> ILogObserver:
     """The observer the ``[logging]`` settings ask for: syslog (``logging.syslog``), else
-    standard output (or ``out``); text lines or JSON objects (``logging.format``)."""
+    standard output (or ``out``); text lines or JSON objects (``logging.format``).
+
+    With ``reactor``, the lines of one reactor turn go out in one write
+    (:class:`BatchedOutput`); without, each line is written when logged."""
     json_format = settings.format == "json"
     if settings.syslog:
         return SyslogObserver(
             settings.syslog_socket, settings.prefix, json_format=json_format, process=process
         )
-    stream = sys.stdout if out is None else out
-    return json_observer(stream, process) if json_format else text_observer(stream, process)
+    stream: TextIO = sys.stdout if out is None else out
+    if reactor is None:
+        return json_observer(stream, process) if json_format else text_observer(stream, process)
+    batched = BatchedOutput(stream, reactor)
+    # Lines of the reactor's last turns: written once it has stopped (see BatchedOutput).
+    IReactorCore(reactor).addSystemEventTrigger("after", "shutdown", batched.write_pending)
+    target = cast(TextIO, batched)
+    made = json_observer(target, process) if json_format else text_observer(target, process)
+    return _Batched(made, batched)

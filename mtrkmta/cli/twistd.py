@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import app
+from twisted.logger import ILogObserver
 from twisted.scripts._twistd_unix import ServerOptions, UnixApplicationRunner, UnixAppLogger
 
 from mtrkmta.logfile import configured_observer
@@ -19,7 +20,15 @@ class _AppLogger(UnixAppLogger):
     def __init__(self, options: Any) -> None:
         super().__init__(options)
         settings = options.subOptions.config.logging
-        self._observerFactory = lambda: configured_observer(settings)
+
+        def observer() -> ILogObserver:
+            # Called when logging starts, after the application was made: the reactor
+            # twistd runs is installed by then.
+            from twisted.internet import reactor
+
+            return configured_observer(settings, reactor=reactor)
+
+        self._observerFactory = observer
 
 
 class _Runner(UnixApplicationRunner):

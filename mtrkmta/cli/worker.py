@@ -62,7 +62,8 @@ def main() -> int:
         line += chunk
     config, role, origin = decode(line)
     globalLogBeginner.beginLoggingTo(
-        [configured_observer(config.logging, f"worker {role.index}")], redirectStandardIO=False
+        [configured_observer(config.logging, f"worker {role.index}", reactor=reactor)],
+        redirectStandardIO=False,
     )
     # The origin lets a reload read the configuration again; a worker starts no workers.
     service = MTAService(config, reactor, worker=role, origin=origin)
