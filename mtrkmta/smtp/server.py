@@ -455,16 +455,16 @@ class SMTPServer(Protocol, SessionGuard):
 
     def _release_replies(self) -> None:
         """Send the replies held so far; stop holding."""
-        held, self._held = self._held, None
-        if held:
-            write_now(self.transport, b"".join(held))
+        self._flush_replies()
+        self._held = None
 
     def _flush_replies(self) -> None:
         """Send the replies held so far and go on holding (before TLS starts, or closing)."""
         held = self._held
         if held:
-            write_now(self.transport, b"".join(held))
+            data = b"".join(held)
             held.clear()
+            write_now(self.transport, data)
 
     def _close(self) -> None:
         self._flush_replies()
