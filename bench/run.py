@@ -450,6 +450,9 @@ class TreeSampler:
         self.interval = interval
         self.peak = {"rss_kib": 0, "pss_kib": 0, "processes": 0, "fds": 0}
         self.samples = 0
+        self.started = time.monotonic()
+        self.timeline: list[tuple[float, int]] = []  # (seconds since start, summed RSS KiB)
+        self.marks: dict[str, float] = {}  # phase name -> seconds since start
         self.cpu_seconds = 0.0  # the sampler thread's own CPU time
         self.stopping = threading.Event()
         self.running = threading.Event()  # cleared: no sampling (a timed run is measuring)
@@ -464,11 +467,15 @@ class TreeSampler:
             count, rss, pss = tree_rss_kib(self.root)
             fds = most_fds(self.root)
             self.samples += 1
+            self.timeline.append((round(time.monotonic() - self.started, 1), rss))
             for key, value in (
                 ("rss_kib", rss), ("pss_kib", pss), ("processes", count), ("fds", fds)
             ):  # fmt: skip
                 self.peak[key] = max(self.peak[key], value)
             self.cpu_seconds += time.thread_time() - started
+
+    def mark(self, phase: str) -> None:
+        self.marks[phase] = round(time.monotonic() - self.started, 1)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -699,6 +706,7 @@ def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
                 )  # fmt: skip
             ctx.log(f"f ({system}): smtp-source with the sessions idle: {result['idle']}")
             # 2b. the sessions send their messages; smtp-source again meanwhile
+            sampler.mark("go")
             for proc in slows:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
@@ -714,6 +722,7 @@ def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
             result["loaded_rate"] = loaded["rate"]
             result["loaded_within_window"] = time.monotonic() <= window_end
             ctx.log(f"f ({system}): smtp-source while the sessions send: {loaded}")
+            sampler.mark("ordinary_done")
             finals = []
             for proc in slows:
                 assert proc.stdout is not None
@@ -721,9 +730,14 @@ def measure_concurrency(ctx: Context, system: str) -> dict[str, Any]:
                 proc.wait()
                 finals.append(json.loads(lines[-1]) if lines else {})
             cpu1 = tree_cpu_seconds(sut)
+            sampler.mark("slow_done")
         result["slow"] = merge_slow(finals, held)
         result["memory"] = dict(
-            sampler.peak, samples=sampler.samples, sampler_cpu_seconds=round(sampler.cpu_seconds, 2)
+            sampler.peak,
+            samples=sampler.samples,
+            sampler_cpu_seconds=round(sampler.cpu_seconds, 2),
+            marks=sampler.marks,
+            timeline=sampler.timeline,
         )
         result["cpu_seconds"] = sum(cpu1) - sum(cpu0)
         completed = int(result["slow"].get("completed", 0))

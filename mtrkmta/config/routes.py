@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import cast
 
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.testing import MemoryReactor
 
 from mtrkmta.config.convert import (
+    PARSE_ONLY,
     TLS_POLICIES,
     Transport,
     _choice,
@@ -191,7 +191,7 @@ def _route_target(domain: object, target: object) -> Route:
         return Route(name, cast(Transport, transport))
     if transport in ("lmtp", "smtp") and endpoint:
         try:
-            clientFromString(MemoryReactor(), endpoint)
+            clientFromString(PARSE_ONLY, endpoint)
         except Exception as exc:  # Twisted's parsers raise anything from ValueError to TypeError.
             raise _Invalid(
                 f"expected a client endpoint description such as tcp:host=127.0.0.1:port=2526 "

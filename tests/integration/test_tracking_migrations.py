@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,8 +90,36 @@ def test_upgrade_is_idempotent_and_reaches_head(db_url):
     assert migrate.current_revision(db_url) is None
     migrate.upgrade(db_url)
     migrate.upgrade(db_url)
-    assert migrate.head_revision() == "0009"
+    assert migrate.head_revision() == migrate.HEAD_REVISION == "0009"
     assert migrate.current_revision(db_url) == "0009"
+
+
+LOADS_ALEMBIC = (
+    "import sys; from mtrkmta.tracking.migrate import upgrade; upgrade(sys.argv[1]); "
+    "print('alembic' in sys.modules, 'mako' in sys.modules)"
+)
+
+
+def test_upgrade_loads_alembic_only_when_there_is_something_to_do(db_url):
+    """A start on a database at HEAD_REVISION (every worker, every restart) does not pay
+    Alembic's memory; a fresh database or one behind is migrated as before."""
+
+    def upgrade_in_a_new_process() -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", LOADS_ALEMBIC, db_url],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return done.stdout.strip()
+
+    assert upgrade_in_a_new_process() == "True True"  # fresh: migrated
+    assert migrate.current_revision(db_url) == migrate.HEAD_REVISION
+    assert upgrade_in_a_new_process() == "False False"  # at head: a plain SELECT
+    migrate.downgrade(db_url, "0008")
+    assert upgrade_in_a_new_process() == "True True"  # behind: migrated
+    assert migrate.current_revision(db_url) == migrate.HEAD_REVISION
 
 
 def test_downgrade_to_base_and_back(db_url):
