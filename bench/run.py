@@ -949,6 +949,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="(f) slow sessions per source address 127.0.0.2, 127.0.0.3, ...",
     )
     parser.add_argument(
+        "--f-systems",
+        default="postfix,mtrkmta",
+        choices=("postfix,mtrkmta", "mtrkmta", "postfix"),
+        help="(f) the systems measured (experiments: one alone)",
+    )
+    parser.add_argument(
         "--ordinary-messages", type=int, default=2000, help="(f) smtp-source -m, each time"
     )
     parser.add_argument(
@@ -1078,7 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{-(-args.slow_sessions // args.per_address)} source addresses, smtp-source "
                 f"-m {args.ordinary_messages} before and during"
             )
-            for system in ("postfix", "mtrkmta"):
+            for system in args.f_systems.split(","):
                 result = measure_concurrency(ctx, system)
                 concurrency.append(result)
                 ctx.log(describe_concurrency(result))

@@ -772,6 +772,7 @@ class MTAService(Service):
                 max_lifetime=config.queue.max_lifetime,
             ),
             destination_concurrency=config.delivery.destination_concurrency,
+            content_cache_bytes=config.queue.content_cache,
             transient_errors=(OSError, SpoolError, *TRANSIENT_ERRORS),
             faults=self.faults,
             metrics=self.metrics,

@@ -245,6 +245,8 @@ class Queue:
     max_retry_interval: float = field(default=HOUR, metadata=_key(_duration()))
     max_lifetime: float = field(default=5 * DAY, metadata=_key(_duration()))
     delay_warning: float = field(default=4 * HOUR, metadata=_key(_duration()))
+    # Accepted messages waiting for their first run, held in memory (0: none).
+    content_cache: int = field(default=8 * MiB, metadata=_key(_size(0)))
 
 
 def _pem_file(value: object, ctx: _Context) -> CAFile | None:

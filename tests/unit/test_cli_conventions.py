@@ -251,6 +251,7 @@ def test_show_config_n_prints_what_the_file_changes(tmp_path, capsys, monkeypatc
         'queue.max_retry_interval = "1h"',
         'queue.max_lifetime = "5d"',
         'queue.delay_warning = "4h"',
+        'queue.content_cache = "8M"',
     ]
 
 

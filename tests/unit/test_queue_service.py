@@ -27,7 +27,12 @@ from mtrkmta.delivery.interfaces import (
 )
 from mtrkmta.envelope import Envelope, Recipient
 from mtrkmta.queue.policy import RetryPolicy
-from mtrkmta.queue.service import QueueActionRefused, QueueService
+from mtrkmta.queue.service import (
+    ENTRY_COST,
+    RECIPIENT_COST,
+    QueueActionRefused,
+    QueueService,
+)
 from mtrkmta.spool.memory import MemorySpool
 from mtrkmta.tracking.interfaces import RecipientState
 from mtrkmta.tracking.memory import MemoryTrackingStore
@@ -243,6 +248,57 @@ async def test_only_the_first_run_of_a_message_accepted_here_is_a_first_attempt(
         await node.advance(0)
         assert [a[0] for a in node.transport.attempts] == ["q0901", "q0901", "q0902"]
         assert node.transport.firsts == [True, False, False]
+    finally:
+        await node.close()
+
+
+def count_spool_loads(node: Node) -> list[str]:
+    """The queue ids the queue loads from the spool from now on (the cache's misses)."""
+    loads: list[str] = []
+    load = node.spool.load
+
+    def counted(queue_id: str) -> Deferred:
+        loads.append(queue_id)
+        return load(queue_id)
+
+    node.spool.load = counted  # type: ignore[method-assign]
+    return loads
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cache_serves_the_first_run_only_and_a_retry_reads_the_spool(node):
+    await started(node)
+    node.transport.script["a@one.example"] = [RecipientState.DEFERRED, RecipientState.RELAYED]
+    loads = count_spool_loads(node)
+    try:
+        envelope = await node.accept("q0903", "a@one.example", "b@two.example")
+        content_cost = len(b"Subject: test\r\n\r\nbody\r\n")
+        assert node.queue._cache.size == content_cost + ENTRY_COST + 2 * RECIPIENT_COST
+        await node.advance(0)
+        assert (loads, node.queue._cache.size) == ([], 0)  # the first run: no spool read
+        await node.advance(24 * 3600)
+        assert loads == [envelope.queue_id]  # the retry
+        assert await node.states("q0903") == [("relayed", "2.1.9"), ("relayed", "2.1.9")]
+    finally:
+        await node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_cache_keeps_what_it_holds_and_a_newcomer_is_read_from_the_spool(node):
+    # A burst beyond the bound: the messages held (the older ones, which run first) stay;
+    # evicting them for newer ones would make every run read the spool.
+    await started(node)
+    one_message = len(b"Subject: test\r\n\r\nbody\r\n") + ENTRY_COST + RECIPIENT_COST
+    node.queue._cache.max_bytes = 2 * one_message
+    loads = count_spool_loads(node)
+    try:
+        for n in range(4):
+            await node.accept(f"q091{n}", f"r{n}@one.example")
+        assert node.queue._cache.size == 2 * one_message
+        await node.advance(0)
+        assert sorted(loads) == ["q0912", "q0913"]
+        assert node.queue._cache.size == 0
+        assert sorted(a[0] for a in node.transport.attempts) == [f"q091{n}" for n in range(4)]
     finally:
         await node.close()
 
