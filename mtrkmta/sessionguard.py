@@ -67,6 +67,20 @@ class SessionGuard:
 
     # -- start and stop ------------------------------------------------------------------
 
+    def _guard_init(self) -> None:
+        """Optional, from the protocol's __init__: every attribute set now, in one order,
+        so that none is added later. (An attribute added to one instance later, or in
+        another order, makes CPython give that instance a dictionary of its own.)"""
+        self._phase = None
+        self._deadline = 0.0
+        self._timer = None
+        self._session_timer = None
+        self._abort_timer = None
+        self._pauses = frozenset()
+        self._producing = False
+        self._data_clock = None
+        self._paused_at = None
+
     def _guard_start(self, session_time: float) -> None:
         """Call from connectionMade: become the transport's producer, start the session clock."""
         self.transport.registerProducer(self, True)
