@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from mtrkmta.envelope import ClientInfo, Envelope, MailParams, Mtrk, Recipient
 from mtrkmta.spool.codec import encode_envelope
-from mtrkmta.spool.filespool import HEADER_SIZE, FileSpool, bucket_of
+from mtrkmta.spool.filespool import HEADER_SIZE, MERGE_BELOW, FileSpool, bucket_of
 from mtrkmta.spool.interfaces import (
     DuplicateQueueId,
     IIncoming,
@@ -551,6 +551,22 @@ def test_small_message_stays_in_memory_and_commits_in_one_write(small_spool: Fil
     held = yield incoming.commit(env)
     assert held == CONTENT  # the queue's first run need not read the file back
     assert (yield small_spool.load(env.queue_id)) == (env, CONTENT)
+    yield small_spool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_written_a_line_at_a_time_is_held_in_few_pieces(small_spool: FileSpool):
+    yield small_spool.recover()
+    env = envelope()
+    incoming = small_spool.incoming(env.queue_id)
+    lines = [b"line %03d of a message sent slowly\r\n" % n for n in range(100)]
+    for line in lines:
+        assert incoming.write(line) is None
+    content = b"".join(lines)  # 3,600 octets: under the 4 KiB kept in memory
+    assert len(incoming._held) <= len(content) // MERGE_BELOW + 1
+    incoming.write(b"x" * 2000)  # past the limit: all of it goes to incoming/
+    assert (yield incoming.commit(env)) is None  # streamed: nothing held to hand over
+    assert (yield small_spool.load(env.queue_id)) == (env, content + b"x" * 2000)
     yield small_spool.close()
 
 
