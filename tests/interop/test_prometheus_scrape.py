@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from interop_lab import Daemon, Lab, eventually, in_thread, program, running_mtrkmta, send_mail
+from interop_lab import (
+    START_TIMEOUT,
+    Daemon,
+    Lab,
+    eventually,
+    in_thread,
+    program,
+    running_mtrkmta,
+    send_mail,
+)
 from twisted.internet import reactor
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
@@ -53,6 +64,22 @@ class Prometheus(Daemon):
             ],
             [],
         )
+
+    def start(self) -> None:
+        """Start, then wait until its storage is open: the web port answers before that,
+        and the query API says 503 until /-/ready does not."""
+        super().start()
+        deadline = time.monotonic() + START_TIMEOUT
+        url = f"http://127.0.0.1:{self.port}/-/ready"
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except urllib.error.HTTPError as error:  # 503: "Service Unavailable" while starting
+                if error.code != 503 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
 
     def api(self, path: str, **query: str) -> Any:
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(query)}"
