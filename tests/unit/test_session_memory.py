@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 
-import pytest
 from test_smtp_server import Client, make_factory
 from twisted.internet.defer import Deferred
 
@@ -50,7 +49,6 @@ def test_a_session_keeps_its_attributes_within_the_shared_key_limit(client, rece
     assert len(attributes) <= MOST_ATTRIBUTES, sorted(attributes)
 
 
-@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's dictionaries")
 def test_a_session_dictionary_does_not_grow_through_its_phases(client, receiver, clock):
     # Another session first, whose attributes change in another order (it closes before
     # anything pauses): the key table the class shares must still fit this one.
