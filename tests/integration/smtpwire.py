@@ -250,6 +250,32 @@ def queue_id_of(reply: WireReply) -> str:
     return match.group(1)
 
 
+class RefusingPort:
+    """A loopback TCP port held bound but not listening: every connection is refused.
+
+    A next hop that is down. Finding a free port and closing it is not enough: the
+    next ``bind(("127.0.0.1", 0))`` (a node's own listener started after it, or a
+    connection's source port) may get the same port, and the "down" hop answers.
+    Holding the bound socket keeps the port out of the kernel's hands until
+    ``release()`` (before a test starts a server on it) or the end of the ``with``.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind((HOST, 0))
+        self.port = int(self._sock.getsockname()[1])
+
+    def release(self) -> int:
+        self._sock.close()
+        return self.port
+
+    def __enter__(self) -> RefusingPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+
 def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a blocking client conversation in a thread; a Deferred of its result."""
     return threads.deferToThread(fn, *args)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest_twisted
 from certs import tls_options
+from smtpwire import RefusingPort
 from test_tracking_chain import (
     A_NAME,
     B_NAME,
@@ -21,7 +22,6 @@ from test_tracking_chain import (
     REPLY_TIMEOUT,
     Chain,
     chain,
-    closed_port,
     until,
 )
 from twisted.internet import reactor
@@ -63,20 +63,20 @@ async def deliver_through(
 
 async def track_from_outside(rig: Chain, tls: TLSMode = "none") -> Trace:
     """Follow the message from A, with B behind the firewall (a closed port)."""
-    firewalled = closed_port()
+    with RefusingPort() as firewalled:
 
-    def connect_to(host: str, port: int | None) -> tuple[str, int] | None:
-        return ("127.0.0.1", firewalled) if host == B_NAME else None
+        def connect_to(host: str, port: int | None) -> tuple[str, int] | None:
+            return ("127.0.0.1", firewalled.port) if host == B_NAME else None
 
-    client = TrackingClient(
-        reactor,
-        rig.dns.resolver(),
-        tls=tls,
-        reply_timeout=REPLY_TIMEOUT,
-        connect_to=connect_to,
-    )
-    record = last_record(rig.secrets)
-    return await client.follow(A_NAME, record.envid, record.secret)
+        client = TrackingClient(
+            reactor,
+            rig.dns.resolver(),
+            tls=tls,
+            reply_timeout=REPLY_TIMEOUT,
+            connect_to=connect_to,
+        )
+        record = last_record(rig.secrets)
+        return await client.follow(A_NAME, record.envid, record.secret)
 
 
 @pytest_twisted.ensureDeferred

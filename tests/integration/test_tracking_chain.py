@@ -19,7 +19,6 @@ import io
 import json
 import os
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -31,7 +30,7 @@ from typing import Any
 import pytest_twisted
 from dnsserver import DNSServer, Zone, a, mx, serve_dns
 from fakemta import ALL_EXTENSIONS, FakeMTA
-from smtpwire import queue_emptied
+from smtpwire import RefusingPort, queue_emptied
 from srvdns import mtqp_name, publish, srv
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
@@ -83,13 +82,6 @@ def local_zone(zone: str) -> Iterator[None]:
         else:
             os.environ["TZ"] = saved
         time.tzset()
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (C is down)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -322,38 +314,39 @@ async def test_send_then_track_through_three_hops(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_next_hop_down_shows_delayed_at_b(tmp_path):
-    async with chain(tmp_path) as rig:
-        down = closed_port()
-        await rig.start("b", B_NAME, ("routes", f"{DOMAIN}=lmtp:tcp:host=127.0.0.1:port={down}"))
-        await start_a(rig)
-        await rig.send()
+    with RefusingPort() as down:  # C is down
+        async with chain(tmp_path) as rig:
+            route = f"{DOMAIN}=lmtp:tcp:host=127.0.0.1:port={down.port}"
+            await rig.start("b", B_NAME, ("routes", route))
+            await start_a(rig)
+            await rig.send()
 
-        async def deferred_at_b() -> bool:
-            recipient = await rig.recipient("b")
-            return recipient is not None and recipient.state is RecipientState.DEFERRED
+            async def deferred_at_b() -> bool:
+                recipient = await rig.recipient("b")
+                return recipient is not None and recipient.state is RecipientState.DEFERRED
 
-        await until(deferred_at_b, "B's failed attempt to reach C")
-        status, text = await rig.track("--json")
-        assert status == 1, text  # still queued: not final
-        trace = json.loads(text)
-        assert trace["complete"] is False
-        assert [hop["host"] for hop in trace["hops"]] == [A_NAME, B_NAME]  # stops at B
-        assert hop_recipient(trace["hops"][0])["action"] == "transferred"
-        rcpt_b = hop_recipient(trace["hops"][1])
-        assert rcpt_b["action"] == "delayed" and rcpt_b["status"].startswith("4.")
-        assert rcpt_b["remote_mta"] == "dns; [127.0.0.1]"
-        assert rcpt_b["last_attempt_date"] is not None
-        assert (
-            rcpt_b["will_retry_until"] is not None
-        )  # RFC 3886 §3.3.7 (SHOULD): still in B's queue
-        assert at(rcpt_b["will_retry_until"]) > at(rcpt_b["last_attempt_date"])
-        (path,) = trace["recipients"]
-        assert (path["outcome"], path["final"]) == ("delayed", False)
+            await until(deferred_at_b, "B's failed attempt to reach C")
+            status, text = await rig.track("--json")
+            assert status == 1, text  # still queued: not final
+            trace = json.loads(text)
+            assert trace["complete"] is False
+            assert [hop["host"] for hop in trace["hops"]] == [A_NAME, B_NAME]  # stops at B
+            assert hop_recipient(trace["hops"][0])["action"] == "transferred"
+            rcpt_b = hop_recipient(trace["hops"][1])
+            assert rcpt_b["action"] == "delayed" and rcpt_b["status"].startswith("4.")
+            assert rcpt_b["remote_mta"] == "dns; [127.0.0.1]"
+            assert rcpt_b["last_attempt_date"] is not None
+            assert (
+                rcpt_b["will_retry_until"] is not None
+            )  # RFC 3886 §3.3.7 (SHOULD): still in B's queue
+            assert at(rcpt_b["will_retry_until"]) > at(rcpt_b["last_attempt_date"])
+            (path,) = trace["recipients"]
+            assert (path["outcome"], path["final"]) == ("delayed", False)
 
-        status, timeline = await rig.track()
-        assert status == 1
-        assert f"{RCPT}: still queued at {B_NAME} (" in timeline
-        assert "will retry until 20" in timeline
+            status, timeline = await rig.track()
+            assert status == 1
+            assert f"{RCPT}: still queued at {B_NAME} (" in timeline
+            assert "will retry until 20" in timeline
 
 
 @pytest_twisted.ensureDeferred
@@ -423,67 +416,67 @@ async def test_two_nodes_on_one_address_at_two_mtqp_ports(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_timeline_of_a_deferral_then_a_delivery_across_two_nodes(tmp_path):
-    # A cannot reach B at first (connection refused): its attempt fails with a next
-    # attempt; once B listens, A transfers the message and B delivers it. The events of
-    # both hops reach the client in their MTQP answers (X-Mtrkmta-Event, RFC 3464 §2.4).
-    async with chain(tmp_path) as rig:
-        port = closed_port()
-        route = f"{DOMAIN}=smtp:tcp:host=127.0.0.1:port={port};tls=none"
-        a = await rig.start("a", A_NAME, ("routes", route))
-        await rig.send()
+    with RefusingPort() as down:  # B is down until it starts on this port
+        # A cannot reach B at first (connection refused): its attempt fails with a next
+        # attempt; once B listens, A transfers the message and B delivers it. The events of
+        # both hops reach the client in their MTQP answers (X-Mtrkmta-Event, RFC 3464 §2.4).
+        async with chain(tmp_path) as rig:
+            route = f"{DOMAIN}=smtp:tcp:host=127.0.0.1:port={down.port};tls=none"
+            a = await rig.start("a", A_NAME, ("routes", route))
+            await rig.send()
 
-        async def deferred_at_a() -> bool:
-            recipient = await rig.recipient("a")
-            return recipient is not None and recipient.state is RecipientState.DEFERRED
+            async def deferred_at_a() -> bool:
+                recipient = await rig.recipient("a")
+                return recipient is not None and recipient.state is RecipientState.DEFERRED
 
-        await until(deferred_at_a, "A's failed attempt to reach B")
-        status, pending = await rig.track("--utc")
-        assert status == 1, pending  # still queued at A
-        assert f"{RCPT}: still queued at {A_NAME} (4." in pending
-        assert ", next attempt 20" in pending
+            await until(deferred_at_a, "A's failed attempt to reach B")
+            status, pending = await rig.track("--utc")
+            assert status == 1, pending  # still queued at A
+            assert f"{RCPT}: still queued at {A_NAME} (4." in pending
+            assert ", next attempt 20" in pending
 
-        b = await rig.start(
-            "b",
-            B_NAME,
-            ("domains.local", (DOMAIN,)),
-            ("listeners.smtp", f"tcp:{port}:interface=127.0.0.1"),
-        )
-        assert a.queue is not None
-        await a.queue.flush()
-        mailbox = rig.tmp / "b" / "mail" / "bob" / "new"
-        await until(lambda: mailbox.is_dir() and any(mailbox.iterdir()), "delivery at B")
-        await queue_emptied(a)
-        await queue_emptied(b)
+            b = await rig.start(
+                "b",
+                B_NAME,
+                ("domains.local", (DOMAIN,)),
+                ("listeners.smtp", f"tcp:{down.release()}:interface=127.0.0.1"),
+            )
+            assert a.queue is not None
+            await a.queue.flush()
+            mailbox = rig.tmp / "b" / "mail" / "bob" / "new"
+            await until(lambda: mailbox.is_dir() and any(mailbox.iterdir()), "delivery at B")
+            await queue_emptied(a)
+            await queue_emptied(b)
 
-        to_b = ("--connect-to", f"127.0.0.1=127.0.0.1:{b.port('mtqp')}")  # B by its address
-        status, text = await rig.track("--utc", "--json", *to_b)
-        assert status == 0, text
-        events = json.loads(text)["events"]
-        kinds = [(e["hop"], e["kind"]) for e in events if e["kind"] != "dsn-sent"]
-        assert kinds == [
-            (1, "arrived"),
-            (1, "deferred"),
-            (1, "transferred"),
-            (2, "arrived"),
-            (2, "delivered"),
-        ]
-        failed = events[1]
-        assert failed["status"].startswith("4.") and failed["next_attempt"] is not None
-        assert "Connection refused" in failed["diagnostic"]
-        assert failed["text"].startswith(f"attempt failed: {failed['status']} ")
+            to_b = ("--connect-to", f"127.0.0.1=127.0.0.1:{b.port('mtqp')}")  # B by its address
+            status, text = await rig.track("--utc", "--json", *to_b)
+            assert status == 0, text
+            events = json.loads(text)["events"]
+            kinds = [(e["hop"], e["kind"]) for e in events if e["kind"] != "dsn-sent"]
+            assert kinds == [
+                (1, "arrived"),
+                (1, "deferred"),
+                (1, "transferred"),
+                (2, "arrived"),
+                (2, "delivered"),
+            ]
+            failed = events[1]
+            assert failed["status"].startswith("4.") and failed["next_attempt"] is not None
+            assert "Connection refused" in failed["diagnostic"]
+            assert failed["text"].startswith(f"attempt failed: {failed['status']} ")
 
-        status, timeline = await rig.track("--utc", *to_b)
-        assert status == 0, timeline
-        lines = [line for line in timeline.splitlines() if re.match(r"  \d{4}-", line)]
-        texts = [re.sub(r"^  \S+ \S+ \+0000 +\+\S+  ", "", line) for line in lines]
-        assert texts[0] == f"hop 1  accepted by {A_NAME} over ESMTP"
-        assert re.fullmatch(
-            rf"hop 1  {RCPT}: attempt failed: 4\.\d\.\d [^(]+\(.*Connection refused.*\); "
-            r"next attempt \d\d:\d\d:\d\d",
-            texts[1],
-        ), texts[1]
-        assert texts[2].startswith(f"hop 1  {RCPT}: transferred to ")
-        assert texts[3] == f"hop 2  accepted by {B_NAME} over ESMTP"
-        assert texts[4].startswith(f"hop 2  {RCPT}: delivered")
-        assert lines[0].split()[3] == "+0s"
-        assert f"{RCPT}: delivered (2.1.5: destination address valid) at {B_NAME}" in timeline
+            status, timeline = await rig.track("--utc", *to_b)
+            assert status == 0, timeline
+            lines = [line for line in timeline.splitlines() if re.match(r"  \d{4}-", line)]
+            texts = [re.sub(r"^  \S+ \S+ \+0000 +\+\S+  ", "", line) for line in lines]
+            assert texts[0] == f"hop 1  accepted by {A_NAME} over ESMTP"
+            assert re.fullmatch(
+                rf"hop 1  {RCPT}: attempt failed: 4\.\d\.\d [^(]+\(.*Connection refused.*\); "
+                r"next attempt \d\d:\d\d:\d\d",
+                texts[1],
+            ), texts[1]
+            assert texts[2].startswith(f"hop 1  {RCPT}: transferred to ")
+            assert texts[3] == f"hop 2  accepted by {B_NAME} over ESMTP"
+            assert texts[4].startswith(f"hop 2  {RCPT}: delivered")
+            assert lines[0].split()[3] == "+0s"
+            assert f"{RCPT}: delivered (2.1.5: destination address valid) at {B_NAME}" in timeline

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from smtpwire import Wire, in_thread, queue_id_of, until
+from smtpwire import RefusingPort, Wire, in_thread, queue_id_of, until
 from twisted.internet import reactor
 
 from mtrkmta.mtqp.client import TrackingClient
@@ -35,12 +34,6 @@ ENVID = "split-1@origin.example"
 C_NAME = "mx-c.example.test"
 MESSAGE = b"From: s@origin.example\r\nSubject: split\r\n\r\nHello.\r\n"
 QUICK = (("durability.fsync", False), ("queue.first_retry", "1h"))
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -80,42 +73,43 @@ class Pair:
 
 @asynccontextmanager
 async def pair(tmp_path: Path, *b_options: tuple[str, object]) -> AsyncIterator[Pair]:
-    c = await start_node(
-        node_config(
-            tmp_path / "c",
-            hostname=C_NAME,
-            listeners=("smtp", "lmtp", "mtqp"),
-            options=(
-                *QUICK,
-                ("domains.local", ("c.example", "lmtp.example")),
-                ("local.users", ("alice", "bob", "dave")),
-                ("relay.trusted_networks", ("127.0.0.0/8",)),
-                ("routes", f"far.example=smtp:tcp:host=127.0.0.1:port={closed_port()}"),
-            ),
-        )
-    )
-    b = None
-    try:
-        smtp_c = f"smtp:tcp:host=127.0.0.1:port={c.port('smtp')};tls=none"
-        b = await start_node(
+    with RefusingPort() as far:  # far.example's next hop, down for the whole test
+        c = await start_node(
             node_config(
-                tmp_path / "b",
-                hostname="mx-b.example.test",
-                listeners=("smtp",),
+                tmp_path / "c",
+                hostname=C_NAME,
+                listeners=("smtp", "lmtp", "mtqp"),
                 options=(
                     *QUICK,
-                    ("routes", f"c.example={smtp_c}"),
-                    ("routes", f"far.example={smtp_c}"),
-                    ("routes", f"lmtp.example=lmtp:tcp:host=127.0.0.1:port={c.port('lmtp')}"),
-                    *b_options,
+                    ("domains.local", ("c.example", "lmtp.example")),
+                    ("local.users", ("alice", "bob", "dave")),
+                    ("relay.trusted_networks", ("127.0.0.0/8",)),
+                    ("routes", f"far.example=smtp:tcp:host=127.0.0.1:port={far.port}"),
                 ),
             )
         )
-        yield Pair(b, c)
-    finally:
-        if b is not None:
-            await stop_node(b)
-        await stop_node(c)
+        b = None
+        try:
+            smtp_c = f"smtp:tcp:host=127.0.0.1:port={c.port('smtp')};tls=none"
+            b = await start_node(
+                node_config(
+                    tmp_path / "b",
+                    hostname="mx-b.example.test",
+                    listeners=("smtp",),
+                    options=(
+                        *QUICK,
+                        ("routes", f"c.example={smtp_c}"),
+                        ("routes", f"far.example={smtp_c}"),
+                        ("routes", f"lmtp.example=lmtp:tcp:host=127.0.0.1:port={c.port('lmtp')}"),
+                        *b_options,
+                    ),
+                )
+            )
+            yield Pair(b, c)
+        finally:
+            if b is not None:
+                await stop_node(b)
+            await stop_node(c)
 
 
 async def settled(rig: Pair, parts: int) -> None:
