@@ -145,7 +145,8 @@ def safe_diagnostic(value: str) -> str:
     type gets ``smtp;`` when it starts with a reply code, else ``x-local;``; the text is
     made safe by :func:`safe_text`; a safe typed value comes back unchanged."""
     kind, semicolon, text = value.partition(";")
-    if semicolon and _ATOM.fullmatch(kind.strip(" ")):
-        return f"{kind};{safe_text(text)}"
-    kind = "smtp" if _REPLY_CODE.match(value) else "x-local"
-    return f"{kind}; {safe_text(value)}"
+    kind = kind.strip(" ")
+    if semicolon and _ATOM.fullmatch(kind):
+        return f"{kind};{safe_text(text)}"  # the spaces around the type dropped
+    untyped = "smtp" if _REPLY_CODE.match(value) else "x-local"
+    return f"{untyped}; {safe_text(value)}"

@@ -123,6 +123,7 @@ def test_safe_diagnostic_examples():
     assert safe_diagnostic("smtp; 550 5.1.1 bad\x01user") == "smtp; 550 5.1.1 bad\\x{01}user"
     assert safe_diagnostic("550 no") == "smtp; 550 no"
     assert safe_diagnostic("no route") == "x-local; no route"
+    assert safe_diagnostic(" 0;") == "0;"  # found by hypothesis: no space before the type
 
 
 def test_an_address_is_named_as_a_domain_literal():
