@@ -428,6 +428,7 @@ class MTAService(Service):
             clock=self.reactor,
             max_tracked_per_hour=config.tracking.max_tracked_per_hour,
             metrics=self.metrics,
+            max_accepting=config.limits.max_accepting,
         )
         if config.local.aliases is not None:
             self.aliases = AliasSource(config.local.aliases, self.reactor, self.threadpool)

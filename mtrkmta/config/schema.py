@@ -80,6 +80,7 @@ class Limits:
     data_buffer: int = field(default=256 * KiB, metadata=_key(_size(4 * KiB)))
     max_connections: int = field(default=1000, metadata=_key(_integer(1)))
     max_connections_per_ip: int = field(default=50, metadata=_key(_integer(1)))
+    max_accepting: int = field(default=256, metadata=_key(_integer(1)))
     min_free_space: int = field(default=100 * MiB, metadata=_key(_size(0)))
     max_received_headers: int = field(default=100, metadata=_key(_integer(1)))
     # RFC 5321 §4.5.3.1: the sizes a server must take at least, in octets.

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -25,6 +26,8 @@ from mtrkmta.spool.interfaces import IIncoming, ISpool
 from mtrkmta.tracking.interfaces import ITrackingStore, StoredMessage
 
 log = Logger()
+
+T = TypeVar("T")
 
 
 class TrackedRate:
@@ -70,6 +73,13 @@ class Acceptor:
     """Durable acceptance for one node: spool first, tracking record second.
 
     ``max_tracked_per_hour`` caps the tracked messages kept per client (0: no cap).
+
+    At most ``max_accepting`` messages are on their way through the spool's and the
+    tracking store's group commits at once; the others wait their turn, in order,
+    holding only what their sessions hold already. A burst of final dots (20,000 slow
+    sessions ending together, bench/ (f)) then costs the objects of that many
+    acceptances instead of one set per session (about 4 KiB each, 30 MiB in (f)).
+    Batches stay large: each of the two commits takes up to half of them at a time.
     """
 
     spool: ISpool
@@ -80,7 +90,12 @@ class Acceptor:
     clock: IReactorTime
     max_tracked_per_hour: int = 0
     metrics: IMetrics = field(default_factory=NoMetrics)  # told each message accepted
+    max_accepting: int = 256  # limits.max_accepting
     _tracked: TrackedRate = field(init=False, repr=False)
+    _accepting: int = field(default=0, init=False, repr=False)
+    _waiting: deque[tuple[Envelope, IIncoming, Deferred[Accepted]]] = field(
+        default_factory=deque, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         self._tracked = TrackedRate(self.max_tracked_per_hour, self.clock)
@@ -99,6 +114,29 @@ class Acceptor:
 
     def accept(self, envelope: Envelope, content: IIncoming) -> Deferred[Accepted]:
         """Store the message, then record it; fires once both are durable."""
+        if self._accepting >= self.max_accepting:
+            waiter: Deferred[Accepted] = Deferred()
+            self._waiting.append((envelope, content, waiter))
+            return waiter
+        return self._start(envelope, content)
+
+    @property
+    def waiting(self) -> int:
+        """How many messages wait for their turn to be made durable."""
+        return len(self._waiting)
+
+    def _start(self, envelope: Envelope, content: IIncoming) -> Deferred[Accepted]:
+        self._accepting += 1
+        return maybeDeferred(self._store, envelope, content).addBoth(self._finished)
+
+    def _finished(self, result: T) -> T:
+        self._accepting -= 1
+        if self._waiting:
+            envelope, content, waiter = self._waiting.popleft()
+            self._start(envelope, content).chainDeferred(waiter)
+        return result
+
+    def _store(self, envelope: Envelope, content: IIncoming) -> Deferred[Accepted]:
         if envelope.params.mtrk is not None and not self._tracked.allow(envelope.client):
             # RFC 3885 §4.1, doc/conformance.rst 3885-P8: over the client's quota the mail is
             # accepted, but no tracking data is kept for it (and no certifier goes on).
