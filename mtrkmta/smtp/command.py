@@ -54,6 +54,19 @@ NOT_IMPLEMENTED: frozenset[str] = frozenset({"EXPN"})
 not ``500 Command unrecognized`` (RFC 5321 §3.5.2, §7.3: a site may disable EXPN)."""
 
 
+# The verbs of RFC 5321, 2033 (LMTP) and their extensions as one shared string each: a
+# session keeps the verbs it used (its per-verb counts for the log), and 20,000 sessions
+# keeping their own copies of "MAIL" and "RCPT" would hold 4 MiB of them. Other verbs
+# stay the client's own strings (never interned: a client could make that table grow).
+_VERBS = {
+    verb: verb
+    for verb in (
+        "EHLO", "HELO", "LHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT",
+        "VRFY", "EXPN", "HELP", "STARTTLS", "AUTH",
+    )
+}  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """One received command line: upper-cased verb and the argument text after it."""
@@ -88,7 +101,8 @@ def parse_command(line: bytes, max_line: int = MAX_COMMAND_LINE) -> Command:
     verb, _, argument = text.partition(" ")
     if _VERB.fullmatch(verb) is None:
         raise _syntax("Syntax error: bad command")
-    return Command(verb=verb.upper(), argument=argument.strip(" \t"))
+    upper = verb.upper()
+    return Command(verb=_VERBS.get(upper, upper), argument=argument.strip(" \t"))
 
 
 def parse_mail(

@@ -123,6 +123,23 @@ class DataReader:
     and thrown away up to the terminator.
     """
 
+    # One per session receiving content (20,000 in bench/ (f)): no instance dictionary.
+    __slots__ = (
+        "max_size",
+        "max_line",
+        "reject_bare_line_ends",
+        "_long_line",
+        "_tail",
+        "_line_start",
+        "_out",
+        "_size",
+        "_line_too_long",
+        "_size_exceeded",
+        "_bare",
+        "_in_headers",
+        "_received",
+    )
+
     def __init__(
         self, max_size: int, max_line: int = 998, *, reject_bare_line_ends: bool = False
     ) -> None:

@@ -174,6 +174,22 @@ class _Incoming:
     ``memory_limit`` octets are held. Commit appends the envelope and writes the real
     header in the commit batch, which fsyncs and renames as for ``store``."""
 
+    # One per session receiving content (20,000 in bench/ (f)): no instance dictionary.
+    __slots__ = (
+        "queue_id",
+        "size",
+        "_spool",
+        "_limit",
+        "_held",
+        "_held_size",
+        "_fd",
+        "_crc",
+        "_writing",
+        "_waiter",
+        "_error",
+        "_closed",
+    )
+
     def __init__(self, spool: FileSpool, queue_id: str, memory_limit: int) -> None:
         self.queue_id = queue_id
         self.size = 0

@@ -266,6 +266,34 @@ def test_the_session_ends_after_session_time_whatever_it_does(clock):
     assert not clock.getDelayedCalls()
 
 
+def test_one_timer_serves_the_phase_and_the_session_time_and_none_is_cancelled(clock):
+    # A reactor timer is about 0.3 KiB, and a cancelled one stays in the reactor's heap
+    # for a while: a session keeps one, which never has to fire earlier than planned.
+    made = []
+    call_later = clock.callLater
+
+    def counting(delay, f, *args, **kwargs):
+        made.append(call_later(delay, f, *args, **kwargs))
+        return made[-1]
+
+    clock.callLater = counting
+    receiver = RecordingReceiver()
+    receiver.pending_accepts = []
+    client = connect(receiver, clock, idle_timeout=300, data_timeout=180, session_time=3600)
+    client.send(START)
+    client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")  # the 250 waits: no client deadline
+    clock.advance(170)
+    receiver.pending_accepts[0].callback(None)
+    client.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<m@x.test>\r\nDATA\r\nx\r\n")
+    assert len(made) == 1 and made[0].getTime() == 180  # woken at most every data_timeout
+    clock.advance(10)  # early for every deadline: re-armed
+    assert len(made) == 2 and made[1].getTime() == 170 + 180  # the content's deadline
+    assert not [call for call in made if call.cancelled]
+    assert len(clock.getDelayedCalls()) == 1
+    client.close()
+    assert not clock.getDelayedCalls()
+
+
 def test_session_time_never_interrupts_a_message_being_made_durable(clock):
     receiver = RecordingReceiver()
     receiver.pending_accepts = []

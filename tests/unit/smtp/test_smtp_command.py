@@ -31,6 +31,11 @@ class TestParseCommand:
     def test_verb_upper_cased(self):
         assert parse_command(b"mail FROM:<a@b.c>\r\n") == Command("MAIL", "FROM:<a@b.c>")
 
+    def test_known_verbs_are_shared_strings_others_are_not(self):
+        # A session keeps its verbs (the log's counts): one string for every session.
+        assert parse_command(b"mail FROM:<>").verb is parse_command(b"MAIL FROM:<>").verb
+        assert parse_command(b"xyzzy 1").verb is not parse_command(b"XYZZY 2").verb
+
     def test_no_argument(self):
         assert parse_command(b"DATA") == Command("DATA", "")
         assert parse_command(b"quit\n") == Command("QUIT", "")
