@@ -125,19 +125,19 @@ class DataReader:
 
     # One per session receiving content (20,000 in bench/ (f)): no instance dictionary.
     __slots__ = (
-        "max_size",
-        "max_line",
-        "reject_bare_line_ends",
-        "_long_line",
-        "_tail",
-        "_line_start",
-        "_out",
-        "_size",
-        "_line_too_long",
-        "_size_exceeded",
         "_bare",
         "_in_headers",
+        "_line_start",
+        "_line_too_long",
+        "_long_line",
+        "_out",
         "_received",
+        "_size",
+        "_size_exceeded",
+        "_tail",
+        "max_line",
+        "max_size",
+        "reject_bare_line_ends",
     )
 
     def __init__(

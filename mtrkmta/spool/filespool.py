@@ -176,18 +176,18 @@ class _Incoming:
 
     # One per session receiving content (20,000 in bench/ (f)): no instance dictionary.
     __slots__ = (
-        "queue_id",
-        "size",
-        "_spool",
-        "_limit",
+        "_closed",
+        "_crc",
+        "_error",
+        "_fd",
         "_held",
         "_held_size",
-        "_fd",
-        "_crc",
-        "_writing",
+        "_limit",
+        "_spool",
         "_waiter",
-        "_error",
-        "_closed",
+        "_writing",
+        "queue_id",
+        "size",
     )
 
     def __init__(self, spool: FileSpool, queue_id: str, memory_limit: int) -> None:
