@@ -178,7 +178,7 @@ class SessionGuard:
 
     def _arm(self, deadline: float) -> None:
         self._deadline = deadline
-        self._schedule(min(deadline, self._session_end))
+        self._schedule(deadline)
 
     def _schedule(self, when: float) -> None:
         """The timer fires at ``when`` at the latest (never: ``math.inf``), and before the

@@ -79,7 +79,6 @@ class Acceptor:
     holding only what their sessions hold already. A burst of final dots (20,000 slow
     sessions ending together, bench/ (f)) then costs the objects of that many
     acceptances instead of one set per session (about 4 KiB each, 30 MiB in (f)).
-    Batches stay large: each of the two commits takes up to half of them at a time.
     """
 
     spool: ISpool

@@ -22,7 +22,6 @@ from test_tracking_chain import (
     REPLY_TIMEOUT,
     Chain,
     chain,
-    until,
 )
 from twisted.internet import reactor
 
@@ -53,12 +52,7 @@ async def deliver_through(
     )
     await rig.send()
     for name, state in (("a", RecipientState.TRANSFERRED), ("b", RecipientState.DELIVERED)):
-
-        async def settled(name: str = name, state: RecipientState = state) -> bool:
-            recipient = await rig.recipient(name)
-            return recipient is not None and recipient.state is state
-
-        await until(settled, f"{name}'s record to say {state.value}")
+        await rig.until_state(name, state)
 
 
 async def track_from_outside(rig: Chain, tls: TLSMode = "none") -> Trace:

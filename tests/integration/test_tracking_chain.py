@@ -158,6 +158,15 @@ class Chain:
         found = await node.tracking.lookup_transactions(record.envid, certifier)
         return found[0].recipients[0] if found else None
 
+    async def until_state(self, name: str, state: RecipientState) -> None:
+        """Wait until the recipient's record at node ``name`` says ``state``."""
+
+        async def reached() -> bool:
+            recipient = await self.recipient(name)
+            return recipient is not None and recipient.state is state
+
+        await until(reached, f"{name}'s record to say {state.value}")
+
 
 @asynccontextmanager
 async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
@@ -210,13 +219,8 @@ async def test_send_then_track_through_three_hops(tmp_path):
         assert uri.startswith(f"mtqp://{A_NAME}/track/")
         mailbox = rig.tmp / "c" / "mail" / "bob" / "new"
         await until(lambda: mailbox.is_dir() and any(mailbox.iterdir()), "delivery at C")
-        for name, state in (("a", RecipientState.TRANSFERRED), ("b", RecipientState.TRANSFERRED)):
-
-            async def settled(name: str = name, state: RecipientState = state) -> bool:
-                recipient = await rig.recipient(name)
-                return recipient is not None and recipient.state is state
-
-            await until(settled, f"{name}'s record to say {state.value}")
+        for name in ("a", "b"):
+            await rig.until_state(name, RecipientState.TRANSFERRED)
         await until(
             lambda: rig.recipient("c"), "C's tracking record"
         )  # C tracked it: MTRK went over LMTP (RFC 3886 §3.5)
@@ -320,12 +324,7 @@ async def test_next_hop_down_shows_delayed_at_b(tmp_path):
             await rig.start("b", B_NAME, ("routes", route))
             await start_a(rig)
             await rig.send()
-
-            async def deferred_at_b() -> bool:
-                recipient = await rig.recipient("b")
-                return recipient is not None and recipient.state is RecipientState.DEFERRED
-
-            await until(deferred_at_b, "B's failed attempt to reach C")
+            await rig.until_state("b", RecipientState.DEFERRED)  # its attempt to reach C failed
             status, text = await rig.track("--json")
             assert status == 1, text  # still queued: not final
             trace = json.loads(text)
@@ -360,12 +359,7 @@ async def test_next_hop_without_mtrk_shows_relayed_and_stops(tmp_path):
             await until(lambda: [t for t in fake.transactions if t.content], "relay to the fake")
             (relayed,) = [t for t in fake.transactions if t.content]
             assert not any(p.upper().startswith("MTRK=") for p in relayed.mail_params)
-
-            async def relayed_at_b() -> bool:
-                recipient = await rig.recipient("b")
-                return recipient is not None and recipient.state is RecipientState.RELAYED
-
-            await until(relayed_at_b, "B's record to say relayed")
+            await rig.until_state("b", RecipientState.RELAYED)
             status, text = await rig.track("--json")
             assert status == 0, text  # relayed is final: nothing more will be known
             trace = json.loads(text)
@@ -424,12 +418,7 @@ async def test_timeline_of_a_deferral_then_a_delivery_across_two_nodes(tmp_path)
             route = f"{DOMAIN}=smtp:tcp:host=127.0.0.1:port={down.port};tls=none"
             a = await rig.start("a", A_NAME, ("routes", route))
             await rig.send()
-
-            async def deferred_at_a() -> bool:
-                recipient = await rig.recipient("a")
-                return recipient is not None and recipient.state is RecipientState.DEFERRED
-
-            await until(deferred_at_a, "A's failed attempt to reach B")
+            await rig.until_state("a", RecipientState.DEFERRED)  # its attempt to reach B failed
             status, pending = await rig.track("--utc")
             assert status == 1, pending  # still queued at A
             assert f"{RCPT}: still queued at {A_NAME} (4." in pending
