@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mtrkmta.cli.options import ServeOptions
+from mtrkmta.collector import tune_collector
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, ConfigError
 from mtrkmta.faults import FaultSpecError, IFaults, from_environment
 from mtrkmta.notify import SystemdNotifier
@@ -82,6 +83,7 @@ def makeService(options: Options) -> MTAService:
         debug=bool(options["debug"]),
         notifier=SystemdNotifier.from_environment(os.environ),  # systemd's Type=notify
     )
+    tune_collector(service.ready)  # first: a failed start must freeze nothing
     exit_when_start_fails(service, reactor)
     # SIGHUP reloads certificates, users, aliases and routes (twistd uses SIGUSR1, for its log).
     threads = IReactorThreads(reactor)

@@ -49,6 +49,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, lambda number, _: early.append(number))
     from twisted.internet import reactor
 
+    from mtrkmta.collector import tune_collector
     from mtrkmta.logfile import configured_observer
     from mtrkmta.service import MTAService
     from mtrkmta.workers import decode
@@ -83,6 +84,7 @@ def main() -> int:
         if reactor.running:
             reactor.stop()
 
+    tune_collector(service.ready)  # first: a failed start must freeze nothing
     service.ready.addErrback(failed)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
