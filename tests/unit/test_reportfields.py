@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from hypothesis import given
@@ -28,6 +29,41 @@ TEXT_7BIT = re.compile(r"[\t -~]*")  # RFC 3464 §2.1.2 text, single line, 7-bit
 ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
 XTEXT = re.compile(r"(?:[!-*,-<>-\[\]-~]|\\x\{[0-9A-F]{2,6}\})+")  # RFC 6533 §3 utf-8-addr-xtext
 MTA_NAME = re.compile(r"(?:[!-'*-:<-\[\]-~]|\\x\{[0-9A-F]{2,6}\})*")
+
+
+# Mostly plain values with the characters at the edges of each fast path among them.
+NEAR_PLAIN = st.text(st.sampled_from("a~ !\t()\\;[]'*:<\x7f\x1f\x80\xa0é\n"), max_size=40)
+
+
+def by_character(value: str, keep) -> str:
+    """The per-character definition the fast paths must agree with (runs of at most
+    MAX_RUN characters: no break)."""
+    return "".join(c if keep(c) else f"\\x{{{ord(c):02X}}}" for c in value)
+
+
+@given(ANY_TEXT | NEAR_PLAIN)
+def test_the_fast_paths_agree_with_the_per_character_definitions(value):
+    if not unbroken_runs_fit(value) or len(value) > MAX_RUN:
+        return
+    assert safe_text(value) == by_character(value, lambda c: c == "\t" or " " <= c <= "~")
+    assert safe_human(value) == by_character(
+        value, lambda c: c == "\t" or " " <= c <= "~" or (c >= "\xa0" and c.isprintable())
+    )
+    assert safe_mta_name(value) == by_character(
+        value.strip(" \t"), lambda c: "!" <= c <= "~" and c not in "()\\;"
+    )
+
+
+@given(st.text(st.sampled_from("0123456789.:abcdefABCDEF%x []"), max_size=45))
+def test_mta_host_names_every_ip_address_and_nothing_else_as_a_literal(value):
+    name = value.strip(" \t")
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        assert mta_host(value) == name
+    else:
+        tag = "IPv6:" if address.version == 6 else ""
+        assert mta_host(value) == f"[{tag}{address}]"
 
 
 def unbroken_runs_fit(value: str) -> bool:
