@@ -32,6 +32,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("-m", "--messages", type=int, default=3000)
     parser.add_argument("--workers", default=None, help="server.workers (default: CPU count)")
+    parser.add_argument(
+        "--cpu-affinity",
+        action="store_true",
+        help="server.cpu_affinity = true (bench/run's default; off here, so that versions"
+        " older than that setting run too)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write every run here (JSON)")
     options = parser.parse_args()
     variants = [tuple(v.split("=", 1)) for v in options.variants.split(",")]
@@ -39,6 +45,8 @@ def main() -> None:
     if options.workers:
         argv += ["--workers", options.workers]
     args = bench.parse_args(argv)
+    if not options.cpu_affinity:  # a version without the setting would refuse the key
+        del args.extra["server"]["cpu_affinity"]
     work = Path(tempfile.mkdtemp(prefix="mtrkmta-ab-"))
     work.chmod(0o755)
     ctx = bench.Context(args=args, work=work, python=args.python, extra=args.extra)

@@ -604,7 +604,8 @@ def write_report(
         f"Versions: Python {env['python']}, Twisted {env['twisted']}, SQLAlchemy "
         f"{env['sqlalchemy']}, Postfix {env['postfix']}, Dovecot {env['dovecot']}, mtrkmta "
         f"{env['mtrkmta_commit']}. fsync: {env['fsync']}. mtrkmta `server.workers`: "
-        f"{env.get('workers', '1')} (memory and MTQP: 1).",
+        f"{env.get('workers', '1')}, `server.cpu_affinity`: {env.get('cpu_affinity', 'false')}"
+        " (memory and MTQP: one process, not pinned).",
         "",
     ]
     table, chart = throughput_table(runs)

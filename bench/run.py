@@ -1008,13 +1008,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.extra.setdefault(section, {})[key] = value
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    args.extra.setdefault("server", {}).setdefault("workers", str(args.workers))
+    server = args.extra.setdefault("server", {})
+    server.setdefault("workers", str(args.workers))
+    # One CPU per process, as an administrator running one process per CPU would set it
+    # (doc/performance.rst); --set server.cpu_affinity=false measures without.
+    server.setdefault("cpu_affinity", "true")
     return args
 
 
 def one_process(extra: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
-    """``extra`` with ``server.workers = 1``: memory and MTQP are measured per process."""
-    return {**extra, "server": {**extra.get("server", {}), "workers": "1"}}
+    """``extra`` with ``server.workers = 1`` and no pinning: memory and MTQP are measured
+    per process."""
+    server = {**extra.get("server", {}), "workers": "1", "cpu_affinity": "false"}
+    return {**extra, "server": server}
 
 
 def raise_nofile(need: int) -> int:
@@ -1047,6 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     env = versions(args.python)
     env["workers"] = args.extra["server"]["workers"]
+    env["cpu_affinity"] = args.extra["server"]["cpu_affinity"]
     if args.set:
         env["fsync"] = (
             "OFF" if args.extra.get("durability", {}).get("fsync") == "false" else env["fsync"]
@@ -1060,6 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['cpus']} CPUs ({env['cpu_model']}); Python {env['python']}, Twisted "
         f"{env['twisted']}, Postfix {env['postfix']}, Dovecot {env['dovecot']}; "
         f"fsync {env['fsync']}; mtrkmta workers {env['workers']}"
+        f" (cpu_affinity {env['cpu_affinity']})"
     )
     ctx.log(f"work directory {work}; open-file limit {nofile}")
     runs: list[Run] = []

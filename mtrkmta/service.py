@@ -6,7 +6,7 @@ import errno
 import os
 import pwd
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -269,6 +269,7 @@ class MTAService(Service):
         debug: bool = True,
         notifier: IServiceNotifier | None = None,
         tracker_factory: Callable[[], Tracker] | None = None,
+        cpus: Sequence[int] = (),
     ) -> None:
         """``resolver`` answers MX lookups (default: the system's, from /etc/resolv.conf);
         ``deliver=False`` runs the receive path only (accepted mail stays queued), for
@@ -281,7 +282,9 @@ class MTAService(Service):
         stops, and keeps its watchdog fed (:mod:`mtrkmta.notify`). ``tracker_factory`` makes
         the MTQP clients of the tracking page (default: TrackingClient on ``resolver``, as
         `mtrkmta track` has them; tests of nodes sharing one address redirect its
-        connections)."""
+        connections). ``cpus``: the CPUs the process could run on before it pinned
+        itself (``server.cpu_affinity``), handed to the workers it starts."""
+        self.cpus = tuple(cpus)
         self.faults = faults
         self._tracker_factory = tracker_factory
         self.notifier = notifier
@@ -933,6 +936,7 @@ class MTAService(Service):
             shared,
             count=self.config.workers,
             draining=draining,
+            cpus=self.cpus,
         )
         self.supervisor.start()
 
@@ -1086,11 +1090,14 @@ def make_service(
     faults: IFaults = NoFaults(),
     debug: bool = True,
     notifier: IServiceNotifier | None = None,
+    cpus: Sequence[int] = (),
 ) -> MTAService:
     """The service twistd and ``mtrkmta serve`` run (``origin``, ``faults``, ``debug``,
-    ``notifier``: see MTAService)."""
+    ``notifier``, ``cpus``: see MTAService)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return MTAService(config, reactor, origin=origin, faults=faults, debug=debug, notifier=notifier)
+    return MTAService(
+        config, reactor, origin=origin, faults=faults, debug=debug, notifier=notifier, cpus=cpus
+    )

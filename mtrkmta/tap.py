@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mtrkmta.affinity import allowed_cpus, pin_process
 from mtrkmta.cli.options import ServeOptions
 from mtrkmta.collector import tune_collector
 from mtrkmta.config import EXIT_CONFIG_ERROR, Config, ConfigError
@@ -75,6 +76,7 @@ def _exit(status: int) -> None:
 def makeService(options: Options) -> MTAService:
     from twisted.internet import reactor
 
+    cpus = allowed_cpus()  # before pinning: the workers choose from the whole set
     service = make_service(
         options.config,
         reactor,
@@ -82,7 +84,10 @@ def makeService(options: Options) -> MTAService:
         options.faults,
         debug=bool(options["debug"]),
         notifier=SystemdNotifier.from_environment(os.environ),  # systemd's Type=notify
+        cpus=cpus,
     )
+    if options.config.cpu_affinity:  # before any thread starts: they inherit the CPU
+        pin_process(0, cpus)
     tune_collector(service.ready)  # first: a failed start must freeze nothing
     exit_when_start_fails(service, reactor)
     # SIGHUP reloads certificates, users, aliases and routes (twistd uses SIGUSR1, for its log).

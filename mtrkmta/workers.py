@@ -49,10 +49,12 @@ MAX_RESTART_DELAY = 60.0
 
 @dataclass(frozen=True)
 class WorkerRole:
-    """What makes a node a worker: its number and its inherited listening sockets."""
+    """What makes a node a worker: its number, its inherited listening sockets, and the
+    CPUs its master could run on when it started (``server.cpu_affinity``)."""
 
     index: int
     listen_fds: Mapping[str, tuple[int, int]]  # listener -> (fd, address family)
+    cpus: tuple[int, ...] = ()
 
     def node_config(self, config: Config) -> Config:
         """The worker's own view of the master's configuration."""
@@ -70,12 +72,15 @@ class ConfigOrigin:
     path: Path | None
     overrides: tuple[Override, ...]
 
-    def encode(self, index: int, listen_fds: Mapping[str, tuple[int, int]]) -> bytes:
+    def encode(
+        self, index: int, listen_fds: Mapping[str, tuple[int, int]], cpus: Sequence[int] = ()
+    ) -> bytes:
         document = {
             "path": None if self.path is None else str(self.path),
             "overrides": [[o.source, o.key, _plain(o.value)] for o in self.overrides],
             "index": index,
             "listen_fds": {name: list(fd) for name, fd in listen_fds.items()},
+            "cpus": list(cpus),
         }
         return json.dumps(document).encode() + b"\n"
 
@@ -95,7 +100,9 @@ def decode(line: bytes) -> tuple[Config, WorkerRole, ConfigOrigin]:
     path = None if document["path"] is None else Path(document["path"])
     config = load_config(path, overrides)
     fds = {name: (int(fd), int(family)) for name, (fd, family) in document["listen_fds"].items()}
-    return config, WorkerRole(int(document["index"]), fds), ConfigOrigin(path, overrides)
+    cpus = tuple(int(cpu) for cpu in document.get("cpus", ()))
+    role = WorkerRole(int(document["index"]), fds, cpus)
+    return config, role, ConfigOrigin(path, overrides)
 
 
 def worker_dir(data_dir: Path, index: int) -> Path:
@@ -191,8 +198,12 @@ class WorkerSupervisor:
         *,
         count: int,
         draining: Sequence[int] = (),
+        cpus: Sequence[int] = (),
     ) -> None:
+        """``cpus``: the CPUs the master could run on when it started, for each worker
+        to pin itself to one of (``server.cpu_affinity``, :mod:`mtrkmta.affinity`)."""
         self.reactor = reactor
+        self.cpus = tuple(cpus)
         self.origin = origin
         self.shared = dict(shared)
         self.numbers = [*range(1, count), *draining]
@@ -219,7 +230,7 @@ class WorkerSupervisor:
         for offset, (name, (fd, family)) in enumerate(sorted(shared.items())):
             child_fds[FIRST_FD + offset] = fd
             listen_fds[name] = (FIRST_FD + offset, family)
-        process = _WorkerProtocol(self, index, self.origin.encode(index, listen_fds))
+        process = _WorkerProtocol(self, index, self.origin.encode(index, listen_fds, self.cpus))
         self.reactor.spawnProcess(
             process,
             sys.executable,

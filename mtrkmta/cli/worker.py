@@ -49,6 +49,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, lambda number, _: early.append(number))
     from twisted.internet import reactor
 
+    from mtrkmta.affinity import pin_process
     from mtrkmta.collector import tune_collector
     from mtrkmta.logfile import configured_observer
     from mtrkmta.service import MTAService
@@ -62,6 +63,8 @@ def main() -> int:
             return 2
         line += chunk
     config, role, origin = decode(line)
+    if config.cpu_affinity:  # before any thread starts: they inherit the CPU
+        pin_process(role.index, role.cpus)
     globalLogBeginner.beginLoggingTo(
         [configured_observer(config.logging, f"worker {role.index}", reactor=reactor)],
         redirectStandardIO=False,

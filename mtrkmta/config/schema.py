@@ -321,6 +321,7 @@ class Config:
     database: str = field(metadata=_key(_database, "server.database"))
     node_id: str = field(metadata=_key(_node_id, "server.node_id"))
     workers: int = field(default=1, metadata=_key(_integer(1), "server.workers"))
+    cpu_affinity: bool = field(default=False, metadata=_key(_boolean, "server.cpu_affinity"))
     listeners: Listeners = field(default_factory=Listeners, metadata=_section("listeners"))
     local_domains: tuple[str, ...] = field(
         default=("localhost",), metadata=_key(_domain_list, "domains.local")

@@ -85,6 +85,44 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path
                 pytest.fail(f"worker process {pid} outlived its master")
 
 
+def cpus_of(pid: int) -> set[frozenset[int]]:
+    """The sets of CPUs the threads of process ``pid`` may run on."""
+    return {frozenset(os.sched_getaffinity(int(task))) for task in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_with_cpu_affinity_each_process_runs_on_a_cpu_of_its_own(tmp_path):
+    # server.cpu_affinity: the master takes the first CPU this process may use, worker 1
+    # the next (round-robin), and every thread of each inherits it.
+    cpus = sorted(os.sched_getaffinity(0))
+    config = tmp_path / "mtrkmta.toml"
+    config.write_text("[server]\ncpu_affinity = true\n")
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    command = mtrkmta_command(
+        "serve", "--config", str(config), "--data-dir", str(data),
+        "--database", database_url(data), "--smtp", "tcp:0:interface=127.0.0.1",
+        "--lmtp", "none", "--mtqp", "none", "--http", "none", "--hostname", HOSTNAME,
+        "--workers", "2",
+    )  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=tmp_path, env=child_env(),
+        )  # fmt: skip
+    logged = lambda: log.read_text("utf-8", "replace")  # noqa: E731
+    try:
+        worker = int(wait_for(lambda: STARTED.search(logged()), "worker 1", log).group(1))
+        wait_for(lambda: ACCEPTING in logged(), "worker 1 to accept", log)
+        assert cpus_of(proc.pid) == {frozenset({cpus[0]})}
+        assert cpus_of(worker) == {frozenset({cpus[1 % len(cpus)]})}
+        assert f"process 0 pinned to CPU {cpus[0]}" in logged()
+        assert f"process 1 pinned to CPU {cpus[1 % len(cpus)]}" in logged()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)
+    wait_for(lambda: ended(worker), "worker 1 to stop with its master", log)
+
+
 def send(port: int, count: int) -> list[str]:
     """``count`` messages, a connection each; their queue ids."""
     ids = []
@@ -179,6 +217,9 @@ def test_a_worker_stops_when_its_master_is_killed(server):
     logged = lambda: log.read_text("utf-8", "replace")  # noqa: E731
     worker_pid = int(wait_for(lambda: STARTED.search(logged()), "worker 1", log).group(1))
     wait_for(lambda: ACCEPTING in logged(), "worker 1 to accept", log)
+    # server.cpu_affinity is off by default: every thread may run on every CPU.
+    everywhere = frozenset(os.sched_getaffinity(0))
+    assert cpus_of(proc.pid) == cpus_of(worker_pid) == {everywhere}
     proc.kill()
     proc.wait(timeout=TIMEOUT)
     wait_for(lambda: ended(worker_pid), "worker 1 to stop after its master", log)

@@ -184,7 +184,7 @@ def test_setting_names_cover_every_section():
         "logging",
         "webhooks",
     }
-    assert len(names) == len(set(names)) == 92
+    assert len(names) == len(set(names)) == 93
 
 
 # ---------------------------------------------------------------------------
