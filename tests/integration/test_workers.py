@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,15 +54,19 @@ def mtrkmta_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mtrkmta.cli.main", *args]
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+@contextmanager
+def running_server(
+    tmp_path: Path, *options: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """A master with one worker, ``options`` added to its command line; on leaving,
+    the master stops and no worker may outlive it."""
     data, log = tmp_path / "data", tmp_path / "server.log"
     command = mtrkmta_command(
         "serve", "--data-dir", str(data), "--database", database_url(data),
         "--smtp", "tcp:0:interface=127.0.0.1",
         "--lmtp", "none", "--mtqp", "none", "--hostname", HOSTNAME,
         "--http", "none",
-        "--local-domain", "example.test", "--workers", "2",
+        "--local-domain", "example.test", "--workers", "2", *options,
     )  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -85,6 +90,12 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path
                 pytest.fail(f"worker process {pid} outlived its master")
 
 
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    with running_server(tmp_path) as running:
+        yield running
+
+
 def cpus_of(pid: int) -> set[frozenset[int]]:
     """The sets of CPUs the threads of process ``pid`` may run on."""
     return {frozenset(os.sched_getaffinity(int(task))) for task in os.listdir(f"/proc/{pid}/task")}
@@ -97,30 +108,14 @@ def test_with_cpu_affinity_each_process_runs_on_a_cpu_of_its_own(tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
     config = tmp_path / "mtrkmta.toml"
     config.write_text("[server]\ncpu_affinity = true\n")
-    data, log = tmp_path / "data", tmp_path / "server.log"
-    command = mtrkmta_command(
-        "serve", "--config", str(config), "--data-dir", str(data),
-        "--database", database_url(data), "--smtp", "tcp:0:interface=127.0.0.1",
-        "--lmtp", "none", "--mtqp", "none", "--http", "none", "--hostname", HOSTNAME,
-        "--workers", "2",
-    )  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=tmp_path, env=child_env(),
-        )  # fmt: skip
-    logged = lambda: log.read_text("utf-8", "replace")  # noqa: E731
-    try:
+    with running_server(tmp_path, "--config", str(config)) as (proc, _, log):
+        logged = lambda: log.read_text("utf-8", "replace")  # noqa: E731
         worker = int(wait_for(lambda: STARTED.search(logged()), "worker 1", log).group(1))
         wait_for(lambda: ACCEPTING in logged(), "worker 1 to accept", log)
         assert cpus_of(proc.pid) == {frozenset({cpus[0]})}
         assert cpus_of(worker) == {frozenset({cpus[1 % len(cpus)]})}
         assert f"process 0 pinned to CPU {cpus[0]}" in logged()
         assert f"process 1 pinned to CPU {cpus[1 % len(cpus)]}" in logged()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=TIMEOUT)
-    wait_for(lambda: ended(worker), "worker 1 to stop with its master", log)
 
 
 def send(port: int, count: int) -> list[str]:
