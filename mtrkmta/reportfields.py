@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 MAX_RUN = 900
 """An unbroken run of non-blank characters longer than this gets a space inserted, so a
@@ -54,31 +54,38 @@ def _break_runs(value: str) -> str:
     return _LONG_RUN.sub(split, value)
 
 
+def _escaped(value: str, plain: re.Pattern[str], keeps: Callable[[str], bool]) -> str:
+    """``value`` with every character that ``keeps`` refuses as :func:`escape` has it, and
+    its long runs broken; a value that ``plain`` matches whole has nothing to escape."""
+    if not plain.fullmatch(value):
+        value = "".join(char if keeps(char) else escape(char) for char in value)
+    return _break_runs(value)
+
+
+def _text_char(char: str) -> bool:
+    return char == "\t" or " " <= char <= "~"
+
+
+def _human_char(char: str) -> bool:
+    return _text_char(char) or (char >= "\xa0" and char.isprintable())
+
+
+def _name_char(char: str) -> bool:
+    return "!" <= char <= "~" and char not in "()\\;"
+
+
 def safe_text(value: str) -> str:
     """A ``*text`` value (RFC 3464 §2.1.2: Diagnostic-Code, Original-Envelope-Id) as 7-bit
     single-line text: printable US-ASCII, SP and HTAB stay; every other character (CR,
     LF, NUL, other controls, DEL, non-ASCII) becomes ``\\x{HH}`` (RFC 6533 §3 notation);
     runs longer than :data:`MAX_RUN` get a space so that folding can keep lines short."""
-    if _PLAIN_TEXT.fullmatch(value):
-        return _break_runs(value)
-    escaped = "".join(
-        char if char == "\t" or " " <= char <= "~" else escape(char) for char in value
-    )
-    return _break_runs(escaped)
+    return _escaped(value, _PLAIN_TEXT, _text_char)
 
 
 def safe_human(value: str) -> str:
     """A value for the human-readable part and unstructured headers: like :func:`safe_text`,
     but non-ASCII letters stay (that part is UTF-8 quoted-printable when needed)."""
-    if _PLAIN_TEXT.fullmatch(value):
-        return _break_runs(value)
-    escaped = "".join(
-        char
-        if char == "\t" or " " <= char <= "~" or (char >= "\xa0" and char.isprintable())
-        else escape(char)
-        for char in value
-    )
-    return _break_runs(escaped)
+    return _escaped(value, _PLAIN_TEXT, _human_char)
 
 
 def safe_mta_name(value: str) -> str:
@@ -86,13 +93,7 @@ def safe_mta_name(value: str) -> str:
     Received-From-MTA): a host name, so every character outside VCHAR, and the ``(``,
     ``)``, ``\\`` and ``;`` that a reader would take for comments, escapes or a type
     separator, becomes ``\\x{HH}``. Empty stays empty."""
-    name = value.strip(" \t")
-    if _PLAIN_NAME.fullmatch(name):
-        return _break_runs(name)
-    escaped = "".join(
-        char if "!" <= char <= "~" and char not in "()\\;" else escape(char) for char in name
-    )
-    return _break_runs(escaped)
+    return _escaped(value.strip(" \t"), _PLAIN_NAME, _name_char)
 
 
 def mta_host(host: str) -> str:
