@@ -101,7 +101,6 @@ def cpus_of(pid: int) -> set[frozenset[int]]:
     return {frozenset(os.sched_getaffinity(int(task))) for task in os.listdir(f"/proc/{pid}/task")}
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
 def test_with_cpu_affinity_each_process_runs_on_a_cpu_of_its_own(tmp_path):
     # server.cpu_affinity: the master takes the first CPU this process may use, worker 1
     # the next (round-robin), and every thread of each inherits it.
